@@ -1,0 +1,98 @@
+"""Pure-PyTorch block-sparse attention: the CPU path, and what the Triton kernel must agree with.
+
+Same semantics as the Triton kernel (see interface.py), computed one chunk of query rows at a time so
+that at most (batch, heads, chunk, seqlen_k) scores exist at once, never the whole N x N.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+# Scores held at once, in elements: bounds memory on the CPU to about 256 MB of float32.
+_MAX_SCORE_ELEMS = 1 << 26
+
+
+def key_grid_index(kh: int, kw: int, key_tile: Optional[Tuple[int, int]], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) on the kh x kw key grid of each key position, raster or tiled order; two (kh*kw,) int64."""
+    j = torch.arange(kh * kw, device=device)
+    if key_tile is None:
+        return j // kw, j % kw
+    th, tw = key_tile
+    per_tile = th * tw
+    tile, inner = j // per_tile, j % per_tile
+    tiles_per_row = kw // tw
+    return (tile // tiles_per_row) * th + inner // tw, (tile % tiles_per_row) * tw + inner % tw
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: Optional[torch.Tensor] = None,
+    rel_h: Optional[torch.Tensor] = None,
+    rel_w: Optional[torch.Tensor] = None,
+    key_tile: Optional[Tuple[int, int]] = None,
+    softmax_scale: float = 1.0,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Block-sparse attention in plain PyTorch (inputs already validated).
+
+    q: (B, Nq, H, D); k, v: (B, Nk, Hk, D) with H % Hk == 0.
+    block_mask: bool (B|1, H|1, ceil(Nq/bs), ceil(Nk/bs)) or None; rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw).
+    Returns (B, Nq, H, D) in q's dtype; rows with no key give zeros. Computes in float32 (float64 for
+    float64 inputs).
+    """
+    B, Nq, H, D = q.shape
+    Nk, Hk = k.shape[1], k.shape[2]
+    cdt = _compute_dtype(q.dtype)
+    qh = q.transpose(1, 2).to(cdt)  # (B, H, Nq, D)
+    kh_ = k.transpose(1, 2).to(cdt).repeat_interleave(H // Hk, dim=1)  # (B, H, Nk, D)
+    vh = v.transpose(1, 2).to(cdt).repeat_interleave(H // Hk, dim=1)
+    out = torch.empty(B, H, Nq, D, dtype=cdt, device=q.device)
+    if rel_h is not None:
+        rows, cols = key_grid_index(rel_h.shape[-1], rel_w.shape[-1], key_tile, q.device)
+    if block_mask is not None:
+        key_block = torch.arange(Nk, device=q.device) // block_size
+    chunk = max(1, _MAX_SCORE_ELEMS // max(1, B * H * Nk))
+    for s in range(0, Nq, chunk):
+        e = min(Nq, s + chunk)
+        scores = (qh[:, :, s:e] @ kh_.transpose(-1, -2)) * softmax_scale
+        if rel_h is not None:
+            scores = scores + rel_h[:, :, s:e].to(cdt)[..., rows] + rel_w[:, :, s:e].to(cdt)[..., cols]
+        if block_mask is not None:
+            q_block = torch.arange(s, e, device=q.device) // block_size
+            keep = block_mask[:, :, q_block][..., key_block]  # (B|1, H|1, e-s, Nk)
+            scores = scores.masked_fill(~keep, float("-inf"))
+        row_max = scores.amax(dim=-1, keepdim=True)
+        # A row with no key is all -inf: subtract 0 instead so it gives exp() == 0, not NaN.
+        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        p = torch.exp(scores - row_max)
+        denom = p.sum(dim=-1, keepdim=True)
+        out[:, :, s:e] = (p @ vh) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def attention_reference_varlen(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, block_mask=None, softmax_scale=1.0, block_size=128
+) -> torch.Tensor:
+    """Varlen form: q (total_q, H, D), k/v (total_k, Hk, D); sequence i is rows cu[i]:cu[i+1]."""
+    out = torch.empty_like(q)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for i in range(len(cq) - 1):
+        qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]
+        if qe == qs:
+            continue
+        mask = None
+        if block_mask is not None:
+            m = block_mask[i : i + 1] if block_mask.shape[0] > 1 else block_mask
+            mask = m[:, :, : -(-(qe - qs) // block_size), : -(-(ke - ks) // block_size)]
+        out[qs:qe] = attention_reference(
+            q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], mask, softmax_scale=softmax_scale, block_size=block_size
+        )[0]
+    return out
