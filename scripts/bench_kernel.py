@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import time
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,19 @@ def sdpa(q, k, v, bias, backend):
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     with sdpa_kernel(backend):
         return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=bias)
+
+
+def cpu_us_per_call(fn, n=50):
+    """Host time to issue one call, measured behind a long GPU sleep so the GPU never waits for the host."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time queued ahead of the calls
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    dt = (time.perf_counter() - t) / n
+    torch.cuda.synchronize()
+    return dt * 1e6
 
 
 def try_time(fn):
@@ -101,6 +115,7 @@ def main():
     ap.add_argument("--commit", default=os.environ.get("SAM_SPARSE_COMMIT", "unknown"))
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--flex-batches", default="1", type=lambda x: [int(b) for b in x.split(",")])
     ap.add_argument("--models", default="vit_b,vit_h")
     ap.add_argument("--densities", default="1.0,0.5,0.25,0.1")
     ap.add_argument("--dtype", default="bf16")
@@ -151,15 +166,20 @@ def main():
                         block_lists(mask)
 
                     lists_ms = bench(fresh_lists)
+                nobias = bench(lambda: block_sparse_attn(q, k, v, mask)) if mask is None else None
+                # The same mask with keys in 8 x 16 tiles (token_order: tiles): another bias path.
+                tiles = bench(lambda: block_sparse_attn(q, k, v, mask, rel_h=rel_h, rel_w=rel_w, key_tile=(8, 16)))
+                cpu_us = cpu_us_per_call(fn)
                 flex = "skipped"
-                if not args.no_flex:
+                if not args.no_flex and B in args.flex_batches:
                     try:
                         flex = try_time(flex_runner(q, k, v, rel_h, rel_w, mask, bs, kw))
                     except Exception as e:
                         flex = f"n/a ({type(e).__name__})"
                 flops = 4 * B * H * D * N * N * actual
                 row = dict(
-                    shape=f"{model} global B={B}", density=round(actual, 3), ours_ms=ours,
+                    shape=f"{model} global B={B}", density=round(actual, 3), ours_ms=ours, ours_nobias_ms=nobias, ours_tiles_ms=tiles,
+                    cpu_us=cpu_us,
                     tflops=flops / ours / 1e9, vs_dense=(ours / dense_ms) if dense_ms else None,
                     target_vs_dense=actual + 0.1, lists_ms=lists_ms, flex_relpos_ms=flex,
                     extra_mem_mb=extra / 2**20, nxn_mb=B * H * N * N * 2 / 2**20, **base,
@@ -173,9 +193,10 @@ def main():
             rel_h = torch.randn(Bw, H, Nw, 14, device=dev, dtype=dt, generator=gen)
             rel_w = torch.randn(Bw, H, Nw, 14, device=dev, dtype=dt, generator=gen)
             bias = materialized_bias(rel_h, rel_w)
-            ours = bench(lambda: block_sparse_attn(q, k, v, rel_h=rel_h, rel_w=rel_w))
+            fn = lambda: block_sparse_attn(q, k, v, rel_h=rel_h, rel_w=rel_w)  # noqa: E731
+            ours = bench(fn)
             row = dict(
-                shape=f"{model} window B={B} ({Bw}x196)", density=1.0, ours_ms=ours,
+                shape=f"{model} window B={B} ({Bw}x196)", density=1.0, ours_ms=ours, cpu_us=cpu_us_per_call(fn),
                 tflops=4 * Bw * H * D * Nw * Nw / ours / 1e9,
                 **{"SDPA cuDNN + bias": try_time(lambda: sdpa(q, k, v, bias, SDPBackend.CUDNN_ATTENTION)),
                    "SDPA mem-eff + bias": try_time(lambda: sdpa(q, k, v, bias, SDPBackend.EFFICIENT_ATTENTION)),
@@ -184,7 +205,7 @@ def main():
             )
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
-    cols = ["shape", "density", "ours_ms", "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias",
+    cols = ["shape", "density", "ours_ms", "ours_nobias_ms", "ours_tiles_ms", "cpu_us", "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias",
             "SDPA mem-eff + bias", "SDPA flash, no bias", "SDPA cuDNN, no bias", "flash_4 (sam-fast)",
             "flex_relpos_ms", "lists_ms", "extra_mem_mb", "nxn_mb"]
     head = (f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "

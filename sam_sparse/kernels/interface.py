@@ -163,8 +163,7 @@ def _check_cu_seqlens(name, cu, total: int, device):
 # ---------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("sam_sparse::block_sparse_attn", mutates_args=())
-def _attn_op(
+def _attn_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -184,13 +183,17 @@ def _attn_op(
     return attention_reference(q, k, v, block_mask, rel_h, rel_w, tile, softmax_scale, block_size)
 
 
+# Eager calls go straight to the implementation: the custom-op dispatcher costs tens of microseconds
+# per call, as much as a whole attention layer at batch 1. Traced calls need the op.
+_attn_op = torch.library.custom_op("sam_sparse::block_sparse_attn", _attn_impl, mutates_args=())
+
+
 @_attn_op.register_fake
 def _(q, k, v, block_mask, rel_h, rel_w, key_tile, softmax_scale, block_size):
     return q.new_empty(q.shape)
 
 
-@torch.library.custom_op("sam_sparse::block_sparse_attn_varlen", mutates_args=())
-def _attn_varlen_op(
+def _attn_varlen_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -211,6 +214,9 @@ def _attn_varlen_op(
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
         )
     return attention_reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_mask, softmax_scale, block_size)
+
+
+_attn_varlen_op = torch.library.custom_op("sam_sparse::block_sparse_attn_varlen", _attn_varlen_impl, mutates_args=())
 
 
 @_attn_varlen_op.register_fake
@@ -260,7 +266,8 @@ def block_sparse_attn(
     scale = headdim**-0.5 if softmax_scale is None else float(softmax_scale)
     if not math.isfinite(scale):
         raise ValueError(f"softmax_scale={softmax_scale!r} must be a finite number")
-    return _attn_op(q, k, v, block_mask, rel_h, rel_w, list(tile) if tile else None, scale, block_size)
+    op = _attn_op if torch.compiler.is_compiling() else _attn_impl
+    return op(q, k, v, block_mask, rel_h, rel_w, list(tile) if tile else None, scale, block_size)
 
 
 def block_sparse_attn_varlen(
@@ -303,6 +310,7 @@ def block_sparse_attn_varlen(
     num_seqs = cu_seqlens_q.numel() - 1
     _check_block_mask(block_mask, num_seqs, q.shape[1], max_seqlen_q, max_seqlen_k, block_size, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return _attn_varlen_op(
+    op = _attn_varlen_op if torch.compiler.is_compiling() else _attn_varlen_impl
+    return op(
         q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), block_mask, scale, block_size
     )

@@ -45,7 +45,7 @@ def attention_reference(
 
     q: (B, Nq, H, D); k, v: (B, Nk, Hk, D) with H % Hk == 0.
     block_mask: bool (B|1, H|1, ceil(Nq/bs), ceil(Nk/bs)) or None; rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw).
-    Returns (B, Nq, H, D) in q's dtype; rows with no key give zeros. Computes in float32 (float64 for
+    Returns (B, Nq, H, D) contiguous, in q's dtype; rows with no key give zeros. Computes in float32 (float64 for
     float64 inputs).
     """
     B, Nq, H, D = q.shape
@@ -54,7 +54,7 @@ def attention_reference(
     qh = q.transpose(1, 2).to(cdt)  # (B, H, Nq, D)
     kh_ = k.transpose(1, 2).to(cdt).repeat_interleave(H // Hk, dim=1)  # (B, H, Nk, D)
     vh = v.transpose(1, 2).to(cdt).repeat_interleave(H // Hk, dim=1)
-    out = torch.empty(B, H, Nq, D, dtype=cdt, device=q.device)
+    out = torch.empty(B, Nq, H, D, dtype=q.dtype, device=q.device)
     if rel_h is not None:
         rows, cols = key_grid_index(rel_h.shape[-1], rel_w.shape[-1], key_tile, q.device)
     if block_mask is not None:
@@ -74,8 +74,8 @@ def attention_reference(
         row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
         p = torch.exp(scores - row_max)
         denom = p.sum(dim=-1, keepdim=True)
-        out[:, :, s:e] = (p @ vh) / torch.where(denom == 0, torch.ones_like(denom), denom)
-    return out.transpose(1, 2).to(q.dtype)
+        out[:, s:e] = ((p @ vh) / torch.where(denom == 0, torch.ones_like(denom), denom)).transpose(1, 2)
+    return out
 
 
 def attention_reference_varlen(
