@@ -41,6 +41,9 @@ def case(dtype, B, Nq, Nk, H, Hk, D, bs, density, rel, tile, config, noncontig, 
     if rel is not None:
         rel_h = torch.randn(B, H, Nq, rel[0], device=dev, dtype=dtype, generator=gen) * 2
         rel_w = torch.randn(B, H, Nq, rel[1], device=dev, dtype=dtype, generator=gen) * 2
+        if noncontig:  # the patcher's layout: (B, H, k, N) storage
+            rel_h = rel_h.transpose(-1, -2).contiguous().transpose(-1, -2)
+            rel_w = rel_w.transpose(-1, -2).contiguous().transpose(-1, -2)
     mask = None
     if density is not None:
         qb, kb = -(-Nq // bs), -(-Nk // bs)
@@ -89,9 +92,8 @@ def main():
         for D in (64, 80):
             plan.append(dict(dtype=dt, B=1, Nq=4096, Nk=4096, H=2, Hk=2, D=D, bs=128, density=0.3, rel=(64, 64),
                              tile=None, config=cfg, noncontig=True))
-            for rect_dot in (False, True):
-                plan.append(dict(dtype=dt, B=1, Nq=4096, Nk=4096, H=2, Hk=2, D=D, bs=128, density=0.3, rel=(64, 64),
-                                 tile=(8, 16), config={**cfg, "RECT_DOT": rect_dot}, noncontig=True))
+            plan.append(dict(dtype=dt, B=1, Nq=4096, Nk=4096, H=2, Hk=2, D=D, bs=128, density=0.3, rel=(64, 64),
+                             tile=(8, 16), config=cfg, noncontig=True))
             plan.append(dict(dtype=dt, B=3, Nq=196, Nk=196, H=2, Hk=2, D=D, bs=128, density=None, rel=(14, 14),
                              tile=None, config=cfg, noncontig=True))
             plan.append(dict(dtype=dt, B=1, Nq=300, Nk=300, H=2, Hk=1, D=D, bs=64, density=0.7, rel=(3, 100),

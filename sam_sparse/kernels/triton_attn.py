@@ -93,8 +93,8 @@ def _attn_fwd(
     stride_ob, stride_on, stride_oh, stride_od,
     stride_numb, stride_numh, stride_numm,
     stride_idxb, stride_idxh, stride_idxm,
-    stride_rhb, stride_rhh, stride_rhm,
-    stride_rwb, stride_rwh, stride_rwm,
+    stride_rhb, stride_rhh, stride_rhm, stride_rhk,
+    stride_rwb, stride_rwh, stride_rwm, stride_rwk,
     seqlen_q, seqlen_k, batch, num_heads, kv_group,
     KH, KW, tile_h, tile_w,
     D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
@@ -103,7 +103,7 @@ def _attn_fwd(
     IS_FP32: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BIAS_MODE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    THP: tl.constexpr, TWP: tl.constexpr, W_HOIST: tl.constexpr, RECT_DOT: tl.constexpr,
+    W_HOIST: tl.constexpr,
     KH_P: tl.constexpr, KW_P: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
@@ -151,6 +151,7 @@ def _attn_fwd(
             q1 = q1.to(tl.float32)
 
     if HAS_BIAS:
+        # rel_h / rel_w may be stored (B, H, k, N) (stride_rhm == 1): then every load below is coalesced.
         rh_vec = REL_H + b.to(tl.int64) * stride_rhb + h * stride_rhh + offs_m * stride_rhm
         rh_base = rh_vec[:, None]
         rw_base = REL_W + b.to(tl.int64) * stride_rwb + h * stride_rwh + offs_m[:, None] * stride_rwm
@@ -160,19 +161,14 @@ def _attn_fwd(
             subs_w = tile_w // TW
             if W_HOIST:
                 # The key tile spans whole grid rows, so its rel_w slice is the same every step.
-                bias_w_rows = tl.load(rw_base + tl.arange(0, TW)[None, :], mask=m_ok[:, None], other=0.0)
+                bias_w_rows = tl.load(rw_base + tl.arange(0, TW)[None, :] * stride_rwk, mask=m_ok[:, None], other=0.0)
                 bias_w_rows = bias_w_rows.to(tl.float32) * 1.4426950408889634
-            if TH > 1 and RECT_DOT:
-                # Loop-invariant one-hot expansions of a (TH, TW) rectangle, for the tensor cores.
-                j = tl.arange(0, BLOCK_N)
-                hot_h = (tl.arange(0, THP)[:, None] == (j // TW)[None, :]).to(tl.float32)
-                hot_w = (tl.arange(0, TWP)[:, None] == (j % TW)[None, :]).to(tl.float32)
         if BIAS_MODE == 2:
             # Whole rel_h / rel_w rows of this program's queries, pre-multiplied into the exp2 domain.
             kh_r = tl.arange(0, KH_P)
             kw_r = tl.arange(0, KW_P)
-            rel_h_rows = tl.load(rh_base + kh_r[None, :], mask=m_ok[:, None] & (kh_r[None, :] < KH), other=0.0)
-            rel_w_rows = tl.load(rw_base + kw_r[None, :], mask=m_ok[:, None] & (kw_r[None, :] < KW), other=0.0)
+            rel_h_rows = tl.load(rh_base + kh_r[None, :] * stride_rhk, mask=m_ok[:, None] & (kh_r[None, :] < KH), other=0.0)
+            rel_w_rows = tl.load(rw_base + kw_r[None, :] * stride_rwk, mask=m_ok[:, None] & (kw_r[None, :] < KW), other=0.0)
             rel_h_rows = rel_h_rows.to(tl.float32) * 1.4426950408889634
             rel_w_rows = rel_w_rows.to(tl.float32) * 1.4426950408889634
 
@@ -218,28 +214,20 @@ def _attn_fwd(
             sub = (start_n % per_tile) // BLOCK_N
             row0 = (n_tile // tiles_per_row) * tile_h + (sub // subs_w) * TH
             col0 = (n_tile % tiles_per_row) * tile_w + (sub % subs_w) * TW
-            if TH > 1 and RECT_DOT:
-                th_r = tl.arange(0, THP)
-                tw_r = tl.arange(0, TWP)
-                bias_h = tl.load(rh_base + row0 + th_r[None, :], mask=m_ok[:, None] & (th_r[None, :] < TH), other=0.0)
-                bias_w = tl.load(rw_base + col0 + tw_r[None, :], mask=m_ok[:, None] & (tw_r[None, :] < TW), other=0.0)
-                qk = tl.dot(bias_h.to(tl.float32) * 1.4426950408889634, hot_h, qk, input_precision=PREC)
-                qk = tl.dot(bias_w.to(tl.float32) * 1.4426950408889634, hot_w, qk, input_precision=PREC)
+            if W_HOIST:
+                bias_w = bias_w_rows
             else:
-                if W_HOIST:
-                    bias_w = bias_w_rows
-                else:
-                    bias_w = tl.load(rw_base + col0 + tl.arange(0, TW)[None, :], mask=m_ok[:, None], other=0.0)
-                    bias_w = bias_w.to(tl.float32) * 1.4426950408889634
-                if TH == 1:
-                    # One grid row: rel_h is one value per query row. It shifts the whole row, so it goes
-                    # into the running max instead of into every score (one FMA per score, as without bias).
-                    qk += bias_w
-                    row_off = tl.load(rh_vec + row0, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-                else:
-                    bias_h = tl.load(rh_base + row0 + tl.arange(0, TH)[None, :], mask=m_ok[:, None], other=0.0)
-                    bias_h = bias_h.to(tl.float32) * 1.4426950408889634
-                    qk += tl.reshape(bias_h[:, :, None] + bias_w[:, None, :], (BLOCK_M, BLOCK_N))
+                bias_w = tl.load(rw_base + (col0 + tl.arange(0, TW)[None, :]) * stride_rwk, mask=m_ok[:, None], other=0.0)
+                bias_w = bias_w.to(tl.float32) * 1.4426950408889634
+            if TH == 1:
+                # One grid row: rel_h is one value per query row. It shifts the whole row, so it goes
+                # into the running max instead of into every score (one FMA per score, as without bias).
+                qk += bias_w
+                row_off = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+            else:
+                bias_h = tl.load(rh_base + (row0 + tl.arange(0, TH)[None, :]) * stride_rhk, mask=m_ok[:, None], other=0.0)
+                bias_h = bias_h.to(tl.float32) * 1.4426950408889634
+                qk += tl.reshape(bias_h[:, :, None] + bias_w[:, None, :], (BLOCK_M, BLOCK_N))
         elif BIAS_MODE > 1:
             n_tile = offs_n // per_tile
             inner = offs_n % per_tile
@@ -252,8 +240,8 @@ def _attn_fwd(
                 qk = tl.dot(rel_w_rows, hot_w, qk, input_precision=PREC)
             else:
                 ok = m_ok[:, None] & n_ok[None, :]
-                bias_h = tl.load(rh_base + key_row[None, :], mask=ok, other=0.0).to(tl.float32)
-                bias_w = tl.load(rw_base + key_col[None, :], mask=ok, other=0.0).to(tl.float32)
+                bias_h = tl.load(rh_base + key_row[None, :] * stride_rhk, mask=ok, other=0.0).to(tl.float32)
+                bias_w = tl.load(rw_base + key_col[None, :] * stride_rwk, mask=ok, other=0.0).to(tl.float32)
                 qk += (bias_h + bias_w) * 1.4426950408889634
 
         if not EVEN_N:
@@ -295,8 +283,6 @@ _HEURISTICS = {
     "BIAS_MODE": _bias_mode,
     "TH": _rect_th,
     "TW": _rect_tw,
-    "THP": lambda a: max(16, _rect_th(a)),
-    "TWP": lambda a: max(16, _rect_tw(a)),
     "W_HOIST": lambda a: _rect_tw(a) == a["tile_w"] == a["KW"],
     "KH_P": lambda a: max(16, _next_pow2(a["KH"])),
     "KW_P": lambda a: max(16, _next_pow2(a["KW"])),
@@ -311,17 +297,15 @@ def _configs():
         for bn in (16, 32, 64, 128):
             warps = 8 if bm * bn >= 128 * 64 else 4
             for stages in (2, 3):
-                for rect_dot in (False, True):
-                    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "RECT_DOT": rect_dot}
-                    out.append(triton.Config(kw, num_warps=warps, num_stages=stages))
+                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
     return out
 
 
 def _prune(configs, named_args, **kwargs):
     """Keep configs that fit the problem: tiles inside one mask block, not far larger than the sequences.
 
-    For long sequences that leaves 64/128-row tiles (8 to 16 configs), for SAM's few-token decoder
-    sides the 16-row ones: tuning compiles each kept config once per shape class.
+    For long sequences that leaves 64/128-row tiles (8 configs), for SAM's few-token decoder sides the
+    16-row ones: tuning compiles each kept config once per shape class.
     """
     a = {**named_args, **kwargs}
     mb = a["MASK_BLOCK"]
@@ -335,12 +319,8 @@ def _prune(configs, named_args, **kwargs):
             continue
         if (d > 128 or a["IS_FP32"]) and bm * bn > 64 * 64:
             continue
-        if c.kwargs["RECT_DOT"]:
-            geo = {**a, "BLOCK_N": bn}
-            if _bias_mode(geo) != 1 or _rect_th(geo) == 1:
-                continue  # the variant only differs for multi-row rectangles
         keep.append(c)
-    return keep or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "RECT_DOT": False}, num_warps=4, num_stages=1)]
+    return keep or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
 
 
 _TUNE_KEY = ["seqlen_q", "seqlen_k", "batch", "num_heads", "KH", "KW", "tile_h", "tile_w", "D0", "D1", "MASK_BLOCK",
@@ -355,7 +335,7 @@ def _fixed_config(named_args) -> dict:
     mb = named_args["MASK_BLOCK"]
     bm = min(64, mb, max(16, _next_pow2(named_args["seqlen_q"])))
     bn = min(64, mb, max(16, _next_pow2(named_args["seqlen_k"])))
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "RECT_DOT": False, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
 
 
 def _strides(t: Optional[torch.Tensor], n: int, broadcast_first: int = 0):
@@ -436,16 +416,14 @@ def attention_triton(
     strides = (
         *q4.stride(), *k4.stride(), *v4.stride(), *o4.stride(),
         *_strides(kv_num_blocks, 3, 2), *_strides(kv_indices, 3, 2),
-        *_strides(rel_h, 3), *_strides(rel_w, 3),
+        *_strides(rel_h, 4), *_strides(rel_w, 4),
     )
-    if rel_h is not None and (rel_h.stride(-1) != 1 or rel_w.stride(-1) != 1):
-        raise ValueError("rel_h and rel_w need a unit stride on their last dim (kh / kw)")
 
     def grid(meta):
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)
 
     if config is not None or INTERPRET or os.environ.get("SAM_SPARSE_AUTOTUNE") == "0":
-        cfg = {"RECT_DOT": False, **(config or _fixed_config(args))}
+        cfg = config or _fixed_config(args)
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         if block_size % bm or block_size % bn or min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
             raise ValueError(f"config {cfg}: BLOCK_M and BLOCK_N must be powers of two >= 16 dividing block_size={block_size}")
