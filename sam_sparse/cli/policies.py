@@ -1,6 +1,250 @@
+"""``sam-sparse policies``: list, show, render and check mask policies.
+
+Thin commands over sam_sparse.policy and sam_sparse.masks. Every invalid policy ends the command with
+exit status 2 and one line on stderr, ``error: <file>:<line>: <field>: <problem>``, no traceback.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Dict, List, Optional, Sequence, Tuple
+
 import click
+import torch
+
+from ..geometry import LAYER_KINDS, LayerGeometry, Prompts
+from ..masks import SAM_ENCODERS, head_densities, mask_density
+from ..policy import Policy, PolicyError, list_policies, load_policy, policy_text
+
+MODELS = tuple(SAM_ENCODERS)
+
+# Prompt-dependent policies (region_focused) are measured with one point at the centre of a 1024-px
+# image: token (32, 32) of the 64x64 grid, in grid units as Prompts expects.
+SAMPLE_PROMPTS = Prompts(points=torch.tensor([[[32.5, 32.5]]]))
+
+_SHORT = {
+    "encoder.global": "enc.global",
+    "encoder.window": "enc.window",
+    "decoder.self": "dec.self",
+    "decoder.token_to_image": "dec.tok2img",
+    "decoder.image_to_token": "dec.img2tok",
+    "decoder.final_token_to_image": "dec.final",
+}
 
 
-@click.group()
+def _fail(message: str):
+    click.echo(f"error: {message}", err=True)
+    click.get_current_context().exit(2)
+
+
+def _load(name_or_path: str) -> Policy:
+    try:
+        return load_policy(name_or_path)
+    except PolicyError as e:
+        _fail(str(e))
+
+
+def _layers(policy: Policy, model: str) -> List[Tuple[LayerGeometry, Optional[torch.Tensor], bool]]:
+    """(layer, mask, measured with SAMPLE_PROMPTS) for every attention layer of the model."""
+    out = []
+    for layer in policy.geometries(model):
+        prompted = policy.needs_prompts(layer)
+        out.append((layer, policy.block_mask(layer, SAMPLE_PROMPTS if prompted else None), prompted))
+    return out
+
+
+def kind_densities(policy: Policy, model: str) -> Dict[str, Tuple[float, bool]]:
+    """{layer kind: (mean token-level density over its layers and heads, prompt-dependent)}."""
+    sums: Dict[str, List[float]] = {}
+    prompted: Dict[str, bool] = {}
+    for layer, mask, p in _layers(policy, model):
+        sums.setdefault(layer.kind, []).append(mask_density(mask, layer))
+        prompted[layer.kind] = prompted.get(layer.kind, False) or p
+    return {k: (sum(v) / len(v), prompted[k]) for k, v in sums.items()}
+
+
+def _head_groups(values: Sequence) -> List[Tuple[int, int]]:
+    """Runs of equal consecutive values as (first, last) index pairs."""
+    runs, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[start]:
+            runs.append((start, i - 1))
+            start = i
+    return runs
+
+
+def _heads(a: int, b: int) -> str:
+    return f"head {a}" if a == b else f"heads {a}-{b}"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def policies():
-    """List, show, render and check mask policies."""
+    """List, show, render and check mask policies.
+
+    \b
+    Example:
+      sam-sparse policies list
+      sam-sparse policies show local2d-30
+      sam-sparse policies check my_policy.yaml
+    """
+
+
+@policies.command("list")
+def list_cmd():
+    """Built-in policies with their token-level density per layer kind on vit_b, vit_l and vit_h.
+
+    Density is the fraction of (query token, key token) pairs attended. Values marked * depend on the
+    prompts: they are measured with one point at the image centre.
+
+    \b
+    Example:
+      sam-sparse policies list
+    """
+    header = "  model  " + "".join(f"{_SHORT[k]:>13}" for k in LAYER_KINDS)
+    any_prompted = False
+    for name in list_policies():
+        policy = _load(name)
+        click.echo(f"{name}")
+        for line in textwrap.wrap(policy.description, 96):
+            click.echo(f"  {line}")
+        click.echo(header)
+        for model in MODELS:
+            dens = kind_densities(policy, model)
+            cells = []
+            for k in LAYER_KINDS:
+                d, p = dens[k]
+                any_prompted |= p
+                cells.append(f"{d:>12.3f}{'*' if p else ' '}")
+            click.echo(f"  {model:<7}" + "".join(cells))
+        click.echo("")
+    if any_prompted:
+        click.echo("* depends on the prompts; measured with one point at the image centre")
+
+
+@policies.command("show")
+@click.argument("policy")
+@click.option("--model", type=click.Choice(MODELS), default="vit_b", show_default=True, help="SAM model type for the densities.")
+def show_cmd(policy: str, model: str):
+    """Print a policy's YAML and the density of every layer and head of a model.
+
+    POLICY is a built-in name (see `sam-sparse policies list`) or a path to a YAML file.
+
+    \b
+    Example:
+      sam-sparse policies show local2d-30 --model vit_h
+      sam-sparse policies show ./my_policy.yaml
+    """
+    p = _load(policy)
+    click.echo(policy_text(policy).rstrip())
+    click.echo("")
+    click.echo(f"# token-level density per layer and head, {model} (1.000 = dense)")
+    try:
+        layers = _layers(p, model)
+    except PolicyError as e:
+        _fail(str(e))
+    width = max(len(layer.name) for layer, _, _ in layers) + 2
+    for layer, mask, prompted in layers:
+        per_head = [round(d, 3) for d in head_densities(mask, layer)]
+        runs = _head_groups(per_head)
+        if len(runs) == 1:
+            text = f"{per_head[0]:.3f} (all {layer.num_heads} heads)"
+        else:
+            text = ", ".join(f"{_heads(a, b)} {per_head[a]:.3f}" for a, b in runs)
+        mark = "  * with one point at the centre" if prompted else ""
+        click.echo(f"{layer.name:<{width}}{layer.kind:<30}{text}{mark}")
+
+
+def _panels(p: Policy, model: str):
+    """(title, 2-D bool mask (QB, KB)) per layer kind (its first layer) and group of identical heads."""
+    first = {}
+    for layer, mask, prompted in _layers(p, model):
+        first.setdefault(layer.kind, (layer, mask, prompted))
+    for kind in LAYER_KINDS:
+        if kind not in first:
+            continue
+        layer, mask, prompted = first[kind]
+        full = torch.ones(1, 1, layer.q_blocks, layer.k_blocks, dtype=torch.bool) if mask is None else mask.cpu()
+        heads = [full[0, h if full.shape[1] > 1 else 0] for h in range(layer.num_heads)]
+        keys = [tuple(m.flatten().tolist()) for m in heads]
+        for a, b in _head_groups(keys):
+            m = heads[a]
+            dens = mask_density(m[None, None], layer)
+            note = " (1 point)" if prompted else ""
+            yield f"{layer.kind}\n{_heads(a, b)}: density {dens:.3f}{note}", m
+
+
+@policies.command("render")
+@click.argument("policy")
+@click.option("--model", type=click.Choice(MODELS), default="vit_b", show_default=True, help="SAM model type.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
+def render_cmd(policy: str, model: str, out: str):
+    """Draw the block masks of a policy as a PNG: one panel per layer kind and group of heads.
+
+    Rows are query blocks, columns key blocks; dark = attend. Prompt-dependent layers are drawn for
+    one point at the image centre.
+
+    \b
+    Example:
+      sam-sparse policies render local2d-30 --model vit_b --out masks.png
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FixedLocator, MaxNLocator
+
+    p = _load(policy)
+    try:
+        panels = list(_panels(p, model))
+    except PolicyError as e:
+        _fail(str(e))
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(3.4 * ncols, 3.6 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)  # Agg, without touching pyplot's global backend
+    for i, (title, m) in enumerate(panels):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.imshow(m.numpy(), cmap="Greys", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("key block", fontsize=7)
+        ax.set_ylabel("query block", fontsize=7)
+        ax.tick_params(labelsize=6)
+        for axis, n in ((ax.yaxis, m.shape[0]), (ax.xaxis, m.shape[1])):
+            axis.set_major_locator(FixedLocator([0]) if n == 1 else MaxNLocator(integer=True))
+    fig.suptitle(f"{p.name} on {model} (block {p.block_size}, {p.token_order} order)", fontsize=10)
+    try:
+        fig.savefig(out, format="png", dpi=110)
+    except OSError as e:
+        _fail(f"cannot write {out}: {e}")
+    click.echo(f"wrote {out} ({len(panels)} panels)")
+
+
+@policies.command("check")
+@click.argument("path")
+@click.option(
+    "--model",
+    "models",
+    type=click.Choice(MODELS),
+    multiple=True,
+    help="Model type(s) the policy must build masks for (repeatable); default: all three.",
+)
+def check_cmd(path: str, models: Tuple[str, ...]):
+    """Validate a policy file: exit 0 if it is valid and builds a mask for every layer of the models,
+    else exit 2 with a one-line error naming the file, line and field.
+
+    \b
+    Example:
+      sam-sparse policies check my_policy.yaml
+      sam-sparse policies check my_policy.yaml --model vit_h
+    """
+    p = _load(path)
+    models = models or MODELS
+    for model in models:
+        try:
+            layers = p.geometries(model)
+            for layer in layers:
+                p.block_mask(layer, SAMPLE_PROMPTS if p.needs_prompts(layer) else None)
+        except PolicyError as e:
+            _fail(f"{e} (model {model})")
+        for i, names in p.matched_layers(layers).items():
+            if not names:
+                click.echo(f"warning: {p.rules[i].describe(i)} matches no layer of {model}", err=True)
+    click.echo(f"ok: {path}: policy {p.name!r}, {len(p.rules)} rules, builds on {', '.join(models)}")
