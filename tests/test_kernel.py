@@ -1,0 +1,363 @@
+"""Block-sparse attention: the Triton kernel (in Triton's interpreter) and the CPU reference path,
+both against an independent float64 oracle (tests/oracle.py), on fresh random inputs every case.
+
+Rule (flash-attn's): error <= 2x the error of the same computation done by PyTorch in the same dtype,
+plus a small floor; never NaN. The kernel writes into an output poisoned with NaN first.
+"""
+
+import itertools
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from oracle import oracle_attention, rel_error, same_dtype_torch
+from sam_sparse import block_sparse_attn, block_sparse_attn_varlen
+from sam_sparse.kernels import block_lists
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # platforms without Triton: the reference path still serves
+    HAS_TRITON = False
+
+FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform")
+
+
+@pytest.fixture
+def triton_kernel(monkeypatch):
+    """The Triton kernel module, with CPU tensors routed to it through the interpreter."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET before any import"
+    monkeypatch.setenv("SAM_SPARSE_FORCE_TRITON", "1")
+    from sam_sparse.kernels import triton_attn
+
+    assert triton_attn.INTERPRET
+    return triton_attn
+
+
+def make_inputs(g, B, Nq, Nk, H, Hk, D, dtype, rel=None, noncontig=False, rel_transposed=False):
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    if noncontig:  # q, k, v as strided views of one fused projection, as SAM's qkv gives them
+        assert Nq == Nk
+        qkv = rnd(B, Nq, 3, H, D)
+        q, k, v = qkv.unbind(2)
+        k, v = k[:, :, :Hk], v[:, :, :Hk]
+    else:
+        q, k, v = rnd(B, Nq, H, D), rnd(B, Nk, Hk, D), rnd(B, Nk, Hk, D)
+    rel_h = rel_w = None
+    if rel is not None:
+        # SAM zero-initializes rel_pos: random, sizeable terms make the bias matter in every test
+        rel_h, rel_w = rnd(B, H, Nq, rel[0]) * 2, rnd(B, H, Nq, rel[1]) * 2
+        if rel_transposed:
+            rel_h = rel_h.transpose(-1, -2).contiguous().transpose(-1, -2)
+            rel_w = rel_w.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return q, k, v, rel_h, rel_w
+
+
+def random_mask(g, B, H, Nq, Nk, bs, density, empty_block=True):
+    qb, kb = -(-Nq // bs), -(-Nk // bs)
+    m = torch.rand(B, H, qb, kb, generator=g) < density
+    if empty_block:
+        m[0, 0, 0] = False  # a query block with no key block at all
+    return m
+
+
+def check(out, q, k, v, mask, rel_h, rel_w, tile, bs, scale=None):
+    assert torch.isfinite(out).all(), "NaN/inf in the output (or a row left unwritten)"
+    ref = oracle_attention(q, k, v, mask, rel_h, rel_w, tile, scale=scale, block_size=bs)
+    base = same_dtype_torch(q, k, v, mask, rel_h, rel_w, tile, scale=scale, block_size=bs)
+    err, err_base = rel_error(out, ref), rel_error(base, ref)
+    assert err <= 2 * err_base + FLOOR[q.dtype], f"error {err:.3g} vs PyTorch {q.dtype} {err_base:.3g}"
+    if mask is not None:
+        empty = ~mask.any(-1)  # (B|1, H|1, QB)
+        for b, h, m in empty.nonzero().tolist():
+            rows = out[b, m * bs : (m + 1) * bs, h]
+            assert (rows == 0).all(), "a query block with no key block must give zeros"
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton kernel itself, in the interpreter
+# ------------------------------------------------------------------------------------------------
+
+def run_kernel(triton_attn, q, k, v, mask, rel_h, rel_w, tile, bs, config=None, scale=None):
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    lists = block_lists(mask) if mask is not None else (None, None)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    triton_attn.attention_triton(q, k, v, *lists, rel_h, rel_w, tile, scale, bs, out=out, config=config)
+    return out
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 80, 96, 112, 128, 256])
+def test_kernel_head_dims_and_dtypes(triton_kernel, dtype, head_dim):
+    g = torch.Generator().manual_seed(torch.seed())
+    q, k, v, _, _ = make_inputs(g, 2, 100, 70, 2, 1, head_dim, dtype)
+    mask = random_mask(g, 2, 2, 100, 70, 32, 0.6)
+    out = run_kernel(triton_kernel, q, k, v, mask, None, None, None, 32)
+    check(out, q, k, v, mask, None, None, None, 32)
+
+
+# (rel grid, key tile, config): each bias path of the kernel.
+BIAS_CASES = [
+    ((4, 64), None, dict(BLOCK_M=32, BLOCK_N=64)),    # one grid row per key tile, rel_w hoisted
+    ((4, 64), None, dict(BLOCK_M=32, BLOCK_N=32)),    # one row, half a row per tile
+    ((8, 32), None, dict(BLOCK_M=32, BLOCK_N=64)),    # two rows per key tile (rectangle)
+    ((16, 16), (4, 16), dict(BLOCK_M=32, BLOCK_N=64)),  # tiled keys, 4 x 16 rectangles
+    ((16, 16), (8, 8), dict(BLOCK_M=16, BLOCK_N=32)),   # sub-rectangles of 8 x 8 tiles
+    ((14, 14), None, dict(BLOCK_M=32, BLOCK_N=64)),   # SAM's window: one-hot path, partial last block
+    ((3, 85), None, dict(BLOCK_M=32, BLOCK_N=32)),    # odd grid too wide for one-hot: gather path
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rel,tile,config", BIAS_CASES)
+def test_kernel_relpos_paths(triton_kernel, dtype, rel, tile, config):
+    g = torch.Generator().manual_seed(torch.seed())
+    n = rel[0] * rel[1]
+    q, k, v, rh, rw = make_inputs(g, 1, n, n, 2, 2, 64, dtype, rel=rel, noncontig=True)
+    mask = random_mask(g, 1, 2, n, n, 64, 0.7)
+    cfg = dict(config, num_warps=4, num_stages=2)
+    out = run_kernel(triton_kernel, q, k, v, mask, rh, rw, tile, 64, config=cfg)
+    check(out, q, k, v, mask, rh, rw, tile, 64)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", [2, 3])
+def test_kernel_forced_bias_modes(triton_kernel, monkeypatch, mode):
+    """The one-hot and gather paths also handle shapes where autotuning would pick the rectangle."""
+    monkeypatch.setattr(triton_kernel, "FORCE_BIAS_MODE", mode)
+    g = torch.Generator().manual_seed(torch.seed())
+    q, k, v, rh, rw = make_inputs(g, 1, 256, 256, 2, 2, 32, torch.float16, rel=(16, 16), rel_transposed=True)
+    out = run_kernel(triton_kernel, q, k, v, None, rh, rw, (4, 8), 64)
+    check(out, q, k, v, None, rh, rw, (4, 8), 64)
+
+
+@needs_triton
+def test_kernel_decoder_shapes_and_gqa(triton_kernel):
+    """SAM's decoder: a handful of tokens against 4096 image tokens, and the reverse; MQA heads."""
+    g = torch.Generator().manual_seed(torch.seed())
+    for nq, nk in ((7, 1024), (1024, 7)):
+        q, k, v, _, _ = make_inputs(g, 2, nq, nk, 4, 1, 16, torch.float16)
+        out = run_kernel(triton_kernel, q, k, v, None, None, None, None, 128)
+        check(out, q, k, v, None, None, None, None, 128)
+
+
+@needs_triton
+def test_kernel_all_rows_empty_and_broadcast_mask(triton_kernel):
+    g = torch.Generator().manual_seed(torch.seed())
+    q, k, v, rh, rw = make_inputs(g, 2, 64, 64, 2, 2, 32, torch.float32, rel=(8, 8))
+    mask = torch.zeros(1, 1, 2, 2, dtype=torch.bool)
+    out = run_kernel(triton_kernel, q, k, v, mask, rh, rw, None, 32)
+    assert (out == 0).all()
+    mask = torch.tensor([[[[True, False], [False, True]]]])  # broadcast over batch and heads
+    out = run_kernel(triton_kernel, q, k, v, mask, rh, rw, None, 32)
+    check(out, q, k, v, mask, rh, rw, None, 32)
+
+
+@needs_triton
+def test_kernel_varlen(triton_kernel):
+    g = torch.Generator().manual_seed(torch.seed())
+    lens_q, lens_k = [5, 70, 0, 33], [40, 9, 17, 64]
+    cu_q = torch.tensor([0, *itertools.accumulate(lens_q)], dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lens_k)], dtype=torch.int32)
+    for dtype in (torch.float16, torch.float32):
+        q = torch.randn(int(cu_q[-1]), 4, 32, generator=g).to(dtype)
+        k = torch.randn(int(cu_k[-1]), 2, 32, generator=g).to(dtype)
+        v = torch.randn(int(cu_k[-1]), 2, 32, generator=g).to(dtype)
+        mask = torch.rand(4, 4, 3, 2, generator=g) < 0.7
+        out = block_sparse_attn_varlen(q, k, v, cu_q, cu_k, 70, 64, mask, block_size=32)
+        for i in range(4):
+            qs, qe, ks, ke = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]
+            if qe == qs:
+                continue
+            m = mask[i : i + 1, :, : -(-(qe - qs) // 32), : -(-(ke - ks) // 32)]
+            check(out[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], m, None, None, None, 32)
+
+
+@needs_triton
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_kernel_property(triton_kernel, data):
+    run_property_case(data, through_kernel=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference path (what CPU users run)
+# ------------------------------------------------------------------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_reference_property(data):
+    run_property_case(data, through_kernel=False)
+
+
+def run_property_case(data, through_kernel):
+    """Random shapes, masks, densities, dtypes, head dims, GQA, rel-pos on/off, raster/tiled keys,
+    lengths that are not multiples of the block, non-contiguous inputs, through the public API."""
+    seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+    g = torch.Generator().manual_seed(seed)
+    dtype = data.draw(st.sampled_from([torch.float16, torch.bfloat16, torch.float32]), label="dtype")
+    D = data.draw(st.sampled_from([16, 32, 48, 64, 80] if through_kernel else [16, 32, 64, 80, 96, 128, 256]))
+    Hk = data.draw(st.sampled_from([1, 2]))
+    H = Hk * data.draw(st.sampled_from([1, 2]))
+    B = data.draw(st.integers(1, 2))
+    bs = data.draw(st.sampled_from([16, 32, 64]))
+    use_rel = data.draw(st.booleans(), label="rel")
+    if use_rel:
+        kh, kw = data.draw(st.sampled_from([(4, 16), (8, 8), (7, 9), (2, 64), (16, 4), (5, 20)]), label="grid")
+        tiles = [t for t in [(2, 8), (4, 4), (1, 4), (2, 2)] if kh % t[0] == 0 and kw % t[1] == 0]
+        tile = data.draw(st.sampled_from([None] + tiles), label="tile")
+        Nk = kh * kw
+        Nq = Nk if data.draw(st.booleans(), label="self") else data.draw(st.integers(1, 150))
+    else:
+        tile, kh, kw = None, None, None
+        Nq, Nk = data.draw(st.integers(1, 150)), data.draw(st.integers(1, 150))
+    noncontig = Nq == Nk and data.draw(st.booleans(), label="noncontig")
+    q, k, v, rh, rw = make_inputs(g, B, Nq, Nk, H, Hk, D, dtype, rel=(kh, kw) if use_rel else None,
+                                  noncontig=noncontig, rel_transposed=data.draw(st.booleans(), label="rel_T"))
+    density = data.draw(st.sampled_from([None, 1.0, 0.5, 0.2]), label="density")
+    mask = None
+    if density is not None:
+        mb, mh = data.draw(st.sampled_from([(B, H), (1, H), (B, 1), (1, 1)]), label="mask_bcast")
+        mask = random_mask(g, mb, mh, Nq, Nk, bs, density, empty_block=False)
+    scale = data.draw(st.sampled_from([None, 0.3]), label="scale")
+    if through_kernel:
+        out = block_sparse_attn(q, k, v, mask, rel_h=rh, rel_w=rw, key_tile=tile, softmax_scale=scale, block_size=bs)
+    else:
+        os.environ.pop("SAM_SPARSE_FORCE_TRITON", None)
+        out = block_sparse_attn(q, k, v, mask, rel_h=rh, rel_w=rw, key_tile=tile, softmax_scale=scale, block_size=bs)
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+    check(out, q, k, v, mask, rh, rw, tile, bs, scale=scale)
+
+
+def test_reference_varlen_and_empty_rows():
+    g = torch.Generator().manual_seed(torch.seed())
+    cu = torch.tensor([0, 3, 3, 40], dtype=torch.int32)
+    q, k, v = (torch.randn(40, 2, 16, generator=g) for _ in range(3))
+    mask = torch.zeros(3, 2, 3, 3, dtype=torch.bool)
+    mask[2, :, 0, 0] = True
+    out = block_sparse_attn_varlen(q, k, v, cu, cu, 37, 37, mask, block_size=16)
+    assert (out[:3] == 0).all() and torch.isfinite(out).all()
+    check(out[None, 3:40], q[None, 3:40], k[None, 3:40], v[None, 3:40], mask[2:3], None, None, None, 16)
+
+
+def test_reference_large_grid_holds_no_nxn(monkeypatch):
+    """The reference path works in query chunks: force tiny chunks and still match the oracle."""
+    from sam_sparse.kernels import reference
+
+    monkeypatch.setattr(reference, "_MAX_SCORE_ELEMS", 2 * 64 * 10)
+    g = torch.Generator().manual_seed(torch.seed())
+    q, k, v, rh, rw = make_inputs(g, 1, 64, 64, 2, 2, 16, torch.float32, rel=(8, 8))
+    out = block_sparse_attn(q, k, v, rel_h=rh, rel_w=rw, block_size=16)
+    check(out, q, k, v, None, rh, rw, None, 16)
+
+
+# ------------------------------------------------------------------------------------------------
+# API contract: block lists, torch.compile, errors
+# ------------------------------------------------------------------------------------------------
+
+def test_block_lists_cached_and_refreshed():
+    m = torch.tensor([[[[True, False, True], [False, False, False]]]])
+    num, idx = block_lists(m)
+    assert num.tolist() == [[[2, 0]]] and idx[0, 0, 0, :2].tolist() == [0, 2]
+    assert block_lists(m)[0] is num  # cached
+    m[0, 0, 1, 1] = True  # an in-place edit bumps the version: rebuilt
+    assert block_lists(m)[0].tolist() == [[[2, 1]]]
+
+
+def test_compile_fullgraph_has_no_graph_break():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, rh, rw = make_inputs(g, 1, 64, 64, 2, 2, 16, torch.float32, rel=(8, 8))
+    mask = torch.rand(1, 2, 4, 4, generator=g) < 0.5
+
+    def f(q, k, v, rh, rw):
+        return block_sparse_attn(q * 1.0, k, v, mask, rel_h=rh, rel_w=rw, block_size=16) + 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, rh, rw), f(q, k, v, rh, rw))
+
+
+def test_custom_op_opcheck():
+    from sam_sparse.kernels.interface import _attn_op
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v, rh, rw = make_inputs(g, 1, 32, 32, 2, 1, 16, torch.float32, rel=(4, 8))
+    mask = torch.rand(1, 2, 2, 2, generator=g) < 0.7
+    torch.library.opcheck(_attn_op, (q, k, v, mask, rh, rw, None, 0.25, 16), test_utils=("test_schema", "test_faketensor"))
+
+
+def _args(**over):
+    g = torch.Generator().manual_seed(0)
+    q, k, v, rh, rw = make_inputs(g, 2, 64, 64, 4, 2, 32, torch.float32, rel=(8, 8))
+    base = dict(q=q, k=k, v=v, block_mask=None, rel_h=rh, rel_w=rw, key_tile=None, block_size=32)
+    base.update(over)
+    return base
+
+
+def _call(a):
+    return block_sparse_attn(a["q"], a["k"], a["v"], a["block_mask"], rel_h=a["rel_h"], rel_w=a["rel_w"],
+                             key_tile=a["key_tile"], block_size=a["block_size"])
+
+
+BAD_INPUTS = [
+    (dict(q=torch.randn(2, 64, 4)), r"q has shape \(2, 64, 4\).*expected 4-D"),
+    (dict(q=torch.randn(2, 64, 4, 32, dtype=torch.float64)), r"q has .*float64.*supported dtypes"),
+    (dict(k=torch.randn(3, 64, 2, 32), v=torch.randn(3, 64, 2, 32)), r"k has batch 3 but q has batch 2"),
+    (dict(k=torch.randn(2, 64, 3, 32), v=torch.randn(2, 64, 3, 32)), r"q has 4 heads and k has 3"),
+    (dict(v=torch.randn(2, 60, 2, 32)), r"k and v must have the same shape"),
+    (dict(q=torch.randn(2, 64, 4, 40), k=torch.randn(2, 64, 2, 40), v=torch.randn(2, 64, 2, 40), rel_h=None, rel_w=None),
+     r"headdim 40 .* multiples of 16 from 16 to 256"),
+    (dict(k=torch.randn(2, 64, 2, 32).half(), v=torch.randn(2, 64, 2, 32).half()), r"k has dtype torch.float16 but q has torch.float32"),
+    (dict(block_mask=torch.ones(2, 4, 2, 3, dtype=torch.bool)), r"block_mask has shape \(2, 4, 2, 3\); expected bool \(2 or 1, 4 or 1, 2, 2\)"),
+    (dict(block_mask=torch.ones(2, 4, 2, 2)), r"block_mask has .*torch.float32.*expected bool"),
+    (dict(block_size=24), r"block_size=24: expected a positive multiple of 16"),
+    (dict(rel_h=torch.randn(2, 4, 64, 4)), r"kh \* kw = 32 != seqlen_k = 64"),
+    (dict(rel_w=None), r"rel_h and rel_w go together"),
+    (dict(rel_h=torch.randn(2, 4, 60, 8)), r"rel_h has shape \(2, 4, 60, 8\).*expected \(2, 4, 64, kh\)"),
+    (dict(key_tile=(3, 4)), r"key_tile=\(3, 4\) must divide the key grid \(8, 8\)"),
+    (dict(rel_h=None, rel_w=None, key_tile=(2, 2)), r"key_tile describes the key order"),
+    (dict(q="not a tensor"), r"q must be a torch.Tensor, got str"),
+]
+
+
+@pytest.mark.parametrize("over,match", BAD_INPUTS)
+def test_bad_inputs_raise_clear_errors(over, match):
+    with pytest.raises(ValueError, match=match):
+        _call(_args(**over))
+
+
+def test_wrong_device_is_named():
+    a = _args()
+    a["block_mask"] = torch.ones(2, 4, 2, 2, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match=r"block_mask is on meta but q is on cpu"):
+        _call(a)
+
+
+@pytest.mark.parametrize(
+    "cu,match",
+    [
+        (torch.tensor([0, 10, 64]), r"cu_seqlens_q has .*int64.*expected a 1-D int32"),
+        (torch.tensor([0, 40, 30, 64], dtype=torch.int32), r"must start at 0, never decrease and end at 64"),
+        (torch.tensor([0, 10, 60], dtype=torch.int32), r"end at 64"),
+    ],
+)
+def test_varlen_bad_cu_seqlens(cu, match):
+    q = torch.randn(64, 2, 16)
+    with pytest.raises(ValueError, match=match):
+        block_sparse_attn_varlen(q, q, q, cu, cu, 64, 64)
+
+
+def test_varlen_max_seqlen_too_small():
+    q = torch.randn(64, 2, 16)
+    cu = torch.tensor([0, 10, 64], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"below the longest sequences \(54, 54\)"):
+        block_sparse_attn_varlen(q, q, q, cu, cu, 32, 64)
