@@ -4,6 +4,9 @@ __version__ = "0.1.0"
 
 from .geometry import LAYER_KINDS, LayerGeometry, tile_permutation
 from .kernels import block_sparse_attn, block_sparse_attn_varlen
+from .policy import Policy, PolicyError, list_policies, load_policy
+from .patches import ParityReport, ParityThresholds, PatchHandle, patch_sam, unpatch_sam, verify_parity
+from .models import CheckpointError, build_sam, fetch_mobile_sam, load_checkpoint, load_sparse_sam
 
 __all__ = [
     "__version__",
@@ -12,4 +15,19 @@ __all__ = [
     "LayerGeometry",
     "LAYER_KINDS",
     "tile_permutation",
+    "load_policy",
+    "Policy",
+    "PolicyError",
+    "list_policies",
+    "patch_sam",
+    "unpatch_sam",
+    "PatchHandle",
+    "verify_parity",
+    "ParityReport",
+    "ParityThresholds",
+    "build_sam",
+    "fetch_mobile_sam",
+    "load_checkpoint",
+    "load_sparse_sam",
+    "CheckpointError",
 ]

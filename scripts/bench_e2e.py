@@ -292,7 +292,7 @@ def main(argv=None):
     ap.add_argument("--compile-backend", default="inductor")
     ap.add_argument("--no-predictor", action="store_true", help="skip the set_image + predict path")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
-    ap.add_argument("--rep", type=int, default=200, help="do_bench repetition time, ms")
+    ap.add_argument("--rep", type=int, default=500, help="do_bench repetition time, ms")
     ap.add_argument("--iters", type=int, default=5, help="timed runs on CPU and for the predictor path")
     ap.add_argument("--warm-calls", type=int, default=2, help="untimed calls after the first (compiling) one")
     ap.add_argument("--device", default=None, help="default cuda if available, else cpu")

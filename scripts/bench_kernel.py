@@ -51,7 +51,7 @@ def materialized_bias(rel_h, rel_w):
     """SAM's N x N bias, as the eager model builds it: (B, H, N, kh*kw)."""
     B, H, N, kh = rel_h.shape
     kw = rel_w.shape[-1]
-    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, H, N, kh * kw)
+    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, H, N, kh * kw).contiguous()
 
 
 def sdpa(q, k, v, bias, backend):
@@ -176,6 +176,10 @@ def main():
 
                     lists_ms = bench(fresh_lists)
                 nobias = bench(lambda: block_sparse_attn(q, k, v, mask)) if mask is None else None
+                # rel-pos terms stored row-major (B, H, N, k) instead of (B, H, k, N): the layout check.
+                rh_rm, rw_rm = rel_h.contiguous(), rel_w.contiguous()
+                rowmajor = bench(lambda: block_sparse_attn(q, k, v, mask, rel_h=rh_rm, rel_w=rw_rm))
+                del rh_rm, rw_rm
                 # The same mask with keys in 8 x 16 tiles (token_order: tiles): another bias path.
                 tiles = bench(lambda: block_sparse_attn(q, k, v, mask, rel_h=rel_h, rel_w=rel_w, key_tile=(8, 16)))
                 cpu_us = cpu_us_per_call(fn)
@@ -187,7 +191,7 @@ def main():
                         flex = f"n/a ({type(e).__name__})"
                 flops = 4 * B * H * D * N * N * actual
                 row = dict(
-                    shape=f"{model} global B={B}", density=round(actual, 3), ours_ms=ours, ours_nobias_ms=nobias, ours_tiles_ms=tiles,
+                    shape=f"{model} global B={B}", density=round(actual, 3), ours_ms=ours, ours_nobias_ms=nobias, ours_rowmajor_ms=rowmajor, ours_tiles_ms=tiles,
                     cpu_us=cpu_us,
                     tflops=flops / ours / 1e9, vs_dense=(ours / dense_ms) if dense_ms else None,
                     target_vs_dense=actual + 0.1, lists_ms=lists_ms, flex_relpos_ms=flex,
@@ -214,7 +218,7 @@ def main():
             )
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
-    cols = ["shape", "density", "ours_ms", "ours_nobias_ms", "ours_tiles_ms", "cpu_us", "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias",
+    cols = ["shape", "density", "ours_ms", "ours_nobias_ms", "ours_rowmajor_ms", "ours_tiles_ms", "cpu_us", "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias",
             "SDPA mem-eff + bias", "SDPA flash, no bias", "SDPA cuDNN, no bias", "flash_4 (sam-fast)",
             "flex_relpos_ms", "lists_ms", "extra_mem_mb", "nxn_mb"]
     head = (f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "

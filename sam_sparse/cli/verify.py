@@ -1,0 +1,107 @@
+"""sam-sparse verify: the model unpatched vs patched with a policy, as a parity table."""
+
+import sys
+from dataclasses import replace
+
+import click
+
+from .common import (
+    EncoderProgress,
+    checkpoint_option,
+    device_option,
+    guarded,
+    load_any_model,
+    model_type_option,
+    parse_prompts,
+    policy_help,
+    resolve_device,
+    say,
+    sparse_checkpoint_option,
+)
+
+DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "horse")
+
+
+@click.command()
+@checkpoint_option
+@model_type_option
+@sparse_checkpoint_option
+@click.option("--policy", default=None, help=policy_help + " Default with --sparse-checkpoint: its manifest's.")
+@click.option("--images", "images", multiple=True, metavar="PATH",
+              help="Image file or scikit-image sample name; repeat for more "
+                   f"(default: the photographs {', '.join(DEFAULT_IMAGES)}).")
+@click.option("--points", "points", multiple=True, metavar="X,Y",
+              help="A foreground point prompt in pixels, for every image; repeat for more.")
+@click.option("--boxes", "boxes", multiple=True, metavar="X0,Y0,X1,Y1",
+              help="A box prompt in pixels, for every image; repeat for more. No prompt: the image centre.")
+@click.option("--multimask/--single-mask", default=True, show_default=True,
+              help="Compare SAM's three candidate masks per prompt (worst counts), or its single mask.")
+@click.option("--thresholds", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
+              help="Threshold preset: auto = dense presets when every patched layer is dense, else sparse.")
+@click.option("--min-mask-iou", type=float, default=None, help="Override the preset's minimum mask IoU.")
+@click.option("--min-cosine", type=float, default=None,
+              help="Override the preset's minimum cosine (layer outputs and image embeddings).")
+@device_option
+@guarded
+def verify(checkpoint, model_type, sparse_checkpoint, policy, images, points, boxes, multimask, thresholds,
+           min_mask_iou, min_cosine, device):
+    """Run the model unpatched and patched with a policy and compare every layer, embedding and mask.
+
+    Prints the parity table (sam_sparse.verify_parity). Exit code 0 when every number is within the
+    thresholds, 1 when one is not, 2 for bad input.
+
+    Examples:
+
+    \b
+      sam-sparse verify --policy dense
+      sam-sparse verify --checkpoint sam_vit_b_01ec64.pth --model-type vit_b --policy local2d-30 \\
+          --images photo.jpg --points 320,240 --boxes 100,80,400,360
+      sam-sparse verify --sparse-checkpoint sam_vit_b_local2d-30.pt --min-mask-iou 0.9
+    """
+    from ..patches import verify_parity
+    from ..policy import load_policy
+    from ..segment import check_prompts, load_image
+
+    device = resolve_device(device)
+    policy = load_policy(policy) if policy is not None else None  # a bad policy fails before any model loads
+    pts, bxs = parse_prompts(points, boxes)
+    names = images or DEFAULT_IMAGES
+    loaded = [load_image(name) for name in names]
+    for image in loaded:
+        check_prompts(image, pts, bxs)
+    model, _, manifest_policy = load_any_model(checkpoint, model_type, sparse_checkpoint, device)
+    policy = policy or manifest_policy
+    if policy is None:
+        raise ValueError("--policy is required (a built-in name or a YAML file) unless --sparse-checkpoint is given")
+
+    preset = pick_thresholds(model, policy, thresholds, min_mask_iou, min_cosine)
+    say(f"Comparing on {len(loaded)} image(s): {', '.join(map(str, names))}")
+    with EncoderProgress(model, total=2 * len(loaded), desc="parity"):
+        report = verify_parity(model, policy, loaded, points=pts, boxes=bxs, thresholds=preset,
+                               multimask_output=multimask)
+    click.echo(str(report))
+    sys.exit(0 if report.passed else 1)
+
+
+def pick_thresholds(model, policy, choice: str, min_mask_iou, min_cosine):
+    """The ParityThresholds for --thresholds and the --min-* overrides; None lets verify_parity choose."""
+    import torch
+
+    from ..patches import DENSE_FP32, DENSE_HALF, SPARSE, patch_sam
+
+    if choice == "auto" and min_mask_iou is None and min_cosine is None:
+        return None
+    if choice == "auto":  # as verify_parity decides: dense presets only when every patched layer is dense
+        handle = patch_sam(model, policy)
+        handle.restore()
+        choice = "dense" if all(r.pattern == "dense" for r in handle.report) else "sparse"
+    if choice == "dense":
+        preset = DENSE_FP32 if next(model.parameters()).dtype == torch.float32 else DENSE_HALF
+    else:
+        preset = SPARSE
+    changes = {}
+    if min_mask_iou is not None:
+        changes["mask_iou"] = min_mask_iou
+    if min_cosine is not None:
+        changes.update(layer_cosine=min_cosine, embedding_cosine=min_cosine)
+    return replace(preset, name=f"{preset.name}{' with overrides' if changes else ''}", **changes)

@@ -1,0 +1,21 @@
+"""Patching SAM models: route their attention through block_sparse_attn, and check parity."""
+
+from .attention import SparseDecoderAttention, SparseEncoderAttention
+from .parity import DENSE_FP32, DENSE_HALF, SPARSE, LayerParity, ParityReport, ParityThresholds, verify_parity
+from .patcher import LayerReport, PatchHandle, patch_sam, unpatch_sam
+
+__all__ = [
+    "patch_sam",
+    "unpatch_sam",
+    "PatchHandle",
+    "LayerReport",
+    "verify_parity",
+    "ParityReport",
+    "ParityThresholds",
+    "LayerParity",
+    "DENSE_FP32",
+    "DENSE_HALF",
+    "SPARSE",
+    "SparseEncoderAttention",
+    "SparseDecoderAttention",
+]

@@ -1,0 +1,227 @@
+"""The sparse forwards that replace SAM's attention modules.
+
+patch_sam swaps a module's class (``module.__class__ = SparseEncoderAttention``) and attaches one
+plain attribute, ``module._sam_sparse`` (a LayerState). Parameters, buffers, their names and the
+module's identity are untouched, so state_dict is the same before, during and after patching, and
+``restore()`` is a class swap back. The forwards call only ``sam_sparse.kernels.block_sparse_attn``:
+nothing here knows about Triton.
+
+Shapes (B batch, N = H * W tokens, nH heads, hd head dim, C = nH * hd):
+- encoder: x (B, H, W, C) -> (B, H, W, C). Windowed blocks arrive already partitioned by SAM's own
+  Block.forward (window_partition, zero padding included), so B is batch * windows and (H, W) the window.
+- decoder: q (B, Nq, E), k, v (B, Nk, E) -> (B, Nq, E); B is the number of prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling.image_encoder import Attention as EncoderAttention
+from segment_anything.modeling.transformer import Attention as DecoderAttention
+
+from ..geometry import LayerGeometry, Prompts
+from ..kernels import block_sparse_attn
+
+Grid = Tuple[int, int]
+
+
+@dataclass(eq=False)
+class PromptContext:
+    """What the decoder attentions of one patched model need from the current call.
+
+    grid: (h, w) of the image embedding fed to the TwoWayTransformer (captured by a pre-hook).
+    prompts: the current prompts in token-grid units (captured from the PromptEncoder call), or None.
+    """
+
+    grid: Optional[Grid] = None
+    prompts: Optional[Prompts] = None
+
+
+@dataclass(eq=False)
+class LayerState:
+    """Per-module patch state. A plain attribute, never a buffer: state_dict stays the original's.
+
+    geometry: the layer as the policy sees it. Encoder layers have one fixed geometry; for decoder
+        layers it is a template whose token counts and grids are filled in per call.
+    masks: cache of block masks, keyed by (device,) for encoder layers and (seqlen_q, seqlen_k, grid,
+        device) for decoder layers; only prompt-free masks are cached (the policy caches too, but
+        looking up here keeps the forward free of policy code, which matters under torch.compile).
+    """
+
+    name: str
+    geometry: LayerGeometry
+    policy: Any
+    context: Optional[PromptContext] = None
+    masks: Dict[tuple, Optional[torch.Tensor]] = field(default_factory=dict)
+    needs_prompts: Dict[tuple, bool] = field(default_factory=dict)
+
+    @property
+    def block_size(self) -> int:
+        return self.geometry.block_size
+
+    @property
+    def key_tile(self) -> Optional[Grid]:
+        return self.geometry.key_tile
+
+    def encoder_mask(self, device: torch.device) -> Optional[torch.Tensor]:
+        key = (device,)
+        if key not in self.masks:
+            self.masks[key] = self.policy.block_mask(self.geometry, None, device)
+        return self.masks[key]
+
+    def decoder_mask(self, seqlen_q: int, seqlen_k: int, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+        ctx = self.context
+        grid = ctx.grid if ctx is not None else None
+        key = (seqlen_q, seqlen_k, grid, device)
+        if key in self.masks:
+            return self.masks[key]
+        geom = decoder_geometry(self.geometry, seqlen_q, seqlen_k, grid)
+        if key not in self.needs_prompts:
+            self.needs_prompts[key] = bool(self.policy.needs_prompts(geom))
+        if not self.needs_prompts[key]:
+            self.masks[key] = self.policy.block_mask(geom, None, device)
+            return self.masks[key]
+        prompts = ctx.prompts if ctx is not None else None
+        if prompts is not None and prompts.batch != batch:
+            prompts = None  # not this call's prompts (e.g. the decoder was called on its own)
+        return self.policy.block_mask(geom, prompts, device)
+
+
+def _image_grid(n: int, grid: Optional[Grid]) -> Optional[Grid]:
+    if grid is not None and grid[0] * grid[1] == n:
+        return tuple(grid)
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else None
+
+
+def decoder_geometry(template: LayerGeometry, seqlen_q: int, seqlen_k: int, grid: Optional[Grid]) -> LayerGeometry:
+    """The template's geometry for one call: token counts, and the image grid on the image side."""
+    q_grid = k_grid = None
+    if template.kind == "decoder.image_to_token":
+        q_grid = _image_grid(seqlen_q, grid)
+    elif template.kind in ("decoder.token_to_image", "decoder.final_token_to_image"):
+        k_grid = _image_grid(seqlen_k, grid)
+    return replace(template, seqlen_q=seqlen_q, seqlen_k=seqlen_k, q_grid=q_grid, k_grid=k_grid)
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """segment-anything's get_rel_pos, the same numbers, with its index built on rel_pos's device.
+
+    rel_pos: (L, hd). Returns (q_size, k_size, hd). SAM builds the index on the CPU; indexing a GPU
+    tensor with it is a blocking host-to-device copy, i.e. a stream sync in every attention call.
+    """
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    if rel_pos.shape[0] != max_rel_dist:  # interpolate, as SAM does
+        resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear")
+        rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos[relative_coords.long()]
+
+
+def rel_pos_terms(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, hw: Grid, tile: Optional[Grid]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's decomposed rel-pos terms per query, without the N x N bias.
+
+    q: (B, N, nH, hd), any strides, tokens in raster order (tile None) or grouped in th x tw tiles.
+    rel_pos_h: (2*H - 1 or any length SAM interpolates, hd); rel_pos_w likewise for W.
+    Returns rel_h (B, nH, N, H) and rel_w (B, nH, N, W), queries in q's token order, as views of
+    (B, nH, H, N) / (B, nH, W, N) storage: the same numbers as the rel_h / rel_w einsums of SAM's
+    add_decomposed_rel_pos (same get_rel_pos, same dtype).
+    """
+    H, W = hw
+    B, N, nH, hd = q.shape
+    Rh = get_rel_pos(H, H, rel_pos_h)  # (H query rows, H key rows, hd)
+    Rw = get_rel_pos(W, W, rel_pos_w)
+    if tile is None:
+        rq = q.reshape(B, H, W, nH, hd)  # a view of the qkv projection
+        rel_h = torch.einsum("byxnc,ykc->bnkyx", rq, Rh)
+        rel_w = torch.einsum("byxnc,xkc->bnkyx", rq, Rw)
+    else:
+        # Tiled order: position = ((tile_row, tile_col), in_row, in_col); the query row is
+        # tile_row * th + in_row, so split Rh's query axis the same way instead of gathering.
+        th, tw = tile
+        rq = q.reshape(B, H // th, W // tw, th, tw, nH, hd)
+        rel_h = torch.einsum("bRCrcnd,Rrkd->bnkRCrc", rq, Rh.reshape(H // th, th, H, hd))
+        rel_w = torch.einsum("bRCrcnd,Cckd->bnkRCrc", rq, Rw.reshape(W // tw, tw, W, hd))
+    # One copy each into (B, nH, k, N) storage, handed over as a (B, nH, N, k) view: queries are then
+    # contiguous, which is the layout the kernel loads coalesced. (einsum's own result is laid out by
+    # its bmm over the query row / column, so some copy is needed whichever layout is asked for.)
+    return rel_h.reshape(B, nH, H, N).transpose(-1, -2), rel_w.reshape(B, nH, W, N).transpose(-1, -2)
+
+
+class SparseEncoderAttention(EncoderAttention):
+    """segment-anything's image-encoder Attention, through block_sparse_attn. Same parameters.
+
+    forward: x (B, H, W, C) -> (B, H, W, C), as the original. The rel-pos terms go to the kernel as
+    rel_h (B, nH, N, H) / rel_w (B, nH, N, W); no (N, N) tensor is formed. With a tiled token order
+    (global blocks of "tiles" policies) tokens are permuted into tiles once before the qkv
+    projection and back once after the output projection (both are per-token, so they commute).
+    """
+
+    _sam_sparse: LayerState
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = self._sam_sparse
+        B, H, W, C = x.shape
+        N = H * W
+        geom = st.geometry
+        mask = st.encoder_mask(x.device)
+        tile = st.key_tile
+        if (mask is not None or tile is not None) and (geom.q_grid is not None) and (H, W) != tuple(geom.q_grid):
+            raise ValueError(
+                f"{st.name}: input token grid {(H, W)} differs from the grid {geom.q_grid} its block mask "
+                f"was built for; patch the model at the image size it runs at"
+            )
+        if tile is not None:
+            th, tw = tile
+            # raster (B, H, W, C) -> tiles (B, H/th, W/tw, th, tw, C); the qkv linear makes the copy.
+            x = x.reshape(B, H // th, th, W // tw, tw, C).transpose(2, 3)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1)
+        q, k, v = qkv.unbind(2)  # each (B, N, nH, hd), a strided view: no copy
+        rel_h = rel_w = None
+        if self.use_rel_pos:
+            rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), tile)
+        out = block_sparse_attn(
+            q, k, v, mask,
+            rel_h=rel_h, rel_w=rel_w, key_tile=tile if rel_h is not None else None,
+            softmax_scale=self.scale, block_size=st.block_size,
+        )  # (B, N, nH, hd), contiguous
+        out = self.proj(out.reshape(B, N, C))  # a view: the kernel returns contiguous (B, N, nH, hd)
+        if tile is not None:
+            return out.view(B, H // th, W // tw, th, tw, C).transpose(2, 3).reshape(B, H, W, C)
+        return out.view(B, H, W, C)
+
+
+class SparseDecoderAttention(DecoderAttention):
+    """segment-anything's TwoWayTransformer Attention, through block_sparse_attn. Same parameters.
+
+    forward: q (B, Nq, E), k (B, Nk, E), v (B, Nk, E) -> (B, Nq, E). Heads are separated as views
+    (B, N, nH, d) of the projections, with d = E / downsample_rate / nH (16 for SAM's cross
+    attentions, 32 for its self attention); scale d ** -0.5 as SAM.
+    """
+
+    _sam_sparse: LayerState
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        st = self._sam_sparse
+        q, k, v = self.q_proj(q), self.k_proj(k), self.v_proj(v)
+        B, Nq, D = q.shape
+        Nk = k.shape[1]
+        nH = self.num_heads
+        mask = st.decoder_mask(Nq, Nk, B, q.device)
+        out = block_sparse_attn(
+            q.reshape(B, Nq, nH, D // nH), k.reshape(B, Nk, nH, D // nH), v.reshape(B, Nk, nH, D // nH), mask,
+            softmax_scale=1.0 / math.sqrt(D // nH), block_size=st.block_size,
+        )
+        return self.out_proj(out.reshape(B, Nq, D))
+
+
+# Original class -> sparse class. Only exact classes: a subclass may have its own forward.
+SPARSE_CLASSES = {EncoderAttention: SparseEncoderAttention, DecoderAttention: SparseDecoderAttention}

@@ -1,0 +1,355 @@
+"""verify_parity: run a model unpatched and patched on the same inputs and compare everything.
+
+    report = verify_parity(sam, "dense", [image], points=[[320, 240]])
+    print(report); assert report.passed
+
+Per image, the model runs unpatched, then patched (patch_sam's class swap is applied and undone around
+each patched run, so both runs use the same parameters), with forward hooks on every patched module.
+Compared:
+- each patched layer's output: max abs error and cosine (over the flattened output, worst call);
+  layer inputs differ too, since earlier layers were patched: these errors include propagation;
+- the image embedding (cosine, max abs error);
+- per prompt: IoU of the binarized masks at the image's original size, for the mask the unpatched
+  model scores best among its multimask outputs (the one a user would take), and the max abs errors
+  of all 256x256 low-res logits and of all IoU predictions.
+
+Thresholds (ParityThresholds; pass your own to gate differently). A dense policy must reproduce the
+model up to rounding; a sparse policy is an approximation, so its defaults only catch breakage:
+
+| preset              | layer cosine | embedding cosine | mask IoU | low-res logits err | IoU-pred err |
+|---------------------|--------------|------------------|----------|--------------------|--------------|
+| DENSE_FP32          | >= 0.99999   | >= 0.99999       | >= 0.99  | <= 0.01            | <= 0.001     |
+| DENSE_HALF (fp16/bf16) | >= 0.999  | >= 0.999         | >= 0.90  | <= 1.0             | <= 0.05      |
+| SPARSE              | >= 0.5       | >= 0.95          | >= 0.80  | not checked        | <= 0.1       |
+
+Half-precision thresholds are loose because SAM's own bf16 math rounds the N x N logits and
+probabilities to bf16 (the patched kernel keeps them in fp32), so the unpatched reference itself is
+off by that much; binarized masks flip where a logit is near 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from segment_anything.modeling import ImageEncoderViT, Sam
+from torch import nn
+
+from .patcher import patch_sam
+
+_INF = float("inf")
+
+
+@dataclass(frozen=True)
+class ParityThresholds:
+    """Pass/fail limits. Cosines and IoU are minimums; errors are maximums (inf: not checked).
+
+    layer_cosine: each patched layer's output, worst call. embedding_cosine: image embeddings, worst image.
+    mask_iou: binarized masks at original image size, worst prompt (its best-scored mask, unpatched).
+    low_res_logits_err: max |patched - unpatched| of the 256x256 logits, in logit units.
+    iou_pred_err: max |patched - unpatched| of the predicted IoU scores (0..1).
+    """
+
+    layer_cosine: float
+    embedding_cosine: float
+    mask_iou: float
+    low_res_logits_err: float
+    iou_pred_err: float
+    name: str = "custom"
+
+
+DENSE_FP32 = ParityThresholds(0.99999, 0.99999, 0.99, 0.01, 0.001, "DENSE_FP32")
+DENSE_HALF = ParityThresholds(0.999, 0.999, 0.90, 1.0, 0.05, "DENSE_HALF")
+SPARSE = ParityThresholds(0.5, 0.95, 0.80, _INF, 0.1, "SPARSE")
+
+
+@dataclass
+class LayerParity:
+    """One patched module: worst max abs error and cosine of its output over `calls` calls."""
+
+    name: str
+    kind: str
+    pattern: str
+    max_abs_err: float = 0.0
+    cosine: float = 1.0
+    calls: int = 0
+
+
+@dataclass
+class ParityReport:
+    """What verify_parity measured; ``passed`` is True when every number is within ``thresholds``."""
+
+    policy: str
+    dtype: str
+    thresholds: ParityThresholds
+    layers: List[LayerParity] = field(default_factory=list)
+    embedding_cosine: List[float] = field(default_factory=list)  # one per image
+    embedding_max_err: List[float] = field(default_factory=list)
+    mask_iou: List[Tuple[str, float]] = field(default_factory=list)  # (prompt label, IoU)
+    low_res_logits_err: float = 0.0
+    iou_pred_err: float = 0.0
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> List[str]:
+        t, out = self.thresholds, []
+        for lp in self.layers:
+            if lp.calls and not lp.cosine >= t.layer_cosine:
+                out.append(f"{lp.name}: output cosine {lp.cosine:.6f} < {t.layer_cosine}")
+        for i, c in enumerate(self.embedding_cosine):
+            if not c >= t.embedding_cosine:
+                out.append(f"image {i}: embedding cosine {c:.6f} < {t.embedding_cosine}")
+        for label, iou in self.mask_iou:
+            if not iou >= t.mask_iou:
+                out.append(f"{label}: mask IoU {iou:.4f} < {t.mask_iou}")
+        if self.mask_iou and not self.low_res_logits_err <= t.low_res_logits_err:
+            out.append(f"low-res logits max error {self.low_res_logits_err:.4g} > {t.low_res_logits_err}")
+        if self.mask_iou and not self.iou_pred_err <= t.iou_pred_err:
+            out.append(f"IoU-prediction max error {self.iou_pred_err:.4g} > {t.iou_pred_err}")
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def __str__(self) -> str:
+        t = self.thresholds
+        lines = [f"sam-sparse parity: policy {self.policy!r}, {self.dtype}, thresholds {t.name}: "
+                 f"{'PASS' if self.passed else 'FAIL'}"]
+        lines += [f"note: {n}" for n in self.notes]
+        rows = [("layer", "kind", "pattern", "max abs err", "cosine", "calls")]
+        for lp in self.layers:
+            rows.append((lp.name, lp.kind, lp.pattern, f"{lp.max_abs_err:.3g}", f"{lp.cosine:.6f}", str(lp.calls)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+        lines += [fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows[1:]]
+        summary = [("image embedding cosine (min)", _min(self.embedding_cosine), f">= {t.embedding_cosine}"),
+                   ("image embedding max abs err", max(self.embedding_max_err, default=0.0), "")]
+        if self.mask_iou:
+            ious = [v for _, v in self.mask_iou]
+            summary += [("mask IoU (min over prompts)", min(ious), f">= {t.mask_iou}"),
+                        ("mask IoU (mean)", sum(ious) / len(ious), ""),
+                        ("low-res logits max abs err", self.low_res_logits_err, f"<= {t.low_res_logits_err}"),
+                        ("IoU-prediction max abs err", self.iou_pred_err, f"<= {t.iou_pred_err}")]
+        lines.append("")
+        lines += [f"{k:30s} {v:.6g} {lim}".rstrip() for k, v, lim in summary]
+        fails = self.failures
+        if fails:
+            lines.append("failures:")
+            lines += [f"  {f}" for f in fails[:20]] + ([f"  ... {len(fails) - 20} more"] if len(fails) > 20 else [])
+        return "\n".join(lines)
+
+
+def _min(xs: Sequence[float]) -> float:
+    return min(xs) if xs else float("nan")
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    na, nb = a.norm(), b.norm()
+    if na == 0 and nb == 0:
+        return 1.0
+    return float((a @ b) / (na * nb).clamp_min(1e-300))
+
+
+def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    inter = (a & b).sum().item()
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else inter / union
+
+
+def _as_images(images) -> List[np.ndarray]:
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        return [images]
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+        return [images] if images.ndim == 3 else list(images)
+    return [np.asarray(im) for im in images]
+
+
+def _per_image(prompts, n_images: int, width: int, what: str) -> List[Optional[np.ndarray]]:
+    """None; one (K, width) array-like for every image; or a list of one 2-D array (or None) per image."""
+    if prompts is None:
+        return [None] * n_images
+    if isinstance(prompts, (list, tuple)) and all(p is None or np.ndim(p) == 2 for p in prompts):
+        if len(prompts) != n_images:
+            raise ValueError(f"{what}: a list of {len(prompts)} per-image arrays for {n_images} images")
+        return [None if p is None else np.asarray(p, dtype=np.float32).reshape(-1, width) for p in prompts]
+    arr = np.asarray(prompts, dtype=np.float32)
+    if arr.size == 0 or arr.shape[-1] != width or arr.ndim > 2:
+        raise ValueError(f"{what}: expected a (K, {width}) array for all images or a list of one per image, got shape {arr.shape}")
+    return [arr.reshape(-1, width)] * n_images
+
+
+class _Recorder:
+    """Forward hooks on the patched modules: record unpatched outputs, then compare patched ones."""
+
+    def __init__(self, handle):
+        self.stats: Dict[str, LayerParity] = {}
+        self.saved: Dict[str, List[torch.Tensor]] = {}
+        self.mode = "off"
+        self.hooks = []
+        for entry, rep in zip(handle._entries, handle.report):
+            module = entry[0]
+            self.stats[rep.name] = LayerParity(rep.name, rep.kind, rep.pattern)
+            self.hooks.append(module.register_forward_hook(self._hook(rep.name)))
+
+    def _hook(self, name):
+        def hook(_, __, out):
+            if self.mode == "record":
+                self.saved.setdefault(name, []).append(out.detach())
+            elif self.mode == "compare":
+                ref = self.saved[name].pop(0)
+                lp = self.stats[name]
+                lp.max_abs_err = max(lp.max_abs_err, float((out.detach().float() - ref.float()).abs().max()))
+                lp.cosine = min(lp.cosine, _cosine(out.detach(), ref))
+                lp.calls += 1
+
+        return hook
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+        self.saved.clear()
+
+
+def verify_parity(
+    model: nn.Module,
+    policy,
+    images,
+    points=None,
+    boxes=None,
+    *,
+    thresholds: Optional[ParityThresholds] = None,
+    multimask_output: bool = True,
+    filter_fn=None,
+) -> ParityReport:
+    """Compare `model` patched with `policy` against the same model unpatched.
+
+    model: a segment_anything Sam (full pipeline: embeddings, masks) or an ImageEncoderViT (embeddings
+        and layers only). Its patch state is left as found: an unpatched model stays unpatched, a
+        model patched by patch_sam is unpatched for the comparison and re-patched after.
+    images: for a Sam, one HxWx3 uint8 RGB array or a list of them (as SamPredictor.set_image);
+        for an ImageEncoderViT, a (B, 3, S, S) float tensor already preprocessed.
+    points: (P, 2) pixel coords (x, y) in the original image, each one a separate foreground-point
+        prompt; the same for every image, or a list with one array per image. boxes: (K, 4) XYXY
+        pixels, each box a prompt, likewise. Both None: one point at the image centre.
+    thresholds: ParityThresholds; default DENSE_FP32 / DENSE_HALF (by the model's dtype) when every
+        patched layer is dense, SPARSE otherwise.
+    Returns a ParityReport (str(report) is a table; report.passed).
+    """
+    if not isinstance(model, (Sam, ImageEncoderViT)):
+        raise TypeError(f"verify_parity supports segment_anything's Sam or ImageEncoderViT; got {type(model).__name__}")
+    prior = getattr(model, "_sam_sparse_handle", None)
+    if prior is not None:
+        prior.restore()
+    handle = recorder = None
+    try:
+        handle = patch_sam(model, policy, filter_fn=filter_fn)
+        handle.restore()
+        dtype = next(model.parameters()).dtype
+        if thresholds is None:
+            dense = all(r.pattern == "dense" for r in handle.report)
+            thresholds = (DENSE_FP32 if dtype == torch.float32 else DENSE_HALF) if dense else SPARSE
+        report = ParityReport(policy=getattr(handle.policy, "name", str(policy)), dtype=str(dtype).replace("torch.", ""),
+                              thresholds=thresholds, notes=list(handle.notes))
+        recorder = _Recorder(handle)
+
+        def both(fn):
+            """fn() unpatched (recording layer outputs), then patched (comparing): (unpatched, patched)."""
+            recorder.mode = "record"
+            ref = fn()
+            handle._apply()
+            try:
+                recorder.mode = "compare"
+                out = fn()
+            finally:
+                handle.restore()
+                recorder.mode = "off"
+                recorder.saved.clear()
+            return ref, out
+
+        if isinstance(model, ImageEncoderViT):
+            if points is not None or boxes is not None:
+                raise ValueError("points/boxes need a Sam; an ImageEncoderViT is compared on embeddings only")
+            x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.stack(images))
+            x = x.to(device=next(model.parameters()).device, dtype=dtype)
+            with torch.no_grad():
+                ref, out = both(lambda: model(x))
+            for r, o in zip(ref, out):
+                report.embedding_cosine.append(_cosine(o, r))
+                report.embedding_max_err.append(float((o.float() - r.float()).abs().max()))
+        else:
+            _sam_parity(model, handle, images, points, boxes, multimask_output, both, report)
+        report.layers = list(recorder.stats.values())
+        return report
+    finally:
+        if recorder is not None:
+            recorder.remove()
+        if handle is not None:
+            handle.restore()
+        if prior is not None:
+            prior._apply()
+
+
+def _sam_parity(model: Sam, handle, images, points, boxes, multimask_output: bool, both, report: ParityReport) -> None:
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(model)
+    encoder_modules = set(model.image_encoder.modules())
+    encoder_patched = any(entry[0] in encoder_modules for entry in handle._entries)
+    images = _as_images(images)
+    all_points = _per_image(points, len(images), 2, "points")
+    all_boxes = _per_image(boxes, len(images), 4, "boxes")
+    device = model.device
+    dtype = next(model.parameters()).dtype
+    for i, image in enumerate(images):
+        if all_points[i] is None and all_boxes[i] is None:
+            h, w = image.shape[:2]
+            all_points[i] = np.array([[w / 2, h / 2]], dtype=np.float32)
+
+        def embed():
+            predictor.set_image(image)
+            return predictor.features
+
+        with torch.no_grad():
+            if encoder_patched:
+                ref_emb, emb = both(embed)
+            else:  # nothing patched in the encoder (e.g. MobileSAM): the same code, so run it once
+                ref_emb = emb = embed()
+        report.embedding_cosine.append(_cosine(emb, ref_emb))
+        report.embedding_max_err.append(float((emb.float() - ref_emb.float()).abs().max()))
+
+        prompt_sets = []
+        if all_points[i] is not None:
+            pts = predictor.transform.apply_coords(all_points[i], predictor.original_size)
+            coords = torch.as_tensor(pts, dtype=torch.float, device=device)[:, None, :]
+            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
+            prompt_sets.append(("point", dict(point_coords=coords, point_labels=labels)))
+        if all_boxes[i] is not None:
+            bxs = predictor.transform.apply_boxes(all_boxes[i], predictor.original_size)
+            prompt_sets.append(("box", dict(point_coords=None, point_labels=None,
+                                            boxes=torch.as_tensor(bxs, dtype=torch.float, device=device))))
+        for kind, kw in prompt_sets:
+            def decode(feats):
+                predictor.features = feats  # each run decodes its own embedding
+                # segment-anything's PromptEncoder multiplies fp32 coords by its weights: autocast lets a
+                # half-precision model through (patched or not).
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    return predictor.predict_torch(**kw, multimask_output=multimask_output, return_logits=True)
+
+            # Each side decodes its own embedding, as a patched end-to-end run would.
+            feats = iter((ref_emb, emb))
+            with torch.no_grad():
+                (ref_m, ref_iou, ref_lr), (m, iou, lr) = both(lambda: decode(next(feats)))
+            thr = model.mask_threshold
+            chosen = ref_iou.argmax(dim=1)  # the mask a user of the unpatched model would take
+            for p in range(m.shape[0]):
+                j = int(chosen[p])
+                report.mask_iou.append((f"image {i} {kind} {p}", _iou(m[p, j] > thr, ref_m[p, j] > thr)))
+            report.low_res_logits_err = max(report.low_res_logits_err, float((lr.float() - ref_lr.float()).abs().max()))
+            report.iou_pred_err = max(report.iou_pred_err, float((iou.float() - ref_iou.float()).abs().max()))
+        predictor.reset_image()

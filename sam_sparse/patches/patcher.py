@@ -1,0 +1,368 @@
+"""patch_sam / unpatch_sam: route every attention module of a SAM model through block_sparse_attn.
+
+    handle = patch_sam(sam, "dense")          # or a policy name, a policy file, a Policy object
+    print(handle)                             # one row per patched module
+    handle.restore()                          # or unpatch_sam(sam): the original model, exactly
+
+How: each attention module's class is swapped for a subclass with a sparse forward
+(attention.SPARSE_CLASSES) and one plain attribute ``_sam_sparse`` is attached. No parameter, buffer
+or module is added, removed or copied, so ``state_dict()`` keys and values are those of the original
+model and a checkpoint loads into patched and unpatched models alike. A Sam also gets three forward
+hooks: the PromptEncoder's pre-hook records the current points/boxes (in token-grid units) for
+prompt-dependent policies, the TwoWayTransformer's pre-hook records the image-embedding grid, and the
+MaskDecoder's hook forgets the prompts after each call. restore() undoes all of it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
+
+from ..geometry import LayerGeometry, Prompts
+from .attention import SPARSE_CLASSES, LayerState, PromptContext, decoder_geometry
+
+SUPPORTED = "segment_anything's Sam (vit_b / vit_l / vit_h, or with another image encoder such as MobileSAM's TinyViT), ImageEncoderViT, MaskDecoder or TwoWayTransformer"
+
+# Canonical names: policies see the same layer names whichever part of SAM was patched.
+_PREFIX = {Sam: "", ImageEncoderViT: "image_encoder.", MaskDecoder: "mask_decoder.", TwoWayTransformer: "mask_decoder.transformer."}
+
+# Decoder token count used to describe decoder layers at patch time: 1 IoU token + 4 mask tokens +
+# a point and its padding point. Masks are built per call for the actual count.
+NOMINAL_DECODER_TOKENS = 7
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """One patched module.
+
+    name: qualified name in the patched model. kind: LayerGeometry kind. pattern: "dense",
+    "block-sparse" or "per-prompt" (the mask depends on the call's prompts). density: fraction of
+    (query block, key block, head) pairs computed, 1.0 for dense, None when per-prompt. heads: attention
+    heads. grid: query-side -> key-side token layout ("64x64", "14x14 window", "7 tokens").
+    key_tile: (th, tw) when image tokens run in tiled order, else None.
+    """
+
+    name: str
+    kind: str
+    pattern: str
+    density: Optional[float]
+    heads: int
+    grid: str
+    block_size: int
+    key_tile: Optional[Tuple[int, int]] = None
+
+
+def _load(policy):
+    if isinstance(policy, (str, os.PathLike)):
+        from ..policy import load_policy
+
+        return load_policy(policy)
+    if hasattr(policy, "block_mask") and hasattr(policy, "block_size"):
+        return policy
+    from ..policy import load_policy  # a Policy-like object of another kind: let the loader judge
+
+    return load_policy(policy)
+
+
+def _find_layers(model: nn.Module) -> Tuple[List[Tuple[nn.Module, str, int]], List[str]]:
+    """(attention module, kind, layer index) in forward order, and notes about parts left alone."""
+    found: List[Tuple[nn.Module, str, int]] = []
+    notes: List[str] = []
+    encoder = decoder_tf = None
+    if isinstance(model, Sam):
+        encoder = model.image_encoder
+        decoder_tf = getattr(model.mask_decoder, "transformer", None)
+        if not isinstance(encoder, ImageEncoderViT):
+            notes.append(f"image encoder {type(encoder).__name__} is not segment-anything's ImageEncoderViT: left as is, only the mask decoder is patched")
+            encoder = None
+    elif isinstance(model, ImageEncoderViT):
+        encoder = model
+    elif isinstance(model, MaskDecoder):
+        decoder_tf = model.transformer
+    elif isinstance(model, TwoWayTransformer):
+        decoder_tf = model
+    else:
+        raise TypeError(f"patch_sam supports {SUPPORTED}; got {type(model).__module__}.{type(model).__name__}")
+    if decoder_tf is not None and not isinstance(decoder_tf, TwoWayTransformer):
+        notes.append(f"mask decoder transformer {type(decoder_tf).__name__} is not a TwoWayTransformer: left as is")
+        decoder_tf = None
+    if encoder is not None:
+        counts = {"encoder.global": 0, "encoder.window": 0}
+        for block in encoder.blocks:
+            kind = "encoder.window" if block.window_size > 0 else "encoder.global"
+            found.append((block.attn, kind, counts[kind]))
+            counts[kind] += 1
+    if decoder_tf is not None:
+        for i, layer in enumerate(decoder_tf.layers):
+            found.append((layer.self_attn, "decoder.self", i))
+            found.append((layer.cross_attn_token_to_image, "decoder.token_to_image", i))
+            found.append((layer.cross_attn_image_to_token, "decoder.image_to_token", i))
+        found.append((decoder_tf.final_attn_token_to_image, "decoder.final_token_to_image", 0))
+    return found, notes
+
+
+def _encoder_geometry(encoder: ImageEncoderViT, attn, kind: str, index: int, name: str, policy) -> LayerGeometry:
+    if kind == "encoder.window":
+        ws = next(b.window_size for b in encoder.blocks if b.attn is attn)
+        grid = (ws, ws)
+    else:
+        patch = encoder.patch_embed.proj.stride
+        grid = (encoder.img_size // patch[0], encoder.img_size // patch[1])
+    n = grid[0] * grid[1]
+    geom = LayerGeometry(name=name, kind=kind, num_heads=attn.num_heads, seqlen_q=n, seqlen_k=n, q_grid=grid,
+                         k_grid=grid, block_size=policy.block_size, layer_index=index)
+    tile = policy.key_tile(geom) if kind == "encoder.global" else None
+    if tile is not None:
+        th, tw = (int(t) for t in tile)
+        if grid[0] % th or grid[1] % tw:
+            raise ValueError(f"{name}: policy {policy.name!r} tiles of {tile} do not divide the token grid {grid}")
+        geom = replace(geom, key_tile=(th, tw))
+    return geom
+
+
+def _density(mask: Optional[torch.Tensor]) -> float:
+    return 1.0 if mask is None else float(mask.float().mean())
+
+
+def _grid_text(g: LayerGeometry) -> str:
+    side = lambda grid, n: f"{grid[0]}x{grid[1]}" if grid is not None else f"{n} tokens"  # noqa: E731
+    if g.kind == "encoder.window":
+        return f"{g.q_grid[0]}x{g.q_grid[1]} window"
+    if g.kind == "encoder.global":
+        return side(g.q_grid, g.seqlen_q)
+    return f"{side(g.q_grid, g.seqlen_q)} -> {side(g.k_grid, g.seqlen_k)}"
+
+
+def _prompts_from_call(pe: PromptEncoder, args, kwargs) -> Prompts:
+    """The PromptEncoder's (points, boxes) in image-token units (pixels at input size / patch size)."""
+    call = dict(zip(("points", "boxes", "masks"), args), **kwargs)
+    sy = pe.image_embedding_size[0] / pe.input_image_size[0]
+    sx = pe.image_embedding_size[1] / pe.input_image_size[1]
+
+    def scaled(xy: torch.Tensor) -> torch.Tensor:  # (..., 2k) as x, y, x, y...; python scalars: no host-device copy
+        out = xy.detach().float().clone()
+        out[..., 0::2] *= sx
+        out[..., 1::2] *= sy
+        return out
+
+    points = boxes = None
+    if call.get("points") is not None:
+        coords, labels = call["points"]
+        # Label -1 marks a padding point (SAM ignores it): NaN makes policies ignore it too.
+        points = scaled(coords).masked_fill((labels == -1)[..., None], float("nan"))
+    if call.get("boxes") is not None:
+        boxes = scaled(call["boxes"].reshape(-1, 4))
+    return Prompts(points=points, boxes=boxes)
+
+
+class PatchHandle:
+    """A patched model. ``report``: one LayerReport per patched module; ``notes``: parts left alone.
+
+    restore() puts back the original classes and removes the hooks (idempotent); unpatch_sam(model)
+    does the same from the model.
+    """
+
+    def __init__(self, model: nn.Module, policy, entries, report: List[LayerReport], notes: List[str], context):
+        self.model = model
+        self.policy = policy
+        self.report = report
+        self.notes = notes
+        self.context = context
+        self._entries = entries  # (module, original class, LayerState)
+        self._hooks: list = []
+        self.active = False
+
+    def _apply(self) -> None:
+        if self.active:
+            return
+        for module, _, state in self._entries:
+            module.__class__ = SPARSE_CLASSES[type(module)]
+            module._sam_sparse = state
+        model = self.model
+        if isinstance(model, Sam) and isinstance(model.prompt_encoder, PromptEncoder):
+            def on_prompts(pe, args, kwargs):
+                self.context.prompts = _prompts_from_call(pe, args, kwargs)
+
+            def forget(*_):
+                self.context.prompts = None
+
+            self._hooks.append(model.prompt_encoder.register_forward_pre_hook(on_prompts, with_kwargs=True))
+            self._hooks.append(model.mask_decoder.register_forward_hook(forget))
+        tf = {Sam: lambda m: m.mask_decoder.transformer, MaskDecoder: lambda m: m.transformer,
+              TwoWayTransformer: lambda m: m}.get(type(model))
+        if tf is not None and isinstance(tf(model), TwoWayTransformer):
+            def on_image(_, args, kwargs):
+                emb = args[0] if args else kwargs["image_embedding"]
+                self.context.grid = tuple(emb.shape[-2:])
+
+            self._hooks.append(tf(model).register_forward_pre_hook(on_image, with_kwargs=True))
+        model._sam_sparse_handle = self
+        self.active = True
+
+    def restore(self) -> None:
+        """Undo the patch exactly: original classes, no attribute or hook left. A no-op when restored."""
+        if not self.active:
+            return
+        for module, cls, _ in self._entries:
+            module.__class__ = cls
+            del module._sam_sparse
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.context.prompts = None
+        del self.model._sam_sparse_handle
+        self.active = False
+
+    def __repr__(self) -> str:
+        return f"<PatchHandle policy={getattr(self.policy, 'name', '?')!r} modules={len(self._entries)} active={self.active}>"
+
+    def __str__(self) -> str:
+        name = getattr(self.policy, "name", type(self.policy).__name__)
+        state = "" if self.active else " (restored)"
+        lines = [f"sam-sparse: {len(self.report)} attention modules patched with policy {name!r}, "
+                 f"block {self.policy.block_size}, order {getattr(self.policy, 'token_order', 'raster')}{state}"]
+        lines += [f"note: {n}" for n in self.notes]
+        rows = [("name", "kind", "pattern", "density", "heads", "grid")]
+        for r in self.report:
+            dens = "-" if r.density is None else f"{r.density:.3f}"
+            pat = r.pattern + (f" tiles {r.key_tile[0]}x{r.key_tile[1]}" if r.key_tile else "")
+            rows.append((r.name, r.kind, pat, dens, str(r.heads), r.grid))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
+        lines.append(fmt(rows[0]))
+        lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+        lines += [fmt(row) for row in rows[1:]]
+        return "\n".join(lines)
+
+
+def _find_patched(model: nn.Module) -> List[str]:
+    return [n for n, m in model.named_modules() if hasattr(m, "_sam_sparse") or hasattr(m, "_sam_sparse_handle")]
+
+
+def patch_sam(model: nn.Module, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None) -> PatchHandle:
+    """Route the attention modules of `model` through sam_sparse's block-sparse kernel, in place.
+
+    model: a segment_anything Sam, ImageEncoderViT, MaskDecoder or TwoWayTransformer. A Sam whose
+        image encoder is not an ImageEncoderViT (MobileSAM's TinyViT) gets only its mask decoder
+        patched; handle.notes says so.
+    policy: a built-in policy name ("dense", ...), a policy file path, or a Policy object.
+    filter_fn: (name, module) -> bool, called for each attention module with its qualified name in
+        `model`; modules for which it returns False stay as they are (torchao's quantize_ style).
+    Returns a PatchHandle (handle.report, str(handle), handle.restore()).
+
+    Raises TypeError for other models, RuntimeError if `model` (or a module in it) is already
+    patched, and the policy's PolicyError when it cannot build a layer's mask (e.g. a head index
+    the model lacks). Every block mask the policy can build without prompts is built here, once
+    per layer, and reused; a policy rule that matches no module of the model gives a warning.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_sam supports {SUPPORTED}; got {type(model).__name__}")
+    already = _find_patched(model)
+    if already:
+        raise RuntimeError(
+            f"{type(model).__name__} is already patched by sam_sparse ({already[0] or 'the model itself'}); "
+            "call handle.restore() or sam_sparse.unpatch_sam(model) before patching again"
+        )
+    layers, notes = _find_layers(model)
+    policy = _load(policy)
+    names = {id(m): n for n, m in model.named_modules()}
+    prefix = next(p for cls, p in _PREFIX.items() if isinstance(model, cls))
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        device = torch.device("cpu")
+    if isinstance(model, Sam) and isinstance(model.prompt_encoder, PromptEncoder):
+        image_grid = tuple(model.prompt_encoder.image_embedding_size)
+    else:
+        image_grid = (64, 64)  # SAM's, for the patch-time description only; calls use the real grid
+    context = PromptContext(grid=image_grid)
+
+    entries, report, geometries = [], [], []
+    encoder = model if isinstance(model, ImageEncoderViT) else getattr(model, "image_encoder", None)
+    for module, kind, index in layers:
+        name = names[id(module)]
+        canonical = prefix + name
+        if kind.startswith("encoder."):
+            geom = _encoder_geometry(encoder, module, kind, index, canonical, policy)
+            state = LayerState(name=name, geometry=geom, policy=policy)
+            described = geom
+        else:
+            nt = NOMINAL_DECODER_TOKENS
+            n_img = image_grid[0] * image_grid[1]
+            seq = {"decoder.self": (nt, nt), "decoder.image_to_token": (n_img, nt)}.get(kind, (nt, n_img))
+            template = LayerGeometry(name=canonical, kind=kind, num_heads=module.num_heads, seqlen_q=seq[0],
+                                     seqlen_k=seq[1], block_size=policy.block_size, layer_index=index)
+            state = LayerState(name=name, geometry=template, policy=policy, context=context)
+            described = decoder_geometry(template, seq[0], seq[1], image_grid)
+        geometries.append(described)  # every layer of the model, for the unmatched-rule warning
+        if type(module) not in SPARSE_CLASSES:
+            notes.append(f"{name}: {type(module).__name__} is a subclass of SAM's Attention with its own code: left as is")
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        # Build every prompt-free mask now: policy errors surface at patch time, and masks are cached.
+        if kind.startswith("encoder."):
+            mask = state.encoder_mask(device)
+        elif policy.needs_prompts(described):
+            mask = policy.block_mask(described, None, device)  # validates the rules (head indices etc.)
+        else:
+            mask = state.decoder_mask(described.seqlen_q, described.seqlen_k, 1, device)
+        per_prompt = not kind.startswith("encoder.") and policy.needs_prompts(described)
+        entries.append((module, type(module), state))
+        report.append(LayerReport(
+            name=name, kind=kind, pattern=_pattern_text(policy, described, mask, per_prompt),
+            density=None if per_prompt else _density(mask), heads=module.num_heads, grid=_grid_text(described),
+            block_size=described.block_size, key_tile=described.key_tile,
+        ))
+    _warn_unmatched(policy, geometries)
+    handle = PatchHandle(model, policy, entries, report, notes, context)
+    handle._apply()
+    return handle
+
+
+def _pattern_text(policy, layer: LayerGeometry, mask: Optional[torch.Tensor], per_prompt: bool) -> str:
+    """The patterns that decide the layer's heads ("local2d", "dense/local2d" for mixed heads)."""
+    if mask is None and not per_prompt:
+        return "dense"
+    head_rules = getattr(policy, "head_rules", None)
+    if head_rules is None:
+        text = "block-sparse"
+    else:
+        names = []
+        for i in head_rules(layer):
+            n = "dense" if i is None else policy.rules[i].pattern.describe()
+            if n not in names:
+                names.append(n)
+        text = "/".join(names)
+    return text + (" (per prompt)" if per_prompt else "")
+
+
+def _warn_unmatched(policy, geometries: List[LayerGeometry]) -> None:
+    """warnings.warn for each policy rule that matches none of the model's attention layers."""
+    matched = getattr(policy, "matched_layers", None)
+    if matched is None or not geometries:
+        return
+    for i, names in matched(geometries).items():
+        if not names:
+            rule = policy.rules[i]
+            what = rule.describe(i) if hasattr(rule, "describe") else f"rule {i}"
+            kinds = ", ".join(dict.fromkeys(g.kind for g in geometries))
+            warnings.warn(f"policy {policy.name!r}: {what} matches no attention module of this model "
+                          f"(its attention layers: {kinds})", stacklevel=3)
+
+
+def unpatch_sam(model: nn.Module) -> None:
+    """Restore a model patched by patch_sam (the same as handle.restore())."""
+    handle = getattr(model, "_sam_sparse_handle", None)
+    if handle is None:
+        inner = _find_patched(model)
+        if inner:
+            raise RuntimeError(f"{inner[0]} was patched as part of a larger model; unpatch that model (or use its handle)")
+        raise RuntimeError(f"{type(model).__name__} is not patched by sam_sparse")
+    handle.restore()

@@ -1,0 +1,170 @@
+"""Segment one image with a (patched) SAM and draw the result: what `sam-sparse segment` and `demo` run.
+
+    image = load_image("astronaut")                     # a file path, or a scikit-image sample name
+    masks, scores = segment_image(model, image, points=[(250, 120)])
+    save_overlay("overlay.png", image, masks, points=[(250, 120)])
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+# scikit-image's sample photographs (shipped with the package, no download).
+SAMPLES = ("astronaut", "coffee", "chelsea", "horse")
+PathLike = Union[str, os.PathLike]
+
+
+def load_image(spec: PathLike) -> np.ndarray:
+    """An HxWx3 uint8 RGB array from an image file, or from a scikit-image sample name (SAMPLES).
+
+    "horse" is a black-and-white silhouette; it is drawn as a brown horse on a light sky.
+    """
+    name = str(spec)
+    if name in SAMPLES and not Path(name).exists():
+        from skimage import data
+
+        img = getattr(data, name)()
+        if img.dtype == bool:  # the horse: True is background
+            img = np.where(img[..., None], np.array([200, 220, 240]), np.array([120, 80, 50]))
+        return np.ascontiguousarray(img.astype(np.uint8))
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"image {path}: no such file (or use a sample: {', '.join(SAMPLES)})")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"image {path}: cannot be read as an image ({e})") from None
+
+
+def parse_numbers(text: str, count: int, what: str) -> Tuple[float, ...]:
+    """'X,Y' -> (x, y) (count=2); 'X0,Y0,X1,Y1' -> 4 floats (count=4). ValueError names the problem."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != count or not all(np.isfinite(values)):
+        raise ValueError(f"{what} {text!r}: expected {count} comma-separated numbers")
+    return values
+
+
+def check_prompts(image: np.ndarray, points=None, boxes=None) -> None:
+    """Points and boxes must lie inside the image (pixel coordinates, x right, y down)."""
+    h, w = image.shape[:2]
+    for x, y in points if points is not None else ():
+        if not (0 <= x <= w and 0 <= y <= h):
+            raise ValueError(f"point {x:g},{y:g} is outside the {w}x{h} image")
+    for x0, y0, x1, y1 in boxes if boxes is not None else ():
+        if not (x0 < x1 and y0 < y1):
+            raise ValueError(f"box {x0:g},{y0:g},{x1:g},{y1:g}: expected X0<X1 and Y0<Y1")
+        if not (0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h):
+            raise ValueError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is outside the {w}x{h} image")
+
+
+def segment_image(
+    model,
+    image: np.ndarray,
+    points: Optional[Sequence[Sequence[float]]] = None,
+    boxes: Optional[Sequence[Sequence[float]]] = None,
+    multimask: bool = False,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Masks (K, H, W) bool and scores (K,) for one image through SamPredictor.
+
+    points: foreground points (x, y), all one prompt. boxes: (x0, y0, x1, y1), each its own prompt;
+    points may go with one box (one prompt). Neither: one point at the image centre. multimask: SAM's three candidate masks per
+    prompt, best first; otherwise one mask per prompt.
+    """
+    from segment_anything import SamPredictor
+
+    check_prompts(image, points, boxes)
+    if points is not None and boxes is not None and len(boxes) > 1:
+        raise ValueError("points go with at most one box (SAM's prompt is points + one box); give several boxes alone")
+    if points is None and boxes is None:
+        h, w = image.shape[:2]
+        points = [(w / 2, h / 2)]
+    predictor = SamPredictor(model)
+    with torch.inference_mode():
+        predictor.set_image(image)
+        pts = np.asarray(points, dtype=np.float32).reshape(-1, 2) if points is not None else None
+        labels = np.ones(len(pts), dtype=np.int64) if pts is not None else None
+        bxs = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if boxes is not None else None
+        if bxs is None or len(bxs) == 1:
+            masks, scores, _ = predictor.predict(
+                point_coords=pts, point_labels=labels, box=None if bxs is None else bxs[0], multimask_output=multimask
+            )
+        else:
+            t_boxes = predictor.transform.apply_boxes_torch(torch.as_tensor(bxs, device=predictor.device),
+                                                            predictor.original_size)
+            m, s, _ = predictor.predict_torch(None, None, boxes=t_boxes, multimask_output=multimask)
+            masks, scores = m.flatten(0, 1).cpu().numpy(), s.flatten().float().cpu().numpy()
+    if multimask:
+        order = np.argsort(-scores)
+        masks, scores = masks[order], scores[order]
+    return masks.astype(bool), np.asarray(scores, dtype=np.float32)
+
+
+_COLORS = np.array([[30, 144, 255], [255, 64, 64], [64, 200, 64], [255, 200, 0], [200, 64, 255]], dtype=np.float32)
+
+
+def overlay(image: np.ndarray, masks: np.ndarray, points=None, boxes=None, alpha: float = 0.5) -> np.ndarray:
+    """The image with each mask tinted (blue, red, green, ...), its outline, the points and the boxes drawn."""
+    from skimage.segmentation import find_boundaries
+
+    out = image.astype(np.float32).copy()
+    for i, m in enumerate(masks):
+        color = _COLORS[i % len(_COLORS)]
+        out[m] = (1 - alpha) * out[m] + alpha * color
+        out[find_boundaries(m, mode="thick")] = color
+    out = out.clip(0, 255).astype(np.uint8)
+    h, w = out.shape[:2]
+    r = max(3, min(h, w) // 80)
+    for x, y in points if points is not None else ():
+        yy, xx = np.ogrid[:h, :w]
+        d2 = (xx - x) ** 2 + (yy - y) ** 2
+        out[d2 <= (r + 2) ** 2] = (255, 255, 255)
+        out[d2 <= r**2] = (40, 220, 40)
+    for x0, y0, x1, y1 in boxes if boxes is not None else ():
+        x0, y0 = int(max(0, x0)), int(max(0, y0))
+        x1, y1 = int(min(w - 1, x1)), int(min(h - 1, y1))
+        t = max(2, r // 2)
+        for ys, xs in ((slice(y0, y0 + t), slice(x0, x1 + 1)), (slice(y1 - t + 1, y1 + 1), slice(x0, x1 + 1)),
+                       (slice(y0, y1 + 1), slice(x0, x0 + t)), (slice(y0, y1 + 1), slice(x1 - t + 1, x1 + 1))):
+            out[ys, xs] = (40, 220, 40)
+    return out
+
+
+def save_png(path: PathLike, array: np.ndarray) -> Path:
+    """Write an array as PNG (HxW or HxWx3 uint8)."""
+    from PIL import Image
+
+    path = Path(path)
+    Image.fromarray(array).save(path, format="PNG", optimize=True)
+    return path
+
+
+def save_overlay(path: PathLike, image: np.ndarray, masks: np.ndarray, points=None, boxes=None) -> Path:
+    return save_png(path, overlay(image, masks, points, boxes))
+
+
+def save_masks(path: PathLike, masks: np.ndarray) -> Path:
+    """Masks as .npy ((K, H, W) bool) or .png (one mask: 0/255; several: label image, 0 = none, k = mask k)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        np.save(path, masks.astype(bool))
+        return path
+    if path.suffix != ".png":
+        raise ValueError(f"masks file {path}: expected a .npy or .png name")
+    if len(masks) == 1:
+        return save_png(path, masks[0].astype(np.uint8) * 255)
+    labels = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for i, m in enumerate(masks):
+        labels[m & (labels == 0)] = i + 1
+    return save_png(path, labels)

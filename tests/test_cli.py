@@ -1,0 +1,320 @@
+"""The sam-sparse command line, on the real MobileSAM (fetched once into the user cache)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from sam_sparse import convert as convert_module
+from sam_sparse.cli import main
+from sam_sparse.models import build_sam, fetch_mobile_sam, load_sparse_sam, read_sparse_checkpoint
+from sam_sparse.patches import patch_sam
+
+POLICY = "region_focused"  # the built-in policy that makes MobileSAM's (decoder) attention sparse
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return fetch_mobile_sam()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, ckpt):
+    """A folder with a private copy of MobileSAM's checkpoint (tests may try to damage it)."""
+    d = tmp_path_factory.mktemp("cli")
+    shutil.copy(ckpt, d / "mobile_sam.pt")
+    return d
+
+
+@pytest.fixture(scope="module")
+def converted(work):
+    out = work / "converted.pt"
+    result = CliRunner().invoke(main, ["convert", "--checkpoint", str(work / "mobile_sam.pt"), "--policy", POLICY,
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _error_line(result):
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def _decode(model, seed=0):
+    """Mask decoder outputs for a fixed random image embedding and a box + point prompt (cheap)."""
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.randn(1, 256, 64, 64, generator=g)
+    points = (torch.tensor([[[500.0, 400.0]]]), torch.ones(1, 1, dtype=torch.int))
+    boxes = torch.tensor([[300.0, 200.0, 700.0, 650.0]])
+    with torch.inference_mode():
+        sparse, dense = model.prompt_encoder(points=points, boxes=boxes, masks=None)
+        return model.mask_decoder(image_embeddings=emb, image_pe=model.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the console script and --help
+# ---------------------------------------------------------------------------------------------------
+
+
+def _console_script() -> Path:
+    for folder in (Path(sys.executable).parent, Path(sysconfig.get_path("scripts"))):
+        exe = folder / "sam-sparse"
+        if exe.exists():
+            return exe
+    pytest.fail("the sam-sparse console script is not installed next to this Python (pip install -e .)")
+
+
+def test_console_script_runs():
+    exe = _console_script()
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for command in ("demo", "segment", "verify", "convert", "bench", "fetch", "policies"):
+        assert command in out.stdout
+    out = subprocess.run([str(exe), "fetch", "mobile_sam"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == fetch_mobile_sam()
+
+
+@pytest.mark.parametrize("command", ["demo", "segment", "verify", "convert", "bench", "fetch"])
+def test_help_shows_an_example(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0
+    assert "Examples:" in result.output and f"sam-sparse {command}" in result.output
+
+
+# ---------------------------------------------------------------------------------------------------
+# convert
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_convert_round_trip(converted, work, ckpt):
+    manifest, _ = read_sparse_checkpoint(converted)
+    assert manifest["model_type"] == "mobile_sam" and manifest["dtype"] == "fp32"
+    assert manifest["policy_name"] == POLICY and "rules:" in manifest["policy"]
+    assert manifest["source_sha256"] == "6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f"
+
+    loaded = load_sparse_sam(converted)
+    assert loaded._sam_sparse_handle.policy.name == POLICY
+    reference = build_sam("mobile_sam", ckpt)
+    patch_sam(reference, POLICY)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    for a, b in zip(_decode(loaded), _decode(reference)):
+        assert torch.equal(a, b)
+
+
+def test_convert_safetensors_bf16_and_mode_from_manifest(work):
+    out = work / "named_like_dense.bin"  # the file name says nothing; the manifest decides
+    result = run("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", "local2d-30", "--out", out,
+                 "--format", "safetensors", "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    assert "7 attention modules patched" in result.stdout and "bf16" in result.stdout
+    model = load_sparse_sam(out)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model._sam_sparse_handle.policy.name == "local2d-30"
+
+
+def test_convert_refuses_to_overwrite(converted, work):
+    out = work / "exists.pt"
+    out.write_bytes(b"user data")
+    result = run("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", POLICY, "--out", out)
+    assert result.exit_code == 2
+    assert "already exists; pass --force" in _error_line(result)
+    assert out.read_bytes() == b"user data"
+
+    result = run("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", POLICY, "--out", out, "--force")
+    assert result.exit_code == 0, result.output
+    assert read_sparse_checkpoint(out)[0]["policy_name"] == POLICY
+
+
+def test_convert_never_writes_over_its_input(work, ckpt):
+    src = work / "mobile_sam.pt"
+    os.link(src, work / "hardlink.pt")
+    (work / "symlink.pt").symlink_to(src)
+    for out in (src, work / "." / "mobile_sam.pt", work / "hardlink.pt", work / "symlink.pt"):
+        result = run("convert", "--checkpoint", src, "--policy", POLICY, "--out", out, "--force")
+        assert result.exit_code == 2, (out, result.output)
+        assert "is the input checkpoint" in _error_line(result)
+    assert src.read_bytes() == ckpt.read_bytes()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_convert_crash_mid_write_leaves_nothing_behind(work, ckpt, monkeypatch, existing):
+    out_dir = work / f"crash-{existing}"
+    out_dir.mkdir()
+    out = out_dir / "out.pt"
+    if existing:
+        out.write_bytes(b"previous output")
+
+    def crash(path, manifest, state_dict, fmt):
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_module, "write_sparse_checkpoint", crash)
+    result = run("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", POLICY, "--out", out, "--force")
+    assert result.exit_code == 1
+    assert "No space left on device" in _error_line(result)
+    assert (work / "mobile_sam.pt").read_bytes() == ckpt.read_bytes()
+    assert [p.name for p in out_dir.iterdir()] == (["out.pt"] if existing else [])  # no temp file, no partial OUT
+    if existing:
+        assert out.read_bytes() == b"previous output"
+
+
+def test_convert_killed_mid_write_leaves_input_and_output_alone(work, ckpt, tmp_path):
+    """A real SIGKILL while writing: IN intact and no partial OUT (only the hidden temp file may remain)."""
+    out = tmp_path / "out.pt"
+    code = (
+        "import os, signal, sys\n"
+        "from sam_sparse import convert as c\n"
+        "real = c.write_sparse_checkpoint\n"
+        "def write(path, *a):\n"
+        "    real(path, *a)\n"
+        "    os.truncate(path, os.path.getsize(path) // 2)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "c.write_sparse_checkpoint = write\n"
+        "from sam_sparse.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    args = ["convert", "--checkpoint", str(work / "mobile_sam.pt"), "--policy", POLICY, "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert (work / "mobile_sam.pt").read_bytes() == ckpt.read_bytes()
+    assert not out.exists()
+    leftovers = list(tmp_path.iterdir())
+    assert all(p.name.startswith(".out.pt.") and p.name.endswith(".sam-sparse-tmp") for p in leftovers)
+
+
+@pytest.fixture(scope="module")
+def bad_files(work, ckpt):
+    """(file name in `work`, extra arguments, expected message) for each kind of bad checkpoint."""
+    d = work
+    raw = ckpt.read_bytes()
+    (d / "empty.pt").write_bytes(b"")
+    (d / "truncated.pt").write_bytes(raw[: len(raw) // 3])
+    (d / "text.pt").write_text("not a checkpoint\n")
+    torch.save([1, 2, 3], d / "list.pt")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, d / "not_sam.pt")
+    torch.save({"model": torch.nn.Linear(2, 2)}, d / "pickled.pt")
+    return [
+        ("missing.pt", [], "no such file"),
+        ("empty.pt", [], "is empty"),
+        ("truncated.pt", [], "truncated or corrupt"),
+        ("text.pt", [], "not a PyTorch checkpoint"),
+        ("list.pt", [], "not a state dict"),
+        ("not_sam.pt", [], "not a SAM checkpoint"),
+        ("pickled.pt", [], "Python objects"),
+        ("mobile_sam.pt", ["--model-type", "vit_b"], "is for mobile_sam (TinyViT image encoder), not vit_b"),
+    ]
+
+
+def test_convert_bad_checkpoints(work, bad_files, tmp_path):
+    for name, extra, message in bad_files:
+        out = tmp_path / f"{name}.out"
+        result = run("convert", "--checkpoint", work / name, "--policy", POLICY, "--out", out, *extra)
+        assert result.exit_code == 2, (name, result.output)
+        line = _error_line(result)
+        assert message in line and str(work / name) in line, line
+        assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_bad_policy_and_converted_input(work, converted, tmp_path):
+    result = run("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", "no-such-policy", "--out",
+                 tmp_path / "x.pt")
+    assert result.exit_code == 2 and "no-such-policy" in _error_line(result)
+    result = run("convert", "--checkpoint", converted, "--policy", POLICY, "--out", tmp_path / "x.pt")
+    assert result.exit_code == 2 and "sam-sparse converted checkpoint" in _error_line(result)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# verify, segment, demo, bench
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_verify_passes_and_fails(work):
+    base = ["verify", "--checkpoint", work / "mobile_sam.pt", "--policy", POLICY, "--images", "astronaut",
+            "--points", "250,120", "--single-mask", "--device", "cpu"]
+    ok = run(*base)
+    assert ok.exit_code == 0, ok.output
+    assert "PASS" in ok.stdout and "| layer" in ok.stdout
+    strict = run(*base, "--min-cosine", "0.9999")  # sparse decoder layers cannot be that close
+    assert strict.exit_code == 1, strict.output
+    assert "FAIL" in strict.stdout and "output cosine" in strict.stdout
+
+
+def test_verify_sparse_checkpoint_and_bad_input(converted, work, bad_files):
+    result = run("verify", "--sparse-checkpoint", converted, "--images", "chelsea", "--single-mask")
+    assert result.exit_code == 0, result.output
+    assert f"policy '{POLICY}'" in result.stdout
+    bad = run("verify", "--checkpoint", work / "text.pt", "--policy", POLICY, "--images", "chelsea")
+    assert bad.exit_code == 2 and "not a PyTorch checkpoint" in _error_line(bad)
+    bad = run("verify", "--policy", POLICY, "--images", "chelsea", "--points", "5000,10")
+    assert bad.exit_code == 2 and "outside" in _error_line(bad)
+
+
+def test_segment_writes_png_and_masks(tmp_path):
+    out, masks = tmp_path / "overlay.png", tmp_path / "masks.npy"
+    result = run("segment", "astronaut", "--point", "250,120", "--out", out, "--save-masks", masks)
+    assert result.exit_code == 0, result.output
+    assert "Using the built-in default model: MobileSAM" in result.stderr
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (512, 512) and im.mode == "RGB"
+    m = np.load(masks)
+    assert m.shape == (1, 512, 512) and m.dtype == bool
+    assert 0.01 < m.mean() < 0.2  # a face, not the whole picture
+    assert m[0, 120, 250]
+
+
+def test_segment_boxes_to_label_png(tmp_path, work):
+    img = tmp_path / "coffee.png"
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(img)  # any file works as IMAGE
+    out, masks = tmp_path / "o.png", tmp_path / "labels.png"
+    result = run("segment", img, "--box", "5,5,25,30", "--box", "30,5,55,35", "--out", out, "--save-masks", masks,
+                 "--checkpoint", work / "mobile_sam.pt", "--policy", "dense")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("mask ") == 2
+    with Image.open(masks) as im:
+        assert im.size == (60, 40) and set(np.unique(np.asarray(im))) <= {0, 1, 2}
+    bad = run("segment", "astronaut", "--point", "1,2,3", "--out", out)
+    assert bad.exit_code == 2 and "expected 2 comma-separated numbers" in _error_line(bad)
+    bad = run("segment", tmp_path / "nope.jpg", "--out", out)
+    assert bad.exit_code == 2 and "no such file" in _error_line(bad)
+
+
+def test_demo(tmp_path):
+    out = tmp_path / "demo.png"
+    result = run("demo", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"policy '{POLICY}'" in result.stdout and "PASS" in result.stdout
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (512, 512)
+
+
+def test_bench_cpu_says_so_and_plots(tmp_path):
+    plot = tmp_path / "bench.png"
+    result = run("bench", "--model-type", "mobile_sam", "--policy", "dense", "--warmup", "0", "--iters", "1",
+                 "--plot", plot, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "These are CPU numbers" in result.stdout
+    assert "| original" in result.stdout and "| dense" in result.stdout
+    assert "no image-encoder layer was patched" in result.stdout
+    with Image.open(plot) as im:
+        assert im.format == "PNG"

@@ -1,0 +1,322 @@
+"""patch_sam / unpatch_sam: what gets patched, what restore() undoes, errors, prompts capture (CPU, small models)."""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from patch_helpers import make_image, small_encoder, small_policy, small_sam
+from segment_anything import SamPredictor
+from segment_anything.modeling import ImageEncoderViT, Sam
+from segment_anything.modeling.image_encoder import Attention as EncoderAttention
+from segment_anything.modeling.transformer import Attention as DecoderAttention
+
+import sam_sparse.patches.attention as attention_mod
+from sam_sparse import patch_sam, unpatch_sam
+from sam_sparse.masks import PolicyError
+from sam_sparse.patches import PatchHandle, SparseDecoderAttention, SparseEncoderAttention
+from sam_sparse.policy import Policy, load_policy
+
+
+def _all_hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _predict(sam, image, point=(100, 120), box=None):
+    p = SamPredictor(sam)
+    p.set_image(image)
+    kw = dict(point_coords=np.array([point], dtype=np.float32), point_labels=np.array([1]))
+    if box is not None:
+        kw["box"] = np.array(box, dtype=np.float32)
+    return p.predict(**kw, multimask_output=True, return_logits=True)
+
+
+class SpyPolicy:
+    """Wraps a Policy and records every block_mask call (layer name, prompts)."""
+
+    def __init__(self, policy):
+        self.inner = load_policy(policy)
+        self.calls = []
+        for attr in ("name", "description", "block_size", "token_order", "rules"):
+            setattr(self, attr, getattr(self.inner, attr))
+
+    def key_tile(self, layer):
+        return self.inner.key_tile(layer)
+
+    def needs_prompts(self, layer):
+        return self.inner.needs_prompts(layer)
+
+    def head_rules(self, layer):
+        return self.inner.head_rules(layer)
+
+    def matched_layers(self, layers):
+        return self.inner.matched_layers(layers)
+
+    def block_mask(self, layer, prompts=None, device=None):
+        self.calls.append((layer.name, prompts))
+        return self.inner.block_mask(layer, prompts, device)
+
+
+def test_restore_is_exact_and_state_dict_unchanged():
+    sam = small_sam()
+    fresh = copy.deepcopy(sam)  # never patched
+    image = make_image()
+    keys = list(sam.state_dict().keys())
+    ptrs = {k: v.data_ptr() for k, v in sam.state_dict().items()}
+    modules = dict(sam.named_modules())
+    hooks = _all_hooks(sam)
+
+    handle = patch_sam(sam, "dense")
+    assert isinstance(handle, PatchHandle)
+    # Same parameter objects, same keys, same module tree: no wrapper, no copy.
+    assert list(sam.state_dict().keys()) == keys
+    assert {k: v.data_ptr() for k, v in sam.state_dict().items()} == ptrs
+    assert dict(sam.named_modules()).keys() == modules.keys()
+    assert all(modules[n] is m for n, m in sam.named_modules())
+    assert sum(isinstance(m, SparseEncoderAttention) for m in sam.modules()) == 4
+    assert sum(isinstance(m, SparseDecoderAttention) for m in sam.modules()) == 7
+    patched_out = _predict(sam, image)
+
+    handle.restore()
+    assert all(type(m) in (EncoderAttention, DecoderAttention) for m in sam.modules()
+               if isinstance(m, (EncoderAttention, DecoderAttention)))
+    assert not any(hasattr(m, "_sam_sparse") for m in sam.modules())
+    assert not hasattr(sam, "_sam_sparse_handle")
+    assert _all_hooks(sam) == hooks
+    assert list(sam.state_dict().keys()) == keys
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(sam.state_dict()[k], v), k
+    # Bit-identical to a model that was never patched; the patched run was close (dense policy).
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(sam.image_encoder(x), fresh.image_encoder(x))
+    ref = _predict(fresh, image)
+    for a, b in zip(_predict(sam, image), ref):
+        assert np.array_equal(a, b)
+    assert np.abs(patched_out[2] - ref[2]).max() < 1e-4
+    handle.restore()  # idempotent
+
+
+def test_checkpoint_loads_into_patched_and_unpatched():
+    a, b = small_sam(seed=0), small_sam(seed=1)
+    handle = patch_sam(a, "dense")
+    b.load_state_dict(a.state_dict(), strict=True)  # patched -> unpatched
+    a.load_state_dict(small_sam(seed=2).state_dict(), strict=True)  # unpatched -> patched
+    handle.restore()
+    assert set(a.state_dict()) == set(b.state_dict())
+
+
+def test_every_attention_goes_through_the_kernel(monkeypatch):
+    """vit_b's layout (12 blocks, global 2/5/8/11, 12 heads, window 14) at 256 px and a quarter of its
+    width (head dim 16) for speed: 12 encoder + 7 decoder calls."""
+    calls = []
+    real = attention_mod.block_sparse_attn
+
+    def spy(q, k, v, block_mask=None, **kw):
+        calls.append((tuple(q.shape), tuple(k.shape), kw.get("rel_h") is not None))
+        return real(q, k, v, block_mask, **kw)
+
+    monkeypatch.setattr(attention_mod, "block_sparse_attn", spy)
+    sam = small_sam(embed_dim=192, depth=12, num_heads=12, window_size=14, global_attn_indexes=(2, 5, 8, 11))
+    handle = patch_sam(sam, "dense")
+    assert len(handle.report) == 19
+    _predict(sam, make_image())
+    enc, dec = calls[:12], calls[12:]
+    assert len(enc) == 12 and len(dec) == 7
+    for i, (qs, ks, rel) in enumerate(enc):
+        if i in (2, 5, 8, 11):
+            assert qs == (1, 256, 12, 16)  # the whole 16x16 grid
+        else:
+            assert qs == (4, 196, 12, 16)  # 2x2 windows of 14x14 (16 padded to 28), batched
+        assert rel  # rel-pos goes to the kernel, never as a bias
+    head_dims = [qs[-1] for qs, _, _ in dec]
+    assert head_dims == [32, 16, 16, 32, 16, 16, 16]  # self-attn 256/8; cross attn downsample 2: 128/8
+    assert dec[1][1][1] == 256 and dec[2][0][1] == 256  # token->image keys / image->token queries: 16x16
+    handle.restore()
+    calls.clear()
+    _predict(sam, make_image())
+    assert not calls
+
+
+def test_patch_twice_and_unpatch_errors():
+    sam = small_sam()
+    handle = patch_sam(sam, "dense")
+    with pytest.raises(RuntimeError, match="already patched"):
+        patch_sam(sam, "dense")
+    with pytest.raises(RuntimeError, match="already patched"):
+        patch_sam(sam.image_encoder, "dense")
+    with pytest.raises(RuntimeError, match="larger model"):
+        unpatch_sam(sam.image_encoder)
+    unpatch_sam(sam)
+    assert not handle.active
+    with pytest.raises(RuntimeError, match="not patched"):
+        unpatch_sam(sam)
+    handle2 = patch_sam(sam, "dense")  # patchable again after restore
+    handle2.restore()
+
+
+def test_unsupported_model_type():
+    with pytest.raises(TypeError, match="Sam.*ImageEncoderViT.*MaskDecoder.*TwoWayTransformer"):
+        patch_sam(torch.nn.Linear(4, 4), "dense")
+    with pytest.raises(TypeError, match="supports"):
+        patch_sam("vit_b", "dense")
+
+
+class TinyEncoder(torch.nn.Module):
+    """Stands in for MobileSAM's TinyViT: any non-ViT image encoder."""
+
+    img_size = 256
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 256, 16, 16)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_sam_with_other_encoder_patches_decoder_only():
+    sam = small_sam()
+    sam.image_encoder = TinyEncoder()
+    handle = patch_sam(sam, "dense")
+    assert [r.kind.split(".")[0] for r in handle.report] == ["decoder"] * 7
+    assert any("TinyEncoder" in n and "only the mask decoder" in n for n in handle.notes)
+    assert "only the mask decoder" in str(handle)
+    masks, scores, logits = _predict(sam, make_image())
+    handle.restore()
+    ref = _predict(sam, make_image())
+    assert np.abs(logits - ref[2]).max() < 1e-4
+
+
+@pytest.mark.parametrize("part,count,first", [
+    ("image_encoder", 4, "blocks.0.attn"),
+    ("mask_decoder", 7, "transformer.layers.0.self_attn"),
+    ("mask_decoder.transformer", 7, "layers.0.self_attn"),
+])
+def test_bare_parts(part, count, first):
+    sam = small_sam()
+    module = sam.get_submodule(part)
+    policy = SpyPolicy("dense")
+    handle = patch_sam(module, policy)
+    assert len(handle.report) == count and handle.report[0].name == first
+    # The policy sees canonical names, whichever part was patched.
+    assert policy.calls[0][0] == f"{part}.{first}"
+    # The bare part still runs through the patched path inside the whole model.
+    out = _predict(sam, make_image())
+    handle.restore()
+    ref = _predict(sam, make_image())
+    assert np.abs(out[2] - ref[2]).max() < 1e-4
+
+
+def test_filter_fn_selects_modules():
+    sam = small_sam()
+    seen = []
+
+    def only_global(name, module):
+        seen.append(name)
+        return isinstance(module, EncoderAttention) and name in ("image_encoder.blocks.1.attn", "image_encoder.blocks.3.attn")
+
+    handle = patch_sam(sam, "dense", filter_fn=only_global)
+    assert [r.name for r in handle.report] == ["image_encoder.blocks.1.attn", "image_encoder.blocks.3.attn"]
+    assert len(seen) == 11
+    assert type(sam.image_encoder.blocks[0].attn) is EncoderAttention
+    assert type(sam.image_encoder.blocks[1].attn) is SparseEncoderAttention
+    assert type(sam.mask_decoder.transformer.layers[0].self_attn) is DecoderAttention
+    handle.restore()
+
+
+def test_unmatched_rule_warns_and_bad_head_raises():
+    sam = small_sam()
+    typo = Policy.from_dict({"name": "typo", "rules": [
+        {"match": r"re:blocks\.99\.attn", "pattern": "local2d", "params": {"radius": 1}},
+        {"match": "*", "pattern": "dense"}]})
+    with pytest.warns(UserWarning, match=r"rule 0 .*matches no attention module"):
+        handle = patch_sam(sam, typo)
+    handle.restore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_sam(sam, "dense").restore()  # the catch-all rule matches: no warning
+
+    bad = small_policy(extra_rules=())
+    bad = Policy.from_dict({"name": "bad-head", "block_size": 16, "rules": [
+        {"match": "encoder.global", "heads": [7], "pattern": "local2d", "params": {"radius": 1}},
+        {"match": "*", "pattern": "dense"}]})
+    with pytest.raises(PolicyError, match="head 7"):
+        patch_sam(sam, bad)
+    assert not any(isinstance(m, (SparseEncoderAttention, SparseDecoderAttention)) for m in sam.modules())
+    assert not hasattr(sam, "_sam_sparse_handle")
+
+
+def test_report_and_table():
+    sam = small_sam()
+    handle = patch_sam(sam, small_policy(params={"radius": 1}))
+    rows = {r.name: r for r in handle.report}
+    g = rows["image_encoder.blocks.1.attn"]
+    assert g.kind == "encoder.global" and g.pattern == "local2d" and g.heads == 4 and g.grid == "16x16"
+    assert g.key_tile == (4, 4) and 0 < g.density < 1
+    w = rows["image_encoder.blocks.0.attn"]
+    assert w.kind == "encoder.window" and w.pattern == "dense" and w.density == 1.0 and w.grid == "7x7 window"
+    d = rows["mask_decoder.transformer.layers.0.cross_attn_token_to_image"]
+    assert d.kind == "decoder.token_to_image" and d.heads == 8 and d.grid == "7 tokens -> 16x16"
+    text = str(handle)
+    assert "small-sparse" in text and "local2d tiles 4x4" in text and f"{g.density:.3f}" in text
+    assert len(text.splitlines()) == 1 + 2 + 11
+    handle.restore()
+    assert "(restored)" in str(handle)
+
+
+def test_masks_built_once_per_layer_and_device():
+    sam = small_sam()
+    policy = SpyPolicy(small_policy(params={"radius": 1}))
+    handle = patch_sam(sam, policy)
+    built = len(policy.calls)
+    assert built == 11  # one per layer, at patch time
+    image = make_image()
+    _predict(sam, image)
+    _predict(sam, image, point=(50, 60))
+    assert len(policy.calls) == built  # reused: no block_mask call in forward
+    st = sam.image_encoder.blocks[1].attn._sam_sparse
+    mask = st.encoder_mask(torch.device("cpu"))
+    assert mask is policy.inner.block_mask(st.geometry, None, "cpu")  # the policy's cached tensor
+    assert list(sam.state_dict()) == list(small_sam().state_dict())  # nothing registered
+    handle.restore()
+
+
+def test_prompts_reach_region_focused_layers():
+    sam = small_sam()
+    policy = SpyPolicy(small_policy(
+        "region_focused", {"radius": 1, "background_stride": 4}, token_order="raster",
+        match=["decoder.token_to_image", "decoder.final_token_to_image"]))
+    handle = patch_sam(sam, policy)
+    assert [r.pattern.endswith("(per prompt)") for r in handle.report].count(True) == 3
+    policy.calls.clear()
+    image = make_image()  # 256 x 192 (H x W): SamPredictor resizes the long side to 256, a scale of 1
+    p = SamPredictor(sam)
+    p.set_image(image)
+    p.predict(point_coords=np.array([[96.0, 160.0]]), point_labels=np.array([1]), box=np.array([16, 32, 80, 96.0]))
+    got = [pr for name, pr in policy.calls if "token_to_image" in name]
+    assert len(got) == 3 and all(pr is not None for pr in got)
+    pr = got[0]
+    # 256-px input frame -> 16x16 token grid: divide by 16 (x, y order kept)
+    assert torch.allclose(pr.points, torch.tensor([[[6.0, 10.0]]]))
+    assert torch.allclose(pr.boxes, torch.tensor([[1.0, 2.0, 5.0, 6.0]]))
+    assert handle.context.prompts is None  # forgotten after the decoder call
+    # A point alone gets SAM's padding point (label -1), which the policy must ignore: NaN.
+    policy.calls.clear()
+    p.predict_torch(torch.tensor([[[96.0, 160.0]]]), torch.tensor([[-1]]), multimask_output=False)
+    pr = [pr for name, pr in policy.calls if "token_to_image" in name][0]
+    assert torch.isnan(pr.points).all()
+    handle.restore()
+
+
+def test_bare_encoder_any_policy_type():
+    enc = small_encoder(depth=2, global_attn_indexes=(1,))
+    assert isinstance(enc, ImageEncoderViT) and not isinstance(enc, Sam)
+    for policy in ("dense", load_policy("dense"), small_policy()):
+        handle = patch_sam(enc, policy)
+        assert len(handle.report) == 2
+        handle.restore()
+    with pytest.raises(PolicyError, match="unknown policy"):
+        patch_sam(enc, "no-such-policy")
+    assert not hasattr(enc, "_sam_sparse_handle")

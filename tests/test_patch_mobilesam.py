@@ -1,0 +1,102 @@
+"""Real weights: MobileSAM (TinyViT encoder, SAM's own mask decoder) on scikit-image's photos.
+
+Only the mask decoder is patched (TinyViT is not SAM's ViT), so these tests check decoder patching,
+prompt capture and parity with real masks. skimage.data.horse() is a silhouette: its ground truth.
+"""
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from segment_anything import SamPredictor
+
+from sam_sparse import patch_sam, verify_parity
+from sam_sparse.models import FetchError, build_sam, fetch_mobile_sam
+
+
+@pytest.fixture(scope="session")
+def mobile_sam():
+    try:
+        path = fetch_mobile_sam(quiet=True)
+    except FetchError as e:
+        pytest.skip(f"MobileSAM weights unavailable: {e}")
+    return build_sam("mobile_sam", path)
+
+
+@pytest.fixture(scope="session")
+def horse():
+    """(RGB image, ground-truth bool mask, centre point (x, y), box XYXY) of the horse silhouette."""
+    truth = ~skimage.data.horse()  # the horse is False (black) in skimage's image
+    image = np.repeat(np.where(truth, 40, 230).astype(np.uint8)[..., None], 3, axis=-1)
+    ys, xs = np.nonzero(truth)
+    point = np.array([[xs.mean(), ys.mean()]])
+    assert truth[int(point[0, 1]), int(point[0, 0])]
+    box = np.array([xs.min(), ys.min(), xs.max(), ys.max()], dtype=np.float32)
+    return image, truth, point, box
+
+
+@pytest.fixture(scope="module")
+def horse_predictor(mobile_sam, horse):
+    # The encoder is never patched on MobileSAM, so one embedding serves every policy below.
+    p = SamPredictor(mobile_sam)
+    p.set_image(horse[0])
+    return p
+
+
+def _iou(a, b):
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def _horse_masks(p, horse):
+    _, _, point, box = horse
+    m_point, s_point, _ = p.predict(point_coords=point, point_labels=np.array([1]), multimask_output=True)
+    m_box, _, _ = p.predict(box=box, multimask_output=False)
+    return m_point[int(np.argmax(s_point))], m_box[0]
+
+
+@pytest.mark.parametrize("policy,min_vs_unpatched", [("dense", 0.999), ("region_focused", 0.95)])
+def test_horse_silhouette(mobile_sam, horse, horse_predictor, policy, min_vs_unpatched):
+    truth = horse[1]
+    ref_point, ref_box = _horse_masks(horse_predictor, horse)
+    assert _iou(ref_point, truth) > 0.95 and _iou(ref_box, truth) > 0.95  # MobileSAM itself
+    with pytest.warns(UserWarning) if policy == "region_focused" else _nothing():
+        handle = patch_sam(mobile_sam, policy)  # region_focused's encoder rule matches nothing here
+    try:
+        assert len(handle.report) == 7 and all(r.kind.startswith("decoder.") for r in handle.report)
+        point, box = _horse_masks(horse_predictor, horse)
+    finally:
+        handle.restore()
+    assert _iou(point, truth) > 0.95 and _iou(box, truth) > 0.95
+    assert _iou(point, ref_point) >= min_vs_unpatched and _iou(box, ref_box) >= min_vs_unpatched
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_verify_parity_dense_on_photos(mobile_sam):
+    images = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    points = [np.array([[250.0, 120.0], [120.0, 400.0]]), np.array([[300.0, 200.0]]), np.array([[150.0, 150.0]])]
+    boxes = [np.array([[150, 20, 350, 250.0]]), None, np.array([[50, 20, 300, 300.0]])]
+    report = verify_parity(mobile_sam, "dense", images, points=points, boxes=boxes)
+    assert report.passed, str(report)
+    assert not hasattr(mobile_sam, "_sam_sparse_handle")
+    assert len(report.mask_iou) == 6 and min(v for _, v in report.mask_iou) > 0.999
+    assert report.low_res_logits_err < 1e-3 and report.iou_pred_err < 1e-4
+    assert any("only the mask decoder" in n for n in report.notes)
+
+
+def test_verify_parity_region_focused_on_horse(mobile_sam, horse):
+    image, _, point, box = horse
+    with pytest.warns(UserWarning, match="matches no attention module"):
+        report = verify_parity(mobile_sam, "region_focused", image, points=point, boxes=box[None])
+    assert report.passed, str(report)
+    rows = {lp.name: lp for lp in report.layers}
+    sparse = rows["mask_decoder.transformer.layers.0.cross_attn_token_to_image"]
+    assert sparse.pattern.startswith("region_focused") and sparse.calls == 2
+    assert min(v for _, v in report.mask_iou) > 0.95
+    assert torch.isfinite(torch.tensor(report.low_res_logits_err))
