@@ -6,7 +6,9 @@ row lists (kv_num_blocks / kv_indices, as FlexAttention), with an fp32 online so
 The bias rel_h[i, row(j)] + rel_w[i, col(j)] is formed per key tile in registers, one of three ways
 (picked per config by _bias_mode; the autotuner then picks the fastest config):
   1 "rect":    the key tile is a TH x TW rectangle of the key grid, so the bias is a (BLOCK_M, TH) slice
-               of rel_h broadcast against a (BLOCK_M, TW) slice of rel_w: no gather at all.
+               of rel_h broadcast against a (BLOCK_M, TW) slice of rel_w: no gather at all. When the
+               tile is one grid row (SAM's raster 64 x 64 grid with 64-key tiles), rel_w is loaded once
+               per program and rel_h, one value per query row, is folded into the running max.
   2 "onehot":  small grids (windows, 14 x 14): rel_h / rel_w rows are loaded once per program and
                expanded with one-hot matrices on the tensor cores.
   3 "gather":  anything else: an element-wise gather from L1/L2 (slow, always correct).
@@ -18,7 +20,6 @@ padding to the next power of two, which would waste 60% more tensor-core work at
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Tuple
 
@@ -28,22 +29,19 @@ import triton.language as tl
 
 # The interpreter is chosen when kernels are defined (import time), so read the flag once here.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def _split_head_dim(d: int) -> Tuple[int, int, int]:
-    """(D0, D1, D_PAD): two power-of-two chunks covering d (D1 may be 0), else one padded chunk."""
+def _split_head_dim(d: int) -> Tuple[int, int]:
+    """(D0, D1): two power-of-two chunks covering d exactly (D1 may be 0), else (next pow2, 0) + masking."""
     d0 = 1 << (d.bit_length() - 1)
     rest = d - d0
-    if rest == 0:
-        return d0, 0, d0
-    if rest >= 16 and rest & (rest - 1) == 0:
-        return d0, rest, d
-    return _next_pow2(d), 0, _next_pow2(d)
+    if rest == 0 or (rest >= 16 and rest & (rest - 1) == 0):
+        return d0, rest
+    return _next_pow2(d), 0
 
 
 # Tests set this to 2 or 3 to exercise a bias path that autotuning would not pick on their shapes.
@@ -389,7 +387,7 @@ def attention_triton(
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     o4 = out.unsqueeze(0) if varlen else out
-    d0, d1, _ = _split_head_dim(head_dim)
+    d0, d1 = _split_head_dim(head_dim)
 
     has_bias = rel_h is not None
     kh, kw = (rel_h.shape[-1], rel_w.shape[-1]) if has_bias else (1, 1)
