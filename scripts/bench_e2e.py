@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -32,7 +31,6 @@ import time
 import traceback
 from functools import partial
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything import SamPredictor, sam_model_registry

@@ -238,7 +238,6 @@ def test_unmatched_rule_warns_and_bad_head_raises():
         warnings.simplefilter("error")
         patch_sam(sam, "dense").restore()  # the catch-all rule matches: no warning
 
-    bad = small_policy(extra_rules=())
     bad = Policy.from_dict({"name": "bad-head", "block_size": 16, "rules": [
         {"match": "encoder.global", "heads": [7], "pattern": "local2d", "params": {"radius": 1}},
         {"match": "*", "pattern": "dense"}]})

@@ -193,3 +193,12 @@ def test_get_rel_pos_is_sams(q_size, k_size, length):
 
     rel_pos = torch.randn(length, 32)
     assert torch.equal(get_rel_pos(q_size, k_size, rel_pos), sam_get_rel_pos(q_size, k_size, rel_pos))
+
+
+def test_verify_parity_bf16_uses_half_thresholds():
+    from sam_sparse.patches import DENSE_HALF
+
+    sam = small_sam().to(torch.bfloat16)
+    report = verify_parity(sam, "dense", make_image(), points=[[100, 120]])
+    assert report.dtype == "bfloat16" and report.thresholds == DENSE_HALF
+    assert report.passed, str(report)

@@ -19,7 +19,7 @@ model up to rounding; a sparse policy is an approximation, so its defaults only 
 | preset              | layer cosine | embedding cosine | mask IoU | low-res logits err | IoU-pred err |
 |---------------------|--------------|------------------|----------|--------------------|--------------|
 | DENSE_FP32          | >= 0.99999   | >= 0.99999       | >= 0.99  | <= 0.01            | <= 0.001     |
-| DENSE_HALF (fp16/bf16) | >= 0.999  | >= 0.999         | >= 0.90  | <= 1.0             | <= 0.05      |
+| DENSE_HALF (fp16/bf16) | >= 0.999  | >= 0.999         | >= 0.90  | <= 2.0             | <= 0.05      |
 | SPARSE              | >= 0.5       | >= 0.95          | >= 0.80  | not checked        | <= 0.1       |
 
 Half-precision thresholds are loose because SAM's own bf16 math rounds the N x N logits and
@@ -29,7 +29,6 @@ off by that much; binarized masks flip where a logit is near 0.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -62,7 +61,7 @@ class ParityThresholds:
 
 
 DENSE_FP32 = ParityThresholds(0.99999, 0.99999, 0.99, 0.01, 0.001, "DENSE_FP32")
-DENSE_HALF = ParityThresholds(0.999, 0.999, 0.90, 1.0, 0.05, "DENSE_HALF")
+DENSE_HALF = ParityThresholds(0.999, 0.999, 0.90, 2.0, 0.05, "DENSE_HALF")
 SPARSE = ParityThresholds(0.5, 0.95, 0.80, _INF, 0.1, "SPARSE")
 
 

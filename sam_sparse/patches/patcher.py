@@ -27,10 +27,18 @@ from torch import nn
 from ..geometry import LayerGeometry, Prompts
 from .attention import SPARSE_CLASSES, LayerState, PromptContext, decoder_geometry
 
-SUPPORTED = "segment_anything's Sam (vit_b / vit_l / vit_h, or with another image encoder such as MobileSAM's TinyViT), ImageEncoderViT, MaskDecoder or TwoWayTransformer"
+SUPPORTED = (
+    "segment_anything's Sam (vit_b / vit_l / vit_h, or with another image encoder such as MobileSAM's "
+    "TinyViT), ImageEncoderViT, MaskDecoder or TwoWayTransformer"
+)
 
 # Canonical names: policies see the same layer names whichever part of SAM was patched.
-_PREFIX = {Sam: "", ImageEncoderViT: "image_encoder.", MaskDecoder: "mask_decoder.", TwoWayTransformer: "mask_decoder.transformer."}
+_PREFIX = {
+    Sam: "",
+    ImageEncoderViT: "image_encoder.",
+    MaskDecoder: "mask_decoder.",
+    TwoWayTransformer: "mask_decoder.transformer.",
+}
 
 # Decoder token count used to describe decoder layers at patch time: 1 IoU token + 4 mask tokens +
 # a point and its padding point. Masks are built per call for the actual count.
@@ -70,16 +78,18 @@ def _load(policy):
     return load_policy(policy)
 
 
-def _find_layers(model: nn.Module) -> Tuple[List[Tuple[nn.Module, str, int]], List[str]]:
-    """(attention module, kind, layer index) in forward order, and notes about parts left alone."""
-    found: List[Tuple[nn.Module, str, int]] = []
+def _find_layers(model: nn.Module) -> Tuple[list, List[str]]:
+    """[(attention module, kind, layer index, token grid or None)] in forward order, and notes about
+    parts left alone. The grid is the encoder's: the whole image's tokens, or one window."""
+    found = []
     notes: List[str] = []
     encoder = decoder_tf = None
     if isinstance(model, Sam):
         encoder = model.image_encoder
         decoder_tf = getattr(model.mask_decoder, "transformer", None)
         if not isinstance(encoder, ImageEncoderViT):
-            notes.append(f"image encoder {type(encoder).__name__} is not segment-anything's ImageEncoderViT: left as is, only the mask decoder is patched")
+            notes.append(f"image encoder {type(encoder).__name__} is not segment-anything's ImageEncoderViT: "
+                         "left as is, only the mask decoder is patched")
             encoder = None
     elif isinstance(model, ImageEncoderViT):
         encoder = model
@@ -93,27 +103,25 @@ def _find_layers(model: nn.Module) -> Tuple[List[Tuple[nn.Module, str, int]], Li
         notes.append(f"mask decoder transformer {type(decoder_tf).__name__} is not a TwoWayTransformer: left as is")
         decoder_tf = None
     if encoder is not None:
+        stride = encoder.patch_embed.proj.stride
+        image = (encoder.img_size // stride[0], encoder.img_size // stride[1])
         counts = {"encoder.global": 0, "encoder.window": 0}
         for block in encoder.blocks:
             kind = "encoder.window" if block.window_size > 0 else "encoder.global"
-            found.append((block.attn, kind, counts[kind]))
+            grid = (block.window_size, block.window_size) if block.window_size > 0 else image
+            found.append((block.attn, kind, counts[kind], grid))
             counts[kind] += 1
     if decoder_tf is not None:
         for i, layer in enumerate(decoder_tf.layers):
-            found.append((layer.self_attn, "decoder.self", i))
-            found.append((layer.cross_attn_token_to_image, "decoder.token_to_image", i))
-            found.append((layer.cross_attn_image_to_token, "decoder.image_to_token", i))
-        found.append((decoder_tf.final_attn_token_to_image, "decoder.final_token_to_image", 0))
+            found.append((layer.self_attn, "decoder.self", i, None))
+            found.append((layer.cross_attn_token_to_image, "decoder.token_to_image", i, None))
+            found.append((layer.cross_attn_image_to_token, "decoder.image_to_token", i, None))
+        found.append((decoder_tf.final_attn_token_to_image, "decoder.final_token_to_image", 0, None))
     return found, notes
 
 
-def _encoder_geometry(encoder: ImageEncoderViT, attn, kind: str, index: int, name: str, policy) -> LayerGeometry:
-    if kind == "encoder.window":
-        ws = next(b.window_size for b in encoder.blocks if b.attn is attn)
-        grid = (ws, ws)
-    else:
-        patch = encoder.patch_embed.proj.stride
-        grid = (encoder.img_size // patch[0], encoder.img_size // patch[1])
+def _encoder_geometry(attn, kind: str, index: int, grid, name: str, policy) -> LayerGeometry:
+    """The layer's geometry, in the policy's tiled order for global blocks of a "tiles" policy."""
     n = grid[0] * grid[1]
     geom = LayerGeometry(name=name, kind=kind, num_heads=attn.num_heads, seqlen_q=n, seqlen_k=n, q_grid=grid,
                          k_grid=grid, block_size=policy.block_size, layer_index=index)
@@ -284,12 +292,11 @@ def patch_sam(model: nn.Module, policy="dense", *, filter_fn: Optional[Callable[
     context = PromptContext(grid=image_grid)
 
     entries, report, geometries = [], [], []
-    encoder = model if isinstance(model, ImageEncoderViT) else getattr(model, "image_encoder", None)
-    for module, kind, index in layers:
+    for module, kind, index, grid in layers:
         name = names[id(module)]
         canonical = prefix + name
         if kind.startswith("encoder."):
-            geom = _encoder_geometry(encoder, module, kind, index, canonical, policy)
+            geom = _encoder_geometry(module, kind, index, grid, canonical, policy)
             state = LayerState(name=name, geometry=geom, policy=policy)
             described = geom
         else:
