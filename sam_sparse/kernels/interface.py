@@ -10,6 +10,7 @@ in Triton's interpreter, which is how CI tests the kernel itself without a GPU.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import weakref
@@ -27,7 +28,13 @@ def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+# Platforms without a Triton wheel (macOS, Windows, aarch64 CPUs) run everything on the reference path.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def _use_triton(t: torch.Tensor) -> bool:
+    if not HAS_TRITON:
+        return False
     if t.is_cuda:
         return True
     return os.environ.get("SAM_SPARSE_FORCE_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
