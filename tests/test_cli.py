@@ -128,6 +128,9 @@ def test_convert_safetensors_bf16_and_mode_from_manifest(work):
     model = load_sparse_sam(out)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model._sam_sparse_handle.policy.name == "local2d-30"
+    seg = run("segment", "horse", "--box", "13,4,393,317", "--sparse-checkpoint", out, "--out", work / "horse.png")
+    assert seg.exit_code == 0, seg.output
+    assert "stores bfloat16 weights; running them in float32" in seg.stderr
 
 
 def test_convert_refuses_to_overwrite(converted, work):
@@ -297,6 +300,9 @@ def test_segment_boxes_to_label_png(tmp_path, work):
     assert bad.exit_code == 2 and "expected 2 comma-separated numbers" in _error_line(bad)
     bad = run("segment", tmp_path / "nope.jpg", "--out", out)
     assert bad.exit_code == 2 and "no such file" in _error_line(bad)
+    if not torch.cuda.is_available():
+        bad = run("segment", "astronaut", "--out", out, "--device", "cuda")
+        assert bad.exit_code == 2 and "CUDA is not available" in _error_line(bad)
 
 
 def test_demo(tmp_path):

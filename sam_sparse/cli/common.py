@@ -114,6 +114,13 @@ class EncoderProgress:
         self.bar.close()
 
 
+def parity_passes(model) -> int:
+    """Image-encoder passes per image in verify_parity: 2 when the encoder gets patched, else 1 (MobileSAM)."""
+    from segment_anything.modeling import ImageEncoderViT
+
+    return 2 if isinstance(model.image_encoder, ImageEncoderViT) else 1
+
+
 def parse_prompts(points, boxes):
     """Click's repeated --point X,Y / --box X0,Y0,X1,Y1 strings -> lists of float tuples (or None)."""
     from ..segment import parse_numbers

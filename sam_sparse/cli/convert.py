@@ -42,7 +42,7 @@ def convert(model_type, checkpoint, policy, out, fmt, dtype, force, device):
     from ..convert import convert_checkpoint
 
     steps = ["load", "patch", "write", "reload"]
-    with tqdm(total=len(steps), desc="convert", unit="step", bar_format="{desc}: {n}/{total} {postfix}") as bar:
+    with tqdm(total=len(steps), desc="convert", unit="step", bar_format="{desc}: {n}/{total}{postfix}") as bar:
         def progress(name):
             if name != steps[0]:
                 bar.update(1)

@@ -12,6 +12,7 @@ from .common import (
     guarded,
     load_any_model,
     model_type_option,
+    parity_passes,
     parse_prompts,
     policy_help,
     resolve_device,
@@ -123,7 +124,7 @@ def _demo(out: Path, chosen, device: str) -> None:
     image, point = load_image("astronaut"), (250.0, 120.0)  # Eileen Collins' face
 
     say(f"Parity: MobileSAM unpatched vs patched with {chosen.name!r}, astronaut photo, one point ...")
-    with EncoderProgress(model, total=2, desc="parity"):
+    with EncoderProgress(model, total=parity_passes(model), desc="parity"):
         report = verify_parity(model, chosen, [image], points=[point], multimask_output=False)
     click.echo(str(report))
 

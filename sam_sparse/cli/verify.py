@@ -12,6 +12,7 @@ from .common import (
     guarded,
     load_any_model,
     model_type_option,
+    parity_passes,
     parse_prompts,
     policy_help,
     resolve_device,
@@ -76,7 +77,7 @@ def verify(checkpoint, model_type, sparse_checkpoint, policy, images, points, bo
 
     preset = pick_thresholds(model, policy, thresholds, min_mask_iou, min_cosine)
     say(f"Comparing on {len(loaded)} image(s): {', '.join(map(str, names))}")
-    with EncoderProgress(model, total=2 * len(loaded), desc="parity"):
+    with EncoderProgress(model, total=parity_passes(model) * len(loaded), desc="parity"):
         report = verify_parity(model, policy, loaded, points=pts, boxes=bxs, thresholds=preset,
                                multimask_output=multimask)
     click.echo(str(report))
