@@ -14,7 +14,7 @@ from sam_sparse.masks import PatternSpec, mask_density, sam_layer_geometries
 from sam_sparse.policy import Rule
 
 MODELS = ("vit_b", "vit_l", "vit_h")
-BUILTINS = ("dense", "local2d-50", "local2d-30", "local2d-15", "hierarchical", "hybrid", "image_to_prompt", "region_focused", "random-50")
+BUILTINS = ("dense", "local2d-50", "local2d-30", "local2d-15", "hierarchical", "hybrid", "image_to_prompt", "region_focused", "random-0.5")
 
 # token-level density of encoder.global layers (identical on vit_b / vit_l / vit_h: same 64x64 grid)
 GLOBAL_DENSITY = {
@@ -26,7 +26,7 @@ GLOBAL_DENSITY = {
     "hybrid": 0.4111,
     "image_to_prompt": 0.4062,
     "region_focused": 0.2930,
-    "random-50": 0.5,
+    "random-0.5": 0.5,
 }
 
 
