@@ -322,7 +322,8 @@ class Policy:
     def block_mask(
         self, layer: LayerGeometry, prompts: Optional[Prompts] = None, device=None
     ) -> Optional[torch.Tensor]:
-        """The block mask of one layer, or None when every head is dense.
+        """The block mask of one layer, or None when every head is dense (a per-prompt mask on a GPU
+        may instead come back all True, which the kernel treats the same: checking would sync).
 
         layer: its geometry (block_size and key_tile are read from it, so build it with this policy's
             block_size and key_tile()).
@@ -368,6 +369,11 @@ class Policy:
             mask = torch.stack([m.expand(nb, qb, kb) for m in heads], dim=1)
         if not self.allow_empty_rows:
             mask = _guard_rows(mask, layer)
+        if prompts is not None and mask.device.type != "cpu":
+            # Per-call masks on a GPU skip the two simplifications below (an all-True mask means the
+            # same as None to the kernel): each reads the mask back to the host, a GPU sync in every
+            # decoder attention of every predict call.
+            return mask.contiguous()
         if bool(mask.all()):
             return None
         if mask.shape[1] > 1 and bool((mask == mask[:, :1]).all()):
