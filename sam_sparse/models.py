@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from functools import partial
 from pathlib import Path
 from typing import Optional, Tuple, Union
 

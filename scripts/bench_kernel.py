@@ -2,7 +2,7 @@
 
 Shapes: SAM's global layer (N = 4096 tokens on a 64 x 64 grid, rel-pos on) for vit_b (12 heads, D=64)
 and vit_h (16 heads, D=80) at batch 1 and 8, block densities 1.0 / 0.5 / 0.25 / 0.1; and SAM's window
-layer (25 * B windows of 196 tokens, 14 x 14 rel-pos). Medians of triton.testing.do_bench.
+layer (25 * B windows of 196 tokens, 14 x 14 rel-pos).
 Effective TFLOP/s count 4 * B * H * D * (active query-key pairs). GPU times come from CUDA-graph replays
 (host launch cost is measured on its own, behind a queued GPU sleep, as cpu_us).
 
@@ -12,7 +12,6 @@ Effective TFLOP/s count 4 * B * H * D * (active query-key pairs). GPU times come
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import time
@@ -133,7 +132,7 @@ def main():
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
-    rows, raw = [], []
+    rows = []
     for model in args.models.split(","):
         H, D = MODELS[model]
         for B in (int(b) for b in args.batches.split(",")):
@@ -179,7 +178,6 @@ def main():
                 # rel-pos terms stored row-major (B, H, N, k) instead of (B, H, k, N): the layout check.
                 rh_rm, rw_rm = rel_h.contiguous(), rel_w.contiguous()
                 rowmajor = bench(lambda: block_sparse_attn(q, k, v, mask, rel_h=rh_rm, rel_w=rw_rm))
-                del rh_rm, rw_rm
                 # The same mask with keys in 8 x 16 tiles (token_order: tiles): another bias path.
                 tiles = bench(lambda: block_sparse_attn(q, k, v, mask, rel_h=rel_h, rel_w=rel_w, key_tile=(8, 16)))
                 cpu_us = cpu_us_per_call(fn)

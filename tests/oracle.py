@@ -28,8 +28,7 @@ def _apply_mask(logits, block_mask, block_size):
 
 def oracle_attention(q, k, v, block_mask=None, rel_h=None, rel_w=None, key_tile=None, scale=None, block_size=128):
     """q (B, Nq, H, D); k, v (B, Nk, Hk, D); returns float64 (B, Nq, H, D). Empty rows give zeros."""
-    B, Nq, H, D = q.shape
-    Nk, Hk = k.shape[1], k.shape[2]
+    D, H, Hk = q.shape[-1], q.shape[2], k.shape[2]
     scale = D**-0.5 if scale is None else scale
     q64 = q.double().permute(0, 2, 1, 3)
     k64 = k.double().permute(0, 2, 1, 3).repeat_interleave(H // Hk, dim=1)
@@ -49,8 +48,7 @@ def oracle_attention(q, k, v, block_mask=None, rel_h=None, rel_w=None, key_tile=
 
 def same_dtype_torch(q, k, v, block_mask=None, rel_h=None, rel_w=None, key_tile=None, scale=None, block_size=128):
     """The same computation done by PyTorch in the inputs' dtype: the yardstick for rounding error."""
-    B, Nq, H, D = q.shape
-    Nk, Hk = k.shape[1], k.shape[2]
+    D, H, Hk = q.shape[-1], q.shape[2], k.shape[2]
     scale = D**-0.5 if scale is None else scale
     qt, kt, vt = (t.permute(0, 2, 1, 3) for t in (q, k, v))
     kt, vt = kt.repeat_interleave(H // Hk, dim=1), vt.repeat_interleave(H // Hk, dim=1)
