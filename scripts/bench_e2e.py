@@ -42,6 +42,8 @@ from sam_sparse import patch_sam
 from sam_sparse.policy import load_policy
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# torch.compile mode -> the row's "mode" column ("default" keeps the label earlier runs used)
+MODE_LABELS = {None: "eager", "default": "compile", "reduce-overhead": "compile+cudagraphs"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,16 +189,18 @@ def bench_encoder(args, model, model_name, batch, dtype, device, modes, rows):
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
     with torch.inference_mode():
         ref = encoder(x).float()  # the eager original: the cosine reference
-    for compiled in modes:
+    for compile_mode in modes:
+        compiled = compile_mode is not None
         for label, ctx in variants(args.policies):
             row = dict(model=model_name, batch=batch, dtype=args.dtype, variant=label,
-                       mode="compile" if compiled else "eager", device=str(device))
+                       mode=MODE_LABELS.get(compile_mode, compile_mode), device=str(device))
             try:
                 with ctx(model) as handle:
                     fn = encoder
                     if compiled:
                         torch._dynamo.reset()
-                        fn = torch.compile(encoder, backend=args.compile_backend)
+                        fn = torch.compile(encoder, backend=args.compile_backend,
+                                           mode=None if compile_mode == "default" else compile_mode)
                     with torch.inference_mode():
                         t = time.perf_counter()
                         out = fn(x)
@@ -204,6 +208,8 @@ def bench_encoder(args, model, model_name, batch, dtype, device, modes, rows):
                         row["first_call_s"] = round(time.perf_counter() - t, 2)
                         for _ in range(args.warm_calls):
                             out = fn(x)
+                        # CUDA-graph outputs are overwritten by the next replay: keep a copy
+                        out = out.float().clone()
                         if device.type == "cuda":
                             torch.cuda.reset_peak_memory_stats()
                         ms = time_ms(lambda: fn(x), device, args.warmup, args.rep, args.iters)
@@ -288,6 +294,8 @@ def main(argv=None):
                     help="comma list of sam-sparse policies (names or YAML paths) to patch with")
     ap.add_argument("--no-compile", action="store_true", help="eager only")
     ap.add_argument("--compile-backend", default="inductor")
+    ap.add_argument("--compile-modes", default="default",
+                    help="comma list of torch.compile modes: default, reduce-overhead (CUDA graphs), max-autotune, ...")
     ap.add_argument("--no-predictor", action="store_true", help="skip the set_image + predict path")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=int, default=500, help="do_bench repetition time, ms")
@@ -306,7 +314,7 @@ def main(argv=None):
             args.dtype, args.compile_backend = "fp32", "aot_eager"  # no C++ build in a smoke test
     args.policies = [p for p in args.policies.split(",") if p]
     dtype = DTYPES[args.dtype]
-    modes = [False] if args.no_compile else [False, True]
+    modes = [None] + ([] if args.no_compile else [m for m in args.compile_modes.split(",") if m])
     out_path = args.out or (os.path.join(os.environ["OUT"], "bench_e2e.json") if os.environ.get("OUT") else None)
 
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), torch=torch.__version__,

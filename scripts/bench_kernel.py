@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from sam_sparse.kernels import block_lists, block_sparse_attn
+from sam_sparse.kernels import block_lists, block_sparse_attn, triton_attn
 
 MODELS = {"vit_b": (12, 64), "vit_h": (16, 80)}
 
@@ -112,6 +112,13 @@ def flash4_runner(q, k, v, rel_h, rel_w):
     return lambda: _attention_rel_h_rel_w(qt, kt, vt, rh, rw)
 
 
+def tuned_config() -> str:
+    """The launch config the autotuner used last: BLOCK_M x BLOCK_N, warps, stages, rel_w @ I on/off."""
+    c = triton_attn._attn_fwd_tuned.best_config
+    kw = c.kwargs
+    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{c.num_warps} s{c.num_stages}{' relw@I' if kw.get('W_DOT') else ''}"
+
+
 def fmt(x):
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
@@ -164,6 +171,7 @@ def main():
                 fn = lambda: block_sparse_attn(q, k, v, mask, rel_h=rel_h, rel_w=rel_w)  # noqa: E731
                 ours = bench(fn)
                 extra = torch.cuda.max_memory_allocated() - before
+                picked = tuned_config()
                 dense_ms = ours if mask is None else dense_ms
                 lists_ms = None
                 if mask is not None:
@@ -189,8 +197,8 @@ def main():
                         flex = f"n/a ({type(e).__name__})"
                 flops = 4 * B * H * D * N * N * actual
                 row = dict(
-                    shape=f"{model} global B={B}", density=round(actual, 3), ours_ms=ours, ours_nobias_ms=nobias, ours_rowmajor_ms=rowmajor, ours_tiles_ms=tiles,
-                    cpu_us=cpu_us,
+                    shape=f"{model} global B={B}", density=round(actual, 3), ours_ms=ours, ours_nobias_ms=nobias,
+                    ours_rowmajor_ms=rowmajor, ours_tiles_ms=tiles, cpu_us=cpu_us, config=picked,
                     tflops=flops / ours / 1e9, vs_dense=(ours / dense_ms) if dense_ms else None,
                     target_vs_dense=actual + 0.1, lists_ms=lists_ms, flex_relpos_ms=flex,
                     extra_mem_mb=extra / 2**20, nxn_mb=B * H * N * N * 2 / 2**20, **base,
@@ -208,6 +216,7 @@ def main():
             ours = bench(fn)
             row = dict(
                 shape=f"{model} window B={B} ({Bw}x196)", density=1.0, ours_ms=ours, cpu_us=cpu_us_per_call(fn),
+                config=tuned_config(),
                 tflops=4 * Bw * H * D * Nw * Nw / ours / 1e9,
                 **{"SDPA cuDNN + bias": try_time(lambda: sdpa(q, k, v, bias, SDPBackend.CUDNN_ATTENTION)),
                    "SDPA mem-eff + bias": try_time(lambda: sdpa(q, k, v, bias, SDPBackend.EFFICIENT_ATTENTION)),
@@ -216,7 +225,7 @@ def main():
             )
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
-    cols = ["shape", "density", "ours_ms", "ours_nobias_ms", "ours_rowmajor_ms", "ours_tiles_ms", "cpu_us", "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias",
+    cols = ["shape", "density", "ours_ms", "config", "ours_nobias_ms", "ours_rowmajor_ms", "ours_tiles_ms", "cpu_us", "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias",
             "SDPA mem-eff + bias", "SDPA flash, no bias", "SDPA cuDNN, no bias", "flash_4 (sam-fast)",
             "flex_relpos_ms", "lists_ms", "extra_mem_mb", "nxn_mb"]
     head = (f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "

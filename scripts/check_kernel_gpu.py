@@ -85,8 +85,11 @@ def main():
         plan.append(dict(dtype=dt, B=2, Nq=300, Nk=333, H=4, Hk=2, D=D, bs=128, density=0.6, rel=None, tile=None,
                          config=cfgs[0] if D <= 128 else {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1},
                          noncontig=False))
-    # rel-pos paths: raster 64x64 (rect, TH=1 and TH=2), tiles 8x16, windows 14x14 (onehot), gather
-    for dt, cfg in itertools.product(dtypes, cfgs[:3]):
+    # rel-pos paths: raster 64x64 (rect, TH=1 and TH=2, rel_w added or by rel_w @ I), tiles 8x16,
+    # windows 14x14 (onehot), gather
+    wdot = [{"BLOCK_M": 64, "BLOCK_N": 64, "W_DOT": 1, "num_warps": 4, "num_stages": 3},
+            {"BLOCK_M": 128, "BLOCK_N": 64, "W_DOT": 1, "num_warps": 8, "num_stages": 3}]
+    for dt, cfg in itertools.product(dtypes, cfgs[:3] + wdot):
         if dt == torch.float32 and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 64 * 64:
             continue
         for D in (64, 80):

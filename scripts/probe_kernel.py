@@ -47,10 +47,14 @@ def main():
     flops = 4 * B * H * D * N * N * (1.0 if mask is None else mask.float().mean().item())
     rows = []
     shapes = ((128, 64, 8), (128, 128, 8), (64, 64, 4), (64, 128, 4), (128, 64, 4))
-    for (bm, bn, warps), stages in itertools.product(shapes, (2, 3)):
-        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+    for (bm, bn, warps), stages, w_dot in itertools.product(shapes, (2, 3), (0, 1)):
+        if w_dot and (bn != 64 or args.tiles):
+            continue  # rel_w @ I applies only where a key tile is one grid row
+        cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "W_DOT": w_dot, "num_warps": warps, "num_stages": stages}
         res = {}
         for name, bias in (("bias", True), ("nobias", False)):
+            if w_dot and not bias:
+                continue  # the same kernel as W_DOT=0
             fn = lambda: triton_attn.attention_triton(  # noqa: E731
                 q, k, v, *lists, rh if bias else None, rw if bias else None, tile if bias else None,
                 D**-0.5, 128, config=cfg)

@@ -107,6 +107,7 @@ def test_kernel_head_dims_and_dtypes(triton_kernel, dtype, head_dim):
 # (rel grid, key tile, config): each bias path of the kernel.
 BIAS_CASES = [
     ((4, 64), None, dict(BLOCK_M=32, BLOCK_N=64)),    # one grid row per key tile, rel_w hoisted
+    ((4, 64), None, dict(BLOCK_M=32, BLOCK_N=64, W_DOT=1)),  # ... rel_w added by rel_w @ I (not fp32)
     ((4, 64), None, dict(BLOCK_M=32, BLOCK_N=32)),    # one row, half a row per tile
     ((8, 32), None, dict(BLOCK_M=32, BLOCK_N=64)),    # two rows per key tile (rectangle)
     ((16, 16), (4, 16), dict(BLOCK_M=32, BLOCK_N=64)),  # tiled keys, 4 x 16 rectangles
@@ -127,6 +128,21 @@ def test_kernel_relpos_paths(triton_kernel, dtype, rel, tile, config):
     cfg = dict(config, num_warps=4, num_stages=2)
     out = run_kernel(triton_kernel, q, k, v, mask, rh, rw, tile, 64, config=cfg)
     check(out, q, k, v, mask, rh, rw, tile, 64)
+
+
+@needs_triton
+def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
+    """SAM's global layer keeps 64/128 tiles, and the rel_w @ I variant only where it changes the code."""
+    base = dict(seqlen_q=4096, seqlen_k=4096, MASK_BLOCK=128, D0=64, D1=0, HAS_BIAS=True, IS_FP32=False,
+                KH=64, KW=64, tile_w=64)
+    kept = triton_kernel._prune(triton_kernel._configs(), base)
+    shapes = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["W_DOT"]) for c in kept}
+    assert {bm for bm, _, _ in shapes} == {64, 128} and {bn for _, bn, _ in shapes} == {64, 128}
+    assert {(bm, bn) for bm, bn, w in shapes if w} == {(64, 64), (128, 64)}
+    for changed in (dict(IS_FP32=True), dict(HAS_BIAS=False), dict(tile_w=16)):
+        assert not any(c.kwargs["W_DOT"] for c in triton_kernel._prune(triton_kernel._configs(), {**base, **changed}))
+    decoder = triton_kernel._prune(triton_kernel._configs(), {**base, "seqlen_q": 7, "HAS_BIAS": False})
+    assert {c.kwargs["BLOCK_M"] for c in decoder} == {16}
 
 
 @needs_triton

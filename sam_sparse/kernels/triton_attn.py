@@ -8,7 +8,9 @@ The bias rel_h[i, row(j)] + rel_w[i, col(j)] is formed per key tile in registers
   1 "rect":    the key tile is a TH x TW rectangle of the key grid, so the bias is a (BLOCK_M, TH) slice
                of rel_h broadcast against a (BLOCK_M, TW) slice of rel_w: no gather at all. When the
                tile is one grid row (SAM's raster 64 x 64 grid with 64-key tiles), rel_w is loaded once
-               per program and rel_h, one value per query row, is folded into the running max.
+               per program and rel_h, one value per query row, is folded into the running max. rel_w
+               is then either added to the scores (W_DOT=0) or, in fp16/bf16, accumulated into them by
+               the tensor cores as rel_w @ I (W_DOT=1); the autotuner keeps whichever is faster.
   2 "onehot":  small grids (windows, 14 x 14): rel_h / rel_w rows are loaded once per program and
                expanded with one-hot matrices on the tensor cores.
   3 "gather":  anything else: an element-wise gather from L1/L2 (slow, always correct).
@@ -101,7 +103,7 @@ def _attn_fwd(
     IS_FP32: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BIAS_MODE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    W_HOIST: tl.constexpr,
+    W_HOIST: tl.constexpr, W_DOT: tl.constexpr, USE_WDOT: tl.constexpr,
     KH_P: tl.constexpr, KW_P: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
@@ -161,6 +163,16 @@ def _attn_fwd(
                 # The key tile spans whole grid rows, so its rel_w slice is the same every step.
                 bias_w_rows = tl.load(rw_base + tl.arange(0, TW)[None, :] * stride_rwk, mask=m_ok[:, None], other=0.0)
                 bias_w_rows = bias_w_rows.to(tl.float32) * 1.4426950408889634
+                if USE_WDOT:
+                    # rel_w @ I adds rel_w to every score inside the MMA, off the ALU that the softmax
+                    # saturates. Rounding rel_w to the input dtype matches SAM's own bf16 bias.
+                    bias_w_lp = bias_w_rows.to(Q.dtype.element_ty)
+                    eye = tl.arange(0, TW)[:, None] == tl.arange(0, BLOCK_N)[None, :]
+                    if INTERP:  # fp32 operands (issue 11584 above); the interpreter's bool -> bf16 is wrong too
+                        bias_w_lp = bias_w_lp.to(tl.float32)
+                        eye = eye.to(tl.float32)
+                    else:
+                        eye = eye.to(Q.dtype.element_ty)
         if BIAS_MODE == 2:
             # Whole rel_h / rel_w rows of this program's queries, pre-multiplied into the exp2 domain.
             kh_r = tl.arange(0, KH_P)
@@ -212,7 +224,9 @@ def _attn_fwd(
             sub = (start_n % per_tile) // BLOCK_N
             row0 = (n_tile // tiles_per_row) * tile_h + (sub // subs_w) * TH
             col0 = (n_tile % tiles_per_row) * tile_w + (sub % subs_w) * TW
-            if W_HOIST:
+            if USE_WDOT:
+                qk = tl.dot(bias_w_lp, eye, qk)
+            elif W_HOIST:
                 bias_w = bias_w_rows
             else:
                 bias_w = tl.load(rw_base + (col0 + tl.arange(0, TW)[None, :]) * stride_rwk, mask=m_ok[:, None], other=0.0)
@@ -220,7 +234,8 @@ def _attn_fwd(
             if TH == 1:
                 # One grid row: rel_h is one value per query row. It shifts the whole row, so it goes
                 # into the running max instead of into every score (one FMA per score, as without bias).
-                qk += bias_w
+                if not USE_WDOT:
+                    qk += bias_w
                 row_off = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
             else:
                 bias_h = tl.load(rh_base + (row0 + tl.arange(0, TH)[None, :]) * stride_rhk, mask=m_ok[:, None], other=0.0)
@@ -282,6 +297,9 @@ _HEURISTICS = {
     "TH": _rect_th,
     "TW": _rect_tw,
     "W_HOIST": lambda a: _rect_tw(a) == a["tile_w"] == a["KW"],
+    # W_DOT (a tuning choice) takes effect only where rel_w is hoisted for one grid row, in fp16/bf16.
+    "USE_WDOT": lambda a: bool(a["W_DOT"]) and _bias_mode(a) == 1 and a["BLOCK_N"] == a["tile_w"] == a["KW"]
+    and not a["IS_FP32"],
     "KH_P": lambda a: max(16, _next_pow2(a["KH"])),
     "KW_P": lambda a: max(16, _next_pow2(a["KW"])),
     "EVEN_N": lambda a: (not a["VARLEN"]) and a["seqlen_k"] % a["BLOCK_N"] == 0,
@@ -295,7 +313,9 @@ def _configs():
         for bn in (16, 32, 64, 128):
             warps = 8 if bm * bn >= 128 * 64 else 4
             for stages in (2, 3):
-                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
+                for w_dot in (0, 1):
+                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "W_DOT": w_dot},
+                                             num_warps=warps, num_stages=stages))
     return out
 
 
@@ -317,8 +337,11 @@ def _prune(configs, named_args, **kwargs):
             continue
         if (d > 128 or a["IS_FP32"]) and bm * bn > 64 * 64:
             continue
+        # W_DOT changes only the one-grid-row rel-pos path (fp16/bf16): elsewhere it would compile a twin.
+        if c.kwargs["W_DOT"] and (a["IS_FP32"] or not a["HAS_BIAS"] or not bn == a["tile_w"] == a["KW"]):
+            continue
         keep.append(c)
-    return keep or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return keep or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "W_DOT": 0}, num_warps=4, num_stages=1)]
 
 
 _TUNE_KEY = ["seqlen_q", "seqlen_k", "batch", "num_heads", "KH", "KW", "tile_h", "tile_w", "D0", "D1", "MASK_BLOCK",
@@ -333,7 +356,7 @@ def _fixed_config(named_args) -> dict:
     mb = named_args["MASK_BLOCK"]
     bm = min(64, mb, max(16, _next_pow2(named_args["seqlen_q"])))
     bn = min(64, mb, max(16, _next_pow2(named_args["seqlen_k"])))
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": 4, "num_stages": 2}
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "W_DOT": 0, "num_warps": 4, "num_stages": 2}
 
 
 def _strides(t: Optional[torch.Tensor], n: int, broadcast_first: int = 0):
@@ -370,7 +393,7 @@ def attention_triton(
     kv_num_blocks: int32 (Bm, Hm, QB); kv_indices: int32 (Bm, Hm, QB, KB) (interface.block_lists), or None.
     rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw) or None; key_tile (th, tw) or None (raster).
     out: optional preallocated output shaped and typed like q (tests poison it to catch unwritten rows).
-    config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages}: skips autotuning.
+    config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT]}: skips autotuning.
     Returns out.
     """
     varlen = cu_seqlens_q is not None
@@ -421,7 +444,7 @@ def attention_triton(
         return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)
 
     if config is not None or INTERPRET or os.environ.get("SAM_SPARSE_AUTOTUNE") == "0":
-        cfg = config or _fixed_config(args)
+        cfg = {"W_DOT": 0, **(config or _fixed_config(args))}
         bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
         if block_size % bm or block_size % bn or min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
             raise ValueError(f"config {cfg}: BLOCK_M and BLOCK_N must be powers of two >= 16 dividing block_size={block_size}")
