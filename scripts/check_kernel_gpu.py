@@ -5,7 +5,7 @@ kernel writes it, and passes when the error is at most 2x that of the same compu
 PyTorch in the same dtype (flash-attn's rule), plus a small floor. Prints one line per failing case
 and a summary; exit 1 on any failure.
 
-    python scripts/check_kernel_gpu.py [--out results.json]
+    python scripts/check_kernel_gpu.py [--out results.json] [--only W_DOT]
 """
 
 import argparse
@@ -69,6 +69,7 @@ def case(dtype, B, Nq, Nk, H, Hk, D, bs, density, rel, tile, config, noncontig, 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, help="run only the fixed-config cases whose config mentions this key")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda").manual_seed(int(time.time()))
     results, fails = [], 0
@@ -110,6 +111,8 @@ def main():
                          config=cfgs[3], noncontig=True))
         plan.append(dict(dtype=dt, B=2, Nq=4096, Nk=7, H=8, Hk=8, D=16, bs=128, density=None, rel=None, tile=None,
                          config=cfgs[0], noncontig=True))
+    if args.only:
+        plan = [p for p in plan if args.only in p["config"]]
     for p in plan:
         c = p["config"]
         if p["bs"] % c["BLOCK_M"] or p["bs"] % c["BLOCK_N"]:
