@@ -108,6 +108,23 @@ def decoder_geometry(template: LayerGeometry, seqlen_q: int, seqlen_k: int, grid
     return replace(template, seqlen_q=seqlen_q, seqlen_k=seqlen_k, q_grid=q_grid, k_grid=k_grid)
 
 
+_REL_INDEX: Dict[tuple, torch.Tensor] = {}
+
+
+def _rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    """SAM's relative-coordinate index, (q_size, k_size) int64. A pure function of the sizes, so
+    eager calls reuse it: at batch 1 the five tiny kernels that build it cost more than they compute."""
+    key = (q_size, k_size, device)
+    idx = None if torch.compiler.is_compiling() else _REL_INDEX.get(key)
+    if idx is None:
+        q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+        k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
+        idx = ((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long()
+        if not torch.compiler.is_compiling():
+            _REL_INDEX[key] = idx
+    return idx
+
+
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
     """segment-anything's get_rel_pos, the same numbers, with its index built on rel_pos's device.
 
@@ -118,10 +135,7 @@ def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor
     if rel_pos.shape[0] != max_rel_dist:  # interpolate, as SAM does
         resized = F.interpolate(rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear")
         rel_pos = resized.reshape(-1, max_rel_dist).permute(1, 0)
-    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
-    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
-    return rel_pos[relative_coords.long()]
+    return rel_pos[_rel_index(q_size, k_size, rel_pos.device)]
 
 
 def rel_pos_terms(
