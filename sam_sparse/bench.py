@@ -45,6 +45,7 @@ class BenchResult:
     dtype: str
     batch: int
     compiled: bool
+    compile_mode: str = "default"
     rows: List[BenchRow] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
@@ -54,7 +55,7 @@ class BenchResult:
 
     def header(self) -> str:
         head = (f"sam-sparse bench: {self.model_type} image encoder (random weights), batch {self.batch}, "
-                f"{self.dtype}, {self.device}{', torch.compile' if self.compiled else ''}")
+                f"{self.dtype}, {self.device}{f', torch.compile (mode {self.compile_mode})' if self.compiled else ''}")
         if self.on_cpu:
             head += ("\nThese are CPU numbers: they time the PyTorch reference path, not the Triton kernel, "
                      "and say nothing about GPU speed.")
@@ -95,6 +96,9 @@ class BenchResult:
         fig.tight_layout()
         fig.savefig(path, format="png")
         plt.close(fig)
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def default_device() -> str:
@@ -139,6 +143,7 @@ def bench_encoder(
     batch: int = 1,
     dtype: str = "fp32",
     compile: bool = False,
+    compile_mode: str = "default",
     device: Optional[str] = None,
     warmup: Optional[int] = None,
     iters: Optional[int] = None,
@@ -147,6 +152,8 @@ def bench_encoder(
     """Median image-encoder time of the original model and of the model patched with each policy.
 
     warmup / iters default to 5 / 20 on CUDA and 1 / 3 on CPU. progress: a tqdm bar on stderr.
+    compile_mode: torch.compile's mode when compile is set; "reduce-overhead" replays CUDA graphs, which
+    removes the host launch cost that bounds batch-1 eager runs.
     """
     from tqdm.auto import tqdm
 
@@ -155,6 +162,8 @@ def bench_encoder(
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={compile_mode!r}: expected one of {', '.join(COMPILE_MODES)}")
     if batch < 1:
         raise ValueError(f"batch={batch}: expected at least 1")
     device = device or default_device()
@@ -167,13 +176,13 @@ def bench_encoder(
     encoder = model.image_encoder
     size = getattr(encoder, "img_size", 1024)
     x = torch.randn(batch, 3, size, size, device=device, dtype=DTYPES[dtype])
-    result = BenchResult(model_type, str(device), dtype, batch, compile)
+    result = BenchResult(model_type, str(device), dtype, batch, compile, compile_mode)
 
     bar = tqdm(total=(len(loaded) + 1) * (warmup + iters), desc="bench", unit="run", disable=not progress)
 
     def run_config(label: str, density: float) -> None:
         bar.set_postfix_str(label)
-        fn = torch.compile(encoder) if compile else encoder
+        fn = torch.compile(encoder, mode=None if compile_mode == "default" else compile_mode) if compile else encoder
         with torch.inference_mode():
             times = time_runs(lambda: fn(x), str(device), warmup, iters, bar.update)
         result.rows.append(BenchRow(label, density, times))

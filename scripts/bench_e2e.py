@@ -8,7 +8,8 @@ For each model (random weights, rel-pos randomized so the bias is real work), ba
 Reported: median ms (triton.testing.do_bench on CUDA, after warm-up; perf_counter on CPU), images/s,
 peak GPU memory (torch.cuda.max_memory_allocated after a reset, weights included), output cosine vs the
 eager original, and the mean block density of the patched global blocks. Then the full predictor path
-for one image (set_image + predict_torch with one point) per variant, eager. Everything is measured in
+for one image (set_image + predict_torch with one point) per variant, eager, and with the encoder
+compiled in each of --predictor-compile-modes. Everything is measured in
 one run, so ratios between rows are valid. A markdown table is printed last; full results go to --out
 as JSON (default $OUT/bench_e2e.json when OUT is set).
 
@@ -249,19 +250,36 @@ def bench_predictor(args, model, model_name, device, rows):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return predictor.predict_torch(point, labels, multimask_output=True)
 
-    for label, ctx in variants(args.policies):
-        row = dict(model=model_name, batch=1, dtype=args.dtype, variant=label, mode="predictor-eager",
-                   device=str(device))
-        try:
-            with ctx(model), torch.inference_mode():
-                run()
-                ms = wall_ms(run, device, args.iters if args.quick else max(3, args.iters))
-                row.update(ms=round(ms, 3), images_per_s=round(1e3 / ms, 2))
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            traceback.print_exc()
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    encoder = model.image_encoder
+    for compile_mode in [None] + args.predictor_compile_modes:
+        for label, ctx in variants(args.policies):
+            row = dict(model=model_name, batch=1, dtype=args.dtype, variant=label,
+                       mode="predictor-" + MODE_LABELS.get(compile_mode, compile_mode), device=str(device))
+            try:
+                with ctx(model), torch.inference_mode():
+                    if compile_mode is not None:
+                        # what docs/patching.md tells batch-1 users to do
+                        torch._dynamo.reset()
+                        model.image_encoder = torch.compile(
+                            encoder, backend=args.compile_backend, mode=None if compile_mode == "default" else compile_mode)
+                    t = time.perf_counter()
+                    masks = run()[0].clone()
+                    row["first_call_s"] = round(time.perf_counter() - t, 2)
+                    for _ in range(args.warm_calls):
+                        run()
+                    ms = wall_ms(run, device, args.iters if args.quick else max(3, args.iters))
+                    again = run()[0]
+                    row.update(ms=round(ms, 3), images_per_s=round(1e3 / ms, 2),
+                               masks_stable=bool(torch.equal(masks, again)))
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                traceback.print_exc()
+            finally:
+                model.image_encoder = encoder
+                if compile_mode is not None:
+                    torch._dynamo.reset()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
 
 
 def markdown(rows) -> str:
@@ -297,6 +315,8 @@ def main(argv=None):
     ap.add_argument("--compile-modes", default="default",
                     help="comma list of torch.compile modes: default, reduce-overhead (CUDA graphs), max-autotune, ...")
     ap.add_argument("--no-predictor", action="store_true", help="skip the set_image + predict path")
+    ap.add_argument("--predictor-compile-modes", default="",
+                    help="also time the predictor path with its image encoder compiled in these modes (comma list)")
     ap.add_argument("--warmup", type=int, default=25, help="do_bench warm-up, ms")
     ap.add_argument("--rep", type=int, default=500, help="do_bench repetition time, ms")
     ap.add_argument("--iters", type=int, default=5, help="timed runs on CPU and for the predictor path")
@@ -313,6 +333,7 @@ def main(argv=None):
         if device.type == "cpu":
             args.dtype, args.compile_backend = "fp32", "aot_eager"  # no C++ build in a smoke test
     args.policies = [p for p in args.policies.split(",") if p]
+    args.predictor_compile_modes = [m for m in args.predictor_compile_modes.split(",") if m]
     dtype = DTYPES[args.dtype]
     modes = [None] + ([] if args.no_compile else [m for m in args.compile_modes.split(",") if m])
     out_path = args.out or (os.path.join(os.environ["OUT"], "bench_e2e.json") if os.environ.get("OUT") else None)

@@ -324,3 +324,13 @@ def test_bench_cpu_says_so_and_plots(tmp_path):
     assert "no image-encoder layer was patched" in result.stdout
     with Image.open(plot) as im:
         assert im.format == "PNG"
+
+
+def test_bench_compile_mode_is_validated():
+    result = run("bench", "--compile-mode", "fastest", "--device", "cpu")
+    assert result.exit_code == 2
+    assert "'fastest' is not one of 'default', 'reduce-overhead'" in result.output
+    from sam_sparse.bench import bench_encoder
+
+    with pytest.raises(ValueError, match=r"compile_mode='fastest': expected one of default, reduce-overhead"):
+        bench_encoder("vit_b", compile=True, compile_mode="fastest", device="cpu")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 
+from ..bench import COMPILE_MODES
 from ..models import DTYPES, MODEL_TYPES
 from .common import device_option, guarded, policy_help, resolve_device
 
@@ -15,13 +16,16 @@ from .common import device_option, guarded, policy_help, resolve_device
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True, help="Images per forward.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
 @click.option("--compile", "use_compile", is_flag=True, help="torch.compile the image encoder.")
+@click.option("--compile-mode", type=click.Choice(COMPILE_MODES), default=None,
+              help="torch.compile mode (implies --compile); reduce-overhead replays CUDA graphs, the fast "
+                   "choice at batch 1.")
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Untimed runs (default: 5 CUDA, 1 CPU).")
 @click.option("--iters", type=click.IntRange(min=1), default=None, help="Timed runs (default: 20 CUDA, 3 CPU).")
 @click.option("--plot", type=click.Path(path_type=Path), default=None, metavar="PNG",
               help="Write a plot of encoder time vs policy density.")
 @device_option
 @guarded
-def bench(model_type, policies, batch, dtype, use_compile, warmup, iters, plot, device):
+def bench(model_type, policies, batch, dtype, use_compile, compile_mode, warmup, iters, plot, device):
     """Time SAM's image encoder, original vs patched with each policy (median of warmed runs).
 
     CUDA runs are timed with CUDA events, CPU runs with perf_counter. CPU numbers time the PyTorch
@@ -32,13 +36,15 @@ def bench(model_type, policies, batch, dtype, use_compile, warmup, iters, plot, 
     \b
       sam-sparse bench --model-type vit_h --policy dense --policy local2d-30 --policy local2d-15 \\
           --batch 4 --dtype bf16 --plot bench.png
+      sam-sparse bench --model-type vit_b --batch 1 --dtype bf16 --compile-mode reduce-overhead
       sam-sparse bench --device cpu --model-type vit_b --policy local2d-30 --iters 2
     """
     from ..bench import bench_encoder
 
     if plot is not None and plot.suffix.lower() != ".png":
         raise ValueError(f"--plot {plot}: expected a .png file name")
-    result = bench_encoder(model_type, policies or ("dense",), batch=batch, dtype=dtype, compile=use_compile,
+    result = bench_encoder(model_type, policies or ("dense",), batch=batch, dtype=dtype,
+                           compile=use_compile or compile_mode is not None, compile_mode=compile_mode or "default",
                            device=resolve_device(device), warmup=warmup, iters=iters)
     click.echo(result.table())
     if plot is not None:
