@@ -243,12 +243,15 @@ def bench_predictor(args, model, model_name, device, rows):
     labels = torch.ones(1, 1, dtype=torch.int, device=device)
     dtype = next(model.parameters()).dtype
 
-    def run():
-        predictor.set_image(image)
+    def predict():
         # segment-anything's PromptEncoder multiplies fp32 coords by its own weights: autocast makes
         # that work for half-precision models (with or without patching).
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return predictor.predict_torch(point, labels, multimask_output=True)
+
+    def run():
+        predictor.set_image(image)
+        return predict()
 
     encoder = model.image_encoder
     for compile_mode in [None] + args.predictor_compile_modes:
@@ -267,7 +270,11 @@ def bench_predictor(args, model, model_name, device, rows):
                     row["first_call_s"] = round(time.perf_counter() - t, 2)
                     for _ in range(args.warm_calls):
                         run()
-                    ms = wall_ms(run, device, args.iters if args.quick else max(3, args.iters))
+                    n = args.iters if args.quick else max(3, args.iters)
+                    ms = wall_ms(run, device, n)
+                    # the split: set_image (preprocessing + encoder) and predict_torch (prompt encoder + decoder)
+                    row["set_image_ms"] = round(wall_ms(lambda: predictor.set_image(image), device, n), 3)
+                    row["predict_ms"] = round(wall_ms(predict, device, n), 3)
                     again = run()[0]
                     row.update(ms=round(ms, 3), images_per_s=round(1e3 / ms, 2),
                                masks_stable=bool(torch.equal(masks, again)))
