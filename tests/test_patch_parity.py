@@ -202,3 +202,12 @@ def test_verify_parity_bf16_uses_half_thresholds():
     report = verify_parity(sam, "dense", make_image(), points=[[100, 120]])
     assert report.dtype == "bfloat16" and report.thresholds == DENSE_HALF
     assert report.passed, str(report)
+
+
+def test_rel_pos_index_is_cached_per_size_and_device():
+    from sam_sparse.patches.attention import _rel_index
+
+    a = _rel_index(14, 14, torch.device("cpu"))
+    assert _rel_index(14, 14, torch.device("cpu")) is a
+    assert _rel_index(14, 7, torch.device("cpu")).shape == (14, 7)
+    assert a.dtype == torch.int64 and a[0, 0] == 13 and a[13, 0] == 26

@@ -164,8 +164,9 @@ def _attn_fwd(
                 bias_w_rows = tl.load(rw_base + tl.arange(0, TW)[None, :] * stride_rwk, mask=m_ok[:, None], other=0.0)
                 bias_w_rows = bias_w_rows.to(tl.float32) * 1.4426950408889634
                 if USE_WDOT:
-                    # rel_w @ I adds rel_w to every score inside the MMA, off the ALU that the softmax
-                    # saturates. Rounding rel_w to the input dtype matches SAM's own bf16 bias.
+                    # rel_w @ I adds rel_w to every score inside the MMA. That frees the registers the
+                    # fp32 rel_w tile holds, which 128-row tiles need (docs/benchmarks.md, run 6).
+                    # Rounding rel_w to the input dtype matches SAM's own bf16 bias.
                     bias_w_lp = bias_w_rows.to(Q.dtype.element_ty)
                     eye = tl.arange(0, TW)[:, None] == tl.arange(0, BLOCK_N)[None, :]
                     if INTERP:  # fp32 operands (issue 11584 above); the interpreter's bool -> bf16 is wrong too
