@@ -106,9 +106,8 @@ def flash4_runner(q, k, v, rel_h, rel_w):
     from segment_anything_fast.flash_4 import _attention_rel_h_rel_w
 
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    B, H, N, _ = qt.shape
-    rh = rel_h.reshape(B * H, N, -1, 1)
-    rw = rel_w.reshape(B * H, N, 1, -1)
+    # its layout: rel_h (B, H, N, kh, 1) and rel_w (B, H, N, 1, kw), contiguous
+    rh, rw = rel_h.contiguous().unsqueeze(-1), rel_w.contiguous().unsqueeze(-2)
     return lambda: _attention_rel_h_rel_w(qt, kt, vt, rh, rw)
 
 
@@ -158,7 +157,14 @@ def main():
             base["SDPA flash, no bias"] = try_time(lambda: sdpa(q, k, v, None, SDPBackend.FLASH_ATTENTION))
             base["SDPA cuDNN, no bias"] = try_time(lambda: sdpa(q, k, v, None, SDPBackend.CUDNN_ATTENTION))
             try:
-                base["flash_4 (sam-fast)"] = try_time(flash4_runner(q, k, v, rel_h, rel_w))
+                f4 = flash4_runner(q, k, v, rel_h, rel_w)
+                base["flash_4 (sam-fast)"] = try_time(f4)
+                # a baseline must compute the same thing: its output against ours, relative L2
+                try:
+                    ref = block_sparse_attn(q, k, v, rel_h=rel_h, rel_w=rel_w).float()
+                    base["flash_4 rel diff"] = ((f4().transpose(1, 2).float() - ref).norm() / ref.norm()).item()
+                except Exception as e:
+                    base["flash_4 rel diff"] = f"n/a ({type(e).__name__})"
             except ImportError:
                 base["flash_4 (sam-fast)"] = "not importable"
             dense_ms = None
@@ -226,7 +232,7 @@ def main():
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
     cols = ["shape", "density", "ours_ms", "config", "ours_nobias_ms", "ours_rowmajor_ms", "ours_tiles_ms", "cpu_us", "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias",
-            "SDPA mem-eff + bias", "SDPA flash, no bias", "SDPA cuDNN, no bias", "flash_4 (sam-fast)",
+            "SDPA mem-eff + bias", "SDPA flash, no bias", "SDPA cuDNN, no bias", "flash_4 (sam-fast)", "flash_4 rel diff",
             "flex_relpos_ms", "lists_ms", "extra_mem_mb", "nxn_mb"]
     head = (f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
             f"dtype {args.dtype}; commit {args.commit}; date {datetime.date.today()}; host {platform.node()}")
