@@ -7,6 +7,9 @@ Effective TFLOP/s count 4 * B * H * D * (active query-key pairs). GPU times come
 (host launch cost is measured on its own, behind a queued GPU sleep, as cpu_us).
 
     python scripts/bench_kernel.py --out results.md [--commit SHA] [--no-flex]
+
+segment-anything-fast's flash_4 joins the baselines when `segment_anything_fast.flash_4` imports (it is
+not on PyPI and not shipped here: put its module on PYTHONPATH); its own autotuning takes minutes.
 """
 
 import argparse
