@@ -72,6 +72,11 @@ def _bias_mode(args) -> int:
     return 3
 
 
+def _wdot_applies(args, block_n: int) -> bool:
+    """W_DOT (a tuning choice) changes the code only where rel_w is hoisted for one grid row, in fp16/bf16."""
+    return args["HAS_BIAS"] and not args["IS_FP32"] and block_n == args["tile_w"] == args["KW"]
+
+
 def _rect_th(args) -> int:
     return args["BLOCK_N"] // min(args["tile_w"], args["BLOCK_N"])
 
@@ -298,9 +303,7 @@ _HEURISTICS = {
     "TH": _rect_th,
     "TW": _rect_tw,
     "W_HOIST": lambda a: _rect_tw(a) == a["tile_w"] == a["KW"],
-    # W_DOT (a tuning choice) takes effect only where rel_w is hoisted for one grid row, in fp16/bf16.
-    "USE_WDOT": lambda a: bool(a["W_DOT"]) and _bias_mode(a) == 1 and a["BLOCK_N"] == a["tile_w"] == a["KW"]
-    and not a["IS_FP32"],
+    "USE_WDOT": lambda a: bool(a["W_DOT"]) and _bias_mode(a) == 1 and _wdot_applies(a, a["BLOCK_N"]),
     "KH_P": lambda a: max(16, _next_pow2(a["KH"])),
     "KW_P": lambda a: max(16, _next_pow2(a["KW"])),
     "EVEN_N": lambda a: (not a["VARLEN"]) and a["seqlen_k"] % a["BLOCK_N"] == 0,
@@ -338,9 +341,8 @@ def _prune(configs, named_args, **kwargs):
             continue
         if (d > 128 or a["IS_FP32"]) and bm * bn > 64 * 64:
             continue
-        # W_DOT changes only the one-grid-row rel-pos path (fp16/bf16): elsewhere it would compile a twin.
-        if c.kwargs["W_DOT"] and (a["IS_FP32"] or not a["HAS_BIAS"] or not bn == a["tile_w"] == a["KW"]):
-            continue
+        if c.kwargs["W_DOT"] and not _wdot_applies(a, bn):
+            continue  # it would compile a twin of the W_DOT=0 config
         keep.append(c)
     return keep or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "W_DOT": 0}, num_warps=4, num_stages=1)]
 

@@ -114,15 +114,18 @@ _REL_INDEX: Dict[tuple, torch.Tensor] = {}
 def _rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
     """SAM's relative-coordinate index, (q_size, k_size) int64. A pure function of the sizes, so
     eager calls reuse it: at batch 1 the five tiny kernels that build it cost more than they compute."""
+    if torch.compiler.is_compiling():  # traced: inductor folds it into the graph, no cache needed
+        return _build_rel_index(q_size, k_size, device)
     key = (q_size, k_size, device)
-    idx = None if torch.compiler.is_compiling() else _REL_INDEX.get(key)
-    if idx is None:
-        q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
-        k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
-        idx = ((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long()
-        if not torch.compiler.is_compiling():
-            _REL_INDEX[key] = idx
-    return idx
+    if key not in _REL_INDEX:
+        _REL_INDEX[key] = _build_rel_index(q_size, k_size, device)
+    return _REL_INDEX[key]
+
+
+def _build_rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
+    q_coords = torch.arange(q_size, device=device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=device)[None, :] * max(q_size / k_size, 1.0)
+    return ((q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)).long()
 
 
 def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
