@@ -99,6 +99,13 @@ def unknown_key_message(key: Any, accepted: Sequence[str], what: str = "key") ->
     return f"unknown {what} {key!r}{did}; accepted {what}s: {', '.join(accepted)}"
 
 
+def reject_unknown_keys(d: Mapping, accepted: Sequence[str]) -> None:
+    """PolicyError at the first key of d that is not accepted (its path is that key)."""
+    for key in d:
+        if key not in accepted:
+            raise PolicyError(unknown_key_message(key, accepted), path=(key,))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Where blocks lie on the grid
 # ---------------------------------------------------------------------------------------------------
@@ -716,9 +723,7 @@ class PatternSpec:
         """From {pattern: NAME, params: {...}} or {any_of: [items]} / {all_of: [items]}."""
         if not isinstance(d, Mapping):
             raise PolicyError(f"expected a pattern item {{pattern: NAME, params: {{...}}}}, got {_type_name(d)}")
-        for key in d:
-            if key not in PATTERN_KEYS:
-                raise PolicyError(unknown_key_message(key, PATTERN_KEYS), path=(key,))
+        reject_unknown_keys(d, PATTERN_KEYS)
         given = [key for key in ("pattern",) + COMBINATORS if key in d]
         if not given:
             raise PolicyError(f"missing key 'pattern'; known patterns: {', '.join(PATTERNS)} (or any_of / all_of: [items])")

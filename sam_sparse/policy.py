@@ -29,8 +29,8 @@ from .masks import (
     _type_name,
     block_context,
     evaluate,
+    reject_unknown_keys,
     sam_layer_geometries,
-    unknown_key_message,
 )
 
 TOP_KEYS = ("name", "description", "block_size", "token_order", "allow_empty_rows", "rules")
@@ -119,9 +119,7 @@ class Rule:
     def from_dict(cls, d: Any) -> "Rule":
         if not isinstance(d, Mapping):
             raise PolicyError(f"expected a rule mapping (match, pattern, params, ...), got {_type_name(d)}")
-        for key in d:
-            if key not in RULE_KEYS:
-                raise PolicyError(unknown_key_message(key, RULE_KEYS), path=(key,))
+        reject_unknown_keys(d, RULE_KEYS)
         if "match" not in d:
             raise PolicyError(f"missing key 'match'; expected {_MATCH_ACCEPTS}")
         heads = d.get("heads", "all")
@@ -228,9 +226,7 @@ class Policy:
     def _from_dict(cls, d: Any, source: str) -> "Policy":
         if not isinstance(d, Mapping):
             raise PolicyError(f"the top level is {_type_name(d)}; expected a mapping with keys {', '.join(TOP_KEYS)}")
-        for key in d:
-            if key not in TOP_KEYS:
-                raise PolicyError(unknown_key_message(key, TOP_KEYS), path=(key,))
+        reject_unknown_keys(d, TOP_KEYS)
         for key in ("name", "rules"):
             if key not in d:
                 raise PolicyError(f"missing required key {key!r}; a policy needs name and rules")
