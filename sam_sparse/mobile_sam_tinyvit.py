@@ -122,17 +122,15 @@ class PatchMerging(nn.Module):
         return x.flatten(2).transpose(1, 2)
 
 
-class ConvLayer(nn.Module):
-    def __init__(self, dim, input_resolution, depth, activation, drop_path=0.0, downsample=None,
-                 out_dim=None, conv_expand_ratio=4.0):
+class _Stage(nn.Module):
+    """A TinyViT stage: its blocks, then an optional downsample (the checkpoint's module names)."""
+
+    def __init__(self, dim, input_resolution, blocks, downsample, out_dim, activation):
         super().__init__()
         self.dim = dim
         self.input_resolution = input_resolution
-        self.depth = depth
-        self.blocks = nn.ModuleList([
-            MBConv(dim, dim, conv_expand_ratio, activation, drop_path[i] if isinstance(drop_path, list) else drop_path)
-            for i in range(depth)
-        ])
+        self.depth = len(blocks)
+        self.blocks = nn.ModuleList(blocks)
         if downsample is not None:
             self.downsample = downsample(input_resolution, dim=dim, out_dim=out_dim, activation=activation)
         else:
@@ -144,6 +142,17 @@ class ConvLayer(nn.Module):
         if self.downsample is not None:
             x = self.downsample(x)
         return x
+
+
+def _drop_path_at(drop_path, i):
+    return drop_path[i] if isinstance(drop_path, list) else drop_path
+
+
+class ConvLayer(_Stage):
+    def __init__(self, dim, input_resolution, depth, activation, drop_path=0.0, downsample=None,
+                 out_dim=None, conv_expand_ratio=4.0):
+        blocks = [MBConv(dim, dim, conv_expand_ratio, activation, _drop_path_at(drop_path, i)) for i in range(depth)]
+        super().__init__(dim, input_resolution, blocks, downsample, out_dim, activation)
 
 
 class Mlp(nn.Module):
@@ -278,35 +287,20 @@ class TinyViTBlock(nn.Module):
                 f"window_size={self.window_size}, mlp_ratio={self.mlp_ratio}")
 
 
-class BasicLayer(nn.Module):
+class BasicLayer(_Stage):
     """One TinyViT stage: `depth` TinyViT blocks, then an optional patch merging."""
 
     def __init__(self, dim, input_resolution, depth, num_heads, window_size, mlp_ratio=4.0, drop=0.0,
                  drop_path=0.0, downsample=None, local_conv_size=3, activation=nn.GELU, out_dim=None):
-        super().__init__()
-        self.dim = dim
-        self.input_resolution = input_resolution
-        self.depth = depth
-        self.blocks = nn.ModuleList([
+        blocks = [
             TinyViTBlock(
                 dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_size,
-                mlp_ratio=mlp_ratio, drop=drop,
-                drop_path=drop_path[i] if isinstance(drop_path, list) else drop_path,
+                mlp_ratio=mlp_ratio, drop=drop, drop_path=_drop_path_at(drop_path, i),
                 local_conv_size=local_conv_size, activation=activation,
             )
             for i in range(depth)
-        ])
-        if downsample is not None:
-            self.downsample = downsample(input_resolution, dim=dim, out_dim=out_dim, activation=activation)
-        else:
-            self.downsample = None
-
-    def forward(self, x):
-        for blk in self.blocks:
-            x = blk(x)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return x
+        ]
+        super().__init__(dim, input_resolution, blocks, downsample, out_dim, activation)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, input_resolution={self.input_resolution}, depth={self.depth}"
