@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from .geometry import LAYER_KINDS, TOKEN_ORDERS, LayerGeometry, Prompts, default_key_tile
+from .kernels.layout import BLOCK_SIZES_ACCEPTED, is_block_size
 from .masks import (
     PATTERN_KEYS,
     PolicyError,
@@ -165,7 +166,7 @@ class Policy:
 
     name, description: for humans and the CLI.
     rules: tuple of Rule, first match wins per head; a head no rule takes is dense.
-    block_size: mask granularity in tokens, a multiple of 16.
+    block_size: mask granularity in tokens, a power of two from 16 to 65536.
     token_order: "raster", or "tiles": encoder.global layers put image tokens in th x tw tiles
         (default_key_tile) so that a block is a compact patch of the grid; see key_tile.
     allow_empty_rows: False (default): each self-attention-shaped layer keeps every query block's own
@@ -189,10 +190,8 @@ class Policy:
         if not isinstance(self.description, str):
             raise PolicyError(f"expected a string, got {_type_name(self.description)}", path=("description",))
         bs = self.block_size
-        if not isinstance(bs, int) or isinstance(bs, bool):
-            raise PolicyError(f"expected an integer multiple of 16, got {_type_name(bs)}", path=("block_size",))
-        if bs < 16 or bs % 16:
-            raise PolicyError(f"{bs} is not a positive multiple of 16; expected 16, 32, 64, 128, ...", path=("block_size",))
+        if not is_block_size(bs):
+            raise PolicyError(f"got {_type_name(bs)}; expected {BLOCK_SIZES_ACCEPTED}", path=("block_size",))
         if self.token_order not in TOKEN_ORDERS:
             raise PolicyError(f"got {_type_name(self.token_order)}; expected one of {', '.join(TOKEN_ORDERS)}", path=("token_order",))
         if not isinstance(self.allow_empty_rows, bool):
@@ -301,8 +300,14 @@ class Policy:
 
     def needs_prompts(self, layer: LayerGeometry) -> bool:
         """True when this layer's mask depends on the call's prompts (region_focused on a layer with an
-        image side); the patcher must then pass Prompts to block_mask."""
+        image side); the patcher must then pass Prompts to block_mask.
+
+        A layer with one key block (SAM's image-to-token attention: a handful of token keys) never
+        does unless allow_empty_rows: every query block keeps that block or, left empty, gets it back.
+        """
         if layer.q_grid is None and layer.k_grid is None:
+            return False
+        if layer.k_blocks == 1 and not self.allow_empty_rows:
             return False
         return any(i is not None and self.rules[i].pattern.uses_prompts for i in set(self.head_rules(layer)))
 

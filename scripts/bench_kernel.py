@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from sam_sparse.kernels import block_lists, block_sparse_attn, triton_attn
+from sam_sparse.kernels import BlockLayout, block_sparse_attn, triton_attn
 
 MODELS = {"vit_b": (12, 64), "vit_h": (16, 80)}
 
@@ -114,11 +114,11 @@ def flash4_runner(q, k, v, rel_h, rel_w):
     return lambda: _attention_rel_h_rel_w(qt, kt, vt, rh, rw)
 
 
-def tuned_config() -> str:
-    """The launch config the autotuner used last: BLOCK_M x BLOCK_N, warps, stages, rel_w @ I on/off."""
-    c = triton_attn._attn_fwd_tuned.best_config
-    kw = c.kwargs
-    return f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{c.num_warps} s{c.num_stages}{' relw@I' if kw.get('W_DOT') else ''}"
+def tuned_config(q, k, v, layout, rel_h, rel_w) -> str:
+    """The launch config tuning picked for this call: BLOCK_M x BLOCK_N, warps, stages, rel_w @ I on/off."""
+    lists = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
+    c = triton_attn.make_plan(q, k, v, *lists, rel_h, rel_w, None, q.shape[-1] ** -0.5, 128).config
+    return f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{' relw@I' if c.get('W_DOT') else ''}"
 
 
 def fmt(x):
@@ -172,25 +172,21 @@ def main():
                 base["flash_4 (sam-fast)"] = "not importable"
             dense_ms = None
             for density in (float(d) for d in args.densities.split(",")):
-                mask = None if density == 1.0 else balanced_mask(B, H, N // bs, density, dev, gen)
-                actual = 1.0 if mask is None else mask.float().mean().item()
+                block_mask = None if density == 1.0 else balanced_mask(B, H, N // bs, density, dev, gen)
+                actual = 1.0 if block_mask is None else block_mask.float().mean().item()
+                # the layout, built once, as patch_sam does; block_sparse_attn also takes the bool mask
+                mask = None if block_mask is None else BlockLayout.from_mask(block_mask, bs)
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 before = torch.cuda.memory_allocated()
                 fn = lambda: block_sparse_attn(q, k, v, mask, rel_h=rel_h, rel_w=rel_w)  # noqa: E731
                 ours = bench(fn)
                 extra = torch.cuda.max_memory_allocated() - before
-                picked = tuned_config()
+                picked = tuned_config(q, k, v, mask, rel_h, rel_w)
                 dense_ms = ours if mask is None else dense_ms
                 lists_ms = None
                 if mask is not None:
-                    from sam_sparse.kernels import interface
-
-                    def fresh_lists():
-                        interface._LISTS_CACHE.clear()
-                        block_lists(mask)
-
-                    lists_ms = bench(fresh_lists)
+                    lists_ms = bench(lambda: BlockLayout.from_mask(block_mask, bs))
                 nobias = bench(lambda: block_sparse_attn(q, k, v, mask)) if mask is None else None
                 # rel-pos terms stored row-major (B, H, N, k) instead of (B, H, k, N): the layout check.
                 rh_rm, rw_rm = rel_h.contiguous(), rel_w.contiguous()
@@ -201,7 +197,7 @@ def main():
                 flex = "skipped"
                 if not args.no_flex and B in args.flex_batches:
                     try:
-                        flex = try_time(flex_runner(q, k, v, rel_h, rel_w, mask, bs, kw))
+                        flex = try_time(flex_runner(q, k, v, rel_h, rel_w, block_mask, bs, kw))
                     except Exception as e:
                         flex = f"n/a ({type(e).__name__})"
                 flops = 4 * B * H * D * N * N * actual

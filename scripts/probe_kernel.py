@@ -73,7 +73,7 @@ def main():
     cfg = best[0]
     api = lambda: block_sparse_attn(q, k, v, mask, rel_h=rh, rel_w=rw, key_tile=tile)  # noqa: E731
     api()
-    print("tuned config for the API call:", getattr(triton_attn._attn_fwd_tuned, "best_config", None))
+    print("tuned config for the API call:", triton_attn.make_plan(q, k, v, *lists, rh, rw, tile, D**-0.5, 128).config)
     launcher_fixed = lambda: triton_attn.attention_triton(q, k, v, *lists, rh, rw, tile, D**-0.5, 128, config=cfg)  # noqa: E731
     launcher_tuned = lambda: triton_attn.attention_triton(q, k, v, *lists, rh, rw, tile, D**-0.5, 128)  # noqa: E731
     for name, fn in (("public API", api), ("launcher, autotuned", launcher_tuned), ("launcher, fixed config", launcher_fixed)):

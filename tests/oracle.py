@@ -18,12 +18,17 @@ def key_rows_cols(kh, kw, key_tile):
 
 
 def _apply_mask(logits, block_mask, block_size):
-    """Expand the block mask to tokens; masked logits -> -inf, rows with no key at all -> 0 (and flagged)."""
+    """Expand the block mask to tokens; masked logits -> -inf."""
     B, H, Nq, Nk = logits.shape
     full = block_mask.repeat_interleave(block_size, dim=2).repeat_interleave(block_size, dim=3)
     full = full[:, :, :Nq, :Nk].expand(B, H, Nq, Nk)
-    empty = ~full.any(dim=-1, keepdim=True)
-    return logits.masked_fill(~full, float("-inf")).masked_fill(empty, 0.0), empty
+    return logits.masked_fill(~full, float("-inf"))
+
+
+def _empty_rows(logits):
+    """Rows whose every logit is -inf (masked out, or a -inf bias on every key) attend to nothing: zeros."""
+    empty = torch.isneginf(logits).all(dim=-1, keepdim=True)
+    return logits.masked_fill(empty, 0.0), empty
 
 
 def oracle_attention(q, k, v, block_mask=None, rel_h=None, rel_w=None, key_tile=None, scale=None, block_size=128):
@@ -39,10 +44,9 @@ def oracle_attention(q, k, v, block_mask=None, rel_h=None, rel_w=None, key_tile=
         bias = rel_h.double()[..., rows.to(q.device)] + rel_w.double()[..., cols.to(q.device)]
         logits = logits + bias
     if block_mask is not None:
-        logits, empty = _apply_mask(logits, block_mask, block_size)
-    p = torch.softmax(logits, dim=-1)
-    if block_mask is not None:
-        p = p.masked_fill(empty, 0.0)
+        logits = _apply_mask(logits, block_mask, block_size)
+    logits, empty = _empty_rows(logits)
+    p = torch.softmax(logits, dim=-1).masked_fill(empty, 0.0)
     return torch.einsum("bhqk,bhkd->bhqd", p, v64).permute(0, 2, 1, 3)
 
 
@@ -57,10 +61,9 @@ def same_dtype_torch(q, k, v, block_mask=None, rel_h=None, rel_w=None, key_tile=
         rows, cols = key_rows_cols(rel_h.shape[-1], rel_w.shape[-1], key_tile)
         logits = logits + (rel_h.to(q.dtype)[..., rows.to(q.device)] + rel_w.to(q.dtype)[..., cols.to(q.device)])
     if block_mask is not None:
-        logits, empty = _apply_mask(logits, block_mask, block_size)
-    p = torch.softmax(logits.float(), dim=-1).to(q.dtype)
-    if block_mask is not None:
-        p = p.masked_fill(empty, 0.0)
+        logits = _apply_mask(logits, block_mask, block_size)
+    logits, empty = _empty_rows(logits)
+    p = torch.softmax(logits.float(), dim=-1).to(q.dtype).masked_fill(empty, 0.0)
     return (p @ vt).permute(0, 2, 1, 3)
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from oracle import oracle_attention, rel_error, same_dtype_torch
 from sam_sparse import block_sparse_attn, block_sparse_attn_varlen
-from sam_sparse.kernels import block_lists
+from sam_sparse.kernels import BlockLayout, block_lists
 
 try:
     import triton  # noqa: F401
@@ -134,22 +134,22 @@ def test_kernel_relpos_paths(triton_kernel, dtype, rel, tile, config):
 def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
     """SAM's global layer keeps 64/128 tiles, and the rel_w @ I variant only where it changes the code."""
     base = dict(seqlen_q=4096, seqlen_k=4096, MASK_BLOCK=128, D0=64, D1=0, HAS_BIAS=True, IS_FP32=False,
-                KH=64, KW=64, tile_w=64)
+                IS_BF16=True, KH=64, KW=64, tile_w=64)
     kept = triton_kernel._prune(triton_kernel._configs(), base)
-    shapes = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["W_DOT"]) for c in kept}
+    shapes = {(c["BLOCK_M"], c["BLOCK_N"], c["W_DOT"]) for c in kept}
     assert {bm for bm, _, _ in shapes} == {64, 128} and {bn for _, bn, _ in shapes} == {64, 128}
     assert {(bm, bn) for bm, bn, w in shapes if w} == {(64, 64), (128, 64)}
-    for changed in (dict(IS_FP32=True), dict(HAS_BIAS=False), dict(tile_w=16)):
-        assert not any(c.kwargs["W_DOT"] for c in triton_kernel._prune(triton_kernel._configs(), {**base, **changed}))
+    for changed in (dict(IS_FP32=True, IS_BF16=False), dict(IS_BF16=False), dict(HAS_BIAS=False), dict(tile_w=16)):
+        assert not any(c["W_DOT"] for c in triton_kernel._prune(triton_kernel._configs(), {**base, **changed}))
     decoder = triton_kernel._prune(triton_kernel._configs(), {**base, "seqlen_q": 7, "HAS_BIAS": False})
-    assert {c.kwargs["BLOCK_M"] for c in decoder} == {16}
+    assert {c["BLOCK_M"] for c in decoder} == {16}
 
 
 @needs_triton
 @pytest.mark.parametrize("mode", [2, 3])
 def test_kernel_forced_bias_modes(triton_kernel, monkeypatch, mode):
     """The one-hot and gather paths also handle shapes where autotuning would pick the rectangle."""
-    monkeypatch.setattr(triton_kernel, "FORCE_BIAS_MODE", mode)
+    monkeypatch.setattr(triton_kernel, "FORCE_BIAS_PATH", mode)
     g = torch.Generator().manual_seed(torch.seed())
     q, k, v, rh, rw = make_inputs(g, 1, 256, 256, 2, 2, 32, torch.float16, rel=(16, 16), rel_transposed=True)
     out = run_kernel(triton_kernel, q, k, v, None, rh, rw, (4, 8), 64)
@@ -280,13 +280,15 @@ def test_reference_large_grid_holds_no_nxn(monkeypatch):
 # API contract: block lists, torch.compile, errors
 # ------------------------------------------------------------------------------------------------
 
-def test_block_lists_cached_and_refreshed():
+def test_block_layout_lists_and_round_trip():
     m = torch.tensor([[[[True, False, True], [False, False, False]]]])
-    num, idx = block_lists(m)
-    assert num.tolist() == [[[2, 0]]] and idx[0, 0, 0, :2].tolist() == [0, 2]
-    assert block_lists(m)[0] is num  # cached
-    m[0, 0, 1, 1] = True  # an in-place edit bumps the version: rebuilt
-    assert block_lists(m)[0].tolist() == [[[2, 1]]]
+    layout = BlockLayout.from_mask(m, 32)
+    assert layout.kv_num_blocks.tolist() == [[[2, 0]]] and layout.kv_indices[0, 0, 0, :2].tolist() == [0, 2]
+    assert layout.shape == (1, 1, 2, 3) and layout.block_size == 32
+    assert torch.equal(layout.to_mask(), m)
+    g = torch.Generator().manual_seed(torch.seed())
+    m = torch.rand(2, 3, 5, 7, generator=g) < 0.4
+    assert torch.equal(BlockLayout.from_mask(m, 64).to_mask(), m)
 
 
 def test_compile_fullgraph_has_no_graph_break():
@@ -308,7 +310,9 @@ def test_custom_op_opcheck():
     g = torch.Generator().manual_seed(0)
     q, k, v, rh, rw = make_inputs(g, 1, 32, 32, 2, 1, 16, torch.float32, rel=(4, 8))
     mask = torch.rand(1, 2, 2, 2, generator=g) < 0.7
-    torch.library.opcheck(_attn_op, (q, k, v, mask, rh, rw, None, 0.25, 16), test_utils=("test_schema", "test_faketensor"))
+    layout = BlockLayout.from_mask(mask, 16)
+    args = (q, k, v, layout.kv_num_blocks, layout.kv_indices, rh, rw, None, 0.25, 16)
+    torch.library.opcheck(_attn_op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def _args(**over):
@@ -321,7 +325,7 @@ def _args(**over):
 
 def _call(a):
     return block_sparse_attn(a["q"], a["k"], a["v"], a["block_mask"], rel_h=a["rel_h"], rel_w=a["rel_w"],
-                             key_tile=a["key_tile"], block_size=a["block_size"])
+                             key_tile=a["key_tile"], block_size=a["block_size"], softmax_scale=a.get("softmax_scale"))
 
 
 BAD_INPUTS = [
@@ -333,9 +337,12 @@ BAD_INPUTS = [
     (dict(q=torch.randn(2, 64, 4, 40), k=torch.randn(2, 64, 2, 40), v=torch.randn(2, 64, 2, 40), rel_h=None, rel_w=None),
      r"headdim 40 .* multiples of 16 from 16 to 256"),
     (dict(k=torch.randn(2, 64, 2, 32).half(), v=torch.randn(2, 64, 2, 32).half()), r"k has dtype torch.float16 but q has torch.float32"),
-    (dict(block_mask=torch.ones(2, 4, 2, 3, dtype=torch.bool)), r"block_mask has shape \(2, 4, 2, 3\); expected bool \(2 or 1, 4 or 1, 2, 2\)"),
-    (dict(block_mask=torch.ones(2, 4, 2, 2)), r"block_mask has .*torch.float32.*expected bool"),
-    (dict(block_size=24), r"block_size=24: expected a positive multiple of 16"),
+    (dict(block_mask=torch.ones(2, 4, 2, 3, dtype=torch.bool)), r"block_mask with shape \(2, 4, 2, 3\); expected \(2 or 1, 4 or 1, 2, 2\)"),
+    (dict(block_mask=torch.ones(2, 4, 2, 2)), r"block_mask has .*torch.float32.*expected a BlockLayout or a bool tensor"),
+    (dict(block_size=24), r"block_size=24: expected a power of two from 16"),
+    (dict(block_size=48), r"block_size=48: expected a power of two from 16"),
+    (dict(key_tile=(1.5, 2)), r"key_tile=\(1.5, 2\): expected a pair \(th, tw\) of positive ints"),
+    (dict(softmax_scale=float("nan")), r"softmax_scale=nan: expected a finite number"),
     (dict(rel_h=torch.randn(2, 4, 64, 4)), r"kh \* kw = 32 != seqlen_k = 64"),
     (dict(rel_w=None), r"rel_h and rel_w go together"),
     (dict(rel_h=torch.randn(2, 4, 60, 8)), r"rel_h has shape \(2, 4, 60, 8\).*expected \(2, 4, 64, kh\)"),

@@ -276,8 +276,9 @@ def test_masks_built_once_per_layer_and_device():
     _predict(sam, image, point=(50, 60))
     assert len(policy.calls) == built  # reused: no block_mask call in forward
     st = sam.image_encoder.blocks[1].attn._sam_sparse
-    mask = st.encoder_mask(torch.device("cpu"))
-    assert mask is policy.inner.block_mask(st.geometry, None, "cpu")  # the policy's cached tensor
+    layout = st.encoder_layout(torch.device("cpu"))
+    assert layout is st.encoder_layout(torch.device("cpu"))  # built once, kept on the layer
+    assert torch.equal(layout.to_mask(), policy.inner.block_mask(st.geometry, None, "cpu").expand(layout.shape))
     assert list(sam.state_dict()) == list(small_sam().state_dict())  # nothing registered
     handle.restore()
 

@@ -94,7 +94,7 @@ def test_sparse_matches_sam_math_with_mask(token_order, pattern, params):
     x = torch.randn(2, 16, 16, 128)
     handle = patch_sam(enc, policy)
     st = attn._sam_sparse
-    mask = st.encoder_mask(torch.device("cpu"))
+    mask = st.encoder_layout(torch.device("cpu")).to_mask()
     assert mask is not None and not bool(mask.all())
     with torch.no_grad():
         out = attn(x)

@@ -195,7 +195,7 @@ def test_policy_is_a_validated_frozen_dataclass():
     p = Policy("x", (rule,), token_order="tiles")
     with pytest.raises(Exception):
         p.name = "y"
-    with pytest.raises(PolicyError, match=r"^block_size: 100 is not a positive multiple of 16"):
+    with pytest.raises(PolicyError, match=r"^block_size: got int 100; expected a power of two from 16 to 65536"):
         Policy("x", (rule,), block_size=100)
     with pytest.raises(PolicyError, match=r"^params\.radius: -1 is negative"):
         PatternSpec("local2d", {"radius": -1})
@@ -223,7 +223,7 @@ BAD = [
     ("missing pattern", "name: x\nrules:\n  - match: '*'\n",
      r"bad\.yaml:3: rules\[0\]: missing key 'pattern'; known patterns: dense, local2d, "),
     ("wrong type", "name: x\nblock_size: big\nrules: [{match: '*', pattern: dense}]\n",
-     r"bad\.yaml:2: block_size: expected an integer multiple of 16, got the string 'big'"),
+     r"bad\.yaml:2: block_size: got the string 'big'; expected a power of two from 16"),
     ("bool is not a number", "name: x\nrules:\n  - match: encoder.global\n    pattern: local2d\n    params: {radius: true}\n",
      r"bad\.yaml:5: rules\[0\]\.params\.radius: expected a number >= 0, got the boolean True"),
     ("unknown param", "name: x\nrules:\n  - match: encoder.global\n    pattern: local2d\n    params:\n      radious: 2\n",
@@ -245,7 +245,7 @@ BAD = [
     ("nested bad param", "name: x\nrules:\n  - match: encoder.global\n    pattern: hybrid\n    params:\n      sparse:\n        pattern: local2d\n        params: {radius: -2}\n",
      r"bad\.yaml:8: rules\[0\]\.params\.sparse\.params\.radius: -2 is negative"),
     ("block_size", "name: x\nblock_size: 100\nrules: [{match: '*', pattern: dense}]\n",
-     r"bad\.yaml:2: block_size: 100 is not a positive multiple of 16; expected 16, 32, 64, 128"),
+     r"bad\.yaml:2: block_size: got int 100; expected a power of two from 16 to 65536"),
     ("token_order", "name: x\ntoken_order: hilbert\nrules: [{match: '*', pattern: dense}]\n",
      r"bad\.yaml:2: token_order: got the string 'hilbert'; expected one of raster, tiles"),
     ("empty rules", "name: x\nrules: []\n", r"bad\.yaml:2: rules: the rule list is empty"),

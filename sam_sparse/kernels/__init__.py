@@ -1,6 +1,15 @@
 """Attention kernels. Nothing here knows about SAM: shapes, masks and a decomposed 2-D bias only."""
 
-from .interface import block_lists, block_sparse_attn, block_sparse_attn_varlen
+from .interface import HEAD_DIMS, block_lists, block_sparse_attn, block_sparse_attn_varlen
+from .layout import BlockLayout, check_block_size
 from .reference import attention_reference
 
-__all__ = ["block_sparse_attn", "block_sparse_attn_varlen", "block_lists", "attention_reference"]
+__all__ = [
+    "block_sparse_attn",
+    "block_sparse_attn_varlen",
+    "BlockLayout",
+    "block_lists",
+    "check_block_size",
+    "attention_reference",
+    "HEAD_DIMS",
+]

@@ -6,22 +6,30 @@ Dispatch: CUDA tensors run the Triton kernel (triton_attn.py). CPU tensors run t
 (reference.py), unless SAM_SPARSE_FORCE_TRITON=1 is set together with TRITON_INTERPRET=1 (set both
 before this package launches its first kernel): then CPU tensors go through the same Triton kernel
 in Triton's interpreter, which is how CI tests the kernel itself without a GPU.
+
+Plan once, launch many: the first call with a new input signature (shapes, strides, dtypes, devices,
+alignment, mask layout shape, rel-pos shapes, key_tile, scale, block size) validates everything and
+resolves a plan (triton_attn.KernelPlan: tuned config, grid, scalars, compiled kernel); later calls
+with the same signature do one dict lookup and launch. The signature holds no tensor identity, so a
+new mask of the same shape reuses the plan and an edited mask is always read afresh.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import operator
 import os
-import weakref
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 
+from .layout import BlockLayout, check_block_size, mask_from_lists
 from .reference import attention_reference, attention_reference_varlen
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = tuple(range(16, 257, 16))  # 16, 32, ..., 256: includes 80 (vit_h) and 16/32 (SAM's decoder)
+DEFAULT_BLOCK_SIZE = 128
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -40,41 +48,25 @@ def _use_triton(t: torch.Tensor) -> bool:
     return os.environ.get("SAM_SPARSE_FORCE_TRITON") == "1" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# ---------------------------------------------------------------------------------------------------
-# Block lists: the compacted form the kernel iterates (as FlexAttention's kv_num_blocks / kv_indices).
-# ---------------------------------------------------------------------------------------------------
-
-_LISTS_CACHE: "dict[int, tuple]" = {}
-
-
 def block_lists(block_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Compact a bool block mask into per-row lists of active key blocks.
-
-    block_mask: bool (Bm, Hm, QB, KB).
-    Returns kv_num_blocks int32 (Bm, Hm, QB): active key blocks per query block, and kv_indices int32
-    (Bm, Hm, QB, KB): their indices in ascending order, then the inactive ones (never read).
-    Cached per mask tensor (until it is modified in place or freed), so a fixed mask costs nothing
-    after its first call.
-    """
-    key = id(block_mask)
-    hit = _LISTS_CACHE.get(key)
-    if hit is not None and hit[0]() is block_mask and hit[1] == block_mask._version:
-        return hit[2]
-    num = block_mask.sum(dim=-1, dtype=torch.int32)
-    # Stable sort of "inactive" puts active blocks first, in ascending key order (memory locality).
-    idx = torch.argsort((~block_mask).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
-    lists = (num.contiguous(), idx.contiguous())
-    try:
-        ref = weakref.ref(block_mask, lambda _, key=key: _LISTS_CACHE.pop(key, None))
-    except TypeError:  # tensors that refuse weakrefs (some subclasses): no caching
-        return lists
-    _LISTS_CACHE[key] = (ref, block_mask._version, lists)
-    return lists
+    """(kv_num_blocks, kv_indices) of a bool block mask: BlockLayout.from_mask's two tensors."""
+    layout = BlockLayout.from_mask(block_mask, DEFAULT_BLOCK_SIZE)
+    return layout.kv_num_blocks, layout.kv_indices
 
 
 # ---------------------------------------------------------------------------------------------------
 # Checks. Every bad input raises ValueError naming the argument, what it was and what is accepted.
 # ---------------------------------------------------------------------------------------------------
+
+
+def _check_no_grad(*tensors) -> None:
+    """The kernel has no backward: refuse inputs that want a gradient instead of silently cutting it."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            "block_sparse_attn is inference-only (no backward pass), but an input requires grad with grad mode "
+            "on; run it under torch.no_grad() or torch.inference_mode() (SamPredictor does), or restore the "
+            "original attention (handle.restore()) to train"
+        )
 
 
 def _check_qkv(q, k, v, varlen: bool):
@@ -104,22 +96,52 @@ def _check_qkv(q, k, v, varlen: bool):
         raise ValueError(f"headdim {d} (q: {_describe(q)}) is not supported; supported: multiples of 16 from 16 to 256")
 
 
-def _check_block_mask(block_mask, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, block_size: int, device):
-    if not isinstance(block_size, int) or block_size < 16 or block_size % 16:
-        raise ValueError(f"block_size={block_size!r}: expected a positive multiple of 16 (16, 32, 64, 128, ...)")
+def _check_scale(softmax_scale, headdim: int) -> float:
+    if softmax_scale is None:
+        return headdim**-0.5
+    try:
+        scale = float(softmax_scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"softmax_scale={softmax_scale!r}: expected a finite number or None (headdim ** -0.5)") from None
+    if not math.isfinite(scale):
+        raise ValueError(f"softmax_scale={softmax_scale!r}: expected a finite number or None (headdim ** -0.5)")
+    return scale
+
+
+def _to_layout(block_mask, block_size, batch: int, nheads: int, seqlen_q: int, seqlen_k: int, device) -> Tuple[Optional[BlockLayout], int]:
+    """(layout or None, block size) from a BlockLayout, a bool mask or None, checked against the shapes."""
+    if isinstance(block_mask, BlockLayout):
+        if block_size is not None and block_size != block_mask.block_size:
+            raise ValueError(f"block_size={block_size!r} but the BlockLayout was built with block_size={block_mask.block_size}; "
+                             "leave block_size out when passing a BlockLayout")
+        bs = check_block_size(block_mask.block_size)
+    else:
+        bs = check_block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
     if block_mask is None:
-        return
-    qb, kb = -(-seqlen_q // block_size), -(-seqlen_k // block_size)
-    want = f"bool ({batch} or 1, {nheads} or 1, {qb}, {kb}) for block_size={block_size}"
-    if not isinstance(block_mask, torch.Tensor):
-        raise ValueError(f"block_mask must be a bool tensor {want}, got {type(block_mask).__name__}")
-    if block_mask.dtype != torch.bool:
-        raise ValueError(f"block_mask has {_describe(block_mask)}; expected {want}")
-    if block_mask.device != device:
-        raise ValueError(f"block_mask is on {block_mask.device} but q is on {device}")
-    s = block_mask.shape
-    if block_mask.dim() != 4 or s[0] not in (1, batch) or s[1] not in (1, nheads) or s[2] != qb or s[3] != kb:
-        raise ValueError(f"block_mask has shape {tuple(s)}; expected {want}")
+        return None, bs
+    qb, kb = -(-seqlen_q // bs), -(-seqlen_k // bs)
+    want = f"({batch} or 1, {nheads} or 1, {qb}, {kb}) for block_size={bs}"
+    if isinstance(block_mask, BlockLayout):
+        num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+        for name, t in (("kv_num_blocks", num), ("kv_indices", idx)):
+            if t.dtype != torch.int32 or t.device != device:
+                raise ValueError(f"BlockLayout.{name} has {_describe(t)}; expected int32 on {device}")
+        s = idx.shape
+        if idx.dim() != 4 or tuple(num.shape) != tuple(s[:3]) or idx.stride(-1) != 1:
+            raise ValueError(f"BlockLayout has kv_num_blocks {tuple(num.shape)} and kv_indices {tuple(s)} "
+                             f"(last stride {idx.stride(-1)}); build it with BlockLayout.from_mask")
+        layout, what = block_mask, f"BlockLayout with shape {tuple(s)}"
+    else:
+        if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
+            got = _describe(block_mask) if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
+            raise ValueError(f"block_mask has {got}; expected a BlockLayout or a bool tensor {want}")
+        if block_mask.device != device:
+            raise ValueError(f"block_mask is on {block_mask.device} but q is on {device}")
+        s = block_mask.shape
+        layout, what = None, f"block_mask with shape {tuple(s)}"
+    if len(s) != 4 or s[0] not in (1, batch) or s[1] not in (1, nheads) or s[2] != qb or s[3] != kb:
+        raise ValueError(f"{what}; expected {want}")
+    return (layout if layout is not None else BlockLayout.from_mask(block_mask, bs)), bs
 
 
 def _check_rel(rel_h, rel_w, key_tile, q, seqlen_k: int):
@@ -144,7 +166,7 @@ def _check_rel(rel_h, rel_w, key_tile, q, seqlen_k: int):
     if key_tile is None:
         return None
     try:
-        th, tw = (int(x) for x in key_tile)
+        th, tw = (operator.index(x) for x in key_tile)
     except (TypeError, ValueError):
         raise ValueError(f"key_tile={key_tile!r}: expected a pair (th, tw) of positive ints") from None
     if th <= 0 or tw <= 0 or kh % th or kw % tw:
@@ -166,6 +188,63 @@ def _check_cu_seqlens(name, cu, total: int, device):
 
 
 # ---------------------------------------------------------------------------------------------------
+# Plans: one per input signature, so a repeated call skips validation and the tuner.
+# ---------------------------------------------------------------------------------------------------
+
+_PLANS: dict = {}
+_MAX_PLANS = 4096  # varlen batches of ever-new lengths would otherwise grow it without bound
+
+
+def _sig(t: Optional[torch.Tensor]):
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.get_device(), t.data_ptr() % 16 == 0)
+
+
+class _ReferencePlan:
+    """The reference path behind the same call signature as triton_attn.KernelPlan."""
+
+    def __init__(self, key_tile, softmax_scale: float, block_size: int):
+        self.key_tile, self.scale, self.block_size = key_tile, softmax_scale, block_size
+
+    def __call__(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k):
+        mask = mask_from_lists(kv_num, kv_idx) if kv_num is not None else None
+        if cu_q is not None:
+            return attention_reference_varlen(q, k, v, cu_q, cu_k, mask, self.scale, self.block_size)
+        return attention_reference(q, k, v, mask, rel_h, rel_w, self.key_tile, self.scale, self.block_size)
+
+
+def _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_q=None, cu_k=None, max_seqlen_q=None):
+    if _use_triton(q):
+        from .triton_attn import make_plan
+
+        return make_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs,
+                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_seqlen_q)
+    return _ReferencePlan(tile, scale, bs)
+
+
+def _planned(key, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _fast_key(q, k, v, layout, rel_h, rel_w, key_tile, softmax_scale, block_size):
+    num = idx = None
+    if layout is not None:
+        num, idx = layout.kv_num_blocks, layout.kv_indices
+    return (
+        _sig(q), _sig(k), _sig(v), _sig(num), _sig(idx), _sig(rel_h), _sig(rel_w),
+        None if key_tile is None else tuple(key_tile), softmax_scale, block_size,
+        None if layout is None else layout.block_size,
+        True if q.is_cuda else _use_triton(q), torch.get_float32_matmul_precision(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
 # Custom ops: one opaque node each under torch.compile, with fake implementations for tracing.
 # ---------------------------------------------------------------------------------------------------
 
@@ -174,7 +253,8 @@ def _attn_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: Optional[torch.Tensor],
+    kv_num_blocks: Optional[torch.Tensor],
+    kv_indices: Optional[torch.Tensor],
     rel_h: Optional[torch.Tensor],
     rel_w: Optional[torch.Tensor],
     key_tile: Optional[list[int]],
@@ -182,21 +262,17 @@ def _attn_impl(
     block_size: int,
 ) -> torch.Tensor:
     tile = tuple(key_tile) if key_tile is not None else None
-    if _use_triton(q):
-        from .triton_attn import attention_triton
-
-        lists = block_lists(block_mask) if block_mask is not None else (None, None)
-        return attention_triton(q, k, v, *lists, rel_h, rel_w, tile, softmax_scale, block_size)
-    return attention_reference(q, k, v, block_mask, rel_h, rel_w, tile, softmax_scale, block_size)
+    key = ("op", _sig(q), _sig(k), _sig(v), _sig(kv_num_blocks), _sig(kv_indices), _sig(rel_h), _sig(rel_w), tile,
+           softmax_scale, block_size, _use_triton(q), torch.get_float32_matmul_precision())
+    plan = _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, tile, softmax_scale, block_size))
+    return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, None)
 
 
-# Eager calls go straight to the implementation: the custom-op dispatcher costs tens of microseconds
-# per call, as much as a whole attention layer at batch 1. Traced calls need the op.
 _attn_op = torch.library.custom_op("sam_sparse::block_sparse_attn", _attn_impl, mutates_args=())
 
 
 @_attn_op.register_fake
-def _(q, k, v, block_mask, rel_h, rel_w, key_tile, softmax_scale, block_size):
+def _(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size):
     return q.new_empty(q.shape)
 
 
@@ -208,26 +284,24 @@ def _attn_varlen_impl(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    block_mask: Optional[torch.Tensor],
+    kv_num_blocks: Optional[torch.Tensor],
+    kv_indices: Optional[torch.Tensor],
     softmax_scale: float,
     block_size: int,
 ) -> torch.Tensor:
-    if _use_triton(q):
-        from .triton_attn import attention_triton
-
-        lists = block_lists(block_mask) if block_mask is not None else (None, None)
-        return attention_triton(
-            q, k, v, *lists, None, None, None, softmax_scale, block_size,
-            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-        )
-    return attention_reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, block_mask, softmax_scale, block_size)
+    key = ("varlen", _sig(q), _sig(k), _sig(v), _sig(cu_seqlens_q), _sig(cu_seqlens_k), max_seqlen_q, max_seqlen_k,
+           _sig(kv_num_blocks), _sig(kv_indices), softmax_scale, block_size, _use_triton(q),
+           torch.get_float32_matmul_precision())
+    plan = _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, None, None, None, softmax_scale,
+                                           block_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q))
+    return plan(q, k, v, kv_num_blocks, kv_indices, None, None, cu_seqlens_q, cu_seqlens_k)
 
 
 _attn_varlen_op = torch.library.custom_op("sam_sparse::block_sparse_attn_varlen", _attn_varlen_impl, mutates_args=())
 
 
 @_attn_varlen_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_mask, softmax_scale, block_size):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_num_blocks, kv_indices, softmax_scale, block_size):
     return q.new_empty(q.shape)
 
 
@@ -240,41 +314,62 @@ def block_sparse_attn(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: Optional[torch.Tensor] = None,
+    block_mask: Union[BlockLayout, torch.Tensor, None] = None,
     *,
     rel_h: Optional[torch.Tensor] = None,
     rel_w: Optional[torch.Tensor] = None,
     key_tile: Optional[Tuple[int, int]] = None,
     softmax_scale: Optional[float] = None,
-    block_size: int = 128,
+    block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Block-sparse softmax attention with SAM's decomposed relative-position bias fused in.
+    """Block-sparse softmax attention with SAM's decomposed relative-position bias fused in. Forward only.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0.
         Any strides: a permuted view of a fused qkv projection works without a copy.
-    block_mask: bool (batch or 1, nheads or 1, ceil(seqlen_q / block_size), ceil(seqlen_k / block_size));
-        True where a query block attends to a key block. None: dense.
+    block_mask: a BlockLayout (built once: the fast way), or a bool tensor (batch or 1, nheads or 1,
+        ceil(seqlen_q / block_size), ceil(seqlen_k / block_size)), True where a query block attends to
+        a key block (converted on every call). None: dense.
     rel_h: (batch, nheads, seqlen_q, kh), rel_w: (batch, nheads, seqlen_q, kw), kh * kw == seqlen_k. Adds
         rel_h[i, row(j)] + rel_w[i, col(j)] to logit (i, j), as SAM's add_decomposed_rel_pos; the
-        N x N bias is never formed.
+        N x N bias is never formed. -inf excludes the key.
     key_tile: None: keys in raster order on the kh x kw grid (row = j // kw, col = j % kw). (th, tw): keys
         grouped in th x tw tiles, tiles in raster order (geometry.tile_permutation gives that order).
     softmax_scale: multiplies q.k; default headdim ** -0.5.
-    block_size: mask granularity in tokens, a multiple of 16.
+    block_size: mask granularity in tokens, a power of two >= 16; default 128, or the BlockLayout's.
 
-    Returns (batch, seqlen_q, nheads, headdim) in q's dtype, contiguous. Query rows whose blocks attend
-    to no key block are zeros.
+    Returns (batch, seqlen_q, nheads, headdim) in q's dtype, contiguous. Query rows that attend to no
+    key (an empty block row, seqlen_k == 0, or every key's bias -inf) are zeros. Raises RuntimeError
+    when an input requires grad with grad mode on: there is no backward pass.
     """
+    _check_no_grad(q, k, v, rel_h, rel_w)
+    fast = (block_mask is None or isinstance(block_mask, BlockLayout)) and not torch.compiler.is_compiling()
+    if fast:
+        try:
+            key = _fast_key(q, k, v, block_mask, rel_h, rel_w, key_tile, softmax_scale, block_size)
+            plan = _PLANS.get(key)
+        except (AttributeError, TypeError):  # not tensors, unhashable key_tile...: the checks below say what
+            key = plan = None
+        if plan is not None:
+            num = idx = None
+            if block_mask is not None:
+                num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
+            return plan(q, k, v, num, idx, rel_h, rel_w, None, None)
+
     _check_qkv(q, k, v, varlen=False)
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k = k.shape[1]
-    _check_block_mask(block_mask, batch, nheads, seqlen_q, seqlen_k, block_size, q.device)
+    layout, bs = _to_layout(block_mask, block_size, batch, nheads, seqlen_q, seqlen_k, q.device)
     tile = _check_rel(rel_h, rel_w, key_tile, q, seqlen_k)
-    scale = headdim**-0.5 if softmax_scale is None else float(softmax_scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"softmax_scale={softmax_scale!r} must be a finite number")
-    op = _attn_op if torch.compiler.is_compiling() else _attn_impl
-    return op(q, k, v, block_mask, rel_h, rel_w, list(tile) if tile else None, scale, block_size)
+    scale = _check_scale(softmax_scale, headdim)
+    num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
+    if torch.compiler.is_compiling():
+        return _attn_op(q, k, v, num, idx, rel_h, rel_w, list(tile) if tile else None, scale, bs)
+    plan = _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs)
+    if fast and key is not None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan(q, k, v, num, idx, rel_h, rel_w, None, None)
 
 
 def block_sparse_attn_varlen(
@@ -285,20 +380,21 @@ def block_sparse_attn_varlen(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
-    block_mask: Optional[torch.Tensor] = None,
+    block_mask: Union[BlockLayout, torch.Tensor, None] = None,
     *,
     softmax_scale: Optional[float] = None,
-    block_size: int = 128,
+    block_size: Optional[int] = None,
 ) -> torch.Tensor:
-    """Block-sparse attention over packed sequences of different lengths.
+    """Block-sparse attention over packed sequences of different lengths. Forward only.
 
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim).
     cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,), cumulative lengths starting at 0.
     max_seqlen_q, max_seqlen_k: the longest sequence on each side.
-    block_mask: bool (num_seqs or 1, nheads or 1, ceil(max_seqlen_q / block_size),
+    block_mask: BlockLayout or bool (num_seqs or 1, nheads or 1, ceil(max_seqlen_q / block_size),
         ceil(max_seqlen_k / block_size)); sequence i uses the top-left part that its lengths cover.
-    Returns (total_q, nheads, headdim).
+    Returns (total_q, nheads, headdim). A sequence with no keys gives zeros.
     """
+    _check_no_grad(q, k, v)
     _check_qkv(q, k, v, varlen=True)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
@@ -306,6 +402,9 @@ def block_sparse_attn_varlen(
         raise ValueError(
             f"cu_seqlens_q has {cu_seqlens_q.numel() - 1} sequences but cu_seqlens_k has {cu_seqlens_k.numel() - 1}"
         )
+    for name, n in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name}={n!r}: expected an int >= 0")
     if not torch.compiler.is_compiling():
         longest_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
         longest_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
@@ -315,9 +414,8 @@ def block_sparse_attn_varlen(
                 f"({longest_q}, {longest_k}) in cu_seqlens"
             )
     num_seqs = cu_seqlens_q.numel() - 1
-    _check_block_mask(block_mask, num_seqs, q.shape[1], max_seqlen_q, max_seqlen_k, block_size, q.device)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    layout, bs = _to_layout(block_mask, block_size, num_seqs, q.shape[1], max_seqlen_q, max_seqlen_k, q.device)
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     op = _attn_varlen_op if torch.compiler.is_compiling() else _attn_varlen_impl
-    return op(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), block_mask, scale, block_size
-    )
+    return op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx, scale, bs)

@@ -1,29 +1,42 @@
-"""Triton forward kernel for block-sparse attention with a fused decomposed 2-D relative-position bias.
+"""Triton forward kernel for block-sparse attention with a fused decomposed 2-D relative-position bias,
+and its launcher: plan once per input signature, launch many.
 
-One program computes BLOCK_M query rows of one (batch, head) and walks only the key blocks its mask
+One program computes BLOCK_M query rows of one (batch, head) and walks only the key blocks its layout
 row lists (kv_num_blocks / kv_indices, as FlexAttention), with an fp32 online softmax (exp2 domain).
+Steps past seqlen_k are never taken: the listed blocks are in ascending order, so the kernel counts the
+key tiles that hold keys and stops there (a partial last block costs only its real keys).
 
 The bias rel_h[i, row(j)] + rel_w[i, col(j)] is formed per key tile in registers, one of three ways
-(picked per config by _bias_mode; the autotuner then picks the fastest config):
-  1 "rect":    the key tile is a TH x TW rectangle of the key grid, so the bias is a (BLOCK_M, TH) slice
-               of rel_h broadcast against a (BLOCK_M, TW) slice of rel_w: no gather at all. When the
-               tile is one grid row (SAM's raster 64 x 64 grid with 64-key tiles), rel_w is loaded once
-               per program and rel_h, one value per query row, is folded into the running max. rel_w
-               is then either added to the scores (W_DOT=0) or, in fp16/bf16, accumulated into them by
-               the tensor cores as rel_w @ I (W_DOT=1); the autotuner keeps whichever is faster.
-  2 "onehot":  small grids (windows, 14 x 14): rel_h / rel_w rows are loaded once per program and
-               expanded with one-hot matrices on the tensor cores.
-  3 "gather":  anything else: an element-wise gather from L1/L2 (slow, always correct).
+(BIAS_RECT / BIAS_ONEHOT / BIAS_GATHER, picked per config by _bias_path):
+  rect:    the key tile is a TH x TW rectangle of the key grid, so the bias is a (BLOCK_M, TH) slice
+           of rel_h broadcast against a (BLOCK_M, TW) slice of rel_w: no gather at all. When the
+           tile is one grid row (SAM's raster 64 x 64 grid with 64-key tiles), rel_w is loaded once
+           per program and rel_h, one value per query row, is folded into the running max. rel_w
+           is then either added to the scores (W_DOT=0) or, in bf16, accumulated into them by the
+           tensor cores as rel_w @ I (W_DOT=1); the tuner keeps whichever is faster.
+  onehot:  small grids (windows, 14 x 14): rel_h / rel_w rows are loaded once per program and
+           expanded with one-hot matrices on the tensor cores.
+  gather:  anything else: an element-wise gather from L1/L2 (slow, always correct).
+A -inf in rel_h / rel_w excludes that key, on every path (the MMA paths carry it as a huge finite
+value, since -inf * 0 would be NaN, and turn it back into -inf after the product).
 
 Shapes: q (B, Nq, H, D) or varlen (total_q, H, D); k, v (B, Nk, Hk, D) or (total_k, Hk, D); any strides.
 Head dims are split into two power-of-two parts when possible (80 = 64 + 16, 96 = 64 + 32) instead of
 padding to the next power of two, which would waste 60% more tensor-core work at vit_h's 80.
+
+float32 inputs follow torch.get_float32_matmul_precision(), as torch's own matmuls: "highest" runs
+3xTF32 on the tensor cores (float32-level error, see docs/benchmarks.md), "high" / "medium" TF32.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-from typing import Optional, Tuple
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -32,9 +45,17 @@ import triton.language as tl
 # The interpreter is chosen when kernels are defined (import time), so read the flag once here.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+BIAS_NONE, BIAS_RECT, BIAS_ONEHOT, BIAS_GATHER = 0, 1, 2, 3
+
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+def _bucket(n: int) -> int:
+    """A sequence length's shape class for tuning: the next power of two, at least 16 (the smallest
+    tile), so SAM's decoder sides of 6 to 16 tokens (up to about ten points) share one class."""
+    return max(16, _next_pow2(n))
 
 
 def _split_head_dim(d: int) -> Tuple[int, int]:
@@ -46,43 +67,34 @@ def _split_head_dim(d: int) -> Tuple[int, int]:
     return _next_pow2(d), 0
 
 
-# Tests set this to 2 or 3 to exercise a bias path that autotuning would not pick on their shapes.
-FORCE_BIAS_MODE: Optional[int] = None
+# Tests set this to BIAS_ONEHOT or BIAS_GATHER to exercise a path the tuner would not pick on their shapes.
+FORCE_BIAS_PATH: Optional[int] = None
 
 
-def _bias_mode(args) -> int:
-    if not args["HAS_BIAS"]:
-        return 0
-    if FORCE_BIAS_MODE is not None:
-        return FORCE_BIAS_MODE
-    bn, tile_h, tile_w = args["BLOCK_N"], args["tile_h"], args["tile_w"]
-    tw = min(tile_w, bn)
-    th = bn // tw
-    rect = (
-        tw & (tw - 1) == 0
-        and th & (th - 1) == 0
-        and th * tw == bn
-        and tile_w % tw == 0
-        and tile_h % th == 0
-    )
-    if rect:
-        return 1
-    if _next_pow2(args["KH"]) <= 64 and _next_pow2(args["KW"]) <= 64:
-        return 2
-    return 3
+def _rect_tile(block_n: int, tile_w: int) -> Tuple[int, int]:
+    """(TH, TW) of a BLOCK_N-key rectangle when keys come in rows of tile_w."""
+    tw = min(tile_w, block_n)
+    return block_n // tw, tw
 
 
-def _wdot_applies(args, block_n: int) -> bool:
-    """W_DOT (a tuning choice) changes the code only where rel_w is hoisted for one grid row, in fp16/bf16."""
-    return args["HAS_BIAS"] and not args["IS_FP32"] and block_n == args["tile_w"] == args["KW"]
+def _bias_path(a: dict, block_n: int) -> int:
+    if not a["HAS_BIAS"]:
+        return BIAS_NONE
+    if FORCE_BIAS_PATH is not None:
+        return FORCE_BIAS_PATH
+    th, tw = _rect_tile(block_n, a["tile_w"])
+    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
+    if pow2(tw) and pow2(th) and th * tw == block_n and a["tile_w"] % tw == 0 and a["tile_h"] % th == 0:
+        return BIAS_RECT
+    if _next_pow2(a["KH"]) <= 64 and _next_pow2(a["KW"]) <= 64:
+        return BIAS_ONEHOT
+    return BIAS_GATHER
 
 
-def _rect_th(args) -> int:
-    return args["BLOCK_N"] // min(args["tile_w"], args["BLOCK_N"])
-
-
-def _rect_tw(args) -> int:
-    return min(args["tile_w"], args["BLOCK_N"])
+def _wdot_applies(a: dict, block_n: int) -> bool:
+    """rel_w @ I changes the code only where rel_w is hoisted for one grid row, and only in bf16: bf16
+    holds the huge finite stand-in for -inf (fp16 does not), and fp32 has no cheaper MMA."""
+    return a["HAS_BIAS"] and a["IS_BF16"] and block_n == a["tile_w"] == a["KW"]
 
 
 @triton.jit
@@ -100,18 +112,23 @@ def _attn_fwd(
     stride_idxb, stride_idxh, stride_idxm,
     stride_rhb, stride_rhh, stride_rhm, stride_rhk,
     stride_rwb, stride_rwh, stride_rwm, stride_rwk,
-    seqlen_q, seqlen_k, batch, num_heads, kv_group,
+    seqlen_q, seqlen_k, num_heads, kv_group,
     KH, KW, tile_h, tile_w,
     D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-    MASK_BLOCK: tl.constexpr,
+    MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
-    IS_FP32: tl.constexpr, INTERP: tl.constexpr,
+    DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BIAS_MODE: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-    W_HOIST: tl.constexpr, W_DOT: tl.constexpr, USE_WDOT: tl.constexpr,
+    BIAS_PATH: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    W_HOIST: tl.constexpr, USE_WDOT: tl.constexpr,
     KH_P: tl.constexpr, KW_P: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
+    LOG2E: tl.constexpr = 1.4426950408889634
+    # Stand-in for -inf inside MMAs (-inf * 0 is NaN); twice it overflows back to -inf, once it stays
+    # below NEG_CUT, where the scores are turned back into -inf.
+    NEG_BIG: tl.constexpr = -2.0e38
+    NEG_CUT: tl.constexpr = -1.0e38
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -135,9 +152,7 @@ def _attn_fwd(
         v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
         o_base = Out + b.to(tl.int64) * stride_ob + h * stride_oh
 
-    # The dot's input precision: true fp32 for fp32 inputs (as torch's matmul), native otherwise.
-    PREC: tl.constexpr = "ieee" if IS_FP32 or INTERP else "tf32"
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < seqlen_q
@@ -162,31 +177,33 @@ def _attn_fwd(
         rw_base = REL_W + b.to(tl.int64) * stride_rwb + h * stride_rwh + offs_m[:, None] * stride_rwm
         tiles_per_row = KW // tile_w
         per_tile = tile_h * tile_w
-        if BIAS_MODE == 1:
+        if BIAS_PATH == 1:
             subs_w = tile_w // TW
             if W_HOIST:
                 # The key tile spans whole grid rows, so its rel_w slice is the same every step.
                 bias_w_rows = tl.load(rw_base + tl.arange(0, TW)[None, :] * stride_rwk, mask=m_ok[:, None], other=0.0)
-                bias_w_rows = bias_w_rows.to(tl.float32) * 1.4426950408889634
+                bias_w_rows = bias_w_rows.to(tl.float32) * LOG2E
                 if USE_WDOT:
                     # rel_w @ I adds rel_w to every score inside the MMA. That frees the registers the
                     # fp32 rel_w tile holds, which 128-row tiles need (docs/benchmarks.md, run 6).
-                    # Rounding rel_w to the input dtype matches SAM's own bf16 bias.
-                    bias_w_lp = bias_w_rows.to(Q.dtype.element_ty)
+                    # Rounding rel_w to bf16 matches SAM's own bf16 bias.
+                    bias_w_lp = tl.where(bias_w_rows == float("-inf"), NEG_BIG, bias_w_rows).to(tl.bfloat16)
                     eye = tl.arange(0, TW)[:, None] == tl.arange(0, BLOCK_N)[None, :]
                     if INTERP:  # fp32 operands (issue 11584 above); the interpreter's bool -> bf16 is wrong too
                         bias_w_lp = bias_w_lp.to(tl.float32)
                         eye = eye.to(tl.float32)
                     else:
-                        eye = eye.to(Q.dtype.element_ty)
-        if BIAS_MODE == 2:
+                        eye = eye.to(tl.bfloat16)
+        if BIAS_PATH == 2:
             # Whole rel_h / rel_w rows of this program's queries, pre-multiplied into the exp2 domain.
             kh_r = tl.arange(0, KH_P)
             kw_r = tl.arange(0, KW_P)
             rel_h_rows = tl.load(rh_base + kh_r[None, :] * stride_rhk, mask=m_ok[:, None] & (kh_r[None, :] < KH), other=0.0)
             rel_w_rows = tl.load(rw_base + kw_r[None, :] * stride_rwk, mask=m_ok[:, None] & (kw_r[None, :] < KW), other=0.0)
-            rel_h_rows = rel_h_rows.to(tl.float32) * 1.4426950408889634
-            rel_w_rows = rel_w_rows.to(tl.float32) * 1.4426950408889634
+            rel_h_rows = rel_h_rows.to(tl.float32) * LOG2E
+            rel_w_rows = rel_w_rows.to(tl.float32) * LOG2E
+            rel_h_rows = tl.where(rel_h_rows == float("-inf"), NEG_BIG, rel_h_rows)
+            rel_w_rows = tl.where(rel_w_rows == float("-inf"), NEG_BIG, rel_w_rows)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -197,8 +214,16 @@ def _attn_fwd(
     SUBS: tl.constexpr = MASK_BLOCK // BLOCK_N
     if HAS_MASK:
         q_block = (pid_m * BLOCK_M) // MASK_BLOCK
-        n_steps = tl.load(KV_NUM + b * stride_numb + h * stride_numh + q_block * stride_numm) * SUBS
+        num = tl.load(KV_NUM + b * stride_numb + h * stride_numh + q_block * stride_numm)
         idx_base = KV_IDX + b * stride_idxb + h * stride_idxh + q_block * stride_idxm
+        # Key tiles that hold keys, per listed block: SUBS for full blocks, fewer for the partial last
+        # one, none past seqlen_k. Blocks are listed in ascending order, so these steps come first.
+        kb_r = tl.arange(0, KB_P)
+        listed = kb_r < num
+        blocks = tl.load(idx_base + kb_r, mask=listed, other=0)
+        tiles = (seqlen_k - blocks * MASK_BLOCK + BLOCK_N - 1) // BLOCK_N
+        tiles = tl.minimum(tl.maximum(tiles, 0), SUBS)
+        n_steps = tl.sum(tl.where(listed, tiles, 0), 0)
     else:
         n_steps = tl.cdiv(seqlen_k, BLOCK_N)
 
@@ -215,53 +240,55 @@ def _attn_fwd(
                      mask=n_ok[None, :] & d0_ok[:, None], other=0.0)
         if INTERP:
             k0 = k0.to(tl.float32)
-        qk = tl.dot(q0, k0, input_precision=PREC)
+        qk = tl.dot(q0, k0, input_precision=DOT_PREC)
         if D1 > 0:
             k1 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d1[:, None] * stride_kd,
                          mask=n_ok[None, :], other=0.0)
             if INTERP:
                 k1 = k1.to(tl.float32)
-            qk = tl.dot(q1, k1, qk, input_precision=PREC)
+            qk = tl.dot(q1, k1, qk, input_precision=DOT_PREC)
         qk = qk * qk_scale
 
         row_off = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if BIAS_MODE == 1:
+        if BIAS_PATH == 1:
             n_tile = start_n // per_tile
             sub = (start_n % per_tile) // BLOCK_N
             row0 = (n_tile // tiles_per_row) * tile_h + (sub // subs_w) * TH
             col0 = (n_tile % tiles_per_row) * tile_w + (sub % subs_w) * TW
             if USE_WDOT:
                 qk = tl.dot(bias_w_lp, eye, qk)
+                qk = tl.where(qk < NEG_CUT, float("-inf"), qk)
             elif W_HOIST:
                 bias_w = bias_w_rows
             else:
                 bias_w = tl.load(rw_base + (col0 + tl.arange(0, TW)[None, :]) * stride_rwk, mask=m_ok[:, None], other=0.0)
-                bias_w = bias_w.to(tl.float32) * 1.4426950408889634
+                bias_w = bias_w.to(tl.float32) * LOG2E
             if TH == 1:
                 # One grid row: rel_h is one value per query row. It shifts the whole row, so it goes
                 # into the running max instead of into every score (one FMA per score, as without bias).
                 if not USE_WDOT:
                     qk += bias_w
-                row_off = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+                row_off = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok, other=0.0).to(tl.float32) * LOG2E
             else:
                 bias_h = tl.load(rh_base + (row0 + tl.arange(0, TH)[None, :]) * stride_rhk, mask=m_ok[:, None], other=0.0)
-                bias_h = bias_h.to(tl.float32) * 1.4426950408889634
+                bias_h = bias_h.to(tl.float32) * LOG2E
                 qk += tl.reshape(bias_h[:, :, None] + bias_w[:, None, :], (BLOCK_M, BLOCK_N))
-        elif BIAS_MODE > 1:
+        elif BIAS_PATH > 1:
             n_tile = offs_n // per_tile
             inner = offs_n % per_tile
             key_row = (n_tile // tiles_per_row) * tile_h + inner // tile_w
             key_col = (n_tile % tiles_per_row) * tile_w + inner % tile_w
-            if BIAS_MODE == 2:
+            if BIAS_PATH == 2:
                 hot_h = (tl.arange(0, KH_P)[:, None] == key_row[None, :]).to(tl.float32)
                 hot_w = (tl.arange(0, KW_P)[:, None] == key_col[None, :]).to(tl.float32)
-                qk = tl.dot(rel_h_rows, hot_h, qk, input_precision=PREC)
-                qk = tl.dot(rel_w_rows, hot_w, qk, input_precision=PREC)
+                qk = tl.dot(rel_h_rows, hot_h, qk, input_precision=DOT_PREC)
+                qk = tl.dot(rel_w_rows, hot_w, qk, input_precision=DOT_PREC)
+                qk = tl.where(qk < NEG_CUT, float("-inf"), qk)
             else:
                 ok = m_ok[:, None] & n_ok[None, :]
                 bias_h = tl.load(rh_base + key_row[None, :] * stride_rhk, mask=ok, other=0.0).to(tl.float32)
                 bias_w = tl.load(rw_base + key_col[None, :] * stride_rwk, mask=ok, other=0.0).to(tl.float32)
-                qk += (bias_h + bias_w) * 1.4426950408889634
+                qk += (bias_h + bias_w) * LOG2E
 
         if not EVEN_N:
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
@@ -281,13 +308,13 @@ def _attn_fwd(
         if INTERP:
             p_lp = p_lp.to(tl.float32)
             v0 = v0.to(tl.float32)
-        acc0 = tl.dot(p_lp, v0, acc0 * alpha[:, None], input_precision=PREC)
+        acc0 = tl.dot(p_lp, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if D1 > 0:
             v1 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd,
                          mask=n_ok[:, None], other=0.0)
             if INTERP:
                 v1 = v1.to(tl.float32)
-            acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=PREC)
+            acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
 
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     o_ptrs = o_base + offs_m[:, None] * stride_on
@@ -298,81 +325,257 @@ def _attn_fwd(
                  mask=m_ok[:, None])
 
 
-_HEURISTICS = {
-    "BIAS_MODE": _bias_mode,
-    "TH": _rect_th,
-    "TW": _rect_tw,
-    "W_HOIST": lambda a: _rect_tw(a) == a["tile_w"] == a["KW"],
-    "USE_WDOT": lambda a: bool(a["W_DOT"]) and _bias_mode(a) == 1 and _wdot_applies(a, a["BLOCK_N"]),
-    "KH_P": lambda a: max(16, _next_pow2(a["KH"])),
-    "KW_P": lambda a: max(16, _next_pow2(a["KW"])),
-    "EVEN_N": lambda a: (not a["VARLEN"]) and a["seqlen_k"] % a["BLOCK_N"] == 0,
-}
-_attn_fwd_heur = triton.heuristics(_HEURISTICS)(_attn_fwd)
+# ---------------------------------------------------------------------------------------------------
+# Launch configs: the tuning space, pruned to the problem
+# ---------------------------------------------------------------------------------------------------
 
 
-def _configs():
+def _configs() -> List[dict]:
     out = []
     for bm in (16, 32, 64, 128):
         for bn in (16, 32, 64, 128):
             warps = 8 if bm * bn >= 128 * 64 else 4
             for stages in (2, 3):
                 for w_dot in (0, 1):
-                    out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "W_DOT": w_dot},
-                                             num_warps=warps, num_stages=stages))
+                    out.append(dict(BLOCK_M=bm, BLOCK_N=bn, W_DOT=w_dot, num_warps=warps, num_stages=stages))
     return out
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune(configs: List[dict], a: dict) -> List[dict]:
     """Keep configs that fit the problem: tiles inside one mask block, not far larger than the sequences.
 
-    For long sequences that leaves 64/128-row tiles (8 configs), for SAM's few-token decoder sides the
-    16-row ones: tuning compiles each kept config once per shape class.
+    For long sequences that leaves 64/128-row tiles, for SAM's few-token decoder sides the 16-row ones:
+    tuning compiles each kept config once per shape class.
     """
-    a = {**named_args, **kwargs}
     mb = a["MASK_BLOCK"]
     max_m = max(16, min(128, _next_pow2(a["seqlen_q"])))
     max_n = max(16, min(128, _next_pow2(a["seqlen_k"])))
     d = a["D0"] + a["D1"]
+    # Wide fp32 heads need small tiles to fit in shared memory (64 x 64 x 256 fp32 does not on an H200).
+    low = 16 if d > 128 and a["IS_FP32"] else 64
     keep = []
     for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if mb % bm or mb % bn or bm > max_m or bn > max_n or bm < min(64, max_m) or bn < min(64, max_n):
+        bm, bn = c["BLOCK_M"], c["BLOCK_N"]
+        if mb % bm or mb % bn or bm > max_m or bn > max_n or bm < min(low, max_m) or bn < min(low, max_n):
             continue
         if (d > 128 or a["IS_FP32"]) and bm * bn > 64 * 64:
             continue
-        if c.kwargs["W_DOT"] and not _wdot_applies(a, bn):
+        if c["W_DOT"] and not _wdot_applies(a, bn):
             continue  # it would compile a twin of the W_DOT=0 config
         keep.append(c)
-    return keep or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "W_DOT": 0}, num_warps=4, num_stages=1)]
+    return keep or [dict(BLOCK_M=16, BLOCK_N=16, W_DOT=0, num_warps=4, num_stages=1)]
 
 
-_TUNE_KEY = ["seqlen_q", "seqlen_k", "batch", "num_heads", "KH", "KW", "tile_h", "tile_w", "D0", "D1", "MASK_BLOCK",
-             "HAS_MASK", "HAS_BIAS", "VARLEN", "IS_FP32"]
-_attn_fwd_tuned = triton.autotune(
-    configs=_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune}
-)(_attn_fwd_heur)
-
-
-def _fixed_config(named_args) -> dict:
+def _fixed_config(a: dict) -> dict:
     """One sensible config: used by the interpreter and when SAM_SPARSE_AUTOTUNE=0."""
-    mb = named_args["MASK_BLOCK"]
-    bm = min(64, mb, max(16, _next_pow2(named_args["seqlen_q"])))
-    bn = min(64, mb, max(16, _next_pow2(named_args["seqlen_k"])))
-    return {"BLOCK_M": bm, "BLOCK_N": bn, "W_DOT": 0, "num_warps": 4, "num_stages": 2}
+    mb = a["MASK_BLOCK"]
+    bm = min(64, mb, max(16, _next_pow2(a["seqlen_q"])))
+    bn = min(64, mb, max(16, _next_pow2(a["seqlen_k"])))
+    return dict(BLOCK_M=bm, BLOCK_N=bn, W_DOT=0, num_warps=4, num_stages=2)
 
 
-def _strides(t: Optional[torch.Tensor], n: int, broadcast_first: int = 0):
+def _derived(a: dict, cfg: dict) -> dict:
+    """The constexprs that follow from the problem and the config (once per plan, never per call)."""
+    bn = cfg["BLOCK_N"]
+    path = _bias_path(a, bn)
+    th, tw = _rect_tile(bn, a["tile_w"])
+    return dict(
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, BIAS_PATH=path, TH=th, TW=tw,
+        W_HOIST=tw == a["tile_w"] == a["KW"],
+        USE_WDOT=bool(cfg.get("W_DOT")) and path == BIAS_RECT and _wdot_applies(a, bn),
+        KH_P=max(16, _next_pow2(a["KH"])), KW_P=max(16, _next_pow2(a["KW"])),
+        EVEN_N=(not a["VARLEN"]) and a["seqlen_k"] % bn == 0,
+    )
+
+
+def _check_config(cfg: dict, block_size: int) -> None:
+    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    if block_size % bm or block_size % bn or min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
+        raise ValueError(f"config {cfg}: BLOCK_M and BLOCK_N must be powers of two >= 16 dividing block_size={block_size}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tuning at run time, on the user's GPU. Results are kept per process and, unless
+# SAM_SPARSE_TUNE_CACHE=0, in a per-GPU file of the user's cache folder, so the next process compiles
+# only the winning config. Nothing tuned ships with the package.
+# ---------------------------------------------------------------------------------------------------
+
+_TUNED: Dict[tuple, dict] = {}
+_TUNE_LOCK = threading.Lock()
+_DISK: Dict[str, Optional[dict]] = {}
+
+
+def _tune_file(device: torch.device) -> Optional[Path]:
+    if os.environ.get("SAM_SPARSE_TUNE_CACHE") == "0" or device.type != "cuda":
+        return None
+    root = os.environ.get("SAM_SPARSE_CACHE")
+    folder = (Path(root).expanduser() if root else Path.home() / ".cache" / "sam-sparse") / "tuning"
+    name = torch.cuda.get_device_name(device)
+    cap = torch.cuda.get_device_capability(device)
+    kernel = hashlib.sha256((_attn_fwd.src + repr(_configs())).encode()).hexdigest()[:12]
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    return folder / f"{slug}-sm{cap[0]}{cap[1]}-triton{triton.__version__}-{kernel}.json"
+
+
+def _disk_entries(path: Path) -> dict:
+    key = str(path)
+    if key not in _DISK:
+        try:
+            _DISK[key] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            _DISK[key] = {}
+    return _DISK[key]
+
+
+def _disk_store(path: Path, tune_key: str, cfg: dict) -> None:
+    entries = _disk_entries(path)
+    entries[tune_key] = cfg
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tune-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(entries, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
+    except OSError:
+        pass  # a read-only home only costs the next process a re-tune
+
+
+def _compile_in_parallel(candidates: List[dict], warmup: Callable[[dict], None]) -> None:
+    """Compile the candidates on a thread pool before timing them one by one (a fresh process tunes a few
+    shape classes of 8-12 configs each). Uses Triton's async-compile mode where this Triton has it;
+    otherwise the timing loop compiles them one at a time, as before."""
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+    workers = max(1, min(len(candidates), os.cpu_count() or 1, 16))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            for cfg in candidates:
+                warmup(cfg)
+    except Exception:
+        pass  # the timing loop compiles (and reports) whatever did not compile here
+
+
+def _tune(tune_key: tuple, candidates: List[dict], bench: Callable[[dict], float], device,
+          warmup: Optional[Callable[[dict], None]] = None) -> dict:
+    with _TUNE_LOCK:
+        hit = _TUNED.get(tune_key)
+        if hit is not None:
+            return hit
+        path = _tune_file(device)
+        skey = repr(tune_key)
+        cached = _disk_entries(path).get(skey) if path is not None else None
+        if cached is not None and cached in candidates:
+            best = cached
+        else:
+            if warmup is not None and len(candidates) > 1:
+                _compile_in_parallel(candidates, warmup)
+            timings = []
+            for cfg in candidates:
+                try:
+                    timings.append((bench(cfg), cfg))
+                except triton.runtime.errors.OutOfResources:
+                    continue  # the config needs more shared memory or registers than this GPU has
+            if not timings:
+                raise RuntimeError(f"no launch config of the kernel fits this GPU for {tune_key} (tried {candidates})")
+            best = min(timings, key=lambda t: t[0])[1]
+            if path is not None:
+                _disk_store(path, skey, best)
+        _TUNED[tune_key] = best
+        return best
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plans
+# ---------------------------------------------------------------------------------------------------
+
+
+def _strides(t: Optional[torch.Tensor], n: int, broadcast_first: int = 0) -> tuple:
     if t is None:
         return (0,) * n
     s = list(t.stride())[:n]
     for i in range(broadcast_first):
         if t.shape[i] == 1:
-            s[i] = 0  # a size-1 dim of a broadcast mask is shared by every batch / head
+            s[i] = 0  # a size-1 dim of a broadcast layout is shared by every batch / head
     return tuple(s)
 
 
-def attention_triton(
+def _contiguous_strides(shape) -> tuple:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if INTERPRET:
+        return "ieee"
+    if dtype != torch.float32:
+        return "tf32"  # only the one-hot bias products see fp32 operands; the main MMAs are 16-bit
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+class KernelPlan:
+    """Everything about one launch signature resolved once: the config, the grid, the scalars and
+    constexprs, and the compiled kernel. A call allocates the output and launches; nothing else.
+
+    Call with (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k), None
+    for the absent ones; tensors must have the shapes, strides, dtypes and device the plan was made for.
+    """
+
+    def __init__(self, grid: Tuple[int, int, int], tail: tuple, config: dict, out_shape, dtype, device):
+        if 10 + len(tail) != len(_attn_fwd.arg_names):  # the launcher takes every argument, in order
+            raise RuntimeError(f"kernel plan has {10 + len(tail)} arguments, the kernel {len(_attn_fwd.arg_names)}")
+        self.grid = grid
+        self.config = config
+        self._tail = tail  # every argument after the ten tensors, in the kernel's order
+        self._out = (tuple(out_shape), dtype, device)
+        self._fast = None  # the compiled kernel's launcher, once known
+        self.fast_path = False
+
+    def warmup(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k) -> None:
+        """Compile without launching."""
+        tensors = self._tensors(q, k, v, q, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
+        _attn_fwd.warmup(*tensors, *self._tail, grid=self.grid, num_warps=self.config["num_warps"],
+                         num_stages=self.config["num_stages"])
+
+    @staticmethod
+    def _tensors(q, k, v, out, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k) -> tuple:
+        # Absent tensors are never read (their flags are off); q stands in for them.
+        return (q, k, v, out, q if kv_num is None else kv_num, q if kv_idx is None else kv_idx,
+                q if rel_h is None else rel_h, q if rel_w is None else rel_w,
+                q if cu_q is None else cu_q, q if cu_k is None else cu_k)
+
+    def _launch_slow(self, tensors: tuple):
+        return _attn_fwd[self.grid](*tensors, *self._tail, num_warps=self.config["num_warps"],
+                                    num_stages=self.config["num_stages"])
+
+    def __call__(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, out=None) -> torch.Tensor:
+        if out is None:
+            shape, dtype, device = self._out
+            out = torch.empty(shape, dtype=dtype, device=device)
+        tensors = self._tensors(q, k, v, out, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
+        if self._fast is not None:
+            self._fast(*tensors, *self._tail)
+            return out
+        compiled = self._launch_slow(tensors)
+        if not INTERPRET and compiled is not None:
+            # Triton's own run() binds ~60 arguments, specializes and looks up its cache on every call;
+            # the compiled kernel's launcher only packs them. Plans are keyed by everything that run()
+            # would check, so the launcher is safe to call directly from now on.
+            try:
+                self._fast = compiled[self.grid]
+                self.fast_path = True
+            except Exception:  # a Triton without CompiledKernel[grid]: keep the slow path
+                self._fast = None
+        return out
+
+
+def make_plan(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -387,71 +590,82 @@ def attention_triton(
     cu_seqlens_q: Optional[torch.Tensor] = None,
     cu_seqlens_k: Optional[torch.Tensor] = None,
     max_seqlen_q: Optional[int] = None,
-    out: Optional[torch.Tensor] = None,
     config: Optional[dict] = None,
-) -> torch.Tensor:
-    """Launch the kernel on validated inputs (interface.py checks them).
+) -> KernelPlan:
+    """Resolve a launch for validated inputs (interface.py checks them); tunes on first sight of a shape class.
 
     q: (B, Nq, H, D) or varlen (total_q, H, D); k, v: (B, Nk, Hk, D) or (total_k, Hk, D).
-    kv_num_blocks: int32 (Bm, Hm, QB); kv_indices: int32 (Bm, Hm, QB, KB) (interface.block_lists), or None.
+    kv_num_blocks: int32 (Bm, Hm, QB); kv_indices: int32 (Bm, Hm, QB, KB), last dim contiguous
+        (layout.BlockLayout), or None for dense.
     rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw) or None; key_tile (th, tw) or None (raster).
-    out: optional preallocated output shaped and typed like q (tests poison it to catch unwritten rows).
-    config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT]}: skips autotuning.
-    Returns out.
+    config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT]}: no tuning.
     """
     varlen = cu_seqlens_q is not None
     if varlen:
-        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
         batch = cu_seqlens_q.numel() - 1
-        seqlen_q, seqlen_k = int(max_seqlen_q), k.shape[0]
+        seqlen_q, seqlen_k = int(max_seqlen_q), max(k.shape[0], 1)  # varlen: seqlen_k only sizes tiles
+        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     else:
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         q4, k4, v4 = q, k, v
-        batch, seqlen_q = q.shape[0], q.shape[1]
-        seqlen_k = k.shape[1]
     nheads, head_dim = q.shape[-2], q.shape[-1]
-    kv_group = nheads // k.shape[-2]
-    if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    o4 = out.unsqueeze(0) if varlen else out
     d0, d1 = _split_head_dim(head_dim)
-
     has_bias = rel_h is not None
     kh, kw = (rel_h.shape[-1], rel_w.shape[-1]) if has_bias else (1, 1)
     tile_h, tile_w = key_tile if key_tile is not None else (kh, kw)
-    dummy = q  # never read when the matching flag is off
     has_mask = kv_num_blocks is not None
-    args = dict(
-        seqlen_q=seqlen_q, seqlen_k=seqlen_k, batch=batch, num_heads=nheads, kv_group=kv_group,
-        KH=kh, KW=kw, tile_h=tile_h, tile_w=tile_w,
-        D_REAL=head_dim, D0=d0, D1=d1, MASK_BLOCK=block_size,
-        HAS_MASK=has_mask, HAS_BIAS=has_bias, VARLEN=varlen,
-        IS_FP32=q.dtype == torch.float32, INTERP=INTERPRET,
+    kb = kv_indices.shape[-1] if has_mask else 1
+    a = dict(
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, KH=kh, KW=kw, tile_h=tile_h, tile_w=tile_w,
+        D0=d0, D1=d1, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen,
+        IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
-    if varlen:
-        # seqlen_k only sizes the tuning key in varlen mode; the kernel reads each sequence's own length.
-        args["seqlen_k"] = max(seqlen_k, 1)
-    tensors = (
-        q4, k4, v4, o4,
-        kv_num_blocks if has_mask else dummy, kv_indices if has_mask else dummy,
-        rel_h if has_bias else dummy, rel_w if has_bias else dummy,
-        cu_seqlens_q if varlen else dummy, cu_seqlens_k if varlen else dummy,
+    prec = _dot_precision(q.dtype)
+    out_strides = _contiguous_strides(q4.shape)
+    scalars = (
         float(softmax_scale),
-    )
-    strides = (
-        *q4.stride(), *k4.stride(), *v4.stride(), *o4.stride(),
+        *q4.stride(), *k4.stride(), *v4.stride(), *out_strides,
         *_strides(kv_num_blocks, 3, 2), *_strides(kv_indices, 3, 2),
         *_strides(rel_h, 4), *_strides(rel_w, 4),
+        seqlen_q, seqlen_k, nheads, nheads // k.shape[-2], kh, kw, tile_h, tile_w,
+        head_dim, d0, d1, block_size, max(16, _next_pow2(kb)), has_mask, has_bias, varlen, prec, INTERPRET,
     )
 
-    def grid(meta):
-        return (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * nheads)
+    def plan_for(cfg: dict) -> KernelPlan:
+        _check_config(cfg, block_size)
+        dv = _derived(a, cfg)
+        tail = scalars + (dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["TH"], dv["TW"], dv["W_HOIST"],
+                          dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"])
+        grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * nheads, 1)
+        return KernelPlan(grid, tail, cfg, q.shape, q.dtype, q.device)
 
     if config is not None or INTERPRET or os.environ.get("SAM_SPARSE_AUTOTUNE") == "0":
-        cfg = {"W_DOT": 0, **(config or _fixed_config(args))}
-        bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-        if block_size % bm or block_size % bn or min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
-            raise ValueError(f"config {cfg}: BLOCK_M and BLOCK_N must be powers of two >= 16 dividing block_size={block_size}")
-        _attn_fwd_heur[grid({"BLOCK_M": cfg["BLOCK_M"]})](*tensors, *strides, **args, **cfg)
-    else:
-        _attn_fwd_tuned[grid](*tensors, *strides, **args)
-    return out
+        return plan_for({"W_DOT": 0, **(config or _fixed_config(a))})
+
+    # The tuning key holds shape classes, not exact sizes: no batch, sequence lengths rounded up to a
+    # power of two, so a new prompt count or batch size never starts a tuning run inside predict().
+    tune_key = (_bucket(seqlen_q), _bucket(seqlen_k), nheads, kh, kw, tile_h, tile_w, d0, d1, block_size,
+                has_mask, has_bias, varlen, str(q.dtype), prec)
+    candidates = _prune(_configs(), {**a, "seqlen_q": _bucket(seqlen_q), "seqlen_k": _bucket(seqlen_k)})
+    tensors_in = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k)
+
+    def bench(cfg: dict) -> float:
+        p = plan_for(cfg)
+        scratch = torch.empty_like(q)
+        return triton.testing.do_bench(lambda: p(*tensors_in, out=scratch), warmup=5, rep=20, return_mode="median")
+
+    def warmup(cfg: dict) -> None:
+        plan_for(cfg).warmup(*tensors_in)
+
+    return plan_for(_tune(tune_key, candidates, bench, q.device, warmup))
+
+
+def attention_triton(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size, *,
+                     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, out=None, config=None) -> torch.Tensor:
+    """One launch without the plan cache (tests and probes): make_plan's arguments, then the plan's call.
+
+    out: optional preallocated output shaped and typed like q (tests poison it to catch unwritten rows).
+    """
+    plan = make_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size,
+                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, config=config)
+    return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, out=out)

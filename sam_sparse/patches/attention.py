@@ -15,6 +15,7 @@ Shapes (B batch, N = H * W tokens, nH heads, hd head dim, C = nH * hd):
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Optional, Tuple
 
@@ -24,21 +25,76 @@ from segment_anything.modeling.image_encoder import Attention as EncoderAttentio
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 
 from ..geometry import LayerGeometry, Prompts
-from ..kernels import block_sparse_attn
+from ..kernels import BlockLayout, block_sparse_attn
 
 Grid = Tuple[int, int]
 
 
-@dataclass(eq=False)
 class PromptContext:
-    """What the decoder attentions of one patched model need from the current call.
+    """What the decoder attentions of one patched model need from the current call, per thread.
 
-    grid: (h, w) of the image embedding fed to the TwoWayTransformer (captured by a pre-hook).
-    prompts: the current prompts in token-grid units (captured from the PromptEncoder call), or None.
+    grid: (h, w) of the image embedding fed to the TwoWayTransformer (recorded by a pre-hook), else the
+        grid given at patch time.
+    prompts: the current prompts in token-grid units (recorded from the PromptEncoder call), or None.
+
+    The hooks are this object's methods, not closures: a deepcopy of the model copies them bound to the
+    copy's own context (which its layers share), and the model pickles. The per-call values live in a
+    threading.local, so two threads running one model never see each other's prompts.
     """
 
-    grid: Optional[Grid] = None
-    prompts: Optional[Prompts] = None
+    def __init__(self, grid: Optional[Grid] = None):
+        self.default_grid = grid
+        self._local = threading.local()
+
+    def __getstate__(self):
+        return {"default_grid": self.default_grid}  # per-call state is not part of the model
+
+    def __setstate__(self, state):
+        self.default_grid = state["default_grid"]
+        self._local = threading.local()
+
+    @property
+    def grid(self) -> Optional[Grid]:
+        return getattr(self._local, "grid", self.default_grid)
+
+    @property
+    def prompts(self) -> Optional[Prompts]:
+        return getattr(self._local, "prompts", None)
+
+    def on_prompts(self, prompt_encoder, args, kwargs) -> None:
+        """PromptEncoder forward pre-hook: record this call's points / boxes."""
+        self._local.prompts = prompts_from_call(prompt_encoder, args, kwargs)
+
+    def on_image(self, _transformer, args, kwargs) -> None:
+        """TwoWayTransformer forward pre-hook: record the image-embedding grid."""
+        emb = args[0] if args else kwargs["image_embedding"]
+        self._local.grid = tuple(emb.shape[-2:])
+
+    def forget(self, *_) -> None:
+        """MaskDecoder forward hook: the prompts belonged to that call only."""
+        self._local.prompts = None
+
+
+def prompts_from_call(pe, args, kwargs) -> Prompts:
+    """The PromptEncoder's (points, boxes) in image-token units (pixels at input size / patch size)."""
+    call = dict(zip(("points", "boxes", "masks"), args), **kwargs)
+    sy = pe.image_embedding_size[0] / pe.input_image_size[0]
+    sx = pe.image_embedding_size[1] / pe.input_image_size[1]
+
+    def scaled(xy: torch.Tensor) -> torch.Tensor:  # (..., 2k) as x, y, x, y...; python scalars: no host-device copy
+        out = xy.detach().float().clone()
+        out[..., 0::2] *= sx
+        out[..., 1::2] *= sy
+        return out
+
+    points = boxes = None
+    if call.get("points") is not None:
+        coords, labels = call["points"]
+        # Label -1 marks a padding point (SAM ignores it): NaN makes policies ignore it too.
+        points = scaled(coords).masked_fill((labels == -1)[..., None], float("nan"))
+    if call.get("boxes") is not None:
+        boxes = scaled(call["boxes"].reshape(-1, 4))
+    return Prompts(points=points, boxes=boxes)
 
 
 @dataclass(eq=False)
@@ -47,16 +103,16 @@ class LayerState:
 
     geometry: the layer as the policy sees it. Encoder layers have one fixed geometry; for decoder
         layers it is a template whose token counts and grids are filled in per call.
-    masks: cache of block masks, keyed by (device,) for encoder layers and (seqlen_q, seqlen_k, grid,
-        device) for decoder layers; only prompt-free masks are cached (the policy caches too, but
-        looking up here keeps the forward free of policy code, which matters under torch.compile).
+    layouts: BlockLayouts of the prompt-free masks, keyed by (device,) for encoder layers and
+        (seqlen_q, seqlen_k, grid, device) for decoder layers, built once (patch time for the model's
+        device); None = dense. Per-prompt masks are built per call, on the device, with no host sync.
     """
 
     name: str
     geometry: LayerGeometry
     policy: Any
     context: Optional[PromptContext] = None
-    masks: Dict[tuple, Optional[torch.Tensor]] = field(default_factory=dict)
+    layouts: Dict[tuple, Optional[BlockLayout]] = field(default_factory=dict)
     needs_prompts: Dict[tuple, bool] = field(default_factory=dict)
 
     @property
@@ -67,28 +123,32 @@ class LayerState:
     def key_tile(self) -> Optional[Grid]:
         return self.geometry.key_tile
 
-    def encoder_mask(self, device: torch.device) -> Optional[torch.Tensor]:
+    def encoder_layout(self, device: torch.device) -> Optional[BlockLayout]:
         key = (device,)
-        if key not in self.masks:
-            self.masks[key] = self.policy.block_mask(self.geometry, None, device)
-        return self.masks[key]
+        if key not in self.layouts:
+            self.layouts[key] = _layout(self.policy.block_mask(self.geometry, None, device), self.block_size)
+        return self.layouts[key]
 
-    def decoder_mask(self, seqlen_q: int, seqlen_k: int, batch: int, device: torch.device) -> Optional[torch.Tensor]:
+    def decoder_layout(self, seqlen_q: int, seqlen_k: int, batch: int, device: torch.device) -> Optional[BlockLayout]:
         ctx = self.context
         grid = ctx.grid if ctx is not None else None
         key = (seqlen_q, seqlen_k, grid, device)
-        if key in self.masks:
-            return self.masks[key]
+        if key in self.layouts:
+            return self.layouts[key]
         geom = decoder_geometry(self.geometry, seqlen_q, seqlen_k, grid)
         if key not in self.needs_prompts:
             self.needs_prompts[key] = bool(self.policy.needs_prompts(geom))
         if not self.needs_prompts[key]:
-            self.masks[key] = self.policy.block_mask(geom, None, device)
-            return self.masks[key]
+            self.layouts[key] = _layout(self.policy.block_mask(geom, None, device), self.block_size)
+            return self.layouts[key]
         prompts = ctx.prompts if ctx is not None else None
         if prompts is not None and prompts.batch != batch:
             prompts = None  # not this call's prompts (e.g. the decoder was called on its own)
-        return self.policy.block_mask(geom, prompts, device)
+        return _layout(self.policy.block_mask(geom, prompts, device), self.block_size)
+
+
+def _layout(mask: Optional[torch.Tensor], block_size: int) -> Optional[BlockLayout]:
+    return None if mask is None else BlockLayout.from_mask(mask, block_size)
 
 
 def _image_grid(n: int, grid: Optional[Grid]) -> Optional[Grid]:
@@ -118,7 +178,9 @@ def _rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
         return _build_rel_index(q_size, k_size, device)
     key = (q_size, k_size, device)
     if key not in _REL_INDEX:
-        _REL_INDEX[key] = _build_rel_index(q_size, k_size, device)
+        # A normal tensor even when the first call runs under inference_mode: later calls may not.
+        with torch.inference_mode(False):
+            _REL_INDEX[key] = _build_rel_index(q_size, k_size, device)
     return _REL_INDEX[key]
 
 
@@ -189,9 +251,9 @@ class SparseEncoderAttention(EncoderAttention):
         B, H, W, C = x.shape
         N = H * W
         geom = st.geometry
-        mask = st.encoder_mask(x.device)
+        layout = st.encoder_layout(x.device)
         tile = st.key_tile
-        if (mask is not None or tile is not None) and (geom.q_grid is not None) and (H, W) != tuple(geom.q_grid):
+        if (layout is not None or tile is not None) and (geom.q_grid is not None) and (H, W) != tuple(geom.q_grid):
             raise ValueError(
                 f"{st.name}: input token grid {(H, W)} differs from the grid {geom.q_grid} its block mask "
                 f"was built for; patch the model at the image size it runs at"
@@ -206,7 +268,7 @@ class SparseEncoderAttention(EncoderAttention):
         if self.use_rel_pos:
             rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), tile)
         out = block_sparse_attn(
-            q, k, v, mask,
+            q, k, v, layout,
             rel_h=rel_h, rel_w=rel_w, key_tile=tile if rel_h is not None else None,
             softmax_scale=self.scale, block_size=st.block_size,
         )  # (B, N, nH, hd), contiguous
@@ -232,9 +294,9 @@ class SparseDecoderAttention(DecoderAttention):
         B, Nq, D = q.shape
         Nk = k.shape[1]
         nH = self.num_heads
-        mask = st.decoder_mask(Nq, Nk, B, q.device)
+        layout = st.decoder_layout(Nq, Nk, B, q.device)
         out = block_sparse_attn(
-            q.reshape(B, Nq, nH, D // nH), k.reshape(B, Nk, nH, D // nH), v.reshape(B, Nk, nH, D // nH), mask,
+            q.reshape(B, Nq, nH, D // nH), k.reshape(B, Nk, nH, D // nH), v.reshape(B, Nk, nH, D // nH), layout,
             softmax_scale=1.0 / math.sqrt(D // nH), block_size=st.block_size,
         )
         return self.out_proj(out.reshape(B, Nq, D))

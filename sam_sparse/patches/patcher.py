@@ -8,9 +8,11 @@ How: each attention module's class is swapped for a subclass with a sparse forwa
 (attention.SPARSE_CLASSES) and one plain attribute ``_sam_sparse`` is attached. No parameter, buffer
 or module is added, removed or copied, so ``state_dict()`` keys and values are those of the original
 model and a checkpoint loads into patched and unpatched models alike. A Sam also gets three forward
-hooks: the PromptEncoder's pre-hook records the current points/boxes (in token-grid units) for
-prompt-dependent policies, the TwoWayTransformer's pre-hook records the image-embedding grid, and the
-MaskDecoder's hook forgets the prompts after each call. restore() undoes all of it.
+hooks, methods of one PromptContext per model: the PromptEncoder's pre-hook records the current
+points/boxes (in token-grid units, per thread) for prompt-dependent policies, the TwoWayTransformer's
+pre-hook records the image-embedding grid, and the MaskDecoder's hook forgets the prompts after each
+call. restore() undoes all of it. A patched model can be deep-copied (the copy gets its own context)
+and pickled whole (torch.save(model)).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from ..geometry import LayerGeometry, Prompts
+from ..geometry import LayerGeometry
+from ..kernels import HEAD_DIMS
 from .attention import SPARSE_CLASSES, LayerState, PromptContext, decoder_geometry
 
 SUPPORTED = (
@@ -134,8 +137,10 @@ def _encoder_geometry(attn, kind: str, index: int, grid, name: str, policy) -> L
     return geom
 
 
-def _density(mask: Optional[torch.Tensor]) -> float:
-    return 1.0 if mask is None else float(mask.float().mean())
+def _head_dim(module: nn.Module, kind: str) -> int:
+    if kind.startswith("encoder."):
+        return module.qkv.out_features // 3 // module.num_heads
+    return module.internal_dim // module.num_heads
 
 
 def _grid_text(g: LayerGeometry) -> str:
@@ -145,28 +150,6 @@ def _grid_text(g: LayerGeometry) -> str:
     if g.kind == "encoder.global":
         return side(g.q_grid, g.seqlen_q)
     return f"{side(g.q_grid, g.seqlen_q)} -> {side(g.k_grid, g.seqlen_k)}"
-
-
-def _prompts_from_call(pe: PromptEncoder, args, kwargs) -> Prompts:
-    """The PromptEncoder's (points, boxes) in image-token units (pixels at input size / patch size)."""
-    call = dict(zip(("points", "boxes", "masks"), args), **kwargs)
-    sy = pe.image_embedding_size[0] / pe.input_image_size[0]
-    sx = pe.image_embedding_size[1] / pe.input_image_size[1]
-
-    def scaled(xy: torch.Tensor) -> torch.Tensor:  # (..., 2k) as x, y, x, y...; python scalars: no host-device copy
-        out = xy.detach().float().clone()
-        out[..., 0::2] *= sx
-        out[..., 1::2] *= sy
-        return out
-
-    points = boxes = None
-    if call.get("points") is not None:
-        coords, labels = call["points"]
-        # Label -1 marks a padding point (SAM ignores it): NaN makes policies ignore it too.
-        points = scaled(coords).masked_fill((labels == -1)[..., None], float("nan"))
-    if call.get("boxes") is not None:
-        boxes = scaled(call["boxes"].reshape(-1, 4))
-    return Prompts(points=points, boxes=boxes)
 
 
 class PatchHandle:
@@ -192,24 +175,15 @@ class PatchHandle:
         for module, _, state in self._entries:
             module.__class__ = SPARSE_CLASSES[type(module)]
             module._sam_sparse = state
-        model = self.model
+        model, ctx = self.model, self.context
+        # Bound methods of the context, not closures: deepcopy and pickle carry them to the copy's context.
         if isinstance(model, Sam) and isinstance(model.prompt_encoder, PromptEncoder):
-            def on_prompts(pe, args, kwargs):
-                self.context.prompts = _prompts_from_call(pe, args, kwargs)
-
-            def forget(*_):
-                self.context.prompts = None
-
-            self._hooks.append(model.prompt_encoder.register_forward_pre_hook(on_prompts, with_kwargs=True))
-            self._hooks.append(model.mask_decoder.register_forward_hook(forget))
+            self._hooks.append(model.prompt_encoder.register_forward_pre_hook(ctx.on_prompts, with_kwargs=True))
+            self._hooks.append(model.mask_decoder.register_forward_hook(ctx.forget))
         tf = {Sam: lambda m: m.mask_decoder.transformer, MaskDecoder: lambda m: m.transformer,
               TwoWayTransformer: lambda m: m}.get(type(model))
         if tf is not None and isinstance(tf(model), TwoWayTransformer):
-            def on_image(_, args, kwargs):
-                emb = args[0] if args else kwargs["image_embedding"]
-                self.context.grid = tuple(emb.shape[-2:])
-
-            self._hooks.append(tf(model).register_forward_pre_hook(on_image, with_kwargs=True))
+            self._hooks.append(tf(model).register_forward_pre_hook(ctx.on_image, with_kwargs=True))
         model._sam_sparse_handle = self
         self.active = True
 
@@ -223,7 +197,7 @@ class PatchHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        self.context.prompts = None
+        self.context.forget()
         del self.model._sam_sparse_handle
         self.active = False
 
@@ -313,18 +287,24 @@ def patch_sam(model: nn.Module, policy="dense", *, filter_fn: Optional[Callable[
             continue
         if filter_fn is not None and not filter_fn(name, module):
             continue
+        head_dim = _head_dim(module, kind)
+        if head_dim not in HEAD_DIMS:
+            notes.append(f"{name}: head dim {head_dim} is not one the kernel runs (multiples of 16 from 16 to 256): left as is")
+            continue
         # Build every prompt-free mask now: policy errors surface at patch time, and masks are cached.
-        if kind.startswith("encoder."):
-            mask = state.encoder_mask(device)
-        elif policy.needs_prompts(described):
-            mask = policy.block_mask(described, None, device)  # validates the rules (head indices etc.)
-        else:
-            mask = state.decoder_mask(described.seqlen_q, described.seqlen_k, 1, device)
+        # Build every prompt-free mask now, once: policy errors surface at patch time, layouts are kept.
         per_prompt = not kind.startswith("encoder.") and policy.needs_prompts(described)
+        if kind.startswith("encoder."):
+            layout = state.encoder_layout(device)
+        elif per_prompt:
+            policy.block_mask(described, None, device)  # validates the rules (head indices etc.)
+            layout = None  # built per call, from the call's prompts
+        else:
+            layout = state.decoder_layout(described.seqlen_q, described.seqlen_k, 1, device)
         entries.append((module, type(module), state))
         report.append(LayerReport(
-            name=name, kind=kind, pattern=_pattern_text(policy, described, mask, per_prompt),
-            density=None if per_prompt else _density(mask), heads=module.num_heads, grid=_grid_text(described),
+            name=name, kind=kind, pattern=_pattern_text(policy, described, layout is None, per_prompt),
+            density=None if per_prompt else (1.0 if layout is None else layout.density()), heads=module.num_heads, grid=_grid_text(described),
             block_size=described.block_size, key_tile=described.key_tile,
         ))
     _warn_unmatched(policy, geometries)
@@ -333,9 +313,9 @@ def patch_sam(model: nn.Module, policy="dense", *, filter_fn: Optional[Callable[
     return handle
 
 
-def _pattern_text(policy, layer: LayerGeometry, mask: Optional[torch.Tensor], per_prompt: bool) -> str:
+def _pattern_text(policy, layer: LayerGeometry, dense: bool, per_prompt: bool) -> str:
     """The patterns that decide the layer's heads ("local2d", "dense/local2d" for mixed heads)."""
-    if mask is None and not per_prompt:
+    if dense and not per_prompt:
         return "dense"
     head_rules = getattr(policy, "head_rules", None)
     if head_rules is None:

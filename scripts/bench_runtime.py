@@ -1,0 +1,326 @@
+"""The kernel runtime, measured on a GPU in one run: host cost per call, the decoder's predict_torch, the
+first forward in a fresh process, and SamPredictor on a large photo in fp32 and bf16.
+
+Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measured):
+  host       CPU time from Python entry to launch return of block_sparse_attn (and of a whole patched
+             attention module), with the GPU kept busy by a long sleep kernel so that no call waits.
+  decoder    predict_torch (one point, 3 masks) on set features: unpatched vs patched (dense,
+             region_focused), eager and with the mask decoder compiled with CUDA graphs.
+  firstcall  the first forward of a patched vit_h encoder (batch 8, bf16) in a fresh process: empty
+             caches; then with the caches the first process left (Triton's kernels + sam-sparse's
+             tuning results); then with Triton's kernels only (SAM_SPARSE_TUNE_CACHE=0).
+  predictor  SamPredictor, vit_b, batch 1, eager, on a 1500 x 2250 photo (scikit-image's coffee,
+             upscaled): fp32 original vs patched dense under each float32 matmul precision; then the
+             encoder in bf16 with set_image_on_device. SAM's CPU resize is timed on its own.
+  precision  one vit_b global layer in fp32: relative error against float64 of the kernel under
+             "highest" (3xTF32) and "high" (TF32), and of PyTorch's own fp32 math.
+
+    python scripts/bench_runtime.py [--only host,decoder] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from bench_e2e import build, wall_ms  # noqa: E402
+
+from sam_sparse import block_sparse_attn, patch_sam  # noqa: E402
+from sam_sparse.kernels import BlockLayout  # noqa: E402
+
+DEV = torch.device("cuda")
+ROWS = []
+
+
+def record(out_dir, **row):
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    if out_dir:
+        with open(os.path.join(out_dir, "runtime.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def host_us(fn, calls=300) -> float:
+    """Median over 5 rounds of the CPU time per fn() call, with the GPU busy so no call waits on it."""
+    fn()
+    torch.cuda.synchronize()
+    per = []
+    for _ in range(5):
+        torch.cuda._sleep(int(2e8))  # about 0.1 s of GPU time queued ahead of the calls
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        per.append((time.perf_counter() - t) / calls * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(per)
+
+
+def syncs(fn) -> list:
+    """The host-device synchronizations one fn() call makes (torch's sync debug mode)."""
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return [str(w.message)[:160] for w in caught]
+
+
+def gpu_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def section_host(out):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    bf = torch.bfloat16
+    cases = {
+        "vit_b global B=1, rel-pos, dense": (1, 4096, 12, 64, (64, 64), None),
+        "vit_b global B=1, rel-pos, density 0.25": (1, 4096, 12, 64, (64, 64), 0.25),
+        "vit_b window x25, rel-pos": (25, 196, 12, 64, (14, 14), None),
+        "decoder token->image, 7 tokens": (1, 7, 8, 16, None, None),
+    }
+    with torch.inference_mode():
+        for name, (B, N, H, D, rel, density) in cases.items():
+            nk = 4096 if "decoder" in name else N
+            q = torch.randn(B, N, H, D, device=DEV, dtype=bf, generator=g)
+            k = torch.randn(B, nk, H, D, device=DEV, dtype=bf, generator=g)
+            v = torch.randn_like(k)
+            rh = rw = None
+            if rel:
+                rh = torch.randn(B, H, rel[0], N, device=DEV, dtype=bf, generator=g).transpose(-1, -2)
+                rw = torch.randn(B, H, rel[1], N, device=DEV, dtype=bf, generator=g).transpose(-1, -2)
+            layout = None
+            if density:
+                layout = BlockLayout.from_mask(torch.rand(1, H, 32, 32, device=DEV, generator=g) < density, 128)
+            fn = lambda: block_sparse_attn(q, k, v, layout, rel_h=rh, rel_w=rw)  # noqa: E731
+            record(out, section="host", case=name, host_us=round(host_us(fn), 1), gpu_ms=round(gpu_ms(fn), 4),
+                   syncs=syncs(fn))
+        # A whole patched module: qkv linear, rel-pos terms, the kernel, the output projection.
+        for policy in ("dense", "local2d-30"):
+            model = build("vit_b", DEV, bf)
+            patch_sam(model, policy)
+            blk = model.image_encoder.blocks[2]  # a global block
+            x = torch.randn(1, 64, 64, 768, device=DEV, dtype=bf)
+            fn = lambda: blk.attn(x)  # noqa: E731
+            # About a dozen launches per call: 8 calls stay well inside CUDA's launch queue.
+            record(out, section="host", case=f"patched vit_b global attention module, {policy}",
+                   host_us=round(host_us(fn, 8), 1), gpu_ms=round(gpu_ms(fn), 4), syncs=syncs(fn))
+            del model
+
+
+def section_decoder(out):
+    from segment_anything import SamPredictor
+
+    results = {}
+    # Every eager run before any compiled one: compiling leaves state behind that could slow eager runs.
+    for mode in ("eager", "compiled+cudagraphs"):
+        for variant in ("original", "dense", "region_focused"):
+            row = dict(section="decoder", variant=variant, mode=mode)
+            try:
+                torch._dynamo.reset()
+                model = build("vit_b", DEV, torch.float32)
+                if variant != "original":
+                    patch_sam(model, variant)
+                pred = SamPredictor(model)
+                with torch.inference_mode():
+                    pred.set_image(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8))
+                    if mode != "eager":
+                        model.mask_decoder = torch.compile(model.mask_decoder, mode="reduce-overhead")
+                    pt = pred.transform.apply_coords_torch(torch.tensor([[[500.0, 300.0]]], device=DEV), (768, 1024))
+                    lab = torch.ones(1, 1, dtype=torch.int, device=DEV)
+                    fn = lambda: pred.predict_torch(pt, lab, multimask_output=True)  # noqa: E731
+                    t = time.perf_counter()
+                    first = fn()[2].clone()
+                    torch.cuda.synchronize()
+                    row["first_call_s"] = round(time.perf_counter() - t, 2)
+                    for _ in range(3):
+                        fn()
+                    row["ms"] = round(wall_ms(fn, DEV, 50), 4)
+                    row["stable"] = bool(torch.equal(first, fn()[2]))
+                    results[(variant, mode)] = row["ms"]
+                    base = results.get(("original", "eager"))
+                    if base:
+                        row["vs_original_eager"] = round(base / row["ms"], 3)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            record(out, **row)
+            torch._dynamo.reset()
+
+
+FIRST_CALL = """
+import json, time, torch, sys
+sys.path.insert(0, {scripts!r})
+from bench_e2e import build
+from sam_sparse import patch_sam
+model = build("vit_h", torch.device("cuda"), torch.bfloat16)
+patch_sam(model, "dense")
+x = torch.randn(8, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+torch.cuda.synchronize()
+t = time.perf_counter()
+with torch.inference_mode():
+    model.image_encoder(x)
+torch.cuda.synchronize()
+print("FIRST", json.dumps(dict(first_forward_s=round(time.perf_counter() - t, 2))))
+"""
+
+
+def section_firstcall(out):
+    scripts = os.path.dirname(os.path.abspath(__file__))
+    code = FIRST_CALL.format(scripts=scripts)
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, SAM_SPARSE_CACHE=os.path.join(tmp, "ss"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
+        for label, extra in (("fresh process, empty caches", {}),
+                             ("next process, caches of the first", {}),
+                             ("next process, Triton's kernel cache only", {"SAM_SPARSE_TUNE_CACHE": "0"})):
+            res = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+            line = [ln for ln in res.stdout.splitlines() if ln.startswith("FIRST ")]
+            row = dict(section="firstcall", case=f"vit_h B=8 bf16 dense: {label}")
+            if line:
+                row.update(json.loads(line[-1][6:]))
+            else:
+                row["error"] = res.stderr[-500:]
+            record(out, **row)
+
+
+def photo() -> np.ndarray:
+    from PIL import Image
+    from skimage import data
+
+    return np.asarray(Image.fromarray(data.coffee()).resize((2250, 1500), Image.BICUBIC))
+
+
+def section_predictor(out):
+    from segment_anything import SamPredictor
+
+    from sam_sparse.predictor import set_image_on_device
+
+    image = photo()
+    point, label = np.array([[1100.0, 700.0]]), np.array([1])
+    runs = [("original", "fp32", "highest", False), ("dense", "fp32", "highest", False),
+            ("dense", "fp32", "high", False), ("original", "fp32", "high", False),
+            ("original", "bf16-encoder", "highest", True), ("dense", "bf16-encoder", "highest", True)]
+    reference = None  # masks of the first run (the original, fp32 as SAM ships it)
+    for variant, dtype, precision, on_device in runs:
+        row = dict(section="predictor", variant=variant, dtype=dtype, fp32_matmul_precision=precision,
+                   resize="GPU (set_image_on_device)" if on_device else "SAM's CPU (PIL)")
+        try:
+            torch.set_float32_matmul_precision(precision)
+            model = build("vit_b", DEV, torch.float32)
+            if dtype == "bf16-encoder":
+                model.image_encoder.to(torch.bfloat16)
+            if variant != "original":
+                patch_sam(model, variant)
+            pred = SamPredictor(model)
+            set_image = (lambda: set_image_on_device(pred, image)) if on_device else (lambda: pred.set_image(image))
+            predict = lambda: pred.predict(point_coords=point, point_labels=label)  # noqa: E731
+            with torch.inference_mode():
+                for _ in range(2):
+                    set_image()
+                    masks = predict()[0]
+                row["set_image_ms"] = round(wall_ms(set_image, DEV, 10), 3)
+                row["predict_ms"] = round(wall_ms(predict, DEV, 30), 3)
+                row["total_ms"] = round(row["set_image_ms"] + row["predict_ms"], 3)
+                if not on_device:
+                    row["cpu_resize_ms"] = round(wall_ms(lambda: pred.transform.apply_image(image), DEV, 10), 3)
+                    # set_image without the CPU resize: what set_image does after it, timed on its own
+                    resized = torch.as_tensor(pred.transform.apply_image(image), device=DEV).permute(2, 0, 1)[None]
+                    row["set_torch_image_ms"] = round(
+                        wall_ms(lambda: pred.set_torch_image(resized, image.shape[:2]), DEV, 10), 3)
+                if reference is None:
+                    reference = masks
+                inter = (masks & reference).sum(axis=(1, 2))
+                union = np.maximum((masks | reference).sum(axis=(1, 2)), 1)
+                row["mask_iou_vs_original_fp32"] = [round(float(x), 5) for x in inter / union]
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        finally:
+            torch.set_float32_matmul_precision("highest")
+        record(out, **row)
+
+
+def section_precision(out):
+    from oracle import oracle_attention, rel_error, same_dtype_torch
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4096, 12, 64, device=DEV, generator=g) for _ in range(3))
+    rh = torch.randn(1, 12, 4096, 64, device=DEV, generator=g)
+    rw = torch.randn(1, 12, 4096, 64, device=DEV, generator=g)
+    ref = oracle_attention(q, k, v, None, rh, rw)
+    with torch.inference_mode():
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            fn = lambda: block_sparse_attn(q, k, v, rel_h=rh, rel_w=rw)  # noqa: E731
+            err = rel_error(fn(), ref)
+            record(out, section="precision", case=f"sam-sparse fp32, {precision}", rel_error=err,
+                   ms=round(gpu_ms(fn), 4))
+            base = same_dtype_torch(q, k, v, None, rh, rw)
+            record(out, section="precision", case=f"PyTorch fp32 math, {precision}", rel_error=rel_error(base, ref))
+        torch.set_float32_matmul_precision("highest")
+
+
+def section_profile(out):
+    """torch.profiler tables (CPU and CUDA time per op) of predict_torch and of one patched encoder block."""
+    from segment_anything import SamPredictor
+    from torch.profiler import ProfilerActivity, profile
+
+    for variant in ("original", "dense"):
+        model = build("vit_b", DEV, torch.float32)
+        if variant != "original":
+            patch_sam(model, variant)
+        pred = SamPredictor(model)
+        with torch.inference_mode():
+            pred.set_image(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8))
+            pt = pred.transform.apply_coords_torch(torch.tensor([[[500.0, 300.0]]], device=DEV), (768, 1024))
+            lab = torch.ones(1, 1, dtype=torch.int, device=DEV)
+            for _ in range(3):
+                pred.predict_torch(pt, lab)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(10):
+                    pred.predict_torch(pt, lab)
+                torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+        print(f"== predict_torch x10, vit_b fp32, {variant}\n{table}", flush=True)
+        if out:
+            with open(os.path.join(out, f"profile_decoder_{variant}.txt"), "w") as f:
+                f.write(table)
+        del model, pred
+
+
+SECTIONS = {"host": section_host, "precision": section_precision, "decoder": section_decoder,
+            "predictor": section_predictor, "firstcall": section_firstcall, "profile": section_profile}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of: {', '.join(SECTIONS)}")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for runtime.jsonl (default $OUT)")
+    args = ap.parse_args()
+    import triton
+
+    record(args.out, section="meta", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+           triton=triton.__version__, date=time.strftime("%Y-%m-%d"))
+    for name in args.only.split(","):
+        try:
+            SECTIONS[name](args.out)
+        except Exception as e:  # one failing section must not lose the others' numbers
+            record(args.out, section=name, error=f"{type(e).__name__}: {e}"[:500])
+
+
+if __name__ == "__main__":
+    main()
