@@ -302,8 +302,92 @@ def section_profile(out):
         del model, pred
 
 
+def section_pyprofile(out):
+    """cProfile (Python-level time, which torch.profiler does not see) of predict_torch, original vs dense."""
+    import cProfile
+    import io
+    import pstats
+
+    from segment_anything import SamPredictor
+
+    for variant in ("original", "dense"):
+        model = build("vit_b", DEV, torch.float32)
+        if variant != "original":
+            patch_sam(model, variant)
+        pred = SamPredictor(model)
+        with torch.inference_mode():
+            pred.set_image(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8))
+            pt = pred.transform.apply_coords_torch(torch.tensor([[[500.0, 300.0]]], device=DEV), (768, 1024))
+            lab = torch.ones(1, 1, dtype=torch.int, device=DEV)
+            for _ in range(5):
+                pred.predict_torch(pt, lab)
+            torch.cuda.synchronize()
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(20):
+                pred.predict_torch(pt, lab)
+            torch.cuda.synchronize()
+            prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(22)
+        print(f"== cProfile predict_torch x20, {variant}\n{text.getvalue()[-6000:]}", flush=True)
+        del model, pred
+
+
+def interleaved(fns: dict, rounds: int = 6, calls: int = 20) -> dict:
+    """Median wall ms per call of each fn, timed in alternating rounds (ABCABC...) so that drift in clocks
+    or machine load hits every variant alike; also the min and max round."""
+    per = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+            per[name].append((time.perf_counter() - t) / calls * 1e3)
+    return {n: dict(ms=round(statistics.median(v), 4), min=round(min(v), 4), max=round(max(v), 4)) for n, v in per.items()}
+
+
+def section_ab(out):
+    """Decoder predict_torch (fp32) and the vit_b encoder at batch 1 (bf16), eager, variants interleaved."""
+    from segment_anything import SamPredictor
+
+    image = np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)
+    fns = {}
+    keep = []
+    with torch.inference_mode():
+        for variant in ("original", "dense", "region_focused"):
+            model = build("vit_b", DEV, torch.float32)
+            if variant != "original":
+                patch_sam(model, variant)
+            pred = SamPredictor(model)
+            pred.set_image(image)
+            pt = pred.transform.apply_coords_torch(torch.tensor([[[500.0, 300.0]]], device=DEV), (768, 1024))
+            lab = torch.ones(1, 1, dtype=torch.int, device=DEV)
+            fns[variant] = (lambda p=pred, pt=pt, lab=lab: p.predict_torch(pt, lab))
+            fns[variant]()
+            keep.append(model)
+        for name, r in interleaved(fns).items():
+            record(out, section="ab", case=f"decoder predict_torch fp32, {name}", **r)
+        del fns, keep
+        torch.cuda.empty_cache()
+        fns, keep = {}, []
+        x = torch.randn(1, 3, 1024, 1024, device=DEV, dtype=torch.bfloat16)
+        for variant in ("original", "dense", "local2d-30", "local2d-15"):
+            model = build("vit_b", DEV, torch.bfloat16)
+            if variant != "original":
+                patch_sam(model, variant)
+            fns[variant] = (lambda m=model.image_encoder: m(x))
+            fns[variant]()
+            keep.append(model)
+        for name, r in interleaved(fns, calls=10).items():
+            record(out, section="ab", case=f"vit_b encoder B=1 bf16 eager, {name}", **r)
+
+
 SECTIONS = {"host": section_host, "precision": section_precision, "decoder": section_decoder,
-            "predictor": section_predictor, "firstcall": section_firstcall, "profile": section_profile}
+            "predictor": section_predictor, "firstcall": section_firstcall, "profile": section_profile,
+            "pyprofile": section_pyprofile, "ab": section_ab}
 
 
 def main():

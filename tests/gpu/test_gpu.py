@@ -282,9 +282,13 @@ def test_sam_predictor_inference_mode_dense_and_region_focused():
     assert err < 20 * err_sam, f"dense patched SamPredictor vs original, fp32: {err:.3g}"
     # region_focused under inference_mode: per-prompt masks on the device; the CPU reference path of the
     # same patched model is the oracle's twin.
+    # The bound: twice the distance between the unpatched model on CUDA and on the CPU (linears and
+    # convolutions differ between cuBLAS and the CPU too).
+    err_devices = rel_error(original, low_res_logits(vit_b(), image, points))
     rf_gpu = vit_b().cuda()
     patch_sam(rf_gpu, "region_focused")
     rf_cpu = vit_b()
     patch_sam(rf_cpu, "region_focused")
     a, b = low_res_logits(rf_gpu, image, points), low_res_logits(rf_cpu, image, points)
-    assert torch.isfinite(a).all() and rel_error(a, b) < 1e-4
+    err = rel_error(a, b)
+    assert torch.isfinite(a).all() and err <= 2 * err_devices + 1e-5, f"region_focused CUDA vs CPU {err:.3g}, SAM {err_devices:.3g}"
