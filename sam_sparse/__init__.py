@@ -3,15 +3,17 @@
 __version__ = "0.1.0"
 
 from .geometry import LAYER_KINDS, LayerGeometry, tile_permutation
-from .kernels import block_sparse_attn, block_sparse_attn_varlen
+from .kernels import BlockLayout, block_sparse_attn, block_sparse_attn_varlen
 from .policy import Policy, PolicyError, list_policies, load_policy
 from .patches import ParityReport, ParityThresholds, PatchHandle, patch_sam, unpatch_sam, verify_parity
 from .models import CheckpointError, build_sam, fetch_mobile_sam, load_checkpoint, load_sparse_sam
+from .predictor import set_image_on_device
 
 __all__ = [
     "__version__",
     "block_sparse_attn",
     "block_sparse_attn_varlen",
+    "BlockLayout",
     "LayerGeometry",
     "LAYER_KINDS",
     "tile_permutation",
@@ -30,4 +32,5 @@ __all__ = [
     "load_checkpoint",
     "load_sparse_sam",
     "CheckpointError",
+    "set_image_on_device",
 ]

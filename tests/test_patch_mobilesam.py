@@ -98,3 +98,45 @@ def test_verify_parity_region_focused_on_horse(mobile_sam, horse):
     assert sparse.pattern.startswith("region_focused") and sparse.calls == 2
     assert min(v for _, v in report.mask_iou) > 0.95
     assert torch.isfinite(torch.tensor(report.low_res_logits_err))
+
+
+def test_set_image_on_device_matches_sam_resize(mobile_sam):
+    """The torch resize of set_image_on_device against SAM's PIL resize, on real weights: the masks agree."""
+    from sam_sparse import set_image_on_device
+    from sam_sparse.segment import load_image
+
+    image = load_image("coffee")
+    pil, dev = SamPredictor(mobile_sam), SamPredictor(mobile_sam)
+    ious = []
+    with torch.inference_mode():
+        pil.set_image(image)
+        set_image_on_device(dev, image)
+        assert dev.input_size == pil.input_size and dev.original_size == pil.original_size
+        for xy in ([150, 100], [300, 200], [450, 300]):
+            a = pil.predict(point_coords=np.array([xy], float), point_labels=np.array([1]), multimask_output=False)[0]
+            b = dev.predict(point_coords=np.array([xy], float), point_labels=np.array([1]), multimask_output=False)[0]
+            ious.append((a & b).sum() / max(1, (a | b).sum()))
+    assert np.median(ious) >= 0.98 and min(ious) >= 0.9, ious
+
+
+def test_set_image_on_device_runs_a_bf16_encoder_with_the_fp32_decoder():
+    import copy
+
+    from patch_helpers import make_image, small_sam
+    from sam_sparse import set_image_on_device
+
+    sam = small_sam()
+    half = copy.deepcopy(sam)
+    half.image_encoder.to(torch.bfloat16)
+    image = make_image()
+    ref, got = SamPredictor(sam), SamPredictor(half)
+    with torch.inference_mode():
+        set_image_on_device(ref, image)
+        set_image_on_device(got, image)
+        assert got.features.dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(got.features.flatten(), ref.features.flatten(), dim=0)
+        assert cos > 0.99
+        masks = got.predict(point_coords=np.array([[50.0, 60.0]]), point_labels=np.array([1]))[0]
+    assert masks.shape[1:] == image.shape[:2]
+    with pytest.raises(ValueError, match=r"expected an HxWx3 uint8 array"):
+        set_image_on_device(got, image.astype(np.float32))
