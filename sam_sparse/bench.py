@@ -3,14 +3,18 @@
     result = bench_encoder("vit_b", ["dense", "NAME"], batch=1)
     print(result.table()); result.plot("bench.png")
 
-Each configuration runs `warmup` times untimed, then `iters` timed runs; the median is reported. On
-CUDA, runs are timed with CUDA events; on CPU with time.perf_counter. CPU numbers time the PyTorch
+The original and each patched model (a copy per policy) run in interleaved rounds (A B C A B C ...):
+`warmup` untimed rounds, then `iters` timed ones, so that drift in clocks or load hits every variant
+alike. Each row reports min / median / max, and each speedup the median of the per-round ratios with
+their range. A policy that patches no image-encoder layer is not timed: its encoder is the original's.
+On CUDA, runs are timed with CUDA events; on CPU with time.perf_counter. CPU numbers time the PyTorch
 reference path, not the Triton kernel: they say nothing about GPU speed. Weights are random (timing
 does not depend on their values), so no checkpoint is needed.
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -18,12 +22,14 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from .files import atomic_path
 from .models import DTYPES, _build
 
 
 @dataclass
 class BenchRow:
-    """One configuration. density: mean block density of the patched encoder layers (1.0: original)."""
+    """One configuration. density: mean block density of the patched encoder layers (1.0: original).
+    times_ms: one per timed round, in round order (empty when the policy patches no encoder layer)."""
 
     policy: str
     density: float
@@ -36,6 +42,10 @@ class BenchRow:
     @property
     def min_ms(self) -> float:
         return min(self.times_ms)
+
+    @property
+    def max_ms(self) -> float:
+        return max(self.times_ms)
 
 
 @dataclass
@@ -61,12 +71,23 @@ class BenchResult:
                      "and say nothing about GPU speed.")
         return head
 
+    def speedup(self, row: BenchRow) -> Optional[tuple]:
+        """(median, min, max) of original / row over the timed rounds (paired: the same round), or None."""
+        base = self.rows[0].times_ms if self.rows else []
+        if row is self.rows[0] or not row.times_ms or len(base) != len(row.times_ms):
+            return None
+        ratios = [b / t for b, t in zip(base, row.times_ms)]
+        return statistics.median(ratios), min(ratios), max(ratios)
+
     def table(self) -> str:
-        base = self.rows[0].median_ms if self.rows else None
-        rows = [("policy", "density", "median ms", "min ms", "speedup")]
+        rows = [("policy", "density", "ms min / median / max", "speedup (range)")]
         for r in self.rows:
-            rows.append((r.policy, f"{r.density:.3f}", f"{r.median_ms:.1f}", f"{r.min_ms:.1f}",
-                         f"{base / r.median_ms:.2f}x" if base else "-"))
+            if not r.times_ms:
+                rows.append((r.policy, "-", "not timed", "patches no encoder layer: same code as the original"))
+                continue
+            sp = self.speedup(r)
+            rows.append((r.policy, f"{r.density:.3f}", f"{r.min_ms:.1f} / {r.median_ms:.1f} / {r.max_ms:.1f}",
+                         "-" if sp is None else f"{sp[0]:.2f}x ({sp[1]:.2f}-{sp[2]:.2f})"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
         lines = [self.header(), fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -81,7 +102,7 @@ class BenchResult:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-        original, patched = self.rows[0], self.rows[1:]
+        original, patched = self.rows[0], [r for r in self.rows[1:] if r.times_ms]
         ax.axhline(original.median_ms, color="gray", linestyle="--", label="original (unpatched)")
         ax.scatter([r.density for r in patched], [r.median_ms for r in patched], color="tab:blue", zorder=3)
         for r in patched:
@@ -94,7 +115,8 @@ class BenchResult:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, format="png")
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
         plt.close(fig)
 
 
@@ -105,27 +127,33 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def time_runs(fn: Callable[[], object], device: str, warmup: int, iters: int, tick: Callable[[], None]) -> List[float]:
-    """Milliseconds of each of `iters` timed runs of fn after `warmup` untimed ones."""
-    cuda = device.startswith("cuda")
-    for _ in range(warmup):
+def time_once(fn: Callable[[], object], cuda: bool) -> float:
+    """Milliseconds of one run of fn: CUDA events on CUDA, perf_counter on CPU."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
         fn()
-        tick()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        tick()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def interleaved_runs(fns: Sequence[Callable[[], object]], device: str, warmup: int, iters: int,
+                     tick: Callable[[], None]) -> List[List[float]]:
+    """Per fn, the milliseconds of `iters` timed rounds after `warmup` untimed ones; each round runs every
+    fn once, in order (A B C A B C ...)."""
+    cuda = device.startswith("cuda")
+    times: List[List[float]] = [[] for _ in fns]
+    for r in range(warmup + iters):
+        for i, fn in enumerate(fns):
+            t = time_once(fn, cuda)
+            if r >= warmup:
+                times[i].append(t)
+            tick()
     return times
 
 
@@ -151,7 +179,8 @@ def bench_encoder(
 ) -> BenchResult:
     """Median image-encoder time of the original model and of the model patched with each policy.
 
-    warmup / iters default to 5 / 20 on CUDA and 1 / 3 on CPU. progress: a tqdm bar on stderr.
+    warmup / iters: untimed and timed rounds, each running every configuration once (default 5 / 20 on
+    CUDA, 1 / 3 on CPU). progress: a tqdm bar on stderr.
     compile_mode: torch.compile's mode when compile is set; "reduce-overhead" replays CUDA graphs, which
     removes the host launch cost that bounds batch-1 eager runs.
     """
@@ -173,35 +202,33 @@ def bench_encoder(
     loaded = [p if hasattr(p, "block_mask") else load_policy(p) for p in policies]  # fail fast on a bad name
 
     model = _build(model_type).to(device=device, dtype=DTYPES[dtype]).eval()
-    encoder = model.image_encoder
-    size = getattr(encoder, "img_size", 1024)
+    size = getattr(model.image_encoder, "img_size", 1024)
     x = torch.randn(batch, 3, size, size, device=device, dtype=DTYPES[dtype])
     result = BenchResult(model_type, str(device), dtype, batch, compile, compile_mode)
 
-    bar = tqdm(total=(len(loaded) + 1) * (warmup + iters), desc="bench", unit="run", disable=not progress)
+    # One model per configuration, so that the rounds can interleave them; None: not timed.
+    configs = [("original", 1.0, model)]
+    for policy in loaded:
+        patched = copy.deepcopy(model)
+        handle = patch_sam(patched, policy)
+        density = _encoder_density(handle.report)
+        if density is None:
+            why = "; ".join(handle.notes) or "the policy leaves them dense"
+            result.notes.append(f"{policy.name}: no image-encoder layer was patched ({why}), so it was not timed")
+            configs.append((policy.name, 1.0, None))
+        else:
+            configs.append((policy.name, density, patched))
 
-    def run_config(label: str, density: float) -> None:
-        bar.set_postfix_str(label)
+    def runner(m):
+        encoder = m.image_encoder
         fn = torch.compile(encoder, mode=None if compile_mode == "default" else compile_mode) if compile else encoder
-        with torch.inference_mode():
-            times = time_runs(lambda: fn(x), str(device), warmup, iters, bar.update)
-        result.rows.append(BenchRow(label, density, times))
-        if compile:
-            torch._dynamo.reset()
+        return lambda: fn(x)
 
-    try:
-        run_config("original", 1.0)
-        for policy in loaded:
-            handle = patch_sam(model, policy)
-            try:
-                density = _encoder_density(handle.report)
-                if density is None:
-                    result.notes.append(f"{policy.name}: no image-encoder layer was patched "
-                                        f"({'; '.join(handle.notes) or 'policy left them dense'})")
-                    density = 1.0
-                run_config(policy.name, density)
-            finally:
-                handle.restore()
-    finally:
-        bar.close()
+    timed = [c for c in configs if c[2] is not None]
+    with tqdm(total=len(timed) * (warmup + iters), desc="bench", unit="run", disable=not progress) as bar, \
+            torch.inference_mode():
+        times = iter(interleaved_runs([runner(m) for _, _, m in timed], str(device), warmup, iters, bar.update))
+    result.rows = [BenchRow(label, density, next(times) if m is not None else []) for label, density, m in configs]
+    if compile:
+        torch._dynamo.reset()
     return result

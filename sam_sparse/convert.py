@@ -42,6 +42,24 @@ from .models import (
 )
 
 FORMATS = ("torch", "safetensors")
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
+def format_for(out: Path, fmt: Optional[str]) -> str:
+    """The file format to write: `fmt`, or the one OUT's name says (.safetensors, else torch).
+
+    A name that says one format and an explicit `fmt` that says the other is an error: the file would
+    be read by that name elsewhere."""
+    named = "safetensors" if out.suffix.lower() == ".safetensors" else (
+        "torch" if out.suffix.lower() in TORCH_SUFFIXES else None)
+    if fmt is None:
+        return named or "torch"
+    if fmt not in FORMATS:
+        raise ValueError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
+    if named is not None and named != fmt:
+        raise ValueError(f"output {out}: the name says {named} but the format asked for is {fmt}; "
+                         f"name it *{'.safetensors' if fmt == 'safetensors' else '.pt'} or leave the format out")
+    return fmt
 PathLike = Union[str, os.PathLike]
 
 
@@ -125,7 +143,7 @@ def convert_checkpoint(
     policy="dense",
     *,
     model_type: Optional[str] = None,
-    fmt: str = "torch",
+    fmt: Optional[str] = None,
     dtype: str = "fp32",
     force: bool = False,
     device="cpu",
@@ -134,7 +152,8 @@ def convert_checkpoint(
     """Convert `checkpoint` (a SAM state dict) into a sam-sparse checkpoint at `out`.
 
     policy: a built-in policy name, a policy YAML path or a Policy object. model_type: checked against
-    the checkpoint's keys; None infers it. fmt: "torch" or "safetensors". dtype: "fp32", "fp16" or "bf16".
+    the checkpoint's keys; None infers it. fmt: "torch" or "safetensors"; None: from `out`'s name
+    (.safetensors, else torch); one that contradicts the name is a ValueError. dtype: "fp32", "fp16" or "bf16".
     force: replace an existing `out` (never the input). device: where the written file is reloaded
     and checked. progress: called with the name of each step.
     Raises CheckpointError for a bad input, the policy's PolicyError for a bad policy and ValueError
@@ -145,8 +164,7 @@ def convert_checkpoint(
 
     step = progress or (lambda _: None)
     src, out = Path(checkpoint), Path(out)
-    if fmt not in FORMATS:
-        raise ValueError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
+    fmt = format_for(out, fmt)
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     check_paths(src, out, force)
@@ -176,7 +194,8 @@ def convert_checkpoint(
     }
 
     step("write")
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".sam-sparse-tmp")
+    # The temporary file carries OUT's suffix, so the reload below reads it exactly as a user reads OUT.
+    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.tmp-", suffix=out.suffix)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -204,7 +223,7 @@ def convert_checkpoint(
 def _check_reload(tmp: Path, out: Path, expected: Dict[str, torch.Tensor], device="cpu") -> None:
     """load_sparse_sam the freshly written file and check that it holds exactly `expected`."""
     try:
-        model = load_sparse_sam(tmp, device=device)
+        model = load_sparse_sam(tmp, device=device, dtype=None)  # the stored dtype: compared exactly below
     except CheckpointError as e:
         raise CheckpointError(f"output {out}: reloading what was written failed ({e})") from None
     got = model.state_dict()

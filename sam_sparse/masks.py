@@ -482,11 +482,19 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+# Distances, strides and counts are in blocks: no grid has a million blocks per side, and a bound keeps
+# absurd values (10**23) out of tensor arithmetic, where they would overflow.
+MAX_BLOCKS = 1_000_000
+MAX_SEED = 2**63 - 1
+
+
 def _nonneg_number(v):
     if not _is_number(v):
         raise PolicyError(f"expected a number >= 0, got {_type_name(v)}")
     if v < 0:
         raise PolicyError(f"{v} is negative; expected a number >= 0 (in blocks)")
+    if v > MAX_BLOCKS:
+        raise PolicyError(f"{v:g} is too large; expected at most {MAX_BLOCKS} (in blocks)")
     return v
 
 
@@ -496,6 +504,8 @@ def _int_at_least(lo: int):
             raise PolicyError(f"expected an integer >= {lo}, got {_type_name(v)}")
         if v < lo:
             raise PolicyError(f"{v} is below {lo}; expected an integer >= {lo}")
+        if v > MAX_BLOCKS:
+            raise PolicyError(f"{v} is too large; expected an integer from {lo} to {MAX_BLOCKS}")
         return v
 
     return check
@@ -516,9 +526,11 @@ def _fraction(v):
     return v
 
 
-def _integer(v):
+def _seed(v):
     if not isinstance(v, int) or isinstance(v, bool):
-        raise PolicyError(f"expected an integer, got {_type_name(v)}")
+        raise PolicyError(f"expected an integer seed, got {_type_name(v)}")
+    if not 0 <= v <= MAX_SEED:
+        raise PolicyError(f"{v} is outside [0, 2**63 - 1]; expected a seed from 0 to {MAX_SEED}")
     return v
 
 
@@ -547,6 +559,8 @@ def _radii(v):
             continue
         if not _is_number(r) or r < 0:
             raise PolicyError(f'expected a number >= 0 or "all", got {_type_name(r)}', path=(i,))
+        if r > MAX_BLOCKS:
+            raise PolicyError(f'{r:g} is too large; expected at most {MAX_BLOCKS} (in blocks) or "all"', path=(i,))
         out.append(r)
     return tuple(out)
 
@@ -617,7 +631,7 @@ PATTERNS: Dict[str, PatternDef] = {
             needs_grid=True,
         ),
         PatternDef("sink", sink, {"blocks": Param(1, _int_at_least(0), "integer >= 0")}),
-        PatternDef("random", random, {"density": _DENSITY, "seed": Param(0, _integer, "integer")}),
+        PatternDef("random", random, {"density": _DENSITY, "seed": Param(0, _seed, "integer from 0 to 2**63 - 1")}),
         PatternDef("nearest", nearest, {"density": _DENSITY}, needs_grid=True),
         PatternDef(
             "hierarchical",
@@ -847,6 +861,8 @@ SAM_ENCODERS = {
     "vit_b": {"depth": 12, "num_heads": 12, "global_blocks": (2, 5, 8, 11)},
     "vit_l": {"depth": 24, "num_heads": 16, "global_blocks": (5, 11, 17, 23)},
     "vit_h": {"depth": 32, "num_heads": 16, "global_blocks": (7, 15, 23, 31)},
+    # MobileSAM: TinyViT is not SAM's ViT and is never patched; only SAM's own decoder has layers here.
+    "mobile_sam": {"depth": 0, "num_heads": 0, "global_blocks": ()},
 }
 SAM_WINDOW = 14  # encoder window size (tokens per side)
 SAM_DECODER_HEADS = 8
@@ -863,7 +879,7 @@ def sam_layer_geometries(
 ) -> list:
     """LayerGeometry of every attention layer of an unpatched SAM, in forward order.
 
-    model_type: vit_b | vit_l | vit_h. key_tile_fn(layer) -> (th, tw) | None sets each layer's token
+    model_type: vit_b | vit_l | vit_h | mobile_sam (decoder layers only: its encoder is not patched). key_tile_fn(layer) -> (th, tw) | None sets each layer's token
     order (e.g. ``policy.key_tile``); None keeps raster everywhere. num_tokens: prompt + output tokens
     in the mask decoder (5 output tokens + 2 for one point and its padding, or a box's two corners).
     Names follow segment-anything's modules (image_encoder.blocks.{i}.attn, mask_decoder.transformer.

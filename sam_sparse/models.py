@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import pickle
 import subprocess
@@ -319,7 +318,9 @@ def _read_state(path: Path):
             raise CheckpointError(f"checkpoint {path}: damaged safetensors file ({_first_line(e)})") from None
     torch_like = head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")  # zip archive or pickle
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # A file object, not the path: torch.load would go by a ".safetensors" name instead of the bytes.
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types for bad bytes; all mean "unreadable"
         if not torch_like:
             raise CheckpointError(f"checkpoint {path}: not a PyTorch checkpoint (starts with {head[:8]!r})") from None
@@ -447,10 +448,13 @@ def policy_from_manifest(manifest: dict, source: str = "<manifest>"):
     return Policy.from_yaml(manifest["policy"], source=source)
 
 
-def load_sparse_sam(path: PathLike, device="cpu"):
+def load_sparse_sam(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = torch.float32):
     """A patched ``Sam`` from a converted checkpoint (sam_sparse.convert), ready for SamPredictor.
 
-    The model type, the mask policy and the dtype come from the file's manifest, never from its name.
+    dtype: the dtype to compute in. The default, float32, is what segment-anything's SamPredictor and
+    prompt encoder need, whatever the file stores (a bf16 file is then upcast); None keeps the stored
+    dtype (for running the image encoder in half precision yourself: docs/patching.md). The model
+    type and the mask policy come from the file's manifest, never from its name.
     The model is built with its parameters on the meta device (no memory, no random init), given the
     stored weights (load_state_dict(strict=True, assign=True)), moved to `device` in the stored dtype,
     and patched with the manifest's policy (patching adds no parameters, so the order is free; patching
@@ -462,10 +466,9 @@ def load_sparse_sam(path: PathLike, device="cpu"):
     policy = policy_from_manifest(manifest, source=f"{path} (manifest policy)")
     model = _build(manifest["model_type"], empty=True)
     _load_into(model, state_dict, path, assign=True)
-    model = model.to(device=device, dtype=DTYPES[manifest["dtype"]]).eval()
+    model = model.to(device=device, dtype=DTYPES[manifest["dtype"]] if dtype is None else dtype).eval()
     patch_sam(model, policy)
     return model
 
 
-def manifest_json(manifest: dict) -> str:
-    return json.dumps(manifest, indent=2, sort_keys=True)
+

@@ -447,19 +447,25 @@ class _LineLoader(yaml.SafeLoader):
 
 
 def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
+    # Keys written in this mapping (not brought in by a "<<" merge): only these may not repeat. A written
+    # key overrides a merged one, as YAML's merge key specifies.
+    own = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
     loader.flatten_mapping(node)
-    out, lines = _Map(), {}
+    out, lines, written = _Map(), {}, set()
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         try:
             hash(key)
         except TypeError:
             raise PolicyError("a mapping key must be a plain value, not a list or mapping", line=key_node.start_mark.line + 1) from None
-        if key in lines:
+        is_own = id(key_node) in own
+        if is_own and key in written:
             raise PolicyError(
                 f"duplicate key {key!r} (first given on line {lines[key]}); each key may appear once",
                 line=key_node.start_mark.line + 1,
             )
+        if is_own:
+            written.add(key)
         lines[key] = key_node.start_mark.line + 1
         out[key] = loader.construct_object(value_node, deep=True)
     out.lines, out.line = lines, node.start_mark.line + 1

@@ -14,6 +14,8 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .files import atomic_path
+
 # scikit-image's sample photographs (shipped with the package, no download).
 SAMPLES = ("astronaut", "coffee", "chelsea", "horse")
 PathLike = Union[str, os.PathLike]
@@ -39,9 +41,22 @@ def load_image(spec: PathLike) -> np.ndarray:
 
     try:
         with Image.open(path) as im:
+            if im.mode in ("I;16", "I;16L", "I;16B", "I"):
+                return _to_8_bit_rgb(np.asarray(im), path)
+            if im.mode == "F":
+                raise ValueError(f"image {path}: holds floating-point pixels (PIL mode F); save it as 8- or 16-bit")
             return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"image {path}: cannot be read as an image ({e})") from None
+
+
+def _to_8_bit_rgb(gray: np.ndarray, path) -> np.ndarray:
+    """A 16-bit grayscale image (0..65535) as 8-bit RGB, scaled rather than clipped (PIL's convert("RGB")
+    clips every value above 255 to white)."""
+    if gray.min() < 0 or gray.max() > 65535:
+        raise ValueError(f"image {path}: pixel values {gray.min()}..{gray.max()} are outside 16 bits; expected 0..65535")
+    g8 = np.round(gray.astype(np.float64) / 257.0).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(g8[..., None], 3, axis=-1))
 
 
 def parse_numbers(text: str, count: int, what: str) -> Tuple[float, ...]:
@@ -57,7 +72,10 @@ def parse_numbers(text: str, count: int, what: str) -> Tuple[float, ...]:
 
 
 def check_prompts(image: np.ndarray, points=None, boxes=None) -> None:
-    """Points and boxes must lie inside the image (pixel coordinates, x right, y down)."""
+    """Points and boxes must lie inside the image (pixel coordinates, x right, y down), and points go with at
+    most one box (SAM's prompt is points + one box)."""
+    if points is not None and boxes is not None and len(boxes) > 1:
+        raise ValueError("points go with at most one box (SAM's prompt is points + one box); give several boxes alone")
     h, w = image.shape[:2]
     for x, y in points if points is not None else ():
         if not (0 <= x <= w and 0 <= y <= h):
@@ -85,8 +103,6 @@ def segment_image(
     from segment_anything import SamPredictor
 
     check_prompts(image, points, boxes)
-    if points is not None and boxes is not None and len(boxes) > 1:
-        raise ValueError("points go with at most one box (SAM's prompt is points + one box); give several boxes alone")
     if points is None and boxes is None:
         h, w = image.shape[:2]
         points = [(w / 2, h / 2)]
@@ -141,30 +157,39 @@ def overlay(image: np.ndarray, masks: np.ndarray, points=None, boxes=None, alpha
     return out
 
 
-def save_png(path: PathLike, array: np.ndarray) -> Path:
-    """Write an array as PNG (HxW or HxWx3 uint8)."""
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+MASK_SUFFIXES = (".npy", ".png")
+
+
+def save_image(path: PathLike, array: np.ndarray) -> Path:
+    """Write an HxW or HxWx3 uint8 array as PNG or JPEG, as the name says, atomically."""
     from PIL import Image
 
     path = Path(path)
-    Image.fromarray(array).save(path, format="PNG", optimize=True)
+    fmt = IMAGE_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"image file {path}: expected a name ending in {' or '.join(IMAGE_FORMATS)}")
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format=fmt, **({"optimize": True} if fmt == "PNG" else {"quality": 92}))
     return path
 
 
 def save_overlay(path: PathLike, image: np.ndarray, masks: np.ndarray, points=None, boxes=None) -> Path:
-    return save_png(path, overlay(image, masks, points, boxes))
+    return save_image(path, overlay(image, masks, points, boxes))
 
 
 def save_masks(path: PathLike, masks: np.ndarray) -> Path:
     """Masks as .npy ((K, H, W) bool) or .png (one mask: 0/255; several: label image, 0 = none, k = mask k)."""
     path = Path(path)
-    if path.suffix == ".npy":
-        np.save(path, masks.astype(bool))
-        return path
-    if path.suffix != ".png":
+    if path.suffix.lower() not in MASK_SUFFIXES:
         raise ValueError(f"masks file {path}: expected a .npy or .png name")
+    if path.suffix.lower() == ".npy":
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, masks.astype(bool))
+        return path
     if len(masks) == 1:
-        return save_png(path, masks[0].astype(np.uint8) * 255)
+        return save_image(path, masks[0].astype(np.uint8) * 255)
     labels = np.zeros(masks.shape[1:], dtype=np.uint8)
     for i, m in enumerate(masks):
         labels[m & (labels == 0)] = i + 1
-    return save_png(path, labels)
+    return save_image(path, labels)

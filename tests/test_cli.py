@@ -125,12 +125,47 @@ def test_convert_safetensors_bf16_and_mode_from_manifest(work):
                  "--format", "safetensors", "--dtype", "bf16")
     assert result.exit_code == 0, result.output
     assert "7 attention modules patched" in result.stdout and "bf16" in result.stdout
-    model = load_sparse_sam(out)
+    model = load_sparse_sam(out, dtype=None)  # as stored
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model._sam_sparse_handle.policy.name == "local2d-30"
+    # By default, float32 compute: what SamPredictor needs, so a half-precision file just works.
+    from segment_anything import SamPredictor
+
+    model = load_sparse_sam(out)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    predictor = SamPredictor(model)
+    with torch.inference_mode():
+        predictor.set_image(np.zeros((64, 64, 3), dtype=np.uint8))
+        masks, _, _ = predictor.predict(point_coords=np.array([[32.0, 32.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3, 64, 64)
     seg = run("segment", "horse", "--box", "13,4,393,317", "--sparse-checkpoint", out, "--out", work / "horse.png")
     assert seg.exit_code == 0, seg.output
     assert "stores bfloat16 weights; running them in float32" in seg.stderr
+
+
+def test_convert_format_follows_the_file_name(work, tmp_path):
+    """No --format: a .safetensors name gets safetensors bytes, and the file loads as a user loads it."""
+    out = tmp_path / "out.safetensors"
+    result = run("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", "dense", "--out", out)
+    assert result.exit_code == 0, result.output
+    head = out.read_bytes()[:9]
+    assert head[8:9] == b"{", "expected a safetensors header"
+    assert load_sparse_sam(out)._sam_sparse_handle.policy.name == "dense"
+    check = run("verify", "--sparse-checkpoint", out, "--images", "horse")
+    assert check.exit_code == 0, check.output
+    for fmt, name in (("torch", "x.safetensors"), ("safetensors", "x.pt")):
+        bad = run("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", "dense", "--out", tmp_path / name,
+                  "--format", fmt)
+        assert bad.exit_code == 2 and "the name says" in _error_line(bad), bad.output
+        assert not (tmp_path / name).exists()
+
+
+def test_loader_reads_the_bytes_not_the_name(work, tmp_path):
+    from sam_sparse.models import load_checkpoint
+
+    odd = tmp_path / "torch_bytes.safetensors"
+    shutil.copy(work / "mobile_sam.pt", odd)
+    assert set(load_checkpoint(odd)) == set(load_checkpoint(work / "mobile_sam.pt"))
 
 
 def test_convert_refuses_to_overwrite(converted, work):
@@ -201,7 +236,7 @@ def test_convert_killed_mid_write_leaves_input_and_output_alone(work, ckpt, tmp_
     assert (work / "mobile_sam.pt").read_bytes() == ckpt.read_bytes()
     assert not out.exists()
     leftovers = list(tmp_path.iterdir())
-    assert all(p.name.startswith(".out.pt.") and p.name.endswith(".sam-sparse-tmp") for p in leftovers)
+    assert all(p.name.startswith(".out.tmp-") and p.name.endswith(".pt") for p in leftovers)
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +356,8 @@ def test_bench_cpu_says_so_and_plots(tmp_path):
     assert result.exit_code == 0, result.output
     assert "These are CPU numbers" in result.stdout
     assert "| original" in result.stdout and "| dense" in result.stdout
-    assert "no image-encoder layer was patched" in result.stdout
+    assert "no image-encoder layer was patched" in result.stdout and "not timed" in result.stdout
+    assert "x (" not in result.stdout  # no speedup for code that did not change
     with Image.open(plot) as im:
         assert im.format == "PNG"
 
@@ -334,3 +370,118 @@ def test_bench_compile_mode_is_validated():
 
     with pytest.raises(ValueError, match=r"compile_mode='fastest': expected one of default, reduce-overhead"):
         bench_encoder("vit_b", compile=True, compile_mode="fastest", device="cpu")
+
+
+def test_outputs_are_checked_before_any_work(tmp_path):
+    """A missing folder or a wrong suffix: exit 2 and one error line, before the model loads, nothing written."""
+    cases = [
+        ("segment", "horse", "--box", "13,4,393,317", "--out", tmp_path / "nodir" / "out.png"),
+        ("segment", "horse", "--box", "13,4,393,317", "--out", tmp_path / "o.png", "--save-masks", tmp_path / "nodir" / "m.npy"),
+        ("segment", "horse", "--out", tmp_path / "out.gif"),
+        ("demo", "--out", tmp_path / "nodir" / "x.png"),
+        ("bench", "--plot", tmp_path / "nodir" / "b.png", "--device", "cpu"),
+    ]
+    for args in cases:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "does not exist" in _error_line(result) or "expected a file name ending in" in _error_line(result)
+        assert "Using the built-in default model" not in result.stderr, "the model loaded before the check"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_point_outside_the_image_is_refused_before_the_model_loads(tmp_path):
+    result = run("segment", "horse", "--point", "5000,10", "--out", tmp_path / "o.png")
+    assert result.exit_code == 2 and "outside the 400x328 image" in _error_line(result)
+    assert "Using the built-in default model" not in result.stderr
+
+
+def test_segment_says_it_uses_the_centre_and_writes_jpeg(tmp_path):
+    out = tmp_path / "o.jpg"
+    result = run("segment", "horse", "--out", out, "--save-masks", tmp_path / "m.npy")
+    assert result.exit_code == 0, result.output
+    assert "using the image centre, --point 200,164" in result.stderr
+    with Image.open(out) as im:
+        assert im.format == "JPEG"
+    assert np.load(tmp_path / "m.npy").dtype == bool
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npy", "o.jpg"]  # no temporary file left
+
+
+def test_bench_interleaves_rounds_and_reports_spread():
+    from sam_sparse.bench import BenchResult, BenchRow, interleaved_runs
+
+    calls = []
+    times = interleaved_runs([lambda: calls.append("a"), lambda: calls.append("b")], "cpu", 1, 2, lambda: None)
+    assert calls == ["a", "b"] * 3 and [len(t) for t in times] == [2, 2]
+    result = BenchResult("vit_b", "cpu", "fp32", 1, False)
+    result.rows = [BenchRow("original", 1.0, [10.0, 12.0, 11.0]), BenchRow("sparse", 0.3, [5.0, 4.0, 11.0]),
+                   BenchRow("decoder-only", 1.0, [])]
+    assert result.speedup(result.rows[1]) == (2.0, 1.0, 3.0)
+    table = result.table()
+    assert "4.0 / 5.0 / 11.0" in table and "2.00x (1.00-3.00)" in table
+    assert "not timed" in table and "same code as the original" in table
+
+
+def test_policy_warnings_once_in_every_command(work, tmp_path):
+    """local2d-30 changes nothing on MobileSAM: every command says so, once; region_focused: no warning."""
+    mark = "leaves every patched layer of this model dense"
+    runs = {
+        "segment": run("segment", "horse", "--box", "13,4,393,317", "--policy", "local2d-30", "--out", tmp_path / "a.png"),
+        "verify": run("verify", "--policy", "local2d-30", "--images", "horse"),
+        "demo": run("demo", "--policy", "local2d-30", "--out", tmp_path / "d.png"),
+        "convert": run("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", "local2d-30",
+                       "--out", tmp_path / "c.pt"),
+    }
+    for name, result in runs.items():
+        assert result.exit_code == 0, (name, result.output)
+        assert result.stderr.count(mark) == 1, (name, result.stderr)
+    quiet = run("segment", "horse", "--box", "13,4,393,317", "--out", tmp_path / "b.png")
+    assert quiet.exit_code == 0 and "warning:" not in quiet.stderr, quiet.stderr
+    sparse_ckpt = run("segment", "horse", "--box", "13,4,393,317", "--sparse-checkpoint", tmp_path / "c.pt",
+                      "--out", tmp_path / "e.png")
+    assert sparse_ckpt.exit_code == 0 and sparse_ckpt.stderr.count(mark) == 1, sparse_ckpt.stderr
+
+
+def test_version_and_mobile_sam_policies():
+    from sam_sparse import __version__
+
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"sam-sparse {__version__}"
+    shown = run("policies", "show", "region_focused", "--model", "mobile_sam")
+    assert shown.exit_code == 0, shown.output
+    assert "decoder layers only" in shown.stdout and "image_encoder" not in shown.stdout.split("# token-level")[1]
+    listed = run("policies", "list", "--model", "mobile_sam")
+    assert listed.exit_code == 0 and "mobile_sam" in listed.stdout
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    from sam_sparse.segment import load_image
+
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")
+    rgb = load_image(tmp_path / "deep.png")
+    assert rgb.dtype == np.uint8 and rgb.shape == (64, 64, 3)
+    assert rgb[..., 0].min() == 0 and rgb[..., 0].max() == 255 and 100 < rgb[..., 0].mean() < 155
+
+
+def test_verify_failure_names_the_image_and_the_prompt():
+    result = run("verify", "--policy", "region_focused", "--images", "horse", "--min-mask-iou", "1.0")
+    assert result.exit_code == 1, result.output
+    assert "horse, point 200,164 (the image centre): mask IoU" in result.stdout
+    assert "<= inf" not in result.stdout
+
+
+def test_policy_yaml_merge_keys_and_huge_numbers(tmp_path):
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("name: merged\nrules:\n  - &r\n    match: encoder.global\n    pattern: local2d\n    params: {radius: 2}\n"
+                      "  - <<: *r\n    match: encoder.window\n")
+    ok = run("policies", "check", merged)
+    assert ok.exit_code == 0, ok.output
+    for params, field in (("{blocks: 100000000000000000000000}", "blocks"), ("{stride: 10000000000}", "stride")):
+        pattern = "sink" if field == "blocks" else "dilated"
+        huge = tmp_path / f"{field}.yaml"
+        huge.write_text(f"name: huge\nrules:\n  - match: encoder.global\n    pattern: {pattern}\n    params: {params}\n")
+        bad = run("policies", "check", huge)
+        assert bad.exit_code == 2, bad.output
+        assert f"{field}.yaml:5: rules[0].params.{field}:" in _error_line(bad) and "too large" in _error_line(bad)

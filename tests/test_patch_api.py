@@ -15,6 +15,7 @@ from segment_anything.modeling.transformer import Attention as DecoderAttention
 import sam_sparse.patches.attention as attention_mod
 from sam_sparse import patch_sam, unpatch_sam
 from sam_sparse.masks import PolicyError
+from sam_sparse.patches import PolicyWarning
 from sam_sparse.patches import PatchHandle, SparseDecoderAttention, SparseEncoderAttention
 from sam_sparse.policy import Policy, load_policy
 
@@ -231,7 +232,7 @@ def test_unmatched_rule_warns_and_bad_head_raises():
     typo = Policy.from_dict({"name": "typo", "rules": [
         {"match": r"re:blocks\.99\.attn", "pattern": "local2d", "params": {"radius": 1}},
         {"match": "*", "pattern": "dense"}]})
-    with pytest.warns(UserWarning, match=r"rule 0 .*matches no attention module"):
+    with pytest.warns(PolicyWarning, match=r"rule 0 .*matches no attention module"):
         handle = patch_sam(sam, typo)
     handle.restore()
     with warnings.catch_warnings():

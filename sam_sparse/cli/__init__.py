@@ -4,7 +4,9 @@ import warnings
 
 import click
 
+from .. import __version__
 from .bench import bench
+from .common import say
 from .convert import convert
 from .fetch import fetch
 from .policies import policies
@@ -13,6 +15,7 @@ from .verify import verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="sam-sparse", message="%(prog)s %(version)s")
 def main():
     """Block-sparse attention for Segment Anything.
 
@@ -27,6 +30,7 @@ def main():
       sam-sparse convert --checkpoint sam_vit_b_01ec64.pth --policy local2d-30 --out vit_b_sparse.pt
       sam-sparse policies list
     """
+    _SHOWN.clear()  # once per command (several run in one process under tests)
     warnings.showwarning = _show_warning
 
 
@@ -34,6 +38,13 @@ for command in (demo, segment, verify, convert, bench, fetch, policies):
     main.add_command(command)
 
 
+_SHOWN = set()
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    """Warnings as one line on stderr, without the source line that Python adds."""
-    click.echo(f"warning: {message}", err=True)
+    """Each warning once per command, as one line on stderr (no source line), above any progress bar."""
+    text = f"warning: {message}"
+    if text in _SHOWN:
+        return
+    _SHOWN.add(text)
+    say(text)

@@ -38,8 +38,11 @@ policy_help = "Mask policy: a built-in name (see `sam-sparse policies list`) or 
 
 
 def say(text: str = "") -> None:
-    """Progress and notes go to stderr, so that stdout holds only the results."""
-    click.echo(text, err=True)
+    """Progress and notes go to stderr, so that stdout holds only the results; tqdm.write keeps a line
+    from running into a progress bar that is being drawn."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=sys.stderr)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
@@ -139,7 +142,7 @@ def load_any_model(checkpoint, model_type, sparse_checkpoint, device):
 
         import torch
 
-        model = load_sparse_sam(sparse_checkpoint, device=device)
+        model = load_sparse_sam(sparse_checkpoint, device=device, dtype=None)
         handle = model._sam_sparse_handle
         handle.restore()
         dtype = next(model.parameters()).dtype

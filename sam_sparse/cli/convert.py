@@ -15,8 +15,9 @@ from .common import device_option, guarded, policy_help, resolve_device, say
               help="The SAM checkpoint to convert (a state dict). Only read, never written.")
 @click.option("--policy", required=True, help=policy_help)
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="OUT", help="File to write.")
-@click.option("--format", "fmt", type=click.Choice(["torch", "safetensors"]), default="torch", show_default=True,
-              help="torch: one file {'manifest', 'state_dict'}; safetensors: manifest in the header metadata.")
+@click.option("--format", "fmt", type=click.Choice(["torch", "safetensors"]), default=None,
+              help="torch: one file {'manifest', 'state_dict'}; safetensors: manifest in the header metadata. "
+                   "Default: from OUT's name (.safetensors, else torch); a format that contradicts the name is refused.")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True,
               help="Floating-point type of the stored weights.")
 @click.option("--force", is_flag=True, help="Replace an existing OUT (IN is never written over).")
@@ -35,7 +36,7 @@ def convert(model_type, checkpoint, policy, out, fmt, dtype, force, device):
       sam-sparse convert --model-type vit_b --checkpoint sam_vit_b_01ec64.pth \\
           --policy local2d-30 --out sam_vit_b_local2d-30.pt
       sam-sparse convert --checkpoint ~/.cache/sam-sparse/mobile_sam.pt --policy region_focused \\
-          --out mobile_sam_rf.safetensors --format safetensors --dtype bf16
+          --out mobile_sam_rf.safetensors --dtype bf16
     """
     from tqdm.auto import tqdm
 
@@ -51,5 +52,5 @@ def convert(model_type, checkpoint, policy, out, fmt, dtype, force, device):
         result = convert_checkpoint(checkpoint, out, policy, model_type=model_type, fmt=fmt, dtype=dtype,
                                     force=force, device=resolve_device(device), progress=progress)
         bar.update(1)
-    say(f"reloaded {out} with load_sparse_sam on {resolve_device(device)}: OK")
+    say(f"checked {out}: reloaded with load_sparse_sam on {resolve_device(device)} before it took its name: OK")
     click.echo(result.summary())

@@ -90,17 +90,21 @@ def policies():
 
 
 @policies.command("list")
-def list_cmd():
-    """Built-in policies with their token-level density per layer kind on vit_b, vit_l and vit_h.
+@click.option("--model", "models", type=click.Choice(MODELS), multiple=True,
+              help="Model type(s) to give densities for (default: all). mobile_sam has decoder layers only.")
+def list_cmd(models):
+    """Built-in policies with their token-level density per layer kind on each model type.
 
     Density is the fraction of (query token, key token) pairs attended. Values marked * depend on the
-    prompts: they are measured with one point at the image centre.
+    prompts: they are measured with one point at the image centre. "-": the model has no such layer to
+    patch (MobileSAM's TinyViT encoder is not SAM's ViT).
 
     \b
     Example:
       sam-sparse policies list
+      sam-sparse policies list --model mobile_sam
     """
-    header = "  model  " + "".join(f"{_SHORT[k]:>13}" for k in LAYER_KINDS)
+    header = "  model     " + "".join(f"{_SHORT[k]:>13}" for k in LAYER_KINDS)
     any_prompted = False
     for name in list_policies():
         policy = _load(name)
@@ -108,14 +112,17 @@ def list_cmd():
         for line in textwrap.wrap(policy.description, 96):
             click.echo(f"  {line}")
         click.echo(header)
-        for model in MODELS:
+        for model in models or MODELS:
             dens = kind_densities(policy, model)
             cells = []
             for k in LAYER_KINDS:
+                if k not in dens:
+                    cells.append(f"{'-':>12} ")
+                    continue
                 d, p = dens[k]
                 any_prompted |= p
                 cells.append(f"{d:>12.3f}{'*' if p else ' '}")
-            click.echo(f"  {model:<7}" + "".join(cells))
+            click.echo(f"  {model:<10}" + "".join(cells))
         click.echo("")
     if any_prompted:
         click.echo("* depends on the prompts; measured with one point at the image centre")
@@ -138,6 +145,8 @@ def show_cmd(policy: str, model: str):
     click.echo(policy_text(policy).rstrip())
     click.echo("")
     click.echo(f"# token-level density per layer and head, {model} (1.000 = dense)")
+    if model == "mobile_sam":
+        click.echo("# mobile_sam: its TinyViT image encoder is not SAM's ViT and is never patched; decoder layers only")
     try:
         layers = _layers(p, model)
     except PolicyError as e:

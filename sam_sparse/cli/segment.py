@@ -1,6 +1,5 @@
 """sam-sparse segment and sam-sparse demo: masks from a patched SAM, drawn over the image."""
 
-import warnings
 from pathlib import Path
 
 import click
@@ -34,8 +33,8 @@ DEFAULT_POLICY = "region_focused"
 @checkpoint_option
 @model_type_option
 @sparse_checkpoint_option
-@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="PNG",
-              help="Where to write the image with the masks drawn over it.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="IMAGE",
+              help="Where to write the image with the masks drawn over it (.png, or .jpg / .jpeg for JPEG).")
 @click.option("--save-masks", type=click.Path(path_type=Path), default=None, metavar="FILE",
               help="Also save the masks: .npy (K, H, W) bool, or .png (0/255; label image for several).")
 @click.option("--multimask", is_flag=True, help="SAM's three candidate masks for the prompt, best first.")
@@ -43,10 +42,11 @@ DEFAULT_POLICY = "region_focused"
 @guarded
 def segment(image, points, boxes, policy, checkpoint, model_type, sparse_checkpoint, out, save_masks, multimask,
             device):
-    """Segment IMAGE with a patched SAM and write the mask overlay as a PNG.
+    """Segment IMAGE with a patched SAM and write the mask overlay (PNG or JPEG, as --out's name says).
 
     IMAGE is an image file or a scikit-image sample name (astronaut, coffee, chelsea, horse). Mask
-    scores and areas are printed; without a prompt the image centre is used.
+    scores and areas are printed; without a prompt the image centre is used, and said so. Every output
+    path and prompt is checked before the model loads; outputs are written whole or not at all.
 
     Examples:
 
@@ -55,17 +55,24 @@ def segment(image, points, boxes, policy, checkpoint, model_type, sparse_checkpo
       sam-sparse segment photo.jpg --box 40,30,400,380 --policy local2d-30 \\
           --checkpoint sam_vit_b_01ec64.pth --model-type vit_b --out photo_mask.png --save-masks masks.npy
     """
+    from ..files import check_output
     from ..patches import patch_sam
     from ..policy import load_policy
-    from ..segment import load_image, save_masks as write_masks, save_overlay, segment_image
+    from ..segment import IMAGE_FORMATS, MASK_SUFFIXES, check_prompts, load_image, save_masks as write_masks
+    from ..segment import save_overlay, segment_image
 
     device = resolve_device(device)
-    if out.suffix.lower() != ".png":
-        raise ValueError(f"--out {out}: expected a .png file name")
-    if save_masks is not None and save_masks.suffix not in (".npy", ".png"):
-        raise ValueError(f"--save-masks {save_masks}: expected a .npy or .png file name")
+    check_output(out, "--out", tuple(IMAGE_FORMATS))
+    if save_masks is not None:
+        check_output(save_masks, "--save-masks", MASK_SUFFIXES)
+        if save_masks.resolve() == out.resolve():
+            raise ValueError(f"--save-masks {save_masks}: is the same file as --out")
     pts, bxs = parse_prompts(points, boxes)
     picture = load_image(image)
+    check_prompts(picture, pts, bxs)  # before the model loads: a typo costs nothing
+    if pts is None and bxs is None:
+        h, w = picture.shape[:2]
+        say(f"note: no --point or --box given: using the image centre, --point {w / 2:g},{h / 2:g}")
     chosen = load_policy(policy) if policy is not None else None
     model, _, manifest_policy = load_any_model(checkpoint, model_type, sparse_checkpoint, device)
     chosen = chosen or manifest_policy or load_policy(DEFAULT_POLICY)
@@ -75,9 +82,9 @@ def segment(image, points, boxes, policy, checkpoint, model_type, sparse_checkpo
         say(f"note: {note}")
     with EncoderProgress(model, total=1, desc="segment"):
         masks, scores = segment_image(model, picture, pts, bxs, multimask=multimask)
-    save_overlay(out, picture, masks, pts, bxs)
     if save_masks is not None:
         write_masks(save_masks, masks)
+    save_overlay(out, picture, masks, pts, bxs)
     for i, (m, s) in enumerate(zip(masks, scores)):
         click.echo(f"mask {i}: score {s:.3f}, {int(m.sum())} pixels ({m.mean():.1%} of the image)")
     click.echo(f"wrote {out}" + (f" and {save_masks}" if save_masks is not None else ""))
@@ -85,7 +92,8 @@ def segment(image, points, boxes, policy, checkpoint, model_type, sparse_checkpo
 
 @click.command()
 @click.option("--out", type=click.Path(path_type=Path), default=Path("sam-sparse-demo.png"), show_default=True,
-              metavar="PNG", help="Where to write the overlay.")
+              metavar="IMAGE", help="Where to write the overlay (.png, or .jpg / .jpeg for JPEG); by default in "
+                                    "the current folder.")
 @click.option("--policy", default=DEFAULT_POLICY, show_default=True, help=policy_help)
 @device_option
 @guarded
@@ -102,15 +110,14 @@ def demo(out, policy, device):
       sam-sparse demo
       sam-sparse demo --policy dense --out demo_dense.png
     """
+    from ..files import check_output
     from ..policy import load_policy
+    from ..segment import IMAGE_FORMATS
 
     device = resolve_device(device)
+    check_output(out, "--out", tuple(IMAGE_FORMATS))
     chosen = load_policy(policy)
-    with warnings.catch_warnings():
-        # MobileSAM's TinyViT encoder is not patched (the parity table says so): policy rules for SAM's
-        # ViT encoder blocks match nothing here, which is expected in the demo, not worth a warning.
-        warnings.filterwarnings("ignore", message=".*matches no attention module.*")
-        _demo(out, chosen, device)
+    _demo(out, chosen, device)
 
 
 def _demo(out: Path, chosen, device: str) -> None:
@@ -125,7 +132,8 @@ def _demo(out: Path, chosen, device: str) -> None:
 
     say(f"Parity: MobileSAM unpatched vs patched with {chosen.name!r}, astronaut photo, one point ...")
     with EncoderProgress(model, total=parity_passes(model), desc="parity"):
-        report = verify_parity(model, chosen, [image], points=[point], multimask_output=False)
+        report = verify_parity(model, chosen, [image], points=[point], multimask_output=False,
+                               image_names=["astronaut"])
     click.echo(str(report))
 
     handle = patch_sam(model, chosen)

@@ -36,7 +36,8 @@ DEFAULT_IMAGES = ("astronaut", "coffee", "chelsea", "horse")
 @click.option("--boxes", "boxes", multiple=True, metavar="X0,Y0,X1,Y1",
               help="A box prompt in pixels, for every image; repeat for more. No prompt: the image centre.")
 @click.option("--multimask/--single-mask", default=True, show_default=True,
-              help="Compare SAM's three candidate masks per prompt (worst counts), or its single mask.")
+              help="Multimask: SAM's three candidate masks per prompt, compared on the one the unpatched model "
+                   "scores best (the one a user would take); single-mask: SAM's single mask.")
 @click.option("--thresholds", type=click.Choice(["auto", "dense", "sparse"]), default="auto", show_default=True,
               help="Threshold preset: auto = dense presets when every patched layer is dense, else sparse.")
 @click.option("--min-mask-iou", type=float, default=None, help="Override the preset's minimum mask IoU.")
@@ -79,7 +80,7 @@ def verify(checkpoint, model_type, sparse_checkpoint, policy, images, points, bo
     say(f"Comparing on {len(loaded)} image(s): {', '.join(map(str, names))}")
     with EncoderProgress(model, total=parity_passes(model) * len(loaded), desc="parity"):
         report = verify_parity(model, policy, loaded, points=pts, boxes=bxs, thresholds=preset,
-                               multimask_output=multimask)
+                               multimask_output=multimask, image_names=[str(n) for n in names])
     click.echo(str(report))
     sys.exit(0 if report.passed else 1)
 

@@ -2,12 +2,13 @@
 
 from .attention import SparseDecoderAttention, SparseEncoderAttention
 from .parity import DENSE_FP32, DENSE_HALF, SPARSE, LayerParity, ParityReport, ParityThresholds, verify_parity
-from .patcher import LayerReport, PatchHandle, patch_sam, unpatch_sam
+from .patcher import LayerReport, PatchHandle, PolicyWarning, patch_sam, unpatch_sam
 
 __all__ = [
     "patch_sam",
     "unpatch_sam",
     "PatchHandle",
+    "PolicyWarning",
     "LayerReport",
     "verify_parity",
     "ParityReport",

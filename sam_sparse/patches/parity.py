@@ -29,6 +29,8 @@ off by that much; binarized masks flip where a logit is near 0.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -91,6 +93,7 @@ class ParityReport:
     low_res_logits_err: float = 0.0
     iou_pred_err: float = 0.0
     notes: List[str] = field(default_factory=list)
+    image_names: List[str] = field(default_factory=list)
 
     @property
     def failures(self) -> List[str]:
@@ -100,7 +103,8 @@ class ParityReport:
                 out.append(f"{lp.name}: output cosine {lp.cosine:.6f} < {t.layer_cosine}")
         for i, c in enumerate(self.embedding_cosine):
             if not c >= t.embedding_cosine:
-                out.append(f"image {i}: embedding cosine {c:.6f} < {t.embedding_cosine}")
+                name = self.image_names[i] if i < len(self.image_names) else f"image {i}"
+                out.append(f"{name}: embedding cosine {c:.6f} < {t.embedding_cosine}")
         for label, iou in self.mask_iou:
             if not iou >= t.mask_iou:
                 out.append(f"{label}: mask IoU {iou:.4f} < {t.mask_iou}")
@@ -125,14 +129,14 @@ class ParityReport:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
         lines += [fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in rows[1:]]
-        summary = [("image embedding cosine (min)", _min(self.embedding_cosine), f">= {t.embedding_cosine}"),
+        summary = [("image embedding cosine (min)", _min(self.embedding_cosine), _limit(">=", t.embedding_cosine)),
                    ("image embedding max abs err", max(self.embedding_max_err, default=0.0), "")]
         if self.mask_iou:
             ious = [v for _, v in self.mask_iou]
-            summary += [("mask IoU (min over prompts)", min(ious), f">= {t.mask_iou}"),
+            summary += [("mask IoU (min over prompts)", min(ious), _limit(">=", t.mask_iou)),
                         ("mask IoU (mean)", sum(ious) / len(ious), ""),
-                        ("low-res logits max abs err", self.low_res_logits_err, f"<= {t.low_res_logits_err}"),
-                        ("IoU-prediction max abs err", self.iou_pred_err, f"<= {t.iou_pred_err}")]
+                        ("low-res logits max abs err", self.low_res_logits_err, _limit("<=", t.low_res_logits_err)),
+                        ("IoU-prediction max abs err", self.iou_pred_err, _limit("<=", t.iou_pred_err))]
         lines.append("")
         lines += [f"{k:30s} {v:.6g} {lim}".rstrip() for k, v, lim in summary]
         fails = self.failures
@@ -140,6 +144,11 @@ class ParityReport:
             lines.append("failures:")
             lines += [f"  {f}" for f in fails[:20]] + ([f"  ... {len(fails) - 20} more"] if len(fails) > 20 else [])
         return "\n".join(lines)
+
+
+def _limit(op: str, value: float) -> str:
+    """'<= 0.1', or '(not checked)' for an infinite limit, which cannot fail."""
+    return "(not checked)" if math.isinf(value) else f"{op} {value}"
 
 
 def _min(xs: Sequence[float]) -> float:
@@ -225,6 +234,7 @@ def verify_parity(
     thresholds: Optional[ParityThresholds] = None,
     multimask_output: bool = True,
     filter_fn=None,
+    image_names: Optional[Sequence[str]] = None,
 ) -> ParityReport:
     """Compare `model` patched with `policy` against the same model unpatched.
 
@@ -238,6 +248,7 @@ def verify_parity(
         pixels, each box a prompt, likewise. Both None: one point at the image centre.
     thresholds: ParityThresholds; default DENSE_FP32 / DENSE_HALF (by the model's dtype) when every
         patched layer is dense, SPARSE otherwise.
+    image_names: one name per image, for the report's lines (default "image 0", "image 1", ...).
     Returns a ParityReport (str(report) is a table; report.passed).
     """
     if not isinstance(model, (Sam, ImageEncoderViT)):
@@ -254,7 +265,7 @@ def verify_parity(
             dense = all(r.pattern == "dense" for r in handle.report)
             thresholds = (DENSE_FP32 if dtype == torch.float32 else DENSE_HALF) if dense else SPARSE
         report = ParityReport(policy=getattr(handle.policy, "name", str(policy)), dtype=str(dtype).replace("torch.", ""),
-                              thresholds=thresholds, notes=list(handle.notes))
+                              thresholds=thresholds, notes=list(handle.notes), image_names=list(image_names or []))
         recorder = _Recorder(handle)
 
         def both(fn):
@@ -282,7 +293,7 @@ def verify_parity(
                 report.embedding_cosine.append(_cosine(o, r))
                 report.embedding_max_err.append(float((o.float() - r.float()).abs().max()))
         else:
-            _sam_parity(model, handle, images, points, boxes, multimask_output, both, report)
+            _sam_parity(model, handle, images, points, boxes, multimask_output, both, report, image_names)
         report.layers = list(recorder.stats.values())
         return report
     finally:
@@ -294,7 +305,8 @@ def verify_parity(
             prior._apply()
 
 
-def _sam_parity(model: Sam, handle, images, points, boxes, multimask_output: bool, both, report: ParityReport) -> None:
+def _sam_parity(model: Sam, handle, images, points, boxes, multimask_output: bool, both, report: ParityReport,
+                image_names: Optional[Sequence[str]] = None) -> None:
     from segment_anything import SamPredictor
 
     predictor = SamPredictor(model)
@@ -306,7 +318,9 @@ def _sam_parity(model: Sam, handle, images, points, boxes, multimask_output: boo
     device = model.device
     dtype = next(model.parameters()).dtype
     for i, image in enumerate(images):
-        if all_points[i] is None and all_boxes[i] is None:
+        name = image_names[i] if image_names is not None and i < len(image_names) else f"image {i}"
+        centre = all_points[i] is None and all_boxes[i] is None
+        if centre:
             h, w = image.shape[:2]
             all_points[i] = np.array([[w / 2, h / 2]], dtype=np.float32)
 
@@ -327,12 +341,15 @@ def _sam_parity(model: Sam, handle, images, points, boxes, multimask_output: boo
             pts = predictor.transform.apply_coords(all_points[i], predictor.original_size)
             coords = torch.as_tensor(pts, dtype=torch.float, device=device)[:, None, :]
             labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
-            prompt_sets.append(("point", dict(point_coords=coords, point_labels=labels)))
+            prompt_sets.append(([f"point {x:g},{y:g}" + (" (the image centre)" if centre else "")
+                                 for x, y in np.asarray(all_points[i]).reshape(-1, 2)],
+                                dict(point_coords=coords, point_labels=labels)))
         if all_boxes[i] is not None:
             bxs = predictor.transform.apply_boxes(all_boxes[i], predictor.original_size)
-            prompt_sets.append(("box", dict(point_coords=None, point_labels=None,
-                                            boxes=torch.as_tensor(bxs, dtype=torch.float, device=device))))
-        for kind, kw in prompt_sets:
+            prompt_sets.append(([f"box {','.join(f'{v:g}' for v in b)}" for b in np.asarray(all_boxes[i]).reshape(-1, 4)],
+                                dict(point_coords=None, point_labels=None,
+                                     boxes=torch.as_tensor(bxs, dtype=torch.float, device=device))))
+        for labels_text, kw in prompt_sets:
             def decode(feats):
                 predictor.features = feats  # each run decodes its own embedding
                 # segment-anything's PromptEncoder multiplies fp32 coords by its weights: autocast lets a
@@ -348,7 +365,7 @@ def _sam_parity(model: Sam, handle, images, points, boxes, multimask_output: boo
             chosen = ref_iou.argmax(dim=1)  # the mask a user of the unpatched model would take
             for p in range(m.shape[0]):
                 j = int(chosen[p])
-                report.mask_iou.append((f"image {i} {kind} {p}", _iou(m[p, j] > thr, ref_m[p, j] > thr)))
+                report.mask_iou.append((f"{name}, {labels_text[p]}", _iou(m[p, j] > thr, ref_m[p, j] > thr)))
             report.low_res_logits_err = max(report.low_res_logits_err, float((lr.float() - ref_lr.float()).abs().max()))
             report.iou_pred_err = max(report.iou_pred_err, float((iou.float() - ref_iou.float()).abs().max()))
         predictor.reset_image()

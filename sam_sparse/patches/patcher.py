@@ -207,8 +207,11 @@ class PatchHandle:
     def __str__(self) -> str:
         name = getattr(self.policy, "name", type(self.policy).__name__)
         state = "" if self.active else " (restored)"
+        # The token order matters only where some layer runs tiled (never on MobileSAM's decoder-only patch).
+        tiled = any(r.key_tile for r in self.report)
+        order = f", order {getattr(self.policy, 'token_order', 'raster')}" if tiled else ""
         lines = [f"sam-sparse: {len(self.report)} attention modules patched with policy {name!r}, "
-                 f"block {self.policy.block_size}, order {getattr(self.policy, 'token_order', 'raster')}{state}"]
+                 f"block {self.policy.block_size}{order}{state}"]
         lines += [f"note: {n}" for n in self.notes]
         rows = [("name", "kind", "pattern", "density", "heads", "grid")]
         for r in self.report:
@@ -307,7 +310,10 @@ def patch_sam(model: nn.Module, policy="dense", *, filter_fn: Optional[Callable[
             density=None if per_prompt else (1.0 if layout is None else layout.density()), heads=module.num_heads, grid=_grid_text(described),
             block_size=described.block_size, key_tile=described.key_tile,
         ))
-    _warn_unmatched(policy, geometries)
+    absent = {k for k in ("encoder.global", "encoder.window") if not any(g.kind == k for g in geometries)}
+    absent |= {k for k in DECODER_KINDS if not any(g.kind == k for g in geometries)}
+    _warn_unmatched(policy, geometries, absent)
+    _warn_if_nothing_sparse(policy, report, notes)
     handle = PatchHandle(model, policy, entries, report, notes, context)
     handle._apply()
     return handle
@@ -330,18 +336,40 @@ def _pattern_text(policy, layer: LayerGeometry, dense: bool, per_prompt: bool) -
     return text + (" (per prompt)" if per_prompt else "")
 
 
-def _warn_unmatched(policy, geometries: List[LayerGeometry]) -> None:
-    """warnings.warn for each policy rule that matches none of the model's attention layers."""
+class PolicyWarning(UserWarning):
+    """A policy that does not do what it says on this model (filter with warnings.filterwarnings)."""
+
+
+DECODER_KINDS = ("decoder.self", "decoder.token_to_image", "decoder.image_to_token", "decoder.final_token_to_image")
+
+
+def _warn_unmatched(policy, geometries: List[LayerGeometry], absent_kinds) -> None:
+    """A PolicyWarning for each rule that matches none of the model's attention layers, except rules that
+    select only layer kinds this model does not have (MobileSAM's encoder, or a part patched alone):
+    those are expected, and handle.notes says why."""
     matched = getattr(policy, "matched_layers", None)
     if matched is None or not geometries:
         return
     for i, names in matched(geometries).items():
-        if not names:
-            rule = policy.rules[i]
-            what = rule.describe(i) if hasattr(rule, "describe") else f"rule {i}"
-            kinds = ", ".join(dict.fromkeys(g.kind for g in geometries))
-            warnings.warn(f"policy {policy.name!r}: {what} matches no attention module of this model "
-                          f"(its attention layers: {kinds})", stacklevel=3)
+        rule = policy.rules[i]
+        if names or all(m in absent_kinds for m in getattr(rule, "match", ())):
+            continue
+        what = rule.describe(i) if hasattr(rule, "describe") else f"rule {i}"
+        kinds = ", ".join(dict.fromkeys(g.kind for g in geometries))
+        warnings.warn(f"policy {policy.name!r}: {what} matches no attention module of this model "
+                      f"(its attention layers: {kinds})", PolicyWarning, stacklevel=3)
+
+
+def _warn_if_nothing_sparse(policy, report: List[LayerReport], notes: List[str]) -> None:
+    """A PolicyWarning when a sparse policy leaves every patched layer of this model dense: it changes
+    nothing here (local2d-30 on MobileSAM, whose TinyViT encoder is not patched)."""
+    if not report or any(r.pattern != "dense" for r in report):
+        return
+    if all(getattr(r.pattern, "name", None) == "dense" for r in getattr(policy, "rules", ())):
+        return  # a dense policy: dense is what was asked for
+    why = f" ({notes[0]})" if notes else ""
+    warnings.warn(f"policy {policy.name!r} leaves every patched layer of this model dense: it changes nothing "
+                  f"here{why}", PolicyWarning, stacklevel=3)
 
 
 def unpatch_sam(model: nn.Module) -> None:

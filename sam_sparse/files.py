@@ -1,0 +1,45 @@
+"""Writing the user's files: whole or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+
+@contextlib.contextmanager
+def atomic_path(path: os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` (same suffix); on success it is renamed to `path`, on any error
+    or interrupt removed, so `path` is either what it was before or the complete new file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)  # mkstemp makes 0600 files; give it what a plain new file gets
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def check_output(path: os.PathLike, what: str, suffixes: Sequence[str]) -> Path:
+    """ValueError unless `path` can be written: an accepted suffix, an existing folder, not a folder itself.
+
+    Commands call this for every output before any work, so a typo never costs a model load."""
+    path = Path(path)
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{what} {path}: expected a file name ending in {' or '.join(suffixes)}")
+    if path.is_dir():
+        raise ValueError(f"{what} {path}: is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{what} {path}: folder {folder} is not writable")
+    return path
