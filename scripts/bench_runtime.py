@@ -124,8 +124,6 @@ def section_host(out):
 
 
 def section_decoder(out):
-    from segment_anything import SamPredictor
-
     results = {}
     # Every eager run before any compiled one: compiling leaves state behind that could slow eager runs.
     for mode in ("eager", "compiled+cudagraphs"):
@@ -133,29 +131,21 @@ def section_decoder(out):
             row = dict(section="decoder", variant=variant, mode=mode)
             try:
                 torch._dynamo.reset()
-                model = build("vit_b", DEV, torch.float32)
-                if variant != "original":
-                    patch_sam(model, variant)
-                pred = SamPredictor(model)
-                with torch.inference_mode():
-                    pred.set_image(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8))
-                    if mode != "eager":
-                        model.mask_decoder = torch.compile(model.mask_decoder, mode="reduce-overhead")
-                    pt = pred.transform.apply_coords_torch(torch.tensor([[[500.0, 300.0]]], device=DEV), (768, 1024))
-                    lab = torch.ones(1, 1, dtype=torch.int, device=DEV)
-                    fn = lambda: pred.predict_torch(pt, lab, multimask_output=True)  # noqa: E731
-                    t = time.perf_counter()
-                    first = fn()[2].clone()
-                    torch.cuda.synchronize()
-                    row["first_call_s"] = round(time.perf_counter() - t, 2)
-                    for _ in range(3):
-                        fn()
-                    row["ms"] = round(wall_ms(fn, DEV, 50), 4)
-                    row["stable"] = bool(torch.equal(first, fn()[2]))
-                    results[(variant, mode)] = row["ms"]
-                    base = results.get(("original", "eager"))
-                    if base:
-                        row["vs_original_eager"] = round(base / row["ms"], 3)
+                model, fn = decoder_call(variant)
+                if mode != "eager":
+                    model.mask_decoder = torch.compile(model.mask_decoder, mode="reduce-overhead")
+                t = time.perf_counter()
+                first = fn()[2].clone()
+                torch.cuda.synchronize()
+                row["first_call_s"] = round(time.perf_counter() - t, 2)
+                for _ in range(3):
+                    fn()
+                row["ms"] = round(wall_ms(fn, DEV, 50), 4)
+                row["stable"] = bool(torch.equal(first, fn()[2]))
+                results[(variant, mode)] = row["ms"]
+                base = results.get(("original", "eager"))
+                if base:
+                    row["vs_original_eager"] = round(base / row["ms"], 3)
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             record(out, **row)
@@ -273,33 +263,46 @@ def section_precision(out):
         torch.set_float32_matmul_precision("highest")
 
 
-def section_profile(out):
-    """torch.profiler tables (CPU and CUDA time per op) of predict_torch and of one patched encoder block."""
+def decoder_call(variant: str):
+    """(model, fn): vit_b in fp32 patched with `variant` ("original": not patched), an image set, and fn
+    calling predict_torch with one point (3 masks). Warmed up."""
     from segment_anything import SamPredictor
+
+    model = build("vit_b", DEV, torch.float32)
+    if variant != "original":
+        patch_sam(model, variant)
+    pred = SamPredictor(model)
+    with torch.inference_mode():
+        pred.set_image(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8))
+        pt = pred.transform.apply_coords_torch(torch.tensor([[[500.0, 300.0]]], device=DEV), (768, 1024))
+    lab = torch.ones(1, 1, dtype=torch.int, device=DEV)
+
+    def fn():
+        with torch.inference_mode():
+            return pred.predict_torch(pt, lab, multimask_output=True)
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    return model, fn
+
+
+def section_profile(out):
+    """torch.profiler tables (CPU and CUDA time per op) of predict_torch, original vs dense."""
     from torch.profiler import ProfilerActivity, profile
 
     for variant in ("original", "dense"):
-        model = build("vit_b", DEV, torch.float32)
-        if variant != "original":
-            patch_sam(model, variant)
-        pred = SamPredictor(model)
-        with torch.inference_mode():
-            pred.set_image(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8))
-            pt = pred.transform.apply_coords_torch(torch.tensor([[[500.0, 300.0]]], device=DEV), (768, 1024))
-            lab = torch.ones(1, 1, dtype=torch.int, device=DEV)
-            for _ in range(3):
-                pred.predict_torch(pt, lab)
+        model, fn = decoder_call(variant)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                for _ in range(10):
-                    pred.predict_torch(pt, lab)
-                torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
         print(f"== predict_torch x10, vit_b fp32, {variant}\n{table}", flush=True)
         if out:
             with open(os.path.join(out, f"profile_decoder_{variant}.txt"), "w") as f:
                 f.write(table)
-        del model, pred
+        del model, fn
 
 
 def section_pyprofile(out):
@@ -308,30 +311,18 @@ def section_pyprofile(out):
     import io
     import pstats
 
-    from segment_anything import SamPredictor
-
     for variant in ("original", "dense"):
-        model = build("vit_b", DEV, torch.float32)
-        if variant != "original":
-            patch_sam(model, variant)
-        pred = SamPredictor(model)
-        with torch.inference_mode():
-            pred.set_image(np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8))
-            pt = pred.transform.apply_coords_torch(torch.tensor([[[500.0, 300.0]]], device=DEV), (768, 1024))
-            lab = torch.ones(1, 1, dtype=torch.int, device=DEV)
-            for _ in range(5):
-                pred.predict_torch(pt, lab)
-            torch.cuda.synchronize()
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(20):
-                pred.predict_torch(pt, lab)
-            torch.cuda.synchronize()
-            prof.disable()
+        model, fn = decoder_call(variant)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        prof.disable()
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(22)
         print(f"== cProfile predict_torch x20, {variant}\n{text.getvalue()[-6000:]}", flush=True)
-        del model, pred
+        del model, fn
 
 
 def interleaved(fns: dict, rounds: int = 6, calls: int = 20) -> dict:
@@ -351,22 +342,10 @@ def interleaved(fns: dict, rounds: int = 6, calls: int = 20) -> dict:
 
 def section_ab(out):
     """Decoder predict_torch (fp32) and the vit_b encoder at batch 1 (bf16), eager, variants interleaved."""
-    from segment_anything import SamPredictor
-
-    image = np.random.default_rng(0).integers(0, 255, (768, 1024, 3), dtype=np.uint8)
-    fns = {}
-    keep = []
+    fns, keep = {}, []
     with torch.inference_mode():
         for variant in ("original", "dense", "region_focused"):
-            model = build("vit_b", DEV, torch.float32)
-            if variant != "original":
-                patch_sam(model, variant)
-            pred = SamPredictor(model)
-            pred.set_image(image)
-            pt = pred.transform.apply_coords_torch(torch.tensor([[[500.0, 300.0]]], device=DEV), (768, 1024))
-            lab = torch.ones(1, 1, dtype=torch.int, device=DEV)
-            fns[variant] = (lambda p=pred, pt=pt, lab=lab: p.predict_torch(pt, lab))
-            fns[variant]()
+            model, fns[variant] = decoder_call(variant)
             keep.append(model)
         for name, r in interleaved(fns).items():
             record(out, section="ab", case=f"decoder predict_torch fp32, {name}", **r)

@@ -147,3 +147,12 @@ def test_a_policy_that_changes_nothing_here_says_so(mobile_sam):
     with warnings.catch_warnings():
         warnings.simplefilter("error", PolicyWarning)
         patch_sam(mobile_sam, "dense").restore()  # dense was asked for: nothing to say
+
+
+def test_report_header_names_the_token_order_only_where_tokens_are_tiled(mobile_sam):
+    handle = patch_sam(mobile_sam, "region_focused")  # tiles order, but only decoder layers here: nothing tiled
+    try:
+        header = str(handle).splitlines()[0]
+    finally:
+        handle.restore()
+    assert "order" not in header and "region_focused" in header
