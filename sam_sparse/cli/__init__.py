@@ -5,6 +5,7 @@ import warnings
 import click
 
 from .. import __version__
+from .amg import amg
 from .bench import bench
 from .common import say
 from .convert import convert
@@ -28,13 +29,14 @@ def main():
       sam-sparse segment astronaut --point 250,120 --out astronaut.png
       sam-sparse verify --policy local2d-30 --checkpoint sam_vit_b_01ec64.pth
       sam-sparse convert --checkpoint sam_vit_b_01ec64.pth --policy local2d-30 --out vit_b_sparse.pt
+      sam-sparse amg photos/ --out masks/                # every mask of every photo
       sam-sparse policies list
     """
     _SHOWN.clear()  # once per command (several run in one process under tests)
     warnings.showwarning = _show_warning
 
 
-for command in (demo, segment, verify, convert, bench, fetch, policies):
+for command in (demo, segment, verify, convert, bench, amg, fetch, policies):
     main.add_command(command)
 
 
