@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 from . import __version__
+from .files import atomic_path
 from .models import (
     DTYPES,
     FORMAT_NAME,
@@ -37,11 +37,11 @@ from .models import (
     infer_model_type,
     load_checkpoint,
     load_sparse_sam,
-    make_plain_file,
     sha256_file,
 )
 
 FORMATS = ("torch", "safetensors")
+PathLike = Union[str, os.PathLike]
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
@@ -60,7 +60,6 @@ def format_for(out: Path, fmt: Optional[str]) -> str:
         raise ValueError(f"output {out}: the name says {named} but the format asked for is {fmt}; "
                          f"name it *{'.safetensors' if fmt == 'safetensors' else '.pt'} or leave the format out")
     return fmt
-PathLike = Union[str, os.PathLike]
 
 
 @dataclass
@@ -195,19 +194,10 @@ def convert_checkpoint(
 
     step("write")
     # The temporary file carries OUT's suffix, so the reload below reads it exactly as a user reads OUT.
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.tmp-", suffix=out.suffix)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_path(out) as tmp:
         write_sparse_checkpoint(tmp, manifest, state_dict, fmt)
         step("reload")
         _check_reload(tmp, out, state_dict, device)
-        make_plain_file(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
     return ConvertResult(
         out=out,
         manifest=manifest,

@@ -9,18 +9,24 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 
+def make_plain_file(path: os.PathLike) -> None:
+    """Give a mkstemp file (mode 0600) the permissions a newly created file would get (0666 & ~umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path` (same suffix); on success it is renamed to `path`, on any error
-    or interrupt removed, so `path` is either what it was before or the complete new file."""
+    """Yield a temporary path beside `path` (same suffix, so it reads as `path` will); on success it is
+    renamed to `path`, on any error or interrupt removed, so `path` is either what it was before or the
+    complete new file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.tmp-", suffix=path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
-        umask = os.umask(0)  # mkstemp makes 0600 files; give it what a plain new file gets
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        make_plain_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

