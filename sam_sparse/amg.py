@@ -11,10 +11,19 @@ scripts/amg.py: `binary_mask` writes a folder per image with one PNG per mask (0
 written under a temporary name and renamed when complete, so a rerun skips complete images and redoes
 partial ones. A run manifest (model, policy, version, arguments, per image: status, masks, seconds) is
 written as manifest.json.
+
+batch_images=N runs the image encoder on N images per forward (embed_images), then the generator on
+each image with its set_image short-circuited to that image's features (precomputed_embedding). This
+holds only without crop layers: with crop_n_layers > 0 each crop needs its own embedding, so the
+generator embeds every crop itself, one at a time, as with N=1. The outputs are N=1's byte for byte
+where the encoder gives each image of a batch the same bits as it gets alone (MobileSAM on CPU in
+float32 does); elsewhere batched matmuls may sum in another order (ViT-B on CPU: features within
+~4e-6), which can move a borderline score across a threshold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,7 +31,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -182,6 +191,49 @@ def write_rle_json(masks: List[dict], path: Path) -> None:
         tmp.write_text(json.dumps(masks))
 
 
+def embed_images(predictor, images: Sequence[np.ndarray]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+    """SamPredictor.set_image's preprocessing for each image, then one image_encoder forward for all.
+
+    images: HxWx3 uint8 RGB arrays, any sizes. Returns the features, (N, C, h, w) ((N, 256, 64, 64) for
+    SAM) in the encoder's dtype, and each image's size after ResizeLongestSide, (h, w) in pixels.
+    Call it under torch.inference_mode or no_grad.
+    """
+    model = predictor.model
+    inputs, sizes = [], []
+    for image in images:
+        # The steps of SamPredictor.set_image + set_torch_image, so each image gets the same input tensor.
+        if model.image_format != "RGB":
+            image = image[..., ::-1]
+        x = torch.as_tensor(predictor.transform.apply_image(image), device=predictor.device)
+        x = x.permute(2, 0, 1).contiguous()[None]
+        sizes.append(tuple(x.shape[-2:]))
+        inputs.append(model.preprocess(x))  # normalized and padded to img_size x img_size: stackable
+    return model.image_encoder(torch.cat(inputs)), sizes
+
+
+@contextlib.contextmanager
+def precomputed_embedding(predictor, features: torch.Tensor, input_size: Tuple[int, int], image: np.ndarray):
+    """Within the block, predictor.set_image(image) sets `features` (1, C, h, w) instead of running the
+    encoder; set_image with any other image raises RuntimeError (a crop would need its own embedding)."""
+
+    def set_image(given: np.ndarray, image_format: str = "RGB") -> None:
+        if given.shape != image.shape:
+            raise RuntimeError(f"set_image on a {given.shape} array, but the precomputed features are of a "
+                               f"{image.shape} image; crops need their own embedding (batch_images=1)")
+        # What set_torch_image leaves behind, with the batch's features.
+        predictor.reset_image()
+        predictor.original_size = image.shape[:2]
+        predictor.input_size = input_size
+        predictor.features = features
+        predictor.is_image_set = True
+
+    predictor.set_image = set_image  # an instance attribute shadows the class's method...
+    try:
+        yield
+    finally:
+        del predictor.set_image  # ...and removing it brings the method back
+
+
 def generate_masks(
     model,
     paths: Sequence[Path],
@@ -192,49 +244,88 @@ def generate_masks(
     names: Optional[Dict[Path, str]] = None,
     overwrite: bool = False,
     progress: Optional[Callable[[int], None]] = None,
+    batch_images: int = 1,
 ) -> List[dict]:
     """Run SamAutomaticMaskGenerator over `paths`, writing each image's masks under `out_dir`.
 
-    Returns one record per image: image, output, status ("done", "skipped": complete from an earlier run,
-    "failed"), masks, seconds, error. An unreadable image is recorded as failed and the run goes on.
+    batch_images: images per image-encoder forward (the next N images still to do, in order); used only
+    with settings.crop_n_layers == 0, else every image (and crop) is embedded on its own.
+    Returns one record per image, in the order of `paths`: image, output, status ("done", "skipped":
+    complete from an earlier run, "failed"), masks, seconds (its own work plus an equal share of its
+    batch's encoder forward), error. An unreadable image is recorded as failed and the run goes on.
     progress(masks) is called after each image.
     """
     from segment_anything import SamAutomaticMaskGenerator
 
-    from .segment import load_image
-
     if output_mode not in OUTPUT_MODES:
         raise ValueError(f"output_mode={output_mode!r}: expected one of {', '.join(OUTPUT_MODES)}")
+    if not isinstance(batch_images, int) or isinstance(batch_images, bool) or batch_images < 1:
+        raise ValueError(f"batch_images={batch_images!r}: expected an integer >= 1")
     out_dir = Path(out_dir)
     names = names or output_names(paths, None)
     generator = SamAutomaticMaskGenerator(model, output_mode=output_mode, **dataclasses.asdict(settings))
-    records = []
+    batched = batch_images > 1 and settings.crop_n_layers == 0
+    records: List[dict] = []
+    pending: List[Tuple[Path, dict]] = []  # images to do, waiting for a full batch
     for path in paths:
         name = names[path]
         target = output_path(out_dir, name, output_mode)
         record = dict(image=str(path), output=str(target), status="done", masks=0, seconds=0.0, error=None)
-        if is_complete(out_dir, name, output_mode) and not overwrite:
-            record["status"] = "skipped"
-            record["masks"] = _mask_count(target, output_mode)
-        else:
-            remove_partial(out_dir, name)
-            t0 = time.perf_counter()
-            try:
-                image = load_image(path)
-                with torch.inference_mode():
-                    masks = generator.generate(image)
-                if output_mode == "binary_mask":
-                    write_binary_masks(masks, target)
-                else:
-                    write_rle_json(masks, target)
-                record["masks"] = len(masks)
-            except (ValueError, OSError) as e:  # unreadable or corrupt image, or a full disk
-                record.update(status="failed", error=" ".join(str(e).split()))
-            record["seconds"] = round(time.perf_counter() - t0, 3)
         records.append(record)
+        if is_complete(out_dir, name, output_mode) and not overwrite:
+            record.update(status="skipped", masks=_mask_count(target, output_mode))
+            if progress is not None:
+                progress(record["masks"])
+            continue
+        remove_partial(out_dir, name)
+        pending.append((path, record))
+        if len(pending) == (batch_images if batched else 1):
+            _run_batch(generator, pending, output_mode, batched, progress)
+            pending = []
+    if pending:
+        _run_batch(generator, pending, output_mode, batched, progress)
+    return records
+
+
+def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, batched: bool, progress) -> None:
+    """Masks for each (path, record) in `jobs`, filling the record. batched: one encoder forward for all
+    readable images of `jobs`; else the generator's own set_image embeds each image (and crop)."""
+    from .segment import load_image
+
+    loaded = []  # (image, record) of the readable images
+    for path, record in jobs:
+        t0 = time.perf_counter()
+        try:
+            loaded.append((load_image(path), record))
+        except (ValueError, OSError) as e:  # unreadable or corrupt: recorded, the batch goes on without it
+            record.update(status="failed", error=" ".join(str(e).split()))
+        record["seconds"] += time.perf_counter() - t0
+    if batched and loaded:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            features, sizes = embed_images(generator.predictor, [image for image, _ in loaded])
+        share = (time.perf_counter() - t0) / len(loaded)
+    for i, (image, record) in enumerate(loaded):
+        t0 = time.perf_counter()
+        embedding = contextlib.nullcontext()
+        if batched:
+            embedding = precomputed_embedding(generator.predictor, features[i:i + 1], sizes[i], image)
+            record["seconds"] += share
+        try:
+            with embedding, torch.inference_mode():
+                masks = generator.generate(image)
+            if output_mode == "binary_mask":
+                write_binary_masks(masks, Path(record["output"]))
+            else:
+                write_rle_json(masks, Path(record["output"]))
+            record["masks"] = len(masks)
+        except (ValueError, OSError) as e:  # a full disk
+            record.update(status="failed", error=" ".join(str(e).split()))
+        record["seconds"] += time.perf_counter() - t0
+    for _, record in jobs:  # in input order, failed ones included
+        record["seconds"] = round(record["seconds"], 3)
         if progress is not None:
             progress(record["masks"])
-    return records
 
 
 def _mask_count(target: Path, mode: str) -> int:

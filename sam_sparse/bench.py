@@ -22,8 +22,10 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
+from .devices import default_device
 from .files import atomic_path
-from .models import DTYPES, _build
+from .models import DTYPES, build_model
+from .table import format_table
 
 
 @dataclass
@@ -88,10 +90,7 @@ class BenchResult:
             sp = self.speedup(r)
             rows.append((r.policy, f"{r.density:.3f}", f"{r.min_ms:.1f} / {r.median_ms:.1f} / {r.max_ms:.1f}",
                          "-" if sp is None else f"{sp[0]:.2f}x ({sp[1]:.2f}-{sp[2]:.2f})"))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
-        lines = [self.header(), fmt(rows[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-        lines += [fmt(r) for r in rows[1:]] + [f"note: {n}" for n in self.notes]
+        lines = [self.header(), format_table(rows[0], rows[1:])] + [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def plot(self, path) -> None:
@@ -121,10 +120,6 @@ class BenchResult:
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def time_once(fn: Callable[[], object], cuda: bool) -> float:
@@ -201,7 +196,7 @@ def bench_encoder(
     iters = (20 if cuda else 3) if iters is None else iters
     loaded = [p if hasattr(p, "block_mask") else load_policy(p) for p in policies]  # fail fast on a bad name
 
-    model = _build(model_type).to(device=device, dtype=DTYPES[dtype]).eval()
+    model = build_model(model_type).to(device=device, dtype=DTYPES[dtype]).eval()
     size = getattr(model.image_encoder, "img_size", 1024)
     x = torch.randn(batch, 3, size, size, device=device, dtype=DTYPES[dtype])
     result = BenchResult(model_type, str(device), dtype, batch, compile, compile_mode)

@@ -3,10 +3,8 @@
     result = convert_checkpoint("sam_vit_b.pth", "vit_b_sparse.pt", policy="NAME", model_type="vit_b")
     model = load_sparse_sam("vit_b_sparse.pt")      # patched Sam, ready for SamPredictor
 
-Manifest (all strings): format "sam-sparse", format_version, model_type, policy (the policy as YAML text),
-policy_name, sam_sparse_version, source_sha256 (of the input file), source_name, dtype (fp32/fp16/bf16).
-torch format: one file holding {"manifest": manifest, "state_dict": state_dict}, readable with
-torch.load(weights_only=True). safetensors format: the state dict, with the manifest as header metadata.
+The format (manifest fields, torch and safetensors layouts) is defined, read and written in
+models/checkpoints.py.
 
 Safety: the input is only read. The output is written to a temporary file in its own folder, reloaded
 with load_sparse_sam and compared with what was meant to be written, and only then renamed over OUT
@@ -27,20 +25,19 @@ import torch
 
 from . import __version__
 from .files import atomic_path
-from .models import (
+from .models import build_model, load_sparse_sam, load_weights
+from .models.checkpoints import (
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
+    FORMATS,
     CheckpointError,
-    _build,
-    _load_into,
     infer_model_type,
     load_checkpoint,
-    load_sparse_sam,
-    sha256_file,
+    write_sparse_checkpoint,
 )
+from .models.fetch import sha256_file
 
-FORMATS = ("torch", "safetensors")
 PathLike = Union[str, os.PathLike]
 TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 
@@ -115,18 +112,6 @@ def check_paths(src: Path, out: Path, force: bool) -> None:
         raise ValueError(f"output {out}: folder {out.parent} does not exist")
 
 
-def write_sparse_checkpoint(path: Path, manifest: Dict[str, str], state_dict: Dict[str, torch.Tensor], fmt: str) -> None:
-    """Write (not atomically: convert_checkpoint writes to a temporary path) one converted checkpoint."""
-    if fmt == "torch":
-        torch.save({"manifest": dict(manifest), "state_dict": state_dict}, path)
-    elif fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path), metadata=dict(manifest))
-    else:
-        raise ValueError(f"format={fmt!r}: expected one of {', '.join(FORMATS)}")
-
-
 def _density_by_kind(report) -> Dict[str, Optional[float]]:
     by_kind: Dict[str, list] = OrderedDict()
     for r in report:
@@ -172,8 +157,8 @@ def convert_checkpoint(
     state_dict = load_checkpoint(src, model_type)
     model_type = model_type or infer_model_type(state_dict)[0]
     policy = policy if hasattr(policy, "to_yaml") else load_policy(policy)
-    model = _build(model_type, empty=True)
-    _load_into(model, state_dict, src, assign=True)
+    model = build_model(model_type, empty=True)
+    load_weights(model, state_dict, src, assign=True)
     del state_dict
 
     step("patch")

@@ -1,8 +1,10 @@
-"""What a mask policy needs to know about one attention layer, and the token orders it may use.
+"""What a block mask is built for: one attention layer (LayerGeometry) and the call's prompts.
 
-This module is the contract between the patcher (which describes each SAM attention module it finds)
-and the mask policies (which turn that description into a block mask). It knows nothing of Triton or
-of segment-anything's classes.
+The contract between the patcher, which describes each attention module it finds, and the mask
+patterns and policies, which turn that description into a block mask. The layer kinds name attention
+roles (image self-attention over the whole grid or one window, token self-attention, the two cross
+directions); which SAM module has which role is the table in sam_layers.py. No torch ops, no
+segment-anything, no Triton.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ LAYER_KINDS = (
     "decoder.final_token_to_image",  # the last token-to-image attention after the two-way blocks
 )
 
-TOKEN_ORDERS = ("raster", "tiles")
+GRID_KINDS = ("encoder.global", "encoder.window")  # image tokens on both sides
+SELF_KINDS = ("encoder.global", "encoder.window", "decoder.self")  # queries and keys are the same tokens
 
 Grid = Tuple[int, int]
 
@@ -41,8 +44,8 @@ class LayerGeometry:
     block_size: mask granularity in tokens; the block mask is
         (ceil(seqlen_q / block_size), ceil(seqlen_k / block_size)).
     key_tile: None when image tokens are in raster order; (th, tw) when they are grouped in th x tw
-        tiles, tiles in raster order (see tile_permutation). Queries and keys of an image side use
-        the same order.
+        tiles, tiles in raster order (see masks.tile_permutation). The name is the kernel's, but the
+        order applies to queries too: both sides of an image layer use it.
     """
 
     name: str
@@ -64,55 +67,17 @@ class LayerGeometry:
                 raise ValueError(f"LayerGeometry.{side}_grid={grid} does not hold seqlen_{side}={n} tokens")
 
     @property
+    def same_tokens(self) -> bool:
+        """Queries and keys are the same tokens in the same order, so block i of each is the same block."""
+        return self.kind in SELF_KINDS and self.seqlen_q == self.seqlen_k
+
+    @property
     def q_blocks(self) -> int:
         return -(-self.seqlen_q // self.block_size)
 
     @property
     def k_blocks(self) -> int:
         return -(-self.seqlen_k // self.block_size)
-
-
-def tile_permutation(h: int, w: int, th: int, tw: int, device=None) -> torch.Tensor:
-    """Token order for grouping an h x w raster grid into th x tw tiles.
-
-    Returns perm (h*w,) int64 such that ``x_tiled = x_raster[..., perm, :]``: position p of the tiled
-    sequence holds raster token perm[p]. Tiles are in raster order over the (h/th, w/tw) tile grid and
-    tokens are in raster order inside each tile. The inverse is ``torch.argsort(perm)``.
-    """
-    if h % th or w % tw:
-        raise ValueError(f"tile ({th}, {tw}) does not divide the grid ({h}, {w})")
-    rows = torch.arange(h, device=device).view(h // th, th, 1, 1)
-    cols = torch.arange(w, device=device).view(1, 1, w // tw, tw)
-    # (tile_row, in_row, tile_col, in_col) -> (tile_row, tile_col, in_row, in_col)
-    raster = (rows * w + cols).permute(0, 2, 1, 3)
-    return raster.reshape(-1)
-
-
-def token_coords(h: int, w: int, key_tile: Optional[Grid] = None, device=None) -> torch.Tensor:
-    """(h*w, 2) int64 (row, col) of each position of a sequence in raster or tiled order."""
-    idx = torch.arange(h * w, device=device)
-    if key_tile is not None:
-        idx = tile_permutation(h, w, key_tile[0], key_tile[1], device=device)
-    return torch.stack((idx // w, idx % w), dim=1)
-
-
-def default_key_tile(grid: Grid, block_size: int) -> Optional[Grid]:
-    """The most compact th x tw tile with th * tw == block_size that divides the grid, or None.
-
-    Prefers square, then wider-than-tall (rows of keys are contiguous in memory for the bias).
-    """
-    h, w = grid
-    best = None
-    tw = 1
-    while tw <= block_size:
-        if block_size % tw == 0:
-            th = block_size // tw
-            if h % th == 0 and w % tw == 0 and th <= tw:
-                score = tw / th
-                if best is None or score < best[0]:
-                    best = (score, (th, tw))
-        tw *= 2
-    return None if best is None else best[1]
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,7 @@ def variants(policies):
     return out
 
 
-def bench_encoder(args, model, model_name, batch, dtype, device, modes, rows):
+def time_encoder_modes(args, model, model_name, batch, dtype, device, modes, rows):
     encoder = model.image_encoder
     size = encoder.img_size
     x = torch.randn(batch, 3, size, size, device=device, dtype=dtype)
@@ -360,7 +360,7 @@ def main(argv=None):
     for name in args.models.split(","):
         model = build(name, device, dtype)
         for batch in (int(b) for b in args.batches.split(",")):
-            bench_encoder(args, model, name, batch, dtype, device, modes, rows)
+            time_encoder_modes(args, model, name, batch, dtype, device, modes, rows)
         if not args.no_predictor:
             bench_predictor(args, model, name, device, rows)
         del model

@@ -1,6 +1,7 @@
 """sam-sparse amg on real MobileSAM weights and small scikit-image photos: outputs against segment-anything's
-own SamAutomaticMaskGenerator, both output layouts decoded independently, resume, a corrupt image, and
-torchrun with two CPU processes (gloo) against one process."""
+own SamAutomaticMaskGenerator, both output layouts decoded independently, resume, a corrupt image, the
+batched encoder (--batch-images) against one image per forward, and torchrun with two CPU processes (gloo)
+against one process."""
 
 import json
 import os
@@ -39,6 +40,13 @@ def amg(*args):
     return CliRunner().invoke(main, ["amg", *[str(a) for a in args], *SETTINGS])
 
 
+def same_files(a: Path, b: Path) -> bool:
+    """The same file names with the same bytes (PNG masks and metadata.csv)."""
+    names = sorted(p.name for p in a.iterdir())
+    return names == sorted(p.name for p in b.iterdir()) and all(
+        (a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
 def read_binary(folder: Path):
     rows = (folder / "metadata.csv").read_text().splitlines()
     masks = [np.asarray(Image.open(folder / f"{i}.png")) > 0 for i in range(len(rows) - 1)]
@@ -56,8 +64,7 @@ def binary_run(photos, tmp_path_factory):
 def test_matches_segment_anythings_generator(photos, binary_run):
     from segment_anything import SamAutomaticMaskGenerator
 
-    from sam_sparse import patch_sam
-    from sam_sparse.models import build_sam, fetch_mobile_sam
+    from sam_sparse import build_sam, fetch_mobile_sam, patch_sam
     from sam_sparse.segment import load_image
 
     model = build_sam("mobile_sam", fetch_mobile_sam(quiet=True))
@@ -126,6 +133,62 @@ def test_a_corrupt_image_is_recorded_and_the_run_goes_on(photos, tmp_path):
     assert failed[0]["image"].endswith("broken.jpg") and "cannot be read as an image" in failed[0]["error"]
 
 
+def test_batched_encoder_writes_the_same_bytes(photos, binary_run, tmp_path):
+    # 3 images in batches of 2: one full batch and a short last one. MobileSAM's encoder on CPU in
+    # float32 gives each image of a batch the bits it gets alone, so the outputs are byte-identical.
+    out = tmp_path / "batched"
+    result = amg(photos, "--out", out, "--batch-images", "2")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["batch_images"] == 2 and manifest["summary"] == {"done": 3, "skipped": 0, "failed": 0}
+    for name in ("astronaut", "coffee", "sub__chelsea"):
+        assert same_files(out / name, binary_run / name), name
+
+
+def test_a_corrupt_image_in_a_batch_fails_alone(photos, binary_run, tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photos / 'coffee.png'}\nbroken.jpg\n{photos / 'astronaut.png'}\n")
+    out = tmp_path / "out"
+    result = amg(listing, "--out", out, "--batch-images", "3")
+    assert result.exit_code == 3, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["summary"] == {"done": 2, "skipped": 0, "failed": 1}
+    failed = [r for r in manifest["images"] if r["status"] == "failed"]
+    assert failed[0]["image"].endswith("broken.jpg") and "cannot be read as an image" in failed[0]["error"]
+    assert same_files(out / "coffee", binary_run / "coffee") and same_files(out / "astronaut", binary_run / "astronaut")
+
+
+def test_crop_layers_embed_each_crop_even_with_batch_images(photos, tmp_path):
+    out = tmp_path / "crops"
+    result = amg(photos / "coffee.png", "--out", out, "--batch-images", "2", "--crop-n-layers", "1")
+    assert result.exit_code == 0, result.output
+    assert "--batch-images 2 has no effect with --crop-n-layers 1" in result.stderr
+    crop_boxes = {line.split(",", 10)[-1] for line in (out / "coffee" / "metadata.csv").read_text().splitlines()[1:]}
+    assert len(crop_boxes) > 1  # masks from the crops too, not only from the whole image
+
+
+def test_precomputed_embedding_refuses_a_crop():
+    from sam_sparse.amg import precomputed_embedding
+
+    class Predictor:  # the attributes SamPredictor.set_image sets, and its reset_image
+        def set_image(self, image, image_format="RGB"):
+            raise AssertionError("the encoder ran")
+
+        def reset_image(self):
+            self.features, self.is_image_set = None, False
+
+    predictor, image, features = Predictor(), np.zeros((30, 40, 3), np.uint8), torch.ones(1, 256, 64, 64)
+    with precomputed_embedding(predictor, features, (768, 1024), image):
+        predictor.set_image(image)
+        assert predictor.features is features and predictor.is_image_set
+        assert predictor.original_size == (30, 40) and predictor.input_size == (768, 1024)
+        with pytest.raises(RuntimeError, match="crops need their own embedding"):
+            predictor.set_image(image[:15, :20])
+    with pytest.raises(AssertionError, match="the encoder ran"):  # the method is back
+        predictor.set_image(image)
+
+
 def test_bad_arguments_exit_2_before_the_model_loads(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -134,6 +197,10 @@ def test_bad_arguments_exit_2_before_the_model_loads(tmp_path):
         result = amg(*args)
         assert result.exit_code == 2 and "error:" in result.stderr, result.output
         assert "Using the built-in default model" not in result.stderr
+    (tmp_path / "a.png").write_bytes(b"")
+    for n in ("0", "-1", "two"):
+        result = amg(tmp_path / "a.png", "--out", tmp_path / "o", "--batch-images", n)
+        assert result.exit_code == 2 and "--batch-images" in result.stderr, result.output
 
 
 def test_torchrun_two_processes_match_one(photos, binary_run, tmp_path):

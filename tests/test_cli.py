@@ -341,10 +341,13 @@ def test_segment_boxes_to_label_png(tmp_path, work):
 
 
 def test_demo(tmp_path):
+    from sam_sparse.cli.segment import DEFAULT_POLICY
+
     out = tmp_path / "demo.png"
     result = run("demo", "--out", out)
     assert result.exit_code == 0, result.output
-    assert f"policy '{POLICY}'" in result.stdout and "PASS" in result.stdout
+    assert DEFAULT_POLICY == "dense"  # no sparse policy passes the quality bar on MobileSAM (docs/quality.md)
+    assert f"policy '{DEFAULT_POLICY}'" in result.stdout and "PASS" in result.stdout
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size == (512, 512)
 

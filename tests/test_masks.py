@@ -3,10 +3,8 @@
 import pytest
 import torch
 
-from sam_sparse.geometry import LayerGeometry, Prompts, tile_permutation
+from sam_sparse.geometry import LayerGeometry, Prompts
 from sam_sparse.masks import (
-    PATTERNS,
-    PatternSpec,
     and_masks,
     block_context,
     block_side,
@@ -15,9 +13,11 @@ from sam_sparse.masks import (
     local2d,
     mask_density,
     or_masks,
-    sam_layer_geometries,
     sink,
+    tile_permutation,
 )
+from sam_sparse.policy import PATTERNS, PatternSpec
+from sam_sparse.sam_layers import sam_layer_geometries
 
 
 def grid_layer(grid=(4, 8), block_size=4, tile=(2, 2), kind="encoder.global", heads=1, name="blocks.0.attn"):
@@ -200,7 +200,7 @@ def test_image_to_prompt_sparsifies_image_to_image_only():
 
 
 def test_grid_patterns_refuse_layers_without_image_tokens_on_both_sides():
-    from sam_sparse.masks import PolicyError
+    from sam_sparse.policy import PolicyError
 
     with pytest.raises(PolicyError, match="needs image tokens on both sides.*query side"):
         run("local2d", token_to_image())

@@ -14,7 +14,7 @@ from segment_anything.modeling.transformer import Attention as DecoderAttention
 
 import sam_sparse.patches.attention as attention_mod
 from sam_sparse import patch_sam, unpatch_sam
-from sam_sparse.masks import PolicyError
+from sam_sparse.policy import PolicyError
 from sam_sparse.patches import PolicyWarning
 from sam_sparse.patches import PatchHandle, SparseDecoderAttention, SparseEncoderAttention
 from sam_sparse.policy import Policy, load_policy

@@ -11,7 +11,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling.image_encoder import add_decomposed_rel_pos
 
 from sam_sparse import ParityThresholds, patch_sam, verify_parity
-from sam_sparse.geometry import tile_permutation
+from sam_sparse.masks import tile_permutation
 from sam_sparse.patches import DENSE_FP32, SPARSE
 from sam_sparse.policy import Policy
 

@@ -10,8 +10,9 @@ import yaml
 import sam_sparse
 from sam_sparse import Policy, PolicyError, list_policies, load_policy
 from sam_sparse.geometry import LayerGeometry, Prompts
-from sam_sparse.masks import PatternSpec, mask_density, sam_layer_geometries
-from sam_sparse.policy import Rule
+from sam_sparse.masks import mask_density
+from sam_sparse.policy import PatternSpec, Rule
+from sam_sparse.sam_layers import sam_layer_geometries
 
 MODELS = ("vit_b", "vit_l", "vit_h")
 BUILTINS = ("dense", "local2d-50", "local2d-30", "local2d-15", "hierarchical", "hybrid", "image_to_prompt", "region_focused", "random-0.5")

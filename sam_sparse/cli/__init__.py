@@ -7,6 +7,7 @@ import click
 from .. import __version__
 from .amg import amg
 from .bench import bench
+from .calibrate import calibrate
 from .common import say
 from .convert import convert
 from .fetch import fetch
@@ -30,13 +31,14 @@ def main():
       sam-sparse verify --policy local2d-30 --checkpoint sam_vit_b_01ec64.pth
       sam-sparse convert --checkpoint sam_vit_b_01ec64.pth --policy local2d-30 --out vit_b_sparse.pt
       sam-sparse amg photos/ --out masks/                # every mask of every photo
+      sam-sparse calibrate --images photos/ --target-density 0.3 --out mine.yaml
       sam-sparse policies list
     """
     _SHOWN.clear()  # once per command (several run in one process under tests)
     warnings.showwarning = _show_warning
 
 
-for command in (demo, segment, verify, convert, bench, amg, fetch, policies):
+for command in (demo, segment, verify, calibrate, convert, bench, amg, fetch, policies):
     main.add_command(command)
 
 

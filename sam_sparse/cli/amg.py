@@ -44,6 +44,12 @@ def _setting(name, kind, help_text):
               help="binary_mask: a folder per image, one PNG per mask and metadata.csv; coco_rle: one JSON per "
                    "image with COCO RLE masks (segment-anything's scripts/amg.py layouts).")
 @click.option("--overwrite", is_flag=True, help="Redo every image, complete outputs included.")
+@click.option("--batch-images", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Images per image-encoder forward: the next N images are embedded together (their own "
+                   "sizes, preprocessed as SamPredictor.set_image does), then each goes through the generator "
+                   "with its embedding. Only without crop layers: with --crop-n-layers > 0 every crop needs "
+                   "its own embedding, so images and crops are embedded one at a time and N has no effect. "
+                   "Costs N images' encoder activation memory; up to N images are in flight.")
 @_setting("points_per_side", click.IntRange(min=1), "Points sampled along one side of the image.")
 @_setting("points_per_batch", click.IntRange(min=1), "Points run through the decoder at once.")
 @_setting("pred_iou_thresh", click.FloatRange(0, 1), "Keep masks whose predicted IoU is at least this.")
@@ -57,7 +63,8 @@ def _setting(name, kind, help_text):
 @_setting("min_mask_region_area", click.IntRange(min=0), "Remove holes and islands smaller than this (pixels).")
 @device_option
 @guarded
-def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mode, overwrite, device, **settings):
+def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mode, overwrite, batch_images, device,
+        **settings):
     """Generate every mask of each image in INPUT with SAM's automatic mask generator on a patched model.
 
     INPUT is an image, a folder (searched recursively) or a .txt file listing image paths. Outputs follow
@@ -76,6 +83,7 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
 
     \b
       sam-sparse amg photo.jpg --out masks/ --points-per-side 16
+      sam-sparse amg photos/ --out masks/ --batch-images 4
       sam-sparse amg photos/ --out masks/ --output-mode coco_rle \\
           --checkpoint sam_vit_b_01ec64.pth --model-type vit_b --policy local2d-30
     """
@@ -113,6 +121,9 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     patch_sam(model, chosen)
     if rank == 0:
         say(f"amg: {len(paths)} image(s), policy {chosen.name!r}, {output_mode}, on {world} process(es)")
+        if batch_images > 1 and generator_settings.crop_n_layers > 0:
+            say(f"amg: --batch-images {batch_images} has no effect with --crop-n-layers "
+                f"{generator_settings.crop_n_layers}: each crop is embedded on its own")
 
     from tqdm.auto import tqdm
 
@@ -127,10 +138,10 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
             bar.set_postfix_str(f"{bar.n / dt:.2f} img/s, {masks_total[0] / dt:.1f} masks/s")
 
         records = generate_masks(model, mine, out, generator_settings, output_mode=output_mode, names=names,
-                                 overwrite=overwrite, progress=tick)
+                                 overwrite=overwrite, progress=tick, batch_images=batch_images)
     run = dict(tool="sam-sparse amg", sam_sparse_version=__version__, model=model_type_used or "from manifest",
-               policy=chosen.name, output_mode=output_mode, world_size=world, settings=settings,
-               argv=sys.argv[1:], input=str(input))
+               policy=chosen.name, output_mode=output_mode, world_size=world, batch_images=batch_images,
+               settings=settings, argv=sys.argv[1:], input=str(input))
     if world > 1:
         (out / f"manifest.rank{rank}.json").write_text(json.dumps(records))
         dist.barrier()

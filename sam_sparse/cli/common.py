@@ -9,17 +9,12 @@ from typing import Optional
 
 import click
 
+from ..devices import default_device
 from ..models import MODEL_TYPES, CheckpointError, FetchError
 
 # Exit codes: 0 ok; 1 a check failed (verify), the weights could not be fetched, or an OS error (disk
 # full, permissions); 2 bad input (checkpoint, policy, image, arguments).
 EXIT_BAD_INPUT = 2
-
-
-def default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 device_option = click.option(

@@ -13,10 +13,11 @@ import click
 import torch
 
 from ..geometry import LAYER_KINDS, LayerGeometry, Prompts
-from ..masks import SAM_ENCODERS, head_densities, mask_density
+from ..masks import head_densities, mask_density
 from ..policy import Policy, PolicyError, list_policies, load_policy, policy_text
+from ..sam_layers import MODEL_TYPES
 
-MODELS = tuple(SAM_ENCODERS)
+MODELS = MODEL_TYPES
 
 # Prompt-dependent policies (region_focused) are measured with one point at the centre of a 1024-px
 # image: token (32, 32) of the 64x64 grid, in grid units as Prompts expects.
@@ -253,9 +254,6 @@ def check_cmd(path: str, models: Tuple[str, ...]):
                 p.block_mask(layer, SAMPLE_PROMPTS if p.needs_prompts(layer) else None)
         except PolicyError as e:
             _fail(f"{e} (model {model})")
-        kinds = {layer.kind for layer in layers}
-        for i, names in p.matched_layers(layers).items():
-            # A rule for layer kinds the model does not have (MobileSAM's encoder) is expected, not a typo.
-            if not names and not all(m in LAYER_KINDS and m not in kinds for m in p.rules[i].match):
-                click.echo(f"warning: {p.rules[i].describe(i)} matches no layer of {model}", err=True)
+        for i in p.unmatched_rules(layers):
+            click.echo(f"warning: {p.rules[i].describe(i)} matches no layer of {model}", err=True)
     click.echo(f"ok: {path}: policy {p.name!r}, {len(p.rules)} rules, builds on {', '.join(models)}")

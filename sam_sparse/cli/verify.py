@@ -87,20 +87,13 @@ def verify(checkpoint, model_type, sparse_checkpoint, policy, images, points, bo
 
 def pick_thresholds(model, policy, choice: str, min_mask_iou, min_cosine):
     """The ParityThresholds for --thresholds and the --min-* overrides; None lets verify_parity choose."""
-    import torch
-
-    from ..patches import DENSE_FP32, DENSE_HALF, SPARSE, patch_sam
+    from ..patches import patch_sam, preset_for
 
     if choice == "auto" and min_mask_iou is None and min_cosine is None:
         return None
-    if choice == "auto":  # as verify_parity decides: dense presets only when every patched layer is dense
-        handle = patch_sam(model, policy)
-        handle.restore()
-        choice = "dense" if all(r.pattern == "dense" for r in handle.report) else "sparse"
-    if choice == "dense":
-        preset = DENSE_FP32 if next(model.parameters()).dtype == torch.float32 else DENSE_HALF
-    else:
-        preset = SPARSE
+    handle = patch_sam(model, policy)
+    handle.restore()
+    preset = preset_for(handle, next(model.parameters()).dtype, choice)
     changes = {}
     if min_mask_iou is not None:
         changes["mask_iou"] = min_mask_iou

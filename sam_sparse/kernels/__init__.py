@@ -1,5 +1,6 @@
 """Attention kernels. Nothing here knows about SAM: shapes, masks and a decomposed 2-D bias only."""
 
+from .block_mass import block_attention_mass
 from .interface import HEAD_DIMS, block_lists, block_sparse_attn, block_sparse_attn_varlen
 from .layout import BlockLayout, check_block_size
 from .reference import attention_reference
@@ -12,4 +13,5 @@ __all__ = [
     "check_block_size",
     "attention_reference",
     "HEAD_DIMS",
+    "block_attention_mass",
 ]

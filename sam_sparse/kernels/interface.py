@@ -28,11 +28,11 @@ from .layout import BlockLayout, check_block_size, mask_from_lists
 from .reference import attention_reference, attention_reference_varlen
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIMS = tuple(range(16, 257, 16))  # 16, 32, ..., 256: includes 80 (vit_h) and 16/32 (SAM's decoder)
+HEAD_DIMS = tuple(range(16, 257, 16))  # 16, 32, ..., 256: includes 80 (vit_h) and 16/32 (small decoders)
 DEFAULT_BLOCK_SIZE = 128
 
 
-def _describe(t: torch.Tensor) -> str:
+def describe_tensor(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
@@ -64,7 +64,7 @@ def _check_no_grad(*tensors) -> None:
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise RuntimeError(
             "block_sparse_attn is inference-only (no backward pass), but an input requires grad with grad mode "
-            "on; run it under torch.no_grad() or torch.inference_mode() (SamPredictor does), or restore the "
+            "on; run it under torch.no_grad() or torch.inference_mode(), or restore the "
             "original attention (handle.restore()) to train"
         )
 
@@ -76,27 +76,27 @@ def _check_qkv(q, k, v, varlen: bool):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != ndim:
-            raise ValueError(f"{name} has {_describe(t)}; expected {ndim}-D {layout}")
+            raise ValueError(f"{name} has {describe_tensor(t)}; expected {ndim}-D {layout}")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has {_describe(t)}; supported dtypes are float16, bfloat16 and float32")
+            raise ValueError(f"{name} has {describe_tensor(t)}; supported dtypes are float16, bfloat16 and float32")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must share one device")
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
     if k.shape != v.shape:
-        raise ValueError(f"k has {_describe(k)} and v has {_describe(v)}; k and v must have the same shape")
+        raise ValueError(f"k has {describe_tensor(k)} and v has {describe_tensor(v)}; k and v must have the same shape")
     if not varlen and k.shape[0] != q.shape[0]:
-        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]} (q: {_describe(q)}, k: {_describe(k)})")
+        raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]} (q: {describe_tensor(q)}, k: {describe_tensor(k)})")
     hq, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if hk == 0 or hq % hk:
         raise ValueError(f"q has {hq} heads and k has {hk}; nheads must be a multiple of nheads_k (MQA/GQA)")
     if k.shape[-1] != d:
         raise ValueError(f"k has headdim {k.shape[-1]} but q has {d}; they must match")
     if d not in HEAD_DIMS:
-        raise ValueError(f"headdim {d} (q: {_describe(q)}) is not supported; supported: multiples of 16 from 16 to 256")
+        raise ValueError(f"headdim {d} (q: {describe_tensor(q)}) is not supported; supported: multiples of 16 from 16 to 256")
 
 
-def _check_scale(softmax_scale, headdim: int) -> float:
+def check_scale(softmax_scale, headdim: int) -> float:
     if softmax_scale is None:
         return headdim**-0.5
     try:
@@ -125,7 +125,7 @@ def _to_layout(block_mask, block_size, batch: int, nheads: int, seqlen_q: int, s
         num, idx = block_mask.kv_num_blocks, block_mask.kv_indices
         for name, t in (("kv_num_blocks", num), ("kv_indices", idx)):
             if t.dtype != torch.int32 or t.device != device:
-                raise ValueError(f"BlockLayout.{name} has {_describe(t)}; expected int32 on {device}")
+                raise ValueError(f"BlockLayout.{name} has {describe_tensor(t)}; expected int32 on {device}")
         s = idx.shape
         if idx.dim() != 4 or tuple(num.shape) != tuple(s[:3]) or idx.stride(-1) != 1:
             raise ValueError(f"BlockLayout has kv_num_blocks {tuple(num.shape)} and kv_indices {tuple(s)} "
@@ -133,7 +133,7 @@ def _to_layout(block_mask, block_size, batch: int, nheads: int, seqlen_q: int, s
         layout, what = block_mask, f"BlockLayout with shape {tuple(s)}"
     else:
         if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool:
-            got = _describe(block_mask) if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
+            got = describe_tensor(block_mask) if isinstance(block_mask, torch.Tensor) else type(block_mask).__name__
             raise ValueError(f"block_mask has {got}; expected a BlockLayout or a bool tensor {want}")
         if block_mask.device != device:
             raise ValueError(f"block_mask is on {block_mask.device} but q is on {device}")
@@ -154,10 +154,10 @@ def _check_rel(rel_h, rel_w, key_tile, q, seqlen_k: int):
     batch, seqlen_q, nheads = q.shape[0], q.shape[1], q.shape[2]
     for name, t in (("rel_h", rel_h), ("rel_w", rel_w)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[:3]) != (batch, nheads, seqlen_q):
-            got = _describe(t) if isinstance(t, torch.Tensor) else type(t).__name__
+            got = describe_tensor(t) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} has {got}; expected ({batch}, {nheads}, {seqlen_q}, k{name[-1]}) = (batch, nheads, seqlen_q, grid size)")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has {_describe(t)}; supported dtypes are float16, bfloat16 and float32")
+            raise ValueError(f"{name} has {describe_tensor(t)}; supported dtypes are float16, bfloat16 and float32")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
@@ -176,7 +176,7 @@ def _check_rel(rel_h, rel_w, key_tile, q, seqlen_k: int):
 
 def _check_cu_seqlens(name, cu, total: int, device):
     if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 2:
-        got = _describe(cu) if isinstance(cu, torch.Tensor) else type(cu).__name__
+        got = describe_tensor(cu) if isinstance(cu, torch.Tensor) else type(cu).__name__
         raise ValueError(f"{name} has {got}; expected a 1-D int32 tensor (num_seqs + 1,) of cumulative lengths")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
@@ -333,7 +333,7 @@ def block_sparse_attn(
         rel_h[i, row(j)] + rel_w[i, col(j)] to logit (i, j), as SAM's add_decomposed_rel_pos; the
         N x N bias is never formed. -inf excludes the key.
     key_tile: None: keys in raster order on the kh x kw grid (row = j // kw, col = j % kw). (th, tw): keys
-        grouped in th x tw tiles, tiles in raster order (geometry.tile_permutation gives that order).
+        grouped in th x tw tiles, tiles in raster order (sam_sparse.masks.tile_permutation gives that order).
     softmax_scale: multiplies q.k; default headdim ** -0.5.
     block_size: mask granularity in tokens, a power of two >= 16; default 128, or the BlockLayout's.
 
@@ -360,7 +360,7 @@ def block_sparse_attn(
     seqlen_k = k.shape[1]
     layout, bs = _to_layout(block_mask, block_size, batch, nheads, seqlen_q, seqlen_k, q.device)
     tile = _check_rel(rel_h, rel_w, key_tile, q, seqlen_k)
-    scale = _check_scale(softmax_scale, headdim)
+    scale = check_scale(softmax_scale, headdim)
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     if torch.compiler.is_compiling():
         return _attn_op(q, k, v, num, idx, rel_h, rel_w, list(tile) if tile else None, scale, bs)
@@ -415,7 +415,7 @@ def block_sparse_attn_varlen(
             )
     num_seqs = cu_seqlens_q.numel() - 1
     layout, bs = _to_layout(block_mask, block_size, num_seqs, q.shape[1], max_seqlen_q, max_seqlen_k, q.device)
-    scale = _check_scale(softmax_scale, q.shape[-1])
+    scale = check_scale(softmax_scale, q.shape[-1])
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     op = _attn_varlen_op if torch.compiler.is_compiling() else _attn_varlen_impl
     return op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx, scale, bs)

@@ -8,8 +8,8 @@ key tiles that hold keys and stops there (a partial last block costs only its re
 
 The bias rel_h[i, row(j)] + rel_w[i, col(j)] is formed per key tile in registers, one of three ways
 (BIAS_RECT / BIAS_ONEHOT / BIAS_GATHER, picked per config by _bias_path):
-  rect:    the key tile is a TH x TW rectangle of the key grid, so the bias is a (BLOCK_M, TH) slice
-           of rel_h broadcast against a (BLOCK_M, TW) slice of rel_w: no gather at all. When the
+  rect:    the key tile is a RECT_H x RECT_W rectangle of the key grid, so the bias is a (BLOCK_M, RECT_H) slice
+           of rel_h broadcast against a (BLOCK_M, RECT_W) slice of rel_w: no gather at all. When the
            tile is one grid row (SAM's raster 64 x 64 grid with 64-key tiles), rel_w is loaded once
            per program and rel_h, one value per query row, is folded into the running max. rel_w
            is then either added to the scores (W_DOT=0) or, in bf16, accumulated into them by the
@@ -48,14 +48,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BIAS_NONE, BIAS_RECT, BIAS_ONEHOT, BIAS_GATHER = 0, 1, 2, 3
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
 def _bucket(n: int) -> int:
     """A sequence length's shape class for tuning: the next power of two, at least 16 (the smallest
     tile), so SAM's decoder sides of 6 to 16 tokens (up to about ten points) share one class."""
-    return max(16, _next_pow2(n))
+    return max(16, next_pow2(n))
 
 
 def _split_head_dim(d: int) -> Tuple[int, int]:
@@ -64,7 +64,7 @@ def _split_head_dim(d: int) -> Tuple[int, int]:
     rest = d - d0
     if rest == 0 or (rest >= 16 and rest & (rest - 1) == 0):
         return d0, rest
-    return _next_pow2(d), 0
+    return next_pow2(d), 0
 
 
 # Tests set this to BIAS_ONEHOT or BIAS_GATHER to exercise a path the tuner would not pick on their shapes.
@@ -72,7 +72,7 @@ FORCE_BIAS_PATH: Optional[int] = None
 
 
 def _rect_tile(block_n: int, tile_w: int) -> Tuple[int, int]:
-    """(TH, TW) of a BLOCK_N-key rectangle when keys come in rows of tile_w."""
+    """(RECT_H, RECT_W) of a BLOCK_N-key rectangle when keys come in rows of tile_w."""
     tw = min(tile_w, block_n)
     return block_n // tw, tw
 
@@ -86,7 +86,7 @@ def _bias_path(a: dict, block_n: int) -> int:
     pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
     if pow2(tw) and pow2(th) and th * tw == block_n and a["tile_w"] % tw == 0 and a["tile_h"] % th == 0:
         return BIAS_RECT
-    if _next_pow2(a["KH"]) <= 64 and _next_pow2(a["KW"]) <= 64:
+    if next_pow2(a["KH"]) <= 64 and next_pow2(a["KW"]) <= 64:
         return BIAS_ONEHOT
     return BIAS_GATHER
 
@@ -119,7 +119,7 @@ def _attn_fwd(
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BIAS_PATH: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    BIAS_PATH: tl.constexpr, RECT_H: tl.constexpr, RECT_W: tl.constexpr,
     W_HOIST: tl.constexpr, USE_WDOT: tl.constexpr,
     KH_P: tl.constexpr, KW_P: tl.constexpr,
     EVEN_N: tl.constexpr,
@@ -129,6 +129,10 @@ def _attn_fwd(
     # below NEG_CUT, where the scores are turned back into -inf.
     NEG_BIG: tl.constexpr = -2.0e38
     NEG_CUT: tl.constexpr = -1.0e38
+    # BIAS_PATH values: BIAS_NONE, BIAS_RECT, BIAS_ONEHOT (BIAS_GATHER is the remaining one).
+    NO_BIAS: tl.constexpr = 0
+    RECT: tl.constexpr = 1
+    ONEHOT: tl.constexpr = 2
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
@@ -177,24 +181,24 @@ def _attn_fwd(
         rw_base = REL_W + b.to(tl.int64) * stride_rwb + h * stride_rwh + offs_m[:, None] * stride_rwm
         tiles_per_row = KW // tile_w
         per_tile = tile_h * tile_w
-        if BIAS_PATH == 1:
-            subs_w = tile_w // TW
+        if BIAS_PATH == RECT:
+            subs_w = tile_w // RECT_W
             if W_HOIST:
                 # The key tile spans whole grid rows, so its rel_w slice is the same every step.
-                bias_w_rows = tl.load(rw_base + tl.arange(0, TW)[None, :] * stride_rwk, mask=m_ok[:, None], other=0.0)
+                bias_w_rows = tl.load(rw_base + tl.arange(0, RECT_W)[None, :] * stride_rwk, mask=m_ok[:, None], other=0.0)
                 bias_w_rows = bias_w_rows.to(tl.float32) * LOG2E
                 if USE_WDOT:
                     # rel_w @ I adds rel_w to every score inside the MMA. That frees the registers the
                     # fp32 rel_w tile holds, which 128-row tiles need (docs/benchmarks.md, run 6).
                     # Rounding rel_w to bf16 matches SAM's own bf16 bias.
                     bias_w_lp = tl.where(bias_w_rows == float("-inf"), NEG_BIG, bias_w_rows).to(tl.bfloat16)
-                    eye = tl.arange(0, TW)[:, None] == tl.arange(0, BLOCK_N)[None, :]
+                    eye = tl.arange(0, RECT_W)[:, None] == tl.arange(0, BLOCK_N)[None, :]
                     if INTERP:  # fp32 operands (issue 11584 above); the interpreter's bool -> bf16 is wrong too
                         bias_w_lp = bias_w_lp.to(tl.float32)
                         eye = eye.to(tl.float32)
                     else:
                         eye = eye.to(tl.bfloat16)
-        if BIAS_PATH == 2:
+        if BIAS_PATH == ONEHOT:
             # Whole rel_h / rel_w rows of this program's queries, pre-multiplied into the exp2 domain.
             kh_r = tl.arange(0, KH_P)
             kw_r = tl.arange(0, KW_P)
@@ -250,35 +254,35 @@ def _attn_fwd(
         qk = qk * qk_scale
 
         row_off = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if BIAS_PATH == 1:
+        if BIAS_PATH == RECT:
             n_tile = start_n // per_tile
             sub = (start_n % per_tile) // BLOCK_N
-            row0 = (n_tile // tiles_per_row) * tile_h + (sub // subs_w) * TH
-            col0 = (n_tile % tiles_per_row) * tile_w + (sub % subs_w) * TW
+            row0 = (n_tile // tiles_per_row) * tile_h + (sub // subs_w) * RECT_H
+            col0 = (n_tile % tiles_per_row) * tile_w + (sub % subs_w) * RECT_W
             if USE_WDOT:
                 qk = tl.dot(bias_w_lp, eye, qk)
                 qk = tl.where(qk < NEG_CUT, float("-inf"), qk)
             elif W_HOIST:
                 bias_w = bias_w_rows
             else:
-                bias_w = tl.load(rw_base + (col0 + tl.arange(0, TW)[None, :]) * stride_rwk, mask=m_ok[:, None], other=0.0)
+                bias_w = tl.load(rw_base + (col0 + tl.arange(0, RECT_W)[None, :]) * stride_rwk, mask=m_ok[:, None], other=0.0)
                 bias_w = bias_w.to(tl.float32) * LOG2E
-            if TH == 1:
+            if RECT_H == 1:
                 # One grid row: rel_h is one value per query row. It shifts the whole row, so it goes
                 # into the running max instead of into every score (one FMA per score, as without bias).
                 if not USE_WDOT:
                     qk += bias_w
                 row_off = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok, other=0.0).to(tl.float32) * LOG2E
             else:
-                bias_h = tl.load(rh_base + (row0 + tl.arange(0, TH)[None, :]) * stride_rhk, mask=m_ok[:, None], other=0.0)
+                bias_h = tl.load(rh_base + (row0 + tl.arange(0, RECT_H)[None, :]) * stride_rhk, mask=m_ok[:, None], other=0.0)
                 bias_h = bias_h.to(tl.float32) * LOG2E
                 qk += tl.reshape(bias_h[:, :, None] + bias_w[:, None, :], (BLOCK_M, BLOCK_N))
-        elif BIAS_PATH > 1:
+        elif BIAS_PATH != NO_BIAS:
             n_tile = offs_n // per_tile
             inner = offs_n % per_tile
             key_row = (n_tile // tiles_per_row) * tile_h + inner // tile_w
             key_col = (n_tile % tiles_per_row) * tile_w + inner % tile_w
-            if BIAS_PATH == 2:
+            if BIAS_PATH == ONEHOT:
                 hot_h = (tl.arange(0, KH_P)[:, None] == key_row[None, :]).to(tl.float32)
                 hot_w = (tl.arange(0, KW_P)[:, None] == key_col[None, :]).to(tl.float32)
                 qk = tl.dot(rel_h_rows, hot_h, qk, input_precision=DOT_PREC)
@@ -348,8 +352,8 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
     tuning compiles each kept config once per shape class.
     """
     mb = a["MASK_BLOCK"]
-    max_m = max(16, min(128, _next_pow2(a["seqlen_q"])))
-    max_n = max(16, min(128, _next_pow2(a["seqlen_k"])))
+    max_m = max(16, min(128, next_pow2(a["seqlen_q"])))
+    max_n = max(16, min(128, next_pow2(a["seqlen_k"])))
     d = a["D0"] + a["D1"]
     # Wide fp32 heads need small tiles to fit in shared memory (64 x 64 x 256 fp32 does not on an H200).
     low = 16 if d > 128 and a["IS_FP32"] else 64
@@ -369,8 +373,8 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
 def _fixed_config(a: dict) -> dict:
     """One sensible config: used by the interpreter and when SAM_SPARSE_AUTOTUNE=0."""
     mb = a["MASK_BLOCK"]
-    bm = min(64, mb, max(16, _next_pow2(a["seqlen_q"])))
-    bn = min(64, mb, max(16, _next_pow2(a["seqlen_k"])))
+    bm = min(64, mb, max(16, next_pow2(a["seqlen_q"])))
+    bn = min(64, mb, max(16, next_pow2(a["seqlen_k"])))
     return dict(BLOCK_M=bm, BLOCK_N=bn, W_DOT=0, num_warps=4, num_stages=2)
 
 
@@ -380,10 +384,10 @@ def _derived(a: dict, cfg: dict) -> dict:
     path = _bias_path(a, bn)
     th, tw = _rect_tile(bn, a["tile_w"])
     return dict(
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, BIAS_PATH=path, TH=th, TW=tw,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, BIAS_PATH=path, RECT_H=th, RECT_W=tw,
         W_HOIST=tw == a["tile_w"] == a["KW"],
         USE_WDOT=bool(cfg.get("W_DOT")) and path == BIAS_RECT and _wdot_applies(a, bn),
-        KH_P=max(16, _next_pow2(a["KH"])), KW_P=max(16, _next_pow2(a["KW"])),
+        KH_P=max(16, next_pow2(a["KH"])), KW_P=max(16, next_pow2(a["KW"])),
         EVEN_N=(not a["VARLEN"]) and a["seqlen_k"] % bn == 0,
     )
 
@@ -511,7 +515,7 @@ def _contiguous_strides(shape) -> tuple:
     return tuple(reversed(strides))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     if INTERPRET:
         return "ieee"
     if dtype != torch.float32:
@@ -620,7 +624,7 @@ def make_plan(
         D0=d0, D1=d1, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen,
         IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
-    prec = _dot_precision(q.dtype)
+    prec = dot_precision(q.dtype)
     out_strides = _contiguous_strides(q4.shape)
     scalars = (
         float(softmax_scale),
@@ -628,13 +632,13 @@ def make_plan(
         *_strides(kv_num_blocks, 3, 2), *_strides(kv_indices, 3, 2),
         *_strides(rel_h, 4), *_strides(rel_w, 4),
         seqlen_q, seqlen_k, nheads, nheads // k.shape[-2], kh, kw, tile_h, tile_w,
-        head_dim, d0, d1, block_size, max(16, _next_pow2(kb)), has_mask, has_bias, varlen, prec, INTERPRET,
+        head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen, prec, INTERPRET,
     )
 
     def plan_for(cfg: dict) -> KernelPlan:
         _check_config(cfg, block_size)
         dv = _derived(a, cfg)
-        tail = scalars + (dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["TH"], dv["TW"], dv["W_HOIST"],
+        tail = scalars + (dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
                           dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"])
         grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * nheads, 1)
         return KernelPlan(grid, tail, cfg, q.shape, q.dtype, q.device)

@@ -1,7 +1,7 @@
 """Patching SAM models: route their attention through block_sparse_attn, and check parity."""
 
 from .attention import SparseDecoderAttention, SparseEncoderAttention
-from .parity import DENSE_FP32, DENSE_HALF, SPARSE, LayerParity, ParityReport, ParityThresholds, verify_parity
+from .parity import DENSE_FP32, DENSE_HALF, SPARSE, LayerParity, ParityReport, ParityThresholds, preset_for, verify_parity
 from .patcher import LayerReport, PatchHandle, PolicyWarning, patch_sam, unpatch_sam
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "DENSE_FP32",
     "DENSE_HALF",
     "SPARSE",
+    "preset_for",
     "SparseEncoderAttention",
     "SparseDecoderAttention",
 ]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from segment_anything.modeling.transformer import Attention as DecoderAttention
 
 from ..geometry import LayerGeometry, Prompts
 from ..kernels import BlockLayout, block_sparse_attn
+from ..sam_layers import image_side
 
 Grid = Tuple[int, int]
 
@@ -114,6 +115,7 @@ class LayerState:
     context: Optional[PromptContext] = None
     layouts: Dict[tuple, Optional[BlockLayout]] = field(default_factory=dict)
     needs_prompts: Dict[tuple, bool] = field(default_factory=dict)
+    observer: Optional[Callable[..., None]] = None  # PatchHandle.observe: sees every call's kernel inputs
 
     @property
     def block_size(self) -> int:
@@ -161,9 +163,10 @@ def _image_grid(n: int, grid: Optional[Grid]) -> Optional[Grid]:
 def decoder_geometry(template: LayerGeometry, seqlen_q: int, seqlen_k: int, grid: Optional[Grid]) -> LayerGeometry:
     """The template's geometry for one call: token counts, and the image grid on the image side."""
     q_grid = k_grid = None
-    if template.kind == "decoder.image_to_token":
+    side = image_side(template.kind)
+    if side == "q":
         q_grid = _image_grid(seqlen_q, grid)
-    elif template.kind in ("decoder.token_to_image", "decoder.final_token_to_image"):
+    elif side == "k":
         k_grid = _image_grid(seqlen_k, grid)
     return replace(template, seqlen_q=seqlen_q, seqlen_k=seqlen_k, q_grid=q_grid, k_grid=k_grid)
 
@@ -267,6 +270,8 @@ class SparseEncoderAttention(EncoderAttention):
         rel_h = rel_w = None
         if self.use_rel_pos:
             rel_h, rel_w = rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, (H, W), tile)
+        if st.observer is not None:
+            st.observer(geom, None, q, k, rel_h, rel_w, tile if rel_h is not None else None, self.scale)
         out = block_sparse_attn(
             q, k, v, layout,
             rel_h=rel_h, rel_w=rel_w, key_tile=tile if rel_h is not None else None,
@@ -295,6 +300,12 @@ class SparseDecoderAttention(DecoderAttention):
         Nk = k.shape[1]
         nH = self.num_heads
         layout = st.decoder_layout(Nq, Nk, B, q.device)
+        if st.observer is not None:
+            ctx = st.context
+            grid = ctx.grid if ctx is not None else None
+            prompts = ctx.prompts if ctx is not None and ctx.prompts is not None and ctx.prompts.batch == B else None
+            st.observer(decoder_geometry(st.geometry, Nq, Nk, grid), prompts, q.reshape(B, Nq, nH, D // nH),
+                        k.reshape(B, Nk, nH, D // nH), None, None, None, 1.0 / math.sqrt(D // nH))
         out = block_sparse_attn(
             q.reshape(B, Nq, nH, D // nH), k.reshape(B, Nk, nH, D // nH), v.reshape(B, Nk, nH, D // nH), layout,
             softmax_scale=1.0 / math.sqrt(D // nH), block_size=st.block_size,

@@ -17,6 +17,7 @@ and pickled whole (torch.save(model)).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -26,9 +27,20 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from ..geometry import LayerGeometry
+from ..geometry import GRID_KINDS, LayerGeometry
 from ..kernels import HEAD_DIMS
-from .attention import SPARSE_CLASSES, LayerState, PromptContext, decoder_geometry
+from ..policy import load_policy
+from ..sam_layers import (
+    DECODER_PREFIX,
+    ENCODER_PREFIX,
+    NOMINAL_DECODER_TOKENS,
+    decoder_attentions,
+    decoder_layer,
+    encoder_kind,
+    encoder_layer,
+)
+from ..table import format_table
+from .attention import SPARSE_CLASSES, LayerState, PromptContext
 
 SUPPORTED = (
     "segment_anything's Sam (vit_b / vit_l / vit_h, or with another image encoder such as MobileSAM's "
@@ -38,14 +50,10 @@ SUPPORTED = (
 # Canonical names: policies see the same layer names whichever part of SAM was patched.
 _PREFIX = {
     Sam: "",
-    ImageEncoderViT: "image_encoder.",
-    MaskDecoder: "mask_decoder.",
-    TwoWayTransformer: "mask_decoder.transformer.",
+    ImageEncoderViT: ENCODER_PREFIX + ".",
+    MaskDecoder: DECODER_PREFIX.rsplit(".", 1)[0] + ".",
+    TwoWayTransformer: DECODER_PREFIX + ".",
 }
-
-# Decoder token count used to describe decoder layers at patch time: 1 IoU token + 4 mask tokens +
-# a point and its padding point. Masks are built per call for the actual count.
-NOMINAL_DECODER_TOKENS = 7
 
 
 @dataclass(frozen=True)
@@ -71,14 +79,10 @@ class LayerReport:
 
 def _load(policy):
     if isinstance(policy, (str, os.PathLike)):
-        from ..policy import load_policy
-
         return load_policy(policy)
     if hasattr(policy, "block_mask") and hasattr(policy, "block_size"):
         return policy
-    from ..policy import load_policy  # a Policy-like object of another kind: let the loader judge
-
-    return load_policy(policy)
+    return load_policy(policy)  # a Policy-like object of another kind: let the loader judge
 
 
 def _find_layers(model: nn.Module) -> Tuple[list, List[str]]:
@@ -108,26 +112,21 @@ def _find_layers(model: nn.Module) -> Tuple[list, List[str]]:
     if encoder is not None:
         stride = encoder.patch_embed.proj.stride
         image = (encoder.img_size // stride[0], encoder.img_size // stride[1])
-        counts = {"encoder.global": 0, "encoder.window": 0}
+        counts = {kind: 0 for kind in GRID_KINDS}
         for block in encoder.blocks:
-            kind = "encoder.window" if block.window_size > 0 else "encoder.global"
+            kind = encoder_kind(block.window_size)
             grid = (block.window_size, block.window_size) if block.window_size > 0 else image
             found.append((block.attn, kind, counts[kind], grid))
             counts[kind] += 1
     if decoder_tf is not None:
-        for i, layer in enumerate(decoder_tf.layers):
-            found.append((layer.self_attn, "decoder.self", i, None))
-            found.append((layer.cross_attn_token_to_image, "decoder.token_to_image", i, None))
-            found.append((layer.cross_attn_image_to_token, "decoder.image_to_token", i, None))
-        found.append((decoder_tf.final_attn_token_to_image, "decoder.final_token_to_image", 0, None))
+        for path, kind, index in decoder_attentions(len(decoder_tf.layers)):
+            found.append((decoder_tf.get_submodule(path), kind, index, None))
     return found, notes
 
 
 def _encoder_geometry(attn, kind: str, index: int, grid, name: str, policy) -> LayerGeometry:
     """The layer's geometry, in the policy's tiled order for global blocks of a "tiles" policy."""
-    n = grid[0] * grid[1]
-    geom = LayerGeometry(name=name, kind=kind, num_heads=attn.num_heads, seqlen_q=n, seqlen_k=n, q_grid=grid,
-                         k_grid=grid, block_size=policy.block_size, layer_index=index)
+    geom = encoder_layer(name, kind, attn.num_heads, grid, index, policy.block_size)
     tile = policy.key_tile(geom) if kind == "encoder.global" else None
     if tile is not None:
         th, tw = (int(t) for t in tile)
@@ -156,7 +155,8 @@ class PatchHandle:
     """A patched model. ``report``: one LayerReport per patched module; ``notes``: parts left alone.
 
     restore() puts back the original classes and removes the hooks (idempotent); unpatch_sam(model)
-    does the same from the model.
+    does the same from the model. enable() patches again; ``with handle.disabled():`` runs the model
+    unpatched inside the block and patched again after (PEFT's disable_adapter), for comparisons.
     """
 
     def __init__(self, model: nn.Module, policy, entries, report: List[LayerReport], notes: List[str], context):
@@ -169,9 +169,17 @@ class PatchHandle:
         self._hooks: list = []
         self.active = False
 
-    def _apply(self) -> None:
+    def modules(self) -> List[Tuple[LayerReport, nn.Module]]:
+        """(report row, attention module) of every patched module, in forward order."""
+        return [(rep, module) for rep, (module, _, _) in zip(self.report, self._entries)]
+
+    def enable(self) -> None:
+        """Patch the modules (again): the state patch_sam left them in. A no-op when active."""
         if self.active:
             return
+        owner = getattr(self.model, "_sam_sparse_handle", None)
+        if owner is not None:
+            raise RuntimeError(f"{type(self.model).__name__} is patched by another handle ({owner!r}); restore that one first")
         for module, _, state in self._entries:
             module.__class__ = SPARSE_CLASSES[type(module)]
             module._sam_sparse = state
@@ -186,6 +194,33 @@ class PatchHandle:
             self._hooks.append(tf(model).register_forward_pre_hook(ctx.on_image, with_kwargs=True))
         model._sam_sparse_handle = self
         self.active = True
+
+    @contextlib.contextmanager
+    def observe(self, fn: Callable[..., None]):
+        """Inside the block, every patched module calls ``fn(layer, prompts, q, k, rel_h, rel_w, key_tile,
+        softmax_scale)`` with exactly what it gives the kernel: layer the call's LayerGeometry, prompts
+        the call's Prompts (decoder layers of a Sam) or None, q (B, Nq, H, d), k (B, Nk, H, d), rel_h /
+        rel_w (B, H, Nq, kh / kw) or None, key_tile (th, tw) or None. For measuring attention
+        (calibration); fn must not change its arguments."""
+        states = [state for _, _, state in self._entries]
+        for state in states:
+            state.observer = fn
+        try:
+            yield self
+        finally:
+            for state in states:
+                state.observer = None
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Run the model unpatched inside the block; the patch comes back after it (if it was active)."""
+        was_active = self.active
+        self.restore()
+        try:
+            yield self
+        finally:
+            if was_active:
+                self.enable()
 
     def restore(self) -> None:
         """Undo the patch exactly: original classes, no attribute or hook left. A no-op when restored."""
@@ -218,11 +253,7 @@ class PatchHandle:
             dens = "-" if r.density is None else f"{r.density:.3f}"
             pat = r.pattern + (f" tiles {r.key_tile[0]}x{r.key_tile[1]}" if r.key_tile else "")
             rows.append((r.name, r.kind, pat, dens, str(r.heads), r.grid))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        fmt = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"  # noqa: E731
-        lines.append(fmt(rows[0]))
-        lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-        lines += [fmt(row) for row in rows[1:]]
+        lines.append(format_table(rows[0], rows[1:]))
         return "\n".join(lines)
 
 
@@ -277,13 +308,11 @@ def patch_sam(model: nn.Module, policy="dense", *, filter_fn: Optional[Callable[
             state = LayerState(name=name, geometry=geom, policy=policy)
             described = geom
         else:
-            nt = NOMINAL_DECODER_TOKENS
-            n_img = image_grid[0] * image_grid[1]
-            seq = {"decoder.self": (nt, nt), "decoder.image_to_token": (n_img, nt)}.get(kind, (nt, n_img))
-            template = LayerGeometry(name=canonical, kind=kind, num_heads=module.num_heads, seqlen_q=seq[0],
-                                     seqlen_k=seq[1], block_size=policy.block_size, layer_index=index)
+            described = decoder_layer(canonical, kind, module.num_heads, index, NOMINAL_DECODER_TOKENS, image_grid,
+                                      policy.block_size)
+            # The per-call template: no grids until a call says how many tokens each side has.
+            template = replace(described, q_grid=None, k_grid=None)
             state = LayerState(name=name, geometry=template, policy=policy, context=context)
-            described = decoder_geometry(template, seq[0], seq[1], image_grid)
         geometries.append(described)  # every layer of the model, for the unmatched-rule warning
         if type(module) not in SPARSE_CLASSES:
             notes.append(f"{name}: {type(module).__name__} is a subclass of SAM's Attention with its own code: left as is")
@@ -310,12 +339,10 @@ def patch_sam(model: nn.Module, policy="dense", *, filter_fn: Optional[Callable[
             density=None if per_prompt else (1.0 if layout is None else layout.density()), heads=module.num_heads, grid=_grid_text(described),
             block_size=described.block_size, key_tile=described.key_tile,
         ))
-    absent = {k for k in ("encoder.global", "encoder.window") if not any(g.kind == k for g in geometries)}
-    absent |= {k for k in DECODER_KINDS if not any(g.kind == k for g in geometries)}
-    _warn_unmatched(policy, geometries, absent)
+    _warn_unmatched(policy, geometries)
     _warn_if_nothing_sparse(policy, report, notes)
     handle = PatchHandle(model, policy, entries, report, notes, context)
-    handle._apply()
+    handle.enable()
     return handle
 
 
@@ -340,20 +367,14 @@ class PolicyWarning(UserWarning):
     """A policy that does not do what it says on this model (filter with warnings.filterwarnings)."""
 
 
-DECODER_KINDS = ("decoder.self", "decoder.token_to_image", "decoder.image_to_token", "decoder.final_token_to_image")
-
-
-def _warn_unmatched(policy, geometries: List[LayerGeometry], absent_kinds) -> None:
-    """A PolicyWarning for each rule that matches none of the model's attention layers, except rules that
-    select only layer kinds this model does not have (MobileSAM's encoder, or a part patched alone):
-    those are expected, and handle.notes says why."""
-    matched = getattr(policy, "matched_layers", None)
-    if matched is None or not geometries:
+def _warn_unmatched(policy, geometries: List[LayerGeometry]) -> None:
+    """A PolicyWarning for each rule that matches none of the model's attention layers (Policy.unmatched_rules:
+    rules for layer kinds this model does not have, such as MobileSAM's encoder, are expected)."""
+    unmatched = getattr(policy, "unmatched_rules", None)
+    if unmatched is None or not geometries:
         return
-    for i, names in matched(geometries).items():
+    for i in unmatched(geometries):
         rule = policy.rules[i]
-        if names or all(m in absent_kinds for m in getattr(rule, "match", ())):
-            continue
         what = rule.describe(i) if hasattr(rule, "describe") else f"rule {i}"
         kinds = ", ".join(dict.fromkeys(g.kind for g in geometries))
         warnings.warn(f"policy {policy.name!r}: {what} matches no attention module of this model "

@@ -10,34 +10,24 @@ a head no rule takes stays dense. See docs/policies.md for the YAML reference.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import yaml
 
-from .geometry import LAYER_KINDS, TOKEN_ORDERS, LayerGeometry, Prompts, default_key_tile
-from .kernels.layout import BLOCK_SIZES_ACCEPTED, is_block_size
-from .masks import (
-    PATTERN_KEYS,
-    PolicyError,
-    PatternSpec,
-    _type_name,
-    block_context,
-    evaluate,
-    reject_unknown_keys,
-    sam_layer_geometries,
-)
+from ..geometry import GRID_KINDS, LAYER_KINDS, LayerGeometry, Prompts
+from ..kernels.layout import BLOCK_SIZES_ACCEPTED, is_block_size
+from ..masks import MaskError, block_context, default_key_tile, evaluate, head_densities
+from ..sam_layers import sam_layer_geometries
+from .errors import PolicyError, reject_unknown_keys, type_name
+from .patterns import PATTERN_KEYS, PatternSpec
+from .yaml_io import Dumper, flow_leaves, line_of, load_yaml
 
 TOP_KEYS = ("name", "description", "block_size", "token_order", "allow_empty_rows", "rules")
 RULE_KEYS = ("match", "layers", "heads") + PATTERN_KEYS
-GRID_KINDS = ("encoder.global", "encoder.window")  # image tokens on both sides
-SELF_KINDS = ("encoder.global", "encoder.window", "decoder.self")  # queries and keys are the same tokens
+TOKEN_ORDERS = ("raster", "tiles")
 
 _MATCH_ACCEPTS = f'a layer kind ({", ".join(LAYER_KINDS)}), "re:<regex on module name>" or "*"'
 
@@ -49,10 +39,10 @@ _MATCH_ACCEPTS = f'a layer kind ({", ".join(LAYER_KINDS)}), "re:<regex on module
 
 def _int_list(v, what: str) -> Tuple[int, ...]:
     if not isinstance(v, (list, tuple)) or not v:
-        raise PolicyError(f"expected a non-empty list of {what} (integers >= 0), got {_type_name(v)}")
+        raise PolicyError(f"expected a non-empty list of {what} (integers >= 0), got {type_name(v)}")
     for i, x in enumerate(v):
         if not isinstance(x, int) or isinstance(x, bool):
-            raise PolicyError(f"expected an integer >= 0, got {_type_name(x)}", path=(i,))
+            raise PolicyError(f"expected an integer >= 0, got {type_name(x)}", path=(i,))
         if x < 0:
             raise PolicyError(f"{x} is negative; expected an integer >= 0", path=(i,))
     if len(set(v)) != len(v):
@@ -83,11 +73,11 @@ class Rule:
     def __post_init__(self):
         match = (self.match,) if isinstance(self.match, str) else self.match
         if not isinstance(match, (list, tuple)) or not match:
-            raise PolicyError(f"expected {_MATCH_ACCEPTS}, or a list of them; got {_type_name(self.match)}", path=("match",))
+            raise PolicyError(f"expected {_MATCH_ACCEPTS}, or a list of them; got {type_name(self.match)}", path=("match",))
         for i, m in enumerate(match):
             where = ("match",) if isinstance(self.match, str) else ("match", i)
             if not isinstance(m, str):
-                raise PolicyError(f"expected {_MATCH_ACCEPTS}; got {_type_name(m)}", path=where)
+                raise PolicyError(f"expected {_MATCH_ACCEPTS}; got {type_name(m)}", path=where)
             if m.startswith("re:"):
                 try:
                     re.compile(m[3:])
@@ -97,7 +87,7 @@ class Rule:
                 raise PolicyError(f"{m!r} is not a layer selector; expected {_MATCH_ACCEPTS}", path=where)
         object.__setattr__(self, "match", tuple(match))
         if not isinstance(self.pattern, PatternSpec):
-            raise PolicyError(f"expected a PatternSpec, got {_type_name(self.pattern)}", path=("pattern",))
+            raise PolicyError(f"expected a PatternSpec, got {type_name(self.pattern)}", path=("pattern",))
         for name in ("heads", "layers"):
             v = getattr(self, name)
             if v is not None:
@@ -119,7 +109,7 @@ class Rule:
     @classmethod
     def from_dict(cls, d: Any) -> "Rule":
         if not isinstance(d, Mapping):
-            raise PolicyError(f"expected a rule mapping (match, pattern, params, ...), got {_type_name(d)}")
+            raise PolicyError(f"expected a rule mapping (match, pattern, params, ...), got {type_name(d)}")
         reject_unknown_keys(d, RULE_KEYS)
         if "match" not in d:
             raise PolicyError(f"missing key 'match'; expected {_MATCH_ACCEPTS}")
@@ -127,7 +117,7 @@ class Rule:
         if heads == "all":
             heads = None
         elif not isinstance(heads, (list, tuple)):
-            raise PolicyError(f'expected "all" or a list of head indices, got {_type_name(heads)}', path=("heads",))
+            raise PolicyError(f'expected "all" or a list of head indices, got {type_name(heads)}', path=("heads",))
         spec = PatternSpec.from_dict({k: d[k] for k in PATTERN_KEYS if k in d})
         return cls(d["match"], spec, heads, d.get("layers"), line=getattr(d, "line", None), key_lines=getattr(d, "lines", {}))
 
@@ -186,23 +176,23 @@ class Policy:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name.strip():
-            raise PolicyError(f"expected a non-empty string, got {_type_name(self.name)}", path=("name",))
+            raise PolicyError(f"expected a non-empty string, got {type_name(self.name)}", path=("name",))
         if not isinstance(self.description, str):
-            raise PolicyError(f"expected a string, got {_type_name(self.description)}", path=("description",))
+            raise PolicyError(f"expected a string, got {type_name(self.description)}", path=("description",))
         bs = self.block_size
         if not is_block_size(bs):
-            raise PolicyError(f"got {_type_name(bs)}; expected {BLOCK_SIZES_ACCEPTED}", path=("block_size",))
+            raise PolicyError(f"got {type_name(bs)}; expected {BLOCK_SIZES_ACCEPTED}", path=("block_size",))
         if self.token_order not in TOKEN_ORDERS:
-            raise PolicyError(f"got {_type_name(self.token_order)}; expected one of {', '.join(TOKEN_ORDERS)}", path=("token_order",))
+            raise PolicyError(f"got {type_name(self.token_order)}; expected one of {', '.join(TOKEN_ORDERS)}", path=("token_order",))
         if not isinstance(self.allow_empty_rows, bool):
-            raise PolicyError(f"expected true or false, got {_type_name(self.allow_empty_rows)}", path=("allow_empty_rows",))
+            raise PolicyError(f"expected true or false, got {type_name(self.allow_empty_rows)}", path=("allow_empty_rows",))
         if not isinstance(self.rules, (list, tuple)):
-            raise PolicyError(f"expected a list of rules, got {_type_name(self.rules)}", path=("rules",))
+            raise PolicyError(f"expected a list of rules, got {type_name(self.rules)}", path=("rules",))
         if not self.rules:
             raise PolicyError('the rule list is empty; give at least one rule (e.g. match: "*", pattern: dense)', path=("rules",))
         for i, r in enumerate(self.rules):
             if not isinstance(r, Rule):
-                raise PolicyError(f"expected a Rule, got {_type_name(r)}", path=("rules", i))
+                raise PolicyError(f"expected a Rule, got {type_name(r)}", path=("rules", i))
         object.__setattr__(self, "rules", tuple(self.rules))
 
     # --- construction / serialization ------------------------------------------------------------
@@ -219,19 +209,19 @@ class Policy:
         except PolicyError as e:
             if e.source is not None:
                 raise
-            raise PolicyError(e.reason, path=e.path, source=source, line=_line_of(d, e.path)) from None
+            raise PolicyError(e.reason, path=e.path, source=source, line=line_of(d, e.path)) from None
 
     @classmethod
     def _from_dict(cls, d: Any, source: str) -> "Policy":
         if not isinstance(d, Mapping):
-            raise PolicyError(f"the top level is {_type_name(d)}; expected a mapping with keys {', '.join(TOP_KEYS)}")
+            raise PolicyError(f"the top level is {type_name(d)}; expected a mapping with keys {', '.join(TOP_KEYS)}")
         reject_unknown_keys(d, TOP_KEYS)
         for key in ("name", "rules"):
             if key not in d:
                 raise PolicyError(f"missing required key {key!r}; a policy needs name and rules")
         raw_rules = d["rules"]
         if not isinstance(raw_rules, (list, tuple)):
-            raise PolicyError(f"expected a list of rules, got {_type_name(raw_rules)}", path=("rules",))
+            raise PolicyError(f"expected a list of rules, got {type_name(raw_rules)}", path=("rules",))
         rules = []
         for i, r in enumerate(raw_rules):
             try:
@@ -244,7 +234,7 @@ class Policy:
     @classmethod
     def from_yaml(cls, text: str, source: str = "<string>") -> "Policy":
         """Parse YAML text (yaml.safe_load rules; duplicate keys rejected) into a Policy."""
-        return cls.from_dict(_load_yaml(text, source), source=source)
+        return cls.from_dict(load_yaml(text, source, f"a mapping with keys {', '.join(TOP_KEYS)}"), source=source)
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {
@@ -260,7 +250,7 @@ class Policy:
 
     def to_yaml(self) -> str:
         """YAML text that load_policy / from_yaml turn back into an equal Policy (params spelled out)."""
-        return yaml.dump(_flow_leaves(self.to_dict()), Dumper=_Dumper, sort_keys=False, width=100)
+        return yaml.dump(flow_leaves(self.to_dict()), Dumper=Dumper, sort_keys=False, width=100)
 
     # --- what the patcher asks --------------------------------------------------------------------
 
@@ -320,6 +310,14 @@ class Policy:
         """
         return {i: [l.name for l in layers if r.matches(l)] for i, r in enumerate(self.rules)}
 
+    def unmatched_rules(self, layers: Sequence[LayerGeometry]) -> List[int]:
+        """Indices of the rules that select none of `layers` (likely a typo in a "re:" pattern or a layer
+        index), leaving out rules that select only layer kinds absent from `layers`: a rule for the
+        image encoder is expected to match nothing on MobileSAM, whose encoder is not SAM's ViT."""
+        kinds = {layer.kind for layer in layers}
+        return [i for i, names in self.matched_layers(layers).items()
+                if not names and not all(m in LAYER_KINDS and m not in kinds for m in self.rules[i].match)]
+
     def block_mask(
         self, layer: LayerGeometry, prompts: Optional[Prompts] = None, device=None
     ) -> Optional[torch.Tensor]:
@@ -349,7 +347,10 @@ class Policy:
         head_rules = self.head_rules(layer)
         if all(i is None for i in head_rules):
             return None
-        ctx = block_context(layer, prompts, device)
+        try:
+            ctx = block_context(layer, prompts, device)
+        except MaskError as e:  # a tile that does not divide this layer's grid
+            raise PolicyError(str(e), source=self.source) from None
         qb, kb = layer.q_blocks, layer.k_blocks
         per_rule = {None: torch.ones(1, 1, qb, kb, dtype=torch.bool, device=device)}
         for i in sorted(set(head_rules) - {None}):
@@ -383,192 +384,13 @@ class Policy:
 
     def densities(self, model_type: str, prompts: Optional[Prompts] = None) -> Dict[str, List[float]]:
         """{layer name: per-head token-level density} for a SAM model type (see masks.mask_density)."""
-        from .masks import head_densities
-
         return {l.name: head_densities(self.block_mask(l, prompts), l) for l in self.geometries(model_type)}
-
-
-class _Flow(dict):
-    """A mapping dumped on one line ({radius: 1})."""
-
-
-class _FlowList(list):
-    """A list dumped on one line ([0, 1, 2])."""
-
-
-class _Dumper(yaml.SafeDumper):
-    pass
-
-
-_Dumper.add_representer(_Flow, lambda d, v: d.represent_mapping("tag:yaml.org,2002:map", v.items(), flow_style=True))
-_Dumper.add_representer(_FlowList, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
-
-
-def _flow_leaves(v):
-    """Block style for the policy and its rules, one-line style for mappings / lists of scalars."""
-    if isinstance(v, dict):
-        inner = {k: _flow_leaves(x) for k, x in v.items()}
-        flat = all(not isinstance(x, (dict, list)) or isinstance(x, (_Flow, _FlowList)) for x in inner.values())
-        return _Flow(inner) if flat and "rules" not in v and "match" not in v else inner
-    if isinstance(v, list):
-        inner = [_flow_leaves(x) for x in v]
-        return _FlowList(inner) if all(not isinstance(x, (dict, list)) for x in inner) else inner
-    return v
 
 
 def _guard_rows(mask: torch.Tensor, layer: LayerGeometry) -> torch.Tensor:
     """Self-attention-shaped layers keep each query block's own block; in cross-attention layers a query
     block with no key block keeps all of them (a softmax over nothing has no meaning)."""
-    if layer.kind in SELF_KINDS and layer.seqlen_q == layer.seqlen_k:
+    if layer.same_tokens:
         eye = torch.eye(layer.q_blocks, layer.k_blocks, dtype=torch.bool, device=mask.device)
         return mask | eye
     return mask | ~mask.any(dim=-1, keepdim=True)
-
-
-# ---------------------------------------------------------------------------------------------------
-# YAML with line numbers
-# ---------------------------------------------------------------------------------------------------
-
-
-class _Map(dict):
-    """A dict that remembers the line of each key (lines) and of itself (line), 1-based."""
-
-    line: Optional[int] = None
-    lines: Dict[Any, int] = {}
-
-
-class _Seq(list):
-    line: Optional[int] = None
-    lines: List[int] = []
-
-
-class _LineLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that records line numbers and rejects duplicate keys."""
-
-
-def _construct_map(loader: _LineLoader, node: yaml.MappingNode) -> _Map:
-    # Keys written in this mapping (not brought in by a "<<" merge): only these may not repeat. A written
-    # key overrides a merged one, as YAML's merge key specifies.
-    own = {id(k) for k, _ in node.value if k.tag != "tag:yaml.org,2002:merge"}
-    loader.flatten_mapping(node)
-    out, lines, written = _Map(), {}, set()
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        try:
-            hash(key)
-        except TypeError:
-            raise PolicyError("a mapping key must be a plain value, not a list or mapping", line=key_node.start_mark.line + 1) from None
-        is_own = id(key_node) in own
-        if is_own and key in written:
-            raise PolicyError(
-                f"duplicate key {key!r} (first given on line {lines[key]}); each key may appear once",
-                line=key_node.start_mark.line + 1,
-            )
-        if is_own:
-            written.add(key)
-        lines[key] = key_node.start_mark.line + 1
-        out[key] = loader.construct_object(value_node, deep=True)
-    out.lines, out.line = lines, node.start_mark.line + 1
-    return out
-
-
-def _construct_seq(loader: _LineLoader, node: yaml.SequenceNode) -> _Seq:
-    out = _Seq(loader.construct_object(child, deep=True) for child in node.value)
-    out.lines, out.line = [child.start_mark.line + 1 for child in node.value], node.start_mark.line + 1
-    return out
-
-
-_LineLoader.add_constructor("tag:yaml.org,2002:map", _construct_map)
-_LineLoader.add_constructor("tag:yaml.org,2002:seq", _construct_seq)
-
-
-def _load_yaml(text: str, source: str) -> Any:
-    try:
-        data = yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass: same rules as yaml.safe_load
-    except PolicyError as e:
-        raise PolicyError(e.reason, path=e.path, source=source, line=e.line) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        problem = getattr(e, "problem", None) or str(e)
-        context = getattr(e, "context", None)
-        where = f" (column {mark.column + 1})" if mark is not None else ""
-        reason = f"YAML syntax error: {problem}{where}" + (f", {context}" if context else "")
-        raise PolicyError(reason, source=source, line=mark.line + 1 if mark is not None else None) from None
-    if data is None:
-        raise PolicyError(f"the file is empty; expected a mapping with keys {', '.join(TOP_KEYS)}", source=source, line=1)
-    return data
-
-
-def _line_of(d: Any, path: Sequence) -> Optional[int]:
-    """The line of the deepest part of `path` that `d` (from _LineLoader) records, else None."""
-    line = getattr(d, "line", None)
-    cur = d
-    for part in path:
-        lines = getattr(cur, "lines", None)
-        if isinstance(cur, _Map) and part in cur:
-            line = lines.get(part, line)
-        elif isinstance(cur, _Seq) and isinstance(part, int) and 0 <= part < len(cur):
-            line = lines[part]
-        else:
-            break
-        cur = cur[part]
-    return line
-
-
-# ---------------------------------------------------------------------------------------------------
-# Loading
-# ---------------------------------------------------------------------------------------------------
-
-
-def _configs():
-    return resources.files("sam_sparse") / "configs"
-
-
-def list_policies() -> List[str]:
-    """Names of the built-in policies (sam_sparse/configs/*.yaml)."""
-    return sorted(p.name[: -len(".yaml")] for p in _configs().iterdir() if p.name.endswith(".yaml"))
-
-
-@lru_cache(maxsize=None)
-def _builtin(name: str) -> Policy:
-    # One object per built-in, so its mask cache is shared by everyone who loads it by name.
-    f = _configs() / f"{name}.yaml"
-    return Policy.from_yaml(f.read_text(), source=str(f))
-
-
-def policy_text(name_or_path: Union[str, os.PathLike, Policy]) -> str:
-    """The YAML text of a built-in or file as written (comments included); to_yaml() for a Policy."""
-    if isinstance(name_or_path, Policy):
-        return name_or_path.to_yaml()
-    if isinstance(name_or_path, str) and name_or_path in list_policies():
-        return (_configs() / f"{name_or_path}.yaml").read_text()
-    return Path(name_or_path).read_text()
-
-
-def load_policy(name_or_path: Union[str, os.PathLike, Policy]) -> Policy:
-    """A Policy from a built-in name (list_policies()), a path to a YAML file, or a Policy (returned as is).
-
-    A built-in name wins over a file of that name in the working directory (write ./dense to mean the
-    file). Raises PolicyError for an unknown name, a missing file, or an invalid policy.
-    """
-    if isinstance(name_or_path, Policy):
-        return name_or_path
-    if not isinstance(name_or_path, (str, os.PathLike)):
-        raise PolicyError(f"expected a built-in policy name, a path to a YAML file or a Policy, got {_type_name(name_or_path)}")
-    if isinstance(name_or_path, str) and name_or_path in list_policies():
-        return _builtin(name_or_path)
-    path = Path(name_or_path)
-    if path.is_file():
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise PolicyError(f"cannot read the file: {e}", source=str(path)) from None
-        return Policy.from_yaml(text, source=str(path))
-    if path.exists():
-        raise PolicyError("is not a file; expected a YAML policy file", source=str(path))
-    text = str(name_or_path)
-    if isinstance(name_or_path, os.PathLike) or path.suffix in (".yaml", ".yml") or os.sep in text or "/" in text:
-        raise PolicyError(f"no such file: {text}")
-    raise PolicyError(
-        f"unknown policy {text!r}; built-in policies: {', '.join(list_policies())}; or give a path to a YAML file"
-    )

@@ -1,0 +1,405 @@
+"""Calibrated policies: measure where each layer's attention goes on your images, keep what holds it.
+
+    policy, report = calibrate(model, images, target_density=0.3)     # or min_mass=0.99
+    policy.to_yaml()                                                   # an ordinary policy file
+    print(report)                                                      # retained mass per layer / head
+
+The model runs unpatched-equivalent (patched with a dense probe policy, which computes SAM's own
+attention) on the calibration images; every chosen layer reports, per head, how much softmax
+probability each (query block, key block) pair holds (kernels.block_attention_mass: no N x N tensor).
+From those statistics, per layer and head:
+
+- image layers (encoder.global, and encoder.window if asked): a set of block-grid offsets from the query
+  block plus "sink" key blocks every query keeps (pattern relative_blocks), chosen greedily by
+  probability mass per token pair until the layer reaches the target density or each head the target
+  mass. Offsets move with the query, so the policy transfers to new images.
+- decoder token-to-image layers: a radius around the call's prompts per head (pattern region_focused
+  with no background), from the mass measured at each distance from the prompts.
+- a head whose choice keeps nearly everything (DENSE_ABOVE) stays dense, and so does a layer whose heads
+  all do; decoder.image_to_token has one key block and decoder.self one block: nothing to choose.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import __version__
+from .geometry import LayerGeometry
+from .kernels import block_attention_mass
+from .masks import block_context, pair_weights
+from .patches import ParityReport, patch_sam, verify_parity
+from .policy import Policy
+from .table import format_table
+
+IMAGE_KINDS = ("encoder.global", "encoder.window")
+PROMPT_KINDS = ("decoder.token_to_image", "decoder.final_token_to_image")
+CALIBRATED_KINDS = IMAGE_KINDS + PROMPT_KINDS
+DEFAULT_KINDS = ("encoder.global",) + PROMPT_KINDS
+DENSE_ABOVE = 0.9  # a head that would keep more of its token pairs than this stays dense
+
+
+@dataclass
+class LayerStats:
+    """What calibration measured on one layer, summed over calls (images, prompts, batch rows).
+
+    mass: image layers: float64 (H, QB, KB) probability mass per block pair, in queries.
+    bucket_mass: prompt layers: float64 (H, NB) mass on key blocks at prompt distance bucket b (0: the
+        block overlaps or touches a prompt; b >= 1: gap in [b - 1, b) block extents).
+    bucket_share: prompt layers: float64 (NB,) token share of the key side in each bucket, summed over calls.
+    calls: batch rows seen.
+    """
+
+    layer: LayerGeometry
+    mass: Optional[torch.Tensor] = None
+    bucket_mass: Optional[torch.Tensor] = None
+    bucket_share: Optional[torch.Tensor] = None
+    calls: int = 0
+
+
+@dataclass
+class HeadChoice:
+    """One head's calibrated pattern. offsets/sinks for image layers, radius for prompt layers; dense when
+    nothing is dropped. retained: share of the measured probability mass the choice keeps; density:
+    share of token pairs kept (prompt layers: averaged over the calibration calls)."""
+
+    dense: bool
+    retained: float
+    density: float
+    offsets: Tuple[Tuple[int, int], ...] = ()
+    sinks: Tuple[int, ...] = ()
+    radius: Optional[int] = None
+
+
+@dataclass
+class CalibrationReport:
+    """Per layer and head: what was kept and what it holds. parity: verify_parity on held-out images."""
+
+    target: str
+    images: int
+    layers: Dict[str, Tuple[str, List[HeadChoice]]] = field(default_factory=dict)
+    parity: Optional[ParityReport] = None
+    notes: List[str] = field(default_factory=list)
+
+    def layer_density(self, name: str) -> float:
+        return float(np.mean([c.density for c in self.layers[name][1]]))
+
+    def layer_retained(self, name: str) -> float:
+        return float(np.mean([c.retained for c in self.layers[name][1]]))
+
+    def __str__(self) -> str:
+        lines = [f"sam-sparse calibration: {self.target}, {self.images} calibration image(s)"]
+        rows = []
+        for name, (kind, heads) in self.layers.items():
+            per_head = " ".join(f"{c.retained:.3f}" for c in heads)
+            dense = sum(c.dense for c in heads)
+            rows.append((name, kind, f"{self.layer_density(name):.3f}", f"{self.layer_retained(name):.4f}",
+                         f"{min(c.retained for c in heads):.4f}", f"{dense}/{len(heads)}", per_head))
+        lines.append(format_table(("layer", "kind", "density", "retained mass (mean)", "min head", "dense heads",
+                                   "retained per head"), rows))
+        lines += [f"note: {n}" for n in self.notes]
+        if self.parity is not None:
+            lines += ["", "held-out parity:", str(self.parity)]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------
+
+
+def _bucket(gap: torch.Tensor, n_buckets: int) -> torch.Tensor:
+    """Prompt-distance bucket of each gap (see LayerStats.bucket_mass); region_focused with integer radius
+    r keeps buckets 0..r."""
+    b = torch.where(gap == 0, 0.0, torch.floor(gap) + 1)
+    return b.clamp(max=n_buckets - 1).nan_to_num(n_buckets - 1).long()
+
+
+class _Recorder:
+    """PatchHandle.observe callback: accumulates LayerStats for the layers of the chosen kinds."""
+
+    def __init__(self, kinds: Sequence[str], block_size: int):
+        self.kinds = set(kinds)
+        self.block_size = block_size
+        self.stats: Dict[str, LayerStats] = {}
+        self.unprompted = 0
+
+    def __call__(self, layer: LayerGeometry, prompts, q, k, rel_h, rel_w, key_tile, softmax_scale) -> None:
+        if layer.kind not in self.kinds:
+            return
+        if layer.kind in PROMPT_KINDS and (prompts is None or layer.k_grid is None):
+            self.unprompted += 1  # no prompt or no image grid: no distance to measure
+            return
+        mass = block_attention_mass(q, k, rel_h=rel_h, rel_w=rel_w, key_tile=key_tile, softmax_scale=softmax_scale,
+                                    block_size=self.block_size).double()  # (B, H, QB, KB)
+        st = self.stats.setdefault(layer.name, LayerStats(layer))
+        st.calls += mass.shape[0]
+        if layer.kind in IMAGE_KINDS:
+            st.mass = mass.sum(0).cpu() + (st.mass if st.mass is not None else 0)
+            return
+        ctx = block_context(layer, prompts, q.device)
+        n_buckets = layer.k_blocks + 1
+        bucket = _bucket(ctx.prompt_gap(ctx.k), n_buckets)  # (B, KB)
+        per_key = mass.sum(2)  # (B, H, KB): every query block (the few tokens) together
+        bm = torch.zeros(per_key.shape[1], n_buckets, dtype=torch.float64, device=mass.device)
+        bm.scatter_add_(1, bucket[:, None, :].expand_as(per_key).transpose(0, 1).reshape(per_key.shape[1], -1),
+                        per_key.transpose(0, 1).reshape(per_key.shape[1], -1))
+        share = pair_weights(layer).sum(0).to(mass.device)  # (KB,) token share of each key block
+        bs = torch.zeros(n_buckets, dtype=torch.float64, device=mass.device)
+        bs.scatter_add_(0, bucket.reshape(-1), share.expand_as(bucket).reshape(-1))
+        st.bucket_mass = bm.cpu() + (st.bucket_mass if st.bucket_mass is not None else 0)
+        st.bucket_share = bs.cpu() + (st.bucket_share if st.bucket_share is not None else 0)
+
+
+def grid_points(image: np.ndarray, per_side: int) -> np.ndarray:
+    """(per_side**2, 2) float32 pixel (x, y) points at the centres of a per_side x per_side grid."""
+    h, w = image.shape[:2]
+    c = (np.arange(per_side) + 0.5) / per_side
+    xs, ys = np.meshgrid(c * w, c * h)
+    return np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32)
+
+
+def measure(model, images: Sequence[np.ndarray], *, kinds: Sequence[str] = DEFAULT_KINDS, block_size: int = 128,
+            token_order: str = "tiles", points_per_side: int = 4, prompts: Optional[Sequence[np.ndarray]] = None,
+            progress: Optional[Callable[[int], None]] = None) -> Tuple[Dict[str, LayerStats], Policy, List[str]]:
+    """Run `model` (a segment_anything Sam) on `images` and return ({layer name: LayerStats}, the probe
+    policy whose block size and token order the statistics use, notes).
+
+    Each image is embedded once (SamPredictor.set_image); prompt layers see one call per point prompt:
+    `prompts[i]` (P, 2) pixel (x, y) points for image i, or a points_per_side grid.
+    """
+    from segment_anything import SamPredictor
+
+    unknown = sorted(set(kinds) - set(CALIBRATED_KINDS))
+    if unknown:
+        raise ValueError(f"layers: {', '.join(unknown)} cannot be calibrated; choose from {', '.join(CALIBRATED_KINDS)}")
+    probe = Policy.from_dict({"name": "calibration-probe", "block_size": block_size, "token_order": token_order,
+                              "rules": [{"match": "*", "pattern": "dense"}]})
+    prior = getattr(model, "_sam_sparse_handle", None)
+    if prior is not None:
+        prior.restore()
+    handle = patch_sam(model, probe)
+    recorder = _Recorder(kinds, block_size)
+    predictor = SamPredictor(model)
+    device = model.device
+    try:
+        with handle.observe(recorder), torch.inference_mode():
+            for i, image in enumerate(images):
+                predictor.set_image(image)
+                if any(k in PROMPT_KINDS for k in kinds):
+                    pts = prompts[i] if prompts is not None else grid_points(image, points_per_side)
+                    coords = predictor.transform.apply_coords(np.asarray(pts, dtype=np.float32), predictor.original_size)
+                    coords = torch.as_tensor(coords, dtype=torch.float, device=device)[:, None, :]
+                    labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
+                    predictor.predict_torch(coords, labels, multimask_output=True)
+                predictor.reset_image()
+                if progress is not None:
+                    progress(1)
+    finally:
+        handle.restore()
+        if prior is not None:
+            prior.enable()
+    notes = []
+    missing = [k for k in kinds if not any(s.layer.kind == k for s in recorder.stats.values())]
+    if missing:
+        notes.append(f"this model has no {', '.join(missing)} layer that sam-sparse patches: left dense")
+    return recorder.stats, probe, notes
+
+
+# ---------------------------------------------------------------------------------------------------
+# Choosing
+# ---------------------------------------------------------------------------------------------------
+
+
+def _offset_ids(layer: LayerGeometry) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
+    """(ids (QB, KB) int64, offsets): each block pair's block-grid offset (query minus key), numbered;
+    offset (0, 0), the own block, is number 0."""
+    ctx = block_context(layer, None, "cpu")
+    dr = ctx.q.lattice[:, None, 0] - ctx.k.lattice[None, :, 0]
+    dc = ctx.q.lattice[:, None, 1] - ctx.k.lattice[None, :, 1]
+    pairs = torch.stack([dr, dc], -1).reshape(-1, 2)
+    offsets, ids = torch.unique(pairs, dim=0, return_inverse=True)
+    offsets = [tuple(o) for o in offsets.tolist()]
+    own = offsets.index((0, 0))
+    ids = torch.where(ids == own, -1, ids)
+    ids = torch.where(ids < own, ids + 1, ids)  # own -> 0, the rest keep their order after it
+    ids = torch.where(ids == -1, 0, ids)
+    offsets = [(0, 0)] + [o for o in offsets if o != (0, 0)]
+    return ids.reshape(dr.shape), offsets
+
+
+def _choose_image_layer(st: LayerStats, target_density: Optional[float], min_mass: Optional[float]) -> List[HeadChoice]:
+    """Greedy by mass per token pair over (head, item), an item being an offset (every pair at that offset)
+    or a sink (every pair with that key block): with a density target the layer stops when its mean
+    density reaches it; with a mass target each head stops when it keeps min_mass."""
+    layer = st.layer
+    ids, offsets = _offset_ids(layer)
+    n_off, KB = len(offsets), layer.k_blocks
+    w = pair_weights(layer)  # (QB, KB), sums to 1
+    m = st.mass / st.mass.sum(dim=(1, 2), keepdim=True).clamp(min=1e-30)  # each head's mass sums to 1
+    H = m.shape[0]
+    flat_ids = ids.reshape(-1)
+    keep = (ids == 0).expand(H, -1, -1).clone()  # offset (0, 0): the own block, always kept
+    chosen: List[set] = [{("offset", 0)} for _ in range(H)]
+
+    def per_item(x):  # (..., QB, KB) -> (..., offsets + sinks): x summed over each item's pairs
+        lead = x.shape[:-2]
+        flat = x.reshape(-1, ids.numel())
+        by_offset = torch.zeros(flat.shape[0], n_off, dtype=torch.float64).index_add_(1, flat_ids, flat)
+        return torch.cat([by_offset, x.sum(-2).reshape(-1, KB)], dim=1).reshape(*lead, -1)
+
+    # Mass and token share each item would still add, per head; updated as pairs get kept.
+    gain, cost = per_item(m * ~keep), per_item(w * ~keep)
+    retained, density = (m * keep).sum(dim=(1, 2)), (w * keep).sum(dim=(1, 2))
+    while True:
+        if target_density is not None:
+            if float(density.mean()) >= target_density - 1e-9:
+                break
+            active = torch.ones(H, dtype=torch.bool)
+        else:
+            active = retained < min_mass - 1e-12
+            if not bool(active.any()):
+                break
+        # Ties (no mass measured there): the cheapest item first.
+        ratio = torch.where(cost > 1e-15, gain / cost.clamp(min=1e-30) - 1e-9 * cost, -math.inf)
+        ratio[~active] = -math.inf
+        h, n = divmod(int(torch.argmax(ratio)), ratio.shape[1])
+        if ratio[h, n] == -math.inf:
+            break  # nothing left to add
+        item = (ids == n) if n < n_off else (torch.arange(KB) == n - n_off).expand_as(ids)
+        new = item & ~keep[h]
+        gain[h] -= per_item(m[h] * new)
+        cost[h] -= per_item(w * new)
+        retained[h] += (m[h] * new).sum()
+        density[h] += (w * new).sum()
+        keep[h] |= item
+        chosen[h].add(("offset", n) if n < n_off else ("sink", n - n_off))
+    out = []
+    for h in range(H):
+        d, r = float((w * keep[h]).sum()), float((m[h] * keep[h]).sum())
+        if d > DENSE_ABOVE:
+            out.append(HeadChoice(dense=True, retained=1.0, density=1.0))
+            continue
+        offs = tuple(sorted(offsets[i] for kind, i in chosen[h] if kind == "offset"))
+        sinks = tuple(sorted(i for kind, i in chosen[h] if kind == "sink"))
+        out.append(HeadChoice(dense=False, retained=r, density=d, offsets=offs, sinks=sinks))
+    return out
+
+
+def _choose_prompt_layer(st: LayerStats, target_density: Optional[float], min_mass: Optional[float]) -> List[HeadChoice]:
+    """Per head, the radius (in buckets) around the prompts: the smallest that keeps min_mass, or, with a
+    density target, radii raised one step at a time where mass per kept token share is highest."""
+    bm = st.bucket_mass / st.bucket_mass.sum(dim=1, keepdim=True).clamp(min=1e-30)  # (H, NB)
+    share = st.bucket_share / st.bucket_share.sum().clamp(min=1e-30)  # (NB,)
+    H, NB = bm.shape
+    last = int(torch.nonzero(share > 0).max()) if bool((share > 0).any()) else 0
+    cum_m, cum_s = bm.cumsum(1), share.cumsum(0)
+    radius = [0] * H
+    if min_mass is not None:
+        for h in range(H):
+            ok = torch.nonzero(cum_m[h] >= min_mass - 1e-12)
+            radius[h] = int(ok.min()) if len(ok) else last
+    else:
+        while float(np.mean([cum_s[r] for r in radius])) < target_density - 1e-9:
+            gains = [(bm[h, radius[h] + 1] / share[radius[h] + 1].clamp(min=1e-30), h) if radius[h] < last else (-1, h)
+                     for h in range(H)]
+            g, h = max(gains, key=lambda x: float(x[0]))
+            if g < 0:
+                break
+            radius[h] += 1
+    out = []
+    for h, r in enumerate(radius):
+        d = float(cum_s[r])
+        if r >= last or d > DENSE_ABOVE:
+            out.append(HeadChoice(dense=True, retained=1.0, density=1.0))
+        else:
+            out.append(HeadChoice(dense=False, retained=float(cum_m[h, r]), density=d, radius=r))
+    return out
+
+
+def _rules(stats: Dict[str, LayerStats], choices: Dict[str, List[HeadChoice]]) -> List[dict]:
+    """Policy rules: per layer, one rule per group of heads with the same choice; every other head and
+    layer dense (the last rule)."""
+    rules = []
+    for name, heads in choices.items():
+        layer = stats[name].layer
+        groups: Dict[tuple, List[int]] = {}
+        for h, c in enumerate(heads):
+            if not c.dense:
+                groups.setdefault((c.offsets, c.sinks, c.radius), []).append(h)
+        for (offsets, sinks, radius), hs in groups.items():
+            rule = {"match": layer.kind, "layers": [layer.layer_index], "heads": hs}
+            if layer.kind in IMAGE_KINDS:
+                params = {"offsets": [list(o) for o in offsets]}
+                if sinks:
+                    params["sinks"] = list(sinks)
+                rule.update(pattern="relative_blocks", params=params)
+            else:
+                rule.update(pattern="region_focused", params={"radius": radius, "background_stride": 0})
+            rules.append(rule)
+    rules.append({"match": "*", "pattern": "dense"})
+    return rules
+
+
+def choose(stats: Dict[str, LayerStats], probe: Policy, *, target_density: Optional[float] = None,
+           min_mass: Optional[float] = None, name: str = "calibrated", description: str = "") -> Tuple[Policy, Dict[str, List[HeadChoice]]]:
+    """The policy for measured statistics (see the module docstring); exactly one target."""
+    _check_targets(target_density, min_mass)
+    choices = {}
+    for layer_name, st in stats.items():
+        pick = _choose_image_layer if st.layer.kind in IMAGE_KINDS else _choose_prompt_layer
+        choices[layer_name] = pick(st, target_density, min_mass)
+    policy = Policy.from_dict({"name": name, "description": description, "block_size": probe.block_size,
+                               "token_order": probe.token_order, "rules": _rules(stats, choices)},
+                              source=f"<calibrated {name}>")
+    return policy, choices
+
+
+def _check_targets(target_density, min_mass) -> None:
+    if (target_density is None) == (min_mass is None):
+        raise ValueError("give exactly one of target_density (share of token pairs to keep) or min_mass "
+                         "(share of attention probability to keep)")
+    for what, v in (("target_density", target_density), ("min_mass", min_mass)):
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1):
+            raise ValueError(f"{what}={v!r}: expected a number greater than 0 and at most 1")
+
+
+def calibrate(model, images, *, target_density: Optional[float] = None, min_mass: Optional[float] = None,
+              prompts: Optional[Sequence[np.ndarray]] = None, layers: Sequence[str] = DEFAULT_KINDS,
+              block_size: int = 128, token_order: str = "tiles", points_per_side: int = 4,
+              heldout=None, heldout_names: Optional[Sequence[str]] = None, name: str = "calibrated",
+              progress: Optional[Callable[[int], None]] = None) -> Tuple[Policy, CalibrationReport]:
+    """A policy calibrated on `images` for `model`, and a report of what it keeps.
+
+    model: a segment_anything Sam (any model type; MobileSAM's TinyViT encoder is not patched, so only
+        its decoder is calibrated). It is left as found (patched or not).
+    images: HxWx3 uint8 RGB arrays. target_density: share of token pairs each calibrated layer keeps,
+        in (0, 1]; or min_mass: share of attention probability each head keeps, in (0, 1].
+    prompts: per image, (P, 2) pixel (x, y) point prompts for the decoder's statistics; default a
+        points_per_side grid. layers: layer kinds to calibrate (CALIBRATED_KINDS); others stay dense.
+    block_size, token_order: of the policy written (tiles: compact image blocks, best for offsets).
+    heldout: images NOT used for calibration; the report's parity is verify_parity on them (at their
+        centres and the same point grid), against the unpatched model.
+    """
+    _check_targets(target_density, min_mass)
+    images = list(images)
+    if not images:
+        raise ValueError("calibrate needs at least one image")
+    stats, probe, notes = measure(model, images, kinds=layers, block_size=block_size, token_order=token_order,
+                                  points_per_side=points_per_side, prompts=prompts, progress=progress)
+    target = f"target density {target_density}" if target_density is not None else f"min mass {min_mass}"
+    description = (f"calibrated by sam-sparse {__version__} on {len(images)} image(s), {target}, "
+                   f"layers {', '.join(layers)}")
+    policy, choices = choose(stats, probe, target_density=target_density, min_mass=min_mass, name=name,
+                             description=description)
+    report = CalibrationReport(target=target, images=len(images), notes=notes)
+    for layer_name, heads in choices.items():
+        report.layers[layer_name] = (stats[layer_name].layer.kind, heads)
+    if heldout is not None and len(heldout):
+        pts = [grid_points(im, points_per_side) for im in heldout]
+        report.parity = verify_parity(model, policy, list(heldout), points=pts, image_names=heldout_names)
+    return policy, report

@@ -1,0 +1,107 @@
+"""sam-sparse calibrate: a sparse policy measured on your images, with its quality on held-out ones."""
+
+from pathlib import Path
+
+import click
+
+from ..calibration import CALIBRATED_KINDS, DEFAULT_KINDS
+from .common import checkpoint_option, device_option, guarded, load_model, model_type_option, resolve_device, say
+
+
+def _unit_interval(ctx, param, value):
+    if value is not None and not 0 < value <= 1:
+        raise click.BadParameter(f"{value} is outside (0, 1]; expected a share greater than 0 and at most 1")
+    return value
+
+
+def image_list(specs):
+    """Paths and sample names from --images / --heldout values: a sample name (astronaut, coffee,
+    chelsea, horse), an image file, a folder (recursively) or a .txt list of paths."""
+    from ..amg import find_images
+    from ..segment import SAMPLES
+
+    out = []
+    for spec in specs:
+        if spec in SAMPLES and not Path(spec).exists():
+            out.append(spec)
+        else:
+            out += find_images(spec)
+    return out
+
+
+@click.command()
+@checkpoint_option
+@model_type_option
+@click.option("--images", "images", multiple=True, required=True, metavar="DIR|FILE|NAME",
+              help="Calibration images (repeatable): a folder (searched recursively), an image, a .txt list of "
+                   "paths, or a sample name (astronaut, coffee, chelsea, horse).")
+@click.option("--heldout", multiple=True, metavar="DIR|FILE|NAME",
+              help="Images to check the policy on (repeatable, as --images). Default: every fourth calibration "
+                   "image is held out instead (with one image, none: no held-out check).")
+@click.option("--target-density", type=float, default=None, callback=_unit_interval,
+              help="Share of token pairs each calibrated layer keeps, in (0, 1].")
+@click.option("--min-mass", type=float, default=None, callback=_unit_interval,
+              help="Share of attention probability each head keeps, in (0, 1] (e.g. 0.99).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, metavar="FILE.yaml",
+              help="Where to write the policy (written whole or not at all).")
+@click.option("--layers", multiple=True, type=click.Choice(CALIBRATED_KINDS), default=DEFAULT_KINDS, show_default=True,
+              help="Layer kinds to calibrate (repeatable); the others stay dense.")
+@click.option("--block-size", type=int, default=128, show_default=True, help="Mask block size of the policy.")
+@click.option("--token-order", type=click.Choice(["tiles", "raster"]), default="tiles", show_default=True,
+              help="Token order of the encoder's global layers (tiles: compact blocks).")
+@click.option("--points-per-side", type=click.IntRange(min=1, max=32), default=4, show_default=True,
+              help="Point prompts per image side for the decoder's statistics and the held-out check.")
+@click.option("--name", default=None, help="Policy name (default: the output file's stem).")
+@device_option
+@guarded
+def calibrate(checkpoint, model_type, images, heldout, target_density, min_mass, out, layers, block_size,
+              token_order, points_per_side, name, device):
+    """Measure where attention goes on your images and write a sparse policy that keeps it.
+
+    Runs the model on the calibration images, measures per layer and head the attention probability of
+    every (query block, key block), keeps the blocks that hold the most of it (position-relative sets
+    in the encoder, a radius around the prompts in the decoder) until --target-density or --min-mass
+    is met, writes the policy YAML, and prints the retained mass per layer and head and the parity of
+    the policy on held-out images against the unpatched model. Exit codes: 0 written (read the held-out
+    check before using it), 2 bad arguments.
+
+    \b
+    Examples:
+      sam-sparse calibrate --images photos/ --target-density 0.3 --out my_policy.yaml
+      sam-sparse calibrate --checkpoint sam_vit_b_01ec64.pth --images train/ --heldout val/ \\
+          --min-mass 0.99 --out vit_b_calibrated.yaml
+    """
+    from tqdm.auto import tqdm
+
+    from ..calibration import calibrate as run_calibration
+    from ..files import atomic_path, check_output
+    from ..kernels import check_block_size
+    from ..segment import load_image
+
+    if (target_density is None) == (min_mass is None):
+        raise ValueError("give exactly one of --target-density (share of token pairs kept) or --min-mass "
+                         "(share of attention probability kept)")
+    check_output(out, "--out", (".yaml", ".yml"))
+    check_block_size(block_size)
+    device = resolve_device(device)
+    calib = image_list(images)
+    held = image_list(heldout)
+    if not held and len(calib) > 1:
+        held = calib[3::4] or calib[-1:]
+        calib = [p for p in calib if p not in held]
+    loaded = [load_image(p) for p in calib]  # every image read before the model loads: a bad one fails fast
+    loaded_held = [load_image(p) for p in held]
+    model, _ = load_model(checkpoint, model_type, device)
+    say(f"Calibrating on {len(calib)} image(s); held out: {len(held) or 'none'}")
+    with tqdm(total=len(loaded), desc="calibrate", unit="image") as bar:
+        policy, report = run_calibration(
+            model, loaded, target_density=target_density, min_mass=min_mass, layers=tuple(layers),
+            block_size=block_size, token_order=token_order, points_per_side=points_per_side,
+            heldout=loaded_held or None, heldout_names=[str(p) for p in held], name=name or out.stem,
+            progress=bar.update,
+        )
+    with atomic_path(out) as tmp:
+        tmp.write_text(policy.to_yaml())
+    click.echo(str(report))
+    say(f"Wrote {out} (check it with `sam-sparse policies check {out}`; verify it with "
+        f"`sam-sparse verify --policy {out}`)")

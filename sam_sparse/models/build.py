@@ -1,0 +1,156 @@
+"""Building SAM models: Meta's ViT SAM (segment-anything's registry) and MobileSAM (the vendored
+TinyViT encoder with SAM's own prompt encoder and mask decoder), from released or converted checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .checkpoints import (
+    DTYPES,
+    CheckpointError,
+    check_model_type,
+    infer_model_type,
+    load_checkpoint,
+    read_sparse_checkpoint,
+)
+from ..patches import patch_sam
+from ..policy import Policy
+from .fetch import fetch_mobile_sam
+
+PathLike = Union[str, os.PathLike]
+
+
+@contextlib.contextmanager
+def _params_on_meta():
+    """Create parameters on the meta device (no memory, no init cost); buffers stay real.
+
+    Non-persistent buffers (SAM's pixel_mean, TinyViT's bias index) are not in any state dict, so they
+    must be computed for real; parameters come from load_state_dict(..., assign=True) afterwards.
+    """
+    orig = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        orig(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
+def _build_mobile_sam():
+    from segment_anything.modeling import MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    from .tinyvit import TinyViT
+
+    prompt_embed_dim, image_size = 256, 1024
+    image_embedding_size = image_size // 16
+    return Sam(
+        image_encoder=TinyViT(
+            img_size=image_size, in_chans=3, num_classes=1000, embed_dims=[64, 128, 160, 320],
+            depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0,
+            drop_rate=0.0, drop_path_rate=0.0, mbconv_expand_ratio=4.0, local_conv_size=3,
+        ),
+        prompt_encoder=PromptEncoder(
+            embed_dim=prompt_embed_dim,
+            image_embedding_size=(image_embedding_size, image_embedding_size),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_embed_dim, mlp_dim=2048, num_heads=8),
+            transformer_dim=prompt_embed_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=256,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
+
+
+def build_model(model_type: str, empty: bool = False):
+    """An unpatched Sam of `model_type` in eval mode: random init, or with `empty` its parameters on the
+    meta device, to be given real weights by load_weights(..., assign=True)."""
+    check_model_type(model_type)
+    ctx = _params_on_meta() if empty else contextlib.nullcontext()
+    with ctx:
+        if model_type == "mobile_sam":
+            model = _build_mobile_sam()
+        else:
+            from segment_anything import sam_model_registry
+
+            model = sam_model_registry[model_type](checkpoint=None)
+    return model.eval()
+
+
+def load_weights(model, state_dict: dict, path, assign: bool) -> None:
+    """load_state_dict(strict=True), with a CheckpointError naming the file and the keys that do not fit."""
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=assign)
+    except RuntimeError as e:
+        missing = sorted(set(model.state_dict()) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(model.state_dict()))
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])}{', ...' if len(unexpected) > 3 else ''})")
+        if not parts:
+            first = str(e).strip().splitlines()
+            parts.append(first[1].strip() if len(first) > 1 else first[0])
+        raise CheckpointError(f"checkpoint {path}: does not fit the model: {'; '.join(parts)}") from None
+
+
+def build_sam(model_type: Optional[str], checkpoint: Optional[PathLike] = None, device="cpu", dtype=None):
+    """A segment_anything ``Sam`` of `model_type` in eval mode.
+
+    checkpoint: a state dict file (loaded with weights_only=True and strict=True); None = random init.
+    For mobile_sam, ``checkpoint="default"`` fetches MobileSAM's released weights (fetch_mobile_sam).
+    model_type None (with a checkpoint): read from the checkpoint's keys. dtype: None keeps float32.
+    """
+    if model_type is not None or checkpoint is None:
+        check_model_type(model_type)
+    if checkpoint is None:
+        model = build_model(model_type)
+    else:
+        if str(checkpoint) == "default" and model_type == "mobile_sam":
+            checkpoint = fetch_mobile_sam()
+        state_dict = load_checkpoint(checkpoint, model_type)
+        model = build_model(model_type or infer_model_type(state_dict)[0], empty=True)
+        load_weights(model, state_dict, checkpoint, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def policy_from_manifest(manifest: dict, source: str = "<manifest>"):
+    """The Policy stored (as YAML text) in a manifest; PolicyError (a ValueError) if it is invalid."""
+    return Policy.from_yaml(manifest["policy"], source=source)
+
+
+def load_sparse_sam(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = torch.float32):
+    """A patched ``Sam`` from a converted checkpoint (sam_sparse.convert_checkpoint), ready for SamPredictor.
+
+    dtype: the dtype to compute in. The default, float32, is what segment-anything's SamPredictor and
+    prompt encoder need, whatever the file stores (a bf16 file is then upcast); None keeps the stored
+    dtype (for running the image encoder in half precision yourself: docs/patching.md). The model
+    type and the mask policy come from the file's manifest, never from its name.
+    The model is built with its parameters on the meta device (no memory, no random init), given the
+    stored weights (load_state_dict(strict=True, assign=True)), moved to `device` in the stored dtype,
+    and patched with the manifest's policy (patching adds no parameters, so the order is free; patching
+    last builds the block masks on `device`). The patch handle is ``model._sam_sparse_handle``.
+    """
+    manifest, state_dict = read_sparse_checkpoint(path)
+    policy = policy_from_manifest(manifest, source=f"{path} (manifest policy)")
+    model = build_model(manifest["model_type"], empty=True)
+    load_weights(model, state_dict, path, assign=True)
+    model = model.to(device=device, dtype=DTYPES[manifest["dtype"]] if dtype is None else dtype).eval()
+    patch_sam(model, policy)
+    return model
