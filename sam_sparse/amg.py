@@ -5,7 +5,9 @@ a torchrun job.
     records = generate_masks(model, paths, "out/", GeneratorSettings(points_per_side=32))
 
 Each image goes through segment-anything's own SamAutomaticMaskGenerator on the (patched) model, so
-the masks are the unpatched generator's up to what the policy changes. Outputs follow segment-anything's
+the masks are the unpatched generator's up to what the policy changes. Its two run-length helpers are
+swapped for versions with the same output (MaskGenerator): post-processing, not attention, is where
+most of an AMG image's time goes (docs/benchmarks.md). Outputs follow segment-anything's
 scripts/amg.py: `binary_mask` writes a folder per image with one PNG per mask (0/255) and metadata.csv;
 `coco_rle` writes one JSON per image with COCO RLE masks and the same fields. An image's output is
 written under a temporary name and renamed when complete, so a rerun skips complete images and redoes
@@ -35,6 +37,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything import automatic_mask_generator as sa_amg
 
 from .files import atomic_path
 
@@ -234,6 +238,60 @@ def precomputed_embedding(predictor, features: torch.Tensor, input_size: Tuple[i
         del predictor.set_image  # ...and removing it brings the method back
 
 
+def mask_to_rle(masks: torch.Tensor) -> List[dict]:
+    """segment-anything's mask_to_rle_pytorch, the same output: masks (B, H, W) bool -> B uncompressed
+    RLEs {"size": [H, W], "counts": [...]} in column-major order, the first count for zeros.
+
+    The run boundaries of the whole batch come to the host in one copy; the original reads them (and
+    each mask's first pixel) once per mask, two GPU syncs per mask."""
+    b, h, w = masks.shape
+    flat = masks.permute(0, 2, 1).flatten(1)
+    change = (flat[:, 1:] ^ flat[:, :-1]).nonzero()  # (n, 2) in row-major order: by mask, then position
+    change, first = change.cpu(), flat[:, 0].cpu()
+    per_mask = torch.bincount(change[:, 0], minlength=b).tolist()
+    ends = change[:, 1] + 1
+    out, start = [], 0
+    for i in range(b):
+        stop = start + per_mask[i]
+        edges = torch.cat([ends.new_zeros(1), ends[start:stop], ends.new_full((1,), h * w)])
+        counts = [] if not first[i] else [0]
+        counts.extend((edges[1:] - edges[:-1]).tolist())
+        out.append({"size": [h, w], "counts": counts})
+        start = stop
+    return out
+
+
+def rle_to_mask(rle: dict) -> np.ndarray:
+    """segment-anything's rle_to_mask, the same output (H, W) bool, with one np.repeat instead of a Python
+    step per run."""
+    h, w = rle["size"]
+    counts = np.asarray(rle["counts"], dtype=np.int64)
+    values = (np.arange(len(counts)) % 2).astype(bool)  # runs alternate, zeros first
+    return np.repeat(values, counts).reshape(w, h).transpose()
+
+
+@contextlib.contextmanager
+def _fast_rle():
+    # SamAutomaticMaskGenerator calls these through its module's namespace; swapping them there (for
+    # one generate call) keeps every other line of segment-anything's generator as it is.
+    saved = sa_amg.mask_to_rle_pytorch, sa_amg.rle_to_mask
+    sa_amg.mask_to_rle_pytorch, sa_amg.rle_to_mask = mask_to_rle, rle_to_mask
+    try:
+        yield
+    finally:
+        sa_amg.mask_to_rle_pytorch, sa_amg.rle_to_mask = saved
+
+
+class MaskGenerator(SamAutomaticMaskGenerator):
+    """segment-anything's SamAutomaticMaskGenerator (same arguments) with mask_to_rle / rle_to_mask above:
+    the same masks and RLEs, sooner. The swap is process-wide while generate runs: one generating
+    thread per process (as the amg job runs)."""
+
+    def generate(self, image: np.ndarray) -> List[dict]:
+        with _fast_rle():
+            return super().generate(image)
+
+
 def generate_masks(
     model,
     paths: Sequence[Path],
@@ -255,15 +313,13 @@ def generate_masks(
     batch's encoder forward), error. An unreadable image is recorded as failed and the run goes on.
     progress(masks) is called after each image.
     """
-    from segment_anything import SamAutomaticMaskGenerator
-
     if output_mode not in OUTPUT_MODES:
         raise ValueError(f"output_mode={output_mode!r}: expected one of {', '.join(OUTPUT_MODES)}")
     if not isinstance(batch_images, int) or isinstance(batch_images, bool) or batch_images < 1:
         raise ValueError(f"batch_images={batch_images!r}: expected an integer >= 1")
     out_dir = Path(out_dir)
     names = names or output_names(paths, None)
-    generator = SamAutomaticMaskGenerator(model, output_mode=output_mode, **dataclasses.asdict(settings))
+    generator = MaskGenerator(model, output_mode=output_mode, **dataclasses.asdict(settings))
     batched = batch_images > 1 and settings.crop_n_layers == 0
     records: List[dict] = []
     pending: List[Tuple[Path, dict]] = []  # images to do, waiting for a full batch

@@ -3,9 +3,10 @@ sam-sparse dense vs a sparse policy, on real photos at their own sizes.
 
 For each model (vit_b and vit_h with random weights, their rel-pos tables randomized because SAM
 initializes them to zero; mobile_sam with its released weights) and each configuration
-  unpatched   segment-anything as is
-  dense       sam_sparse.patch_sam(model, "dense")
-  <policy>    sam_sparse.patch_sam(model, --policy)          (default local2d-30)
+  unpatched       segment-anything as is (its SamAutomaticMaskGenerator)
+  unpatched+rle   the same model with sam_sparse.amg.MaskGenerator (faster RLE helpers, same output)
+  dense           sam_sparse.patch_sam(model, "dense"), MaskGenerator: what `sam-sparse amg` runs
+  <policy>        sam_sparse.patch_sam(model, --policy), MaskGenerator  (default local2d-30)
 it measures images/s and masks/s of generator.generate(image) over the same photos (decoded beforehand,
 so file reading is not timed), where the time goes per image (encoder: predictor.set_image, its
 preprocessing included; decoder: the predictor.predict_torch calls; post: the rest of generate, i.e.
@@ -111,13 +112,16 @@ def build_model(name: str, args, device: torch.device):
 
 
 def configurations(model, policy: str) -> dict:
-    """{config name: (model, notes)}: the model itself unpatched, and patched copies."""
+    """{config name: (model, notes, sam-sparse's generator?)}: the model itself unpatched with
+    segment-anything's generator; the same with sam-sparse's (MaskGenerator: its RLE helpers, same
+    output), which separates what post-processing gains from what attention gains; and patched copies
+    with sam-sparse's generator, as `sam-sparse amg` runs them."""
     from sam_sparse import patch_sam
 
-    configs = {"unpatched": (model, [])}
+    configs = {"unpatched": (model, [], False), "unpatched+rle": (model, [], True)}
     for name in ("dense", policy):
         copy_ = copy.deepcopy(model)
-        configs[name] = (copy_, list(patch_sam(copy_, name).notes))
+        configs[name] = (copy_, list(patch_sam(copy_, name).notes), True)
     return configs
 
 
@@ -135,11 +139,13 @@ class TimedGenerator:
     """A SamAutomaticMaskGenerator whose predictor's set_image and predict_torch add their seconds to
     self.seconds["encoder"] / ["decoder"], with CUDA synchronized around each call."""
 
-    def __init__(self, model, args, device: torch.device):
+    def __init__(self, model, args, device: torch.device, ours: bool):
         from segment_anything import SamAutomaticMaskGenerator
 
+        from sam_sparse.amg import MaskGenerator
+
         self.device = device
-        self.generator = SamAutomaticMaskGenerator(
+        self.generator = (MaskGenerator if ours else SamAutomaticMaskGenerator)(
             model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
             pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
         self.seconds = {}
@@ -258,7 +264,7 @@ def git_commit() -> str:
 def bench_model(name: str, images: dict, args, device, rows: list, on_image) -> None:
     """Every configuration of one model on every image; a row per (image, config) appended to rows."""
     configs = configurations(build_model(name, args, device), args.policy)
-    generators = {c: TimedGenerator(m, args, device) for c, (m, _) in configs.items()}
+    generators = {c: TimedGenerator(m, args, device, ours) for c, (m, _, ours) in configs.items()}
     first = next(iter(images.values()))
     for c, g in generators.items():
         g.generate(first)  # warm-up: kernel autotuning, allocator, cuDNN choices

@@ -221,3 +221,52 @@ def test_torchrun_two_processes_match_one(photos, binary_run, tmp_path):
         # test process multi-threaded ones, which sum in another order.
         for a, b in zip(rows_two[1:], rows_one[1:]):
             assert np.allclose([float(x) for x in a.split(",")], [float(x) for x in b.split(",")], rtol=1e-5, atol=0)
+
+
+# --- the faster RLE helpers give segment-anything's output exactly ---------------------------------
+
+
+def _sa_rle():
+    from segment_anything.utils.amg import mask_to_rle_pytorch, rle_to_mask
+
+    return mask_to_rle_pytorch, rle_to_mask
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 7), (1, 1, 1), (3, 5, 7), (6, 33, 17)])
+def test_mask_to_rle_matches_segment_anything(shape):
+    from sam_sparse.amg import mask_to_rle, rle_to_mask
+
+    sa_encode, sa_decode = _sa_rle()
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(shape, generator=g) > 0.5
+    if shape[0] >= 3:
+        masks[0] = False  # all background
+        masks[1] = True  # all foreground: first count 0
+        masks[2, :, :3] = True  # blocks of columns: long runs
+    ours, theirs = mask_to_rle(masks), sa_encode(masks)
+    assert ours == theirs, f"seed {seed}"
+    for rle, m in zip(ours, masks):
+        assert np.array_equal(rle_to_mask(rle), sa_decode(rle)), f"seed {seed}"
+        assert np.array_equal(rle_to_mask(rle), m.numpy())
+
+
+def test_mask_generator_is_segment_anythings_output(photos):
+    """MaskGenerator (what the amg job runs) against segment-anything's generator: equal records."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from sam_sparse import build_sam, fetch_mobile_sam
+    from sam_sparse.amg import MaskGenerator
+    from sam_sparse.segment import load_image
+
+    model = build_sam("mobile_sam", fetch_mobile_sam())
+    image = load_image(photos / "astronaut.png")
+    ref = SamAutomaticMaskGenerator(model, points_per_side=4).generate(image)
+    ours = MaskGenerator(model, points_per_side=4).generate(image)
+    assert len(ours) == len(ref) > 0
+    for a, b in zip(ours, ref):
+        assert np.array_equal(a["segmentation"], b["segmentation"])
+        assert a["area"] == b["area"] and a["bbox"] == b["bbox"] and a["predicted_iou"] == b["predicted_iou"]
+    from segment_anything import automatic_mask_generator as sa_amg
+
+    assert sa_amg.mask_to_rle_pytorch is _sa_rle()[0]  # the swap is undone after generate
