@@ -126,14 +126,12 @@ class _Recorder:
         self.kinds = set(kinds)
         self.block_size = block_size
         self.stats: Dict[str, LayerStats] = {}
-        self.unprompted = 0
 
     def __call__(self, layer: LayerGeometry, prompts, q, k, rel_h, rel_w, key_tile, softmax_scale) -> None:
         if layer.kind not in self.kinds:
             return
         if layer.kind in PROMPT_KINDS and (prompts is None or layer.k_grid is None):
-            self.unprompted += 1  # no prompt or no image grid: no distance to measure
-            return
+            return  # no prompt or no image grid: no distance to measure
         mass = block_attention_mass(q, k, rel_h=rel_h, rel_w=rel_w, key_tile=key_tile, softmax_scale=softmax_scale,
                                     block_size=self.block_size).double()  # (B, H, QB, KB)
         st = self.stats.setdefault(layer.name, LayerStats(layer))

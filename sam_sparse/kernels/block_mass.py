@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .interface import HEAD_DIMS, check_scale, describe_tensor
+from .interface import check_heads, check_scale, describe_tensor
 from .layout import check_block_size
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -84,13 +84,8 @@ def _check(q, k, rel_h, rel_w, key_tile, softmax_scale, block_size):
         raise ValueError(f"q has {describe_tensor(q)} and k has {describe_tensor(k)}; they must share dtype and device")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}")
-    (batch, seqlen_q, nheads, d), (seqlen_k, nheads_k) = q.shape, k.shape[1:3]
-    if nheads_k == 0 or nheads % nheads_k:
-        raise ValueError(f"q has {nheads} heads and k has {nheads_k}; nheads must be a multiple of nheads_k (MQA/GQA)")
-    if k.shape[-1] != d:
-        raise ValueError(f"k has headdim {k.shape[-1]} but q has {d}; they must match")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"headdim {d} is not supported; supported: multiples of 16 from 16 to 256")
+    (batch, seqlen_q, nheads, d), seqlen_k = q.shape, k.shape[1]
+    check_heads(q, k)
     bs = check_block_size(block_size)
     scale = check_scale(softmax_scale, d)
     if rel_h is None and rel_w is None:

@@ -87,6 +87,11 @@ def _check_qkv(q, k, v, varlen: bool):
         raise ValueError(f"k has {describe_tensor(k)} and v has {describe_tensor(v)}; k and v must have the same shape")
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]} (q: {describe_tensor(q)}, k: {describe_tensor(k)})")
+    check_heads(q, k)
+
+
+def check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
+    """ValueError unless q's heads (dim -2) are a multiple of k's and both have one supported head dim."""
     hq, hk, d = q.shape[-2], k.shape[-2], q.shape[-1]
     if hk == 0 or hq % hk:
         raise ValueError(f"q has {hq} heads and k has {hk}; nheads must be a multiple of nheads_k (MQA/GQA)")
