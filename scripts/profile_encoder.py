@@ -1,0 +1,130 @@
+"""Where the compiled image encoder's GPU time goes: attention kernels, GEMMs, everything else.
+
+For each model (random weights, rel-pos randomized: SAM initializes it to zero) and configuration
+(segment-anything unpatched, sam-sparse dense, a sparse policy), the image encoder is compiled with
+torch.compile, warmed up, then profiled for --iters forwards with torch.profiler (CUDA activity). Every
+GPU kernel is put in one class by its name:
+  attention  sam-sparse's Triton kernel (_attn_fwd), SDPA / flash / cuDNN / efficient-attention kernels,
+             and unpatched SAM's softmax over the N x N logits
+  gemm       cuBLAS / CUTLASS / cuDNN matmul and convolution kernels, and Inductor's mm templates
+  other      everything else (Inductor's fused pointwise and reductions: LayerNorm, GELU, the rel-pos
+             einsums' glue, window pad / partition copies, permutes)
+and the table gives GPU ms per forward and the share of each class, plus the top kernels. The point is
+to see the next bottleneck (issue 14), not to benchmark: bench_e2e.py times whole forwards.
+
+    python scripts/profile_encoder.py --models vit_b --batch 8 --out $OUT/profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from segment_anything import sam_model_registry
+
+from sam_sparse import patch_sam
+
+CLASSES = ("attention", "gemm", "other")
+_ATTENTION = re.compile(r"_attn_fwd|flash|fmha|sdpa|attention|cudnn_generated_fort_native_sdpa|softmax", re.I)
+_GEMM = re.compile(r"gemm|cutlass|cublas|xmma|sm\d+_.*_tn|nvjet|conv|triton_tem_fused|_mm_|mm_kernel|implicit", re.I)
+
+
+def kernel_class(name: str) -> str:
+    if _ATTENTION.search(name):
+        return "attention"
+    if _GEMM.search(name):
+        return "gemm"
+    return "other"
+
+
+def build_encoder(name: str, dtype: torch.dtype, seed: int = 0):
+    torch.manual_seed(seed)
+    sam = sam_model_registry[name](checkpoint=None)
+    with torch.no_grad():
+        for n, p in sam.named_parameters():
+            if "rel_pos" in n:
+                p.normal_(0, 0.02)
+    return sam.image_encoder.to("cuda", dtype).eval()
+
+
+def profile(encoder, x, iters: int, mode: str) -> dict:
+    compiled = torch.compile(encoder, mode=None if mode == "default" else mode)
+    with torch.inference_mode():
+        for _ in range(3):
+            compiled(x)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                compiled(x)
+            torch.cuda.synchronize()
+    per_kernel = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.name] += ev.device_time_total / 1000 / iters  # ms per forward
+    by_class = {c: 0.0 for c in CLASSES}
+    for name, ms in per_kernel.items():
+        by_class[kernel_class(name)] += ms
+    total = sum(by_class.values())
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
+    return dict(total_ms=total, by_class=by_class, top=[(kernel_class(n), n[:90], ms) for n, ms in top])
+
+
+def markdown(meta: dict, rows: list) -> str:
+    lines = [f"Compiled image encoder, GPU time per forward by kernel class ({meta['gpu']}, {meta['dtype']}, "
+             f"batch {meta['batch']}, torch.compile mode {meta['mode']}, {meta['iters']} profiled forwards; "
+             f"commit {meta['commit']}, {meta['date']}).", "",
+             "| model | config | GPU ms | attention | gemm | other |", "|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        t = r["total_ms"]
+        shares = " | ".join(f"{r['by_class'][c]:.2f} ({r['by_class'][c] / t:.0%})" for c in CLASSES)
+        lines.append(f"| {r['model']} | {r['config']} | {t:.2f} | {shares} |")
+    for r in rows:
+        lines += ["", f"Top kernels, {r['model']} {r['config']} (ms per forward):", "",
+                  "| class | kernel | ms |", "|---|---|---:|"]
+        lines += [f"| {c} | `{n}` | {ms:.3f} |" for c, n, ms in r["top"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="vit_b", help="comma list of vit_b, vit_l, vit_h")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    ap.add_argument("--policy", default="local2d-30", help="the sparse configuration's policy")
+    ap.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "profile")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA GPU (the profile is of GPU kernels)")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    meta = dict(gpu=torch.cuda.get_device_name(), dtype=args.dtype, batch=args.batch, mode=args.mode,
+                iters=args.iters, torch=torch.__version__, commit=os.environ.get("SAM_SPARSE_COMMIT", "unknown"),
+                date=datetime.date.today().isoformat())
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in args.models.split(","):
+        x = torch.randn(args.batch, 3, 1024, 1024, device="cuda", dtype=dtype)
+        for config in ("unpatched", "dense", args.policy):
+            encoder = build_encoder(name, dtype)
+            if config != "unpatched":
+                patch_sam(encoder, config)
+            torch._dynamo.reset()
+            rows.append(dict(model=name, config=config, **profile(encoder, x, args.iters, args.mode)))
+            text = markdown(meta, rows)
+            (args.out / "profile_encoder.md").write_text(text)
+            (args.out / "profile_encoder.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+            del encoder
+            torch.cuda.empty_cache()
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
