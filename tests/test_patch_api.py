@@ -321,3 +321,47 @@ def test_bare_encoder_any_policy_type():
     with pytest.raises(PolicyError, match="unknown policy"):
         patch_sam(enc, "no-such-policy")
     assert not hasattr(enc, "_sam_sparse_handle")
+
+
+def test_disabled_runs_unpatched_and_enable_restores_the_patch():
+    """handle.disabled(): the original classes (and outputs) inside the block, the patch back after it;
+    enable() after restore() patches again; a second handle cannot enable over an active one."""
+    torch.manual_seed(0)
+    enc = small_encoder()
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        ref = enc(x)
+        handle = patch_sam(enc, small_policy())
+        sparse = enc(x)
+        with handle.disabled():
+            assert not handle.active and type(enc.blocks[1].attn) is EncoderAttention
+            assert torch.equal(enc(x), ref)
+        assert handle.active and type(enc.blocks[1].attn) is SparseEncoderAttention
+        assert torch.equal(enc(x), sparse)
+        handle.restore()
+        with handle.disabled():  # not active: stays unpatched after the block
+            pass
+        assert not handle.active and type(enc.blocks[1].attn) is EncoderAttention
+        handle.enable()
+        assert torch.equal(enc(x), sparse)
+        handle.restore()
+        other = patch_sam(enc, "dense")
+        with pytest.raises(RuntimeError, match="another handle"):
+            handle.enable()
+        other.restore()
+
+
+def test_observe_sees_the_kernel_inputs_of_every_patched_module():
+    torch.manual_seed(0)
+    sam = small_sam()
+    handle = patch_sam(sam, "dense")
+    seen = []
+    with handle.observe(lambda layer, prompts, q, k, rel_h, rel_w, tile, scale: seen.append(
+            (layer.kind, prompts is not None, tuple(q.shape), rel_h is not None))):
+        SamPredictor(sam).set_image(make_image())
+        assert all(m._sam_sparse.observer is not None for _, m in handle.modules())
+    assert all(m._sam_sparse.observer is None for _, m in handle.modules())  # removed after the block
+    kinds = [s[0] for s in seen]
+    assert kinds.count("encoder.global") == 2 and kinds.count("encoder.window") == 2
+    assert all(has_rel for kind, _, _, has_rel in seen if kind.startswith("encoder."))
+    handle.restore()

@@ -211,3 +211,23 @@ def test_rel_pos_index_is_cached_per_size_and_device():
     assert _rel_index(14, 14, torch.device("cpu")) is a
     assert _rel_index(14, 7, torch.device("cpu")).shape == (14, 7)
     assert a.dtype == torch.int64 and a[0, 0] == 13 and a[13, 0] == 26
+
+
+def test_sparse_preset_is_a_quality_bar_over_prompts():
+    """SPARSE checks the median and the 5th percentile of the mask IoUs, with a low worst-prompt floor:
+    one bad mask among many passes, a tail of them fails, and a broken mask fails alone."""
+    from sam_sparse.patches import ParityReport
+
+    def report(ious):
+        r = ParityReport(policy="p", dtype="float32", thresholds=SPARSE)
+        r.mask_iou = [(f"prompt {i}", v) for i, v in enumerate(ious)]
+        return r
+
+    good = [0.99] * 39 + [0.6]  # one poor mask of 40: 5th percentile 0.98
+    assert report(good).passed
+    tail = [0.99] * 30 + [0.7] * 10  # a quarter poor: 5th percentile 0.7
+    assert any("5th-percentile" in f for f in report(tail).failures)
+    assert any("median" in f for f in report([0.9] * 40).failures)
+    broken = [0.99] * 39 + [0.1]
+    assert any("mask IoU 0.1000 < 0.5" in f for f in report(broken).failures)
+    assert report(good).mask_iou_stats == pytest.approx((0.99, float(np.percentile(good, 5))))
