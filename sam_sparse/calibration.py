@@ -153,9 +153,9 @@ class _Recorder:
         st.bucket_share = bs.cpu() + (st.bucket_share if st.bucket_share is not None else 0)
 
 
-def grid_points(image: np.ndarray, per_side: int) -> np.ndarray:
-    """(per_side**2, 2) float32 pixel (x, y) points at the centres of a per_side x per_side grid."""
-    h, w = image.shape[:2]
+def grid_points(w: int, h: int, per_side: int) -> np.ndarray:
+    """(per_side**2, 2) float32 pixel (x, y) points at the centres of a per_side x per_side partition of a
+    w x h image, row by row."""
     c = (np.arange(per_side) + 0.5) / per_side
     xs, ys = np.meshgrid(c * w, c * h)
     return np.stack([xs.ravel(), ys.ravel()], axis=1).astype(np.float32)
@@ -189,7 +189,7 @@ def measure(model, images: Sequence[np.ndarray], *, kinds: Sequence[str] = DEFAU
             for i, image in enumerate(images):
                 predictor.set_image(image)
                 if any(k in PROMPT_KINDS for k in kinds):
-                    pts = prompts[i] if prompts is not None else grid_points(image, points_per_side)
+                    pts = prompts[i] if prompts is not None else grid_points(image.shape[1], image.shape[0], points_per_side)
                     coords = predictor.transform.apply_coords(np.asarray(pts, dtype=np.float32), predictor.original_size)
                     coords = torch.as_tensor(coords, dtype=torch.float, device=device)[:, None, :]
                     labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
@@ -223,9 +223,7 @@ def _offset_ids(layer: LayerGeometry) -> Tuple[torch.Tensor, List[Tuple[int, int
     offsets, ids = torch.unique(pairs, dim=0, return_inverse=True)
     offsets = [tuple(o) for o in offsets.tolist()]
     own = offsets.index((0, 0))
-    ids = torch.where(ids == own, -1, ids)
-    ids = torch.where(ids < own, ids + 1, ids)  # own -> 0, the rest keep their order after it
-    ids = torch.where(ids == -1, 0, ids)
+    ids = torch.where(ids == own, 0, ids + (ids < own).long())  # own first, the rest in order after it
     offsets = [(0, 0)] + [o for o in offsets if o != (0, 0)]
     return ids.reshape(dr.shape), offsets
 
@@ -398,6 +396,6 @@ def calibrate(model, images, *, target_density: Optional[float] = None, min_mass
     for layer_name, heads in choices.items():
         report.layers[layer_name] = (stats[layer_name].layer.kind, heads)
     if heldout is not None and len(heldout):
-        pts = [grid_points(im, points_per_side) for im in heldout]
+        pts = [grid_points(im.shape[1], im.shape[0], points_per_side) for im in heldout]
         report.parity = verify_parity(model, policy, list(heldout), points=pts, image_names=heldout_names)
     return policy, report

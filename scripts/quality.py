@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sam_sparse.calibration import grid_points  # the point grid calibration uses, so prompts match
 
 # scikit-image photographs that load offline (skimage 0.26), colour or greyscale (converted to RGB).
 PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
@@ -54,13 +55,6 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two boolean masks; 1.0 when both are empty."""
     union = np.logical_or(a, b).sum()
     return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
-
-
-def grid_points(width: int, height: int, n: int) -> np.ndarray:
-    """(n*n, 2) float32 (x, y): the centres of an n x n partition of the image, row by row."""
-    xs = (np.arange(n) + 0.5) * width / n
-    ys = (np.arange(n) + 0.5) * height / n
-    return np.array([(x, y) for y in ys for x in xs], dtype=np.float32)
 
 
 def mask_box(mask: np.ndarray):

@@ -15,12 +15,11 @@ interface.py / triton_attn.py).
 from __future__ import annotations
 
 import importlib.util
-import operator
 from typing import Optional, Tuple
 
 import torch
 
-from .interface import check_heads, check_scale, describe_tensor
+from .interface import check_heads, check_rel, check_scale, describe_tensor
 from .layout import check_block_size
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -84,35 +83,11 @@ def _check(q, k, rel_h, rel_w, key_tile, softmax_scale, block_size):
         raise ValueError(f"q has {describe_tensor(q)} and k has {describe_tensor(k)}; they must share dtype and device")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]}")
-    (batch, seqlen_q, nheads, d), seqlen_k = q.shape, k.shape[1]
+    d, seqlen_k = q.shape[-1], k.shape[1]
     check_heads(q, k)
     bs = check_block_size(block_size)
     scale = check_scale(softmax_scale, d)
-    if rel_h is None and rel_w is None:
-        if key_tile is not None:
-            raise ValueError("key_tile describes the key order for rel_h / rel_w; pass it only with them")
-        return None, scale, bs
-    if rel_h is None or rel_w is None:
-        raise ValueError("rel_h and rel_w go together: pass both or neither")
-    for name, t in (("rel_h", rel_h), ("rel_w", rel_w)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[:3]) != (batch, nheads, seqlen_q):
-            got = describe_tensor(t) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} has {got}; expected ({batch}, {nheads}, {seqlen_q}, k{name[-1]}) = "
-                             "(batch, nheads, seqlen_q, grid size)")
-        if t.dtype not in DTYPES or t.device != q.device:
-            raise ValueError(f"{name} has {describe_tensor(t)}; expected a floating dtype on {q.device}")
-    kh, kw = rel_h.shape[-1], rel_w.shape[-1]
-    if kh * kw != seqlen_k:
-        raise ValueError(f"rel_h has kh={kh} and rel_w has kw={kw}, but kh * kw = {kh * kw} != seqlen_k = {seqlen_k}")
-    if key_tile is None:
-        return None, scale, bs
-    try:
-        th, tw = (operator.index(x) for x in key_tile)
-    except (TypeError, ValueError):
-        raise ValueError(f"key_tile={key_tile!r}: expected a pair (th, tw) of positive ints") from None
-    if th <= 0 or tw <= 0 or kh % th or kw % tw:
-        raise ValueError(f"key_tile={key_tile!r} must divide the key grid ({kh}, {kw}) into whole tiles")
-    return (th, tw), scale, bs
+    return check_rel(rel_h, rel_w, key_tile, q, seqlen_k, DTYPES), scale, bs
 
 
 def _sum_blocks(x: torch.Tensor, bs: int) -> torch.Tensor:

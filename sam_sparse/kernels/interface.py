@@ -149,7 +149,11 @@ def _to_layout(block_mask, block_size, batch: int, nheads: int, seqlen_q: int, s
     return (layout if layout is not None else BlockLayout.from_mask(block_mask, bs)), bs
 
 
-def _check_rel(rel_h, rel_w, key_tile, q, seqlen_k: int):
+def check_rel(rel_h, rel_w, key_tile, q, seqlen_k: int, dtypes=SUPPORTED_DTYPES):
+    """The decomposed rel-pos terms and key order: ValueError unless rel_h (B, H, Nq, kh) and rel_w
+    (B, H, Nq, kw) come together, match q (batch, seqlen_q, nheads), have a dtype in `dtypes`, sit on q's
+    device and kh * kw == seqlen_k, and key_tile (only with them) splits the kh x kw grid into whole
+    tiles. Returns key_tile as a pair of ints, or None."""
     if rel_h is None and rel_w is None:
         if key_tile is not None:
             raise ValueError("key_tile describes the key order for rel_h / rel_w; pass it only with them")
@@ -161,8 +165,9 @@ def _check_rel(rel_h, rel_w, key_tile, q, seqlen_k: int):
         if not isinstance(t, torch.Tensor) or t.dim() != 4 or tuple(t.shape[:3]) != (batch, nheads, seqlen_q):
             got = describe_tensor(t) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} has {got}; expected ({batch}, {nheads}, {seqlen_q}, k{name[-1]}) = (batch, nheads, seqlen_q, grid size)")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name} has {describe_tensor(t)}; supported dtypes are float16, bfloat16 and float32")
+        if t.dtype not in dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+            raise ValueError(f"{name} has {describe_tensor(t)}; supported dtypes are {names}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     kh, kw = rel_h.shape[-1], rel_w.shape[-1]
@@ -364,7 +369,7 @@ def block_sparse_attn(
     batch, seqlen_q, nheads, headdim = q.shape
     seqlen_k = k.shape[1]
     layout, bs = _to_layout(block_mask, block_size, batch, nheads, seqlen_q, seqlen_k, q.device)
-    tile = _check_rel(rel_h, rel_w, key_tile, q, seqlen_k)
+    tile = check_rel(rel_h, rel_w, key_tile, q, seqlen_k)
     scale = check_scale(softmax_scale, headdim)
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     if torch.compiler.is_compiling():
