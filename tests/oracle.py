@@ -70,3 +70,69 @@ def same_dtype_torch(q, k, v, block_mask=None, rel_h=None, rel_w=None, key_tile=
 def rel_error(out, ref):
     ref = ref.double()
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def oracle_window(q, k, v, window, k_pad, v_pad, block_mask=None, rel_h=None, rel_w=None, scale=None, block_size=128):
+    """Window attention on a token grid, one window at a time; returns float64 (B, GH, GW, H, D).
+
+    q (B, GH, GW, H, D); k, v (B, GH, GW, Hk, D); window (wh, ww); k_pad, v_pad (Hk, D) or None (zeros):
+    the key and value of a window position off the grid, taken in k's / v's dtype (as window_attn does).
+    Each window's tokens are gathered by explicit (y, x) index lists (no pad / view / permute of the
+    whole grid, unlike reference.attention_reference_window), attended with oracle_attention, and the
+    on-grid outputs are scattered back. block_mask: bool (B * windows | 1, H | 1, QB, KB) over one
+    window's tokens in raster order; rel_h (B, H, GH * GW, wh), rel_w (B, H, GH * GW, ww) with queries
+    in raster order over the whole grid.
+    """
+    return _per_window(oracle_attention, torch.float64, q, k, v, window, k_pad, v_pad, block_mask, rel_h, rel_w,
+                       scale, block_size)
+
+
+def same_dtype_window(q, k, v, window, k_pad, v_pad, block_mask=None, rel_h=None, rel_w=None, scale=None,
+                      block_size=128):
+    """oracle_window's computation done by PyTorch in the inputs' dtype (same_dtype_torch per window):
+    the yardstick for rounding error. Returns (B, GH, GW, H, D) in q's dtype."""
+    return _per_window(same_dtype_torch, q.dtype, q, k, v, window, k_pad, v_pad, block_mask, rel_h, rel_w,
+                       scale, block_size)
+
+
+def _per_window(attend, out_dtype, q, k, v, window, k_pad, v_pad, block_mask, rel_h, rel_w, scale, block_size):
+    B, GH, GW, H, D = q.shape
+    Hk = k.shape[3]
+    wh, ww = window
+    n_cols = -(-GW // ww)
+    n_win = -(-GH // wh) * n_cols
+    dev = q.device
+    kp = torch.zeros(Hk, D, dtype=k.dtype, device=dev) if k_pad is None else k_pad.to(k.dtype)
+    vp = torch.zeros(Hk, D, dtype=v.dtype, device=dev) if v_pad is None else v_pad.to(v.dtype)
+    out = torch.full((B, GH, GW, H, D), float("nan"), dtype=out_dtype, device=dev)
+    for w in range(n_win):
+        wy, wx = divmod(w, n_cols)
+        # The window's wh * ww positions (raster order inside the window) as grid coordinates: t_on
+        # lists the positions on the grid, t_off the padding past its bottom or right edge.
+        pos = [(wy * wh + r, wx * ww + c) for r in range(wh) for c in range(ww)]
+        t_on = [t for t, (y, x) in enumerate(pos) if y < GH and x < GW]
+        t_off = [t for t, (y, x) in enumerate(pos) if not (y < GH and x < GW)]
+        ys = torch.tensor([pos[t][0] for t in t_on], device=dev)
+        xs = torch.tensor([pos[t][1] for t in t_on], device=dev)
+        flat = ys * GW + xs  # the queries' rows of rel_h / rel_w
+        on = torch.tensor(t_on, device=dev, dtype=torch.long)
+        off = torch.tensor(t_off, device=dev, dtype=torch.long)
+        for b in range(B):
+            qw = torch.zeros(1, wh * ww, H, D, dtype=q.dtype, device=dev)  # padding queries: zeros, dropped
+            kw_ = torch.empty(1, wh * ww, Hk, D, dtype=k.dtype, device=dev)
+            vw = torch.empty(1, wh * ww, Hk, D, dtype=v.dtype, device=dev)
+            qw[0, on], kw_[0, on], vw[0, on] = q[b, ys, xs], k[b, ys, xs], v[b, ys, xs]
+            kw_[0, off], vw[0, off] = kp, vp
+            rh = rw = None
+            if rel_h is not None:
+                rh = torch.zeros(1, H, wh * ww, wh, dtype=rel_h.dtype, device=dev)
+                rw = torch.zeros(1, H, wh * ww, ww, dtype=rel_w.dtype, device=dev)
+                rh[0][:, on] = rel_h[b][:, flat]
+                rw[0][:, on] = rel_w[b][:, flat]
+            mask = None
+            if block_mask is not None:
+                sel = 0 if block_mask.shape[0] == 1 else b * n_win + w
+                mask = block_mask[sel : sel + 1]
+            o = attend(qw, kw_, vw, mask, rh, rw, None, scale=scale, block_size=block_size)
+            out[b, ys, xs] = o[0, on].to(out_dtype)
+    return out

@@ -112,13 +112,18 @@ def test_every_attention_goes_through_the_kernel(monkeypatch):
     """vit_b's layout (12 blocks, global 2/5/8/11, 12 heads, window 14) at 256 px and a quarter of its
     width (head dim 16) for speed: 12 encoder + 7 decoder calls."""
     calls = []
-    real = attention_mod.block_sparse_attn
+    real, real_window = attention_mod.block_sparse_attn, attention_mod.window_attn
 
     def spy(q, k, v, block_mask=None, **kw):
         calls.append((tuple(q.shape), tuple(k.shape), kw.get("rel_h") is not None))
         return real(q, k, v, block_mask, **kw)
 
+    def spy_window(q, k, v, window_size, block_mask=None, **kw):
+        calls.append((tuple(q.shape), tuple(window_size), kw.get("rel_h") is not None))
+        return real_window(q, k, v, window_size, block_mask, **kw)
+
     monkeypatch.setattr(attention_mod, "block_sparse_attn", spy)
+    monkeypatch.setattr(attention_mod, "window_attn", spy_window)
     sam = small_sam(embed_dim=192, depth=12, num_heads=12, window_size=14, global_attn_indexes=(2, 5, 8, 11))
     handle = patch_sam(sam, "dense")
     assert len(handle.report) == 19
@@ -129,7 +134,7 @@ def test_every_attention_goes_through_the_kernel(monkeypatch):
         if i in (2, 5, 8, 11):
             assert qs == (1, 256, 12, 16)  # the whole 16x16 grid
         else:
-            assert qs == (4, 196, 12, 16)  # 2x2 windows of 14x14 (16 padded to 28), batched
+            assert qs == (1, 16, 16, 12, 16) and ks == (14, 14)  # the whole grid, read window by window
         assert rel  # rel-pos goes to the kernel, never as a bias
     head_dims = [qs[-1] for qs, _, _ in dec]
     assert head_dims == [32, 16, 16, 32, 16, 16, 16]  # self-attn 256/8; cross attn downsample 2: 128/8

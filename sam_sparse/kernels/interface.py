@@ -25,7 +25,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .layout import BlockLayout, check_block_size, mask_from_lists
-from .reference import attention_reference, attention_reference_varlen
+from .reference import attention_reference, attention_reference_varlen, attention_reference_window
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 HEAD_DIMS = tuple(range(16, 257, 16))  # 16, 32, ..., 256: includes 80 (vit_h) and 16/32 (small decoders)
@@ -69,9 +69,10 @@ def _check_no_grad(*tensors) -> None:
         )
 
 
-def _check_qkv(q, k, v, varlen: bool):
-    ndim = 3 if varlen else 4
-    layout = "(total, nheads, headdim)" if varlen else "(batch, seqlen, nheads, headdim)"
+def _check_qkv(q, k, v, varlen: bool, grid: bool = False):
+    ndim, layout = (3, "(total, nheads, headdim)") if varlen else (4, "(batch, seqlen, nheads, headdim)")
+    if grid:
+        ndim, layout = 5, "(batch, grid_h, grid_w, nheads, headdim)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -87,6 +88,8 @@ def _check_qkv(q, k, v, varlen: bool):
         raise ValueError(f"k has {describe_tensor(k)} and v has {describe_tensor(v)}; k and v must have the same shape")
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]} (q: {describe_tensor(q)}, k: {describe_tensor(k)})")
+    if grid and k.shape[1:3] != q.shape[1:3]:
+        raise ValueError(f"k has the token grid {tuple(k.shape[1:3])} but q has {tuple(q.shape[1:3])}; they must match")
     check_heads(q, k)
 
 
@@ -214,23 +217,26 @@ def _sig(t: Optional[torch.Tensor]):
 class _ReferencePlan:
     """The reference path behind the same call signature as triton_attn.KernelPlan."""
 
-    def __init__(self, key_tile, softmax_scale: float, block_size: int):
-        self.key_tile, self.scale, self.block_size = key_tile, softmax_scale, block_size
+    def __init__(self, key_tile, softmax_scale: float, block_size: int, window=None):
+        self.key_tile, self.scale, self.block_size, self.window = key_tile, softmax_scale, block_size, window
 
-    def __call__(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k):
+    def __call__(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad=None, v_pad=None):
         mask = mask_from_lists(kv_num, kv_idx) if kv_num is not None else None
+        if self.window is not None:
+            return attention_reference_window(q, k, v, self.window, k_pad, v_pad, mask, rel_h, rel_w, self.scale,
+                                              self.block_size)
         if cu_q is not None:
             return attention_reference_varlen(q, k, v, cu_q, cu_k, mask, self.scale, self.block_size)
         return attention_reference(q, k, v, mask, rel_h, rel_w, self.key_tile, self.scale, self.block_size)
 
 
-def _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_q=None, cu_k=None, max_seqlen_q=None):
+def _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_q=None, cu_k=None, max_seqlen_q=None, window=None):
     if _use_triton(q):
         from .triton_attn import make_plan
 
         return make_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs,
-                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_seqlen_q)
-    return _ReferencePlan(tile, scale, bs)
+                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_seqlen_q, window=window)
+    return _ReferencePlan(tile, scale, bs, window)
 
 
 def _planned(key, make):
@@ -312,6 +318,36 @@ _attn_varlen_op = torch.library.custom_op("sam_sparse::block_sparse_attn_varlen"
 
 @_attn_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_num_blocks, kv_indices, softmax_scale, block_size):
+    return q.new_empty(q.shape)
+
+
+def _window_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_pad: torch.Tensor,
+    v_pad: torch.Tensor,
+    kv_num_blocks: Optional[torch.Tensor],
+    kv_indices: Optional[torch.Tensor],
+    rel_h: Optional[torch.Tensor],
+    rel_w: Optional[torch.Tensor],
+    window_size: list[int],
+    softmax_scale: float,
+    block_size: int,
+) -> torch.Tensor:
+    win = tuple(window_size)
+    key = ("window", _sig(q), _sig(k), _sig(v), _sig(k_pad), _sig(v_pad), _sig(kv_num_blocks), _sig(kv_indices),
+           _sig(rel_h), _sig(rel_w), win, softmax_scale, block_size, _use_triton(q), torch.get_float32_matmul_precision())
+    plan = _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, softmax_scale,
+                                           block_size, window=win))
+    return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, None, k_pad, v_pad)
+
+
+_window_op = torch.library.custom_op("sam_sparse::window_attn", _window_impl, mutates_args=())
+
+
+@_window_op.register_fake
+def _(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_size, softmax_scale, block_size):
     return q.new_empty(q.shape)
 
 
@@ -429,3 +465,80 @@ def block_sparse_attn_varlen(
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     op = _attn_varlen_op if torch.compiler.is_compiling() else _attn_varlen_impl
     return op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx, scale, bs)
+
+
+def _check_window(window_size, grid) -> Tuple[int, int]:
+    try:
+        wh, ww = (operator.index(x) for x in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size={window_size!r}: expected a pair (wh, ww) of positive ints") from None
+    if wh <= 0 or ww <= 0:
+        raise ValueError(f"window_size={window_size!r}: expected a pair (wh, ww) of positive ints")
+    if grid[0] == 0 or grid[1] == 0:
+        raise ValueError(f"the token grid {tuple(grid)} is empty; window_attn needs at least one token")
+    return wh, ww
+
+
+def _check_pad(name: str, t, k: torch.Tensor) -> torch.Tensor:
+    want = f"(nheads_k, headdim) = {tuple(k.shape[-2:])}"
+    if t is None:
+        return k.new_zeros(k.shape[-2:])
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(k.shape[-2:]) or not t.is_floating_point():
+        got = describe_tensor(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} has {got}; expected a float tensor {want} or None (zeros)")
+    if t.device != k.device:
+        raise ValueError(f"{name} is on {t.device} but k is on {k.device}")
+    return t.to(k.dtype).contiguous()  # (nheads_k, headdim): a few hundred bytes
+
+
+def window_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window_size: Tuple[int, int],
+    block_mask: Union[BlockLayout, torch.Tensor, None] = None,
+    *,
+    k_pad: Optional[torch.Tensor] = None,
+    v_pad: Optional[torch.Tensor] = None,
+    rel_h: Optional[torch.Tensor] = None,
+    rel_w: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Attention inside the non-overlapping windows of a 2-D token grid, read and written in place. Forward only.
+
+    The grid is cut into ceil(grid_h / wh) x ceil(grid_w / ww) windows of wh x ww tokens (raster order);
+    each query attends to the keys of its own window. Where the last windows overhang the grid, the
+    missing keys are padding tokens whose key and value are k_pad and v_pad: what a zero token gives after
+    a projection with bias. This is partition -> attention -> unpartition -> crop, without the copies.
+
+    q: (batch, grid_h, grid_w, nheads, headdim); k, v: (batch, grid_h, grid_w, nheads_k, headdim), any
+        strides (views of a fused qkv projection work without a copy; k and v are copied only if their
+        head dim is not contiguous).
+    window_size: (wh, ww) in tokens.
+    block_mask: over one window's wh * ww tokens in raster order: a BlockLayout or a bool tensor
+        (batch * windows or 1, nheads or 1, ceil(wh * ww / block_size), same); None: dense.
+    k_pad, v_pad: (nheads_k, headdim), or None for zeros.
+    rel_h: (batch, nheads, grid_h * grid_w, wh), rel_w: (batch, nheads, grid_h * grid_w, ww): per query
+        (raster order over the grid) and per key row / column inside the window, as SAM's decomposed
+        rel-pos terms; -inf excludes the key.
+    softmax_scale: multiplies q.k; default headdim ** -0.5. block_size: as block_sparse_attn.
+
+    Returns (batch, grid_h, grid_w, nheads, headdim) in q's dtype, contiguous.
+    """
+    _check_no_grad(q, k, v, k_pad, v_pad, rel_h, rel_w)
+    _check_qkv(q, k, v, varlen=False, grid=True)
+    batch, gh, gw, nheads, headdim = q.shape
+    wh, ww = _check_window(window_size, (gh, gw))
+    windows = -(-gh // wh) * -(-gw // ww)
+    layout, bs = _to_layout(block_mask, block_size, batch * windows, nheads, wh * ww, wh * ww, q.device)
+    check_rel(rel_h, rel_w, None, q.flatten(1, 2), wh * ww)
+    if rel_h is not None and (rel_h.shape[-1], rel_w.shape[-1]) != (wh, ww):
+        raise ValueError(f"rel_h / rel_w have kh={rel_h.shape[-1]}, kw={rel_w.shape[-1]}; expected the window ({wh}, {ww})")
+    k_pad, v_pad = _check_pad("k_pad", k_pad, k), _check_pad("v_pad", v_pad, v)
+    # The kernel reads padding keys from k_pad's memory with k's head-dim stride, so that must be 1.
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    scale = check_scale(softmax_scale, headdim)
+    num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
+    op = _window_op if torch.compiler.is_compiling() else _window_impl
+    return op(q, k, v, k_pad, v_pad, num, idx, rel_h, rel_w, [wh, ww], scale, bs)

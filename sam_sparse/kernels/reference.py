@@ -98,3 +98,50 @@ def attention_reference_varlen(
             q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], mask, softmax_scale=softmax_scale, block_size=block_size
         )[0]
     return out
+
+
+def attention_reference_window(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: Tuple[int, int],
+    k_pad: torch.Tensor,
+    v_pad: torch.Tensor,
+    block_mask: Optional[torch.Tensor] = None,
+    rel_h: Optional[torch.Tensor] = None,
+    rel_w: Optional[torch.Tensor] = None,
+    softmax_scale: float = 1.0,
+    block_size: int = 128,
+) -> torch.Tensor:
+    """Window attention the long way: pad the grid, cut it into windows, attend, put it back, crop.
+
+    q: (B, GH, GW, H, D); k, v: (B, GH, GW, Hk, D); window (wh, ww); k_pad, v_pad (Hk, D): the keys and
+    values of padding tokens. block_mask: bool (B * windows | 1, H | 1, QB, KB) over one window's tokens.
+    rel_h (B, H, GH * GW, wh), rel_w (B, H, GH * GW, ww), queries in raster order over the grid.
+    Returns (B, GH, GW, H, D) contiguous, in q's dtype.
+    """
+    B, GH, GW, H, D = q.shape
+    wh, ww = window
+    ph, pw = -GH % wh, -GW % ww
+    nr, nc = (GH + ph) // wh, (GW + pw) // ww
+
+    def windows(t: torch.Tensor, fill: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, GH, GW, *rest) -> (B * windows, wh * ww, *rest), padding with `fill` (zeros if None)."""
+        rest = t.shape[3:]
+        padded = t.new_zeros((B, GH + ph, GW + pw, *rest)) if fill is None else fill.expand(B, GH + ph, GW + pw, *rest).clone()
+        padded[:, :GH, :GW] = t
+        padded = padded.view(B, nr, wh, nc, ww, *rest).transpose(2, 3)
+        return padded.reshape(B * nr * nc, wh * ww, *rest)
+
+    def rel_windows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        grid = t.reshape(B, H, GH, GW, t.shape[-1]).permute(0, 2, 3, 1, 4)  # (B, GH, GW, H, k)
+        return windows(grid, None).permute(0, 2, 1, 3)  # (B * windows, H, wh * ww, k)
+
+    out = attention_reference(
+        windows(q, None), windows(k, k_pad.to(k.dtype)), windows(v, v_pad.to(v.dtype)), block_mask,
+        rel_windows(rel_h), rel_windows(rel_w), None, softmax_scale, block_size,
+    )  # (B * windows, wh * ww, H, D)
+    out = out.view(B, nr, nc, wh, ww, H, D).transpose(2, 3).reshape(B, GH + ph, GW + pw, H, D)
+    return out[:, :GH, :GW].contiguous()

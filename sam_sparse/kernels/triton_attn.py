@@ -42,6 +42,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # Triton >= 3.4: host-side TMA descriptors (the Hopper path)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 # The interpreter is chosen when kernels are defined (import time), so read the flag once here.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -98,8 +103,28 @@ def _wdot_applies(a: dict, block_n: int) -> bool:
 
 
 @triton.jit
+def _key_start(step, idx_base, valid, HAS_MASK: tl.constexpr, SUBS: tl.constexpr, MASK_BLOCK: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """The first key of loop step `step`: the step-th key tile of the listed blocks, or of all keys."""
+    if HAS_MASK:
+        return tl.load(idx_base + step // SUBS, mask=valid, other=0) * MASK_BLOCK + (step % SUBS) * BLOCK_N
+    else:
+        return step * BLOCK_N
+
+
+@triton.jit
+def _rect_row(start_n, per_tile, tiles_per_row, tile_h, subs_w, BLOCK_N: tl.constexpr, RECT_H: tl.constexpr):
+    """The first key-grid row of the RECT_H x RECT_W key tile that starts at key start_n."""
+    n_tile = start_n // per_tile
+    sub = (start_n % per_tile) // BLOCK_N
+    return (n_tile // tiles_per_row) * tile_h + (sub // subs_w) * RECT_H
+
+
+@triton.jit
 def _attn_fwd(
     Q, K, V, Out,
+    K_PAD, V_PAD,
+    DESC_K0, DESC_K1, DESC_V0, DESC_V1,
     KV_NUM, KV_IDX,
     REL_H, REL_W,
     CU_Q, CU_K,
@@ -108,21 +133,24 @@ def _attn_fwd(
     stride_kb, stride_kn, stride_kh, stride_kd,
     stride_vb, stride_vn, stride_vh, stride_vd,
     stride_ob, stride_on, stride_oh, stride_od,
+    stride_qx, stride_kx, stride_vx, stride_ox,
     stride_numb, stride_numh, stride_numm,
     stride_idxb, stride_idxh, stride_idxm,
     stride_rhb, stride_rhh, stride_rhm, stride_rhk,
     stride_rwb, stride_rwh, stride_rwm, stride_rwk,
     seqlen_q, seqlen_k, num_heads, kv_group,
     KH, KW, tile_h, tile_w,
+    grid_h, grid_w, win_h, win_w, win_cols, n_windows,
     D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, WINDOW: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BIAS_PATH: tl.constexpr, RECT_H: tl.constexpr, RECT_W: tl.constexpr,
     W_HOIST: tl.constexpr, USE_WDOT: tl.constexpr,
     KH_P: tl.constexpr, KW_P: tl.constexpr,
     EVEN_N: tl.constexpr,
+    TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     # Stand-in for -inf inside MMAs (-inf * 0 is NaN); twice it overflows back to -inf, once it stays
@@ -135,9 +163,16 @@ def _attn_fwd(
     ONEHOT: tl.constexpr = 2
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
+    b = pid_bh // num_heads  # the sequence: a batch row, or one (image, window) pair in WINDOW mode
     h = pid_bh % num_heads
     hk = h // kv_group
+    img = b
+    if WINDOW:
+        img = b // n_windows
+        y0 = ((b % n_windows) // win_cols) * win_h  # the window's top-left token on the grid
+        x0 = ((b % n_windows) % win_cols) * win_w
+        if y0 + (pid_m * BLOCK_M) // win_w >= grid_h:
+            return  # every query of this tile lies in the padding below the grid: no output to write
 
     if VARLEN:
         q_start = tl.load(CU_Q + b)
@@ -151,23 +186,48 @@ def _attn_fwd(
         v_base = V + k_start.to(tl.int64) * stride_vn + hk * stride_vh
         o_base = Out + q_start.to(tl.int64) * stride_on + h * stride_oh
     else:
-        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
-        v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
-        o_base = Out + b.to(tl.int64) * stride_ob + h * stride_oh
+        q_base = Q + img.to(tl.int64) * stride_qb + h * stride_qh
+        k_base = K + img.to(tl.int64) * stride_kb + hk * stride_kh
+        v_base = V + img.to(tl.int64) * stride_vb + hk * stride_vh
+        o_base = Out + img.to(tl.int64) * stride_ob + h * stride_oh
 
     qk_scale = sm_scale * LOG2E
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < seqlen_q
+    if WINDOW:
+        # Window token t sits at grid (y0 + t // win_w, x0 + t % win_w); tokens past the grid are padding.
+        qy = y0 + offs_m // win_w
+        qx = x0 + offs_m % win_w
+        m_ok = (offs_m < seqlen_q) & (qy < grid_h) & (qx < grid_w)
+        q_rows = qy * stride_qn + qx * stride_qx
+        o_rows = qy * stride_on + qx * stride_ox
+        bias_rows = qy * grid_w + qx  # rel_h / rel_w hold one row per grid token, raster order
+    else:
+        m_ok = offs_m < seqlen_q
+        q_rows = offs_m * stride_qn
+        o_rows = offs_m * stride_on
+        bias_rows = offs_m
     offs_d0 = tl.arange(0, D0)
     d0_ok = offs_d0 < D_REAL
-    q0 = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d0[None, :] * stride_qd,
+    q0 = tl.load(q_base + q_rows[:, None] + offs_d0[None, :] * stride_qd,
                  mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        q1 = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d1[None, :] * stride_qd,
+        q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :] * stride_qd,
                      mask=m_ok[:, None], other=0.0)
+    if WINDOW:
+        # Padding keys (where a window overhangs the grid) all have the kv head's K_PAD / V_PAD vectors.
+        # Their tiles load as zeros, as any missing key; then q . k_pad is added to their logits and
+        # their probability mass is collected in pad_l and multiplied by v_pad at the end. (Selecting
+        # pad addresses, or branching on edge windows inside the loop, would cost the K / V loads
+        # their pipelining.)
+        k_pad0 = tl.load(K_PAD + hk * D_REAL + offs_d0, mask=d0_ok, other=0.0).to(tl.float32)
+        q_kpad = tl.sum(q0.to(tl.float32) * k_pad0[None, :], 1)
+        if D1 > 0:
+            k_pad1 = tl.load(K_PAD + hk * D_REAL + offs_d1).to(tl.float32)
+            q_kpad += tl.sum(q1.to(tl.float32) * k_pad1[None, :], 1)
+        q_kpad = q_kpad * qk_scale
+        pad_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     if INTERP:
         # The interpreter computes low-precision tl.dot wrongly (triton issue 11584): use fp32 operands.
         q0 = q0.to(tl.float32)
@@ -176,9 +236,9 @@ def _attn_fwd(
 
     if HAS_BIAS:
         # rel_h / rel_w may be stored (B, H, k, N) (stride_rhm == 1): then every load below is coalesced.
-        rh_vec = REL_H + b.to(tl.int64) * stride_rhb + h * stride_rhh + offs_m * stride_rhm
+        rh_vec = REL_H + img.to(tl.int64) * stride_rhb + h * stride_rhh + bias_rows * stride_rhm
         rh_base = rh_vec[:, None]
-        rw_base = REL_W + b.to(tl.int64) * stride_rwb + h * stride_rwh + offs_m[:, None] * stride_rwm
+        rw_base = REL_W + img.to(tl.int64) * stride_rwb + h * stride_rwh + bias_rows[:, None] * stride_rwm
         tiles_per_row = KW // tile_w
         per_tile = tile_h * tile_w
         if BIAS_PATH == RECT:
@@ -231,33 +291,68 @@ def _attn_fwd(
     else:
         n_steps = tl.cdiv(seqlen_k, BLOCK_N)
 
+    if not HAS_MASK:
+        idx_base = KV_IDX  # not read
+    if BIAS_PATH == RECT:
+        if RECT_H == 1:
+            # rel_h of a one-row key tile is one value per query, loaded one step ahead: a load used in
+            # the same step would stall the softmax for a whole global-memory round trip every step.
+            start0 = _key_start(0, idx_base, n_steps > 0, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
+            row0 = _rect_row(start0, per_tile, tiles_per_row, tile_h, subs_w, BLOCK_N, RECT_H)
+            rh_next = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok & (n_steps > 0), other=0.0)
+
     offs_nb = tl.arange(0, BLOCK_N)
-    for step in range(0, n_steps):
-        if HAS_MASK:
-            start_n = tl.load(idx_base + step // SUBS) * MASK_BLOCK + (step % SUBS) * BLOCK_N
-        else:
-            start_n = step * BLOCK_N
+    for step in tl.range(0, n_steps, warp_specialize=WARP_SPEC):
+        start_n = _key_start(step, idx_base, True, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
+        if BIAS_PATH == RECT:
+            if RECT_H == 1:
+                rh_cur = rh_next
+                more = step + 1 < n_steps
+                start_next = _key_start(step + 1, idx_base, more, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
+                row_next = _rect_row(start_next, per_tile, tiles_per_row, tile_h, subs_w, BLOCK_N, RECT_H)
+                rh_next = tl.load(rh_vec + row_next * stride_rhk, mask=m_ok & more, other=0.0)
         offs_n = start_n + offs_nb
         n_ok = offs_n < seqlen_k
+        if WINDOW:
+            ky = y0 + offs_n // win_w
+            kx = x0 + offs_n % win_w
+            k_in = n_ok & (ky < grid_h) & (kx < grid_w)  # keys of the window that lie on the grid
+            k_rows = ky * stride_kn + kx * stride_kx
+            v_rows = ky * stride_vn + kx * stride_vx
+        else:
+            k_in = n_ok
+            k_rows = offs_n * stride_kn
+            v_rows = offs_n * stride_vn
+        k_src = k_base + k_rows[None, :]
+        v_src = v_base + v_rows[:, None]
 
-        k0 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d0[:, None] * stride_kd,
-                     mask=n_ok[None, :] & d0_ok[:, None], other=0.0)
+        if TMA:
+            # Hopper: the copy engine brings the (BLOCK_N, D) tile into shared memory; keys past the
+            # sequence are out of the descriptor's bounds and arrive as zeros.
+            k0 = tl.trans(DESC_K0.load([img, start_n, hk, 0]).reshape(BLOCK_N, D0))
+        else:
+            k0 = tl.load(k_src + offs_d0[:, None] * stride_kd, mask=k_in[None, :] & d0_ok[:, None], other=0.0)
         if INTERP:
             k0 = k0.to(tl.float32)
         qk = tl.dot(q0, k0, input_precision=DOT_PREC)
         if D1 > 0:
-            k1 = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d1[:, None] * stride_kd,
-                         mask=n_ok[None, :], other=0.0)
+            if TMA:
+                k1 = tl.trans(DESC_K1.load([img, start_n, hk, 0]).reshape(BLOCK_N, D1))
+            else:
+                k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=k_in[None, :], other=0.0)
             if INTERP:
                 k1 = k1.to(tl.float32)
             qk = tl.dot(q1, k1, qk, input_precision=DOT_PREC)
         qk = qk * qk_scale
+        if WINDOW:
+            pad_k = (n_ok & ~k_in).to(tl.float32)  # 1.0 for padding keys: their q . k is 0 so far
+            qk += pad_k[None, :] * q_kpad[:, None]
 
         row_off = tl.zeros([BLOCK_M], dtype=tl.float32)
         if BIAS_PATH == RECT:
             n_tile = start_n // per_tile
             sub = (start_n % per_tile) // BLOCK_N
-            row0 = (n_tile // tiles_per_row) * tile_h + (sub // subs_w) * RECT_H
+            row0 = _rect_row(start_n, per_tile, tiles_per_row, tile_h, subs_w, BLOCK_N, RECT_H)
             col0 = (n_tile % tiles_per_row) * tile_w + (sub % subs_w) * RECT_W
             if USE_WDOT:
                 qk = tl.dot(bias_w_lp, eye, qk)
@@ -272,7 +367,7 @@ def _attn_fwd(
                 # into the running max instead of into every score (one FMA per score, as without bias).
                 if not USE_WDOT:
                     qk += bias_w
-                row_off = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok, other=0.0).to(tl.float32) * LOG2E
+                row_off = rh_cur.to(tl.float32) * LOG2E
             else:
                 bias_h = tl.load(rh_base + (row0 + tl.arange(0, RECT_H)[None, :]) * stride_rhk, mask=m_ok[:, None], other=0.0)
                 bias_h = bias_h.to(tl.float32) * LOG2E
@@ -304,9 +399,13 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
+        if WINDOW:
+            pad_l = pad_l * alpha + tl.sum(p * pad_k[None, :], 1)
 
-        v0 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d0[None, :] * stride_vd,
-                     mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
+        if TMA:
+            v0 = DESC_V0.load([img, start_n, hk, 0]).reshape(BLOCK_N, D0)
+        else:
+            v0 = tl.load(v_src + offs_d0[None, :] * stride_vd, mask=k_in[:, None] & d0_ok[None, :], other=0.0)
         # P is rounded to the input dtype before the PV product, as on the GPU.
         p_lp = p.to(v0.dtype)
         if INTERP:
@@ -314,14 +413,22 @@ def _attn_fwd(
             v0 = v0.to(tl.float32)
         acc0 = tl.dot(p_lp, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if D1 > 0:
-            v1 = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d1[None, :] * stride_vd,
-                         mask=n_ok[:, None], other=0.0)
+            if TMA:
+                v1 = DESC_V1.load([img, start_n, hk, 0]).reshape(BLOCK_N, D1)
+            else:
+                v1 = tl.load(v_src + offs_d1[None, :] * stride_vd, mask=k_in[:, None], other=0.0)
             if INTERP:
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
 
+    if WINDOW:
+        v_pad0 = tl.load(V_PAD + hk * D_REAL + offs_d0, mask=d0_ok, other=0.0).to(tl.float32)
+        acc0 += pad_l[:, None] * v_pad0[None, :]
+        if D1 > 0:
+            v_pad1 = tl.load(V_PAD + hk * D_REAL + offs_d1).to(tl.float32)
+            acc1 += pad_l[:, None] * v_pad1[None, :]
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-    o_ptrs = o_base + offs_m[:, None] * stride_on
+    o_ptrs = o_base + o_rows[:, None]
     tl.store(o_ptrs + offs_d0[None, :] * stride_od, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty),
              mask=m_ok[:, None] & d0_ok[None, :])
     if D1 > 0:
@@ -523,46 +630,84 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+# Q, K, V, Out, K_PAD, V_PAD, four TMA descriptors, KV_NUM, KV_IDX, REL_H, REL_W, CU_Q, CU_K
+_N_TENSORS = 16
+
+
+def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, d0: int, d1: int) -> tuple:
+    """Host-side TMA descriptors of K and V, (B, N, Hk, D) with any 16-byte-aligned strides: one per
+    head-dim chunk (D0, then D1 from column D0), each a (1, block_n, 1, chunk) box. Reads past N or
+    past D come back as zeros."""
+    def one(t: torch.Tensor, lo: int, width: int):
+        part = t[..., lo:lo + width]
+        return TensorDescriptor(part, list(part.shape), list(part.stride()), [1, block_n, 1, width])
+
+    k0, v0 = one(k, 0, d0), one(v, 0, d0)
+    k1, v1 = (one(k, d0, d1), one(v, d0, d1)) if d1 else (k0, v0)
+    return k0, k1, v0, v1
+
+
+def tma_eligible(k: torch.Tensor, v: torch.Tensor, d0: int) -> bool:
+    """Whether K and V can be read through TMA: a Hopper-or-later GPU, 16-bit data, unit last stride,
+    16-byte-aligned base, other strides and head-dim split."""
+    if INTERPRET or TensorDescriptor is None or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return False
+    if k.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    es = k.element_size()
+    return all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in t.stride()[:-1])
+        for t in (k, v)
+    ) and d0 * es % 16 == 0
+
+
 class KernelPlan:
     """Everything about one launch signature resolved once: the config, the grid, the scalars and
     constexprs, and the compiled kernel. A call allocates the output and launches; nothing else.
 
-    Call with (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k), None
-    for the absent ones; tensors must have the shapes, strides, dtypes and device the plan was made for.
+    Call with (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k[, k_pad,
+    v_pad]), None for the absent ones; tensors must have the shapes, strides, dtypes and device the plan
+    was made for.
     """
 
-    def __init__(self, grid: Tuple[int, int, int], tail: tuple, config: dict, out_shape, dtype, device):
-        if 10 + len(tail) != len(_attn_fwd.arg_names):  # the launcher takes every argument, in order
-            raise RuntimeError(f"kernel plan has {10 + len(tail)} arguments, the kernel {len(_attn_fwd.arg_names)}")
+    def __init__(self, grid: Tuple[int, int, int], tail: tuple, config: dict, out_shape, dtype, device,
+                 tma: Optional[Tuple[int, int, int]] = None):
+        if _N_TENSORS + len(tail) != len(_attn_fwd.arg_names):  # the launcher takes every argument, in order
+            raise RuntimeError(f"kernel plan has {_N_TENSORS + len(tail)} arguments, the kernel {len(_attn_fwd.arg_names)}")
         self.grid = grid
         self.config = config
-        self._tail = tail  # every argument after the ten tensors, in the kernel's order
+        self._tail = tail  # every argument after the tensors and descriptors, in the kernel's order
+        self._tma = tma  # (BLOCK_N, D0, D1) when K and V are read through TMA descriptors
         self._out = (tuple(out_shape), dtype, device)
+        # maxnreg caps registers per thread (spilling a little) so that two CTAs fit on an SM.
+        self._options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
+        if config.get("maxnreg"):
+            self._options["maxnreg"] = config["maxnreg"]
         self._fast = None  # the compiled kernel's launcher, once known
         self.fast_path = False
 
-    def warmup(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k) -> None:
+    def warmup(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad=None, v_pad=None) -> None:
         """Compile without launching."""
-        tensors = self._tensors(q, k, v, q, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
-        _attn_fwd.warmup(*tensors, *self._tail, grid=self.grid, num_warps=self.config["num_warps"],
-                         num_stages=self.config["num_stages"])
+        tensors = self._tensors(q, k, v, q, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
+        _attn_fwd.warmup(*tensors, *self._tail, grid=self.grid, **self._options)
 
-    @staticmethod
-    def _tensors(q, k, v, out, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k) -> tuple:
-        # Absent tensors are never read (their flags are off); q stands in for them.
-        return (q, k, v, out, q if kv_num is None else kv_num, q if kv_idx is None else kv_idx,
+    def _tensors(self, q, k, v, out, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k) -> tuple:
+        # Descriptors hold addresses, so they are made per call. Absent tensors are never read (their
+        # flags are off); q stands in for them.
+        descs = tma_descriptors(k, v, *self._tma) if self._tma is not None else (q,) * 4
+        return (q, k, v, out, q if k_pad is None else k_pad, q if v_pad is None else v_pad, *descs,
+                q if kv_num is None else kv_num, q if kv_idx is None else kv_idx,
                 q if rel_h is None else rel_h, q if rel_w is None else rel_w,
                 q if cu_q is None else cu_q, q if cu_k is None else cu_k)
 
     def _launch_slow(self, tensors: tuple):
-        return _attn_fwd[self.grid](*tensors, *self._tail, num_warps=self.config["num_warps"],
-                                    num_stages=self.config["num_stages"])
+        return _attn_fwd[self.grid](*tensors, *self._tail, **self._options)
 
-    def __call__(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, out=None) -> torch.Tensor:
+    def __call__(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad=None, v_pad=None, out=None) -> torch.Tensor:
         if out is None:
             shape, dtype, device = self._out
             out = torch.empty(shape, dtype=dtype, device=device)
-        tensors = self._tensors(q, k, v, out, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
+        tensors = self._tensors(q, k, v, out, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
         if self._fast is not None:
             self._fast(*tensors, *self._tail)
             return out
@@ -594,24 +739,40 @@ def make_plan(
     cu_seqlens_q: Optional[torch.Tensor] = None,
     cu_seqlens_k: Optional[torch.Tensor] = None,
     max_seqlen_q: Optional[int] = None,
+    window: Optional[Tuple[int, int]] = None,
     config: Optional[dict] = None,
 ) -> KernelPlan:
     """Resolve a launch for validated inputs (interface.py checks them); tunes on first sight of a shape class.
 
     q: (B, Nq, H, D) or varlen (total_q, H, D); k, v: (B, Nk, Hk, D) or (total_k, Hk, D).
+    window (wh, ww): q, k, v are (B, GH, GW, H|Hk, D) token grids instead, attended window by window;
+        the plan's call then takes k_pad / v_pad (Hk, D) contiguous, the keys and values of padding.
     kv_num_blocks: int32 (Bm, Hm, QB); kv_indices: int32 (Bm, Hm, QB, KB), last dim contiguous
-        (layout.BlockLayout), or None for dense.
-    rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw) or None; key_tile (th, tw) or None (raster).
+        (layout.BlockLayout), or None for dense. With a window, Bm is 1 or B * windows.
+    rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw) or None (Nq = GH * GW with a window); key_tile (th, tw)
+        or None (raster).
     config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT]}: no tuning.
     """
     varlen = cu_seqlens_q is not None
+    grid_hw, win_hw, win_cols, n_windows = (1, 1), (1, 1), 1, 1
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         seqlen_q, seqlen_k = int(max_seqlen_q), max(k.shape[0], 1)  # varlen: seqlen_k only sizes tiles
         q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        extra_strides = (0, 0, 0)
+    elif window is not None:
+        grid_hw, win_hw = tuple(q.shape[1:3]), tuple(window)
+        win_cols = -(-grid_hw[1] // win_hw[1])
+        n_windows = -(-grid_hw[0] // win_hw[0]) * win_cols
+        batch, seqlen_q = q.shape[0] * n_windows, win_hw[0] * win_hw[1]
+        seqlen_k = seqlen_q
+        # (B, GH, GW, H, D) -> the kernel's (b, n = grid row, h, d) strides plus the grid column's.
+        q4, k4, v4 = (t.select(2, 0) for t in (q, k, v))
+        extra_strides = (q.stride(2), k.stride(2), v.stride(2))
     else:
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         q4, k4, v4 = q, k, v
+        extra_strides = (0, 0, 0)
     nheads, head_dim = q.shape[-2], q.shape[-1]
     d0, d1 = _split_head_dim(head_dim)
     has_bias = rel_h is not None
@@ -621,27 +782,36 @@ def make_plan(
     kb = kv_indices.shape[-1] if has_mask else 1
     a = dict(
         seqlen_q=seqlen_q, seqlen_k=seqlen_k, KH=kh, KW=kw, tile_h=tile_h, tile_w=tile_w,
-        D0=d0, D1=d1, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen,
+        D0=d0, D1=d1, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen, WINDOW=window is not None,
         IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
     prec = dot_precision(q.dtype)
-    out_strides = _contiguous_strides(q4.shape)
+    tma_ok = not varlen and window is None and tma_eligible(k, v, d0)
+    a["TMA_OK"] = tma_ok
+    out_strides = _contiguous_strides(q.shape if window is not None else q4.shape)
+    if window is not None:
+        out_strides, extra_strides = out_strides[:2] + out_strides[3:], extra_strides + (out_strides[2],)
+    else:
+        extra_strides = extra_strides + (0,)
     scalars = (
         float(softmax_scale),
-        *q4.stride(), *k4.stride(), *v4.stride(), *out_strides,
+        *q4.stride(), *k4.stride(), *v4.stride(), *out_strides, *extra_strides,
         *_strides(kv_num_blocks, 3, 2), *_strides(kv_indices, 3, 2),
         *_strides(rel_h, 4), *_strides(rel_w, 4),
         seqlen_q, seqlen_k, nheads, nheads // k.shape[-2], kh, kw, tile_h, tile_w,
-        head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen, prec, INTERPRET,
+        *grid_hw, *win_hw, win_cols, n_windows,
+        head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen, window is not None,
+        prec, INTERPRET,
     )
 
     def plan_for(cfg: dict) -> KernelPlan:
         _check_config(cfg, block_size)
         dv = _derived(a, cfg)
+        tma = bool(cfg.get("TMA")) and tma_ok
         tail = scalars + (dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
-                          dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"])
+                          dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, bool(cfg.get("WS")))
         grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * nheads, 1)
-        return KernelPlan(grid, tail, cfg, q.shape, q.dtype, q.device)
+        return KernelPlan(grid, tail, cfg, q.shape, q.dtype, q.device, (cfg["BLOCK_N"], d0, d1) if tma else None)
 
     if config is not None or INTERPRET or os.environ.get("SAM_SPARSE_AUTOTUNE") == "0":
         return plan_for({"W_DOT": 0, **(config or _fixed_config(a))})
@@ -649,9 +819,10 @@ def make_plan(
     # The tuning key holds shape classes, not exact sizes: no batch, sequence lengths rounded up to a
     # power of two, so a new prompt count or batch size never starts a tuning run inside predict().
     tune_key = (_bucket(seqlen_q), _bucket(seqlen_k), nheads, kh, kw, tile_h, tile_w, d0, d1, block_size,
-                has_mask, has_bias, varlen, str(q.dtype), prec)
+                has_mask, has_bias, varlen, str(q.dtype), prec, window, tma_ok)
     candidates = _prune(_configs(), {**a, "seqlen_q": _bucket(seqlen_q), "seqlen_k": _bucket(seqlen_k)})
-    tensors_in = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k)
+    pads = (k.new_zeros(k.shape[-2:]),) * 2 if window is not None else (None, None)  # stand-ins for tuning
+    tensors_in = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, *pads)
 
     def bench(cfg: dict) -> float:
         p = plan_for(cfg)
@@ -665,11 +836,13 @@ def make_plan(
 
 
 def attention_triton(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size, *,
-                     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, out=None, config=None) -> torch.Tensor:
+                     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, window=None, k_pad=None, v_pad=None,
+                     out=None, config=None) -> torch.Tensor:
     """One launch without the plan cache (tests and probes): make_plan's arguments, then the plan's call.
 
     out: optional preallocated output shaped and typed like q (tests poison it to catch unwritten rows).
     """
     plan = make_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size,
-                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, config=config)
-    return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, out=out)
+                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, window=window,
+                     config=config)
+    return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, k_pad, v_pad, out=out)

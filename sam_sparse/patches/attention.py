@@ -7,8 +7,11 @@ module's identity are untouched, so state_dict is the same before, during and af
 nothing here knows about Triton.
 
 Shapes (B batch, N = H * W tokens, nH heads, hd head dim, C = nH * hd):
-- encoder: x (B, H, W, C) -> (B, H, W, C). Windowed blocks arrive already partitioned by SAM's own
-  Block.forward (window_partition, zero padding included), so B is batch * windows and (H, W) the window.
+- encoder: x (B, H, W, C) -> (B, H, W, C). The windowed blocks' class is swapped too
+  (SparseWindowBlock): their attention runs on the whole token grid through window_attn, which reads
+  each window in place, so SAM's pad / partition / unpartition / crop copies are gone and the qkv and
+  output projections see H * W tokens instead of the padded grid's. While an observer is set (calibration)
+  they run SAM's own Block.forward, whose partitioned windows reach SparseEncoderAttention.forward.
 - decoder: q (B, Nq, E), k, v (B, Nk, E) -> (B, Nq, E); B is the number of prompts.
 """
 
@@ -22,10 +25,11 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention as EncoderAttention
+from segment_anything.modeling.image_encoder import Block as EncoderBlock
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 
 from ..geometry import LayerGeometry, Prompts
-from ..kernels import BlockLayout, block_sparse_attn
+from ..kernels import BlockLayout, block_sparse_attn, window_attn
 from ..sam_layers import image_side
 
 Grid = Tuple[int, int]
@@ -238,6 +242,43 @@ def rel_pos_terms(
     return rel_h.reshape(B, nH, H, N).transpose(-1, -2), rel_w.reshape(B, nH, W, N).transpose(-1, -2)
 
 
+_GRID_INDEX: Dict[tuple, torch.Tensor] = {}
+
+
+def _in_window_index(n: int, window: int, device: torch.device) -> torch.Tensor:
+    """(n,) int64: each grid row's (or column's) position inside its window, i % window (cached as _rel_index)."""
+    if torch.compiler.is_compiling():
+        return torch.arange(n, device=device) % window
+    key = (n, window, device)
+    if key not in _GRID_INDEX:
+        with torch.inference_mode(False):
+            _GRID_INDEX[key] = torch.arange(n, device=device) % window
+    return _GRID_INDEX[key]
+
+
+def window_rel_pos_terms(
+    q: torch.Tensor, rel_pos_h: torch.Tensor, rel_pos_w: torch.Tensor, window: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SAM's decomposed rel-pos terms of windowed attention, for queries on the whole (unpadded) grid.
+
+    q: (B, H, W, nH, hd), any strides. rel_pos_h / rel_pos_w: the block's tables (2 * window - 1, hd).
+    Returns rel_h, rel_w (B, nH, H * W, window): the terms SAM's windowed add_decomposed_rel_pos computes
+    for the query at grid (y, x), i.e. at (y % window, x % window) inside its window, raster order.
+    The key axis is stored padded to a multiple of 8 (14 -> 16) and sliced: with 14 the einsum's
+    matmul falls on cuBLAS's slow 2-byte-aligned kernels.
+    """
+    B, H, W, nH, hd = q.shape
+    kp = -(-window // 8) * 8
+    Rh = get_rel_pos(window, window, rel_pos_h)[_in_window_index(H, window, q.device)]  # (H, window, hd)
+    Rw = get_rel_pos(window, window, rel_pos_w)[_in_window_index(W, window, q.device)]
+    Rh = F.pad(Rh, (0, 0, 0, kp - window))
+    Rw = F.pad(Rw, (0, 0, 0, kp - window))
+    rel_h = torch.einsum("byxnc,ykc->bnkyx", q, Rh)
+    rel_w = torch.einsum("byxnc,xkc->bnkyx", q, Rw)
+    view = lambda t: t.reshape(B, nH, kp, H * W).transpose(-1, -2)[..., :window]  # noqa: E731
+    return view(rel_h), view(rel_w)
+
+
 class SparseEncoderAttention(EncoderAttention):
     """segment-anything's image-encoder Attention, through block_sparse_attn. Same parameters.
 
@@ -283,6 +324,46 @@ class SparseEncoderAttention(EncoderAttention):
         return out.view(B, H, W, C)
 
 
+    def forward_windows(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """SAM's windowed attention over the whole grid, without partitioning it.
+
+        x: (B, H, W, C), the block's normalized tokens, not padded. Returns (B, H, W, C): what SAM's
+        pad -> window_partition -> attention -> window_unpartition -> crop gives. A padded token is zero
+        before the qkv projection, so its key and value are the projection's bias: the kernel uses
+        those for the keys a window has beyond the grid.
+        """
+        st = self._sam_sparse
+        B, H, W, C = x.shape
+        nH = self.num_heads
+        qkv = self.qkv(x).reshape(B, H, W, 3, nH, -1)
+        q, k, v = qkv.unbind(3)  # each (B, H, W, nH, hd), a strided view
+        pad = self.qkv.bias.view(3, nH, -1) if self.qkv.bias is not None else None
+        rel_h = rel_w = None
+        if self.use_rel_pos:
+            rel_h, rel_w = window_rel_pos_terms(q, self.rel_pos_h, self.rel_pos_w, window)
+        out = window_attn(
+            q, k, v, (window, window), st.encoder_layout(x.device),
+            k_pad=None if pad is None else pad[1], v_pad=None if pad is None else pad[2],
+            rel_h=rel_h, rel_w=rel_w, softmax_scale=self.scale, block_size=st.block_size,
+        )  # (B, H, W, nH, hd), contiguous
+        return self.proj(out.view(B, H, W, C))
+
+
+class SparseWindowBlock(EncoderBlock):
+    """segment-anything's encoder Block whose windowed attention runs in place (forward_windows).
+
+    Same parameters and numbers as Block.forward: x + attn(norm1(x)), then x + mlp(norm2(x)). Global
+    blocks, and windowed ones while an observer is set, run Block.forward unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        st = getattr(self.attn, "_sam_sparse", None)
+        if self.window_size == 0 or st is None or st.observer is not None:
+            return super().forward(x)
+        x = x + self.attn.forward_windows(self.norm1(x), self.window_size)
+        return x + self.mlp(self.norm2(x))
+
+
 class SparseDecoderAttention(DecoderAttention):
     """segment-anything's TwoWayTransformer Attention, through block_sparse_attn. Same parameters.
 
@@ -315,3 +396,5 @@ class SparseDecoderAttention(DecoderAttention):
 
 # Original class -> sparse class. Only exact classes: a subclass may have its own forward.
 SPARSE_CLASSES = {EncoderAttention: SparseEncoderAttention, DecoderAttention: SparseDecoderAttention}
+# Encoder blocks whose windowed attention is patched get this class as well (PatchHandle.enable).
+SPARSE_BLOCKS = {EncoderBlock: SparseWindowBlock}

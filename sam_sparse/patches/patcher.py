@@ -5,7 +5,9 @@
     handle.restore()                          # or unpatch_sam(sam): the original model, exactly
 
 How: each attention module's class is swapped for a subclass with a sparse forward
-(attention.SPARSE_CLASSES) and one plain attribute ``_sam_sparse`` is attached. No parameter, buffer
+(attention.SPARSE_CLASSES) and one plain attribute ``_sam_sparse`` is attached; the encoder blocks
+around windowed attention modules get a subclass too (attention.SPARSE_BLOCKS), whose forward reads
+the windows in place instead of partitioning the token grid. No parameter, buffer
 or module is added, removed or copied, so ``state_dict()`` keys and values are those of the original
 model and a checkpoint loads into patched and unpatched models alike. A Sam also gets three forward
 hooks, methods of one PromptContext per model: the PromptEncoder's pre-hook records the current
@@ -40,7 +42,7 @@ from ..sam_layers import (
     encoder_layer,
 )
 from ..table import format_table
-from .attention import SPARSE_CLASSES, LayerState, PromptContext
+from .attention import SPARSE_BLOCKS, SPARSE_CLASSES, LayerState, PromptContext
 
 SUPPORTED = (
     "segment_anything's Sam (vit_b / vit_l / vit_h, or with another image encoder such as MobileSAM's "
@@ -166,6 +168,7 @@ class PatchHandle:
         self.notes = notes
         self.context = context
         self._entries = entries  # (module, original class, LayerState)
+        self._blocks: list = []  # (encoder block, original class) of the windowed blocks swapped by enable()
         self._hooks: list = []
         self.active = False
 
@@ -183,6 +186,12 @@ class PatchHandle:
         for module, _, state in self._entries:
             module.__class__ = SPARSE_CLASSES[type(module)]
             module._sam_sparse = state
+        # Windowed blocks whose attention is patched: their forward skips SAM's window partition copies.
+        patched = {id(m) for m, _, _ in self._entries}
+        self._blocks = [(b, type(b)) for b in self.model.modules()
+                        if type(b) in SPARSE_BLOCKS and b.window_size > 0 and id(b.attn) in patched]
+        for block, cls in self._blocks:
+            block.__class__ = SPARSE_BLOCKS[cls]
         model, ctx = self.model, self.context
         # Bound methods of the context, not closures: deepcopy and pickle carry them to the copy's context.
         if isinstance(model, Sam) and isinstance(model.prompt_encoder, PromptEncoder):
@@ -229,6 +238,9 @@ class PatchHandle:
         for module, cls, _ in self._entries:
             module.__class__ = cls
             del module._sam_sparse
+        for block, cls in self._blocks:
+            block.__class__ = cls
+        self._blocks = []
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
