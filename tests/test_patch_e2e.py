@@ -68,16 +68,20 @@ def test_torch_compile_fullgraph():
 @pytest.mark.slow
 def test_vit_b_1024(monkeypatch):
     """The full vit_b of sam_model_registry at 1024 px (random weights, rel-pos randomized): eight
-    windowed blocks (25 windows of 14x14, 64 padded to 70), four global blocks on 64x64 tokens, its neck,
+    windowed blocks (25 windows of 14x14 over the 64x64 grid, padding keys = the qkv bias), four global blocks on 64x64 tokens, its neck,
     and SAM's decoder on the 64x64 embedding. About a minute on a CPU."""
     sam = sam_model_registry["vit_b"]()
     randomize_(sam)
     calls = []
-    real = attention_mod.block_sparse_attn
+    real, real_window = attention_mod.block_sparse_attn, attention_mod.window_attn
 
     def spy(q, k, v, block_mask=None, **kw):
         calls.append(tuple(q.shape))
         return real(q, k, v, block_mask, **kw)
+
+    def spy_window(q, k, v, window_size, block_mask=None, **kw):
+        calls.append(tuple(q.shape))
+        return real_window(q, k, v, window_size, block_mask, **kw)
 
     image = make_image(size=1024)
     point = dict(point_coords=np.array([[400.0, 500.0]]), point_labels=np.array([1]), return_logits=True)
@@ -87,11 +91,12 @@ def test_vit_b_1024(monkeypatch):
         ref_emb = p.features
         ref = p.predict(**point)
         monkeypatch.setattr(attention_mod, "block_sparse_attn", spy)
+        monkeypatch.setattr(attention_mod, "window_attn", spy_window)
         handle = patch_sam(sam, "dense")
         p.set_image(image)
         out = p.predict(**point)
     handle.restore()
-    window, global_ = (25, 196, 12, 64), (1, 4096, 12, 64)
+    window, global_ = (1, 64, 64, 12, 64), (1, 4096, 12, 64)  # windows read in place from the 64x64 grid
     assert calls[:12] == [global_ if i in (2, 5, 8, 11) else window for i in range(12)]
     assert len(calls) == 12 + 7
     rel = float((p.features - ref_emb).norm() / ref_emb.norm())

@@ -140,17 +140,18 @@ def _attn_fwd(
     stride_rwb, stride_rwh, stride_rwm, stride_rwk,
     seqlen_q, seqlen_k, num_heads, kv_group,
     KH, KW, tile_h, tile_w,
-    grid_h, grid_w, win_h, win_w, win_cols, n_windows,
+    grid_h, grid_w, win_rows, win_cols, n_windows, n_launch,
     D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr, WINDOW: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
+    WINDOW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr, WIN_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BIAS_PATH: tl.constexpr, RECT_H: tl.constexpr, RECT_W: tl.constexpr,
     W_HOIST: tl.constexpr, USE_WDOT: tl.constexpr,
     KH_P: tl.constexpr, KW_P: tl.constexpr,
     EVEN_N: tl.constexpr,
-    TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
     # Stand-in for -inf inside MMAs (-inf * 0 is NaN); twice it overflows back to -inf, once it stays
@@ -168,10 +169,22 @@ def _attn_fwd(
     hk = h // kv_group
     img = b
     if WINDOW:
-        img = b // n_windows
-        y0 = ((b % n_windows) // win_cols) * win_h  # the window's top-left token on the grid
-        x0 = ((b % n_windows) % win_cols) * win_w
-        if y0 + (pid_m * BLOCK_M) // win_w >= grid_h:
+        # A launch covers n_launch windows per image: either those inside the grid, or (WIN_PAD) those
+        # that overhang it, the last column's first, then the rest of the last row's.
+        img = b // n_launch
+        w = b % n_launch
+        col_over = (win_cols * WIN_W > grid_w).to(tl.int32)
+        if WIN_PAD:
+            in_col = w < win_rows * col_over
+            wy = tl.where(in_col, w, win_rows - 1)
+            wx = tl.where(in_col, win_cols - 1, w - win_rows * col_over)
+        else:
+            wy = w // (win_cols - col_over)
+            wx = w % (win_cols - col_over)
+        b = img * n_windows + wy * win_cols + wx  # the window's row in (batch * windows) block masks
+        y0 = wy * WIN_H  # the window's top-left token on the grid
+        x0 = wx * WIN_W
+        if y0 + (pid_m * BLOCK_M) // WIN_W >= grid_h:
             return  # every query of this tile lies in the padding below the grid: no output to write
 
     if VARLEN:
@@ -195,9 +208,10 @@ def _attn_fwd(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if WINDOW:
-        # Window token t sits at grid (y0 + t // win_w, x0 + t % win_w); tokens past the grid are padding.
-        qy = y0 + offs_m // win_w
-        qx = x0 + offs_m % win_w
+        # Window token t sits at grid (y0 + t // WIN_W, x0 + t % WIN_W); tokens past the grid are padding.
+        # (The window is a constexpr: these divisions become multiply-shifts.)
+        qy = y0 + offs_m // WIN_W
+        qx = x0 + offs_m % WIN_W
         m_ok = (offs_m < seqlen_q) & (qy < grid_h) & (qx < grid_w)
         q_rows = qy * stride_qn + qx * stride_qx
         o_rows = qy * stride_on + qx * stride_ox
@@ -215,7 +229,7 @@ def _attn_fwd(
         offs_d1 = D0 + tl.arange(0, D1)
         q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :] * stride_qd,
                      mask=m_ok[:, None], other=0.0)
-    if WINDOW:
+    if WIN_PAD:
         # Padding keys (where a window overhangs the grid) all have the kv head's K_PAD / V_PAD vectors.
         # Their tiles load as zeros, as any missing key; then q . k_pad is added to their logits and
         # their probability mass is collected in pad_l and multiplied by v_pad at the end. (Selecting
@@ -302,7 +316,7 @@ def _attn_fwd(
             rh_next = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok & (n_steps > 0), other=0.0)
 
     offs_nb = tl.arange(0, BLOCK_N)
-    for step in tl.range(0, n_steps, warp_specialize=WARP_SPEC):
+    for step in range(0, n_steps):
         start_n = _key_start(step, idx_base, True, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
         if BIAS_PATH == RECT:
             if RECT_H == 1:
@@ -314,8 +328,8 @@ def _attn_fwd(
         offs_n = start_n + offs_nb
         n_ok = offs_n < seqlen_k
         if WINDOW:
-            ky = y0 + offs_n // win_w
-            kx = x0 + offs_n % win_w
+            ky = y0 + offs_n // WIN_W
+            kx = x0 + offs_n % WIN_W
             k_in = n_ok & (ky < grid_h) & (kx < grid_w)  # keys of the window that lie on the grid
             k_rows = ky * stride_kn + kx * stride_kx
             v_rows = ky * stride_vn + kx * stride_vx
@@ -344,7 +358,7 @@ def _attn_fwd(
                 k1 = k1.to(tl.float32)
             qk = tl.dot(q1, k1, qk, input_precision=DOT_PREC)
         qk = qk * qk_scale
-        if WINDOW:
+        if WIN_PAD:
             pad_k = (n_ok & ~k_in).to(tl.float32)  # 1.0 for padding keys: their q . k is 0 so far
             qk += pad_k[None, :] * q_kpad[:, None]
 
@@ -373,10 +387,14 @@ def _attn_fwd(
                 bias_h = bias_h.to(tl.float32) * LOG2E
                 qk += tl.reshape(bias_h[:, :, None] + bias_w[:, None, :], (BLOCK_M, BLOCK_N))
         elif BIAS_PATH != NO_BIAS:
-            n_tile = offs_n // per_tile
-            inner = offs_n % per_tile
-            key_row = (n_tile // tiles_per_row) * tile_h + inner // tile_w
-            key_col = (n_tile % tiles_per_row) * tile_w + inner % tile_w
+            if WINDOW:  # keys are the window's tokens in raster order
+                key_row = offs_n // WIN_W
+                key_col = offs_n % WIN_W
+            else:
+                n_tile = offs_n // per_tile
+                inner = offs_n % per_tile
+                key_row = (n_tile // tiles_per_row) * tile_h + inner // tile_w
+                key_col = (n_tile % tiles_per_row) * tile_w + inner % tile_w
             if BIAS_PATH == ONEHOT:
                 hot_h = (tl.arange(0, KH_P)[:, None] == key_row[None, :]).to(tl.float32)
                 hot_w = (tl.arange(0, KW_P)[:, None] == key_col[None, :]).to(tl.float32)
@@ -399,7 +417,7 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        if WINDOW:
+        if WIN_PAD:
             pad_l = pad_l * alpha + tl.sum(p * pad_k[None, :], 1)
 
         if TMA:
@@ -421,7 +439,7 @@ def _attn_fwd(
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
 
-    if WINDOW:
+    if WIN_PAD:
         v_pad0 = tl.load(V_PAD + hk * D_REAL + offs_d0, mask=d0_ok, other=0.0).to(tl.float32)
         acc0 += pad_l[:, None] * v_pad0[None, :]
         if D1 > 0:
@@ -449,6 +467,10 @@ def _configs() -> List[dict]:
             for stages in (2, 3):
                 for w_dot in (0, 1):
                     out.append(dict(BLOCK_M=bm, BLOCK_N=bn, W_DOT=w_dot, num_warps=warps, num_stages=stages))
+    # Hopper: K / V through TMA descriptors. Measured faster only for split head dims without a bias
+    # (vit_h's 80 = 64 + 16: docs/benchmarks.md, run 26), so only the two usual winners get a TMA twin.
+    for bm, warps in ((128, 8), (64, 4)):
+        out.append(dict(BLOCK_M=bm, BLOCK_N=64, W_DOT=0, num_warps=warps, num_stages=3, TMA=1))
     return out
 
 
@@ -473,6 +495,8 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
             continue
         if c["W_DOT"] and not _wdot_applies(a, bn):
             continue  # it would compile a twin of the W_DOT=0 config
+        if c.get("TMA") and not a["TMA_OK"]:
+            continue
         keep.append(c)
     return keep or [dict(BLOCK_M=16, BLOCK_N=16, W_DOT=0, num_warps=4, num_stages=1)]
 
@@ -724,6 +748,31 @@ class KernelPlan:
         return out
 
 
+class LaunchGroup:
+    """Several launches of one call that write disjoint parts of one output (window attention: the
+    windows inside the grid, then those that overhang it). Called like a KernelPlan."""
+
+    def __init__(self, plans: List[KernelPlan]):
+        self.plans = plans
+        self.config = plans[0].config
+
+    @property
+    def fast_path(self) -> bool:
+        return all(p.fast_path for p in self.plans)
+
+    def warmup(self, *args) -> None:
+        for p in self.plans:
+            p.warmup(*args)
+
+    def __call__(self, *args, out=None) -> torch.Tensor:
+        if out is None:
+            shape, dtype, device = self.plans[0]._out
+            out = torch.empty(shape, dtype=dtype, device=device)
+        for p in self.plans:
+            p(*args, out=out)
+        return out
+
+
 def make_plan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -754,7 +803,8 @@ def make_plan(
     config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT]}: no tuning.
     """
     varlen = cu_seqlens_q is not None
-    grid_hw, win_hw, win_cols, n_windows = (1, 1), (1, 1), 1, 1
+    grid_hw, win_hw, win_rows, win_cols, n_windows = (1, 1), (1, 1), 1, 1, 1
+    launches = [(1, False)]  # (windows per image in the launch, padding windows?)
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         seqlen_q, seqlen_k = int(max_seqlen_q), max(k.shape[0], 1)  # varlen: seqlen_k only sizes tiles
@@ -762,9 +812,13 @@ def make_plan(
         extra_strides = (0, 0, 0)
     elif window is not None:
         grid_hw, win_hw = tuple(q.shape[1:3]), tuple(window)
-        win_cols = -(-grid_hw[1] // win_hw[1])
-        n_windows = -(-grid_hw[0] // win_hw[0]) * win_cols
-        batch, seqlen_q = q.shape[0] * n_windows, win_hw[0] * win_hw[1]
+        win_rows, win_cols = -(-grid_hw[0] // win_hw[0]), -(-grid_hw[1] // win_hw[1])
+        n_windows = win_rows * win_cols
+        # Windows inside the grid and windows that overhang it go in separate launches, so that only
+        # the latter pay for padding keys.
+        inside = (win_rows - (win_rows * win_hw[0] > grid_hw[0])) * (win_cols - (win_cols * win_hw[1] > grid_hw[1]))
+        launches = [(n, pad) for n, pad in ((inside, False), (n_windows - inside, True)) if n]
+        batch, seqlen_q = q.shape[0], win_hw[0] * win_hw[1]
         seqlen_k = seqlen_q
         # (B, GH, GW, H, D) -> the kernel's (b, n = grid row, h, d) strides plus the grid column's.
         q4, k4, v4 = (t.select(2, 0) for t in (q, k, v))
@@ -799,19 +853,24 @@ def make_plan(
         *_strides(kv_num_blocks, 3, 2), *_strides(kv_indices, 3, 2),
         *_strides(rel_h, 4), *_strides(rel_w, 4),
         seqlen_q, seqlen_k, nheads, nheads // k.shape[-2], kh, kw, tile_h, tile_w,
-        *grid_hw, *win_hw, win_cols, n_windows,
-        head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen, window is not None,
-        prec, INTERPRET,
+        *grid_hw, win_rows, win_cols, n_windows,
     )
 
-    def plan_for(cfg: dict) -> KernelPlan:
+    def plan_for(cfg: dict):
         _check_config(cfg, block_size)
         dv = _derived(a, cfg)
         tma = bool(cfg.get("TMA")) and tma_ok
-        tail = scalars + (dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
-                          dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, bool(cfg.get("WS")))
-        grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * nheads, 1)
-        return KernelPlan(grid, tail, cfg, q.shape, q.dtype, q.device, (cfg["BLOCK_N"], d0, d1) if tma else None)
+        plans = []
+        for n_launch, pad in launches:
+            tail = scalars + (
+                n_launch, head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
+                window is not None, *win_hw, pad, prec, INTERPRET,
+                dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
+                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma,
+            )
+            grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * n_launch * nheads, 1)
+            plans.append(KernelPlan(grid, tail, cfg, q.shape, q.dtype, q.device, (cfg["BLOCK_N"], d0, d1) if tma else None))
+        return plans[0] if len(plans) == 1 else LaunchGroup(plans)
 
     if config is not None or INTERPRET or os.environ.get("SAM_SPARSE_AUTOTUNE") == "0":
         return plan_for({"W_DOT": 0, **(config or _fixed_config(a))})

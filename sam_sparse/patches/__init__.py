@@ -1,6 +1,6 @@
 """Patching SAM models: route their attention through block_sparse_attn, and check parity."""
 
-from .attention import SparseDecoderAttention, SparseEncoderAttention
+from .attention import SparseDecoderAttention, SparseEncoderAttention, SparseWindowBlock
 from .parity import DENSE_FP32, DENSE_HALF, SPARSE, LayerParity, ParityReport, ParityThresholds, preset_for, verify_parity
 from .patcher import LayerReport, PatchHandle, PolicyWarning, patch_sam, unpatch_sam
 
@@ -20,4 +20,5 @@ __all__ = [
     "preset_for",
     "SparseEncoderAttention",
     "SparseDecoderAttention",
+    "SparseWindowBlock",
 ]

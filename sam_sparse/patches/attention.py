@@ -282,7 +282,8 @@ def window_rel_pos_terms(
 class SparseEncoderAttention(EncoderAttention):
     """segment-anything's image-encoder Attention, through block_sparse_attn. Same parameters.
 
-    forward: x (B, H, W, C) -> (B, H, W, C), as the original. The rel-pos terms go to the kernel as
+    forward: x (B, H, W, C) -> (B, H, W, C), as the original; with window=w (SparseWindowBlock) x is the
+    whole unpadded grid and attention runs inside w x w windows (forward_windows). The rel-pos terms go to the kernel as
     rel_h (B, nH, N, H) / rel_w (B, nH, N, W); no (N, N) tensor is formed. With a tiled token order
     (global blocks of "tiles" policies) tokens are permuted into tiles once before the qkv
     projection and back once after the output projection (both are per-token, so they commute).
@@ -290,7 +291,9 @@ class SparseEncoderAttention(EncoderAttention):
 
     _sam_sparse: LayerState
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+        if window is not None:  # SparseWindowBlock: the whole grid, attended window by window
+            return self.forward_windows(x, window)
         st = self._sam_sparse
         B, H, W, C = x.shape
         N = H * W
@@ -360,7 +363,7 @@ class SparseWindowBlock(EncoderBlock):
         st = getattr(self.attn, "_sam_sparse", None)
         if self.window_size == 0 or st is None or st.observer is not None:
             return super().forward(x)
-        x = x + self.attn.forward_windows(self.norm1(x), self.window_size)
+        x = x + self.attn(self.norm1(x), window=self.window_size)  # through __call__: module hooks see it
         return x + self.mlp(self.norm2(x))
 
 
