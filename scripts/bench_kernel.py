@@ -2,7 +2,8 @@
 
 Shapes: SAM's global layer (N = 4096 tokens on a 64 x 64 grid, rel-pos on) for vit_b (12 heads, D=64)
 and vit_h (16 heads, D=80) at batch 1 and 8, block densities 1.0 / 0.5 / 0.25 / 0.1; and SAM's window
-layer (25 * B windows of 196 tokens, 14 x 14 rel-pos).
+layer, both as SAM partitions it (25 * B windows of 196 tokens, 14 x 14 rel-pos) and read in place from
+the unpadded 64 x 64 grid by window_attn (what patch_sam runs).
 Effective TFLOP/s count 4 * B * H * D * (active query-key pairs). GPU times come from CUDA-graph replays
 (host launch cost is measured on its own, behind a queued GPU sleep, as cpu_us).
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from sam_sparse.kernels import BlockLayout, block_sparse_attn, triton_attn
+from sam_sparse.kernels import BlockLayout, block_sparse_attn, triton_attn, window_attn
 
 MODELS = {"vit_b": (12, 64), "vit_h": (16, 80)}
 
@@ -221,13 +222,27 @@ def main():
             ours = bench(fn)
             row = dict(
                 shape=f"{model} window B={B} ({Bw}x196)", density=1.0, ours_ms=ours, cpu_us=cpu_us_per_call(fn),
-                config=tuned_config(),
+                config=tuned_config(q, k, v, None, rel_h, rel_w),
                 tflops=4 * Bw * H * D * Nw * Nw / ours / 1e9,
                 **{"SDPA cuDNN + bias": try_time(lambda: sdpa(q, k, v, bias, SDPBackend.CUDNN_ATTENTION)),
                    "SDPA mem-eff + bias": try_time(lambda: sdpa(q, k, v, bias, SDPBackend.EFFICIENT_ATTENTION)),
                    "SDPA flash, no bias": try_time(lambda: sdpa(q, k, v, None, SDPBackend.FLASH_ATTENTION)),
                    "SDPA cuDNN, no bias": try_time(lambda: sdpa(q, k, v, None, SDPBackend.CUDNN_ATTENTION))},
             )
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
+            # The same window layer read in place from the unpadded 64 x 64 grid (window_attn, as patch_sam
+            # runs it): 64 x 64 real queries instead of 70 x 70, padding keys = the qkv bias.
+            grid = torch.randn(B, 64, 64, 3, H, D, device=dev, dtype=dt, generator=gen)
+            pad = torch.randn(3, H, D, device=dev, dtype=dt, generator=gen)
+            gq, gk, gv = grid.unbind(3)
+            g_rel_h = torch.randn(B, H, 14, 4096, device=dev, dtype=dt, generator=gen).transpose(-1, -2)
+            g_rel_w = torch.randn(B, H, 14, 4096, device=dev, dtype=dt, generator=gen).transpose(-1, -2)
+            fn = lambda: window_attn(gq, gk, gv, (14, 14), k_pad=pad[1], v_pad=pad[2], rel_h=g_rel_h,  # noqa: E731
+                                     rel_w=g_rel_w)
+            ours = bench(fn)
+            row = dict(shape=f"{model} window in place B={B} (64x64 grid)", density=1.0, ours_ms=ours,
+                       cpu_us=cpu_us_per_call(fn), tflops=4 * Bw * H * D * Nw * Nw / ours / 1e9)
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
     cols = ["shape", "density", "ours_ms", "config", "ours_nobias_ms", "ours_rowmajor_ms", "ours_tiles_ms", "cpu_us", "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias",
