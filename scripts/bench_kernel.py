@@ -116,10 +116,11 @@ def flash4_runner(q, k, v, rel_h, rel_w):
 
 
 def tuned_config(q, k, v, layout, rel_h, rel_w) -> str:
-    """The launch config tuning picked for this call: BLOCK_M x BLOCK_N, warps, stages, rel_w @ I on/off."""
+    """The launch config tuning picked for this call: BLOCK_M x BLOCK_N, warps, stages, rel_w @ I, TMA."""
     lists = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     c = triton_attn.make_plan(q, k, v, *lists, rel_h, rel_w, None, q.shape[-1] ** -0.5, 128).config
-    return f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{' relw@I' if c.get('W_DOT') else ''}"
+    return (f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{' relw@I' if c.get('W_DOT') else ''}"
+            f"{' tma' if c.get('TMA') else ''}")
 
 
 def fmt(x):

@@ -24,6 +24,14 @@ Shapes: q (B, Nq, H, D) or varlen (total_q, H, D); k, v (B, Nk, Hk, D) or (total
 Head dims are split into two power-of-two parts when possible (80 = 64 + 16, 96 = 64 + 32) instead of
 padding to the next power of two, which would waste 60% more tensor-core work at vit_h's 80.
 
+WINDOW mode (window_attn): q, k, v are (B, GH, GW, H, D) token grids and each program's sequence is
+one WIN_H x WIN_W window, its tokens found by index arithmetic on the grid (no partition copy); the
+output is written to the grid in place. Windows inside the grid and windows that overhang it run as two
+launches (WIN_PAD): only the latter carry the padding keys, whose key and value are K_PAD / V_PAD.
+
+Hopper: a config with TMA=1 reads K and V through host-side tensor descriptors (the copy engine; zero
+fill past the sequence) instead of pointer loads; the tuner keeps it where it measured faster.
+
 float32 inputs follow torch.get_float32_matmul_precision(), as torch's own matmuls: "highest" runs
 3xTF32 on the tensor cores (float32-level error, see docs/benchmarks.md), "high" / "medium" TF32.
 """
@@ -468,7 +476,7 @@ def _configs() -> List[dict]:
                 for w_dot in (0, 1):
                     out.append(dict(BLOCK_M=bm, BLOCK_N=bn, W_DOT=w_dot, num_warps=warps, num_stages=stages))
     # Hopper: K / V through TMA descriptors. Measured faster only for split head dims without a bias
-    # (vit_h's 80 = 64 + 16: docs/benchmarks.md, run 26), so only the two usual winners get a TMA twin.
+    # (vit_h's 80 = 64 + 16: docs/benchmarks.md, run 24), so only the two usual winners get a TMA twin.
     for bm, warps in ((128, 8), (64, 4)):
         out.append(dict(BLOCK_M=bm, BLOCK_N=64, W_DOT=0, num_warps=warps, num_stages=3, TMA=1))
     return out

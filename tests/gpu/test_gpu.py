@@ -131,6 +131,25 @@ def test_rel_pos_paths(dtype, cfg, case):
     check(run(q, k, v, mask, rh, rw, tile, bs, config), q, k, v, mask, rh, rw, tile, bs, seed=seed)
 
 
+@pytest.mark.parametrize("D", [64, 80])
+@pytest.mark.parametrize("case", ["dense", "mask", "bias"])
+def test_tma_path(D, case):
+    """K / V through TMA descriptors (Hopper), in the two configs the tuner may pick: partial last key
+    tile (300 keys: the descriptor's zero fill), strided views of one qkv tensor, a mask, the one-hot bias."""
+    from sam_sparse.kernels import triton_attn
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+    seed, g = seeded()
+    q, k, v, rh, rw = inputs(g, torch.bfloat16, 2, 300, 300, 4, 4, D, rel=(20, 15) if case == "bias" else None,
+                             noncontig=True)
+    assert triton_attn.tma_eligible(k, v, 64), "these views should be readable through TMA descriptors"
+    for bm, warps, bs in ((128, 8, 128), (64, 4, 64)):
+        mask = rand_mask(g, 2, 4, 300, 300, bs, 0.6) if case == "mask" else None
+        config = dict(BLOCK_M=bm, BLOCK_N=64, W_DOT=0, num_warps=warps, num_stages=3, TMA=1)
+        check(run(q, k, v, mask, rh, rw, None, bs, config), q, k, v, mask, rh, rw, None, bs, seed=seed)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("nq,nk,bs", [(4096, 16, 128), (64, 32, 64), (7, 16, 64), (7, 4096, 128), (4096, 7, 128)])
 def test_decoder_shapes_and_partial_blocks_tuned(dtype, nq, nk, bs):
