@@ -1,7 +1,8 @@
 """Issue 14's probe: the kernel's launch configs on SAM's global and window layers, with the Hopper
 path (TMA descriptors for K / V) on and off and register caps (maxnreg), against SDPA in the same run.
-(Commit 9324a69 also tried Triton's warp specialization, `tl.range(warp_specialize=True)`: it did not
-compile for 4-warp configs and changed nothing for 8-warp ones; docs/benchmarks.md, run 24.)
+(9324a69's version of this script, which made docs/benchmarks.md's run 24, also had a switch for
+Triton's warp specialization, `tl.range(warp_specialize=True)`: it changed nothing for 8-warp configs
+and the kernel no longer has it.)
 
 Every variant is checked against a float32 SDPA with the rel-pos bias materialized (relative error
 printed) before it is timed, so a fast wrong config shows up as wrong. One JSON line per measurement

@@ -9,8 +9,9 @@ Writes $OUT/side.jsonl (one JSON object per measurement).
 The team's comparison script (../shared/bench/side_by_side.py, which made ../shared/anchors.md), kept
 here so that the figures in docs/benchmarks.md come from a script in the repository. One impl added:
 "dense-partitioned" is patch_sam(m, "dense") with the windowed blocks put back to SAM's own
-Block.forward (pad + window_partition copies), to measure what window_attn's in-place windows give."""
-import argparse, copy, functools, json, os, sys, time, traceback
+Block.forward (pad + window_partition copies), to measure what window_attn's in-place windows give;
+and gc.collect() before each row, so that a row's peak memory does not hold the previous model."""
+import argparse, copy, functools, gc, json, os, sys, time, traceback
 import torch
 from triton.testing import do_bench
 
@@ -81,7 +82,7 @@ for shape in a.shapes.split(","):
     for impl in a.impls.split(","):
         for mode in a.modes.split(","):
             try:
-                torch._dynamo.reset(); torch.cuda.empty_cache()
+                torch._dynamo.reset(); gc.collect(); torch.cuda.empty_cache()  # the last row's model is gone
                 m = make(impl, name, orig_cpu)
                 f = m if MODES[mode] is None else torch.compile(m, mode=MODES[mode])
                 with torch.inference_mode():

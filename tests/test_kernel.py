@@ -28,17 +28,6 @@ FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform")
 
 
-@pytest.fixture
-def triton_kernel(monkeypatch):
-    """The Triton kernel module, with CPU tensors routed to it through the interpreter."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET before any import"
-    monkeypatch.setenv("SAM_SPARSE_FORCE_TRITON", "1")
-    from sam_sparse.kernels import triton_attn
-
-    assert triton_attn.INTERPRET
-    return triton_attn
-
-
 def make_inputs(g, B, Nq, Nk, H, Hk, D, dtype, rel=None, noncontig=False, rel_transposed=False):
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(dtype)
@@ -132,9 +121,10 @@ def test_kernel_relpos_paths(triton_kernel, dtype, rel, tile, config):
 
 @needs_triton
 def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
-    """SAM's global layer keeps 64/128 tiles, and the rel_w @ I variant only where it changes the code."""
+    """SAM's global layer keeps 64/128 tiles, the rel_w @ I variant only where it changes the code, and the
+    TMA variants only where the inputs can be read through TMA (make_plan's TMA_OK: Hopper, aligned)."""
     base = dict(seqlen_q=4096, seqlen_k=4096, MASK_BLOCK=128, D0=64, D1=0, HAS_BIAS=True, IS_FP32=False,
-                IS_BF16=True, KH=64, KW=64, tile_w=64)
+                IS_BF16=True, KH=64, KW=64, tile_w=64, TMA_OK=False)
     kept = triton_kernel._prune(triton_kernel._configs(), base)
     shapes = {(c["BLOCK_M"], c["BLOCK_N"], c["W_DOT"]) for c in kept}
     assert {bm for bm, _, _ in shapes} == {64, 128} and {bn for _, bn, _ in shapes} == {64, 128}
@@ -143,6 +133,11 @@ def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
         assert not any(c["W_DOT"] for c in triton_kernel._prune(triton_kernel._configs(), {**base, **changed}))
     decoder = triton_kernel._prune(triton_kernel._configs(), {**base, "seqlen_q": 7, "HAS_BIAS": False})
     assert {c["BLOCK_M"] for c in decoder} == {16}
+    assert not any(c.get("TMA") for c in kept)
+    hopper = triton_kernel._prune(triton_kernel._configs(), {**base, "TMA_OK": True})
+    assert {(c["BLOCK_M"], c["num_warps"]) for c in hopper if c.get("TMA")} == {(128, 8), (64, 4)}
+    short = {**base, "seqlen_q": 7, "HAS_BIAS": False, "TMA_OK": True}  # decoder tokens: no 64-row tiles at all
+    assert not any(c.get("TMA") for c in triton_kernel._prune(triton_kernel._configs(), short))
 
 
 @needs_triton

@@ -10,13 +10,14 @@ from patch_helpers import make_image, small_encoder, small_policy, small_sam
 from segment_anything import SamPredictor
 from segment_anything.modeling import ImageEncoderViT, Sam
 from segment_anything.modeling.image_encoder import Attention as EncoderAttention
+from segment_anything.modeling.image_encoder import Block as EncoderBlock
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 
 import sam_sparse.patches.attention as attention_mod
 from sam_sparse import patch_sam, unpatch_sam
 from sam_sparse.policy import PolicyError
 from sam_sparse.patches import PolicyWarning
-from sam_sparse.patches import PatchHandle, SparseDecoderAttention, SparseEncoderAttention
+from sam_sparse.patches import PatchHandle, SparseDecoderAttention, SparseEncoderAttention, SparseWindowBlock
 from sam_sparse.policy import Policy, load_policy
 
 
@@ -229,6 +230,33 @@ def test_filter_fn_selects_modules():
     assert type(sam.image_encoder.blocks[0].attn) is EncoderAttention
     assert type(sam.image_encoder.blocks[1].attn) is SparseEncoderAttention
     assert type(sam.mask_decoder.transformer.layers[0].self_attn) is DecoderAttention
+    handle.restore()
+
+
+def test_windowed_blocks_swap_with_their_attention():
+    """A windowed block reads its windows in place exactly while its attention is patched: swapped by
+    patch_sam, put back by restore() / disabled(), left alone when filter_fn skips its attention, and
+    carried by a deep copy (which unpatch_sam then restores on its own)."""
+    sam = small_sam()
+    blocks = sam.image_encoder.blocks
+    windowed = [i for i, b in enumerate(blocks) if b.window_size > 0]
+    assert windowed and len(windowed) < len(blocks)
+    handle = patch_sam(sam, "dense")
+    assert all(type(b) is (SparseWindowBlock if i in windowed else EncoderBlock) for i, b in enumerate(blocks))
+    with handle.disabled():
+        assert all(type(b) is EncoderBlock for b in blocks)
+    assert all(type(blocks[i]) is SparseWindowBlock for i in windowed)
+    twin = copy.deepcopy(sam)
+    assert all(type(twin.image_encoder.blocks[i]) is SparseWindowBlock for i in windowed)
+    unpatch_sam(twin)
+    assert all(type(b) is EncoderBlock for b in twin.image_encoder.blocks)
+    assert all(type(blocks[i]) is SparseWindowBlock for i in windowed)  # the original is still patched
+    handle.restore()
+    assert all(type(b) is EncoderBlock for b in blocks)
+    skip = f"image_encoder.blocks.{windowed[0]}.attn"
+    handle = patch_sam(sam, "dense", filter_fn=lambda name, m: name != skip)
+    assert type(blocks[windowed[0]]) is EncoderBlock and type(blocks[windowed[0]].attn) is EncoderAttention
+    assert all(type(blocks[i]) is SparseWindowBlock for i in windowed[1:])
     handle.restore()
 
 

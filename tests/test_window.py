@@ -287,17 +287,6 @@ def test_window_attn_compile_fullgraph():
 # (c) The Triton kernel itself, in the interpreter
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture
-def triton_kernel(monkeypatch):
-    """The Triton kernel module, with CPU tensors routed to it through the interpreter."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET before any import"
-    monkeypatch.setenv("SAM_SPARSE_FORCE_TRITON", "1")
-    from sam_sparse.kernels import triton_attn
-
-    assert triton_attn.INTERPRET
-    return triton_attn
-
-
 def run_kernel(triton_attn, q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, bs, config, scale=None):
     """One launch into a NaN-poisoned output; None pads are zeros (the kernel always reads them)."""
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
@@ -330,6 +319,12 @@ KERNEL_CASES = [
     (2, 9, 8, (7, 7), 2, 2, 16, True, (1, 1), 32, torch.float32, True),
     # a grid smaller than one window: 6 tokens on the grid, 10 padding keys
     (2, 3, 2, (4, 4), 2, 1, 32, True, None, 32, torch.float16, True),
+    # the grid a multiple of the window: no padding, the inner windows' launch only
+    (1, 8, 6, (4, 3), 2, 1, 16, True, (1, 1), 32, torch.float32, True),
+    # only the last row of windows overhangs (7 rows of 4-row windows, 6 columns of 3)
+    (2, 7, 6, (4, 3), 2, 2, 16, True, None, 32, torch.float32, False),
+    # only the last column overhangs
+    (1, 8, 5, (4, 3), 2, 1, 16, True, None, 32, torch.float32, True),
 ]
 
 
@@ -373,6 +368,39 @@ def test_kernel_wdot_bf16(triton_kernel):
     rh, empty = plant_neg_inf(g, rh, n_partial=2, n_empty=1)
     out = run_kernel(triton_kernel, q, k, v, (2, 16), kp, vp, None, rh, rw, 32, dict(BLOCK_M=16, BLOCK_N=16, W_DOT=1))
     check(out, q, k, v, (2, 16), kp, vp, None, rh, rw, None, 32, seed, empty)
+
+
+def test_window_op_passes_opcheck():
+    """torch.compile's contract for the custom op: schema, fake tensor (shape, dtype, contiguity), autograd
+    registration, on the reference path."""
+    from sam_sparse.kernels import interface
+
+    seed, g = seeded()
+    q, k, v, kp, vp, rh, rw = grid_inputs(g, 1, 5, 6, 2, 1, 16, torch.float32, (4, 4), noncontig=True)
+    torch.library.opcheck(interface._window_op, (q, k, v, kp, vp, None, None, rh, rw, [4, 4], 0.25, 128))
+
+
+def test_window_attn_fast_path_reuses_the_plan(monkeypatch):
+    """A repeated call with the same signature skips the checks and the planner, and gives the same
+    output; a call that needs a conversion (None pads) is never served from the fast path."""
+    from sam_sparse.kernels import interface
+
+    seed, g = seeded()
+    q, k, v, kp, vp, rh, rw = grid_inputs(g, 1, 6, 5, 2, 1, 16, torch.float32, (4, 4), noncontig=True)
+    first = window_attn(q, k, v, (4, 4), k_pad=kp, v_pad=vp, rel_h=rh, rel_w=rw)
+    made = []
+    real = interface._new_plan
+    monkeypatch.setattr(interface, "_new_plan", lambda *a, **kw: made.append(1) or real(*a, **kw))
+    monkeypatch.setattr(interface, "_check_qkv", lambda *a, **kw: pytest.fail("the fast path ran the checks"))
+    again = window_attn(q, k, v, (4, 4), k_pad=kp, v_pad=vp, rel_h=rh, rel_w=rw)
+    assert not made and torch.equal(first, again), f"seed {seed}"
+    monkeypatch.undo()
+    no_pads = window_attn(q, k, v, (4, 4), rel_h=rh, rel_w=rw)
+    ref = oracle_window(q, k, v, (4, 4), None, None, None, rh, rw)
+    assert rel_error(no_pads, ref) < 1e-5, f"seed {seed}"
+    monkeypatch.setattr(interface, "_check_qkv", lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("checked")))
+    with pytest.raises(RuntimeError, match="checked"):  # None pads: converted, so always checked
+        window_attn(q, k, v, (4, 4), rel_h=rh, rel_w=rw)
 
 
 @needs_triton

@@ -63,7 +63,7 @@ def _check_no_grad(*tensors) -> None:
     """The kernel has no backward: refuse inputs that want a gradient instead of silently cutting it."""
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
         raise RuntimeError(
-            "block_sparse_attn is inference-only (no backward pass), but an input requires grad with grad mode "
+            "sam_sparse's attention is inference-only (no backward pass), but an input requires grad with grad mode "
             "on; run it under torch.no_grad() or torch.inference_mode(), or restore the "
             "original attention (handle.restore()) to train"
         )
@@ -198,6 +198,32 @@ def _check_cu_seqlens(name, cu, total: int, device):
     vals = cu.tolist()
     if vals[0] != 0 or any(b < a for a, b in zip(vals, vals[1:])) or vals[-1] != total:
         raise ValueError(f"{name}={vals[:8]}{'...' if len(vals) > 8 else ''}: must start at 0, never decrease and end at {total} (the total length)")
+
+
+def _check_window(window_size, grid) -> Tuple[int, int]:
+    """window_size as (wh, ww) positive ints, or ValueError; also refuses an empty token grid."""
+    try:
+        wh, ww = (operator.index(x) for x in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size={window_size!r}: expected a pair (wh, ww) of positive ints") from None
+    if wh <= 0 or ww <= 0:
+        raise ValueError(f"window_size={window_size!r}: expected a pair (wh, ww) of positive ints")
+    if grid[0] == 0 or grid[1] == 0:
+        raise ValueError(f"the token grid {tuple(grid)} is empty; window_attn needs at least one token")
+    return wh, ww
+
+
+def _check_pad(name: str, t, k: torch.Tensor) -> torch.Tensor:
+    """A padding key / value vector (nheads_k, headdim) in k's dtype, contiguous (zeros for None)."""
+    want = f"(nheads_k, headdim) = {tuple(k.shape[-2:])}"
+    if t is None:
+        return k.new_zeros(k.shape[-2:])
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(k.shape[-2:]) or not t.is_floating_point():
+        got = describe_tensor(t) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} has {got}; expected a float tensor {want} or None (zeros)")
+    if t.device != k.device:
+        raise ValueError(f"{name} is on {t.device} but k is on {k.device}")
+    return t.to(k.dtype).contiguous()  # (nheads_k, headdim): a few hundred bytes
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,12 +361,18 @@ def _window_impl(
     softmax_scale: float,
     block_size: int,
 ) -> torch.Tensor:
+    plan = _window_plan(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_size, softmax_scale,
+                        block_size)
+    return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, None, k_pad, v_pad)
+
+
+def _window_plan(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_size, softmax_scale, block_size):
+    """The plan of a checked window_attn call, from the plan cache (keyed by every input's signature)."""
     win = tuple(window_size)
     key = ("window", _sig(q), _sig(k), _sig(v), _sig(k_pad), _sig(v_pad), _sig(kv_num_blocks), _sig(kv_indices),
            _sig(rel_h), _sig(rel_w), win, softmax_scale, block_size, _use_triton(q), torch.get_float32_matmul_precision())
-    plan = _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, softmax_scale,
+    return _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, softmax_scale,
                                            block_size, window=win))
-    return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, None, k_pad, v_pad)
 
 
 _window_op = torch.library.custom_op("sam_sparse::window_attn", _window_impl, mutates_args=())
@@ -467,30 +499,6 @@ def block_sparse_attn_varlen(
     return op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx, scale, bs)
 
 
-def _check_window(window_size, grid) -> Tuple[int, int]:
-    try:
-        wh, ww = (operator.index(x) for x in window_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"window_size={window_size!r}: expected a pair (wh, ww) of positive ints") from None
-    if wh <= 0 or ww <= 0:
-        raise ValueError(f"window_size={window_size!r}: expected a pair (wh, ww) of positive ints")
-    if grid[0] == 0 or grid[1] == 0:
-        raise ValueError(f"the token grid {tuple(grid)} is empty; window_attn needs at least one token")
-    return wh, ww
-
-
-def _check_pad(name: str, t, k: torch.Tensor) -> torch.Tensor:
-    want = f"(nheads_k, headdim) = {tuple(k.shape[-2:])}"
-    if t is None:
-        return k.new_zeros(k.shape[-2:])
-    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(k.shape[-2:]) or not t.is_floating_point():
-        got = describe_tensor(t) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} has {got}; expected a float tensor {want} or None (zeros)")
-    if t.device != k.device:
-        raise ValueError(f"{name} is on {t.device} but k is on {k.device}")
-    return t.to(k.dtype).contiguous()  # (nheads_k, headdim): a few hundred bytes
-
-
 def window_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -513,8 +521,8 @@ def window_attn(
     a projection with bias. This is partition -> attention -> unpartition -> crop, without the copies.
 
     q: (batch, grid_h, grid_w, nheads, headdim); k, v: (batch, grid_h, grid_w, nheads_k, headdim), any
-        strides (views of a fused qkv projection work without a copy; k and v are copied only if their
-        head dim is not contiguous).
+        strides (views of a fused qkv projection work without a copy; on the kernel path, k and v are
+        copied only if their head dim is not contiguous).
     window_size: (wh, ww) in tokens.
     block_mask: over one window's wh * ww tokens in raster order: a BlockLayout or a bool tensor
         (batch * windows or 1, nheads or 1, ceil(wh * ww / block_size), same); None: dense.
@@ -527,18 +535,42 @@ def window_attn(
     Returns (batch, grid_h, grid_w, nheads, headdim) in q's dtype, contiguous.
     """
     _check_no_grad(q, k, v, k_pad, v_pad, rel_h, rel_w)
+    fast = (block_mask is None or isinstance(block_mask, BlockLayout)) and not torch.compiler.is_compiling()
+    key = None
+    if fast:
+        # A repeated call (SAM's window blocks, image after image) skips the checks: one dict lookup.
+        try:
+            key = ("window", tuple(window_size), k_pad is None, v_pad is None,
+                   _fast_key(q, k, v, block_mask, rel_h, rel_w, None, softmax_scale, block_size), _sig(k_pad), _sig(v_pad))
+            plan = _PLANS.get(key)
+        except (AttributeError, TypeError):  # not tensors, unhashable window_size...: the checks below say what
+            key = plan = None
+        if plan is not None:
+            num, idx = (block_mask.kv_num_blocks, block_mask.kv_indices) if block_mask is not None else (None, None)
+            return plan(q, k, v, num, idx, rel_h, rel_w, None, None, k_pad, v_pad)
+
     _check_qkv(q, k, v, varlen=False, grid=True)
     batch, gh, gw, nheads, headdim = q.shape
     wh, ww = _check_window(window_size, (gh, gw))
     windows = -(-gh // wh) * -(-gw // ww)
     layout, bs = _to_layout(block_mask, block_size, batch * windows, nheads, wh * ww, wh * ww, q.device)
-    check_rel(rel_h, rel_w, None, q.flatten(1, 2), wh * ww)
+    # check_rel reads only shapes and the device: a stride-0 stand-in for q as (batch, tokens, nheads, headdim)
+    check_rel(rel_h, rel_w, None, q.new_empty(()).expand(batch, gh * gw, nheads, headdim), wh * ww)
     if rel_h is not None and (rel_h.shape[-1], rel_w.shape[-1]) != (wh, ww):
         raise ValueError(f"rel_h / rel_w have kh={rel_h.shape[-1]}, kw={rel_w.shape[-1]}; expected the window ({wh}, {ww})")
-    k_pad, v_pad = _check_pad("k_pad", k_pad, k), _check_pad("v_pad", v_pad, v)
-    # The kernel reads padding keys from k_pad's memory with k's head-dim stride, so that must be 1.
-    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    pads = _check_pad("k_pad", k_pad, k), _check_pad("v_pad", v_pad, v)
+    # Pointer loads with a head-dim stride other than 1 cannot be vectorized, hence not pipelined:
+    # such k / v (never SAM's) are copied once here.
+    kv = tuple(t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
     scale = check_scale(softmax_scale, headdim)
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
-    op = _window_op if torch.compiler.is_compiling() else _window_impl
-    return op(q, k, v, k_pad, v_pad, num, idx, rel_h, rel_w, [wh, ww], scale, bs)
+    if torch.compiler.is_compiling():
+        return _window_op(q, *kv, *pads, num, idx, rel_h, rel_w, [wh, ww], scale, bs)
+    plan = _window_plan(q, *kv, *pads, num, idx, rel_h, rel_w, (wh, ww), scale, bs)
+    # The fast path gets the plan only when the call needed no conversion: then its tensors are exactly
+    # the ones checked here.
+    if key is not None and pads[0] is k_pad and pads[1] is v_pad and kv[0] is k and kv[1] is v:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    return plan(q, *kv, num, idx, rel_h, rel_w, None, None, *pads)

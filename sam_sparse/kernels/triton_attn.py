@@ -844,7 +844,7 @@ def make_plan(
     kb = kv_indices.shape[-1] if has_mask else 1
     a = dict(
         seqlen_q=seqlen_q, seqlen_k=seqlen_k, KH=kh, KW=kw, tile_h=tile_h, tile_w=tile_w,
-        D0=d0, D1=d1, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen, WINDOW=window is not None,
+        D0=d0, D1=d1, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen,
         IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
     prec = dot_precision(q.dtype)

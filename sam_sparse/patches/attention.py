@@ -326,7 +326,6 @@ class SparseEncoderAttention(EncoderAttention):
             return out.view(B, H // th, W // tw, th, tw, C).transpose(2, 3).reshape(B, H, W, C)
         return out.view(B, H, W, C)
 
-
     def forward_windows(self, x: torch.Tensor, window: int) -> torch.Tensor:
         """SAM's windowed attention over the whole grid, without partitioning it.
 

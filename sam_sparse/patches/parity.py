@@ -246,12 +246,12 @@ class _Recorder:
                 self.saved.setdefault(name, []).append(out.detach())
             elif self.mode == "compare":
                 ref = self.saved[name].pop(0)
-                if ref.shape != out.shape and ref.dim() == out.dim() == 4 and ref.shape[1] == ref.shape[2]:
-                    # A windowed layer: unpatched, SAM's partitioned windows (B * nW, w, w, C); patched,
-                    # the whole grid (B, H, W, C), read window by window in place.
+                lp = self.stats[name]
+                if lp.kind == "encoder.window" and ref.shape != out.shape:
+                    # Unpatched, SAM's partitioned windows (B * nW, w, w, C); patched, the whole grid
+                    # (B, H, W, C), read window by window in place (SparseWindowBlock).
                     H, W, w = out.shape[1], out.shape[2], ref.shape[1]
                     ref = window_unpartition(ref, w, (-(-H // w) * w, -(-W // w) * w), (H, W))
-                lp = self.stats[name]
                 lp.max_abs_err = max(lp.max_abs_err, float((out.detach().float() - ref.float()).abs().max()))
                 lp.cosine = min(lp.cosine, _cosine(out.detach(), ref))
                 lp.calls += 1

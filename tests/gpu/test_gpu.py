@@ -146,8 +146,17 @@ def test_tma_path(D, case):
     assert triton_attn.tma_eligible(k, v, 64), "these views should be readable through TMA descriptors"
     for bm, warps, bs in ((128, 8, 128), (64, 4, 64)):
         mask = rand_mask(g, 2, 4, 300, 300, bs, 0.6) if case == "mask" else None
+        lists = (None, None)
+        if mask is not None:
+            layout = BlockLayout.from_mask(mask, bs)
+            lists = (layout.kv_num_blocks, layout.kv_indices)
         config = dict(BLOCK_M=bm, BLOCK_N=64, W_DOT=0, num_warps=warps, num_stages=3, TMA=1)
-        check(run(q, k, v, mask, rh, rw, None, bs, config), q, k, v, mask, rh, rw, None, bs, seed=seed)
+        plan = triton_attn.make_plan(q, k, v, *lists, rh, rw, None, D**-0.5, bs, config=config)
+        for _ in range(2):  # the second call goes through the compiled kernel's own launcher, new descriptors
+            out = torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
+            plan(q, k, v, *lists, rh, rw, None, None, out=out)
+            check(out, q, k, v, mask, rh, rw, None, bs, seed=seed)
+        assert plan.fast_path
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
