@@ -1,0 +1,111 @@
+"""What the compiler makes of the attention kernel, without a GPU: registers, spills, shared memory, and
+whether the K / V loads of the main loop are software-pipelined, for SAM's global layer (rect bias,
+rel_w hoisted), the same layer without bias, and the window layer (one-hot bias, in-place windows).
+
+Compiles `_attn_fwd` for an sm_90a target with this machine's Triton (ptxas ships with it) through the
+same constexprs the launcher would set for those shapes; integer arguments get the specializations the
+JIT gives them at run time (head-dim strides of 1, multiples of 16). The Triton here may not be the
+GPU machine's: numbers are leads for what the device measures, not measurements of it.
+
+    python scripts/kernel_report.py [--out docs/bench/kernel_report.md] [--maxnreg 0,128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from sam_sparse.kernels import triton_attn  # noqa: E402
+
+POINTERS = ("Q", "K", "V", "Out", "K_PAD", "V_PAD", "DESC_K0", "DESC_K1", "DESC_V0", "DESC_V1", "REL_H", "REL_W")
+INT_POINTERS = ("KV_NUM", "KV_IDX", "CU_Q", "CU_K")
+UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_rhm", "stride_rwm")
+
+# The launcher's constexprs for three of SAM's layers (vit_b: head dim 64), dense.
+COMMON = dict(D_REAL=64, D0=64, D1=0, MASK_BLOCK=128, KB_P=16, HAS_MASK=False, VARLEN=False, WINDOW=False,
+              WIN_H=1, WIN_W=1, WIN_PAD=False, DOT_PREC="tf32", INTERP=False, RECT_H=1, RECT_W=64,
+              W_HOIST=False, USE_WDOT=False, KH_P=16, KW_P=16, EVEN_N=True, TMA=False)
+CASES = {
+    "global, rel-pos (rect, rel_w hoisted)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_RECT, W_HOIST=True),
+    "global, no bias": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE),
+    "window 14x14 in place, rel-pos (one-hot)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_ONEHOT, WINDOW=True,
+                                                     WIN_H=14, WIN_W=14, RECT_W=14, EVEN_N=False),
+    "window 14x14 overhanging, rel-pos (one-hot)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_ONEHOT, WINDOW=True,
+                                                        WIN_H=14, WIN_W=14, WIN_PAD=True, RECT_W=14, EVEN_N=False),
+}
+CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
+
+
+def compile_one(case: dict, bm: int, bn: int, warps: int, stages: int, maxnreg: int):
+    fn = triton_attn._attn_fwd
+    names = fn.arg_names
+    const = {**COMMON, **case, "BLOCK_M": bm, "BLOCK_N": bn, **{n: 1 for n in UNIT_STRIDES}}
+    if const["BIAS_PATH"] == triton_attn.BIAS_RECT:
+        const["RECT_H"], const["RECT_W"] = max(1, bn // 64), min(bn, 64)
+    sig = {}
+    for n in names:
+        sig[n] = ("constexpr" if n in const else "*bf16" if n in POINTERS else "*i32" if n in INT_POINTERS
+                  else "fp32" if n == "sm_scale" else "i32")
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("stride"))}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
+    options = dict(num_warps=warps, num_stages=stages, **({"maxnreg": maxnreg} if maxnreg else {}))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def ptxas_report(ptx: str) -> dict:
+    """Registers and spill bytes from ptxas -v on the kernel's PTX (sm_90a)."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", text)
+    spill = re.search(r"(\d+) bytes spill stores", text)
+    return dict(registers=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else None)
+
+
+def loop_async_copies(ttgir: str) -> int:
+    """async_copy_global_to_local ops inside the kernel's scf.for: K and V pipelined gives 2 (or 4 with
+    a split head dim); 0 means the main loop waits on plain loads every step."""
+    body = ttgir[ttgir.find("scf.for"):]
+    body = body[:body.find("scf.yield")]
+    return body.count("async_copy_global_to_local")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="also write the table to this markdown file")
+    ap.add_argument("--maxnreg", default="0,128", help="register caps to compile with (0: none)")
+    args = ap.parse_args()
+    lines = [f"Off-device compile for sm_90a, Triton {triton.__version__}, bf16, head dim 64.", "",
+             "| layer | BLOCK_M x BLOCK_N, warps, stages | maxnreg | registers | spill bytes | shared memory (B) | K/V async copies in the loop |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for label, case in CASES.items():
+        for bm, bn, warps, stages in CONFIGS:
+            if case.get("WINDOW") and bn > 64:
+                continue
+            for maxnreg in (int(x) for x in args.maxnreg.split(",")):
+                k = compile_one(case, bm, bn, warps, stages, maxnreg)
+                rep = ptxas_report(k.asm["ptx"])
+                lines.append(f"| {label} | {bm}x{bn}, {warps}, {stages} | {maxnreg or '-'} | {rep['registers']} | "
+                             f"{rep['spill_bytes']} | {k.metadata.shared} | {loop_async_copies(k.asm['ttgir'])} |")
+                print(lines[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
