@@ -221,12 +221,8 @@ def test_window_attn_cpu_matches_oracle(case, as_layout):
     empty = []
     if rel:
         rh, empty = plant_neg_inf(g, rh)
-    mask = None
-    if mask_kind is not None:
-        n_win = -(-GH // window[0]) * -(-GW // window[1])
-        Bm, Hm = (B * n_win, H) if mask_kind == "full" else mask_kind
-        mask = random_mask(g, Bm, Hm, window[0] * window[1], bs)
-        empty += expand_heads(mask_empty_rows(mask, B, GH, GW, window, bs), H)
+    mask, masked_out = case_mask(g, mask_kind, B, GH, GW, window, H, bs)
+    empty += masked_out
     arg = BlockLayout.from_mask(mask, bs) if (as_layout and mask is not None) else mask
     kwargs = dict(block_size=bs) if not (as_layout and mask is not None) else {}
     out = window_attn(q, k, v, window, arg, k_pad=kp, v_pad=vp, rel_h=rh, rel_w=rw, **kwargs)
@@ -287,6 +283,17 @@ def test_window_attn_compile_fullgraph():
 # (c) The Triton kernel itself, in the interpreter
 # ------------------------------------------------------------------------------------------------
 
+def case_mask(g, mask_kind, B, GH, GW, window, H, bs):
+    """A case's random block mask (None, "full": one per window and head, or a broadcast (Bm, Hm)) and the
+    (b, h, query) triples it leaves with no key."""
+    if mask_kind is None:
+        return None, []
+    n_win = -(-GH // window[0]) * -(-GW // window[1])
+    Bm, Hm = (B * n_win, H) if mask_kind == "full" else mask_kind
+    mask = random_mask(g, Bm, Hm, window[0] * window[1], bs)
+    return mask, expand_heads(mask_empty_rows(mask, B, GH, GW, window, bs), H)
+
+
 def run_kernel(triton_attn, q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, bs, config, scale=None):
     """One launch into a NaN-poisoned output; None pads are zeros (the kernel always reads them)."""
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
@@ -339,12 +346,8 @@ def test_kernel_matches_oracle(triton_kernel, case, config):
     empty = []
     if rel:
         rh, empty = plant_neg_inf(g, rh, n_partial=3, n_empty=2)
-    mask = None
-    if mask_kind is not None:
-        n_win = -(-GH // window[0]) * -(-GW // window[1])
-        Bm, Hm = (B * n_win, H) if mask_kind == "full" else mask_kind
-        mask = random_mask(g, Bm, Hm, window[0] * window[1], bs)
-        empty += expand_heads(mask_empty_rows(mask, B, GH, GW, window, bs), H)
+    mask, masked_out = case_mask(g, mask_kind, B, GH, GW, window, H, bs)
+    empty += masked_out
     out = run_kernel(triton_kernel, q, k, v, window, kp, vp, mask, rh, rw, bs, config)
     check(out, q, k, v, window, kp, vp, mask, rh, rw, None, bs, seed, empty)
 
