@@ -175,20 +175,24 @@ def decoder_geometry(template: LayerGeometry, seqlen_q: int, seqlen_k: int, grid
     return replace(template, seqlen_q=seqlen_q, seqlen_k=seqlen_k, q_grid=q_grid, k_grid=k_grid)
 
 
-_REL_INDEX: Dict[tuple, torch.Tensor] = {}
+_INDEX: Dict[tuple, torch.Tensor] = {}
+
+
+def _cached_index(key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A small index tensor that is a pure function of `key` (sizes and device): built once and reused
+    by eager calls, where at batch 1 the tiny kernels that build it cost more than they compute."""
+    if torch.compiler.is_compiling():  # traced: inductor folds it into the graph, no cache needed
+        return build()
+    if key not in _INDEX:
+        # A normal tensor even when the first call runs under inference_mode: later calls may not.
+        with torch.inference_mode(False):
+            _INDEX[key] = build()
+    return _INDEX[key]
 
 
 def _rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
-    """SAM's relative-coordinate index, (q_size, k_size) int64. A pure function of the sizes, so
-    eager calls reuse it: at batch 1 the five tiny kernels that build it cost more than they compute."""
-    if torch.compiler.is_compiling():  # traced: inductor folds it into the graph, no cache needed
-        return _build_rel_index(q_size, k_size, device)
-    key = (q_size, k_size, device)
-    if key not in _REL_INDEX:
-        # A normal tensor even when the first call runs under inference_mode: later calls may not.
-        with torch.inference_mode(False):
-            _REL_INDEX[key] = _build_rel_index(q_size, k_size, device)
-    return _REL_INDEX[key]
+    """SAM's relative-coordinate index, (q_size, k_size) int64."""
+    return _cached_index(("rel", q_size, k_size, device), lambda: _build_rel_index(q_size, k_size, device))
 
 
 def _build_rel_index(q_size: int, k_size: int, device: torch.device) -> torch.Tensor:
@@ -242,18 +246,9 @@ def rel_pos_terms(
     return rel_h.reshape(B, nH, H, N).transpose(-1, -2), rel_w.reshape(B, nH, W, N).transpose(-1, -2)
 
 
-_GRID_INDEX: Dict[tuple, torch.Tensor] = {}
-
-
 def _in_window_index(n: int, window: int, device: torch.device) -> torch.Tensor:
-    """(n,) int64: each grid row's (or column's) position inside its window, i % window (cached as _rel_index)."""
-    if torch.compiler.is_compiling():
-        return torch.arange(n, device=device) % window
-    key = (n, window, device)
-    if key not in _GRID_INDEX:
-        with torch.inference_mode(False):
-            _GRID_INDEX[key] = torch.arange(n, device=device) % window
-    return _GRID_INDEX[key]
+    """(n,) int64: each grid row's (or column's) position inside its window, i % window."""
+    return _cached_index(("window", n, window, device), lambda: torch.arange(n, device=device) % window)
 
 
 def window_rel_pos_terms(
