@@ -95,6 +95,35 @@ def same_dtype_window(q, k, v, window, k_pad, v_pad, block_mask=None, rel_h=None
                        scale, block_size)
 
 
+def check_window(out, q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, scale, block_size, seed, floor, row_floor,
+                 empty=()):
+    """Assert window_attn's output against oracle_window, globally and per (query, head) row, relative to
+    the same computation by PyTorch in q's dtype (2x its error plus floor[dtype] / row_floor[dtype]).
+
+    out must be q-shaped, q's dtype, contiguous, finite. empty: (b, h, raster query) triples the oracle
+    must give as zeros; every row the oracle gives as zeros (no key left) must be exactly zero in out.
+    Returns the oracle's output."""
+    B, GH, GW, H, D = q.shape
+    assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous(), (
+        f"seed {seed}: {tuple(out.shape)} {out.dtype}, contiguous {out.is_contiguous()}")
+    assert not torch.isnan(out).any(), f"seed {seed}: NaN in the output (or a query left unwritten)"
+    assert torch.isfinite(out).all(), f"seed {seed}: inf in the output"
+    ref = oracle_window(q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, scale, block_size)
+    base = same_dtype_window(q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, scale, block_size)
+    err, err_base = rel_error(out, ref), rel_error(base, ref)
+    assert err <= 2 * err_base + floor[q.dtype], f"seed {seed}: error {err:.3g} vs PyTorch {q.dtype} {err_base:.3g}"
+    row_err = (out.double() - ref).abs().amax(dim=-1)  # (B, GH, GW, H)
+    row_base = (base.double() - ref).abs().amax(dim=-1)
+    bad = row_err > 2 * row_base + row_floor[q.dtype]
+    assert not bad.any(), (f"seed {seed}: {int(bad.sum())} rows off, worst {row_err.max():.3g}, "
+                           f"first (b, y, x, h) {bad.nonzero()[0].tolist()}")
+    zero_rows = (ref == 0).all(dim=-1)
+    for b, h, n in empty:
+        assert zero_rows[b, n // GW, n % GW, h], f"seed {seed}: the oracle should give zeros at {(b, h, n)}"
+    assert (out[zero_rows] == 0).all(), f"seed {seed}: a query with no key left must give zeros"
+    return ref
+
+
 def _per_window(attend, out_dtype, q, k, v, window, k_pad, v_pad, block_mask, rel_h, rel_w, scale, block_size):
     B, GH, GW, H, D = q.shape
     Hk = k.shape[3]
