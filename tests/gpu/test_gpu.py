@@ -8,40 +8,17 @@ failure message), poisons the output before the kernel writes it, and checks per
 """
 
 import itertools
-import os
 
 import numpy as np
 import pytest
 import torch
 
+from gpu_helpers import DTYPES, FLOOR, GPU_MARKS, ROW_FLOOR, rnd, seeded
 from oracle import oracle_attention, rel_error, same_dtype_torch
 from sam_sparse import block_sparse_attn, block_sparse_attn_varlen, patch_sam
 from sam_sparse.kernels import BlockLayout
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with TRITON_INTERPRET=0 there)"),
-]
-
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-ROW_FLOOR = {torch.float32: 1e-4, torch.float16: 8e-3, torch.bfloat16: 6e-2}
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def compiled_not_interpreted():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.fail("TRITON_INTERPRET=1 is set: the GPU suite must run the compiled kernel (set TRITON_INTERPRET=0)")
-
-
-def seeded():
-    seed = torch.seed() % 2**31
-    return seed, torch.Generator(device="cuda").manual_seed(seed)
-
-
-def rnd(g, *shape, dtype):
-    return torch.randn(*shape, device="cuda", generator=g).to(dtype)
-
+pytestmark = GPU_MARKS
 
 def check(out, q, k, v, mask, rel_h=None, rel_w=None, tile=None, bs=128, seed=None):
     torch.cuda.synchronize()

@@ -7,29 +7,19 @@ CI's CPU run collects and skips it (no CUDA). Every case draws fresh random inpu
 failure message). Error unit: probability mass per query (|mass - reference| / queries in the block).
 """
 
-import os
 
 import pytest
 import torch
 
+from gpu_helpers import DTYPES, GPU_MARKS, seeded
 from sam_sparse.kernels import block_mass
 from sam_sparse.kernels.block_mass import block_attention_mass, mass_torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with TRITON_INTERPRET=0 there)"),
-]
+pytestmark = GPU_MARKS
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The kernel computes the logits in fp32 from the same rounded inputs (fp32: 3xTF32 under the default
 # "highest" matmul precision), so every dtype gets the same float32-level bound.
 TOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def compiled_not_interpreted():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.fail("TRITON_INTERPRET=1 is set: the GPU suite must run the compiled kernel (set TRITON_INTERPRET=0)")
 
 
 @pytest.fixture
@@ -40,11 +30,6 @@ def triton_only(monkeypatch):
         return mass_torch(q, *args)
 
     monkeypatch.setattr(block_mass, "mass_torch", refuse)
-
-
-def seeded():
-    seed = torch.seed() % 2**31
-    return seed, torch.Generator(device="cuda").manual_seed(seed)
 
 
 def inputs(g, dtype, B, Nq, Nk, H, Hk, D, rel, noncontig=False, rel_scale=2.0):

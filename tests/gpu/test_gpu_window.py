@@ -9,38 +9,15 @@ failure message), poisons the output with NaN before the kernel writes it, and c
 globally against PyTorch doing the same computation in the inputs' dtype (same_dtype_window).
 """
 
-import os
 
 import pytest
 import torch
 
+from gpu_helpers import DTYPES, FLOOR, GPU_MARKS, ROW_FLOOR, rnd, seeded
 from oracle import check_window
 from sam_sparse.kernels import BlockLayout, window_attn
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with TRITON_INTERPRET=0 there)"),
-]
-
-FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-ROW_FLOOR = {torch.float32: 1e-4, torch.float16: 8e-3, torch.bfloat16: 6e-2}
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def compiled_not_interpreted():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.fail("TRITON_INTERPRET=1 is set: the GPU suite must run the compiled kernel (set TRITON_INTERPRET=0)")
-
-
-def seeded():
-    seed = torch.seed() % 2**31
-    return seed, torch.Generator(device="cuda").manual_seed(seed)
-
-
-def rnd(g, *shape, dtype):
-    return torch.randn(*shape, device="cuda", generator=g).to(dtype)
-
+pytestmark = GPU_MARKS
 
 def inputs(g, dtype, B, GH, GW, H, Hk, D, window, rel=True, noncontig=True, pads=True):
     """q (B, GH, GW, H, D), k, v (B, GH, GW, Hk, D), k_pad, v_pad (Hk, D) or None, rel_h, rel_w or None."""

@@ -1,0 +1,24 @@
+"""What the GPU test files share: their marks, the dtypes and error floors they check against the
+float64 oracle (on top of 2x PyTorch's own error in the inputs' dtype), and seeded CUDA inputs."""
+
+import pytest
+import torch
+
+GPU_MARKS = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run with TRITON_INTERPRET=0 there)"),
+]
+
+FLOOR = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+ROW_FLOOR = {torch.float32: 1e-4, torch.float16: 8e-3, torch.bfloat16: 6e-2}
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def seeded():
+    """(seed, CUDA generator): fresh inputs every run; the seed goes in failure messages."""
+    seed = torch.seed() % 2**31
+    return seed, torch.Generator(device="cuda").manual_seed(seed)
+
+
+def rnd(g, *shape, dtype):
+    return torch.randn(*shape, device="cuda", generator=g).to(dtype)
