@@ -21,13 +21,7 @@ import torch.nn.functional as F
 from oracle import key_rows_cols
 from sam_sparse.kernels import block_mass
 from sam_sparse.kernels.block_mass import block_attention_mass
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # platforms without Triton: the PyTorch path still serves
-    HAS_TRITON = False
+from sam_sparse.kernels.interface import HAS_TRITON  # platforms without Triton: the PyTorch path still serves
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform")
 

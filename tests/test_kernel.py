@@ -16,13 +16,7 @@ from hypothesis import strategies as st
 from oracle import oracle_attention, rel_error, same_dtype_torch
 from sam_sparse import block_sparse_attn, block_sparse_attn_varlen
 from sam_sparse.kernels import BlockLayout, block_lists
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # platforms without Triton: the reference path still serves
-    HAS_TRITON = False
+from sam_sparse.kernels.interface import HAS_TRITON  # platforms without Triton: the PyTorch path still serves
 
 FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform")

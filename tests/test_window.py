@@ -18,13 +18,7 @@ import torch
 from oracle import check_window, oracle_window, rel_error
 from sam_sparse.kernels import BlockLayout, window_attn
 from sam_sparse.kernels.reference import attention_reference_window
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:  # platforms without Triton: the reference path still serves
-    HAS_TRITON = False
+from sam_sparse.kernels.interface import HAS_TRITON  # platforms without Triton: the PyTorch path still serves
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform")
 
