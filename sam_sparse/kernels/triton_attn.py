@@ -773,10 +773,8 @@ class LaunchGroup:
             p.warmup(*args)
 
     def __call__(self, *args, out=None) -> torch.Tensor:
-        if out is None:
-            shape, dtype, device = self.plans[0]._out
-            out = torch.empty(shape, dtype=dtype, device=device)
-        for p in self.plans:
+        out = self.plans[0](*args, out=out)  # allocates the output when none is given
+        for p in self.plans[1:]:
             p(*args, out=out)
         return out
 
