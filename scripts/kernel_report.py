@@ -34,14 +34,17 @@ UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_rhm"
 # The launcher's constexprs for three of SAM's layers (vit_b: head dim 64), dense.
 COMMON = dict(D_REAL=64, D0=64, D1=0, MASK_BLOCK=128, KB_P=16, HAS_MASK=False, VARLEN=False, WINDOW=False,
               WIN_H=1, WIN_W=1, WIN_PAD=False, DOT_PREC="tf32", INTERP=False, RECT_H=1, RECT_W=64,
-              W_HOIST=False, USE_WDOT=False, KH_P=16, KW_P=16, EVEN_N=True, TMA=False)
+              W_HOIST=False, USE_WDOT=False, KH_P=16, KW_P=16, EVEN_N=True, TMA=False,
+              KH=64, KW=64, TILE_H=64, TILE_W=64)
 CASES = {
     "global, rel-pos (rect, rel_w hoisted)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_RECT, W_HOIST=True),
     "global, no bias": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE),
     "window 14x14 in place, rel-pos (one-hot)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_ONEHOT, WINDOW=True,
-                                                     WIN_H=14, WIN_W=14, RECT_W=14, EVEN_N=False),
+                                                     WIN_H=14, WIN_W=14, RECT_W=14, EVEN_N=False,
+                                                     KH=14, KW=14, TILE_H=14, TILE_W=14),
     "window 14x14 overhanging, rel-pos (one-hot)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_ONEHOT, WINDOW=True,
-                                                        WIN_H=14, WIN_W=14, WIN_PAD=True, RECT_W=14, EVEN_N=False),
+                                                        WIN_H=14, WIN_W=14, WIN_PAD=True, RECT_W=14, EVEN_N=False,
+                                                        KH=14, KW=14, TILE_H=14, TILE_W=14),
 }
 CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 

@@ -1,5 +1,6 @@
 """Issue 14's probe: the kernel's launch configs on SAM's global and window layers, with the Hopper
-path (TMA descriptors for K / V) on and off and register caps (maxnreg), against SDPA in the same run.
+path (TMA descriptors for K / V) on and off, rel_w through the tensor cores (W_DOT) or added, and register
+caps (maxnreg), against SDPA in the same run.
 (9324a69's version of this script, which made docs/benchmarks.md's run 24, also had a switch for
 Triton's warp specialization, `tl.range(warp_specialize=True)`: it changed nothing for 8-warp configs
 and the kernel no longer has it.)
@@ -14,7 +15,6 @@ goes to --out as it is measured (a run cut short keeps what it finished); a tabl
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import traceback
@@ -68,11 +68,10 @@ def global_layer(name, B, H, D, dt, gen, tiles, rec):
         except Exception as e:  # noqa: BLE001
             base[label] = f"{type(e).__name__}"
     rec(dict(case="global", model=name, B=B, variant="sdpa no bias", **base))
-    for (bm, bn, w, st, mr), tma in itertools.product(tiles, (0, 1)):
-        if tma and (bm, bn, w, st, mr) not in (tiles[0], tiles[3]):
-            continue
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, W_DOT=0, num_warps=w, num_stages=st, TMA=tma, maxnreg=mr)
-        for bias in (True, False):
+    configs = [dict(BLOCK_M=bm, BLOCK_N=bn, W_DOT=wdot, num_warps=w, num_stages=st, TMA=tma, maxnreg=mr)
+               for bm, bn, w, st, mr, wdot, tma_too in tiles for tma in ((0, 1) if tma_too else (0,))]
+    for cfg in configs:
+        for bias in (True, False) if not cfg["W_DOT"] else (True,):  # rel_w @ I only changes the biased kernel
             row = dict(case="global", model=name, B=B, bias=bias, **cfg)
             try:
                 fn = lambda: triton_attn.attention_triton(  # noqa: E731
@@ -161,11 +160,12 @@ def main():
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    # (BLOCK_M, BLOCK_N, warps, stages, maxnreg); the TMA path is tried on the first one and on 64x64
-    tiles = [(128, 64, 8, 3, 0), (128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (64, 64, 4, 3, 0), (64, 64, 4, 3, 128),
-             (64, 64, 4, 2, 128), (64, 128, 4, 3, 128), (128, 128, 8, 3, 128), (128, 64, 8, 3, 112)]
+    # (BLOCK_M, BLOCK_N, warps, stages, maxnreg, W_DOT, also through TMA)
+    tiles = [(64, 64, 4, 2, 0, 0, 0), (64, 64, 4, 3, 0, 0, 1), (64, 64, 4, 2, 0, 1, 0), (64, 64, 4, 3, 0, 1, 1),
+             (128, 64, 8, 2, 0, 0, 0), (128, 64, 8, 3, 0, 0, 1), (128, 64, 8, 2, 0, 1, 0), (128, 64, 8, 3, 0, 1, 0),
+             (128, 64, 8, 3, 128, 0, 0), (128, 128, 8, 3, 0, 0, 0)]
     if args.quick:
-        tiles = tiles[:3]
+        tiles = tiles[:4]
     for shape in args.shapes.split(","):
         name, B = shape.split(":")
         B = int(B)
@@ -180,7 +180,8 @@ def main():
     for r in rows:
         if r["case"] != "global" or "ms" not in r or "BLOCK_M" not in r:
             continue
-        cfg = f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']} r{r['maxnreg']} tma{r['TMA']}"
+        cfg = (f"{r['BLOCK_M']}x{r['BLOCK_N']} w{r['num_warps']} s{r['num_stages']} r{r['maxnreg']} tma{r['TMA']}"
+               f" wdot{r['W_DOT']}")
         print(f"| global | {r['model']} | {r['B']} | {cfg} | {r['bias']} | {r['ms']} | {r['tflops']} | {r['vs_cudnn']} | {r.get('rel_err', '')} |")
 
 

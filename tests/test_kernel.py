@@ -332,6 +332,8 @@ BAD_INPUTS = [
     (dict(block_size=48), r"block_size=48: expected a power of two from 16"),
     (dict(key_tile=(1.5, 2)), r"key_tile=\(1.5, 2\): expected a pair \(th, tw\) of positive ints"),
     (dict(softmax_scale=float("nan")), r"softmax_scale=nan: expected a finite number"),
+    (dict(softmax_scale=0.0), r"softmax_scale=0.0: expected a finite number > 0"),
+    (dict(softmax_scale=-0.125), r"softmax_scale=-0.125: expected a finite number > 0"),
     (dict(rel_h=torch.randn(2, 4, 64, 4)), r"kh \* kw = 32 != seqlen_k = 64"),
     (dict(rel_w=None), r"rel_h and rel_w go together"),
     (dict(rel_h=torch.randn(2, 4, 60, 8)), r"rel_h has shape \(2, 4, 60, 8\).*expected \(2, 4, 64, kh\)"),

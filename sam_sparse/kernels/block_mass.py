@@ -48,7 +48,7 @@ def block_attention_mass(
         logit (i, j) gains rel_h[i, row(j)] + rel_w[i, col(j)], as block_sparse_attn. -inf excludes a key.
     key_tile: None: keys in raster order on the kh x kw grid; (th, tw): keys in th x tw tiles, tiles in
         raster order (as block_sparse_attn).
-    softmax_scale: multiplies q.k; default headdim ** -0.5.
+    softmax_scale: multiplies q.k, a number > 0; default headdim ** -0.5.
     block_size: tokens per block on both sides, a power of two >= 16.
 
     Returns float32 (batch, nheads, ceil(seqlen_q / block_size), ceil(seqlen_k / block_size)):

@@ -107,12 +107,14 @@ def check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
 def check_scale(softmax_scale, headdim: int) -> float:
     if softmax_scale is None:
         return headdim**-0.5
+    expected = f"softmax_scale={softmax_scale!r}: expected a finite number > 0, or None (headdim ** -0.5)"
     try:
         scale = float(softmax_scale)
     except (TypeError, ValueError):
-        raise ValueError(f"softmax_scale={softmax_scale!r}: expected a finite number or None (headdim ** -0.5)") from None
-    if not math.isfinite(scale):
-        raise ValueError(f"softmax_scale={softmax_scale!r}: expected a finite number or None (headdim ** -0.5)")
+        raise ValueError(expected) from None
+    # > 0: the kernel takes row maxima before scaling (one FMA per score instead of a multiply and an add).
+    if not math.isfinite(scale) or scale <= 0:
+        raise ValueError(expected)
     return scale
 
 
@@ -412,7 +414,7 @@ def block_sparse_attn(
         N x N bias is never formed. -inf excludes the key.
     key_tile: None: keys in raster order on the kh x kw grid (row = j // kw, col = j % kw). (th, tw): keys
         grouped in th x tw tiles, tiles in raster order (sam_sparse.masks.tile_permutation gives that order).
-    softmax_scale: multiplies q.k; default headdim ** -0.5.
+    softmax_scale: multiplies q.k, a number > 0; default headdim ** -0.5.
     block_size: mask granularity in tokens, a power of two >= 16; default 128, or the BlockLayout's.
 
     Returns (batch, seqlen_q, nheads, headdim) in q's dtype, contiguous. Query rows that attend to no
@@ -530,7 +532,7 @@ def window_attn(
     rel_h: (batch, nheads, grid_h * grid_w, wh), rel_w: (batch, nheads, grid_h * grid_w, ww): per query
         (raster order over the grid) and per key row / column inside the window, as SAM's decomposed
         rel-pos terms; -inf excludes the key.
-    softmax_scale: multiplies q.k; default headdim ** -0.5. block_size: as block_sparse_attn.
+    softmax_scale: multiplies q.k, a number > 0; default headdim ** -0.5. block_size: as block_sparse_attn.
 
     Returns (batch, grid_h, grid_w, nheads, headdim) in q's dtype, contiguous.
     """

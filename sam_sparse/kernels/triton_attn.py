@@ -121,11 +121,14 @@ def _key_start(step, idx_base, valid, HAS_MASK: tl.constexpr, SUBS: tl.constexpr
 
 
 @triton.jit
-def _rect_row(start_n, per_tile, tiles_per_row, tile_h, subs_w, BLOCK_N: tl.constexpr, RECT_H: tl.constexpr):
-    """The first key-grid row of the RECT_H x RECT_W key tile that starts at key start_n."""
-    n_tile = start_n // per_tile
-    sub = (start_n % per_tile) // BLOCK_N
-    return (n_tile // tiles_per_row) * tile_h + (sub // subs_w) * RECT_H
+def _rect_row(start_n, PER_TILE: tl.constexpr, TILES_PER_ROW: tl.constexpr, TILE_H: tl.constexpr,
+              SUBS_W: tl.constexpr, BLOCK_N: tl.constexpr, RECT_H: tl.constexpr):
+    """The first key-grid row of the RECT_H x RECT_W key tile that starts at key start_n. The key grid's
+    geometry is constexpr: with run-time divisors these three divisions cost the softmax loop a quarter
+    more instructions per step (docs/benchmarks.md, run 28)."""
+    n_tile = start_n // PER_TILE
+    sub = (start_n % PER_TILE) // BLOCK_N
+    return (n_tile // TILES_PER_ROW) * TILE_H + (sub // SUBS_W) * RECT_H
 
 
 @triton.jit
@@ -147,7 +150,7 @@ def _attn_fwd(
     stride_rhb, stride_rhh, stride_rhm, stride_rhk,
     stride_rwb, stride_rwh, stride_rwm, stride_rwk,
     seqlen_q, seqlen_k, num_heads, kv_group,
-    KH, KW, tile_h, tile_w,
+    KH: tl.constexpr, KW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     grid_h, grid_w, win_rows, win_cols, n_windows, n_launch,
     D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
@@ -162,8 +165,9 @@ def _attn_fwd(
     TMA: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
-    # Stand-in for -inf inside MMAs (-inf * 0 is NaN); twice it overflows back to -inf, once it stays
-    # below NEG_CUT, where the scores are turned back into -inf.
+    # Stand-in for -inf inside MMAs (-inf * 0 is NaN). Its keys get probability 0 as soon as the row has
+    # seen one real key; a row that never does ends with its running max below NEG_CUT (scaled) and is
+    # written as zeros, as a row whose keys are all -inf.
     NEG_BIG: tl.constexpr = -2.0e38
     NEG_CUT: tl.constexpr = -1.0e38
     # BIAS_PATH values: BIAS_NONE, BIAS_RECT, BIAS_ONEHOT (BIAS_GATHER is the remaining one).
@@ -212,7 +216,11 @@ def _attn_fwd(
         v_base = V + img.to(tl.int64) * stride_vb + hk * stride_vh
         o_base = Out + img.to(tl.int64) * stride_ob + h * stride_oh
 
+    # Scores stay in q.k units through the loop (biases are divided by sm_scale once, up front), so the
+    # scale joins the exp2 argument in one FMA per score. sm_scale > 0 (interface.check_scale), so the
+    # row max of the unscaled scores times qk_scale is the row max of the scaled ones.
     qk_scale = sm_scale * LOG2E
+    inv_scale = 1.0 / sm_scale
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if WINDOW:
@@ -248,7 +256,6 @@ def _attn_fwd(
         if D1 > 0:
             k_pad1 = tl.load(K_PAD + hk * D_REAL + offs_d1).to(tl.float32)
             q_kpad += tl.sum(q1.to(tl.float32) * k_pad1[None, :], 1)
-        q_kpad = q_kpad * qk_scale
         pad_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     if INTERP:
         # The interpreter computes low-precision tl.dot wrongly (triton issue 11584): use fp32 operands.
@@ -261,18 +268,19 @@ def _attn_fwd(
         rh_vec = REL_H + img.to(tl.int64) * stride_rhb + h * stride_rhh + bias_rows * stride_rhm
         rh_base = rh_vec[:, None]
         rw_base = REL_W + img.to(tl.int64) * stride_rwb + h * stride_rwh + bias_rows[:, None] * stride_rwm
-        tiles_per_row = KW // tile_w
-        per_tile = tile_h * tile_w
+        tiles_per_row = KW // TILE_W
+        per_tile = TILE_H * TILE_W
         if BIAS_PATH == RECT:
-            subs_w = tile_w // RECT_W
+            subs_w = TILE_W // RECT_W
             if W_HOIST:
                 # The key tile spans whole grid rows, so its rel_w slice is the same every step.
                 bias_w_rows = tl.load(rw_base + tl.arange(0, RECT_W)[None, :] * stride_rwk, mask=m_ok[:, None], other=0.0)
-                bias_w_rows = bias_w_rows.to(tl.float32) * LOG2E
+                bias_w_rows = bias_w_rows.to(tl.float32) * inv_scale
                 if USE_WDOT:
                     # rel_w @ I adds rel_w to every score inside the MMA. That frees the registers the
-                    # fp32 rel_w tile holds, which 128-row tiles need (docs/benchmarks.md, run 6).
-                    # Rounding rel_w to bf16 matches SAM's own bf16 bias.
+                    # fp32 rel_w tile holds (docs/benchmarks.md, runs 6 and 28). rel_w / sm_scale is
+                    # rounded to bf16: exact for SAM's bf16 rel_w when sm_scale is a power of two
+                    # (head dims 16, 64, 256), one bf16 rounding otherwise, as SAM's own bf16 bias.
                     bias_w_lp = tl.where(bias_w_rows == float("-inf"), NEG_BIG, bias_w_rows).to(tl.bfloat16)
                     eye = tl.arange(0, RECT_W)[:, None] == tl.arange(0, BLOCK_N)[None, :]
                     if INTERP:  # fp32 operands (issue 11584 above); the interpreter's bool -> bf16 is wrong too
@@ -281,13 +289,13 @@ def _attn_fwd(
                     else:
                         eye = eye.to(tl.bfloat16)
         if BIAS_PATH == ONEHOT:
-            # Whole rel_h / rel_w rows of this program's queries, pre-multiplied into the exp2 domain.
+            # Whole rel_h / rel_w rows of this program's queries, divided by sm_scale (q.k units).
             kh_r = tl.arange(0, KH_P)
             kw_r = tl.arange(0, KW_P)
             rel_h_rows = tl.load(rh_base + kh_r[None, :] * stride_rhk, mask=m_ok[:, None] & (kh_r[None, :] < KH), other=0.0)
             rel_w_rows = tl.load(rw_base + kw_r[None, :] * stride_rwk, mask=m_ok[:, None] & (kw_r[None, :] < KW), other=0.0)
-            rel_h_rows = rel_h_rows.to(tl.float32) * LOG2E
-            rel_w_rows = rel_w_rows.to(tl.float32) * LOG2E
+            rel_h_rows = rel_h_rows.to(tl.float32) * inv_scale
+            rel_w_rows = rel_w_rows.to(tl.float32) * inv_scale
             rel_h_rows = tl.where(rel_h_rows == float("-inf"), NEG_BIG, rel_h_rows)
             rel_w_rows = tl.where(rel_w_rows == float("-inf"), NEG_BIG, rel_w_rows)
 
@@ -320,7 +328,7 @@ def _attn_fwd(
             # rel_h of a one-row key tile is one value per query, loaded one step ahead: a load used in
             # the same step would stall the softmax for a whole global-memory round trip every step.
             start0 = _key_start(0, idx_base, n_steps > 0, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
-            row0 = _rect_row(start0, per_tile, tiles_per_row, tile_h, subs_w, BLOCK_N, RECT_H)
+            row0 = _rect_row(start0, per_tile, tiles_per_row, TILE_H, subs_w, BLOCK_N, RECT_H)
             rh_next = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok & (n_steps > 0), other=0.0)
 
     offs_nb = tl.arange(0, BLOCK_N)
@@ -331,7 +339,7 @@ def _attn_fwd(
                 rh_cur = rh_next
                 more = step + 1 < n_steps
                 start_next = _key_start(step + 1, idx_base, more, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
-                row_next = _rect_row(start_next, per_tile, tiles_per_row, tile_h, subs_w, BLOCK_N, RECT_H)
+                row_next = _rect_row(start_next, per_tile, tiles_per_row, TILE_H, subs_w, BLOCK_N, RECT_H)
                 rh_next = tl.load(rh_vec + row_next * stride_rhk, mask=m_ok & more, other=0.0)
         offs_n = start_n + offs_nb
         n_ok = offs_n < seqlen_k
@@ -365,7 +373,6 @@ def _attn_fwd(
             if INTERP:
                 k1 = k1.to(tl.float32)
             qk = tl.dot(q1, k1, qk, input_precision=DOT_PREC)
-        qk = qk * qk_scale
         if WIN_PAD:
             pad_k = (n_ok & ~k_in).to(tl.float32)  # 1.0 for padding keys: their q . k is 0 so far
             qk += pad_k[None, :] * q_kpad[:, None]
@@ -374,16 +381,15 @@ def _attn_fwd(
         if BIAS_PATH == RECT:
             n_tile = start_n // per_tile
             sub = (start_n % per_tile) // BLOCK_N
-            row0 = _rect_row(start_n, per_tile, tiles_per_row, tile_h, subs_w, BLOCK_N, RECT_H)
-            col0 = (n_tile % tiles_per_row) * tile_w + (sub % subs_w) * RECT_W
+            row0 = _rect_row(start_n, per_tile, tiles_per_row, TILE_H, subs_w, BLOCK_N, RECT_H)
+            col0 = (n_tile % tiles_per_row) * TILE_W + (sub % subs_w) * RECT_W
             if USE_WDOT:
                 qk = tl.dot(bias_w_lp, eye, qk)
-                qk = tl.where(qk < NEG_CUT, float("-inf"), qk)
             elif W_HOIST:
                 bias_w = bias_w_rows
             else:
                 bias_w = tl.load(rw_base + (col0 + tl.arange(0, RECT_W)[None, :]) * stride_rwk, mask=m_ok[:, None], other=0.0)
-                bias_w = bias_w.to(tl.float32) * LOG2E
+                bias_w = bias_w.to(tl.float32) * inv_scale
             if RECT_H == 1:
                 # One grid row: rel_h is one value per query row. It shifts the whole row, so it goes
                 # into the running max instead of into every score (one FMA per score, as without bias).
@@ -392,7 +398,7 @@ def _attn_fwd(
                 row_off = rh_cur.to(tl.float32) * LOG2E
             else:
                 bias_h = tl.load(rh_base + (row0 + tl.arange(0, RECT_H)[None, :]) * stride_rhk, mask=m_ok[:, None], other=0.0)
-                bias_h = bias_h.to(tl.float32) * LOG2E
+                bias_h = bias_h.to(tl.float32) * inv_scale
                 qk += tl.reshape(bias_h[:, :, None] + bias_w[:, None, :], (BLOCK_M, BLOCK_N))
         elif BIAS_PATH != NO_BIAS:
             if WINDOW:  # keys are the window's tokens in raster order
@@ -401,27 +407,26 @@ def _attn_fwd(
             else:
                 n_tile = offs_n // per_tile
                 inner = offs_n % per_tile
-                key_row = (n_tile // tiles_per_row) * tile_h + inner // tile_w
-                key_col = (n_tile % tiles_per_row) * tile_w + inner % tile_w
+                key_row = (n_tile // tiles_per_row) * TILE_H + inner // TILE_W
+                key_col = (n_tile % tiles_per_row) * TILE_W + inner % TILE_W
             if BIAS_PATH == ONEHOT:
                 hot_h = (tl.arange(0, KH_P)[:, None] == key_row[None, :]).to(tl.float32)
                 hot_w = (tl.arange(0, KW_P)[:, None] == key_col[None, :]).to(tl.float32)
                 qk = tl.dot(rel_h_rows, hot_h, qk, input_precision=DOT_PREC)
                 qk = tl.dot(rel_w_rows, hot_w, qk, input_precision=DOT_PREC)
-                qk = tl.where(qk < NEG_CUT, float("-inf"), qk)
             else:
                 ok = m_ok[:, None] & n_ok[None, :]
                 bias_h = tl.load(rh_base + key_row[None, :] * stride_rhk, mask=ok, other=0.0).to(tl.float32)
                 bias_w = tl.load(rw_base + key_col[None, :] * stride_rwk, mask=ok, other=0.0).to(tl.float32)
-                qk += (bias_h + bias_w) * LOG2E
+                qk += (bias_h + bias_w) * inv_scale
 
         if not EVEN_N:
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, 1) + row_off)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + row_off)
         # A row that has seen only -inf so far keeps m = -inf; subtracting 0 then gives exp2 = 0, not NaN.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - (m_use - row_off)[:, None])
+        p = tl.math.exp2(qk * qk_scale - (m_use - row_off)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
@@ -454,6 +459,8 @@ def _attn_fwd(
             v_pad1 = tl.load(V_PAD + hk * D_REAL + offs_d1).to(tl.float32)
             acc1 += pad_l[:, None] * v_pad1[None, :]
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    if HAS_BIAS:
+        inv_l = tl.where(m_i < NEG_CUT * qk_scale, 0.0, inv_l)  # every key of the row was NEG_BIG
     o_ptrs = o_base + o_rows[:, None]
     tl.store(o_ptrs + offs_d0[None, :] * stride_od, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty),
              mask=m_ok[:, None] & d0_ok[None, :])
