@@ -24,9 +24,12 @@ from sam_sparse.kernels import triton_attn
 MODELS = {"vit_b": (12, 64), "vit_h": (16, 80)}
 # name -> (launch config, with the rel-pos bias)
 VARIANTS = {
-    "bias 64x64 w4 s2": (dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=2), True),
+    "bias 64x64 w4 s3": (dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=3), True),
+    "bias 64x64 w4 s3 tma": (dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=3, TMA=1), True),
+    "bias 64x64 w4 s3 tma maxnreg128": (dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=3, TMA=1,
+                                             maxnreg=128), True),
     "bias+wdot 64x64 w4 s2": (dict(BLOCK_M=64, BLOCK_N=64, W_DOT=1, num_warps=4, num_stages=2), True),
-    "nobias 64x64 w4 s2": (dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=2), False),
+    "nobias 64x64 w4 s3 tma": (dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=3, TMA=1), False),
 }
 
 

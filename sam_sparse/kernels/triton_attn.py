@@ -165,9 +165,8 @@ def _attn_fwd(
     TMA: tl.constexpr,
 ):
     LOG2E: tl.constexpr = 1.4426950408889634
-    # Stand-in for -inf inside MMAs (-inf * 0 is NaN). Its keys get probability 0 as soon as the row has
-    # seen one real key; a row that never does ends with its running max below NEG_CUT (scaled) and is
-    # written as zeros, as a row whose keys are all -inf.
+    # Stand-in for -inf inside MMAs (-inf * 0 is NaN). A row whose running max is below NEG_CUT (scaled)
+    # has seen no real key yet and gets probability 0 everywhere, as a row whose keys are all -inf.
     NEG_BIG: tl.constexpr = -2.0e38
     NEG_CUT: tl.constexpr = -1.0e38
     # BIAS_PATH values: BIAS_NONE, BIAS_RECT, BIAS_ONEHOT (BIAS_GATHER is the remaining one).
@@ -221,6 +220,7 @@ def _attn_fwd(
     # row max of the unscaled scores times qk_scale is the row max of the scaled ones.
     qk_scale = sm_scale * LOG2E
     inv_scale = 1.0 / sm_scale
+    dead_max = NEG_CUT * qk_scale  # -inf when that overflows, and then so does NEG_BIG * qk_scale
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if WINDOW:
@@ -424,8 +424,9 @@ def _attn_fwd(
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + row_off)
-        # A row that has seen only -inf so far keeps m = -inf; subtracting 0 then gives exp2 = 0, not NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        # A row with only -inf / NEG_BIG keys so far subtracts +inf: exp2 gives 0 for each, rather than NaN
+        # (-inf - -inf), or overflow (at NEG_BIG's scale, one rounding of the FMA is worth 2**100).
+        m_use = tl.where(m_new <= dead_max, float("inf"), m_new)
         p = tl.math.exp2(qk * qk_scale - (m_use - row_off)[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -459,8 +460,6 @@ def _attn_fwd(
             v_pad1 = tl.load(V_PAD + hk * D_REAL + offs_d1).to(tl.float32)
             acc1 += pad_l[:, None] * v_pad1[None, :]
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-    if HAS_BIAS:
-        inv_l = tl.where(m_i < NEG_CUT * qk_scale, 0.0, inv_l)  # every key of the row was NEG_BIG
     o_ptrs = o_base + o_rows[:, None]
     tl.store(o_ptrs + offs_d0[None, :] * stride_od, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty),
              mask=m_ok[:, None] & d0_ok[None, :])
@@ -482,10 +481,13 @@ def _configs() -> List[dict]:
             for stages in (2, 3):
                 for w_dot in (0, 1):
                     out.append(dict(BLOCK_M=bm, BLOCK_N=bn, W_DOT=w_dot, num_warps=warps, num_stages=stages))
-    # Hopper: K / V through TMA descriptors. Measured faster only for split head dims without a bias
-    # (vit_h's 80 = 64 + 16: docs/benchmarks.md, run 24), so only the two usual winners get a TMA twin.
+    # Hopper: K / V through TMA descriptors, for the two usual winners; without the pointer tensors of
+    # the loads, a register cap of 128 fits one more CTA per SM at little spill (docs/benchmarks.md,
+    # runs 24 and 28).
     for bm, warps in ((128, 8), (64, 4)):
-        out.append(dict(BLOCK_M=bm, BLOCK_N=64, W_DOT=0, num_warps=warps, num_stages=3, TMA=1))
+        for maxnreg in (0, 128):
+            out.append(dict(BLOCK_M=bm, BLOCK_N=64, W_DOT=0, num_warps=warps, num_stages=3, TMA=1,
+                            **({"maxnreg": maxnreg} if maxnreg else {})))
     return out
 
 
