@@ -130,7 +130,6 @@ def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
     assert not any(c.get("TMA") for c in kept)
     hopper = triton_kernel._prune(triton_kernel._configs(), {**base, "TMA_OK": True})
     assert {(c["BLOCK_M"], c["num_warps"]) for c in hopper if c.get("TMA")} == {(128, 8), (64, 4)}
-    assert all(c.get("TMA") for c in hopper if c.get("maxnreg"))  # register caps only where TMA frees registers
     short = {**base, "seqlen_q": 7, "HAS_BIAS": False, "TMA_OK": True}  # decoder tokens: no 64-row tiles at all
     assert not any(c.get("TMA") for c in triton_kernel._prune(triton_kernel._configs(), short))
 

@@ -481,13 +481,11 @@ def _configs() -> List[dict]:
             for stages in (2, 3):
                 for w_dot in (0, 1):
                     out.append(dict(BLOCK_M=bm, BLOCK_N=bn, W_DOT=w_dot, num_warps=warps, num_stages=stages))
-    # Hopper: K / V through TMA descriptors, for the two usual winners; without the pointer tensors of
-    # the loads, a register cap of 128 fits one more CTA per SM at little spill (docs/benchmarks.md,
-    # runs 24 and 28).
+    # Hopper: K / V through TMA descriptors, for the two usual winners (docs/benchmarks.md, runs 24 and
+    # 29: with the rel-pos bias TMA now wins at every SAM shape; a register cap of 128 on top of it did not
+    # pay, and at head dim 256 ptxas cannot meet it).
     for bm, warps in ((128, 8), (64, 4)):
-        for maxnreg in (0, 128):
-            out.append(dict(BLOCK_M=bm, BLOCK_N=64, W_DOT=0, num_warps=warps, num_stages=3, TMA=1,
-                            **({"maxnreg": maxnreg} if maxnreg else {})))
+        out.append(dict(BLOCK_M=bm, BLOCK_N=64, W_DOT=0, num_warps=warps, num_stages=3, TMA=1))
     return out
 
 
