@@ -1,5 +1,6 @@
-"""What the compiler makes of the attention kernel, without a GPU: registers, spills, shared memory, and
-whether the K / V loads of the main loop are software-pipelined, for SAM's global layer (rect bias,
+"""What the compiler makes of the attention kernel, without a GPU: registers, spills, shared memory,
+whether the K / V loads of the main loop are software-pipelined, and how many instructions one loop step
+issues per thread (the SASS between the loop's branch and its target), for SAM's global layer (rect bias,
 rel_w hoisted), the same layer without bias, and the window layer (one-hot bias, in-place windows).
 
 Compiles `_attn_fwd` for an sm_90a target with this machine's Triton (ptxas ships with it) through the
@@ -18,6 +19,7 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 
@@ -67,17 +69,36 @@ def compile_one(case: dict, bm: int, bn: int, warps: int, stages: int, maxnreg: 
 
 
 def ptxas_report(ptx: str) -> dict:
-    """Registers and spill bytes from ptxas -v on the kernel's PTX (sm_90a)."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    """Registers and spill bytes from ptxas -v on the kernel's PTX (sm_90a), and the number of SASS
+    instructions in its main loop (the longest backward branch of cuobjdump's listing)."""
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
+        src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
-        res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+        res = subprocess.run([str(tools / "ptxas"), "-arch=sm_90a", "-v", str(src), "-o", str(cubin)],
                              capture_output=True, text=True, check=True)
+        sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
     text = res.stdout + res.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
-    return dict(registers=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else None)
+    return dict(registers=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else None,
+                loop_instructions=loop_instructions(sass))
+
+
+def loop_instructions(sass: str) -> Optional[int]:
+    """Instructions between the target of the longest backward branch and the branch: the main loop."""
+    addrs, loop = [], None
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?);", line)
+        if not m:
+            continue
+        at = int(m.group(1), 16)
+        addrs.append(at)
+        jump = re.search(r"\bBRA\s+(?:\S+\s+)?0x([0-9a-f]+)", m.group(2))
+        if jump and int(jump.group(1), 16) < at and (loop is None or at - int(jump.group(1), 16) > loop[1] - loop[0]):
+            loop = (int(jump.group(1), 16), at)
+    return None if loop is None else sum(loop[0] <= a <= loop[1] for a in addrs)
 
 
 def loop_async_copies(ttgir: str) -> int:
@@ -94,8 +115,9 @@ def main():
     ap.add_argument("--maxnreg", default="0,128", help="register caps to compile with (0: none)")
     args = ap.parse_args()
     lines = [f"Off-device compile for sm_90a, Triton {triton.__version__}, bf16, head dim 64.", "",
-             "| layer | BLOCK_M x BLOCK_N, warps, stages | maxnreg | registers | spill bytes | shared memory (B) | K/V async copies in the loop |",
-             "|---|---|---|---:|---:|---:|---:|"]
+             "| layer | BLOCK_M x BLOCK_N, warps, stages | maxnreg | registers | spill bytes | shared memory (B) "
+             "| K/V async copies in the loop | SASS instructions per loop step |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
     for label, case in CASES.items():
         for bm, bn, warps, stages in CONFIGS:
             if case.get("WINDOW") and bn > 64:
@@ -104,7 +126,8 @@ def main():
                 k = compile_one(case, bm, bn, warps, stages, maxnreg)
                 rep = ptxas_report(k.asm["ptx"])
                 lines.append(f"| {label} | {bm}x{bn}, {warps}, {stages} | {maxnreg or '-'} | {rep['registers']} | "
-                             f"{rep['spill_bytes']} | {k.metadata.shared} | {loop_async_copies(k.asm['ttgir'])} |")
+                             f"{rep['spill_bytes']} | {k.metadata.shared} | {loop_async_copies(k.asm['ttgir'])} | "
+                             f"{rep['loop_instructions']} |")
                 print(lines[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
