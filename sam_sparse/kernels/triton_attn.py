@@ -18,7 +18,11 @@ The bias rel_h[i, row(j)] + rel_w[i, col(j)] is formed per key tile in registers
            expanded with one-hot matrices on the tensor cores.
   gather:  anything else: an element-wise gather from L1/L2 (slow, always correct).
 A -inf in rel_h / rel_w excludes that key, on every path (the MMA paths carry it as a huge finite
-value, since -inf * 0 would be NaN, and turn it back into -inf after the product).
+value, NEG_BIG, since -inf * 0 would be NaN; a key so scored gets probability 0, and a row that has
+seen only such keys gets 0 everywhere). Scores stay in q.k units inside the loop, the biases divided by
+softmax_scale once per program, so the scale costs one FMA per score inside exp2's argument. The key
+grid's geometry (KH, KW, TILE_H, TILE_W) is constexpr: with run-time values, locating each key tile's
+rel_h row took three integer divisions per step, a quarter more instructions (docs/benchmarks.md).
 
 Shapes: q (B, Nq, H, D) or varlen (total_q, H, D); k, v (B, Nk, Hk, D) or (total_k, Hk, D); any strides.
 Head dims are split into two power-of-two parts when possible (80 = 64 + 16, 96 = 64 + 32) instead of
