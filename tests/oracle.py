@@ -72,7 +72,8 @@ def rel_error(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def oracle_window(q, k, v, window, k_pad, v_pad, block_mask=None, rel_h=None, rel_w=None, scale=None, block_size=128):
+def oracle_window(q, k, v, window, k_pad, v_pad, block_mask=None, rel_h=None, rel_w=None, scale=None, block_size=128,
+                  q_window=None):
     """Window attention on a token grid, one window at a time; returns float64 (B, GH, GW, H, D).
 
     q (B, GH, GW, H, D); k, v (B, GH, GW, Hk, D); window (wh, ww); k_pad, v_pad (Hk, D) or None (zeros):
@@ -81,22 +82,23 @@ def oracle_window(q, k, v, window, k_pad, v_pad, block_mask=None, rel_h=None, re
     whole grid, unlike reference.attention_reference_window), attended with oracle_attention, and the
     on-grid outputs are scattered back. block_mask: bool (B * windows | 1, H | 1, QB, KB) over one
     window's tokens in raster order; rel_h (B, H, GH * GW, wh), rel_w (B, H, GH * GW, ww) with queries
-    in raster order over the whole grid.
+    in raster order over the whole grid. q_window (qh, qw): q lies on a grid of its own (B, GHq, GWq, H, D),
+    cut into qh x qw windows; query window (i, j) attends to key window (i, j) (window_attn's q_window_size).
     """
     return _per_window(oracle_attention, torch.float64, q, k, v, window, k_pad, v_pad, block_mask, rel_h, rel_w,
-                       scale, block_size)
+                       scale, block_size, q_window)
 
 
 def same_dtype_window(q, k, v, window, k_pad, v_pad, block_mask=None, rel_h=None, rel_w=None, scale=None,
-                      block_size=128):
+                      block_size=128, q_window=None):
     """oracle_window's computation done by PyTorch in the inputs' dtype (same_dtype_torch per window):
     the yardstick for rounding error. Returns (B, GH, GW, H, D) in q's dtype."""
     return _per_window(same_dtype_torch, q.dtype, q, k, v, window, k_pad, v_pad, block_mask, rel_h, rel_w,
-                       scale, block_size)
+                       scale, block_size, q_window)
 
 
 def check_window(out, q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, scale, block_size, seed, floor, row_floor,
-                 empty=()):
+                 empty=(), q_window=None):
     """Assert window_attn's output against oracle_window, globally and per (query, head) row, relative to
     the same computation by PyTorch in q's dtype (2x its error plus floor[dtype] / row_floor[dtype]).
 
@@ -108,8 +110,8 @@ def check_window(out, q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, scale, 
         f"seed {seed}: {tuple(out.shape)} {out.dtype}, contiguous {out.is_contiguous()}")
     assert not torch.isnan(out).any(), f"seed {seed}: NaN in the output (or a query left unwritten)"
     assert torch.isfinite(out).all(), f"seed {seed}: inf in the output"
-    ref = oracle_window(q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, scale, block_size)
-    base = same_dtype_window(q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, scale, block_size)
+    ref = oracle_window(q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, scale, block_size, q_window)
+    base = same_dtype_window(q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, scale, block_size, q_window)
     err, err_base = rel_error(out, ref), rel_error(base, ref)
     assert err <= 2 * err_base + floor[q.dtype], f"seed {seed}: error {err:.3g} vs PyTorch {q.dtype} {err_base:.3g}"
     row_err = (out.double() - ref).abs().amax(dim=-1)  # (B, GH, GW, H)
@@ -124,38 +126,47 @@ def check_window(out, q, k, v, window, k_pad, v_pad, mask, rel_h, rel_w, scale, 
     return ref
 
 
-def _per_window(attend, out_dtype, q, k, v, window, k_pad, v_pad, block_mask, rel_h, rel_w, scale, block_size):
+def _window_positions(wy, wx, win, grid, dev):
+    """Window (wy, wx)'s positions (raster order inside it) on a grid: (on, off, ys, xs): the indices of
+    the positions on the grid and of those past its bottom or right edge, and the on-grid coordinates."""
+    (wh, ww), (gh, gw) = win, grid
+    pos = [(wy * wh + r, wx * ww + c) for r in range(wh) for c in range(ww)]
+    t_on = [t for t, (y, x) in enumerate(pos) if y < gh and x < gw]
+    t_off = [t for t, (y, x) in enumerate(pos) if not (y < gh and x < gw)]
+    ys = torch.tensor([pos[t][0] for t in t_on], device=dev, dtype=torch.long)
+    xs = torch.tensor([pos[t][1] for t in t_on], device=dev, dtype=torch.long)
+    as_index = lambda t: torch.tensor(t, device=dev, dtype=torch.long)  # noqa: E731
+    return as_index(t_on), as_index(t_off), ys, xs
+
+
+def _per_window(attend, out_dtype, q, k, v, window, k_pad, v_pad, block_mask, rel_h, rel_w, scale, block_size,
+                q_window=None):
     B, GH, GW, H, D = q.shape
     Hk = k.shape[3]
     wh, ww = window
-    n_cols = -(-GW // ww)
-    n_win = -(-GH // wh) * n_cols
+    qh, qw_ = q_window or window
+    n_cols = -(-k.shape[2] // ww)
+    n_win = -(-k.shape[1] // wh) * n_cols
     dev = q.device
     kp = torch.zeros(Hk, D, dtype=k.dtype, device=dev) if k_pad is None else k_pad.to(k.dtype)
     vp = torch.zeros(Hk, D, dtype=v.dtype, device=dev) if v_pad is None else v_pad.to(v.dtype)
     out = torch.full((B, GH, GW, H, D), float("nan"), dtype=out_dtype, device=dev)
     for w in range(n_win):
         wy, wx = divmod(w, n_cols)
-        # The window's wh * ww positions (raster order inside the window) as grid coordinates: t_on
-        # lists the positions on the grid, t_off the padding past its bottom or right edge.
-        pos = [(wy * wh + r, wx * ww + c) for r in range(wh) for c in range(ww)]
-        t_on = [t for t, (y, x) in enumerate(pos) if y < GH and x < GW]
-        t_off = [t for t, (y, x) in enumerate(pos) if not (y < GH and x < GW)]
-        ys = torch.tensor([pos[t][0] for t in t_on], device=dev)
-        xs = torch.tensor([pos[t][1] for t in t_on], device=dev)
+        on, _, ys, xs = _window_positions(wy, wx, (qh, qw_), (GH, GW), dev)  # queries on q's grid
+        k_on, off, kys, kxs = _window_positions(wy, wx, window, k.shape[1:3], dev)
         flat = ys * GW + xs  # the queries' rows of rel_h / rel_w
-        on = torch.tensor(t_on, device=dev, dtype=torch.long)
-        off = torch.tensor(t_off, device=dev, dtype=torch.long)
         for b in range(B):
-            qw = torch.zeros(1, wh * ww, H, D, dtype=q.dtype, device=dev)  # padding queries: zeros, dropped
+            qw = torch.zeros(1, qh * qw_, H, D, dtype=q.dtype, device=dev)  # padding queries: zeros, dropped
             kw_ = torch.empty(1, wh * ww, Hk, D, dtype=k.dtype, device=dev)
             vw = torch.empty(1, wh * ww, Hk, D, dtype=v.dtype, device=dev)
-            qw[0, on], kw_[0, on], vw[0, on] = q[b, ys, xs], k[b, ys, xs], v[b, ys, xs]
+            qw[0, on] = q[b, ys, xs]
+            kw_[0, k_on], vw[0, k_on] = k[b, kys, kxs], v[b, kys, kxs]
             kw_[0, off], vw[0, off] = kp, vp
             rh = rw = None
             if rel_h is not None:
-                rh = torch.zeros(1, H, wh * ww, wh, dtype=rel_h.dtype, device=dev)
-                rw = torch.zeros(1, H, wh * ww, ww, dtype=rel_w.dtype, device=dev)
+                rh = torch.zeros(1, H, qh * qw_, wh, dtype=rel_h.dtype, device=dev)
+                rw = torch.zeros(1, H, qh * qw_, ww, dtype=rel_w.dtype, device=dev)
                 rh[0][:, on] = rel_h[b][:, flat]
                 rw[0][:, on] = rel_w[b][:, flat]
             mask = None

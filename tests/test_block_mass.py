@@ -179,7 +179,7 @@ BAD = {
     "batch mismatch": (_bad(k=torch.randn(2, 64, 2, 16)), "batch"),
     "heads": (_bad(k=torch.randn(1, 64, 3, 16)), "multiple of nheads_k"),
     "headdim mismatch": (_bad(k=torch.randn(1, 64, 2, 32)), "headdim"),
-    "headdim unsupported": (_bad(q=torch.randn(1, 64, 4, 24), k=torch.randn(1, 64, 2, 24)), "headdim 24"),
+    "headdim unsupported": (_bad(q=torch.randn(1, 64, 4, 20), k=torch.randn(1, 64, 2, 20)), "headdim 20"),
     "block size": (_bad(block_size=100), "block_size=100"),
     "scale": (_bad(softmax_scale="big"), "softmax_scale"),
     "rel alone": (_bad(rel_h=REL["rel_h"]), "pass both or neither"),

@@ -78,7 +78,7 @@ def run_kernel(triton_attn, q, k, v, mask, rel_h, rel_w, tile, bs, config=None, 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("head_dim", [16, 32, 48, 64, 80, 96, 112, 128, 256])
+@pytest.mark.parametrize("head_dim", [16, 24, 32, 48, 56, 64, 72, 80, 96, 112, 128, 176, 256])
 def test_kernel_head_dims_and_dtypes(triton_kernel, dtype, head_dim):
     g = torch.Generator().manual_seed(torch.seed())
     q, k, v, _, _ = make_inputs(g, 2, 100, 70, 2, 1, head_dim, dtype)
@@ -323,8 +323,10 @@ BAD_INPUTS = [
     (dict(k=torch.randn(3, 64, 2, 32), v=torch.randn(3, 64, 2, 32)), r"k has batch 3 but q has batch 2"),
     (dict(k=torch.randn(2, 64, 3, 32), v=torch.randn(2, 64, 3, 32)), r"q has 4 heads and k has 3"),
     (dict(v=torch.randn(2, 60, 2, 32)), r"k and v must have the same shape"),
-    (dict(q=torch.randn(2, 64, 4, 40), k=torch.randn(2, 64, 2, 40), v=torch.randn(2, 64, 2, 40), rel_h=None, rel_w=None),
-     r"headdim 40 .* multiples of 16 from 16 to 256"),
+    (dict(q=torch.randn(2, 64, 4, 36), k=torch.randn(2, 64, 2, 36), v=torch.randn(2, 64, 2, 36), rel_h=None, rel_w=None),
+     r"headdim 36 .* multiples of 8 from 16 to 256"),
+    (dict(q=torch.randn(2, 64, 4, 264), k=torch.randn(2, 64, 2, 264), v=torch.randn(2, 64, 2, 264), rel_h=None,
+          rel_w=None), r"headdim 264 .* multiples of 8 from 16 to 256"),
     (dict(k=torch.randn(2, 64, 2, 32).half(), v=torch.randn(2, 64, 2, 32).half()), r"k has dtype torch.float16 but q has torch.float32"),
     (dict(block_mask=torch.ones(2, 4, 2, 3, dtype=torch.bool)), r"block_mask with shape \(2, 4, 2, 3\); expected \(2 or 1, 4 or 1, 2, 2\)"),
     (dict(block_mask=torch.ones(2, 4, 2, 2)), r"block_mask has .*torch.float32.*expected a BlockLayout or a bool tensor"),

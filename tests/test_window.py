@@ -354,7 +354,7 @@ def test_window_op_passes_opcheck():
 
     seed, g = seeded()
     q, k, v, kp, vp, rh, rw = grid_inputs(g, 1, 5, 6, 2, 1, 16, torch.float32, (4, 4), noncontig=True)
-    torch.library.opcheck(interface._window_op, (q, k, v, kp, vp, None, None, rh, rw, [4, 4], 0.25, 128))
+    torch.library.opcheck(interface._window_op, (q, k, v, kp, vp, None, None, rh, rw, [4, 4], [4, 4], 0.25, 128))
 
 
 def test_window_attn_fast_path_reuses_the_plan(monkeypatch):

@@ -1,7 +1,7 @@
 """Attention kernels. Nothing here knows about SAM: shapes, masks and a decomposed 2-D bias only."""
 
 from .block_mass import block_attention_mass
-from .interface import HEAD_DIMS, block_lists, block_sparse_attn, block_sparse_attn_varlen, window_attn
+from .interface import HEAD_DIMS, HEAD_DIMS_ACCEPTED, block_lists, block_sparse_attn, block_sparse_attn_varlen, window_attn
 from .layout import BlockLayout, check_block_size
 from .reference import attention_reference
 
@@ -14,5 +14,6 @@ __all__ = [
     "check_block_size",
     "attention_reference",
     "HEAD_DIMS",
+    "HEAD_DIMS_ACCEPTED",
     "block_attention_mass",
 ]

@@ -28,7 +28,9 @@ from .layout import BlockLayout, check_block_size, mask_from_lists
 from .reference import attention_reference, attention_reference_varlen, attention_reference_window
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-HEAD_DIMS = tuple(range(16, 257, 16))  # 16, 32, ..., 256: includes 80 (vit_h) and 16/32 (small decoders)
+# 16, 24, ..., 256: SAM's 64 / 80 and 16 / 32 (decoders), Hiera's 96 / 56 / 72, SAM 2's memory 256.
+HEAD_DIMS = tuple(range(16, 257, 8))
+HEAD_DIMS_ACCEPTED = "multiples of 8 from 16 to 256"
 DEFAULT_BLOCK_SIZE = 128
 
 
@@ -69,7 +71,7 @@ def _check_no_grad(*tensors) -> None:
         )
 
 
-def _check_qkv(q, k, v, varlen: bool, grid: bool = False):
+def _check_qkv(q, k, v, varlen: bool, grid: bool = False, same_grid: bool = True):
     ndim, layout = (3, "(total, nheads, headdim)") if varlen else (4, "(batch, seqlen, nheads, headdim)")
     if grid:
         ndim, layout = 5, "(batch, grid_h, grid_w, nheads, headdim)"
@@ -88,8 +90,9 @@ def _check_qkv(q, k, v, varlen: bool, grid: bool = False):
         raise ValueError(f"k has {describe_tensor(k)} and v has {describe_tensor(v)}; k and v must have the same shape")
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]} (q: {describe_tensor(q)}, k: {describe_tensor(k)})")
-    if grid and k.shape[1:3] != q.shape[1:3]:
-        raise ValueError(f"k has the token grid {tuple(k.shape[1:3])} but q has {tuple(q.shape[1:3])}; they must match")
+    if grid and same_grid and k.shape[1:3] != q.shape[1:3]:
+        raise ValueError(f"k has the token grid {tuple(k.shape[1:3])} but q has {tuple(q.shape[1:3])}; they must match "
+                         "(or give q_window_size for queries on a grid of their own)")
     check_heads(q, k)
 
 
@@ -101,7 +104,7 @@ def check_heads(q: torch.Tensor, k: torch.Tensor) -> None:
     if k.shape[-1] != d:
         raise ValueError(f"k has headdim {k.shape[-1]} but q has {d}; they must match")
     if d not in HEAD_DIMS:
-        raise ValueError(f"headdim {d} (q: {describe_tensor(q)}) is not supported; supported: multiples of 16 from 16 to 256")
+        raise ValueError(f"headdim {d} (q: {describe_tensor(q)}) is not supported; supported: {HEAD_DIMS_ACCEPTED}")
 
 
 def check_scale(softmax_scale, headdim: int) -> float:
@@ -202,14 +205,14 @@ def _check_cu_seqlens(name, cu, total: int, device):
         raise ValueError(f"{name}={vals[:8]}{'...' if len(vals) > 8 else ''}: must start at 0, never decrease and end at {total} (the total length)")
 
 
-def _check_window(window_size, grid) -> Tuple[int, int]:
+def _check_window(window_size, grid, name: str = "window_size") -> Tuple[int, int]:
     """window_size as (wh, ww) positive ints, or ValueError; also refuses an empty token grid."""
     try:
         wh, ww = (operator.index(x) for x in window_size)
     except (TypeError, ValueError):
-        raise ValueError(f"window_size={window_size!r}: expected a pair (wh, ww) of positive ints") from None
+        raise ValueError(f"{name}={window_size!r}: expected a pair (wh, ww) of positive ints") from None
     if wh <= 0 or ww <= 0:
-        raise ValueError(f"window_size={window_size!r}: expected a pair (wh, ww) of positive ints")
+        raise ValueError(f"{name}={window_size!r}: expected a pair (wh, ww) of positive ints")
     if grid[0] == 0 or grid[1] == 0:
         raise ValueError(f"the token grid {tuple(grid)} is empty; window_attn needs at least one token")
     return wh, ww
@@ -245,26 +248,28 @@ def _sig(t: Optional[torch.Tensor]):
 class _ReferencePlan:
     """The reference path behind the same call signature as triton_attn.KernelPlan."""
 
-    def __init__(self, key_tile, softmax_scale: float, block_size: int, window=None):
-        self.key_tile, self.scale, self.block_size, self.window = key_tile, softmax_scale, block_size, window
+    def __init__(self, key_tile, softmax_scale: float, block_size: int, window=None, q_window=None):
+        self.key_tile, self.scale, self.block_size = key_tile, softmax_scale, block_size
+        self.window, self.q_window = window, q_window
 
     def __call__(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad=None, v_pad=None):
         mask = mask_from_lists(kv_num, kv_idx) if kv_num is not None else None
         if self.window is not None:
             return attention_reference_window(q, k, v, self.window, k_pad, v_pad, mask, rel_h, rel_w, self.scale,
-                                              self.block_size)
+                                              self.block_size, self.q_window)
         if cu_q is not None:
             return attention_reference_varlen(q, k, v, cu_q, cu_k, mask, self.scale, self.block_size)
         return attention_reference(q, k, v, mask, rel_h, rel_w, self.key_tile, self.scale, self.block_size)
 
 
-def _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_q=None, cu_k=None, max_seqlen_q=None, window=None):
+def _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_q=None, cu_k=None, max_seqlen_q=None, window=None,
+              q_window=None):
     if _use_triton(q):
         from .triton_attn import make_plan
 
-        return make_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs,
-                         cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_seqlen_q, window=window)
-    return _ReferencePlan(tile, scale, bs, window)
+        return make_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                         max_seqlen_q=max_seqlen_q, window=window, q_window=q_window)
+    return _ReferencePlan(tile, scale, bs, window, q_window)
 
 
 def _planned(key, make):
@@ -360,28 +365,32 @@ def _window_impl(
     rel_h: Optional[torch.Tensor],
     rel_w: Optional[torch.Tensor],
     window_size: list[int],
+    q_window_size: list[int],
     softmax_scale: float,
     block_size: int,
 ) -> torch.Tensor:
-    plan = _window_plan(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_size, softmax_scale,
-                        block_size)
+    plan = _window_plan(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_size, q_window_size,
+                        softmax_scale, block_size)
     return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, None, k_pad, v_pad)
 
 
-def _window_plan(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_size, softmax_scale, block_size):
+def _window_plan(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_size, q_window_size,
+                 softmax_scale, block_size):
     """The plan of a checked window_attn call, from the plan cache (keyed by every input's signature)."""
-    win = tuple(window_size)
+    win, q_win = tuple(window_size), tuple(q_window_size)
     key = ("window", _sig(q), _sig(k), _sig(v), _sig(k_pad), _sig(v_pad), _sig(kv_num_blocks), _sig(kv_indices),
-           _sig(rel_h), _sig(rel_w), win, softmax_scale, block_size, _use_triton(q), torch.get_float32_matmul_precision())
+           _sig(rel_h), _sig(rel_w), win, q_win, softmax_scale, block_size, _use_triton(q),
+           torch.get_float32_matmul_precision())
     return _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, softmax_scale,
-                                           block_size, window=win))
+                                           block_size, window=win, q_window=None if q_win == win else q_win))
 
 
 _window_op = torch.library.custom_op("sam_sparse::window_attn", _window_impl, mutates_args=())
 
 
 @_window_op.register_fake
-def _(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_size, softmax_scale, block_size):
+def _(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_size, q_window_size, softmax_scale,
+      block_size):
     return q.new_empty(q.shape)
 
 
@@ -508,6 +517,7 @@ def window_attn(
     window_size: Tuple[int, int],
     block_mask: Union[BlockLayout, torch.Tensor, None] = None,
     *,
+    q_window_size: Optional[Tuple[int, int]] = None,
     k_pad: Optional[torch.Tensor] = None,
     v_pad: Optional[torch.Tensor] = None,
     rel_h: Optional[torch.Tensor] = None,
@@ -526,15 +536,19 @@ def window_attn(
         strides (views of a fused qkv projection work without a copy; on the kernel path, k and v are
         copied only if their head dim is not contiguous).
     window_size: (wh, ww) in tokens.
-    block_mask: over one window's wh * ww tokens in raster order: a BlockLayout or a bool tensor
-        (batch * windows or 1, nheads or 1, ceil(wh * ww / block_size), same); None: dense.
+    q_window_size: (qh, qw), for queries on a grid of their own, q (batch, q_grid_h, q_grid_w, nheads,
+        headdim) cut into qh x qw windows, as many per side as k's: query window (i, j) attends to key
+        window (i, j) (Hiera's q-pooled blocks: q max-pooled by 2, qh = wh / 2). None: q is on k's grid.
+    block_mask: over one window's qh * qw queries and wh * ww keys, raster order: a BlockLayout or a bool
+        tensor (batch * windows or 1, nheads or 1, ceil(qh * qw / block_size), ceil(wh * ww / block_size));
+        None: dense.
     k_pad, v_pad: (nheads_k, headdim), or None for zeros.
-    rel_h: (batch, nheads, grid_h * grid_w, wh), rel_w: (batch, nheads, grid_h * grid_w, ww): per query
-        (raster order over the grid) and per key row / column inside the window, as SAM's decomposed
+    rel_h: (batch, nheads, q_grid_h * q_grid_w, wh), rel_w: (batch, nheads, q_grid_h * q_grid_w, ww): per
+        query (raster order over its grid) and per key row / column inside the window, as SAM's decomposed
         rel-pos terms; -inf excludes the key.
     softmax_scale: multiplies q.k, a number > 0; default headdim ** -0.5. block_size: as block_sparse_attn.
 
-    Returns (batch, grid_h, grid_w, nheads, headdim) in q's dtype, contiguous.
+    Returns (batch, q_grid_h, q_grid_w, nheads, headdim) in q's dtype, contiguous.
     """
     _check_no_grad(q, k, v, k_pad, v_pad, rel_h, rel_w)
     fast = (block_mask is None or isinstance(block_mask, BlockLayout)) and not torch.compiler.is_compiling()
@@ -542,7 +556,8 @@ def window_attn(
     if fast:
         # A repeated call (SAM's window blocks, image after image) skips the checks: one dict lookup.
         try:
-            key = ("window", tuple(window_size), k_pad is None, v_pad is None,
+            key = ("window", tuple(window_size), None if q_window_size is None else tuple(q_window_size),
+                   k_pad is None, v_pad is None,
                    _fast_key(q, k, v, block_mask, rel_h, rel_w, None, softmax_scale, block_size), _sig(k_pad), _sig(v_pad))
             plan = _PLANS.get(key)
         except (AttributeError, TypeError):  # not tensors, unhashable window_size...: the checks below say what
@@ -551,11 +566,16 @@ def window_attn(
             num, idx = (block_mask.kv_num_blocks, block_mask.kv_indices) if block_mask is not None else (None, None)
             return plan(q, k, v, num, idx, rel_h, rel_w, None, None, k_pad, v_pad)
 
-    _check_qkv(q, k, v, varlen=False, grid=True)
+    _check_qkv(q, k, v, varlen=False, grid=True, same_grid=q_window_size is None)
     batch, gh, gw, nheads, headdim = q.shape
-    wh, ww = _check_window(window_size, (gh, gw))
-    windows = -(-gh // wh) * -(-gw // ww)
-    layout, bs = _to_layout(block_mask, block_size, batch * windows, nheads, wh * ww, wh * ww, q.device)
+    wh, ww = _check_window(window_size, k.shape[1:3])
+    qh, qw = (wh, ww) if q_window_size is None else _check_window(q_window_size, (gh, gw), "q_window_size")
+    if (-(-gh // qh), -(-gw // qw)) != (-(-k.shape[1] // wh), -(-k.shape[2] // ww)):
+        raise ValueError(f"q_window_size={q_window_size!r} cuts q's grid {(gh, gw)} into "
+                         f"{(-(-gh // qh), -(-gw // qw))} windows, but window_size={window_size!r} cuts k's grid "
+                         f"{tuple(k.shape[1:3])} into {(-(-k.shape[1] // wh), -(-k.shape[2] // ww))}; they must match")
+    windows = -(-gh // qh) * -(-gw // qw)
+    layout, bs = _to_layout(block_mask, block_size, batch * windows, nheads, qh * qw, wh * ww, q.device)
     # check_rel reads only shapes and the device: a stride-0 stand-in for q as (batch, tokens, nheads, headdim)
     check_rel(rel_h, rel_w, None, q.new_empty(()).expand(batch, gh * gw, nheads, headdim), wh * ww)
     if rel_h is not None and (rel_h.shape[-1], rel_w.shape[-1]) != (wh, ww):
@@ -567,8 +587,8 @@ def window_attn(
     scale = check_scale(softmax_scale, headdim)
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     if torch.compiler.is_compiling():
-        return _window_op(q, *kv, *pads, num, idx, rel_h, rel_w, [wh, ww], scale, bs)
-    plan = _window_plan(q, *kv, *pads, num, idx, rel_h, rel_w, (wh, ww), scale, bs)
+        return _window_op(q, *kv, *pads, num, idx, rel_h, rel_w, [wh, ww], [qh, qw], scale, bs)
+    plan = _window_plan(q, *kv, *pads, num, idx, rel_h, rel_w, (wh, ww), (qh, qw), scale, bs)
     # The fast path gets the plan only when the call needed no conversion: then its tensors are exactly
     # the ones checked here.
     if key is not None and pads[0] is k_pad and pads[1] is v_pad and kv[0] is k and kv[1] is v:

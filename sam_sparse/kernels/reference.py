@@ -112,36 +112,40 @@ def attention_reference_window(
     rel_w: Optional[torch.Tensor] = None,
     softmax_scale: float = 1.0,
     block_size: int = 128,
+    q_window: Optional[Tuple[int, int]] = None,
 ) -> torch.Tensor:
     """Window attention the long way: pad the grid, cut it into windows, attend, put it back, crop.
 
-    q: (B, GH, GW, H, D); k, v: (B, GH, GW, Hk, D); window (wh, ww); k_pad, v_pad (Hk, D): the keys and
-    values of padding tokens. block_mask: bool (B * windows | 1, H | 1, QB, KB) over one window's tokens.
-    rel_h (B, H, GH * GW, wh), rel_w (B, H, GH * GW, ww), queries in raster order over the grid.
-    Returns (B, GH, GW, H, D) contiguous, in q's dtype.
+    q: (B, GHq, GWq, H, D); k, v: (B, GH, GW, Hk, D); window (wh, ww) on k's grid; q_window (qh, qw) on
+    q's grid (None: window, and q's grid is k's); query window (i, j) attends to key window (i, j).
+    k_pad, v_pad (Hk, D): the keys and values of padding tokens. block_mask: bool (B * windows | 1,
+    H | 1, QB, KB) over one window's queries and keys. rel_h (B, H, GHq * GWq, wh), rel_w (B, H,
+    GHq * GWq, ww), queries in raster order over their grid. Returns (B, GHq, GWq, H, D) contiguous, in
+    q's dtype.
     """
-    B, GH, GW, H, D = q.shape
-    wh, ww = window
-    ph, pw = -GH % wh, -GW % ww
-    nr, nc = (GH + ph) // wh, (GW + pw) // ww
+    B, GHq, GWq, H, D = q.shape
 
-    def windows(t: torch.Tensor, fill: Optional[torch.Tensor]) -> torch.Tensor:
-        """(B, GH, GW, *rest) -> (B * windows, wh * ww, *rest), padding with `fill` (zeros if None)."""
-        rest = t.shape[3:]
-        padded = t.new_zeros((B, GH + ph, GW + pw, *rest)) if fill is None else fill.expand(B, GH + ph, GW + pw, *rest).clone()
-        padded[:, :GH, :GW] = t
-        padded = padded.view(B, nr, wh, nc, ww, *rest).transpose(2, 3)
-        return padded.reshape(B * nr * nc, wh * ww, *rest)
+    def windows(t: torch.Tensor, win: Tuple[int, int], fill: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, gh, gw, *rest) -> (B * windows, wh * ww, *rest), padding with `fill` (zeros if None)."""
+        (gh, gw), (wh, ww), rest = t.shape[1:3], win, t.shape[3:]
+        ph, pw = -gh % wh, -gw % ww
+        padded = t.new_zeros((B, gh + ph, gw + pw, *rest)) if fill is None else fill.expand(B, gh + ph, gw + pw, *rest).clone()
+        padded[:, :gh, :gw] = t
+        padded = padded.view(B, (gh + ph) // wh, wh, (gw + pw) // ww, ww, *rest).transpose(2, 3)
+        return padded.reshape(-1, wh * ww, *rest)
+
+    qh, qw = q_window or window
 
     def rel_windows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         if t is None:
             return None
-        grid = t.reshape(B, H, GH, GW, t.shape[-1]).permute(0, 2, 3, 1, 4)  # (B, GH, GW, H, k)
-        return windows(grid, None).permute(0, 2, 1, 3)  # (B * windows, H, wh * ww, k)
+        grid = t.reshape(B, H, GHq, GWq, t.shape[-1]).permute(0, 2, 3, 1, 4)  # (B, GHq, GWq, H, k)
+        return windows(grid, (qh, qw), None).permute(0, 2, 1, 3)  # (B * windows, H, qh * qw, k)
 
     out = attention_reference(
-        windows(q, None), windows(k, k_pad.to(k.dtype)), windows(v, v_pad.to(v.dtype)), block_mask,
-        rel_windows(rel_h), rel_windows(rel_w), None, softmax_scale, block_size,
-    )  # (B * windows, wh * ww, H, D)
-    out = out.view(B, nr, nc, wh, ww, H, D).transpose(2, 3).reshape(B, GH + ph, GW + pw, H, D)
-    return out[:, :GH, :GW].contiguous()
+        windows(q, (qh, qw), None), windows(k, window, k_pad.to(k.dtype)), windows(v, window, v_pad.to(v.dtype)),
+        block_mask, rel_windows(rel_h), rel_windows(rel_w), None, softmax_scale, block_size,
+    )  # (B * windows, qh * qw, H, D)
+    nr, nc = -(-GHq // qh), -(-GWq // qw)
+    out = out.view(B, nr, nc, qh, qw, H, D).transpose(2, 3).reshape(B, nr * qh, nc * qw, H, D)
+    return out[:, :GHq, :GWq].contiguous()

@@ -30,7 +30,9 @@ padding to the next power of two, which would waste 60% more tensor-core work at
 
 WINDOW mode (window_attn): q, k, v are (B, GH, GW, H, D) token grids and each program's sequence is
 one WIN_H x WIN_W window, its tokens found by index arithmetic on the grid (no partition copy); the
-output is written to the grid in place. Windows inside the grid and windows that overhang it run as two
+output is written to the grid in place. The queries may lie on a grid of their own (a q pooled by 2, as
+Hiera's first block of a stage), cut into QWIN_H x QWIN_W windows: query window (i, j) attends to key
+window (i, j). Windows inside the grid and windows that overhang it run as two
 launches (WIN_PAD): only the latter carry the padding keys, whose key and value are K_PAD / V_PAD.
 
 Hopper: a config with TMA=1 reads K and V through host-side tensor descriptors (the copy engine; zero
@@ -76,12 +78,18 @@ def _bucket(n: int) -> int:
 
 
 def _split_head_dim(d: int) -> Tuple[int, int]:
-    """(D0, D1): two power-of-two chunks covering d exactly (D1 may be 0), else (next pow2, 0) + masking."""
+    """(D0, D1): two power-of-two chunks (D1 may be 0, else >= 16, the smallest MMA depth) covering d.
+
+    Exact where d is one or two powers of two (80 = 64 + 16, 96 = 64 + 32); otherwise the narrower of
+    (largest power of two below d, the rest rounded up to a power of two) and (next power of two, 0),
+    the columns past d masked on load and store: 72 = 64 + 16 (8 masked, 11% more MMA work than 72,
+    where one 128-wide chunk would cost 78%), 56 = 64 (8 masked)."""
     d0 = 1 << (d.bit_length() - 1)
     rest = d - d0
-    if rest == 0 or (rest >= 16 and rest & (rest - 1) == 0):
-        return d0, rest
-    return next_pow2(d), 0
+    if rest == 0:
+        return d0, 0
+    split = (d0, max(16, next_pow2(rest)))
+    return split if sum(split) < next_pow2(d) else (next_pow2(d), 0)
 
 
 # Tests set this to BIAS_ONEHOT or BIAS_GATHER to exercise a path the tuner would not pick on their shapes.
@@ -155,11 +163,12 @@ def _attn_fwd(
     stride_rwb, stride_rwh, stride_rwm, stride_rwk,
     seqlen_q, seqlen_k, num_heads, kv_group,
     KH: tl.constexpr, KW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-    grid_h, grid_w, win_rows, win_cols, n_windows, n_launch,
+    grid_h, grid_w, q_grid_h, q_grid_w, win_rows, win_cols, n_windows, n_launch,
     D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
-    WINDOW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr, WIN_PAD: tl.constexpr,
+    WINDOW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr, QWIN_H: tl.constexpr, QWIN_W: tl.constexpr,
+    WIN_PAD: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BIAS_PATH: tl.constexpr, RECT_H: tl.constexpr, RECT_W: tl.constexpr,
@@ -197,9 +206,11 @@ def _attn_fwd(
             wy = w // (win_cols - col_over)
             wx = w % (win_cols - col_over)
         b = img * n_windows + wy * win_cols + wx  # the window's row in (batch * windows) block masks
-        y0 = wy * WIN_H  # the window's top-left token on the grid
+        y0 = wy * WIN_H  # the window's top-left key on the key grid
         x0 = wx * WIN_W
-        if y0 + (pid_m * BLOCK_M) // WIN_W >= grid_h:
+        qy0 = wy * QWIN_H  # its top-left query on the query grid (the key grid unless q was pooled)
+        qx0 = wx * QWIN_W
+        if qy0 + (pid_m * BLOCK_M) // QWIN_W >= q_grid_h:
             return  # every query of this tile lies in the padding below the grid: no output to write
 
     if VARLEN:
@@ -228,14 +239,14 @@ def _attn_fwd(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if WINDOW:
-        # Window token t sits at grid (y0 + t // WIN_W, x0 + t % WIN_W); tokens past the grid are padding.
-        # (The window is a constexpr: these divisions become multiply-shifts.)
-        qy = y0 + offs_m // WIN_W
-        qx = x0 + offs_m % WIN_W
-        m_ok = (offs_m < seqlen_q) & (qy < grid_h) & (qx < grid_w)
+        # Query t of the window sits at (qy0 + t // QWIN_W, qx0 + t % QWIN_W) on the query grid; queries
+        # past the grid are padding. (Windows are constexprs: these divisions become multiply-shifts.)
+        qy = qy0 + offs_m // QWIN_W
+        qx = qx0 + offs_m % QWIN_W
+        m_ok = (offs_m < seqlen_q) & (qy < q_grid_h) & (qx < q_grid_w)
         q_rows = qy * stride_qn + qx * stride_qx
         o_rows = qy * stride_on + qx * stride_ox
-        bias_rows = qy * grid_w + qx  # rel_h / rel_w hold one row per grid token, raster order
+        bias_rows = qy * q_grid_w + qx  # rel_h / rel_w hold one row per query-grid token, raster order
     else:
         m_ok = offs_m < seqlen_q
         q_rows = offs_m * stride_qn
@@ -247,8 +258,9 @@ def _attn_fwd(
                  mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
+        d1_ok = offs_d1 < D_REAL  # all True unless the head dim is split inexactly (72 = 64 + 16, 8 masked)
         q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :] * stride_qd,
-                     mask=m_ok[:, None], other=0.0)
+                     mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
     if WIN_PAD:
         # Padding keys (where a window overhangs the grid) all have the kv head's K_PAD / V_PAD vectors.
         # Their tiles load as zeros, as any missing key; then q . k_pad is added to their logits and
@@ -258,7 +270,7 @@ def _attn_fwd(
         k_pad0 = tl.load(K_PAD + hk * D_REAL + offs_d0, mask=d0_ok, other=0.0).to(tl.float32)
         q_kpad = tl.sum(q0.to(tl.float32) * k_pad0[None, :], 1)
         if D1 > 0:
-            k_pad1 = tl.load(K_PAD + hk * D_REAL + offs_d1).to(tl.float32)
+            k_pad1 = tl.load(K_PAD + hk * D_REAL + offs_d1, mask=d1_ok, other=0.0).to(tl.float32)
             q_kpad += tl.sum(q1.to(tl.float32) * k_pad1[None, :], 1)
         pad_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     if INTERP:
@@ -373,7 +385,7 @@ def _attn_fwd(
             if TMA:
                 k1 = tl.trans(DESC_K1.load([img, start_n, hk, 0]).reshape(BLOCK_N, D1))
             else:
-                k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=k_in[None, :], other=0.0)
+                k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=k_in[None, :] & d1_ok[:, None], other=0.0)
             if INTERP:
                 k1 = k1.to(tl.float32)
             qk = tl.dot(q1, k1, qk, input_precision=DOT_PREC)
@@ -452,7 +464,7 @@ def _attn_fwd(
             if TMA:
                 v1 = DESC_V1.load([img, start_n, hk, 0]).reshape(BLOCK_N, D1)
             else:
-                v1 = tl.load(v_src + offs_d1[None, :] * stride_vd, mask=k_in[:, None], other=0.0)
+                v1 = tl.load(v_src + offs_d1[None, :] * stride_vd, mask=k_in[:, None] & d1_ok[None, :], other=0.0)
             if INTERP:
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
@@ -461,7 +473,7 @@ def _attn_fwd(
         v_pad0 = tl.load(V_PAD + hk * D_REAL + offs_d0, mask=d0_ok, other=0.0).to(tl.float32)
         acc0 += pad_l[:, None] * v_pad0[None, :]
         if D1 > 0:
-            v_pad1 = tl.load(V_PAD + hk * D_REAL + offs_d1).to(tl.float32)
+            v_pad1 = tl.load(V_PAD + hk * D_REAL + offs_d1, mask=d1_ok, other=0.0).to(tl.float32)
             acc1 += pad_l[:, None] * v_pad1[None, :]
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     o_ptrs = o_base + o_rows[:, None]
@@ -469,7 +481,7 @@ def _attn_fwd(
              mask=m_ok[:, None] & d0_ok[None, :])
     if D1 > 0:
         tl.store(o_ptrs + offs_d1[None, :] * stride_od, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
-                 mask=m_ok[:, None])
+                 mask=m_ok[:, None] & d1_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -806,6 +818,7 @@ def make_plan(
     cu_seqlens_k: Optional[torch.Tensor] = None,
     max_seqlen_q: Optional[int] = None,
     window: Optional[Tuple[int, int]] = None,
+    q_window: Optional[Tuple[int, int]] = None,
     config: Optional[dict] = None,
 ) -> KernelPlan:
     """Resolve a launch for validated inputs (interface.py checks them); tunes on first sight of a shape class.
@@ -813,6 +826,8 @@ def make_plan(
     q: (B, Nq, H, D) or varlen (total_q, H, D); k, v: (B, Nk, Hk, D) or (total_k, Hk, D).
     window (wh, ww): q, k, v are (B, GH, GW, H|Hk, D) token grids instead, attended window by window;
         the plan's call then takes k_pad / v_pad (Hk, D) contiguous, the keys and values of padding.
+    q_window (qh, qw): the query grid's windows when q lies on another grid than k (a pooled q of
+        (B, GHq, GWq, H, D)); window (i, j) of q attends to window (i, j) of k. None: q_window = window.
     kv_num_blocks: int32 (Bm, Hm, QB); kv_indices: int32 (Bm, Hm, QB, KB), last dim contiguous
         (layout.BlockLayout), or None for dense. With a window, Bm is 1 or B * windows.
     rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw) or None (Nq = GH * GW with a window); key_tile (th, tw)
@@ -820,7 +835,7 @@ def make_plan(
     config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT]}: no tuning.
     """
     varlen = cu_seqlens_q is not None
-    grid_hw, win_hw, win_rows, win_cols, n_windows = (1, 1), (1, 1), 1, 1, 1
+    grid_hw, q_grid_hw, win_hw, q_win_hw, win_rows, win_cols, n_windows = (1, 1), (1, 1), (1, 1), (1, 1), 1, 1, 1
     launches = [(1, False)]  # (windows per image in the launch, padding windows?)
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -828,15 +843,15 @@ def make_plan(
         q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
         extra_strides = (0, 0, 0)
     elif window is not None:
-        grid_hw, win_hw = tuple(q.shape[1:3]), tuple(window)
+        grid_hw, win_hw = tuple(k.shape[1:3]), tuple(window)
+        q_grid_hw, q_win_hw = tuple(q.shape[1:3]), tuple(q_window or window)
         win_rows, win_cols = -(-grid_hw[0] // win_hw[0]), -(-grid_hw[1] // win_hw[1])
         n_windows = win_rows * win_cols
         # Windows inside the grid and windows that overhang it go in separate launches, so that only
         # the latter pay for padding keys.
         inside = (win_rows - (win_rows * win_hw[0] > grid_hw[0])) * (win_cols - (win_cols * win_hw[1] > grid_hw[1]))
         launches = [(n, pad) for n, pad in ((inside, False), (n_windows - inside, True)) if n]
-        batch, seqlen_q = q.shape[0], win_hw[0] * win_hw[1]
-        seqlen_k = seqlen_q
+        batch, seqlen_q, seqlen_k = q.shape[0], q_win_hw[0] * q_win_hw[1], win_hw[0] * win_hw[1]
         # (B, GH, GW, H, D) -> the kernel's (b, n = grid row, h, d) strides plus the grid column's.
         q4, k4, v4 = (t.select(2, 0) for t in (q, k, v))
         extra_strides = (q.stride(2), k.stride(2), v.stride(2))
@@ -857,7 +872,8 @@ def make_plan(
         IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
     prec = dot_precision(q.dtype)
-    tma_ok = not varlen and window is None and tma_eligible(k, v, d0)
+    # TMA boxes cover whole chunks: an inexact head-dim split (masked columns) stays on pointer loads.
+    tma_ok = not varlen and window is None and d0 + d1 == head_dim and tma_eligible(k, v, d0)
     a["TMA_OK"] = tma_ok
     out_strides = _contiguous_strides(q.shape if window is not None else q4.shape)
     if window is not None:
@@ -870,7 +886,7 @@ def make_plan(
         *_strides(kv_num_blocks, 3, 2), *_strides(kv_indices, 3, 2),
         *_strides(rel_h, 4), *_strides(rel_w, 4),
         seqlen_q, seqlen_k, nheads, nheads // k.shape[-2], kh, kw, tile_h, tile_w,
-        *grid_hw, win_rows, win_cols, n_windows,
+        *grid_hw, *q_grid_hw, win_rows, win_cols, n_windows,
     )
 
     def plan_for(cfg: dict):
@@ -881,7 +897,7 @@ def make_plan(
         for n_launch, pad in launches:
             tail = scalars + (
                 n_launch, head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
-                window is not None, *win_hw, pad, prec, INTERPRET,
+                window is not None, *win_hw, *q_win_hw, pad, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
                 dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma,
             )
@@ -895,7 +911,7 @@ def make_plan(
     # The tuning key holds shape classes, not exact sizes: no batch, sequence lengths rounded up to a
     # power of two, so a new prompt count or batch size never starts a tuning run inside predict().
     tune_key = (_bucket(seqlen_q), _bucket(seqlen_k), nheads, kh, kw, tile_h, tile_w, d0, d1, block_size,
-                has_mask, has_bias, varlen, str(q.dtype), prec, window, tma_ok)
+                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok)
     candidates = _prune(_configs(), {**a, "seqlen_q": _bucket(seqlen_q), "seqlen_k": _bucket(seqlen_k)})
     pads = (k.new_zeros(k.shape[-2:]),) * 2 if window is not None else (None, None)  # stand-ins for tuning
     tensors_in = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, *pads)
@@ -912,13 +928,13 @@ def make_plan(
 
 
 def attention_triton(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size, *,
-                     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, window=None, k_pad=None, v_pad=None,
-                     out=None, config=None) -> torch.Tensor:
+                     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, window=None, q_window=None,
+                     k_pad=None, v_pad=None, out=None, config=None) -> torch.Tensor:
     """One launch without the plan cache (tests and probes): make_plan's arguments, then the plan's call.
 
     out: optional preallocated output shaped and typed like q (tests poison it to catch unwritten rows).
     """
     plan = make_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size,
                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, window=window,
-                     config=config)
+                     q_window=q_window, config=config)
     return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, k_pad, v_pad, out=out)

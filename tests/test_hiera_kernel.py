@@ -1,0 +1,178 @@
+"""The kernel on SAM 2's Hiera shapes: head dims 56 / 72 / 96 (none a power of two), windows of 8 x 8 on a
+grid with many windows, and q-pooled windows (queries on a grid pooled by 2, each query window attending to
+the key window twice its size), against the float64 oracle of tests/oracle.py.
+
+Three implementations: the PyTorch reference (window_attn and block_sparse_attn on CPU tensors) and the
+Triton kernel in Triton's interpreter. Fresh random inputs every case, the seed in each failure message;
+the kernel writes into an output poisoned with NaN first.
+"""
+
+import pytest
+import torch
+
+from oracle import check_window, oracle_attention, rel_error, same_dtype_torch
+from sam_sparse.kernels import BlockLayout, block_lists, window_attn
+from sam_sparse.kernels.interface import HAS_TRITON
+from sam_sparse.kernels.triton_attn import _split_head_dim
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform")
+
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+ROW_FLOOR = {torch.float64: 1e-11, torch.float32: 2e-5, torch.float16: 8e-3, torch.bfloat16: 6e-2}
+HIERA_HEAD_DIMS = (56, 72, 96)  # hiera_b+, hiera_l, hiera_t / s
+
+
+def seeded():
+    seed = torch.seed() % 2**31
+    return seed, torch.Generator().manual_seed(seed)
+
+
+def pooled_inputs(g, B, GH, GW, H, D, dtype):
+    """Hiera's q-pooled block: q, k, v views of one (B, GH, GW, 3, H, D) projection; q max-pooled by 2 over
+    the grid (B, GH / 2, GW / 2, H, D), as MultiScaleAttention pools it; pads (H, D) as a projection bias."""
+    qkv = torch.randn(B, GH, GW, 3, H, D, generator=g).to(dtype)
+    q, k, v = qkv.unbind(3)
+    pooled = torch.nn.functional.max_pool2d(q.reshape(B, GH, GW, H * D).permute(0, 3, 1, 2).float(), 2)
+    q = pooled.permute(0, 2, 3, 1).reshape(B, GH // 2, GW // 2, H, D).to(dtype)
+    return q, k, v, torch.randn(H, D, generator=g).to(dtype), torch.randn(H, D, generator=g).to(dtype)
+
+
+def test_head_dim_split_costs():
+    """56, 72, 96 run without a padded copy: in-kernel chunks of 64, 64 + 16 (8 masked), 64 + 32."""
+    assert _split_head_dim(56) == (64, 0)
+    assert _split_head_dim(72) == (64, 16)
+    assert _split_head_dim(96) == (64, 32)
+    assert _split_head_dim(80) == (64, 16)  # vit_h, exact as before
+    for d in range(16, 257, 8):
+        d0, d1 = _split_head_dim(d)
+        assert d0 + d1 >= d and d0 & (d0 - 1) == 0 and (d1 == 0 or (d1 >= 16 and d1 & (d1 - 1) == 0))
+        assert d0 + d1 <= 1 << (d - 1).bit_length(), f"{d}: the split is wider than the next power of two"
+
+
+# (B, GH, GW, key window, H, D, dtype, mask at block 16: None or "empty-row")
+POOLED = [
+    (2, 16, 16, (8, 8), 2, 56, torch.float32, None),         # 4 windows, none overhanging
+    (1, 12, 20, (8, 8), 2, 72, torch.float16, "empty-row"),   # overhang on both sides: 2 x 3 windows
+    (1, 28, 28, (14, 14), 1, 96, torch.bfloat16, None),       # hiera stage 3 -> 4: 14 -> 7, 28 = 2 x 14
+    (1, 8, 12, (4, 4), 2, 96, torch.float32, "empty-row"),    # stage 2 -> 3: 4 -> 2
+]
+
+
+def _pooled_mask(g, case):
+    B, GH, GW, win, H = case[:5]
+    if case[7] is None:
+        return None
+    n_win = -(-GH // win[0]) * -(-GW // win[1])
+    qb, kb = -(-(win[0] * win[1] // 4) // 16), -(-(win[0] * win[1]) // 16)
+    m = torch.rand(B * n_win, H, qb, kb, generator=g) < 0.6
+    m[0, 0, 0] = False  # a query block of the first window attends to nothing: zeros
+    return m
+
+
+@pytest.mark.parametrize("case", POOLED, ids=lambda c: f"{c[1]}x{c[2]}w{c[3][0]}-D{c[5]}-{str(c[6])[6:]}")
+def test_pooled_window_reference(case):
+    seed, g = seeded()
+    B, GH, GW, win, H, D, dtype, _ = case
+    q, k, v, kp, vp = pooled_inputs(g, B, GH, GW, H, D, dtype)
+    mask = _pooled_mask(g, case)
+    qwin = (win[0] // 2, win[1] // 2)
+    out = window_attn(q, k, v, win, mask, q_window_size=qwin, k_pad=kp, v_pad=vp, block_size=16)
+    assert out.shape == q.shape
+    check_window(out, q, k, v, win, kp, vp, mask, None, None, None, 16, seed, FLOOR, ROW_FLOOR, q_window=qwin)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", POOLED, ids=lambda c: f"{c[1]}x{c[2]}w{c[3][0]}-D{c[5]}-{str(c[6])[6:]}")
+def test_pooled_window_kernel(triton_kernel, case):
+    seed, g = seeded()
+    B, GH, GW, win, H, D, dtype, _ = case
+    q, k, v, kp, vp = pooled_inputs(g, B, GH, GW, H, D, dtype)
+    mask = _pooled_mask(g, case)
+    qwin = (win[0] // 2, win[1] // 2)
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    lists = block_lists(mask) if mask is not None else (None, None)
+    triton_kernel.attention_triton(q, k, v, *lists, None, None, None, D ** -0.5, 16, window=win, q_window=qwin,
+                                   k_pad=kp, v_pad=vp, out=out)
+    check_window(out, q, k, v, win, kp, vp, mask, None, None, None, 16, seed, FLOOR, ROW_FLOOR, q_window=qwin)
+
+
+@needs_triton
+def test_pooled_window_through_the_public_api(triton_kernel):
+    """window_attn with q_window_size on the kernel path: plan cache, layout, rel-pos terms on the query grid."""
+    seed, g = seeded()
+    q, k, v, kp, vp = pooled_inputs(g, 1, 12, 12, 2, 56, torch.float16)
+    rh, rw = torch.randn(1, 2, 36, 8, generator=g).half() * 2, torch.randn(1, 2, 36, 8, generator=g).half() * 2
+    mask = torch.rand(4, 2, 1, 4, generator=g) < 0.7
+    layout = BlockLayout.from_mask(mask, 16)
+    for _ in range(2):  # the second call takes the fast path
+        out = window_attn(q, k, v, (8, 8), layout, q_window_size=(4, 4), k_pad=kp, v_pad=vp, rel_h=rh, rel_w=rw,
+                          softmax_scale=0.2)
+        check_window(out, q, k, v, (8, 8), kp, vp, mask, rh, rw, 0.2, 16, seed, FLOOR, ROW_FLOOR, q_window=(4, 4))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hiera_stage1_windows_kernel(triton_kernel, dtype):
+    """Stage 1 of hiera_t: 8 x 8 windows on a 64 x 48 grid (48 windows), one head of 96, the grid given as
+    views of one qkv projection; no padding windows."""
+    seed, g = seeded()
+    q, k, v = torch.randn(1, 64, 48, 3, 1, 96, generator=g).to(dtype).unbind(3)
+    zeros = torch.zeros(1, 96, dtype=dtype)
+    out = window_attn(q, k, v, (8, 8))
+    check_window(out, q, k, v, (8, 8), zeros, zeros, None, None, None, None, 128, seed, FLOOR, ROW_FLOOR)
+
+
+@needs_triton
+@pytest.mark.parametrize("head_dim", HIERA_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_hiera_global_kernel(triton_kernel, head_dim, dtype):
+    """A Hiera global block in small: a 16 x 12 grid (192 tokens, not a multiple of the 128-token block but
+    of the 64-token tile), q, k, v strided views of one projection, a mask with an empty query block."""
+    seed, g = seeded()
+    q, k, v = torch.randn(2, 192, 3, 2, head_dim, generator=g).to(dtype).unbind(2)
+    mask = torch.rand(2, 2, 2, 2, generator=g) < 0.7
+    mask[1, 1, 0] = False
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    triton_kernel.attention_triton(q, k, v, *block_lists(mask), None, None, None, head_dim ** -0.5, 128, out=out)
+    ref = oracle_attention(q, k, v, mask, block_size=128)
+    base = same_dtype_torch(q, k, v, mask, block_size=128)
+    err, err_base = rel_error(out, ref), rel_error(base, ref)
+    assert torch.isfinite(out).all(), f"seed {seed}: NaN or a row left unwritten"
+    assert err <= 2 * err_base + FLOOR[dtype], f"seed {seed}: error {err:.3g} vs PyTorch {dtype} {err_base:.3g}"
+    row_err = (out.double() - ref).abs().amax(-1)
+    row_base = (base.double() - ref).abs().amax(-1)
+    assert (row_err <= 2 * row_base + ROW_FLOOR[dtype]).all(), f"seed {seed}: rows off, worst {row_err.max():.3g}"
+    assert (out[1, :128, 1] == 0).all(), f"seed {seed}: an empty query block must give zeros"
+
+
+@needs_triton
+@pytest.mark.parametrize("head_dim", (56, 72, 40))
+def test_masked_head_dim_columns_are_never_read(triton_kernel, head_dim):
+    """Where the head dim is split inexactly (56 = 64, 72 = 64 + 16, 40 = 32 + 16), the kernel's chunks run
+    past it: q, k and v here are views of buffers whose columns past the head dim hold NaN, so a load that
+    is not masked shows up as NaN in the output."""
+    seed, g = seeded()
+    width = sum(_split_head_dim(head_dim))
+    bufs = [torch.full((1, 80, 2, width), float("nan"), dtype=torch.float16) for _ in range(3)]
+    for b in bufs:
+        b[..., :head_dim] = torch.randn(1, 80, 2, head_dim, generator=g).half()
+    q, k, v = (b[..., :head_dim] for b in bufs)
+    out = torch.full(q.shape, float("nan"), dtype=torch.float16)
+    triton_kernel.attention_triton(q, k, v, None, None, None, None, None, head_dim ** -0.5, 32, out=out)
+    ref = oracle_attention(q, k, v, block_size=32)
+    assert torch.isfinite(out).all(), f"seed {seed}: a masked column was read (NaN in the output)"
+    assert rel_error(out, ref) < 2e-3, f"seed {seed}"
+
+
+def test_pooled_window_bad_inputs():
+    g = torch.Generator().manual_seed(0)
+    q, k, v, kp, vp = pooled_inputs(g, 1, 12, 12, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"k has the token grid \(12, 12\) but q has \(6, 6\).*q_window_size"):
+        window_attn(q, k, v, (4, 4))
+    with pytest.raises(ValueError, match=r"q_window_size=\(4, 4\) cuts q's grid \(6, 6\) into \(2, 2\) windows, but "
+                                         r"window_size=\(4, 4\) cuts k's grid \(12, 12\) into \(3, 3\)"):
+        window_attn(q, k, v, (4, 4), q_window_size=(4, 4))
+    with pytest.raises(ValueError, match=r"q_window_size=\(0, 2\): expected a pair"):
+        window_attn(q, k, v, (4, 4), q_window_size=(0, 2))
+    with pytest.raises(ValueError, match=r"block_mask with shape \(4, 2, 1, 1\); expected \(4 or 1, 2 or 1, 1, 4\)"):
+        window_attn(q, k, v, (8, 8), torch.ones(4, 2, 1, 1, dtype=torch.bool), q_window_size=(4, 4), block_size=16)
