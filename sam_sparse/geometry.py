@@ -2,9 +2,10 @@
 
 The contract between the patcher, which describes each attention module it finds, and the mask
 patterns and policies, which turn that description into a block mask. The layer kinds name attention
-roles (image self-attention over the whole grid or one window, token self-attention, the two cross
-directions); which SAM module has which role is the table in sam_layers.py. No torch ops, no
-segment-anything, no Triton.
+roles (image self-attention over the whole grid or one window, from a pooled window to the full one,
+token self-attention, the two cross directions); which module of a model family has which role is that
+family's table (sam_layers.py for SAM, sam2_layers.py for SAM 2). No torch ops, no segment-anything,
+no Triton.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ from typing import Optional, Tuple
 
 import torch
 
-# Layer kinds, in the order they appear in a SAM forward pass.
+# Layer kinds, in the order they appear in a forward pass.
 LAYER_KINDS = (
     "encoder.global",  # image encoder block with window_size == 0: all 4096 tokens attend to all
-    "encoder.window",  # image encoder block inside 14x14 windows (each window is one batch row)
+    "encoder.window",  # image encoder block inside windows (SAM: 14x14; Hiera: 8, 4, 14, 7 by stage)
+    "encoder.pooled",  # Hiera's first block of a stage: queries max-pooled by 2, each pooled window
+    #                    (4x4 of an 8x8 window, ...) attends to its full window of keys
     "decoder.self",  # mask decoder: prompt/output tokens attend to themselves
     "decoder.token_to_image",  # tokens (queries) attend to image tokens (keys)
     "decoder.image_to_token",  # image tokens (queries) attend to tokens (keys)
     "decoder.final_token_to_image",  # the last token-to-image attention after the two-way blocks
 )
 
-GRID_KINDS = ("encoder.global", "encoder.window")  # image tokens on both sides
+GRID_KINDS = ("encoder.global", "encoder.window", "encoder.pooled")  # image tokens on both sides
 SELF_KINDS = ("encoder.global", "encoder.window", "decoder.self")  # queries and keys are the same tokens
 
 Grid = Tuple[int, int]
@@ -46,6 +49,9 @@ class LayerGeometry:
     key_tile: None when image tokens are in raster order; (th, tw) when they are grouped in th x tw
         tiles, tiles in raster order (see masks.tile_permutation). The name is the kernel's, but the
         order applies to queries too: both sides of an image layer use it.
+    stage: the encoder stage (1-4) of a multi-scale encoder's layer (Hiera), None elsewhere (SAM's ViT
+        has one scale; decoders). For encoder.pooled, q_grid is k_grid pooled by 2: a query token covers
+        2 x 2 key tokens.
     """
 
     name: str
@@ -58,6 +64,7 @@ class LayerGeometry:
     block_size: int = 128
     key_tile: Optional[Grid] = None
     layer_index: int = 0
+    stage: Optional[int] = None
 
     def __post_init__(self):
         if self.kind not in LAYER_KINDS:

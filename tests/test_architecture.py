@@ -19,10 +19,12 @@ ALLOWED = {
     "devices": set(),
     "masks": {"geometry"},
     "sam_layers": {"geometry"},
-    "policy": {"geometry", "masks", "sam_layers", "kernels.layout"},
-    "patches": {"geometry", "kernels", "masks", "policy", "sam_layers", "table"},
-    "models": {"files", "sam_layers", "policy", "patches"},
-    "predictor": set(),
+    "sam2_layers": {"geometry", "sam_layers"},
+    "families": {"geometry", "sam_layers", "sam2_layers"},
+    "policy": {"geometry", "masks", "families", "kernels.layout"},
+    "patches": {"geometry", "kernels", "masks", "policy", "sam_layers", "sam2_layers", "table"},
+    "models": {"files", "families", "sam_layers", "sam2_layers", "policy", "patches"},
+    "predictor": {"patches"},
     "segment": {"files"},
     "bench": {"devices", "files", "models", "patches", "policy", "table"},
     "convert": {"__init__", "files", "models", "patches", "policy"},
@@ -32,7 +34,11 @@ ALLOWED = {
     "__main__": {"cli"},
     "__init__": {"*"},
 }
-NO_SEGMENT_ANYTHING = ("kernels", "geometry", "files", "table", "devices", "masks", "sam_layers", "policy")
+NO_SEGMENT_ANYTHING = ("kernels", "geometry", "files", "table", "devices", "masks", "sam_layers", "sam2_layers",
+                       "families", "policy")
+# sam2 is an optional extra: only the SAM 2 family's patch module and what runs SAM 2 models import it.
+SAM2_IMPORTERS = ("patches.sam2", "patches.sam2_attention", "patches.parity", "models.build", "predictor", "amg",
+                  "maskgen", "calibration", "segment", "video")
 
 
 def _part(rel: str) -> str:
@@ -84,6 +90,8 @@ def _violations():
             if not target.startswith("sam:"):
                 if target.split(".")[0] == "segment_anything" and part in NO_SEGMENT_ANYTHING:
                     out.append(f"{where}: {part} must not import segment_anything")
+                if target.split(".")[0] == "sam2" and not rel.startswith(SAM2_IMPORTERS):
+                    out.append(f"{where}: {rel} must not import sam2 (an optional extra; see SAM2_IMPORTERS)")
                 continue
             target = target[4:]
             base = "" if target == "__init__" else target
@@ -125,12 +133,14 @@ def test_the_check_catches_a_wrong_direction(tmp_path, monkeypatch):
     """The checker itself can fail: a kernel module importing the policy is reported."""
     pkg = tmp_path / "sam_sparse" / "kernels"
     pkg.mkdir(parents=True)
-    (pkg / "bad.py").write_text("from ..policy import load_policy\nimport segment_anything\nfrom .interface import _describe\n")
+    (pkg / "bad.py").write_text("from ..policy import load_policy\nimport segment_anything\nfrom .interface import _describe\n"
+                                "import sam2\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path / "sam_sparse")
     bad = _violations()
     assert any("kernels imports sam_sparse.policy" in b for b in bad), bad
     assert any("kernels must not import segment_anything" in b for b in bad), bad
     assert any("private name _describe" in b for b in bad), bad
+    assert any("kernels.bad must not import sam2" in b for b in bad), bad
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -226,7 +226,19 @@ def block_context(layer: LayerGeometry, prompts: Optional[Prompts] = None, devic
         except ValueError as e:  # a key_tile that does not divide this grid
             raise MaskError(f"layer {layer.name}: {e}") from None
 
-    return BlockContext(layer, side(layer.q_grid), side(layer.k_grid), prompt_regions(prompts, device), device)
+    q_side = side(layer.q_grid)
+    if q_side is not None and layer.k_grid is not None and tuple(layer.q_grid) != tuple(layer.k_grid):
+        # Queries on a coarser grid than the keys (Hiera's pooled queries): measure them in key-grid units,
+        # a query token covering (k / q) x (k / q) key tokens, so that offsets compare like places.
+        q_side = _scaled(q_side, (layer.k_grid[0] / layer.q_grid[0], layer.k_grid[1] / layer.q_grid[1]))
+    return BlockContext(layer, q_side, side(layer.k_grid), prompt_regions(prompts, device), device)
+
+
+def _scaled(side: BlockSide, factor: Tuple[float, float]) -> BlockSide:
+    """A BlockSide in units `factor` times finer (rows, cols); lattice and token counts stay as they are."""
+    f = torch.tensor(factor, device=side.lo.device)
+    return BlockSide(lo=side.lo * f, hi=side.hi * f, centre=side.centre * f, unit=side.unit * f,
+                     lattice=side.lattice, tokens=side.tokens)
 
 
 def evaluate(mod: MaskMod, ctx: BlockContext) -> torch.Tensor:

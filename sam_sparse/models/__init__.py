@@ -1,10 +1,11 @@
 """SAM models: build them, fetch MobileSAM, read and write checkpoints (released and converted).
 
-Model types: vit_b, vit_l, vit_h (Meta's SAM, built by segment-anything's registry) and mobile_sam
-(MobileSAM: a TinyViT image encoder with SAM's own prompt encoder and mask decoder).
+Model types: vit_b, vit_l, vit_h (Meta's SAM, built by segment-anything's registry), mobile_sam
+(MobileSAM: a TinyViT image encoder with SAM's own prompt encoder and mask decoder), and SAM 2.1's
+sam2.1_hiera_t / s / b+ / l (built by sam2's build_sam2 from its own configs; needs the sam2 extra).
 """
 
-from ..sam_layers import MODEL_TYPES
+from ..families import MODEL_TYPES, family_of
 from .build import build_model, build_sam, load_sparse_sam, load_weights, policy_from_manifest
 from .checkpoints import (
     DTYPES,

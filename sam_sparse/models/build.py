@@ -1,5 +1,6 @@
-"""Building SAM models: Meta's ViT SAM (segment-anything's registry) and MobileSAM (the vendored
-TinyViT encoder with SAM's own prompt encoder and mask decoder), from released or converted checkpoints."""
+"""Building SAM models: Meta's ViT SAM (segment-anything's registry), MobileSAM (the vendored TinyViT
+encoder with SAM's own prompt encoder and mask decoder) and SAM 2.1 (sam2's build_sam2 and its configs),
+from released or converted checkpoints."""
 
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ from .checkpoints import (
     load_checkpoint,
     read_sparse_checkpoint,
 )
+from ..families import family_of
 from ..patches import patch_sam
 from ..policy import Policy
+from ..sam2_layers import SAM2_CONFIGS
 from .fetch import fetch_mobile_sam
 
 PathLike = Union[str, os.PathLike]
@@ -77,10 +80,25 @@ def _build_mobile_sam():
     )
 
 
+def _build_sam2(model_type: str):
+    """SAM 2.1 as sam2's build_sam2 makes it for users (its post-processing options on), on the CPU."""
+    try:
+        from sam2.build_sam import build_sam2
+    except ImportError as e:
+        raise ValueError(f"model type {model_type} needs the sam2 package ({e}); install sam-sparse's sam2 extra "
+                         "(README: SAM 2)") from None
+    return build_sam2(SAM2_CONFIGS[model_type], None, device="cpu")
+
+
 def build_model(model_type: str, empty: bool = False):
-    """An unpatched Sam of `model_type` in eval mode: random init, or with `empty` its parameters on the
-    meta device, to be given real weights by load_weights(..., assign=True)."""
+    """An unpatched model of `model_type` in eval mode (a segment_anything Sam, or a sam2 SAM2Base for the
+    sam2.1_* types): random init, or with `empty` its parameters on the meta device, to be given real
+    weights by load_weights(..., assign=True)."""
     check_model_type(model_type)
+    if family_of(model_type) == "sam2":
+        # sam2's builder moves the model to a device, which parameters on the meta device cannot follow:
+        # SAM 2 gets its random init (seconds) even when real weights come next.
+        return _build_sam2(model_type).eval()
     ctx = _params_on_meta() if empty else contextlib.nullcontext()
     with ctx:
         if model_type == "mobile_sam":
@@ -111,9 +129,10 @@ def load_weights(model, state_dict: dict, path, assign: bool) -> None:
 
 
 def build_sam(model_type: Optional[str], checkpoint: Optional[PathLike] = None, device="cpu", dtype=None):
-    """A segment_anything ``Sam`` of `model_type` in eval mode.
+    """A segment_anything ``Sam`` (or, for the sam2.1_* types, a sam2 ``SAM2Base``) of `model_type` in eval mode.
 
-    checkpoint: a state dict file (loaded with weights_only=True and strict=True); None = random init.
+    checkpoint: a state dict file (loaded with weights_only=True and strict=True; SAM 2's released files
+        hold it under "model"); None = random init.
     For mobile_sam, ``checkpoint="default"`` fetches MobileSAM's released weights (fetch_mobile_sam).
     model_type None (with a checkpoint): read from the checkpoint's keys. dtype: None keeps float32.
     """
@@ -136,7 +155,8 @@ def policy_from_manifest(manifest: dict, source: str = "<manifest>"):
 
 
 def load_sparse_sam(path: PathLike, device="cpu", dtype: Optional[torch.dtype] = torch.float32):
-    """A patched ``Sam`` from a converted checkpoint (sam_sparse.convert_checkpoint), ready for SamPredictor.
+    """A patched ``Sam`` (``SAM2Base`` for SAM 2 types) from a converted checkpoint (sam_sparse.convert_checkpoint),
+    ready for SamPredictor (SAM2ImagePredictor).
 
     dtype: the dtype to compute in. The default, float32, is what segment-anything's SamPredictor and
     prompt encoder need, whatever the file stores (a bf16 file is then upcast); None keeps the stored

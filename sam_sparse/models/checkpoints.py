@@ -18,10 +18,12 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 
-from ..sam_layers import MODEL_TYPES
+from ..families import MODEL_TYPES
+from ..sam2_layers import SAM2_ENCODERS
 
-# (number of image-encoder blocks, embed dim) of Meta's ViT encoders.
+# (number of image-encoder blocks, embed dim) of Meta's ViT encoders, and of SAM 2's Hiera trunks.
 _VIT_CONFIGS = {(12, 768): "vit_b", (24, 1024): "vit_l", (32, 1280): "vit_h"}
+_HIERA_CONFIGS = {(sum(e["stages"]), e["embed_dim"]): t for t, e in SAM2_ENCODERS.items()}
 
 PathLike = Union[str, os.PathLike]
 
@@ -40,6 +42,15 @@ def infer_model_type(state_dict: dict) -> Tuple[Optional[str], str]:
     keys = [k for k in state_dict if isinstance(k, str)]
     if any(k.startswith("image_encoder.layers.") for k in keys):
         return "mobile_sam", "mobile_sam (TinyViT image encoder)"
+    trunk = {int(k.split(".")[3]) for k in keys if k.startswith("image_encoder.trunk.blocks.") and k.split(".")[3].isdigit()}
+    proj = state_dict.get("image_encoder.trunk.patch_embed.proj.weight")
+    if trunk and isinstance(proj, torch.Tensor):
+        depth, dim = max(trunk) + 1, proj.shape[0]
+        name = _HIERA_CONFIGS.get((depth, dim))
+        if name:
+            return name, f"{name} (SAM 2, Hiera with {depth} blocks, embed dim {dim})"
+        return None, (f"a SAM 2 Hiera with {depth} blocks and embed dim {dim}, which is none of "
+                      f"{'/'.join(SAM2_ENCODERS)}")
     blocks = {int(k.split(".")[2]) for k in keys if k.startswith("image_encoder.blocks.") and k.split(".")[2].isdigit()}
     proj = state_dict.get("image_encoder.patch_embed.proj.weight")
     if blocks and isinstance(proj, torch.Tensor):
@@ -119,7 +130,7 @@ def _first_line(e: BaseException) -> str:
 def load_checkpoint(path: PathLike, model_type: Optional[str] = None) -> dict:
     """A SAM state dict from `path` (torch file via weights_only=True, or safetensors), checked.
 
-    A dict wrapping the state dict under "model" or "state_dict" is unwrapped. With model_type, the
+    A dict wrapping the state dict under "model" (SAM 2's released layout) or "state_dict" is unwrapped. With model_type, the
     keys must look like that architecture. Every problem raises CheckpointError with a one-line message
     naming the file: missing, empty, truncated/corrupt, not a torch file, not a state dict, a sam-sparse
     converted file, or the wrong architecture (saying which model type the keys look like).

@@ -5,10 +5,12 @@
 
 Per image, the model runs unpatched, then patched (patch_sam's class swap is applied and undone around
 each patched run, so both runs use the same parameters), with forward hooks on every patched module.
-Compared:
+Both families: a segment-anything Sam runs through SamPredictor, a SAM 2 model through
+SAM2ImagePredictor. Compared:
 - each patched layer's output: max abs error and cosine (over the flattened output, worst call);
   layer inputs differ too, since earlier layers were patched: these errors include propagation;
-- the image embedding (cosine, max abs error);
+- the image embedding (cosine, max abs error); for SAM 2, the worst of the image embedding and the two
+  high-resolution feature maps its decoder also reads;
 - per prompt: IoU of the binarized masks at the image's original size, for the mask the unpatched
   model scores best among its multimask outputs (the one a user would take), and the max abs errors
   of all 256x256 low-res logits and of all IoU predictions.
@@ -37,10 +39,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from segment_anything.modeling import ImageEncoderViT, Sam
-from segment_anything.modeling.image_encoder import window_unpartition
 from torch import nn
 
 from ..table import format_table
+from .families import family_for
 from .patcher import patch_sam
 
 _INF = float("inf")
@@ -247,11 +249,10 @@ class _Recorder:
             elif self.mode == "compare":
                 ref = self.saved[name].pop(0)
                 lp = self.stats[name]
-                if lp.kind == "encoder.window" and ref.shape != out.shape:
-                    # Unpatched, SAM's partitioned windows (B * nW, w, w, C); patched, the whole grid
-                    # (B, H, W, C), read window by window in place (SparseWindowBlock).
-                    H, W, w = out.shape[1], out.shape[2], ref.shape[1]
-                    ref = window_unpartition(ref, w, (-(-H // w) * w, -(-W // w) * w), (H, W))
+                if lp.kind in ("encoder.window", "encoder.pooled") and ref.shape != out.shape:
+                    # Unpatched, the partitioned windows (B * nW, w, w, C); patched, the whole grid
+                    # (B, H, W, C), read window by window in place (SparseWindowBlock, SparseMultiScaleBlock).
+                    ref = _unpartition(ref, out.shape[1:3])
                 lp.max_abs_err = max(lp.max_abs_err, float((out.detach().float() - ref.float()).abs().max()))
                 lp.cosine = min(lp.cosine, _cosine(out.detach(), ref))
                 lp.calls += 1
@@ -262,6 +263,14 @@ class _Recorder:
         for h in self.hooks:
             h.remove()
         self.saved.clear()
+
+
+def _unpartition(windows: torch.Tensor, grid) -> torch.Tensor:
+    """(B * nW, w, w, C) windows in raster order -> (B, H, W, C), the padding past the grid cropped."""
+    w = windows.shape[1]
+    nr, nc = -(-grid[0] // w), -(-grid[1] // w)
+    x = windows.view(-1, nr, nc, w, w, windows.shape[-1]).transpose(2, 3).reshape(-1, nr * w, nc * w, windows.shape[-1])
+    return x[:, : grid[0], : grid[1]]
 
 
 def verify_parity(
@@ -278,11 +287,12 @@ def verify_parity(
 ) -> ParityReport:
     """Compare `model` patched with `policy` against the same model unpatched.
 
-    model: a segment_anything Sam (full pipeline: embeddings, masks) or an ImageEncoderViT (embeddings
-        and layers only). Its patch state is left as found: an unpatched model stays unpatched, a
-        model patched by patch_sam is unpatched for the comparison and re-patched after.
-    images: for a Sam, one HxWx3 uint8 RGB array or a list of them (as SamPredictor.set_image);
-        for an ImageEncoderViT, a (B, 3, S, S) float tensor already preprocessed.
+    model: a segment_anything Sam or a sam2 SAM2Base (or its SAM2ImagePredictor / generator: its model)
+        for the full pipeline (embeddings, masks), or an ImageEncoderViT (embeddings and layers only).
+        Its patch state is left as found: an unpatched model stays unpatched, a model patched by
+        patch_sam is unpatched for the comparison and re-patched after.
+    images: for a full model, one HxWx3 uint8 RGB array or a list of them (as the predictor's
+        set_image); for an ImageEncoderViT, a (B, 3, S, S) float tensor already preprocessed.
     points: (P, 2) pixel coords (x, y) in the original image, each one a separate foreground-point
         prompt; the same for every image, or a list with one array per image. boxes: (K, 4) XYXY
         pixels, each box a prompt, likewise. Both None: one point at the image centre.
@@ -291,8 +301,12 @@ def verify_parity(
     image_names: one name per image, for the report's lines (default "image 0", "image 1", ...).
     Returns a ParityReport (str(report) is a table; report.passed).
     """
-    if not isinstance(model, (Sam, ImageEncoderViT)):
-        raise TypeError(f"verify_parity supports segment_anything's Sam or ImageEncoderViT; got {type(model).__name__}")
+    sam2 = _sam2_model(model)
+    if sam2 is not None:
+        model = sam2
+    elif not isinstance(model, (Sam, ImageEncoderViT)):
+        raise TypeError(f"verify_parity supports segment_anything's Sam or ImageEncoderViT, or sam2's SAM2Base; "
+                        f"got {type(model).__name__}")
     prior = getattr(model, "_sam_sparse_handle", None)
     if prior is not None:
         prior.restore()
@@ -331,6 +345,8 @@ def verify_parity(
             for r, o in zip(ref, out):
                 report.embedding_cosine.append(_cosine(o, r))
                 report.embedding_max_err.append(float((o.float() - r.float()).abs().max()))
+        elif sam2 is not None:
+            _sam2_parity(model, handle, images, points, boxes, multimask_output, both, report, image_names)
         else:
             _sam_parity(model, handle, images, points, boxes, multimask_output, both, report, image_names)
         report.layers = list(recorder.stats.values())
@@ -408,3 +424,77 @@ def _sam_parity(model: Sam, handle, images, points, boxes, multimask_output: boo
             report.low_res_logits_err = max(report.low_res_logits_err, float((lr.float() - ref_lr.float()).abs().max()))
             report.iou_pred_err = max(report.iou_pred_err, float((iou.float() - ref_iou.float()).abs().max()))
         predictor.reset_image()
+
+
+def _sam2_model(obj):
+    """The SAM2Base to compare when obj is a SAM 2 model, predictor or generator; else None."""
+    try:
+        fam = family_for(obj)
+    except TypeError:
+        return None
+    if fam.NAME != "sam2":
+        return None
+    model = fam.unwrap(obj)[0]
+    from sam2.modeling.sam2_base import SAM2Base
+
+    if not isinstance(model, SAM2Base):
+        raise TypeError(f"verify_parity supports sam2's SAM2Base (or its predictor); got {type(model).__name__}")
+    return model
+
+
+def _sam2_parity(model, handle, images, points, boxes, multimask_output: bool, both, report: ParityReport,
+                 image_names: Optional[Sequence[str]] = None) -> None:
+    """_sam_parity for a SAM 2 model, through SAM2ImagePredictor (set_image, then its batched prompt path)."""
+    from .sam2 import image_predictor
+
+    predictor = image_predictor(model)
+    encoder_modules = set(model.image_encoder.modules())
+    encoder_patched = any(module in encoder_modules for _, module in handle.modules())
+    images = _as_images(images)
+    all_points = _per_image(points, len(images), 2, "points")
+    all_boxes = _per_image(boxes, len(images), 4, "boxes")
+    for i, image in enumerate(images):
+        name = image_names[i] if image_names is not None and i < len(image_names) else f"image {i}"
+        centre = all_points[i] is None and all_boxes[i] is None
+        if centre:
+            h, w = image.shape[:2]
+            all_points[i] = np.array([[w / 2, h / 2]], dtype=np.float32)
+
+        def embed():
+            predictor.set_image(image)
+            f = predictor._features
+            return (f["image_embed"], *f["high_res_feats"])  # every feature map the decoder reads
+
+        with torch.no_grad():
+            ref_feats, feats = both(embed) if encoder_patched else (embed(),) * 2
+        report.embedding_cosine.append(min(_cosine(o, r) for o, r in zip(feats, ref_feats)))
+        report.embedding_max_err.append(max(float((o.float() - r.float()).abs().max()) for o, r in zip(feats, ref_feats)))
+
+        prompt_sets = []
+        if all_points[i] is not None:
+            pts = np.asarray(all_points[i], dtype=np.float32)
+            _, coords, labels, _ = predictor._prep_prompts(pts[:, None, :], np.ones((len(pts), 1), np.int64), None,
+                                                           None, True)
+            prompt_sets.append(([f"point {x:g},{y:g}" + (" (the image centre)" if centre else "") for x, y in pts],
+                                dict(point_coords=coords, point_labels=labels)))
+        if all_boxes[i] is not None:
+            bxs = np.asarray(all_boxes[i], dtype=np.float32)
+            _, _, _, tboxes = predictor._prep_prompts(None, None, bxs, None, True)
+            prompt_sets.append(([f"box {','.join(f'{v:g}' for v in b)}" for b in bxs],
+                                dict(point_coords=None, point_labels=None, boxes=tboxes)))
+        for labels_text, kw in prompt_sets:
+            def decode(fs):
+                predictor._features = {"image_embed": fs[0], "high_res_feats": list(fs[1:])}
+                return predictor._predict(**kw, multimask_output=multimask_output, return_logits=True)
+
+            feat_sets = iter((ref_feats, feats))
+            with torch.no_grad():
+                (ref_m, ref_iou, ref_lr), (m, iou, lr) = both(lambda: decode(next(feat_sets)))
+            thr = predictor.mask_threshold
+            chosen = ref_iou.argmax(dim=1)
+            for p in range(m.shape[0]):
+                j = int(chosen[p])
+                report.mask_iou.append((f"{name}, {labels_text[p]}", _iou(m[p, j] > thr, ref_m[p, j] > thr)))
+            report.low_res_logits_err = max(report.low_res_logits_err, float((lr.float() - ref_lr.float()).abs().max()))
+            report.iou_pred_err = max(report.iou_pred_err, float((iou.float() - ref_iou.float()).abs().max()))
+        predictor.reset_predictor()

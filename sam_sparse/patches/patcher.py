@@ -4,17 +4,22 @@
     print(handle)                             # one row per patched module
     handle.restore()                          # or unpatch_sam(sam): the original model, exactly
 
-How: each attention module's class is swapped for a subclass with a sparse forward
-(attention.SPARSE_CLASSES) and one plain attribute ``_sam_sparse`` is attached; the encoder blocks
-around windowed attention modules get a subclass too (attention.SPARSE_BLOCKS), whose forward reads
-the windows in place instead of partitioning the token grid. No parameter, buffer
-or module is added, removed or copied, so ``state_dict()`` keys and values are those of the original
-model and a checkpoint loads into patched and unpatched models alike. A Sam also gets three forward
-hooks, methods of one PromptContext per model: the PromptEncoder's pre-hook records the current
-points/boxes (in token-grid units, per thread) for prompt-dependent policies, the TwoWayTransformer's
-pre-hook records the image-embedding grid, and the MaskDecoder's hook forgets the prompts after each
-call. restore() undoes all of it. A patched model can be deep-copied (the copy gets its own context)
-and pickled whole (torch.save(model)).
+Families: patch_sam recognises the model family from the object it is given (families.family_for):
+segment-anything's Sam and its parts (sam1.py), or SAM 2's SAM2Base, its image predictor, automatic mask
+generator, video predictor or image encoder (sam2.py). A family module says which of its modules are
+attention layers of which kind, which sparse classes replace them and where the prompt hooks go; this
+module does the same for every family.
+
+How: each attention module's class is swapped for a subclass with a sparse forward (the family's
+SPARSE_CLASSES) and one plain attribute ``_sam_sparse`` is attached; the encoder blocks around windowed
+attention modules get a subclass too (SPARSE_BLOCKS), whose forward reads the windows in place instead of
+partitioning the token grid. No parameter, buffer or module is added, removed or copied, so
+``state_dict()`` keys and values are those of the original model and a checkpoint loads into patched and
+unpatched models alike. A full model also gets three forward hooks, methods of one PromptContext per
+model: the prompt encoder's pre-hook records the current points/boxes (in token-grid units, per thread)
+for prompt-dependent policies, the TwoWayTransformer's pre-hook records the image-embedding grid, and the
+mask decoder's hook forgets the prompts after each call. restore() undoes all of it. A patched model can
+be deep-copied (the copy gets its own context) and pickled whole (torch.save(model)).
 """
 
 from __future__ import annotations
@@ -26,37 +31,14 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Optional, Tuple
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
-from ..geometry import GRID_KINDS, LayerGeometry
-from ..kernels import HEAD_DIMS
+from ..geometry import LayerGeometry
+from ..kernels import HEAD_DIMS, HEAD_DIMS_ACCEPTED
 from ..policy import load_policy
-from ..sam_layers import (
-    DECODER_PREFIX,
-    ENCODER_PREFIX,
-    NOMINAL_DECODER_TOKENS,
-    decoder_attentions,
-    decoder_layer,
-    encoder_kind,
-    encoder_layer,
-)
 from ..table import format_table
-from .attention import SPARSE_BLOCKS, SPARSE_CLASSES, LayerState, PromptContext
-
-SUPPORTED = (
-    "segment_anything's Sam (vit_b / vit_l / vit_h, or with another image encoder such as MobileSAM's "
-    "TinyViT), ImageEncoderViT, MaskDecoder or TwoWayTransformer"
-)
-
-# Canonical names: policies see the same layer names whichever part of SAM was patched.
-_PREFIX = {
-    Sam: "",
-    ImageEncoderViT: ENCODER_PREFIX + ".",
-    MaskDecoder: DECODER_PREFIX.rsplit(".", 1)[0] + ".",
-    TwoWayTransformer: DECODER_PREFIX + ".",
-}
-
+from .attention import LayerState, PromptContext
+from .families import family, family_for, unwrap
 
 @dataclass(frozen=True)
 class LayerReport:
@@ -87,55 +69,16 @@ def _load(policy):
     return load_policy(policy)  # a Policy-like object of another kind: let the loader judge
 
 
-def _find_layers(model: nn.Module) -> Tuple[list, List[str]]:
-    """[(attention module, kind, layer index, token grid or None)] in forward order, and notes about
-    parts left alone. The grid is the encoder's: the whole image's tokens, or one window."""
-    found = []
-    notes: List[str] = []
-    encoder = decoder_tf = None
-    if isinstance(model, Sam):
-        encoder = model.image_encoder
-        decoder_tf = getattr(model.mask_decoder, "transformer", None)
-        if not isinstance(encoder, ImageEncoderViT):
-            notes.append(f"image encoder {type(encoder).__name__} is not segment-anything's ImageEncoderViT: "
-                         "left as is, only the mask decoder is patched")
-            encoder = None
-    elif isinstance(model, ImageEncoderViT):
-        encoder = model
-    elif isinstance(model, MaskDecoder):
-        decoder_tf = model.transformer
-    elif isinstance(model, TwoWayTransformer):
-        decoder_tf = model
-    else:
-        raise TypeError(f"patch_sam supports {SUPPORTED}; got {type(model).__module__}.{type(model).__name__}")
-    if decoder_tf is not None and not isinstance(decoder_tf, TwoWayTransformer):
-        notes.append(f"mask decoder transformer {type(decoder_tf).__name__} is not a TwoWayTransformer: left as is")
-        decoder_tf = None
-    if encoder is not None:
-        stride = encoder.patch_embed.proj.stride
-        image = (encoder.img_size // stride[0], encoder.img_size // stride[1])
-        counts = {kind: 0 for kind in GRID_KINDS}
-        for block in encoder.blocks:
-            kind = encoder_kind(block.window_size)
-            grid = (block.window_size, block.window_size) if block.window_size > 0 else image
-            found.append((block.attn, kind, counts[kind], grid))
-            counts[kind] += 1
-    if decoder_tf is not None:
-        for path, kind, index in decoder_attentions(len(decoder_tf.layers)):
-            found.append((decoder_tf.get_submodule(path), kind, index, None))
-    return found, notes
-
-
-def _encoder_geometry(attn, kind: str, index: int, grid, name: str, policy) -> LayerGeometry:
-    """The layer's geometry, in the policy's tiled order for global blocks of a "tiles" policy."""
-    geom = encoder_layer(name, kind, attn.num_heads, grid, index, policy.block_size)
-    tile = policy.key_tile(geom) if kind == "encoder.global" else None
-    if tile is not None:
-        th, tw = (int(t) for t in tile)
-        if grid[0] % th or grid[1] % tw:
-            raise ValueError(f"{name}: policy {policy.name!r} tiles of {tile} do not divide the token grid {grid}")
-        geom = replace(geom, key_tile=(th, tw))
-    return geom
+def _with_tiles(geom: LayerGeometry, policy) -> LayerGeometry:
+    """An encoder layer's geometry in the policy's tiled order (global blocks of a "tiles" policy)."""
+    tile = policy.key_tile(geom) if geom.kind == "encoder.global" else None
+    if tile is None:
+        return geom
+    th, tw = (int(t) for t in tile)
+    grid = geom.k_grid
+    if grid[0] % th or grid[1] % tw:
+        raise ValueError(f"{geom.name}: policy {policy.name!r} tiles of {tile} do not divide the token grid {grid}")
+    return replace(geom, key_tile=(th, tw))
 
 
 def _head_dim(module: nn.Module, kind: str) -> int:
@@ -150,6 +93,8 @@ def _grid_text(g: LayerGeometry) -> str:
         return f"{g.q_grid[0]}x{g.q_grid[1]} window"
     if g.kind == "encoder.global":
         return side(g.q_grid, g.seqlen_q)
+    if g.kind == "encoder.pooled":
+        return f"{side(g.q_grid, g.seqlen_q)} pooled -> {side(g.k_grid, g.seqlen_k)}"
     return f"{side(g.q_grid, g.seqlen_q)} -> {side(g.k_grid, g.seqlen_k)}"
 
 
@@ -161,8 +106,10 @@ class PatchHandle:
     unpatched inside the block and patched again after (PEFT's disable_adapter), for comparisons.
     """
 
-    def __init__(self, model: nn.Module, policy, entries, report: List[LayerReport], notes: List[str], context):
+    def __init__(self, model: nn.Module, policy, entries, report: List[LayerReport], notes: List[str], context,
+                 family_name: str = "sam"):
         self.model = model
+        self.family = family_name  # a name, not the module: the handle pickles with the model
         self.policy = policy
         self.report = report
         self.notes = notes
@@ -183,24 +130,24 @@ class PatchHandle:
         owner = getattr(self.model, "_sam_sparse_handle", None)
         if owner is not None:
             raise RuntimeError(f"{type(self.model).__name__} is patched by another handle ({owner!r}); restore that one first")
+        fam = family(self.family)
         for module, _, state in self._entries:
-            module.__class__ = SPARSE_CLASSES[type(module)]
+            module.__class__ = fam.SPARSE_CLASSES[type(module)]
             module._sam_sparse = state
-        # Windowed blocks whose attention is patched: their forward skips SAM's window partition copies.
+        # Windowed blocks whose attention is patched: their forward skips the window partition copies.
         patched = {id(m) for m, _, _ in self._entries}
         self._blocks = [(b, type(b)) for b in self.model.modules()
-                        if type(b) in SPARSE_BLOCKS and b.window_size > 0 and id(b.attn) in patched]
+                        if type(b) in fam.SPARSE_BLOCKS and b.window_size > 0 and id(b.attn) in patched]
         for block, cls in self._blocks:
-            block.__class__ = SPARSE_BLOCKS[cls]
+            block.__class__ = fam.SPARSE_BLOCKS[cls]
         model, ctx = self.model, self.context
         # Bound methods of the context, not closures: deepcopy and pickle carry them to the copy's context.
-        if isinstance(model, Sam) and isinstance(model.prompt_encoder, PromptEncoder):
-            self._hooks.append(model.prompt_encoder.register_forward_pre_hook(ctx.on_prompts, with_kwargs=True))
-            self._hooks.append(model.mask_decoder.register_forward_hook(ctx.forget))
-        tf = {Sam: lambda m: m.mask_decoder.transformer, MaskDecoder: lambda m: m.transformer,
-              TwoWayTransformer: lambda m: m}.get(type(model))
-        if tf is not None and isinstance(tf(model), TwoWayTransformer):
-            self._hooks.append(tf(model).register_forward_pre_hook(ctx.on_image, with_kwargs=True))
+        prompt_encoder, mask_decoder, transformer = fam.hook_targets(model)
+        if prompt_encoder is not None:
+            self._hooks.append(prompt_encoder.register_forward_pre_hook(ctx.on_prompts, with_kwargs=True))
+            self._hooks.append(mask_decoder.register_forward_hook(ctx.forget))
+        if transformer is not None:
+            self._hooks.append(transformer.register_forward_pre_hook(ctx.on_image, with_kwargs=True))
         model._sam_sparse_handle = self
         self.active = True
 
@@ -273,69 +220,61 @@ def _find_patched(model: nn.Module) -> List[str]:
     return [n for n, m in model.named_modules() if hasattr(m, "_sam_sparse") or hasattr(m, "_sam_sparse_handle")]
 
 
-def patch_sam(model: nn.Module, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None) -> PatchHandle:
+def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None) -> PatchHandle:
     """Route the attention modules of `model` through sam_sparse's block-sparse kernel, in place.
 
-    model: a segment_anything Sam, ImageEncoderViT, MaskDecoder or TwoWayTransformer. A Sam whose
-        image encoder is not an ImageEncoderViT (MobileSAM's TinyViT) gets only its mask decoder
-        patched; handle.notes says so.
+    model: a segment_anything Sam, ImageEncoderViT, MaskDecoder or TwoWayTransformer (a Sam whose image
+        encoder is not an ImageEncoderViT, MobileSAM's TinyViT, gets only its mask decoder patched;
+        handle.notes says so); or a sam2 SAM2Base (SAM2VideoPredictor included), SAM2ImagePredictor or
+        SAM2AutomaticMaskGenerator (their model is patched: handle.model), ImageEncoder or Hiera.
     policy: a built-in policy name ("dense", ...), a policy file path, or a Policy object.
     filter_fn: (name, module) -> bool, called for each attention module with its qualified name in
-        `model`; modules for which it returns False stay as they are (torchao's quantize_ style).
+        the patched model; modules for which it returns False stay as they are (torchao's quantize_ style).
     Returns a PatchHandle (handle.report, str(handle), handle.restore()).
 
-    Raises TypeError for other models, RuntimeError if `model` (or a module in it) is already
+    Raises TypeError for other objects, RuntimeError if the model (or a module in it) is already
     patched, and the policy's PolicyError when it cannot build a layer's mask (e.g. a head index
     the model lacks). Every block mask the policy can build without prompts is built here, once
     per layer, and reused; a policy rule that matches no module of the model gives a warning.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"patch_sam supports {SUPPORTED}; got {type(model).__name__}")
+    fam = family_for(model)
+    model, prefix = fam.unwrap(model)
     already = _find_patched(model)
     if already:
         raise RuntimeError(
             f"{type(model).__name__} is already patched by sam_sparse ({already[0] or 'the model itself'}); "
             "call handle.restore() or sam_sparse.unpatch_sam(model) before patching again"
         )
-    layers, notes = _find_layers(model)
     policy = _load(policy)
-    names = {id(m): n for n, m in model.named_modules()}
-    prefix = next(p for cls, p in _PREFIX.items() if isinstance(model, cls))
+    found, notes = fam.find_layers(model, prefix, policy.block_size)
     try:
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    if isinstance(model, Sam) and isinstance(model.prompt_encoder, PromptEncoder):
-        image_grid = tuple(model.prompt_encoder.image_embedding_size)
-    else:
-        image_grid = (64, 64)  # SAM's, for the patch-time description only; calls use the real grid
-    context = PromptContext(grid=image_grid)
+    context = PromptContext(grid=fam.image_grid(model))
 
     entries, report, geometries = [], [], []
-    for module, kind, index, grid in layers:
-        name = names[id(module)]
-        canonical = prefix + name
+    for module, described in found:
+        kind = described.kind
+        name = described.name[len(prefix):]  # the module's name in the patched model
         if kind.startswith("encoder."):
-            geom = _encoder_geometry(module, kind, index, grid, canonical, policy)
-            state = LayerState(name=name, geometry=geom, policy=policy)
-            described = geom
+            described = _with_tiles(described, policy)
+            state = LayerState(name=name, geometry=described, policy=policy)
         else:
-            described = decoder_layer(canonical, kind, module.num_heads, index, NOMINAL_DECODER_TOKENS, image_grid,
-                                      policy.block_size)
             # The per-call template: no grids until a call says how many tokens each side has.
-            template = replace(described, q_grid=None, k_grid=None)
-            state = LayerState(name=name, geometry=template, policy=policy, context=context)
+            state = LayerState(name=name, geometry=replace(described, q_grid=None, k_grid=None), policy=policy,
+                               context=context)
         geometries.append(described)  # every layer of the model, for the unmatched-rule warning
-        if type(module) not in SPARSE_CLASSES:
-            notes.append(f"{name}: {type(module).__name__} is a subclass of SAM's Attention with its own code: left as is")
+        if type(module) not in fam.SPARSE_CLASSES:
+            notes.append(f"{name}: {type(module).__name__} is a subclass of the attention class with its own code: "
+                         "left as is")
             continue
         if filter_fn is not None and not filter_fn(name, module):
             continue
         head_dim = _head_dim(module, kind)
         if head_dim not in HEAD_DIMS:
-            notes.append(f"{name}: head dim {head_dim} is not one the kernel runs (multiples of 16 from 16 to 256): left as is")
+            notes.append(f"{name}: head dim {head_dim} is not one the kernel runs ({HEAD_DIMS_ACCEPTED}): left as is")
             continue
-        # Build every prompt-free mask now: policy errors surface at patch time, and masks are cached.
         # Build every prompt-free mask now, once: policy errors surface at patch time, layouts are kept.
         per_prompt = not kind.startswith("encoder.") and policy.needs_prompts(described)
         if kind.startswith("encoder."):
@@ -348,12 +287,12 @@ def patch_sam(model: nn.Module, policy="dense", *, filter_fn: Optional[Callable[
         entries.append((module, type(module), state))
         report.append(LayerReport(
             name=name, kind=kind, pattern=_pattern_text(policy, described, layout is None, per_prompt),
-            density=None if per_prompt else (1.0 if layout is None else layout.density()), heads=module.num_heads, grid=_grid_text(described),
-            block_size=described.block_size, key_tile=described.key_tile,
+            density=None if per_prompt else (1.0 if layout is None else layout.density()), heads=module.num_heads,
+            grid=_grid_text(described), block_size=described.block_size, key_tile=described.key_tile,
         ))
     _warn_unmatched(policy, geometries)
     _warn_if_nothing_sparse(policy, report, notes)
-    handle = PatchHandle(model, policy, entries, report, notes, context)
+    handle = PatchHandle(model, policy, entries, report, notes, context, fam.NAME)
     handle.enable()
     return handle
 
@@ -405,8 +344,10 @@ def _warn_if_nothing_sparse(policy, report: List[LayerReport], notes: List[str])
                   f"here{why}", PolicyWarning, stacklevel=3)
 
 
-def unpatch_sam(model: nn.Module) -> None:
-    """Restore a model patched by patch_sam (the same as handle.restore())."""
+def unpatch_sam(model) -> None:
+    """Restore a model patched by patch_sam (the same as handle.restore()); model: what patch_sam was
+    given (a predictor or generator too)."""
+    model = unwrap(model)
     handle = getattr(model, "_sam_sparse_handle", None)
     if handle is None:
         inner = _find_patched(model)

@@ -20,13 +20,13 @@ import yaml
 from ..geometry import GRID_KINDS, LAYER_KINDS, LayerGeometry, Prompts
 from ..kernels.layout import BLOCK_SIZES_ACCEPTED, is_block_size
 from ..masks import MaskError, block_context, default_key_tile, evaluate, head_densities
-from ..sam_layers import sam_layer_geometries
+from ..families import layer_geometries
 from .errors import PolicyError, reject_unknown_keys, type_name
 from .patterns import PATTERN_KEYS, PatternSpec
 from .yaml_io import Dumper, flow_leaves, line_of, load_yaml
 
 TOP_KEYS = ("name", "description", "block_size", "token_order", "allow_empty_rows", "rules")
-RULE_KEYS = ("match", "layers", "heads") + PATTERN_KEYS
+RULE_KEYS = ("match", "layers", "stages", "heads") + PATTERN_KEYS
 TOKEN_ORDERS = ("raster", "tiles")
 
 _MATCH_ACCEPTS = f'a layer kind ({", ".join(LAYER_KINDS)}), "re:<regex on module name>" or "*"'
@@ -59,6 +59,9 @@ class Rule:
     heads: None for all heads, else head indices; heads it does not list fall through to later rules.
     layers: None for all, else LayerGeometry.layer_index values (position among layers of the same kind:
         layers: [0] with match encoder.global is the first global block).
+    stages: None for all, else encoder stages (1-4) of a multi-scale encoder (SAM 2's Hiera: stages: [3]
+        with match encoder.window is the 14x14 windows of hiera_t); layers without a stage (SAM's ViT,
+        decoders) never match a rule that lists stages.
     line, key_lines: where the rule and each of its keys start in its YAML file, for messages (not part
         of equality).
     """
@@ -67,6 +70,7 @@ class Rule:
     pattern: PatternSpec
     heads: Optional[Tuple[int, ...]] = None
     layers: Optional[Tuple[int, ...]] = None
+    stages: Optional[Tuple[int, ...]] = None
     line: Optional[int] = field(default=None, compare=False, repr=False)
     key_lines: Mapping = field(default_factory=dict, compare=False, repr=False)  # YAML line of each key
 
@@ -88,13 +92,16 @@ class Rule:
         object.__setattr__(self, "match", tuple(match))
         if not isinstance(self.pattern, PatternSpec):
             raise PolicyError(f"expected a PatternSpec, got {type_name(self.pattern)}", path=("pattern",))
-        for name in ("heads", "layers"):
+        for name in ("heads", "layers", "stages"):
             v = getattr(self, name)
             if v is not None:
                 try:
-                    object.__setattr__(self, name, _int_list(v, "head indices" if name == "heads" else "layer indices"))
+                    object.__setattr__(self, name, _int_list(v, name[:-1] + " indices"))
                 except PolicyError as e:
                     raise e.prefixed((name,)) from None
+        if self.stages is not None and min(self.stages) < 1:
+            raise PolicyError(f"stage {min(self.stages)}: encoder stages count from 1 (Hiera has stages 1-4)",
+                              path=("stages",))
         # A grid pattern on a layer kind without image tokens on both sides can never work: say so now.
         if self.pattern.needs_grid:
             for m in self.match:
@@ -119,12 +126,15 @@ class Rule:
         elif not isinstance(heads, (list, tuple)):
             raise PolicyError(f'expected "all" or a list of head indices, got {type_name(heads)}', path=("heads",))
         spec = PatternSpec.from_dict({k: d[k] for k in PATTERN_KEYS if k in d})
-        return cls(d["match"], spec, heads, d.get("layers"), line=getattr(d, "line", None), key_lines=getattr(d, "lines", {}))
+        return cls(d["match"], spec, heads, d.get("layers"), d.get("stages"), line=getattr(d, "line", None),
+                   key_lines=getattr(d, "lines", {}))
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"match": self.match[0] if len(self.match) == 1 else list(self.match)}
         if self.layers is not None:
             out["layers"] = list(self.layers)
+        if self.stages is not None:
+            out["stages"] = list(self.stages)
         if self.heads is not None:
             out["heads"] = list(self.heads)
         out.update(self.pattern.to_dict())
@@ -133,6 +143,8 @@ class Rule:
     def matches(self, layer: LayerGeometry) -> bool:
         """Whether this rule's match and layers select the layer (heads aside)."""
         if self.layers is not None and layer.layer_index not in self.layers:
+            return False
+        if self.stages is not None and layer.stage not in self.stages:
             return False
         for m in self.match:
             if m == "*" or m == layer.kind or (m.startswith("re:") and re.search(m[3:], layer.name)):
@@ -266,8 +278,9 @@ class Policy:
         return default_key_tile(layer.k_grid, self.block_size)
 
     def geometries(self, model_type: str, **kwargs) -> List[LayerGeometry]:
-        """sam_layer_geometries for this policy's block_size and token order."""
-        return sam_layer_geometries(model_type, self.block_size, self.key_tile, **kwargs)
+        """The layers of a model type (any family: families.layer_geometries) for this policy's block_size
+        and token order."""
+        return layer_geometries(model_type, self.block_size, self.key_tile, **kwargs)
 
     def head_rules(self, layer: LayerGeometry) -> Tuple[Optional[int], ...]:
         """For each head of the layer, the index of the rule that decides its mask (None: dense).
@@ -312,11 +325,17 @@ class Policy:
 
     def unmatched_rules(self, layers: Sequence[LayerGeometry]) -> List[int]:
         """Indices of the rules that select none of `layers` (likely a typo in a "re:" pattern or a layer
-        index), leaving out rules that select only layer kinds absent from `layers`: a rule for the
-        image encoder is expected to match nothing on MobileSAM, whose encoder is not SAM's ViT."""
+        index), leaving out rules that select only layer kinds absent from `layers` (a rule for the
+        image encoder is expected to match nothing on MobileSAM, whose encoder is not SAM's ViT) and
+        rules for encoder stages on a model without stages (SAM's ViT)."""
         kinds = {layer.kind for layer in layers}
-        return [i for i, names in self.matched_layers(layers).items()
-                if not names and not all(m in LAYER_KINDS and m not in kinds for m in self.rules[i].match)]
+        staged = any(layer.stage is not None for layer in layers)
+
+        def expected(rule) -> bool:
+            return (all(m in LAYER_KINDS and m not in kinds for m in rule.match)
+                    or (rule.stages is not None and not staged))
+
+        return [i for i, names in self.matched_layers(layers).items() if not names and not expected(self.rules[i])]
 
     def block_mask(
         self, layer: LayerGeometry, prompts: Optional[Prompts] = None, device=None
@@ -383,7 +402,7 @@ class Policy:
         return mask.contiguous()
 
     def densities(self, model_type: str, prompts: Optional[Prompts] = None) -> Dict[str, List[float]]:
-        """{layer name: per-head token-level density} for a SAM model type (see masks.mask_density)."""
+        """{layer name: per-head token-level density} for a model type of any family (see masks.mask_density)."""
         return {l.name: head_densities(self.block_mask(l, prompts), l) for l in self.geometries(model_type)}
 
 

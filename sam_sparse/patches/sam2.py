@@ -1,0 +1,119 @@
+"""SAM 2 (the sam2 package) as a patch family: which modules of a SAM2Base are attention layers of which
+kind (the table is sam2_layers.py), the sparse classes that replace them (sam2_attention.py), and where
+the prompt hooks go. The same interface as sam1.py; imported only for objects of the sam2 package.
+
+patch_sam takes a SAM2Base (SAM2VideoPredictor is one), a SAM2ImagePredictor or a
+SAM2AutomaticMaskGenerator (their model is patched), or the image encoder alone (ImageEncoder or its Hiera
+trunk). The video memory attention (RoPEAttention) is not patched here: it is left as is and said so.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+from sam2.modeling.backbones.hieradet import Hiera
+from sam2.modeling.backbones.image_encoder import ImageEncoder
+from sam2.modeling.sam.prompt_encoder import PromptEncoder
+from sam2.modeling.sam.transformer import TwoWayTransformer
+from sam2.modeling.sam2_base import SAM2Base
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+from torch import nn
+
+from ..geometry import Grid, LayerGeometry
+from ..sam2_layers import EMBEDDING_GRID, ENCODER_PREFIX, IMAGE_SIZE, hiera_kind, hiera_layer
+from ..sam_layers import NOMINAL_DECODER_TOKENS, decoder_attentions, decoder_layer
+from .sam2_attention import SPARSE_BLOCKS, SPARSE_CLASSES  # noqa: F401 (part of the family's interface)
+
+NAME = "sam2"
+SUPPORTED = ("sam2's SAM2Base (SAM2VideoPredictor too), SAM2ImagePredictor, SAM2AutomaticMaskGenerator, "
+             "ImageEncoder or Hiera")
+
+_PREFIX = {SAM2Base: "", ImageEncoder: ENCODER_PREFIX.rsplit(".", 1)[0] + ".", Hiera: ENCODER_PREFIX + "."}
+
+
+def owns(obj) -> bool:
+    return isinstance(obj, (SAM2ImagePredictor, SAM2AutomaticMaskGenerator, *_PREFIX))
+
+
+def unwrap(obj) -> Tuple[nn.Module, str]:
+    """The module patch_sam changes: a predictor's or generator's model, or obj itself."""
+    if isinstance(obj, SAM2AutomaticMaskGenerator):
+        obj = obj.predictor
+    if isinstance(obj, SAM2ImagePredictor):
+        obj = obj.model
+    return obj, next(p for cls, p in _PREFIX.items() if isinstance(obj, cls))
+
+
+def image_grid(model: nn.Module) -> Grid:
+    if isinstance(model, SAM2Base):
+        return tuple(model.sam_prompt_encoder.image_embedding_size)
+    return EMBEDDING_GRID
+
+
+def hook_targets(model: nn.Module) -> Tuple[Optional[nn.Module], Optional[nn.Module], Optional[nn.Module]]:
+    if not isinstance(model, SAM2Base) or not isinstance(model.sam_prompt_encoder, PromptEncoder):
+        return None, None, None
+    transformer = getattr(model.sam_mask_decoder, "transformer", None)
+    return (model.sam_prompt_encoder, model.sam_mask_decoder,
+            transformer if isinstance(transformer, TwoWayTransformer) else None)
+
+
+def _trunk(model: nn.Module, notes: List[str]) -> Optional[Hiera]:
+    trunk = model
+    if isinstance(model, SAM2Base):
+        trunk = model.image_encoder
+    if isinstance(trunk, ImageEncoder):
+        trunk = trunk.trunk
+    if not isinstance(trunk, Hiera):
+        notes.append(f"image encoder trunk {type(trunk).__name__} is not sam2's Hiera: left as is")
+        return None
+    return trunk
+
+
+def find_layers(model: nn.Module, prefix: str, block_size: int) -> Tuple[List[Tuple[nn.Module, LayerGeometry]], List[str]]:
+    """[(attention module, its LayerGeometry)] in forward order, and notes about parts left alone: the Hiera
+    blocks (their grids from the model's image size), then the SAM 2 mask decoder's attentions."""
+    notes: List[str] = []
+    names = {id(m): prefix + n for n, m in model.named_modules()}
+    found = []
+    trunk = _trunk(model, notes)
+    if trunk is not None:
+        image_size = getattr(model, "image_size", IMAGE_SIZE)  # SAM2Base's; a bare encoder is taken at 1024
+        stride = trunk.patch_embed.proj.stride
+        grid = (image_size // stride[0], image_size // stride[1])
+        stage, counts = 1, {}
+        for i, block in enumerate(trunk.blocks):
+            if i - 1 in trunk.stage_ends:
+                stage += 1
+            pooled = block.pool is not None
+            kind = hiera_kind(block.window_size, pooled)
+            index = counts.get(kind, 0)
+            counts[kind] = index + 1
+            found.append((block.attn, hiera_layer(names[id(block.attn)], block.attn.num_heads, grid,
+                                                  block.window_size, pooled, index, stage, block_size)))
+            if pooled:  # MaxPool2d, ceil_mode off: the grid after the block
+                sh, sw = block.pool.stride if isinstance(block.pool.stride, tuple) else (block.pool.stride,) * 2
+                grid = (grid[0] // sh, grid[1] // sw)
+    if isinstance(model, SAM2Base):
+        decoder_tf = getattr(model.sam_mask_decoder, "transformer", None)
+        if not isinstance(decoder_tf, TwoWayTransformer):
+            notes.append(f"mask decoder transformer {type(decoder_tf).__name__} is not a TwoWayTransformer: left as is")
+        else:
+            grid = image_grid(model)
+            for path, kind, index in decoder_attentions(len(decoder_tf.layers)):
+                attn = decoder_tf.get_submodule(path)
+                found.append((attn, decoder_layer(names[id(attn)], kind, attn.num_heads, index,
+                                                  NOMINAL_DECODER_TOKENS, grid, block_size)))
+        if getattr(model, "memory_attention", None) is not None:
+            notes.append("memory_attention (SAM 2's video memory, RoPEAttention) is not patched: left as is")
+    return found, notes
+
+
+def image_predictor(model: SAM2Base, **kwargs) -> SAM2ImagePredictor:
+    """sam2's SAM2ImagePredictor for `model` (kwargs: its mask_threshold, max_hole_area, ...), told the
+    backbone feature sizes of the model's image size: sam2 1.1's predictor assumes 1024 px."""
+    predictor = SAM2ImagePredictor(model, **kwargs)
+    s = model.image_size
+    predictor._bb_feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
+    return predictor

@@ -1,0 +1,315 @@
+"""patch_sam on SAM 2 image models (sam2's Hiera encoder and SAM 2 mask decoder), on the CPU reference path.
+
+Models come from sam2's own build_sam2 and configs, random weights with sharpened attention
+(tests/sam2_helpers.py), at 256 px. Dense must reproduce the unpatched model (fp32: layer and embedding
+cosines >= 0.99999, the same masks); restore must be exact; a sparse encoder policy must change the
+global blocks and nothing else.
+"""
+
+import copy
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from sam2_helpers import photo, small_sam2
+from sam_sparse import Policy, patch_sam, unpatch_sam, verify_parity
+from sam_sparse.families import layer_geometries
+from sam_sparse.models import build_model
+from sam_sparse.patches.sam2 import image_predictor
+from sam_sparse.sam2_layers import MODEL_TYPES
+
+HIERA_T_KINDS = ["encoder.window", "encoder.pooled", "encoder.window", "encoder.pooled", "encoder.window",
+                 "encoder.global", "encoder.window", "encoder.global", "encoder.window", "encoder.global",
+                 "encoder.pooled", "encoder.window"]
+
+
+@pytest.fixture(scope="module")
+def sam2_t():
+    return small_sam2()
+
+
+def _encoder(model, x):
+    with torch.inference_mode():
+        out = model.image_encoder(x)
+    return [out["vision_features"], *out["backbone_fpn"]]
+
+
+def _cos(a, b):
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def test_every_attention_module_is_patched(sam2_t):
+    handle = patch_sam(sam2_t, "dense")
+    try:
+        kinds = [r.kind for r in handle.report]
+        assert kinds == HIERA_T_KINDS + ["decoder.self", "decoder.token_to_image", "decoder.image_to_token"] * 2 \
+            + ["decoder.final_token_to_image"], kinds
+        assert len(handle.report) == 19  # 12 Hiera blocks + 7 decoder attentions
+        assert any("memory_attention" in n for n in handle.notes)
+        grids = {r.name: r.grid for r in handle.report}
+        assert grids["image_encoder.trunk.blocks.1.attn"] == "4x4 pooled -> 8x8"
+        assert grids["image_encoder.trunk.blocks.5.attn"] == "16x16"  # a global block at 256 px
+        assert grids["image_encoder.trunk.blocks.10.attn"] == "7x7 pooled -> 14x14"
+    finally:
+        handle.restore()
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_the_table_describes_the_built_model(model_type):
+    """sam2_layers' table (what policies see without a model) matches what the patcher finds in the model
+    sam2 builds from its config: names, kinds, heads, grids, stages."""
+    model = build_model(model_type)
+    handle = patch_sam(model, "dense")
+    try:
+        found = [state.geometry for _, _, state in handle._entries]
+    finally:
+        handle.restore()
+    table = layer_geometries(model_type)
+    assert [g.name for g in found] == [g.name for g in table]
+    for f, t in zip(found, table):
+        if f.kind.startswith("encoder."):
+            assert f == t, (f, t)
+        else:
+            assert (f.kind, f.num_heads, f.layer_index) == (t.kind, t.num_heads, t.layer_index)
+    head_dims = {m.attn.dim_out // m.attn.num_heads for m in model.image_encoder.trunk.blocks}
+    assert head_dims == {{"sam2.1_hiera_t": 96, "sam2.1_hiera_s": 96, "sam2.1_hiera_b+": 56,
+                          "sam2.1_hiera_l": 72}[model_type]}
+
+
+def test_dense_equals_unpatched_in_fp32(sam2_t):
+    image = photo()
+    report = verify_parity(sam2_t, "dense", [image], points=[[60, 90], [200, 40]], boxes=[[20, 30, 150, 160]])
+    assert report.thresholds.name == "DENSE_FP32"
+    assert report.passed, str(report)
+    assert len(report.layers) == 19 and all(lp.calls > 0 for lp in report.layers), str(report)
+    assert min(lp.cosine for lp in report.layers) >= 0.99999
+    assert report.embedding_cosine[0] >= 0.99999
+    assert [iou for _, iou in report.mask_iou] == [1.0, 1.0, 1.0]
+
+
+def test_image_predictor_masks_identical(sam2_t):
+    image = photo(200, 150, seed=1)
+    pts, labels = np.array([[40, 60], [100, 150]]), np.array([1, 0])
+    predictor = image_predictor(sam2_t)
+
+    def run():
+        with torch.inference_mode():
+            predictor.set_image(image)
+            return predictor.predict(point_coords=pts, point_labels=labels, multimask_output=True)
+
+    ref_masks, ref_iou, ref_lr = run()
+    handle = patch_sam(predictor, "dense")  # through the predictor: its model is patched
+    assert handle.model is sam2_t
+    try:
+        masks, iou, lr = run()
+    finally:
+        unpatch_sam(predictor)
+    assert masks.shape == ref_masks.shape and masks.any()
+    assert np.array_equal(masks, ref_masks)
+    np.testing.assert_allclose(iou, ref_iou, atol=1e-5)
+    np.testing.assert_allclose(lr, ref_lr, atol=1e-3)
+
+
+def test_automatic_mask_generator_records_identical(sam2_t):
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    image = photo(160, 200, seed=2)
+    gen = SAM2AutomaticMaskGenerator(sam2_t, points_per_side=4, points_per_batch=8, pred_iou_thresh=0.0,
+                                     stability_score_thresh=0.0)
+    gen.predictor._bb_feat_sizes = image_predictor(sam2_t)._bb_feat_sizes  # 256-px model (sam2_helpers)
+    with torch.inference_mode():
+        ref = gen.generate(image)
+        handle = patch_sam(gen, "dense")
+        try:
+            out = gen.generate(image)
+        finally:
+            handle.restore()
+    assert len(ref) > 0, "the test must compare some masks"
+    assert len(out) == len(ref)
+    for r, o in zip(ref, out):
+        assert np.array_equal(r["segmentation"], o["segmentation"])
+        assert r["bbox"] == o["bbox"] and r["area"] == o["area"] and r["point_coords"] == o["point_coords"]
+        assert abs(r["predicted_iou"] - o["predicted_iou"]) < 1e-4
+        assert abs(r["stability_score"] - o["stability_score"]) < 1e-4
+
+
+def test_restore_is_exact(sam2_t):
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    before = {k: v.clone() for k, v in sam2_t.state_dict().items()}
+    classes = {n: type(m) for n, m in sam2_t.named_modules()}
+    ref = _encoder(sam2_t, x)
+    handle = patch_sam(sam2_t, "dense")
+    assert set(sam2_t.state_dict()) == set(before)
+    assert any(type(m) is not classes[n] for n, m in sam2_t.named_modules())
+    handle.restore()
+    handle.restore()  # idempotent
+    assert {n: type(m) for n, m in sam2_t.named_modules()} == classes
+    assert not any(hasattr(m, "_sam_sparse") for m in sam2_t.modules()) and not hasattr(sam2_t, "_sam_sparse_handle")
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in sam2_t.modules())
+    for k, v in sam2_t.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    for a, b in zip(_encoder(sam2_t, x), ref):
+        assert torch.equal(a, b)
+
+
+def test_sparse_encoder_policy_changes_the_global_blocks_and_nothing_else(sam2_t):
+    """Each patched module is re-run, patched dense, on the input it saw patched with a sparse encoder
+    policy: only the global blocks differ; every other layer (windowed, pooled, decoder) is the dense
+    patch's, which test_dense_equals_unpatched_in_fp32 shows to be SAM 2's own."""
+    policy = Policy.from_dict({"name": "global-local", "block_size": 16, "token_order": "tiles", "rules": [
+        {"match": "encoder.global", "pattern": "local2d", "params": {"radius": 1}},
+        {"match": "*", "pattern": "dense"}]})
+    image = photo(seed=4)
+    handle = patch_sam(sam2_t, policy)
+    assert [r.pattern for r in handle.report if r.kind == "encoder.global"] == ["local2d"] * 3
+    assert all(r.pattern == "dense" for r in handle.report if r.kind != "encoder.global")
+    seen = {}
+
+    def record(name):
+        def hook(mod, args, kwargs, out):  # returns None: a forward hook's result would replace the output
+            seen.setdefault(name, (args, kwargs, out))
+        return hook
+
+    hooks = [m.register_forward_hook(record(rep.name), with_kwargs=True) for rep, m in handle.modules()]
+    predictor = image_predictor(sam2_t)
+    try:
+        with torch.inference_mode():
+            predictor.set_image(image)
+            predictor.predict(point_coords=np.array([[50, 50]]), point_labels=np.array([1]))
+    finally:
+        for h in hooks:
+            h.remove()
+        handle.restore()
+    assert len(seen) == 19
+    dense = patch_sam(sam2_t, "dense")
+    modules = {rep.name: m for rep, m in dense.modules()}
+    try:
+        with torch.inference_mode():
+            for name, (args, kwargs, out) in seen.items():
+                err = (out - modules[name](*args, **kwargs)).abs().max().item()
+                if name.endswith(("blocks.5.attn", "blocks.7.attn", "blocks.9.attn")):
+                    assert err > 1e-3, f"{name}: the sparse mask changed nothing ({err})"
+                else:
+                    assert err == 0, f"{name}: changed by a policy that is dense there ({err})"
+    finally:
+        dense.restore()
+
+
+def test_deepcopy_pickle_threads_disabled_observe(sam2_t):
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    ref = _encoder(sam2_t, x)
+    handle = patch_sam(sam2_t, "dense")
+    try:
+        twin = copy.deepcopy(sam2_t)
+        buf = io.BytesIO()
+        torch.save(sam2_t, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        for m in (twin, loaded):
+            assert m._sam_sparse_handle is not handle and m._sam_sparse_handle.active
+            for a, b in zip(_encoder(m, x), ref):
+                assert _cos(a, b) > 0.99999
+        twin._sam_sparse_handle.restore()
+        assert handle.active and hasattr(sam2_t.image_encoder.trunk.blocks[0].attn, "_sam_sparse")
+
+        results = [None, None]
+
+        def work(i):
+            results[i] = _encoder(sam2_t, x[i:i + 1])
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(2):
+            for a, b in zip(results[i], ref):
+                assert _cos(a, b[i:i + 1]) > 0.99999
+
+        with handle.disabled():
+            assert not hasattr(sam2_t.image_encoder.trunk.blocks[0].attn, "_sam_sparse")
+            for a, b in zip(_encoder(sam2_t, x), ref):
+                assert torch.equal(a, b)
+        assert handle.active
+
+        calls = []
+        with handle.observe(lambda layer, prompts, q, k, *rest: calls.append((layer.kind, q.shape, k.shape))):
+            _encoder(sam2_t, x[:1])
+        kinds = [c[0] for c in calls]
+        assert kinds == HIERA_T_KINDS  # observed windowed layers run Hiera's partitioned path
+        pooled = calls[1]
+        assert pooled[1][1] * 4 == pooled[2][1], pooled  # 16 pooled queries per 64 keys of an 8x8 window
+    finally:
+        handle.restore()
+
+
+def test_patch_through_predictors_and_video_predictor():
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+    from sam2.build_sam import build_sam2_video_predictor
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    model = small_sam2(image_size=256)
+    for obj in (SAM2ImagePredictor(model), SAM2AutomaticMaskGenerator(model)):
+        handle = patch_sam(obj, "dense")
+        assert handle.model is model
+        with pytest.raises(RuntimeError, match="already patched"):
+            patch_sam(model, "dense")
+        unpatch_sam(obj)
+        assert not hasattr(model, "_sam_sparse_handle")
+    video = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu")
+    handle = patch_sam(video, "dense")
+    assert len(handle.report) == 19 and handle.model is video
+    handle.restore()
+    with pytest.raises(TypeError, match="sam2's SAM2Base"):
+        patch_sam(model.memory_attention, "dense")
+
+
+def test_stage_rules_select_hiera_stages():
+    p = Policy.from_dict({"name": "stage3", "block_size": 64, "rules": [
+        {"match": "encoder.window", "stages": [3], "pattern": "local2d", "params": {"radius": 0}},
+        {"match": "*", "pattern": "dense"}]})
+    layers = p.geometries("sam2.1_hiera_t")
+    sparse = {g.name for g in layers if p.block_mask(g) is not None}
+    assert sparse == {f"image_encoder.trunk.blocks.{i}.attn" for i in (4, 6, 8)}  # the 14x14 windows of stage 3
+    assert [g.stage for g in layers[:12]] == [1, 2, 2, 3, 3, 3, 3, 3, 3, 3, 4, 4]
+    assert p.unmatched_rules(p.geometries("vit_b")) == []  # expected to match nothing on SAM's ViT
+    with pytest.raises(ValueError, match=r"rules\[0\]\.stages.*stages count from 1"):
+        Policy.from_dict({"name": "bad", "rules": [{"match": "*", "stages": [0], "pattern": "dense"}]})
+
+
+def test_pooled_queries_are_placed_on_the_key_grid():
+    """encoder.pooled: a query block of an 8x8 pooled grid covers key-grid rows twice its own; a 2-D
+    pattern must measure it there. 16-token blocks: query block i = pooled rows 2i, 2i+1 = key rows
+    4i..4i+3; key block r = key row r. local2d radius 2 around the query block's centre keeps rows 4i..4i+3."""
+    from sam_sparse.geometry import LayerGeometry
+    from sam_sparse.masks import block_context, evaluate, local2d
+
+    layer = LayerGeometry("pooled", "encoder.pooled", 1, 64, 256, (8, 8), (16, 16), 16)
+    mask = evaluate(local2d(radius=2), block_context(layer))[0, 0]
+    for i in range(4):
+        assert mask[i].nonzero().flatten().tolist() == [4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3], mask[i]
+
+
+def test_random_checkpoint_in_sam2_format_loads(tmp_path):
+    """The loading path SAM 2 users take: a checkpoint in SAM 2's released layout ({"model": state dict}),
+    loaded by sam2's build_sam2 and by sam_sparse.build_sam, both then patched."""
+    from sam2.build_sam import build_sam2
+
+    from sam_sparse import build_sam
+    from sam_sparse.models import CheckpointError
+
+    src = small_sam2(image_size=1024, seed=7)
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": src.state_dict()}, path)
+    theirs = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", str(path), device="cpu")
+    ours = build_sam(None, path)
+    for model in (theirs, ours):
+        assert type(model).__name__ == "SAM2Base"
+        for k, v in src.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
+        patch_sam(model, "dense").restore()
+    with pytest.raises(CheckpointError, match=r"is for sam2.1_hiera_t .*not sam2.1_hiera_l; pass --model-type sam2.1_hiera_t"):
+        build_sam("sam2.1_hiera_l", path)
