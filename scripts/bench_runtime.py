@@ -6,14 +6,18 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
              attention module), with the GPU kept busy by a long sleep kernel so that no call waits.
   decoder    predict_torch (one point, 3 masks) on set features: unpatched vs patched (dense,
              region_focused), eager and with the mask decoder compiled with CUDA graphs.
-  firstcall  the first forward of a patched vit_h encoder (batch 8, bf16) in a fresh process: empty
-             caches; then with the caches the first process left (Triton's kernels + sam-sparse's
-             tuning results); then with Triton's kernels only (SAM_SPARSE_TUNE_CACHE=0).
+  firstcall  the first forward of a patched encoder (--model, default vit_h; batch 8, bf16) in a fresh
+             process: empty caches; then with the caches the first process left (Triton's kernels +
+             sam-sparse's tuning results); then with Triton's kernels only (SAM_SPARSE_TUNE_CACHE=0).
+             SAM 2.1 types (sam2.1_hiera_b+, ...) time sam2's image encoder.
   predictor  SamPredictor, vit_b, batch 1, eager, on a 1500 x 2250 photo (scikit-image's coffee,
              upscaled): fp32 original vs patched dense under each float32 matmul precision; then the
              encoder in bf16 with set_image_on_device. SAM's CPU resize is timed on its own.
   precision  one vit_b global layer in fp32: relative error against float64 of the kernel under
              "highest" (3xTF32) and "high" (TF32), and of PyTorch's own fp32 math.
+  sam2predictor  SAM2ImagePredictor (--sam2-model, default sam2.1_hiera_b+, random weights), batch 1,
+             on the same 1500 x 2250 photo under bf16 autocast, as SAM 2's README runs it: sam2 unpatched
+             vs patched dense; set_image, predict (one point, 3 masks) and the mask IoU between them.
 
     python scripts/bench_runtime.py [--only host,decoder] [--out DIR]
 """
@@ -157,7 +161,10 @@ import json, time, torch, sys
 sys.path.insert(0, {scripts!r})
 from bench_e2e import build
 from sam_sparse import patch_sam
-model = build("vit_h", torch.device("cuda"), torch.bfloat16)
+from sam_sparse.models import build_model
+name = {model!r}
+model = (build_model(name).to("cuda", torch.bfloat16) if name.startswith("sam2")
+         else build(name, torch.device("cuda"), torch.bfloat16))
 patch_sam(model, "dense")
 x = torch.randn(8, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
 torch.cuda.synchronize()
@@ -169,9 +176,9 @@ print("FIRST", json.dumps(dict(first_forward_s=round(time.perf_counter() - t, 2)
 """
 
 
-def section_firstcall(out):
+def section_firstcall(out, model="vit_h"):
     scripts = os.path.dirname(os.path.abspath(__file__))
-    code = FIRST_CALL.format(scripts=scripts)
+    code = FIRST_CALL.format(scripts=scripts, model=model)
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, SAM_SPARSE_CACHE=os.path.join(tmp, "ss"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
         for label, extra in (("fresh process, empty caches", {}),
@@ -179,7 +186,7 @@ def section_firstcall(out):
                              ("next process, Triton's kernel cache only", {"SAM_SPARSE_TUNE_CACHE": "0"})):
             res = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("FIRST ")]
-            row = dict(section="firstcall", case=f"vit_h B=8 bf16 dense: {label}")
+            row = dict(section="firstcall", case=f"{model} B=8 bf16 dense: {label}")
             if line:
                 row.update(json.loads(line[-1][6:]))
             else:
@@ -240,6 +247,40 @@ def section_predictor(out):
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         finally:
             torch.set_float32_matmul_precision("highest")
+        record(out, **row)
+
+
+def section_sam2predictor(out, model_type="sam2.1_hiera_b+"):
+    from sam_sparse.models import build_model
+    from sam_sparse.patches.sam2 import image_predictor
+
+    image = photo()
+    point, label = np.array([[1100.0, 700.0]]), np.array([1])
+    reference = None
+    for variant in ("sam2", "dense"):
+        row = dict(section="sam2predictor", model=model_type, variant=variant, autocast="bf16")
+        try:
+            torch.manual_seed(0)
+            model = build_model(model_type).to(DEV)
+            if variant != "sam2":
+                patch_sam(model, variant)
+            pred = image_predictor(model)
+            set_image = lambda: pred.set_image(image)  # noqa: E731
+            predict = lambda: pred.predict(point_coords=point, point_labels=label)  # noqa: E731
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                for _ in range(3):
+                    set_image()
+                    masks = predict()[0].astype(bool)
+                row["set_image_ms"] = round(wall_ms(set_image, DEV, 10), 3)
+                row["predict_ms"] = round(wall_ms(predict, DEV, 30), 3)
+                row["total_ms"] = round(row["set_image_ms"] + row["predict_ms"], 3)
+            if reference is None:
+                reference = masks
+            inter = (masks & reference).sum(axis=(1, 2))
+            union = np.maximum((masks | reference).sum(axis=(1, 2)), 1)
+            row["mask_iou_vs_sam2"] = [round(float(x), 5) for x in inter / union]
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         record(out, **row)
 
 
@@ -366,21 +407,24 @@ def section_ab(out):
 
 SECTIONS = {"host": section_host, "precision": section_precision, "decoder": section_decoder,
             "predictor": section_predictor, "firstcall": section_firstcall, "profile": section_profile,
-            "pyprofile": section_pyprofile, "ab": section_ab}
+            "pyprofile": section_pyprofile, "ab": section_ab, "sam2predictor": section_sam2predictor}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of: {', '.join(SECTIONS)}")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for runtime.jsonl (default $OUT)")
+    ap.add_argument("--model", default="vit_h", help="firstcall's model type (vit_h, sam2.1_hiera_l, ...)")
+    ap.add_argument("--sam2-model", default="sam2.1_hiera_b+", help="sam2predictor's SAM 2.1 model type")
     args = ap.parse_args()
+    options = {"firstcall": dict(model=args.model), "sam2predictor": dict(model_type=args.sam2_model)}
     import triton
 
     record(args.out, section="meta", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
            triton=triton.__version__, date=time.strftime("%Y-%m-%d"))
     for name in args.only.split(","):
         try:
-            SECTIONS[name](args.out)
+            SECTIONS[name](args.out, **options.get(name, {}))
         except Exception as e:  # one failing section must not lose the others' numbers
             record(args.out, section=name, error=f"{type(e).__name__}: {e}"[:500])
 

@@ -5,7 +5,7 @@ For each model (random weights, rel-pos randomized: SAM initializes it to zero) 
 torch.compile, warmed up, then profiled for --iters forwards with torch.profiler (CUDA activity). Every
 GPU kernel is put in one class by its name:
   attention  sam-sparse's Triton kernel (_attn_fwd), SDPA / flash / cuDNN / efficient-attention kernels,
-             and unpatched SAM's softmax over the N x N logits
+             and unpatched SAM's softmax over the N x N logits (SAM 2's Hiera calls SDPA)
   gemm       cuBLAS / CUTLASS / cuDNN matmul and convolution kernels, and Inductor's mm templates
   other      everything else (Inductor's fused pointwise and reductions: LayerNorm, GELU, the rel-pos
              einsums' glue, window pad / partition copies, permutes)
@@ -13,6 +13,7 @@ and the table gives GPU ms per forward and the share of each class, plus the top
 to see the next bottleneck (issue 14), not to benchmark: bench_e2e.py times whole forwards.
 
     python scripts/profile_encoder.py --models vit_b --batch 8 --out $OUT/profile
+    python scripts/profile_encoder.py --models sam2.1_hiera_b+,sam2.1_hiera_l --batch 8   # SAM 2's encoder
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def kernel_class(name: str) -> str:
 
 def build_encoder(name: str, dtype: torch.dtype, seed: int = 0):
     torch.manual_seed(seed)
+    if name.startswith("sam2"):  # SAM 2.1: sam2's build_sam2, its image encoder (Hiera + FPN neck)
+        from sam_sparse.models import build_model
+
+        return build_model(name).image_encoder.to("cuda", dtype).eval()
     sam = sam_model_registry[name](checkpoint=None)
     with torch.no_grad():
         for n, p in sam.named_parameters():
@@ -54,7 +59,7 @@ def build_encoder(name: str, dtype: torch.dtype, seed: int = 0):
 
 
 def profile(encoder, x, iters: int, mode: str) -> dict:
-    compiled = torch.compile(encoder, mode=None if mode == "default" else mode)
+    compiled = encoder if mode == "eager" else torch.compile(encoder, mode=None if mode == "default" else mode)
     with torch.inference_mode():
         for _ in range(3):
             compiled(x)
@@ -76,8 +81,9 @@ def profile(encoder, x, iters: int, mode: str) -> dict:
 
 
 def markdown(meta: dict, rows: list) -> str:
-    lines = [f"Compiled image encoder, GPU time per forward by kernel class ({meta['gpu']}, {meta['dtype']}, "
-             f"batch {meta['batch']}, torch.compile mode {meta['mode']}, {meta['iters']} profiled forwards; "
+    lines = [f"Image encoder, GPU time per forward by kernel class ({meta['gpu']}, {meta['dtype']}, "
+             f"batch {meta['batch']}, torch.compile mode {meta['mode']} (eager: not compiled), {meta['iters']} profiled "
+             f"forwards; "
              f"commit {meta['commit']}, {meta['date']}).", "",
              "| model | config | GPU ms | attention | gemm | other |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -93,11 +99,12 @@ def markdown(meta: dict, rows: list) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="vit_b", help="comma list of vit_b, vit_l, vit_h")
+    ap.add_argument("--models", default="vit_b", help="comma list of vit_b, vit_l, vit_h, sam2.1_hiera_*")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     ap.add_argument("--policy", default="local2d-30", help="the sparse configuration's policy")
-    ap.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs)")
+    ap.add_argument("--mode", default="default",
+                    help="torch.compile mode (default, max-autotune-no-cudagraphs), or eager: no compile")
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "profile")
     args = ap.parse_args(argv)

@@ -1,8 +1,12 @@
 """Whole SAM image encoder, side by side in ONE process on one GPU: segment-anything (original),
 segment-anything-fast (pytorch-labs fork, flash_4), and sam-sparse patch_sam with given policies.
 Same random weights (rel-pos randomized), bf16, 1024 px. Eager, torch.compile, compile+cudagraphs.
+SAM 2.1 model types (sam2.1_hiera_t / s / b+ / l) time sam2's image encoder (Hiera trunk + FPN neck) the
+same way: "sa" is then sam2's own (SDPA), built by sam2's build_sam2 with random weights; safast does
+not apply to them.
 
   python side_by_side.py --shapes vit_b:1,vit_b:8 --modes eager,compile --impls sa,safast,dense,local2d-30
+  python side_by_side.py --shapes sam2.1_hiera_b+:1,sam2.1_hiera_b+:8 --impls sa,dense,local2d-30
 Needs: segment_anything importable; tools/peer/samfast on the path for safast; sam_sparse importable.
 Writes $OUT/side.jsonl (one JSON object per measurement).
 
@@ -45,9 +49,29 @@ def build(cls, name):
     return m.eval()
 
 
+def build_sam2_encoder(name):
+    from sam_sparse.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(name).image_encoder.eval()
+
+
 def make(impl, name, orig_cpu):
     if impl == "sa":
         return copy.deepcopy(orig_cpu).to("cuda", torch.bfloat16)
+    if name.startswith("sam2"):
+        from sam_sparse import patch_sam
+
+        m = copy.deepcopy(orig_cpu).to("cuda", torch.bfloat16)
+        patch_sam(m, "dense" if impl == "dense-partitioned" else impl)
+        if impl == "dense-partitioned":  # Hiera's own MultiScaleBlock.forward: pad + window_partition copies
+            from sam2.modeling.backbones.hieradet import MultiScaleBlock
+
+            from sam_sparse.patches.sam2_attention import SparseMultiScaleBlock
+            for b in m.modules():
+                if type(b) is SparseMultiScaleBlock:
+                    b.__class__ = MultiScaleBlock
+        return m
     if impl == "safast":
         import segment_anything_fast.flash_4 as f4
         f4._load_best_configs = lambda: None       # tune on this card, not the shipped A100 pickle
@@ -75,10 +99,11 @@ def rec(row):
 print(torch.cuda.get_device_name(), torch.__version__, flush=True)
 for shape in a.shapes.split(","):
     name, B = shape.split(":"); B = int(B)
-    orig_cpu = build(OrigEnc, name)
+    orig_cpu = build_sam2_encoder(name) if name.startswith("sam2") else build(OrigEnc, name)
+    out = (lambda y: y["vision_features"]) if name.startswith("sam2") else (lambda y: y)  # noqa: E731
     x = torch.randn(B, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
-        ref = copy.deepcopy(orig_cpu).to("cuda", torch.bfloat16)(x).float()
+        ref = out(copy.deepcopy(orig_cpu).to("cuda", torch.bfloat16)(x)).float()
     for impl in a.impls.split(","):
         for mode in a.modes.split(","):
             try:
@@ -86,7 +111,7 @@ for shape in a.shapes.split(","):
                 m = make(impl, name, orig_cpu)
                 f = m if MODES[mode] is None else torch.compile(m, mode=MODES[mode])
                 with torch.inference_mode():
-                    t0 = time.time(); y = f(x).float(); f(x); torch.cuda.synchronize(); tc = time.time() - t0
+                    t0 = time.time(); y = out(f(x)).float(); f(x); torch.cuda.synchronize(); tc = time.time() - t0
                     torch.cuda.reset_peak_memory_stats()
                     t = do_bench(lambda: f(x), warmup=25, rep=a.rep, return_mode="median")
                     peak = torch.cuda.max_memory_allocated() / 2**30

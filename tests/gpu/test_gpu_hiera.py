@@ -1,0 +1,148 @@
+"""The GPU suite on SAM 2's shapes: Hiera's global blocks (4096 tokens, head dims 96 / 56 / 72), its
+windowed blocks read in place (8 x 8 windows on a 256 x 256 grid), its q-pooled blocks (a pooled window
+attending to the full one, with and without padding windows), and whole SAM 2.1 image models patched
+dense against sam2's own forward (random weights, sharpened attention).
+
+Kernel cases are checked against the float64 oracle (tests/oracle.py) globally and per row, on fresh
+random inputs (the seed in each message), into NaN-poisoned outputs.
+
+    TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/gpu
+"""
+
+import pytest
+import torch
+
+from gpu_helpers import DTYPES, FLOOR, GPU_MARKS, ROW_FLOOR, rnd, seeded
+from oracle import check_window, oracle_attention, rel_error, same_dtype_torch
+from sam_sparse.kernels import BlockLayout, block_sparse_attn, window_attn
+
+pytestmark = GPU_MARKS
+
+HIERA = {"hiera_t": (4, 96), "hiera_b+": (8, 56), "hiera_l": (8, 72)}  # stage-3 (heads, head dim)
+
+
+def check_rows(out, q, k, v, mask, bs, seed):
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all(), f"seed {seed}: NaN or a row left unwritten"
+    ref = oracle_attention(q, k, v, mask, block_size=bs)
+    base = same_dtype_torch(q, k, v, mask, block_size=bs)
+    err, err_base = rel_error(out, ref), rel_error(base, ref)
+    assert err <= 2 * err_base + FLOOR[q.dtype], f"seed {seed}: error {err:.3g} vs PyTorch {q.dtype} {err_base:.3g}"
+    row_err = (out.double() - ref).abs().amax(-1)
+    row_base = (base.double() - ref).abs().amax(-1)
+    bad = row_err > 2 * row_base + ROW_FLOOR[q.dtype]
+    assert not bad.any(), f"seed {seed}: {int(bad.sum())} rows off, worst {row_err.max():.3g}"
+
+
+@pytest.mark.parametrize("model", HIERA)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hiera_global_block(model, dtype):
+    """A global block at 1024 px: 64 x 64 = 4096 tokens, q / k / v views of one qkv projection, the tuned
+    plan; dense, and a block mask with an empty query block."""
+    seed, g = seeded()
+    heads, d = HIERA[model]
+    q, k, v = rnd(g, 1, 4096, 3, heads, d, dtype=dtype).unbind(2)
+    out = block_sparse_attn(q, k, v)
+    check_rows(out, q, k, v, None, 128, seed)
+    mask = torch.rand(1, heads, 32, 32, device="cuda", generator=g) < 0.3
+    mask[0, 0, 3] = False
+    out = block_sparse_attn(q, k, v, BlockLayout.from_mask(mask, 128))
+    check_rows(out, q, k, v, mask, 128, seed)
+    assert (out[0, 3 * 128:4 * 128, 0] == 0).all(), f"seed {seed}: an empty query block must give zeros"
+
+
+@pytest.mark.parametrize("heads,d", [(1, 96), (2, 56), (2, 72)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_hiera_stage1_windows_in_place(heads, d, dtype):
+    """Stage 1 at 1024 px: 8 x 8 windows on the 256 x 256 grid (1024 windows), read in place."""
+    seed, g = seeded()
+    q, k, v = rnd(g, 1, 256, 256, 3, heads, d, dtype=dtype).unbind(3)
+    zeros = torch.zeros(heads, d, device="cuda", dtype=dtype)
+    out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+    out.copy_(window_attn(q, k, v, (8, 8)))
+    torch.cuda.synchronize()
+    check_window(out, q, k, v, (8, 8), zeros, zeros, None, None, None, None, 128, seed, FLOOR, ROW_FLOOR)
+
+
+# (key grid, key window, heads, head dim): Hiera's stage changes at 1024 px; 64 -> 14 overhangs (70).
+POOLED = [((128, 128), 8, 2, 96), ((64, 64), 4, 4, 56), ((64, 64), 14, 8, 72), ((64, 64), 16, 8, 72)]
+
+
+@pytest.mark.parametrize("case", POOLED, ids=lambda c: f"{c[0][0]}w{c[1]}-H{c[2]}-D{c[3]}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hiera_pooled_windows(case, dtype):
+    """A q-pooled block: q max-pooled by 2 over the grid, each pooled window attending to its full window
+    of keys; padding keys (the qkv bias) where windows overhang; a block mask with an empty query block."""
+    seed, g = seeded()
+    (gh, gw), w, heads, d = case
+    qkv = rnd(g, 1, gh, gw, 3, heads, d, dtype=dtype)
+    q, k, v = qkv.unbind(3)
+    q = q.unflatten(1, (gh // 2, 2)).unflatten(3, (gw // 2, 2)).amax(dim=(2, 4))
+    kp, vp = rnd(g, heads, d, dtype=dtype), rnd(g, heads, d, dtype=dtype)
+    n_win = -(-gh // w) * -(-gw // w)
+    qb, kb = -(-(w * w // 4) // 16), -(-(w * w) // 16)
+    mask = torch.rand(n_win, heads, qb, kb, device="cuda", generator=g) < 0.6
+    mask[0, 0, 0] = False
+    for m in (None, mask):
+        out = window_attn(q, k, v, (w, w), None if m is None else BlockLayout.from_mask(m, 16),
+                          q_window_size=(w // 2, w // 2), k_pad=kp, v_pad=vp, block_size=16)
+        torch.cuda.synchronize()
+        check_window(out, q, k, v, (w, w), kp, vp, m, None, None, None, 16, seed, FLOOR, ROW_FLOOR,
+                     q_window=(w // 2, w // 2))
+
+
+@pytest.mark.parametrize("model_type", ["sam2.1_hiera_t", "sam2.1_hiera_b+", "sam2.1_hiera_l"])
+def test_sam2_image_encoder_dense_matches_sam2(model_type):
+    """The whole image encoder at 1024 px, patched dense vs sam2's own: fp32 (3xTF32 on both sides, as
+    torch's 'highest' precision) and bf16 autocast, as SAM 2's README runs it."""
+    from sam2_helpers import small_sam2
+
+    from sam_sparse import patch_sam
+
+    model = small_sam2(model_type, image_size=1024).cuda()
+    x = torch.randn(2, 3, 1024, 1024, device="cuda")
+    for dtype, floor in ((torch.float32, 0.99999), (torch.bfloat16, 0.999)):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            ref = model.image_encoder(x)
+            handle = patch_sam(model, "dense")
+            out = model.image_encoder(x)
+            handle.restore()
+        for a, b in zip([out["vision_features"], *out["backbone_fpn"]], [ref["vision_features"], *ref["backbone_fpn"]]):
+            cos = torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+            assert cos >= floor, f"{model_type} {dtype}: cosine {cos}"
+
+
+def test_sam2_predictor_and_compile():
+    """SAM2ImagePredictor on the GPU with bf16 autocast: the patched model's masks against sam2's own, and
+    the patched image encoder under torch.compile equal to eager."""
+    import numpy as np
+    from sam2_helpers import photo, small_sam2
+
+    from sam_sparse import patch_sam
+    from sam_sparse.patches.sam2 import image_predictor
+
+    model = small_sam2("sam2.1_hiera_t", image_size=1024).cuda()
+    predictor = image_predictor(model)
+    image = photo(600, 800, seed=3)
+    pts = np.array([[200, 300], [600, 150], [420, 420]])
+
+    def masks():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            predictor.set_image(image)
+            return [predictor.predict(point_coords=p[None], point_labels=np.array([1]))[0] for p in pts]
+
+    ref = masks()
+    handle = patch_sam(model, "dense")
+    out = masks()
+    for a, b in zip(out, ref):
+        inter, union = (a.astype(bool) & b.astype(bool)).sum(), (a.astype(bool) | b.astype(bool)).sum()
+        assert union == 0 or inter / union >= 0.98, inter / union
+    x = torch.randn(1, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    encoder = model.image_encoder.to(torch.bfloat16)
+    compiled = torch.compile(encoder)
+    with torch.inference_mode():
+        eager, comp = encoder(x)["vision_features"], compiled(x)["vision_features"]
+    cos = torch.nn.functional.cosine_similarity(eager.double().flatten(), comp.double().flatten(), dim=0).item()
+    assert cos >= 0.999, cos
+    handle.restore()
+    torch._dynamo.reset()
