@@ -164,6 +164,22 @@ def test_masked_head_dim_columns_are_never_read(triton_kernel, head_dim):
     assert rel_error(out, ref) < 2e-3, f"seed {seed}"
 
 
+@needs_triton
+def test_sequence_head_pairs_beyond_one_grid_axis(triton_kernel, monkeypatch):
+    """CUDA caps a grid's second axis at 65535, fewer than Hiera's windows x heads x batch (hiera_b+ stage 3
+    at batch 8: 65536): the (sequence, head) pairs spill over to the third axis. Shrunk here to 5 so that
+    the interpreter runs the spill (16 pairs on a 5 x 4 grid: 4 programs past the end return)."""
+    monkeypatch.setattr(triton_kernel, "MAX_GRID_Y", 5)
+    seed, g = seeded()
+    q, k, v = torch.randn(2, 8, 8, 3, 2, 16, generator=g).unbind(3)
+    zeros = torch.zeros(2, 16)
+    plan = triton_kernel.make_plan(q, k, v, None, None, None, None, None, 0.25, 128, window=(4, 4))
+    assert plan.grid[1:] == (5, 4)  # 2 images x 4 windows x 2 heads = 16 pairs
+    out = plan(q, k, v, None, None, None, None, None, None, zeros, zeros,
+               out=torch.full(q.shape, float("nan")))
+    check_window(out, q, k, v, (4, 4), zeros, zeros, None, None, None, 0.25, 128, seed, FLOOR, ROW_FLOOR)
+
+
 def test_pooled_window_bad_inputs():
     g = torch.Generator().manual_seed(0)
     q, k, v, kp, vp = pooled_inputs(g, 1, 12, 12, 2, 16, torch.float32)

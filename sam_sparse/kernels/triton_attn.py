@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 BIAS_NONE, BIAS_RECT, BIAS_ONEHOT, BIAS_GATHER = 0, 1, 2, 3
+MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second and third axes
 
 
 def next_pow2(x: int) -> int:
@@ -163,7 +164,7 @@ def _attn_fwd(
     stride_rwb, stride_rwh, stride_rwm, stride_rwk,
     seqlen_q, seqlen_k, num_heads, kv_group,
     KH: tl.constexpr, KW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-    grid_h, grid_w, q_grid_h, q_grid_w, win_rows, win_cols, n_windows, n_launch,
+    grid_h, grid_w, q_grid_h, q_grid_w, win_rows, win_cols, n_windows, n_launch, n_bh,
     D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
@@ -187,7 +188,11 @@ def _attn_fwd(
     RECT: tl.constexpr = 1
     ONEHOT: tl.constexpr = 2
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # (sequence, head) pairs run along grid axes 1 and 2: axis 1 alone holds at most 65535, fewer than
+    # Hiera's windows x heads x batch (hiera_b+ stage 3 at batch 8: 1024 x 8 x 8).
+    pid_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    if pid_bh >= n_bh:
+        return
     b = pid_bh // num_heads  # the sequence: a batch row, or one (image, window) pair in WINDOW mode
     h = pid_bh % num_heads
     hk = h // kv_group
@@ -895,13 +900,14 @@ def make_plan(
         tma = bool(cfg.get("TMA")) and tma_ok
         plans = []
         for n_launch, pad in launches:
+            n_bh = batch * n_launch * nheads
             tail = scalars + (
-                n_launch, head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
+                n_launch, n_bh, head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
                 window is not None, *win_hw, *q_win_hw, pad, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
                 dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma,
             )
-            grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * n_launch * nheads, 1)
+            grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
             plans.append(KernelPlan(grid, tail, cfg, q.shape, q.dtype, q.device, (cfg["BLOCK_N"], d0, d1) if tma else None))
         return plans[0] if len(plans) == 1 else LaunchGroup(plans)
 
