@@ -79,18 +79,15 @@ def _bucket(n: int) -> int:
 
 
 def _split_head_dim(d: int) -> Tuple[int, int]:
-    """(D0, D1): two power-of-two chunks (D1 may be 0, else >= 16, the smallest MMA depth) covering d.
-
-    Exact where d is one or two powers of two (80 = 64 + 16, 96 = 64 + 32); otherwise the narrower of
-    (largest power of two below d, the rest rounded up to a power of two) and (next power of two, 0),
-    the columns past d masked on load and store: 72 = 64 + 16 (8 masked, 11% more MMA work than 72,
-    where one 128-wide chunk would cost 78%), 56 = 64 (8 masked)."""
+    """(D0, D1): two power-of-two chunks covering d exactly (80 = 64 + 16, 96 = 64 + 32; D1 may be 0), else
+    one chunk of the next power of two with the columns past d masked on load and store (56 -> 64,
+    72 -> 128). A masked second chunk (72 = 64 + 16, 8 masked) is right in Triton's interpreter but gave
+    wrong results on an H200 with Triton 3.6 (docs/benchmarks.md, SAM 2 run 2), so it is not used."""
     d0 = 1 << (d.bit_length() - 1)
     rest = d - d0
-    if rest == 0:
-        return d0, 0
-    split = (d0, max(16, next_pow2(rest)))
-    return split if sum(split) < next_pow2(d) else (next_pow2(d), 0)
+    if rest == 0 or (rest >= 16 and rest & (rest - 1) == 0):
+        return d0, rest
+    return next_pow2(d), 0
 
 
 # Tests set this to BIAS_ONEHOT or BIAS_GATHER to exercise a path the tuner would not pick on their shapes.
@@ -263,7 +260,7 @@ def _attn_fwd(
                  mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
     if D1 > 0:
         offs_d1 = D0 + tl.arange(0, D1)
-        d1_ok = offs_d1 < D_REAL  # all True unless the head dim is split inexactly (72 = 64 + 16, 8 masked)
+        d1_ok = offs_d1 < D_REAL  # all True: a second chunk is used only where the split is exact
         q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :] * stride_qd,
                      mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
     if WIN_PAD:
