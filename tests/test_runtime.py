@@ -24,10 +24,9 @@ from sam_sparse.policy import Policy, PolicyError
 
 FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 ROW_FLOOR = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-PATHS = ["kernel", "reference"]
 
 
-@pytest.fixture(params=PATHS)
+@pytest.fixture(params=[pytest.param("kernel", marks=pytest.mark.interpreter), "reference"])
 def path(request, monkeypatch):
     """Route CPU tensors through the Triton kernel (interpreter) or the reference path."""
     if request.param == "kernel":
