@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -488,3 +489,44 @@ def test_policy_yaml_merge_keys_and_huge_numbers(tmp_path):
         bad = run("policies", "check", huge)
         assert bad.exit_code == 2, bad.output
         assert f"{field}.yaml:5: rules[0].params.{field}:" in _error_line(bad) and "too large" in _error_line(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# never a traceback (issue 25, item 6)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_while_the_command_line_imports_is_one_line(tmp_path):
+    """Item 6: Ctrl-C while `sam-sparse convert` was still importing printed a traceback."""
+    script = textwrap.dedent(f"""
+        import runpy, sys
+
+        class CtrlC:  # the interrupt arrives while torch is being imported
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    raise KeyboardInterrupt
+
+        sys.meta_path.insert(0, CtrlC())
+        sys.argv = ["sam-sparse", "convert", "--checkpoint", "in.pt", "--policy", "dense", "--out", "out.pt"]
+        from sam_sparse.cli import main  # what the sam-sparse console script runs
+        main()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "error: interrupted" and "Traceback" not in proc.stderr
+
+
+def test_an_unexpected_error_is_one_line(monkeypatch, tmp_path):
+    import sam_sparse.segment
+
+    def boom(spec):
+        raise RuntimeError("CUDA error: an illegal memory access\nwas encountered")
+
+    monkeypatch.setattr(sam_sparse.segment, "load_image", boom)
+    result = run("segment", "horse", "--out", tmp_path / "o.png")
+    assert result.exit_code == 1, result.output
+    assert _error_line(result) == ("error: RuntimeError: CUDA error: an illegal memory access was encountered "
+                                   "(unexpected; SAM_SPARSE_TRACEBACK=1 shows where)")
+    monkeypatch.setenv("SAM_SPARSE_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        CliRunner().invoke(main, ["segment", "horse", "--out", str(tmp_path / "o.png")], catch_exceptions=False)
