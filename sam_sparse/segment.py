@@ -46,6 +46,8 @@ def load_image(spec: PathLike) -> np.ndarray:
             if im.mode == "F":
                 raise ValueError(f"image {path}: holds floating-point pixels (PIL mode F); save it as 8- or 16-bit")
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:  # PIL's guard against images of more than ~179 megapixels
+        raise ValueError(f"image {path}: too large to read ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"image {path}: cannot be read as an image ({e})") from None
 
