@@ -85,7 +85,7 @@ def test_an_image_named_dot_png_keeps_the_other_outputs(tmp_path, stubbed):
     """Item 2: `..png` (stem ".") was written as out/. itself, replacing every earlier output."""
     d = tmp_path / "in"
     d.mkdir()
-    photo(d / "a.png")
+    photo(d / "(a).png")  # sorts before "..png": done first
     photo(d / "..png", size=(40, 48))
     out = tmp_path / "out"
     result = amg(d, "--out", out)
