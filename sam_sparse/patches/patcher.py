@@ -406,11 +406,15 @@ def _warn_if_nothing_sparse(policy, report: List[LayerReport], notes: List[str])
 
 
 def unpatch_sam(model: nn.Module) -> None:
-    """Restore a model patched by patch_sam (the same as handle.restore())."""
+    """Restore a model patched by patch_sam (the same as handle.restore()): a no-op when nothing of it is
+    patched (restored already, or never patched). RuntimeError for a part of a larger patched model:
+    restoring it alone would leave the rest patched."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch_sam takes the torch.nn.Module given to patch_sam, got {type(model).__name__}")
     handle = getattr(model, "_sam_sparse_handle", None)
     if handle is None:
         inner = _find_patched(model)
         if inner:
             raise RuntimeError(f"{inner[0]} was patched as part of a larger model; unpatch that model (or use its handle)")
-        raise RuntimeError(f"{type(model).__name__} is not patched by sam_sparse")
+        return
     handle.restore()
