@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from PIL import Image
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -209,6 +210,33 @@ def test_cli_rejects_bad_input_with_exit_2(tmp_path, args, message):
     assert res.exit_code == 2, res.output + res.stderr
     assert message in res.stderr
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_cli_finds_duplicates_and_an_existing_out_before_the_model_loads(tmp_path):
+    """Issue 25, item 10: `--images A --images A` held out the duplicate, dropped both and failed after the
+    model loaded; an existing --out was replaced silently."""
+    from skimage import data
+
+    (tmp_path / "photos").mkdir()
+    Image.fromarray(data.coffee()[:64, :64]).save(tmp_path / "photos" / "a.png")
+    out = tmp_path / "p.yaml"
+    cases = [
+        (["--images", "astronaut", "--images", "astronaut"], "image astronaut is already given by --images astronaut"),
+        (["--images", "astronaut", "--heldout", "astronaut"], "already given by --images astronaut"),
+        (["--images", str(tmp_path / "photos"), "--images", str(tmp_path / "photos" / "a.png")], "is already given by"),
+    ]
+    for args, message in cases:
+        res = _run([*args, "--target-density", "0.3", "--out", str(out)])
+        assert res.exit_code == 2 and message in res.stderr, res.output + res.stderr
+        assert "Using the built-in default model" not in res.stderr and not out.exists()
+    out.write_text("mine")
+    res = _run(["--images", "astronaut", "--target-density", "0.3", "--out", str(out)])
+    assert res.exit_code == 2 and "already exists; pass --force to replace it" in res.stderr, res.stderr
+    assert out.read_text() == "mine"
+    res = _run(["--images", "astronaut", "--target-density", "0.3", "--out", str(out), "--force",
+                "--checkpoint", str(tmp_path / "missing.pth")])  # --force gets past the check, to the next one
+    assert res.exit_code == 2 and "missing.pth" in res.stderr and "already exists" not in res.stderr, res.stderr
+    assert out.read_text() == "mine"
 
 
 def test_cli_rejects_a_bad_output_name(tmp_path):
