@@ -362,8 +362,28 @@ def test_bench_cpu_says_so_and_plots(tmp_path):
     assert "| original" in result.stdout and "| dense" in result.stdout
     assert "no image-encoder layer was patched" in result.stdout and "not timed" in result.stdout
     assert "x (" not in result.stdout  # no speedup for code that did not change
+    assert "density (all encoder layers)" in result.stdout and "window layers included" in result.stdout
     with Image.open(plot) as im:
         assert im.format == "PNG"
+
+
+def test_bench_says_what_it_will_run_before_timing(monkeypatch):
+    """Issue 25, item 14: bench printed what it ran (model, runs, CPU numbers) only at the end."""
+    import sam_sparse.bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sam_sparse.bench, "interleaved_runs", interrupted)
+    result = run("bench", "--model-type", "mobile_sam", "--policy", "dense", "--policy", "region_focused",
+                 "--iters", "2", "--device", "cpu")
+    assert result.exit_code == 130 and result.stdout == "", result.output
+    err = result.stderr
+    assert "sam-sparse bench: mobile_sam image encoder (random weights), batch 1, fp32, cpu" in err
+    assert "These are CPU numbers" in err and "warning: on a CPU one mobile_sam encoder run takes" in err
+    assert "plan: the original and 2 patched model(s) (dense, region_focused), 1 untimed + 2 timed round(s)" in err
+    assert "timing 1 model(s): 3 encoder runs" in err and "region_focused: no image-encoder layer was patched" in err
+    assert err.index("plan:") < err.index("timing") < err.index("error: interrupted")
 
 
 def test_bench_compile_mode_is_validated():

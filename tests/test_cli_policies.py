@@ -22,6 +22,9 @@ def test_list_shows_every_builtin_with_densities_for_three_models():
     lines = [l for l in r.stdout.splitlines() if l.strip().startswith("vit_b")]
     assert any("0.293" in l for l in lines)  # local2d-30 on vit_b global blocks
     assert "* depends on the prompts" in r.stdout  # region_focused
+    # issue 25, item 17: which density this is (bench gives another: all encoder layers)
+    assert "density: share of (query token, key token) pairs attended, per layer kind" in r.stdout
+    assert "`sam-sparse bench` reports the mean over all patched encoder layers" in r.stdout
 
 
 def test_show_prints_yaml_and_per_head_densities():
