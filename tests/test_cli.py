@@ -341,6 +341,33 @@ def test_segment_boxes_to_label_png(tmp_path, work):
         assert bad.exit_code == 2 and "CUDA is not available" in _error_line(bad)
 
 
+def test_segment_takes_background_points(tmp_path):
+    """Issue 25, item 17: segment had no background points (SamPredictor's label 0)."""
+    from segment_anything import SamPredictor
+
+    from sam_sparse.segment import load_image
+
+    masks = tmp_path / "m.npy"
+    result = run("segment", "astronaut", "--point", "250,120", "--neg-point", "300,200", "--out", tmp_path / "o.png",
+                 "--save-masks", masks, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    model = build_sam("mobile_sam", fetch_mobile_sam())
+    patch_sam(model, "dense")
+    predictor = SamPredictor(model)
+    with torch.inference_mode():
+        predictor.set_image(load_image("astronaut"))
+        expected = {labels: predictor.predict(point_coords=np.array([[250.0, 120.0], [300.0, 200.0]]),
+                                              point_labels=np.array(labels), multimask_output=False)[0][0]
+                    for labels in ((1, 0), (1, 1))}
+    got = np.load(masks)[0]
+    assert np.array_equal(got, expected[(1, 0)]) and not np.array_equal(got, expected[(1, 1)])
+    assert not got[200, 300]
+    alone = run("segment", "astronaut", "--neg-point", "300,200", "--out", tmp_path / "o.png")
+    assert alone.exit_code == 2 and "go with a --point or a --box" in _error_line(alone)
+    outside = run("segment", "astronaut", "--point", "250,120", "--neg-point", "900,10", "--out", tmp_path / "o.png")
+    assert outside.exit_code == 2 and "point 900,10 is outside the 512x512 image" in _error_line(outside)
+
+
 def test_demo(tmp_path):
     from sam_sparse.cli.segment import DEFAULT_POLICY
 
