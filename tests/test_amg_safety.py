@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from amg_helpers import stub_generate
 from sam_sparse import amg as job
 from sam_sparse.cli import main
 
@@ -34,25 +35,6 @@ def photo(path: Path, size=(48, 40)) -> Path:
 
 def manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
-
-
-def stub_generate(self, image):
-    """Two masks from the image's brightness, in the generator's record format for its output mode: the
-    tests of this file check where outputs go, not the masks (tests/test_amg.py does), so they skip the
-    image encoder."""
-    import torch
-    from segment_anything.utils.amg import coco_encode_rle, mask_to_rle_pytorch
-
-    h, w = image.shape[:2]
-    bright = image.mean(-1) > image.mean()
-    records = []
-    for m in (bright, ~bright):
-        ys, xs = np.nonzero(m)
-        bbox = [int(xs.min()), int(ys.min()), int(np.ptp(xs)), int(np.ptp(ys))] if len(xs) else [0, 0, 0, 0]
-        seg = m if self.output_mode == "binary_mask" else coco_encode_rle(mask_to_rle_pytorch(torch.from_numpy(m)[None])[0])
-        records.append(dict(segmentation=seg, area=int(m.sum()), bbox=bbox, predicted_iou=0.9,
-                            point_coords=[[w / 2, h / 2]], stability_score=0.95, crop_box=[0, 0, w, h]))
-    return records
 
 
 @pytest.fixture
