@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
+import re
 import shutil
 import time
+import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -81,51 +84,115 @@ class GeneratorSettings:
                 raise ValueError(f"{name}={v!r}: expected a number from 0 to 1")
 
 
-def find_images(spec: os.PathLike) -> List[Path]:
-    """The images INPUT names: an image file, a folder (recursively, IMAGE_SUFFIXES), or a text file with
-    one path per line (relative paths are relative to the list's folder; blank lines and # comments skipped).
-    ValueError when nothing is found or a listed path is missing."""
+def find_images(spec: os.PathLike, exclude: Optional[os.PathLike] = None) -> List[Path]:
+    """The images INPUT names: an image file, a folder (recursively, IMAGE_SUFFIXES; symbolic links to
+    folders are not followed; `exclude`, a folder inside it such as --out, is skipped), or a text file
+    with one path per line (relative paths are relative to the list's folder; blank lines and # comments
+    skipped). Paths that cannot be read are returned all the same, to be recorded as failed: a broken
+    symbolic link in a folder, a listed file that does not exist. ValueError when nothing is found or a
+    list names one file twice."""
     path = Path(spec)
     if path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        skip = os.path.realpath(exclude) if exclude is not None else None
+        found = []
+        for folder, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if os.path.realpath(os.path.join(folder, d)) != skip]
+            found += [Path(folder, f) for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
         if not found:
             raise ValueError(f"input {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
-        return found
+        return sorted(found)
     if not path.is_file():
         raise ValueError(f"input {path}: no such file or folder")
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return [path]
     if path.suffix.lower() != ".txt":
         raise ValueError(f"input {path}: expected an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a .txt list")
-    listed = []
+    listed: Dict[str, Tuple[int, Path]] = {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         p = Path(line) if Path(line).is_absolute() else path.parent / line
-        if not p.is_file():
-            raise ValueError(f"{path}:{n}: {line}: no such file")
-        listed.append(p)
+        first = listed.setdefault(os.path.realpath(p), (n, p))
+        if first[0] != n:
+            raise ValueError(f"{path}:{n}: {line}: the same file as line {first[0]}; list each image once")
     if not listed:
         raise ValueError(f"input {path}: lists no image")
-    return listed
+    return [p for _, p in listed.values()]
+
+
+# Output names. An image's outputs are NAME (a folder) or NAME.json, NAME.overlay.png and temporaries
+# .NAME.<...>.tmp-<...>; the job's own files are manifest.json and manifest.rank<R>.json. A name holds
+# no dot and does not start with "-" or a space, so no name can be ".", "..", a path, a job file, another
+# image's output or temporary, or read as an option.
+NAME_CHARS = frozenset("_-+=,@() ")  # besides letters and digits
+MAX_NAME_BYTES = 120  # of UTF-8, before the hash suffix: far below any file system's 255
+HASH_MARK = "~"  # never in a name otherwise
+MANIFEST = "manifest.json"
+# Names a file system treats specially, compared case-folded: "manifest" (NAME.json would be the
+# manifest), and Windows' device names (CON.json is the console there).
+RESERVED_NAMES = frozenset(["manifest", "con", "prn", "aux", "nul"] + [f"{d}{i}" for d in ("com", "lpt") for i in range(1, 10)])
+
+
+def manifest_part(rank: int) -> str:
+    """The file one rank of a torchrun job writes its records to, merged into manifest.json by rank 0."""
+    return f"manifest.rank{rank}.json"
+
+
+def name_key(name: str) -> str:
+    """What a name is compared as: case-folded and normalized (NFC), so that names a case-insensitive or
+    normalizing file system (macOS, Windows) takes for one file are equal."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+def safe_name(text: str) -> str:
+    """`text` (NFC) with every character but letters, digits, combining marks and NAME_CHARS replaced by
+    "_" (dots, path separators, glob and control characters), a leading "-" or space replaced too,
+    trailing spaces dropped, cut to MAX_NAME_BYTES of UTF-8; "_" when nothing is left."""
+    out = "".join(c if c.isalnum() or c in NAME_CHARS or unicodedata.category(c).startswith("M") else "_"
+                  for c in unicodedata.normalize("NFC", text))
+    out = out.encode("utf-8")[:MAX_NAME_BYTES].decode("utf-8", "ignore").rstrip(" ")
+    stripped = out.lstrip("- ")
+    return "_" * (len(out) - len(stripped)) + stripped or "_"
+
+
+def check_name(name: str) -> str:
+    """ValueError unless `name` has the form output_names gives (every writer of outputs checks it)."""
+    plain, mark, digest = name.partition(HASH_MARK)
+    hashed = len(digest) == 8 and all(c in "0123456789abcdef" for c in digest)
+    if not plain or safe_name(plain) != plain or (mark and not hashed):
+        raise ValueError(f"output name {name!r}: not one output_names gives")
+    return name
 
 
 def output_names(paths: Sequence[Path], root: Optional[Path]) -> Dict[Path, str]:
-    """A unique output name per image: its path under `root` without suffix, folders joined by "__"
-    (a flat folder gives amg.py's names: the file name without its suffix)."""
-    names = {}
+    """A unique, safe output name per image: its path under `root` (else its file name) without suffix,
+    folders joined by "__" (a flat folder of plain names gives amg.py's names: the file name without its
+    suffix), made safe by safe_name. A name that safe_name changed, a reserved one (RESERVED_NAMES), and
+    names equal up to case (name_key) get "~" and 8 hex digits of a hash of the image's path (under
+    `root`, else as given): stable from run to run, so that a rerun finds its outputs."""
+    plain: Dict[Path, Tuple[str, str, bool]] = {}
     for p in paths:
-        try:
-            rel = p.relative_to(root) if root is not None else Path(p.name)
-        except ValueError:
-            rel = Path(p.name)
-        names[p] = "__".join(rel.with_suffix("").parts)
+        p = Path(p)
+        rel = p.relative_to(root) if root is not None and p.is_relative_to(root) else None
+        parts = rel.parts if rel is not None else (p.name,)
+        suffix = PurePosixPath(parts[-1]).suffix
+        text = "__".join(parts[:-1] + (parts[-1][: len(parts[-1]) - len(suffix)],))
+        name = safe_name(text)
+        plain[p] = (name, (rel or p).as_posix(), name != text or name_key(name) in RESERVED_NAMES)
+    count: Dict[str, int] = {}
+    for name, _, _ in plain.values():
+        count[name_key(name)] = count.get(name_key(name), 0) + 1
+    names: Dict[Path, str] = {}
     seen: Dict[str, Path] = {}
-    for p, n in names.items():
-        if n in seen:
-            raise ValueError(f"images {seen[n]} and {p} would both be written as {n!r}; rename one")
-        seen[n] = p
+    for p, (name, source, changed) in plain.items():
+        if changed or count[name_key(name)] > 1:
+            digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+            name = f"{name}{HASH_MARK}{digest}"
+        if name_key(name) in seen:  # one readable part and one 32-bit hash: vanishingly rare
+            raise ValueError(f"images {seen[name_key(name)]} and {p} would both be written as {name!r}; rename one")
+        seen[name_key(name)] = p
+        names[p] = name
     return names
 
 
@@ -154,7 +221,13 @@ def image_pixels(path: Path) -> int:
 
 
 def output_path(out_dir: Path, name: str, mode: str) -> Path:
+    check_name(name)
     return out_dir / (name if mode == "binary_mask" else f"{name}.json")
+
+
+def overlay_path(out_dir: Path, name: str) -> Path:
+    """Where --overlay draws an image's masks: NAME.overlay.png beside its output."""
+    return out_dir / f"{check_name(name)}.overlay.png"
 
 
 def is_complete(out_dir: Path, name: str, mode: str) -> bool:
@@ -163,18 +236,43 @@ def is_complete(out_dir: Path, name: str, mode: str) -> bool:
     return (target / "metadata.csv").is_file() if mode == "binary_mask" else target.is_file()
 
 
+def existing_output(target: Path, mode: str) -> Optional[int]:
+    """The mask count of a complete output at `target`, None when nothing is there. ValueError when
+    something else is: amg never replaces or deletes what it did not write."""
+    if not target.exists() and not target.is_symlink():
+        return None
+    try:
+        if mode == "binary_mask" and target.is_dir() and not target.is_symlink():
+            rows = (target / "metadata.csv").read_text().splitlines()
+            if rows and rows[0] == METADATA_HEADER:
+                return len(rows) - 1
+        elif mode == "coco_rle" and target.is_file() and not target.is_symlink():
+            masks = json.loads(target.read_text())
+            if isinstance(masks, list) and all(isinstance(m, dict) and "segmentation" in m for m in masks):
+                return len(masks)
+    except (OSError, ValueError):
+        pass
+    raise ValueError(f"{target} exists and is not an output of sam-sparse amg ({mode}); it is left as it is: "
+                     "move it away or choose another --out")
+
+
 def remove_partial(out_dir: Path, name: str) -> None:
-    """Temporaries an interrupted run left for this image."""
-    for p in out_dir.glob(f".{name}{TMP_MARK}*"):
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    """Temporaries an interrupted run left for this image: .NAME.tmp-PID (its folder), .NAME.tmp-X.json
+    and .NAME.overlay.tmp-X.png (atomic_path's), matched exactly (no other name can match: names hold no
+    dot)."""
+    own = re.compile(re.escape(f".{check_name(name)}") + r"(\.overlay|\.old)?" + re.escape(TMP_MARK) + r"[A-Za-z0-9_]+(\.json|\.png)?")
+    for entry in os.scandir(out_dir):
+        if own.fullmatch(entry.name):
+            shutil.rmtree(entry.path) if entry.is_dir(follow_symlinks=False) else os.unlink(entry.path)
 
 
 def write_binary_masks(masks: List[dict], folder: Path) -> None:
     """amg.py's binary_mask layout: {i}.png (0/255) per mask and metadata.csv, in a folder renamed into
-    place when complete."""
+    place when complete. An earlier output there (--overwrite) is moved aside first and removed last."""
     from PIL import Image
 
-    tmp = folder.parent / f".{folder.name}{TMP_MARK}{os.getpid()}"
+    name = check_name(folder.name)
+    tmp = folder.parent / f".{name}{TMP_MARK}{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -184,13 +282,19 @@ def write_binary_masks(masks: List[dict], folder: Path) -> None:
         rows.append(",".join([str(i), str(m["area"]), *map(str, m["bbox"]), *map(str, m["point_coords"][0]),
                               str(m["predicted_iou"]), str(m["stability_score"]), *map(str, m["crop_box"])]))
     (tmp / "metadata.csv").write_text("\n".join(rows))
-    if folder.exists():  # --overwrite: the old output goes only once the new one is complete
-        shutil.rmtree(folder)
+    aside = None
+    if existing_output(folder, "binary_mask") is not None:
+        aside = folder.parent / f".{name}.old{TMP_MARK}{os.getpid()}"
+        os.replace(folder, aside)
     os.replace(tmp, folder)
+    if aside is not None:
+        shutil.rmtree(aside)
 
 
 def write_rle_json(masks: List[dict], path: Path) -> None:
     """amg.py's coco_rle layout: the generator's records, segmentation as COCO RLE, one JSON per image."""
+    check_name(path.name[: -len(".json")])
+    existing_output(path, "coco_rle")  # never over a file amg did not write
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(masks))
 
@@ -303,15 +407,19 @@ def generate_masks(
     overwrite: bool = False,
     progress: Optional[Callable[[int], None]] = None,
     batch_images: int = 1,
+    overlay: bool = False,
+    on_record: Optional[Callable[[dict], None]] = None,
 ) -> List[dict]:
     """Run SamAutomaticMaskGenerator over `paths`, writing each image's masks under `out_dir`.
 
     batch_images: images per image-encoder forward (the next N images still to do, in order); used only
     with settings.crop_n_layers == 0, else every image (and crop) is embedded on its own.
+    overlay: also draw each image's masks over it, NAME.overlay.png (an image is complete when both exist).
     Returns one record per image, in the order of `paths`: image, output, status ("done", "skipped":
     complete from an earlier run, "failed"), masks, seconds (its own work plus an equal share of its
-    batch's encoder forward), error. An unreadable image is recorded as failed and the run goes on.
-    progress(masks) is called after each image.
+    batch's encoder forward), error. Every per-image failure (a missing, unreadable or corrupt image,
+    one too large for PIL, something not written by amg where its output goes) is recorded as failed
+    and the run goes on. progress(masks) and on_record(record) are called as each image's record is final.
     """
     if output_mode not in OUTPUT_MODES:
         raise ValueError(f"output_mode={output_mode!r}: expected one of {', '.join(OUTPUT_MODES)}")
@@ -321,46 +429,85 @@ def generate_masks(
     names = names or output_names(paths, None)
     generator = MaskGenerator(model, output_mode=output_mode, **dataclasses.asdict(settings))
     batched = batch_images > 1 and settings.crop_n_layers == 0
+
+    def finish(record: dict) -> None:
+        record["seconds"] = round(record["seconds"], 3)
+        if progress is not None:
+            progress(record["masks"])
+        if on_record is not None:
+            on_record(record)
+
     records: List[dict] = []
     pending: List[Tuple[Path, dict]] = []  # images to do, waiting for a full batch
     for path in paths:
         name = names[path]
         target = output_path(out_dir, name, output_mode)
         record = dict(image=str(path), output=str(target), status="done", masks=0, seconds=0.0, error=None)
+        if overlay:
+            record["overlay"] = str(overlay_path(out_dir, name))
         records.append(record)
-        if is_complete(out_dir, name, output_mode) and not overwrite:
-            record.update(status="skipped", masks=_mask_count(target, output_mode))
-            if progress is not None:
-                progress(record["masks"])
+        try:
+            count = existing_output(target, output_mode)
+            if overlay and count is not None and not overlay_path(out_dir, name).is_file():
+                count = None  # the output is there, its picture is not: redo both
+        except ValueError as e:
+            record.update(status="failed", error=str(e))
+            finish(record)
+            continue
+        if count is not None and not overwrite:
+            record.update(status="skipped", masks=count)
+            finish(record)
             continue
         remove_partial(out_dir, name)
         pending.append((path, record))
         if len(pending) == (batch_images if batched else 1):
-            _run_batch(generator, pending, output_mode, batched, progress)
+            _run_batch(generator, pending, output_mode, batched, overlay, finish)
             pending = []
     if pending:
-        _run_batch(generator, pending, output_mode, batched, progress)
+        _run_batch(generator, pending, output_mode, batched, overlay, finish)
     return records
 
 
-def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, batched: bool, progress) -> None:
-    """Masks for each (path, record) in `jobs`, filling the record. batched: one encoder forward for all
-    readable images of `jobs`; else the generator's own set_image embeds each image (and crop)."""
+def read_image(path: Path) -> np.ndarray:
+    """An image for amg: load_image, with what is wrong when the file is not there."""
     from .segment import load_image
 
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"image {path}: a broken symbolic link (to {os.readlink(path)})")
+    if path.is_dir():
+        raise ValueError(f"image {path}: is a folder")
+    if not path.exists():
+        raise ValueError(f"image {path}: no such file")
+    return load_image(path)
+
+
+def _error(e: Exception) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, batched: bool, overlay: bool,
+               finish: Callable[[dict], None]) -> None:
+    """Masks for each (path, record) in `jobs`, filling the record. batched: one encoder forward for all
+    readable images of `jobs`; else the generator's own set_image embeds each image (and crop). Any
+    Exception of one image (not KeyboardInterrupt) fails that image alone."""
     loaded = []  # (image, record) of the readable images
     for path, record in jobs:
         t0 = time.perf_counter()
         try:
-            loaded.append((load_image(path), record))
-        except (ValueError, OSError) as e:  # unreadable or corrupt: recorded, the batch goes on without it
-            record.update(status="failed", error=" ".join(str(e).split()))
+            loaded.append((read_image(path), record))
+        except Exception as e:  # missing, unreadable, corrupt, too large: recorded, the batch goes on
+            record.update(status="failed", error=_error(e))
         record["seconds"] += time.perf_counter() - t0
     if batched and loaded:
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            features, sizes = embed_images(generator.predictor, [image for image, _ in loaded])
-        share = (time.perf_counter() - t0) / len(loaded)
+        try:
+            with torch.inference_mode():
+                features, sizes = embed_images(generator.predictor, [image for image, _ in loaded])
+        except Exception as e:  # out of memory, say: the batch fails, the run goes on
+            for _, record in loaded:
+                record.update(status="failed", error=f"image encoder, batch of {len(loaded)}: {_error(e)}")
+            loaded = []
+        share = (time.perf_counter() - t0) / max(1, len(loaded))
     for i, (image, record) in enumerate(loaded):
         t0 = time.perf_counter()
         embedding = contextlib.nullcontext()
@@ -375,24 +522,53 @@ def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, batch
             else:
                 write_rle_json(masks, Path(record["output"]))
             record["masks"] = len(masks)
-        except (ValueError, OSError) as e:  # a full disk
-            record.update(status="failed", error=" ".join(str(e).split()))
+            if overlay:
+                write_overlay(Path(record["overlay"]), image, masks)
+        except Exception as e:  # a full disk, an output path taken by something else, ...
+            record.update(status="failed", error=_error(e))
         record["seconds"] += time.perf_counter() - t0
     for _, record in jobs:  # in input order, failed ones included
-        record["seconds"] = round(record["seconds"], 3)
-        if progress is not None:
-            progress(record["masks"])
+        finish(record)
 
 
-def _mask_count(target: Path, mode: str) -> int:
-    if mode == "binary_mask":
-        return max(0, len((target / "metadata.csv").read_text().splitlines()) - 1)
-    return len(json.loads(target.read_text()))
+def write_overlay(path: Path, image: np.ndarray, masks: List[dict]) -> None:
+    """The image with every mask tinted and outlined (segment's overlay), largest first so that small
+    masks stay visible on top; PNG, written atomically."""
+    from .segment import save_overlay
+
+    check_name(path.name[: -len(".overlay.png")])
+    segs = []
+    for m in sorted(masks, key=lambda m: -m["area"]):
+        seg = m["segmentation"]
+        if isinstance(seg, dict):  # coco_rle mode: a COCO RLE
+            from pycocotools import mask as mask_utils
+
+            seg = mask_utils.decode(dict(seg, counts=seg["counts"].encode()) if isinstance(seg["counts"], str) else seg)
+        segs.append(np.asarray(seg, dtype=bool))
+    stack = np.stack(segs) if segs else np.zeros((0,) + image.shape[:2], dtype=bool)
+    save_overlay(path, image, stack)
 
 
-def write_manifest(path: Path, run: dict, records: List[dict]) -> None:
-    """manifest.json: the run (model, policy, version, arguments) and one record per image, sorted."""
-    body = dict(run, images=sorted(records, key=lambda r: r["image"]))
-    body["summary"] = {s: sum(r["status"] == s for r in records) for s in ("done", "skipped", "failed")}
+MANIFEST_SECONDS = 1.0  # the shortest time between two writes of the manifest while a run goes
+
+
+def pending_record(path: Path, output: Path) -> dict:
+    """An image's manifest record before its turn."""
+    return dict(image=str(path), output=str(output), status="pending", masks=0, seconds=0.0, error=None)
+
+
+def write_manifest(path: Path, run: dict, records: Sequence[dict], finished: bool = True) -> None:
+    """manifest.json: the run (model, policy, version, arguments), whether it finished, and one record per
+    image, sorted; written atomically, so a reader (or an interrupted run) always finds a whole file."""
+    body = dict(run, finished=finished, images=sorted(records, key=lambda r: r["image"]))
+    body["summary"] = {s: sum(r["status"] == s for r in records) for s in ("done", "skipped", "failed", "pending")}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(body, indent=1))
+
+
+def is_manifest(path: Path) -> bool:
+    """Whether `path` is a manifest amg wrote (so a new run may replace it)."""
+    try:
+        return json.loads(Path(path).read_text()).get("tool") == "sam-sparse amg"
+    except (OSError, ValueError, AttributeError):
+        return False

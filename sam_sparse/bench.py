@@ -82,7 +82,7 @@ class BenchResult:
         return statistics.median(ratios), min(ratios), max(ratios)
 
     def table(self) -> str:
-        rows = [("policy", "density", "ms min / median / max", "speedup (range)")]
+        rows = [("policy", "density (all encoder layers)", "ms min / median / max", "speedup (range)")]
         for r in self.rows:
             if not r.times_ms:
                 rows.append((r.policy, "-", "not timed", "patches no encoder layer: same code as the original"))
@@ -91,6 +91,8 @@ class BenchResult:
             rows.append((r.policy, f"{r.density:.3f}", f"{r.min_ms:.1f} / {r.median_ms:.1f} / {r.max_ms:.1f}",
                          "-" if sp is None else f"{sp[0]:.2f}x ({sp[1]:.2f}-{sp[2]:.2f})"))
         lines = [self.header(), format_table(rows[0], rows[1:])] + [f"note: {n}" for n in self.notes]
+        lines.append("density: share of (query block, key block) pairs computed, mean over every patched image-encoder "
+                     "layer, window layers included (`sam-sparse policies list` gives it per layer kind)")
         return "\n".join(lines)
 
     def plot(self, path) -> None:
@@ -171,11 +173,13 @@ def bench_encoder(
     warmup: Optional[int] = None,
     iters: Optional[int] = None,
     progress: bool = True,
+    announce: Optional[Callable[[str], None]] = None,
 ) -> BenchResult:
     """Median image-encoder time of the original model and of the model patched with each policy.
 
     warmup / iters: untimed and timed rounds, each running every configuration once (default 5 / 20 on
-    CUDA, 1 / 3 on CPU). progress: a tqdm bar on stderr.
+    CUDA, 1 / 3 on CPU). progress: a tqdm bar on stderr. announce(text): told what will run, once the
+    policies are read and again once the models are built, before any timing.
     compile_mode: torch.compile's mode when compile is set; "reduce-overhead" replays CUDA graphs, which
     removes the host launch cost that bounds batch-1 eager runs.
     """
@@ -195,11 +199,19 @@ def bench_encoder(
     warmup = (5 if cuda else 1) if warmup is None else warmup
     iters = (20 if cuda else 3) if iters is None else iters
     loaded = [p if hasattr(p, "block_mask") else load_policy(p) for p in policies]  # fail fast on a bad name
+    result = BenchResult(model_type, str(device), dtype, batch, compile, compile_mode)
+    if announce is not None:
+        announce(f"{result.header()}\nplan: the original and {len(loaded)} patched model(s) "
+                 f"({', '.join(p.name for p in loaded)}), {warmup} untimed + {iters} timed round(s), each running "
+                 f"every model once")
+        if not cuda:
+            announce(f"warning: on a CPU one {model_type} encoder run takes from seconds (mobile_sam) to minutes "
+                     f"(vit_h); up to {(len(loaded) + 1) * (warmup + iters)} runs follow (--warmup 0 --iters 1 "
+                     "for a quick look)")
 
     model = build_model(model_type).to(device=device, dtype=DTYPES[dtype]).eval()
     size = getattr(model.image_encoder, "img_size", 1024)
     x = torch.randn(batch, 3, size, size, device=device, dtype=DTYPES[dtype])
-    result = BenchResult(model_type, str(device), dtype, batch, compile, compile_mode)
 
     # One model per configuration, so that the rounds can interleave them; None: not timed.
     configs = [("original", 1.0, model)]
@@ -220,6 +232,9 @@ def bench_encoder(
         return lambda: fn(x)
 
     timed = [c for c in configs if c[2] is not None]
+    if announce is not None:
+        announce(f"timing {len(timed)} model(s): {len(timed) * (warmup + iters)} encoder runs"
+                 + "".join(f"\nnote: {n}" for n in result.notes))
     with tqdm(total=len(timed) * (warmup + iters), desc="bench", unit="run", disable=not progress) as bar, \
             torch.inference_mode():
         times = iter(interleaved_runs([runner(m) for _, _, m in timed], str(device), warmup, iters, bar.update))

@@ -46,6 +46,8 @@ def load_image(spec: PathLike) -> np.ndarray:
             if im.mode == "F":
                 raise ValueError(f"image {path}: holds floating-point pixels (PIL mode F); save it as 8- or 16-bit")
             return np.asarray(im.convert("RGB"))
+    except Image.DecompressionBombError as e:  # PIL's guard against images of more than ~179 megapixels
+        raise ValueError(f"image {path}: too large to read ({e})") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"image {path}: cannot be read as an image ({e})") from None
 
@@ -71,13 +73,16 @@ def parse_numbers(text: str, count: int, what: str) -> Tuple[float, ...]:
     return values
 
 
-def check_prompts(image: np.ndarray, points=None, boxes=None) -> None:
-    """Points and boxes must lie inside the image (pixel coordinates, x right, y down), and points go with at
-    most one box (SAM's prompt is points + one box)."""
-    if points is not None and boxes is not None and len(boxes) > 1:
+def check_prompts(image: np.ndarray, points=None, boxes=None, background=None) -> None:
+    """Points and boxes must lie inside the image (pixel coordinates, x right, y down), points go with at
+    most one box (SAM's prompt is points + one box), and background points go with a point or a box
+    (they say what is not the object)."""
+    if (points is not None or background is not None) and boxes is not None and len(boxes) > 1:
         raise ValueError("points go with at most one box (SAM's prompt is points + one box); give several boxes alone")
+    if background is not None and points is None and boxes is None:
+        raise ValueError("background points (--neg-point) go with a --point or a --box: they say what is not the object")
     h, w = image.shape[:2]
-    for x, y in points if points is not None else ():
+    for x, y in [*(points or ()), *(background or ())]:
         if not (0 <= x <= w and 0 <= y <= h):
             raise ValueError(f"point {x:g},{y:g} is outside the {w}x{h} image")
     for x0, y0, x1, y1 in boxes if boxes is not None else ():
@@ -93,24 +98,29 @@ def segment_image(
     points: Optional[Sequence[Sequence[float]]] = None,
     boxes: Optional[Sequence[Sequence[float]]] = None,
     multimask: bool = False,
+    background: Optional[Sequence[Sequence[float]]] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Masks (K, H, W) bool and scores (K,) for one image through SamPredictor.
 
-    points: foreground points (x, y), all one prompt. boxes: (x0, y0, x1, y1), each its own prompt;
-    points may go with one box (one prompt). Neither: one point at the image centre. multimask: SAM's three candidate masks per
-    prompt, best first; otherwise one mask per prompt.
+    points: foreground points (x, y), all one prompt (SamPredictor's label 1). background: points (x, y)
+    that are not the object (label 0), part of the same prompt; they need points or one box. boxes:
+    (x0, y0, x1, y1), each its own prompt; points may go with one box (one prompt). None of these: one
+    point at the image centre. multimask: SAM's three candidate masks per prompt, best first; otherwise
+    one mask per prompt.
     """
     from segment_anything import SamPredictor
 
-    check_prompts(image, points, boxes)
+    check_prompts(image, points, boxes, background)
     if points is None and boxes is None:
         h, w = image.shape[:2]
         points = [(w / 2, h / 2)]
     predictor = SamPredictor(model)
     with torch.inference_mode():
         predictor.set_image(image)
-        pts = np.asarray(points, dtype=np.float32).reshape(-1, 2) if points is not None else None
-        labels = np.ones(len(pts), dtype=np.int64) if pts is not None else None
+        pts = labels = None
+        if points is not None or background is not None:
+            pts = np.asarray([*(points or ()), *(background or ())], dtype=np.float32).reshape(-1, 2)
+            labels = np.array([1] * len(points or ()) + [0] * len(background or ()), dtype=np.int64)
         bxs = np.asarray(boxes, dtype=np.float32).reshape(-1, 4) if boxes is not None else None
         if bxs is None or len(bxs) == 1:
             masks, scores, _ = predictor.predict(
@@ -130,8 +140,10 @@ def segment_image(
 _COLORS = np.array([[30, 144, 255], [255, 64, 64], [64, 200, 64], [255, 200, 0], [200, 64, 255]], dtype=np.float32)
 
 
-def overlay(image: np.ndarray, masks: np.ndarray, points=None, boxes=None, alpha: float = 0.5) -> np.ndarray:
-    """The image with each mask tinted (blue, red, green, ...), its outline, the points and the boxes drawn."""
+def overlay(image: np.ndarray, masks: np.ndarray, points=None, boxes=None, alpha: float = 0.5,
+            background=None) -> np.ndarray:
+    """The image with each mask tinted (blue, red, green, ...), its outline, the points (green), the
+    background points (red) and the boxes drawn."""
     from skimage.segmentation import find_boundaries
 
     out = image.astype(np.float32).copy()
@@ -142,11 +154,11 @@ def overlay(image: np.ndarray, masks: np.ndarray, points=None, boxes=None, alpha
     out = out.clip(0, 255).astype(np.uint8)
     h, w = out.shape[:2]
     r = max(3, min(h, w) // 80)
-    for x, y in points if points is not None else ():
+    for (x, y), color in [*((p, (40, 220, 40)) for p in points or ()), *((p, (230, 30, 30)) for p in background or ())]:
         yy, xx = np.ogrid[:h, :w]
         d2 = (xx - x) ** 2 + (yy - y) ** 2
         out[d2 <= (r + 2) ** 2] = (255, 255, 255)
-        out[d2 <= r**2] = (40, 220, 40)
+        out[d2 <= r**2] = color
     for x0, y0, x1, y1 in boxes if boxes is not None else ():
         x0, y0 = int(max(0, x0)), int(max(0, y0))
         x1, y1 = int(min(w - 1, x1)), int(min(h - 1, y1))
@@ -174,8 +186,9 @@ def save_image(path: PathLike, array: np.ndarray) -> Path:
     return path
 
 
-def save_overlay(path: PathLike, image: np.ndarray, masks: np.ndarray, points=None, boxes=None) -> Path:
-    return save_image(path, overlay(image, masks, points, boxes))
+def save_overlay(path: PathLike, image: np.ndarray, masks: np.ndarray, points=None, boxes=None,
+                 background=None) -> Path:
+    return save_image(path, overlay(image, masks, points, boxes, background=background))
 
 
 def save_masks(path: PathLike, masks: np.ndarray) -> Path:

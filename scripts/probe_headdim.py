@@ -20,7 +20,7 @@ CASES = {
     "global-80": dict(kind="global", d=80, heads=16, n=4096),
     "window-72": dict(kind="window", d=72, heads=2, grid=32, win=8),
     "window-56": dict(kind="window", d=56, heads=2, grid=32, win=8),
-    "window-80": dict(kind="window", d=80, heads=16, grid=64, win=14),
+    "window-80": dict(kind="window", d=80, heads=16, grid=56, win=14),
     "window-96": dict(kind="window", d=96, heads=1, grid=32, win=8),
 }
 

@@ -1,13 +1,47 @@
-"""Test-session setup shared by every test file."""
+"""Test-session setup shared by every test file.
+
+Triton reads TRITON_INTERPRET when a kernel is defined, so one process runs the kernel either compiled or
+in Triton's interpreter, never both; it is decided here, before anything imports the kernel module:
+
+- no CUDA GPU (or TRITON_INTERPRET=1 given): the interpreter. The tests marked `interpreter` (those
+  that use the triton_kernel / triton_mass fixtures, or route CPU tensors to the kernel) run it on CPU
+  tensors; tests/gpu is skipped.
+- a CUDA GPU (TRITON_INTERPRET unset or 0): the compiled kernel, and tests/gpu runs it. The
+  `interpreter` tests cannot run in this process: tests/test_interpreter_process.py runs them in a
+  child process with TRITON_INTERPRET=1 and no GPU visible, and here they are skipped, saying so.
+
+Every other test uses the PyTorch reference path on CPU tensors either way.
+"""
 
 import os
 
 import pytest
 
-# Triton reads TRITON_INTERPRET when a kernel is defined, so it must be set before anything imports the
-# kernel module. It only matters where SAM_SPARSE_FORCE_TRITON=1 routes CPU tensors to the kernel
-# (the triton_kernel fixture below does that per test); every other CPU test uses the PyTorch reference path.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRETER_FIXTURES = ("triton_kernel", "triton_mass")
+COVERED_BY = "tests/test_interpreter_process.py::test_interpreter_tests_in_a_child_process"
+
+
+def _interpret() -> bool:
+    given = os.environ.get("TRITON_INTERPRET")
+    if given is not None:
+        return given == "1"
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+os.environ["TRITON_INTERPRET"] = "1" if _interpret() else "0"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m interpreter` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(f in getattr(item, "fixturenames", ()) for f in INTERPRETER_FIXTURES):
+            item.add_marker(pytest.mark.interpreter)
+        if os.environ["TRITON_INTERPRET"] != "1" and item.get_closest_marker("interpreter"):
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs Triton's interpreter, which cannot share a process with the compiled kernel: "
+                       f"run in a child process by {COVERED_BY}"))
 
 
 @pytest.fixture

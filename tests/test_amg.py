@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from amg_helpers import stub_generate
 from sam_sparse.cli import main
 
 SETTINGS = ["--points-per-side", "4", "--device", "cpu"]
@@ -83,7 +84,7 @@ def test_matches_segment_anythings_generator(photos, binary_run):
             assert [float(x) for x in fields[2:6]] == e["bbox"]
             assert float(fields[8]) == pytest.approx(e["predicted_iou"])
     manifest = json.loads((binary_run / "manifest.json").read_text())
-    assert manifest["summary"] == {"done": 3, "skipped": 0, "failed": 0}
+    assert manifest["summary"] == {"done": 3, "skipped": 0, "failed": 0, "pending": 0}
     assert manifest["policy"] == "dense" and all(r["masks"] > 0 for r in manifest["images"])
 
 
@@ -105,7 +106,10 @@ def test_coco_rle_decodes_to_the_binary_masks(photos, binary_run, tmp_path):
         assert np.array_equal(rle_to_mask(plain), m) and area_from_rle(plain) == r["area"]
 
 
-def test_resume_skips_complete_and_redoes_partial(photos, tmp_path):
+def test_resume_skips_complete_and_redoes_partial(photos, tmp_path, monkeypatch):
+    from sam_sparse.amg import MaskGenerator
+
+    monkeypatch.setattr(MaskGenerator, "generate", stub_generate)  # which images run matters here, not their masks
     out = tmp_path / "out"
     assert amg(photos, "--out", out).exit_code == 0
     before = (out / "astronaut" / "metadata.csv").stat().st_mtime_ns
@@ -128,7 +132,7 @@ def test_a_corrupt_image_is_recorded_and_the_run_goes_on(photos, tmp_path):
     result = amg(listing, "--out", out)
     assert result.exit_code == 3, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["summary"] == {"done": 1, "skipped": 0, "failed": 1}
+    assert manifest["summary"] == {"done": 1, "skipped": 0, "failed": 1, "pending": 0}
     failed = [r for r in manifest["images"] if r["status"] == "failed"]
     assert failed[0]["image"].endswith("broken.jpg") and "cannot be read as an image" in failed[0]["error"]
 
@@ -140,7 +144,7 @@ def test_batched_encoder_writes_the_same_bytes(photos, binary_run, tmp_path):
     result = amg(photos, "--out", out, "--batch-images", "2")
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["batch_images"] == 2 and manifest["summary"] == {"done": 3, "skipped": 0, "failed": 0}
+    assert manifest["batch_images"] == 2 and manifest["summary"] == {"done": 3, "skipped": 0, "failed": 0, "pending": 0}
     for name in ("astronaut", "coffee", "sub__chelsea"):
         assert same_files(out / name, binary_run / name), name
 
@@ -153,7 +157,7 @@ def test_a_corrupt_image_in_a_batch_fails_alone(photos, binary_run, tmp_path):
     result = amg(listing, "--out", out, "--batch-images", "3")
     assert result.exit_code == 3, result.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["summary"] == {"done": 2, "skipped": 0, "failed": 1}
+    assert manifest["summary"] == {"done": 2, "skipped": 0, "failed": 1, "pending": 0}
     failed = [r for r in manifest["images"] if r["status"] == "failed"]
     assert failed[0]["image"].endswith("broken.jpg") and "cannot be read as an image" in failed[0]["error"]
     assert same_files(out / "coffee", binary_run / "coffee") and same_files(out / "astronaut", binary_run / "astronaut")
@@ -211,8 +215,8 @@ def test_torchrun_two_processes_match_one(photos, binary_run, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and manifest["summary"] == {"done": 3, "skipped": 0, "failed": 0}
-    assert not list(out.glob("manifest.rank*.json"))
+    assert manifest["world_size"] == 2 and manifest["summary"] == {"done": 3, "skipped": 0, "failed": 0, "pending": 0}
+    assert manifest["finished"] and not list(out.glob("manifest.rank*.json"))
     for name in ("astronaut", "coffee", "sub__chelsea"):
         rows_two, masks_two = read_binary(out / name)
         rows_one, masks_one = read_binary(binary_run / name)

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -340,6 +341,33 @@ def test_segment_boxes_to_label_png(tmp_path, work):
         assert bad.exit_code == 2 and "CUDA is not available" in _error_line(bad)
 
 
+def test_segment_takes_background_points(tmp_path):
+    """Issue 25, item 17: segment had no background points (SamPredictor's label 0)."""
+    from segment_anything import SamPredictor
+
+    from sam_sparse.segment import load_image
+
+    masks = tmp_path / "m.npy"
+    result = run("segment", "astronaut", "--point", "250,120", "--neg-point", "300,200", "--out", tmp_path / "o.png",
+                 "--save-masks", masks, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    model = build_sam("mobile_sam", fetch_mobile_sam())
+    patch_sam(model, "dense")
+    predictor = SamPredictor(model)
+    with torch.inference_mode():
+        predictor.set_image(load_image("astronaut"))
+        expected = {labels: predictor.predict(point_coords=np.array([[250.0, 120.0], [300.0, 200.0]]),
+                                              point_labels=np.array(labels), multimask_output=False)[0][0]
+                    for labels in ((1, 0), (1, 1))}
+    got = np.load(masks)[0]
+    assert np.array_equal(got, expected[(1, 0)]) and not np.array_equal(got, expected[(1, 1)])
+    assert not got[200, 300]
+    alone = run("segment", "astronaut", "--neg-point", "300,200", "--out", tmp_path / "o.png")
+    assert alone.exit_code == 2 and "go with a --point or a --box" in _error_line(alone)
+    outside = run("segment", "astronaut", "--point", "250,120", "--neg-point", "900,10", "--out", tmp_path / "o.png")
+    assert outside.exit_code == 2 and "point 900,10 is outside the 512x512 image" in _error_line(outside)
+
+
 def test_demo(tmp_path):
     from sam_sparse.cli.segment import DEFAULT_POLICY
 
@@ -361,8 +389,28 @@ def test_bench_cpu_says_so_and_plots(tmp_path):
     assert "| original" in result.stdout and "| dense" in result.stdout
     assert "no image-encoder layer was patched" in result.stdout and "not timed" in result.stdout
     assert "x (" not in result.stdout  # no speedup for code that did not change
+    assert "density (all encoder layers)" in result.stdout and "window layers included" in result.stdout
     with Image.open(plot) as im:
         assert im.format == "PNG"
+
+
+def test_bench_says_what_it_will_run_before_timing(monkeypatch):
+    """Issue 25, item 14: bench printed what it ran (model, runs, CPU numbers) only at the end."""
+    import sam_sparse.bench
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sam_sparse.bench, "interleaved_runs", interrupted)
+    result = run("bench", "--model-type", "mobile_sam", "--policy", "dense", "--policy", "region_focused",
+                 "--iters", "2", "--device", "cpu")
+    assert result.exit_code == 130 and result.stdout == "", result.output
+    err = result.stderr
+    assert "sam-sparse bench: mobile_sam image encoder (random weights), batch 1, fp32, cpu" in err
+    assert "These are CPU numbers" in err and "warning: on a CPU one mobile_sam encoder run takes" in err
+    assert "plan: the original and 2 patched model(s) (dense, region_focused), 1 untimed + 2 timed round(s)" in err
+    assert "timing 1 model(s): 3 encoder runs" in err and "region_focused: no image-encoder layer was patched" in err
+    assert err.index("plan:") < err.index("timing") < err.index("error: interrupted")
 
 
 def test_bench_compile_mode_is_validated():
@@ -488,3 +536,44 @@ def test_policy_yaml_merge_keys_and_huge_numbers(tmp_path):
         bad = run("policies", "check", huge)
         assert bad.exit_code == 2, bad.output
         assert f"{field}.yaml:5: rules[0].params.{field}:" in _error_line(bad) and "too large" in _error_line(bad)
+
+
+# ---------------------------------------------------------------------------------------------------
+# never a traceback (issue 25, item 6)
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_ctrl_c_while_the_command_line_imports_is_one_line(tmp_path):
+    """Item 6: Ctrl-C while `sam-sparse convert` was still importing printed a traceback."""
+    script = textwrap.dedent(f"""
+        import runpy, sys
+
+        class CtrlC:  # the interrupt arrives while torch is being imported
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    raise KeyboardInterrupt
+
+        sys.meta_path.insert(0, CtrlC())
+        sys.argv = ["sam-sparse", "convert", "--checkpoint", "in.pt", "--policy", "dense", "--out", "out.pt"]
+        from sam_sparse.cli import main  # what the sam-sparse console script runs
+        main()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "error: interrupted" and "Traceback" not in proc.stderr
+
+
+def test_an_unexpected_error_is_one_line(monkeypatch, tmp_path):
+    import sam_sparse.segment
+
+    def boom(spec):
+        raise RuntimeError("CUDA error: an illegal memory access\nwas encountered")
+
+    monkeypatch.setattr(sam_sparse.segment, "load_image", boom)
+    result = run("segment", "horse", "--out", tmp_path / "o.png")
+    assert result.exit_code == 1, result.output
+    assert _error_line(result) == ("error: RuntimeError: CUDA error: an illegal memory access was encountered "
+                                   "(unexpected; SAM_SPARSE_TRACEBACK=1 shows where)")
+    monkeypatch.setenv("SAM_SPARSE_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        CliRunner().invoke(main, ["segment", "horse", "--out", str(tmp_path / "o.png")], catch_exceptions=False)

@@ -22,6 +22,9 @@ def test_list_shows_every_builtin_with_densities_for_three_models():
     lines = [l for l in r.stdout.splitlines() if l.strip().startswith("vit_b")]
     assert any("0.293" in l for l in lines)  # local2d-30 on vit_b global blocks
     assert "* depends on the prompts" in r.stdout  # region_focused
+    # issue 25, item 17: which density this is (bench gives another: all encoder layers)
+    assert "density: share of (query token, key token) pairs attended, per layer kind" in r.stdout
+    assert "`sam-sparse bench` reports the mean over all patched encoder layers" in r.stdout
 
 
 def test_show_prints_yaml_and_per_head_densities():
@@ -76,6 +79,13 @@ def test_check_warns_about_rules_that_match_nothing(tmp_path):
         ("name: b\nrules: [\n", "b.yaml:3: YAML syntax error"),
         ("name: b\nrules:\n  - match: encoder.global\n    heads: [12]\n    pattern: dense\n",
          "lists head 12, but layer image_encoder.blocks.2.attn (encoder.global) has num_heads=12"),
+        # issue 25, item 11: a sink past the layer's key blocks was ignored, and check said ok
+        ("name: b\nrules:\n  - match: encoder.global\n    pattern: relative_blocks\n    params: {sinks: [0, 32]}\n",
+         "b.yaml:3: rules[0]: rule 0 (match encoder.global, pattern relative_blocks) on layer image_encoder.blocks.2.attn: "
+         "sinks lists key block 32, but layer image_encoder.blocks.2.attn has 32 key blocks (0..31)"),
+        ("name: b\nrules:\n  - match: encoder.global\n    pattern: relative_blocks\n    params: {offsets: ["
+         + ", ".join(f"[{i}, 0]" for i in range(10_001)) + "]}\n",
+         "b.yaml:5: rules[0].params.offsets: lists 10001 offsets; expected at most 10000"),
     ],
 )
 def test_check_rejects_a_bad_file_with_exit_2_and_one_line(tmp_path, text, message):
@@ -105,3 +115,16 @@ def test_unknown_policy_and_missing_file_exit_2():
 def test_every_command_has_help_with_an_example(command):
     r = invoke(command, "--help")
     assert r.exit_code == 0 and "Example:" in r.stdout and "sam-sparse policies" in r.stdout
+
+
+def test_check_refuses_a_huge_file_before_parsing_it(tmp_path):
+    """Issue 25, item 11: a 200,000-entry list took over 20 s to load."""
+    import time
+
+    path = tmp_path / "huge.yaml"
+    path.write_text("name: huge\nrules:\n  - match: encoder.global\n    pattern: relative_blocks\n    params:\n"
+                    "      offsets: [" + ", ".join(f"[{i}, 0]" for i in range(200_000)) + "]\n")
+    t0 = time.perf_counter()
+    r = invoke("check", str(path))
+    assert r.exit_code == 2 and "huge.yaml: is 2,488,991 characters long; a policy is at most 1,000,000" in r.stderr
+    assert time.perf_counter() - t0 < 10  # no parsing: under a second on an idle machine

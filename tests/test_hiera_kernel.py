@@ -112,12 +112,12 @@ def test_pooled_window_through_the_public_api(triton_kernel):
 
 
 @needs_triton
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_hiera_stage1_windows_kernel(triton_kernel, dtype):
-    """Stage 1 of hiera_t: 8 x 8 windows on a 64 x 48 grid (48 windows), one head of 96, the grid given as
-    views of one qkv projection; no padding windows."""
+@pytest.mark.parametrize("grid,dtype", [((256, 256), torch.float16), ((64, 48), torch.bfloat16)])
+def test_hiera_stage1_windows_kernel(triton_kernel, grid, dtype):
+    """Stage 1 of hiera_t at 1024 px: 8 x 8 windows on the 256 x 256 grid (1024 windows), one head of 96,
+    the grid given as views of one qkv projection; and a 64 x 48 grid (48 windows) in bf16."""
     seed, g = seeded()
-    q, k, v = torch.randn(1, 64, 48, 3, 1, 96, generator=g).to(dtype).unbind(3)
+    q, k, v = torch.randn(1, *grid, 3, 1, 96, generator=g).to(dtype).unbind(3)
     zeros = torch.zeros(1, 96, dtype=dtype)
     out = window_attn(q, k, v, (8, 8))
     check_window(out, q, k, v, (8, 8), zeros, zeros, None, None, None, None, 128, seed, FLOOR, ROW_FLOOR)

@@ -257,3 +257,22 @@ def test_load_sparse_sam_rejects_plain_and_mislabelled_files(mobile_sam_ckpt, tm
                tmp_path / "bad_dtype.pt")
     with pytest.raises(CheckpointError, match="dtype 'fp8'"):
         load_sparse_sam(tmp_path / "bad_dtype.pt")
+
+
+def test_load_sparse_sam_says_checkpoint_error_for_a_bad_manifest_policy(mobile_sam_ckpt, tmp_path):
+    """Issue 25, item 12: an invalid manifest policy raised PolicyError, not the documented CheckpointError."""
+    from sam_sparse.models import load_sparse_sam
+
+    sd = torch.load(mobile_sam_ckpt, map_location="cpu", weights_only=True)
+    manifest = {"format": "sam-sparse", "format_version": "1", "model_type": "mobile_sam", "sam_sparse_version": "0",
+                "source_sha256": "0", "dtype": "fp32"}
+    policies = {
+        "broken.pt": ("name: x\nrules: [", "its manifest's policy is invalid: .*YAML syntax error"),
+        "unknown.pt": ("name: x\nrules:\n  - match: '*'\n    pattern: nope\n", "its manifest's policy is invalid: .*unknown pattern"),
+        "heads.pt": ("name: x\nrules:\n  - match: decoder.token_to_image\n    heads: [99]\n    pattern: dense\n",
+                     "does not fit its mobile_sam model: .*lists head 99"),
+    }
+    for name, (policy, message) in policies.items():
+        torch.save({"manifest": {**manifest, "policy": policy}, "state_dict": sd}, tmp_path / name)
+        with pytest.raises(CheckpointError, match=message):
+            load_sparse_sam(tmp_path / name)

@@ -157,10 +157,27 @@ def test_patch_twice_and_unpatch_errors():
         unpatch_sam(sam.image_encoder)
     unpatch_sam(sam)
     assert not handle.active
-    with pytest.raises(RuntimeError, match="not patched"):
-        unpatch_sam(sam)
     handle2 = patch_sam(sam, "dense")  # patchable again after restore
     handle2.restore()
+
+
+def test_unpatch_sam_is_idempotent_as_restore():
+    """Issue 25, item 9: unpatch_sam on a restored model raised, while handle.restore() (which it equals)
+    is a no-op there."""
+    sam = small_sam()
+    originals = {n: type(m) for n, m in sam.named_modules()}
+    handle = patch_sam(sam, "dense")
+    handle.restore()
+    handle.restore()
+    unpatch_sam(sam)  # restored already: nothing to do
+    unpatch_sam(small_sam())  # never patched: nothing to do either
+    assert {n: type(m) for n, m in sam.named_modules()} == originals and not hasattr(sam, "_sam_sparse_handle")
+    patch_sam(sam, "dense")
+    unpatch_sam(sam)
+    unpatch_sam(sam)
+    assert {n: type(m) for n, m in sam.named_modules()} == originals
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        unpatch_sam("vit_b")
 
 
 def test_unsupported_model_type():

@@ -24,10 +24,9 @@ from sam_sparse.policy import Policy, PolicyError
 
 FLOOR = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 ROW_FLOOR = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-PATHS = ["kernel", "reference"]
 
 
-@pytest.fixture(params=PATHS)
+@pytest.fixture(params=[pytest.param("kernel", marks=pytest.mark.interpreter), "reference"])
 def path(request, monkeypatch):
     """Route CPU tensors through the Triton kernel (interpreter) or the reference path."""
     if request.param == "kernel":
@@ -121,6 +120,38 @@ def test_neg_inf_bias_excludes_keys(path, monkeypatch, grid, tile, force, dtype)
     out = block_sparse_attn(q, k, v, rel_h=rel_h, rel_w=rel_w, key_tile=tile)
     assert (out[:, :5] == 0).all(), f"seed {seed}"
     check_rows(out, q, k, v, None, rel_h, rel_w, tile, seed=seed)
+
+
+# --- issue 25, item 8: logits at or below the kernel's cut mean "no key", on both paths ----------------
+
+CUT = -1.0e38  # in q.k units: the Triton kernel's NEG_CUT, and sam_sparse.kernels.reference.NEG_CUT
+
+
+@pytest.mark.parametrize("grid,tile,force", [((14, 14), None, None), ((4, 64), None, None), ((16, 16), (4, 16), None),
+                                             ((8, 8), None, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy, on purpose
+def test_logits_below_the_cut_mean_no_key(path, monkeypatch, grid, tile, force, dtype):
+    """A query whose every logit is at or below -1e38 * scale gives zeros on both paths (the kernel's rule:
+    it carries -inf as a huge finite number); keys below the cut in a row that has others weigh nothing,
+    as -inf keys; -inf beside them still excludes. Checked against the float64 oracle with those keys -inf."""
+    if force is not None and path == "kernel":
+        from sam_sparse.kernels import triton_attn
+
+        monkeypatch.setattr(triton_attn, "FORCE_BIAS_PATH", force)
+    seed, g = seeded()
+    n, scale = grid[0] * grid[1], 32**-0.5
+    q, k, v = rnd(g, 1, n, 2, 32, dtype=dtype), rnd(g, 1, n, 2, 32, dtype=dtype), rnd(g, 1, n, 2, 32, dtype=dtype)
+    rel_h, rel_w = rnd(g, 1, 2, n, grid[0], dtype=dtype), rnd(g, 1, 2, n, grid[1], dtype=dtype)
+    below = 1.5 * CUT * scale  # a bias that puts its keys at about -1.5e38 in q.k units, finite in bf16 too
+    rel_h[rel_h > 1.0] = below  # partly below: about 16% of each query's key rows
+    rel_h[:, :, :4] = below  # queries 0-3: every key below the cut
+    rel_w[:, :, 4:6, :2] = float("-inf")  # -inf and the cut in one row
+    rel_w[:, :, 6:8] = float("-inf")  # queries 6-7: every key -inf
+    out = block_sparse_attn(q, k, v, rel_h=rel_h, rel_w=rel_w, key_tile=tile)
+    assert (out[:, :4] == 0).all() and (out[:, 6:8] == 0).all(), f"seed {seed}"
+    as_inf = rel_h.masked_fill(rel_h <= below / 2, float("-inf"))
+    check_rows(out, q, k, v, None, as_inf, rel_w, tile, seed=seed)
 
 
 # --- 6. Validation and empty sequences ---------------------------------------------------------------

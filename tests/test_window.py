@@ -392,6 +392,29 @@ def test_window_attn_through_the_kernel(triton_kernel):
     check(out, q, k, v, (4, 4), None, None, mask, rh, rw, 0.3, 16, seed, empty)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_window_logits_below_the_cut_mean_no_key(triton_kernel, monkeypatch, dtype):
+    """Issue 25, item 8: the kernel (interpreter) and the PyTorch path agree on queries whose keys all
+    have logits at or below -1e38 * scale (zeros) or partly (those keys weigh nothing), padding keys
+    included; both against the oracle with those keys -inf."""
+    seed, g = seeded()
+    q, k, v, kp, vp, rh, rw = grid_inputs(g, 1, 6, 7, 2, 1, 16, dtype, (4, 4))
+    scale = 16**-0.5
+    below = -1.5e38 * scale
+    rh, _ = plant_neg_inf(g, rh, n_partial=4, n_empty=0)
+    rh = rh.masked_fill(torch.isneginf(rh), below)  # the first key row of 4 queries below the cut
+    rh[:, :, [0, 13, 41]] = below  # every key of these queries (41: a window that overhangs the grid)
+    empty = [(0, h, n) for h in range(2) for n in (0, 13, 41)]
+    kernel = window_attn(q, k, v, (4, 4), k_pad=kp, v_pad=vp, rel_h=rh, rel_w=rw)
+    monkeypatch.delenv("SAM_SPARSE_FORCE_TRITON")
+    reference = window_attn(q, k, v, (4, 4), k_pad=kp, v_pad=vp, rel_h=rh, rel_w=rw)
+    as_inf = rh.masked_fill(rh <= below / 2, float("-inf"))
+    for out in (kernel, reference):
+        assert (out.flatten(1, 2)[:, [0, 13, 41]] == 0).all(), f"seed {seed}"
+        check(out, q, k, v, (4, 4), kp, vp, None, as_inf, rw, None, 128, seed, empty)
+
+
 # ------------------------------------------------------------------------------------------------
 # (d) Bad inputs: ValueError naming the argument and what is accepted
 # ------------------------------------------------------------------------------------------------

@@ -1,22 +1,51 @@
 """The ``sam-sparse`` command line: one click group, thin commands over library functions."""
 
+import importlib
+import sys
 import warnings
 
 import click
 
 from .. import __version__
-from .amg import amg
-from .bench import bench
-from .calibrate import calibrate
-from .common import say
-from .convert import convert
-from .fetch import fetch
-from .policies import policies
-from .segment import demo, segment
-from .verify import verify
+
+# Each command and the module (in this package) that defines it. A command's module, and with it torch
+# and segment-anything, is imported when the command is asked for: inside main, so that Ctrl-C while
+# they load ends with one line like any other interrupt, not a traceback.
+COMMANDS = {
+    "demo": "segment",
+    "segment": "segment",
+    "verify": "verify",
+    "calibrate": "calibrate",
+    "convert": "convert",
+    "bench": "bench",
+    "amg": "amg",
+    "fetch": "fetch",
+    "policies": "policies",
+}
+EXIT_INTERRUPTED = 130
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def interrupted():
+    click.echo("error: interrupted", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+class Commands(click.Group):
+    """The group of COMMANDS, each imported on first use."""
+
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        try:
+            return getattr(importlib.import_module(f".{COMMANDS[name]}", __name__), name)
+        except KeyboardInterrupt:
+            interrupted()
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="sam-sparse", message="%(prog)s %(version)s")
 def main():
     """Block-sparse attention for Segment Anything.
@@ -38,15 +67,13 @@ def main():
     warnings.showwarning = _show_warning
 
 
-for command in (demo, segment, verify, calibrate, convert, bench, amg, fetch, policies):
-    main.add_command(command)
-
-
 _SHOWN = set()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     """Each warning once per command, as one line on stderr (no source line), above any progress bar."""
+    from .common import say
+
     text = f"warning: {message}"
     if text in _SHOWN:
         return

@@ -2,12 +2,15 @@
 
 import json
 import os
+import re
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import click
 
+from .. import amg as job
 from ..amg import GeneratorSettings
 from .common import (
     checkpoint_option,
@@ -61,19 +64,29 @@ def _setting(name, kind, help_text):
 @_setting("crop_overlap_ratio", click.FloatRange(0, 1), "Overlap of neighbouring crops, as a fraction of the crop.")
 @_setting("crop_n_points_downscale_factor", click.IntRange(min=1), "Points per side divided by this in each crop layer.")
 @_setting("min_mask_region_area", click.IntRange(min=0), "Remove holes and islands smaller than this (pixels).")
+@click.option("--overlay", is_flag=True,
+              help="Also draw each image's masks over it: NAME.overlay.png beside its output.")
 @device_option
 @guarded
-def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mode, overwrite, batch_images, device,
-        **settings):
+def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mode, overwrite, batch_images, overlay,
+        device, **settings):
     """Generate every mask of each image in INPUT with SAM's automatic mask generator on a patched model.
 
     INPUT is an image, a folder (searched recursively) or a .txt file listing image paths. Outputs follow
     segment-anything's scripts/amg.py (a folder of PNGs + metadata.csv, or a COCO-RLE JSON, per image),
-    plus manifest.json. Each image's output appears only when complete: a rerun skips complete images
-    and redoes the rest; --overwrite redoes all. An unreadable image is recorded as failed and the run
-    goes on. Exit codes: 0 every image done, 2 bad arguments, 3 finished but some images failed.
+    plus manifest.json, rewritten as the run goes ("finished": false until it ends; images not yet done
+    are "pending"). An image's output name is its path under INPUT without suffix, folders joined by
+    "__", with anything but letters, digits and _-+=,@() and spaces replaced by "_"; a name so changed,
+    equal to another up to case, or reserved (manifest, con, ...) gets "~" and a hash of the image's path.
+    Each image's output appears only when complete: a rerun skips complete images and redoes the rest;
+    --overwrite redoes all. amg never replaces or deletes a file it did not write. An image that cannot
+    be read (missing, a broken link, corrupt, too large) is recorded as failed and the run goes on.
+    --out inside a folder INPUT is not searched for images (said on stderr); --out equal to INPUT, or
+    holding input images itself, is refused. Exit codes: 0 every image done, 2 bad arguments, 3
+    finished but some images failed, 130 interrupted (manifest.json says what was done).
 
-    Several GPUs (one process each; each writes its own images, rank 0 the manifest):
+    Several GPUs (one process each; each writes its own images and manifest.rank<R>.json, rank 0 the
+    merged manifest.json):
 
     \b
       torchrun --nproc_per_node=4 -m sam_sparse amg photos/ --out masks/
@@ -82,7 +95,7 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     Examples:
 
     \b
-      sam-sparse amg photo.jpg --out masks/ --points-per-side 16
+      sam-sparse amg photo.jpg --out masks/ --points-per-side 16 --overlay
       sam-sparse amg photos/ --out masks/ --batch-images 4
       sam-sparse amg photos/ --out masks/ --output-mode coco_rle \\
           --checkpoint sam_vit_b_01ec64.pth --model-type vit_b --policy local2d-30
@@ -90,21 +103,21 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     import torch
 
     from .. import __version__
-    from ..amg import find_images, generate_masks, image_pixels, output_names, shard, write_manifest
     from ..patches import patch_sam
     from ..policy import load_policy
 
     generator_settings = GeneratorSettings(**settings)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: is a file; expected a folder")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
-    paths = find_images(input)
-    chosen = load_policy(policy) if policy is not None else None
-    names = output_names(paths, input if input.is_dir() else None)
-
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    paths = _check_input_and_out(input, out, quiet=rank > 0)
+    chosen = load_policy(policy) if policy is not None else None
+    names = job.output_names(paths, input if input.is_dir() else None)
+    missing = [p for p in paths if not p.exists()]
+    if missing and rank == 0:
+        say(f"amg: {len(missing)} image(s) not found, to be recorded as failed: "
+            f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}")
+
     device = resolve_device(device)
+    run_id = uuid.uuid4().hex
     if world > 1:
         import torch.distributed as dist
 
@@ -113,8 +126,13 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
             torch.cuda.set_device(local)
             device = f"cuda:{local}"
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        shared = [run_id]
+        dist.broadcast_object_list(shared, src=0)  # one id per run: parts of an earlier run are not merged
+        run_id = shared[0]
     out.mkdir(exist_ok=True)
-    mine = shard(paths, [image_pixels(p) for p in paths], rank, world) if world > 1 else paths
+    if world == 1:
+        _remove_stale_parts(out)
+    mine = job.shard(paths, [job.image_pixels(p) for p in paths], rank, world) if world > 1 else paths
 
     model, model_type_used, manifest_policy = load_any_model(checkpoint, model_type, sparse_checkpoint, device)
     chosen = chosen or manifest_policy or load_policy(DEFAULT_POLICY)
@@ -124,6 +142,12 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
         if batch_images > 1 and generator_settings.crop_n_layers > 0:
             say(f"amg: --batch-images {batch_images} has no effect with --crop-n-layers "
                 f"{generator_settings.crop_n_layers}: each crop is embedded on its own")
+
+    run = dict(tool="sam-sparse amg", sam_sparse_version=__version__, model=model_type_used or "from manifest",
+               policy=chosen.name, output_mode=output_mode, world_size=world, batch_images=batch_images,
+               overlay=overlay, settings=settings, argv=sys.argv[1:], input=str(input))
+    manifest = _LiveManifest(out, run, run_id, rank, world,
+                             {p: job.output_path(out, names[p], output_mode) for p in paths}, mine)
 
     from tqdm.auto import tqdm
 
@@ -137,33 +161,123 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
             bar.update(1)
             bar.set_postfix_str(f"{bar.n / dt:.2f} img/s, {masks_total[0] / dt:.1f} masks/s")
 
-        records = generate_masks(model, mine, out, generator_settings, output_mode=output_mode, names=names,
-                                 overwrite=overwrite, progress=tick, batch_images=batch_images)
-    run = dict(tool="sam-sparse amg", sam_sparse_version=__version__, model=model_type_used or "from manifest",
-               policy=chosen.name, output_mode=output_mode, world_size=world, batch_images=batch_images,
-               settings=settings, argv=sys.argv[1:], input=str(input))
+        try:
+            job.generate_masks(model, mine, out, generator_settings, output_mode=output_mode, names=names,
+                               overwrite=overwrite, progress=tick, batch_images=batch_images, overlay=overlay,
+                               on_record=manifest.update)
+        except KeyboardInterrupt:
+            manifest.write(finished=False)  # what was done, for the user and for a rerun
+            raise
+    manifest.write(finished=True)
     if world > 1:
-        (out / f"manifest.rank{rank}.json").write_text(json.dumps(records))
+        if rank == 0:
+            manifest.wait_for_ranks()
         dist.barrier()
         if rank == 0:
-            merged = []
             for r in range(world):
-                part = out / f"manifest.rank{r}.json"
-                merged += json.loads(part.read_text())
-                part.unlink()
-            write_manifest(out / "manifest.json", run, merged)
+                (out / job.manifest_part(r)).unlink(missing_ok=True)
         dist.barrier()
         dist.destroy_process_group()
-    else:
-        write_manifest(out / "manifest.json", run, records)
-    manifest = json.loads((out / "manifest.json").read_text())  # every rank: the merged run decides the exit code
-    summary = manifest["summary"]
+    merged = json.loads((out / job.MANIFEST).read_text())  # every rank: the merged run decides the exit code
+    counts = merged["summary"]
     if rank == 0:
         seconds = time.perf_counter() - t0
-        click.echo(f"amg: {summary['done']} done, {summary['skipped']} skipped (complete from an earlier run), "
-                   f"{summary['failed']} failed in {seconds:.1f} s; wrote {out / 'manifest.json'}")
-        for r in manifest["images"]:
+        click.echo(f"amg: {counts['done']} done, {counts['skipped']} skipped (complete from an earlier run), "
+                   f"{counts['failed']} failed in {seconds:.1f} s; wrote {out / job.MANIFEST}")
+        for r in merged["images"]:
             if r["status"] == "failed":
                 click.echo(f"failed: {r['image']}: {r['error']}", err=True)
-    if summary["failed"]:
+    if counts["failed"]:
         sys.exit(EXIT_SOME_FAILED)
+
+
+def _check_input_and_out(input: Path, out: Path, quiet: bool = False):
+    """The images of INPUT, after the checks on --out that need no model: a folder (or a new one in an
+    existing folder), not INPUT itself, holding no input image and no manifest.json but amg's. --out
+    inside a folder INPUT is left out of the search, and said so."""
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file; expected a folder")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+    where = os.path.realpath(out)
+    exclude = None
+    if input.is_dir():
+        inside = os.path.realpath(input)
+        if where == inside:
+            raise ValueError(f"--out {out}: is the input folder itself; give another folder for the outputs")
+        if where.startswith(inside.rstrip(os.sep) + os.sep):
+            if not quiet:
+                say(f"amg: --out {out} is inside {input}: it is not searched for images")
+            exclude = out
+    paths = job.find_images(input, exclude=exclude)
+    for p in paths:
+        if os.path.realpath(p.parent) == where:
+            raise ValueError(f"input image {p}: lies in --out {out} itself, where amg writes; move it or give "
+                             "another --out")
+    if (out / job.MANIFEST).exists() and not job.is_manifest(out / job.MANIFEST):
+        raise ValueError(f"--out {out}: holds a {job.MANIFEST} that sam-sparse amg did not write; give another --out")
+    return paths
+
+
+def _remove_stale_parts(out: Path) -> None:
+    """manifest.rank<R>.json left by an interrupted torchrun job: job files, never image outputs."""
+    for entry in os.scandir(out):
+        if re.fullmatch(r"manifest\.rank[0-9]+\.json", entry.name) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+
+
+class _LiveManifest:
+    """manifest.json while the run goes: every image's record (pending until its turn), written atomically
+    at most every job.MANIFEST_SECONDS and when asked. In a torchrun job each rank writes its records to
+    manifest.rank<R>.json, and rank 0 merges the parts of this run into manifest.json."""
+
+    def __init__(self, out: Path, run: dict, run_id: str, rank: int, world: int, outputs: dict, mine):
+        self.out, self.run, self.run_id, self.rank, self.world = out, run, run_id, rank, world
+        self.records = {str(p): job.pending_record(p, o) for p, o in outputs.items()}
+        self.mine = [str(p) for p in mine]
+        self.last = 0.0
+
+    def update(self, record: dict) -> None:
+        self.records[record["image"]] = record
+        if time.monotonic() - self.last >= job.MANIFEST_SECONDS:
+            self.write(finished=False)
+
+    def write(self, finished: bool) -> None:
+        """This rank's part (torchrun), and on rank 0 the merged manifest.json; finished: nothing pending."""
+        from ..files import atomic_path
+
+        self.last = time.monotonic()
+        if self.rank > 0:
+            part = dict(run_id=self.run_id, rank=self.rank, finished=finished,
+                        images=[self.records[p] for p in self.mine])
+            with atomic_path(self.out / job.manifest_part(self.rank)) as tmp:
+                tmp.write_text(json.dumps(part))
+        if self.rank == 0:
+            job.write_manifest(self.out / job.MANIFEST, self.run, list(self._merged().values()),
+                                    finished=finished and self._all_finished())
+
+    def _parts(self):
+        for r in range(1, self.world):
+            try:
+                part = json.loads((self.out / job.manifest_part(r)).read_text())
+            except (OSError, ValueError):  # not written yet
+                continue
+            if part.get("run_id") == self.run_id:
+                yield part
+
+    def _merged(self) -> dict:
+        merged = dict(self.records)
+        for part in self._parts():
+            merged.update((r["image"], r) for r in part["images"])
+        return merged
+
+    def _all_finished(self) -> bool:
+        return self.world == 1 or sum(1 for part in self._parts() if part["finished"]) == self.world - 1
+
+    def wait_for_ranks(self) -> None:
+        """Rank 0, its own images done: merge the other ranks' parts as they come, until all are finished."""
+        while not self._all_finished():
+            time.sleep(job.MANIFEST_SECONDS)
+            self.write(finished=True)
+        self.write(finished=True)

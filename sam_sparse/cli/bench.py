@@ -6,7 +6,7 @@ import click
 
 from ..bench import COMPILE_MODES
 from ..models import DTYPES, MODEL_TYPES
-from .common import device_option, guarded, policy_help, resolve_device
+from .common import device_option, guarded, policy_help, resolve_device, say
 
 
 @click.command()
@@ -35,7 +35,10 @@ def bench(model_type, policies, batch, dtype, use_compile, compile_mode, warmup,
     with their range. A policy that patches no encoder layer (e.g. any policy on MobileSAM, whose TinyViT
     encoder is not SAM's ViT) is not timed, and the table says so. CUDA runs are timed with CUDA events,
     CPU runs with perf_counter. CPU numbers time the PyTorch reference path, not the Triton kernel; they
-    are printed as CPU numbers.
+    are printed as CPU numbers. What will run (models, rounds) is printed on stderr before any timing.
+    density: the share of (query block, key block) pairs computed, averaged over every patched layer of
+    the image encoder, its window layers included (`policies list` gives token-pair density per layer
+    kind: local2d-30 keeps 0.293 of the global layers' pairs, 0.764 of all encoder layers' on vit_b).
 
     Examples:
 
@@ -52,7 +55,7 @@ def bench(model_type, policies, batch, dtype, use_compile, compile_mode, warmup,
         check_output(plot, "--plot", (".png",))
     result = bench_encoder(model_type, policies or ("dense",), batch=batch, dtype=dtype,
                            compile=use_compile or compile_mode is not None, compile_mode=compile_mode or "default",
-                           device=resolve_device(device), warmup=warmup, iters=iters)
+                           device=resolve_device(device), warmup=warmup, iters=iters, announce=say)
     click.echo(result.table())
     if plot is not None:
         result.plot(plot)

@@ -1,5 +1,6 @@
 """sam-sparse calibrate: a sparse policy measured on your images, with its quality on held-out ones."""
 
+import os
 from pathlib import Path
 
 import click
@@ -14,18 +15,24 @@ def _unit_interval(ctx, param, value):
     return value
 
 
-def image_list(specs):
+def image_list(specs, option: str, seen=None):
     """Paths and sample names from --images / --heldout values: a sample name (astronaut, coffee,
-    chelsea, horse), an image file, a folder (recursively) or a .txt list of paths."""
+    chelsea, horse), an image file, a folder (recursively) or a .txt list of paths. ValueError for an
+    image given twice, here or in `seen` ({image: the option that gave it}, updated)."""
     from ..amg import find_images
     from ..segment import SAMPLES
 
+    seen = {} if seen is None else seen
     out = []
     for spec in specs:
-        if spec in SAMPLES and not Path(spec).exists():
-            out.append(spec)
-        else:
-            out += find_images(spec)
+        found = [spec] if spec in SAMPLES and not Path(spec).exists() else find_images(spec)
+        for image in found:
+            key = image if isinstance(image, str) else os.path.realpath(image)
+            if key in seen:
+                raise ValueError(f"{option} {spec}: image {image} is already given by {seen[key]}; give each image "
+                                 "once (a held-out image must not be a calibration image)")
+            seen[key] = f"{option} {spec}"
+            out.append(image)
     return out
 
 
@@ -43,7 +50,7 @@ def image_list(specs):
 @click.option("--min-mass", type=float, default=None, callback=_unit_interval,
               help="Share of attention probability each head keeps, in (0, 1] (e.g. 0.99).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="FILE.yaml",
-              help="Where to write the policy (written whole or not at all).")
+              help="Where to write the policy (written whole or not at all; an existing file only with --force).")
 @click.option("--layers", multiple=True, type=click.Choice(CALIBRATED_KINDS), default=DEFAULT_KINDS, show_default=True,
               help="Layer kinds to calibrate (repeatable); the others stay dense.")
 @click.option("--block-size", type=int, default=128, show_default=True, help="Mask block size of the policy.")
@@ -52,10 +59,11 @@ def image_list(specs):
 @click.option("--points-per-side", type=click.IntRange(min=1, max=32), default=4, show_default=True,
               help="Point prompts per image side for the decoder's statistics and the held-out check.")
 @click.option("--name", default=None, help="Policy name (default: the output file's stem).")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @device_option
 @guarded
 def calibrate(checkpoint, model_type, images, heldout, target_density, min_mass, out, layers, block_size,
-              token_order, points_per_side, name, device):
+              token_order, points_per_side, name, force, device):
     """Measure where attention goes on your images and write a sparse policy that keeps it.
 
     Runs the model on the calibration images, measures per layer and head the attention probability of
@@ -63,7 +71,7 @@ def calibrate(checkpoint, model_type, images, heldout, target_density, min_mass,
     in the encoder, a radius around the prompts in the decoder) until --target-density or --min-mass
     is met, writes the policy YAML, and prints the retained mass per layer and head and the parity of
     the policy on held-out images against the unpatched model. Exit codes: 0 written (read the held-out
-    check before using it), 2 bad arguments.
+    check before using it), 2 bad arguments (an image given twice, an existing --out without --force, ...).
 
     \b
     Examples:
@@ -82,10 +90,13 @@ def calibrate(checkpoint, model_type, images, heldout, target_density, min_mass,
         raise ValueError("give exactly one of --target-density (share of token pairs kept) or --min-mass "
                          "(share of attention probability kept)")
     check_output(out, "--out", (".yaml", ".yml"))
+    if out.exists() and not force:
+        raise ValueError(f"--out {out}: already exists; pass --force to replace it")
     check_block_size(block_size)
     device = resolve_device(device)
-    calib = image_list(images)
-    held = image_list(heldout)
+    given = {}
+    calib = image_list(images, "--images", given)
+    held = image_list(heldout, "--heldout", given)
     if not held and len(calib) > 1:
         held = calib[3::4] or calib[-1:]
         calib = [p for p in calib if p not in held]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -46,7 +47,9 @@ def fail(message: str, code: int = EXIT_BAD_INPUT):
 
 
 def guarded(fn):
-    """Bad checkpoints, policies, images and arguments: one-line error, exit 2, never a traceback."""
+    """Bad checkpoints, policies, images and arguments: one-line error, exit 2, never a traceback.
+    Anything else unexpected (a CUDA error, a bug) is one line too, exit 1; SAM_SPARSE_TRACEBACK=1 shows
+    its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -60,6 +63,13 @@ def guarded(fn):
             fail(str(e), code=1)
         except KeyboardInterrupt:
             fail("interrupted", code=130)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own: it reports them
+        except Exception as e:
+            if os.environ.get("SAM_SPARSE_TRACEBACK") == "1":
+                raise
+            fail(f"{type(e).__name__}: {' '.join(str(e).split())} (unexpected; SAM_SPARSE_TRACEBACK=1 shows where)",
+                 code=1)
 
     return wrapper
 

@@ -96,9 +96,11 @@ def policies():
 def list_cmd(models):
     """Built-in policies with their token-level density per layer kind on each model type.
 
-    Density is the fraction of (query token, key token) pairs attended. Values marked * depend on the
-    prompts: they are measured with one point at the image centre. "-": the model has no such layer to
-    patch (MobileSAM's TinyViT encoder is not SAM's ViT).
+    Density is the fraction of (query token, key token) pairs attended, per layer kind (`sam-sparse
+    bench` reports one number per policy instead: the mean over all patched encoder layers, window
+    layers included). Values marked * depend on the prompts: they are measured with one point at the
+    image centre. "-": the model has no such layer to patch (MobileSAM's TinyViT encoder is not SAM's
+    ViT).
 
     \b
     Example:
@@ -125,6 +127,8 @@ def list_cmd(models):
                 cells.append(f"{d:>12.3f}{'*' if p else ' '}")
             click.echo(f"  {model:<10}" + "".join(cells))
         click.echo("")
+    click.echo("density: share of (query token, key token) pairs attended, per layer kind (mean over its layers "
+               "and heads); `sam-sparse bench` reports the mean over all patched encoder layers instead")
     if any_prompted:
         click.echo("* depends on the prompts; measured with one point at the image centre")
 

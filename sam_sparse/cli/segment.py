@@ -29,6 +29,9 @@ DEFAULT_POLICY = "dense"
 @click.argument("image")
 @click.option("--point", "points", multiple=True, metavar="X,Y",
               help="Foreground point in pixels (x right, y down); repeat for more points of the same object.")
+@click.option("--neg-point", "background", multiple=True, metavar="X,Y",
+              help="Background point in pixels: not part of the object (SAM's label 0); repeatable; goes with "
+                   "--point or one --box.")
 @click.option("--box", "boxes", multiple=True, metavar="X0,Y0,X1,Y1",
               help="Box around the object in pixels; repeat for several objects (one mask each).")
 @click.option("--policy", default=None, help=policy_help + f" Default: {DEFAULT_POLICY}, "
@@ -43,25 +46,28 @@ DEFAULT_POLICY = "dense"
 @click.option("--multimask", is_flag=True, help="SAM's three candidate masks for the prompt, best first.")
 @device_option
 @guarded
-def segment(image, points, boxes, policy, checkpoint, model_type, sparse_checkpoint, out, save_masks, multimask,
-            device):
+def segment(image, points, background, boxes, policy, checkpoint, model_type, sparse_checkpoint, out, save_masks,
+            multimask, device):
     """Segment IMAGE with a patched SAM and write the mask overlay (PNG or JPEG, as --out's name says).
 
-    IMAGE is an image file or a scikit-image sample name (astronaut, coffee, chelsea, horse). Mask
-    scores and areas are printed; without a prompt the image centre is used, and said so. Every output
+    IMAGE is an image file or a scikit-image sample name (astronaut, coffee, chelsea, horse). Points
+    (--point) mark the object, background points (--neg-point) what is not it. Mask scores and areas
+    are printed; without a prompt the image centre is used, and said so. Every output
     path and prompt is checked before the model loads; outputs are written whole or not at all.
 
     Examples:
 
     \b
       sam-sparse segment astronaut --point 250,120 --out astronaut.png
+      sam-sparse segment astronaut --point 250,120 --neg-point 250,60 --out face_not_hair.png
       sam-sparse segment photo.jpg --box 40,30,400,380 --policy local2d-30 \\
           --checkpoint sam_vit_b_01ec64.pth --model-type vit_b --out photo_mask.png --save-masks masks.npy
     """
     from ..files import check_output
     from ..patches import patch_sam
     from ..policy import load_policy
-    from ..segment import IMAGE_FORMATS, MASK_SUFFIXES, check_prompts, load_image, save_masks as write_masks
+    from ..segment import IMAGE_FORMATS, MASK_SUFFIXES, check_prompts, load_image, parse_numbers
+    from ..segment import save_masks as write_masks
     from ..segment import save_overlay, segment_image
 
     device = resolve_device(device)
@@ -71,8 +77,9 @@ def segment(image, points, boxes, policy, checkpoint, model_type, sparse_checkpo
         if save_masks.resolve() == out.resolve():
             raise ValueError(f"--save-masks {save_masks}: is the same file as --out")
     pts, bxs = parse_prompts(points, boxes)
+    neg = [parse_numbers(p, 2, "--neg-point") for p in background] or None
     picture = load_image(image)
-    check_prompts(picture, pts, bxs)  # before the model loads: a typo costs nothing
+    check_prompts(picture, pts, bxs, neg)  # before the model loads: a typo costs nothing
     if pts is None and bxs is None:
         h, w = picture.shape[:2]
         say(f"note: no --point or --box given: using the image centre, --point {w / 2:g},{h / 2:g}")
@@ -84,10 +91,10 @@ def segment(image, points, boxes, policy, checkpoint, model_type, sparse_checkpo
     for note in handle.notes:
         say(f"note: {note}")
     with EncoderProgress(model, total=1, desc="segment"):
-        masks, scores = segment_image(model, picture, pts, bxs, multimask=multimask)
+        masks, scores = segment_image(model, picture, pts, bxs, multimask=multimask, background=neg)
     if save_masks is not None:
         write_masks(save_masks, masks)
-    save_overlay(out, picture, masks, pts, bxs)
+    save_overlay(out, picture, masks, pts, bxs, background=neg)
     for i, (m, s) in enumerate(zip(masks, scores)):
         click.echo(f"mask {i}: score {s:.3f}, {int(m.sum())} pixels ({m.mean():.1%} of the image)")
     click.echo(f"wrote {out}" + (f" and {save_masks}" if save_masks is not None else ""))

@@ -420,14 +420,18 @@ def block_sparse_attn(
         a key block (converted on every call). None: dense.
     rel_h: (batch, nheads, seqlen_q, kh), rel_w: (batch, nheads, seqlen_q, kw), kh * kw == seqlen_k. Adds
         rel_h[i, row(j)] + rel_w[i, col(j)] to logit (i, j), as SAM's add_decomposed_rel_pos; the
-        N x N bias is never formed. -inf excludes the key.
+        N x N bias is never formed. -inf excludes the key; so does a logit so low that the row has no
+        other: a query row whose every logit, q.k * softmax_scale + bias, is at most -1e38 * softmax_scale
+        (in q.k units, q.k + bias / softmax_scale <= -1e38) is treated as having no key.
     key_tile: None: keys in raster order on the kh x kw grid (row = j // kw, col = j % kw). (th, tw): keys
         grouped in th x tw tiles, tiles in raster order (sam_sparse.masks.tile_permutation gives that order).
     softmax_scale: multiplies q.k, a number > 0; default headdim ** -0.5.
     block_size: mask granularity in tokens, a power of two >= 16; default 128, or the BlockLayout's.
 
     Returns (batch, seqlen_q, nheads, headdim) in q's dtype, contiguous. Query rows that attend to no
-    key (an empty block row, seqlen_k == 0, or every key's bias -inf) are zeros. Raises RuntimeError
+    key (an empty block row, seqlen_k == 0, or every key's logit -inf or at most -1e38 * softmax_scale:
+    the Triton kernel carries -inf as a huge finite number, and the PyTorch path keeps the same rule) are
+    zeros. Raises RuntimeError
     when an input requires grad with grad mode on: there is no backward pass.
     """
     _check_no_grad(q, k, v, rel_h, rel_w)
@@ -548,7 +552,9 @@ def window_attn(
         rel-pos terms; -inf excludes the key.
     softmax_scale: multiplies q.k, a number > 0; default headdim ** -0.5. block_size: as block_sparse_attn.
 
-    Returns (batch, q_grid_h, q_grid_w, nheads, headdim) in q's dtype, contiguous.
+    Returns (batch, q_grid_h, q_grid_w, nheads, headdim) in q's dtype, contiguous. As in block_sparse_attn, a
+    query whose every logit (q.k * softmax_scale + bias, padding keys included) is -inf or at most
+    -1e38 * softmax_scale has no key and gives zeros.
     """
     _check_no_grad(q, k, v, k_pad, v_pad, rel_h, rel_w)
     fast = (block_mask is None or isinstance(block_mask, BlockLayout)) and not torch.compiler.is_compiling()

@@ -13,6 +13,11 @@ import torch
 # Scores held at once, in elements: bounds memory on the CPU to about 256 MB of float32.
 _MAX_SCORE_ELEMS = 1 << 26
 
+# A row whose largest logit is at or below NEG_CUT * softmax_scale (in q.k units: q.k + bias / scale <=
+# NEG_CUT) has no key and gives zeros, as a row of -inf does. The Triton kernel's rule (its NEG_CUT):
+# inside its matrix products it carries -inf as a huge finite number, so it cannot tell the two apart.
+NEG_CUT = -1.0e38
+
 
 def key_grid_index(kh: int, kw: int, key_tile: Optional[Tuple[int, int]], device) -> Tuple[torch.Tensor, torch.Tensor]:
     """(row, col) on the kh x kw key grid of each key position, raster or tiled order; two (kh*kw,) int64."""
@@ -45,8 +50,8 @@ def attention_reference(
 
     q: (B, Nq, H, D); k, v: (B, Nk, Hk, D) with H % Hk == 0.
     block_mask: bool (B|1, H|1, ceil(Nq/bs), ceil(Nk/bs)) or None; rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw).
-    Returns (B, Nq, H, D) contiguous, in q's dtype; rows with no key (masked, -inf bias, or Nk == 0) give zeros. Computes in float32 (float64 for
-    float64 inputs).
+    Returns (B, Nq, H, D) contiguous, in q's dtype; rows with no key (masked, every logit -inf or at most
+    NEG_CUT * softmax_scale, or Nk == 0) give zeros. Computes in float32 (float64 for float64 inputs).
     """
     B, Nq, H, D = q.shape
     Nk, Hk = k.shape[1], k.shape[2]
@@ -72,8 +77,9 @@ def attention_reference(
             keep = block_mask[:, :, q_block][..., key_block]  # (B|1, H|1, e-s, Nk)
             scores = scores.masked_fill(~keep, float("-inf"))
         row_max = scores.amax(dim=-1, keepdim=True)
-        # A row with no key is all -inf: subtract 0 instead so it gives exp() == 0, not NaN.
-        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+        # A row with no key (its max -inf, or at most the cut) subtracts +inf: exp() gives 0, not NaN.
+        no_key = row_max <= NEG_CUT * softmax_scale
+        row_max = torch.where(no_key, torch.full_like(row_max, float("inf")), row_max)
         p = torch.exp(scores - row_max)
         denom = p.sum(dim=-1, keepdim=True)
         out[:, s:e] = ((p @ vh) / torch.where(denom == 0, torch.ones_like(denom), denom)).transpose(1, 2)

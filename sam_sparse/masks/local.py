@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .grid import MaskMod
+from .grid import MaskError, MaskMod
 
 _EPS = 1e-6  # slack for float distances that are whole numbers of blocks
 
@@ -112,11 +112,15 @@ def relative_blocks(offsets: Sequence = ((0, 0),), sinks: Sequence = ()) -> Mask
     """Keep key blocks at the given block-grid offsets from the query block, and the `sinks` key blocks
     for every query. offsets: (d_row, d_col) pairs of query block minus key block in BlockSide.lattice
     units (tiles of a tiled order; in raster order blocks stack in rows, so d_col is 0). What
-    calibration writes: sets that move with the query, so they transfer to new images."""
+    calibration writes: sets that move with the query, so they transfer to new images. A sink past the
+    layer's key blocks raises MaskError."""
     table = torch.tensor([tuple(o) for o in offsets], dtype=torch.long).reshape(-1, 2)
     sink_ids = torch.tensor(list(sinks), dtype=torch.long)
 
     def offsets_and_sinks(ctx, b, h, q, k):
+        if len(sink_ids) and int(sink_ids.max()) >= ctx.layer.k_blocks:
+            raise MaskError(f"sinks lists key block {int(sink_ids.max())}, but layer {ctx.layer.name} has "
+                            f"{ctx.layer.k_blocks} key blocks (0..{ctx.layer.k_blocks - 1})")
         dr, dc = ctx.lattice_offset(q, k)  # (1, 1, QB, KB)
         t = table.to(dr.device)
         keep = ((dr[..., None] == t[:, 0]) & (dc[..., None] == t[:, 1])).any(dim=-1)

@@ -21,7 +21,7 @@ from .checkpoints import (
 )
 from ..families import family_of
 from ..patches import patch_sam
-from ..policy import Policy
+from ..policy import Policy, PolicyError
 from ..sam2_layers import SAM2_CONFIGS
 from .fetch import fetch_mobile_sam
 
@@ -166,11 +166,20 @@ def load_sparse_sam(path: PathLike, device="cpu", dtype: Optional[torch.dtype] =
     stored weights (load_state_dict(strict=True, assign=True)), moved to `device` in the stored dtype,
     and patched with the manifest's policy (patching adds no parameters, so the order is free; patching
     last builds the block masks on `device`). The patch handle is ``model._sam_sparse_handle``.
+    Raises CheckpointError (one line: the file and the problem) for a file it cannot use, its manifest's
+    policy included.
     """
     manifest, state_dict = read_sparse_checkpoint(path)
-    policy = policy_from_manifest(manifest, source=f"{path} (manifest policy)")
+    try:
+        policy = policy_from_manifest(manifest, source=f"{path} (manifest policy)")
+    except PolicyError as e:
+        raise CheckpointError(f"{path}: its manifest's policy is invalid: {' '.join(str(e).split())}") from None
     model = build_model(manifest["model_type"], empty=True)
     load_weights(model, state_dict, path, assign=True)
     model = model.to(device=device, dtype=DTYPES[manifest["dtype"]] if dtype is None else dtype).eval()
-    patch_sam(model, policy)
+    try:
+        patch_sam(model, policy)
+    except PolicyError as e:  # valid YAML, but not for this model (a head it does not have, ...)
+        raise CheckpointError(f"{path}: its manifest's policy does not fit its {manifest['model_type']} model: "
+                              f"{' '.join(str(e).split())}") from None
     return model

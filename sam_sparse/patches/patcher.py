@@ -345,13 +345,16 @@ def _warn_if_nothing_sparse(policy, report: List[LayerReport], notes: List[str])
 
 
 def unpatch_sam(model) -> None:
-    """Restore a model patched by patch_sam (the same as handle.restore()); model: what patch_sam was
-    given (a predictor or generator too)."""
+    """Restore a model patched by patch_sam (the same as handle.restore()): a no-op when nothing of it is
+    patched (restored already, or never patched). model: what patch_sam was given (a predictor or generator
+    too). RuntimeError for a part of a larger patched model: restoring it alone would leave the rest patched."""
     model = unwrap(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch_sam takes the torch.nn.Module given to patch_sam, got {type(model).__name__}")
     handle = getattr(model, "_sam_sparse_handle", None)
     if handle is None:
         inner = _find_patched(model)
         if inner:
             raise RuntimeError(f"{inner[0]} was patched as part of a larger model; unpatch that model (or use its handle)")
-        raise RuntimeError(f"{type(model).__name__} is not patched by sam_sparse")
+        return
     handle.restore()

@@ -24,6 +24,15 @@ def _is_number(v) -> bool:
 # absurd values (10**23) out of tensor arithmetic, where they would overflow.
 MAX_BLOCKS = 1_000_000
 MAX_SEED = 2**63 - 1
+# Entries of one list parameter (offsets, sinks). A layer has far fewer block pairs worth listing (SAM's
+# largest, 64 x 64 tokens at block size 16, has 961 lattice offsets); the bound keeps a malformed file
+# from costing minutes.
+MAX_ENTRIES = 10_000
+
+
+def _bounded(v, what: str):
+    if len(v) > MAX_ENTRIES:
+        raise PolicyError(f"lists {len(v)} {what}; expected at most {MAX_ENTRIES}")
 
 
 def _nonneg_number(v):
@@ -106,6 +115,7 @@ def _radii(v):
 def _offsets(v):
     if not isinstance(v, (list, tuple)):
         raise PolicyError(f"expected a list of [d_row, d_col] pairs of integers, got {type_name(v)}")
+    _bounded(v, "offsets")
     out = []
     for i, pair in enumerate(v):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
@@ -122,6 +132,7 @@ def _offsets(v):
 def _block_indices(v):
     if not isinstance(v, (list, tuple)):
         raise PolicyError(f"expected a list of key block indices (integers >= 0), got {type_name(v)}")
+    _bounded(v, "block indices")
     for i, x in enumerate(v):
         if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x <= MAX_BLOCKS:
             raise PolicyError(f"expected an integer from 0 to {MAX_BLOCKS}, got {type_name(x)}", path=(i,))
@@ -212,7 +223,7 @@ PATTERNS: Dict[str, PatternDef] = {
             masks.relative_blocks,
             {
                 "offsets": Param(((0, 0),), _offsets, "list of [d_row, d_col] block-grid offsets (query minus key), integers"),
-                "sinks": Param((), _block_indices, "list of key block indices every query keeps"),
+                "sinks": Param((), _block_indices, "list of key block indices every query keeps (below the layer's number of key blocks)"),
             },
             needs_grid=True,
         ),
