@@ -174,8 +174,7 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
             manifest.wait_for_ranks()
         dist.barrier()
         if rank == 0:
-            for r in range(world):
-                (out / job.manifest_part(r)).unlink(missing_ok=True)
+            _remove_stale_parts(out)  # this run's, and any an earlier, larger job left
         dist.barrier()
         dist.destroy_process_group()
     merged = json.loads((out / job.MANIFEST).read_text())  # every rank: the merged run decides the exit code
@@ -221,7 +220,7 @@ def _check_input_and_out(input: Path, out: Path, quiet: bool = False):
 
 
 def _remove_stale_parts(out: Path) -> None:
-    """manifest.rank<R>.json left by an interrupted torchrun job: job files, never image outputs."""
+    """Every manifest.rank<R>.json in `out`: job files (never an image's output), merged or stale."""
     for entry in os.scandir(out):
         if re.fullmatch(r"manifest\.rank[0-9]+\.json", entry.name) and entry.is_file(follow_symlinks=False):
             os.unlink(entry.path)
