@@ -34,6 +34,7 @@ from .kernels import block_attention_mass
 from .masks import block_context, pair_weights
 from .patches import ParityReport, patch_sam, verify_parity
 from .policy import Policy
+from .predictor import image_predictor, predict_points
 from .table import format_table
 
 IMAGE_KINDS = ("encoder.global", "encoder.window")
@@ -164,14 +165,12 @@ def grid_points(w: int, h: int, per_side: int) -> np.ndarray:
 def measure(model, images: Sequence[np.ndarray], *, kinds: Sequence[str] = DEFAULT_KINDS, block_size: int = 128,
             token_order: str = "tiles", points_per_side: int = 4, prompts: Optional[Sequence[np.ndarray]] = None,
             progress: Optional[Callable[[int], None]] = None) -> Tuple[Dict[str, LayerStats], Policy, List[str]]:
-    """Run `model` (a segment_anything Sam) on `images` and return ({layer name: LayerStats}, the probe
-    policy whose block size and token order the statistics use, notes).
+    """Run `model` (a segment_anything Sam or a SAM 2 model) on `images` and return ({layer name: LayerStats},
+    the probe policy whose block size and token order the statistics use, notes).
 
-    Each image is embedded once (SamPredictor.set_image); prompt layers see one call per point prompt:
-    `prompts[i]` (P, 2) pixel (x, y) points for image i, or a points_per_side grid.
+    Each image is embedded once (the family's predictor: set_image); prompt layers see one call per point
+    prompt: `prompts[i]` (P, 2) pixel (x, y) points for image i, or a points_per_side grid.
     """
-    from segment_anything import SamPredictor
-
     unknown = sorted(set(kinds) - set(CALIBRATED_KINDS))
     if unknown:
         raise ValueError(f"layers: {', '.join(unknown)} cannot be calibrated; choose from {', '.join(CALIBRATED_KINDS)}")
@@ -182,19 +181,14 @@ def measure(model, images: Sequence[np.ndarray], *, kinds: Sequence[str] = DEFAU
         prior.restore()
     handle = patch_sam(model, probe)
     recorder = _Recorder(kinds, block_size)
-    predictor = SamPredictor(model)
-    device = model.device
+    predictor = image_predictor(model)
     try:
         with handle.observe(recorder), torch.inference_mode():
             for i, image in enumerate(images):
                 predictor.set_image(image)
                 if any(k in PROMPT_KINDS for k in kinds):
                     pts = prompts[i] if prompts is not None else grid_points(image.shape[1], image.shape[0], points_per_side)
-                    coords = predictor.transform.apply_coords(np.asarray(pts, dtype=np.float32), predictor.original_size)
-                    coords = torch.as_tensor(coords, dtype=torch.float, device=device)[:, None, :]
-                    labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
-                    predictor.predict_torch(coords, labels, multimask_output=True)
-                predictor.reset_image()
+                    predict_points(predictor, pts)
                 if progress is not None:
                     progress(1)
     finally:
@@ -372,7 +366,8 @@ def calibrate(model, images, *, target_density: Optional[float] = None, min_mass
     """A policy calibrated on `images` for `model`, and a report of what it keeps.
 
     model: a segment_anything Sam (any model type; MobileSAM's TinyViT encoder is not patched, so only
-        its decoder is calibrated). It is left as found (patched or not).
+        its decoder is calibrated) or a SAM 2 model (SAM2Base: Hiera's global and windowed blocks, its
+        decoder). It is left as found (patched or not).
     images: HxWx3 uint8 RGB arrays. target_density: share of token pairs each calibrated layer keeps,
         in (0, 1]; or min_mass: share of attention probability each head keeps, in (0, 1].
     prompts: per image, (P, 2) pixel (x, y) point prompts for the decoder's statistics; default a

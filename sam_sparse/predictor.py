@@ -49,3 +49,36 @@ def set_image_on_device(predictor, image: np.ndarray, image_format: str = "RGB")
     dtype = next(encoder.parameters()).dtype
     predictor.features = encoder(model.preprocess(x).to(dtype)).float()
     predictor.is_image_set = True
+
+
+def image_predictor(model):
+    """The image predictor of the model's family, ready for set_image(image) / predict(point_coords,
+    point_labels, box, multimask_output=...): segment-anything's SamPredictor for a Sam, sam2's
+    SAM2ImagePredictor for a SAM 2 model (told the feature sizes of the model's image size)."""
+    from .patches import model_family
+
+    if model_family(model) == "sam2":
+        from .patches.sam2 import image_predictor as sam2_image_predictor
+
+        return sam2_image_predictor(model)
+    from segment_anything import SamPredictor
+
+    return SamPredictor(model)
+
+
+def predict_points(predictor, points: np.ndarray, multimask_output: bool = True):
+    """Each pixel point (x, y) of `points` (P, 2) as its own one-point foreground prompt, all in one decoder
+    batch, on the image set last (SamPredictor.predict_torch, or SAM2ImagePredictor's batched path).
+    Returns (masks (P, C, H, W) bool, scores (P, C)) on the predictor's device."""
+    from segment_anything import SamPredictor
+
+    pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+    if isinstance(predictor, SamPredictor):
+        coords = predictor.transform.apply_coords(pts, predictor.original_size)
+        coords = torch.as_tensor(coords, dtype=torch.float, device=predictor.device)[:, None, :]
+        labels = torch.ones(coords.shape[:2], dtype=torch.int, device=predictor.device)
+        masks, scores, _ = predictor.predict_torch(coords, labels, multimask_output=multimask_output)
+        return masks, scores
+    _, coords, labels, _ = predictor._prep_prompts(pts[:, None, :], np.ones((len(pts), 1), np.int64), None, None, True)
+    masks, scores, _ = predictor._predict(coords, labels, multimask_output=multimask_output)
+    return masks, scores

@@ -100,7 +100,8 @@ def segment_image(
     multimask: bool = False,
     background: Optional[Sequence[Sequence[float]]] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
-    """Masks (K, H, W) bool and scores (K,) for one image through SamPredictor.
+    """Masks (K, H, W) bool and scores (K,) for one image through the model's image predictor (SamPredictor,
+    or SAM2ImagePredictor for a SAM 2 model).
 
     points: foreground points (x, y), all one prompt (SamPredictor's label 1). background: points (x, y)
     that are not the object (label 0), part of the same prompt; they need points or one box. boxes:
@@ -110,11 +111,13 @@ def segment_image(
     """
     from segment_anything import SamPredictor
 
+    from .predictor import image_predictor
+
     check_prompts(image, points, boxes, background)
     if points is None and boxes is None:
         h, w = image.shape[:2]
         points = [(w / 2, h / 2)]
-    predictor = SamPredictor(model)
+    predictor = image_predictor(model)
     with torch.inference_mode():
         predictor.set_image(image)
         pts = labels = None
@@ -126,11 +129,14 @@ def segment_image(
             masks, scores, _ = predictor.predict(
                 point_coords=pts, point_labels=labels, box=None if bxs is None else bxs[0], multimask_output=multimask
             )
-        else:
+        elif isinstance(predictor, SamPredictor):
             t_boxes = predictor.transform.apply_boxes_torch(torch.as_tensor(bxs, device=predictor.device),
                                                             predictor.original_size)
             m, s, _ = predictor.predict_torch(None, None, boxes=t_boxes, multimask_output=multimask)
             masks, scores = m.flatten(0, 1).cpu().numpy(), s.flatten().float().cpu().numpy()
+        else:  # SAM2ImagePredictor.predict takes the boxes as a batch: (K, C, H, W) masks
+            m, s, _ = predictor.predict(box=bxs, multimask_output=multimask)
+            masks, scores = m.reshape(-1, *m.shape[-2:]), s.reshape(-1)
     if multimask:
         order = np.argsort(-scores)
         masks, scores = masks[order], scores[order]

@@ -1,6 +1,7 @@
 """The test command on a machine with a CUDA GPU (tests/conftest.py): the compiled kernel in this process,
 the interpreter tests in a child process. The decision itself is checked on any machine, with CUDA faked."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -26,7 +27,10 @@ def test_interpreter_tests_in_a_child_process():
     env.pop("SAM_SPARSE_FORCE_TRITON", None)
     env.pop(ONLY, None)
     selection = os.environ.get(ONLY, "").split() or ["tests"]
-    proc = pytest_child(["-m", "interpreter", *selection], env, timeout=3600)
+    # With pytest-xdist installed (as on the GPU machines here), the child spreads the interpreter tests over
+    # the cores: they are CPU-bound, and one process would run them for many minutes.
+    parallel = ["-n", "auto"] if importlib.util.find_spec("xdist") is not None and not os.environ.get(ONLY) else []
+    proc = pytest_child(["-m", "interpreter", *parallel, *selection], env, timeout=3600)
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
     assert " passed" in proc.stdout and "needs Triton's interpreter" not in proc.stdout, tail

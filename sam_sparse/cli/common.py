@@ -24,11 +24,13 @@ device_option = click.option(
 )
 model_type_option = click.option(
     "--model-type", type=click.Choice(MODEL_TYPES), default=None,
-    help="Model architecture; default: read from the checkpoint's keys.",
+    help="Model architecture (SAM: vit_b/l/h, mobile_sam; SAM 2.1: sam2.1_hiera_t/s/b+/l, needs the sam2 "
+         "extra); default: read from the checkpoint's keys.",
 )
 checkpoint_option = click.option(
     "--checkpoint", type=click.Path(path_type=Path), default=None, metavar="FILE",
-    help="SAM checkpoint (a state dict). Default: the built-in MobileSAM, fetched on first use.",
+    help="SAM or SAM 2.1 checkpoint (a state dict; SAM 2's released files hold it under 'model'). Default: "
+         "the built-in MobileSAM, fetched on first use.",
 )
 policy_help = "Mask policy: a built-in name (see `sam-sparse policies list`) or a policy YAML file."
 
@@ -123,10 +125,13 @@ class EncoderProgress:
 
 
 def parity_passes(model) -> int:
-    """Image-encoder passes per image in verify_parity: 2 when the encoder gets patched, else 1 (MobileSAM)."""
+    """Image-encoder passes per image in verify_parity: 2 when the encoder gets patched (SAM's ViT, SAM 2's
+    Hiera), else 1 (MobileSAM's TinyViT)."""
     from segment_anything.modeling import ImageEncoderViT
 
-    return 2 if isinstance(model.image_encoder, ImageEncoderViT) else 1
+    from ..patches import model_family
+
+    return 2 if model_family(model) == "sam2" or isinstance(model.image_encoder, ImageEncoderViT) else 1
 
 
 def parse_prompts(points, boxes):

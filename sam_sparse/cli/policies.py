@@ -15,9 +15,9 @@ import torch
 from ..geometry import LAYER_KINDS, LayerGeometry, Prompts
 from ..masks import head_densities, mask_density
 from ..policy import Policy, PolicyError, list_policies, load_policy, policy_text
-from ..sam_layers import MODEL_TYPES
+from ..families import MODEL_TYPES
 
-MODELS = MODEL_TYPES
+MODELS = MODEL_TYPES  # every family's: SAM (vit_b, ..., mobile_sam) and SAM 2.1 (sam2.1_hiera_t, ...)
 
 # Prompt-dependent policies (region_focused) are measured with one point at the centre of a 1024-px
 # image: token (32, 32) of the 64x64 grid, in grid units as Prompts expects.
@@ -26,6 +26,7 @@ SAMPLE_PROMPTS = Prompts(points=torch.tensor([[[32.5, 32.5]]]))
 _SHORT = {
     "encoder.global": "enc.global",
     "encoder.window": "enc.window",
+    "encoder.pooled": "enc.pooled",
     "decoder.self": "dec.self",
     "decoder.token_to_image": "dec.tok2img",
     "decoder.image_to_token": "dec.img2tok",
@@ -106,8 +107,9 @@ def list_cmd(models):
     Example:
       sam-sparse policies list
       sam-sparse policies list --model mobile_sam
+      sam-sparse policies list --model sam2.1_hiera_t --model sam2.1_hiera_l
     """
-    header = "  model     " + "".join(f"{_SHORT[k]:>13}" for k in LAYER_KINDS)
+    header = "  model           " + "".join(f"{_SHORT[k]:>13}" for k in LAYER_KINDS)
     any_prompted = False
     for name in list_policies():
         policy = _load(name)
@@ -125,7 +127,7 @@ def list_cmd(models):
                 d, p = dens[k]
                 any_prompted |= p
                 cells.append(f"{d:>12.3f}{'*' if p else ' '}")
-            click.echo(f"  {model:<10}" + "".join(cells))
+            click.echo(f"  {model:<16}" + "".join(cells))
         click.echo("")
     click.echo("density: share of (query token, key token) pairs attended, per layer kind (mean over its layers "
                "and heads); `sam-sparse bench` reports the mean over all patched encoder layers instead")
@@ -135,7 +137,7 @@ def list_cmd(models):
 
 @policies.command("show")
 @click.argument("policy")
-@click.option("--model", type=click.Choice(MODELS), default="vit_b", show_default=True, help="SAM model type for the densities.")
+@click.option("--model", type=click.Choice(MODELS), default="vit_b", show_default=True, help="Model type for the densities (SAM or SAM 2.1).")
 def show_cmd(policy: str, model: str):
     """Print a policy's YAML and the density of every layer and head of a model.
 
@@ -165,7 +167,8 @@ def show_cmd(policy: str, model: str):
         else:
             text = ", ".join(f"{_heads(a, b)} {per_head[a]:.3f}" for a, b in runs)
         mark = "  * with one point at the centre" if prompted else ""
-        click.echo(f"{layer.name:<{width}}{layer.kind:<30}{text}{mark}")
+        kind = layer.kind + (f" (stage {layer.stage})" if layer.stage is not None else "")
+        click.echo(f"{layer.name:<{width}}{kind:<40}{text}{mark}")
 
 
 def _panels(p: Policy, model: str):
@@ -189,7 +192,7 @@ def _panels(p: Policy, model: str):
 
 @policies.command("render")
 @click.argument("policy")
-@click.option("--model", type=click.Choice(MODELS), default="vit_b", show_default=True, help="SAM model type.")
+@click.option("--model", type=click.Choice(MODELS), default="vit_b", show_default=True, help="Model type (SAM or SAM 2.1).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
 def render_cmd(policy: str, model: str, out: str):
     """Draw the block masks of a policy as a PNG: one panel per layer kind and group of heads.
@@ -200,6 +203,7 @@ def render_cmd(policy: str, model: str, out: str):
     \b
     Example:
       sam-sparse policies render local2d-30 --model vit_b --out masks.png
+      sam-sparse policies render local2d-30 --model sam2.1_hiera_b+ --out masks_sam2.png
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -238,7 +242,7 @@ def render_cmd(policy: str, model: str, out: str):
     "models",
     type=click.Choice(MODELS),
     multiple=True,
-    help="Model type(s) the policy must build masks for (repeatable); default: all three.",
+    help="Model type(s) the policy must build masks for (repeatable); default: every model type of every family.",
 )
 def check_cmd(path: str, models: Tuple[str, ...]):
     """Validate a policy file: exit 0 if it is valid and builds a mask for every layer of the models,

@@ -10,6 +10,7 @@ from .common import (
     device_option,
     guarded,
     load_any_model,
+    load_model,
     model_type_option,
     parity_passes,
     parse_prompts,
@@ -105,21 +106,25 @@ def segment(image, points, background, boxes, policy, checkpoint, model_type, sp
               metavar="IMAGE", help="Where to write the overlay (.png, or .jpg / .jpeg for JPEG); by default in "
                                     "the current folder.")
 @click.option("--policy", default=DEFAULT_POLICY, show_default=True, help=policy_help)
+@checkpoint_option
+@model_type_option
 @device_option
 @guarded
-def demo(out, policy, device):
+def demo(out, policy, checkpoint, model_type, device):
     """The quick start: segment a photo with the built-in MobileSAM, patched, and check parity.
 
     Fetches MobileSAM (38 MB, once), segments scikit-image's astronaut photo from one point with the
     model patched (by default with the dense policy: no sparse policy passes the quality bar on
     MobileSAM, see the README), prints the parity table (unpatched vs patched) and writes the overlay
-    PNG. About a minute on a laptop CPU.
+    PNG. About a minute on a laptop CPU. With --checkpoint (and --model-type), the same with your SAM or
+    SAM 2.1 weights.
 
     Examples:
 
     \b
       sam-sparse demo
       sam-sparse demo --policy region_focused --out demo_sparse.png
+      sam-sparse demo --checkpoint sam2.1_hiera_base_plus.pt --model-type sam2.1_hiera_b+
     """
     from ..files import check_output
     from ..policy import load_policy
@@ -128,20 +133,16 @@ def demo(out, policy, device):
     device = resolve_device(device)
     check_output(out, "--out", tuple(IMAGE_FORMATS))
     chosen = load_policy(policy)
-    _demo(out, chosen, device)
+    model, model_type = load_model(checkpoint, model_type, device)
+    _demo(out, chosen, model, model_type)
 
 
-def _demo(out: Path, chosen, device: str) -> None:
-    from ..models import build_sam, fetch_mobile_sam
+def _demo(out: Path, chosen, model, model_type: str) -> None:
     from ..patches import patch_sam, verify_parity
     from ..segment import load_image, save_overlay, segment_image
 
-    path = fetch_mobile_sam()
-    say(f"Using the built-in default model: MobileSAM ({path}) on {device}.")
-    model = build_sam("mobile_sam", path, device=device)
     image, point = load_image("astronaut"), (250.0, 120.0)  # Eileen Collins' face
-
-    say(f"Parity: MobileSAM unpatched vs patched with {chosen.name!r}, astronaut photo, one point ...")
+    say(f"Parity: {model_type} unpatched vs patched with {chosen.name!r}, astronaut photo, one point ...")
     with EncoderProgress(model, total=parity_passes(model), desc="parity"):
         report = verify_parity(model, chosen, [image], points=[point], multimask_output=False,
                                image_names=["astronaut"])

@@ -2,11 +2,13 @@
 
 from .attention import SparseDecoderAttention, SparseEncoderAttention, SparseWindowBlock
 from .parity import DENSE_FP32, DENSE_HALF, SPARSE, LayerParity, ParityReport, ParityThresholds, preset_for, verify_parity
+from .families import model_family
 from .patcher import LayerReport, PatchHandle, PolicyWarning, patch_sam, unpatch_sam
 
 __all__ = [
     "patch_sam",
     "unpatch_sam",
+    "model_family",
     "PatchHandle",
     "PolicyWarning",
     "LayerReport",

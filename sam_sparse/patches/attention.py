@@ -95,8 +95,15 @@ def prompts_from_call(pe, args, kwargs) -> Prompts:
     points = boxes = None
     if call.get("points") is not None:
         coords, labels = call["points"]
-        # Label -1 marks a padding point (SAM ignores it): NaN makes policies ignore it too.
-        points = scaled(coords).masked_fill((labels == -1)[..., None], float("nan"))
+        points = scaled(coords)
+        # SAM 2 passes a box as two points labelled 2 and 3 (its corners): make them the row's box. No
+        # host sync: rows without such points get a NaN box, which selects nothing.
+        corner0, corner1 = labels == 2, labels == 3
+        first = lambda m: torch.gather(points, 1, m.int().argmax(1)[:, None, None].expand(-1, 1, 2))[:, 0]  # noqa: E731
+        corners = torch.cat([first(corner0), first(corner1)], dim=-1)  # (B, 4) as x0, y0, x1, y1
+        boxes = torch.where((corner0.any(1) & corner1.any(1))[:, None], corners, float("nan"))
+        # Label -1 marks a padding point (SAM ignores it): NaN makes policies ignore it, and box corners too.
+        points = points.masked_fill(((labels == -1) | corner0 | corner1)[..., None], float("nan"))
     if call.get("boxes") is not None:
         boxes = scaled(call["boxes"].reshape(-1, 4))
     return Prompts(points=points, boxes=boxes)

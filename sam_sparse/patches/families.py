@@ -49,3 +49,8 @@ def unwrap(obj) -> nn.Module:
         if fam.owns(obj):
             return fam.unwrap(obj)[0]
     return obj
+
+
+def model_family(obj) -> str:
+    """The family name of what patch_sam accepts: "sam" (segment-anything) or "sam2"; TypeError otherwise."""
+    return family_for(obj).NAME

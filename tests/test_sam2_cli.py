@@ -1,0 +1,75 @@
+"""The command line with a SAM 2.1 model type: a random checkpoint in SAM 2's own released layout
+({"model": state dict}, hiera_t, sharpened attention: tests/sam2_helpers.py) through convert, verify, segment,
+calibrate and bench, on the CPU reference path at SAM 2's 1024 px (the CLI builds the released config).
+No SAM 2 checkpoint can be downloaded here, so these check the plumbing and parity, not mask quality.
+"""
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from sam2_helpers import small_sam2
+from sam_sparse.cli import main
+
+
+@pytest.fixture(scope="module")
+def sam2_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sam2") / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": small_sam2(image_size=1024, seed=11).state_dict()}, path)
+    return path
+
+
+def run(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def test_convert_then_verify_the_converted_file(sam2_checkpoint, tmp_path):
+    out = tmp_path / "tiny_local.safetensors"
+    code, text = run("convert", "--checkpoint", sam2_checkpoint, "--policy", "local2d-30", "--out", out,
+                     "--device", "cpu")
+    assert code == 0, text
+    assert "model sam2.1_hiera_t" in text and "encoder.global                 0.293" in text
+    code, text = run("convert", "--checkpoint", sam2_checkpoint, "--policy", "dense", "--out", out)
+    assert code == 2 and "already exists" in text
+    code, text = run("convert", "--checkpoint", sam2_checkpoint, "--model-type", "sam2.1_hiera_l", "--policy",
+                     "dense", "--out", tmp_path / "x.pt")
+    assert code == 2 and "is for sam2.1_hiera_t" in text, text
+
+    from sam_sparse import load_sparse_sam
+
+    model = load_sparse_sam(out)
+    assert type(model).__name__ == "SAM2Base" and model._sam_sparse_handle.policy.name == "local2d-30"
+
+
+def test_verify_dense_passes(sam2_checkpoint):
+    code, text = run("verify", "--checkpoint", sam2_checkpoint, "--model-type", "sam2.1_hiera_t", "--policy",
+                     "dense", "--images", "astronaut", "--points", "250,120", "--device", "cpu")
+    assert code == 0, text
+    assert "DENSE_FP32: PASS" in text and "image_encoder.trunk.blocks.10.attn" in text
+
+
+def test_segment_with_points_and_boxes(sam2_checkpoint, tmp_path):
+    out, masks = tmp_path / "seg.png", tmp_path / "masks.npy"
+    code, text = run("segment", "astronaut", "--box", "100,50,400,300", "--box", "200,200,500,500",
+                     "--checkpoint", sam2_checkpoint, "--out", out, "--save-masks", masks, "--device", "cpu")
+    assert code == 0, text
+    import numpy as np
+
+    assert out.is_file() and np.load(masks).shape == (2, 512, 512)  # one mask per box
+
+
+def test_calibrate_and_bench(sam2_checkpoint, tmp_path):
+    out = tmp_path / "cal.yaml"
+    code, text = run("calibrate", "--checkpoint", sam2_checkpoint, "--images", "coffee", "--target-density", "0.5",
+                     "--layers", "encoder.global", "--out", out, "--device", "cpu")
+    assert code == 0, text
+    assert "image_encoder.trunk.blocks.5.attn" in text and out.is_file()
+    code, text = run("policies", "check", out, "--model", "sam2.1_hiera_t")
+    assert code == 0, text
+    code, text = run("bench", "--model-type", "sam2.1_hiera_t", "--policy", "dense", "--device", "cpu",
+                     "--warmup", "0", "--iters", "1")
+    assert code == 0, text
+    assert "sam2.1_hiera_t image encoder" in text and "CPU numbers" in text
