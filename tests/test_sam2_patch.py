@@ -313,3 +313,31 @@ def test_random_checkpoint_in_sam2_format_loads(tmp_path):
         patch_sam(model, "dense").restore()
     with pytest.raises(CheckpointError, match=r"is for sam2.1_hiera_t .*not sam2.1_hiera_l; pass --model-type sam2.1_hiera_t"):
         build_sam("sam2.1_hiera_l", path)
+
+
+def test_sam2_box_prompts_reach_prompt_policies_as_boxes():
+    """SAM 2's predictor passes a box as two points labelled 2 and 3: region_focused must see a box (its
+    corners in token units), the other points as points, padding (-1) as nothing."""
+    from sam_sparse.patches.attention import prompts_from_call
+
+    class PromptEncoder:  # SAM 2's at 1024 px: 64 x 64 tokens
+        image_embedding_size, input_image_size = (64, 64), (1024, 1024)
+
+    coords = torch.tensor([[[16.0, 32.0], [160.0, 320.0], [500.0, 600.0]], [[0.0, 0.0], [64.0, 64.0], [0.0, 0.0]]])
+    labels = torch.tensor([[2, 3, 1], [1, 0, -1]])
+    p = prompts_from_call(PromptEncoder(), ((coords, labels), None, None), {})
+    assert torch.equal(p.boxes[0], torch.tensor([1.0, 2.0, 10.0, 20.0]))
+    assert p.boxes[1].isnan().all()
+    assert p.points[0, :2].isnan().all() and torch.equal(p.points[0, 2], torch.tensor([31.25, 37.5]))
+    assert torch.equal(p.points[1, :2], torch.tensor([[0.0, 0.0], [4.0, 4.0]])) and p.points[1, 2].isnan().all()
+
+
+def test_segment_image_on_sam2(sam2_t):
+    """sam_sparse.segment_image through SAM2ImagePredictor: a point with a background point, and two boxes."""
+    from sam_sparse.segment import segment_image
+
+    image = photo(seed=6)
+    masks, scores = segment_image(sam2_t, image, points=[(60, 90)], background=[(200, 40)])
+    assert masks.shape == (1, 180, 240) and masks.dtype == bool and scores.shape == (1,)
+    masks, scores = segment_image(sam2_t, image, boxes=[(10, 10, 100, 100), (120, 60, 230, 170)], multimask=True)
+    assert masks.shape == (6, 180, 240) and (np.diff(scores) <= 0).all()
