@@ -261,6 +261,57 @@ def test_sam2_exact_mode_gives_sam2s_records(sam2_model, photos, case):
     assert_same_records(ours, ref, case)
 
 
+# --- predict: SamPredictor.predict / SAM2ImagePredictor.predict -------------------------------------------
+
+
+def predict_cases(size):
+    h, w = size
+    rng = np.random.default_rng(0)
+    point, box = np.array([[w * 0.5, h * 0.4]]), np.array([w * 0.1, h * 0.2, w * 0.8, h * 0.9])
+    return [dict(point_coords=point, point_labels=np.array([1])),
+            dict(point_coords=np.array([[w * 0.5, h * 0.4], [w * 0.1, h * 0.1]]), point_labels=[1, 0],
+                 multimask_output=False),
+            dict(box=box, return_logits=True),
+            dict(point_coords=point, point_labels=np.array([1]), box=box,
+                 mask_input=rng.normal(size=(1, 256, 256)).astype(np.float32))]
+
+
+def assert_same_arrays(ours, ref, what):
+    for name, a, b in zip(("masks", "scores", "low-res logits"), ours, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {name} {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+        assert np.array_equal(a, b), f"{what}: {name} differ"
+
+
+def test_predict_on_device_gives_sampredictors_results(mobile, photos):
+    from segment_anything import SamPredictor
+
+    from sam_sparse.predictor import DevicePredictor, predict_on_device
+
+    predictor = SamPredictor(mobile)
+    predictor.set_image(photos["coffee"])
+    graphed = DevicePredictor(predictor, cuda_graph=True)  # on the CPU: the eager path
+    for case in predict_cases(photos["coffee"].shape[:2]):
+        ref = predictor.predict(**case)
+        assert_same_arrays(predict_on_device(predictor, **case), ref, str(sorted(case)))
+        assert_same_arrays(graphed.predict(**case), ref, str(sorted(case)))
+    predictor.reset_image()
+    with pytest.raises(RuntimeError, match="An image must be set"):
+        predict_on_device(predictor, point_coords=np.array([[1.0, 1.0]]), point_labels=np.array([1]))
+
+
+def test_predict_on_device_gives_sam2s_results(sam2_model, photos):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from sam_sparse.predictor import predict_on_device
+
+    predictor = SAM2ImagePredictor(sam2_model)
+    predictor.set_image(photos["astronaut"])
+    cases = predict_cases(photos["astronaut"].shape[:2])
+    cases.append(dict(point_coords=np.array([[0.5, 0.5]]), point_labels=np.array([1]), normalize_coords=False))
+    for case in cases:
+        assert_same_arrays(predict_on_device(predictor, **case), predictor.predict(**case), str(sorted(case)))
+
+
 # --- helpers ----------------------------------------------------------------------------------------------
 
 
