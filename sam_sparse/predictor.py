@@ -62,19 +62,23 @@ class DevicePredictor:
         set_image_on_device(predictor, image)       # or predictor.set_image(image)
         masks, scores, low_res = fast.predict(point_coords=..., point_labels=...)
 
-    The results are predict's: the same arrays (dtype, shape, values), computed by the predictor's own
-    predict_torch (SAM 1) / _predict (SAM 2) on the same inputs. segment-anything's predict uploads each
-    prompt array on its own and copies its three results back one by one, each copy waiting for the
-    device. A graph replays the captured kernels; its first call per signature runs the steps three
-    times and captures (a capture that fails, e.g. SAM 2 box prompts, which upload a constant, falls
-    back to the eager path for that signature; `graph_errors` says why). One DevicePredictor per thread.
+    The results are predict's: the same arrays (dtype, shape, values), computed by the steps of the
+    predictor's predict_torch (SAM 1) / _predict (SAM 2) on the same inputs (maskgen's adapters; their
+    prompt encoding gives segment-anything's bits without its boolean-mask indexing, which waits for the
+    device and cannot be captured). segment-anything's predict uploads each prompt array on its own and
+    copies its three results back one by one, each copy waiting for the device. A graph replays the
+    captured kernels; its first call per signature runs the steps three
+    times and captures (a capture that fails falls back to the eager path for that signature;
+    `graph_errors` says why). One DevicePredictor per thread.
     """
 
     def __init__(self, predictor, cuda_graph: bool = False):
-        from .maskgen import model_family
+        from .maskgen import Sam2Adapter, SamAdapter, model_family
 
         self.predictor = predictor
         self.family = model_family(predictor)
+        self.adapter = (SamAdapter(predictor.model) if self.family == "sam" else
+                        Sam2Adapter(predictor.model, transforms=predictor._transforms))
         self.device = torch.device(predictor.device)
         self.cuda_graph = cuda_graph and self.device.type == "cuda"
         self.graph_errors = {}
@@ -123,15 +127,19 @@ class DevicePredictor:
         return {k: torch.as_tensor(v, dtype=dtypes[k]).numpy() for k, v in arrays.items()}
 
     def _run(self, dev: dict, flags) -> dict:
-        """predict's device-side steps on the uploaded prompts: masks, IoU scores, low-res logits."""
+        """predict's device-side steps on the uploaded prompts (predict_torch / _predict, through the
+        adapter, whose prompt encoding never waits for the device): masks, IoU scores, low-res logits."""
+        from .maskgen import Embedding
+
         multimask_output, return_logits, normalize_coords = flags
         p = self.predictor
         coords, labels, box, mask = (dev.get(k) for k in ("coords", "labels", "box", "mask"))
         if self.family == "sam":
-            masks, iou, low_res = p.predict_torch(
+            masks, iou, low_res = self.adapter.predict(
+                Embedding(p.features, tuple(p.input_size), tuple(p.original_size)),
                 coords[None, :, :] if coords is not None else None, labels[None, :] if labels is not None else None,
                 box[None, :] if box is not None else None, mask[None, :, :, :] if mask is not None else None,
-                multimask_output, return_logits=return_logits)
+                multimask_output, return_logits)
             return {"masks": masks[0], "iou": iou[0], "low_res": low_res[0]}
         orig_hw = p._orig_hw[-1]
         if coords is not None:
@@ -142,7 +150,9 @@ class DevicePredictor:
             box = p._transforms.transform_boxes(box, normalize=normalize_coords, orig_hw=orig_hw)
         if mask is not None and mask.dim() == 3:
             mask = mask[None, :, :, :]
-        masks, iou, low_res = p._predict(coords, labels, box, mask, multimask_output, return_logits=return_logits)
+        size = self.adapter.model.image_size
+        masks, iou, low_res = self.adapter.predict(Embedding(p._features, (size, size), tuple(orig_hw)), coords, labels,
+                                                   box, mask, multimask_output, return_logits, p.mask_threshold)
         return {"masks": masks.squeeze(0).float(), "iou": iou.squeeze(0).float(), "low_res": low_res.squeeze(0).float()}
 
     def _fetch(self, packed: torch.Tensor, layout) -> dict:

@@ -3,7 +3,7 @@ and SAM 2 (sam2) models alike: adapters.py (one family behind one interface), pi
 settings.py (the generators' parameters, the exact and fast modes), rle.py / transfer.py (run-length
 encoding, one copy across the device boundary), prefetch.py (host work ahead on a thread), timing.py."""
 
-from .adapters import Embedding, adapter_for, model_family
+from .adapters import Embedding, Sam2Adapter, SamAdapter, adapter_for, model_family
 from .pipeline import OUTPUT_MODES, AutomaticMaskGenerator, Result, generate
 from .rle import mask_to_rle, rle_to_mask
 from .settings import EXACT, FAST, MODES, GeneratorSettings, Mode, resolve_mode, with_changes
@@ -21,6 +21,8 @@ __all__ = [
     "resolve_mode",
     "with_changes",
     "Embedding",
+    "SamAdapter",
+    "Sam2Adapter",
     "adapter_for",
     "model_family",
     "mask_to_rle",

@@ -119,15 +119,58 @@ class SamAdapter:
         (float64, as SamAutomaticMaskGenerator passes them)."""
         return torch.as_tensor(self.transform.apply_coords(points, size), device=self.device)
 
-    def decode(self, embedding: Embedding, coords: torch.Tensor, labels: torch.Tensor,
-               mask_input: Optional[torch.Tensor] = None, multimask_output: bool = True):
-        """predict_torch without the upsampling: coords (B, N, 2), labels (B, N) -> low-res logits
-        (B, C, 256, 256) and predicted IoUs (B, C); C = 3 with multimask_output, else 1."""
+    def encode_prompts(self, points, boxes: Optional[torch.Tensor], masks: Optional[torch.Tensor]):
+        """segment-anything's PromptEncoder.forward, the same bits, without waiting for the device: its
+        _embed_points sets rows by boolean-mask indexing (`emb[labels == -1] = 0.0`, `+=` per label),
+        each a nonzero() that syncs and cannot be captured in a CUDA graph; here torch.where picks the
+        same sums (0.0 + weight for padding points, embedding + weight per label)."""
+        pe = self.model.prompt_encoder
+        bs = points[0].shape[0] if points is not None else boxes.shape[0] if boxes is not None else \
+            masks.shape[0] if masks is not None else 1
+        device = pe.point_embeddings[0].weight.device
+        sparse = torch.empty((bs, 0, pe.embed_dim), device=device)
+        if points is not None:
+            coords, labels = points
+            coords = coords + 0.5  # the pixel's centre
+            if boxes is None:  # a padding point
+                coords = torch.cat([coords, torch.zeros((coords.shape[0], 1, 2), device=coords.device)], dim=1)
+                labels = torch.cat([labels, -torch.ones((labels.shape[0], 1), device=labels.device)], dim=1)
+            emb = pe.pe_layer.forward_with_coords(coords, pe.input_image_size)
+            labels = labels[..., None]
+            emb = torch.where(labels == -1, torch.zeros_like(emb) + pe.not_a_point_embed.weight, emb)
+            emb = torch.where(labels == 0, emb + pe.point_embeddings[0].weight, emb)
+            emb = torch.where(labels == 1, emb + pe.point_embeddings[1].weight, emb)
+            sparse = torch.cat([sparse, emb], dim=1)
+        if boxes is not None:
+            corners = pe.pe_layer.forward_with_coords((boxes + 0.5).reshape(-1, 2, 2), pe.input_image_size)
+            corners[:, 0, :] += pe.point_embeddings[2].weight
+            corners[:, 1, :] += pe.point_embeddings[3].weight
+            sparse = torch.cat([sparse, corners], dim=1)
+        if masks is not None:
+            dense = pe.mask_downscaling(masks)
+        else:
+            dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(bs, -1, *pe.image_embedding_size)
+        return sparse, dense
+
+    def decode(self, embedding: Embedding, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+               mask_input: Optional[torch.Tensor] = None, multimask_output: bool = True,
+               boxes: Optional[torch.Tensor] = None):
+        """predict_torch without the upsampling: coords (B, N, 2), labels (B, N) (or None), boxes (B, 4),
+        mask_input (B, 1, 256, 256) -> low-res logits (B, C, 256, 256) and predicted IoUs (B, C);
+        C = 3 with multimask_output, else 1."""
         model = self.model
-        sparse, dense = model.prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input)
+        sparse, dense = self.encode_prompts((coords, labels) if coords is not None else None, boxes, mask_input)
         return model.mask_decoder(image_embeddings=embedding.features, image_pe=model.prompt_encoder.get_dense_pe(),
                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                   multimask_output=multimask_output)
+
+    def predict(self, embedding: Embedding, coords, labels, boxes, mask_input, multimask_output: bool,
+                return_logits: bool):
+        """SamPredictor.predict_torch on the embedding: masks (B, C, H, W) (bool, or logits), IoUs (B, C),
+        low-res logits (B, C, 256, 256)."""
+        low_res, iou = self.decode(embedding, coords, labels, mask_input, multimask_output, boxes)
+        masks = self.model.postprocess_masks(low_res, embedding.input_size, embedding.original_size)
+        return (masks if return_logits else masks > self.model.mask_threshold), iou, low_res
 
     def upsample(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:
         """Sam.postprocess_masks on the masks (K, h, w) -> logits (K, H, W) at the image's size."""
@@ -151,14 +194,16 @@ class Sam2Adapter:
     point_dtype = np.float32  # SAM2AutomaticMaskGenerator keeps its points as float32 tensors
     box_dtype = np.float32  # and casts every record field to float32
 
-    def __init__(self, model, min_mask_region_area: int = 0):
+    def __init__(self, model, min_mask_region_area: int = 0, transforms=None):
+        """transforms: a SAM2Transforms to use (a SAM2ImagePredictor's own); default: what
+        SAM2AutomaticMaskGenerator gives its predictor: holes and sprinkles up to min_mask_region_area
+        removed from the low-res logits before upsampling, at the predictor's threshold (0.0)."""
         from sam2.utils.transforms import SAM2Transforms
 
         self.model = model
-        # What SAM2AutomaticMaskGenerator gives its predictor: holes and sprinkles up to min_mask_region_area
-        # are removed from the low-res logits before upsampling, at the predictor's threshold (0.0).
-        self.transforms = SAM2Transforms(resolution=model.image_size, mask_threshold=0.0,
-                                         max_hole_area=min_mask_region_area, max_sprinkle_area=min_mask_region_area)
+        self.transforms = transforms or SAM2Transforms(
+            resolution=model.image_size, mask_threshold=0.0, max_hole_area=min_mask_region_area,
+            max_sprinkle_area=min_mask_region_area)
         s = model.image_size
         self.feat_sizes = [(s // 4, s // 4), (s // 8, s // 8), (s // 16, s // 16)]
 
@@ -194,19 +239,37 @@ class Sam2Adapter:
         pts = torch.as_tensor(points, dtype=torch.float32, device=self.device)
         return self.transforms.transform_coords(pts, normalize=True, orig_hw=size)
 
-    def decode(self, embedding: Embedding, coords: torch.Tensor, labels: torch.Tensor,
-               mask_input: Optional[torch.Tensor] = None, multimask_output: bool = True):
-        """SAM2ImagePredictor._predict without the upsampling: (B, C, 256, 256) logits, (B, C) IoUs."""
+    def decode(self, embedding: Embedding, coords: Optional[torch.Tensor], labels: Optional[torch.Tensor],
+               mask_input: Optional[torch.Tensor] = None, multimask_output: bool = True,
+               boxes: Optional[torch.Tensor] = None):
+        """SAM2ImagePredictor._predict without the upsampling: (B, C, 256, 256) logits, (B, C) IoUs. A box
+        is two corner points (labels 2, 3) ahead of the points, as _predict concatenates them; its labels
+        are made on the device (_predict uploads them, a copy a CUDA graph cannot hold)."""
         model = self.model
-        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=mask_input)
+        points = (coords, labels) if coords is not None else None
+        if boxes is not None:
+            corners = boxes.reshape(-1, 2, 2)
+            corner_labels = torch.arange(2, 4, dtype=torch.int, device=boxes.device)[None].repeat(boxes.size(0), 1)
+            points = (corners, corner_labels) if points is None else (
+                torch.cat([corners, points[0]], dim=1), torch.cat([corner_labels, points[1]], dim=1))
+        sparse, dense = model.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
         features = embedding.features
         low_res, iou, _, _ = model.sam_mask_decoder(
             image_embeddings=features["image_embed"][-1].unsqueeze(0),
             image_pe=model.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask_output,
-            repeat_image=coords.shape[0] > 1,
+            repeat_image=points is not None and points[0].shape[0] > 1,
             high_res_features=[f[-1].unsqueeze(0) for f in features["high_res_feats"]])
         return low_res, iou
+
+    def predict(self, embedding: Embedding, coords, labels, boxes, mask_input, multimask_output: bool,
+                return_logits: bool, threshold: float = 0.0):
+        """SAM2ImagePredictor._predict on the embedding: masks (B, C, H, W) (> threshold, or logits), IoUs
+        (B, C), low-res logits clamped to +-32 (B, C, 256, 256)."""
+        low_res, iou = self.decode(embedding, coords, labels, mask_input, multimask_output, boxes)
+        masks = self.transforms.postprocess_masks(low_res, embedding.original_size)
+        low_res = torch.clamp(low_res, -32.0, 32.0)
+        return (masks if return_logits else masks > threshold), iou, low_res
 
     def upsample(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:
         return _per_mask(lambda m: self.transforms.postprocess_masks(m, embedding.original_size), low_res,
