@@ -23,6 +23,7 @@ from .common import (
 
 EXIT_SOME_FAILED = 3
 DEFAULT_POLICY = "dense"
+DEFAULT_MODE = "fast"  # keeps >= 99% of segment-anything's masks at IoU >= 0.9 (docs/benchmarks.md)
 _DEFAULTS = GeneratorSettings()
 
 
@@ -44,6 +45,10 @@ def _setting(name, kind, help_text):
               help="binary_mask: a folder per image, one PNG per mask and metadata.csv; coco_rle: one JSON per "
                    "image with COCO RLE masks (segment-anything's scripts/amg.py layouts).")
 @click.option("--overwrite", is_flag=True, help="Redo every image, complete outputs included.")
+@click.option("--mode", type=click.Choice(["exact", "fast"]), default=DEFAULT_MODE, show_default=True,
+              help="fast: large decoder batches and a low-res stability prefilter, its agreement with "
+                   "segment-anything's generator measured (docs/benchmarks.md); exact: SamAutomaticMaskGenerator's "
+                   "masks and records exactly.")
 @click.option("--batch-images", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Images per image-encoder forward: the next N images are embedded together (their own "
                    "sizes, preprocessed as SamPredictor.set_image does), then each goes through the generator "
@@ -63,9 +68,12 @@ def _setting(name, kind, help_text):
 @_setting("min_mask_region_area", click.IntRange(min=0), "Remove holes and islands smaller than this (pixels).")
 @device_option
 @guarded
-def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mode, overwrite, batch_images, device,
-        **settings):
+def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mode, overwrite, mode, batch_images,
+        device, **settings):
     """Generate every mask of each image in INPUT with SAM's automatic mask generator on a patched model.
+
+    --mode fast (the default) keeps >= 99% of segment-anything's masks at IoU >= 0.9 on the sample photos
+    (docs/benchmarks.md); --mode exact gives SamAutomaticMaskGenerator's masks and records exactly.
 
     INPUT is an image, a folder (searched recursively) or a .txt file listing image paths. Outputs follow
     segment-anything's scripts/amg.py (a folder of PNGs + metadata.csv, or a COCO-RLE JSON, per image),
@@ -84,6 +92,7 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     \b
       sam-sparse amg photo.jpg --out masks/ --points-per-side 16
       sam-sparse amg photos/ --out masks/ --batch-images 4
+      sam-sparse amg photos/ --out masks/ --mode exact
       sam-sparse amg photos/ --out masks/ --output-mode coco_rle \\
           --checkpoint sam_vit_b_01ec64.pth --model-type vit_b --policy local2d-30
     """
@@ -120,7 +129,7 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     chosen = chosen or manifest_policy or load_policy(DEFAULT_POLICY)
     patch_sam(model, chosen)
     if rank == 0:
-        say(f"amg: {len(paths)} image(s), policy {chosen.name!r}, {output_mode}, on {world} process(es)")
+        say(f"amg: {len(paths)} image(s), policy {chosen.name!r}, {output_mode}, mode {mode}, on {world} process(es)")
         if batch_images > 1 and generator_settings.crop_n_layers > 0:
             say(f"amg: --batch-images {batch_images} has no effect with --crop-n-layers "
                 f"{generator_settings.crop_n_layers}: each crop is embedded on its own")
@@ -138,9 +147,9 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
             bar.set_postfix_str(f"{bar.n / dt:.2f} img/s, {masks_total[0] / dt:.1f} masks/s")
 
         records = generate_masks(model, mine, out, generator_settings, output_mode=output_mode, names=names,
-                                 overwrite=overwrite, progress=tick, batch_images=batch_images)
+                                 overwrite=overwrite, progress=tick, batch_images=batch_images, mode=mode)
     run = dict(tool="sam-sparse amg", sam_sparse_version=__version__, model=model_type_used or "from manifest",
-               policy=chosen.name, output_mode=output_mode, world_size=world, batch_images=batch_images,
+               policy=chosen.name, output_mode=output_mode, mode=mode, world_size=world, batch_images=batch_images,
                settings=settings, argv=sys.argv[1:], input=str(input))
     if world > 1:
         (out / f"manifest.rank{rank}.json").write_text(json.dumps(records))
