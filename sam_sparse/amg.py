@@ -2,22 +2,21 @@
 a torchrun job.
 
     paths = find_images("photos/")
-    records = generate_masks(model, paths, "out/", GeneratorSettings(points_per_side=32))
+    records = generate_masks(model, paths, "out/", GeneratorSettings(points_per_side=32), mode="fast")
 
-Each image goes through segment-anything's own SamAutomaticMaskGenerator on the (patched) model, so
-the masks are the unpatched generator's up to what the policy changes. Its two run-length helpers are
-swapped for versions with the same output (MaskGenerator): post-processing, not attention, is where
-most of an AMG image's time goes (docs/benchmarks.md). Outputs follow segment-anything's
+Each image goes through sam_sparse.maskgen's AutomaticMaskGenerator on the (patched) model: mode "exact"
+gives segment-anything's SamAutomaticMaskGenerator's records (the same masks, fields and order), mode
+"fast" the same pipeline with large decoder batches and a low-res stability prefilter, its agreement
+measured (docs/benchmarks.md). Outputs follow segment-anything's
 scripts/amg.py: `binary_mask` writes a folder per image with one PNG per mask (0/255) and metadata.csv;
 `coco_rle` writes one JSON per image with COCO RLE masks and the same fields. An image's output is
 written under a temporary name and renamed when complete, so a rerun skips complete images and redoes
 partial ones. A run manifest (model, policy, version, arguments, per image: status, masks, seconds) is
 written as manifest.json.
 
-batch_images=N runs the image encoder on N images per forward (embed_images), then the generator on
-each image with its set_image short-circuited to that image's features (precomputed_embedding). This
-holds only without crop layers: with crop_n_layers > 0 each crop needs its own embedding, so the
-generator embeds every crop itself, one at a time, as with N=1. The outputs are N=1's byte for byte
+batch_images=N runs the image encoder on N images per forward (AutomaticMaskGenerator.embed_images),
+then the generator on each image with its embedding. This holds only without crop layers: with
+crop_n_layers > 0 each image is embedded on its own, as with N=1. The outputs are N=1's byte for byte
 where the encoder gives each image of a batch the same bits as it gets alone (MobileSAM on CPU in
 float32 does); elsewhere batched matmuls may sum in another order (ViT-B on CPU: features within
 ~4e-6), which can move a borderline score across a threshold.
@@ -25,8 +24,6 @@ float32 does); elsewhere batched matmuls may sum in another order (ViT-B on CPU:
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -34,54 +31,20 @@ import re
 import shutil
 import time
 import unicodedata
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-from segment_anything import SamAutomaticMaskGenerator
-from segment_anything import automatic_mask_generator as sa_amg
 
 from .files import atomic_path
+from .maskgen import AutomaticMaskGenerator, GeneratorSettings
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 OUTPUT_MODES = ("binary_mask", "coco_rle")
 METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_input_y,predicted_iou,"
                    "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
 TMP_MARK = ".tmp-"
-
-
-@dataclass(frozen=True)
-class GeneratorSettings:
-    """SamAutomaticMaskGenerator's parameters, with segment-anything's names and defaults."""
-
-    points_per_side: int = 32
-    points_per_batch: int = 64
-    pred_iou_thresh: float = 0.88
-    stability_score_thresh: float = 0.95
-    stability_score_offset: float = 1.0
-    box_nms_thresh: float = 0.7
-    crop_n_layers: int = 0
-    crop_nms_thresh: float = 0.7
-    crop_overlap_ratio: float = 512 / 1500
-    crop_n_points_downscale_factor: int = 1
-    min_mask_region_area: int = 0
-
-    def __post_init__(self):
-        for name in ("points_per_side", "points_per_batch", "crop_n_points_downscale_factor"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r}: expected an integer >= 1")
-        for name in ("crop_n_layers", "min_mask_region_area"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{name}={v!r}: expected an integer >= 0")
-        for name in ("pred_iou_thresh", "stability_score_thresh", "box_nms_thresh", "crop_nms_thresh",
-                     "crop_overlap_ratio"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise ValueError(f"{name}={v!r}: expected a number from 0 to 1")
+MODES = ("exact", "fast")
 
 
 def find_images(spec: os.PathLike, exclude: Optional[os.PathLike] = None) -> List[Path]:
@@ -299,103 +262,6 @@ def write_rle_json(masks: List[dict], path: Path) -> None:
         tmp.write_text(json.dumps(masks))
 
 
-def embed_images(predictor, images: Sequence[np.ndarray]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
-    """SamPredictor.set_image's preprocessing for each image, then one image_encoder forward for all.
-
-    images: HxWx3 uint8 RGB arrays, any sizes. Returns the features, (N, C, h, w) ((N, 256, 64, 64) for
-    SAM) in the encoder's dtype, and each image's size after ResizeLongestSide, (h, w) in pixels.
-    Call it under torch.inference_mode or no_grad.
-    """
-    model = predictor.model
-    inputs, sizes = [], []
-    for image in images:
-        # The steps of SamPredictor.set_image + set_torch_image, so each image gets the same input tensor.
-        if model.image_format != "RGB":
-            image = image[..., ::-1]
-        x = torch.as_tensor(predictor.transform.apply_image(image), device=predictor.device)
-        x = x.permute(2, 0, 1).contiguous()[None]
-        sizes.append(tuple(x.shape[-2:]))
-        inputs.append(model.preprocess(x))  # normalized and padded to img_size x img_size: stackable
-    return model.image_encoder(torch.cat(inputs)), sizes
-
-
-@contextlib.contextmanager
-def precomputed_embedding(predictor, features: torch.Tensor, input_size: Tuple[int, int], image: np.ndarray):
-    """Within the block, predictor.set_image(image) sets `features` (1, C, h, w) instead of running the
-    encoder; set_image with any other image raises RuntimeError (a crop would need its own embedding)."""
-
-    def set_image(given: np.ndarray, image_format: str = "RGB") -> None:
-        if given.shape != image.shape:
-            raise RuntimeError(f"set_image on a {given.shape} array, but the precomputed features are of a "
-                               f"{image.shape} image; crops need their own embedding (batch_images=1)")
-        # What set_torch_image leaves behind, with the batch's features.
-        predictor.reset_image()
-        predictor.original_size = image.shape[:2]
-        predictor.input_size = input_size
-        predictor.features = features
-        predictor.is_image_set = True
-
-    predictor.set_image = set_image  # an instance attribute shadows the class's method...
-    try:
-        yield
-    finally:
-        del predictor.set_image  # ...and removing it brings the method back
-
-
-def mask_to_rle(masks: torch.Tensor) -> List[dict]:
-    """segment-anything's mask_to_rle_pytorch, the same output: masks (B, H, W) bool -> B uncompressed
-    RLEs {"size": [H, W], "counts": [...]} in column-major order, the first count for zeros.
-
-    The run boundaries of the whole batch come to the host in one copy; the original reads them (and
-    each mask's first pixel) once per mask, two GPU syncs per mask."""
-    b, h, w = masks.shape
-    flat = masks.permute(0, 2, 1).flatten(1)
-    change = (flat[:, 1:] ^ flat[:, :-1]).nonzero()  # (n, 2) in row-major order: by mask, then position
-    change, first = change.cpu(), flat[:, 0].cpu()
-    per_mask = torch.bincount(change[:, 0], minlength=b).tolist()
-    ends = change[:, 1] + 1
-    out, start = [], 0
-    for i in range(b):
-        stop = start + per_mask[i]
-        edges = torch.cat([ends.new_zeros(1), ends[start:stop], ends.new_full((1,), h * w)])
-        counts = [] if not first[i] else [0]
-        counts.extend((edges[1:] - edges[:-1]).tolist())
-        out.append({"size": [h, w], "counts": counts})
-        start = stop
-    return out
-
-
-def rle_to_mask(rle: dict) -> np.ndarray:
-    """segment-anything's rle_to_mask, the same output (H, W) bool, with one np.repeat instead of a Python
-    step per run."""
-    h, w = rle["size"]
-    counts = np.asarray(rle["counts"], dtype=np.int64)
-    values = (np.arange(len(counts)) % 2).astype(bool)  # runs alternate, zeros first
-    return np.repeat(values, counts).reshape(w, h).transpose()
-
-
-@contextlib.contextmanager
-def _fast_rle():
-    # SamAutomaticMaskGenerator calls these through its module's namespace; swapping them there (for
-    # one generate call) keeps every other line of segment-anything's generator as it is.
-    saved = sa_amg.mask_to_rle_pytorch, sa_amg.rle_to_mask
-    sa_amg.mask_to_rle_pytorch, sa_amg.rle_to_mask = mask_to_rle, rle_to_mask
-    try:
-        yield
-    finally:
-        sa_amg.mask_to_rle_pytorch, sa_amg.rle_to_mask = saved
-
-
-class MaskGenerator(SamAutomaticMaskGenerator):
-    """segment-anything's SamAutomaticMaskGenerator (same arguments) with mask_to_rle / rle_to_mask above:
-    the same masks and RLEs, sooner. The swap is process-wide while generate runs: one generating
-    thread per process (as the amg job runs)."""
-
-    def generate(self, image: np.ndarray) -> List[dict]:
-        with _fast_rle():
-            return super().generate(image)
-
-
 def generate_masks(
     model,
     paths: Sequence[Path],
@@ -409,8 +275,10 @@ def generate_masks(
     batch_images: int = 1,
     overlay: bool = False,
     on_record: Optional[Callable[[dict], None]] = None,
+    mode: str = "exact",
 ) -> List[dict]:
-    """Run SamAutomaticMaskGenerator over `paths`, writing each image's masks under `out_dir`.
+    """Generate every image's masks (maskgen.AutomaticMaskGenerator in `mode`: "exact" or "fast"), writing
+    them under `out_dir`.
 
     batch_images: images per image-encoder forward (the next N images still to do, in order); used only
     with settings.crop_n_layers == 0, else every image (and crop) is embedded on its own.
@@ -425,9 +293,11 @@ def generate_masks(
         raise ValueError(f"output_mode={output_mode!r}: expected one of {', '.join(OUTPUT_MODES)}")
     if not isinstance(batch_images, int) or isinstance(batch_images, bool) or batch_images < 1:
         raise ValueError(f"batch_images={batch_images!r}: expected an integer >= 1")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
     out_dir = Path(out_dir)
     names = names or output_names(paths, None)
-    generator = MaskGenerator(model, output_mode=output_mode, **dataclasses.asdict(settings))
+    generator = AutomaticMaskGenerator(model, mode, settings, output_mode=output_mode)
     batched = batch_images > 1 and settings.crop_n_layers == 0
 
     def finish(record: dict) -> None:
@@ -501,8 +371,7 @@ def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, batch
     if batched and loaded:
         t0 = time.perf_counter()
         try:
-            with torch.inference_mode():
-                features, sizes = embed_images(generator.predictor, [image for image, _ in loaded])
+            embeddings = generator.embed_images([image for image, _ in loaded])
         except Exception as e:  # out of memory, say: the batch fails, the run goes on
             for _, record in loaded:
                 record.update(status="failed", error=f"image encoder, batch of {len(loaded)}: {_error(e)}")
@@ -510,13 +379,10 @@ def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, batch
         share = (time.perf_counter() - t0) / max(1, len(loaded))
     for i, (image, record) in enumerate(loaded):
         t0 = time.perf_counter()
-        embedding = contextlib.nullcontext()
         if batched:
-            embedding = precomputed_embedding(generator.predictor, features[i:i + 1], sizes[i], image)
             record["seconds"] += share
         try:
-            with embedding, torch.inference_mode():
-                masks = generator.generate(image)
+            masks = generator.generate(image, embedding=embeddings[i] if batched else None)
             if output_mode == "binary_mask":
                 write_binary_masks(masks, Path(record["output"]))
             else:

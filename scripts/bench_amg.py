@@ -1,133 +1,134 @@
-"""Automatic mask generation benchmark: segment-anything's SamAutomaticMaskGenerator unpatched vs
-sam-sparse dense vs a sparse policy, on real photos at their own sizes.
+"""Automatic mask generation and SamPredictor.predict, before and after sam_sparse.maskgen, in one run.
 
-For each model (vit_b and vit_h with random weights, their rel-pos tables randomized because SAM
-initializes them to zero; mobile_sam with its released weights) and each configuration
-  unpatched       segment-anything as is (its SamAutomaticMaskGenerator)
-  unpatched+rle   the same model with sam_sparse.amg.MaskGenerator (faster RLE helpers, same output)
-  dense           sam_sparse.patch_sam(model, "dense"), MaskGenerator: what `sam-sparse amg` runs
-  <policy>        sam_sparse.patch_sam(model, --policy), MaskGenerator  (default local2d-30)
-it measures images/s and masks/s of generator.generate(image) over the same photos (decoded beforehand,
-so file reading is not timed), where the time goes per image (encoder: predictor.set_image, its
-preprocessing included; decoder: the predictor.predict_torch calls; post: the rest of generate, i.e.
-stability scores, NMS, RLE, mask records), and how far each patched configuration's mask set agrees
-with the unpatched one (for each unpatched mask, its best IoU among ours: the share >= 0.9 and the
-median). The three configurations are three copies of one model; they run one after another on each
-image, in an order rotated per image, so that clock drift hits all alike. Each is warmed up on the first
-image before timing (the kernel autotunes on its first call). Then sam-sparse amg's job function
-(sam_sparse.amg.generate_masks: read, generate, write) is timed with --batch-images 1 vs 4 on the dense
-configuration of one model.
+Sections (--only picks some; each is wrapped so that a failure is recorded and the next one runs; each
+appends its rows to $OUT/bench_amg.jsonl and its table to $OUT/bench_amg.md as soon as it finishes).
+Expected times on one H200, full run (--quick: about a third):
 
-Results go to --out as bench_amg.json and bench_amg.md, rewritten after every image, and the table is
-printed at the end.
+  amg        ~60 s  MobileSAM, released weights, patched with `dense` (what `sam-sparse amg` runs), 20
+                    photos at their own sizes, SAM's defaults (32 x 32 points, 64 per batch, no crops):
+                    segment-anything's SamAutomaticMaskGenerator on that model vs sam_sparse.maskgen's
+                    exact and fast modes and two fast variants (low-res stability; bf16 decoder). Every
+                    config on every photo in an order rotated per photo, each warmed up first; images/s
+                    (per-image calls, plus exact / fast streamed through generate_many, which reads
+                    ahead on a thread); agreement with segment-anything's records: the share of its masks
+                    whose best IoU among the config's is >= 0.9, the median best IoU, and the photos
+                    whose records are identical (masks, every field, its type, the order).
+  breakdown  ~20 s  where the time goes, per image, on 5 photos: segment-anything (encoder = set_image,
+                    decoder = predict_torch, which upsamples every mask, post = the rest: stability,
+                    boxes, RLE, NMS, records) vs exact / fast (prepare, encoder, decoder, upsample,
+                    post, rle, host), each stage timed with a device sync at its end.
+  crops      ~90 s  the amg rows with crop_n_layers=1 on --crop-images photos (default 10; 20 takes
+                    about twice as long): segment-anything, exact, fast.
+  vit        ~40 s  vit_b and vit_h with random weights (rel-pos tables randomized), patched `dense`: no
+                    mask passes SAM's thresholds, so this times the encoder and decoder per image
+                    (segment-anything vs exact vs fast), on 3 photos.
+  predictor  ~15 s  vit_b (random weights), bf16 encoder + set_image_on_device, a 1500 x 2250 photo (the
+                    coffee photo upscaled), one point: SamPredictor.predict vs DevicePredictor (eager,
+                    and with a CUDA graph): set_image + predict and predict alone (median ms), and
+                    whether every result array equals SamPredictor.predict's (on this photo, and on
+                    another one set afterwards).
+  compile    ~90 s  (only with --compile or --only compile) fast mode with the decoder compiled
+                    (torch.compile, default mode): first-call seconds, images/s and agreement on the amg
+                    photos (segment-anything's records from the amg section, or computed here, ~20 s).
 
-Random weights make a degenerate generator: at SAM's thresholds (predicted IoU 0.88, stability 0.95)
-hardly any mask survives, so for vit_b / vit_h the encoder and decoder times are real but masks/s,
-post-processing (which scales with the surviving masks) and the agreement are not; --checkpoint
-vit_b=FILE uses real weights where a machine has them. MobileSAM's TinyViT encoder is not patched
-(only its mask decoder is), so there a sparse policy changes the decoder only.
+Photos (offline, reproducible): scikit-image's data photos that load without a download (18 names in
+PHOTOS plus both stereo_motorcycle views), grey ones as RGB, at their own sizes; when fewer load, the
+set is filled with deterministic variants (centre crops to 3/4, 1.5x bicubic upscales). --images-dir
+reads photos from files instead (sorted by path); --export-photos writes the built set as PNGs.
 
-    python scripts/bench_amg.py --export-photos photos/     # here, where scikit-image's data is
-    python scripts/bench_amg.py --images-dir photos/ --mobile-sam-checkpoint mobile_sam.pt --out $OUT
-    python scripts/bench_amg.py --points-per-side 4 --images 2 --models mobile_sam --device cpu --out /tmp/b
+    python scripts/bench_amg.py --out $OUT                        # GPU, everything but compile
+    python scripts/bench_amg.py --out $OUT --compile              # and the compiled decoder
+    python scripts/bench_amg.py --out /tmp/b --device cpu --quick # CPU smoke run: 1 small photo, 4 x 4 points,
+                                                                  # segment-anything / exact / fast only
+                                                                  # (5.5 min on 2 shared CPU cores)
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import datetime
 import json
 import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# scikit-image's offline photos (colour or grey, natural scenes or microscopy); left out as synthetic or
-# binary: checkerboard, colorwheel, horse, logo, shepp_logan_phantom; lfw_subset (25 px faces); cat
-# (chelsea again); the ones that need pooch to download.
 PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
           "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket",
           "text")
 
 
-def export_photos(folder: Path) -> list:
-    """Save every photo of PHOTOS (and both stereo_motorcycle views) that loads offline as folder/NAME.png.
-    Returns the paths written."""
+# ---------------------------------------------------------------------------------------------------
+# Photos
+# ---------------------------------------------------------------------------------------------------
+
+
+def photo_set(n: int, max_side: int = 0) -> dict:
+    """{name: HxWx3 uint8} for n photos, built offline and in a fixed order (module docstring);
+    max_side > 0 shrinks each so its long side is at most that."""
     from PIL import Image
     from skimage import data
 
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
+    photos = {}
     for name in PHOTOS:
-        try:
-            arrays[name] = getattr(data, name)()
-        except Exception as e:  # a file this scikit-image install does not have
-            print(f"skip {name}: {type(e).__name__}: {str(e)[:80]}", file=sys.stderr)
-    try:
-        arrays["motorcycle_left"], arrays["motorcycle_right"], _ = data.stereo_motorcycle()
-    except Exception as e:
-        print(f"skip stereo_motorcycle: {e}", file=sys.stderr)
-    written = []
-    for name, img in arrays.items():
-        Image.fromarray(img).save(folder / f"{name}.png")
-        written.append(folder / f"{name}.png")
-    return written
+        with contextlib.suppress(Exception):  # a file this scikit-image install does not have
+            photos[name] = getattr(data, name)()
+    with contextlib.suppress(Exception):
+        photos["motorcycle_left"], photos["motorcycle_right"], _ = data.stereo_motorcycle()
+    photos = {k: np.ascontiguousarray(np.repeat(v[..., None], 3, 2) if v.ndim == 2 else v[..., :3])
+              for k, v in photos.items()}
+    base = sorted(photos, key=lambda k: (-photos[k].size, k))
+    i = 0
+    while len(photos) < n and base:
+        src = photos[base[i % len(base)]]
+        h, w = src.shape[:2]
+        if i < len(base):
+            photos[f"{base[i]}_crop"] = np.ascontiguousarray(src[h // 8: h - h // 8, w // 8: w - w // 8])
+        else:
+            k = base[i % len(base)]
+            photos[f"{k}_up"] = np.asarray(Image.fromarray(src).resize((w * 3 // 2, h * 3 // 2), Image.BICUBIC))
+        i += 1
+    photos = dict(list(photos.items())[:n])
+    if max_side:
+        for k, v in photos.items():
+            h, w = v.shape[:2]
+            s = max_side / max(h, w)
+            if s < 1:
+                photos[k] = np.asarray(Image.fromarray(v).resize((max(1, round(w * s)), max(1, round(h * s)))))
+    return photos
 
 
 # ---------------------------------------------------------------------------------------------------
-# Models and configurations
+# Models
 # ---------------------------------------------------------------------------------------------------
 
 
 def build_model(name: str, args, device: torch.device):
-    """vit_b / vit_h: random weights, seeded, rel_pos_h/w ~ N(0, rel_pos_std), unless --checkpoint names
-    a file for it; mobile_sam: its released weights."""
-    from sam_sparse import build_sam, fetch_mobile_sam
+    """mobile_sam: its released weights; vit_b / vit_h: random, seeded, rel_pos ~ N(0, 0.02) (SAM
+    initializes them to zero). Patched with `dense`, as `sam-sparse amg` runs them (not the ViTs in a
+    CPU --quick run: on the CPU the patched encoder runs the block-sparse reference path, ~70 s per image
+    for vit_b on 2 cores)."""
+    from sam_sparse import build_sam, fetch_mobile_sam, patch_sam
 
     torch.manual_seed(args.seed)
-    if name in args.checkpoint:
-        model = build_sam(name, args.checkpoint[name])
-    elif name == "mobile_sam":
-        model = build_sam("mobile_sam", args.mobile_sam_checkpoint or fetch_mobile_sam())
+    if name == "mobile_sam":
+        model = build_sam("mobile_sam", args.mobile_sam_checkpoint or fetch_mobile_sam(), device=device)
     else:
-        model = build_sam(name)
-        with torch.no_grad():  # SAM zero-initializes these: randomize so the rel-pos bias is real
+        model = build_sam(name, device=device)
+        with torch.no_grad():
             for n, p in model.named_parameters():
                 if n.endswith(("rel_pos_h", "rel_pos_w")):
-                    p.normal_(0, args.rel_pos_std)
-    model = model.to(device).eval()
-    if args.dtype == "bf16":
-        # Only the image encoder: SAM's predictor runs the prompt encoder and decoder on float32 points.
-        enc = model.image_encoder.to(torch.bfloat16)
-        enc.register_forward_pre_hook(lambda m, a: (a[0].to(torch.bfloat16),))
-        enc.register_forward_hook(lambda m, a, out: out.float())
-    return model
-
-
-def configurations(model, policy: str) -> dict:
-    """{config name: (model, notes, sam-sparse's generator?)}: the model itself unpatched with
-    segment-anything's generator; the same with sam-sparse's (MaskGenerator: its RLE helpers, same
-    output), which separates what post-processing gains from what attention gains; and patched copies
-    with sam-sparse's generator, as `sam-sparse amg` runs them."""
-    from sam_sparse import patch_sam
-
-    configs = {"unpatched": (model, [], False), "unpatched+rle": (model, [], True)}
-    for name in ("dense", policy):
-        copy_ = copy.deepcopy(model)
-        configs[name] = (copy_, list(patch_sam(copy_, name).notes), True)
-    return configs
-
-
-# ---------------------------------------------------------------------------------------------------
-# Timing
-# ---------------------------------------------------------------------------------------------------
+                    p.normal_(0, 0.02)
+    if name == "mobile_sam" or not (args.quick and device.type != "cuda"):
+        patch_sam(model, "dense")
+    return model.eval()
 
 
 def sync(device: torch.device) -> None:
@@ -135,23 +136,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class TimedGenerator:
-    """A SamAutomaticMaskGenerator whose predictor's set_image and predict_torch add their seconds to
-    self.seconds["encoder"] / ["decoder"], with CUDA synchronized around each call."""
+class TimedReference:
+    """segment-anything's SamAutomaticMaskGenerator, its predictor's set_image and predict_torch timed
+    (device synced around each) when `profile`."""
 
-    def __init__(self, model, args, device: torch.device, ours: bool):
+    def __init__(self, model, device, profile=False, **settings):
         from segment_anything import SamAutomaticMaskGenerator
 
-        from sam_sparse.amg import MaskGenerator
-
-        self.device = device
-        self.generator = (MaskGenerator if ours else SamAutomaticMaskGenerator)(
-            model, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-            pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh)
-        self.seconds = {}
-        predictor = self.generator.predictor
-        predictor.set_image = self._timed(predictor.set_image, "encoder")
-        predictor.predict_torch = self._timed(predictor.predict_torch, "decoder")
+        self.device, self.seconds = device, {}
+        self.generator = SamAutomaticMaskGenerator(model, **settings)
+        if profile:
+            p = self.generator.predictor
+            p.set_image, p.predict_torch = self._timed(p.set_image, "encoder"), self._timed(p.predict_torch, "decoder")
 
     def _timed(self, fn, key):
         def call(*a, **kw):
@@ -159,30 +155,59 @@ class TimedGenerator:
             t = time.perf_counter()
             out = fn(*a, **kw)
             sync(self.device)
-            self.seconds[key] += time.perf_counter() - t
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
             return out
 
         return call
 
-    def generate(self, image: np.ndarray):
-        """(masks, {"total", "encoder", "decoder", "post"} seconds) for one HxWx3 uint8 image."""
-        self.seconds = {"encoder": 0.0, "decoder": 0.0}
-        sync(self.device)
-        t = time.perf_counter()
+    def generate(self, image):
+        self.seconds = {}
         with torch.inference_mode():
-            masks = self.generator.generate(image)
-        sync(self.device)
-        s = dict(self.seconds, total=time.perf_counter() - t)
-        s["post"] = s["total"] - s["encoder"] - s["decoder"]
-        return masks, s
+            return self.generator.generate(image)
+
+
+class Pipeline:
+    """sam_sparse.maskgen.AutomaticMaskGenerator with a `seconds` dict like TimedReference's."""
+
+    def __init__(self, model, mode, profile=False, **settings):
+        from sam_sparse.maskgen import AutomaticMaskGenerator
+
+        self.generator = AutomaticMaskGenerator(model, mode, profile=profile, **settings)
+        self.seconds = {}
+
+    def generate(self, image):
+        records = self.generator.generate(image)
+        self.seconds = self.generator.last_seconds or {}
+        return records
+
+
+def configs(model, device, names, profile=False, **settings) -> dict:
+    from sam_sparse.maskgen import FAST, with_changes
+
+    modes = {"exact": "exact", "fast": "fast",
+             "fast, low-res stability": with_changes(FAST, stability_on="low_res", low_res_margin=None),
+             "fast, bf16 decoder": with_changes(FAST, decoder_dtype="bfloat16"),
+             "fast, compiled decoder": with_changes(FAST, compile_decoder="default")}
+    out = {}
+    for name in names:
+        if name == "segment-anything":
+            out[name] = TimedReference(model, device, profile, **settings)
+        else:
+            out[name] = Pipeline(model, modes[name], profile, **settings)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Agreement
+# ---------------------------------------------------------------------------------------------------
 
 
 def best_ious(reference: list, ours: list, device: torch.device) -> list:
     """For each reference mask (HxW bool), its best IoU among `ours` (0 when ours is empty)."""
     if not reference or not ours:
         return [0.0] * len(reference)
-    a = torch.from_numpy(np.stack(reference)).to(device).flatten(1)  # (n, H*W) bool
-    b = torch.from_numpy(np.stack(ours)).to(device).flatten(1)  # (m, H*W)
+    a = torch.from_numpy(np.stack(reference)).to(device).flatten(1)
+    b = torch.from_numpy(np.stack(ours)).to(device).flatten(1)
     inter = torch.zeros(len(a), len(b), dtype=torch.float64, device=device)
     step = 1 << 20  # pixels per chunk: bounds the float copies; each chunk's counts are exact in float32
     for i in range(0, a.shape[1], step):
@@ -191,57 +216,283 @@ def best_ious(reference: list, ours: list, device: torch.device) -> list:
     return (inter / union.clamp(min=1)).max(1).values.tolist()
 
 
+def identical(a: list, b: list) -> bool:
+    """The same records: masks equal, every other field equal with its type (as JSON writes it), same order."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if not np.array_equal(x["segmentation"], y["segmentation"]):
+            return False
+        fx = {k: v for k, v in x.items() if k != "segmentation"}
+        fy = {k: v for k, v in y.items() if k != "segmentation"}
+        if json.dumps(fx) != json.dumps(fy):
+            return False
+    return True
+
+
+def agreement(ref_records: list, records: list, device) -> dict:
+    ious = best_ious([r["segmentation"] for r in ref_records], [r["segmentation"] for r in records], device)
+    return dict(ious=ious, identical=identical(ref_records, records))
+
+
+def summarize(name, times, masks, agree, n_images) -> dict:
+    ious = [x for a in agree for x in a["ious"]]
+    return dict(config=name, images=n_images, seconds=round(sum(times), 3),
+                images_per_s=round(n_images / sum(times), 3) if sum(times) else None,
+                ms_per_image=round(1e3 * statistics.mean(times), 2), masks=sum(masks),
+                matched_0_9=round(sum(x >= 0.9 for x in ious) / len(ious), 4) if ious else None,
+                median_best_iou=round(statistics.median(ious), 4) if ious else None,
+                identical_photos=f"{sum(a['identical'] for a in agree)}/{len(agree)}" if agree else None)
+
+
 # ---------------------------------------------------------------------------------------------------
-# Report
+# Sections
 # ---------------------------------------------------------------------------------------------------
 
 
-def summarize(rows: list) -> list:
-    """One line per (model, config) from the per-image rows: throughput, ms per image, agreement."""
-    lines = []
-    for key in dict.fromkeys((r["model"], r["config"]) for r in rows):
-        rs = [r for r in rows if (r["model"], r["config"]) == key]
-        total = sum(r["seconds"]["total"] for r in rs)
-        ious = [x for r in rs for x in r.get("best_ious", [])]
-        line = dict(model=key[0], config=key[1], images=len(rs), masks=sum(r["masks"] for r in rs),
-                    images_per_s=len(rs) / total, masks_per_s=sum(r["masks"] for r in rs) / total)
-        for part in ("encoder", "decoder", "post"):
-            line[f"{part}_ms"] = 1e3 * statistics.mean(r["seconds"][part] for r in rs)
-        if key[1] != "unpatched":
-            line["agree_0.9"] = sum(x >= 0.9 for x in ious) / len(ious) if ious else None
-            line["median_iou"] = statistics.median(ious) if ious else None
-        lines.append(line)
-    return lines
+def run_configs(ctx, model, photos: dict, names: list, settings: dict, section: str, stream: tuple = ()) -> list:
+    """Every config on every photo (rotated order, warmed up first), agreement with segment-anything's
+    records; then `stream` configs through generate_many over all photos."""
+    device = ctx["device"]
+    gens = configs(model, device, names, **settings)
+    first = next(iter(photos.values()))
+    peak = {}  # and no warm-up on the CPU: nothing to tune there
+    for name, g in gens.items():  # warm-up (kernel tuning, allocator, lazy init); peak memory per config
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            g.generate(first)
+            peak[name] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    times = {n: [] for n in names}
+    masks = {n: [] for n in names}
+    agree = {n: [] for n in names}
+    reference = {}
+    order = list(names)
+    for i, (photo, image) in enumerate(photos.items()):
+        got = {}
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            sync(device)
+            t = time.perf_counter()
+            got[name] = gens[name].generate(image)
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+            masks[name].append(len(got[name]))
+        reference[photo] = got["segment-anything"]
+        for name in names:
+            if name != "segment-anything":
+                agree[name].append(agreement(got["segment-anything"], got[name], device))
+        print(f"  {section} {photo} {image.shape[1]}x{image.shape[0]}: "
+              + ", ".join(f"{n} {len(got[n])} masks {1e3 * times[n][-1]:.0f} ms" for n in names), flush=True)
+    rows = []
+    for name in names:
+        row = dict(section=section, **summarize(name, times[name], masks[name], agree[name], len(photos)))
+        row["peak_gib"] = peak.get(name)
+        rows.append(row)
+    for name in stream:
+        gen = gens[name].generator
+        sync(device)
+        t = time.perf_counter()
+        results = list(gen.generate_many(list(photos.values())))
+        sync(device)
+        seconds = time.perf_counter() - t
+        agree_s = [agreement(reference[p], r.records, device) for p, r in zip(photos, results)]
+        rows.append(dict(section=section, **summarize(f"{name}, streamed (generate_many)",
+                                                       [seconds / len(photos)] * len(photos),
+                                                       [len(r.records) for r in results], agree_s, len(photos))))
+    base = rows[0]["images_per_s"]  # segment-anything's generator: same-run ratios
+    for r in rows:
+        r["vs_segment_anything"] = round(r["images_per_s"] / base, 2) if base and r["images_per_s"] else None
+    ctx.setdefault("reference", {})[section] = reference
+    ctx.setdefault("reference_images_per_s", {})[section] = base
+    return rows
 
 
-def markdown(meta: dict, summary: list, batch: list) -> str:
-    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
-    out = [f"AMG, {meta['gpu']}, {meta['dtype']}, {meta['points_per_side']} points per side, {meta['images']} photos "
-           f"at their own sizes; ms per image are means (encoder = set_image, decoder = predict_torch, post = the "
-           "rest of generate); agreement: for each unpatched mask, the best IoU among the configuration's masks. "
-           "Weights: " + ", ".join(f"{m} {w}" for m, w in meta["weights"].items()) + ".",
-           "",
-           "| model | config | images/s | masks/s | masks | encoder ms | decoder ms | post ms | IoU >= 0.9 | median IoU |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in summary:
-        out.append(f"| {s['model']} | {s['config']} | {s['images_per_s']:.2f} | {s['masks_per_s']:.1f} | {s['masks']} "
-                   f"| {s['encoder_ms']:.1f} | {s['decoder_ms']:.1f} | {s['post_ms']:.1f} "
-                   f"| {fmt(s.get('agree_0.9'), '.1%')} | {fmt(s.get('median_iou'), '.4f')} |")
-    if batch:
-        out += ["", "sam-sparse amg's job function (read, generate, write), dense:", "",
-                "| model | batch images | images/s | masks/s | same outputs as batch 1 |", "|---|---:|---:|---:|---|"]
-        for b in batch:
-            out.append(f"| {b['model']} | {b['batch_images']} | {b['images_per_s']:.2f} | {b['masks_per_s']:.1f} "
-                       f"| {b.get('same_as_batch_1', '')} |")
-    return "\n".join(out)
+def section_amg(ctx):
+    names = ["segment-anything", "exact", "fast"]
+    if not (ctx["args"].quick and ctx["device"].type != "cuda"):
+        names.append("fast, low-res stability")
+    if ctx["device"].type == "cuda":
+        names.append("fast, bf16 decoder")
+    stream = ("exact", "fast") if ctx["device"].type == "cuda" else ()  # on the CPU: agreement only
+    return run_configs(ctx, ctx["mobile_sam"](), ctx["photos"], names, ctx["settings"], "amg", stream)
 
 
-def save(out: Path, meta: dict, rows: list, batch: list) -> str:
-    summary = summarize(rows)
-    table = markdown(meta, summary, batch)
-    (out / "bench_amg.json").write_text(json.dumps(dict(meta=meta, summary=summary, batch=batch, rows=rows), indent=1))
-    (out / "bench_amg.md").write_text(table + "\n")
-    return table
+def section_breakdown(ctx):
+    device, model = ctx["device"], ctx["mobile_sam"]()
+    photos = dict(list(ctx["photos"].items())[:ctx["args"].breakdown_images])
+    rows = []
+    for name, g in configs(model, device, ["segment-anything", "exact", "fast"], profile=True, **ctx["settings"]).items():
+        if device.type == "cuda":  # warm-up
+            g.generate(next(iter(photos.values())))
+        totals, stages = [], {}
+        for image in photos.values():
+            sync(device)
+            t = time.perf_counter()
+            g.generate(image)
+            sync(device)
+            totals.append(time.perf_counter() - t)
+            for k, v in g.seconds.items():
+                stages[k] = stages.get(k, 0.0) + v
+        ms = {k: round(1e3 * v / len(photos), 2) for k, v in stages.items()}
+        ms["total"] = round(1e3 * statistics.mean(totals), 2)
+        if name == "segment-anything":
+            ms["post"] = round(ms["total"] - ms.get("encoder", 0) - ms.get("decoder", 0), 2)
+        rows.append(dict(section="breakdown", config=name, images=len(photos), ms_per_image=ms))
+    return rows
+
+
+def section_crops(ctx):
+    args = ctx["args"]
+    photos = dict(list(ctx["photos"].items())[:args.crop_images])
+    settings = dict(ctx["settings"], crop_n_layers=1)
+    if args.quick and ctx["device"].type != "cuda":
+        settings["points_per_side"] = 2
+    return run_configs(ctx, ctx["mobile_sam"](), photos, ["segment-anything", "exact", "fast"], settings, "crops")
+
+
+def section_vit(ctx):
+    args, device = ctx["args"], ctx["device"]
+    photos = dict(list(ctx["photos"].items())[:args.vit_images])
+    rows = []
+    for model_name in args.vit_models.split(","):
+        model = build_model(model_name, args, device)
+        for name, g in configs(model, device, ["segment-anything", "exact", "fast"], profile=True,
+                               **ctx["settings"]).items():
+            if device.type == "cuda":  # warm-up
+                g.generate(next(iter(photos.values())))
+            totals, stages, n_masks = [], {}, 0
+            for image in photos.values():
+                sync(device)
+                t = time.perf_counter()
+                n_masks += len(g.generate(image))
+                sync(device)
+                totals.append(time.perf_counter() - t)
+                for k, v in g.seconds.items():
+                    stages[k] = stages.get(k, 0.0) + v
+            ms = {k: round(1e3 * v / len(photos), 2) for k, v in stages.items()}
+            rows.append(dict(section="vit", model=model_name, config=name, images=len(photos), masks=n_masks,
+                             encoder_ms=ms.get("encoder"), decoder_ms=ms.get("decoder"),
+                             total_ms=round(1e3 * statistics.mean(totals), 2), stages_ms=ms))
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def median_ms(fn, device, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return round(statistics.median(times), 3)
+
+
+def section_predictor(ctx):
+    from PIL import Image
+    from segment_anything import SamPredictor
+    from skimage import data
+
+    from sam_sparse import set_image_on_device
+    from sam_sparse.predictor import DevicePredictor
+
+    args, device = ctx["args"], ctx["device"]
+    w, h = (2250, 1500) if not (args.quick and device.type != "cuda") else (450, 300)
+    image = np.array(Image.fromarray(data.coffee()).resize((w, h), Image.BICUBIC))  # writable
+    other = np.ascontiguousarray(image[::-1])
+    point, label = np.array([[w * 0.49, h * 0.47]]), np.array([1])
+    model = build_model("vit_b", args, device)
+    if device.type == "cuda":
+        model.image_encoder.to(torch.bfloat16)
+    predictor = SamPredictor(model)
+    variants = {"SamPredictor.predict": lambda: predictor.predict(point_coords=point, point_labels=label),
+                "DevicePredictor, eager": DevicePredictor(predictor).predict,
+                "DevicePredictor, CUDA graph": DevicePredictor(predictor, cuda_graph=True).predict}
+    if device.type != "cuda":
+        del variants["DevicePredictor, CUDA graph"]
+    rows, reference = [], None
+    iters = 30 if not args.quick else (5 if device.type == "cuda" else 1)
+    with torch.inference_mode():
+        set_image_on_device(predictor, image)
+        for name, fn in variants.items():
+            call = fn if name == "SamPredictor.predict" else (lambda fn=fn: fn(point_coords=point, point_labels=label))
+            for _ in range(3 if device.type == "cuda" else 1):  # warm-up (the graph captures on its first call)
+                out = call()
+            if reference is None:
+                reference = out
+            row = dict(section="predictor", variant=name, photo=f"{w}x{h}",
+                       same_as_sam_predict=all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+                                               for a, b in zip(out, reference)),
+                       predict_ms=median_ms(call, device, iters),
+                       set_image_plus_predict_ms=median_ms(lambda: (set_image_on_device(predictor, image), call()),
+                                                           device, max(1, iters // 3)))
+            if name == "DevicePredictor, CUDA graph":
+                row["graph_errors"] = list(fn.__self__.graph_errors.values())
+            # another image (a graph copies its features in): still SamPredictor.predict's results
+            set_image_on_device(predictor, other)
+            row["same_on_another_image"] = all(np.array_equal(a, b) for a, b in zip(call(), predictor.predict(
+                point_coords=point, point_labels=label)))
+            set_image_on_device(predictor, image)
+            rows.append(row)
+    return rows
+
+
+def section_compile(ctx):
+    device, model = ctx["device"], ctx["mobile_sam"]()
+    photos = ctx["photos"]
+    reference = ctx.get("reference", {}).get("amg")
+    if reference is None:  # the amg section did not run in this process: segment-anything's records here
+        sa = TimedReference(model, device, **ctx["settings"])
+        reference = {photo: sa.generate(image) for photo, image in photos.items()}
+    g = configs(model, device, ["fast, compiled decoder"], **ctx["settings"])["fast, compiled decoder"]
+    first = next(iter(photos.values()))
+    sync(device)
+    t = time.perf_counter()
+    g.generate(first)
+    sync(device)
+    compile_s = time.perf_counter() - t
+    times, masks, agree = [], [], []
+    for photo, image in photos.items():
+        sync(device)
+        t = time.perf_counter()
+        records = g.generate(image)
+        sync(device)
+        times.append(time.perf_counter() - t)
+        masks.append(len(records))
+        agree.append(agreement(reference[photo], records, device))
+    row = dict(section="compile", **summarize("fast, compiled decoder", times, masks, agree, len(photos)))
+    row["first_call_s"] = round(compile_s, 1)
+    base = ctx.get("reference_images_per_s", {}).get("amg")
+    row["vs_segment_anything"] = round(row["images_per_s"] / base, 2) if base else None
+    return [row]
+
+
+SECTIONS = {"amg": section_amg, "breakdown": section_breakdown, "crops": section_crops, "vit": section_vit,
+            "predictor": section_predictor, "compile": section_compile}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------------
+
+
+def table(rows: list) -> str:
+    """A markdown table of the rows' scalar fields (dicts as k=v lists)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "section"))
+    fmt = lambda v: ", ".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else ("–" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def append(out: Path, section: str, rows: list, seconds: float) -> None:
+    with open(out / "bench_amg.jsonl", "a") as f:
+        for r in rows:
+            f.write(json.dumps(dict(r, section=section)) + "\n")
+        f.write(json.dumps(dict(section=section, section_seconds=round(seconds, 1))) + "\n")
+    with open(out / "bench_amg.md", "a") as f:
+        f.write(f"\n### {section} ({seconds:.0f} s)\n\n{table(rows)}\n")
 
 
 def git_commit() -> str:
@@ -256,144 +507,96 @@ def git_commit() -> str:
         return "unknown"
 
 
-# ---------------------------------------------------------------------------------------------------
-# The two measurements
-# ---------------------------------------------------------------------------------------------------
-
-
-def bench_model(name: str, images: dict, args, device, rows: list, on_image) -> None:
-    """Every configuration of one model on every image; a row per (image, config) appended to rows."""
-    configs = configurations(build_model(name, args, device), args.policy)
-    generators = {c: TimedGenerator(m, args, device, ours) for c, (m, _, ours) in configs.items()}
-    first = next(iter(images.values()))
-    for c, g in generators.items():
-        g.generate(first)  # warm-up: kernel autotuning, allocator, cuDNN choices
-    order = list(generators)
-    for i, (path, image) in enumerate(images.items()):
-        masks = {}
-        for c in order[i % len(order):] + order[:i % len(order)]:  # rotated: no config always goes first
-            masks[c], seconds = generators[c].generate(image)
-            rows.append(dict(model=name, config=c, image=path.name, size=list(image.shape[:2]), masks=len(masks[c]),
-                             seconds=seconds, notes=configs[c][1]))
-        reference = [m["segmentation"] for m in masks["unpatched"]]
-        for r in rows[-len(order):]:
-            if r["config"] != "unpatched":
-                r["best_ious"] = best_ious(reference, [m["segmentation"] for m in masks[r["config"]]], device)
-        on_image()
-    del configs, generators
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def bench_batch_images(name: str, paths: list, args, device) -> list:
-    """sam_sparse.amg.generate_masks (the `sam-sparse amg` job) on the dense model, batch 1 vs
-    args.batch_images, alternating, args.repeats times; outputs compared with batch 1's."""
-    from sam_sparse import patch_sam
-    from sam_sparse.amg import GeneratorSettings, generate_masks
-
-    model = build_model(name, args, device)
-    patch_sam(model, "dense")
-    settings = GeneratorSettings(points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-                                 pred_iou_thresh=args.pred_iou_thresh,
-                                 stability_score_thresh=args.stability_score_thresh)
-    sizes = (1, args.batch_images)
-    seconds, masks = {b: 0.0 for b in sizes}, {}
-    with tempfile.TemporaryDirectory(prefix="bench-amg-") as tmp:
-        outs = {b: Path(tmp) / f"batch{b}" for b in sizes}
-        for b in sizes:
-            outs[b].mkdir()
-            if device.type == "cuda":  # warm-up: the kernel autotunes for the batch-b shapes on first use
-                generate_masks(model, paths[:b], outs[b], settings, overwrite=True, batch_images=b)
-        for _ in range(args.repeats):
-            for b in sizes:
-                sync(device)
-                t = time.perf_counter()
-                records = generate_masks(model, paths, outs[b], settings, overwrite=True, batch_images=b)
-                sync(device)
-                seconds[b] += time.perf_counter() - t
-                masks[b] = sum(r["masks"] for r in records)
-        csv = lambda b, p: (outs[b] / p.stem / "metadata.csv").read_bytes()  # noqa: E731
-        same = sum(csv(1, p) == csv(sizes[1], p) for p in paths)
-    n = len(paths) * args.repeats
-    return [dict(model=name, config="dense", batch_images=b, images=n, seconds=seconds[b], images_per_s=n / seconds[b],
-                 masks_per_s=masks[b] * args.repeats / seconds[b],
-                 same_as_batch_1=f"{same}/{len(paths)} images" if b > 1 else "") for b in sizes]
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--export-photos", type=Path, metavar="DIR",
-                    help="only save scikit-image's photos as PNGs into DIR (to carry to a machine without them)")
-    ap.add_argument("--images-dir", type=Path, help="photos (default: scikit-image's, exported to a temp dir)")
-    ap.add_argument("--images", type=int, default=None, help="use only the first N photos (sorted by path)")
-    ap.add_argument("--models", default="vit_b,vit_h,mobile_sam", help="comma list of vit_b, vit_l, vit_h, mobile_sam")
-    ap.add_argument("--mobile-sam-checkpoint", type=Path, help="MobileSAM's weights (default: fetch_mobile_sam())")
-    ap.add_argument("--checkpoint", action="append", default=[], metavar="MODEL=FILE",
-                    help="real weights instead of random ones (repeatable), e.g. vit_b=sam_vit_b_01ec64.pth")
-    ap.add_argument("--policy", default="local2d-30", help="the sparse policy (name or YAML path)")
-    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"),
-                    help="bf16: the image encoder only (SAM's prompt encoder and decoder stay float32)")
-    ap.add_argument("--points-per-side", type=int, default=32)
-    ap.add_argument("--points-per-batch", type=int, default=64)
-    ap.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    ap.add_argument("--stability-score-thresh", type=float, default=0.95)
-    ap.add_argument("--rel-pos-std", type=float, default=0.02, help="std of the random rel-pos tables (vit_*)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-images", type=int, default=4, help="batch timed against 1 in the job function; 0: skip")
-    ap.add_argument("--batch-model", default=None, help="model for the batch timing (default: the first of --models)")
-    ap.add_argument("--repeats", type=int, default=1, help="job-function passes per batch size")
+    ap.add_argument("--out", type=Path, required=True, help="folder for bench_amg.jsonl and bench_amg.md (appended)")
+    ap.add_argument("--only", default=None, help=f"comma list of sections ({', '.join(SECTIONS)}); default: all "
+                                                 "but compile")
+    ap.add_argument("--compile", action="store_true", help="also run the compile section")
+    ap.add_argument("--quick", action="store_true", help="smoke run: fewer photos (on CPU: small photos, few points)")
     ap.add_argument("--device", default=None, help="default cuda if available, else cpu")
-    ap.add_argument("--out", type=Path, default=Path("."), help="folder for bench_amg.json and bench_amg.md")
+    ap.add_argument("--images", type=int, default=None, help="photos for amg / compile (default 20; quick 4, CPU 1)")
+    ap.add_argument("--crop-images", type=int, default=None, help="photos for crops (default 10; quick 2, CPU 1)")
+    ap.add_argument("--breakdown-images", type=int, default=None, help="photos for breakdown (default 5; quick 2, CPU 1)")
+    ap.add_argument("--vit-images", type=int, default=None, help="photos per vit model (default 3; quick 1)")
+    ap.add_argument("--vit-models", default=None, help="default vit_b,vit_h (quick: vit_b)")
+    ap.add_argument("--images-dir", type=Path, help="photos from files (sorted by path) instead of scikit-image's")
+    ap.add_argument("--export-photos", type=Path, metavar="DIR", help="only write the photo set as PNGs into DIR")
+    ap.add_argument("--mobile-sam-checkpoint", type=Path, help="MobileSAM's weights (default: fetch_mobile_sam())")
+    ap.add_argument("--points-per-side", type=int, default=None, help="default 32 (CPU quick: 4)")
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    if any("=" not in c for c in args.checkpoint):
-        ap.error("--checkpoint: expected MODEL=FILE")
-    args.checkpoint = dict(c.split("=", 1) for c in args.checkpoint)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cpu_quick = args.quick and device.type != "cuda"
+    q = lambda full, quick: quick if args.quick else full  # noqa: E731
+    args.images = args.images or q(20, 1 if cpu_quick else 4)
+    args.crop_images = args.crop_images or q(10, 1 if cpu_quick else 2)
+    args.breakdown_images = args.breakdown_images or q(5, 1 if cpu_quick else 2)
+    args.vit_images = args.vit_images or q(3, 1)
+    args.vit_models = args.vit_models or q("vit_b,vit_h", "vit_b")
+    pps = args.points_per_side or (4 if cpu_quick else 32)
 
     if args.export_photos:
-        written = export_photos(args.export_photos)
-        print(f"wrote {len(written)} photos to {args.export_photos}")
+        from PIL import Image
+
+        args.export_photos.mkdir(parents=True, exist_ok=True)
+        for name, img in photo_set(args.images).items():
+            Image.fromarray(img).save(args.export_photos / f"{name}.png")
+        print(f"wrote {args.images} photos to {args.export_photos}")
         return
+    if args.images_dir:
+        from sam_sparse.amg import find_images
+        from sam_sparse.segment import load_image
+
+        photos = {p.stem: load_image(p) for p in find_images(args.images_dir)[:args.images]}
+    else:
+        photos = photo_set(args.images, max_side=256 if cpu_quick else 0)
+
     from sam_sparse import __version__
-    from sam_sparse.amg import find_images
-    from sam_sparse.segment import load_image
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tmp = None
-    if args.images_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bench-amg-photos-")
-        args.images_dir = Path(tmp.name)
-        export_photos(args.images_dir)
-    paths = find_images(args.images_dir)[:args.images]
-    images = {p: load_image(p) for p in paths}
     args.out.mkdir(parents=True, exist_ok=True)
-    models = args.models.split(",")
-
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), sam_sparse=__version__, commit=git_commit(),
-                torch=torch.__version__, python=platform.python_version(), device=str(device),
-                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-                dtype=args.dtype, points_per_side=args.points_per_side, images=len(paths), policy=args.policy,
-                weights={m: args.checkpoint.get(m, "released" if m == "mobile_sam" else "random") for m in models},
-                argv=sys.argv[1:], photos=[f"{p.name} {im.shape[1]}x{im.shape[0]}" for p, im in images.items()])
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
+    sections = args.only.split(",") if args.only else [s for s in SECTIONS if s != "compile" or args.compile]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        ap.error(f"--only: unknown section(s) {', '.join(unknown)}; expected {', '.join(SECTIONS)}")
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), sam_sparse=__version__,
+                commit=git_commit(), torch=torch.__version__, python=platform.python_version(), device=str(device),
+                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", quick=args.quick,
+                points_per_side=pps, sections=sections, argv=sys.argv[1:],
+                photos=[f"{k} {v.shape[1]}x{v.shape[0]}" for k, v in photos.items()])
+    with open(args.out / "bench_amg.jsonl", "a") as f:
+        f.write(json.dumps(dict(section="meta", **meta)) + "\n")
+    with open(args.out / "bench_amg.md", "a") as f:
+        f.write(f"\n## bench_amg {meta['date']}, {meta['gpu']}, commit {meta['commit'][:7]}, "
+                f"torch {meta['torch']}, {pps} points per side\n\nphotos: {', '.join(meta['photos'])}\n")
     print(json.dumps({k: v for k, v in meta.items() if k != "photos"}), flush=True)
 
-    rows, batch = [], []
-    t0 = time.time()
-    for name in models:
-        bench_model(name, images, args, device, rows, on_image=lambda: save(args.out, meta, rows, batch))
-        print(f"{name}: done after {time.time() - t0:.0f} s", flush=True)
-    if args.batch_images > 1:
-        batch = bench_batch_images(args.batch_model or models[0], paths, args, device)
-    meta["seconds"] = round(time.time() - t0, 1)
-    print(save(args.out, meta, rows, batch))
-    print(f"wrote {args.out / 'bench_amg.json'} and {args.out / 'bench_amg.md'}")
-    if tmp is not None:
-        tmp.cleanup()
+    cache = {}
+
+    def mobile_sam():
+        if "model" not in cache:
+            cache["model"] = build_model("mobile_sam", args, device)
+        return cache["model"]
+
+    ctx = dict(args=args, device=device, photos=photos, mobile_sam=mobile_sam,
+               settings=dict(points_per_side=pps))
+    t_all = time.time()
+    for name in sections:
+        t0 = time.time()
+        print(f"== {name}", flush=True)
+        try:
+            rows = SECTIONS[name](ctx)
+        except Exception as e:  # recorded; the next section still runs
+            rows = [dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])]
+            print(rows[0]["traceback"], file=sys.stderr, flush=True)
+        seconds = time.time() - t0
+        append(args.out, name, rows, seconds)
+        for r in rows:
+            print(json.dumps({k: v for k, v in r.items() if k != "traceback"}), flush=True)
+        print(f"== {name}: {seconds:.0f} s", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print(f"all sections: {time.time() - t_all:.0f} s; wrote {args.out / 'bench_amg.jsonl'} and {args.out / 'bench_amg.md'}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """sam-sparse amg on real MobileSAM weights and small scikit-image photos: outputs against segment-anything's
 own SamAutomaticMaskGenerator, both output layouts decoded independently, resume, a corrupt image, the
-batched encoder (--batch-images) against one image per forward, and torchrun with two CPU processes (gloo)
-against one process."""
+batched encoder (--batch-images) against one image per forward, --mode fast, and torchrun with two CPU
+processes (gloo) against one process. (The generator itself, sam_sparse.maskgen: tests/test_maskgen.py.)"""
 
 import json
 import os
@@ -37,8 +37,9 @@ def photos(tmp_path_factory):
     return d
 
 
-def amg(*args):
-    return CliRunner().invoke(main, ["amg", *[str(a) for a in args], *SETTINGS])
+def amg(*args, mode="exact"):
+    """The CLI's amg; mode None: the default (fast)."""
+    return CliRunner().invoke(main, ["amg", *[str(a) for a in args], *SETTINGS, *(["--mode", mode] if mode else [])])
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -172,25 +173,18 @@ def test_crop_layers_embed_each_crop_even_with_batch_images(photos, tmp_path):
     assert len(crop_boxes) > 1  # masks from the crops too, not only from the whole image
 
 
-def test_precomputed_embedding_refuses_a_crop():
-    from sam_sparse.amg import precomputed_embedding
-
-    class Predictor:  # the attributes SamPredictor.set_image sets, and its reset_image
-        def set_image(self, image, image_format="RGB"):
-            raise AssertionError("the encoder ran")
-
-        def reset_image(self):
-            self.features, self.is_image_set = None, False
-
-    predictor, image, features = Predictor(), np.zeros((30, 40, 3), np.uint8), torch.ones(1, 256, 64, 64)
-    with precomputed_embedding(predictor, features, (768, 1024), image):
-        predictor.set_image(image)
-        assert predictor.features is features and predictor.is_image_set
-        assert predictor.original_size == (30, 40) and predictor.input_size == (768, 1024)
-        with pytest.raises(RuntimeError, match="crops need their own embedding"):
-            predictor.set_image(image[:15, :20])
-    with pytest.raises(AssertionError, match="the encoder ran"):  # the method is back
-        predictor.set_image(image)
+def test_fast_mode_is_the_default_and_is_recorded(photos, binary_run, tmp_path):
+    out = tmp_path / "fast"
+    result = amg(photos / "coffee.png", "--out", out, mode=None)
+    assert result.exit_code == 0, result.output
+    assert "mode fast" in result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mode"] == "fast" and manifest["summary"] == {"done": 1, "skipped": 0, "failed": 0}
+    rows, masks = read_binary(out / "coffee")
+    _, exact = read_binary(binary_run / "coffee")
+    assert len(masks) > 0 and len(exact) > 0
+    for m in exact:  # each exact mask found again (agreement is measured in tests/test_maskgen.py)
+        assert max((m & f).sum() / max((m | f).sum(), 1) for f in masks) >= 0.9
 
 
 def test_bad_arguments_exit_2_before_the_model_loads(tmp_path):
@@ -205,6 +199,8 @@ def test_bad_arguments_exit_2_before_the_model_loads(tmp_path):
     for n in ("0", "-1", "two"):
         result = amg(tmp_path / "a.png", "--out", tmp_path / "o", "--batch-images", n)
         assert result.exit_code == 2 and "--batch-images" in result.stderr, result.output
+    result = amg(tmp_path / "a.png", "--out", tmp_path / "o", mode="quick")
+    assert result.exit_code == 2 and "--mode" in result.stderr and "exact" in result.stderr, result.output
 
 
 def test_torchrun_two_processes_match_one(photos, binary_run, tmp_path):
@@ -213,7 +209,7 @@ def test_torchrun_two_processes_match_one(photos, binary_run, tmp_path):
     (out / "manifest.rank5.json").write_text('{"run_id": "an earlier, larger job"}')  # removed at the end
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "sam_sparse", "amg", str(photos), "--out", str(out), *SETTINGS]
+           "-m", "sam_sparse", "amg", str(photos), "--out", str(out), *SETTINGS, "--mode", "exact"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads((out / "manifest.json").read_text())
@@ -227,52 +223,3 @@ def test_torchrun_two_processes_match_one(photos, binary_run, tmp_path):
         # test process multi-threaded ones, which sum in another order.
         for a, b in zip(rows_two[1:], rows_one[1:]):
             assert np.allclose([float(x) for x in a.split(",")], [float(x) for x in b.split(",")], rtol=1e-5, atol=0)
-
-
-# --- the faster RLE helpers give segment-anything's output exactly ---------------------------------
-
-
-def _sa_rle():
-    from segment_anything.utils.amg import mask_to_rle_pytorch, rle_to_mask
-
-    return mask_to_rle_pytorch, rle_to_mask
-
-
-@pytest.mark.parametrize("shape", [(0, 5, 7), (1, 1, 1), (3, 5, 7), (6, 33, 17)])
-def test_mask_to_rle_matches_segment_anything(shape):
-    from sam_sparse.amg import mask_to_rle, rle_to_mask
-
-    sa_encode, sa_decode = _sa_rle()
-    seed = torch.seed() % 2**31
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.rand(shape, generator=g) > 0.5
-    if shape[0] >= 3:
-        masks[0] = False  # all background
-        masks[1] = True  # all foreground: first count 0
-        masks[2, :, :3] = True  # blocks of columns: long runs
-    ours, theirs = mask_to_rle(masks), sa_encode(masks)
-    assert ours == theirs, f"seed {seed}"
-    for rle, m in zip(ours, masks):
-        assert np.array_equal(rle_to_mask(rle), sa_decode(rle)), f"seed {seed}"
-        assert np.array_equal(rle_to_mask(rle), m.numpy())
-
-
-def test_mask_generator_is_segment_anythings_output(photos):
-    """MaskGenerator (what the amg job runs) against segment-anything's generator: equal records."""
-    from segment_anything import SamAutomaticMaskGenerator
-
-    from sam_sparse import build_sam, fetch_mobile_sam
-    from sam_sparse.amg import MaskGenerator
-    from sam_sparse.segment import load_image
-
-    model = build_sam("mobile_sam", fetch_mobile_sam())
-    image = load_image(photos / "astronaut.png")
-    ref = SamAutomaticMaskGenerator(model, points_per_side=4).generate(image)
-    ours = MaskGenerator(model, points_per_side=4).generate(image)
-    assert len(ours) == len(ref) > 0
-    for a, b in zip(ours, ref):
-        assert np.array_equal(a["segmentation"], b["segmentation"])
-        assert a["area"] == b["area"] and a["bbox"] == b["bbox"] and a["predicted_iou"] == b["predicted_iou"]
-    from segment_anything import automatic_mask_generator as sa_amg
-
-    assert sa_amg.mask_to_rle_pytorch is _sa_rle()[0]  # the swap is undone after generate

@@ -26,6 +26,7 @@ from .common import (
 
 EXIT_SOME_FAILED = 3
 DEFAULT_POLICY = "dense"
+DEFAULT_MODE = "fast"  # keeps >= 99% of segment-anything's masks at IoU >= 0.9 (docs/benchmarks.md)
 _DEFAULTS = GeneratorSettings()
 
 
@@ -47,6 +48,10 @@ def _setting(name, kind, help_text):
               help="binary_mask: a folder per image, one PNG per mask and metadata.csv; coco_rle: one JSON per "
                    "image with COCO RLE masks (segment-anything's scripts/amg.py layouts).")
 @click.option("--overwrite", is_flag=True, help="Redo every image, complete outputs included.")
+@click.option("--mode", type=click.Choice(["exact", "fast"]), default=DEFAULT_MODE, show_default=True,
+              help="fast: large decoder batches and a low-res stability prefilter, its agreement with "
+                   "segment-anything's generator measured (docs/benchmarks.md); exact: SamAutomaticMaskGenerator's "
+                   "masks and records exactly.")
 @click.option("--batch-images", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Images per image-encoder forward: the next N images are embedded together (their own "
                    "sizes, preprocessed as SamPredictor.set_image does), then each goes through the generator "
@@ -68,9 +73,12 @@ def _setting(name, kind, help_text):
               help="Also draw each image's masks over it: NAME.overlay.png beside its output.")
 @device_option
 @guarded
-def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mode, overwrite, batch_images, overlay,
-        device, **settings):
+def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mode, overwrite, mode, batch_images,
+        overlay, device, **settings):
     """Generate every mask of each image in INPUT with SAM's automatic mask generator on a patched model.
+
+    --mode fast (the default) keeps >= 99% of segment-anything's masks at IoU >= 0.9 on the sample photos
+    (docs/benchmarks.md); --mode exact gives SamAutomaticMaskGenerator's masks and records exactly.
 
     INPUT is an image, a folder (searched recursively) or a .txt file listing image paths. Outputs follow
     segment-anything's scripts/amg.py (a folder of PNGs + metadata.csv, or a COCO-RLE JSON, per image),
@@ -97,6 +105,7 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     \b
       sam-sparse amg photo.jpg --out masks/ --points-per-side 16 --overlay
       sam-sparse amg photos/ --out masks/ --batch-images 4
+      sam-sparse amg photos/ --out masks/ --mode exact
       sam-sparse amg photos/ --out masks/ --output-mode coco_rle \\
           --checkpoint sam_vit_b_01ec64.pth --model-type vit_b --policy local2d-30
     """
@@ -138,13 +147,13 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     chosen = chosen or manifest_policy or load_policy(DEFAULT_POLICY)
     patch_sam(model, chosen)
     if rank == 0:
-        say(f"amg: {len(paths)} image(s), policy {chosen.name!r}, {output_mode}, on {world} process(es)")
+        say(f"amg: {len(paths)} image(s), policy {chosen.name!r}, {output_mode}, mode {mode}, on {world} process(es)")
         if batch_images > 1 and generator_settings.crop_n_layers > 0:
             say(f"amg: --batch-images {batch_images} has no effect with --crop-n-layers "
                 f"{generator_settings.crop_n_layers}: each crop is embedded on its own")
 
     run = dict(tool="sam-sparse amg", sam_sparse_version=__version__, model=model_type_used or "from manifest",
-               policy=chosen.name, output_mode=output_mode, world_size=world, batch_images=batch_images,
+               policy=chosen.name, output_mode=output_mode, mode=mode, world_size=world, batch_images=batch_images,
                overlay=overlay, settings=settings, argv=sys.argv[1:], input=str(input))
     manifest = _LiveManifest(out, run, run_id, rank, world,
                              {p: job.output_path(out, names[p], output_mode) for p in paths}, mine)
@@ -164,7 +173,7 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
         try:
             job.generate_masks(model, mine, out, generator_settings, output_mode=output_mode, names=names,
                                overwrite=overwrite, progress=tick, batch_images=batch_images, overlay=overlay,
-                               on_record=manifest.update)
+                               on_record=manifest.update, mode=mode)
         except KeyboardInterrupt:
             manifest.write(finished=False)  # what was done, for the user and for a rerun
             raise

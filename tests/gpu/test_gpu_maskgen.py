@@ -1,0 +1,119 @@
+"""sam_sparse.maskgen and DevicePredictor on CUDA: what only a GPU can show.
+
+- exact mode equals segment-anything's generator on the GPU too: there, upsampling a subset of masks
+  must give each mask the bits it gets in the predictor's (B, 3, h, w) batch (CUDA's interpolate), and
+  NMS runs on CUDA tensors;
+- fast mode (1024-point decoder batches, other cuBLAS kernels) keeps >= 99% of the masks at IoU >= 0.9;
+- DevicePredictor, eager and CUDA-graphed, returns SamPredictor.predict's arrays, also after a new image;
+- SAM 2 (if sam2 is installed): exact mode equals SAM2AutomaticMaskGenerator on CUDA.
+
+    TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/gpu/test_gpu_maskgen.py
+"""
+
+import numpy as np
+import pytest
+import torch
+from gpu_helpers import GPU_MARKS
+from test_maskgen import SAM2_CASES, assert_same_arrays, assert_same_records, best_ious, photo, predict_cases
+
+pytestmark = GPU_MARKS
+
+SETTINGS = dict(points_per_side=16)
+
+
+@pytest.fixture(scope="module")
+def mobile():
+    from sam_sparse import build_sam, fetch_mobile_sam, patch_sam
+
+    model = build_sam("mobile_sam", fetch_mobile_sam(quiet=True), device="cuda")
+    patch_sam(model, "dense")  # as `sam-sparse amg` runs it
+    return model
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return {name: photo(name, side) for name, side in (("astronaut", 512), ("coffee", 600), ("chelsea", 451))}
+
+
+@pytest.fixture(scope="module")
+def references(mobile, photos):
+    from segment_anything import SamAutomaticMaskGenerator
+
+    with torch.inference_mode():
+        return {n: SamAutomaticMaskGenerator(mobile, **SETTINGS).generate(img) for n, img in photos.items()}
+
+
+@pytest.mark.parametrize("output_mode", ["binary_mask", "coco_rle"])
+def test_exact_mode_gives_segment_anythings_records_on_cuda(mobile, photos, references, output_mode):
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+
+    generator = AutomaticMaskGenerator(mobile, "exact", output_mode=output_mode, **SETTINGS)
+    for name, image in photos.items():
+        ref = references[name]
+        if output_mode != "binary_mask":
+            with torch.inference_mode():
+                ref = SamAutomaticMaskGenerator(mobile, output_mode=output_mode, **SETTINGS).generate(image)
+        assert len(ref) > 0
+        assert_same_records(generator.generate(image), ref, f"{name}, {output_mode}")
+
+
+def test_exact_mode_with_a_crop_layer_on_cuda(mobile, photos):
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+
+    settings = dict(points_per_side=8, crop_n_layers=1)
+    with torch.inference_mode():
+        ref = SamAutomaticMaskGenerator(mobile, **settings).generate(photos["coffee"])
+    assert len({tuple(r["crop_box"]) for r in ref}) > 1
+    assert_same_records(AutomaticMaskGenerator(mobile, "exact", **settings).generate(photos["coffee"]), ref, "crops")
+
+
+def test_fast_mode_keeps_99_percent_of_the_masks_on_cuda(mobile, photos, references):
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+
+    generator = AutomaticMaskGenerator(mobile, "fast", **SETTINGS)
+    assert generator.decoder_batch(256) == 256  # one decoder call for the 16 x 16 grid
+    ious = np.concatenate([best_ious(references[n], generator.generate(img)) for n, img in photos.items()])
+    matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
+    print(f"fast vs segment-anything on CUDA: {len(ious)} masks, {matched:.1%} at IoU >= 0.9, median {median:.4f}")
+    assert matched >= 0.99 and median >= 0.99, (matched, median)
+
+
+def test_device_predictor_gives_sampredictors_arrays(mobile, photos):
+    from segment_anything import SamPredictor
+
+    from sam_sparse.predictor import DevicePredictor
+
+    predictor = SamPredictor(mobile)
+    eager, graphed = DevicePredictor(predictor), DevicePredictor(predictor, cuda_graph=True)
+    for name in ("coffee", "astronaut"):  # the second image: the graphs copy in its features
+        predictor.set_image(photos[name])
+        for case in predict_cases(photos[name].shape[:2]):
+            ref = predictor.predict(**case)
+            assert_same_arrays(eager.predict(**case), ref, f"eager, {name}, {sorted(case)}")
+            for _ in range(2):  # capture, then replay
+                assert_same_arrays(graphed.predict(**case), ref, f"graph, {name}, {sorted(case)}")
+    assert not graphed.graph_errors, graphed.graph_errors
+
+
+@pytest.mark.parametrize("case", SAM2_CASES)
+def test_sam2_exact_mode_on_cuda(photos, case):
+    pytest.importorskip("sam2", reason="sam2 is an optional dependency (pip install sam2)")
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+    from sam2.build_sam import build_sam2
+
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+
+    torch.manual_seed(0)
+    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cuda").eval()
+    with torch.no_grad():
+        for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(30.0)
+    image = photo("astronaut", 160)
+    with torch.inference_mode():
+        ref = SAM2AutomaticMaskGenerator(model, **SAM2_CASES[case]).generate(image)
+    assert len(ref) >= 5
+    assert_same_records(AutomaticMaskGenerator(model, "exact", **SAM2_CASES[case]).generate(image), ref, case)

@@ -1,0 +1,409 @@
+"""sam_sparse.maskgen against the generators it stands in for, on the CPU: MobileSAM (released weights) and
+SAM 2.1 hiera_t (random weights) on small scikit-image photos.
+
+- exact mode: records equal to segment-anything's SamAutomaticMaskGenerator's (and sam2's
+  SAM2AutomaticMaskGenerator's): every mask, every field with its type, the order; several decoder
+  batches, crop layers, the three output modes, SAM 2's mask-to-mask refinement and single-mask grid;
+- fast mode: >= 99% of segment-anything's masks found again at IoU >= 0.9 on 3 photos;
+- a stability filter moved before upsampling changes the records (so the equality tests can see it);
+- the helpers: one-copy transfers, run-length encoding, read-ahead.
+
+The reference generators and the pipeline share the models' forwards through tests/memo.py (the same
+call, layout included, runs once); what differs between them, the post-processing, always runs.
+"""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from memo import memoize
+from PIL import Image
+
+PHOTOS = ("astronaut", "coffee", "chelsea")
+SETTINGS = dict(points_per_side=4, points_per_batch=16)
+
+
+def photo(name: str, side: int = 160) -> np.ndarray:
+    from skimage import data
+
+    img = getattr(data, name)()
+    h, w = img.shape[:2]
+    s = side / max(h, w)
+    return np.asarray(Image.fromarray(img).resize((round(w * s), round(h * s))))
+
+
+def fields(record: dict) -> str:
+    """Every field but the mask, as JSON writes it (so 3 and 3.0 differ)."""
+    return json.dumps({k: v for k, v in record.items() if k != "segmentation"})
+
+
+def assert_same_records(ours: list, ref: list, what: str = "") -> None:
+    assert len(ours) == len(ref), f"{what}: {len(ours)} records, reference {len(ref)}"
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if isinstance(b["segmentation"], np.ndarray):
+            assert a["segmentation"].dtype == b["segmentation"].dtype, f"{what}: record {i}"
+            assert np.array_equal(a["segmentation"], b["segmentation"]), f"{what}: record {i}: mask differs"
+        else:
+            assert a["segmentation"] == b["segmentation"], f"{what}: record {i}: RLE differs"
+        assert fields(a) == fields(b), f"{what}: record {i}:\n{fields(a)}\n{fields(b)}"
+
+
+def best_ious(ref: list, ours: list) -> np.ndarray:
+    """For each reference mask, its best IoU among ours (float64 counts)."""
+    if not ours:
+        return np.zeros(len(ref))
+    a = np.stack([r["segmentation"] for r in ref]).reshape(len(ref), -1).astype(np.float64)
+    b = np.stack([r["segmentation"] for r in ours]).reshape(len(ours), -1).astype(np.float64)
+    inter = a @ b.T
+    union = a.sum(1)[:, None] + b.sum(1)[None] - inter
+    return (inter / np.maximum(union, 1)).max(1)
+
+
+@pytest.fixture(scope="module")
+def mobile():
+    from sam_sparse import build_sam, fetch_mobile_sam
+
+    model = build_sam("mobile_sam", fetch_mobile_sam(quiet=True))
+    model.memo = memoize(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return {name: photo(name) for name in PHOTOS}
+
+
+@pytest.fixture(scope="module")
+def references(mobile, photos):
+    from segment_anything import SamAutomaticMaskGenerator
+
+    with torch.inference_mode():
+        return {name: SamAutomaticMaskGenerator(mobile, **SETTINGS).generate(img) for name, img in photos.items()}
+
+
+# --- exact mode: segment-anything's records -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_exact_mode_gives_segment_anythings_records(mobile, photos, references, name):
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+
+    ours = AutomaticMaskGenerator(mobile, "exact", **SETTINGS).generate(photos[name])
+    assert len(references[name]) > 0
+    assert_same_records(ours, references[name], name)
+
+
+def test_exact_mode_over_several_decoder_batches_and_output_modes(mobile, photos):
+    """3 points per batch (16 points: five batches of 3 and one of 1). Here a batch keeps no mask, and
+    segment-anything's concatenation then turns the crop's int boxes into floats: the records must show
+    floats too. And the RLE output modes."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+
+    settings = dict(SETTINGS, points_per_batch=3)
+    for output_mode in ("binary_mask", "uncompressed_rle", "coco_rle"):
+        with torch.inference_mode():
+            ref = SamAutomaticMaskGenerator(mobile, output_mode=output_mode, **settings).generate(photos["astronaut"])
+        ours = AutomaticMaskGenerator(mobile, "exact", output_mode=output_mode, **settings).generate(photos["astronaut"])
+        assert len(ref) > 0 and isinstance(ref[0]["bbox"][0], float), "no empty batch: the case tests less"
+        assert_same_records(ours, ref, output_mode)
+
+
+def test_exact_mode_with_a_crop_layer(mobile, photos):
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+
+    settings = dict(points_per_side=2, crop_n_layers=1)
+    with torch.inference_mode():
+        ref = SamAutomaticMaskGenerator(mobile, **settings).generate(photos["astronaut"])
+    ours = AutomaticMaskGenerator(mobile, "exact", **settings).generate(photos["astronaut"])
+    assert len({tuple(r["crop_box"]) for r in ref}) > 1, "no mask from a crop: the test would not test crops"
+    assert_same_records(ours, ref, "crop_n_layers=1")
+
+
+# --- fast mode: agreement -----------------------------------------------------------------------------
+
+
+def test_fast_mode_keeps_99_percent_of_the_masks(mobile, photos, references):
+    """And, printed for docs/benchmarks.md (pytest -s), what scoring stability on the low-res logits alone
+    would keep (not asserted: it is not the fast mode)."""
+    from sam_sparse.maskgen import FAST, AutomaticMaskGenerator, with_changes
+
+    low_res_only = with_changes(FAST, stability_on="low_res", low_res_margin=None)
+    for mode in (low_res_only, FAST):
+        generator = AutomaticMaskGenerator(mobile, mode, **SETTINGS)
+        ious = np.concatenate([best_ious(references[n], generator.generate(photos[n])) for n in PHOTOS])
+        matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
+        print(f"{mode.name} vs segment-anything: {len(ious)} masks, {matched:.1%} matched at IoU >= 0.9, "
+              f"median best IoU {median:.4f}")
+    assert len(ious) >= 15
+    assert matched >= 0.99 and median >= 0.99, (matched, median)
+
+
+# --- moving a filter before upsampling is seen -----------------------------------------------------------
+
+
+def test_stability_moved_before_upsampling_changes_the_records(mobile, photos):
+    """The stability score on the low-res logits differs from segment-anything's (on the upsampled ones):
+    at a threshold between the two scores of one mask, the moved filter gives other records, and exact
+    mode (which must not move it) still gives segment-anything's."""
+    from segment_anything import SamAutomaticMaskGenerator
+    from segment_anything.utils.amg import calculate_stability_score
+
+    from sam_sparse.maskgen import EXACT, AutomaticMaskGenerator, adapter_for
+
+    image = photos["coffee"]
+    adapter = adapter_for(mobile)
+    with torch.inference_mode():
+        [emb] = adapter.embed([adapter.prepare(image)])
+        coords = adapter.prompt_coords(AutomaticMaskGenerator(mobile, **SETTINGS).point_grids[0]
+                                       * np.array(image.shape[:2])[None, ::-1], image.shape[:2])
+        low, iou = adapter.decode(emb, coords[:, None, :], torch.ones(len(coords), 1, dtype=torch.int))
+        low, iou = low.flatten(0, 1), iou.flatten(0, 1)
+        low = low[iou > 0.88]
+        upsampled = calculate_stability_score(adapter.upsample(low, emb), 0.0, 1.0)
+        low_res = calculate_stability_score(adapter.low_res_view(low, emb), 0.0, 1.0)
+    gaps = sorted(((u - r).abs().item(), (u + r).item() / 2) for u, r in zip(upsampled, low_res))
+    moved = dataclasses.replace(EXACT, name="moved", stability_on="low_res")
+    for _, threshold in reversed(gaps[-5:]):  # the masks whose two scores differ most
+        settings = dict(SETTINGS, stability_score_thresh=threshold)
+        with torch.inference_mode():
+            ref = SamAutomaticMaskGenerator(mobile, **settings).generate(image)
+        wrong = AutomaticMaskGenerator(mobile, moved, **settings).generate(image)
+        if [fields(r) for r in wrong] != [fields(r) for r in ref]:
+            break
+    else:
+        pytest.fail("no threshold where the moved filter changes the records: the test cannot see the move")
+    assert_same_records(AutomaticMaskGenerator(mobile, "exact", **settings).generate(image), ref, "exact")
+
+
+# --- the generator's other entry points ----------------------------------------------------------------
+
+
+def test_generate_many_reads_ahead_in_order_and_reports_bad_items(mobile, photos, references):
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+
+    def load(item):
+        if item == "broken":
+            raise ValueError("cannot be read")
+        return photos[item]
+
+    results = list(AutomaticMaskGenerator(mobile, "exact", **SETTINGS).generate_many(
+        ["coffee", "broken", "astronaut"], load=load))
+    assert [r.item for r in results] == ["coffee", "broken", "astronaut"]
+    assert isinstance(results[1].error, ValueError) and results[1].records is None
+    assert_same_records(results[0].records, references["coffee"], "coffee")
+    assert_same_records(results[2].records, references["astronaut"], "astronaut")
+
+
+def test_bad_arguments_are_refused_with_what_is_accepted(mobile):
+    from sam_sparse.maskgen import AutomaticMaskGenerator, GeneratorSettings, Mode
+
+    with pytest.raises(ValueError, match="points_per_side=0: expected an integer >= 1"):
+        GeneratorSettings(points_per_side=0)
+    with pytest.raises(ValueError, match="pred_iou_thresh=1.5: expected a number from 0 to 1"):
+        GeneratorSettings(pred_iou_thresh=1.5)
+    with pytest.raises(ValueError, match="stability_on='full'"):
+        Mode("m", stability_on="full")
+    with pytest.raises(ValueError, match="low_res_margin: a prefilter for stability_on='upsampled' only"):
+        Mode("m", stability_on="low_res", low_res_margin=0.1)
+    with pytest.raises(ValueError, match="mode='quick': expected one of exact, fast"):
+        AutomaticMaskGenerator(mobile, "quick")
+    with pytest.raises(ValueError, match="use_m2m: SAM 2 generator parameters"):
+        AutomaticMaskGenerator(mobile, use_m2m=True)
+    with pytest.raises(ValueError, match="output_mode='png'"):
+        AutomaticMaskGenerator(mobile, output_mode="png")
+    with pytest.raises(ValueError, match="expected a non-empty HxWx3 uint8 RGB array"):
+        AutomaticMaskGenerator(mobile).generate(np.zeros((10, 10), np.uint8))
+    with pytest.raises(TypeError, match="expected a segment-anything Sam, a sam2 SAM2Base"):
+        AutomaticMaskGenerator(torch.nn.Linear(2, 2))
+
+
+# --- SAM 2: sam2's SAM2AutomaticMaskGenerator -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sam2_model():
+    pytest.importorskip("sam2", reason="sam2 is an optional dependency (pip install sam2)")
+    from sam2.build_sam import build_sam2
+
+    torch.manual_seed(0)
+    model = build_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu").eval()
+    with torch.no_grad():  # random weights give logits within +-1: scaled, masks vary in stability
+        for mlp in model.sam_mask_decoder.output_hypernetworks_mlps:
+            mlp.layers[-1].weight.mul_(30.0)
+    model.memo = memoize(model)
+    return model
+
+
+# Random weights: predicted IoUs ~0.47-0.55, stability ~0.35-0.72, every box the whole image (so NMS at
+# 0.7 would keep one mask; at 1.0 it keeps all, still ordered by score).
+SAM2_CASES = {
+    "grid": dict(points_per_side=4, points_per_batch=6, pred_iou_thresh=0.51, stability_score_thresh=0.6,
+                 box_nms_thresh=1.0, mask_threshold=0.5),
+    "m2m, one mask per point": dict(points_per_side=4, points_per_batch=6, pred_iou_thresh=0.5,
+                                    stability_score_thresh=0.5, box_nms_thresh=1.0, use_m2m=True,
+                                    multimask_output=False),
+}
+
+
+@pytest.mark.parametrize("case", SAM2_CASES)
+def test_sam2_exact_mode_gives_sam2s_records(sam2_model, photos, case):
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+
+    image = photos["astronaut"]
+    with torch.inference_mode():
+        ref = SAM2AutomaticMaskGenerator(sam2_model, **SAM2_CASES[case]).generate(image)
+    ours = AutomaticMaskGenerator(sam2_model, "exact", **SAM2_CASES[case]).generate(image)
+    assert len(ref) >= 5, f"{len(ref)} masks: too few to compare"
+    assert len({r["predicted_iou"] for r in ref}) == len(ref)  # distinct masks, not one repeated
+    assert_same_records(ours, ref, case)
+
+
+# --- predict: SamPredictor.predict / SAM2ImagePredictor.predict -------------------------------------------
+
+
+def test_prompt_encoding_gives_segment_anythings_bits(mobile):
+    """SamAdapter.encode_prompts (no boolean-mask indexing) against segment-anything's PromptEncoder on
+    random points with every label (-1, 0, 1), with and without boxes and masks: equal bits."""
+    from sam_sparse.maskgen import SamAdapter
+
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    adapter, encoder = SamAdapter(mobile), mobile.prompt_encoder
+    coords = torch.rand(5, 3, 2, generator=g, dtype=torch.float64) * 1024
+    labels = torch.randint(-1, 2, (5, 3), generator=g, dtype=torch.int)
+    boxes = torch.rand(5, 4, generator=g) * 1024
+    masks = torch.randn(5, 1, 256, 256, generator=g)
+    with torch.inference_mode():
+        for points, b, m in (((coords, labels), None, None), ((coords.float(), labels), boxes, masks),
+                             (None, boxes, None), (None, None, masks), ((coords[:1], labels[:1]), None, None)):
+            ours, theirs = adapter.encode_prompts(points, b, m), encoder(points=points, boxes=b, masks=m)
+            for a, t in zip(ours, theirs):
+                assert a.shape == t.shape and a.dtype == t.dtype and torch.equal(a, t), f"seed {seed}"
+
+
+# --- predict: SamPredictor.predict / SAM2ImagePredictor.predict -------------------------------------------
+
+
+def predict_cases(size):
+    h, w = size
+    rng = np.random.default_rng(0)
+    point, box = np.array([[w * 0.5, h * 0.4]]), np.array([w * 0.1, h * 0.2, w * 0.8, h * 0.9])
+    return [dict(point_coords=point, point_labels=np.array([1])),
+            dict(point_coords=np.array([[w * 0.5, h * 0.4], [w * 0.1, h * 0.1]]), point_labels=[1, 0],
+                 multimask_output=False),
+            dict(box=box, return_logits=True),
+            dict(point_coords=point, point_labels=np.array([1]), box=box,
+                 mask_input=rng.normal(size=(1, 256, 256)).astype(np.float32))]
+
+
+def assert_same_arrays(ours, ref, what):
+    for name, a, b in zip(("masks", "scores", "low-res logits"), ours, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, f"{what}: {name} {a.dtype}{a.shape} vs {b.dtype}{b.shape}"
+        assert np.array_equal(a, b), f"{what}: {name} differ"
+
+
+def test_predict_on_device_gives_sampredictors_results(mobile, photos):
+    from segment_anything import SamPredictor
+
+    from sam_sparse.predictor import DevicePredictor, predict_on_device
+
+    predictor = SamPredictor(mobile)
+    predictor.set_image(photos["coffee"])
+    graphed = DevicePredictor(predictor, cuda_graph=True)  # on the CPU: the eager path
+    for case in predict_cases(photos["coffee"].shape[:2]):
+        ref = predictor.predict(**case)
+        assert_same_arrays(predict_on_device(predictor, **case), ref, str(sorted(case)))
+        assert_same_arrays(graphed.predict(**case), ref, str(sorted(case)))
+    predictor.reset_image()
+    with pytest.raises(RuntimeError, match="An image must be set"):
+        predict_on_device(predictor, point_coords=np.array([[1.0, 1.0]]), point_labels=np.array([1]))
+
+
+def test_predict_on_device_gives_sam2s_results(sam2_model, photos):
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from sam_sparse.predictor import predict_on_device
+
+    predictor = SAM2ImagePredictor(sam2_model)
+    predictor.set_image(photos["astronaut"])
+    cases = predict_cases(photos["astronaut"].shape[:2])
+    cases.append(dict(point_coords=np.array([[0.5, 0.5]]), point_labels=np.array([1]), normalize_coords=False))
+    for case in cases:
+        assert_same_arrays(predict_on_device(predictor, **case), predictor.predict(**case), str(sorted(case)))
+
+
+# --- helpers ----------------------------------------------------------------------------------------------
+
+
+def test_one_copy_transfers_keep_every_dtype_shape_and_value():
+    from sam_sparse.maskgen.transfer import stage, to_device, to_host, views
+
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"bool": torch.rand(3, 5, 7, generator=g) > 0.5, "int64": torch.randint(-9, 9, (5, 4), generator=g),
+               "float32": torch.randn(3, generator=g), "float64": torch.randn(2, 3, generator=g, dtype=torch.float64),
+               "empty": torch.zeros(0, 4), "int32": torch.randint(0, 9, (1,), generator=g, dtype=torch.int32)}
+    host = to_host(tensors)
+    for name, t in tensors.items():
+        assert host[name].dtype == t.numpy().dtype and host[name].shape == tuple(t.shape), name
+        assert np.array_equal(host[name], t.numpy()), f"{name}, seed {seed}"
+    back = to_device(host, "cpu")
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+    staged, layout = stage(host, pin=False)
+    assert all(o % 512 == 0 for _, o, _, _, _ in layout)
+    assert all(torch.equal(v, tensors[k]) for k, v in views(staged, layout).items())
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 7), (1, 1, 1), (3, 5, 7), (6, 33, 17)])
+def test_mask_to_rle_matches_segment_anything(shape):
+    from segment_anything.utils.amg import mask_to_rle_pytorch
+    from segment_anything.utils.amg import rle_to_mask as sa_rle_to_mask
+
+    from sam_sparse.maskgen import mask_to_rle, rle_to_mask
+
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(shape, generator=g) > 0.5
+    if shape[0] >= 3:
+        masks[0] = False  # all background
+        masks[1] = True  # all foreground: first count 0
+        masks[2, :, :3] = True  # blocks of columns: long runs
+    ours, theirs = mask_to_rle(masks), mask_to_rle_pytorch(masks)
+    assert ours == theirs, f"seed {seed}"
+    for rle, m in zip(ours, masks):
+        assert np.array_equal(rle_to_mask(rle), sa_rle_to_mask(rle)), f"seed {seed}"
+        assert np.array_equal(rle_to_mask(rle), m.numpy())
+
+
+def test_prefetch_keeps_order_and_hands_over_expected_errors():
+    import threading
+
+    from sam_sparse.maskgen.prefetch import prefetch
+
+    main = threading.get_ident()
+    threads = set()
+
+    def work(x):
+        threads.add(threading.get_ident())
+        if x == 3:
+            raise OSError("unreadable")
+        if x == 5:
+            raise KeyError("a bug")
+        return x * 10
+
+    got = []
+    with pytest.raises(KeyError, match="a bug"):  # not a `catch` type: raised when its turn comes
+        for f in prefetch(range(7), work, depth=3):
+            got.append((f.item, f.value, type(f.error).__name__ if f.error else None))
+    assert got == [(0, 0, None), (1, 10, None), (2, 20, None), (3, None, "OSError"), (4, 40, None)]
+    assert main not in threads  # the work ran on the worker
+    with pytest.raises(ValueError, match="depth=0"):
+        list(prefetch([1], work, depth=0))
