@@ -108,9 +108,9 @@ def test_coco_rle_decodes_to_the_binary_masks(photos, binary_run, tmp_path):
 
 
 def test_resume_skips_complete_and_redoes_partial(photos, tmp_path, monkeypatch):
-    from sam_sparse.amg import MaskGenerator
+    from sam_sparse.amg import AutomaticMaskGenerator
 
-    monkeypatch.setattr(MaskGenerator, "generate", stub_generate)  # which images run matters here, not their masks
+    monkeypatch.setattr(AutomaticMaskGenerator, "generate", stub_generate)  # which images run matters here, not their masks
     out = tmp_path / "out"
     assert amg(photos, "--out", out).exit_code == 0
     before = (out / "astronaut" / "metadata.csv").stat().st_mtime_ns
@@ -179,7 +179,7 @@ def test_fast_mode_is_the_default_and_is_recorded(photos, binary_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert "mode fast" in result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["mode"] == "fast" and manifest["summary"] == {"done": 1, "skipped": 0, "failed": 0}
+    assert manifest["mode"] == "fast" and manifest["summary"] == {"done": 1, "skipped": 0, "failed": 0, "pending": 0}
     rows, masks = read_binary(out / "coffee")
     _, exact = read_binary(binary_run / "coffee")
     assert len(masks) > 0 and len(exact) > 0

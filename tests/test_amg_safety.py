@@ -39,7 +39,7 @@ def manifest(out: Path) -> dict:
 
 @pytest.fixture
 def stubbed(monkeypatch):
-    monkeypatch.setattr(job.MaskGenerator, "generate", stub_generate)
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stub_generate)
 
 
 def tree(root: Path) -> dict:
@@ -253,14 +253,14 @@ def test_an_interrupted_run_leaves_a_manifest(tmp_path, stubbed, monkeypatch):
         photo(d / name)
     calls = []
 
-    def stop_at_the_second(self, image):
+    def stop_at_the_second(self, image, embedding=None):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return original(self, image)
 
     original = stub_generate
-    monkeypatch.setattr(job.MaskGenerator, "generate", stop_at_the_second)
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stop_at_the_second)
     result = amg(d, "--out", tmp_path / "out")
     assert result.exit_code == 130 and "error: interrupted" in result.stderr, result.output
     m = manifest(tmp_path / "out")
@@ -270,13 +270,13 @@ def test_an_interrupted_run_leaves_a_manifest(tmp_path, stubbed, monkeypatch):
     # Killed outright (no handler runs): what was written after each image is what is there.
     calls.clear()
 
-    def killed_at_the_second(self, image):
+    def killed_at_the_second(self, image, embedding=None):
         calls.append(1)
         if len(calls) == 2:
             raise SystemExit(137)
         return original(self, image)
 
-    monkeypatch.setattr(job.MaskGenerator, "generate", killed_at_the_second)
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", killed_at_the_second)
     monkeypatch.setattr(job, "MANIFEST_SECONDS", 0.0)
     result = amg(d, "--out", tmp_path / "killed")
     assert result.exit_code == 137

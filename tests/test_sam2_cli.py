@@ -73,3 +73,19 @@ def test_calibrate_and_bench(sam2_checkpoint, tmp_path):
                      "--warmup", "0", "--iters", "1")
     assert code == 0, text
     assert "sam2.1_hiera_t image encoder" in text and "CPU numbers" in text
+
+
+def test_amg_with_a_sam2_checkpoint(sam2_checkpoint, tmp_path):
+    """amg on a SAM 2 model runs SAM2AutomaticMaskGenerator's settings (predicted-IoU threshold 0.8 where none
+    is given) through maskgen, and says so in the manifest."""
+    from PIL import Image
+    from skimage import data
+
+    Image.fromarray(data.coffee()).resize((160, 120)).save(tmp_path / "coffee.png")
+    out = tmp_path / "out"
+    code, text = run("amg", tmp_path / "coffee.png", "--out", out, "--checkpoint", sam2_checkpoint,
+                     "--points-per-side", "4", "--mode", "exact", "--output-mode", "coco_rle", "--device", "cpu")
+    assert code == 0, text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == "sam2.1_hiera_t" and manifest["settings"]["pred_iou_thresh"] == 0.8
+    assert manifest["summary"]["done"] == 1 and (out / "coffee.json").is_file()

@@ -1,5 +1,6 @@
 """sam-sparse amg: automatic mask generation over an image, a folder or a list, on one device or many."""
 
+import dataclasses
 import json
 import os
 import re
@@ -60,7 +61,10 @@ def _setting(name, kind, help_text):
                    "Costs N images' encoder activation memory; up to N images are in flight.")
 @_setting("points_per_side", click.IntRange(min=1), "Points sampled along one side of the image.")
 @_setting("points_per_batch", click.IntRange(min=1), "Points run through the decoder at once.")
-@_setting("pred_iou_thresh", click.FloatRange(0, 1), "Keep masks whose predicted IoU is at least this.")
+@click.option("--pred-iou-thresh", "pred_iou_thresh", type=click.FloatRange(0, 1), default=None,
+              help="Keep masks whose predicted IoU is at least this. Default: the model family's generator's, "
+                   f"{_DEFAULTS.pred_iou_thresh} (SamAutomaticMaskGenerator) or "
+                   f"{GeneratorSettings.for_sam2().pred_iou_thresh} (SAM2AutomaticMaskGenerator).")
 @_setting("stability_score_thresh", click.FloatRange(0, 1), "Keep masks whose stability score is at least this.")
 @_setting("stability_score_offset", float, "Logit offset for the stability score.")
 @_setting("box_nms_thresh", click.FloatRange(0, 1), "Box IoU above which duplicate masks are suppressed.")
@@ -112,10 +116,11 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     import torch
 
     from .. import __version__
-    from ..patches import patch_sam
+    from ..patches import model_family, patch_sam
     from ..policy import load_policy
 
-    generator_settings = GeneratorSettings(**settings)
+    given = {k: v for k, v in settings.items() if v is not None}
+    generator_settings = GeneratorSettings(**given)  # checked here, before any model loads
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     paths = _check_input_and_out(input, out, quiet=rank > 0)
     chosen = load_policy(policy) if policy is not None else None
@@ -146,6 +151,9 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     model, model_type_used, manifest_policy = load_any_model(checkpoint, model_type, sparse_checkpoint, device)
     chosen = chosen or manifest_policy or load_policy(DEFAULT_POLICY)
     patch_sam(model, chosen)
+    if model_family(model) == "sam2":  # SAM2AutomaticMaskGenerator's defaults where nothing was given
+        generator_settings = GeneratorSettings.for_sam2(**given)
+    settings = dataclasses.asdict(generator_settings)
     if rank == 0:
         say(f"amg: {len(paths)} image(s), policy {chosen.name!r}, {output_mode}, mode {mode}, on {world} process(es)")
         if batch_images > 1 and generator_settings.crop_n_layers > 0:
