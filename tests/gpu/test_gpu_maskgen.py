@@ -71,7 +71,11 @@ def test_exact_mode_with_a_crop_layer_on_cuda(mobile, photos):
     assert_same_records(AutomaticMaskGenerator(mobile, "exact", **settings).generate(photos["coffee"]), ref, "crops")
 
 
-def test_fast_mode_keeps_99_percent_of_the_masks_on_cuda(mobile, photos, references):
+def test_fast_mode_agreement_on_cuda_decides_the_default(mobile, photos, references):
+    """Issue 24's rule: amg's default is fast only where fast keeps >= 99% of segment-anything's masks at IoU
+    >= 0.9 (median >= 0.99); else exact. Run 36 (H200): 49 of 50, 98.0%, so exact is the default. A floor of
+    95% catches a broken fast mode either way."""
+    from sam_sparse.cli.amg import DEFAULT_MODE
     from sam_sparse.maskgen import AutomaticMaskGenerator
 
     generator = AutomaticMaskGenerator(mobile, "fast", **SETTINGS)
@@ -79,7 +83,8 @@ def test_fast_mode_keeps_99_percent_of_the_masks_on_cuda(mobile, photos, referen
     ious = np.concatenate([best_ious(references[n], generator.generate(img)) for n, img in photos.items()])
     matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
     print(f"fast vs segment-anything on CUDA: {len(ious)} masks, {matched:.1%} at IoU >= 0.9, median {median:.4f}")
-    assert matched >= 0.99 and median >= 0.99, (matched, median)
+    assert matched >= 0.95 and median >= 0.99, (matched, median)
+    assert DEFAULT_MODE == ("fast" if matched >= 0.99 else "exact"), (matched, DEFAULT_MODE)
 
 
 def test_device_predictor_gives_sampredictors_arrays(mobile, photos):
