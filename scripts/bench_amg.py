@@ -60,6 +60,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_e2e import wall_ms  # noqa: E402
+
 PHOTOS = ("astronaut", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
           "hubble_deep_field", "immunohistochemistry", "microaneurysms", "moon", "page", "retina", "rocket",
           "text")
@@ -379,14 +382,8 @@ def section_vit(ctx):
 
 
 def median_ms(fn, device, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t) * 1e3)
-    return round(statistics.median(times), 3)
+    """bench_e2e.wall_ms (median wall ms of fn(), the device synchronized around each call), rounded."""
+    return round(wall_ms(fn, device, iters), 3)
 
 
 def section_predictor(ctx):

@@ -206,8 +206,8 @@ BAD_CASES = [
     ("pickled_module.pt", None, "Python objects"),
     ("not_sam.pt", None, "not a SAM checkpoint"),
     ("odd_vit.pt", None, "16 blocks and embed dim 512"),
-    ("vit_b_like.pt", "mobile_sam", "is for vit_b (12 blocks, embed dim 768), not mobile_sam"),
-    ("vit_h_like.pt", "vit_l", "is for vit_h (32 blocks, embed dim 1280), not vit_l"),
+    ("vit_b_like.pt", "mobile_sam", "is for vit_b (SAM ViT with 12 blocks, embed dim 768), not mobile_sam"),
+    ("vit_h_like.pt", "vit_l", "is for vit_h (SAM ViT with 32 blocks, embed dim 1280), not vit_l"),
 ]
 
 

@@ -42,23 +42,21 @@ def infer_model_type(state_dict: dict) -> Tuple[Optional[str], str]:
     keys = [k for k in state_dict if isinstance(k, str)]
     if any(k.startswith("image_encoder.layers.") for k in keys):
         return "mobile_sam", "mobile_sam (TinyViT image encoder)"
-    trunk = {int(k.split(".")[3]) for k in keys if k.startswith("image_encoder.trunk.blocks.") and k.split(".")[3].isdigit()}
-    proj = state_dict.get("image_encoder.trunk.patch_embed.proj.weight")
-    if trunk and isinstance(proj, torch.Tensor):
-        depth, dim = max(trunk) + 1, proj.shape[0]
-        name = _HIERA_CONFIGS.get((depth, dim))
-        if name:
-            return name, f"{name} (SAM 2, Hiera with {depth} blocks, embed dim {dim})"
-        return None, (f"a SAM 2 Hiera with {depth} blocks and embed dim {dim}, which is none of "
-                      f"{'/'.join(SAM2_ENCODERS)}")
-    blocks = {int(k.split(".")[2]) for k in keys if k.startswith("image_encoder.blocks.") and k.split(".")[2].isdigit()}
-    proj = state_dict.get("image_encoder.patch_embed.proj.weight")
-    if blocks and isinstance(proj, torch.Tensor):
-        depth, dim = max(blocks) + 1, proj.shape[0]
-        name = _VIT_CONFIGS.get((depth, dim))
-        if name:
-            return name, f"{name} ({depth} blocks, embed dim {dim})"
-        return None, f"a SAM ViT with {depth} blocks and embed dim {dim}, which is none of vit_b/vit_l/vit_h"
+    # (blocks prefix, patch-embedding key, (depth, dim) -> type, words): SAM 2's Hiera, then SAM's ViT.
+    encoders = (("image_encoder.trunk.blocks.", "image_encoder.trunk.patch_embed.proj.weight", _HIERA_CONFIGS,
+                 "SAM 2, Hiera", "/".join(SAM2_ENCODERS)),
+                ("image_encoder.blocks.", "image_encoder.patch_embed.proj.weight", _VIT_CONFIGS, "SAM ViT",
+                 "vit_b/vit_l/vit_h"))
+    for prefix, proj_key, table, words, accepted in encoders:
+        blocks = {int(k[len(prefix):].split(".")[0]) for k in keys
+                  if k.startswith(prefix) and k[len(prefix):].split(".")[0].isdigit()}
+        proj = state_dict.get(proj_key)
+        if blocks and isinstance(proj, torch.Tensor):
+            depth, dim = max(blocks) + 1, proj.shape[0]
+            name = table.get((depth, dim))
+            if name:
+                return name, f"{name} ({words} with {depth} blocks, embed dim {dim})"
+            return None, f"a {words} with {depth} blocks and embed dim {dim}, which is none of {accepted}"
     if any(k.startswith(("image_encoder.", "mask_decoder.", "prompt_encoder.")) for k in keys):
         return None, "a partial SAM state dict (no image-encoder blocks)"
     sample = ", ".join(repr(k) for k in keys[:3]) or "no keys"

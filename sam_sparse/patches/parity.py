@@ -345,10 +345,9 @@ def verify_parity(
             for r, o in zip(ref, out):
                 report.embedding_cosine.append(_cosine(o, r))
                 report.embedding_max_err.append(float((o.float() - r.float()).abs().max()))
-        elif sam2 is not None:
-            _sam2_parity(model, handle, images, points, boxes, multimask_output, both, report, image_names)
         else:
-            _sam_parity(model, handle, images, points, boxes, multimask_output, both, report, image_names)
+            run = _Sam2Run(model) if sam2 is not None else _SamRun(model)
+            _predictor_parity(run, model, handle, images, points, boxes, multimask_output, both, report, image_names)
         report.layers = list(recorder.stats.values())
         return report
     finally:
@@ -358,72 +357,6 @@ def verify_parity(
             handle.restore()
         if prior is not None:
             prior.enable()
-
-
-def _sam_parity(model: Sam, handle, images, points, boxes, multimask_output: bool, both, report: ParityReport,
-                image_names: Optional[Sequence[str]] = None) -> None:
-    from segment_anything import SamPredictor
-
-    predictor = SamPredictor(model)
-    encoder_modules = set(model.image_encoder.modules())
-    encoder_patched = any(module in encoder_modules for _, module in handle.modules())
-    images = _as_images(images)
-    all_points = _per_image(points, len(images), 2, "points")
-    all_boxes = _per_image(boxes, len(images), 4, "boxes")
-    device = model.device
-    dtype = next(model.parameters()).dtype
-    for i, image in enumerate(images):
-        name = image_names[i] if image_names is not None and i < len(image_names) else f"image {i}"
-        centre = all_points[i] is None and all_boxes[i] is None
-        if centre:
-            h, w = image.shape[:2]
-            all_points[i] = np.array([[w / 2, h / 2]], dtype=np.float32)
-
-        def embed():
-            predictor.set_image(image)
-            return predictor.features
-
-        with torch.no_grad():
-            if encoder_patched:
-                ref_emb, emb = both(embed)
-            else:  # nothing patched in the encoder (e.g. MobileSAM): the same code, so run it once
-                ref_emb = emb = embed()
-        report.embedding_cosine.append(_cosine(emb, ref_emb))
-        report.embedding_max_err.append(float((emb.float() - ref_emb.float()).abs().max()))
-
-        prompt_sets = []
-        if all_points[i] is not None:
-            pts = predictor.transform.apply_coords(all_points[i], predictor.original_size)
-            coords = torch.as_tensor(pts, dtype=torch.float, device=device)[:, None, :]
-            labels = torch.ones(coords.shape[:2], dtype=torch.int, device=device)
-            prompt_sets.append(([f"point {x:g},{y:g}" + (" (the image centre)" if centre else "")
-                                 for x, y in np.asarray(all_points[i]).reshape(-1, 2)],
-                                dict(point_coords=coords, point_labels=labels)))
-        if all_boxes[i] is not None:
-            bxs = predictor.transform.apply_boxes(all_boxes[i], predictor.original_size)
-            prompt_sets.append(([f"box {','.join(f'{v:g}' for v in b)}" for b in np.asarray(all_boxes[i]).reshape(-1, 4)],
-                                dict(point_coords=None, point_labels=None,
-                                     boxes=torch.as_tensor(bxs, dtype=torch.float, device=device))))
-        for labels_text, kw in prompt_sets:
-            def decode(feats):
-                predictor.features = feats  # each run decodes its own embedding
-                # segment-anything's PromptEncoder multiplies fp32 coords by its weights: autocast lets a
-                # half-precision model through (patched or not).
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    return predictor.predict_torch(**kw, multimask_output=multimask_output, return_logits=True)
-
-            # Each side decodes its own embedding, as a patched end-to-end run would.
-            feats = iter((ref_emb, emb))
-            with torch.no_grad():
-                (ref_m, ref_iou, ref_lr), (m, iou, lr) = both(lambda: decode(next(feats)))
-            thr = model.mask_threshold
-            chosen = ref_iou.argmax(dim=1)  # the mask a user of the unpatched model would take
-            for p in range(m.shape[0]):
-                j = int(chosen[p])
-                report.mask_iou.append((f"{name}, {labels_text[p]}", _iou(m[p, j] > thr, ref_m[p, j] > thr)))
-            report.low_res_logits_err = max(report.low_res_logits_err, float((lr.float() - ref_lr.float()).abs().max()))
-            report.iou_pred_err = max(report.iou_pred_err, float((iou.float() - ref_iou.float()).abs().max()))
-        predictor.reset_image()
 
 
 def _sam2_model(obj):
@@ -442,12 +375,77 @@ def _sam2_model(obj):
     return model
 
 
-def _sam2_parity(model, handle, images, points, boxes, multimask_output: bool, both, report: ParityReport,
-                 image_names: Optional[Sequence[str]] = None) -> None:
-    """_sam_parity for a SAM 2 model, through SAM2ImagePredictor (set_image, then its batched prompt path)."""
-    from .sam2 import image_predictor
+class _SamRun:
+    """segment-anything's side of _predictor_parity: SamPredictor, one feature map."""
 
-    predictor = image_predictor(model)
+    def __init__(self, model: Sam):
+        from segment_anything import SamPredictor
+
+        self.predictor = SamPredictor(model)
+        self.device, self.dtype = model.device, next(model.parameters()).dtype
+        self.threshold = model.mask_threshold
+
+    def embed(self, image):
+        self.predictor.set_image(image)
+        return (self.predictor.features,)
+
+    def points(self, pts):
+        p = self.predictor
+        coords = torch.as_tensor(p.transform.apply_coords(pts, p.original_size), dtype=torch.float, device=self.device)
+        return dict(point_coords=coords[:, None, :], point_labels=torch.ones(len(pts), 1, dtype=torch.int, device=self.device))
+
+    def boxes(self, bxs):
+        p = self.predictor
+        return dict(point_coords=None, point_labels=None, boxes=torch.as_tensor(
+            p.transform.apply_boxes(bxs, p.original_size), dtype=torch.float, device=self.device))
+
+    def decode(self, feats, kw, multimask_output):
+        self.predictor.features = feats[0]
+        # segment-anything's PromptEncoder multiplies fp32 coords by its weights: autocast lets a
+        # half-precision model through (patched or not).
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            return self.predictor.predict_torch(**kw, multimask_output=multimask_output, return_logits=True)
+
+    def reset(self):
+        self.predictor.reset_image()
+
+
+class _Sam2Run:
+    """SAM 2's side of _predictor_parity: SAM2ImagePredictor (its batched prompt path), and every feature
+    map its decoder reads (the image embedding and two high-resolution maps)."""
+
+    def __init__(self, model):
+        from .sam2 import image_predictor
+
+        self.predictor = image_predictor(model)
+        self.threshold = self.predictor.mask_threshold
+
+    def embed(self, image):
+        self.predictor.set_image(image)
+        f = self.predictor._features
+        return (f["image_embed"], *f["high_res_feats"])
+
+    def points(self, pts):
+        _, coords, labels, _ = self.predictor._prep_prompts(pts[:, None, :], np.ones((len(pts), 1), np.int64), None,
+                                                            None, True)
+        return dict(point_coords=coords, point_labels=labels)
+
+    def boxes(self, bxs):
+        return dict(point_coords=None, point_labels=None, boxes=self.predictor._prep_prompts(None, None, bxs, None, True)[3])
+
+    def decode(self, feats, kw, multimask_output):
+        self.predictor._features = {"image_embed": feats[0], "high_res_feats": list(feats[1:])}
+        return self.predictor._predict(**kw, multimask_output=multimask_output, return_logits=True)
+
+    def reset(self):
+        self.predictor.reset_predictor()
+
+
+def _predictor_parity(run, model, handle, images, points, boxes, multimask_output: bool, both, report: ParityReport,
+                      image_names: Optional[Sequence[str]] = None) -> None:
+    """Embeddings and masks, unpatched vs patched, through `run` (_SamRun / _Sam2Run): per image, the feature
+    maps (worst cosine and max error over them), then each point or box prompt decoded from each side's
+    own features, as a patched end-to-end run would."""
     encoder_modules = set(model.image_encoder.modules())
     encoder_patched = any(module in encoder_modules for _, module in handle.modules())
     images = _as_images(images)
@@ -459,42 +457,31 @@ def _sam2_parity(model, handle, images, points, boxes, multimask_output: bool, b
         if centre:
             h, w = image.shape[:2]
             all_points[i] = np.array([[w / 2, h / 2]], dtype=np.float32)
-
-        def embed():
-            predictor.set_image(image)
-            f = predictor._features
-            return (f["image_embed"], *f["high_res_feats"])  # every feature map the decoder reads
-
         with torch.no_grad():
-            ref_feats, feats = both(embed) if encoder_patched else (embed(),) * 2
+            if encoder_patched:
+                ref_feats, feats = both(lambda: run.embed(image))
+            else:  # nothing patched in the encoder (e.g. MobileSAM): the same code, so run it once
+                ref_feats = feats = run.embed(image)
         report.embedding_cosine.append(min(_cosine(o, r) for o, r in zip(feats, ref_feats)))
         report.embedding_max_err.append(max(float((o.float() - r.float()).abs().max()) for o, r in zip(feats, ref_feats)))
 
         prompt_sets = []
         if all_points[i] is not None:
-            pts = np.asarray(all_points[i], dtype=np.float32)
-            _, coords, labels, _ = predictor._prep_prompts(pts[:, None, :], np.ones((len(pts), 1), np.int64), None,
-                                                           None, True)
+            pts = np.asarray(all_points[i], dtype=np.float32).reshape(-1, 2)
             prompt_sets.append(([f"point {x:g},{y:g}" + (" (the image centre)" if centre else "") for x, y in pts],
-                                dict(point_coords=coords, point_labels=labels)))
+                                run.points(pts)))
         if all_boxes[i] is not None:
-            bxs = np.asarray(all_boxes[i], dtype=np.float32)
-            _, _, _, tboxes = predictor._prep_prompts(None, None, bxs, None, True)
-            prompt_sets.append(([f"box {','.join(f'{v:g}' for v in b)}" for b in bxs],
-                                dict(point_coords=None, point_labels=None, boxes=tboxes)))
+            bxs = np.asarray(all_boxes[i], dtype=np.float32).reshape(-1, 4)
+            prompt_sets.append(([f"box {','.join(f'{v:g}' for v in b)}" for b in bxs], run.boxes(bxs)))
         for labels_text, kw in prompt_sets:
-            def decode(fs):
-                predictor._features = {"image_embed": fs[0], "high_res_feats": list(fs[1:])}
-                return predictor._predict(**kw, multimask_output=multimask_output, return_logits=True)
-
-            feat_sets = iter((ref_feats, feats))
+            sides = iter((ref_feats, feats))
             with torch.no_grad():
-                (ref_m, ref_iou, ref_lr), (m, iou, lr) = both(lambda: decode(next(feat_sets)))
-            thr = predictor.mask_threshold
-            chosen = ref_iou.argmax(dim=1)
+                (ref_m, ref_iou, ref_lr), (m, iou, lr) = both(lambda: run.decode(next(sides), kw, multimask_output))
+            thr = run.threshold
+            chosen = ref_iou.argmax(dim=1)  # the mask a user of the unpatched model would take
             for p in range(m.shape[0]):
                 j = int(chosen[p])
                 report.mask_iou.append((f"{name}, {labels_text[p]}", _iou(m[p, j] > thr, ref_m[p, j] > thr)))
             report.low_res_logits_err = max(report.low_res_logits_err, float((lr.float() - ref_lr.float()).abs().max()))
             report.iou_pred_err = max(report.iou_pred_err, float((iou.float() - ref_iou.float()).abs().max()))
-        predictor.reset_predictor()
+        run.reset()
