@@ -545,7 +545,7 @@ def test_policy_yaml_merge_keys_and_huge_numbers(tmp_path):
 
 def test_ctrl_c_while_the_command_line_imports_is_one_line(tmp_path):
     """Item 6: Ctrl-C while `sam-sparse convert` was still importing printed a traceback."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import runpy, sys
 
         class CtrlC:  # the interrupt arrives while torch is being imported

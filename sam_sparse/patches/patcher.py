@@ -40,6 +40,7 @@ from ..table import format_table
 from .attention import LayerState, PromptContext
 from .families import family, family_for, unwrap
 
+
 @dataclass(frozen=True)
 class LayerReport:
     """One patched module.
