@@ -10,7 +10,10 @@ in Triton's interpreter, never both; it is decided here, before anything imports
   `interpreter` tests cannot run in this process: tests/test_interpreter_process.py runs them in a
   child process with TRITON_INTERPRET=1 and no GPU visible, and here they are skipped, saying so.
 
-Every other test uses the PyTorch reference path on CPU tensors either way.
+Every other test uses the PyTorch reference path on CPU tensors either way: SAM_SPARSE_DEVICE=cpu makes
+the jobs and commands that default to "cuda" when it is available (the CLI without --device, bench) run on
+the CPU here too, so their exact-equality checks mean the same on both kinds of machine. The GPU suite
+names its device.
 """
 
 import os
@@ -31,6 +34,7 @@ def _interpret() -> bool:
 
 
 os.environ["TRITON_INTERPRET"] = "1" if _interpret() else "0"
+os.environ.setdefault("SAM_SPARSE_DEVICE", "cpu")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m interpreter` deselects by marker

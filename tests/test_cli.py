@@ -341,6 +341,20 @@ def test_segment_boxes_to_label_png(tmp_path, work):
         assert bad.exit_code == 2 and "CUDA is not available" in _error_line(bad)
 
 
+def test_default_device_comes_from_the_environment(tmp_path, monkeypatch):
+    """$SAM_SPARSE_DEVICE sets the default device (tests pin it to cpu); a bad value is a one-line error
+    naming the variable, found before the model loads."""
+    from sam_sparse.devices import default_device
+
+    monkeypatch.setenv("SAM_SPARSE_DEVICE", "cpu")
+    assert default_device() == "cpu"
+    monkeypatch.setenv("SAM_SPARSE_DEVICE", "tpu-ish")
+    bad = run("segment", "astronaut", "--out", tmp_path / "m.png", "--checkpoint", tmp_path / "absent.pt")
+    assert bad.exit_code == 2 and "$SAM_SPARSE_DEVICE 'tpu-ish': not a torch device" in _error_line(bad)
+    monkeypatch.delenv("SAM_SPARSE_DEVICE")
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def test_segment_takes_background_points(tmp_path):
     """Issue 25, item 17: segment had no background points (SamPredictor's label 0)."""
     from segment_anything import SamPredictor

@@ -10,7 +10,7 @@ from typing import Optional
 
 import click
 
-from ..devices import default_device
+from ..devices import DEVICE_ENV, default_device
 from ..models import MODEL_TYPES, CheckpointError, FetchError
 
 # Exit codes: 0 ok; 1 a check failed (verify), the weights could not be fetched, or an OS error (disk
@@ -20,7 +20,7 @@ EXIT_BAD_INPUT = 2
 
 device_option = click.option(
     "--device", default=None, metavar="DEVICE",
-    help="torch device to run on (default: cuda when available, else cpu).",
+    help="torch device to run on (default: $SAM_SPARSE_DEVICE if set, else cuda when available, else cpu).",
 )
 model_type_option = click.option(
     "--model-type", type=click.Choice(MODEL_TYPES), default=None,
@@ -77,16 +77,19 @@ def guarded(fn):
 
 
 def resolve_device(device: Optional[str]) -> str:
-    if device is None:
-        return default_device()
+    """--device, else the default (devices.default_device), checked: a torch device this machine has."""
     import torch
 
+    what = "--device"
+    if device is None:
+        device = default_device()
+        what = f"${DEVICE_ENV}" if os.environ.get(DEVICE_ENV, "").strip() else "the default device"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"--device {device!r}: not a torch device ({e})") from None
+        raise ValueError(f"{what} {device!r}: not a torch device ({e}); use cpu or cuda[:N]") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise ValueError(f"{what} {device}: CUDA is not available on this machine; use --device cpu")
     return str(dev)
 
 
