@@ -37,6 +37,20 @@ os.environ["TRITON_INTERPRET"] = "1" if _interpret() else "0"
 os.environ.setdefault("SAM_SPARSE_DEVICE", "cpu")
 
 
+def _share_cores() -> None:
+    """Under pytest-xdist, each worker takes its share of the cores for torch's CPU threads: by default every
+    worker would start one thread per core, and on a many-core GPU machine (8 workers plus the interpreter
+    child's 16) the oversubscribed suite ran several times slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_cores()
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m interpreter` deselects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:

@@ -25,7 +25,8 @@ def pytest_child(args, env, timeout):
 def test_interpreter_tests_in_a_child_process():
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
     env.pop("SAM_SPARSE_FORCE_TRITON", None)
-    env.pop(ONLY, None)
+    for name in (ONLY, "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT"):  # the child is its own session
+        env.pop(name, None)
     selection = os.environ.get(ONLY, "").split() or ["tests"]
     # With pytest-xdist installed (as on the GPU machines here), the child spreads the interpreter tests over
     # the cores: they are CPU-bound, and one process would run them for many minutes.
