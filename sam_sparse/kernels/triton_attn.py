@@ -38,6 +38,11 @@ launches (WIN_PAD): only the latter carry the padding keys, whose key and value 
 Hopper: a config with TMA=1 reads K and V through host-side tensor descriptors (the copy engine; zero
 fill past the sequence) instead of pointer loads; the tuner keeps it where it measured faster.
 
+Lengths and counts that change from call to call (seqlen_q / seqlen_k, the (sequence, head) count, the
+block mask's strides) are run-time scalars Triton does not specialize on (RUNTIME_SCALARS): a video memory
+growing by a frame per call reuses the compiled kernel of its length bucket, and is tuned once per bucket.
+Head dim 256 (SAM 2's memory attention) also gets 128-row tiles over 8 warps (WIDE_HEAD_CONFIGS).
+
 float32 inputs follow torch.get_float32_matmul_precision(), as torch's own matmuls: "highest" runs
 3xTF32 on the tensor cores (float32-level error, see docs/benchmarks.md), "high" / "medium" TF32.
 """

@@ -171,15 +171,17 @@ def test_growing_memory_batched_tunes_and_compiles_once_per_bucket(monkeypatch):
     """A video's memory filling up, 3 objects as a batch: 4 frames + 4 pointers (16,400 keys, bucket 32768)
     tunes and compiles; 5, 6, 7 frames (+ pointers up to 16) in the same bucket do neither (one compile
     at most, for the whole last key tile of 28,736 keys: EVEN_N), nor does one object instead of three."""
-    from sam_sparse.kernels import triton_attn
+    from sam_sparse.kernels import interface, triton_attn
 
     runs = _spy_tuning(monkeypatch)
     monkeypatch.setattr(triton_attn, "_TUNED", {})
+    monkeypatch.setattr(interface, "_PLANS", {})
     g = torch.Generator(device="cuda").manual_seed(0)
     q = rnd(g, 3, FRAME, 1, D, dtype=torch.bfloat16)
     kv = rnd(g, 3, memory_len(7, 16), 1, D, dtype=torch.bfloat16)
     first = memory_len(4, 4)
-    block_sparse_attn(q, kv[:, :first], kv[:, :first])
+    k = kv[:, :first].contiguous()
+    block_sparse_attn(q, k, k)
     torch.cuda.synchronize()
     assert len(runs) == 1
     compiled = _compiled()
