@@ -740,6 +740,16 @@ def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, d0: int, d1:
     return k0, k1, v0, v1
 
 
+_SMS: Dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
 def tma_eligible(k: torch.Tensor, v: torch.Tensor, d0: int) -> bool:
     """Whether K and V can be read through TMA: a Hopper-or-later GPU, 16-bit data, unit last stride,
     16-byte-aligned base, other strides and head-dim split."""
@@ -964,8 +974,15 @@ def make_plan(
     # video's memory growing by a frame per call tunes once per bucket (4096, 16384, 32768 keys).
     timed = not INTERPRET and os.environ.get("SAM_SPARSE_AUTOTUNE") != "0"
     bucketed = {**a, "seqlen_q": length_bucket(seqlen_q), "seqlen_k": length_bucket(seqlen_k)}
+    # Whether 128-row tiles of every (sequence, head) fill the GPU's SMs: one object's memory attention (one
+    # head, 4096 queries: 32 tiles on an H200's 132 SMs) is best served by other tiles than 16 objects' (512),
+    # so the two get a config each (so may a Hiera global block of 4 heads at batch 1 and at batch 4). A side of
+    # at most 128 queries (the decoder's tokens) has one tile whatever the batch and keeps one class, so a new
+    # number of prompts still never tunes inside predict().
+    fills = (not q.is_cuda or seqlen_q <= 128
+             or batch * launches[0][0] * nheads * triton.cdiv(seqlen_q, 128) >= _sm_count(q.device))
     tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, block_size,
-                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok, timed)
+                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok, timed, fills)
     if not timed:
         return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})
     candidates = _prune(_configs(), bucketed)

@@ -191,7 +191,11 @@ def test_growing_memory_batched_tunes_and_compiles_once_per_bucket(monkeypatch):
         block_sparse_attn(q, k, k)
         block_sparse_attn(q[:1], k[:1], k[:1])
     torch.cuda.synchronize()
-    assert len(runs) == 1, f"tuned again: {runs[1:]}"
+    # 1 and 3 objects (32 and 96 tiles of 128 queries) are one tuning class where they leave SMs idle alike
+    # (an H200's 132); a GPU with fewer SMs may tune them apart, once.
+    sms = triton_attn._sm_count(q.device)
+    classes = len({B * FRAME // 128 >= sms for B in (1, 3)})
+    assert len(runs) == classes, f"tuned again: {runs[1:]}"
     assert _compiled() - compiled <= 1, f"{_compiled() - compiled} compiles for 4 lengths of one bucket"
 
 
