@@ -145,7 +145,8 @@ def _rect_row(start_n, PER_TILE: tl.constexpr, TILES_PER_ROW: tl.constexpr, TILE
 # Run-time scalars that Triton must not specialize on. By default it compiles a variant per value class of
 # every int argument (== 1, divisible by 16), so a video memory of 4096 * frames + 4 * pointers keys, or a new
 # mask width (its strides), or one object instead of several (n_bh), would each compile the kernel again.
-# None of them feeds an address whose alignment matters: the head dim is the contiguous axis of every load.
+# None of them feeds a Q / K / V / output address (the head dim is the contiguous axis of every such load);
+# the mask strides address the block lists, read once per program.
 RUNTIME_SCALARS = ("seqlen_q", "seqlen_k", "n_bh", "stride_numb", "stride_numh", "stride_numm",
                    "stride_idxb", "stride_idxh", "stride_idxm")
 
