@@ -7,7 +7,15 @@ the unpadded 64 x 64 grid by window_attn (what patch_sam runs).
 Effective TFLOP/s count 4 * B * H * D * (active query-key pairs). GPU times come from CUDA-graph replays
 (host launch cost is measured on its own, behind a queued GPU sleep, as cpu_us).
 
-    python scripts/bench_kernel.py --out results.md [--commit SHA] [--no-flex]
+    python scripts/bench_kernel.py --out results.md [--commit SHA] [--no-flex] [--section all|sam|memory]
+
+The memory section (`--section memory`, about a minute on an H200, tuning included) is SAM 2's video memory
+attention (issue 23): 4096 queries (a 64 x 64 frame) x 28,736 keys (7 memory frames of 4096 tokens + 64
+pointer tokens), head dim 256, one head, at 1 and 16 objects: ours dense against SDPA flash / cuDNN /
+efficient, ours with a spatial band mask (each query block keeps the key blocks of its own rows +- a radius
+in every frame, and the pointer tokens) at about density 0.25, the varlen batch of 16 objects whose
+memories hold 1..7 frames (against the same objects padded to the longest), and memory self-attention
+(4096 x 4096). `--section memory --dry-run` runs on a CPU: it builds the masks and writes their rows.
 
 segment-anything-fast's flash_4 joins the baselines when `segment_anything_fast.flash_4` imports (it is
 not on PyPI and not shipped here: put its module on PYTHONPATH); its own autotuning takes minutes.
@@ -15,6 +23,7 @@ not on PyPI and not shipped here: put its module on PYTHONPATH); its own autotun
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -25,7 +34,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
-from sam_sparse.kernels import BlockLayout, block_sparse_attn, triton_attn, window_attn
+from sam_sparse.files import atomic_path
+from sam_sparse.kernels import BlockLayout, block_sparse_attn, block_sparse_attn_varlen, triton_attn, window_attn
 
 MODELS = {"vit_b": (12, 64), "vit_h": (16, 80)}
 
@@ -127,22 +137,10 @@ def fmt(x):
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench_kernel.md")
-    ap.add_argument("--commit", default=os.environ.get("SAM_SPARSE_COMMIT", "unknown"))
-    ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--flex-batches", default="1", type=lambda x: [int(b) for b in x.split(",")])
-    ap.add_argument("--models", default="vit_b,vit_h")
-    ap.add_argument("--densities", default="1.0,0.5,0.25,0.1")
-    ap.add_argument("--dtype", default="bf16")
-    args = ap.parse_args()
+def sam_rows(args, dt, dev, gen) -> list:
+    """SAM's global and window layers (the shapes in the module docstring), one row per measurement."""
     from torch.nn.attention import SDPBackend
 
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    dev = "cuda"
-    gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
     for model in args.models.split(","):
         H, D = MODELS[model]
@@ -247,21 +245,226 @@ def main():
                        cpu_us=cpu_us_per_call(fn), tflops=4 * B * H * D * 4096 * Nw / ours / 1e9)  # real queries only
             rows.append(row)
             print(json.dumps(row, default=str), flush=True)
-    cols = ["shape", "density", "ours_ms", "config", "ours_nobias_ms", "ours_rowmajor_ms", "ours_tiles_ms", "cpu_us", "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias",
-            "SDPA mem-eff + bias", "SDPA flash, no bias", "SDPA cuDNN, no bias", "flash_4 (sam-fast)", "flash_4 rel diff",
-            "flex_relpos_ms", "lists_ms", "extra_mem_mb", "nxn_mb"]
-    head = (f"Card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
+    return rows
+
+
+# SAM 2's video memory attention (issue 23): the current frame's 64 x 64 tokens attend to the memory of up to
+# 7 frames of 4096 tokens plus 64 pointer tokens (16 object pointers x 4), head dim 256, one head.
+FRAME_TOKENS, MEMORY_FRAMES, POINTER_TOKENS, MEMORY_HEAD_DIM, MEMORY_BLOCK = 4096, 7, 64, 256, 128
+MEMORY_TARGETS = {"dense_vs_best_sdpa": 1.15, "band_vs_dense": 0.35}
+
+
+def memory_band_mask(frames: int, pointer_tokens: int, radius: int, frame_tokens: int = FRAME_TOKENS,
+                     block: int = MEMORY_BLOCK) -> torch.Tensor:
+    """bool (1, 1, QB, KB) over frame_tokens queries (the current frame) and frames * frame_tokens +
+    pointer_tokens keys (SAM 2's memory order: frames, then pointer tokens), built from block rows and
+    columns: query block i keeps, in each memory frame, the key blocks j of that frame with |j - i| <= radius
+    (a 128-token block is 2 rows of the 64 x 64 grid, so these are the rows near the query's own, full
+    width), and every block holding pointer tokens. frame_tokens must be a multiple of block."""
+    if frame_tokens % block:
+        raise ValueError(f"frame_tokens={frame_tokens} must be a multiple of block={block}")
+    fb = frame_tokens // block
+    kb = -(-(frames * frame_tokens + pointer_tokens) // block)
+    i = torch.arange(fb)[:, None]
+    j = torch.arange(kb)[None, :]
+    in_frames = j < frames * fb
+    return ((in_frames & ((j % fb - i).abs() <= radius)) | ~in_frames)[None, None]
+
+
+def kept_pairs(mask: torch.Tensor, seqlen_k: int, block: int = MEMORY_BLOCK) -> int:
+    """Query-key pairs a (1, 1, QB, KB) block mask keeps over FRAME_TOKENS queries and seqlen_k keys (the last
+    key block may be partial): the work the kernel does, for TFLOP/s and densities."""
+    sizes = (seqlen_k - torch.arange(mask.shape[-1]) * block).clamp(0, block)
+    return int((mask[0, 0].long() * sizes).sum()) * block
+
+
+def band_radius(density: float, frames: int, pointer_tokens: int) -> int:
+    """The band radius (in blocks) whose mask keeps the fraction of query-key pairs nearest to `density`."""
+    nk, fb = frames * FRAME_TOKENS + pointer_tokens, FRAME_TOKENS // MEMORY_BLOCK
+    kept = [kept_pairs(memory_band_mask(frames, pointer_tokens, r), nk) / (FRAME_TOKENS * nk) for r in range(fb)]
+    return min(range(fb), key=lambda r: abs(kept[r] - density))
+
+
+def varlen_frames(objects: int) -> list:
+    """Memory frames per object for the varlen case: spread evenly over 1..7 (objects prompted on
+    different frames)."""
+    return [1 + round((MEMORY_FRAMES - 1) * i / max(1, objects - 1)) for i in range(objects)]
+
+
+def varlen_pointers(frames: int) -> int:
+    """Pointer tokens of an object with `frames` memory frames: 4 per object pointer, one pointer per frame
+    seen (at least the memory frames), at most 16 pointers."""
+    return 4 * min(16, 2 * frames)
+
+
+def memory_rows(args, dt, dev, gen) -> list:
+    """The memory section: cross-attention at B objects (dense vs SDPA flash / cuDNN / efficient, a spatial
+    band at ~args.memory_density), the varlen batch of objects with memories of 1..7 frames, and memory
+    self-attention (4096 x 4096). One row per measurement; ratios against the issue's targets."""
+    from torch.nn.attention import SDPBackend
+
+    D, H, nq = MEMORY_HEAD_DIM, 1, FRAME_TOKENS
+    nk = MEMORY_FRAMES * FRAME_TOKENS + POINTER_TOKENS
+    radius = band_radius(args.memory_density, MEMORY_FRAMES, POINTER_TOKENS)
+    band = memory_band_mask(MEMORY_FRAMES, POINTER_TOKENS, radius)
+    density = kept_pairs(band, nk) / (nq * nk)  # of the query-key pairs (the block density is a little higher)
+    rows = []
+
+    def emit(row):
+        row = dict(section="memory", **row)
+        rows.append(row)
+        print(json.dumps(row, default=str), flush=True)
+
+    shape = f"cross {nq}x{nk} D={D} H=1"
+    for B in args.memory_batches:
+        flops = 4 * B * H * D * nq * nk
+        if args.dry_run:
+            emit(dict(shape=shape, B=B, variant="band", density=round(density, 3), radius=radius,
+                      mask_blocks=tuple(band.shape)))
+            continue
+        q = torch.randn(B, nq, H, D, device=dev, dtype=dt, generator=gen)
+        k = torch.randn(B, nk, H, D, device=dev, dtype=dt, generator=gen)
+        v = torch.randn(B, nk, H, D, device=dev, dtype=dt, generator=gen)
+        base = {name: try_time(lambda b=backend: sdpa(q, k, v, None, b)) for name, backend in (
+            ("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION),
+            ("SDPA efficient", SDPBackend.EFFICIENT_ATTENTION))}
+        timed = [t for t in (base["SDPA flash"], base["SDPA cuDNN"]) if isinstance(t, float)]
+        best = min(timed) if timed else None
+        dense = bench(lambda: block_sparse_attn(q, k, v))
+        ref = sdpa(q, k, v, None, SDPBackend.EFFICIENT_ATTENTION).transpose(1, 2).float()
+        diff = ((block_sparse_attn(q, k, v).float() - ref).norm() / ref.norm()).item()
+        emit(dict(shape=shape, B=B, variant="dense", density=1.0, ours_ms=dense, tflops=flops / dense / 1e9,
+                  config=tuned_config(q, k, v, None, None, None), rel_diff_vs_sdpa=diff, **base,
+                  dense_vs_best_sdpa=dense / best if best else None,
+                  target_dense_vs_best_sdpa=MEMORY_TARGETS["dense_vs_best_sdpa"]))
+        layout = BlockLayout.from_mask(band.to(dev), MEMORY_BLOCK)
+        sparse = bench(lambda: block_sparse_attn(q, k, v, layout))
+        emit(dict(shape=shape, B=B, variant=f"band r={radius}", density=round(density, 3), ours_ms=sparse,
+                  tflops=flops * density / sparse / 1e9, config=tuned_config(q, k, v, layout, None, None),
+                  band_vs_dense=sparse / dense, target_band_vs_dense=MEMORY_TARGETS["band_vs_dense"]))
+        del q, k, v, ref
+        torch.cuda.empty_cache()
+
+    # Varlen: objects prompted on different frames, each memory its own length, one launch.
+    frames = varlen_frames(args.varlen_objects)
+    lengths = [f * FRAME_TOKENS + varlen_pointers(f) for f in frames]
+    masks = [memory_band_mask(f, varlen_pointers(f), radius) for f in frames]
+    kb = max(m.shape[-1] for m in masks)
+    kept = sum(kept_pairs(m, n) for m, n in zip(masks, lengths))
+    vmask = torch.zeros(len(frames), 1, nq // MEMORY_BLOCK, kb, dtype=torch.bool)
+    for o, m in enumerate(masks):
+        vmask[o, :, :, :m.shape[-1]] = m[0]
+    pairs = sum(lengths) * nq  # query-key pairs computed densely
+    vshape = f"varlen {len(frames)} objects, {nq} x [{min(lengths)}..{max(lengths)}] D={D} H=1"
+    if args.dry_run:
+        emit(dict(shape=vshape, B=len(frames), variant="varlen band", lengths=lengths, density=round(kept / pairs, 3),
+                  mask_blocks=tuple(vmask.shape)))
+    else:
+        cu_q = torch.arange(0, (len(frames) + 1) * nq, nq, device=dev, dtype=torch.int32)
+        cu_k = torch.tensor([0, *itertools.accumulate(lengths)], device=dev, dtype=torch.int32)
+        q = torch.randn(len(frames) * nq, H, D, device=dev, dtype=dt, generator=gen)
+        k = torch.randn(sum(lengths), H, D, device=dev, dtype=dt, generator=gen)
+        v = torch.randn(sum(lengths), H, D, device=dev, dtype=dt, generator=gen)
+        vlayout = BlockLayout.from_mask(vmask.to(dev), MEMORY_BLOCK)
+        run = lambda m: block_sparse_attn_varlen(q, k, v, cu_q, cu_k, nq, max(lengths), m)  # noqa: E731
+        varlen_dense = bench(lambda: run(None))
+        varlen_band = bench(lambda: run(vlayout))
+        # The alternative to varlen: every object padded to the longest memory, as one batch.
+        qp = q.view(len(frames), nq, H, D)
+        kp = torch.randn(len(frames), max(lengths), H, D, device=dev, dtype=dt, generator=gen)
+        padded = bench(lambda: block_sparse_attn(qp, kp, kp))
+        padded_cudnn = try_time(lambda: sdpa(qp, kp, kp, None, SDPBackend.CUDNN_ATTENTION))
+        flops = 4 * H * D * pairs
+        emit(dict(shape=vshape, B=len(frames), variant="varlen dense", density=1.0, ours_ms=varlen_dense,
+                  tflops=flops / varlen_dense / 1e9, lengths=lengths, padded_dense_ms=padded,
+                  padded_cudnn_ms=padded_cudnn, varlen_vs_padded=varlen_dense / padded))
+        emit(dict(shape=vshape, B=len(frames), variant=f"varlen band r={radius}", density=round(kept / pairs, 3),
+                  ours_ms=varlen_band, tflops=flops * kept / pairs / varlen_band / 1e9,
+                  band_vs_dense=varlen_band / varlen_dense))
+        del q, k, v, kp
+        torch.cuda.empty_cache()
+
+    # Memory self-attention: the frame's tokens among themselves.
+    for B in args.memory_batches:
+        sshape = f"self {nq}x{nq} D={D} H=1"
+        if args.dry_run:
+            emit(dict(shape=sshape, B=B, variant="dense"))
+            continue
+        q, k, v = torch.randn(B, nq, 3, H, D, device=dev, dtype=dt, generator=gen).unbind(2)
+        base = {name: try_time(lambda b=backend: sdpa(q, k, v, None, b)) for name, backend in (
+            ("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION))}
+        timed = [t for t in base.values() if isinstance(t, float)]
+        ours = bench(lambda: block_sparse_attn(q, k, v))
+        emit(dict(shape=sshape, B=B, variant="dense", density=1.0, ours_ms=ours,
+                  tflops=4 * B * H * D * nq * nq / ours / 1e9, config=tuned_config(q, k, v, None, None, None), **base,
+                  dense_vs_best_sdpa=ours / min(timed) if timed else None))
+    return rows
+
+
+MEMORY_COLS = ["shape", "B", "variant", "density", "ours_ms", "tflops", "config", "SDPA flash", "SDPA cuDNN",
+               "SDPA efficient", "dense_vs_best_sdpa", "target_dense_vs_best_sdpa", "band_vs_dense",
+               "target_band_vs_dense", "padded_dense_ms", "padded_cudnn_ms", "varlen_vs_padded", "rel_diff_vs_sdpa",
+               "radius", "lengths", "mask_blocks"]
+SAM_COLS = ["shape", "density", "ours_ms", "config", "ours_nobias_ms", "ours_rowmajor_ms", "ours_tiles_ms", "cpu_us",
+            "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias", "SDPA mem-eff + bias", "SDPA flash, no bias",
+            "SDPA cuDNN, no bias", "flash_4 (sam-fast)", "flash_4 rel diff", "flex_relpos_ms", "lists_ms",
+            "extra_mem_mb", "nxn_mb"]
+
+
+def table(rows: list, cols: list) -> list:
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
+        "| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+
+
+def parse_args(argv=None):
+    ints = lambda x: [int(b) for b in x.split(",")]  # noqa: E731
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench_kernel.md", help="markdown table; the JSON rows go beside it (.json)")
+    ap.add_argument("--commit", default=os.environ.get("SAM_SPARSE_COMMIT", "unknown"))
+    ap.add_argument("--section", choices=("all", "sam", "memory"), default="all",
+                    help="sam: SAM's global and window layers; memory: SAM 2's video memory attention")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--flex-batches", default="1", type=ints)
+    ap.add_argument("--models", default="vit_b,vit_h")
+    ap.add_argument("--densities", default="1.0,0.5,0.25,0.1")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"))
+    ap.add_argument("--memory-batches", default="1,16", type=ints, help="objects per batch in the memory section")
+    ap.add_argument("--memory-density", default=0.25, type=float, help="target block density of the band mask")
+    ap.add_argument("--varlen-objects", default=16, type=int)
+    ap.add_argument("--dry-run", action="store_true",
+                    help="no GPU: build the memory section's masks and write their rows (densities, radius, lengths)")
+    args = ap.parse_args(argv)
+    if args.dry_run and args.section != "memory":
+        ap.error("--dry-run covers the memory section only: add --section memory")
+    if not 0 < args.memory_density <= 1:
+        ap.error(f"--memory-density={args.memory_density}: expected a number in (0, 1]")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # before any GPU work
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dev = "cpu" if args.dry_run else "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    sections = {"sam": sam_rows, "memory": memory_rows}
+    rows = {name: fn(args, dt, dev, gen) for name, fn in sections.items() if args.section in ("all", name)}
+    card = "dry run (no GPU)" if args.dry_run else torch.cuda.get_device_name()
+    head = (f"Card: {card}; torch {torch.__version__}, triton {triton.__version__}; "
             f"dtype {args.dtype}; commit {args.commit}; date {datetime.date.today()}; host {platform.node()}")
-    lines = [head, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |")
+    lines = [head]
+    if "sam" in rows:
+        lines += ["", "SAM's attention layers", ""] + table(rows["sam"], SAM_COLS)
+    if "memory" in rows:
+        lines += ["", "SAM 2's video memory attention (targets: dense <= 1.15x min(flash, cuDNN); band at density "
+                  "~0.25 <= 0.35x dense)", ""] + table(rows["memory"], MEMORY_COLS)
     text = "\n".join(lines)
     print(text)
-    with open(args.out, "w") as f:
-        f.write(text + "\n")
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(dict(header=head, rows=rows), f, indent=1, default=str)
-
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(text + "\n")
+    with atomic_path(os.path.splitext(args.out)[0] + ".json") as tmp:
+        tmp.write_text(json.dumps(dict(header=head, rows=[r for rs in rows.values() for r in rs]), indent=1, default=str))
 
 if __name__ == "__main__":
     main()

@@ -72,6 +72,28 @@ def rel_error(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
+def check_attention(out, q, k, v, mask, block_size, seed, floor, row_floor, scale=None):
+    """Assert attention output out (B, Nq, H, D) against oracle_attention, globally and per (query, head) row,
+    relative to the same computation by PyTorch in q's dtype (2x its error plus floor[dtype] /
+    row_floor[dtype]); NaN anywhere (a poisoned row left unwritten) fails; every row the oracle gives as
+    zeros (a query block with no key block) must be exactly zero. Returns the oracle's output."""
+    assert out.shape == q.shape and out.dtype == q.dtype, f"seed {seed}: {tuple(out.shape)} {out.dtype}"
+    assert not torch.isnan(out).any(), f"seed {seed}: NaN in the output (or a query row left unwritten)"
+    assert torch.isfinite(out).all(), f"seed {seed}: inf in the output"
+    ref = oracle_attention(q, k, v, mask, scale=scale, block_size=block_size)
+    base = same_dtype_torch(q, k, v, mask, scale=scale, block_size=block_size)
+    err, err_base = rel_error(out, ref), rel_error(base, ref)
+    assert err <= 2 * err_base + floor[q.dtype], f"seed {seed}: error {err:.3g} vs PyTorch {q.dtype} {err_base:.3g}"
+    row_err = (out.double() - ref).abs().amax(dim=-1)  # (B, Nq, H)
+    row_base = (base.double() - ref).abs().amax(dim=-1)
+    bad = row_err > 2 * row_base + row_floor[q.dtype]
+    assert not bad.any(), (f"seed {seed}: {int(bad.sum())} rows off, worst {row_err.max():.3g}, "
+                           f"first (b, query, h) {bad.nonzero()[0].tolist()}")
+    zero_rows = (ref == 0).all(dim=-1)
+    assert (out[zero_rows] == 0).all(), f"seed {seed}: a query with no key left must give zeros"
+    return ref
+
+
 def oracle_window(q, k, v, window, k_pad, v_pad, block_mask=None, rel_h=None, rel_w=None, scale=None, block_size=128,
                   q_window=None):
     """Window attention on a token grid, one window at a time; returns float64 (B, GH, GW, H, D).

@@ -12,6 +12,11 @@ alignment, mask layout shape, rel-pos shapes, key_tile, scale, block size) valid
 resolves a plan (triton_attn.KernelPlan: tuned config, grid, scalars, compiled kernel); later calls
 with the same signature do one dict lookup and launch. The signature holds no tensor identity, so a
 new mask of the same shape reuses the plan and an edited mask is always read afresh.
+
+Varlen calls are keyed without their lengths: not the total lengths, and max_seqlen_k only by its
+length_bucket (the next power of two), so the changing lengths of a video's object memories (each call a
+new mix as memories fill) find one plan per bucket, with no host sync on the way: cu_seqlens stay on the
+device, and their values are checked (a device-to-host copy) only when a call makes a new plan.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .layout import BlockLayout, check_block_size, mask_from_lists
+from .layout import BlockLayout, check_block_size, length_bucket, mask_from_lists
 from .reference import attention_reference, attention_reference_varlen, attention_reference_window
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -262,13 +267,13 @@ class _ReferencePlan:
         return attention_reference(q, k, v, mask, rel_h, rel_w, self.key_tile, self.scale, self.block_size)
 
 
-def _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_q=None, cu_k=None, max_seqlen_q=None, window=None,
-              q_window=None):
+def _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_q=None, cu_k=None, max_seqlen_q=None,
+              max_seqlen_k=None, window=None, q_window=None):
     if _use_triton(q):
         from .triton_attn import make_plan
 
         return make_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                         max_seqlen_q=max_seqlen_q, window=window, q_window=q_window)
+                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, window=window, q_window=q_window)
     return _ReferencePlan(tile, scale, bs, window, q_window)
 
 
@@ -291,6 +296,27 @@ def _fast_key(q, k, v, layout, rel_h, rel_w, key_tile, softmax_scale, block_size
         None if layout is None else layout.block_size,
         True if q.is_cuda else _use_triton(q), torch.get_float32_matmul_precision(),
     )
+
+
+def _rows_sig(t: torch.Tensor):
+    """_sig without the leading (total length) dim: what a varlen plan depends on."""
+    return (t.shape[1:], t.stride(), t.dtype, t.get_device(), t.data_ptr() % 16 == 0)
+
+
+def _varlen_key(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, num, idx, layout_bs, softmax_scale, block_size):
+    """A varlen call's plan key: no total length, max_seqlen_k by its length_bucket only. With a mask, the
+    number of blocks max_seqlen_q / max_seqlen_k need is in the key, so that a hit is a call whose mask
+    covers its lengths, as the first call's did when it was checked."""
+    blocks = None
+    if layout_bs is not None:
+        blocks = (-(-max_seqlen_q // layout_bs), -(-max_seqlen_k // layout_bs))
+    return ("varlen", _rows_sig(q), _rows_sig(k), _rows_sig(v), _sig(cu_q), _sig(cu_k), max_seqlen_q,
+            length_bucket(max_seqlen_k), _sig(num), _sig(idx), blocks, softmax_scale, block_size,
+            True if q.is_cuda else _use_triton(q), torch.get_float32_matmul_precision())
+
+
+def _is_length(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -338,11 +364,10 @@ def _attn_varlen_impl(
     softmax_scale: float,
     block_size: int,
 ) -> torch.Tensor:
-    key = ("varlen", _sig(q), _sig(k), _sig(v), _sig(cu_seqlens_q), _sig(cu_seqlens_k), max_seqlen_q, max_seqlen_k,
-           _sig(kv_num_blocks), _sig(kv_indices), softmax_scale, block_size, _use_triton(q),
-           torch.get_float32_matmul_precision())
+    key = ("op",) + _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_num_blocks,
+                                kv_indices, None if kv_num_blocks is None else block_size, softmax_scale, block_size)
     plan = _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, None, None, None, softmax_scale,
-                                           block_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q))
+                                           block_size, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return plan(q, k, v, kv_num_blocks, kv_indices, None, None, cu_seqlens_q, cu_seqlens_k)
 
 
@@ -481,13 +506,37 @@ def block_sparse_attn_varlen(
     """Block-sparse attention over packed sequences of different lengths. Forward only.
 
     q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim).
-    cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,), cumulative lengths starting at 0.
-    max_seqlen_q, max_seqlen_k: the longest sequence on each side.
+    cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,), cumulative lengths starting at 0, on q's device.
+    max_seqlen_q, max_seqlen_k: the longest sequence on each side, ints given by the caller (reading them
+        from cu_seqlens would cost a host sync per call).
     block_mask: BlockLayout or bool (num_seqs or 1, nheads or 1, ceil(max_seqlen_q / block_size),
         ceil(max_seqlen_k / block_size)); sequence i uses the top-left part that its lengths cover.
     Returns (total_q, nheads, headdim). A sequence with no keys gives zeros.
+
+    Plans: one per (num_seqs, max_seqlen_q, the bucket of max_seqlen_k, head layout, dtype, mask shape),
+    never per total length, so calls whose lengths change (a video's memories filling up) neither retune
+    nor recompile. A call that finds its plan (a BlockLayout or no mask) launches with no host sync and
+    no check of the cu_seqlens values, as flash-attn's varlen functions: they are checked (one
+    device-to-host copy) on the call that makes the plan. Values that break the contract (not starting
+    at 0, decreasing, not ending at the totals, a sequence longer than max_seqlen_*) are then undefined
+    behaviour, as there.
     """
     _check_no_grad(q, k, v)
+    fast = (block_mask is None or isinstance(block_mask, BlockLayout)) and not torch.compiler.is_compiling()
+    key = None
+    if fast and _is_length(max_seqlen_q) and _is_length(max_seqlen_k):
+        try:
+            num = idx = lbs = None
+            if block_mask is not None:
+                num, idx, lbs = block_mask.kv_num_blocks, block_mask.kv_indices, block_mask.block_size
+            key = _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx, lbs,
+                              softmax_scale, block_size)
+            plan = _PLANS.get(key)
+        except (AttributeError, TypeError):  # not tensors, ...: the checks below say what
+            key = plan = None
+        if plan is not None:
+            return plan(q, k, v, num, idx, None, None, cu_seqlens_q, cu_seqlens_k)
+
     _check_qkv(q, k, v, varlen=True)
     _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
@@ -510,8 +559,14 @@ def block_sparse_attn_varlen(
     layout, bs = _to_layout(block_mask, block_size, num_seqs, q.shape[1], max_seqlen_q, max_seqlen_k, q.device)
     scale = check_scale(softmax_scale, q.shape[-1])
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
-    op = _attn_varlen_op if torch.compiler.is_compiling() else _attn_varlen_impl
-    return op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx, scale, bs)
+    if torch.compiler.is_compiling():
+        return _attn_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx, scale, bs)
+    if key is None:  # a bool mask, converted above: keyed by its layout (this path checks every call)
+        key = ("converted",) + _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx,
+                                           None if num is None else bs, scale, bs)
+    plan = _planned(key, lambda: _new_plan(q, k, v, num, idx, None, None, None, scale, bs, cu_seqlens_q, cu_seqlens_k,
+                                           max_seqlen_q, max_seqlen_k))
+    return plan(q, k, v, num, idx, None, None, cu_seqlens_q, cu_seqlens_k)
 
 
 def window_attn(

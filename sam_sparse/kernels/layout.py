@@ -18,6 +18,13 @@ MAX_BLOCK_SIZE = 1 << 16
 BLOCK_SIZES_ACCEPTED = "a power of two from 16 to 65536 (16, 32, 64, 128, 256, ...)"
 
 
+def length_bucket(n: int) -> int:
+    """A sequence length's shape class for tuning and for varlen plans: the next power of two, at least 16
+    (the smallest tile). SAM's decoder sides of 6 to 16 tokens share one class; a video memory growing
+    frame by frame (4096 keys, then 8192 + pointers, ...) changes class at 4097, 8193 and 16385 keys only."""
+    return max(16, 1 << max(0, (n - 1).bit_length()))
+
+
 def is_block_size(n) -> bool:
     """Whether n is a block size the kernel runs: its key and query tiles (powers of two) must divide it."""
     return isinstance(n, int) and not isinstance(n, bool) and 16 <= n <= MAX_BLOCK_SIZE and n & (n - 1) == 0

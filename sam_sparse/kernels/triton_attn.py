@@ -38,6 +38,11 @@ launches (WIN_PAD): only the latter carry the padding keys, whose key and value 
 Hopper: a config with TMA=1 reads K and V through host-side tensor descriptors (the copy engine; zero
 fill past the sequence) instead of pointer loads; the tuner keeps it where it measured faster.
 
+Lengths and counts that change from call to call (seqlen_q / seqlen_k, the (sequence, head) count, the
+block mask's strides) are run-time scalars Triton does not specialize on (RUNTIME_SCALARS): a video memory
+growing by a frame per call reuses the compiled kernel of its length bucket, and is tuned once per bucket.
+Head dim 256 (SAM 2's memory attention) also gets 128-row tiles over 8 warps (WIDE_HEAD_CONFIGS).
+
 float32 inputs follow torch.get_float32_matmul_precision(), as torch's own matmuls: "highest" runs
 3xTF32 on the tensor cores (float32-level error, see docs/benchmarks.md), "high" / "medium" TF32.
 """
@@ -56,6 +61,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .layout import length_bucket
+
 try:  # Triton >= 3.4: host-side TMA descriptors (the Hopper path)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
@@ -70,12 +77,6 @@ MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second and third axes
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
-
-
-def _bucket(n: int) -> int:
-    """A sequence length's shape class for tuning: the next power of two, at least 16 (the smallest
-    tile), so SAM's decoder sides of 6 to 16 tokens (up to about ten points) share one class."""
-    return max(16, next_pow2(n))
 
 
 def _split_head_dim(d: int) -> Tuple[int, int]:
@@ -141,7 +142,16 @@ def _rect_row(start_n, PER_TILE: tl.constexpr, TILES_PER_ROW: tl.constexpr, TILE
     return (n_tile // TILES_PER_ROW) * TILE_H + (sub // SUBS_W) * RECT_H
 
 
-@triton.jit
+# Run-time scalars that Triton must not specialize on. By default it compiles a variant per value class of
+# every int argument (== 1, divisible by 16), so a video memory of 4096 * frames + 4 * pointers keys, or a new
+# mask width (its strides), or one object instead of several (n_bh), would each compile the kernel again.
+# None of them feeds a Q / K / V / output address (the head dim is the contiguous axis of every such load);
+# the mask strides address the block lists, read once per program.
+RUNTIME_SCALARS = ("seqlen_q", "seqlen_k", "n_bh", "stride_numb", "stride_numh", "stride_numm",
+                   "stride_idxb", "stride_idxh", "stride_idxm")
+
+
+@triton.jit(do_not_specialize=RUNTIME_SCALARS)
 def _attn_fwd(
     Q, K, V, Out,
     K_PAD, V_PAD,
@@ -504,7 +514,23 @@ def _configs() -> List[dict]:
     # pay, and at head dim 256 ptxas cannot meet it).
     for bm, warps in ((128, 8), (64, 4)):
         out.append(dict(BLOCK_M=bm, BLOCK_N=64, W_DOT=0, num_warps=warps, num_stages=3, TMA=1))
+    out.extend(WIDE_HEAD_CONFIGS)
     return out
+
+
+# Head dims above 128 in 16 bits (SAM 2's memory attention: 256, one head). The general space keeps only
+# 64 x 64 tiles there (4 warps: 64 rows x 256 fp32 accumulators = 128 registers per thread). These add
+# 128-row tiles over two warp groups (8 warps): the same 128 accumulator registers per thread, and each K / V
+# tile loaded into shared memory serves twice the query rows, halving K / V traffic per FLOP (flash-attn's
+# Hopper kernel uses 128-row tiles at head dim 256 too). Shared memory: Q 128 x 256 (64 KB) plus num_stages x
+# (K + V) tiles: 2 x 64 KB at BLOCK_N 64, 3 x 32 KB at BLOCK_N 32, 192 / 160 KB, inside Hopper's 227 KB
+# (not an A100's 163 KB: there the tuner meets OutOfResources and skips them). 3 stages at BLOCK_N 64
+# (256 KB) fit nowhere. Whether they win is measured, per shape class, by the tuner.
+WIDE_HEAD_CONFIGS = [
+    dict(BLOCK_M=128, BLOCK_N=64, W_DOT=0, num_warps=8, num_stages=2, WIDE=1),
+    dict(BLOCK_M=128, BLOCK_N=32, W_DOT=0, num_warps=8, num_stages=3, WIDE=1),
+    dict(BLOCK_M=128, BLOCK_N=64, W_DOT=0, num_warps=8, num_stages=2, TMA=1, WIDE=1),
+]
 
 
 def _prune(configs: List[dict], a: dict) -> List[dict]:
@@ -519,12 +545,17 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
     d = a["D0"] + a["D1"]
     # Wide fp32 heads need small tiles to fit in shared memory (64 x 64 x 256 fp32 does not on an H200).
     low = 16 if d > 128 and a["IS_FP32"] else 64
+    wide = d > 128 and not a["IS_FP32"]  # WIDE_HEAD_CONFIGS apply
     keep = []
     for c in configs:
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
-        if mb % bm or mb % bn or bm > max_m or bn > max_n or bm < min(low, max_m) or bn < min(low, max_n):
-            continue
-        if (d > 128 or a["IS_FP32"]) and bm * bn > 64 * 64:
+        inside = not (mb % bm or mb % bn or bm > max_m or bn > max_n)
+        if c.get("WIDE"):
+            fits = wide and inside  # sized for head dim 256 by hand (WIDE_HEAD_CONFIGS)
+        else:
+            fits = inside and bm >= min(low, max_m) and bn >= min(low, max_n)
+            fits = fits and not ((d > 128 or a["IS_FP32"]) and bm * bn > 64 * 64)
+        if not fits:
             continue
         if c["W_DOT"] and not _wdot_applies(a, bn):
             continue  # it would compile a twin of the W_DOT=0 config
@@ -627,12 +658,18 @@ def _compile_in_parallel(candidates: List[dict], warmup: Callable[[dict], None])
         pass  # the timing loop compiles (and reports) whatever did not compile here
 
 
-def _tune(tune_key: tuple, candidates: List[dict], bench: Callable[[dict], float], device,
+def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dict], float]], device,
           warmup: Optional[Callable[[dict], None]] = None) -> dict:
+    """The config of a shape class: from this process's table, the disk cache, or by timing every candidate.
+    bench None (the interpreter, SAM_SPARSE_AUTOTUNE=0): candidates[0], untimed, recorded all the same, so
+    that _TUNED holds one entry per shape class on every path (the tests count them)."""
     with _TUNE_LOCK:
         hit = _TUNED.get(tune_key)
         if hit is not None:
             return hit
+        if bench is None:
+            _TUNED[tune_key] = candidates[0]
+            return candidates[0]
         path = _tune_file(device)
         skey = repr(tune_key)
         cached = _disk_entries(path).get(skey) if path is not None else None
@@ -704,6 +741,16 @@ def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, d0: int, d1:
     return k0, k1, v0, v1
 
 
+_SMS: Dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
 def tma_eligible(k: torch.Tensor, v: torch.Tensor, d0: int) -> bool:
     """Whether K and V can be read through TMA: a Hopper-or-later GPU, 16-bit data, unit last stride,
     16-byte-aligned base, other strides and head-dim split."""
@@ -727,7 +774,7 @@ class KernelPlan:
     was made for.
     """
 
-    def __init__(self, grid: Tuple[int, int, int], tail: tuple, config: dict, out_shape, dtype, device,
+    def __init__(self, grid: Tuple[int, int, int], tail: tuple, config: dict,
                  tma: Optional[Tuple[int, int, int]] = None):
         if _N_TENSORS + len(tail) != len(_attn_fwd.arg_names):  # the launcher takes every argument, in order
             raise RuntimeError(f"kernel plan has {_N_TENSORS + len(tail)} arguments, the kernel {len(_attn_fwd.arg_names)}")
@@ -735,7 +782,6 @@ class KernelPlan:
         self.config = config
         self._tail = tail  # every argument after the tensors and descriptors, in the kernel's order
         self._tma = tma  # (BLOCK_N, D0, D1) when K and V are read through TMA descriptors
-        self._out = (tuple(out_shape), dtype, device)
         # maxnreg caps registers per thread (spilling a little) so that two CTAs fit on an SM.
         self._options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         if config.get("maxnreg"):
@@ -762,8 +808,8 @@ class KernelPlan:
 
     def __call__(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad=None, v_pad=None, out=None) -> torch.Tensor:
         if out is None:
-            shape, dtype, device = self._out
-            out = torch.empty(shape, dtype=dtype, device=device)
+            # q's shape, not one stored: a varlen plan serves every total length of its shape class.
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         tensors = self._tensors(q, k, v, out, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
         if self._fast is not None:
             self._fast(*tensors, *self._tail)
@@ -819,6 +865,7 @@ def make_plan(
     cu_seqlens_q: Optional[torch.Tensor] = None,
     cu_seqlens_k: Optional[torch.Tensor] = None,
     max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
     window: Optional[Tuple[int, int]] = None,
     q_window: Optional[Tuple[int, int]] = None,
     config: Optional[dict] = None,
@@ -835,14 +882,23 @@ def make_plan(
     rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw) or None (Nq = GH * GW with a window); key_tile (th, tw)
         or None (raster).
     config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT]}: no tuning.
+
+    Varlen (cu_seqlens_q / cu_seqlens_k given): the plan holds nothing of the total lengths or of the
+    exact max_seqlen_k (the kernel reads each sequence's bounds from cu_seqlens), so it serves every call
+    with the same num_seqs, max_seqlen_q, head layout and max_seqlen_k's length_bucket: the growing
+    memories of a video's objects reuse one plan (and one compiled kernel) per bucket. max_seqlen_k (the
+    longest key sequence; default: total_k) picks the tuning class.
     """
     varlen = cu_seqlens_q is not None
     grid_hw, q_grid_hw, win_hw, q_win_hw, win_rows, win_cols, n_windows = (1, 1), (1, 1), (1, 1), (1, 1), 1, 1, 1
     launches = [(1, False)]  # (windows per image in the launch, padding windows?)
     if varlen:
         batch = cu_seqlens_q.numel() - 1
-        seqlen_q, seqlen_k = int(max_seqlen_q), max(k.shape[0], 1)  # varlen: seqlen_k only sizes tiles
-        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+        seqlen_q = int(max_seqlen_q)
+        seqlen_k = max(int(k.shape[0] if max_seqlen_k is None else max_seqlen_k), 1)  # sizes tiles only
+        # (total, H, D) seen as (1, total, H, D) with the batch stride 0: the kernel never reads it in varlen
+        # mode, and a stride of total * H * D would tie the plan to one total length.
+        q4, k4, v4 = (t.as_strided((1, *t.shape), (0, *t.stride())) for t in (q, k, v))
         extra_strides = (0, 0, 0)
     elif window is not None:
         grid_hw, win_hw = tuple(k.shape[1:3]), tuple(window)
@@ -878,6 +934,8 @@ def make_plan(
     tma_ok = not varlen and window is None and d0 + d1 == head_dim and tma_eligible(k, v, d0)
     a["TMA_OK"] = tma_ok
     out_strides = _contiguous_strides(q.shape if window is not None else q4.shape)
+    if varlen:
+        out_strides = (0, *out_strides[1:])
     if window is not None:
         out_strides, extra_strides = out_strides[:2] + out_strides[3:], extra_strides + (out_strides[2],)
     else:
@@ -887,7 +945,8 @@ def make_plan(
         *q4.stride(), *k4.stride(), *v4.stride(), *out_strides, *extra_strides,
         *_strides(kv_num_blocks, 3, 2), *_strides(kv_indices, 3, 2),
         *_strides(rel_h, 4), *_strides(rel_w, 4),
-        seqlen_q, seqlen_k, nheads, nheads // k.shape[-2], kh, kw, tile_h, tile_w,
+        # varlen: each sequence's lengths come from cu_seqlens; 0 here keeps the plan free of any length
+        0 if varlen else seqlen_q, 0 if varlen else seqlen_k, nheads, nheads // k.shape[-2], kh, kw, tile_h, tile_w,
         *grid_hw, *q_grid_hw, win_rows, win_cols, n_windows,
     )
 
@@ -905,17 +964,29 @@ def make_plan(
                 dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma,
             )
             grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
-            plans.append(KernelPlan(grid, tail, cfg, q.shape, q.dtype, q.device, (cfg["BLOCK_N"], d0, d1) if tma else None))
+            plans.append(KernelPlan(grid, tail, cfg, (cfg["BLOCK_N"], d0, d1) if tma else None))
         return plans[0] if len(plans) == 1 else LaunchGroup(plans)
 
-    if config is not None or INTERPRET or os.environ.get("SAM_SPARSE_AUTOTUNE") == "0":
-        return plan_for({"W_DOT": 0, **(config or _fixed_config(a))})
+    if config is not None:
+        return plan_for({"W_DOT": 0, **config})
 
     # The tuning key holds shape classes, not exact sizes: no batch, sequence lengths rounded up to a
-    # power of two, so a new prompt count or batch size never starts a tuning run inside predict().
-    tune_key = (_bucket(seqlen_q), _bucket(seqlen_k), nheads, kh, kw, tile_h, tile_w, d0, d1, block_size,
-                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok)
-    candidates = _prune(_configs(), {**a, "seqlen_q": _bucket(seqlen_q), "seqlen_k": _bucket(seqlen_k)})
+    # power of two, so a new prompt count or batch size never starts a tuning run inside predict(), and a
+    # video's memory growing by a frame per call tunes once per bucket (4096, 16384, 32768 keys).
+    timed = not INTERPRET and os.environ.get("SAM_SPARSE_AUTOTUNE") != "0"
+    bucketed = {**a, "seqlen_q": length_bucket(seqlen_q), "seqlen_k": length_bucket(seqlen_k)}
+    # Whether 128-row tiles of every (sequence, head) fill the GPU's SMs: one object's memory attention (one
+    # head, 4096 queries: 32 tiles on an H200's 132 SMs) is best served by other tiles than 16 objects' (512),
+    # so the two get a config each (so may a Hiera global block of 4 heads at batch 1 and at batch 4). A side of
+    # at most 128 queries (the decoder's tokens) has one tile whatever the batch and keeps one class, so a new
+    # number of prompts still never tunes inside predict().
+    fills = (not q.is_cuda or seqlen_q <= 128
+             or batch * launches[0][0] * nheads * triton.cdiv(seqlen_q, 128) >= _sm_count(q.device))
+    tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, block_size,
+                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok, timed, fills)
+    if not timed:
+        return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})
+    candidates = _prune(_configs(), bucketed)
     pads = (k.new_zeros(k.shape[-2:]),) * 2 if window is not None else (None, None)  # stand-ins for tuning
     tensors_in = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, *pads)
 
@@ -931,13 +1002,13 @@ def make_plan(
 
 
 def attention_triton(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size, *,
-                     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, window=None, q_window=None,
-                     k_pad=None, v_pad=None, out=None, config=None) -> torch.Tensor:
+                     cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, window=None,
+                     q_window=None, k_pad=None, v_pad=None, out=None, config=None) -> torch.Tensor:
     """One launch without the plan cache (tests and probes): make_plan's arguments, then the plan's call.
 
     out: optional preallocated output shaped and typed like q (tests poison it to catch unwritten rows).
     """
     plan = make_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size,
-                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, window=window,
-                     q_window=q_window, config=config)
+                     cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+                     max_seqlen_k=max_seqlen_k, window=window, q_window=q_window, config=config)
     return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, k_pad, v_pad, out=out)

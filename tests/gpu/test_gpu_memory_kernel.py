@@ -1,0 +1,261 @@
+"""The GPU suite at SAM 2's video memory-attention shapes: head dim 256, one head, a 64 x 64 frame (4096 queries)
+attending to a memory of up to 7 frames of 4096 tokens plus up to 64 pointer tokens (28,736 keys), objects as
+the batch or packed as varlen (each object's memory its own length), and memory self-attention (4096 x 4096).
+
+Against the float64 oracle (tests/oracle.py), globally and per row, on fresh random inputs (the seed in each
+message), into NaN-poisoned outputs where the kernel is called directly. Also: a memory growing frame by frame
+neither retunes nor recompiles within a length bucket, and a warmed-up varlen call makes no host sync.
+
+    TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/gpu/test_gpu_memory_kernel.py
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from gpu_helpers import FLOOR, GPU_MARKS, ROW_FLOOR, rnd, seeded
+from oracle import check_attention
+from sam_sparse import block_sparse_attn, block_sparse_attn_varlen
+from sam_sparse.kernels import BlockLayout
+from sam_sparse.kernels.layout import length_bucket
+
+pytestmark = GPU_MARKS
+
+FRAME, BS, D = 4096, 128, 256  # a 64 x 64 frame; 128-token blocks are 2 grid rows; SAM 2's memory head dim
+FRAME_BLOCKS = FRAME // BS
+
+
+def memory_len(frames: int, pointers: int) -> int:
+    """Keys of an object's memory: whole frames, then 4 tokens per object pointer."""
+    return frames * FRAME + 4 * pointers
+
+
+def band_mask(n_objects: int, lengths, radius) -> torch.Tensor:
+    """bool (objects, 1, 32, key blocks): query block i keeps, in every memory frame, the key blocks within
+    `radius` blocks of its own rows (radius per object), and every block past the frames (pointer tokens).
+    Query block 5 of object 0 keeps nothing (zeros)."""
+    kb = -(-max(lengths) // BS)
+    m = torch.zeros(n_objects, 1, FRAME_BLOCKS, kb, dtype=torch.bool, device="cuda")
+    i = torch.arange(FRAME_BLOCKS, device="cuda")[:, None]
+    j = torch.arange(kb, device="cuda")[None, :]
+    for o, n in enumerate(lengths):
+        frames = n // FRAME
+        near = ((j % FRAME_BLOCKS) - i).abs() <= radius[o]
+        m[o, 0] = (near & (j < frames * FRAME_BLOCKS)) | (j >= frames * FRAME_BLOCKS)
+    m[0, 0, 5] = False
+    return m
+
+
+def lists(mask):
+    if mask is None:
+        return None, None
+    layout = BlockLayout.from_mask(mask, BS)
+    return layout.kv_num_blocks, layout.kv_indices
+
+
+def poisoned(q):
+    return torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "band"])
+def test_memory_cross_batched(dtype, masked):
+    """2 objects, 7 frames + 16 pointers each (28,736 keys), the tuned plan; dense, and a spatial band of
+    radius 3 / 1 blocks per frame with every pointer token kept and one empty query block."""
+    from sam_sparse.kernels import triton_attn
+
+    seed, g = seeded()
+    n = memory_len(7, 16)
+    q = rnd(g, 2, FRAME, 1, D, dtype=dtype)
+    k, v = rnd(g, 2, n, 1, D, dtype=dtype), rnd(g, 2, n, 1, D, dtype=dtype)
+    mask = band_mask(2, [n, n], [3, 1]) if masked else None
+    out = poisoned(q)
+    triton_attn.attention_triton(q, k, v, *lists(mask), None, None, None, D ** -0.5, BS, out=out)
+    torch.cuda.synchronize()
+    check_attention(out, q, k, v, mask, BS, seed, FLOOR, ROW_FLOOR)
+    if masked:
+        assert (out[0, 5 * BS:6 * BS] == 0).all(), f"seed {seed}: the empty query block must give zeros"
+
+
+def _wide_configs():
+    from sam_sparse.kernels import triton_attn
+
+    return [c for c in triton_attn._configs() if c.get("WIDE")] + [
+        dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=3)]
+
+
+@pytest.mark.parametrize("cfg", range(4), ids=lambda i: ["128x64s2", "128x32s3", "128x64s2-tma", "64x64s3"][i])
+def test_memory_cross_each_head_dim_256_config(cfg):
+    """Every config the tuner may pick at head dim 256, forced, on 3 frames + 5 pointers (12,308 keys: a
+    partial last key tile for every BLOCK_N) with a band mask, bf16."""
+    from sam_sparse.kernels import triton_attn
+
+    config = _wide_configs()[cfg]
+    if config.get("TMA") and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or newer GPU")
+    seed, g = seeded()
+    n = memory_len(3, 5)
+    q = rnd(g, 1, FRAME, 1, D, dtype=torch.bfloat16)
+    k, v = rnd(g, 1, n, 1, D, dtype=torch.bfloat16), rnd(g, 1, n, 1, D, dtype=torch.bfloat16)
+    mask = band_mask(1, [n], [4])
+    for m in (None, mask):
+        out = poisoned(q)
+        try:
+            triton_attn.attention_triton(q, k, v, *lists(m), None, None, None, D ** -0.5, BS, out=out, config=config)
+        except triton_attn.triton.runtime.errors.OutOfResources:
+            pytest.skip(f"{config} does not fit this GPU's shared memory (the tuner skips it the same way)")
+        torch.cuda.synchronize()
+        check_attention(out, q, k, v, m, BS, seed, FLOOR, ROW_FLOOR)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "band"])
+def test_memory_cross_varlen_three_objects(dtype, masked):
+    """Objects prompted on different frames: memories of 1 frame + 1 pointer, 4 frames + 4, 7 frames + 16
+    (4100, 16400, 28736 keys), packed, one launch through the public API."""
+    seed, g = seeded()
+    lengths = [memory_len(1, 1), memory_len(4, 4), memory_len(7, 16)]
+    cu_q = torch.tensor([0, FRAME, 2 * FRAME, 3 * FRAME], device="cuda", dtype=torch.int32)
+    cu_k = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda", dtype=torch.int32)
+    q = rnd(g, 3 * FRAME, 1, D, dtype=dtype)
+    k, v = rnd(g, sum(lengths), 1, D, dtype=dtype), rnd(g, sum(lengths), 1, D, dtype=dtype)
+    mask = band_mask(3, lengths, [2, 3, 4]) if masked else None
+    layout = BlockLayout.from_mask(mask, BS) if masked else None
+    out = block_sparse_attn_varlen(q, k, v, cu_q, cu_k, FRAME, max(lengths), layout, block_size=BS)
+    torch.cuda.synchronize()
+    for i, (ks, ke) in enumerate(zip(cu_k.tolist(), cu_k.tolist()[1:])):
+        m = None if mask is None else mask[i:i + 1, :, :, :-(-(ke - ks) // BS)]
+        sl = slice(i * FRAME, (i + 1) * FRAME)
+        check_attention(out[None, sl], q[None, sl], k[None, ks:ke], v[None, ks:ke], m, BS, f"{seed} (object {i})",
+                        FLOOR, ROW_FLOOR)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_memory_self_attention(dtype):
+    """Memory self-attention: 4096 x 4096, head dim 256, 2 objects, q / k / v views of one projection; dense,
+    and a band of 4 blocks."""
+    seed, g = seeded()
+    q, k, v = rnd(g, 2, FRAME, 3, 1, D, dtype=dtype).unbind(2)
+    check_attention(block_sparse_attn(q, k, v), q, k, v, None, BS, seed, FLOOR, ROW_FLOOR)
+    i = torch.arange(FRAME_BLOCKS, device="cuda")
+    mask = ((i[:, None] - i[None, :]).abs() <= 4)[None, None].expand(2, 1, -1, -1).clone()
+    out = block_sparse_attn(q, k, v, BlockLayout.from_mask(mask, BS))
+    check_attention(out, q, k, v, mask, BS, seed, FLOOR, ROW_FLOOR)
+
+
+def _compiled() -> int:
+    """Kernels compiled so far for the current device (Triton's JIT cache of the attention kernel)."""
+    from sam_sparse.kernels import triton_attn
+
+    return len(triton_attn._attn_fwd.device_caches[torch.cuda.current_device()][0])
+
+
+def _spy_tuning(monkeypatch) -> list:
+    from sam_sparse.kernels import triton_attn
+
+    runs = []
+    real = triton_attn._tune
+
+    def spy(key, *args, **kw):
+        if key not in triton_attn._TUNED:
+            runs.append(key)
+        return real(key, *args, **kw)
+
+    monkeypatch.setattr(triton_attn, "_tune", spy)
+    monkeypatch.setenv("SAM_SPARSE_TUNE_CACHE", "0")  # time every new shape class here, not from disk
+    return runs
+
+
+def test_growing_memory_batched_tunes_and_compiles_once_per_bucket(monkeypatch):
+    """A video's memory filling up, 3 objects as a batch: 4 frames + 4 pointers (16,400 keys, bucket 32768)
+    tunes and compiles; 5, 6, 7 frames (+ pointers up to 16) in the same bucket do neither (one compile
+    at most, for the whole last key tile of 28,736 keys: EVEN_N), nor does one object instead of three."""
+    from sam_sparse.kernels import interface, triton_attn
+
+    runs = _spy_tuning(monkeypatch)
+    monkeypatch.setattr(triton_attn, "_TUNED", {})
+    monkeypatch.setattr(interface, "_PLANS", {})
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = rnd(g, 3, FRAME, 1, D, dtype=torch.bfloat16)
+    kv = rnd(g, 3, memory_len(7, 16), 1, D, dtype=torch.bfloat16)
+    first = memory_len(4, 4)
+    k = kv[:, :first].contiguous()
+    block_sparse_attn(q, k, k)
+    torch.cuda.synchronize()
+    assert len(runs) == 1
+    compiled = _compiled()
+    for n in (memory_len(5, 5), memory_len(6, 6), memory_len(7, 7), memory_len(7, 16)):
+        assert length_bucket(n) == length_bucket(first)
+        k = kv[:, :n].contiguous()
+        block_sparse_attn(q, k, k)
+        block_sparse_attn(q[:1], k[:1], k[:1])
+    torch.cuda.synchronize()
+    # 1 and 3 objects (32 and 96 tiles of 128 queries) are one tuning class where they leave SMs idle alike
+    # (an H200's 132); a GPU with fewer SMs may tune them apart, once.
+    sms = triton_attn._sm_count(q.device)
+    classes = len({B * FRAME // 128 >= sms for B in (1, 3)})
+    assert len(runs) == classes, f"tuned again: {runs[1:]}"
+    assert _compiled() - compiled <= 1, f"{_compiled() - compiled} compiles for 4 lengths of one bucket"
+
+
+def test_growing_memory_varlen_one_plan_per_bucket(monkeypatch):
+    """3 objects prompted on frames 0, 1, 2, packed as varlen while their memories fill up (longest memory
+    20,500 -> 24,600 -> 28,736 keys, bucket 32768): one tuning run, one plan, nothing compiled after the
+    first call, outputs right at the last step."""
+    from sam_sparse.kernels import interface, triton_attn
+
+    runs = _spy_tuning(monkeypatch)
+    monkeypatch.setattr(triton_attn, "_TUNED", {})
+    monkeypatch.setattr(interface, "_PLANS", {})
+    seed, g = seeded()
+    cu_q = torch.tensor([0, FRAME, 2 * FRAME, 3 * FRAME], device="cuda", dtype=torch.int32)
+    q = rnd(g, 3 * FRAME, 1, D, dtype=torch.bfloat16)
+    steps = [(memory_len(3, 3), memory_len(4, 4), memory_len(5, 5)),
+             (memory_len(4, 4), memory_len(5, 5), memory_len(6, 6)),
+             (memory_len(5, 5), memory_len(6, 6), memory_len(7, 16))]
+    compiled = None
+    for lengths in steps:
+        cu_k = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda", dtype=torch.int32)
+        k, v = rnd(g, sum(lengths), 1, D, dtype=torch.bfloat16), rnd(g, sum(lengths), 1, D, dtype=torch.bfloat16)
+        out = block_sparse_attn_varlen(q, k, v, cu_q, cu_k, FRAME, max(lengths))
+        torch.cuda.synchronize()
+        compiled = _compiled() if compiled is None else compiled
+    assert len(runs) == 1 and len(interface._PLANS) == 1, (runs, list(interface._PLANS))
+    assert _compiled() == compiled, "a new mix of lengths compiled the kernel again"
+    ks = 0
+    for i, n in enumerate(lengths):
+        sl = slice(i * FRAME, (i + 1) * FRAME)
+        check_attention(out[None, sl], q[None, sl], k[None, ks:ks + n], v[None, ks:ks + n], None, BS,
+                        f"{seed} (object {i})", FLOOR, ROW_FLOOR)
+        ks += n
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "band"])
+def test_warm_varlen_call_makes_no_host_sync(masked):
+    """After a first call with 3 objects, a call with other lengths of the same bucket runs under
+    torch.cuda.set_sync_debug_mode("error"): any device-to-host sync would raise. (The mode is shown to
+    catch one: .item() inside it raises.)"""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cu_q = torch.tensor([0, FRAME, 2 * FRAME, 3 * FRAME], device="cuda", dtype=torch.int32)
+    q = rnd(g, 3 * FRAME, 1, D, dtype=torch.bfloat16)
+    layout = BlockLayout.from_mask(band_mask(3, [memory_len(7, 16)] * 3, [3, 3, 3]), BS) if masked else None
+    calls = []
+    for lengths in ((memory_len(5, 5), memory_len(6, 6), memory_len(7, 7)),
+                    (memory_len(6, 6), memory_len(7, 7), memory_len(7, 16))):
+        cu_k = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda", dtype=torch.int32)
+        k = rnd(g, sum(lengths), 1, D, dtype=torch.bfloat16)
+        calls.append((cu_k, k, max(lengths)))
+    cu_k, k, longest = calls[0]
+    block_sparse_attn_varlen(q, k, k, cu_q, cu_k, FRAME, longest, layout, block_size=BS)
+    torch.cuda.synchronize()
+    cu_k, k, longest = calls[1]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = block_sparse_attn_varlen(q, k, k, cu_q, cu_k, FRAME, longest, layout, block_size=BS)
+        with pytest.raises(RuntimeError):
+            cu_k.max().item()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
