@@ -100,7 +100,7 @@ def _grid_text(g: LayerGeometry) -> str:
     side = lambda grid, n: f"{grid[0]}x{grid[1]}" if grid is not None else f"{n} tokens"  # noqa: E731
     if g.kind == "encoder.window":
         return f"{g.q_grid[0]}x{g.q_grid[1]} window"
-    if g.kind == "encoder.global":
+    if g.kind in ("encoder.global", "memory.self"):
         return side(g.q_grid, g.seqlen_q)
     if g.kind == "encoder.pooled":
         return f"{side(g.q_grid, g.seqlen_q)} pooled -> {side(g.k_grid, g.seqlen_k)}"

@@ -1,0 +1,209 @@
+"""patch_sam on SAM 2's video predictor: the memory attention through the kernel, and the batched propagation.
+
+A SAM2VideoPredictor from sam2's own config (hiera_t, random weights, attention sharpened, the memory
+attention's too: tests/sam2_helpers.py) at 128 px (8 x 8 memory grid) on five synthetic JPEG frames. Every
+run is compared frame by frame with the same calls on the unpatched predictor (SAM 2's own per-object loop,
+SDPA): masks identical, logits within float rounding, with the memory attention patched per object
+(batch_objects=False) and batched (the default).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from sam2_helpers import small_video_predictor, write_frames
+from sam_sparse import patch_sam
+from sam_sparse.geometry import MemoryLayout
+from sam_sparse.patches import sam2_memory
+
+LOGIT_ATOL = 1e-4  # fp32; SDPA vs the kernel's reference path, one object vs a batch: a few 1e-7 measured
+
+# SAM 2's hole filling needs its CUDA extension; without it SAM 2 warns and skips it (both sides alike).
+pytestmark = pytest.mark.filterwarnings("ignore:.*post-processing step")
+
+# Scenarios: lists of steps. ("add", frame, obj_id, dict of add_new_points_or_box's prompt arguments),
+# ("propagate", dict of propagate_in_video's arguments), ("remove", obj_id). Coordinates in the 120x90 video.
+ONE = [("add", 0, 1, {"points": [[40, 45]], "labels": [1]}), ("propagate", {})]
+THREE = [("add", 0, 1, {"points": [[40, 45]], "labels": [1]}),
+         ("add", 0, 2, {"points": [[90, 20], [100, 30]], "labels": [1, 0]}),
+         ("add", 0, 3, {"box": [10, 50, 70, 88]}),
+         ("propagate", {}), ("propagate", {"start_frame_idx": 3, "reverse": True})]
+# Object 3 joins on frame 2 after a first propagation: its memory (one prompted frame) is shorter than the
+# others' from there on (varlen); then reverse from frame 2, then object 2 is removed and all propagate again.
+# (Propagations start where every object has a pointer in its memory: in fp32 SAM 2 itself fails on a memory
+# of frames alone, whose bfloat16 features reach the fp32 projections.)
+LATER = [("add", 0, 1, {"points": [[40, 45]], "labels": [1]}),
+         ("add", 0, 2, {"points": [[90, 20]], "labels": [1]}),
+         ("propagate", {}),
+         ("add", 2, 3, {"points": [[60, 70]], "labels": [1]}),
+         ("propagate", {"start_frame_idx": 2}),
+         ("propagate", {"start_frame_idx": 2, "reverse": True}),
+         ("remove", 2),
+         ("propagate", {"start_frame_idx": 2})]
+SCENARIOS = {"one": ONE, "three": THREE, "later": LATER}
+
+
+def run(predictor, frames, steps):
+    """[(step, frame, object ids, mask logits (objects, 1, H, W))] of every frame the steps output."""
+    out = []
+    with torch.inference_mode():
+        state = predictor.init_state(str(frames))
+        for i, step in enumerate(steps):
+            if step[0] == "add":
+                _, frame, obj, prompt = step
+                f, ids, logits = predictor.add_new_points_or_box(state, frame, obj, **prompt)
+                out.append((i, f, tuple(ids), logits.clone()))
+            elif step[0] == "remove":
+                predictor.remove_object(state, step[1])
+            else:
+                for f, ids, logits in predictor.propagate_in_video(state, **step[1]):
+                    out.append((i, f, tuple(ids), logits.clone()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return small_video_predictor()
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    return write_frames(tmp_path_factory.mktemp("video") / "frames")
+
+
+@pytest.fixture(scope="module")
+def reference(predictor, frames):
+    """The unpatched predictor's outputs, per scenario (computed on first use)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            assert not hasattr(predictor, "_sam_sparse_handle")
+            cache[name] = run(predictor, frames, SCENARIOS[name])
+        return cache[name]
+
+    return get
+
+
+def assert_same(out, ref, what):
+    assert len(out) == len(ref) > 0, what
+    for (i, f, ids, logits), (ri, rf, rids, rlogits) in zip(out, ref):
+        where = f"{what}: step {i}, frame {f}"
+        assert (i, f, ids) == (ri, rf, rids), where
+        assert logits.shape == rlogits.shape, where
+        assert torch.equal(logits > 0, rlogits > 0), f"{where}: masks differ"
+        err = (logits - rlogits).abs().max().item()
+        assert err <= LOGIT_ATOL, f"{where}: max logit error {err}"
+
+
+def test_memory_attention_modules_are_patched(predictor):
+    handle = patch_sam(predictor, "dense")
+    try:
+        assert len(handle.report) == 12 + 7 + 8
+        memory = [r for r in handle.report if r.name.startswith("memory_attention")]
+        assert [(r.name, r.kind) for r in memory] == [
+            (f"memory_attention.layers.{i}.{a}", k) for i in range(4)
+            for a, k in (("self_attn", "memory.self"), ("cross_attn_image", "memory.cross"))]
+        assert {r.heads for r in memory} == {1} and not handle.notes
+        assert memory[0].grid == "8x8" and memory[1].grid.startswith("8x8 -> 7 frames (1 cond) x 8x8 + 64 pointers")
+        assert type(predictor).__name__ == "SparseSAM2VideoPredictor"
+        assert type(predictor.memory_attention).__name__ == "SparseMemoryAttention"
+        assert all(type(m).__name__ == "SparseRoPEAttention" for _, m in handle.modules()[-8:])
+    finally:
+        handle.restore()
+    assert type(predictor).__name__ == "SAM2VideoPredictor"
+    assert type(predictor.memory_attention).__name__ == "MemoryAttention"
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("batch_objects", [False, True], ids=["per_object", "batched"])
+def test_dense_propagation_equals_unpatched(predictor, frames, reference, scenario, batch_objects):
+    ref = reference(scenario)
+    handle = patch_sam(predictor, "dense", batch_objects=batch_objects)
+    try:
+        out = run(predictor, frames, SCENARIOS[scenario])
+    finally:
+        handle.restore()
+    assert_same(out, ref, f"{scenario}, batch_objects={batch_objects}")
+
+
+def test_batched_path_batches(predictor, frames, monkeypatch):
+    """One memory attention and one mask decoder call per tracked frame, whatever the number of objects;
+    memories of different lengths go through the kernel's varlen path, equal ones through the batched one."""
+    calls = {"memory": 0, "decoder": 0, "varlen": 0, "batched_rows": []}
+    varlen = sam2_memory.block_sparse_attn_varlen
+
+    def count_varlen(*args, **kwargs):
+        calls["varlen"] += 1
+        return varlen(*args, **kwargs)
+
+    monkeypatch.setattr(sam2_memory, "block_sparse_attn_varlen", count_varlen)
+    handle = patch_sam(predictor, "dense")
+    hooks = [predictor.memory_attention.register_forward_hook(lambda *a: calls.__setitem__("memory", calls["memory"] + 1)),
+             predictor.sam_mask_decoder.register_forward_hook(
+                 lambda m, args, kwargs, out: calls["batched_rows"].append(kwargs["image_embeddings"].shape[0]),
+                 with_kwargs=True)]
+    try:
+        with torch.inference_mode():
+            state = predictor.init_state(str(frames))
+            for obj, xy in ((1, [40, 45]), (2, [90, 20]), (3, [60, 70])):
+                predictor.add_new_points_or_box(state, 0, obj, points=[xy], labels=[1])
+            calls["batched_rows"].clear()
+            n = sum(1 for _ in predictor.propagate_in_video(state))
+            assert n == 5
+            assert calls["memory"] == 4 and calls["batched_rows"] == [3] * 4  # frames 1-4; frame 0 was prompted
+            assert calls["varlen"] == 0  # equal memories: one batched call
+            predictor.add_new_points_or_box(state, 2, 4, points=[[20, 20]], labels=[1])
+            calls.update(memory=0, batched_rows=[])
+            list(predictor.propagate_in_video(state, start_frame_idx=2))
+            assert calls["memory"] == 3 and calls["batched_rows"] == [3, 4, 4]  # frame 2: objects 1-3; 3, 4: all four
+            assert calls["varlen"] == 2 * 4  # frames 3 and 4, four cross-attention layers each
+    finally:
+        for h in hooks:
+            h.remove()
+        handle.restore()
+
+
+def test_restore_deepcopy_disabled_observe(predictor, frames, reference):
+    before = {k: v.clone() for k, v in predictor.state_dict().items()}
+    classes = {n: type(m) for n, m in predictor.named_modules()}
+    handle = patch_sam(predictor, "dense")
+    try:
+        twin = copy.deepcopy(predictor)
+        assert twin._sam_sparse_handle is not handle and type(twin).__name__ == "SparseSAM2VideoPredictor"
+        assert twin._sam_sparse_handle.memory is not handle.memory
+        twin._sam_sparse_handle.restore()
+        assert type(twin).__name__ == "SAM2VideoPredictor" and type(predictor).__name__ == "SparseSAM2VideoPredictor"
+        with handle.disabled():
+            assert {n: type(m) for n, m in predictor.named_modules()} == classes
+        assert handle.active and type(predictor).__name__ == "SparseSAM2VideoPredictor"
+        seen = []
+        with handle.observe(lambda layer, prompts, q, k, *rest: seen.append((layer.kind, layer.memory, q.shape, k.shape))):
+            run(predictor, frames, ONE[:1] + [("propagate", {"max_frame_num_to_track": 2})])
+        kinds = [s[0] for s in seen if s[0].startswith("memory.")]
+        assert kinds == ["memory.self", "memory.cross"] * 4 * 2  # frames 1 and 2
+        cross = [s for s in seen if s[0] == "memory.cross"]
+        # frame 1: the prompted frame 0 and its pointer (4 tokens); frame 2: frames 0 (conditioning) and 1, 2 pointers
+        assert cross[0][1] == MemoryLayout((True,), (8, 8), 4) and cross[0][3] == (1, 68, 1, 256)
+        assert cross[-1][1] == MemoryLayout((True, False), (8, 8), 8) and cross[-1][3] == (1, 136, 1, 256)
+    finally:
+        handle.restore()
+    assert {n: type(m) for n, m in predictor.named_modules()} == classes
+    assert not any(hasattr(m, "_sam_sparse") for m in predictor.modules()) and not hasattr(predictor, "_sam_sparse_handle")
+    for k, v in predictor.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert_same(run(predictor, frames, ONE), reference("one"), "restored")
+
+
+def test_vos_optimized_predictor_is_patched_and_restored():
+    """SAM2VideoPredictorVOS compiles its memory attention, decoder and encoders with torch.compile; on this
+    CPU-only machine only its patching is tested (running it compiles with inductor: a GPU test's job)."""
+    vos = small_video_predictor(vos_optimized=True)
+    handle = patch_sam(vos, "dense")
+    try:
+        assert len(handle.report) == 27 and type(vos).__name__ == "SparseSAM2VideoPredictorVOS"
+        assert not sam2_memory.packable(vos.memory_attention)  # compiled forward: per-shape groups, no varlen
+    finally:
+        handle.restore()
+    assert type(vos).__name__ == "SAM2VideoPredictorVOS"
