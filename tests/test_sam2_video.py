@@ -20,7 +20,7 @@ from sam_sparse.patches import sam2_memory
 LOGIT_ATOL = 1e-4  # fp32; SDPA vs the kernel's reference path, one object vs a batch: a few 1e-7 measured
 
 # SAM 2's hole filling needs its CUDA extension; without it SAM 2 warns and skips it (both sides alike).
-pytestmark = pytest.mark.filterwarnings("ignore:.*post-processing step")
+pytestmark = pytest.mark.filterwarnings("ignore:cannot import name ._C.:UserWarning")
 
 # Scenarios: lists of steps. ("add", frame, obj_id, dict of add_new_points_or_box's prompt arguments),
 # ("propagate", dict of propagate_in_video's arguments), ("remove", obj_id). Coordinates in the 120x90 video.
@@ -207,3 +207,64 @@ def test_vos_optimized_predictor_is_patched_and_restored():
     finally:
         handle.restore()
     assert type(vos).__name__ == "SAM2VideoPredictorVOS"
+
+
+# memory-local's pattern at a block size for the 8 x 8 memory grid of these tests: a block is 2 grid rows.
+SMALL_MEMORY_LOCAL = {"name": "memory-local-8x8", "block_size": 16, "rules": [
+    {"match": "memory.cross", "pattern": "memory_local", "params": {"radius": 1}},
+    {"match": "*", "pattern": "dense"}]}
+
+
+def test_memory_local_builtin_density_and_checks():
+    from sam_sparse import Policy, load_policy
+    from sam_sparse.masks import mask_density
+    from sam_sparse.policy import PolicyError
+
+    policy = load_policy("memory-local")
+    layers = policy.geometries("sam2.1_hiera_t")
+    cross = [g for g in layers if g.kind == "memory.cross"]
+    assert len(cross) == 4 and cross[0].memory == MemoryLayout((True,) + (False,) * 6, (64, 64), 64)
+    assert cross[0].seqlen_k == 7 * 4096 + 64
+    assert 0.2 < mask_density(policy.block_mask(cross[0]), cross[0]) < 0.3  # 0.273
+    assert all(policy.block_mask(g) is None for g in layers if g.kind != "memory.cross")
+    mask = policy.block_mask(cross[0])[0, 0]
+    assert mask[:, :32].all() and mask[:, -1].all()  # the conditioning frame and the pointer tokens, whole
+    band = mask[10, 32:64].nonzero().flatten().tolist()  # query rows 20-21 in the first tracked frame
+    assert band == [8, 9, 10, 11, 12]  # key rows 16-25: within 4 rows
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.pattern: .*needs a memory.cross layer.*matches memory.self"):
+        Policy.from_dict({"name": "x", "rules": [{"match": "memory.self", "pattern": "memory_local"}]})
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.params\.radius: .*in grid tokens"):
+        Policy.from_dict({"name": "x", "rules": [{"match": "memory.cross", "pattern": "memory_local",
+                                                   "params": {"radius": -1}}]})
+
+
+@pytest.mark.parametrize("batch_objects", [False, True], ids=["per_object", "batched"])
+def test_memory_local_runs_and_changes_the_logits(predictor, frames, reference, batch_objects):
+    """A sparse memory policy: the memory.cross calls see each memory's conditioning frames (recorded from
+    SAM 2's own memory building per object, or given by the batched path), the masks drop key blocks, the
+    logits move; batched and per-object give the same numbers (per-object masks, varlen included)."""
+    from sam_sparse import Policy
+
+    handle = patch_sam(predictor, Policy.from_dict(SMALL_MEMORY_LOCAL), batch_objects=batch_objects)
+    seen = []
+    try:
+        assert [r.pattern for r in handle.report if r.kind == "memory.cross"] == ["memory_local"] * 4
+        assert all(r.density < 1 for r in handle.report if r.kind == "memory.cross")
+        with handle.observe(lambda layer, *rest: seen.append(layer)):
+            out = run(predictor, frames, LATER)
+    finally:
+        handle.restore()
+    cross = [g for g in seen if g.kind == "memory.cross"]
+    assert {g.kind for g in seen if g.kind.startswith("memory.")} == {"memory.self", "memory.cross"}
+    assert all(g.memory.frames[0] and not any(g.memory.frames[g.memory.cond_frames:]) for g in cross)
+    assert max(len(g.memory.frames) for g in cross) == 4 and {g.memory.cond_frames for g in cross} == {1}
+    ref = reference("later")
+    errs = [(o[3] - r[3]).abs().max().item() for o, r in zip(out, ref)]
+    assert max(errs) > 1e-2, f"memory-local changed nothing: {errs}"
+    test_memory_local_runs_and_changes_the_logits.outputs[batch_objects] = out
+    if len(test_memory_local_runs_and_changes_the_logits.outputs) == 2:
+        per_object = test_memory_local_runs_and_changes_the_logits.outputs[False]
+        assert_same(out, per_object, "memory-local, batched vs per-object")
+
+
+test_memory_local_runs_and_changes_the_logits.outputs = {}
