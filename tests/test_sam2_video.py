@@ -268,3 +268,18 @@ def test_memory_local_runs_and_changes_the_logits(predictor, frames, reference, 
 
 
 test_memory_local_runs_and_changes_the_logits.outputs = {}
+
+
+def test_video_parity_dense_error_does_not_grow(predictor, frames):
+    from sam_sparse import video_parity
+
+    prompts = [{"frame": 0, "obj_id": 1, "points": [[40, 45]], "labels": [1]},
+               {"frame": 0, "obj_id": 2, "box": [10, 50, 70, 88]}]
+    report = video_parity(predictor, frames, prompts, "dense")
+    assert report.passed, str(report)
+    assert [f.frame for f in report.frames] == [0, 1, 2, 3, 4] and report.objects == 2
+    assert max(f.max_logit_err for f in report.frames) <= 1e-4  # bounded on every frame: nothing accumulates
+    assert all(f.iou == 1.0 and f.object_iou == 1.0 for f in report.frames)
+    assert "IoU vs SAM 2" in str(report) and not hasattr(predictor, "_sam_sparse_handle")
+    with pytest.raises(ValueError, match=r"prompts\[0\]: give points with labels, or a box"):
+        video_parity(predictor, frames, [{"frame": 0, "obj_id": 1, "points": [[1, 1]]}])
