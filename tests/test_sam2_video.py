@@ -140,7 +140,8 @@ def test_batched_path_batches(predictor, frames, monkeypatch):
 
     monkeypatch.setattr(sam2_memory, "block_sparse_attn_varlen", count_varlen)
     handle = patch_sam(predictor, "dense")
-    hooks = [predictor.memory_attention.register_forward_hook(lambda *a: calls.__setitem__("memory", calls["memory"] + 1)),
+    count_memory = lambda *a: calls.__setitem__("memory", calls["memory"] + 1)  # noqa: E731
+    hooks = [predictor.memory_attention.register_forward_hook(count_memory),
              predictor.sam_mask_decoder.register_forward_hook(
                  lambda m, args, kwargs, out: calls["batched_rows"].append(kwargs["image_embeddings"].shape[0]),
                  with_kwargs=True)]
@@ -179,7 +180,8 @@ def test_restore_deepcopy_disabled_observe(predictor, frames, reference):
             assert {n: type(m) for n, m in predictor.named_modules()} == classes
         assert handle.active and type(predictor).__name__ == "SparseSAM2VideoPredictor"
         seen = []
-        with handle.observe(lambda layer, prompts, q, k, *rest: seen.append((layer.kind, layer.memory, q.shape, k.shape))):
+        record = lambda layer, prompts, q, k, *rest: seen.append((layer.kind, layer.memory, q.shape, k.shape))  # noqa: E731
+        with handle.observe(record):
             run(predictor, frames, ONE[:1] + [("propagate", {"max_frame_num_to_track": 2})])
         kinds = [s[0] for s in seen if s[0].startswith("memory.")]
         assert kinds == ["memory.self", "memory.cross"] * 4 * 2  # frames 1 and 2
@@ -190,7 +192,8 @@ def test_restore_deepcopy_disabled_observe(predictor, frames, reference):
     finally:
         handle.restore()
     assert {n: type(m) for n, m in predictor.named_modules()} == classes
-    assert not any(hasattr(m, "_sam_sparse") for m in predictor.modules()) and not hasattr(predictor, "_sam_sparse_handle")
+    assert not any(hasattr(m, "_sam_sparse") for m in predictor.modules())
+    assert not hasattr(predictor, "_sam_sparse_handle")
     for k, v in predictor.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert_same(run(predictor, frames, ONE), reference("one"), "restored")

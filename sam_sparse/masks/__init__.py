@@ -17,7 +17,7 @@ from .grid import (
     tile_permutation,
     token_coords,
 )
-from .memory import memory_local
 from .local import axial, dense, diagonal, dilated, hierarchical, local2d, nearest, relative_blocks
+from .memory import memory_local
 from .prompt import region_focused
 from .sampled import random_blocks, sink

@@ -49,7 +49,8 @@ def _nonneg_tokens(v):
     if not _is_number(v):
         raise PolicyError(f"expected a number >= 0, got {type_name(v)}")
     if v < 0 or v > MAX_BLOCKS:
-        raise PolicyError(f"{v:g} is outside [0, {MAX_BLOCKS}]; expected a number >= 0 (in grid tokens)")
+        raise PolicyError(f"{v:g} is outside [0, {MAX_BLOCKS}]; expected a number >= 0 (in grid "
+                          "tokens)")
     return v
 
 
@@ -274,7 +275,8 @@ PATTERNS: Dict[str, PatternDef] = {
             "memory_local",
             masks.memory_local,
             {
-                "radius": Param(4, _nonneg_tokens, "number >= 0, in grid tokens (16 px at 1024 px), for tracked frames"),
+                "radius": Param(4, _nonneg_tokens,
+                                "number >= 0, in grid tokens (16 px at 1024 px), for tracked frames"),
                 "cond_radius": Param(None, _optional(_nonneg_tokens),
                                      "number >= 0 in grid tokens for conditioning (prompted) frames, or null: whole frame"),
             },
