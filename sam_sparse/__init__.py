@@ -24,6 +24,8 @@ _EXPORTS = {
     "patch_sam": "patches",
     "unpatch_sam": "patches",
     "verify_parity": "patches",
+    "video_parity": "patches",
+    "VideoParityReport": "patches",
     "CheckpointError": "models",
     "build_sam": "models",
     "fetch_mobile_sam": "models",

@@ -52,3 +52,36 @@ def photo(h=180, w=240, seed=0):
     for cy, cx, r in ((h // 2, w // 3, h // 5), (h // 3, 3 * w // 4, h // 7)):
         img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = (220, 40, 90)
     return np.clip(img + g.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+def small_video_predictor(image_size=128, seed=0, gain=3.0, vos_optimized=False):
+    """sam2's build_sam2_video_predictor for sam2.1_hiera_t (post-processing on, as users get it) at
+    `image_size` (the memory grid is image_size / 16 a side), random weights (seeded), eval mode, CPU, with
+    the attention sharpened as small_sam2's and the memory attention's q / k projections scaled by `gain` too:
+    at init its softmax is near uniform, and a wrong key order or mask would pass unnoticed."""
+    from sam2.build_sam import build_sam2_video_predictor
+
+    torch.manual_seed(seed)
+    model = build_sam2_video_predictor(SAM2_CONFIGS["sam2.1_hiera_t"], None, device="cpu",
+                                       hydra_overrides_extra=[f"++model.image_size={image_size}"],
+                                       vos_optimized=vos_optimized)
+    sharpen_attention_(model.eval(), gain, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("memory_attention") and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p *= gain
+    return model
+
+
+def write_frames(folder, count=5, h=90, w=120, seed=0):
+    """`count` JPEG frames 00000.jpg, ... in `folder` (what SAM 2's init_state reads): the discs of photo()
+    drifting right by 4 px a frame, fresh noise each frame. Returns the folder."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    base = photo(h, w, seed)
+    for i in range(count):
+        frame = np.roll(base, 4 * i, axis=1)
+        noise = np.random.default_rng(seed + i).normal(0, 6, frame.shape)
+        Image.fromarray(np.clip(frame + noise, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg")
+    return folder

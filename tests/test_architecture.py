@@ -38,7 +38,8 @@ ALLOWED = {
 NO_SEGMENT_ANYTHING = ("kernels", "geometry", "files", "table", "devices", "masks", "sam_layers", "sam2_layers",
                        "families", "policy")
 # sam2 is an optional extra: only the SAM 2 family's patch module and what runs SAM 2 models import it.
-SAM2_IMPORTERS = ("patches.sam2", "patches.sam2_attention", "patches.parity", "models.build", "predictor", "amg",
+SAM2_IMPORTERS = ("patches.sam2", "patches.sam2_attention", "patches.sam2_memory", "patches.sam2_video",
+                  "patches.parity", "models.build", "predictor", "amg",
                   "maskgen", "calibration", "segment", "video")
 
 

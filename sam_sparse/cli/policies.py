@@ -16,6 +16,7 @@ from ..geometry import LAYER_KINDS, LayerGeometry, Prompts
 from ..masks import head_densities, mask_density
 from ..policy import Policy, PolicyError, list_policies, load_policy, policy_text
 from ..families import MODEL_TYPES
+from ..sam2_layers import NOMINAL_COND_FRAMES, NOMINAL_MEMORY_FRAMES, NOMINAL_POINTER_TOKENS
 
 MODELS = MODEL_TYPES  # every family's: SAM (vit_b, ..., mobile_sam) and SAM 2.1 (sam2.1_hiera_t, ...)
 
@@ -31,7 +32,14 @@ _SHORT = {
     "decoder.token_to_image": "dec.tok2img",
     "decoder.image_to_token": "dec.img2tok",
     "decoder.final_token_to_image": "dec.final",
+    "memory.self": "mem.self",
+    "memory.cross": "mem.cross",
 }
+
+# SAM 2's memory cross-attention has no fixed shape: it is measured and drawn at the nominal memory.
+MEMORY_NOTE = (f"memory.cross (SAM 2 video) is measured at a nominal memory: {NOMINAL_MEMORY_FRAMES} frames of the "
+               f"64x64 grid, {NOMINAL_COND_FRAMES} of them conditioning (prompted), then {NOMINAL_POINTER_TOKENS} "
+               "object-pointer tokens")
 
 
 def _fail(message: str):
@@ -133,6 +141,8 @@ def list_cmd(models):
                "and heads); `sam-sparse bench` reports the mean over all patched encoder layers instead")
     if any_prompted:
         click.echo("* depends on the prompts; measured with one point at the image centre")
+    if any(m.startswith("sam2") for m in models or MODELS):
+        click.echo(MEMORY_NOTE)
 
 
 @policies.command("show")
@@ -159,6 +169,8 @@ def show_cmd(policy: str, model: str):
     except PolicyError as e:
         _fail(str(e))
     width = max(len(layer.name) for layer, _, _ in layers) + 2
+    if any(layer.kind == "memory.cross" for layer, _, _ in layers):
+        click.echo(f"# {MEMORY_NOTE}")
     for layer, mask, prompted in layers:
         per_head = [round(d, 3) for d in head_densities(mask, layer)]
         runs = _head_groups(per_head)
@@ -227,12 +239,18 @@ def render_cmd(policy: str, model: str, out: str):
         ax.tick_params(labelsize=6)
         for axis, n in ((ax.yaxis, m.shape[0]), (ax.xaxis, m.shape[1])):
             axis.set_major_locator(FixedLocator([0]) if n == 1 else MaxNLocator(integer=True))
-    fig.suptitle(f"{p.name} on {model} (block {p.block_size}, {p.token_order} order)", fontsize=10)
+    title = f"{p.name} on {model} (block {p.block_size}, {p.token_order} order)"
+    if any(t.startswith("memory.cross") for t, _ in panels):
+        title += f"\nmemory.cross: {NOMINAL_MEMORY_FRAMES} memory frames ({NOMINAL_COND_FRAMES} conditioning) + " \
+                 f"{NOMINAL_POINTER_TOKENS} pointer tokens (nominal)"
+    fig.suptitle(title, fontsize=10)
     try:
         fig.savefig(out, format="png", dpi=110)
     except OSError as e:
         _fail(f"cannot write {out}: {e}")
     click.echo(f"wrote {out} ({len(panels)} panels)")
+    if any(t.startswith("memory.cross") for t, _ in panels):
+        click.echo(MEMORY_NOTE)
 
 
 @policies.command("check")

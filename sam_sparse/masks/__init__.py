@@ -18,5 +18,6 @@ from .grid import (
     token_coords,
 )
 from .local import axial, dense, diagonal, dilated, hierarchical, local2d, nearest, relative_blocks
+from .memory import memory_local
 from .prompt import region_focused
 from .sampled import random_blocks, sink

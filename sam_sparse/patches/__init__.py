@@ -4,6 +4,7 @@ from .attention import SparseDecoderAttention, SparseEncoderAttention, SparseWin
 from .parity import DENSE_FP32, DENSE_HALF, SPARSE, LayerParity, ParityReport, ParityThresholds, preset_for, verify_parity
 from .families import model_family
 from .patcher import LayerReport, PatchHandle, PolicyWarning, patch_sam, unpatch_sam
+from .video_parity import FrameParity, VideoParityReport, video_parity
 
 __all__ = [
     "patch_sam",
@@ -13,6 +14,9 @@ __all__ = [
     "PolicyWarning",
     "LayerReport",
     "verify_parity",
+    "video_parity",
+    "VideoParityReport",
+    "FrameParity",
     "ParityReport",
     "ParityThresholds",
     "LayerParity",

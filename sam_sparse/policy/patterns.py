@@ -45,6 +45,15 @@ def _nonneg_number(v):
     return v
 
 
+def _nonneg_tokens(v):
+    if not _is_number(v):
+        raise PolicyError(f"expected a number >= 0, got {type_name(v)}")
+    if v < 0 or v > MAX_BLOCKS:
+        raise PolicyError(f"{v:g} is outside [0, {MAX_BLOCKS}]; expected a number >= 0 (in grid "
+                          "tokens)")
+    return v
+
+
 def _int_at_least(lo: int):
     def check(v):
         if not isinstance(v, int) or isinstance(v, bool):
@@ -167,6 +176,7 @@ class PatternDef:
     params: Dict[str, Param]
     needs_grid: bool = False
     uses_prompts: bool = False
+    needs_memory: bool = False  # measures places in memory frames: memory.cross layers only
 
     def describe_params(self) -> str:
         if not self.params:
@@ -260,6 +270,17 @@ PATTERNS: Dict[str, PatternDef] = {
                 "background_stride": Param(4, _int_at_least(0), "integer >= 0: keep ~1/stride background key blocks, 0 none"),
             },
             uses_prompts=True,
+        ),
+        PatternDef(
+            "memory_local",
+            masks.memory_local,
+            {
+                "radius": Param(4, _nonneg_tokens,
+                                "number >= 0, in grid tokens (16 px at 1024 px), for tracked frames"),
+                "cond_radius": Param(None, _optional(_nonneg_tokens),
+                                     "number >= 0 in grid tokens for conditioning (prompted) frames, or null: whole frame"),
+            },
+            needs_memory=True,
         ),
     )
 }
@@ -396,6 +417,10 @@ class PatternSpec:
     @property
     def needs_grid(self) -> bool:
         return any(s.name in PATTERNS and PATTERNS[s.name].needs_grid for s in self.walk())
+
+    @property
+    def needs_memory(self) -> bool:
+        return any(s.name in PATTERNS and PATTERNS[s.name].needs_memory for s in self.walk())
 
     @property
     def uses_prompts(self) -> bool:

@@ -106,10 +106,20 @@ class Rule:
         if self.pattern.needs_grid:
             for m in self.match:
                 if m in LAYER_KINDS and m not in GRID_KINDS:
+                    other = ("keys spanning several memory frames and pointer tokens" if m == "memory.cross"
+                             else "prompt/output tokens on one side")
                     raise PolicyError(
                         f"pattern {self.pattern.describe()} measures 2-D distances between blocks and needs image "
-                        f"tokens on both sides, but {m} has prompt/output tokens on one side; "
-                        f"use it on {' or '.join(GRID_KINDS)}",
+                        f"tokens on both sides, but {m} has {other}; use it on {' or '.join(GRID_KINDS)}"
+                        + (" (memory_local is memory.cross's)" if m == "memory.cross" else ""),
+                        path=("pattern",),
+                    )
+        if self.pattern.needs_memory:
+            for m in self.match:
+                if m in LAYER_KINDS and m != "memory.cross":
+                    raise PolicyError(
+                        f"pattern {self.pattern.describe()} keeps places in memory frames and needs a memory.cross "
+                        f"layer (video memory attention), but the rule matches {m}; use it with match: memory.cross",
                         path=("pattern",),
                     )
 

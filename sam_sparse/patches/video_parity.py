@@ -1,0 +1,177 @@
+"""Video parity for SAM 2: propagate prompts over a clip with the predictor unpatched, patched per object and
+patched batched, and compare every frame.
+
+    report = video_parity(predictor, "clip/", [{"frame": 0, "obj_id": 1, "points": [[320, 240]], "labels": [1]}],
+                          "dense")
+    print(report); assert report.passed
+
+The predictor is a sam2 SAM2VideoPredictor, unpatched (it is patched and restored here), or a callable
+returning one. Runs are SAM 2's own calls: init_state, add_new_points_or_box, propagate_in_video.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from ..table import format_table
+from .patcher import patch_sam
+
+PROMPT_KEYS = ("frame", "obj_id", "points", "labels", "box")
+
+
+@dataclass(frozen=True)
+class FrameParity:
+    """One output frame. iou / max_logit_err: the patched batched run vs SAM 2 unpatched (worst object:
+    lowest mask IoU, largest |logit difference|); object_iou / object_max_logit_err: patched batched vs
+    patched per object (batching alone). Masks are logits > 0 at the video's resolution."""
+
+    frame: int
+    iou: float
+    max_logit_err: float
+    object_iou: float
+    object_max_logit_err: float
+
+
+@dataclass
+class VideoParityReport:
+    """Per-frame parity of one policy on one clip, in output order (forward, then reverse if asked).
+
+    passed: every frame within `min_iou` / `max_logit_err` (set by video_parity: for a dense policy
+    1.0 / 1e-3 in fp32, i.e. the same masks; for a sparse one only the batching must cost nothing: the
+    object columns). error_growth: max logit error of the last third of the frames over the first
+    third's (about 1 or below when errors do not accumulate through the memory).
+    """
+
+    policy: str
+    objects: int
+    frames: List[FrameParity] = field(default_factory=list)
+    min_iou: float = 1.0
+    max_logit_err: float = 1e-3
+    dense: bool = True
+
+    @property
+    def error_growth(self) -> float:
+        errs = [f.max_logit_err for f in self.frames]
+        third = max(1, len(errs) // 3)
+        first, last = max(errs[:third]), max(errs[-third:])
+        return last / first if first > 0 else (0.0 if last == 0 else float("inf"))
+
+    def failures(self) -> List[str]:
+        out = []
+        for f in self.frames:
+            checks = [("batched vs per-object", f.object_iou, f.object_max_logit_err)]
+            if self.dense:
+                checks.insert(0, ("patched vs SAM 2", f.iou, f.max_logit_err))
+            for what, iou, err in checks:
+                if iou < self.min_iou or err > self.max_logit_err:
+                    out.append(f"frame {f.frame}: {what}: mask IoU {iou:.4f} (>= {self.min_iou}), max logit error "
+                               f"{err:.3g} (<= {self.max_logit_err:g})")
+        return out
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.frames) and not self.failures()
+
+    def __str__(self) -> str:
+        rows = [(str(f.frame), f"{f.iou:.4f}", f"{f.max_logit_err:.3g}", f"{f.object_iou:.4f}",
+                 f"{f.object_max_logit_err:.3g}") for f in self.frames]
+        head = (f"video parity, policy {self.policy!r}, {self.objects} objects, {len(self.frames)} frames: "
+                f"{'passed' if self.passed else 'FAILED'}; error growth (last third / first third) "
+                f"{self.error_growth:.3g}")
+        table = format_table(("frame", "IoU vs SAM 2", "max logit err", "IoU batched vs per-object",
+                              "max logit err"), rows)
+        return "\n".join([head, table, *self.failures()])
+
+
+def _check_prompts(prompts: Sequence[Dict]) -> List[Dict]:
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts: expected a non-empty list of {frame, obj_id, points + labels and/or box}")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, dict) or "frame" not in p or "obj_id" not in p:
+            raise ValueError(f"prompts[{i}]: expected a dict with frame, obj_id and points + labels or box, got {p!r}")
+        unknown = set(p) - set(PROMPT_KEYS)
+        if unknown:
+            raise ValueError(f"prompts[{i}]: unknown keys {sorted(unknown)}; accepted: {', '.join(PROMPT_KEYS)}")
+        if "box" not in p and ("points" not in p or "labels" not in p):
+            raise ValueError(f"prompts[{i}]: give points with labels, or a box")
+    return list(prompts)
+
+
+def _run(predictor, frames_dir: str, prompts: List[Dict], max_frames: Optional[int], reverse: bool):
+    """{(direction, frame): mask logits (objects, 1, H, W)} of one run."""
+    out = {}
+    with torch.inference_mode():
+        state = predictor.init_state(frames_dir)
+        for p in prompts:
+            predictor.add_new_points_or_box(state, p["frame"], p["obj_id"], points=p.get("points"),
+                                            labels=p.get("labels"), box=p.get("box"))
+        for f, _, logits in predictor.propagate_in_video(state, max_frame_num_to_track=max_frames):
+            out[("forward", f)] = logits.float().cpu()
+        if reverse:
+            start = max(f for d, f in out)
+            for f, _, logits in predictor.propagate_in_video(state, start_frame_idx=start, reverse=True,
+                                                             max_frame_num_to_track=max_frames):
+                out[("reverse", f)] = logits.float().cpu()
+    return out
+
+
+def _compare(a: torch.Tensor, b: torch.Tensor):
+    ma, mb = a > 0, b > 0
+    inter = (ma & mb).flatten(1).sum(1).double()
+    union = (ma | mb).flatten(1).sum(1).double()
+    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return float(iou.min()), float((a - b).abs().max())
+
+
+def video_parity(
+    predictor: Union[object, Callable[[], object]],
+    frames_dir: Union[str, os.PathLike],
+    prompts: Sequence[Dict],
+    policy="dense",
+    *,
+    max_frames: Optional[int] = None,
+    reverse: bool = False,
+    min_iou: Optional[float] = None,
+    max_logit_err: Optional[float] = None,
+) -> VideoParityReport:
+    """Propagate `prompts` through a clip three ways and compare every output frame.
+
+    predictor: an unpatched sam2 SAM2VideoPredictor (patched with `policy` and restored here), or a
+        zero-argument callable returning one (called once).
+    frames_dir: a folder of JPEG frames, as SAM 2's init_state reads it.
+    prompts: [{"frame": int, "obj_id": int, "points": [[x, y], ...], "labels": [1 | 0, ...]} or with
+        "box": [x0, y0, x1, y1]], in video pixels, applied in order with add_new_points_or_box.
+    policy: what patch_sam takes (a name, a YAML path, a Policy).
+    max_frames: frames to track (propagate_in_video's max_frame_num_to_track); None: to the end.
+    reverse: also propagate backwards from the last forward frame.
+    min_iou, max_logit_err: the pass thresholds (default 1.0 and 1e-3: the same masks, fp32 rounding).
+    Returns a VideoParityReport: per frame, the patched batched run vs SAM 2 unpatched, and batched vs
+    per-object (both patched). ValueError for malformed prompts, before anything runs.
+    """
+    prompts = _check_prompts(prompts)
+    model = predictor() if callable(predictor) and not isinstance(predictor, torch.nn.Module) else predictor
+    if hasattr(model, "_sam_sparse_handle"):
+        raise RuntimeError("video_parity needs the unpatched predictor (it patches and restores it); "
+                           "restore the patch first")
+    frames_dir = os.fspath(frames_dir)
+    ref = _run(model, frames_dir, prompts, max_frames, reverse)
+    runs = {}
+    for batch in (False, True):
+        handle = patch_sam(model, policy, batch_objects=batch)
+        try:
+            runs[batch] = _run(model, frames_dir, prompts, max_frames, reverse)
+        finally:
+            handle.restore()
+    dense = all(r.pattern == "dense" for r in handle.report)
+    report = VideoParityReport(policy=getattr(handle.policy, "name", str(policy)),
+                               objects=len({p["obj_id"] for p in prompts}), min_iou=1.0 if min_iou is None else min_iou,
+                               max_logit_err=1e-3 if max_logit_err is None else max_logit_err, dense=dense)
+    for key in ref:
+        iou, err = _compare(runs[True][key], ref[key])
+        obj_iou, obj_err = _compare(runs[True][key], runs[False][key])
+        report.frames.append(FrameParity(key[1], iou, err, obj_iou, obj_err))
+    return report

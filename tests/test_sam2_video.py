@@ -1,0 +1,288 @@
+"""patch_sam on SAM 2's video predictor: the memory attention through the kernel, and the batched propagation.
+
+A SAM2VideoPredictor from sam2's own config (hiera_t, random weights, attention sharpened, the memory
+attention's too: tests/sam2_helpers.py) at 128 px (8 x 8 memory grid) on five synthetic JPEG frames. Every
+run is compared frame by frame with the same calls on the unpatched predictor (SAM 2's own per-object loop,
+SDPA): masks identical, logits within float rounding, with the memory attention patched per object
+(batch_objects=False) and batched (the default).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from sam2_helpers import small_video_predictor, write_frames
+from sam_sparse import patch_sam
+from sam_sparse.geometry import MemoryLayout
+from sam_sparse.patches import sam2_memory
+
+LOGIT_ATOL = 1e-4  # fp32; SDPA vs the kernel's reference path, one object vs a batch: a few 1e-7 measured
+
+# SAM 2's hole filling needs its CUDA extension; without it SAM 2 warns and skips it (both sides alike).
+pytestmark = pytest.mark.filterwarnings("ignore:cannot import name ._C.:UserWarning")
+
+# Scenarios: lists of steps. ("add", frame, obj_id, dict of add_new_points_or_box's prompt arguments),
+# ("propagate", dict of propagate_in_video's arguments), ("remove", obj_id). Coordinates in the 120x90 video.
+ONE = [("add", 0, 1, {"points": [[40, 45]], "labels": [1]}), ("propagate", {})]
+THREE = [("add", 0, 1, {"points": [[40, 45]], "labels": [1]}),
+         ("add", 0, 2, {"points": [[90, 20], [100, 30]], "labels": [1, 0]}),
+         ("add", 0, 3, {"box": [10, 50, 70, 88]}),
+         ("propagate", {}), ("propagate", {"start_frame_idx": 3, "reverse": True})]
+# Object 3 joins on frame 2 after a first propagation: its memory (one prompted frame) is shorter than the
+# others' from there on (varlen); then reverse from frame 2, then object 2 is removed and all propagate again.
+# (Propagations start where every object has a pointer in its memory: in fp32 SAM 2 itself fails on a memory
+# of frames alone, whose bfloat16 features reach the fp32 projections.)
+LATER = [("add", 0, 1, {"points": [[40, 45]], "labels": [1]}),
+         ("add", 0, 2, {"points": [[90, 20]], "labels": [1]}),
+         ("propagate", {}),
+         ("add", 2, 3, {"points": [[60, 70]], "labels": [1]}),
+         ("propagate", {"start_frame_idx": 2}),
+         ("propagate", {"start_frame_idx": 2, "reverse": True}),
+         ("remove", 2),
+         ("propagate", {"start_frame_idx": 2})]
+SCENARIOS = {"one": ONE, "three": THREE, "later": LATER}
+
+
+def run(predictor, frames, steps):
+    """[(step, frame, object ids, mask logits (objects, 1, H, W))] of every frame the steps output."""
+    out = []
+    with torch.inference_mode():
+        state = predictor.init_state(str(frames))
+        for i, step in enumerate(steps):
+            if step[0] == "add":
+                _, frame, obj, prompt = step
+                f, ids, logits = predictor.add_new_points_or_box(state, frame, obj, **prompt)
+                out.append((i, f, tuple(ids), logits.clone()))
+            elif step[0] == "remove":
+                predictor.remove_object(state, step[1])
+            else:
+                for f, ids, logits in predictor.propagate_in_video(state, **step[1]):
+                    out.append((i, f, tuple(ids), logits.clone()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return small_video_predictor()
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    return write_frames(tmp_path_factory.mktemp("video") / "frames")
+
+
+@pytest.fixture(scope="module")
+def reference(predictor, frames):
+    """The unpatched predictor's outputs, per scenario (computed on first use)."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            assert not hasattr(predictor, "_sam_sparse_handle")
+            cache[name] = run(predictor, frames, SCENARIOS[name])
+        return cache[name]
+
+    return get
+
+
+def assert_same(out, ref, what):
+    assert len(out) == len(ref) > 0, what
+    for (i, f, ids, logits), (ri, rf, rids, rlogits) in zip(out, ref):
+        where = f"{what}: step {i}, frame {f}"
+        assert (i, f, ids) == (ri, rf, rids), where
+        assert logits.shape == rlogits.shape, where
+        assert torch.equal(logits > 0, rlogits > 0), f"{where}: masks differ"
+        err = (logits - rlogits).abs().max().item()
+        assert err <= LOGIT_ATOL, f"{where}: max logit error {err}"
+
+
+def test_memory_attention_modules_are_patched(predictor):
+    handle = patch_sam(predictor, "dense")
+    try:
+        assert len(handle.report) == 12 + 7 + 8
+        memory = [r for r in handle.report if r.name.startswith("memory_attention")]
+        assert [(r.name, r.kind) for r in memory] == [
+            (f"memory_attention.layers.{i}.{a}", k) for i in range(4)
+            for a, k in (("self_attn", "memory.self"), ("cross_attn_image", "memory.cross"))]
+        assert {r.heads for r in memory} == {1} and not handle.notes
+        assert memory[0].grid == "8x8" and memory[1].grid.startswith("8x8 -> 7 frames (1 cond) x 8x8 + 64 pointers")
+        assert type(predictor).__name__ == "SparseSAM2VideoPredictor"
+        assert type(predictor.memory_attention).__name__ == "SparseMemoryAttention"
+        assert all(type(m).__name__ == "SparseRoPEAttention" for _, m in handle.modules()[-8:])
+    finally:
+        handle.restore()
+    assert type(predictor).__name__ == "SAM2VideoPredictor"
+    assert type(predictor.memory_attention).__name__ == "MemoryAttention"
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("batch_objects", [False, True], ids=["per_object", "batched"])
+def test_dense_propagation_equals_unpatched(predictor, frames, reference, scenario, batch_objects):
+    ref = reference(scenario)
+    handle = patch_sam(predictor, "dense", batch_objects=batch_objects)
+    try:
+        out = run(predictor, frames, SCENARIOS[scenario])
+    finally:
+        handle.restore()
+    assert_same(out, ref, f"{scenario}, batch_objects={batch_objects}")
+
+
+def test_batched_path_batches(predictor, frames, monkeypatch):
+    """One memory attention and one mask decoder call per tracked frame, whatever the number of objects;
+    memories of different lengths go through the kernel's varlen path, equal ones through the batched one."""
+    calls = {"memory": 0, "decoder": 0, "varlen": 0, "batched_rows": []}
+    varlen = sam2_memory.block_sparse_attn_varlen
+
+    def count_varlen(*args, **kwargs):
+        calls["varlen"] += 1
+        return varlen(*args, **kwargs)
+
+    monkeypatch.setattr(sam2_memory, "block_sparse_attn_varlen", count_varlen)
+    handle = patch_sam(predictor, "dense")
+    count_memory = lambda *a: calls.__setitem__("memory", calls["memory"] + 1)  # noqa: E731
+    hooks = [predictor.memory_attention.register_forward_hook(count_memory),
+             predictor.sam_mask_decoder.register_forward_hook(
+                 lambda m, args, kwargs, out: calls["batched_rows"].append(kwargs["image_embeddings"].shape[0]),
+                 with_kwargs=True)]
+    try:
+        with torch.inference_mode():
+            state = predictor.init_state(str(frames))
+            for obj, xy in ((1, [40, 45]), (2, [90, 20]), (3, [60, 70])):
+                predictor.add_new_points_or_box(state, 0, obj, points=[xy], labels=[1])
+            calls["batched_rows"].clear()
+            n = sum(1 for _ in predictor.propagate_in_video(state))
+            assert n == 5
+            assert calls["memory"] == 4 and calls["batched_rows"] == [3] * 4  # frames 1-4; frame 0 was prompted
+            assert calls["varlen"] == 0  # equal memories: one batched call
+            predictor.add_new_points_or_box(state, 2, 4, points=[[20, 20]], labels=[1])
+            calls.update(memory=0, batched_rows=[])
+            list(predictor.propagate_in_video(state, start_frame_idx=2))
+            assert calls["memory"] == 3 and calls["batched_rows"] == [3, 4, 4]  # frame 2: objects 1-3; 3, 4: all four
+            assert calls["varlen"] == 2 * 4  # frames 3 and 4, four cross-attention layers each
+    finally:
+        for h in hooks:
+            h.remove()
+        handle.restore()
+
+
+def test_restore_deepcopy_disabled_observe(predictor, frames, reference):
+    before = {k: v.clone() for k, v in predictor.state_dict().items()}
+    classes = {n: type(m) for n, m in predictor.named_modules()}
+    handle = patch_sam(predictor, "dense")
+    try:
+        twin = copy.deepcopy(predictor)
+        assert twin._sam_sparse_handle is not handle and type(twin).__name__ == "SparseSAM2VideoPredictor"
+        assert twin._sam_sparse_handle.memory is not handle.memory
+        twin._sam_sparse_handle.restore()
+        assert type(twin).__name__ == "SAM2VideoPredictor" and type(predictor).__name__ == "SparseSAM2VideoPredictor"
+        with handle.disabled():
+            assert {n: type(m) for n, m in predictor.named_modules()} == classes
+        assert handle.active and type(predictor).__name__ == "SparseSAM2VideoPredictor"
+        seen = []
+        record = lambda layer, prompts, q, k, *rest: seen.append((layer.kind, layer.memory, q.shape, k.shape))  # noqa: E731
+        with handle.observe(record):
+            run(predictor, frames, ONE[:1] + [("propagate", {"max_frame_num_to_track": 2})])
+        kinds = [s[0] for s in seen if s[0].startswith("memory.")]
+        assert kinds == ["memory.self", "memory.cross"] * 4 * 2  # frames 1 and 2
+        cross = [s for s in seen if s[0] == "memory.cross"]
+        # frame 1: the prompted frame 0 and its pointer (4 tokens); frame 2: frames 0 (conditioning) and 1, 2 pointers
+        assert cross[0][1] == MemoryLayout((True,), (8, 8), 4) and cross[0][3] == (1, 68, 1, 256)
+        assert cross[-1][1] == MemoryLayout((True, False), (8, 8), 8) and cross[-1][3] == (1, 136, 1, 256)
+    finally:
+        handle.restore()
+    assert {n: type(m) for n, m in predictor.named_modules()} == classes
+    assert not any(hasattr(m, "_sam_sparse") for m in predictor.modules())
+    assert not hasattr(predictor, "_sam_sparse_handle")
+    for k, v in predictor.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert_same(run(predictor, frames, ONE), reference("one"), "restored")
+
+
+def test_vos_optimized_predictor_is_patched_and_restored():
+    """SAM2VideoPredictorVOS compiles its memory attention, decoder and encoders with torch.compile; on this
+    CPU-only machine only its patching is tested (running it compiles with inductor: a GPU test's job)."""
+    vos = small_video_predictor(vos_optimized=True)
+    handle = patch_sam(vos, "dense")
+    try:
+        assert len(handle.report) == 27 and type(vos).__name__ == "SparseSAM2VideoPredictorVOS"
+        assert not sam2_memory.packable(vos.memory_attention)  # compiled forward: per-shape groups, no varlen
+    finally:
+        handle.restore()
+    assert type(vos).__name__ == "SAM2VideoPredictorVOS"
+
+
+# memory-local's pattern at a block size for the 8 x 8 memory grid of these tests: a block is 2 grid rows.
+SMALL_MEMORY_LOCAL = {"name": "memory-local-8x8", "block_size": 16, "rules": [
+    {"match": "memory.cross", "pattern": "memory_local", "params": {"radius": 1}},
+    {"match": "*", "pattern": "dense"}]}
+
+
+def test_memory_local_builtin_density_and_checks():
+    from sam_sparse import Policy, load_policy
+    from sam_sparse.masks import mask_density
+    from sam_sparse.policy import PolicyError
+
+    policy = load_policy("memory-local")
+    layers = policy.geometries("sam2.1_hiera_t")
+    cross = [g for g in layers if g.kind == "memory.cross"]
+    assert len(cross) == 4 and cross[0].memory == MemoryLayout((True,) + (False,) * 6, (64, 64), 64)
+    assert cross[0].seqlen_k == 7 * 4096 + 64
+    assert 0.2 < mask_density(policy.block_mask(cross[0]), cross[0]) < 0.3  # 0.273
+    assert all(policy.block_mask(g) is None for g in layers if g.kind != "memory.cross")
+    mask = policy.block_mask(cross[0])[0, 0]
+    assert mask[:, :32].all() and mask[:, -1].all()  # the conditioning frame and the pointer tokens, whole
+    band = mask[10, 32:64].nonzero().flatten().tolist()  # query rows 20-21 in the first tracked frame
+    assert band == [8, 9, 10, 11, 12]  # key rows 16-25: within 4 rows
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.pattern: .*needs a memory.cross layer.*matches memory.self"):
+        Policy.from_dict({"name": "x", "rules": [{"match": "memory.self", "pattern": "memory_local"}]})
+    with pytest.raises(PolicyError, match=r"rules\[0\]\.params\.radius: .*in grid tokens"):
+        Policy.from_dict({"name": "x", "rules": [{"match": "memory.cross", "pattern": "memory_local",
+                                                   "params": {"radius": -1}}]})
+
+
+@pytest.mark.parametrize("batch_objects", [False, True], ids=["per_object", "batched"])
+def test_memory_local_runs_and_changes_the_logits(predictor, frames, reference, batch_objects):
+    """A sparse memory policy: the memory.cross calls see each memory's conditioning frames (recorded from
+    SAM 2's own memory building per object, or given by the batched path), the masks drop key blocks, the
+    logits move; batched and per-object give the same numbers (per-object masks, varlen included)."""
+    from sam_sparse import Policy
+
+    handle = patch_sam(predictor, Policy.from_dict(SMALL_MEMORY_LOCAL), batch_objects=batch_objects)
+    seen = []
+    try:
+        assert [r.pattern for r in handle.report if r.kind == "memory.cross"] == ["memory_local"] * 4
+        assert all(r.density < 1 for r in handle.report if r.kind == "memory.cross")
+        with handle.observe(lambda layer, *rest: seen.append(layer)):
+            out = run(predictor, frames, LATER)
+    finally:
+        handle.restore()
+    cross = [g for g in seen if g.kind == "memory.cross"]
+    assert {g.kind for g in seen if g.kind.startswith("memory.")} == {"memory.self", "memory.cross"}
+    assert all(g.memory.frames[0] and not any(g.memory.frames[g.memory.cond_frames:]) for g in cross)
+    assert max(len(g.memory.frames) for g in cross) == 4 and {g.memory.cond_frames for g in cross} == {1}
+    ref = reference("later")
+    errs = [(o[3] - r[3]).abs().max().item() for o, r in zip(out, ref)]
+    assert max(errs) > 1e-2, f"memory-local changed nothing: {errs}"
+    test_memory_local_runs_and_changes_the_logits.outputs[batch_objects] = out
+    if len(test_memory_local_runs_and_changes_the_logits.outputs) == 2:
+        per_object = test_memory_local_runs_and_changes_the_logits.outputs[False]
+        assert_same(out, per_object, "memory-local, batched vs per-object")
+
+
+test_memory_local_runs_and_changes_the_logits.outputs = {}
+
+
+def test_video_parity_dense_error_does_not_grow(predictor, frames):
+    from sam_sparse import video_parity
+
+    prompts = [{"frame": 0, "obj_id": 1, "points": [[40, 45]], "labels": [1]},
+               {"frame": 0, "obj_id": 2, "box": [10, 50, 70, 88]}]
+    report = video_parity(predictor, frames, prompts, "dense")
+    assert report.passed, str(report)
+    assert [f.frame for f in report.frames] == [0, 1, 2, 3, 4] and report.objects == 2
+    assert max(f.max_logit_err for f in report.frames) <= 1e-4  # bounded on every frame: nothing accumulates
+    assert all(f.iou == 1.0 and f.object_iou == 1.0 for f in report.frames)
+    assert "IoU vs SAM 2" in str(report) and not hasattr(predictor, "_sam_sparse_handle")
+    with pytest.raises(ValueError, match=r"prompts\[0\]: give points with labels, or a box"):
+        video_parity(predictor, frames, [{"frame": 0, "obj_id": 1, "points": [[1, 1]]}])
