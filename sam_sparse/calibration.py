@@ -352,6 +352,67 @@ def measure_memory(predictor, frames: str, *, prompt=None, block_size: int = 64,
     return list(recorder.stats.values())
 
 
+# A memory pattern as calibration sees it: mask_fn(radius, cond_radius, frames, grid, pointer_tokens,
+# block_size) -> bool (QB, KB), the block mask of one memory cross-attention call (memory-local at those
+# radii; cond_radius None: conditioning frames dense).
+MemoryMaskFn = Callable[..., torch.Tensor]
+
+
+def memory_kept(stats: Sequence[MemoryStats], mask_fn: MemoryMaskFn, radius: int, cond_radius: Optional[int],
+                block_size: int) -> float:
+    """Share of the measured mass (every call of `stats` together, heads averaged) the pattern keeps."""
+    kept = total = 0.0
+    for st in stats:
+        keep = mask_fn(radius, cond_radius, st.frames, st.grid, st.pointer_tokens, block_size).to(torch.float64)
+        kept += float((st.mass * keep).sum())
+        total += float(st.mass.sum())
+    return kept / total if total > 0 else 1.0
+
+
+@dataclass
+class MemoryChoice:
+    """One memory layer's calibrated radii (cond_radius None: conditioning frames dense), the share of its
+    measured mass they keep, and their block density on the nominal (full) memory."""
+
+    radius: int
+    cond_radius: Optional[int]
+    retained: float
+    density: float
+
+
+def choose_memory_radius(stats: Sequence[MemoryStats], mask_fn: MemoryMaskFn, nominal: tuple, block_size: int, *,
+                         min_mass: Optional[float] = None, target_density: Optional[float] = None) -> MemoryChoice:
+    """The radii of one layer (its statistics): with min_mass, the pair (radius, cond_radius) of least
+    nominal density that keeps min_mass of the measured mass; with target_density, the pair that keeps
+    the most mass at nominal density <= target_density (radius 0 with conditioning frames at radius 0
+    when none is that sparse). nominal: (frames, grid, pointer_tokens) of a full memory. Radii run to the
+    grid's longer side, where the pattern holds the whole frame."""
+    _check_targets(target_density, min_mass)
+    top = max(max(st.grid) for st in stats)
+
+    def density(r, rc):
+        return float(mask_fn(r, rc, *nominal, block_size).float().mean())
+
+    best = None
+    for rc in [None] + list(range(top + 1)):
+        for r in range(top + 1):  # kept mass and density both grow with r: the first that fits decides
+            d = density(r, rc)
+            if target_density is not None and d > target_density + 1e-9:
+                break
+            kept = memory_kept(stats, mask_fn, r, rc, block_size)
+            if min_mass is not None and kept < min_mass - 1e-12:
+                continue
+            choice = MemoryChoice(r, rc, kept, d)
+            if best is None or (min_mass is not None and d < best.density - 1e-12) or (
+                    target_density is not None and kept > best.retained + 1e-12):
+                best = choice
+            if min_mass is not None:
+                break
+    if best is None:
+        best = MemoryChoice(0, 0, memory_kept(stats, mask_fn, 0, 0, block_size), density(0, 0))
+    return best
+
+
 # ---------------------------------------------------------------------------------------------------
 # Choosing
 # ---------------------------------------------------------------------------------------------------
