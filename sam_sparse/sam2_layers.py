@@ -11,6 +11,12 @@ size of the stage before (Hiera lags the window by one block): its queries are a
 (4x4 of an 8x8, 7x7 of a 14x14) attending to the full window of keys, the "encoder.pooled" kind.
 Heads double at each stage with the width, so the head dim is the same in every block: 96 (t, s),
 56 (b+), 72 (l).
+
+The video memory attention (sam2/modeling/memory_attention.py) is the same in every SAM 2.1 model type:
+4 layers, each a self-attention over the current frame's tokens (memory.self) and a cross-attention from
+them to the memory (memory.cross: up to 7 memory frames of the same grid, the conditioning frames first,
+then up to 64 object-pointer tokens), one head of dim 256, rotary position encoding. Its per-call
+structure is a MemoryLayout; policies see NOMINAL_MEMORY (a full memory) where no call is at hand.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable, List, Optional, Tuple
 
-from .geometry import Grid, LayerGeometry
+from .geometry import Grid, LayerGeometry, MemoryLayout
 from .sam_layers import DECODER_HEADS, NOMINAL_DECODER_TOKENS, decoder_attentions, decoder_layer
 
 # Hiera per SAM 2.1 model type (sam2/configs/sam2.1/*.yaml; the SAM 2.0 configs have the same encoders):
@@ -43,6 +49,42 @@ ENCODER_PREFIX = "image_encoder.trunk"
 DECODER_PREFIX = "sam_mask_decoder.transformer"
 IMAGE_SIZE = 1024
 EMBEDDING_GRID = (64, 64)  # the mask decoder's image side at 1024 px (stride 16)
+
+MEMORY_PREFIX = "memory_attention.layers"
+MEMORY_LAYERS = 4  # memory attention layers (every SAM 2.1 config)
+MEMORY_HEADS = 1  # heads of both attentions of a layer: head dim 256 (d_model 256)
+# A full memory as SAM 2.1 builds it in tracking (num_maskmem = 7 frames, one of them the prompted
+# frame; max_obj_ptrs_in_encoder = 16 pointers of 4 tokens each): what policies are described and
+# rendered at when no call says otherwise.
+NOMINAL_MEMORY_FRAMES = 7
+NOMINAL_COND_FRAMES = 1
+NOMINAL_POINTER_TOKENS = 64
+
+
+def nominal_memory(grid: Grid = EMBEDDING_GRID) -> MemoryLayout:
+    """The nominal memory on a frame grid: 7 frames, the first a conditioning frame, 64 pointer tokens."""
+    frames = (True,) * NOMINAL_COND_FRAMES + (False,) * (NOMINAL_MEMORY_FRAMES - NOMINAL_COND_FRAMES)
+    return MemoryLayout(frames, tuple(grid), NOMINAL_POINTER_TOKENS)
+
+
+def memory_attentions(num_layers: int = MEMORY_LAYERS) -> List[Tuple[str, str, int]]:
+    """(path under memory_attention.layers, kind, index among its kind) of the memory attention, in order."""
+    out = []
+    for i in range(num_layers):
+        out += [(f"{i}.self_attn", "memory.self", i), (f"{i}.cross_attn_image", "memory.cross", i)]
+    return out
+
+
+def memory_layer(name: str, kind: str, num_heads: int, index: int, grid: Grid, block_size: int,
+                 memory: Optional[MemoryLayout] = None) -> LayerGeometry:
+    """A memory attention layer: memory.self over the frame grid, or memory.cross from the frame grid to
+    `memory` (nominal_memory(grid) when None)."""
+    n = grid[0] * grid[1]
+    if kind == "memory.self":
+        return LayerGeometry(name, kind, num_heads, n, n, tuple(grid), tuple(grid), block_size, None, index)
+    memory = memory if memory is not None else nominal_memory(grid)
+    return LayerGeometry(name, kind, num_heads, n, memory.seqlen, tuple(grid), None, block_size, None, index,
+                         memory=memory)
 
 
 def hiera_kind(window_size: int, pooled: bool) -> str:
@@ -94,9 +136,10 @@ def sam2_layer_geometries(
     num_tokens: int = NOMINAL_DECODER_TOKENS,
     image_size: int = IMAGE_SIZE,
 ) -> List[LayerGeometry]:
-    """LayerGeometry of every attention layer sam-sparse patches in a SAM 2.1 image model, in forward order:
-    the Hiera blocks (image_encoder.trunk.blocks.{i}.attn), then the mask decoder's seven attentions
-    (sam_mask_decoder.transformer...., as SAM's). key_tile_fn and num_tokens as sam_layer_geometries."""
+    """LayerGeometry of every attention layer sam-sparse patches in a SAM 2.1 model: the Hiera blocks
+    (image_encoder.trunk.blocks.{i}.attn), the mask decoder's seven attentions (sam_mask_decoder.transformer....,
+    as SAM's), then the video memory attention's eight (memory_attention.layers.{i}.self_attn /
+    .cross_attn_image, memory.cross at nominal_memory). key_tile_fn and num_tokens as sam_layer_geometries."""
     if model_type not in SAM2_ENCODERS:
         raise ValueError(f"model_type={model_type!r}: expected one of {', '.join(SAM2_ENCODERS)}")
     layers, counts = [], {}
@@ -109,6 +152,8 @@ def sam2_layer_geometries(
     for path, kind, index in decoder_attentions():
         layers.append(decoder_layer(f"{DECODER_PREFIX}.{path}", kind, DECODER_HEADS, index, num_tokens, (side, side),
                                     block_size))
+    for path, kind, index in memory_attentions():
+        layers.append(memory_layer(f"{MEMORY_PREFIX}.{path}", kind, MEMORY_HEADS, index, (side, side), block_size))
     if key_tile_fn is not None:
         layers = [replace(layer, key_tile=key_tile_fn(layer)) for layer in layers]
     return layers

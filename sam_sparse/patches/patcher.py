@@ -11,9 +11,11 @@ attention layers of which kind, which sparse classes replace them and where the 
 module does the same for every family.
 
 How: each attention module's class is swapped for a subclass with a sparse forward (the family's
-SPARSE_CLASSES) and one plain attribute ``_sam_sparse`` is attached; the encoder blocks around windowed
-attention modules get a subclass too (SPARSE_BLOCKS), whose forward reads the windows in place instead of
-partitioning the token grid. No parameter, buffer or module is added, removed or copied, so
+SPARSE_CLASSES) and one plain attribute ``_sam_sparse`` is attached; some modules around them get a subclass
+too (the family's containers()): the encoder blocks around windowed attention modules, whose forward reads the
+windows in place instead of partitioning the token grid, and for SAM 2 video the memory attention (packed
+memories) and the model itself (the memory calls' structure recorded; with batch_objects, every object of a
+frame propagated as one batch: sam2_video.py). No parameter, buffer or module is added, removed or copied, so
 ``state_dict()`` keys and values are those of the original model and a checkpoint loads into patched and
 unpatched models alike. A full model also gets three forward hooks, methods of one PromptContext per
 model: the prompt encoder's pre-hook records the current points/boxes (in token-grid units, per thread)
@@ -39,6 +41,7 @@ from ..policy import load_policy
 from ..table import format_table
 from .attention import LayerState, PromptContext
 from .families import family, family_for, unwrap
+from .memory import MemoryContext, memory_block_layout
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,11 @@ def _with_tiles(geom: LayerGeometry, policy) -> LayerGeometry:
     return replace(geom, key_tile=(th, tw))
 
 
+def _fixed(kind: str) -> bool:
+    """Layers whose geometry is known at patch time (image tokens on both sides, one grid)."""
+    return kind.startswith("encoder.") or kind == "memory.self"
+
+
 def _head_dim(module: nn.Module, kind: str) -> int:
     if kind.startswith("encoder."):
         return module.qkv.out_features // 3 // module.num_heads
@@ -96,6 +104,10 @@ def _grid_text(g: LayerGeometry) -> str:
         return side(g.q_grid, g.seqlen_q)
     if g.kind == "encoder.pooled":
         return f"{side(g.q_grid, g.seqlen_q)} pooled -> {side(g.k_grid, g.seqlen_k)}"
+    if g.kind == "memory.cross" and g.memory is not None:
+        m = g.memory
+        return (f"{side(g.q_grid, g.seqlen_q)} -> {len(m.frames)} frames ({m.cond_frames} cond) x "
+                f"{m.grid[0]}x{m.grid[1]} + {m.pointer_tokens} pointers (nominal)")
     return f"{side(g.q_grid, g.seqlen_q)} -> {side(g.k_grid, g.seqlen_k)}"
 
 
@@ -108,15 +120,16 @@ class PatchHandle:
     """
 
     def __init__(self, model: nn.Module, policy, entries, report: List[LayerReport], notes: List[str], context,
-                 family_name: str = "sam"):
+                 family_name: str = "sam", memory: Optional[MemoryContext] = None):
         self.model = model
         self.family = family_name  # a name, not the module: the handle pickles with the model
         self.policy = policy
         self.report = report
         self.notes = notes
         self.context = context
+        self.memory = memory if memory is not None else MemoryContext()  # video memory calls; batch_objects
         self._entries = entries  # (module, original class, LayerState)
-        self._blocks: list = []  # (encoder block, original class) of the windowed blocks swapped by enable()
+        self._blocks: list = []  # (module, original class) of the containers swapped by enable()
         self._hooks: list = []
         self.active = False
 
@@ -135,12 +148,12 @@ class PatchHandle:
         for module, _, state in self._entries:
             module.__class__ = fam.SPARSE_CLASSES[type(module)]
             module._sam_sparse = state
-        # Windowed blocks whose attention is patched: their forward skips the window partition copies.
+        # Modules around patched attention (windowed blocks, SAM 2's memory attention and video model).
         patched = {id(m) for m, _, _ in self._entries}
-        self._blocks = [(b, type(b)) for b in self.model.modules()
-                        if type(b) in fam.SPARSE_BLOCKS and b.window_size > 0 and id(b.attn) in patched]
-        for block, cls in self._blocks:
-            block.__class__ = fam.SPARSE_BLOCKS[cls]
+        swaps = fam.containers(self.model, patched)
+        self._blocks = [(module, type(module)) for module, _ in swaps]
+        for module, cls in swaps:
+            module.__class__ = cls
         model, ctx = self.model, self.context
         # Bound methods of the context, not closures: deepcopy and pickle carry them to the copy's context.
         prompt_encoder, mask_decoder, transformer = fam.hook_targets(model)
@@ -221,7 +234,8 @@ def _find_patched(model: nn.Module) -> List[str]:
     return [n for n, m in model.named_modules() if hasattr(m, "_sam_sparse") or hasattr(m, "_sam_sparse_handle")]
 
 
-def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None) -> PatchHandle:
+def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
+              batch_objects: bool = True) -> PatchHandle:
     """Route the attention modules of `model` through sam_sparse's block-sparse kernel, in place.
 
     model: a segment_anything Sam, ImageEncoderViT, MaskDecoder or TwoWayTransformer (a Sam whose image
@@ -231,6 +245,10 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
     policy: a built-in policy name ("dense", ...), a policy file path, or a Policy object.
     filter_fn: (name, module) -> bool, called for each attention module with its qualified name in
         the patched model; modules for which it returns False stay as they are (torchao's quantize_ style).
+    batch_objects: for a SAM2VideoPredictor, propagate_in_video runs every object of a frame as one batch
+        (memory attention, mask decoder, memory encoder; memories of different lengths through the kernel's
+        varlen path), each object's outputs as SAM 2's per-object loop gives them. False keeps SAM 2's
+        per-object loop (with the patched modules). handle.memory.batch_objects switches it later.
     Returns a PatchHandle (handle.report, str(handle), handle.restore()).
 
     Raises TypeError for other objects, RuntimeError if the model (or a module in it) is already
@@ -252,15 +270,21 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
+    if not isinstance(batch_objects, bool):
+        raise TypeError(f"batch_objects={batch_objects!r}: expected True or False")
     context = PromptContext(grid=fam.image_grid(model))
+    memory = MemoryContext(batch_objects)
 
     entries, report, geometries = [], [], []
     for module, described in found:
         kind = described.kind
         name = described.name[len(prefix):]  # the module's name in the patched model
-        if kind.startswith("encoder."):
+        if _fixed(kind):
             described = _with_tiles(described, policy)
             state = LayerState(name=name, geometry=described, policy=policy)
+        elif kind == "memory.cross":
+            # The template keeps the nominal memory for the report; calls build their own geometry.
+            state = LayerState(name=name, geometry=described, policy=policy, context=memory)
         else:
             # The per-call template: no grids until a call says how many tokens each side has.
             state = LayerState(name=name, geometry=replace(described, q_grid=None, k_grid=None), policy=policy,
@@ -277,9 +301,11 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
             notes.append(f"{name}: head dim {head_dim} is not one the kernel runs ({HEAD_DIMS_ACCEPTED}): left as is")
             continue
         # Build every prompt-free mask now, once: policy errors surface at patch time, layouts are kept.
-        per_prompt = not kind.startswith("encoder.") and policy.needs_prompts(described)
-        if kind.startswith("encoder."):
+        per_prompt = not _fixed(kind) and kind != "memory.cross" and policy.needs_prompts(described)
+        if _fixed(kind):
             layout = state.encoder_layout(device)
+        elif kind == "memory.cross":
+            layout = memory_block_layout(state, (described.memory,), False, device)
         elif per_prompt:
             policy.block_mask(described, None, device)  # validates the rules (head indices etc.)
             layout = None  # built per call, from the call's prompts
@@ -293,7 +319,7 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         ))
     _warn_unmatched(policy, geometries)
     _warn_if_nothing_sparse(policy, report, notes)
-    handle = PatchHandle(model, policy, entries, report, notes, context, fam.NAME)
+    handle = PatchHandle(model, policy, entries, report, notes, context, fam.NAME, memory)
     handle.enable()
     return handle
 

@@ -8,6 +8,9 @@ prompt hooks go. patcher.py drives every family through the same few names:
     hook_targets(model) -> (prompt encoder, mask decoder, two-way transformer), None where absent
     image_grid(model) -> (h, w)                    the mask decoder's image-embedding grid
     SPARSE_CLASSES, SPARSE_BLOCKS                  original class -> sparse class
+    containers(model, patched) -> [(module, sparse class)]   modules around patched attention that change
+                                                   class too (windowed encoder blocks; SAM 2's memory
+                                                   attention and video model)
 """
 
 from __future__ import annotations
@@ -109,3 +112,10 @@ def find_layers(model: nn.Module, prefix: str, block_size: int) -> Tuple[List[Tu
             found.append((attn, decoder_layer(names[id(attn)], kind, attn.num_heads, index, NOMINAL_DECODER_TOKENS,
                                               grid, block_size)))
     return found, notes
+
+
+def containers(model: nn.Module, patched) -> List[Tuple[nn.Module, type]]:
+    """(encoder block, SparseWindowBlock) for the windowed blocks whose attention is patched (ids in `patched`):
+    their forward reads the windows in place."""
+    return [(b, SPARSE_BLOCKS[type(b)]) for b in model.modules()
+            if type(b) in SPARSE_BLOCKS and b.window_size > 0 and id(b.attn) in patched]

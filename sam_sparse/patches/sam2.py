@@ -4,7 +4,9 @@ the prompt hooks go. The same interface as sam1.py; imported only for objects of
 
 patch_sam takes a SAM2Base (SAM2VideoPredictor is one), a SAM2ImagePredictor or a
 SAM2AutomaticMaskGenerator (their model is patched), or the image encoder alone (ImageEncoder or its Hiera
-trunk). The video memory attention (RoPEAttention) is not patched here: it is left as is and said so.
+trunk). A SAM2Base's video memory attention is patched too: its eight RoPEAttention modules (memory.self,
+memory.cross; sam2_memory.py), the MemoryAttention around them, and the model's own class (sam2_video.py:
+the memory call's structure recorded, the objects of a frame propagated as one batch).
 """
 
 from __future__ import annotations
@@ -14,16 +16,23 @@ from typing import List, Optional, Tuple
 from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
 from sam2.modeling.backbones.hieradet import Hiera
 from sam2.modeling.backbones.image_encoder import ImageEncoder
+from sam2.modeling.memory_attention import MemoryAttention
 from sam2.modeling.sam.prompt_encoder import PromptEncoder
-from sam2.modeling.sam.transformer import TwoWayTransformer
+from sam2.modeling.sam.transformer import RoPEAttention, TwoWayTransformer
 from sam2.modeling.sam2_base import SAM2Base
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from torch import nn
 
 from ..geometry import Grid, LayerGeometry
-from ..sam2_layers import EMBEDDING_GRID, ENCODER_PREFIX, IMAGE_SIZE, hiera_kind, hiera_layer
+from ..sam2_layers import (EMBEDDING_GRID, ENCODER_PREFIX, IMAGE_SIZE, hiera_kind, hiera_layer, memory_attentions,
+                           memory_layer)
 from ..sam_layers import NOMINAL_DECODER_TOKENS, decoder_attentions, decoder_layer
-from .sam2_attention import SPARSE_BLOCKS, SPARSE_CLASSES  # noqa: F401 (part of the family's interface)
+from .sam2_attention import SPARSE_BLOCKS
+from .sam2_attention import SPARSE_CLASSES as _ATTENTION_CLASSES
+from .sam2_memory import SparseMemoryAttention, SparseRoPEAttention
+from .sam2_video import SPARSE_MODELS
+
+SPARSE_CLASSES = {**_ATTENTION_CLASSES, RoPEAttention: SparseRoPEAttention}
 
 NAME = "sam2"
 SUPPORTED = ("sam2's SAM2Base (SAM2VideoPredictor too), SAM2ImagePredictor, SAM2AutomaticMaskGenerator, "
@@ -105,9 +114,45 @@ def find_layers(model: nn.Module, prefix: str, block_size: int) -> Tuple[List[Tu
                 attn = decoder_tf.get_submodule(path)
                 found.append((attn, decoder_layer(names[id(attn)], kind, attn.num_heads, index,
                                                   NOMINAL_DECODER_TOKENS, grid, block_size)))
-        if getattr(model, "memory_attention", None) is not None:
-            notes.append("memory_attention (SAM 2's video memory, RoPEAttention) is not patched: left as is")
+        found += _memory_layers(model, names, block_size, notes)
     return found, notes
+
+
+def _memory_layers(model: SAM2Base, names, block_size: int, notes: List[str]) -> List[Tuple[nn.Module, LayerGeometry]]:
+    """The memory attention's self- and cross-attentions, described on the model's frame grid (memory.cross
+    at the nominal memory; calls carry their own)."""
+    memory = getattr(model, "memory_attention", None)
+    if memory is None:
+        return []
+    if not isinstance(memory, MemoryAttention):
+        notes.append(f"memory attention {type(memory).__name__} is not sam2's MemoryAttention: left as is")
+        return []
+    found = []
+    grid = image_grid(model)
+    for path, kind, index in memory_attentions(len(memory.layers)):
+        attn = memory.layers.get_submodule(path)
+        if not isinstance(attn, RoPEAttention):
+            notes.append(f"{names[id(attn)]}: {type(attn).__name__} is not a RoPEAttention: left as is")
+            continue
+        found.append((attn, memory_layer(names[id(attn)], kind, attn.num_heads, index, grid, block_size)))
+    return found
+
+
+def containers(model: nn.Module, patched) -> List[Tuple[nn.Module, type]]:
+    """(module, sparse class) of the modules around patched attention whose class changes too: Hiera's
+    windowed blocks (in-place windows), the MemoryAttention whose cross-attentions are all patched (packed
+    memories), and the model (SPARSE_MODELS: memory calls recorded, batched propagation) when its memory
+    attention is patched. patched: ids of the patched attention modules."""
+    out = [(b, SPARSE_BLOCKS[type(b)]) for b in model.modules()
+           if type(b) in SPARSE_BLOCKS and b.window_size > 0 and id(b.attn) in patched]
+    memory = getattr(model, "memory_attention", None) if isinstance(model, SAM2Base) else None
+    if memory is None or not any(id(m) in patched for m in memory.modules()):
+        return out
+    if type(memory) is MemoryAttention and all(id(layer.cross_attn_image) in patched for layer in memory.layers):
+        out.append((memory, SparseMemoryAttention))
+    if type(model) in SPARSE_MODELS:
+        out.append((model, SPARSE_MODELS[type(model)]))
+    return out
 
 
 def image_predictor(model: SAM2Base, **kwargs) -> SAM2ImagePredictor:
