@@ -203,6 +203,217 @@ def measure(model, images: Sequence[np.ndarray], *, kinds: Sequence[str] = DEFAU
 
 
 # ---------------------------------------------------------------------------------------------------
+# Measuring SAM 2's video memory attention
+# ---------------------------------------------------------------------------------------------------
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")  # what sam2's init_state reads from a frames folder
+
+
+def video_frames(folder) -> List[str]:
+    """The frame files of a frames folder as SAM 2's init_state reads them (JPEGs named by their frame
+    index: 00000.jpg, ...), in frame order. ValueError saying what is wrong: not a folder, fewer than two
+    frames (the memory is first read on frame 1), a JPEG whose name is not a frame index."""
+    import os
+
+    if not os.path.isdir(folder):
+        raise ValueError(f"frames {folder}: not a folder; give a folder of JPEG frames named 00000.jpg, 00001.jpg, ... "
+                         "(ffmpeg -i video.mp4 -q:v 2 -start_number 0 DIR/'%05d.jpg')")
+    names = [n for n in os.listdir(folder) if os.path.splitext(n)[1] in FRAME_SUFFIXES]
+    bad = [n for n in names if not os.path.splitext(n)[0].isdigit()]
+    if bad:
+        raise ValueError(f"frames {folder}: {bad[0]} is not named by its frame index; SAM 2 reads JPEGs named "
+                         "00000.jpg, 00001.jpg, ...")
+    if len(names) < 2:
+        raise ValueError(f"frames {folder}: {len(names)} JPEG frame(s); memory attention needs at least 2 "
+                         "(.jpg / .jpeg named by frame index)")
+    names.sort(key=lambda n: int(os.path.splitext(n)[0]))
+    return [os.path.join(folder, n) for n in names]
+
+
+@dataclass
+class MemoryStats:
+    """Memory cross-attention mass of one layer for one memory shape, summed over calls (batch rows).
+
+    name: the RoPEAttention module's qualified name (memory_attention.layers.{i}.cross_attn_image).
+    index: the layer's index. frames: one bool per memory frame in key order (True: a conditioning
+    frame). grid: (rows, cols) of the query frame and of every memory frame; keys are the frames' tokens
+    in raster order, then pointer_tokens object-pointer tokens.
+    mass: float64 (H, QB, KB) softmax probability mass per (query block, key block), in queries.
+    """
+
+    name: str
+    index: int
+    frames: Tuple[bool, ...]
+    grid: Tuple[int, int]
+    pointer_tokens: int
+    mass: torch.Tensor
+    calls: int = 0
+
+
+def rope_qk(attn, q_in: torch.Tensor, k_in: torch.Tensor, num_k_exclude_rope: int = 0):
+    """(q, k) of a sam2 RoPEAttention call as its forward computes them before attention: projected,
+    split into heads, rotary encoding applied (keys past the last num_k_exclude_rope excluded), shaped
+    (B, N, heads, head_dim) as the kernels take them. Inputs: the call's q (B, Nq, C) and k (B, Nk, kv_in_dim)."""
+    from sam2.modeling.position_encoding import apply_rotary_enc
+
+    heads = attn.num_heads
+    q = attn.q_proj(q_in).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, Nq, D)
+    k = attn.k_proj(k_in).unflatten(-1, (heads, -1)).transpose(1, 2)
+    side = int(math.isqrt(q.shape[-2]))
+    freqs = attn.freqs_cis.to(q.device)
+    if freqs.shape[0] != q.shape[-2]:  # as RoPEAttention.forward: a grid other than its feat_sizes
+        freqs = attn.compute_cis(end_x=side, end_y=side).to(q.device)
+    n_rope = k.shape[-2] - num_k_exclude_rope
+    q, k_rope = apply_rotary_enc(q, k[:, :, :n_rope], freqs_cis=freqs, repeat_freqs_k=attn.rope_k_repeat)
+    k = torch.cat([k_rope, k[:, :, n_rope:]], dim=2)
+    return q.transpose(1, 2), k.transpose(1, 2)
+
+
+class MemoryRecorder:
+    """The memory cross-attention's block mass per call, summed per (layer, memory shape) into MemoryStats:
+    attach(model) puts forward pre-hooks on a SAM 2 model's memory cross-attentions (RoPEAttention), which
+    recompute the call's q and k (rope_qk) and hand them to add(). The memory's conditioning frames are
+    taken to be its first `cond_frames` (SAM 2 puts prompted frames first; calibration prompts one)."""
+
+    def __init__(self, block_size: int, cond_frames: int = 1):
+        self.block_size, self.cond_frames = block_size, cond_frames
+        self.stats: Dict[tuple, MemoryStats] = {}
+        self.hooks = []
+
+    def attach(self, model) -> "MemoryRecorder":
+        for i, layer in enumerate(model.memory_attention.layers):
+            name = f"memory_attention.layers.{i}.cross_attn_image"
+            self.hooks.append(layer.cross_attn_image.register_forward_pre_hook(
+                self._hook(name, i, layer.cross_attn_image), with_kwargs=True))
+        return self
+
+    def _hook(self, name, index, attn):
+        def record(module, args, kwargs):
+            # forward(q, k, v, num_k_exclude_rope=0); SAM 2's layers pass them by keyword
+            given = dict(zip(("q", "k", "v", "num_k_exclude_rope"), args), **kwargs)
+            q_in, k_in, pointers = given["q"], given["k"], int(given.get("num_k_exclude_rope", 0))
+            q, k = rope_qk(attn, q_in, k_in, pointers)
+            self.add(name, index, q, k, pointers)
+        return record
+
+    def add(self, name: str, index: int, q: torch.Tensor, k: torch.Tensor, pointers: int) -> None:
+        """One call: q (B, Nq, H, D) on a square frame grid, k (B, frames * Nq + pointers, H, D)."""
+        n = q.shape[1]
+        side = int(math.isqrt(n))
+        frames = (k.shape[1] - pointers) // n
+        if side * side != n or frames * n + pointers != k.shape[1]:
+            raise ValueError(f"{name}: {k.shape[1]} keys are not whole frames of {n} tokens plus {pointers} pointers")
+        layout = tuple(f < self.cond_frames for f in range(frames))
+        mass = block_attention_mass(q, k, block_size=self.block_size).double().sum(0).cpu()
+        st = self.stats.get((name, layout, pointers))
+        if st is None:
+            st = self.stats[(name, layout, pointers)] = MemoryStats(name, index, layout, (side, side), pointers,
+                                                                    torch.zeros_like(mass))
+        st.mass += mass
+        st.calls += q.shape[0]
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+
+
+def measure_memory(predictor, frames: str, *, prompt=None, block_size: int = 64, max_frames: Optional[int] = None,
+                   progress: Optional[Callable[[int], None]] = None) -> List[MemoryStats]:
+    """Run a SAM 2 video predictor over a frames folder and return the memory cross-attention's block mass
+    per layer and memory shape (MemoryStats, every layer of every shape the clip reached).
+
+    predictor: a sam2 SAM2VideoPredictor (unpatched: its own attention is what is measured).
+    frames: a folder of JPEG frames (video_frames). prompt: on frame 0, ("point", (x, y)) or
+    ("box", (x0, y0, x1, y1)) in the frames' pixels; default the centre point of frame 0.
+    block_size: of the statistics (and of the policy written from them). max_frames: frames to propagate
+    over (default all).
+    """
+    from PIL import Image
+
+    paths = video_frames(frames)
+    if prompt is None:
+        with Image.open(paths[0]) as im:
+            prompt = ("point", (im.width / 2, im.height / 2))
+    kind, coords = prompt
+    recorder = MemoryRecorder(block_size).attach(predictor)
+    try:
+        with torch.inference_mode():
+            state = predictor.init_state(str(frames))
+            if kind == "point":
+                predictor.add_new_points_or_box(state, frame_idx=0, obj_id=0, points=np.array([coords], np.float32),
+                                                labels=np.array([1], np.int32))
+            else:
+                predictor.add_new_points_or_box(state, frame_idx=0, obj_id=0, box=np.array(coords, np.float32))
+            for _ in predictor.propagate_in_video(state, max_frame_num_to_track=max_frames):
+                if progress is not None:
+                    progress(1)
+    finally:
+        recorder.remove()
+    return list(recorder.stats.values())
+
+
+# A memory pattern as calibration sees it: mask_fn(radius, cond_radius, frames, grid, pointer_tokens,
+# block_size) -> bool (QB, KB), the block mask of one memory cross-attention call (memory-local at those
+# radii; cond_radius None: conditioning frames dense).
+MemoryMaskFn = Callable[..., torch.Tensor]
+
+
+def memory_kept(stats: Sequence[MemoryStats], mask_fn: MemoryMaskFn, radius: int, cond_radius: Optional[int],
+                block_size: int) -> float:
+    """Share of the measured mass (every call of `stats` together, heads averaged) the pattern keeps."""
+    kept = total = 0.0
+    for st in stats:
+        keep = mask_fn(radius, cond_radius, st.frames, st.grid, st.pointer_tokens, block_size).to(torch.float64)
+        kept += float((st.mass * keep).sum())
+        total += float(st.mass.sum())
+    return kept / total if total > 0 else 1.0
+
+
+@dataclass
+class MemoryChoice:
+    """One memory layer's calibrated radii (cond_radius None: conditioning frames dense), the share of its
+    measured mass they keep, and their block density on the nominal (full) memory."""
+
+    radius: int
+    cond_radius: Optional[int]
+    retained: float
+    density: float
+
+
+def choose_memory_radius(stats: Sequence[MemoryStats], mask_fn: MemoryMaskFn, nominal: tuple, block_size: int, *,
+                         min_mass: Optional[float] = None, target_density: Optional[float] = None) -> MemoryChoice:
+    """The radii of one layer (its statistics): with min_mass, the pair (radius, cond_radius) of least
+    nominal density that keeps min_mass of the measured mass; with target_density, the pair that keeps
+    the most mass at nominal density <= target_density (radius 0 with conditioning frames at radius 0
+    when none is that sparse). nominal: (frames, grid, pointer_tokens) of a full memory. Radii run to the
+    grid's longer side, where the pattern holds the whole frame."""
+    _check_targets(target_density, min_mass)
+    top = max(max(st.grid) for st in stats)
+
+    def density(r, rc):
+        return float(mask_fn(r, rc, *nominal, block_size).float().mean())
+
+    best = None
+    for rc in [None] + list(range(top + 1)):
+        for r in range(top + 1):  # kept mass and density both grow with r: the first that fits decides
+            d = density(r, rc)
+            if target_density is not None and d > target_density + 1e-9:
+                break
+            kept = memory_kept(stats, mask_fn, r, rc, block_size)
+            if min_mass is not None and kept < min_mass - 1e-12:
+                continue
+            choice = MemoryChoice(r, rc, kept, d)
+            if best is None or (min_mass is not None and d < best.density - 1e-12) or (
+                    target_density is not None and kept > best.retained + 1e-12):
+                best = choice
+            if min_mass is not None:
+                break
+    if best is None:
+        best = MemoryChoice(0, 0, memory_kept(stats, mask_fn, 0, 0, block_size), density(0, 0))
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------
 # Choosing
 # ---------------------------------------------------------------------------------------------------
 
