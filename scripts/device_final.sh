@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# A session's last device call: the README's test command on the GPU machine (with pytest-xdist's -n 16,
-# which that machine has, so that it fits one call), then SAM 2's hiera_l encoder rows. Results in $OUT.
-# Usage: bash scripts/device_final.sh COMMIT
+# A session's test call on the lent GPU machine: the README's test command (with pytest-xdist's -n 8, which
+# that machine has, so that it fits one call; conftest gives each worker its share of the cores), then the
+# kernel's memory-attention and SAM sections of bench_kernel.py in the time left. Results in $OUT.
+# Usage: bash scripts/device_final.sh COMMIT [TEST_SECONDS, default 400]
 set -u
 COMMIT=${1:-unknown}
+TEST_S=${2:-400}
 . scripts/device_setup.sh
 export SAM_SPARSE_COMMIT=$COMMIT
-python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > $OUT/pip_editable.log 2>&1 \
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . > /dev/null 2>&1 \
     || echo "editable install failed: the console-script test will say so"
-timeout 440 python3 -m pytest -q -n 16 -p no:cacheprovider -rs --durations=20 2>&1 | tee $OUT/readme_tests.log \
-    | grep -v "Warning\|warnings.warn" | tail -30
-timeout 100 python3 scripts/side_by_side.py --modes eager --impls sa,dense,local2d-30 \
-    --shapes sam2.1_hiera_l:1,sam2.1_hiera_l:8 --out $OUT/side_sam2.jsonl 2>&1 | grep '^{' | cut -c1-200
+start=$(date +%s)
+timeout $TEST_S python3 -m pytest -n 8 -v -p no:cacheprovider -rfE --durations=15 2>&1 \
+    | grep -v "Warning\|warner(\|warnings.warn" > $OUT/readme_tests.log
+echo "test command: $(( $(date +%s) - start )) s"
+grep -E "^(FAILED|ERROR)|\] (FAILED|ERROR)" $OUT/readme_tests.log | head -20
+tail -4 $OUT/readme_tests.log
+timeout 150 python3 scripts/bench_kernel.py --section memory --out $OUT/bench_memory.md --commit $COMMIT 2>&1 | tail -30
+timeout 90 python3 scripts/bench_kernel.py --section sam --no-flex --models vit_b --batches 1,8 --densities 1.0,0.25 \
+    --out $OUT/bench_sam.md --commit $COMMIT 2>&1 | grep -v '^{' | tail -12

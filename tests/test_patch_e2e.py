@@ -118,7 +118,8 @@ def test_bench_script_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    bench.main(["--quick", "--no-compile", "--no-predictor", "--policies", "dense,local2d-30", "--out", str(out)])
+    bench.main(["--quick", "--no-compile", "--no-predictor", "--policies", "dense,local2d-30", "--device", "cpu",
+                "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["variant"] for r in rows] == ["original", "sdpa+bias", "dense", "local2d-30"]
     assert all("error" not in r and r["cosine"] > 0.99999 for r in rows)

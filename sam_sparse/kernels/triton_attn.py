@@ -71,6 +71,33 @@ except ImportError:  # pragma: no cover
 # The interpreter is chosen when kernels are defined (import time), so read the flag once here.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
+
+def patch_interpreter_for_numpy() -> None:
+    """Make Triton's interpreter before 3.8 work with NumPy >= 2.4 (triton_mass.py calls this too).
+
+    The interpreter holds a scalar as a 1-element array and turns it into a Python int with int(array),
+    which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every loop
+    bounded by a run-time value (``range(n_steps)``) fails: the GPU machines' torch 2.11 / Triton 3.6 with
+    NumPy 2.5 did. It sets tensor.__index__ per launch in _patch_lang_tensor; this wraps that function to
+    squeeze first, as Triton 3.8 does. A no-op where the function is gone or already squeezes.
+    """
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "squeezes_index", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if INTERPRET:
+    patch_interpreter_for_numpy()
+
 BIAS_NONE, BIAS_RECT, BIAS_ONEHOT, BIAS_GATHER = 0, 1, 2, 3
 MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second and third axes
 

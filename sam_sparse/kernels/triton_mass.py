@@ -19,10 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attn import dot_precision, next_pow2
+from .triton_attn import dot_precision, next_pow2, patch_interpreter_for_numpy
 
 # The interpreter is chosen when kernels are defined (import time), so read the flag once here.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    patch_interpreter_for_numpy()
 
 
 @triton.jit

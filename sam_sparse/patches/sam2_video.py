@@ -1,8 +1,10 @@
 """SAM 2 video under patch_sam: the model classes that record each memory call's structure, and the
 batched propagation (every object of a frame as one batch).
 
-patch_sam swaps the class of a SAM2Base / SAM2VideoPredictor / SAM2VideoPredictorVOS for the subclass
-here (SPARSE_MODELS), as it swaps attention classes; restore() swaps it back. Two things change:
+patch_sam swaps the class of a SAM2VideoPredictor / SAM2VideoPredictorVOS for the subclass here
+(SPARSE_MODELS), as it swaps attention classes; restore() swaps it back. An image model (a bare SAM2Base,
+what SAM2ImagePredictor and build_sam2 give) keeps its class: it never builds a memory, and a memory call
+without a record is taken as all conditioning frames, which memory-local keeps whole. Two things change:
 
 - _prepare_memory_conditioned_features (SAM 2's per-object path) records how many conditioning frames
   lead the memory (patches/memory.MemoryCall) while SAM 2's own code builds the memory and calls the
@@ -288,10 +290,6 @@ def encode_memories(model: SAM2Base, feats, feat_sizes, high_res_masks, object_s
     return features, pos_enc
 
 
-class SparseSAM2Base(_RecordsMemory, SAM2Base):
-    """SAM2Base under patch_sam: records each memory call's conditioning frames."""
-
-
 class SparseSAM2VideoPredictor(_BatchedPropagation, _RecordsMemory, SAM2VideoPredictor):
     """SAM2VideoPredictor under patch_sam: memory calls recorded, objects of a frame batched."""
 
@@ -302,5 +300,5 @@ class SparseSAM2VideoPredictorVOS(_BatchedPropagation, _RecordsMemory, SAM2Video
 
 
 # Original model class -> the class patch_sam gives it. Exact classes only: a subclass may have its own code.
-SPARSE_MODELS = {SAM2Base: SparseSAM2Base, SAM2VideoPredictor: SparseSAM2VideoPredictor,
+SPARSE_MODELS = {SAM2VideoPredictor: SparseSAM2VideoPredictor,
                  SAM2VideoPredictorVOS: SparseSAM2VideoPredictorVOS}
