@@ -231,6 +231,34 @@ def video_frames(folder) -> List[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def frame_prompt(frames: Sequence[str], point=None, box=None) -> tuple:
+    """The prompt on frame 0 of a clip (frames: video_frames' paths), checked against that frame's size:
+    ("point", (x, y)) | ("box", (x0, y0, x1, y1)) in its pixels; neither given: the frame's centre point.
+    ValueError saying what is wrong: both given, frame 0 unreadable, a prompt outside the frame."""
+    from PIL import Image
+
+    if point is not None and box is not None:
+        raise ValueError("give one prompt on frame 0: a point or a box, not both")
+    try:
+        with Image.open(frames[0]) as im:
+            w, h = im.size
+    except Exception as e:  # PIL raises several kinds for a file that is not an image
+        raise ValueError(f"frame {frames[0]}: cannot be read as an image ({type(e).__name__}: {e})") from None
+    if point is None and box is None:
+        return ("point", (w / 2, h / 2))
+    if point is not None:
+        x, y = (float(v) for v in point)
+        if not (0 <= x <= w and 0 <= y <= h):
+            raise ValueError(f"point {x:g},{y:g} is outside frame 0 ({w}x{h} px: 0 <= X <= {w}, 0 <= Y <= {h})")
+        return ("point", (x, y))
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"box {x0:g},{y0:g},{x1:g},{y1:g}: expected X0<X1 and Y0<Y1")
+    if not (0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h):
+        raise ValueError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is outside frame 0 ({w}x{h} px)")
+    return ("box", (x0, y0, x1, y1))
+
+
 @dataclass
 class MemoryStats:
     """Memory cross-attention mass of one layer for one memory shape, summed over calls (batch rows).
@@ -421,32 +449,39 @@ def choose_memory_radius(stats: Sequence[MemoryStats], nominal: MemoryLayout, bl
     cond_radius) of least density on the `nominal` memory (e.g. sam2_layers.nominal_memory(grid): 7
     frames, 1 prompted, 64 pointer tokens) that keeps min_mass of the measured mass; with target_density,
     the pair that keeps the most mass at nominal density <= target_density (radius 0 with conditioning
-    frames at radius 0 when none is that sparse). Radii run to the grid's longer side, where the pattern
-    holds the whole frame."""
+    frames at radius 0 when none is that sparse). Radii run to the grid's longer side less one, where the
+    pattern holds the whole frame (cond_radius None)."""
     _check_targets(target_density, min_mass)
     stats = list(stats)
     index = stats[0].index
     if any(st.index != index for st in stats):
         raise ValueError("choose_memory_radius: statistics of one layer at a time")
-    top = max(max(st.grid) for st in stats + [nominal])
+    top = max(max(st.grid) for st in stats) - 1  # the largest token gap on the grid: radius top keeps every token
+    memo = {}
 
-    def measured(r, rc):
-        policy = memory_policy({index: (r, rc)}, block_size)
-        return memory_kept(stats, policy), memory_density(policy, index, nominal)
+    def measured(r, rc):  # (kept mass, nominal density) of the pair, each built once
+        if (r, rc) not in memo:
+            policy = memory_policy({index: (r, rc)}, block_size)
+            memo[r, rc] = (memory_kept(stats, policy), memory_density(policy, index, nominal))
+        return memo[r, rc]
 
-    best = None
-    for rc in [None] + list(range(top)):  # cond_radius >= top - 1 keeps the whole frame, as None does
-        for r in range(top):  # kept mass and density both grow with r: the first that fits decides
+    # Kept mass and density both grow with either radius, so as cond_radius grows the radius that a mass
+    # target needs, or a density target allows, can only shrink: one sweep down over radius in all.
+    best, r = None, top
+    for rc in list(range(top)) + [None]:
+        if min_mass is not None:
+            if measured(r, rc)[0] < min_mass - 1e-12:
+                continue  # not even the whole tracked frames are enough with this little of the prompted ones
+            while r > 0 and measured(r - 1, rc)[0] >= min_mass - 1e-12:
+                r -= 1
+            if best is None or measured(r, rc)[1] < best.density - 1e-12:
+                best = MemoryChoice(r, rc, *measured(r, rc))
+        else:
+            while r > 0 and measured(r, rc)[1] > target_density + 1e-9:
+                r -= 1
             kept, d = measured(r, rc)
-            if target_density is not None and d > target_density + 1e-9:
-                break
-            if min_mass is not None and kept < min_mass - 1e-12:
-                continue
-            if best is None or (min_mass is not None and d < best.density - 1e-12) or (
-                    target_density is not None and kept > best.retained + 1e-12):
+            if d <= target_density + 1e-9 and (best is None or kept > best.retained + 1e-12):
                 best = MemoryChoice(r, rc, kept, d)
-            if min_mass is not None:
-                break
     if best is None:
         best = MemoryChoice(0, 0, *measured(0, 0))
     return best
@@ -517,13 +552,15 @@ def calibrate_memory(predictor, frames: str, *, target_density: Optional[float] 
     frame 0). block_size: of the statistics and of the policy. weights: for the report ("random", a path).
     The policy's YAML with report.header() on top is what `sam-sparse calibrate --frames` writes.
     """
-    from PIL import Image
-
     _check_targets(target_density, min_mass)
     paths = video_frames(frames)
     if prompt is None:
-        with Image.open(paths[0]) as im:
-            prompt = ("point", (im.width / 2, im.height / 2))
+        prompt = frame_prompt(paths)
+    else:
+        kind, coords = prompt
+        if kind not in ("point", "box"):
+            raise ValueError(f"prompt kind {kind!r}: expected 'point' or 'box'")
+        prompt = frame_prompt(paths, **{kind: coords})
     seen = []
 
     def count(n):
