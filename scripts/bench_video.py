@@ -34,7 +34,7 @@ Writes --out/bench_video.json and --out/bench_video.md after every row (a cut ru
 
     python scripts/bench_video.py --out $OUT                    # hiera_l, hiera_b+; 1, 4, 16 objects; ~6 min on an H200
     python scripts/bench_video.py --models sam2.1_hiera_l --objects 16 --configs unpatched,dense-batched
-    python scripts/bench_video.py --quick --out /tmp/v         # hiera_t, 256 px, 2 objects, 4 frames: CPU smoke test
+    python scripts/bench_video.py --quick --out /tmp/v         # hiera_t, 384 px, 2 objects, 4 frames: CPU smoke test
 """
 
 from __future__ import annotations
@@ -368,14 +368,15 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="autocast dtype (fp32: no autocast)")
     ap.add_argument("--device", default=None, help="default cuda if available, else cpu")
     ap.add_argument("--quick", action="store_true",
-                    help="hiera_t at 256 px, 2 objects, 4 frames of 256x144, fp32 on CPU: a smoke test (< 2 min)")
+                    help="hiera_t at 384 px (a 24x24 memory grid, where memory-local is sparse), 2 objects, 4 frames "
+                         "of 256x144, fp32 on CPU: a smoke test (< 2 min)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_video",
                     help="folder for bench_video.json / .md (default $OUT/bench_video)")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.quick:
         args.models, args.objects, args.frames, args.settled_from = "sam2.1_hiera_t", "2", 4, 1
-        args.width, args.height, args.image_size = 256, 144, 256
+        args.width, args.height, args.image_size = 256, 144, 384  # 256 px: memory-local keeps every block
         if device.type == "cpu":
             args.dtype = "fp32"
     configs = [c for c in args.configs.split(",") if c]
