@@ -34,6 +34,9 @@ _EXPORTS = {
     "set_image_on_device": "predictor",
     "CalibrationReport": "calibration",
     "calibrate": "calibration",
+    "calibrate_memory": "calibration",
+    "MemoryCalibrationReport": "calibration",
+    "build_video_predictor": "models",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from . import __version__
-from .geometry import LayerGeometry
+from .geometry import LayerGeometry, MemoryLayout
 from .kernels import block_attention_mass
-from .masks import block_context, pair_weights
+from .masks import block_context, mask_density, pair_weights
 from .patches import ParityReport, patch_sam, verify_parity
 from .policy import Policy
 from .predictor import image_predictor, predict_points
+from .sam2_layers import MEMORY_HEADS, MEMORY_PREFIX, memory_layer, nominal_memory
 from .table import format_table
 
 IMAGE_KINDS = ("encoder.global", "encoder.window")
@@ -230,6 +231,34 @@ def video_frames(folder) -> List[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+def frame_prompt(frames: Sequence[str], point=None, box=None) -> tuple:
+    """The prompt on frame 0 of a clip (frames: video_frames' paths), checked against that frame's size:
+    ("point", (x, y)) | ("box", (x0, y0, x1, y1)) in its pixels; neither given: the frame's centre point.
+    ValueError saying what is wrong: both given, frame 0 unreadable, a prompt outside the frame."""
+    from PIL import Image
+
+    if point is not None and box is not None:
+        raise ValueError("give one prompt on frame 0: a point or a box, not both")
+    try:
+        with Image.open(frames[0]) as im:
+            w, h = im.size
+    except Exception as e:  # PIL raises several kinds for a file that is not an image
+        raise ValueError(f"frame {frames[0]}: cannot be read as an image ({type(e).__name__}: {e})") from None
+    if point is None and box is None:
+        return ("point", (w / 2, h / 2))
+    if point is not None:
+        x, y = (float(v) for v in point)
+        if not (0 <= x <= w and 0 <= y <= h):
+            raise ValueError(f"point {x:g},{y:g} is outside frame 0 ({w}x{h} px: 0 <= X <= {w}, 0 <= Y <= {h})")
+        return ("point", (x, y))
+    x0, y0, x1, y1 = (float(v) for v in box)
+    if not (x0 < x1 and y0 < y1):
+        raise ValueError(f"box {x0:g},{y0:g},{x1:g},{y1:g}: expected X0<X1 and Y0<Y1")
+    if not (0 <= x0 and 0 <= y0 and x1 <= w and y1 <= h):
+        raise ValueError(f"box {x0:g},{y0:g},{x1:g},{y1:g} is outside frame 0 ({w}x{h} px)")
+    return ("box", (x0, y0, x1, y1))
+
+
 @dataclass
 class MemoryStats:
     """Memory cross-attention mass of one layer for one memory shape, summed over calls (batch rows).
@@ -352,27 +381,60 @@ def measure_memory(predictor, frames: str, *, prompt=None, block_size: int = 64,
     return list(recorder.stats.values())
 
 
-# A memory pattern as calibration sees it: mask_fn(radius, cond_radius, frames, grid, pointer_tokens,
-# block_size) -> bool (QB, KB), the block mask of one memory cross-attention call (memory-local at those
-# radii; cond_radius None: conditioning frames dense).
-MemoryMaskFn = Callable[..., torch.Tensor]
+# The memory policy calibration writes: the real memory_local pattern (masks/memory.py, registered in
+# policy/patterns.py) on memory.cross, one rule per group of layers with the same radii; every other layer
+# (memory.self, the image encoder, the decoder) dense.
+MEMORY_PATTERN = "memory_local"
 
 
-def memory_kept(stats: Sequence[MemoryStats], mask_fn: MemoryMaskFn, radius: int, cond_radius: Optional[int],
-                block_size: int) -> float:
-    """Share of the measured mass (every call of `stats` together, heads averaged) the pattern keeps."""
+def memory_policy(radii: Dict[int, Tuple[int, Optional[int]]], block_size: int, *, name: str = "calibrated-memory",
+                  description: str = "") -> Policy:
+    """The policy keeping, on memory cross-attention layer i, memory_local(radius, cond_radius) of
+    radii[i] (grid tokens; cond_radius None: prompted frames whole); every other layer dense."""
+    groups: Dict[Tuple[int, Optional[int]], List[int]] = {}
+    for index, pair in sorted(radii.items()):
+        groups.setdefault(tuple(pair), []).append(index)
+    rules = [{"match": "memory.cross", "layers": layers, "pattern": MEMORY_PATTERN,
+              "params": {"radius": r, "cond_radius": rc}} for (r, rc), layers in groups.items()]
+    rules.append({"match": "*", "pattern": "dense"})
+    return Policy.from_dict({"name": name, "description": description, "block_size": block_size,
+                             "token_order": "raster", "rules": rules}, source=f"<calibrated {name}>")
+
+
+def memory_mask(policy: Policy, index: int, memory: MemoryLayout) -> torch.Tensor:
+    """bool (QB, KB): the block mask `policy` gives memory cross-attention layer `index` (one head, as in
+    SAM 2) for a call whose keys are `memory` (all True where the policy keeps the layer dense): the
+    mask the patched model computes with."""
+    layer = memory_layer(f"{MEMORY_PREFIX}.{index}.cross_attn_image", "memory.cross", MEMORY_HEADS, index,
+                         memory.grid, policy.block_size, memory)
+    mask = policy.block_mask(layer, None, "cpu")
+    return torch.ones(layer.q_blocks, layer.k_blocks, dtype=torch.bool) if mask is None else mask[0, 0]
+
+
+def memory_kept(stats: Sequence[MemoryStats], policy: Policy) -> float:
+    """Share of the measured mass (every call of `stats` together, heads averaged) the policy's block masks
+    keep. The statistics' block size must be the policy's."""
     kept = total = 0.0
     for st in stats:
-        keep = mask_fn(radius, cond_radius, st.frames, st.grid, st.pointer_tokens, block_size).to(torch.float64)
-        kept += float((st.mass * keep).sum())
+        keep = memory_mask(policy, st.index, MemoryLayout(st.frames, st.grid, st.pointer_tokens))
+        if keep.shape != st.mass.shape[1:]:
+            raise ValueError(f"{st.name}: statistics of {tuple(st.mass.shape[1:])} blocks, policy mask "
+                             f"{tuple(keep.shape)}: measure with the policy's block size ({policy.block_size})")
+        kept += float((st.mass * keep.to(torch.float64)).sum())
         total += float(st.mass.sum())
     return kept / total if total > 0 else 1.0
 
 
+def memory_density(policy: Policy, index: int, memory: MemoryLayout) -> float:
+    """Share of (query token, key token) pairs the policy keeps on layer `index` for the keys `memory`."""
+    layer = memory_layer("", "memory.cross", MEMORY_HEADS, index, memory.grid, policy.block_size, memory)
+    return mask_density(memory_mask(policy, index, memory)[None, None], layer)
+
+
 @dataclass
 class MemoryChoice:
-    """One memory layer's calibrated radii (cond_radius None: conditioning frames dense), the share of its
-    measured mass they keep, and their block density on the nominal (full) memory."""
+    """One memory layer's calibrated radii (grid tokens; cond_radius None: conditioning frames dense), the
+    share of its measured mass they keep, and their density (share of token pairs) on the nominal memory."""
 
     radius: int
     cond_radius: Optional[int]
@@ -380,37 +442,153 @@ class MemoryChoice:
     density: float
 
 
-def choose_memory_radius(stats: Sequence[MemoryStats], mask_fn: MemoryMaskFn, nominal: tuple, block_size: int, *,
+def choose_memory_radius(stats: Sequence[MemoryStats], nominal: MemoryLayout, block_size: int, *,
                          min_mass: Optional[float] = None, target_density: Optional[float] = None) -> MemoryChoice:
-    """The radii of one layer (its statistics): with min_mass, the pair (radius, cond_radius) of least
-    nominal density that keeps min_mass of the measured mass; with target_density, the pair that keeps
-    the most mass at nominal density <= target_density (radius 0 with conditioning frames at radius 0
-    when none is that sparse). nominal: (frames, grid, pointer_tokens) of a full memory. Radii run to the
-    grid's longer side, where the pattern holds the whole frame."""
+    """The memory_local radii of one layer (its statistics, every call of every memory shape), measured
+    with the real pattern's block masks (memory_policy, memory_mask): with min_mass, the pair (radius,
+    cond_radius) of least density on the `nominal` memory (e.g. sam2_layers.nominal_memory(grid): 7
+    frames, 1 prompted, 64 pointer tokens) that keeps min_mass of the measured mass; with target_density,
+    the pair that keeps the most mass at nominal density <= target_density (radius 0 with conditioning
+    frames at radius 0 when none is that sparse). Radii run to the grid's longer side less one, where the
+    pattern holds the whole frame (cond_radius None)."""
     _check_targets(target_density, min_mass)
-    top = max(max(st.grid) for st in stats)
+    stats = list(stats)
+    index = stats[0].index
+    if any(st.index != index for st in stats):
+        raise ValueError("choose_memory_radius: statistics of one layer at a time")
+    top = max(max(st.grid) for st in stats) - 1  # the largest token gap on the grid: radius top keeps every token
+    memo = {}
 
-    def density(r, rc):
-        return float(mask_fn(r, rc, *nominal, block_size).float().mean())
+    def measured(r, rc):  # (kept mass, nominal density) of the pair, each built once
+        if (r, rc) not in memo:
+            policy = memory_policy({index: (r, rc)}, block_size)
+            memo[r, rc] = (memory_kept(stats, policy), memory_density(policy, index, nominal))
+        return memo[r, rc]
 
-    best = None
-    for rc in [None] + list(range(top + 1)):
-        for r in range(top + 1):  # kept mass and density both grow with r: the first that fits decides
-            d = density(r, rc)
-            if target_density is not None and d > target_density + 1e-9:
-                break
-            kept = memory_kept(stats, mask_fn, r, rc, block_size)
-            if min_mass is not None and kept < min_mass - 1e-12:
-                continue
-            choice = MemoryChoice(r, rc, kept, d)
-            if best is None or (min_mass is not None and d < best.density - 1e-12) or (
-                    target_density is not None and kept > best.retained + 1e-12):
-                best = choice
-            if min_mass is not None:
-                break
+    # Kept mass and density both grow with either radius, so as cond_radius grows the radius that a mass
+    # target needs, or a density target allows, can only shrink: one sweep down over radius in all.
+    best, r = None, top
+    for rc in list(range(top)) + [None]:
+        if min_mass is not None:
+            if measured(r, rc)[0] < min_mass - 1e-12:
+                continue  # not even the whole tracked frames are enough with this little of the prompted ones
+            while r > 0 and measured(r - 1, rc)[0] >= min_mass - 1e-12:
+                r -= 1
+            if best is None or measured(r, rc)[1] < best.density - 1e-12:
+                best = MemoryChoice(r, rc, *measured(r, rc))
+        else:
+            while r > 0 and measured(r, rc)[1] > target_density + 1e-9:
+                r -= 1
+            kept, d = measured(r, rc)
+            if d <= target_density + 1e-9 and (best is None or kept > best.retained + 1e-12):
+                best = MemoryChoice(r, rc, kept, d)
     if best is None:
-        best = MemoryChoice(0, 0, memory_kept(stats, mask_fn, 0, 0, block_size), density(0, 0))
+        best = MemoryChoice(0, 0, *measured(0, 0))
     return best
+
+
+@dataclass
+class MemoryCalibrationReport:
+    """What memory calibration measured and chose. clip: the frames folder; frames: frames propagated
+    over; prompt: ("point", (x, y)) | ("box", (x0, y0, x1, y1)) on frame 0; target: the target as text;
+    weights: where the model's weights came from (a checkpoint path, or "random"); nominal: the memory the
+    densities are given at; layers: {layer name: MemoryChoice}."""
+
+    clip: str
+    frames: int
+    prompt: tuple
+    target: str
+    weights: str
+    nominal: MemoryLayout
+    block_size: int
+    layers: Dict[str, MemoryChoice] = field(default_factory=dict)
+
+    def prompt_text(self) -> str:
+        kind, coords = self.prompt
+        return f"{kind} ({', '.join(f'{c:g}' for c in coords)}) on frame 0"
+
+    def nominal_text(self) -> str:
+        m = self.nominal
+        return (f"{len(m.frames)} memory frames ({m.cond_frames} prompted) of {m.grid[0]}x{m.grid[1]} tokens "
+                f"+ {m.pointer_tokens} pointer tokens")
+
+    def header(self) -> str:
+        """YAML comment lines (each '# ...') saying what was measured, for the top of the policy file."""
+        lines = [f"Calibrated by sam-sparse {__version__}: SAM 2 memory cross-attention measured on {self.clip} "
+                 f"({self.frames} frames), prompt: {self.prompt_text()}, weights: {self.weights}.",
+                 f"Target: {self.target}; block size {self.block_size}; density = share of token pairs kept at the "
+                 f"nominal memory: {self.nominal_text()}."]
+        for name, c in self.layers.items():
+            cond = "whole frame" if c.cond_radius is None else c.cond_radius
+            lines.append(f"{name}: radius {c.radius}, cond_radius {cond}: kept mass {c.retained:.4f}, "
+                         f"density {c.density:.3f}")
+        lines.append("memory.self, the image encoder and the mask decoder: dense. Verify on your clip before use "
+                     "(README: SAM 2 video).")
+        if self.weights == "random":
+            lines.append("WEIGHTS WERE RANDOM: this file shows where random attention goes, not where SAM 2's does.")
+        return "".join(f"# {line}\n" for line in lines)
+
+    def __str__(self) -> str:
+        rows = [(name, c.radius, "whole frame" if c.cond_radius is None else c.cond_radius, f"{c.retained:.4f}",
+                 f"{c.density:.3f}") for name, c in self.layers.items()]
+        return "\n".join([
+            f"sam-sparse memory calibration: {self.target}, {self.clip} ({self.frames} frames), "
+            f"prompt {self.prompt_text()}, weights {self.weights}",
+            format_table(("layer", "radius", "cond_radius", "kept mass", "density (nominal memory)"), rows),
+            f"nominal memory: {self.nominal_text()}",
+        ])
+
+
+def calibrate_memory(predictor, frames: str, *, target_density: Optional[float] = None,
+                     min_mass: Optional[float] = None, prompt=None, block_size: int = 128,
+                     max_frames: Optional[int] = None, name: str = "calibrated-memory", weights: str = "given",
+                     progress: Optional[Callable[[int], None]] = None) -> Tuple[Policy, MemoryCalibrationReport]:
+    """A memory_local policy calibrated on a clip for a SAM 2 video predictor, and a report of what it keeps.
+
+    predictor: an unpatched sam2 SAM2VideoPredictor. frames: a folder of JPEG frames (video_frames).
+    target_density: share of token pairs each memory cross-attention layer keeps at the nominal memory
+    (nominal_memory on the clip's grid), in (0, 1]; or min_mass: share of the measured attention
+    probability each layer keeps, in (0, 1]. prompt: as measure_memory's (default: the centre point of
+    frame 0). block_size: of the statistics and of the policy. weights: for the report ("random", a path).
+    The policy's YAML with report.header() on top is what `sam-sparse calibrate --frames` writes.
+    """
+    _check_targets(target_density, min_mass)
+    paths = video_frames(frames)
+    if prompt is None:
+        prompt = frame_prompt(paths)
+    else:
+        kind, coords = prompt
+        if kind not in ("point", "box"):
+            raise ValueError(f"prompt kind {kind!r}: expected 'point' or 'box'")
+        prompt = frame_prompt(paths, **{kind: coords})
+    seen = []
+
+    def count(n):
+        seen.append(n)
+        if progress is not None:
+            progress(n)
+
+    stats = measure_memory(predictor, frames, prompt=prompt, block_size=block_size, max_frames=max_frames,
+                           progress=count)
+    if not stats:
+        raise ValueError(f"frames {frames}: no memory cross-attention call was recorded (is it a SAM 2 video "
+                         "predictor, and were frames propagated?)")
+    grid = stats[0].grid
+    nominal = nominal_memory(grid)
+    target = f"target density {target_density}" if target_density is not None else f"min mass {min_mass}"
+    report = MemoryCalibrationReport(str(frames), sum(seen), prompt, target, weights, nominal, block_size)
+    by_layer: Dict[int, List[MemoryStats]] = {}
+    for st in stats:
+        by_layer.setdefault(st.index, []).append(st)
+    radii = {}
+    for index, layer_stats in sorted(by_layer.items()):
+        choice = choose_memory_radius(layer_stats, nominal, block_size, min_mass=min_mass,
+                                      target_density=target_density)
+        report.layers[layer_stats[0].name] = choice
+        radii[index] = (choice.radius, choice.cond_radius)
+    description = (f"SAM 2 memory cross-attention calibrated by sam-sparse {__version__} on {frames} "
+                   f"({report.frames} frames, {report.prompt_text()}, weights {weights}), {target}")
+    return memory_policy(radii, block_size, name=name, description=description), report
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 dense configurations), and its parity and clip helpers on inputs with known answers."""
 
 import importlib.util
-import inspect
 import json
 import os
 import subprocess
@@ -33,25 +32,15 @@ def quick(tmp_path_factory):
     return json.loads((out / "bench_video.json").read_text()), (out / "bench_video.md").read_text()
 
 
-def test_quick_run_times_every_configuration_it_can(quick):
+def test_quick_run_times_every_configuration(quick):
+    """Every configuration runs, memory-local included (the policy is built in: load_policy finds it)."""
+    load_policy("memory-local")
     data, md = quick
     rows = data["rows"]
     assert [r["config"] for r in rows] == list(bench_video.CONFIGS)
     assert not [r for r in rows if "error" in r], [r["error"] for r in rows if "error" in r]
-    batched = "batch_objects" in inspect.signature(bench_video.patch_sam).parameters
-    try:
-        load_policy("memory-local")
-        local = True
-    except ValueError:
-        local = False
-    for r in rows:  # a configuration is skipped, saying why, only while this checkout lacks what it needs
-        if r["config"] != "unpatched" and not batched:
-            assert "not merged" in r["skipped"]
-            continue
-        if r["config"] == "memory-local" and not local:
-            assert "no memory-local policy" in r["skipped"]
-            continue
-        assert "skipped" not in r, r["skipped"]
+    for r in rows:
+        assert "skipped" not in r, r
         assert r["ms"] > 0 and r["frames_timed"] == [1, 2, 3]  # --quick: every propagated frame
         assert f"| {r['model']} | {r['objects']} | {r['config']} | {r['ms']:.1f} |" in md
 
@@ -73,18 +62,16 @@ def test_quick_breakdown_adds_up_to_the_frame(quick):
 
 def test_quick_dense_configurations_equal_unpatched(quick):
     """fp32 on the CPU: dense, per object or batched, gives SAM 2's masks on every frame."""
-    rows = {r["config"]: r for r in quick[0]["rows"] if "ms" in r}
+    rows = {r["config"]: r for r in quick[0]["rows"]}
     for config in ("dense-per-object", "dense-batched"):
-        if config not in rows:
-            continue
         p = rows[config]["parity_vs_unpatched"]
         assert len(p["iou_per_frame"]) == 3
         assert p["min_iou"] == 1.0 and p["max_logit_err"] < 1e-3, (config, p)
-    if "dense-batched" in rows:
-        p = rows["dense-batched"]["parity_vs_per_object"]
-        assert p["min_iou"] == 1.0 and p["max_logit_err"] < 1e-3, p
-    if "memory-local" in rows:
-        assert 0 < rows["memory-local"]["memory_cross_density"] < 1
+    p = rows["dense-batched"]["parity_vs_per_object"]
+    assert p["min_iou"] == 1.0 and p["max_logit_err"] < 1e-3, p
+    assert 0 < rows["memory-local"]["memory_cross_density"] < 1
+    # sparse memory attention changes the logits, within what random weights make of it
+    assert rows["memory-local"]["parity_vs_unpatched"]["max_logit_err"] > 0
 
 
 def test_frame_parity_on_known_masks():

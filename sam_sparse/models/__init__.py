@@ -6,7 +6,7 @@ sam2.1_hiera_t / s / b+ / l (built by sam2's build_sam2 from its own configs; ne
 """
 
 from ..families import MODEL_TYPES, family_of
-from .build import build_model, build_sam, load_sparse_sam, load_weights, policy_from_manifest
+from .build import build_model, build_sam, build_video_predictor, load_sparse_sam, load_weights, policy_from_manifest
 from .checkpoints import (
     DTYPES,
     FORMAT_NAME,

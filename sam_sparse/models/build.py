@@ -149,6 +149,32 @@ def build_sam(model_type: Optional[str], checkpoint: Optional[PathLike] = None, 
     return model.to(device=device, dtype=dtype).eval()
 
 
+def build_video_predictor(model_type: str, checkpoint: Optional[PathLike] = None, device="cpu",
+                          image_size: Optional[int] = None):
+    """sam2's SAM2VideoPredictor of a SAM 2.1 `model_type` (build_sam2_video_predictor and its released
+    config, post-processing on, as users get it), in eval mode on `device`.
+
+    checkpoint: a SAM 2.1 state dict file (SAM 2's released {"model": ...} layout; weights_only=True,
+        strict) for this model type; None = sam2's random init. image_size: SAM 2's input side in px
+        (None: the config's 1024; the memory grid is image_size / 16 a side).
+    """
+    check_model_type(model_type)
+    if family_of(model_type) != "sam2":
+        raise ValueError(f"model type {model_type} has no video predictor; choose a SAM 2.1 type "
+                         f"({', '.join(SAM2_CONFIGS)})")
+    try:
+        from sam2.build_sam import build_sam2_video_predictor
+    except ImportError as e:
+        raise ValueError(f"model type {model_type} needs the sam2 package ({e}); install sam-sparse's sam2 extra "
+                         "(README: SAM 2)") from None
+    state_dict = None if checkpoint is None else load_checkpoint(checkpoint, model_type)  # a bad file fails first
+    extra = [f"++model.image_size={image_size}"] if image_size else []
+    predictor = build_sam2_video_predictor(SAM2_CONFIGS[model_type], None, device="cpu", hydra_overrides_extra=extra)
+    if state_dict is not None:
+        load_weights(predictor, state_dict, checkpoint, assign=False)
+    return predictor.to(device).eval()
+
+
 def policy_from_manifest(manifest: dict, source: str = "<manifest>"):
     """The Policy stored (as YAML text) in a manifest; PolicyError (a ValueError) if it is invalid."""
     return Policy.from_yaml(manifest["policy"], source=source)
