@@ -240,5 +240,17 @@ def bench_encoder(
         times = iter(interleaved_runs([runner(m) for _, _, m in timed], str(device), warmup, iters, bar.update))
     result.rows = [BenchRow(label, density, next(times) if m is not None else []) for label, density, m in configs]
     if compile:
-        torch._dynamo.reset()
+        reset_dynamo()
     return result
+
+
+def reset_dynamo() -> None:
+    """torch._dynamo.reset(), robust to torch 2.14's walk over its cached backends, which a backend's own
+    reset can grow ("dictionary changed size during iteration", seen in CI): the entry it adds is already
+    there the second time, so one retry completes the reset."""
+    try:
+        torch._dynamo.reset()
+    except RuntimeError as e:
+        if "changed size during iteration" not in str(e):
+            raise
+        torch._dynamo.reset()

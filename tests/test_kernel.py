@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from oracle import oracle_attention, rel_error, same_dtype_torch
 from sam_sparse import block_sparse_attn, block_sparse_attn_varlen
+from sam_sparse.bench import reset_dynamo
 from sam_sparse.kernels import BlockLayout, block_lists
 from sam_sparse.kernels.interface import HAS_TRITON  # platforms without Triton: the PyTorch path still serves
 
@@ -288,7 +289,7 @@ def test_compile_fullgraph_has_no_graph_break():
     def f(q, k, v, rh, rw):
         return block_sparse_attn(q * 1.0, k, v, mask, rel_h=rh, rel_w=rw, block_size=16) + 1
 
-    torch._dynamo.reset()
+    reset_dynamo()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v, rh, rw), f(q, k, v, rh, rw))
 

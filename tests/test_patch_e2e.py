@@ -9,6 +9,7 @@ from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_
 
 import sam_sparse.patches.attention as attention_mod
 from sam_sparse import patch_sam
+from sam_sparse.bench import reset_dynamo
 
 
 def test_predictor_end_to_end():
@@ -52,15 +53,15 @@ def test_torch_compile_fullgraph():
     enc = small_encoder(depth=2, global_attn_indexes=(1,))
     x = torch.randn(1, 3, 256, 256)
     handle = patch_sam(enc, small_policy(params={"radius": 1}))
-    torch._dynamo.reset()
+    reset_dynamo()
     with torch.no_grad():
         eager = enc(x)
         explained = torch._dynamo.explain(enc)(x)
         assert explained.graph_break_count == 0 and explained.graph_count == 1
-        torch._dynamo.reset()
+        reset_dynamo()
         compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
         out = compiled(x)
-    torch._dynamo.reset()
+    reset_dynamo()
     handle.restore()
     assert torch.allclose(out, eager, atol=1e-5, rtol=1e-5)
 

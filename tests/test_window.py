@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from oracle import check_window, oracle_window, rel_error
+from sam_sparse.bench import reset_dynamo
 from sam_sparse.kernels import BlockLayout, window_attn
 from sam_sparse.kernels.reference import attention_reference_window
 from sam_sparse.kernels.interface import HAS_TRITON  # platforms without Triton: the PyTorch path still serves
@@ -248,7 +249,7 @@ def test_window_attn_compile_fullgraph():
     def f(q, k, v, rh, rw):
         return window_attn(q * 1.0, k, v, (4, 4), mask, k_pad=kp, v_pad=vp, rel_h=rh, rel_w=rw, block_size=16) + 1
 
-    torch._dynamo.reset()
+    reset_dynamo()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v, rh, rw), f(q, k, v, rh, rw))
 
