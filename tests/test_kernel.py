@@ -398,3 +398,34 @@ def test_import_and_cpu_path_without_triton(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-2000:]
+
+
+@needs_triton
+def test_interpreter_takes_the_index_of_a_one_element_scalar():
+    """Triton's interpreter before 3.8 took int() of a scalar's 1-element array, which NumPy >= 2.4 refuses:
+    every loop bounded by a run-time value failed (every interpreter test on the GPU machines' Triton 3.6,
+    run 37). patch_interpreter_for_numpy makes it squeeze first, as Triton 3.8 does."""
+    import operator
+
+    import numpy as np
+    from triton.runtime import interpreter
+
+    from sam_sparse.kernels.triton_attn import patch_interpreter_for_numpy
+
+    patch_interpreter_for_numpy()
+    patch_interpreter_for_numpy()  # idempotent: one wrapper
+
+    class Handle:
+        data = np.array([7], dtype=np.int32)
+
+    class Scalar:
+        handle = Handle()
+
+    scope = interpreter._LangPatchScope()
+    interpreter._patch_lang_tensor(Scalar, scope)
+    try:
+        assert operator.index(Scalar()) == 7
+        assert list(range(Scalar())) == list(range(7))
+    finally:
+        scope.restore()
+    assert not hasattr(Scalar, "__index__")  # the scope puts everything back

@@ -79,7 +79,8 @@ def patch_interpreter_for_numpy() -> None:
     which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every loop
     bounded by a run-time value (``range(n_steps)``) fails: the GPU machines' torch 2.11 / Triton 3.6 with
     NumPy 2.5 did. It sets tensor.__index__ per launch in _patch_lang_tensor; this wraps that function to
-    squeeze first, as Triton 3.8 does. A no-op where the function is gone or already squeezes.
+    squeeze first, as Triton 3.8 does; once per process (a second call finds the wrapper), and nothing where
+    Triton has no such function.
     """
     from triton.runtime import interpreter
 
