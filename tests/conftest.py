@@ -34,7 +34,7 @@ def _interpret() -> bool:
 
 
 os.environ["TRITON_INTERPRET"] = "1" if _interpret() else "0"
-os.environ.setdefault("SAM_SPARSE_DEVICE", "cpu")
+os.environ["SAM_SPARSE_DEVICE"] = "cpu"  # whatever the shell says: the checks below assume the CPU
 
 
 def _share_cores() -> None:
