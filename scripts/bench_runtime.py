@@ -201,6 +201,20 @@ def photo() -> np.ndarray:
     return np.asarray(Image.fromarray(data.coffee()).resize((2250, 1500), Image.BICUBIC))
 
 
+def time_set_and_predict(row: dict, set_image, predict) -> None:
+    """row's set_image_ms (10 runs), predict_ms (30 runs) and their sum, wall ms on DEV."""
+    row["set_image_ms"] = round(wall_ms(set_image, DEV, 10), 3)
+    row["predict_ms"] = round(wall_ms(predict, DEV, 30), 3)
+    row["total_ms"] = round(row["set_image_ms"] + row["predict_ms"], 3)
+
+
+def mask_ious(masks: np.ndarray, reference: np.ndarray) -> list:
+    """IoU of each bool mask (N, H, W) with the reference's of the same index, rounded to 5 digits."""
+    inter = (masks & reference).sum(axis=(1, 2))
+    union = np.maximum((masks | reference).sum(axis=(1, 2)), 1)
+    return [round(float(x), 5) for x in inter / union]
+
+
 def section_predictor(out):
     from segment_anything import SamPredictor
 
@@ -229,9 +243,7 @@ def section_predictor(out):
                 for _ in range(2):
                     set_image()
                     masks = predict()[0]
-                row["set_image_ms"] = round(wall_ms(set_image, DEV, 10), 3)
-                row["predict_ms"] = round(wall_ms(predict, DEV, 30), 3)
-                row["total_ms"] = round(row["set_image_ms"] + row["predict_ms"], 3)
+                time_set_and_predict(row, set_image, predict)
                 if not on_device:
                     row["cpu_resize_ms"] = round(wall_ms(lambda: pred.transform.apply_image(image), DEV, 10), 3)
                     # set_image without the CPU resize: what set_image does after it, timed on its own
@@ -240,9 +252,7 @@ def section_predictor(out):
                         wall_ms(lambda: pred.set_torch_image(resized, image.shape[:2]), DEV, 10), 3)
                 if reference is None:
                     reference = masks
-                inter = (masks & reference).sum(axis=(1, 2))
-                union = np.maximum((masks | reference).sum(axis=(1, 2)), 1)
-                row["mask_iou_vs_original_fp32"] = [round(float(x), 5) for x in inter / union]
+                row["mask_iou_vs_original_fp32"] = mask_ious(masks, reference)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         finally:
@@ -271,14 +281,10 @@ def section_sam2predictor(out, model_type="sam2.1_hiera_b+"):
                 for _ in range(3):
                     set_image()
                     masks = predict()[0].astype(bool)
-                row["set_image_ms"] = round(wall_ms(set_image, DEV, 10), 3)
-                row["predict_ms"] = round(wall_ms(predict, DEV, 30), 3)
-                row["total_ms"] = round(row["set_image_ms"] + row["predict_ms"], 3)
+                time_set_and_predict(row, set_image, predict)
             if reference is None:
                 reference = masks
-            inter = (masks & reference).sum(axis=(1, 2))
-            union = np.maximum((masks | reference).sum(axis=(1, 2)), 1)
-            row["mask_iou_vs_sam2"] = [round(float(x), 5) for x in inter / union]
+            row["mask_iou_vs_sam2"] = mask_ious(masks, reference)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         record(out, **row)

@@ -64,6 +64,8 @@ from bench_e2e import DTYPES, sync
 from sam2_helpers import sharpen_attention_  # the tests' random-weight recipe, one copy
 
 from sam_sparse import patch_sam
+from sam_sparse.models import build_video_predictor
+from sam_sparse.patches.video_parity import mask_iou
 from sam_sparse.sam2_layers import SAM2_CONFIGS
 
 CONFIGS = ("unpatched", "dense-per-object", "dense-batched", "memory-local")
@@ -129,13 +131,11 @@ def write_clip(folder: Path, frames: int, width: int, height: int, shapes: int, 
 # ---------------------------------------------------------------------------------------------------
 
 
-def build_video_predictor(model_type: str, device, image_size=None, seed: int = 0):
-    """sam2's video predictor for a SAM 2.1 model type, random weights (seeded), attention sharpened."""
-    from sam2.build_sam import build_sam2_video_predictor
-
+def random_video_predictor(model_type: str, device, image_size=None, seed: int = 0):
+    """sam2's video predictor for a SAM 2.1 model type (models.build_video_predictor), random weights
+    (seeded), attention sharpened."""
     torch.manual_seed(seed)
-    extra = [f"++model.image_size={image_size}"] if image_size else []
-    predictor = build_sam2_video_predictor(SAM2_CONFIGS[model_type], None, device="cpu", hydra_overrides_extra=extra)
+    predictor = build_video_predictor(model_type, None, "cpu", image_size)
     return sharpen_attention_(predictor, seed=seed).to(device).eval()
 
 
@@ -264,13 +264,6 @@ def low_res_logits(state) -> torch.Tensor:
                                    for i in sorted(per_obj)], 0)[:, 0] for f in frames])
 
 
-def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """IoU per leading index of boolean masks (..., h, w); 1.0 where both are empty."""
-    inter = (a & b).flatten(-2).sum(-1).double()
-    union = (a | b).flatten(-2).sum(-1).double()
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-
-
 def frame_parity(ref: torch.Tensor, other: torch.Tensor) -> dict:
     """Per propagated frame, the worst object's mask IoU and the max abs logit difference of
     low_res_logits tensors (frames, objects, h, w); and their extremes."""
@@ -397,7 +390,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         prompts = write_clip(Path(tmp), args.frames, args.width, args.height, max(objects))
         for model_type in args.models.split(","):
-            predictor = build_video_predictor(model_type, device, args.image_size)
+            predictor = random_video_predictor(model_type, device, args.image_size)
             with torch.inference_mode():
                 state = predictor.init_state(tmp)
             for n in objects:

@@ -119,12 +119,16 @@ def _run(predictor, frames_dir: str, prompts: List[Dict], max_frames: Optional[i
     return out
 
 
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU per leading index of bool masks (..., h, w), float64; 1.0 where both are empty."""
+    inter = (a & b).flatten(-2).sum(-1).double()
+    union = (a | b).flatten(-2).sum(-1).double()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
 def _compare(a: torch.Tensor, b: torch.Tensor):
-    ma, mb = a > 0, b > 0
-    inter = (ma & mb).flatten(1).sum(1).double()
-    union = (ma | mb).flatten(1).sum(1).double()
-    iou = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
-    return float(iou.min()), float((a - b).abs().max())
+    """(worst mask IoU, max abs difference) of two runs' logits (objects, 1, h, w)."""
+    return float(mask_iou(a > 0, b > 0).min()), float((a - b).abs().max())
 
 
 def video_parity(
