@@ -30,6 +30,9 @@ Expected times on one H200, full run (--quick: about a third):
   compile    ~90 s  (only with --compile or --only compile) fast mode with the decoder compiled
                     (torch.compile, default mode): first-call seconds, images/s and agreement on the amg
                     photos (segment-anything's records from the amg section, or computed here, ~20 s).
+  profile    ~30 s  (only with --only profile) torch.profiler over one generate() per config (exact, fast,
+                    fast with a bf16 decoder) on the --breakdown-images photos: wall vs GPU ms per image
+                    and the top kernels.
 
 Photos (offline, reproducible): scikit-image's data photos that load without a download (18 names in
 PHOTOS plus both stereo_motorcycle views), grey ones as RGB, at their own sizes; when fewer load, the
@@ -465,8 +468,31 @@ def section_compile(ctx):
     return [row]
 
 
+def section_profile(ctx):
+    """GPU kernels of one generate() per config on the first --breakdown-images photos (profile_encoder's
+    gpu_profile): wall and GPU ms per image, by class, and the top kernels (in the .md as well)."""
+    from profile_encoder import gpu_profile, top_table
+
+    device, model = ctx["device"], ctx["mobile_sam"]()
+    if device.type != "cuda":
+        raise RuntimeError("the profile section needs a CUDA GPU")
+    photos = list(ctx["photos"].values())[:ctx["args"].breakdown_images]
+    names = ["exact", "fast", "fast, bf16 decoder"]
+    rows = []
+    for name, g in configs(model, device, names, **ctx["settings"]).items():
+        g.generate(photos[0])  # warm-up
+        it = iter(photos * 2)
+        r = gpu_profile(lambda: g.generate(next(it)), len(photos), top=15)
+        rows.append(dict(config=name, images=len(photos), wall_ms=round(r["wall_ms"], 2),
+                         gpu_ms=round(r["total_ms"], 2), by_class={k: round(v, 2) for k, v in r["by_class"].items()},
+                         top=r["top"]))
+    with open(ctx["args"].out / "bench_amg.md", "a") as f:
+        f.write("\n".join(top_table(rows, lambda r: f"profile, {r['config']}")) + "\n")
+    return [{k: v for k, v in r.items() if k != "top"} | {"top3": [n for _, n, _ in r["top"][:3]]} for r in rows]
+
+
 SECTIONS = {"amg": section_amg, "breakdown": section_breakdown, "crops": section_crops, "vit": section_vit,
-            "predictor": section_predictor, "compile": section_compile}
+            "predictor": section_predictor, "compile": section_compile, "profile": section_profile}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -508,7 +534,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for bench_amg.jsonl and bench_amg.md (appended)")
     ap.add_argument("--only", default=None, help=f"comma list of sections ({', '.join(SECTIONS)}); default: all "
-                                                 "but compile")
+                                                 "but compile and profile")
     ap.add_argument("--compile", action="store_true", help="also run the compile section")
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer photos (on CPU: small photos, few points)")
     ap.add_argument("--device", default=None, help="default cuda if available, else cpu")
@@ -552,7 +578,8 @@ def main(argv=None):
     from sam_sparse import __version__
 
     args.out.mkdir(parents=True, exist_ok=True)
-    sections = args.only.split(",") if args.only else [s for s in SECTIONS if s != "compile" or args.compile]
+    sections = args.only.split(",") if args.only else [s for s in SECTIONS if s not in ("compile", "profile")
+                                                       or (s == "compile" and args.compile)]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:
         ap.error(f"--only: unknown section(s) {', '.join(unknown)}; expected {', '.join(SECTIONS)}")

@@ -30,6 +30,9 @@ Parity, from the timed pass: every object's low-res mask logits on every propaga
 predictor stores them; per frame the worst object's mask IoU (logits > 0) and the max abs logit
 difference, against unpatched, and for the batched configurations against dense-per-object.
 
+With --profile (CUDA), a fourth pass runs the settled frames under torch.profiler: wall vs GPU ms per
+frame (wall far above GPU: the host sets the pace) and the top kernels.
+
 Writes --out/bench_video.json and --out/bench_video.md after every row (a cut run keeps its rows).
 
     python scripts/bench_video.py --out $OUT                    # hiera_l, hiera_b+; 1, 4, 16 objects; ~6 min on an H200
@@ -297,6 +300,7 @@ def run_config(args, predictor, state, prompts, config, device, dtype):
         finally:
             timer.remove()
         density = memory_cross_density(handle)
+        profiled = profile_frames(predictor, state, prompts, args) if args.profile else None
     ms = statistics.median(f["ms"] for f in timed)
     breakdown = {s: statistics.median(f["stages"][s] for f in hooked) for s in STAGES}
     breakdown["other"] = statistics.median(f["ms"] - sum(f["stages"].values()) for f in hooked)
@@ -305,7 +309,27 @@ def run_config(args, predictor, state, prompts, config, device, dtype):
                "breakdown": {k: round(v, 3) for k, v in breakdown.items()},
                "breakdown_total_ms": round(statistics.median(f["ms"] for f in hooked), 3),
                "memory_cross_density": density}
+    if profiled:
+        row["profile"] = profiled
     return row, logits
+
+
+def profile_frames(predictor, state, prompts, args) -> dict:
+    """A fourth pass, the frames from --settled-from on under torch.profiler (profile_encoder's
+    gpu_profile): wall and GPU ms per frame, by kernel class, and the top kernels."""
+    from profile_encoder import gpu_profile
+
+    add_prompts(predictor, state, prompts)
+    it = predictor.propagate_in_video(state)
+    settled_from = min(args.settled_from, args.frames - 1)
+    for frame_idx, _, _ in it:
+        if frame_idx >= settled_from - 1:
+            break
+    r = gpu_profile(lambda: next(it), args.frames - settled_from, top=15)
+    for _ in it:  # the generator runs to its end (SAM 2 tidies its state there)
+        pass
+    return {"wall_ms": round(r["wall_ms"], 2), "gpu_ms": round(r["total_ms"], 2),
+            "by_class": {k: round(v, 2) for k, v in r["by_class"].items()}, "top": r["top"]}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,6 +359,15 @@ def markdown(meta, rows) -> str:
             + " | ".join(f"{bd[s]:.1f}" for s in STAGES + ("other",))
             + f" | {fmt(r.get('memory_cross_density'), '.3f')} | {fmt(pu.get('min_iou'), '.4f')} | "
             f"{fmt(pu.get('max_logit_err'), '.3g')} | {fmt(pp.get('min_iou'), '.4f')} | {fmt(pp.get('max_logit_err'), '.3g')} |")
+    profiled = [dict(r["profile"], title=f"{r['model']} {r['objects']} objects {r['config']}") for r in rows if r.get("profile")]
+    if profiled:
+        from profile_encoder import top_table
+
+        lines += ["", "Profiled frames (--profile): wall vs GPU ms per frame, GPU ms by kernel class.", "",
+                  "| run | wall ms | GPU ms | attention | gemm | other |", "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {p['title']} | {p['wall_ms']:.1f} | {p['gpu_ms']:.1f} | " + " | ".join(
+            f"{p['by_class'][c]:.1f}" for c in ("attention", "gemm", "other")) + " |" for p in profiled]
+        lines += top_table(profiled, lambda p: p["title"])
     return "\n".join(lines) + "\n"
 
 
@@ -360,6 +393,9 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=None, help="the model's input size (default: the config's, 1024)")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="autocast dtype (fp32: no autocast)")
     ap.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    ap.add_argument("--profile", action="store_true",
+                    help="a fourth pass per configuration under torch.profiler (CUDA): GPU vs wall ms per settled frame, "
+                         "top kernels")
     ap.add_argument("--quick", action="store_true",
                     help="hiera_t at 384 px (a 24x24 memory grid, where memory-local is sparse), 2 objects, 4 frames "
                          "of 256x144, fp32 on CPU: a smoke test (< 2 min)")
@@ -372,6 +408,8 @@ def main(argv=None) -> int:
         args.width, args.height, args.image_size = 256, 144, 384  # 256 px: memory-local keeps every block
         if device.type == "cpu":
             args.dtype = "fp32"
+    if args.profile and device.type != "cuda":
+        ap.error("--profile needs a CUDA GPU (it profiles GPU kernels)")
     configs = [c for c in args.configs.split(",") if c]
     bad = [c for c in configs if c not in CONFIGS] + [m for m in args.models.split(",") if m not in SAM2_CONFIGS]
     if bad:

@@ -58,26 +58,46 @@ def build_encoder(name: str, dtype: torch.dtype, seed: int = 0):
     return sam.image_encoder.to("cuda", dtype).eval()
 
 
+def gpu_profile(fn, iters: int, top: int = 12) -> dict:
+    """fn() run `iters` times under torch.profiler (CUDA activity; warm fn up first): GPU ms per call in
+    all, by kernel class (kernel_class), the `top` kernels, and the wall ms per call (wall much above the
+    GPU total: the host sets the pace)."""
+    import time
+
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1e3 / iters
+    per_kernel = defaultdict(float)
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.name] += ev.device_time_total / 1000 / iters  # ms per call
+    by_class = {c: 0.0 for c in CLASSES}
+    for name, ms in per_kernel.items():
+        by_class[kernel_class(name)] += ms
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return dict(total_ms=sum(by_class.values()), wall_ms=wall, by_class=by_class,
+                top=[(kernel_class(n), n[:90], ms) for n, ms in ranked])
+
+
+def top_table(rows: list, title) -> list:
+    """Markdown lines: per row, its top kernels (gpu_profile's `top`) under title(row)."""
+    lines = []
+    for r in rows:
+        lines += ["", f"Top kernels, {title(r)} (ms per call):", "", "| class | kernel | ms |", "|---|---|---:|"]
+        lines += [f"| {c} | `{n}` | {ms:.3f} |" for c, n, ms in r["top"]]
+    return lines
+
+
 def profile(encoder, x, iters: int, mode: str) -> dict:
     compiled = encoder if mode == "eager" else torch.compile(encoder, mode=None if mode == "default" else mode)
     with torch.inference_mode():
         for _ in range(3):
             compiled(x)
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            for _ in range(iters):
-                compiled(x)
-            torch.cuda.synchronize()
-    per_kernel = defaultdict(float)
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[ev.name] += ev.device_time_total / 1000 / iters  # ms per forward
-    by_class = {c: 0.0 for c in CLASSES}
-    for name, ms in per_kernel.items():
-        by_class[kernel_class(name)] += ms
-    total = sum(by_class.values())
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]
-    return dict(total_ms=total, by_class=by_class, top=[(kernel_class(n), n[:90], ms) for n, ms in top])
+        return gpu_profile(lambda: compiled(x), iters)
 
 
 def markdown(meta: dict, rows: list) -> str:
@@ -85,15 +105,12 @@ def markdown(meta: dict, rows: list) -> str:
              f"batch {meta['batch']}, torch.compile mode {meta['mode']} (eager: not compiled), {meta['iters']} profiled "
              f"forwards; "
              f"commit {meta['commit']}, {meta['date']}).", "",
-             "| model | config | GPU ms | attention | gemm | other |", "|---|---|---:|---:|---:|---:|"]
+             "| model | config | wall ms | GPU ms | attention | gemm | other |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = r["total_ms"]
         shares = " | ".join(f"{r['by_class'][c]:.2f} ({r['by_class'][c] / t:.0%})" for c in CLASSES)
-        lines.append(f"| {r['model']} | {r['config']} | {t:.2f} | {shares} |")
-    for r in rows:
-        lines += ["", f"Top kernels, {r['model']} {r['config']} (ms per forward):", "",
-                  "| class | kernel | ms |", "|---|---|---:|"]
-        lines += [f"| {c} | `{n}` | {ms:.3f} |" for c, n, ms in r["top"]]
+        lines.append(f"| {r['model']} | {r['config']} | {r['wall_ms']:.2f} | {t:.2f} | {shares} |")
+    lines += top_table(rows, lambda r: f"{r['model']} {r['config']}")
     return "\n".join(lines) + "\n"
 
 
