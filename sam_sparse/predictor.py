@@ -23,11 +23,12 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def set_image_on_device(predictor, image: np.ndarray, image_format: str = "RGB") -> None:
+def set_image_on_device(predictor, image: np.ndarray, image_format: str = "RGB", encoder=None) -> None:
     """predictor.set_image(image), with the resize and normalization on the model's device.
 
     image: HxWx3 uint8, in image_format ("RGB" or "BGR"). The encoder runs in its own parameters'
-    dtype; its features are handed to the predictor as float32.
+    dtype; its features are handed to the predictor as float32. encoder: what runs the image encoder
+    on the (1, 3, 1024, 1024) input (default model.image_encoder; DevicePredictor gives a graphed one).
     """
     if image_format not in ("RGB", "BGR"):
         raise ValueError(f"image_format={image_format!r}: expected 'RGB' or 'BGR'")
@@ -46,9 +47,8 @@ def set_image_on_device(predictor, image: np.ndarray, image_format: str = "RGB")
     predictor.reset_image()
     predictor.original_size = (h, w)
     predictor.input_size = tuple(x.shape[-2:])
-    encoder = model.image_encoder
-    dtype = next(encoder.parameters()).dtype
-    predictor.features = encoder(model.preprocess(x).to(dtype)).float()
+    dtype = next(model.image_encoder.parameters()).dtype
+    predictor.features = (encoder or model.image_encoder)(model.preprocess(x).to(dtype)).float()
     predictor.is_image_set = True
 
 
@@ -70,6 +70,11 @@ class DevicePredictor:
     captured kernels; its first call per signature runs the steps three
     times and captures (a capture that fails falls back to the eager path for that signature;
     `graph_errors` says why). One DevicePredictor per thread.
+
+    set_image(image) is set_image_on_device for a SamPredictor and SAM2ImagePredictor.set_image's steps
+    for SAM 2; with cuda_graph=True the image encoder (at batch 1 its kernel launches take the host
+    longer than the GPU takes to run them) replays a CUDA graph too (cuda_graphs.GraphedFunction).
+    The features are the encoder's, bit for bit.
     """
 
     def __init__(self, predictor, cuda_graph: bool = False):
@@ -84,6 +89,36 @@ class DevicePredictor:
         self.graph_errors = {}
         self._graphs = {}
         self._staging = None
+        self._encoder = None
+        if self.cuda_graph:
+            from .cuda_graphs import GraphedFunction, module_storage
+
+            model = predictor.model
+            encoder = model.image_encoder if self.family == "sam" else model.forward_image
+            self._encoder = GraphedFunction(encoder, state=lambda: module_storage(model))
+
+    @torch.inference_mode()
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """The predictor's set_image(image) (image: HxWx3 uint8; image_format: SAM 1 only), its encoder
+        graphed with cuda_graph=True. SAM 1: set_image_on_device's resize on the device; SAM 2:
+        SAM2ImagePredictor.set_image's own transforms."""
+        if self.family == "sam":
+            set_image_on_device(self.predictor, image, image_format, encoder=self._encoder)
+            return
+        if image_format != "RGB":
+            raise ValueError(f"image_format={image_format!r}: SAM2ImagePredictor takes RGB images")
+        p, model = self.predictor, self.predictor.model
+        p.reset_predictor()
+        p._orig_hw = [image.shape[:2]]
+        x = p._transforms(image)[None, ...].to(p.device)
+        backbone_out = (self._encoder or model.forward_image)(x)
+        _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
+        if model.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+        feats = [feat.permute(1, 2, 0).view(1, -1, *size)
+                 for feat, size in zip(vision_feats[::-1], p._bb_feat_sizes[::-1])][::-1]
+        p._features = {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
+        p._is_image_set = True
 
     @torch.inference_mode()
     def predict(self, point_coords=None, point_labels=None, box=None, mask_input=None, multimask_output: bool = True,

@@ -24,14 +24,18 @@ Expected times on one H200, full run (--quick: about a third):
                     (segment-anything vs exact vs fast), on 3 photos.
   predictor  ~15 s  vit_b (random weights), bf16 encoder + set_image_on_device, a 1500 x 2250 photo (the
                     coffee photo upscaled), one point: SamPredictor.predict vs DevicePredictor (eager,
-                    and with a CUDA graph): set_image + predict and predict alone (median ms), and
-                    whether every result array equals SamPredictor.predict's (on this photo, and on
-                    another one set afterwards).
+                    with a CUDA graph, and with its set_image replaying the encoder from a CUDA graph
+                    too): set_image + predict and predict alone (median ms), and whether every result
+                    array equals SamPredictor.predict's (on this photo, and on another one set
+                    afterwards) and the graphed encoder's features equal the encoder's.
   compile    ~90 s  (only with --compile or --only compile) fast mode with the decoder compiled
                     (torch.compile, default mode): first-call seconds, images/s and agreement on the amg
                     photos (segment-anything's records from the amg section, or computed here, ~20 s).
-  profile    ~30 s  (only with --only profile) torch.profiler over one generate() per config (exact, fast,
-                    fast with a bf16 decoder) on the --breakdown-images photos: wall vs GPU ms per image
+  variants   ~90 s  (only with --only variants) the amg rows for the configs in --variants (fast mode with
+                    and without its low-res stability prefilter, bf16 and compiled decoders), each against
+                    segment-anything in the same run.
+  profile    ~50 s  (only with --only profile) torch.profiler over one generate() per config (exact, fast,
+                    fast with a bf16 or a compiled decoder) on the --breakdown-images photos: wall vs GPU ms per image
                     and the top kernels.
 
 Photos (offline, reproducible): scikit-image's data photos that load without a download (18 names in
@@ -193,7 +197,12 @@ def configs(model, device, names, profile=False, **settings) -> dict:
     modes = {"exact": "exact", "fast": "fast",
              "fast, low-res stability": with_changes(FAST, stability_on="low_res", low_res_margin=None),
              "fast, bf16 decoder": with_changes(FAST, decoder_dtype="bfloat16"),
-             "fast, compiled decoder": with_changes(FAST, compile_decoder="default")}
+             "fast, compiled decoder": with_changes(FAST, compile_decoder="default"),
+             "fast, no prefilter": with_changes(FAST, low_res_margin=None),
+             "fast, no prefilter, compiled": with_changes(FAST, low_res_margin=None, compile_decoder="default"),
+             "fast, no prefilter, bf16": with_changes(FAST, low_res_margin=None, decoder_dtype="bfloat16"),
+             "fast, no prefilter, bf16, compiled": with_changes(FAST, low_res_margin=None, decoder_dtype="bfloat16",
+                                                               compile_decoder="default")}
     out = {}
     for name in names:
         if name == "segment-anything":
@@ -406,11 +415,14 @@ def section_predictor(ctx):
     if device.type == "cuda":
         model.image_encoder.to(torch.bfloat16)
     predictor = SamPredictor(model)
+    graphed = DevicePredictor(predictor, cuda_graph=True)
     variants = {"SamPredictor.predict": lambda: predictor.predict(point_coords=point, point_labels=label),
                 "DevicePredictor, eager": DevicePredictor(predictor).predict,
-                "DevicePredictor, CUDA graph": DevicePredictor(predictor, cuda_graph=True).predict}
+                "DevicePredictor, CUDA graph": graphed.predict,
+                "DevicePredictor, CUDA graph, graphed encoder": graphed.predict}
+    set_image = {"DevicePredictor, CUDA graph, graphed encoder": graphed.set_image}  # else set_image_on_device
     if device.type != "cuda":
-        del variants["DevicePredictor, CUDA graph"]
+        del variants["DevicePredictor, CUDA graph"], variants["DevicePredictor, CUDA graph, graphed encoder"]
     rows, reference = [], None
     iters = 30 if not args.quick else (5 if device.type == "cuda" else 1)
     with torch.inference_mode():
@@ -425,10 +437,15 @@ def section_predictor(ctx):
                        same_as_sam_predict=all(a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
                                                for a, b in zip(out, reference)),
                        predict_ms=median_ms(call, device, iters),
-                       set_image_plus_predict_ms=median_ms(lambda: (set_image_on_device(predictor, image), call()),
-                                                           device, max(1, iters // 3)))
-            if name == "DevicePredictor, CUDA graph":
-                row["graph_errors"] = list(fn.__self__.graph_errors.values())
+                       set_image_plus_predict_ms=median_ms(lambda: (set_image.get(name, lambda im: set_image_on_device(
+                           predictor, im))(image), call()), device, max(1, iters // 3)))
+            if name.startswith("DevicePredictor, CUDA graph"):
+                row["graph_errors"] = list(fn.__self__.graph_errors.values()) + list(graphed._encoder.errors.values())
+            if name in set_image:  # the graphed encoder's features are the encoder's own
+                set_image[name](image)
+                graphed_features = predictor.features.clone()
+                set_image_on_device(predictor, image)
+                row["same_features"] = bool(torch.equal(graphed_features, predictor.features))
             # another image (a graph copies its features in): still SamPredictor.predict's results
             set_image_on_device(predictor, other)
             row["same_on_another_image"] = all(np.array_equal(a, b) for a, b in zip(call(), predictor.predict(
@@ -436,6 +453,12 @@ def section_predictor(ctx):
             set_image_on_device(predictor, image)
             rows.append(row)
     return rows
+
+
+def section_variants(ctx):
+    """The amg rows for --variants (fast mode's variants: prefilter, decoder dtype, compiled decoder)."""
+    names = ["segment-anything"] + [n.strip() for n in ctx["args"].variants.split(";") if n.strip()]
+    return run_configs(ctx, ctx["mobile_sam"](), ctx["photos"], names, ctx["settings"], "variants")
 
 
 def section_compile(ctx):
@@ -477,7 +500,7 @@ def section_profile(ctx):
     if device.type != "cuda":
         raise RuntimeError("the profile section needs a CUDA GPU")
     photos = list(ctx["photos"].values())[:ctx["args"].breakdown_images]
-    names = ["exact", "fast", "fast, bf16 decoder"]
+    names = ["exact", "fast", "fast, bf16 decoder", "fast, compiled decoder"]
     rows = []
     for name, g in configs(model, device, names, **ctx["settings"]).items():
         g.generate(photos[0])  # warm-up
@@ -492,7 +515,8 @@ def section_profile(ctx):
 
 
 SECTIONS = {"amg": section_amg, "breakdown": section_breakdown, "crops": section_crops, "vit": section_vit,
-            "predictor": section_predictor, "compile": section_compile, "profile": section_profile}
+            "predictor": section_predictor, "compile": section_compile, "profile": section_profile,
+            "variants": section_variants}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -534,7 +558,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="folder for bench_amg.jsonl and bench_amg.md (appended)")
     ap.add_argument("--only", default=None, help=f"comma list of sections ({', '.join(SECTIONS)}); default: all "
-                                                 "but compile and profile")
+                                                 "but compile, profile and variants")
     ap.add_argument("--compile", action="store_true", help="also run the compile section")
     ap.add_argument("--quick", action="store_true", help="smoke run: fewer photos (on CPU: small photos, few points)")
     ap.add_argument("--device", default=None, help="default cuda if available, else cpu")
@@ -548,6 +572,9 @@ def main(argv=None):
     ap.add_argument("--mobile-sam-checkpoint", type=Path, help="MobileSAM's weights (default: fetch_mobile_sam())")
     ap.add_argument("--points-per-side", type=int, default=None, help="default 32 (CPU quick: 4)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default="fast;fast, no prefilter;fast, no prefilter, compiled;fast, no prefilter, bf16;"
+                                          "fast, no prefilter, bf16, compiled",
+                    help="configs for the variants section (names in configs(), separated by ';')")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cpu_quick = args.quick and device.type != "cuda"
@@ -578,7 +605,7 @@ def main(argv=None):
     from sam_sparse import __version__
 
     args.out.mkdir(parents=True, exist_ok=True)
-    sections = args.only.split(",") if args.only else [s for s in SECTIONS if s not in ("compile", "profile")
+    sections = args.only.split(",") if args.only else [s for s in SECTIONS if s not in ("compile", "profile", "variants")
                                                        or (s == "compile" and args.compile)]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:

@@ -112,6 +112,25 @@ def test_exact_mode_over_several_decoder_batches_and_output_modes(mobile, photos
         assert_same_records(ours, ref, output_mode)
 
 
+@pytest.mark.parametrize("batches_per_group", [1, 2])
+def test_exact_mode_when_decoder_batches_are_filtered_in_groups(mobile, photos, monkeypatch, batches_per_group):
+    """The decoder batches of a crop are filtered together, up to FILTER_BYTES of logits at a time: with
+    groups of one batch and of two (3 points per batch, a batch that keeps no mask), the records are still
+    segment-anything's, int-to-float boxes included."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from sam_sparse.maskgen import AutomaticMaskGenerator, pipeline
+
+    settings = dict(SETTINGS, points_per_batch=3)
+    per_batch = 3 * 3 * 256 * 256 * 4  # 3 points x 3 masks of 256 x 256 float32 logits
+    monkeypatch.setattr(pipeline, "FILTER_BYTES", per_batch * batches_per_group)
+    with torch.inference_mode():
+        ref = SamAutomaticMaskGenerator(mobile, **settings).generate(photos["astronaut"])
+    ours = AutomaticMaskGenerator(mobile, "exact", **settings).generate(photos["astronaut"])
+    assert len(ref) > 0 and isinstance(ref[0]["bbox"][0], float), "no empty batch: the case tests less"
+    assert_same_records(ours, ref, f"groups of {batches_per_group}")
+
+
 def test_exact_mode_with_a_crop_layer(mobile, photos):
     from segment_anything import SamAutomaticMaskGenerator
 
@@ -325,6 +344,32 @@ def test_predict_on_device_gives_sampredictors_results(mobile, photos):
     predictor.reset_image()
     with pytest.raises(RuntimeError, match="An image must be set"):
         predict_on_device(predictor, point_coords=np.array([[1.0, 1.0]]), point_labels=np.array([1]))
+
+
+def test_device_predictor_set_image_gives_the_predictors_features(mobile, sam2_model, photos):
+    """DevicePredictor.set_image (on the CPU: no graph) sets what set_image_on_device / SAM2ImagePredictor.
+    set_image set: the same features, sizes and flags."""
+    from segment_anything import SamPredictor
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from sam_sparse import set_image_on_device
+    from sam_sparse.predictor import DevicePredictor
+
+    image = photos["coffee"]
+    ours, ref = SamPredictor(mobile), SamPredictor(mobile)
+    DevicePredictor(ours, cuda_graph=True).set_image(image)
+    set_image_on_device(ref, image)
+    assert torch.equal(ours.features, ref.features) and ours.is_image_set
+    assert (ours.original_size, ours.input_size) == (ref.original_size, ref.input_size)
+    ours, ref = SAM2ImagePredictor(sam2_model), SAM2ImagePredictor(sam2_model)
+    DevicePredictor(ours).set_image(image)
+    ref.set_image(image)
+    assert ours._is_image_set and ours._orig_hw == ref._orig_hw
+    for a, b in zip([ours._features["image_embed"], *ours._features["high_res_feats"]],
+                    [ref._features["image_embed"], *ref._features["high_res_feats"]]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="takes RGB images"):
+        DevicePredictor(ours).set_image(image, image_format="BGR")
 
 
 def test_predict_on_device_gives_sam2s_results(sam2_model, photos):

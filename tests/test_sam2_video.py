@@ -8,6 +8,7 @@ SDPA): masks identical, logits within float rounding, with the memory attention 
 """
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -169,11 +170,16 @@ def test_batched_path_batches(predictor, frames, monkeypatch):
 def test_restore_deepcopy_disabled_observe(predictor, frames, reference):
     before = {k: v.clone() for k, v in predictor.state_dict().items()}
     classes = {n: type(m) for n, m in predictor.named_modules()}
-    handle = patch_sam(predictor, "dense")
+    with pytest.raises(TypeError, match="graph_encoder=1: expected True or False"):
+        patch_sam(predictor, "dense", graph_encoder=1)
+    handle = patch_sam(predictor, "dense", graph_encoder=False)
     try:
         twin = copy.deepcopy(predictor)
         assert twin._sam_sparse_handle is not handle and type(twin).__name__ == "SparseSAM2VideoPredictor"
         assert twin._sam_sparse_handle.memory is not handle.memory
+        # the switches travel with a copy (the graphs do not: cuda_graphs' own tests, on the GPU)
+        assert (twin._sam_sparse_handle.memory.batch_objects, twin._sam_sparse_handle.memory.graph_encoder) == (True, False)
+        assert pickle.loads(pickle.dumps(handle.memory)).graph_encoder is False
         twin._sam_sparse_handle.restore()
         assert type(twin).__name__ == "SAM2VideoPredictor" and type(predictor).__name__ == "SparseSAM2VideoPredictor"
         with handle.disabled():

@@ -57,6 +57,7 @@ OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 DECODER_BYTES_PER_POINT = 48 << 20
 CPU_DECODER_BATCH = 64  # fast mode on the CPU: larger batches cost memory and gain nothing there
 UPSAMPLE_BYTES = 1 << 31  # float32 logits held at once while upsampling (chunks of masks)
+FILTER_BYTES = 1 << 30  # low-res logits of the decoder batches filtered together (one device wait per filter)
 
 
 @dataclass
@@ -224,13 +225,23 @@ class AutomaticMaskGenerator:
     # ---------------------------------------------------------------------------------------------
 
     def _crop(self, emb: Embedding, box: List[int], layer: int, size: Tuple[int, int]) -> CropMasks:
-        """SamAutomaticMaskGenerator._process_crop: the crop's points in decoder batches, then its NMS."""
+        """SamAutomaticMaskGenerator._process_crop: the crop's points in decoder batches, then its NMS.
+
+        The decoder batches are queued back to back and filtered together (up to FILTER_BYTES of low-res
+        logits at a time): each filter waits for the device once for the whole group, not once per batch,
+        and keeps the same masks in the same order as filtering batch by batch."""
         x0, y0, x1, y1 = box
         crop_size = (y1 - y0, x1 - x0)
         points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
         coords = self.adapter.prompt_coords(points, crop_size)
         batch = self.decoder_batch(len(points))
-        parts = [self._points(emb, coords[s:s + batch], s, box, size) for s in range(0, len(points), batch)]
+        parts, group, held = [], [], 0
+        for s in range(0, len(points), batch):
+            group.append(self._decode_points(emb, coords[s:s + batch], s))
+            held += group[-1][0].numel() * group[-1][0].element_size()
+            if held >= FILTER_BYTES or s + batch >= len(points):
+                parts.append(self._filter(group, emb, box, size))
+                group, held = [], 0
         low, boxes, iou, stability, index = (torch.cat(p) for p in zip(*parts))
         keep = batched_nms(boxes.float(), iou, self.adapter.nms_categories(boxes),
                            iou_threshold=self.settings.box_nms_thresh)
@@ -242,9 +253,9 @@ class AutomaticMaskGenerator:
             host_points = points + np.array([x0, y0])
         return CropMasks(low, uncrop_boxes_xyxy(boxes, box), iou, stability, index, box, emb, host_points)
 
-    def _points(self, emb: Embedding, coords: torch.Tensor, start: int, box, size):
-        """SamAutomaticMaskGenerator._process_batch for one decoder batch, up to the masks' boxes: the
-        survivors' (low-res logits, boxes, predicted IoU, stability, point index)."""
+    def _decode_points(self, emb: Embedding, coords: torch.Tensor, start: int):
+        """One decoder batch, queued on the device (nothing waits for it): every mask's low-res logits,
+        predicted IoU and point index."""
         s = self.settings
         n = coords.shape[0]
         labels = torch.ones(n, dtype=torch.int, device=coords.device)
@@ -255,28 +266,41 @@ class AutomaticMaskGenerator:
         if s.use_m2m:
             low, iou = self._refine(emb, coords.repeat_interleave(per_point, dim=0), low)
         self.stopwatch.lap("decoder")
+        return low, iou, index
+
+    def _filter(self, group: list, emb: Embedding, box, size):
+        """SamAutomaticMaskGenerator._process_batch after the decoder, for a group of decoder batches
+        (_decode_points' outputs, in order): the survivors' (low-res logits, boxes, predicted IoU,
+        stability, point index), as the batches' results concatenated."""
+        s = self.settings
+        batch_of = torch.cat([torch.full((len(g[0]),), i, device=self.device) for i, g in enumerate(group)])
+        low, iou, index = (torch.cat(t) for t in zip(*group))
         if s.pred_iou_thresh > 0.0:
-            low, iou, index = keep_where(iou > s.pred_iou_thresh, low, iou, index)
+            low, iou, index, batch_of = keep_where(iou > s.pred_iou_thresh, low, iou, index, batch_of)
         if self.mode.stability_on == "low_res":
             stability = calculate_stability_score(self.adapter.low_res_view(low, emb), self.threshold,
                                                   s.stability_score_offset)
             if s.stability_score_thresh > 0.0:
-                low, iou, index, stability = keep_where(stability >= s.stability_score_thresh,
-                                                        low, iou, index, stability)
+                low, iou, index, stability, batch_of = keep_where(stability >= s.stability_score_thresh,
+                                                                  low, iou, index, stability, batch_of)
             self.stopwatch.lap("post")
             boxes = self._boxes(low, emb)
         else:
             if self.mode.low_res_margin is not None and s.stability_score_thresh > 0.0:
                 rough = calculate_stability_score(self.adapter.low_res_view(low, emb), self.threshold,
                                                   s.stability_score_offset)
-                low, iou, index = keep_where(rough >= s.stability_score_thresh - self.mode.low_res_margin,
-                                             low, iou, index)
+                low, iou, index, batch_of = keep_where(rough >= s.stability_score_thresh - self.mode.low_res_margin,
+                                                       low, iou, index, batch_of)
                 self.stopwatch.lap("post")
             stability, boxes = self._boxes_and_stability(low, emb)
             if s.stability_score_thresh > 0.0:
                 keep = stability >= s.stability_score_thresh
-                low, iou, index, stability = keep_where(keep, low, iou, index, stability)
+                low, iou, index, stability, batch_of = keep_where(keep, low, iou, index, stability, batch_of)
                 boxes = boxes[keep] if len(low) else empty_boxes(self.device)
+        # The reference boxes each batch's masks on their own: a batch left with none gives float32 boxes,
+        # and concatenating them turns the crop's int boxes into floats. The same here, for the group.
+        if len(group) > 1 and len(low) and bool((torch.bincount(batch_of, minlength=len(group)) == 0).any()):
+            boxes = boxes.float()
         self.stopwatch.lap("upsample")
         near = is_box_near_crop_edge(boxes, box, [0, 0, size[1], size[0]])
         if near.any():

@@ -66,19 +66,22 @@ class MemoryCall:
 
 
 class MemoryContext:
-    """The current memory call of one patched model, per thread; and whether its video predictor runs every
-    object of a frame as one batch (batch_objects). Pickles and deep-copies without the per-call state."""
+    """The current memory call of one patched model, per thread; whether its video predictor runs every
+    object of a frame as one batch (batch_objects) and replays each frame's image encoder from a CUDA graph
+    (graph_encoder; the graphs live in `encoder_graph`, made by the model on its first frame). Pickles and
+    deep-copies with the two switches only: no per-call state, no graphs."""
 
-    def __init__(self, batch_objects: bool = True):
+    def __init__(self, batch_objects: bool = True, graph_encoder: bool = True):
         self.batch_objects = batch_objects
+        self.graph_encoder = graph_encoder
+        self.encoder_graph = None
         self._local = threading.local()
 
     def __getstate__(self):
-        return {"batch_objects": self.batch_objects}
+        return {"batch_objects": self.batch_objects, "graph_encoder": self.graph_encoder}
 
     def __setstate__(self, state):
-        self.batch_objects = state["batch_objects"]
-        self._local = threading.local()
+        self.__init__(state["batch_objects"], state.get("graph_encoder", True))
 
     @property
     def current(self) -> Optional[MemoryCall]:

@@ -206,6 +206,7 @@ class PatchHandle:
             h.remove()
         self._hooks.clear()
         self.context.forget()
+        self.memory.encoder_graph = None  # its graphs' memory goes with it
         del self.model._sam_sparse_handle
         self.active = False
 
@@ -235,7 +236,7 @@ def _find_patched(model: nn.Module) -> List[str]:
 
 
 def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
-              batch_objects: bool = True) -> PatchHandle:
+              batch_objects: bool = True, graph_encoder: bool = True) -> PatchHandle:
     """Route the attention modules of `model` through sam_sparse's block-sparse kernel, in place.
 
     model: a segment_anything Sam, ImageEncoderViT, MaskDecoder or TwoWayTransformer (a Sam whose image
@@ -249,6 +250,9 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         (memory attention, mask decoder, memory encoder; memories of different lengths through the kernel's
         varlen path), each object's outputs as SAM 2's per-object loop gives them. False keeps SAM 2's
         per-object loop (with the patched modules). handle.memory.batch_objects switches it later.
+    graph_encoder: for a SAM2VideoPredictor on CUDA, each frame's image encoder replays a CUDA graph
+        (captured on the first frame; the same kernels and outputs, without the host's launch cost, which
+        exceeds the encoder's GPU time at batch 1). handle.memory.graph_encoder switches it later.
     Returns a PatchHandle (handle.report, str(handle), handle.restore()).
 
     Raises TypeError for other objects, RuntimeError if the model (or a module in it) is already
@@ -270,10 +274,11 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    if not isinstance(batch_objects, bool):
-        raise TypeError(f"batch_objects={batch_objects!r}: expected True or False")
+    for name, value in (("batch_objects", batch_objects), ("graph_encoder", graph_encoder)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r}: expected True or False")
     context = PromptContext(grid=fam.image_grid(model))
-    memory = MemoryContext(batch_objects)
+    memory = MemoryContext(batch_objects, graph_encoder)
 
     entries, report, geometries = [], [], []
     for module, described in found:

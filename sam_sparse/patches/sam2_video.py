@@ -1,14 +1,17 @@
-"""SAM 2 video under patch_sam: the model classes that record each memory call's structure, and the
-batched propagation (every object of a frame as one batch).
+"""SAM 2 video under patch_sam: the model classes that record each memory call's structure, the
+batched propagation (every object of a frame as one batch) and the graphed image encoder.
 
 patch_sam swaps the class of a SAM2VideoPredictor / SAM2VideoPredictorVOS for the subclass here
 (SPARSE_MODELS), as it swaps attention classes; restore() swaps it back. An image model (a bare SAM2Base,
 what SAM2ImagePredictor and build_sam2 give) keeps its class: it never builds a memory, and a memory call
-without a record is taken as all conditioning frames, which memory-local keeps whole. Two things change:
+without a record is taken as all conditioning frames, which memory-local keeps whole. Three things change:
 
 - _prepare_memory_conditioned_features (SAM 2's per-object path) records how many conditioning frames
   lead the memory (patches/memory.MemoryCall) while SAM 2's own code builds the memory and calls the
   memory attention; a policy's memory.cross mask needs it (memory-local keeps prompted frames dense).
+- forward_image (SAM2VideoPredictor, when the handle's MemoryContext.graph_encoder is on and the frame is
+  on CUDA): replayed from a CUDA graph (cuda_graphs.GraphedFunction), since at batch 1 the host's kernel
+  launches take longer than the encoder's GPU work.
 - propagate_in_video (video predictors, when the handle's MemoryContext.batch_objects is on): per frame,
   the objects that are tracked there run as one batch: one memory attention call (their memories
   stacked, or packed one after the other when their lengths differ: the kernel's varlen path), one mask
@@ -29,6 +32,7 @@ from sam2.modeling.sam2_utils import get_1d_sine_pe, select_closest_cond_frames
 from sam2.sam2_video_predictor import SAM2VideoPredictor, SAM2VideoPredictorVOS
 from sam2.utils.misc import fill_holes_in_mask_scores
 
+from ..cuda_graphs import GraphedFunction, module_storage
 from ..geometry import MemoryLayout
 from .memory import MemoryCall, MemoryContext, PackedKeys
 from .sam2_memory import packable
@@ -56,6 +60,22 @@ class _RecordsMemory:
         rows = current_vision_feats[-1].size(1)
         with ctx.call(MemoryCall((len(selected),) * rows)):
             return super()._prepare_memory_conditioned_features(*args)
+
+
+class _GraphedEncoder:
+    """SAM2Base.forward_image (a video frame's image encoder, batch 1) replayed from a CUDA graph per input
+    signature when the handle's MemoryContext.graph_encoder is on and the frame is on CUDA: at batch 1 the
+    host's kernel launches take longer than the encoder's GPU work. Same kernels, same outputs (copies of
+    the graph's). The graph is keyed by the parameters' storage too: moving or recasting the model makes a
+    new one."""
+
+    def forward_image(self, img_batch):
+        ctx = memory_context(self)
+        if ctx is None or not ctx.graph_encoder or not img_batch.is_cuda:
+            return super().forward_image(img_batch)
+        if ctx.encoder_graph is None:
+            ctx.encoder_graph = GraphedFunction(super().forward_image, state=lambda: module_storage(self))
+        return ctx.encoder_graph(img_batch)
 
 
 class _BatchedPropagation:
@@ -290,13 +310,15 @@ def encode_memories(model: SAM2Base, feats, feat_sizes, high_res_masks, object_s
     return features, pos_enc
 
 
-class SparseSAM2VideoPredictor(_BatchedPropagation, _RecordsMemory, SAM2VideoPredictor):
-    """SAM2VideoPredictor under patch_sam: memory calls recorded, objects of a frame batched."""
+class SparseSAM2VideoPredictor(_GraphedEncoder, _BatchedPropagation, _RecordsMemory, SAM2VideoPredictor):
+    """SAM2VideoPredictor under patch_sam: memory calls recorded, objects of a frame batched, the image
+    encoder replayed from a CUDA graph."""
 
 
 class SparseSAM2VideoPredictorVOS(_BatchedPropagation, _RecordsMemory, SAM2VideoPredictorVOS):
     """SAM2VideoPredictorVOS under patch_sam (its compiled memory attention takes no packed memory: objects
-    whose memories differ in shape run in one call per shape)."""
+    whose memories differ in shape run in one call per shape; its image encoder is compiled by SAM 2, with
+    CUDA graphs of its own, so no graph here)."""
 
 
 # Original model class -> the class patch_sam gives it. Exact classes only: a subclass may have its own code.

@@ -1,0 +1,141 @@
+"""CUDA graphs of image encoders (sam_sparse.cuda_graphs): the same bits as the eager call, a new graph
+where one would read stale memory, and the places that use them (DevicePredictor.set_image, a patched
+SAM 2 video predictor's frames).
+
+    TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/gpu/test_gpu_graphs.py
+"""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from gpu_helpers import GPU_MARKS
+
+from sam_sparse.cuda_graphs import GraphedFunction, module_storage
+
+pytestmark = GPU_MARKS
+
+
+class Block(torch.nn.Module):
+    """A small encoder-like function with a dict-of-lists output, as SAM 2's forward_image returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 32)
+        self.norm = torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        y = self.norm(torch.nn.functional.gelu(self.proj(x)))
+        return {"fpn": [y, y.sum(-1)], "pos": (x * 2,)}
+
+
+def poison_(outputs):
+    for t in (*outputs["fpn"], *outputs["pos"]):
+        t.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16], ids=["fp32", "autocast_bf16"])
+def test_replay_gives_the_eager_bits_for_new_inputs(autocast):
+    seed = torch.seed() % 2**31
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    block = Block().cuda()
+    graphed = GraphedFunction(block, state=lambda: module_storage(block))
+    ctx = torch.autocast("cuda", dtype=autocast) if autocast else torch.autocast("cuda", enabled=False)
+    with torch.inference_mode():
+        for i in range(4):  # capture on the first call, replays after; each with fresh inputs
+            x = torch.randn(3, 7, 32, device="cuda", generator=g)
+            with ctx:
+                ref, out = block(x), graphed(x)
+            for a, b in zip((*ref["fpn"], *ref["pos"]), (*out["fpn"], *out["pos"])):
+                assert a.dtype == b.dtype and torch.equal(a, b), f"call {i}, seed {seed}"
+            poison_(out)  # outputs are the caller's: the next replay must not depend on them
+        assert graphed.graphs == 1 and not graphed.errors
+
+
+def test_a_new_signature_or_recast_weights_get_their_own_graph():
+    block = Block().cuda()
+    graphed = GraphedFunction(block, state=lambda: module_storage(block))
+    with torch.inference_mode():
+        x = torch.randn(2, 5, 32, device="cuda")
+        graphed(x)
+        graphed(torch.randn(2, 6, 32, device="cuda"))  # another shape
+        assert graphed.graphs == 2
+        with torch.no_grad():
+            block.proj.weight.mul_(2)  # in place: the graph reads the new values
+        assert torch.equal(graphed(x)["fpn"][0], block(x)["fpn"][0])
+        block.half()  # new tensors: a graph of the old ones would read freed memory
+        xh = x.half()
+        assert torch.equal(graphed(xh)["fpn"][0], block(xh)["fpn"][0])
+        assert graphed.graphs == 3
+
+
+def test_a_function_that_waits_for_the_device_runs_eagerly_and_says_why():
+    def syncs(x):
+        return x * float(x.sum())  # .item(): not capturable
+
+    graphed = GraphedFunction(syncs)
+    x = torch.randn(4, device="cuda")
+    assert torch.equal(graphed(x), syncs(x)) and torch.equal(graphed(x), syncs(x))
+    assert graphed.graphs == 0 and len(graphed.errors) == 1
+
+
+def test_autograd_and_cpu_calls_bypass_the_graph():
+    block = Block().cuda()
+    graphed = GraphedFunction(block)
+    x = torch.randn(2, 3, 32, device="cuda", requires_grad=True)
+    graphed(x)["fpn"][0].sum().backward()
+    assert x.grad is not None and graphed.graphs == 0
+    copy.deepcopy(graphed)  # a copy starts without graphs
+
+
+def test_device_predictor_set_image_graphs_the_encoder_bit_for_bit():
+    from segment_anything import SamPredictor, sam_model_registry
+
+    from sam_sparse import patch_sam, set_image_on_device
+    from sam_sparse.predictor import DevicePredictor
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"](checkpoint=None).cuda().eval()
+    with torch.no_grad():
+        for n, p in sam.named_parameters():
+            if "rel_pos" in n:
+                p.normal_(0, 0.02)
+    sam.image_encoder.to(torch.bfloat16)
+    patch_sam(sam, "dense")
+    predictor = SamPredictor(sam)
+    fast = DevicePredictor(predictor, cuda_graph=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):  # capture, replay, replay on another photo size
+        image = rng.integers(0, 255, (600 + 100 * (i == 2), 800, 3), dtype=np.uint8)
+        fast.set_image(image)
+        graphed = predictor.features.clone()
+        set_image_on_device(predictor, image)
+        assert torch.equal(graphed, predictor.features), f"image {i}"
+        assert predictor.original_size == image.shape[:2]
+    assert fast._encoder.graphs == 1 and not fast._encoder.errors
+
+
+def test_patched_video_predictor_frames_replay_the_encoder_with_the_same_masks(tmp_path):
+    pytest.importorskip("sam2", reason="sam2 is an optional dependency")
+    from sam2_helpers import small_video_predictor, write_frames
+
+    from sam_sparse import patch_sam
+
+    predictor = small_video_predictor(image_size=256).cuda()
+    frames = write_frames(tmp_path / "frames", count=5)
+    outs = {}
+    for graph in (False, True):
+        handle = patch_sam(predictor, "dense", graph_encoder=graph)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            state = predictor.init_state(str(frames))
+            predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=np.array([[40.0, 45.0]], np.float32),
+                                            labels=np.array([1], np.int32))
+            outs[graph] = [m.float().cpu() for _, _, m in predictor.propagate_in_video(state)]
+        graphs = handle.memory.encoder_graph
+        if graph:
+            assert graphs is not None and graphs.graphs == 1 and not graphs.errors
+        handle.restore()
+        assert handle.memory.encoder_graph is None
+    for i, (a, b) in enumerate(zip(outs[False], outs[True])):
+        assert torch.equal(a, b), f"frame {i}"
