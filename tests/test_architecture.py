@@ -17,15 +17,16 @@ ALLOWED = {
     "files": set(),
     "table": set(),
     "devices": set(),
+    "cuda_graphs": set(),
     "masks": {"geometry"},
     "sam_layers": {"geometry"},
     "sam2_layers": {"geometry", "sam_layers"},
     "families": {"geometry", "sam_layers", "sam2_layers"},
     "policy": {"geometry", "masks", "families", "kernels.layout"},
-    "patches": {"geometry", "kernels", "masks", "policy", "sam_layers", "sam2_layers", "table"},
+    "patches": {"cuda_graphs", "geometry", "kernels", "masks", "policy", "sam_layers", "sam2_layers", "table"},
     "models": {"files", "families", "sam_layers", "sam2_layers", "policy", "patches"},
     "maskgen": set(),
-    "predictor": {"maskgen", "patches"},
+    "predictor": {"cuda_graphs", "maskgen", "patches"},
     "segment": {"files", "predictor"},
     "bench": {"devices", "files", "models", "patches", "policy", "table"},
     "convert": {"__init__", "files", "models", "patches", "policy"},
@@ -36,7 +37,7 @@ ALLOWED = {
     "__main__": {"cli"},
     "__init__": {"*"},
 }
-NO_SEGMENT_ANYTHING = ("kernels", "geometry", "files", "table", "devices", "masks", "sam_layers", "sam2_layers",
+NO_SEGMENT_ANYTHING = ("kernels", "geometry", "files", "table", "devices", "cuda_graphs", "masks", "sam_layers", "sam2_layers",
                        "families", "policy")
 # sam2 is an optional extra: only the SAM 2 family's patch module and what runs SAM 2 models import it.
 SAM2_IMPORTERS = ("patches.sam2", "patches.sam2_attention", "patches.sam2_memory", "patches.sam2_video",
