@@ -21,8 +21,9 @@ Per configuration, three passes over the clip (prompts re-added each time):
   2. timed: the wall time of each frame (the device synchronized before and after the generator yields
      it, so the mask upsampling to video size is in it), no hooks; reported: the median over the frames
      whose memory is full (frame index >= --settled-from, default 7: SAM 2 keeps 7 memory frames);
-  3. breakdown: forward pre/post hooks on model.image_encoder, model.memory_attention (and its layers,
-     if they are called on their own), model.sam_mask_decoder, model.memory_encoder record CUDA events
+  3. breakdown: model.forward_image (wrapped: the image encoder, which a patched predictor replays from a
+     CUDA graph), and forward pre/post hooks on model.memory_attention (and its layers, if they are called
+     on their own), model.sam_mask_decoder, model.memory_encoder record CUDA events
      (perf_counter on CPU), summed per frame; "other" is the frame's time in this pass minus the four
      (prompt encoder, memory gathering, RoPE tables, upsampling, the Python around them). Medians over
      the same frames; the pass's own total is reported too (hooks cost a little).
@@ -187,9 +188,20 @@ class StageTimer:
         self.depth = dict.fromkeys(STAGES, 0)
         self.spans = {s: [] for s in STAGES}
         self.handles = []
-        mods = {"image_encoder": [model.image_encoder],
-                "memory_attention": [model.memory_attention, *model.memory_attention.layers],
+        mods = {"memory_attention": [model.memory_attention, *model.memory_attention.layers],
                 "mask_decoder": [model.sam_mask_decoder], "memory_encoder": [model.memory_encoder]}
+        # The image encoder through forward_image (an instance attribute over the class's method): a patched
+        # video predictor replays it from a CUDA graph, where module hooks never run.
+        self.model, forward_image = model, model.forward_image
+
+        def timed_forward_image(img_batch):
+            self._enter("image_encoder")
+            try:
+                return forward_image(img_batch)
+            finally:
+                self._exit("image_encoder")
+
+        model.forward_image = timed_forward_image
         for stage, modules in mods.items():
             for m in modules:
                 self.handles.append(m.register_forward_pre_hook(lambda *a, s=stage: self._enter(s)))
@@ -227,6 +239,7 @@ class StageTimer:
     def remove(self):
         for h in self.handles:
             h.remove()
+        del self.model.forward_image
 
 
 def add_prompts(predictor, state, prompts):

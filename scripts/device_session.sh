@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # A session's measurement call on the lent GPU machine, each step cut by its own time limit so a slow one
-# cannot take the others' results: the GPU tests of what changed, bench_amg's fast-mode variants and
-# predictor rows (MobileSAM's weights carried in .whl/cache), and bench_video at hiera_l.
-# Usage: bash scripts/device_session.sh COMMIT [pytest files] [video objects]
+# cannot take the others' results: the GPU tests of what changed, bench_amg sections (MobileSAM's weights
+# carried in .whl/cache) and bench_video per model.
+# Usage: bash scripts/device_session.sh COMMIT
+#   env: TESTS (pytest files), AMG (bench_amg sections), VIDEO ("model:objects ..." pairs), CONFIGS (video configs)
 set -u
 COMMIT=${1:-unknown}
-TESTS=${2:-tests/gpu/test_gpu_graphs.py tests/gpu/test_gpu_maskgen.py}
-OBJECTS=${3:-1,16}
+TESTS=${TESTS:-tests/gpu/test_gpu_graphs.py tests/gpu/test_gpu_maskgen.py}
+AMG=${AMG:-variants,predictor}
+VIDEO=${VIDEO:-sam2.1_hiera_l:1,16}
+CONFIGS=${CONFIGS:-unpatched,dense-batched,memory-local}
 . scripts/device_setup.sh
 export SAM_SPARSE_COMMIT=$COMMIT
 TRITON_INTERPRET=0 timeout 150 python3 -m pytest -m gpu -v -rfE -p no:cacheprovider $TESTS > $OUT/gpu_tests.log 2>&1
-tail -15 $OUT/gpu_tests.log
-timeout 230 python3 scripts/bench_amg.py --out $OUT --only variants,predictor \
-    --mobile-sam-checkpoint .whl/cache/mobile_sam.pt 2>&1 | grep -v Warning | tail -25
-timeout 170 python3 scripts/bench_video.py --models sam2.1_hiera_l --objects $OBJECTS \
-    --configs unpatched,dense-batched,memory-local --out $OUT/video 2>&1 | tail -12
+grep -E "passed|failed" $OUT/gpu_tests.log | tail -3
+timeout 200 python3 scripts/bench_amg.py --out $OUT --only $AMG \
+    --mobile-sam-checkpoint .whl/cache/mobile_sam.pt 2>&1 | grep -v Warning | grep '^{' | cut -c1-400
+for spec in $VIDEO; do
+  timeout 170 python3 scripts/bench_video.py --models ${spec%%:*} --objects ${spec##*:} --configs $CONFIGS \
+      --out $OUT/video_${spec%%:*} 2>&1 | grep '^|' | tail -12
+done

@@ -10,10 +10,11 @@ A Mode says how the same settings are computed. Two are named:
          threshold are never upsampled; run-length encoding waits until NMS has picked the masks).
          The records are the reference generator's, equal value for value and in the same order.
   fast   the decoder on up to 1024 points per call (on CUDA; other float rounding in its batched
-         matmuls), and a stability prefilter on the decoder's low-resolution logits: a mask whose low-res
-         stability score is more than 0.05 below the threshold is dropped before upsampling (the score
-         that decides, and that the records hold, is still the upsampled one). Its agreement with the
-         reference is measured (docs/benchmarks.md, tests/test_maskgen.py), not guaranteed.
+         matmuls), every other step as exact. Its agreement with the reference is measured
+         (docs/benchmarks.md, tests/test_maskgen.py), not guaranteed: on the H200 it found every one of
+         segment-anything's 1509 masks on the 20 sample photos at IoU >= 0.9 (run 41). A stability
+         prefilter on the low-res logits (low_res_margin=0.05, the fast mode's until run 41) lost 1.9% of
+         them for no measurable time; it stays a Mode option.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class Mode:
 
 
 EXACT = Mode("exact")
-FAST = Mode("fast", points_per_batch=1024, low_res_margin=0.05)
+FAST = Mode("fast", points_per_batch=1024)
 MODES = {"exact": EXACT, "fast": FAST}
 
 
