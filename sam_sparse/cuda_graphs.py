@@ -13,9 +13,9 @@ them at the addresses it was captured with). A call with another signature gets 
 are fresh tensors (copies of the graph's), so a caller may keep them across calls. Warm-up and capture
 run under the caller's autocast with its weight cache off: a cached cast made outside the capture would
 be freed when the caller's autocast block ends, under the graph's feet. Graphs are for inference: with
-grad enabled (autograd needs the eager graph) or arguments off CUDA the function runs as is. A capture
-that fails (the function waits for the device, say) is recorded in `errors` and that signature runs
-eagerly from then on.
+grad enabled (autograd needs the eager graph) or arguments off CUDA the function runs as is. A function
+that waits for the device (.item(), a copy to the host) is found in its last warm-up call, before any
+capture; it, or a capture that fails, is recorded in `errors` and that signature runs eagerly from then on.
 """
 
 from __future__ import annotations
@@ -96,18 +96,30 @@ class GraphedFunction:
                                           cache_enabled=False)
         current = torch.cuda.current_stream(device)
         side = torch.cuda.Stream(device)
+        graph = None
         try:
             side.wait_stream(current)
             with torch.cuda.stream(side), autocast():  # lazy init, kernel tuning, allocator: off the capture
-                for _ in range(self.warmup):
+                for _ in range(max(1, self.warmup - 1)):
                     self.fn(*inputs)
+                # A function that waits for the device cannot be captured, and a capture that fails halfway
+                # leaves CUDA's random generator in capture mode for the whole process: so the last warm-up
+                # call runs with synchronizing calls turned into errors (process-wide, for this one call).
+                previous = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    self.fn(*inputs)
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), autocast():
                 outputs = self.fn(*inputs)
         except Exception as e:  # noqa: BLE001  this signature runs eagerly; the reason is kept
             self.errors[key] = f"{type(e).__name__}: {e}"
-            torch.cuda.synchronize(device)
+            current.wait_stream(side)
+            if graph is not None:
+                graph.reset()
             return None
         return graph, inputs, outputs
 
