@@ -18,5 +18,5 @@ timeout 200 python3 scripts/bench_amg.py --out $OUT --only $AMG \
     --mobile-sam-checkpoint .whl/cache/mobile_sam.pt 2>&1 | grep -v Warning | grep '^{' | cut -c1-400
 for spec in $VIDEO; do
   timeout 170 python3 scripts/bench_video.py --models ${spec%%:*} --objects ${spec##*:} --configs $CONFIGS \
-      --out $OUT/video_${spec%%:*} 2>&1 | grep '^|' | tail -12
+      --out $OUT/video_$(echo ${spec%%:*} | tr + p) 2>&1 | grep '^|' | tail -12
 done
