@@ -16,6 +16,8 @@ be freed when the caller's autocast block ends, under the graph's feet. Graphs a
 grad enabled (autograd needs the eager graph) or arguments off CUDA the function runs as is. A function
 that waits for the device (.item(), a copy to the host) is found in its last warm-up call, before any
 capture; it, or a capture that fails, is recorded in `errors` and that signature runs eagerly from then on.
+That last warm-up call and the capture happen once per signature; while they run, another thread of the
+process that waits for the device gets an error (CUDA's capture rules and the sync check are process-wide).
 """
 
 from __future__ import annotations
