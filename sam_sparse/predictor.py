@@ -17,6 +17,8 @@ the two on the sample photos (scripts/resize_parity.py).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -91,19 +93,32 @@ class DevicePredictor:
         self._staging = None
         self._encoder = None
         if self.cuda_graph:
-            from .cuda_graphs import GraphedFunction, module_storage
+            from .cuda_graphs import GraphedFunction
 
             model = predictor.model
-            encoder = model.image_encoder if self.family == "sam" else model.forward_image
-            self._encoder = GraphedFunction(encoder, state=lambda: module_storage(model))
+            if self.family == "sam":
+                self._encoder = GraphedFunction(model.image_encoder, state=functools.partial(
+                    _graph_state, model.image_encoder))
+            else:  # forward_image: the image encoder, then the decoder's high-resolution convolutions
+                self._encoder = GraphedFunction(model.forward_image, state=functools.partial(
+                    _graph_state, model.image_encoder, model.sam_mask_decoder))
+
+    @property
+    def encoder_graph(self):
+        """The image encoder's cuda_graphs.GraphedFunction (its `errors`, `graphs`), or None without graphs."""
+        return self._encoder
 
     @torch.inference_mode()
     def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
         """The predictor's set_image(image) (image: HxWx3 uint8; image_format: SAM 1 only), its encoder
         graphed with cuda_graph=True. SAM 1: set_image_on_device's resize on the device; SAM 2:
         SAM2ImagePredictor.set_image's own transforms."""
+        from .patches import observing
+
+        # an observed patched model runs eagerly: its observers are Python, which a replay skips
+        encoder = None if observing(self.predictor.model) else self._encoder
         if self.family == "sam":
-            set_image_on_device(self.predictor, image, image_format, encoder=self._encoder)
+            set_image_on_device(self.predictor, image, image_format, encoder=encoder)
             return
         if image_format != "RGB":
             raise ValueError(f"image_format={image_format!r}: SAM2ImagePredictor takes RGB images")
@@ -111,7 +126,7 @@ class DevicePredictor:
         p.reset_predictor()
         p._orig_hw = [image.shape[:2]]
         x = p._transforms(image)[None, ...].to(p.device)
-        backbone_out = (self._encoder or model.forward_image)(x)
+        backbone_out = (encoder or model.forward_image)(x)
         _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
         if model.directly_add_no_mem_embed:
             vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
@@ -242,6 +257,7 @@ class DevicePredictor:
         return self._fetch(entry["outputs"], entry["layout"])
 
     def _capture(self, arrays: dict, flags, key):
+        from .cuda_graphs import capture
         from .maskgen.transfer import pack, stage, views
 
         host, layout = stage(arrays, pin=True)
@@ -252,21 +268,23 @@ class DevicePredictor:
                                 .copy_(t), current)
         self._set_features(features)
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up off the capture: lazy init, kernel tuning, allocator
-                for _ in range(3):
-                    self._run(dev, flags)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs, out_layout = pack(self._run(dev, flags))
-        except Exception as e:  # e.g. a host-to-device copy inside the step; this signature runs eagerly
+            with torch.cuda.device(self.device):
+                graph, (outputs, out_layout) = capture(lambda: pack(self._run(dev, flags)), warmup=3)
+        except Exception as e:  # noqa: BLE001  e.g. a host-to-device copy inside the step; this signature runs eagerly
             self.graph_errors[key] = f"{type(e).__name__}: {e}"
             return None
         finally:
             self._set_features(current)
         return dict(graph=graph, inputs=inputs, outputs=outputs, layout=out_layout, features=features, source=current)
+
+
+def _graph_state(*modules) -> tuple:
+    """What a graph of these modules reads besides its inputs: their parameters' storage, and the patch
+    epoch (a patch, restore or re-patch changes the attention the graph would replay)."""
+    from .cuda_graphs import module_storage
+    from .patches import patch_epoch
+
+    return module_storage(*modules), patch_epoch()
 
 
 def predict_on_device(predictor, point_coords=None, point_labels=None, box=None, mask_input=None,

@@ -31,9 +31,10 @@ Expected times on one H200, full run (--quick: about a third):
   compile    ~90 s  (only with --compile or --only compile) fast mode with the decoder compiled
                     (torch.compile, default mode): first-call seconds, images/s and agreement on the amg
                     photos (segment-anything's records from the amg section, or computed here, ~20 s).
-  variants   ~90 s  (only with --only variants) the amg rows for the configs in --variants (fast mode with
-                    and without its low-res stability prefilter, bf16 and compiled decoders), each against
-                    segment-anything in the same run.
+  variants   ~90 s  (only with --only variants) the amg rows for the configs in --variants (fast mode, with
+                    a low-res stability prefilter, with bf16 and compiled decoders), each against
+                    segment-anything in the same run (run 41 named the fast mode "fast, no prefilter": it
+                    has had none since).
   profile    ~50 s  (only with --only profile) torch.profiler over one generate() per config (exact, fast,
                     fast with a bf16 or a compiled decoder) on the --breakdown-images photos: wall vs GPU ms per image
                     and the top kernels.
@@ -198,11 +199,8 @@ def configs(model, device, names, profile=False, **settings) -> dict:
              "fast, low-res stability": with_changes(FAST, stability_on="low_res", low_res_margin=None),
              "fast, bf16 decoder": with_changes(FAST, decoder_dtype="bfloat16"),
              "fast, compiled decoder": with_changes(FAST, compile_decoder="default"),
-             "fast, no prefilter": with_changes(FAST, low_res_margin=None),
-             "fast, no prefilter, compiled": with_changes(FAST, low_res_margin=None, compile_decoder="default"),
-             "fast, no prefilter, bf16": with_changes(FAST, low_res_margin=None, decoder_dtype="bfloat16"),
-             "fast, no prefilter, bf16, compiled": with_changes(FAST, low_res_margin=None, decoder_dtype="bfloat16",
-                                                               compile_decoder="default")}
+             "fast, low-res prefilter": with_changes(FAST, low_res_margin=0.05),
+             "fast, bf16, compiled decoder": with_changes(FAST, decoder_dtype="bfloat16", compile_decoder="default")}
     out = {}
     for name in names:
         if name == "segment-anything":
@@ -440,7 +438,9 @@ def section_predictor(ctx):
                        set_image_plus_predict_ms=median_ms(lambda: (set_image.get(name, lambda im: set_image_on_device(
                            predictor, im))(image), call()), device, max(1, iters // 3)))
             if name.startswith("DevicePredictor, CUDA graph"):
-                row["graph_errors"] = list(fn.__self__.graph_errors.values()) + list(graphed._encoder.errors.values())
+                row["graph_errors"] = list(fn.__self__.graph_errors.values())
+            if name in set_image:
+                row["graph_errors"] += list(graphed.encoder_graph.errors.values())
             if name in set_image:  # the graphed encoder's features are the encoder's own
                 set_image[name](image)
                 graphed_features = predictor.features.clone()
@@ -504,7 +504,7 @@ def section_profile(ctx):
     rows = []
     for name, g in configs(model, device, names, **ctx["settings"]).items():
         g.generate(photos[0])  # warm-up
-        it = iter(photos * 2)
+        it = iter(photos)
         r = gpu_profile(lambda: g.generate(next(it)), len(photos), top=15)
         rows.append(dict(config=name, images=len(photos), wall_ms=round(r["wall_ms"], 2),
                          gpu_ms=round(r["total_ms"], 2), by_class={k: round(v, 2) for k, v in r["by_class"].items()},
@@ -572,8 +572,8 @@ def main(argv=None):
     ap.add_argument("--mobile-sam-checkpoint", type=Path, help="MobileSAM's weights (default: fetch_mobile_sam())")
     ap.add_argument("--points-per-side", type=int, default=None, help="default 32 (CPU quick: 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", default="fast;fast, no prefilter;fast, no prefilter, compiled;fast, no prefilter, bf16;"
-                                          "fast, no prefilter, bf16, compiled",
+    ap.add_argument("--variants", default="fast;fast, low-res prefilter;fast, compiled decoder;fast, bf16 decoder;"
+                                          "fast, bf16, compiled decoder",
                     help="configs for the variants section (names in configs(), separated by ';')")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -334,7 +334,7 @@ def profile_frames(predictor, state, prompts, args) -> dict:
 
     add_prompts(predictor, state, prompts)
     it = predictor.propagate_in_video(state)
-    settled_from = min(args.settled_from, args.frames - 1)
+    settled_from = min(max(args.settled_from, 1), args.frames - 1)
     for frame_idx, _, _ in it:
         if frame_idx >= settled_from - 1:
             break

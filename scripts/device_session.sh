@@ -12,11 +12,11 @@ VIDEO=${VIDEO:-sam2.1_hiera_l:1,16}
 CONFIGS=${CONFIGS:-unpatched,dense-batched,memory-local}
 . scripts/device_setup.sh
 export SAM_SPARSE_COMMIT=$COMMIT
-TRITON_INTERPRET=0 timeout 150 python3 -m pytest -m gpu -v -rfE -p no:cacheprovider $TESTS > $OUT/gpu_tests.log 2>&1
-grep -E "passed|failed" $OUT/gpu_tests.log | tail -3
-timeout 200 python3 scripts/bench_amg.py --out $OUT --only $AMG \
+TRITON_INTERPRET=0 timeout 150 python3 -m pytest -m gpu -v -rfE -p no:cacheprovider $TESTS > "$OUT/gpu_tests.log" 2>&1
+grep -E "passed|failed" "$OUT/gpu_tests.log" | tail -3
+timeout 200 python3 scripts/bench_amg.py --out "$OUT" --only $AMG \
     --mobile-sam-checkpoint .whl/cache/mobile_sam.pt 2>&1 | grep -v Warning | grep '^{' | cut -c1-400
 for spec in $VIDEO; do
   timeout 170 python3 scripts/bench_video.py --models ${spec%%:*} --objects ${spec##*:} --configs $CONFIGS \
-      --out $OUT/video_$(echo ${spec%%:*} | tr + p) 2>&1 | grep '^|' | tail -12
+      --out "$OUT"/video_$(echo ${spec%%:*} | tr + p) 2>&1 | grep '^|' | tail -12
 done

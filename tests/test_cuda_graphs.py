@@ -2,11 +2,13 @@
 replay: tests/gpu/test_gpu_graphs.py.)"""
 
 import copy
+import functools
 import pickle
 
+import pytest
 import torch
 
-from sam_sparse.cuda_graphs import GraphedFunction, module_storage
+from sam_sparse.cuda_graphs import GraphedFunction, capture, module_storage
 
 
 def double(x):
@@ -28,6 +30,23 @@ def test_copies_and_pickles_keep_the_function_not_the_graphs():
         assert twin.fn is double and twin.warmup == 3 and twin.graphs == 0
 
 
+def test_a_copys_state_follows_the_copy():
+    """state as functools.partial(module_storage, module): a deep copy of a model with its graphed function
+    keys on the copy's weights (a lambda would keep reading the original's), and it pickles."""
+    m = torch.nn.Linear(2, 2)
+    owner = {"module": m, "graphed": GraphedFunction(m, state=functools.partial(module_storage, m))}
+    twin = copy.deepcopy(owner)
+    assert twin["graphed"].fn is twin["module"] and twin["graphed"].state() == module_storage(twin["module"])
+    twin["module"].double()
+    assert twin["graphed"].state() != owner["graphed"].state()
+    assert pickle.loads(pickle.dumps(owner))["graphed"].state is not None
+
+
+def test_capture_needs_a_checked_warm_up_call():
+    with pytest.raises(ValueError, match="warmup=0"):
+        capture(lambda: None, warmup=0)
+
+
 def test_module_storage_changes_when_the_weights_move():
     m = torch.nn.Linear(2, 2)
     before = module_storage(m)
@@ -36,3 +55,4 @@ def test_module_storage_changes_when_the_weights_move():
     assert module_storage(m) == before
     m.double()
     assert module_storage(m) != before
+    assert len(module_storage(m, torch.nn.Linear(3, 3))) == 4  # weights and biases of both

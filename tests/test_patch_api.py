@@ -16,7 +16,7 @@ from segment_anything.modeling.transformer import Attention as DecoderAttention
 import sam_sparse.patches.attention as attention_mod
 from sam_sparse import patch_sam, unpatch_sam
 from sam_sparse.policy import PolicyError
-from sam_sparse.patches import PolicyWarning
+from sam_sparse.patches import PolicyWarning, observing, patch_epoch
 from sam_sparse.patches import PatchHandle, SparseDecoderAttention, SparseEncoderAttention, SparseWindowBlock
 from sam_sparse.policy import Policy, load_policy
 
@@ -401,16 +401,36 @@ def test_disabled_runs_unpatched_and_enable_restores_the_patch():
         other.restore()
 
 
+def test_every_patch_and_restore_changes_the_patch_epoch():
+    """A CUDA graph of a model's forward keys on patch_epoch(): patching, restoring, disabling and
+    re-patching must each change it, or a graph of the old attention would replay."""
+    enc = small_encoder()
+    seen = [patch_epoch()]
+    handle = patch_sam(enc, "dense")
+    seen.append(patch_epoch())
+    with handle.disabled():
+        seen.append(patch_epoch())
+    seen.append(patch_epoch())
+    handle.restore()
+    seen.append(patch_epoch())
+    patch_sam(enc, small_policy()).restore()
+    seen.append(patch_epoch())
+    assert len(set(seen)) == len(seen), seen
+
+
 def test_observe_sees_the_kernel_inputs_of_every_patched_module():
     torch.manual_seed(0)
     sam = small_sam()
     handle = patch_sam(sam, "dense")
     seen = []
+    assert not observing(sam)
     with handle.observe(lambda layer, prompts, q, k, rel_h, rel_w, tile, scale: seen.append(
             (layer.kind, prompts is not None, tuple(q.shape), rel_h is not None))):
         SamPredictor(sam).set_image(make_image())
         assert all(m._sam_sparse.observer is not None for _, m in handle.modules())
+        assert observing(sam)  # graphs of the model run eagerly now (cuda_graphs)
     assert all(m._sam_sparse.observer is None for _, m in handle.modules())  # removed after the block
+    assert not observing(sam)
     kinds = [s[0] for s in seen]
     assert kinds.count("encoder.global") == 2 and kinds.count("encoder.window") == 2
     assert all(has_rel for kind, _, _, has_rel in seen if kind.startswith("encoder."))

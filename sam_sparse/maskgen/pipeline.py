@@ -6,10 +6,11 @@ SAM2AutomaticMaskGenerator's) records, with the work done where the data is.
     for result in generator.generate_many(paths, load=load_image):          # decoding / resizing ahead
         ...
 
-Per image (and per crop of each crop layer): the encoder; the decoder on the point grid in batches; the
+Per image (and per crop of each crop layer): the encoder; the decoder on the point grid in batches,
+queued back to back and filtered in groups (the filters' waits for the device once per group); the
 predicted-IoU filter on the decoder's low-resolution logits (upsampling is per mask, so the masks it
-drops never need upsampling); the stability score on the upsampled logits (mode "fast" first drops the
-masks whose low-res score is far below the threshold) and its filter; for the masks left, the upsampled,
+drops never need upsampling); the stability score on the upsampled logits (a Mode's low_res_margin may
+first drop the masks whose low-res score is far below the threshold) and its filter; for the masks left, the upsampled,
 binarized masks in memory-bounded chunks, only for their boxes and the crop-edge filter; box NMS
 (torchvision's batched_nms) per crop, then between crops. Only the masks NMS keeps are upsampled again
 (bit for bit as before) and kept at full size; their run-length boundaries, areas, boxes and scores come
@@ -57,7 +58,7 @@ OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 DECODER_BYTES_PER_POINT = 48 << 20
 CPU_DECODER_BATCH = 64  # fast mode on the CPU: larger batches cost memory and gain nothing there
 UPSAMPLE_BYTES = 1 << 31  # float32 logits held at once while upsampling (chunks of masks)
-FILTER_BYTES = 1 << 30  # low-res logits of the decoder batches filtered together (one device wait per filter)
+FILTER_BYTES = 1 << 30  # low-res logits of the decoder batches filtered together (a filter's waits per group)
 
 
 @dataclass
@@ -227,21 +228,24 @@ class AutomaticMaskGenerator:
     def _crop(self, emb: Embedding, box: List[int], layer: int, size: Tuple[int, int]) -> CropMasks:
         """SamAutomaticMaskGenerator._process_crop: the crop's points in decoder batches, then its NMS.
 
-        The decoder batches are queued back to back and filtered together (up to FILTER_BYTES of low-res
-        logits at a time): each filter waits for the device once for the whole group, not once per batch,
-        and keeps the same masks in the same order as filtering batch by batch."""
+        The decoder batches are queued back to back and filtered together, in groups of at most
+        FILTER_BYTES of low-res logits (or one batch): a filter's few waits for the device (the sizes of
+        what it keeps) are paid once per group, not once per batch, and it keeps the same masks in the
+        same order as filtering batch by batch."""
         x0, y0, x1, y1 = box
         crop_size = (y1 - y0, x1 - x0)
         points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
         coords = self.adapter.prompt_coords(points, crop_size)
         batch = self.decoder_batch(len(points))
-        parts, group, held = [], [], 0
+        parts, group, held, last = [], [], 0, 0
         for s in range(0, len(points), batch):
-            group.append(self._decode_points(emb, coords[s:s + batch], s))
-            held += group[-1][0].numel() * group[-1][0].element_size()
-            if held >= FILTER_BYTES or s + batch >= len(points):
+            if group and held + last > FILTER_BYTES:  # the next batch would take the group over its bound
                 parts.append(self._filter(group, emb, box, size))
-                group, held = [], 0
+                held = 0
+            group.append(self._decode_points(emb, coords[s:s + batch], s))
+            last = group[-1][0].numel() * group[-1][0].element_size()
+            held += last
+        parts.append(self._filter(group, emb, box, size))
         low, boxes, iou, stability, index = (torch.cat(p) for p in zip(*parts))
         keep = batched_nms(boxes.float(), iou, self.adapter.nms_categories(boxes),
                            iou_threshold=self.settings.box_nms_thresh)
@@ -270,11 +274,14 @@ class AutomaticMaskGenerator:
 
     def _filter(self, group: list, emb: Embedding, box, size):
         """SamAutomaticMaskGenerator._process_batch after the decoder, for a group of decoder batches
-        (_decode_points' outputs, in order): the survivors' (low-res logits, boxes, predicted IoU,
-        stability, point index), as the batches' results concatenated."""
+        (_decode_points' outputs, in order; the list is emptied, so that its logits go once filtered): the
+        survivors' (low-res logits, boxes, predicted IoU, stability, point index), as the batches' results
+        concatenated."""
         s = self.settings
         batch_of = torch.cat([torch.full((len(g[0]),), i, device=self.device) for i, g in enumerate(group)])
-        low, iou, index = (torch.cat(t) for t in zip(*group))
+        low, iou, index = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*group))
+        n_batches = len(group)
+        group.clear()
         if s.pred_iou_thresh > 0.0:
             low, iou, index, batch_of = keep_where(iou > s.pred_iou_thresh, low, iou, index, batch_of)
         if self.mode.stability_on == "low_res":
@@ -299,7 +306,7 @@ class AutomaticMaskGenerator:
                 boxes = boxes[keep] if len(low) else empty_boxes(self.device)
         # The reference boxes each batch's masks on their own: a batch left with none gives float32 boxes,
         # and concatenating them turns the crop's int boxes into floats. The same here, for the group.
-        if len(group) > 1 and len(low) and bool((torch.bincount(batch_of, minlength=len(group)) == 0).any()):
+        if n_batches > 1 and len(low) and bool((torch.bincount(batch_of, minlength=n_batches) == 0).any()):
             boxes = boxes.float()
         self.stopwatch.lap("upsample")
         near = is_box_near_crop_edge(boxes, box, [0, 0, size[1], size[0]])

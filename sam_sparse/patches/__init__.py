@@ -3,7 +3,7 @@
 from .attention import SparseDecoderAttention, SparseEncoderAttention, SparseWindowBlock
 from .parity import DENSE_FP32, DENSE_HALF, SPARSE, LayerParity, ParityReport, ParityThresholds, preset_for, verify_parity
 from .families import model_family
-from .patcher import LayerReport, PatchHandle, PolicyWarning, patch_sam, unpatch_sam
+from .patcher import LayerReport, PatchHandle, PolicyWarning, observing, patch_epoch, patch_sam, unpatch_sam
 from .video_parity import FrameParity, VideoParityReport, video_parity
 
 __all__ = [
@@ -11,6 +11,8 @@ __all__ = [
     "unpatch_sam",
     "model_family",
     "PatchHandle",
+    "patch_epoch",
+    "observing",
     "PolicyWarning",
     "LayerReport",
     "verify_parity",

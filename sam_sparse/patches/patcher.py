@@ -111,6 +111,22 @@ def _grid_text(g: LayerGeometry) -> str:
     return f"{side(g.q_grid, g.seqlen_q)} -> {side(g.k_grid, g.seqlen_k)}"
 
 
+_EPOCH = [0]  # bumped by every enable() and restore(): a CUDA graph of a model is valid within one epoch
+
+
+def patch_epoch() -> int:
+    """A number that changes whenever any model is patched or restored in this process: what a CUDA graph
+    captured from a model's forward (cuda_graphs.GraphedFunction's state) must not outlive."""
+    return _EPOCH[0]
+
+
+def observing(model) -> bool:
+    """Whether a handle is observing the model's patched modules (PatchHandle.observe): their Python must
+    run, so graphs of the model must not replay."""
+    handle = getattr(model, "_sam_sparse_handle", None)
+    return handle is not None and handle.observing
+
+
 class PatchHandle:
     """A patched model. ``report``: one LayerReport per patched module; ``notes``: parts left alone.
 
@@ -132,6 +148,7 @@ class PatchHandle:
         self._blocks: list = []  # (module, original class) of the containers swapped by enable()
         self._hooks: list = []
         self.active = False
+        self.observing = False  # inside observe(): graphs of the model run eagerly
 
     def modules(self) -> List[Tuple[LayerReport, nn.Module]]:
         """(report row, attention module) of every patched module, in forward order."""
@@ -164,6 +181,7 @@ class PatchHandle:
             self._hooks.append(transformer.register_forward_pre_hook(ctx.on_image, with_kwargs=True))
         model._sam_sparse_handle = self
         self.active = True
+        _EPOCH[0] += 1
 
     @contextlib.contextmanager
     def observe(self, fn: Callable[..., None]):
@@ -175,9 +193,11 @@ class PatchHandle:
         states = [state for _, _, state in self._entries]
         for state in states:
             state.observer = fn
+        self.observing = True
         try:
             yield self
         finally:
+            self.observing = False
             for state in states:
                 state.observer = None
 
@@ -209,6 +229,7 @@ class PatchHandle:
         self.memory.encoder_graph = None  # its graphs' memory goes with it
         del self.model._sam_sparse_handle
         self.active = False
+        _EPOCH[0] += 1
 
     def __repr__(self) -> str:
         return f"<PatchHandle policy={getattr(self.policy, 'name', '?')!r} modules={len(self._entries)} active={self.active}>"
@@ -252,7 +273,9 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         per-object loop (with the patched modules). handle.memory.batch_objects switches it later.
     graph_encoder: for a SAM2VideoPredictor on CUDA, each frame's image encoder replays a CUDA graph
         (captured on the first frame; the same kernels and outputs, without the host's launch cost, which
-        exceeds the encoder's GPU time at batch 1). handle.memory.graph_encoder switches it later.
+        exceeds the encoder's GPU time at batch 1). The graph holds the encoder's activation memory until
+        restore(); while it is captured, another thread that waits for the device gets an error
+        (cuda_graphs); inside handle.observe() frames run eagerly. handle.memory.graph_encoder switches it.
     Returns a PatchHandle (handle.report, str(handle), handle.restore()).
 
     Raises TypeError for other objects, RuntimeError if the model (or a module in it) is already

@@ -23,6 +23,8 @@ without a record is taken as all conditioning frames, which memory-local keeps w
 
 from __future__ import annotations
 
+import functools
+import threading
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -64,18 +66,24 @@ class _RecordsMemory:
 
 class _GraphedEncoder:
     """SAM2Base.forward_image (a video frame's image encoder, batch 1) replayed from a CUDA graph per input
-    signature when the handle's MemoryContext.graph_encoder is on and the frame is on CUDA: at batch 1 the
-    host's kernel launches take longer than the encoder's GPU work. Same kernels, same outputs (copies of
-    the graph's). The graph is keyed by the parameters' storage too: moving or recasting the model makes a
-    new one."""
+    signature when the handle's MemoryContext.graph_encoder is on, nobody observes the patched modules and
+    the frame is on CUDA: at batch 1 the host's kernel launches take longer than the encoder's GPU work.
+    Same kernels, same outputs (copies of the graph's). The graph is keyed by the encoder's parameter
+    storage too (moving or recasting the model makes a new one) and dropped by restore()."""
 
     def forward_image(self, img_batch):
+        handle = getattr(self, "_sam_sparse_handle", None)
         ctx = memory_context(self)
-        if ctx is None or not ctx.graph_encoder or not img_batch.is_cuda:
+        if ctx is None or not ctx.graph_encoder or handle.observing or not img_batch.is_cuda:
             return super().forward_image(img_batch)
-        if ctx.encoder_graph is None:
-            ctx.encoder_graph = GraphedFunction(super().forward_image, state=lambda: module_storage(self))
+        with _GRAPH_LOCK:  # two threads on a first frame: one graph
+            if ctx.encoder_graph is None:
+                ctx.encoder_graph = GraphedFunction(super().forward_image, state=functools.partial(
+                    module_storage, self.image_encoder, self.sam_mask_decoder))
         return ctx.encoder_graph(img_batch)
+
+
+_GRAPH_LOCK = threading.Lock()
 
 
 class _BatchedPropagation:
