@@ -237,15 +237,15 @@ class AutomaticMaskGenerator:
         points = self.point_grids[layer] * np.array(crop_size)[None, ::-1]
         coords = self.adapter.prompt_coords(points, crop_size)
         batch = self.decoder_batch(len(points))
-        parts, group, held, last = [], [], 0, 0
+        parts, group, held, last, first = [], [], 0, 0, 0
         for s in range(0, len(points), batch):
             if group and held + last > FILTER_BYTES:  # the next batch would take the group over its bound
-                parts.append(self._filter(group, emb, box, size))
-                held = 0
+                parts.append(self._filter(group, first, batch, emb, box, size))
+                held, first = 0, s // batch
             group.append(self._decode_points(emb, coords[s:s + batch], s))
             last = group[-1][0].numel() * group[-1][0].element_size()
             held += last
-        parts.append(self._filter(group, emb, box, size))
+        parts.append(self._filter(group, first, batch, emb, box, size))
         low, boxes, iou, stability, index = (torch.cat(p) for p in zip(*parts))
         keep = batched_nms(boxes.float(), iou, self.adapter.nms_categories(boxes),
                            iou_threshold=self.settings.box_nms_thresh)
@@ -272,41 +272,42 @@ class AutomaticMaskGenerator:
         self.stopwatch.lap("decoder")
         return low, iou, index
 
-    def _filter(self, group: list, emb: Embedding, box, size):
+    def _filter(self, group: list, first: int, batch: int, emb: Embedding, box, size):
         """SamAutomaticMaskGenerator._process_batch after the decoder, for a group of decoder batches
-        (_decode_points' outputs, in order; the list is emptied, so that its logits go once filtered): the
-        survivors' (low-res logits, boxes, predicted IoU, stability, point index), as the batches' results
-        concatenated."""
+        (_decode_points' outputs, in order, of `batch` points each, the crop's batches first, first + 1, ...;
+        the list is emptied, so that its logits go once filtered): the survivors' (low-res logits, boxes,
+        predicted IoU, stability, point index), as the batches' results concatenated."""
         s = self.settings
-        batch_of = torch.cat([torch.full((len(g[0]),), i, device=self.device) for i, g in enumerate(group)])
         low, iou, index = (torch.cat(t) if len(t) > 1 else t[0] for t in zip(*group))
         n_batches = len(group)
         group.clear()
         if s.pred_iou_thresh > 0.0:
-            low, iou, index, batch_of = keep_where(iou > s.pred_iou_thresh, low, iou, index, batch_of)
+            low, iou, index = keep_where(iou > s.pred_iou_thresh, low, iou, index)
         if self.mode.stability_on == "low_res":
             stability = calculate_stability_score(self.adapter.low_res_view(low, emb), self.threshold,
                                                   s.stability_score_offset)
             if s.stability_score_thresh > 0.0:
-                low, iou, index, stability, batch_of = keep_where(stability >= s.stability_score_thresh,
-                                                                  low, iou, index, stability, batch_of)
+                low, iou, index, stability = keep_where(stability >= s.stability_score_thresh,
+                                                        low, iou, index, stability)
             self.stopwatch.lap("post")
             boxes = self._boxes(low, emb)
         else:
             if self.mode.low_res_margin is not None and s.stability_score_thresh > 0.0:
                 rough = calculate_stability_score(self.adapter.low_res_view(low, emb), self.threshold,
                                                   s.stability_score_offset)
-                low, iou, index, batch_of = keep_where(rough >= s.stability_score_thresh - self.mode.low_res_margin,
-                                                       low, iou, index, batch_of)
+                low, iou, index = keep_where(rough >= s.stability_score_thresh - self.mode.low_res_margin,
+                                             low, iou, index)
                 self.stopwatch.lap("post")
             stability, boxes = self._boxes_and_stability(low, emb)
             if s.stability_score_thresh > 0.0:
                 keep = stability >= s.stability_score_thresh
-                low, iou, index, stability, batch_of = keep_where(keep, low, iou, index, stability, batch_of)
+                low, iou, index, stability = keep_where(keep, low, iou, index, stability)
                 boxes = boxes[keep] if len(low) else empty_boxes(self.device)
         # The reference boxes each batch's masks on their own: a batch left with none gives float32 boxes,
-        # and concatenating them turns the crop's int boxes into floats. The same here, for the group.
-        if n_batches > 1 and len(low) and bool((torch.bincount(batch_of, minlength=n_batches) == 0).any()):
+        # and concatenating them turns the crop's int boxes into floats. The same here, for the group (a
+        # mask's batch is its point's index // batch).
+        per_batch = torch.bincount(index // batch - first, minlength=n_batches) if n_batches > 1 and len(low) else None
+        if per_batch is not None and bool((per_batch == 0).any()):
             boxes = boxes.float()
         self.stopwatch.lap("upsample")
         near = is_box_near_crop_edge(boxes, box, [0, 0, size[1], size[0]])

@@ -37,6 +37,7 @@ from sam2.utils.misc import fill_holes_in_mask_scores
 from ..cuda_graphs import GraphedFunction, module_storage
 from ..geometry import MemoryLayout
 from .memory import MemoryCall, MemoryContext, PackedKeys
+from .patcher import observing
 from .sam2_memory import packable
 
 
@@ -72,9 +73,8 @@ class _GraphedEncoder:
     storage too (moving or recasting the model makes a new one) and dropped by restore()."""
 
     def forward_image(self, img_batch):
-        handle = getattr(self, "_sam_sparse_handle", None)
         ctx = memory_context(self)
-        if ctx is None or not ctx.graph_encoder or handle.observing or not img_batch.is_cuda:
+        if ctx is None or not ctx.graph_encoder or observing(self) or not img_batch.is_cuda:
             return super().forward_image(img_batch)
         with _GRAPH_LOCK:  # two threads on a first frame: one graph
             if ctx.encoder_graph is None:
