@@ -32,11 +32,11 @@ Expected times on one H200, full run (--quick: about a third):
                     (torch.compile, default mode): first-call seconds, images/s and agreement on the amg
                     photos (segment-anything's records from the amg section, or computed here, ~20 s).
   variants   ~90 s  (only with --only variants) the amg rows for the configs in --variants (fast mode, with
-                    a low-res stability prefilter, with bf16 and compiled decoders), each against
+                    the factored decoder, with bf16 and compiled decoders, ...), each against
                     segment-anything in the same run (run 41 named the fast mode "fast, no prefilter": it
                     has had none since).
   profile    ~50 s  (only with --only profile) torch.profiler over one generate() per config (exact, fast,
-                    fast with a bf16 or a compiled decoder) on the --breakdown-images photos: wall vs GPU ms per image
+                    fast with the factored, a bf16 or a compiled decoder) on the --breakdown-images photos: wall vs GPU ms per image
                     and the top kernels.
 
 Photos (offline, reproducible): scikit-image's data photos that load without a download (18 names in
@@ -200,7 +200,9 @@ def configs(model, device, names, profile=False, **settings) -> dict:
              "fast, bf16 decoder": with_changes(FAST, decoder_dtype="bfloat16"),
              "fast, compiled decoder": with_changes(FAST, compile_decoder="default"),
              "fast, low-res prefilter": with_changes(FAST, low_res_margin=0.05),
-             "fast, bf16, compiled decoder": with_changes(FAST, decoder_dtype="bfloat16", compile_decoder="default")}
+             "fast, bf16, compiled decoder": with_changes(FAST, decoder_dtype="bfloat16", compile_decoder="default"),
+             "fast, factored decoder": with_changes(FAST, decoder="factored"),
+             "fast, factored, bf16 decoder": with_changes(FAST, decoder="factored", decoder_dtype="bfloat16")}
     out = {}
     for name in names:
         if name == "segment-anything":
@@ -500,7 +502,7 @@ def section_profile(ctx):
     if device.type != "cuda":
         raise RuntimeError("the profile section needs a CUDA GPU")
     photos = list(ctx["photos"].values())[:ctx["args"].breakdown_images]
-    names = ["exact", "fast", "fast, bf16 decoder", "fast, compiled decoder"]
+    names = ["exact", "fast", "fast, factored decoder", "fast, bf16 decoder", "fast, compiled decoder"]
     rows = []
     for name, g in configs(model, device, names, **ctx["settings"]).items():
         g.generate(photos[0])  # warm-up
@@ -572,8 +574,8 @@ def main(argv=None):
     ap.add_argument("--mobile-sam-checkpoint", type=Path, help="MobileSAM's weights (default: fetch_mobile_sam())")
     ap.add_argument("--points-per-side", type=int, default=None, help="default 32 (CPU quick: 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", default="fast;fast, low-res prefilter;fast, compiled decoder;fast, bf16 decoder;"
-                                          "fast, bf16, compiled decoder",
+    ap.add_argument("--variants", default="fast;fast, factored decoder;fast, factored, bf16 decoder;"
+                                          "fast, compiled decoder;fast, bf16 decoder;fast, bf16, compiled decoder",
                     help="configs for the variants section (names in configs(), separated by ';')")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

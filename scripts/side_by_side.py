@@ -118,8 +118,8 @@ for shape in a.shapes.split(","):
                 cos = torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0).item()
                 rec(dict(model=name, B=B, impl=impl, mode=mode, ms=round(t, 3), img_s=round(B / t * 1e3, 1),
                          first_calls_s=round(tc, 1), peak_gb=round(peak, 2), cos=round(cos, 6)))
-                del m, f
+                m = f = None  # the model goes before the next row is built
             except Exception as e:
                 traceback.print_exc()
                 rec(dict(model=name, B=B, impl=impl, mode=mode, error=f"{type(e).__name__}: {str(e)[:200]}"))
-    del x, ref
+    x = ref = None  # the batch goes before the next shape is built

@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-INTERPRETER_FIXTURES = ("triton_kernel", "triton_mass")
+INTERPRETER_FIXTURES = ("triton_kernel", "triton_mass", "triton_upscale")
 COVERED_BY = "tests/test_interpreter_process.py::test_interpreter_tests_in_a_child_process"
 
 
@@ -60,6 +60,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(
                 reason=f"needs Triton's interpreter, which cannot share a process with the compiled kernel: "
                        f"run in a child process by {COVERED_BY}"))
+
+
+@pytest.fixture
+def triton_upscale(monkeypatch):
+    """The upscaling kernel's module, with CPU tensors routed to it through the interpreter."""
+    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET before any import"
+    monkeypatch.setenv("SAM_SPARSE_FORCE_TRITON", "1")
+    from sam_sparse.kernels import triton_upscale
+
+    assert triton_upscale.INTERPRET
+    return triton_upscale
 
 
 @pytest.fixture

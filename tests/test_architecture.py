@@ -25,7 +25,7 @@ ALLOWED = {
     "policy": {"geometry", "masks", "families", "kernels.layout"},
     "patches": {"cuda_graphs", "geometry", "kernels", "masks", "policy", "sam_layers", "sam2_layers", "table"},
     "models": {"files", "families", "sam_layers", "sam2_layers", "policy", "patches"},
-    "maskgen": set(),
+    "maskgen": {"kernels", "patches"},
     "predictor": {"cuda_graphs", "maskgen", "patches"},
     "segment": {"files", "predictor"},
     "bench": {"devices", "files", "models", "patches", "policy", "table"},

@@ -4,7 +4,8 @@ SAM 2.1 hiera_t (random weights) on small scikit-image photos.
 - exact mode: records equal to segment-anything's SamAutomaticMaskGenerator's (and sam2's
   SAM2AutomaticMaskGenerator's): every mask, every field with its type, the order; several decoder
   batches, crop layers, the three output modes, SAM 2's mask-to-mask refinement and single-mask grid;
-- fast mode: >= 99% of segment-anything's masks found again at IoU >= 0.9 on 3 photos;
+- fast mode, and its factored decoder: >= 99% of segment-anything's masks found again at IoU >= 0.9 on 3
+  photos;
 - a stability filter moved before upsampling changes the records (so the equality tests can see it);
 - the helpers: one-copy transfers, run-length encoding, read-ahead.
 
@@ -159,6 +160,18 @@ def test_fast_mode_keeps_99_percent_of_the_masks(mobile, photos, references):
         matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
         print(f"{mode.name} vs segment-anything: {len(ious)} masks, {matched:.1%} matched at IoU >= 0.9, "
               f"median best IoU {median:.4f}")
+    assert len(ious) >= 15
+    assert matched >= 0.99 and median >= 0.99, (matched, median)
+
+
+def test_factored_decoder_keeps_99_percent_of_the_masks(mobile, photos, references):
+    """Mode(decoder="factored") (point_decoder.py) against segment-anything, as the fast mode above."""
+    from sam_sparse.maskgen import FAST, AutomaticMaskGenerator, with_changes
+
+    generator = AutomaticMaskGenerator(mobile, with_changes(FAST, decoder="factored"), **SETTINGS)
+    ious = np.concatenate([best_ious(references[n], generator.generate(photos[n])) for n in PHOTOS])
+    matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
+    print(f"factored decoder vs segment-anything: {len(ious)} masks, {matched:.1%} matched, median {median:.4f}")
     assert len(ious) >= 15
     assert matched >= 0.99 and median >= 0.99, (matched, median)
 

@@ -1,9 +1,11 @@
-"""Attention kernels. Nothing here knows about SAM: shapes, masks and a decomposed 2-D bias only."""
+"""Attention kernels, and a fused upscaling head. Nothing here knows about SAM: shapes, masks, a decomposed
+2-D bias and convolution weights only."""
 
 from .block_mass import block_attention_mass
 from .interface import HEAD_DIMS, HEAD_DIMS_ACCEPTED, block_lists, block_sparse_attn, block_sparse_attn_varlen, window_attn
 from .layout import BlockLayout, check_block_size
 from .reference import attention_reference
+from .upscale import upscale_project
 
 __all__ = [
     "block_sparse_attn",
@@ -16,4 +18,5 @@ __all__ = [
     "HEAD_DIMS",
     "HEAD_DIMS_ACCEPTED",
     "block_attention_mass",
+    "upscale_project",
 ]

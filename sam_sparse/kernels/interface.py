@@ -47,7 +47,7 @@ def describe_tensor(t: torch.Tensor) -> str:
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def _use_triton(t: torch.Tensor) -> bool:
+def use_triton(t: torch.Tensor) -> bool:
     if not HAS_TRITON:
         return False
     if t.is_cuda:
@@ -269,7 +269,7 @@ class _ReferencePlan:
 
 def _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_q=None, cu_k=None, max_seqlen_q=None,
               max_seqlen_k=None, window=None, q_window=None):
-    if _use_triton(q):
+    if use_triton(q):
         from .triton_attn import make_plan
 
         return make_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
@@ -294,7 +294,7 @@ def _fast_key(q, k, v, layout, rel_h, rel_w, key_tile, softmax_scale, block_size
         _sig(q), _sig(k), _sig(v), _sig(num), _sig(idx), _sig(rel_h), _sig(rel_w),
         None if key_tile is None else tuple(key_tile), softmax_scale, block_size,
         None if layout is None else layout.block_size,
-        True if q.is_cuda else _use_triton(q), torch.get_float32_matmul_precision(),
+        True if q.is_cuda else use_triton(q), torch.get_float32_matmul_precision(),
     )
 
 
@@ -312,7 +312,7 @@ def _varlen_key(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, num, idx, layou
         blocks = (-(-max_seqlen_q // layout_bs), -(-max_seqlen_k // layout_bs))
     return ("varlen", _rows_sig(q), _rows_sig(k), _rows_sig(v), _sig(cu_q), _sig(cu_k), max_seqlen_q,
             length_bucket(max_seqlen_k), _sig(num), _sig(idx), blocks, softmax_scale, block_size,
-            True if q.is_cuda else _use_triton(q), torch.get_float32_matmul_precision())
+            True if q.is_cuda else use_triton(q), torch.get_float32_matmul_precision())
 
 
 def _is_length(n) -> bool:
@@ -338,7 +338,7 @@ def _attn_impl(
 ) -> torch.Tensor:
     tile = tuple(key_tile) if key_tile is not None else None
     key = ("op", _sig(q), _sig(k), _sig(v), _sig(kv_num_blocks), _sig(kv_indices), _sig(rel_h), _sig(rel_w), tile,
-           softmax_scale, block_size, _use_triton(q), torch.get_float32_matmul_precision())
+           softmax_scale, block_size, use_triton(q), torch.get_float32_matmul_precision())
     plan = _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, tile, softmax_scale, block_size))
     return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, None)
 
@@ -404,7 +404,7 @@ def _window_plan(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w,
     """The plan of a checked window_attn call, from the plan cache (keyed by every input's signature)."""
     win, q_win = tuple(window_size), tuple(q_window_size)
     key = ("window", _sig(q), _sig(k), _sig(v), _sig(k_pad), _sig(v_pad), _sig(kv_num_blocks), _sig(kv_indices),
-           _sig(rel_h), _sig(rel_w), win, q_win, softmax_scale, block_size, _use_triton(q),
+           _sig(rel_h), _sig(rel_w), win, q_win, softmax_scale, block_size, use_triton(q),
            torch.get_float32_matmul_precision())
     return _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, softmax_scale,
                                            block_size, window=win, q_window=None if q_win == win else q_win))

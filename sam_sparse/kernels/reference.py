@@ -155,3 +155,22 @@ def attention_reference_window(
     nr, nc = -(-GHq // qh), -(-GWq // qw)
     out = out.view(B, nr, nc, qh, qw, H, D).transpose(2, 3).reshape(B, nr * qh, nc * qw, H, D)
     return out[:, :GHq, :GWq].contiguous()
+
+
+def upscale_project_reference(x: torch.Tensor, grid: Tuple[int, int], w1: torch.Tensor, b1: torch.Tensor,
+                              ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, w2: torch.Tensor,
+                              b2: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+    """upscale.upscale_project the long way, with torch's own transposed convolutions: x (B, h*w, C) ->
+    (B, M, 4h, 4w), in float64 when x is float64, else float32 (weights cast to match)."""
+    import torch.nn.functional as F
+
+    B, _, C = x.shape
+    h, w = grid
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = F.conv_transpose2d(x.to(dt).transpose(1, 2).reshape(B, C, h, w), w1.to(dt), b1.to(dt), stride=2)
+    mean = y.mean(1, keepdim=True)
+    var = (y - mean).pow(2).mean(1, keepdim=True)
+    y = (y - mean) / torch.sqrt(var + eps)
+    y = F.gelu(ln_weight.to(dt)[:, None, None] * y + ln_bias.to(dt)[:, None, None])
+    z = F.gelu(F.conv_transpose2d(y, w2.to(dt), b2.to(dt), stride=2))
+    return (hyper.to(dt) @ z.flatten(2)).view(B, hyper.shape[1], 4 * h, 4 * w)

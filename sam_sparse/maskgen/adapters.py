@@ -28,6 +28,8 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .point_decoder import decode_points
+
 
 @dataclass
 class Prepared:
@@ -163,6 +165,14 @@ class SamAdapter:
         return model.mask_decoder(image_embeddings=embedding.features, image_pe=model.prompt_encoder.get_dense_pe(),
                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                   multimask_output=multimask_output)
+
+    def decode_factored(self, embedding: Embedding, coords: torch.Tensor, labels: torch.Tensor,
+                        multimask_output: bool = True):
+        """decode for point prompts with no mask input through point_decoder.decode_points: the same
+        float32 math with the image-side work the prompts share done once (check_factorable first)."""
+        sparse, dense = self.encode_prompts((coords, labels), None, None)
+        return decode_points(self.model.mask_decoder, embedding.features, self.model.prompt_encoder.get_dense_pe(),
+                             sparse, dense[:1], multimask_output)
 
     def predict(self, embedding: Embedding, coords, labels, boxes, mask_input, multimask_output: bool,
                 return_logits: bool):

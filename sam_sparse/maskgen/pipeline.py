@@ -45,7 +45,9 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms, box_area
 
+from ..patches import dense_attention
 from .adapters import Embedding, Prepared, adapter_for, model_family
+from .point_decoder import check_factorable
 from .prefetch import prefetch
 from .rle import rle_counts, rle_runs, rle_to_mask
 from .settings import GeneratorSettings, Mode, resolve_mode
@@ -140,6 +142,15 @@ class AutomaticMaskGenerator:
         self.stopwatch = Stopwatch(profile, self.device)
         self.last_seconds: Optional[dict] = None
         self._decode_fn = self.adapter.decode
+        self._model = getattr(model, "model", model)
+        if self.mode.decoder == "factored":
+            if family != "sam":
+                raise ValueError("decoder='factored' takes SAM 1's mask decoder apart (segment-anything, MobileSAM); "
+                                 "a SAM 2 model keeps its own decoder (decoder='model')")
+            check_factorable(self._model.mask_decoder)
+            if not dense_attention(self._model, self._model.mask_decoder):
+                raise ValueError("decoder='factored' computes dense decoder attention: the model's decoder is "
+                                 "patched with a sparse policy; use decoder='model'")
         if self.mode.compile_decoder is not None:
             self._decode_fn = torch.compile(self.adapter.decode, mode=self.mode.compile_decoder, dynamic=False)
         self._max_batch: Optional[int] = None
@@ -328,8 +339,13 @@ class AutomaticMaskGenerator:
         autocast = contextlib.nullcontext()
         if self.mode.decoder_dtype is not None and self.device.type == "cuda":
             autocast = torch.autocast("cuda", dtype=getattr(torch, self.mode.decoder_dtype))
+        factored = self.mode.decoder == "factored" and mask_input is None and dense_attention(
+            self._model, self._model.mask_decoder)  # not while a handle observes the decoder's calls
         with autocast:
-            low, iou = self._decode_fn(emb, coords, labels, mask_input, multimask_output)
+            if factored:
+                low, iou = self.adapter.decode_factored(emb, coords, labels, multimask_output)
+            else:
+                low, iou = self._decode_fn(emb, coords, labels, mask_input, multimask_output)
         return low[:n].float(), iou[:n].float()
 
     def _refine(self, emb, coords, low):

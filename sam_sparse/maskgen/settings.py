@@ -15,6 +15,8 @@ A Mode says how the same settings are computed. Two are named:
          segment-anything's 1509 masks on the 20 sample photos at IoU >= 0.9 (run 41). A stability
          prefilter on the low-res logits (low_res_margin=0.05, the fast mode's until run 41) lost 1.9% of
          them for no measurable time; it stays a Mode option.
+A Mode may also take SAM's decoder apart (decoder="factored", point_decoder.py): the same float32 math
+with the image-side work the points share done once and a fused upscaling kernel on CUDA.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Optional, Union
 
 STABILITY_ON = ("upsampled", "low_res")
 DECODER_DTYPES = ("bfloat16", "float16")
+DECODERS = ("model", "factored")
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ class Mode:
     compile_decoder: None, or a torch.compile mode ("default", "reduce-overhead" for CUDA graphs,
       "max-autotune-no-cudagraphs"): the decoder call compiled for one batch shape (the last batch of a
       crop is padded to it). The first call compiles (tens of seconds).
+    decoder: "model" (the model's own mask decoder) or "factored" (SAM 1 models whose decoder attention
+      is dense: point_decoder.decode_points, the same float32 math with the work the points share done
+      once, the upscaling fused on CUDA; logits differ by float32 rounding). Not with compile_decoder.
     """
 
     name: str
@@ -107,6 +113,7 @@ class Mode:
     low_res_margin: Optional[float] = None
     decoder_dtype: Optional[str] = None
     compile_decoder: Optional[str] = None
+    decoder: str = "model"
 
     def __post_init__(self):
         if self.points_per_batch is not None and (not isinstance(self.points_per_batch, int) or self.points_per_batch < 1):
@@ -120,6 +127,10 @@ class Mode:
                 raise ValueError(f"low_res_margin={self.low_res_margin!r}: expected None or a number from 0 to 1")
         if self.decoder_dtype is not None and self.decoder_dtype not in DECODER_DTYPES:
             raise ValueError(f"decoder_dtype={self.decoder_dtype!r}: expected None or one of {', '.join(DECODER_DTYPES)}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder={self.decoder!r}: expected one of {', '.join(DECODERS)}")
+        if self.decoder == "factored" and self.compile_decoder is not None:
+            raise ValueError("decoder='factored' runs its own fused kernel: not with compile_decoder")
 
 
 EXACT = Mode("exact")

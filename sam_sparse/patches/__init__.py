@@ -3,7 +3,7 @@
 from .attention import SparseDecoderAttention, SparseEncoderAttention, SparseWindowBlock
 from .parity import DENSE_FP32, DENSE_HALF, SPARSE, LayerParity, ParityReport, ParityThresholds, preset_for, verify_parity
 from .families import model_family
-from .patcher import LayerReport, PatchHandle, PolicyWarning, observing, patch_epoch, patch_sam, unpatch_sam
+from .patcher import LayerReport, PatchHandle, PolicyWarning, dense_attention, observing, patch_epoch, patch_sam, unpatch_sam
 from .video_parity import FrameParity, VideoParityReport, video_parity
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "PatchHandle",
     "patch_epoch",
     "observing",
+    "dense_attention",
     "PolicyWarning",
     "LayerReport",
     "verify_parity",

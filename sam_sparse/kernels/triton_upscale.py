@@ -1,0 +1,139 @@
+"""Triton kernel for a 4x upscaling head, and its launcher: two 2x2 stride-2 transposed convolutions (the
+first followed by a LayerNorm over channels and GELU, the second by GELU), then M per-sample linear
+projections of the upscaled channels, fused so that neither upscaled feature map is ever written.
+
+For input pixel (y, x) of an h x w grid, first-stage sub-pixel (a, d) and second-stage sub-pixel (c, e):
+
+    u = gelu(layer_norm(w1[:, :, a, d]^T x[b, y * w + x] + b1))          (C1,)
+    v = gelu(w2[:, :, c, e]^T u + b2)                                    (C2,)
+    out[b, m, 4y + 2a + c, 4x + 2d + e] = hyper[b, m] . v
+
+One program takes BLOCK_P input pixels of one sample. For each of the 4 first-stage sub-pixels it forms
+the (BLOCK_P, C1) product on the tensor cores (a K loop over C in BLOCK_K chunks), normalizes it and, for
+each of the 4 second-stage sub-pixels, forms (BLOCK_P, C2) and the M projections as row sums. x is read
+once per first-stage sub-pixel (the later reads hit L2); only the (B, M, 4h, 4w) result is written.
+Unfused, the two maps are (B, C1, 2h, 2w) and (B, C2, 4h, 4w) floats written and read by five kernels:
+for SAM's mask decoder at 1024 prompts, 4 and 8 GiB.
+
+float32 products follow torch.get_float32_matmul_precision() (triton_attn.dot_precision): "highest"
+runs 3xTF32 (float32-level error), "high" / "medium" TF32. Launch configs are tuned at run time per
+(h*w, C, C1, C2, M) over the configs that fit the shape (triton.autotune; nothing stored on disk).
+
+Shapes: x (B, h*w, C), any strides, float32 / float16 / bfloat16 (computed in float32); packed
+weights w1 (4, C, C1) and w2 (4, C1, C2) with sub-pixel s = 2 * row + col, b1 / ln_weight / ln_bias
+(C1,), b2 (C2,), hyper (B, M, C2), all float32 and contiguous; out (B, M, 4h, 4w) float32.
+C a multiple of 16; C1 and C2 powers of two from 16 to 256.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_attn import MAX_GRID_Y, dot_precision, next_pow2, patch_interpreter_for_numpy
+
+# The interpreter is chosen when kernels are defined (import time), so read the flag once here.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    patch_interpreter_for_numpy()
+
+SQRT_HALF = 0.7071067811865476
+
+
+def _configs() -> List[triton.Config]:
+    if INTERPRET:  # one config: the interpreter would otherwise "time" every one of them
+        return [triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_P": p, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for p in (32, 64, 128) for k in (32, 64) for w in (4, 8) for s in (2, 3)]
+
+
+def _prune(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
+    """The configs that fit the call: BLOCK_K divides C, BLOCK_P no larger than the pixels need."""
+    c, hw = named_args["C"], named_args["HW"]
+    keep = [cfg for cfg in configs
+            if c % cfg.kwargs["BLOCK_K"] == 0 and cfg.kwargs["BLOCK_P"] <= max(16, next_pow2(hw))]
+    return keep or [min(configs, key=lambda cfg: (cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_P"]))]
+
+
+@triton.jit
+def _gelu(z):
+    return 0.5 * z * (1.0 + tl.erf(z * SQRT_HALF))
+
+
+@triton.autotune(configs=_configs(), key=["HW", "C", "C1", "C2", "M"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _upscale_kernel(
+    X, W1, B1, LNW, LNB, W2, B2, HYP, OUT,
+    stride_xb, stride_xp, stride_xc, stride_hb, stride_hm, stride_ob, stride_om,
+    HW, GW, eps,
+    C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = offs_p < HW
+    py = offs_p // GW
+    px = offs_p % GW
+    offs_k = tl.arange(0, BLOCK_K)
+    c1 = tl.arange(0, C1)
+    c2 = tl.arange(0, C2)
+    x_rows = X + b * stride_xb + offs_p[:, None] * stride_xp
+    out_w = 4 * GW
+    out_b = OUT + b * stride_ob
+    hyp_b = HYP + b * stride_hb
+    for s1 in tl.static_range(4):
+        acc = tl.zeros((BLOCK_P, C1), dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            xk = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xc, mask=p_ok[:, None], other=0.0).to(tl.float32)
+            wk = tl.load(W1 + s1 * C * C1 + (k0 + offs_k)[:, None] * C1 + c1[None, :])
+            acc = tl.dot(xk, wk, acc, input_precision=DOT_PREC)
+        acc += tl.load(B1 + c1)[None, :]
+        mean = tl.sum(acc, axis=1) / C1
+        centred = acc - mean[:, None]
+        var = tl.sum(centred * centred, axis=1) / C1
+        u = centred / tl.sqrt(var + eps)[:, None]
+        u = _gelu(u * tl.load(LNW + c1)[None, :] + tl.load(LNB + c1)[None, :])
+        for s2 in tl.static_range(4):
+            w2 = tl.load(W2 + s2 * C1 * C2 + c1[:, None] * C2 + c2[None, :])
+            v = _gelu(tl.dot(u, w2, input_precision=DOT_PREC) + tl.load(B2 + c2)[None, :])
+            row = 4 * py + (2 * (s1 // 2) + s2 // 2)
+            col = 4 * px + (2 * (s1 % 2) + s2 % 2)
+            for m in tl.static_range(M):
+                h = tl.load(hyp_b + m * stride_hm + c2)
+                tl.store(out_b + m * stride_om + row * out_w + col, tl.sum(v * h[None, :], axis=1), mask=p_ok)
+
+
+def pack_weights(w1: torch.Tensor, w2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """ConvTranspose2d weights (C, C1, 2, 2) and (C1, C2, 2, 2) -> (4, C, C1) and (4, C1, C2) float32,
+    sub-pixel s = 2 * row + col first."""
+    return tuple(w.float().permute(2, 3, 0, 1).reshape(4, w.shape[0], w.shape[1]).contiguous() for w in (w1, w2))
+
+
+def upscale_project_triton(x: torch.Tensor, grid: Tuple[int, int], w1p: torch.Tensor, b1: torch.Tensor,
+                           ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, w2p: torch.Tensor,
+                           b2: torch.Tensor, hyper: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernel on checked inputs (upscale.upscale_project checks them): x (B, h*w, C), packed weights
+    (pack_weights), float32 contiguous vectors, hyper (B, M, C2) float32 contiguous -> (B, M, 4h, 4w).
+    out: a contiguous float32 (B, M, 4h, 4w) to write into (tests fill it with NaN first)."""
+    B, hw, C = x.shape
+    h, w = grid
+    C1, C2, M = w1p.shape[2], w2p.shape[2], hyper.shape[1]
+    if out is None:
+        out = torch.empty((B, M, 4 * h, 4 * w), dtype=torch.float32, device=x.device)
+    if B == 0 or hw == 0 or M == 0:
+        return out
+    for start in range(0, B, MAX_GRID_Y):  # samples run on the grid's second axis
+        n = min(MAX_GRID_Y, B - start)
+        launch = lambda meta: (triton.cdiv(hw, meta["BLOCK_P"]), n)  # noqa: E731
+        _upscale_kernel[launch](
+            x[start:start + n], w1p, b1, ln_weight, ln_bias, w2p, b2, hyper[start:start + n], out[start:start + n],
+            x.stride(0), x.stride(1), x.stride(2), hyper.stride(0), hyper.stride(1), out.stride(0), out.stride(1),
+            hw, w, float(eps), C=C, C1=C1, C2=C2, M=M, DOT_PREC=dot_precision(torch.float32),
+        )
+    return out

@@ -1,0 +1,76 @@
+"""A 4x upscaling head with per-sample projections, as one call: the functional API, its checks and dispatch.
+
+    masks = upscale_project(x, (h, w), w1, b1, ln_weight, ln_bias, eps, w2, b2, hyper)
+
+Two 2x2 stride-2 transposed convolutions (ConvTranspose2d weights), the first followed by a LayerNorm over
+channels and GELU, the second by GELU, then hyper[b] @ the upscaled channels of sample b. CUDA tensors run
+the fused Triton kernel (triton_upscale.py), which never writes the upscaled maps; CPU tensors run torch's
+own ops (reference.py), unless SAM_SPARSE_FORCE_TRITON=1 and TRITON_INTERPRET=1 are both set (CI tests the
+kernel that way, as interface.py's attention).
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .interface import describe_tensor, use_triton
+from .reference import upscale_project_reference
+
+CHANNELS_ACCEPTED = "powers of two from 16 to 256"
+
+
+def _check(x, grid, w1, b1, ln_weight, ln_bias, w2, b2, hyper) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"x: {describe_tensor(x)}; expected (batch, h * w, channels)")
+    B, hw, C = x.shape
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"x: dtype {x.dtype}; expected float32, float16, bfloat16 (or float64 on the CPU)")
+    if len(grid) != 2 or grid[0] * grid[1] != hw:
+        raise ValueError(f"grid={tuple(grid)}: expected (h, w) with h * w = {hw}, x's second dimension")
+    if w1.dim() != 4 or w1.shape[0] != C or tuple(w1.shape[2:]) != (2, 2):
+        raise ValueError(f"w1: shape {tuple(w1.shape)}; expected ({C}, C1, 2, 2), a ConvTranspose2d weight")
+    C1 = w1.shape[1]
+    if w2.dim() != 4 or w2.shape[0] != C1 or tuple(w2.shape[2:]) != (2, 2):
+        raise ValueError(f"w2: shape {tuple(w2.shape)}; expected ({C1}, C2, 2, 2), a ConvTranspose2d weight")
+    C2 = w2.shape[1]
+    for name, t, n in (("b1", b1, C1), ("ln_weight", ln_weight, C1), ("ln_bias", ln_bias, C1), ("b2", b2, C2)):
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"{name}: shape {tuple(t.shape)}; expected ({n},)")
+    if hyper.dim() != 3 or hyper.shape[0] != B or hyper.shape[2] != C2:
+        raise ValueError(f"hyper: {describe_tensor(hyper)}; expected ({B}, M, {C2})")
+    for t in (w1, b1, ln_weight, ln_bias, w2, b2, hyper):
+        if t.device != x.device:
+            raise ValueError(f"every tensor on x's device {x.device}; got {describe_tensor(t)}")
+
+
+def upscale_project(x: torch.Tensor, grid: Tuple[int, int], w1: torch.Tensor, b1: torch.Tensor,
+                    ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, w2: torch.Tensor,
+                    b2: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+    """Upscale a token grid 4x and project it per sample. No gradient.
+
+    x: (B, h*w, C), tokens in raster order on the h x w grid, any strides; float32, float16 or bfloat16
+        (float64 on the CPU path), computed in float32 (float64 for float64).
+    grid: (h, w).
+    w1: (C, C1, 2, 2), b1: (C1,): the first ConvTranspose2d (stride 2); ln_weight, ln_bias (C1,) and eps:
+        a LayerNorm over the C1 channels of each upscaled pixel, then GELU (erf).
+    w2: (C1, C2, 2, 2), b2: (C2,): the second ConvTranspose2d (stride 2), then GELU.
+    hyper: (B, M, C2): M projections per sample.
+
+    Returns float32 (B, M, 4h, 4w) (float64 for float64 x): out[b, m] = hyper[b, m] @ the C2 channels.
+    The Triton path needs C a multiple of 16 and C1, C2 powers of two from 16 to 256.
+    """
+    _check(x, grid, w1, b1, ln_weight, ln_bias, w2, b2, hyper)
+    if not use_triton(x) or x.dtype == torch.float64:
+        return upscale_project_reference(x, grid, w1, b1, ln_weight, ln_bias, eps, w2, b2, hyper)
+    C, C1, C2 = x.shape[2], w1.shape[1], w2.shape[1]
+    if C % 16 or any(n < 16 or n > 256 or n & (n - 1) for n in (C1, C2)):
+        raise ValueError(f"channels C={C}, C1={C1}, C2={C2}: the kernel needs C a multiple of 16 and C1, C2 "
+                         f"{CHANNELS_ACCEPTED}")
+    from .triton_upscale import pack_weights, upscale_project_triton
+
+    w1p, w2p = pack_weights(w1, w2)
+    vec = [t.float().contiguous() for t in (b1, ln_weight, ln_bias, b2)]
+    return upscale_project_triton(x, tuple(grid), w1p, vec[0], vec[1], vec[2], float(eps), w2p, vec[3],
+                                  hyper.float().contiguous())

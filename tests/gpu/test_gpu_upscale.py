@@ -1,0 +1,91 @@
+"""The factored decoder on CUDA: the fused upscaling kernel (triton_upscale.py) compiled, at SAM's mask
+decoder shapes, and the factored fast mode against segment-anything's generator.
+
+- the kernel against the float64 oracle of tests/test_upscale_kernel.py at (B, 64 x 64, 256 -> 64 -> 32,
+  3 masks), float32 (3xTF32 at torch's default "highest" precision, TF32 at "high") and bf16 inputs,
+  output poisoned with NaN first, checked globally and per output row;
+- decode_points against MaskDecoder on MobileSAM's released weights, per mask;
+- Mode(decoder="factored") keeps >= 99% of segment-anything's masks at IoU >= 0.9 on 3 photos.
+
+    TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/gpu/test_gpu_upscale.py
+"""
+
+import numpy as np
+import pytest
+import torch
+from gpu_helpers import GPU_MARKS
+from test_maskgen import best_ious
+from test_upscale_kernel import check, make_inputs, oracle, seeded
+
+pytestmark = GPU_MARKS
+
+
+@pytest.mark.parametrize("dtype,precision,rel", [(torch.float32, "highest", 2e-5), (torch.float32, "high", 3e-3),
+                                                 (torch.bfloat16, "highest", 2e-5)])
+def test_kernel_at_sams_decoder_shapes(dtype, precision, rel):
+    from sam_sparse.kernels import triton_upscale, upscale_project
+
+    seed, g = seeded()
+    a = make_inputs(g, 16, 64, 64, 256, 64, 32, 3, dtype=dtype)
+    ref = oracle(**a)
+    cuda = {k: v.cuda() if torch.is_tensor(v) else v for k, v in a.items()}
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        w1p, w2p = triton_upscale.pack_weights(cuda["w1"], cuda["w2"])
+        poisoned = torch.full(ref.shape, float("nan"), device="cuda")
+        out = triton_upscale.upscale_project_triton(cuda["x"], cuda["grid"], w1p, cuda["b1"], cuda["ln_weight"],
+                                                    cuda["ln_bias"], cuda["eps"], w2p, cuda["b2"], cuda["hyper"],
+                                                    out=poisoned)
+        check(out.cpu(), ref, seed, f"kernel, {dtype}, {precision}", rel=rel)
+        strided = dict(cuda, x=cuda["x"].transpose(1, 2).contiguous().transpose(1, 2))  # SAM's (B, C, hw) storage
+        check(upscale_project(**strided).cpu(), ref, seed, f"strided, {dtype}, {precision}", rel=rel)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+@pytest.fixture(scope="module")
+def mobile():
+    from sam_sparse import build_sam, fetch_mobile_sam, patch_sam
+
+    model = build_sam("mobile_sam", fetch_mobile_sam(quiet=True), device="cuda")
+    patch_sam(model, "dense")  # as `sam-sparse amg` runs it
+    return model
+
+
+def test_factored_decoder_against_sams_decoder_on_cuda(mobile):
+    from skimage import data
+
+    from sam_sparse.maskgen.adapters import SamAdapter
+
+    seed, g = seeded()
+    adapter = SamAdapter(mobile)
+    coords = (torch.rand(64, 1, 2, generator=g) * 1024).cuda()
+    labels = torch.ones(64, 1, dtype=torch.int, device="cuda")
+    with torch.inference_mode():
+        [emb] = adapter.embed([adapter.prepare(data.astronaut())])
+        ref, ref_iou = adapter.decode(emb, coords, labels)
+        low, iou = adapter.decode_factored(emb, coords, labels)
+    per_mask = (low - ref).abs().flatten(2).amax(-1) / ref.abs().flatten(2).amax(-1)
+    assert torch.isfinite(low).all() and per_mask.amax().item() <= 1e-4, f"seed {seed}: {per_mask.amax().item():.3g}"
+    assert (iou - ref_iou).abs().amax().item() <= 1e-4, f"seed {seed}"
+
+
+def test_factored_fast_mode_keeps_99_percent_of_the_masks_on_cuda(mobile):
+    from segment_anything import SamAutomaticMaskGenerator
+    from test_maskgen import photo
+
+    from sam_sparse.maskgen import FAST, AutomaticMaskGenerator, with_changes
+
+    settings = dict(points_per_side=16)
+    generator = AutomaticMaskGenerator(mobile, with_changes(FAST, decoder="factored"), **settings)
+    ious = []
+    for name, side in (("astronaut", 512), ("coffee", 600), ("chelsea", 451)):
+        image = photo(name, side)
+        with torch.inference_mode():
+            ref = SamAutomaticMaskGenerator(mobile, **settings).generate(image)
+        ious.append(best_ious(ref, generator.generate(image)))
+    ious = np.concatenate(ious)
+    matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
+    print(f"factored fast vs segment-anything on CUDA: {len(ious)} masks, {matched:.1%}, median {median:.4f}")
+    assert matched >= 0.99 and median >= 0.99, (matched, median)
