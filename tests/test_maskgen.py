@@ -298,6 +298,24 @@ def test_sam2_exact_mode_gives_sam2s_records(sam2_model, photos, case):
     assert_same_records(ours, ref, case)
 
 
+@pytest.mark.parametrize("case", SAM2_CASES)
+def test_sam2_factored_decoder_keeps_sam2s_masks(sam2_model, photos, case):
+    """Mode(decoder="factored") on SAM 2 (its object-score token, high-resolution features, one-mask choice
+    by stability; the mask-to-mask pass keeps the model's decoder): every one of sam2's masks found again
+    at IoU >= 0.9."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from sam_sparse.maskgen import FAST, AutomaticMaskGenerator, with_changes
+
+    image = photos["astronaut"]
+    with torch.inference_mode():
+        ref = SAM2AutomaticMaskGenerator(sam2_model, **SAM2_CASES[case]).generate(image)
+    ours = AutomaticMaskGenerator(sam2_model, with_changes(FAST, decoder="factored"), **SAM2_CASES[case]).generate(image)
+    assert len(ref) >= 5, f"{len(ref)} masks: too few to compare"
+    ious = best_ious(ref, ours)
+    assert (ious >= 0.9).all(), ious
+
+
 # --- predict: SamPredictor.predict / SAM2ImagePredictor.predict -------------------------------------------
 
 

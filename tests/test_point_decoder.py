@@ -1,10 +1,11 @@
 """maskgen's factored decoder (point_decoder.decode_points) against segment-anything's MaskDecoder, on
-MobileSAM's released decoder and the embedding of a real photo, on the CPU:
+MobileSAM's released decoder and the embedding of a real photo, and against SAM 2's, on the CPU:
 
 - in float64 it is the same function (the folds are exact algebra): logits and IoUs equal to 1e-9;
 - in float32 it differs from float64 by rounding only, checked per mask;
-- the generator's decoder="factored" mode is refused where it would compute something else (SAM 2, a
-  sparse decoder policy, compiled) and steps aside while a handle observes the decoder;
+- the same for SAM 2.1's decoder (object-score token, high-resolution features, choice by stability);
+- the generator's decoder="factored" mode is refused where it would compute something else (a sparse
+  decoder policy, compiled) and steps aside while a handle observes the decoder;
 - patches.dense_attention, which it asks first.
 
 Fresh random points every case; the seed is in every failure message.
@@ -102,7 +103,7 @@ def test_only_sams_decoder_layout_is_taken_apart(mobile):
     check_factorable(mobile.mask_decoder)
     changed = copy.deepcopy(mobile.mask_decoder)
     changed.output_upscaling[2] = torch.nn.GELU(approximate="tanh")
-    with pytest.raises(ValueError, match="the factored decoder needs segment-anything's MaskDecoder"):
+    with pytest.raises(ValueError, match="the factored decoder needs segment-anything's or SAM 2's MaskDecoder"):
         check_factorable(changed)
 
 
@@ -122,13 +123,48 @@ def test_generator_refuses_the_factored_decoder_where_it_would_differ(mobile):
     AutomaticMaskGenerator(model, with_changes(FAST, decoder="factored"))
 
 
-def test_sam2_keeps_its_own_decoder():
-    from sam2_helpers import small_sam2
+@pytest.fixture(scope="module")
+def sam2_parts():
+    """SAM 2.1 hiera_t (random weights, sharpened attention) at 256 px and one photo's features, as
+    Sam2Adapter.embed gives them."""
+    from sam2_helpers import photo, small_sam2
 
-    from sam_sparse.maskgen import FAST, AutomaticMaskGenerator, with_changes
+    from sam_sparse.maskgen.adapters import Sam2Adapter
 
-    with pytest.raises(ValueError, match="a SAM 2 model keeps its own decoder"):
-        AutomaticMaskGenerator(small_sam2(), with_changes(FAST, decoder="factored"))
+    model = small_sam2()
+    adapter = Sam2Adapter(model)
+    with torch.inference_mode():
+        [emb] = adapter.embed([adapter.prepare(photo())])
+    return model, adapter, emb
+
+
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("multimask", [True, False])
+def test_float64_factored_decoder_is_sam2s_decoder(sam2_parts, n, multimask):
+    """SAM 2's decoder: its object-score token, high-resolution features added in the upscaling, and with one
+    mask per prompt its choice by stability (dynamic_multimask_via_stability), all in the factored form."""
+    model, adapter, emb = sam2_parts
+    seed, g = seeded()
+    decoder = copy.deepcopy(model.sam_mask_decoder).double()
+    assert decoder.pred_obj_scores and decoder.use_high_res_features and decoder.dynamic_multimask_via_stability
+    check_factorable(decoder)
+    side = model.image_size
+    coords = torch.rand(n, 1, 2, generator=g) * side
+    labels = torch.ones(n, 1, dtype=torch.int)
+    with torch.inference_mode():
+        pts = adapter.transforms.transform_coords(coords, normalize=True, orig_hw=(side, side))
+        sparse, dense = model.sam_prompt_encoder(points=(pts, labels), boxes=None, masks=None)
+        pe = model.sam_prompt_encoder.get_dense_pe()
+        image = emb.features["image_embed"][-1].unsqueeze(0)
+        high = [f[-1].unsqueeze(0).double() for f in emb.features["high_res_feats"]]
+        ref, ref_iou, _, _ = decoder(image_embeddings=image.double(), image_pe=pe.double(),
+                                     sparse_prompt_embeddings=sparse.double(), dense_prompt_embeddings=dense.double(),
+                                     multimask_output=multimask, repeat_image=n > 1, high_res_features=high)
+        low, iou = decode_points(decoder, image.double(), pe.double(), sparse.double(), dense[:1].double(), multimask, high)
+    assert low.shape == ref.shape == (n, 3 if multimask else 1, 4 * image.shape[-2], 4 * image.shape[-1])
+    per_mask = (low - ref).abs().flatten(2).amax(-1) / ref.abs().flatten(2).amax(-1)
+    assert per_mask.amax().item() <= 1e-9, f"seed {seed}: {per_mask}"
+    assert torch.allclose(iou, ref_iou, rtol=0, atol=1e-12), f"seed {seed}"
 
 
 def test_an_observed_decoder_runs_its_own_calls(mobile):

@@ -28,17 +28,23 @@ def seeded():
     return seed, torch.Generator().manual_seed(seed)
 
 
-def make_inputs(g, B, h, w, C, C1, C2, M, dtype=torch.float32, noncontig=False):
+def make_inputs(g, B, h, w, C, C1, C2, M, dtype=torch.float32, noncontig=False, skips=None):
+    """skips: None, or the batch of the skip maps (1: shared, B: per sample); stored channels-last, as
+    strided views."""
     def rnd(*shape, scale=1.0):
         return torch.randn(*shape, generator=g) * scale
 
     x = rnd(B, C, h * w).transpose(1, 2) if noncontig else rnd(B, h * w, C)  # channels-first storage
-    return dict(x=x.to(dtype), grid=(h, w), w1=rnd(C, C1, 2, 2, scale=C ** -0.5), b1=rnd(C1),
-                ln_weight=1 + 0.5 * rnd(C1), ln_bias=rnd(C1), eps=1e-6, w2=rnd(C1, C2, 2, 2, scale=C1 ** -0.5),
-                b2=rnd(C2), hyper=rnd(B, M, C2))
+    a = dict(x=x.to(dtype), grid=(h, w), w1=rnd(C, C1, 2, 2, scale=C ** -0.5), b1=rnd(C1),
+             ln_weight=1 + 0.5 * rnd(C1), ln_bias=rnd(C1), eps=1e-6, w2=rnd(C1, C2, 2, 2, scale=C1 ** -0.5),
+             b2=rnd(C2), hyper=rnd(B, M, C2))
+    if skips is not None:
+        a["add1"] = rnd(skips, 2 * h, 2 * w, C1).permute(0, 3, 1, 2)
+        a["add2"] = rnd(skips, 4 * h, 4 * w, C2).permute(0, 3, 1, 2)
+    return a
 
 
-def oracle(x, grid, w1, b1, ln_weight, ln_bias, eps, w2, b2, hyper):
+def oracle(x, grid, w1, b1, ln_weight, ln_bias, eps, w2, b2, hyper, add1=None, add2=None):
     """float64 (B, M, 4h, 4w), pixel by pixel: each input pixel's 2 x 2 first-stage and 4 x 4 second-stage
     sub-pixels from einsums over the weights (no convolution call), placed at 4y + 2a + c, 4x + 2d + e."""
     B, _, C = x.shape
@@ -46,9 +52,14 @@ def oracle(x, grid, w1, b1, ln_weight, ln_bias, eps, w2, b2, hyper):
     d = lambda t: t.double()  # noqa: E731
     gelu = lambda t: 0.5 * t * (1 + torch.erf(t / math.sqrt(2)))  # noqa: E731
     y = torch.einsum("byxc,cokl->byxklo", d(x).view(B, h, w, C), d(w1)) + d(b1)
+    if add1 is not None:  # (b, o, 2y + k, 2x + l) -> (b, y, x, k, l, o)
+        y = y + d(add1).reshape(add1.shape[0], -1, h, 2, w, 2).permute(0, 2, 4, 3, 5, 1)
     y = (y - y.mean(-1, keepdim=True)) / torch.sqrt(y.var(-1, unbiased=False, keepdim=True) + eps)
     y = gelu(y * d(ln_weight) + d(ln_bias))
-    z = gelu(torch.einsum("byxklo,opmn->byxklmnp", y, d(w2)) + d(b2))
+    z = torch.einsum("byxklo,opmn->byxklmnp", y, d(w2)) + d(b2)
+    if add2 is not None:  # (b, p, 4y + 2k + m, 4x + 2l + n) -> (b, y, x, k, l, m, n, p)
+        z = z + d(add2).reshape(add2.shape[0], -1, h, 2, 2, w, 2, 2).permute(0, 2, 5, 3, 6, 4, 7, 1)
+    z = gelu(z)
     out = torch.einsum("byxklmnp,bqp->bqykmxln", z, d(hyper))
     return out.reshape(B, hyper.shape[1], 4 * h, 4 * w)
 
@@ -77,6 +88,26 @@ def test_kernel_matches_the_float64_oracle(triton_upscale, shape, dtype):
     assert out is poisoned
     check(out, ref, seed, f"kernel {shape} {dtype}")
     check(upscale_project(**a), ref, seed, f"upscale_project {shape} {dtype}")  # the public path, same kernel
+
+
+@needs_triton
+@pytest.mark.parametrize("skips", ["shared", "per sample"])
+def test_kernel_adds_skip_maps(triton_upscale, skips):
+    """SAM 2's head: a (C1, 2h, 2w) map added before the LayerNorm and a (C2, 4h, 4w) map before the last
+    GELU, one for every sample (its image's high-resolution features) or one per sample."""
+    seed, g = seeded()
+    B = 3
+    a = make_inputs(g, B, 5, 6, 32, 16, 16, 3, skips=1 if skips == "shared" else B)
+    ref = oracle(**a)
+    assert (ref - oracle(**{**a, "add1": None})).abs().amax() > 0.1  # each map matters
+    assert (ref - oracle(**{**a, "add2": None})).abs().amax() > 0.1
+    w1p, w2p = triton_upscale.pack_weights(a["w1"], a["w2"])
+    poisoned = torch.full(ref.shape, float("nan"))
+    out = triton_upscale.upscale_project_triton(a["x"], a["grid"], w1p, a["b1"], a["ln_weight"], a["ln_bias"],
+                                                a["eps"], w2p, a["b2"], a["hyper"], a["add1"], a["add2"], out=poisoned)
+    check(out, ref, seed, f"skips {skips}")
+    check(upscale_project(**a), ref, seed, f"upscale_project, skips {skips}")
+    check(upscale_project_reference(**a), ref, seed, f"torch path, skips {skips}")
 
 
 @needs_triton
@@ -112,6 +143,8 @@ def test_bad_inputs_say_what_was_wrong_and_what_is_accepted():
         (dict(w2=a["w2"][:8]), r"w2: shape \(8, 16, 2, 2\); expected \(16, C2, 2, 2\)"),
         (dict(ln_bias=a["ln_bias"][:3]), r"ln_bias: shape \(3,\); expected \(16,\)"),
         (dict(hyper=a["hyper"][:1]), r"hyper: shape \(1, 3, 16\).*expected \(2, M, 16\)"),
+        (dict(add1=torch.zeros(2, 16, 10, 12)), r"add1: shape \(2, 16, 10, 12\).*expected \(2 or 1, 16, 10, 14\)"),
+        (dict(add2=torch.zeros(3, 16, 20, 28)), r"add2: shape \(3, 16, 20, 28\).*expected \(2 or 1, 16, 20, 28\)"),
     ]
     for change, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -159,7 +159,8 @@ def attention_reference_window(
 
 def upscale_project_reference(x: torch.Tensor, grid: Tuple[int, int], w1: torch.Tensor, b1: torch.Tensor,
                               ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, w2: torch.Tensor,
-                              b2: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+                              b2: torch.Tensor, hyper: torch.Tensor, add1: Optional[torch.Tensor] = None,
+                              add2: Optional[torch.Tensor] = None) -> torch.Tensor:
     """upscale.upscale_project the long way, with torch's own transposed convolutions: x (B, h*w, C) ->
     (B, M, 4h, 4w), in float64 when x is float64, else float32 (weights cast to match)."""
     import torch.nn.functional as F
@@ -168,9 +169,12 @@ def upscale_project_reference(x: torch.Tensor, grid: Tuple[int, int], w1: torch.
     h, w = grid
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = F.conv_transpose2d(x.to(dt).transpose(1, 2).reshape(B, C, h, w), w1.to(dt), b1.to(dt), stride=2)
+    if add1 is not None:
+        y = y + add1.to(dt)
     mean = y.mean(1, keepdim=True)
     var = (y - mean).pow(2).mean(1, keepdim=True)
     y = (y - mean) / torch.sqrt(var + eps)
     y = F.gelu(ln_weight.to(dt)[:, None, None] * y + ln_bias.to(dt)[:, None, None])
-    z = F.gelu(F.conv_transpose2d(y, w2.to(dt), b2.to(dt), stride=2))
+    z = F.conv_transpose2d(y, w2.to(dt), b2.to(dt), stride=2)
+    z = F.gelu(z if add2 is None else z + add2.to(dt))
     return (hyper.to(dt) @ z.flatten(2)).view(B, hyper.shape[1], 4 * h, 4 * w)

@@ -1,12 +1,14 @@
 """Triton kernel for a 4x upscaling head, and its launcher: two 2x2 stride-2 transposed convolutions (the
-first followed by a LayerNorm over channels and GELU, the second by GELU), then M per-sample linear
-projections of the upscaled channels, fused so that neither upscaled feature map is ever written.
+first followed by a LayerNorm over channels and GELU, the second by GELU), each optionally plus a skip
+map, then M per-sample linear projections of the upscaled channels, fused so that neither upscaled
+feature map is ever written.
 
-For input pixel (y, x) of an h x w grid, first-stage sub-pixel (a, d) and second-stage sub-pixel (c, e):
+For input pixel (y, x) of an h x w grid, first-stage sub-pixel (a, d) and second-stage sub-pixel (c, e),
+with Y = 2y + a, X = 2x + d:
 
-    u = gelu(layer_norm(w1[:, :, a, d]^T x[b, y * w + x] + b1))          (C1,)
-    v = gelu(w2[:, :, c, e]^T u + b2)                                    (C2,)
-    out[b, m, 4y + 2a + c, 4x + 2d + e] = hyper[b, m] . v
+    u = gelu(layer_norm(w1[:, :, a, d]^T x[b, y * w + x] + b1 + add1[b, :, Y, X]))     (C1,)
+    v = gelu(w2[:, :, c, e]^T u + b2 + add2[b, :, 2Y + c, 2X + e])                   (C2,)
+    out[b, m, 2Y + c, 2X + e] = hyper[b, m] . v
 
 One program takes BLOCK_P input pixels of one sample. For each of the 4 first-stage sub-pixels it forms
 the (BLOCK_P, C1) product on the tensor cores (a K loop over C in BLOCK_K chunks), normalizes it and, for
@@ -21,7 +23,8 @@ runs 3xTF32 (float32-level error), "high" / "medium" TF32. Launch configs are tu
 
 Shapes: x (B, h*w, C), any strides, float32 / float16 / bfloat16 (computed in float32); packed
 weights w1 (4, C, C1) and w2 (4, C1, C2) with sub-pixel s = 2 * row + col, b1 / ln_weight / ln_bias
-(C1,), b2 (C2,), hyper (B, M, C2), all float32 and contiguous; out (B, M, 4h, 4w) float32.
+(C1,), b2 (C2,), hyper (B, M, C2), all float32 and contiguous; optional add1 (B | 1, C1, 2h, 2w) and
+add2 (B | 1, C2, 4h, 4w), any strides (a size-1 batch is shared); out (B, M, 4h, 4w) float32.
 C a multiple of 16; C1 and C2 powers of two from 16 to 256.
 """
 
@@ -68,11 +71,12 @@ def _gelu(z):
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _upscale_kernel(
-    X, W1, B1, LNW, LNB, W2, B2, HYP, OUT,
+    X, W1, B1, LNW, LNB, W2, B2, HYP, OUT, ADD1, ADD2,
     stride_xb, stride_xp, stride_xc, stride_hb, stride_hm, stride_ob, stride_om,
+    stride_1b, stride_1c, stride_1h, stride_1w, stride_2b, stride_2c, stride_2h, stride_2w,
     HW, GW, eps,
-    C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr, HAS_ADD1: tl.constexpr,
+    HAS_ADD2: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -94,6 +98,11 @@ def _upscale_kernel(
             wk = tl.load(W1 + s1 * C * C1 + (k0 + offs_k)[:, None] * C1 + c1[None, :])
             acc = tl.dot(xk, wk, acc, input_precision=DOT_PREC)
         acc += tl.load(B1 + c1)[None, :]
+        if HAS_ADD1:
+            y1 = 2 * py + s1 // 2
+            x1 = 2 * px + s1 % 2
+            acc += tl.load(ADD1 + b * stride_1b + c1[None, :] * stride_1c + y1[:, None] * stride_1h
+                           + x1[:, None] * stride_1w, mask=p_ok[:, None], other=0.0).to(tl.float32)
         mean = tl.sum(acc, axis=1) / C1
         centred = acc - mean[:, None]
         var = tl.sum(centred * centred, axis=1) / C1
@@ -101,9 +110,13 @@ def _upscale_kernel(
         u = _gelu(u * tl.load(LNW + c1)[None, :] + tl.load(LNB + c1)[None, :])
         for s2 in tl.static_range(4):
             w2 = tl.load(W2 + s2 * C1 * C2 + c1[:, None] * C2 + c2[None, :])
-            v = _gelu(tl.dot(u, w2, input_precision=DOT_PREC) + tl.load(B2 + c2)[None, :])
+            v = tl.dot(u, w2, input_precision=DOT_PREC) + tl.load(B2 + c2)[None, :]
             row = 4 * py + (2 * (s1 // 2) + s2 // 2)
             col = 4 * px + (2 * (s1 % 2) + s2 % 2)
+            if HAS_ADD2:
+                v += tl.load(ADD2 + b * stride_2b + c2[None, :] * stride_2c + row[:, None] * stride_2h
+                             + col[:, None] * stride_2w, mask=p_ok[:, None], other=0.0).to(tl.float32)
+            v = _gelu(v)
             for m in tl.static_range(M):
                 h = tl.load(hyp_b + m * stride_hm + c2)
                 tl.store(out_b + m * stride_om + row * out_w + col, tl.sum(v * h[None, :], axis=1), mask=p_ok)
@@ -117,10 +130,12 @@ def pack_weights(w1: torch.Tensor, w2: torch.Tensor) -> Tuple[torch.Tensor, torc
 
 def upscale_project_triton(x: torch.Tensor, grid: Tuple[int, int], w1p: torch.Tensor, b1: torch.Tensor,
                            ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, w2p: torch.Tensor,
-                           b2: torch.Tensor, hyper: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           b2: torch.Tensor, hyper: torch.Tensor, add1: Optional[torch.Tensor] = None,
+                           add2: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The kernel on checked inputs (upscale.upscale_project checks them): x (B, h*w, C), packed weights
-    (pack_weights), float32 contiguous vectors, hyper (B, M, C2) float32 contiguous -> (B, M, 4h, 4w).
-    out: a contiguous float32 (B, M, 4h, 4w) to write into (tests fill it with NaN first)."""
+    (pack_weights), float32 contiguous vectors, hyper (B, M, C2) float32 contiguous, add1 / add2 None or
+    (B | 1, C1, 2h, 2w) / (B | 1, C2, 4h, 4w) -> (B, M, 4h, 4w). out: a contiguous float32 (B, M, 4h, 4w)
+    to write into (tests fill it with NaN first)."""
     B, hw, C = x.shape
     h, w = grid
     C1, C2, M = w1p.shape[2], w2p.shape[2], hyper.shape[1]
@@ -128,12 +143,22 @@ def upscale_project_triton(x: torch.Tensor, grid: Tuple[int, int], w1p: torch.Te
         out = torch.empty((B, M, 4 * h, 4 * w), dtype=torch.float32, device=x.device)
     if B == 0 or hw == 0 or M == 0:
         return out
+    def skip(t: Optional[torch.Tensor], start: int):
+        if t is None:
+            return x, (0, 0, 0, 0)  # x stands in for an absent map; never read
+        strides = list(t.stride())
+        if t.shape[0] == 1:
+            return t, tuple([0] + strides[1:])  # one map for every sample
+        return t[start:], tuple(strides)
+
     for start in range(0, B, MAX_GRID_Y):  # samples run on the grid's second axis
         n = min(MAX_GRID_Y, B - start)
+        (a1, s1), (a2, s2) = skip(add1, start), skip(add2, start)
         launch = lambda meta: (triton.cdiv(hw, meta["BLOCK_P"]), n)  # noqa: E731
         _upscale_kernel[launch](
             x[start:start + n], w1p, b1, ln_weight, ln_bias, w2p, b2, hyper[start:start + n], out[start:start + n],
-            x.stride(0), x.stride(1), x.stride(2), hyper.stride(0), hyper.stride(1), out.stride(0), out.stride(1),
-            hw, w, float(eps), C=C, C1=C1, C2=C2, M=M, DOT_PREC=dot_precision(torch.float32),
+            a1, a2, x.stride(0), x.stride(1), x.stride(2), hyper.stride(0), hyper.stride(1), out.stride(0),
+            out.stride(1), *s1, *s2, hw, w, float(eps), C=C, C1=C1, C2=C2, M=M, HAS_ADD1=add1 is not None,
+            HAS_ADD2=add2 is not None, DOT_PREC=dot_precision(torch.float32),
         )
     return out

@@ -2,8 +2,9 @@
 
     masks = upscale_project(x, (h, w), w1, b1, ln_weight, ln_bias, eps, w2, b2, hyper)
 
-Two 2x2 stride-2 transposed convolutions (ConvTranspose2d weights), the first followed by a LayerNorm over
-channels and GELU, the second by GELU, then hyper[b] @ the upscaled channels of sample b. CUDA tensors run
+Two 2x2 stride-2 transposed convolutions (ConvTranspose2d weights), each optionally plus a skip map, the
+first followed by a LayerNorm over channels and GELU, the second by GELU, then hyper[b] @ the upscaled
+channels of sample b (SAM's and SAM 2's mask-decoder heads; SAM 2 adds its high-resolution features). CUDA tensors run
 the fused Triton kernel (triton_upscale.py), which never writes the upscaled maps; CPU tensors run torch's
 own ops (reference.py), unless SAM_SPARSE_FORCE_TRITON=1 and TRITON_INTERPRET=1 are both set (CI tests the
 kernel that way, as interface.py's attention).
@@ -11,7 +12,7 @@ kernel that way, as interface.py's attention).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -21,7 +22,7 @@ from .reference import upscale_project_reference
 CHANNELS_ACCEPTED = "powers of two from 16 to 256"
 
 
-def _check(x, grid, w1, b1, ln_weight, ln_bias, w2, b2, hyper) -> None:
+def _check(x, grid, w1, b1, ln_weight, ln_bias, w2, b2, hyper, add1, add2) -> None:
     if x.dim() != 3:
         raise ValueError(f"x: {describe_tensor(x)}; expected (batch, h * w, channels)")
     B, hw, C = x.shape
@@ -40,14 +41,20 @@ def _check(x, grid, w1, b1, ln_weight, ln_bias, w2, b2, hyper) -> None:
             raise ValueError(f"{name}: shape {tuple(t.shape)}; expected ({n},)")
     if hyper.dim() != 3 or hyper.shape[0] != B or hyper.shape[2] != C2:
         raise ValueError(f"hyper: {describe_tensor(hyper)}; expected ({B}, M, {C2})")
-    for t in (w1, b1, ln_weight, ln_bias, w2, b2, hyper):
-        if t.device != x.device:
+    h, w = grid
+    for name, t, shape in (("add1", add1, (C1, 2 * h, 2 * w)), ("add2", add2, (C2, 4 * h, 4 * w))):
+        if t is not None and (t.dim() != 4 or t.shape[0] not in (1, B) or tuple(t.shape[1:]) != shape
+                              or not t.is_floating_point()):
+            raise ValueError(f"{name}: {describe_tensor(t)}; expected ({B} or 1, {', '.join(map(str, shape))})")
+    for t in (w1, b1, ln_weight, ln_bias, w2, b2, hyper, add1, add2):
+        if t is not None and t.device != x.device:
             raise ValueError(f"every tensor on x's device {x.device}; got {describe_tensor(t)}")
 
 
 def upscale_project(x: torch.Tensor, grid: Tuple[int, int], w1: torch.Tensor, b1: torch.Tensor,
                     ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float, w2: torch.Tensor,
-                    b2: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+                    b2: torch.Tensor, hyper: torch.Tensor, add1: Optional[torch.Tensor] = None,
+                    add2: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Upscale a token grid 4x and project it per sample. No gradient.
 
     x: (B, h*w, C), tokens in raster order on the h x w grid, any strides; float32, float16 or bfloat16
@@ -57,13 +64,15 @@ def upscale_project(x: torch.Tensor, grid: Tuple[int, int], w1: torch.Tensor, b1
         a LayerNorm over the C1 channels of each upscaled pixel, then GELU (erf).
     w2: (C1, C2, 2, 2), b2: (C2,): the second ConvTranspose2d (stride 2), then GELU.
     hyper: (B, M, C2): M projections per sample.
+    add1: None or (B | 1, C1, 2h, 2w), added after the first convolution (before the LayerNorm); add2: None
+        or (B | 1, C2, 4h, 4w), added after the second (before its GELU); a batch of 1 is every sample's.
 
     Returns float32 (B, M, 4h, 4w) (float64 for float64 x): out[b, m] = hyper[b, m] @ the C2 channels.
     The Triton path needs C a multiple of 16 and C1, C2 powers of two from 16 to 256.
     """
-    _check(x, grid, w1, b1, ln_weight, ln_bias, w2, b2, hyper)
+    _check(x, grid, w1, b1, ln_weight, ln_bias, w2, b2, hyper, add1, add2)
     if not use_triton(x) or x.dtype == torch.float64:
-        return upscale_project_reference(x, grid, w1, b1, ln_weight, ln_bias, eps, w2, b2, hyper)
+        return upscale_project_reference(x, grid, w1, b1, ln_weight, ln_bias, eps, w2, b2, hyper, add1, add2)
     C, C1, C2 = x.shape[2], w1.shape[1], w2.shape[1]
     if C % 16 or any(n < 16 or n > 256 or n & (n - 1) for n in (C1, C2)):
         raise ValueError(f"channels C={C}, C1={C1}, C2={C2}: the kernel needs C a multiple of 16 and C1, C2 "
@@ -73,4 +82,4 @@ def upscale_project(x: torch.Tensor, grid: Tuple[int, int], w1: torch.Tensor, b1
     w1p, w2p = pack_weights(w1, w2)
     vec = [t.float().contiguous() for t in (b1, ln_weight, ln_bias, b2)]
     return upscale_project_triton(x, tuple(grid), w1p, vec[0], vec[1], vec[2], float(eps), w2p, vec[3],
-                                  hyper.float().contiguous())
+                                  hyper.float().contiguous(), add1, add2)

@@ -166,6 +166,10 @@ class SamAdapter:
                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                   multimask_output=multimask_output)
 
+    @property
+    def mask_decoder(self) -> torch.nn.Module:
+        return self.model.mask_decoder
+
     def decode_factored(self, embedding: Embedding, coords: torch.Tensor, labels: torch.Tensor,
                         multimask_output: bool = True):
         """decode for point prompts with no mask input through point_decoder.decode_points: the same
@@ -271,6 +275,21 @@ class Sam2Adapter:
             repeat_image=points is not None and points[0].shape[0] > 1,
             high_res_features=[f[-1].unsqueeze(0) for f in features["high_res_feats"]])
         return low_res, iou
+
+    @property
+    def mask_decoder(self) -> torch.nn.Module:
+        return self.model.sam_mask_decoder
+
+    def decode_factored(self, embedding: Embedding, coords: torch.Tensor, labels: torch.Tensor,
+                        multimask_output: bool = True):
+        """decode for point prompts with no mask input through point_decoder.decode_points (the image
+        embedding and high-resolution features as decode passes them; check_factorable first)."""
+        model = self.model
+        sparse, dense = model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        features = embedding.features
+        return decode_points(model.sam_mask_decoder, features["image_embed"][-1].unsqueeze(0),
+                             model.sam_prompt_encoder.get_dense_pe(), sparse, dense[:1], multimask_output,
+                             [f[-1].unsqueeze(0) for f in features["high_res_feats"]])
 
     def predict(self, embedding: Embedding, coords, labels, boxes, mask_input, multimask_output: bool,
                 return_logits: bool, threshold: float = 0.0):

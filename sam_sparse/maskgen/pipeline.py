@@ -144,11 +144,8 @@ class AutomaticMaskGenerator:
         self._decode_fn = self.adapter.decode
         self._model = getattr(model, "model", model)
         if self.mode.decoder == "factored":
-            if family != "sam":
-                raise ValueError("decoder='factored' takes SAM 1's mask decoder apart (segment-anything, MobileSAM); "
-                                 "a SAM 2 model keeps its own decoder (decoder='model')")
-            check_factorable(self._model.mask_decoder)
-            if not dense_attention(self._model, self._model.mask_decoder):
+            check_factorable(self.adapter.mask_decoder)
+            if not dense_attention(self._model, self.adapter.mask_decoder):
                 raise ValueError("decoder='factored' computes dense decoder attention: the model's decoder is "
                                  "patched with a sparse policy; use decoder='model'")
         if self.mode.compile_decoder is not None:
@@ -340,7 +337,7 @@ class AutomaticMaskGenerator:
         if self.mode.decoder_dtype is not None and self.device.type == "cuda":
             autocast = torch.autocast("cuda", dtype=getattr(torch, self.mode.decoder_dtype))
         factored = self.mode.decoder == "factored" and mask_input is None and dense_attention(
-            self._model, self._model.mask_decoder)  # not while a handle observes the decoder's calls
+            self._model, self.adapter.mask_decoder)  # not while a handle observes the decoder's calls
         with autocast:
             if factored:
                 low, iou = self.adapter.decode_factored(emb, coords, labels, multimask_output)

@@ -1,6 +1,6 @@
-"""segment-anything's mask decoder for a batch of prompts on one image, with the image-side work the prompts
-share done once and the rest moved to the side with fewer rows: the Mode(decoder="factored") of the
-mask pipeline.
+"""SAM's mask decoder (segment-anything's, or SAM 2's) for a batch of prompts on one image, with the
+image-side work the prompts share done once and the rest moved to the side with fewer rows: the
+Mode(decoder="factored") of the mask pipeline.
 
 MaskDecoder repeats the image embedding once per prompt, then runs every projection of its two-way
 transformer on each copy: for 1024 points, 1024 copies of a 4096 x 256 image. Here:
@@ -12,19 +12,20 @@ transformer on each copy: for 1024 points, 1024 copies of a 4096 x 256 image. He
     drops it; sum_i p_i (Wv v_i + bv) = Wv (sum_i p_i v_i) + bv, since p sums to 1; likewise for the
     image-to-token queries and output projection (4 x fewer multiply-adds than the projections);
   - the output upscaling and the hypernetwork products run as one fused kernel on CUDA
-    (kernels.upscale_project), which never writes the 4x upscaled maps, and only for the masks returned.
+    (kernels.upscale_project), which never writes the 4x upscaled maps, and only for the masks returned;
+    SAM 2's high-resolution features, the same for every prompt, are added inside it.
 Every product is still float32; sums run in another order than SAM's, so logits differ by float32
 rounding (a mask whose score sits on a threshold can change): how much is measured, not assumed
 (tests/test_point_decoder.py, bench_amg's variants).
 
-Only SAM 1's MaskDecoder (segment-anything, MobileSAM) with dense decoder attention: a sparse decoder
-policy, or SAM 2's decoder (object-score token, high-resolution features), keeps the model's own decoder.
+Only with dense decoder attention (patches.dense_attention): a sparse decoder policy keeps the model's
+own decoder. SAM 2's object-score logits and mask tokens for the object pointer (video) are not returned.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,27 +34,31 @@ from torch import nn
 from ..kernels import upscale_project
 
 
-def check_factorable(mask_decoder: nn.Module) -> None:
-    """ValueError unless the decoder has segment-anything's MaskDecoder layout: a two-way transformer
-    whose first layer skips positions in its self-attention, and an output upscaling of ConvTranspose2d
-    (2x2, stride 2), LayerNorm2d, GELU, ConvTranspose2d (2x2, stride 2), GELU."""
-    from segment_anything.modeling.common import LayerNorm2d
+def _layer_norm_2d(m: nn.Module) -> bool:
+    """segment-anything's or sam2's LayerNorm2d (the same formula: over channels, eps inside the root)."""
+    return type(m).__name__ == "LayerNorm2d" and type(m).__module__.split(".")[0] in ("segment_anything", "sam2")
 
+
+def check_factorable(mask_decoder: nn.Module) -> None:
+    """ValueError unless the decoder has segment-anything's (or SAM 2's) MaskDecoder layout: a two-way
+    transformer whose first layer skips positions in its self-attention, and an output upscaling of
+    ConvTranspose2d (2x2, stride 2), LayerNorm2d, GELU, ConvTranspose2d (2x2, stride 2), GELU."""
     tf = getattr(mask_decoder, "transformer", None)
     layers = getattr(tf, "layers", None)
     up = getattr(mask_decoder, "output_upscaling", None)
-    kinds = (nn.ConvTranspose2d, LayerNorm2d, nn.GELU, nn.ConvTranspose2d, nn.GELU)
+    kinds = (nn.ConvTranspose2d, None, nn.GELU, nn.ConvTranspose2d, nn.GELU)
     ok = (
         layers is not None and len(layers) > 0 and hasattr(tf, "final_attn_token_to_image")
         and [layer.skip_first_layer_pe for layer in layers] == [True] + [False] * (len(layers) - 1)
-        and isinstance(up, nn.Sequential) and len(up) == 5 and all(isinstance(m, k) for m, k in zip(up, kinds))
+        and isinstance(up, nn.Sequential) and len(up) == 5 and _layer_norm_2d(up[1])
+        and all(k is None or isinstance(m, k) for m, k in zip(up, kinds))
         and all(up[i].kernel_size == (2, 2) and up[i].stride == (2, 2) and up[i].padding == (0, 0)
                 and up[i].output_padding == (0, 0) and up[i].groups == 1 and up[i].dilation == (1, 1)
                 for i in (0, 3))
         and all(up[i].approximate == "none" for i in (2, 4))
     )
     if not ok:
-        raise ValueError(f"{type(mask_decoder).__name__}: the factored decoder needs segment-anything's "
+        raise ValueError(f"{type(mask_decoder).__name__}: the factored decoder needs segment-anything's or SAM 2's "
                          "MaskDecoder (a TwoWayTransformer; upscaling ConvTranspose2d 2x2 stride 2, "
                          "LayerNorm2d, GELU, ConvTranspose2d 2x2 stride 2, GELU)")
 
@@ -100,17 +105,21 @@ def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 def decode_points(mask_decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
-                  sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """MaskDecoder.forward for B prompts on one image (check_factorable first).
+                  sparse: torch.Tensor, dense: torch.Tensor, multimask_output: bool,
+                  high_res_features: Optional[Sequence[torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """MaskDecoder.forward's masks and predicted IoUs for B prompts on one image (check_factorable first).
 
     image_embeddings, image_pe: (1, C, h, w); sparse: (B, S, C) prompt tokens; dense: (1, C, h, w), the
-    one dense prompt of every prompt (no mask input). Returns logits (B, M, 4h, 4w) float32 and predicted
-    IoUs (B, M): M = 3 with multimask_output (mask tokens 1-3), else 1 (token 0), as MaskDecoder.
+    one dense prompt of every prompt (no mask input); high_res_features: SAM 2's (1, C/8, 4h, 4w) and
+    (1, C/4, 2h, 2w) maps when its decoder uses them. Returns logits (B, M, 4h, 4w) float32 and predicted
+    IoUs (B, M): M = 3 with multimask_output (mask tokens 1-3), else 1 (token 0, or SAM 2's choice by
+    stability where its decoder makes one), as the decoder's forward.
     """
     dec, tf = mask_decoder, mask_decoder.transformer
     B = sparse.shape[0]
     _, C, h, w = image_embeddings.shape
-    output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    first = [dec.obj_score_token.weight] if getattr(dec, "pred_obj_scores", False) else []  # SAM 2's extra token
+    output_tokens = torch.cat(first + [dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(B, -1, -1), sparse], dim=1)
     keys = (image_embeddings + dense).flatten(2).transpose(1, 2)  # (1, hw, C) until the first image update
     pe = image_pe.flatten(2).transpose(1, 2)
@@ -127,11 +136,19 @@ def decode_points(mask_decoder: nn.Module, image_embeddings: torch.Tensor, image
         queries = layer.norm3(queries + layer.mlp(queries))
         keys = layer.norm4(keys + image_to_token(layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries))
     queries = tf.norm_final_attn(queries + token_to_image(tf.final_attn_token_to_image, queries + tokens, keys + pe, keys))
-    chosen = range(1, dec.num_mask_tokens) if multimask_output else range(0, 1)
-    hyper = torch.stack([dec.output_hypernetworks_mlps[i](queries[:, 1 + i]) for i in chosen], dim=1)
-    iou = dec.iou_prediction_head(queries[:, 0])[:, chosen.start:chosen.stop]
+    s = len(first)  # the IoU token's row
+    by_stability = not multimask_output and getattr(dec, "dynamic_multimask_via_stability", False)
+    chosen = range(0, dec.num_mask_tokens) if by_stability else range(1, dec.num_mask_tokens) if multimask_output \
+        else range(0, 1)
+    hyper = torch.stack([dec.output_hypernetworks_mlps[i](queries[:, s + 1 + i]) for i in chosen], dim=1)
+    iou = dec.iou_prediction_head(queries[:, s])[:, chosen.start:chosen.stop]
     up1, norm, _, up2, _ = dec.output_upscaling
+    add1 = add2 = None
+    if getattr(dec, "use_high_res_features", False):
+        add2, add1 = high_res_features  # SAM 2: feat_s1 before the LayerNorm, feat_s0 before the last GELU
     keys = keys.expand(B, -1, -1)  # a decoder with no image update still gives every prompt its masks
     masks = upscale_project(keys, (h, w), up1.weight, up1.bias, norm.weight, norm.bias, norm.eps,
-                            up2.weight, up2.bias, hyper)
+                            up2.weight, up2.bias, hyper, add1, add2)
+    if by_stability:  # SAM 2's own rule, on all four masks (a method of its decoder, as its forward calls it)
+        return dec._dynamic_multimask_via_stability(masks, iou)
     return masks, iou

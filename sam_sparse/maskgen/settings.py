@@ -102,9 +102,10 @@ class Mode:
     compile_decoder: None, or a torch.compile mode ("default", "reduce-overhead" for CUDA graphs,
       "max-autotune-no-cudagraphs"): the decoder call compiled for one batch shape (the last batch of a
       crop is padded to it). The first call compiles (tens of seconds).
-    decoder: "model" (the model's own mask decoder) or "factored" (SAM 1 models whose decoder attention
-      is dense: point_decoder.decode_points, the same float32 math with the work the points share done
-      once, the upscaling fused on CUDA; logits differ by float32 rounding). Not with compile_decoder.
+    decoder: "model" (the model's own mask decoder) or "factored" (models whose decoder attention is
+      dense: point_decoder.decode_points, the same float32 math with the work the points share done once,
+      the upscaling fused on CUDA; logits differ by float32 rounding; SAM 2's mask-to-mask refinement
+      keeps the model's decoder). Not with compile_decoder.
     """
 
     name: str

@@ -4,7 +4,7 @@ decoder shapes, and the factored fast mode against segment-anything's generator.
 - the kernel against the float64 oracle of tests/test_upscale_kernel.py at (B, 64 x 64, 256 -> 64 -> 32,
   3 masks), float32 (3xTF32 at torch's default "highest" precision, TF32 at "high") and bf16 inputs,
   output poisoned with NaN first, checked globally and per output row;
-- decode_points against MaskDecoder on MobileSAM's released weights, per mask;
+- decode_points against MaskDecoder on MobileSAM's released weights and SAM 2.1 hiera_t's, per mask;
 - Mode(decoder="factored") keeps >= 99% of segment-anything's masks at IoU >= 0.9 on 3 photos.
 
     TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/gpu/test_gpu_upscale.py
@@ -89,3 +89,25 @@ def test_factored_fast_mode_keeps_99_percent_of_the_masks_on_cuda(mobile):
     matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
     print(f"factored fast vs segment-anything on CUDA: {len(ious)} masks, {matched:.1%}, median {median:.4f}")
     assert matched >= 0.99 and median >= 0.99, (matched, median)
+
+
+def test_sam2_factored_decoder_against_sam2s_decoder_on_cuda():
+    """SAM 2.1 hiera_t at 1024 px (random weights, attention sharpened): high-resolution features added in
+    the kernel, the object-score token, one-mask choice by stability."""
+    pytest.importorskip("sam2", reason="sam2 is an optional dependency (pip install sam2)")
+    from sam2_helpers import photo, small_sam2
+
+    from sam_sparse.maskgen.adapters import Sam2Adapter
+
+    seed, g = seeded()
+    adapter = Sam2Adapter(small_sam2(image_size=1024).cuda())
+    coords = (torch.rand(64, 1, 2, generator=g) * 1024).cuda()
+    labels = torch.ones(64, 1, dtype=torch.int, device="cuda")
+    with torch.inference_mode():
+        [emb] = adapter.embed([adapter.prepare(photo(600, 800))])
+        for multimask in (True, False):
+            ref, ref_iou = adapter.decode(emb, coords, labels, multimask_output=multimask)
+            low, iou = adapter.decode_factored(emb, coords, labels, multimask)
+            per_mask = (low - ref).abs().flatten(2).amax(-1) / ref.abs().flatten(2).amax(-1).clamp(min=1e-6)
+            assert torch.isfinite(low).all() and per_mask.amax().item() <= 1e-4, (seed, multimask, per_mask.amax().item())
+            assert (iou - ref_iou).abs().amax().item() <= 1e-4, (seed, multimask)
