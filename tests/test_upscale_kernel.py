@@ -160,3 +160,15 @@ def test_kernel_refuses_channels_it_cannot_tile(triton_upscale):
     b = make_inputs(g, 1, 2, 2, 32, 48, 16, 1)
     with pytest.raises(ValueError, match="C1=48"):
         upscale_project(**b)
+
+
+@needs_triton
+def test_tuning_space_is_pruned_to_configs_that_fit(triton_upscale):
+    """The run-time tuner times only configs whose K step divides C (the K loop has no tail) and whose
+    pixel tile the grid can fill; every channel count the API accepts keeps some."""
+    cfgs = triton_upscale.CONFIGS
+    for c, hw, step in ((256, 4096, 64), (48, 35, 16), (96, 4096, 32), (16, 9, 16)):
+        kept = triton_upscale.prune(cfgs, {"HW": hw}, C=c, C1=64, C2=32, M=3)
+        assert kept and all(k.kwargs["BLOCK_K"] == step and c % k.kwargs["BLOCK_K"] == 0 for k in kept), (c, kept)
+        assert all(k.kwargs["BLOCK_P"] < max(64, 2 * hw) for k in kept), (hw, kept)  # no tile twice the grid
+    assert len(triton_upscale.prune(cfgs, {"HW": 4096}, C=256)) == 6

@@ -19,7 +19,8 @@ for SAM's mask decoder at 1024 prompts, 4 and 8 GiB.
 
 float32 products follow torch.get_float32_matmul_precision() (triton_attn.dot_precision): "highest"
 runs 3xTF32 (float32-level error), "high" / "medium" TF32. Launch configs are tuned at run time per
-(h*w, C, C1, C2, M) over the configs that fit the shape (triton.autotune; nothing stored on disk).
+(h*w, C, C1, C2, M, dtypes) over the configs that fit the shape (triton.autotune with `prune`; nothing
+stored on disk): the first call at a new shape times 6 configs.
 
 Shapes: x (B, h*w, C), any strides, float32 / float16 / bfloat16 (computed in float32); packed
 weights w1 (4, C, C1) and w2 (4, C1, C2) with sub-pixel s = 2 * row + col, b1 / ln_weight / ln_bias
@@ -47,19 +48,23 @@ if INTERPRET:
 SQRT_HALF = 0.7071067811865476
 
 
-def _configs() -> List[triton.Config]:
-    if INTERPRET:  # one config: the interpreter would otherwise "time" every one of them
-        return [triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_P": p, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for p in (32, 64, 128) for k in (32, 64) for w in (4, 8) for s in (2, 3)]
+# The tuning space: pixels per program, the K step over C (the largest that divides C is kept: the K loop
+# has no tail), warps. The K loop is C / BLOCK_K steps long (4 for SAM), so pipelining depth is fixed.
+CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_K": k}, num_warps=w, num_stages=2)
+           for p in (32, 64, 128) for k in (16, 32, 64) for w in (4, 8)]
+# One config in the interpreter, which would otherwise "time" every one of them.
+INTERPRETER_CONFIG = triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
 
 
-def _prune(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
-    """The configs that fit the call: BLOCK_K divides C, BLOCK_P no larger than the pixels need."""
-    c, hw = named_args["C"], named_args["HW"]
-    keep = [cfg for cfg in configs
-            if c % cfg.kwargs["BLOCK_K"] == 0 and cfg.kwargs["BLOCK_P"] <= max(16, next_pow2(hw))]
-    return keep or [min(configs, key=lambda cfg: (cfg.kwargs["BLOCK_K"], cfg.kwargs["BLOCK_P"]))]
+def prune(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
+    """The configs that fit a call (triton.autotune's early_config_prune: positional arguments in
+    named_args, constexprs in kwargs): BLOCK_K the largest of 64 / 32 / 16 that divides C, BLOCK_P no
+    larger than the pixels need (6 of the 18 left to time)."""
+    args = {**named_args, **kwargs}
+    c, hw = args["C"], args["HW"]
+    step = next(k for k in (64, 32, 16) if c % k == 0)
+    keep = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == step and cfg.kwargs["BLOCK_P"] <= max(32, next_pow2(hw))]
+    return keep or [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == step][:1]
 
 
 @triton.jit
@@ -67,8 +72,8 @@ def _gelu(z):
     return 0.5 * z * (1.0 + tl.erf(z * SQRT_HALF))
 
 
-@triton.autotune(configs=_configs(), key=["HW", "C", "C1", "C2", "M"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=[INTERPRETER_CONFIG] if INTERPRET else CONFIGS, key=["HW", "C", "C1", "C2", "M"],
+                 prune_configs_by={"early_config_prune": prune})
 @triton.jit
 def _upscale_kernel(
     X, W1, B1, LNW, LNB, W2, B2, HYP, OUT, ADD1, ADD2,
