@@ -6,8 +6,8 @@
 #   env: TESTS (pytest files), AMG (bench_amg sections), VIDEO ("model:objects ..." pairs), CONFIGS (video configs)
 set -u
 COMMIT=${1:-unknown}
-TESTS=${TESTS:-tests/gpu/test_gpu_graphs.py tests/gpu/test_gpu_maskgen.py}
-AMG=${AMG:-variants,predictor}
+TESTS=${TESTS:-tests/gpu/test_gpu_upscale.py tests/gpu/test_gpu_graphs.py tests/gpu/test_gpu_maskgen.py}
+AMG=${AMG:-variants,crops,profile}
 VIDEO=${VIDEO:-sam2.1_hiera_l:1,16}
 CONFIGS=${CONFIGS:-unpatched,dense-batched,memory-local}
 . scripts/device_setup.sh
