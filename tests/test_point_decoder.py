@@ -117,7 +117,7 @@ def test_generator_refuses_the_factored_decoder_where_it_would_differ(mobile):
         with_changes(FAST, decoder="factored", compile_decoder="default")
     model = copy.deepcopy(mobile)
     handle = patch_sam(model, "region_focused")  # a per-prompt decoder policy
-    with pytest.raises(ValueError, match="patched with a sparse policy; use decoder='model'"):
+    with pytest.raises(ValueError, match="patched with a sparse policy .*; use decoder='model'"):
         AutomaticMaskGenerator(model, with_changes(FAST, decoder="factored"))
     handle.restore()
     AutomaticMaskGenerator(model, with_changes(FAST, decoder="factored"))
@@ -199,6 +199,9 @@ def test_dense_attention_says_whether_a_part_computes_the_unpatched_math(mobile)
     handle.restore()
     handle = patch_sam(model, "region_focused")
     assert not dense_attention(model, model.mask_decoder)
-    assert not dense_attention(model.mask_decoder)  # patched, but not by a handle of this object: unknown
     handle.restore()
     assert dense_attention(model, model.mask_decoder)
+    handle = patch_sam(model.mask_decoder, "dense")  # the handle sits on the part it patched
+    assert dense_attention(model, model.mask_decoder) and dense_attention(model.mask_decoder)
+    assert not dense_attention(model.mask_decoder.transformer)  # patched by a handle it cannot see: unknown
+    handle.restore()

@@ -146,8 +146,9 @@ class AutomaticMaskGenerator:
         if self.mode.decoder == "factored":
             check_factorable(self.adapter.mask_decoder)
             if not dense_attention(self._model, self.adapter.mask_decoder):
-                raise ValueError("decoder='factored' computes dense decoder attention: the model's decoder is "
-                                 "patched with a sparse policy; use decoder='model'")
+                raise ValueError("decoder='factored' computes dense decoder attention, and the model's decoder "
+                                 "attention is patched with a sparse policy (or by a handle of another object than "
+                                 "the model or its decoder); use decoder='model'")
         if self.mode.compile_decoder is not None:
             self._decode_fn = torch.compile(self.adapter.decode, mode=self.mode.compile_decoder, dynamic=False)
         self._max_batch: Optional[int] = None

@@ -129,17 +129,18 @@ def observing(model) -> bool:
 
 def dense_attention(model, part: Optional[nn.Module] = None) -> bool:
     """Whether every attention module inside `part` (default: the whole model) computes what the unpatched
-    model computes, up to float rounding: none is patched, or the handle patching `model` has a dense
-    layout for each, and no handle observes them (their calls must run). Code that replaces a part's
-    forward by the same math in another form (maskgen's factored decoder) asks this first."""
+    model computes, up to float rounding: none is patched, or the handle patching `model` (or `part`
+    itself) has a dense layout for each, and no handle observes them (their calls must run). Code that
+    replaces a part's forward by the same math in another form (maskgen's factored decoder) asks this first."""
     part = model if part is None else part
     patched = [m for m in part.modules() if hasattr(m, "_sam_sparse")]
     if not patched:
         return True
-    handle = getattr(model, "_sam_sparse_handle", None)
-    if handle is None or handle.observing:
+    handles = {id(h): h for h in (getattr(model, "_sam_sparse_handle", None), getattr(part, "_sam_sparse_handle", None))
+               if h is not None}.values()
+    if any(h.observing for h in handles):
         return False
-    rows = {id(m): rep for rep, m in handle.modules()}
+    rows = {id(m): rep for h in handles for rep, m in h.modules()}
     return all(id(m) in rows and rows[id(m)].pattern == "dense" for m in patched)
 
 
