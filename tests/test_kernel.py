@@ -410,7 +410,7 @@ def test_interpreter_takes_the_index_of_a_one_element_scalar():
     import numpy as np
     from triton.runtime import interpreter
 
-    from sam_sparse.kernels.triton_attn import patch_interpreter_for_numpy
+    from sam_sparse.kernels.triton_util import patch_interpreter_for_numpy
 
     patch_interpreter_for_numpy()
     patch_interpreter_for_numpy()  # idempotent: one wrapper

@@ -164,12 +164,22 @@ def test_fast_mode_keeps_99_percent_of_the_masks(mobile, photos, references):
     assert matched >= 0.99 and median >= 0.99, (matched, median)
 
 
+def count_factored_calls(generator) -> list:
+    """A list that grows by one per call of the generator's factored decoder (so a silent fall-back to the
+    model's decoder, which also meets the agreement bar, is seen)."""
+    calls, real = [], generator.adapter.decode_factored
+    generator.adapter.decode_factored = lambda *a, **k: calls.append(1) or real(*a, **k)
+    return calls
+
+
 def test_factored_decoder_keeps_99_percent_of_the_masks(mobile, photos, references):
     """Mode(decoder="factored") (point_decoder.py) against segment-anything, as the fast mode above."""
     from sam_sparse.maskgen import FAST, AutomaticMaskGenerator, with_changes
 
     generator = AutomaticMaskGenerator(mobile, with_changes(FAST, decoder="factored"), **SETTINGS)
+    calls = count_factored_calls(generator)
     ious = np.concatenate([best_ious(references[n], generator.generate(photos[n])) for n in PHOTOS])
+    assert len(calls) == len(PHOTOS)  # one decoder batch per photo, each through the factored decoder
     matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
     print(f"factored decoder vs segment-anything: {len(ious)} masks, {matched:.1%} matched, median {median:.4f}")
     assert len(ious) >= 15
@@ -310,7 +320,10 @@ def test_sam2_factored_decoder_keeps_sam2s_masks(sam2_model, photos, case):
     image = photos["astronaut"]
     with torch.inference_mode():
         ref = SAM2AutomaticMaskGenerator(sam2_model, **SAM2_CASES[case]).generate(image)
-    ours = AutomaticMaskGenerator(sam2_model, with_changes(FAST, decoder="factored"), **SAM2_CASES[case]).generate(image)
+    generator = AutomaticMaskGenerator(sam2_model, with_changes(FAST, decoder="factored"), **SAM2_CASES[case])
+    calls = count_factored_calls(generator)
+    ours = generator.generate(image)
+    assert calls, "the factored decoder never ran"
     assert len(ref) >= 5, f"{len(ref)} masks: too few to compare"
     ious = best_ious(ref, ours)
     assert (ious >= 0.9).all(), ious

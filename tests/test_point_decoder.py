@@ -168,8 +168,8 @@ def test_float64_factored_decoder_is_sam2s_decoder(sam2_parts, n, multimask):
 
 
 def test_an_observed_decoder_runs_its_own_calls(mobile):
-    """While a handle observes the model, the generator calls the model's decoder, so the observer sees
-    every decoder attention; the records stay the factored mode's."""
+    """While a handle observes the model, the generator calls the model's own decoder, so the observer sees
+    every decoder attention (and the records are the model decoder's: as many as the factored mode's here)."""
     from skimage import data
 
     from sam_sparse.maskgen import FAST, AutomaticMaskGenerator, with_changes

@@ -7,7 +7,12 @@ runs the compiled kernel at SAM's shapes. Outputs are poisoned with NaN before t
 and checked globally and per output row.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,15 +165,60 @@ def test_kernel_refuses_channels_it_cannot_tile(triton_upscale):
     b = make_inputs(g, 1, 2, 2, 32, 48, 16, 1)
     with pytest.raises(ValueError, match="C1=48"):
         upscale_project(**b)
+    wide = make_inputs(g, 1, 2, 2, 32, 256, 16, 1)  # its (C1, C2) weight tile would not fit in shared memory
+    with pytest.raises(ValueError, match="C1=256.*powers of two from 16 to 128"):
+        upscale_project(**wide)
+    many = make_inputs(g, 1, 2, 2, 32, 16, 16, 65)
+    with pytest.raises(ValueError, match="65 projections per sample; the kernel takes at most 64"):
+        upscale_project(**many)
+
+
+@needs_triton
+def test_batches_past_the_launch_grid_run_in_slices(triton_upscale, monkeypatch):
+    """More samples than CUDA's grid axis holds (65535) run as several launches: with the limit set to 2,
+    5 samples take 3, each writing its own slice (NaN poison elsewhere would show), shared skip maps too."""
+    seed, g = seeded()
+    monkeypatch.setattr(triton_upscale, "MAX_GRID_Y", 2)
+    a = make_inputs(g, 5, 3, 4, 16, 16, 16, 2, skips=1)
+    ref = oracle(**a)
+    w1p, w2p = triton_upscale.pack_weights(a["w1"], a["w2"])
+    poisoned = torch.full(ref.shape, float("nan"))
+    out = triton_upscale.upscale_project_triton(a["x"], a["grid"], w1p, a["b1"], a["ln_weight"], a["ln_bias"],
+                                                a["eps"], w2p, a["b2"], a["hyper"], a["add1"], a["add2"], out=poisoned)
+    check(out, ref, seed, "5 samples in launches of 2")
+    per_sample = make_inputs(g, 5, 3, 4, 16, 16, 16, 2, skips=5)
+    check(upscale_project(**per_sample), oracle(**per_sample), seed, "per-sample skip maps in launches of 2")
 
 
 @needs_triton
 def test_tuning_space_is_pruned_to_configs_that_fit(triton_upscale):
-    """The run-time tuner times only configs whose K step divides C (the K loop has no tail) and whose
-    pixel tile the grid can fill; every channel count the API accepts keeps some."""
+    """The run-time tuner times only configs whose K step divides C (the K loop has no tail) and whose pixel
+    tile a small grid does not leave mostly idle; every channel count the API accepts keeps one."""
     cfgs = triton_upscale.CONFIGS
-    for c, hw, step in ((256, 4096, 64), (48, 35, 16), (96, 4096, 32), (16, 9, 16)):
+    assert len(triton_upscale.prune(cfgs, {"HW": 4096}, C=256)) == len(cfgs)  # SAM's head: all 7 are timed
+    for c, hw in ((48, 35), (96, 4096), (16, 9), (272, 100)):
         kept = triton_upscale.prune(cfgs, {"HW": hw}, C=c, C1=64, C2=32, M=3)
-        assert kept and all(k.kwargs["BLOCK_K"] == step and c % k.kwargs["BLOCK_K"] == 0 for k in kept), (c, kept)
-        assert all(k.kwargs["BLOCK_P"] < max(64, 2 * hw) for k in kept), (hw, kept)  # no tile twice the grid
-    assert len(triton_upscale.prune(cfgs, {"HW": 4096}, C=256)) == 6
+        assert kept and all(c % k.kwargs["BLOCK_K"] == 0 for k in kept), (c, kept)
+        assert len(kept) == 1 or all(k.kwargs["BLOCK_P"] < max(64, 2 * hw) for k in kept), (hw, kept)
+
+
+@needs_triton
+@pytest.mark.parametrize("skips", [False, True])
+def test_kernel_compiles_for_hopper_within_its_registers(skips):
+    """tests/hopper_compile.py compiles every tuning config for sm_90a (no GPU needed; its own process, with
+    the compiler instead of the interpreter, which skips the compiler's checks) at a 256 -> 64 -> 32 head:
+    each compiles, fits the H200's 227 KiB of shared memory, and some fit in registers with no spilling."""
+    ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this Triton has no bundled ptxas")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(
+        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    env.pop("SAM_SPARSE_FORCE_TRITON", None)
+    proc = subprocess.run([sys.executable, str(root / "tests" / "hopper_compile.py"), *(["--skips"] if skips else [])],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) >= 4, proc.stdout
+    assert all(r["shared_bytes"] <= 227 * 1024 for r in rows), rows
+    assert any(r["spill_bytes"] == 0 for r in rows), rows

@@ -168,13 +168,14 @@ def upscale_project_reference(x: torch.Tensor, grid: Tuple[int, int], w1: torch.
     B, _, C = x.shape
     h, w = grid
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y = F.conv_transpose2d(x.to(dt).transpose(1, 2).reshape(B, C, h, w), w1.to(dt), b1.to(dt), stride=2)
-    if add1 is not None:
-        y = y + add1.to(dt)
-    mean = y.mean(1, keepdim=True)
-    var = (y - mean).pow(2).mean(1, keepdim=True)
-    y = (y - mean) / torch.sqrt(var + eps)
-    y = F.gelu(ln_weight.to(dt)[:, None, None] * y + ln_bias.to(dt)[:, None, None])
-    z = F.conv_transpose2d(y, w2.to(dt), b2.to(dt), stride=2)
-    z = F.gelu(z if add2 is None else z + add2.to(dt))
-    return (hyper.to(dt) @ z.flatten(2)).view(B, hyper.shape[1], 4 * h, 4 * w)
+    with torch.autocast(x.device.type, enabled=False):  # the dtype promised, under a caller's autocast too
+        y = F.conv_transpose2d(x.to(dt).transpose(1, 2).reshape(B, C, h, w), w1.to(dt), b1.to(dt), stride=2)
+        if add1 is not None:
+            y = y + add1.to(dt)
+        mean = y.mean(1, keepdim=True)
+        var = (y - mean).pow(2).mean(1, keepdim=True)
+        y = (y - mean) / torch.sqrt(var + eps)
+        y = F.gelu(ln_weight.to(dt)[:, None, None] * y + ln_bias.to(dt)[:, None, None])
+        z = F.conv_transpose2d(y, w2.to(dt), b2.to(dt), stride=2)
+        z = F.gelu(z if add2 is None else z + add2.to(dt))
+        return (hyper.to(dt) @ z.flatten(2)).view(B, hyper.shape[1], 4 * h, 4 * w)

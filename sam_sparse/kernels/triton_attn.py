@@ -62,49 +62,14 @@ import triton
 import triton.language as tl
 
 from .layout import length_bucket
+from .triton_util import INTERPRET, MAX_GRID_Y, dot_precision, next_pow2
 
 try:  # Triton >= 3.4: host-side TMA descriptors (the Hopper path)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-# The interpreter is chosen when kernels are defined (import time), so read the flag once here.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def patch_interpreter_for_numpy() -> None:
-    """Make Triton's interpreter before 3.8 work with NumPy >= 2.4 (triton_mass.py calls this too).
-
-    The interpreter holds a scalar as a 1-element array and turns it into a Python int with int(array),
-    which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every loop
-    bounded by a run-time value (``range(n_steps)``) fails: the GPU machines' torch 2.11 / Triton 3.6 with
-    NumPy 2.5 did. It sets tensor.__index__ per launch in _patch_lang_tensor; this wraps that function to
-    squeeze first, as Triton 3.8 does; once per process (a second call finds the wrapper), and nothing where
-    Triton has no such function.
-    """
-    from triton.runtime import interpreter
-
-    patch = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch is None or getattr(patch, "squeezes_index", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patch_lang_tensor.squeezes_index = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-
-if INTERPRET:
-    patch_interpreter_for_numpy()
-
 BIAS_NONE, BIAS_RECT, BIAS_ONEHOT, BIAS_GATHER = 0, 1, 2, 3
-MAX_GRID_Y = 65535  # CUDA's limit on a launch grid's second and third axes
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 def _split_head_dim(d: int) -> Tuple[int, int]:
@@ -742,14 +707,6 @@ def _contiguous_strides(shape) -> tuple:
         strides.append(step)
         step *= n
     return tuple(reversed(strides))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    if INTERPRET:
-        return "ieee"
-    if dtype != torch.float32:
-        return "tf32"  # only the one-hot bias products see fp32 operands; the main MMAs are 16-bit
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 # Q, K, V, Out, K_PAD, V_PAD, four TMA descriptors, KV_NUM, KV_IDX, REL_H, REL_W, CU_Q, CU_K

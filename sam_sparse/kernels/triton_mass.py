@@ -13,18 +13,12 @@ every key order; calibration is offline, so this kernel is not tuned.
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_attn import dot_precision, next_pow2, patch_interpreter_for_numpy
-
-# The interpreter is chosen when kernels are defined (import time), so read the flag once here.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    patch_interpreter_for_numpy()
+from .triton_util import INTERPRET, dot_precision, next_pow2
 
 
 @triton.jit

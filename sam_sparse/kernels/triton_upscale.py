@@ -12,12 +12,12 @@ with Y = 2y + a, X = 2x + d:
 
 One program takes BLOCK_P input pixels of one sample. For each of the 4 first-stage sub-pixels it forms
 the (BLOCK_P, C1) product on the tensor cores (a K loop over C in BLOCK_K chunks), normalizes it and, for
-each of the 4 second-stage sub-pixels, forms (BLOCK_P, C2) and the M projections as row sums. x is read
-once per first-stage sub-pixel (the later reads hit L2); only the (B, M, 4h, 4w) result is written.
+each of the 4 second-stage sub-pixels, forms (BLOCK_P, C2) and the M projections as one small product. x is
+read once per first-stage sub-pixel (the later reads hit L2); only the (B, M, 4h, 4w) result is written.
 Unfused, the two maps are (B, C1, 2h, 2w) and (B, C2, 4h, 4w) floats written and read by five kernels:
-for SAM's mask decoder at 1024 prompts, 4 and 8 GiB.
+for a 64 x 64 x 256 input with C1 = 64, C2 = 32 and B = 1024, 4 and 8 GiB.
 
-float32 products follow torch.get_float32_matmul_precision() (triton_attn.dot_precision): "highest"
+float32 products follow torch.get_float32_matmul_precision() (triton_util.dot_precision): "highest"
 runs 3xTF32 (float32-level error), "high" / "medium" TF32. Launch configs are tuned at run time per
 (h*w, C, C1, C2, M, dtypes) over the configs that fit the shape (triton.autotune with `prune`; nothing
 stored on disk): the first call at a new shape times 6 configs.
@@ -26,53 +26,47 @@ Shapes: x (B, h*w, C), any strides, float32 / float16 / bfloat16 (computed in fl
 weights w1 (4, C, C1) and w2 (4, C1, C2) with sub-pixel s = 2 * row + col, b1 / ln_weight / ln_bias
 (C1,), b2 (C2,), hyper (B, M, C2), all float32 and contiguous; optional add1 (B | 1, C1, 2h, 2w) and
 add2 (B | 1, C2, 4h, 4w), any strides (a size-1 batch is shared); out (B, M, 4h, 4w) float32.
-C a multiple of 16; C1 and C2 powers of two from 16 to 256.
+C a multiple of 16; C1 and C2 powers of two from 16 to 128; M <= 64.
 """
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_attn import MAX_GRID_Y, dot_precision, next_pow2, patch_interpreter_for_numpy
+from .triton_util import INTERPRET, MAX_GRID_Y, dot_precision, next_pow2
 
-# The interpreter is chosen when kernels are defined (import time), so read the flag once here.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if INTERPRET:
-    patch_interpreter_for_numpy()
-
-SQRT_HALF = 0.7071067811865476
-
-
-# The tuning space: pixels per program, the K step over C (the largest that divides C is kept: the K loop
-# has no tail), warps. The K loop is C / BLOCK_K steps long (4 for SAM), so pipelining depth is fixed.
+# The tuning space: (pixels per program, K step over C, warps). Kept to the ones ptxas fits in 255
+# registers with no or little spilling at a 256 -> 64 -> 32 head in 3xTF32 on sm_90 (the float32 operands'
+# split parts and the (BLOCK_P, C1) LayerNorm tile are what fill them; tests/test_upscale_kernel.py compiles
+# them offline). The K loop is C / BLOCK_K steps long, so pipelining depth is fixed.
 CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_K": k}, num_warps=w, num_stages=2)
-           for p in (32, 64, 128) for k in (16, 32, 64) for w in (4, 8)]
+           for p, k, w in ((32, 64, 4), (32, 64, 8), (32, 32, 8), (64, 32, 8), (64, 16, 4), (64, 16, 8), (128, 16, 8))]
 # One config in the interpreter, which would otherwise "time" every one of them.
 INTERPRETER_CONFIG = triton.Config({"BLOCK_P": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
 
 
 def prune(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
     """The configs that fit a call (triton.autotune's early_config_prune: positional arguments in
-    named_args, constexprs in kwargs): BLOCK_K the largest of 64 / 32 / 16 that divides C, BLOCK_P no
-    larger than the pixels need (6 of the 18 left to time)."""
+    named_args, constexprs in kwargs): BLOCK_K divides C (the K loop has no tail), BLOCK_P no larger than
+    the pixels need; the smallest tile when none is left."""
     args = {**named_args, **kwargs}
     c, hw = args["C"], args["HW"]
-    step = next(k for k in (64, 32, 16) if c % k == 0)
-    keep = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == step and cfg.kwargs["BLOCK_P"] <= max(32, next_pow2(hw))]
-    return keep or [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] == step][:1]
+    fits = [cfg for cfg in configs if c % cfg.kwargs["BLOCK_K"] == 0]
+    keep = [cfg for cfg in fits if cfg.kwargs["BLOCK_P"] <= max(32, next_pow2(hw))]
+    return keep or fits[:1]
 
 
 @triton.jit
 def _gelu(z):
-    return 0.5 * z * (1.0 + tl.erf(z * SQRT_HALF))
+    return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))  # erf GELU; z / sqrt(2)
 
 
-@triton.autotune(configs=[INTERPRETER_CONFIG] if INTERPRET else CONFIGS, key=["HW", "C", "C1", "C2", "M"],
+@triton.autotune(configs=[INTERPRETER_CONFIG] if INTERPRET else CONFIGS,
+                 key=["HW", "C", "C1", "C2", "M", "HAS_ADD1", "HAS_ADD2", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": prune})
 @triton.jit
 def _upscale_kernel(
@@ -80,8 +74,9 @@ def _upscale_kernel(
     stride_xb, stride_xp, stride_xc, stride_hb, stride_hm, stride_ob, stride_om,
     stride_1b, stride_1c, stride_1h, stride_1w, stride_2b, stride_2c, stride_2h, stride_2w,
     HW, GW, eps,
-    C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr, HAS_ADD1: tl.constexpr,
-    HAS_ADD2: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
+    C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr, M_P: tl.constexpr,
+    HAS_ADD1: tl.constexpr, HAS_ADD2: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -92,20 +87,24 @@ def _upscale_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     c1 = tl.arange(0, C1)
     c2 = tl.arange(0, C2)
+    mm = tl.arange(0, M_P)
     x_rows = X + b * stride_xb + offs_p[:, None] * stride_xp
     out_w = 4 * GW
-    out_b = OUT + b * stride_ob
-    hyp_b = HYP + b * stride_hb
-    for s1 in tl.static_range(4):
+    # The M projections as one (BLOCK_P, C2) @ (C2, M_P) product, M padded with zero columns: M row sums of
+    # v * hyper[m] across the MMA layout took every register (ptxas: 255 and spills at any tile size).
+    hyp_t = tl.load(HYP + b * stride_hb + mm[None, :] * stride_hm + c2[:, None], mask=mm[None, :] < M, other=0.0)
+    out_tile = OUT + b * stride_ob + mm[None, :] * stride_om
+    out_ok = p_ok[:, None] & (mm[None, :] < M)
+    for s1 in range(4):
         acc = tl.zeros((BLOCK_P, C1), dtype=tl.float32)
         for k0 in range(0, C, BLOCK_K):
             xk = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xc, mask=p_ok[:, None], other=0.0).to(tl.float32)
             wk = tl.load(W1 + s1 * C * C1 + (k0 + offs_k)[:, None] * C1 + c1[None, :])
             acc = tl.dot(xk, wk, acc, input_precision=DOT_PREC)
         acc += tl.load(B1 + c1)[None, :]
+        y1 = 2 * py + s1 // 2
+        x1 = 2 * px + s1 % 2
         if HAS_ADD1:
-            y1 = 2 * py + s1 // 2
-            x1 = 2 * px + s1 % 2
             acc += tl.load(ADD1 + b * stride_1b + c1[None, :] * stride_1c + y1[:, None] * stride_1h
                            + x1[:, None] * stride_1w, mask=p_ok[:, None], other=0.0).to(tl.float32)
         mean = tl.sum(acc, axis=1) / C1
@@ -113,18 +112,16 @@ def _upscale_kernel(
         var = tl.sum(centred * centred, axis=1) / C1
         u = centred / tl.sqrt(var + eps)[:, None]
         u = _gelu(u * tl.load(LNW + c1)[None, :] + tl.load(LNB + c1)[None, :])
-        for s2 in tl.static_range(4):
+        for s2 in range(4):
             w2 = tl.load(W2 + s2 * C1 * C2 + c1[:, None] * C2 + c2[None, :])
             v = tl.dot(u, w2, input_precision=DOT_PREC) + tl.load(B2 + c2)[None, :]
-            row = 4 * py + (2 * (s1 // 2) + s2 // 2)
-            col = 4 * px + (2 * (s1 % 2) + s2 % 2)
+            row = 2 * y1 + s2 // 2
+            col = 2 * x1 + s2 % 2
             if HAS_ADD2:
                 v += tl.load(ADD2 + b * stride_2b + c2[None, :] * stride_2c + row[:, None] * stride_2h
                              + col[:, None] * stride_2w, mask=p_ok[:, None], other=0.0).to(tl.float32)
-            v = _gelu(v)
-            for m in tl.static_range(M):
-                h = tl.load(hyp_b + m * stride_hm + c2)
-                tl.store(out_b + m * stride_om + row * out_w + col, tl.sum(v * h[None, :], axis=1), mask=p_ok)
+            o = tl.dot(_gelu(v), hyp_t, input_precision=DOT_PREC)
+            tl.store(out_tile + (row * out_w + col)[:, None], o, mask=out_ok)
 
 
 def pack_weights(w1: torch.Tensor, w2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -163,7 +160,8 @@ def upscale_project_triton(x: torch.Tensor, grid: Tuple[int, int], w1p: torch.Te
         _upscale_kernel[launch](
             x[start:start + n], w1p, b1, ln_weight, ln_bias, w2p, b2, hyper[start:start + n], out[start:start + n],
             a1, a2, x.stride(0), x.stride(1), x.stride(2), hyper.stride(0), hyper.stride(1), out.stride(0),
-            out.stride(1), *s1, *s2, hw, w, float(eps), C=C, C1=C1, C2=C2, M=M, HAS_ADD1=add1 is not None,
+            out.stride(1), *s1, *s2, hw, w, float(eps), C=C, C1=C1, C2=C2, M=M, M_P=max(16, next_pow2(M)),
+            HAS_ADD1=add1 is not None,
             HAS_ADD2=add2 is not None, DOT_PREC=dot_precision(torch.float32),
         )
     return out

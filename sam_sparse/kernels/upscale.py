@@ -4,7 +4,7 @@
 
 Two 2x2 stride-2 transposed convolutions (ConvTranspose2d weights), each optionally plus a skip map, the
 first followed by a LayerNorm over channels and GELU, the second by GELU, then hyper[b] @ the upscaled
-channels of sample b (SAM's and SAM 2's mask-decoder heads; SAM 2 adds its high-resolution features). CUDA tensors run
+channels of sample b (a segmentation mask decoder's output head, with or without skip features). CUDA tensors run
 the fused Triton kernel (triton_upscale.py), which never writes the upscaled maps; CPU tensors run torch's
 own ops (reference.py), unless SAM_SPARSE_FORCE_TRITON=1 and TRITON_INTERPRET=1 are both set (CI tests the
 kernel that way, as interface.py's attention).
@@ -19,7 +19,8 @@ import torch
 from .interface import describe_tensor, use_triton
 from .reference import upscale_project_reference
 
-CHANNELS_ACCEPTED = "powers of two from 16 to 256"
+CHANNELS_ACCEPTED = "powers of two from 16 to 128"
+MAX_PROJECTIONS = 64  # M: the kernel holds a (C2, M) tile of projections in registers
 
 
 def _check(x, grid, w1, b1, ln_weight, ln_bias, w2, b2, hyper, add1, add2) -> None:
@@ -68,15 +69,18 @@ def upscale_project(x: torch.Tensor, grid: Tuple[int, int], w1: torch.Tensor, b1
         or (B | 1, C2, 4h, 4w), added after the second (before its GELU); a batch of 1 is every sample's.
 
     Returns float32 (B, M, 4h, 4w) (float64 for float64 x): out[b, m] = hyper[b, m] @ the C2 channels.
-    The Triton path needs C a multiple of 16 and C1, C2 powers of two from 16 to 256.
+    The Triton path needs C a multiple of 16, C1 and C2 powers of two from 16 to 128 (a (C1, C2) weight tile
+    sits in shared memory) and M <= 64. Under torch.autocast the torch path still computes in float32.
     """
     _check(x, grid, w1, b1, ln_weight, ln_bias, w2, b2, hyper, add1, add2)
     if not use_triton(x) or x.dtype == torch.float64:
         return upscale_project_reference(x, grid, w1, b1, ln_weight, ln_bias, eps, w2, b2, hyper, add1, add2)
     C, C1, C2 = x.shape[2], w1.shape[1], w2.shape[1]
-    if C % 16 or any(n < 16 or n > 256 or n & (n - 1) for n in (C1, C2)):
+    if C % 16 or any(n < 16 or n > 128 or n & (n - 1) for n in (C1, C2)):
         raise ValueError(f"channels C={C}, C1={C1}, C2={C2}: the kernel needs C a multiple of 16 and C1, C2 "
                          f"{CHANNELS_ACCEPTED}")
+    if hyper.shape[1] > MAX_PROJECTIONS:
+        raise ValueError(f"hyper: {hyper.shape[1]} projections per sample; the kernel takes at most {MAX_PROJECTIONS}")
     from .triton_upscale import pack_weights, upscale_project_triton
 
     w1p, w2p = pack_weights(w1, w2)

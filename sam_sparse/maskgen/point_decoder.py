@@ -7,16 +7,19 @@ transformer on each copy: for 1024 points, 1024 copies of a 4096 x 256 image. He
   - the first layer's image side (embedding + dense prompt, with positions) is the same for every prompt
     whose dense prompt is the same (no mask input, as in automatic mask generation), so its projections
     run once, and all prompts' tokens attend to it as one (1, heads, B * tokens) attention;
-  - image-side projections are folded into the token side, which has 7 rows per prompt, not 4096:
-    q . (Wk k + bk) = (Wk^T q) . k + q . bk, where q . bk is the same for every key of a row and softmax
-    drops it; sum_i p_i (Wv v_i + bv) = Wv (sum_i p_i v_i) + bv, since p sums to 1; likewise for the
-    image-to-token queries and output projection (4 x fewer multiply-adds than the projections);
+  - image-side projections are folded into the token side, which has a few rows per prompt (7 for SAM 1's
+    point prompts, 8 for SAM 2's), not 4096: q . (Wk k + bk) = (Wk^T q) . k + q . bk, where q . bk is the
+    same for every key of a row and softmax drops it; sum_i p_i (Wv v_i + bv) = Wv (sum_i p_i v_i) + bv,
+    since p sums to 1; likewise for the image-to-token queries and output projection. Each fold multiplies
+    the image by heads x tokens (56) columns instead of the projection's 128: about 2.3x fewer
+    multiply-adds for SAM 1 (2x for SAM 2), 2.9x over the whole transformer with the shared first layer;
   - the output upscaling and the hypernetwork products run as one fused kernel on CUDA
     (kernels.upscale_project), which never writes the 4x upscaled maps, and only for the masks returned;
     SAM 2's high-resolution features, the same for every prompt, are added inside it.
-Every product is still float32; sums run in another order than SAM's, so logits differ by float32
-rounding (a mask whose score sits on a threshold can change): how much is measured, not assumed
-(tests/test_point_decoder.py, bench_amg's variants).
+Every product runs in the dtype the model's decoder would use (float32, unless the caller's autocast asks
+for bf16); sums run in another order than SAM's, so logits differ by rounding (a mask whose score sits on a
+threshold can change): how much is measured, not assumed (tests/test_point_decoder.py, bench_amg's
+variants).
 
 Only with dense decoder attention (patches.dense_attention): a sparse decoder policy keeps the model's
 own decoder. SAM 2's object-score logits and mask tokens for the object pointer (video) are not returned.
@@ -111,9 +114,9 @@ def decode_points(mask_decoder: nn.Module, image_embeddings: torch.Tensor, image
 
     image_embeddings, image_pe: (1, C, h, w); sparse: (B, S, C) prompt tokens; dense: (1, C, h, w), the
     one dense prompt of every prompt (no mask input); high_res_features: SAM 2's (1, C/8, 4h, 4w) and
-    (1, C/4, 2h, 2w) maps when its decoder uses them. Returns logits (B, M, 4h, 4w) float32 and predicted
-    IoUs (B, M): M = 3 with multimask_output (mask tokens 1-3), else 1 (token 0, or SAM 2's choice by
-    stability where its decoder makes one), as the decoder's forward.
+    (1, C/4, 2h, 2w) maps when its decoder uses them. Returns logits (B, M, 4h, 4w) (float32; float64 for
+    float64 inputs) and predicted IoUs (B, M): M = 3 with multimask_output (mask tokens 1-3), else 1 (token
+    0, or SAM 2's choice by stability where its decoder makes one, in eval mode), as the decoder's forward.
     """
     dec, tf = mask_decoder, mask_decoder.transformer
     B = sparse.shape[0]
@@ -137,7 +140,7 @@ def decode_points(mask_decoder: nn.Module, image_embeddings: torch.Tensor, image
         keys = layer.norm4(keys + image_to_token(layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries))
     queries = tf.norm_final_attn(queries + token_to_image(tf.final_attn_token_to_image, queries + tokens, keys + pe, keys))
     s = len(first)  # the IoU token's row
-    by_stability = not multimask_output and getattr(dec, "dynamic_multimask_via_stability", False)
+    by_stability = not multimask_output and getattr(dec, "dynamic_multimask_via_stability", False) and not dec.training
     chosen = range(0, dec.num_mask_tokens) if by_stability else range(1, dec.num_mask_tokens) if multimask_output \
         else range(0, 1)
     hyper = torch.stack([dec.output_hypernetworks_mlps[i](queries[:, s + 1 + i]) for i in chosen], dim=1)
@@ -149,6 +152,6 @@ def decode_points(mask_decoder: nn.Module, image_embeddings: torch.Tensor, image
     keys = keys.expand(B, -1, -1)  # a decoder with no image update still gives every prompt its masks
     masks = upscale_project(keys, (h, w), up1.weight, up1.bias, norm.weight, norm.bias, norm.eps,
                             up2.weight, up2.bias, hyper, add1, add2)
-    if by_stability:  # SAM 2's own rule, on all four masks (a method of its decoder, as its forward calls it)
-        return dec._dynamic_multimask_via_stability(masks, iou)
+    if by_stability:  # SAM 2's own rule on all four masks: its decoder's method, as its forward calls it
+        return dec._dynamic_multimask_via_stability(masks, iou)  # (sam2 pinned < 1.2 in pyproject.toml)
     return masks, iou
