@@ -62,23 +62,24 @@ def pytest_collection_modifyitems(config, items):
                        f"run in a child process by {COVERED_BY}"))
 
 
-@pytest.fixture
-def triton_upscale(monkeypatch):
-    """The upscaling kernel's module, with CPU tensors routed to it through the interpreter."""
+def interpreted(monkeypatch, name: str):
+    """The Triton kernel module sam_sparse.kernels.<name>, with CPU tensors routed to it through the interpreter."""
+    import importlib
+
     assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET before any import"
     monkeypatch.setenv("SAM_SPARSE_FORCE_TRITON", "1")
-    from sam_sparse.kernels import triton_upscale
-
-    assert triton_upscale.INTERPRET
-    return triton_upscale
+    module = importlib.import_module(f"sam_sparse.kernels.{name}")
+    assert module.INTERPRET
+    return module
 
 
 @pytest.fixture
 def triton_kernel(monkeypatch):
-    """The Triton kernel module, with CPU tensors routed to it through the interpreter."""
-    assert os.environ.get("TRITON_INTERPRET") == "1", "conftest.py sets TRITON_INTERPRET before any import"
-    monkeypatch.setenv("SAM_SPARSE_FORCE_TRITON", "1")
-    from sam_sparse.kernels import triton_attn
+    """The attention kernel's module (triton_attn), run by the interpreter."""
+    return interpreted(monkeypatch, "triton_attn")
 
-    assert triton_attn.INTERPRET
-    return triton_attn
+
+@pytest.fixture
+def triton_upscale(monkeypatch):
+    """The upscaling kernel's module (triton_upscale), run by the interpreter."""
+    return interpreted(monkeypatch, "triton_upscale")
