@@ -20,7 +20,7 @@ for a 64 x 64 x 256 input with C1 = 64, C2 = 32 and B = 1024, 4 and 8 GiB.
 float32 products follow torch.get_float32_matmul_precision() (triton_util.dot_precision): "highest"
 runs 3xTF32 (float32-level error), "high" / "medium" TF32. Launch configs are tuned at run time per
 (h*w, C, C1, C2, M, dtypes) over the configs that fit the shape (triton.autotune with `prune`; nothing
-stored on disk): the first call at a new shape times 6 configs.
+stored on disk): the first call at a new shape compiles and times up to 7 configs.
 
 Shapes: x (B, h*w, C), any strides, float32 / float16 / bfloat16 (computed in float32); packed
 weights w1 (4, C, C1) and w2 (4, C1, C2) with sub-pixel s = 2 * row + col, b1 / ln_weight / ln_bias
