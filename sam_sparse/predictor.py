@@ -113,6 +113,7 @@ class DevicePredictor:
         """The predictor's set_image(image) (image: HxWx3 uint8; image_format: SAM 1 only), its encoder
         graphed with cuda_graph=True. SAM 1: set_image_on_device's resize on the device; SAM 2:
         SAM2ImagePredictor.set_image's own transforms."""
+        from .maskgen.adapters import sam2_features
         from .patches import observing
 
         # an observed patched model runs eagerly: its observers are Python, which a replay skips
@@ -126,12 +127,7 @@ class DevicePredictor:
         p.reset_predictor()
         p._orig_hw = [image.shape[:2]]
         x = p._transforms(image)[None, ...].to(p.device)
-        backbone_out = (encoder or model.forward_image)(x)
-        _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
-        if model.directly_add_no_mem_embed:
-            vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
-        feats = [feat.permute(1, 2, 0).view(1, -1, *size)
-                 for feat, size in zip(vision_feats[::-1], p._bb_feat_sizes[::-1])][::-1]
+        feats = sam2_features(model, (encoder or model.forward_image)(x), p._bb_feat_sizes)
         p._features = {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
         p._is_image_set = True
 

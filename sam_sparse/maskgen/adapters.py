@@ -236,15 +236,7 @@ class Sam2Adapter:
     def embed(self, prepared: List[Prepared]) -> List[Embedding]:
         model = self.model
         batch = torch.stack([p.pixels for p in prepared]).to(self.device, non_blocking=True)
-        backbone_out = model.forward_image(batch)
-        # SAM2ImagePredictor.set_image's own steps (a private sam2 method, as the predictor calls it): the
-        # features keep the predictor's memory layout, so the decoder sees the same strides and sums alike.
-        _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
-        if model.directly_add_no_mem_embed:
-            vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
-        n = len(prepared)
-        feats = [feat.permute(1, 2, 0).view(n, -1, *size)
-                 for feat, size in zip(vision_feats[::-1], self.feat_sizes[::-1])][::-1]
+        feats = sam2_features(model, model.forward_image(batch), self.feat_sizes)
         s = model.image_size
         return [Embedding({"image_embed": feats[-1][i:i + 1], "high_res_feats": [f[i:i + 1] for f in feats[:-1]]},
                           (s, s), p.size) for i, p in enumerate(prepared)]
@@ -309,6 +301,19 @@ class Sam2Adapter:
 
     def nms_categories(self, boxes: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(boxes[:, 0])
+
+
+def sam2_features(model, backbone_out: dict, feat_sizes: List[Tuple[int, int]]) -> List[torch.Tensor]:
+    """SAM2ImagePredictor.set_image's steps after model.forward_image: the backbone's features, the
+    no-memory embedding added where the model adds it, as (n, C, h, w) per level, highest resolution first
+    (the last is the image embedding). feat_sizes: (h, w) per level, highest first. It calls the same
+    private sam2 method the predictor calls, so the features keep the predictor's memory layout and the
+    decoder sees the same strides and sums alike."""
+    _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
+    if model.directly_add_no_mem_embed:
+        vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+    return [feat.permute(1, 2, 0).view(feat.shape[1], -1, *size)
+            for feat, size in zip(vision_feats[::-1], feat_sizes[::-1])][::-1]
 
 
 def _per_mask(postprocess, low_res: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
