@@ -142,10 +142,9 @@ class AutomaticMaskGenerator:
         self.stopwatch = Stopwatch(profile, self.device)
         self.last_seconds: Optional[dict] = None
         self._decode_fn = self.adapter.decode
-        self._model = getattr(model, "model", model)
         if self.mode.decoder == "factored":
             check_factorable(self.adapter.mask_decoder)
-            if not dense_attention(self._model, self.adapter.mask_decoder):
+            if not dense_attention(self.adapter.model, self.adapter.mask_decoder):
                 raise ValueError("decoder='factored' computes dense decoder attention, and the model's decoder "
                                  "attention is patched with a sparse policy (or by a handle of another object than "
                                  "the model or its decoder); use decoder='model'")
@@ -338,7 +337,7 @@ class AutomaticMaskGenerator:
         if self.mode.decoder_dtype is not None and self.device.type == "cuda":
             autocast = torch.autocast("cuda", dtype=getattr(torch, self.mode.decoder_dtype))
         factored = self.mode.decoder == "factored" and mask_input is None and dense_attention(
-            self._model, self.adapter.mask_decoder)  # not while a handle observes the decoder's calls
+            self.adapter.model, self.adapter.mask_decoder)  # not while a handle observes the decoder's calls
         with autocast:
             if factored:
                 low, iou = self.adapter.decode_factored(emb, coords, labels, multimask_output)
