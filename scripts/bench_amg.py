@@ -458,7 +458,7 @@ def section_predictor(ctx):
 
 
 def section_variants(ctx):
-    """The amg rows for --variants (fast mode's variants: prefilter, decoder dtype, compiled decoder)."""
+    """The amg rows for --variants (fast mode's variants: factored decoder, prefilter, decoder dtype, compiled decoder)."""
     names = ["segment-anything"] + [n.strip() for n in ctx["args"].variants.split(";") if n.strip()]
     return run_configs(ctx, ctx["mobile_sam"](), ctx["photos"], names, ctx["settings"], "variants")
 
