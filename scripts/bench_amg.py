@@ -7,7 +7,8 @@ Expected times on one H200, full run (--quick: about a third):
   amg        ~60 s  MobileSAM, released weights, patched with `dense` (what `sam-sparse amg` runs), 20
                     photos at their own sizes, SAM's defaults (32 x 32 points, 64 per batch, no crops):
                     segment-anything's SamAutomaticMaskGenerator on that model vs sam_sparse.maskgen's
-                    exact and fast modes and two fast variants (low-res stability; bf16 decoder). Every
+                    exact and fast modes and three fast variants (low-res stability; the model's decoder,
+                    the fast mode's until run 44; bf16 decoder). Every
                     config on every photo in an order rotated per photo, each warmed up first; images/s
                     (per-image calls, plus exact / fast streamed through generate_many, which reads
                     ahead on a thread); agreement with segment-anything's records: the share of its masks
@@ -15,13 +16,13 @@ Expected times on one H200, full run (--quick: about a third):
                     whose records are identical (masks, every field, its type, the order).
   breakdown  ~20 s  where the time goes, per image, on 5 photos: segment-anything (encoder = set_image,
                     decoder = predict_torch, which upsamples every mask, post = the rest: stability,
-                    boxes, RLE, NMS, records) vs exact / fast (prepare, encoder, decoder, upsample,
+                    boxes, RLE, NMS, records) vs exact / fast with the model's decoder / fast (prepare, encoder, decoder, upsample,
                     post, rle, host), each stage timed with a device sync at its end.
   crops      ~90 s  the amg rows with crop_n_layers=1 on --crop-images photos (default 10; 20 takes
                     about twice as long): segment-anything, exact, fast.
   vit        ~40 s  vit_b and vit_h with random weights (rel-pos tables randomized), patched `dense`: no
                     mask passes SAM's thresholds, so this times the encoder and decoder per image
-                    (segment-anything vs exact vs fast), on 3 photos.
+                    (segment-anything vs exact vs fast with the model's decoder vs fast), on 3 photos.
   predictor  ~15 s  vit_b (random weights), bf16 encoder + set_image_on_device, a 1500 x 2250 photo (the
                     coffee photo upscaled), one point: SamPredictor.predict vs DevicePredictor (eager,
                     with a CUDA graph, and with its set_image replaying the encoder from a CUDA graph
@@ -32,11 +33,12 @@ Expected times on one H200, full run (--quick: about a third):
                     (torch.compile, default mode): first-call seconds, images/s and agreement on the amg
                     photos (segment-anything's records from the amg section, or computed here, ~20 s).
   variants   ~90 s  (only with --only variants) the amg rows for the configs in --variants (fast mode, with
-                    the factored decoder, with bf16 and compiled decoders, ...), each against
+                    the model's decoder as the fast mode had it until run 44, with bf16 and compiled
+                    decoders, ...), each against
                     segment-anything in the same run (run 41 named the fast mode "fast, no prefilter": it
                     has had none since).
   profile    ~50 s  (only with --only profile) torch.profiler over one generate() per config (exact, fast,
-                    fast with the factored, a bf16 or a compiled decoder) on the --breakdown-images photos: wall vs GPU ms per image
+                    fast with the model's, a bf16 or a compiled decoder) on the --breakdown-images photos: wall vs GPU ms per image
                     and the top kernels.
 
 Photos (offline, reproducible): scikit-image's data photos that load without a download (18 names in
@@ -195,14 +197,16 @@ class Pipeline:
 def configs(model, device, names, profile=False, **settings) -> dict:
     from sam_sparse.maskgen import FAST, with_changes
 
+    model_decoder = with_changes(FAST, decoder="model")  # the fast mode until run 44
     modes = {"exact": "exact", "fast": "fast",
+             "fast, model decoder": model_decoder,
              "fast, low-res stability": with_changes(FAST, stability_on="low_res", low_res_margin=None),
-             "fast, bf16 decoder": with_changes(FAST, decoder_dtype="bfloat16"),
-             "fast, compiled decoder": with_changes(FAST, compile_decoder="default"),
              "fast, low-res prefilter": with_changes(FAST, low_res_margin=0.05),
-             "fast, bf16, compiled decoder": with_changes(FAST, decoder_dtype="bfloat16", compile_decoder="default"),
-             "fast, factored decoder": with_changes(FAST, decoder="factored"),
-             "fast, factored, bf16 decoder": with_changes(FAST, decoder="factored", decoder_dtype="bfloat16")}
+             "fast, bf16 decoder": with_changes(FAST, decoder_dtype="bfloat16"),
+             "fast, model decoder, bf16": with_changes(model_decoder, decoder_dtype="bfloat16"),
+             "fast, compiled decoder": with_changes(model_decoder, compile_decoder="default"),
+             "fast, bf16, compiled decoder": with_changes(model_decoder, decoder_dtype="bfloat16",
+                                                          compile_decoder="default")}
     out = {}
     for name in names:
         if name == "segment-anything":
@@ -326,7 +330,7 @@ def section_amg(ctx):
     if not (ctx["args"].quick and ctx["device"].type != "cuda"):
         names.append("fast, low-res stability")
     if ctx["device"].type == "cuda":
-        names.append("fast, bf16 decoder")
+        names += ["fast, model decoder", "fast, bf16 decoder"]
     stream = ("exact", "fast") if ctx["device"].type == "cuda" else ()  # on the CPU: agreement only
     return run_configs(ctx, ctx["mobile_sam"](), ctx["photos"], names, ctx["settings"], "amg", stream)
 
@@ -335,7 +339,8 @@ def section_breakdown(ctx):
     device, model = ctx["device"], ctx["mobile_sam"]()
     photos = dict(list(ctx["photos"].items())[:ctx["args"].breakdown_images])
     rows = []
-    for name, g in configs(model, device, ["segment-anything", "exact", "fast"], profile=True, **ctx["settings"]).items():
+    names = ["segment-anything", "exact", "fast, model decoder", "fast"]
+    for name, g in configs(model, device, names, profile=True, **ctx["settings"]).items():
         if device.type == "cuda":  # warm-up
             g.generate(next(iter(photos.values())))
         totals, stages = [], {}
@@ -370,8 +375,8 @@ def section_vit(ctx):
     rows = []
     for model_name in args.vit_models.split(","):
         model = build_model(model_name, args, device)
-        for name, g in configs(model, device, ["segment-anything", "exact", "fast"], profile=True,
-                               **ctx["settings"]).items():
+        for name, g in configs(model, device, ["segment-anything", "exact", "fast, model decoder", "fast"],
+                               profile=True, **ctx["settings"]).items():
             if device.type == "cuda":  # warm-up
                 g.generate(next(iter(photos.values())))
             totals, stages, n_masks = [], {}, 0
@@ -458,7 +463,7 @@ def section_predictor(ctx):
 
 
 def section_variants(ctx):
-    """The amg rows for --variants (fast mode's variants: factored decoder, prefilter, decoder dtype, compiled decoder)."""
+    """The amg rows for --variants (fast mode's variants: the model's decoder, prefilter, decoder dtype, compiled decoder)."""
     names = ["segment-anything"] + [n.strip() for n in ctx["args"].variants.split(";") if n.strip()]
     return run_configs(ctx, ctx["mobile_sam"](), ctx["photos"], names, ctx["settings"], "variants")
 
@@ -502,7 +507,7 @@ def section_profile(ctx):
     if device.type != "cuda":
         raise RuntimeError("the profile section needs a CUDA GPU")
     photos = list(ctx["photos"].values())[:ctx["args"].breakdown_images]
-    names = ["exact", "fast", "fast, factored decoder", "fast, bf16 decoder", "fast, compiled decoder"]
+    names = ["exact", "fast, model decoder", "fast", "fast, bf16 decoder", "fast, compiled decoder"]
     rows = []
     for name, g in configs(model, device, names, **ctx["settings"]).items():
         g.generate(photos[0])  # warm-up
@@ -574,8 +579,8 @@ def main(argv=None):
     ap.add_argument("--mobile-sam-checkpoint", type=Path, help="MobileSAM's weights (default: fetch_mobile_sam())")
     ap.add_argument("--points-per-side", type=int, default=None, help="default 32 (CPU quick: 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", default="fast;fast, factored decoder;fast, factored, bf16 decoder;"
-                                          "fast, compiled decoder;fast, bf16 decoder;fast, bf16, compiled decoder",
+    ap.add_argument("--variants", default="fast;fast, model decoder;fast, bf16 decoder;fast, model decoder, bf16;"
+                                          "fast, compiled decoder;fast, bf16, compiled decoder",
                     help="configs for the variants section (names in configs(), separated by ';')")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

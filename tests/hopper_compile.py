@@ -45,7 +45,8 @@ def ptxas_usage(ptx: str) -> dict:
 def main(skips: bool) -> None:
     kern = triton_upscale._upscale_kernel.fn  # the JITFunction under the autotuner
     values = {**VALUES, **(SKIP_VALUES if skips else {})}
-    consts = dict(C=256, C1=64, C2=32, M=3, M_P=16, HAS_ADD1=skips, HAS_ADD2=skips, DOT_PREC="tf32x3")
+    consts = dict(C=256, C1=64, C2=32, M=3, M_P=16, HAS_ADD1=skips, HAS_ADD2=skips, CONV_PREC="tf32x3",
+                  DOT_PREC="tf32x3")  # 3xTF32 everywhere: the most registers
     consts.update({k: 1 for k, v in values.items() if v == 1})  # Triton specializes arguments equal to 1
     signature = {name: "i32" for name in kern.arg_names}
     signature.update({name: "*fp32" for name in POINTERS}, eps="fp32")

@@ -5,7 +5,8 @@ MobileSAM's released decoder and the embedding of a real photo, and against SAM 
 - in float32 it differs from float64 by rounding only, checked per mask;
 - the same for SAM 2.1's decoder (object-score token, high-resolution features, choice by stability);
 - the generator's decoder="factored" mode is refused where it would compute something else (a sparse
-  decoder policy, compiled) and steps aside while a handle observes the decoder;
+  decoder policy, compiled) and steps aside while a handle observes the decoder; decoder="auto" (the fast
+  mode's) uses it only where it computes the same, without an error;
 - patches.dense_attention, which it asks first.
 
 Fresh random points every case; the seed is in every failure message.
@@ -111,16 +112,49 @@ def test_generator_refuses_the_factored_decoder_where_it_would_differ(mobile):
     from sam_sparse.maskgen import FAST, AutomaticMaskGenerator, Mode, with_changes
     from sam_sparse.patches import patch_sam
 
-    with pytest.raises(ValueError, match="decoder='quick': expected one of model, factored"):
+    with pytest.raises(ValueError, match="decoder='quick': expected one of model, factored, auto"):
         Mode("x", decoder="quick")
-    with pytest.raises(ValueError, match="not with compile_decoder"):
-        with_changes(FAST, decoder="factored", compile_decoder="default")
+    for decoder in ("factored", "auto"):
+        with pytest.raises(ValueError, match=f"decoder='{decoder}' runs its own .* needs decoder='model'"):
+            with_changes(FAST, decoder=decoder, compile_decoder="default")
     model = copy.deepcopy(mobile)
     handle = patch_sam(model, "region_focused")  # a per-prompt decoder policy
-    with pytest.raises(ValueError, match="patched with a sparse policy .*; use decoder='model'"):
+    with pytest.raises(ValueError, match="patched with a sparse policy .*; use decoder='model' or 'auto'"):
         AutomaticMaskGenerator(model, with_changes(FAST, decoder="factored"))
     handle.restore()
     AutomaticMaskGenerator(model, with_changes(FAST, decoder="factored"))
+
+
+def test_auto_decoder_takes_the_decoder_apart_only_where_it_computes_the_same(mobile):
+    """FAST's decoder="auto": the factored decoder on a dense model; the model's own decoder (no error, the
+    same records as decoder="model") under a sparse decoder policy, which the factored one cannot compute,
+    and for a decoder of another layout; back to factored once the policy is restored."""
+    from skimage import data
+    from test_maskgen import assert_same_records, count_factored_calls
+
+    from sam_sparse.maskgen import FAST, AutomaticMaskGenerator, with_changes
+    from sam_sparse.patches import patch_sam
+
+    assert FAST.decoder == "auto"
+    image = np.ascontiguousarray(data.coffee()[::4, ::4])
+    model = copy.deepcopy(mobile)
+    generator = AutomaticMaskGenerator(model, FAST, points_per_side=2)
+    calls = count_factored_calls(generator)
+    generator.generate(image)
+    assert len(calls) == 1
+    handle = patch_sam(model, "region_focused")
+    sparse = generator.generate(image)
+    assert len(calls) == 1, "the factored decoder ran under a sparse decoder policy"
+    assert_same_records(sparse, AutomaticMaskGenerator(model, with_changes(FAST, decoder="model"),
+                                                       points_per_side=2).generate(image), "auto, sparse decoder")
+    handle.restore()
+    generator.generate(image)
+    assert len(calls) == 2
+    model.mask_decoder.output_upscaling[2] = torch.nn.GELU(approximate="tanh")  # not SAM's layout
+    other = AutomaticMaskGenerator(model, FAST, points_per_side=2)
+    calls = count_factored_calls(other)
+    other.generate(image)
+    assert not calls
 
 
 @pytest.fixture(scope="module")

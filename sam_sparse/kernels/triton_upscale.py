@@ -17,8 +17,10 @@ read once per first-stage sub-pixel (the later reads hit L2); only the (B, M, 4h
 Unfused, the two maps are (B, C1, 2h, 2w) and (B, C2, 4h, 4w) floats written and read by five kernels:
 for a 64 x 64 x 256 input with C1 = 64, C2 = 32 and B = 1024, 4 and 8 GiB.
 
-float32 products follow torch.get_float32_matmul_precision() (triton_util.dot_precision): "highest"
-runs 3xTF32 (float32-level error), "high" / "medium" TF32. Launch configs are tuned at run time per
+float32 products follow the precision torch gives the same unfused ops: the two convolutions' TF32 where
+torch.backends.cudnn.allow_tf32 (the default, as cuDNN runs ConvTranspose2d), the projections'
+torch.get_float32_matmul_precision() (triton_util.dot_precision: "highest" runs 3xTF32, float32-level
+error; "high" / "medium" TF32). Launch configs are tuned at run time per
 (h*w, C, C1, C2, M, dtypes) over the configs that fit the shape (triton.autotune with `prune`; nothing
 stored on disk): the first call at a new shape compiles and times up to 7 configs.
 
@@ -37,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import INTERPRET, MAX_GRID_Y, dot_precision, next_pow2
+from .triton_util import INTERPRET, MAX_GRID_Y, conv_precision, dot_precision, next_pow2
 
 # The tuning space: (pixels per program, K step over C, warps). Kept to the ones ptxas fits in 255
 # registers with no or little spilling at a 256 -> 64 -> 32 head in 3xTF32 on sm_90 (the float32 operands'
@@ -66,7 +68,7 @@ def _gelu(z):
 
 
 @triton.autotune(configs=[INTERPRETER_CONFIG] if INTERPRET else CONFIGS,
-                 key=["HW", "C", "C1", "C2", "M", "HAS_ADD1", "HAS_ADD2", "DOT_PREC"],
+                 key=["HW", "C", "C1", "C2", "M", "HAS_ADD1", "HAS_ADD2", "CONV_PREC", "DOT_PREC"],
                  prune_configs_by={"early_config_prune": prune})
 @triton.jit
 def _upscale_kernel(
@@ -75,7 +77,7 @@ def _upscale_kernel(
     stride_1b, stride_1c, stride_1h, stride_1w, stride_2b, stride_2c, stride_2h, stride_2w,
     HW, GW, eps,
     C: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, M: tl.constexpr, M_P: tl.constexpr,
-    HAS_ADD1: tl.constexpr, HAS_ADD2: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_ADD1: tl.constexpr, HAS_ADD2: tl.constexpr, CONV_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
@@ -100,7 +102,7 @@ def _upscale_kernel(
         for k0 in range(0, C, BLOCK_K):
             xk = tl.load(x_rows + (k0 + offs_k)[None, :] * stride_xc, mask=p_ok[:, None], other=0.0).to(tl.float32)
             wk = tl.load(W1 + s1 * C * C1 + (k0 + offs_k)[:, None] * C1 + c1[None, :])
-            acc = tl.dot(xk, wk, acc, input_precision=DOT_PREC)
+            acc = tl.dot(xk, wk, acc, input_precision=CONV_PREC)
         acc += tl.load(B1 + c1)[None, :]
         y1 = 2 * py + s1 // 2
         x1 = 2 * px + s1 % 2
@@ -114,7 +116,7 @@ def _upscale_kernel(
         u = _gelu(u * tl.load(LNW + c1)[None, :] + tl.load(LNB + c1)[None, :])
         for s2 in range(4):
             w2 = tl.load(W2 + s2 * C1 * C2 + c1[:, None] * C2 + c2[None, :])
-            v = tl.dot(u, w2, input_precision=DOT_PREC) + tl.load(B2 + c2)[None, :]
+            v = tl.dot(u, w2, input_precision=CONV_PREC) + tl.load(B2 + c2)[None, :]
             row = 2 * y1 + s2 // 2
             col = 2 * x1 + s2 % 2
             if HAS_ADD2:
@@ -162,6 +164,6 @@ def upscale_project_triton(x: torch.Tensor, grid: Tuple[int, int], w1p: torch.Te
             a1, a2, x.stride(0), x.stride(1), x.stride(2), hyper.stride(0), hyper.stride(1), out.stride(0),
             out.stride(1), *s1, *s2, hw, w, float(eps), C=C, C1=C1, C2=C2, M=M, M_P=max(16, next_pow2(M)),
             HAS_ADD1=add1 is not None,
-            HAS_ADD2=add2 is not None, DOT_PREC=dot_precision(torch.float32),
+            HAS_ADD2=add2 is not None, CONV_PREC=conv_precision(torch.float32), DOT_PREC=dot_precision(torch.float32),
         )
     return out

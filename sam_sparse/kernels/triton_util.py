@@ -1,5 +1,5 @@
 """What the Triton kernels share: the interpreter flag and its NumPy fix, the launch-grid limit, tile
-rounding and the tl.dot precision of float32 operands."""
+rounding and the tl.dot precision of float32 operands (in a matmul, in a convolution)."""
 
 from __future__ import annotations
 
@@ -53,3 +53,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "tf32"
     return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def conv_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for a convolution's float32 operands, as torch's own convolutions get it:
+    TF32 where torch.backends.cudnn.allow_tf32 (True by default), else 3xTF32 (float32-level error; the
+    matmul precision setting does not apply to convolutions). 16-bit operands and the interpreter: as
+    dot_precision."""
+    if INTERPRET or dtype != torch.float32:
+        return dot_precision(dtype)
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "tf32x3"

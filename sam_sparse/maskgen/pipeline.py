@@ -142,12 +142,7 @@ class AutomaticMaskGenerator:
         self.stopwatch = Stopwatch(profile, self.device)
         self.last_seconds: Optional[dict] = None
         self._decode_fn = self.adapter.decode
-        if self.mode.decoder == "factored":
-            check_factorable(self.adapter.mask_decoder)
-            if not dense_attention(self.adapter.model, self.adapter.mask_decoder):
-                raise ValueError("decoder='factored' computes dense decoder attention, and the model's decoder "
-                                 "attention is patched with a sparse policy (or by a handle of another object than "
-                                 "the model or its decoder); use decoder='model'")
+        self._factorable = self.mode.decoder != "model" and self._check_factorable(self.mode.decoder == "factored")
         if self.mode.compile_decoder is not None:
             self._decode_fn = torch.compile(self.adapter.decode, mode=self.mode.compile_decoder, dynamic=False)
         self._max_batch: Optional[int] = None
@@ -336,7 +331,7 @@ class AutomaticMaskGenerator:
         autocast = contextlib.nullcontext()
         if self.mode.decoder_dtype is not None and self.device.type == "cuda":
             autocast = torch.autocast("cuda", dtype=getattr(torch, self.mode.decoder_dtype))
-        factored = self.mode.decoder == "factored" and mask_input is None and dense_attention(
+        factored = self._factorable and mask_input is None and dense_attention(
             self.adapter.model, self.adapter.mask_decoder)  # not while a handle observes the decoder's calls
         with autocast:
             if factored:
@@ -344,6 +339,22 @@ class AutomaticMaskGenerator:
             else:
                 low, iou = self._decode_fn(emb, coords, labels, mask_input, multimask_output)
         return low[:n].float(), iou[:n].float()
+
+    def _check_factorable(self, required: bool) -> bool:
+        """Whether point_decoder.decode_points can stand in for the model's decoder (its layout; each call
+        also asks for dense decoder attention). required (decoder="factored"): a ValueError instead of
+        False, also for a decoder patched with a sparse policy now."""
+        try:
+            check_factorable(self.adapter.mask_decoder)
+        except ValueError:
+            if required:
+                raise
+            return False
+        if required and not dense_attention(self.adapter.model, self.adapter.mask_decoder):
+            raise ValueError("decoder='factored' computes dense decoder attention, and the model's decoder "
+                             "attention is patched with a sparse policy (or by a handle of another object than "
+                             "the model or its decoder); use decoder='model' or 'auto'")
+        return True
 
     def _refine(self, emb, coords, low):
         """SAM2AutomaticMaskGenerator.refine_with_m2m: every mask through the decoder again, with its own

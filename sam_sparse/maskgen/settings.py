@@ -9,14 +9,14 @@ A Mode says how the same settings are computed. Two are named:
          batches; only work whose result is thrown away is skipped (masks below the predicted-IoU
          threshold are never upsampled; run-length encoding waits until NMS has picked the masks).
          The records are the reference generator's, equal value for value and in the same order.
-  fast   the decoder on up to 1024 points per call (on CUDA; other float rounding in its batched
-         matmuls), every other step as exact. Its agreement with the reference is measured
-         (docs/benchmarks.md, tests/test_maskgen.py), not guaranteed: on the H200 it found every one of
-         segment-anything's 1509 masks on the 20 sample photos at IoU >= 0.9 (run 41). A stability
-         prefilter on the low-res logits (low_res_margin=0.05, the fast mode's until run 41) lost 1.9% of
-         them for no measurable time; it stays a Mode option.
-A Mode may also take SAM's decoder apart (decoder="factored", point_decoder.py): the same float32 math
-with the image-side work the points share done once and a fused upscaling kernel on CUDA.
+  fast   the decoder on up to 1024 points per call, taken apart where it can be (decoder="auto":
+         point_decoder.py, the same float32 math with the image-side work the points share done once and
+         a fused upscaling kernel on CUDA), every other step as exact. Its agreement with the reference is
+         measured (docs/benchmarks.md, tests/test_maskgen.py), not guaranteed: on the H200 it found 1507
+         of segment-anything's 1509 masks on the 20 sample photos at IoU >= 0.9, median best IoU 1.0, at
+         1.69x the images per second of the model's decoder on 1024 points (run 44), which found all 1509
+         (run 41). A stability prefilter on the low-res logits (low_res_margin=0.05, the fast mode's until
+         run 41) lost 1.9% of them for no measurable time; it stays a Mode option.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Optional, Union
 
 STABILITY_ON = ("upsampled", "low_res")
 DECODER_DTYPES = ("bfloat16", "float16")
-DECODERS = ("model", "factored")
+DECODERS = ("model", "factored", "auto")
 
 
 @dataclass(frozen=True)
@@ -102,10 +102,12 @@ class Mode:
     compile_decoder: None, or a torch.compile mode ("default", "reduce-overhead" for CUDA graphs,
       "max-autotune-no-cudagraphs"): the decoder call compiled for one batch shape (the last batch of a
       crop is padded to it). The first call compiles (tens of seconds).
-    decoder: "model" (the model's own mask decoder) or "factored" (models whose decoder attention is
-      dense: point_decoder.decode_points, the same float32 math with the work the points share done once,
-      the upscaling fused on CUDA; logits differ by float32 rounding; SAM 2's mask-to-mask refinement
-      keeps the model's decoder). Not with compile_decoder.
+    decoder: "model" (the model's own mask decoder), "factored" (point_decoder.decode_points: the same
+      float32 math with the work the points share done once, the upscaling fused on CUDA; logits differ
+      by float32 rounding; an error for a decoder of another layout or with sparse attention; calls with
+      a mask prompt, as SAM 2's mask-to-mask refinement, and calls while a handle observes the decoder
+      keep the model's) or "auto" (factored where it can be, else the model's, without an error). Not
+      "factored" or "auto" with compile_decoder.
     """
 
     name: str
@@ -130,12 +132,12 @@ class Mode:
             raise ValueError(f"decoder_dtype={self.decoder_dtype!r}: expected None or one of {', '.join(DECODER_DTYPES)}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder={self.decoder!r}: expected one of {', '.join(DECODERS)}")
-        if self.decoder == "factored" and self.compile_decoder is not None:
-            raise ValueError("decoder='factored' runs its own fused kernel: not with compile_decoder")
+        if self.decoder != "model" and self.compile_decoder is not None:
+            raise ValueError(f"decoder={self.decoder!r} runs its own fused kernel: compile_decoder needs decoder='model'")
 
 
 EXACT = Mode("exact")
-FAST = Mode("fast", points_per_batch=1024)
+FAST = Mode("fast", points_per_batch=1024, decoder="auto")
 MODES = {"exact": EXACT, "fast": FAST}
 
 

@@ -3,8 +3,8 @@
 - exact mode equals segment-anything's generator on the GPU too: there, upsampling a subset of masks
   must give each mask the bits it gets in the predictor's (B, 3, h, w) batch (CUDA's interpolate), and
   NMS runs on CUDA tensors;
-- fast mode (1024-point decoder batches, other cuBLAS kernels) keeps >= 99% of the masks at IoU >= 0.9,
-  which makes it amg's default;
+- fast mode (1024-point decoder batches, the decoder taken apart: other float rounding) keeps >= 99% of
+  the masks at IoU >= 0.9 at SAM's defaults on six photos, which makes it amg's default;
 - DevicePredictor, eager and CUDA-graphed, returns SamPredictor.predict's arrays, also after a new image;
 - SAM 2 (if sam2 is installed): exact mode equals SAM2AutomaticMaskGenerator on CUDA.
 
@@ -72,20 +72,36 @@ def test_exact_mode_with_a_crop_layer_on_cuda(mobile, photos):
     assert_same_records(AutomaticMaskGenerator(mobile, "exact", **settings).generate(photos["coffee"]), ref, "crops")
 
 
-def test_fast_mode_agreement_on_cuda_decides_the_default(mobile, photos, references):
+# SAM's defaults (32 x 32 points) on six of bench_amg's sample photos at their own sizes: about 450 masks,
+# so that 99% is a count of masks (one lost mask of 3 photos at 16 x 16 points was 2%)
+AGREEMENT_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
+
+
+def test_fast_mode_agreement_on_cuda_decides_the_default(mobile):
     """Issue 24's rule: amg's default is fast only where fast keeps >= 99% of segment-anything's masks at IoU
-    >= 0.9 (median >= 0.99); else exact. Run 36 (H200, with the low-res prefilter fast had then): 49 of 50,
-    98.0%, exact was the default; without it (run 43) every mask, fast is. A floor of 95% catches a broken
-    fast mode either way."""
+    >= 0.9 (median >= 0.99); else exact. The fast mode takes the decoder apart (decoder="auto"; a spy
+    sees it). Run 44 (H200, 20 photos): 1507 of 1509 masks, 99.87%, median 1.0. A floor of 95% catches a
+    broken fast mode either way."""
+    from segment_anything import SamAutomaticMaskGenerator
+    from skimage import data
+    from test_maskgen import count_factored_calls
+
     from sam_sparse.cli.amg import DEFAULT_MODE
     from sam_sparse.maskgen import AutomaticMaskGenerator
 
-    generator = AutomaticMaskGenerator(mobile, "fast", **SETTINGS)
-    assert generator.decoder_batch(256) == 256  # one decoder call for the 16 x 16 grid
-    ious = np.concatenate([best_ious(references[n], generator.generate(img)) for n, img in photos.items()])
+    generator = AutomaticMaskGenerator(mobile, "fast")
+    assert generator.decoder_batch(1024) == 1024  # one decoder call for the 32 x 32 grid
+    calls, ious = count_factored_calls(generator), []
+    for name in AGREEMENT_PHOTOS:
+        image = np.ascontiguousarray(getattr(data, name)()[..., :3])
+        with torch.inference_mode():
+            ref = SamAutomaticMaskGenerator(mobile).generate(image)
+        ious.append(best_ious(ref, generator.generate(image)))
+    ious = np.concatenate(ious)
     matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
-    print(f"fast vs segment-anything on CUDA: {len(ious)} masks, {matched:.1%} at IoU >= 0.9, median {median:.4f}")
-    assert matched >= 0.95 and median >= 0.99, (matched, median)
+    print(f"fast vs segment-anything on CUDA: {len(ious)} masks, {matched:.2%} at IoU >= 0.9, median {median:.4f}")
+    assert len(calls) == len(AGREEMENT_PHOTOS)
+    assert len(ious) >= 200 and matched >= 0.95 and median >= 0.99, (len(ious), matched, median)
     assert DEFAULT_MODE == ("fast" if matched >= 0.99 else "exact"), (matched, DEFAULT_MODE)
 
 
