@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-INTERPRETER_FIXTURES = ("triton_kernel", "triton_mass", "triton_upscale")
+INTERPRETER_FIXTURES = ("triton_kernel", "triton_mass", "triton_upscale", "triton_few_keys")
 COVERED_BY = "tests/test_interpreter_process.py::test_interpreter_tests_in_a_child_process"
 
 
@@ -83,3 +83,9 @@ def triton_kernel(monkeypatch):
 def triton_upscale(monkeypatch):
     """The upscaling kernel's module (triton_upscale), run by the interpreter."""
     return interpreted(monkeypatch, "triton_upscale")
+
+
+@pytest.fixture
+def triton_few_keys(monkeypatch):
+    """The few-key attention + LayerNorm kernel's module (triton_few_keys), run by the interpreter."""
+    return interpreted(monkeypatch, "triton_few_keys")

@@ -201,6 +201,36 @@ def test_float64_factored_decoder_is_sam2s_decoder(sam2_parts, n, multimask):
     assert torch.allclose(iou, ref_iou, rtol=0, atol=1e-12), f"seed {seed}"
 
 
+def test_factored_decoder_through_both_kernels(sam2_parts, triton_upscale, triton_few_keys):
+    """decode_points in float32 with its two Triton kernels (few-key attention + LayerNorm, upscaling) run by
+    the interpreter, as on CUDA, against SAM 2's decoder in float64 (16 x 16 image grid): per mask."""
+    model, adapter, emb = sam2_parts
+    seed, g = seeded()
+    decoder = model.sam_mask_decoder
+    decoder64 = copy.deepcopy(decoder).double()
+    coords = torch.rand(3, 1, 2, generator=g) * model.image_size
+    labels = torch.ones(3, 1, dtype=torch.int)
+    with torch.inference_mode():
+        pts = adapter.transforms.transform_coords(coords, normalize=True, orig_hw=(model.image_size,) * 2)
+        sparse, dense = model.sam_prompt_encoder(points=(pts, labels), boxes=None, masks=None)
+        pe = model.sam_prompt_encoder.get_dense_pe()
+        image = emb.features["image_embed"][-1].unsqueeze(0)
+        high = [f[-1].unsqueeze(0) for f in emb.features["high_res_feats"]]
+        ref, _, _, _ = decoder64(image_embeddings=image.double(), image_pe=pe.double(),
+                                 sparse_prompt_embeddings=sparse.double(), dense_prompt_embeddings=dense.double(),
+                                 multimask_output=True, repeat_image=True, high_res_features=[f.double() for f in high])
+        calls = []
+        real = triton_few_keys.few_key_attention_norm_triton
+        triton_few_keys.few_key_attention_norm_triton = lambda *a, **k: calls.append(1) or real(*a, **k)
+        try:
+            low, _ = decode_points(decoder, image, pe, sparse, dense[:1], True, high)
+        finally:
+            triton_few_keys.few_key_attention_norm_triton = real
+    assert len(calls) == len(decoder.transformer.layers)  # every image-to-token step through the kernel
+    per_mask = (low.double() - ref).abs().flatten(2).amax(-1) / ref.abs().flatten(2).amax(-1)
+    assert torch.isfinite(low).all() and per_mask.amax().item() <= 1e-4, f"seed {seed}: {per_mask}"
+
+
 def test_an_observed_decoder_runs_its_own_calls(mobile):
     """While a handle observes the model, the generator calls the model's own decoder, so the observer sees
     every decoder attention (and the records are the model decoder's: as many as the factored mode's here)."""

@@ -203,11 +203,13 @@ def test_tuning_space_is_pruned_to_configs_that_fit(triton_upscale):
 
 
 @needs_triton
-@pytest.mark.parametrize("skips", [False, True])
-def test_kernel_compiles_for_hopper_within_its_registers(skips):
+@pytest.mark.parametrize("which", ["plain", "--skips", "--few-keys"])
+def test_kernel_compiles_for_hopper_within_its_registers(which):
     """tests/hopper_compile.py compiles every tuning config for sm_90a (no GPU needed; its own process, with
-    the compiler instead of the interpreter, which skips the compiler's checks) at a 256 -> 64 -> 32 head:
-    each compiles, fits the H200's 227 KiB of shared memory, and some fit in registers with no spilling."""
+    the compiler instead of the interpreter, which skips the compiler's checks) at a 256 -> 64 -> 32 head,
+    with and without skip maps, and the few-key kernel (triton_few_keys.py) at 4096 x 256 rows, 8 heads of
+    7 keys: each compiles, fits the H200's 227 KiB of shared memory, and some fit in registers with no
+    spilling."""
     ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("this Triton has no bundled ptxas")
@@ -215,7 +217,7 @@ def test_kernel_compiles_for_hopper_within_its_registers(skips):
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(
         [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
     env.pop("SAM_SPARSE_FORCE_TRITON", None)
-    proc = subprocess.run([sys.executable, str(root / "tests" / "hopper_compile.py"), *(["--skips"] if skips else [])],
+    proc = subprocess.run([sys.executable, str(root / "tests" / "hopper_compile.py"), *([which] if which != "plain" else [])],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

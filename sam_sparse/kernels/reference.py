@@ -179,3 +179,32 @@ def upscale_project_reference(x: torch.Tensor, grid: Tuple[int, int], w1: torch.
         z = F.conv_transpose2d(y, w2.to(dt), b2.to(dt), stride=2)
         z = F.gelu(z if add2 is None else z + add2.to(dt))
         return (hyper.to(dt) @ z.flatten(2)).view(B, hyper.shape[1], 4 * h, 4 * w)
+
+
+def few_key_attention_norm_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor,
+                                     ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                                     softmax_scale: float = 1.0, k_bias: Optional[torch.Tensor] = None,
+                                     out_bias: Optional[torch.Tensor] = None, pos: Optional[torch.Tensor] = None
+                                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """few_keys.few_key_attention_norm with torch's own ops: q (1 | B, N, C), k and v (B, H, T, C), residual
+    (1 | B, N, C) -> y (B, N, C) and y + pos (or None), in float64 when q is float64, else float32."""
+    import torch.nn.functional as F
+
+    B, H, T, C = k.shape
+    N = q.shape[1]
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.autocast(q.device.type, enabled=False):  # the dtype promised, under a caller's autocast too
+        kf = k.to(dt).reshape(B, H * T, C)
+        if q.shape[0] == 1:  # one (N, C) @ (C, B * H * T) product for a query set every sample shares
+            s = (q[0].to(dt) @ kf.reshape(B * H * T, C).t()).view(N, B, H * T).transpose(0, 1)
+        else:
+            s = torch.bmm(q.to(dt), kf.transpose(1, 2))
+        s = s * softmax_scale
+        if k_bias is not None:
+            s = s + k_bias.to(dt).reshape(B, 1, H * T)
+        p = torch.softmax(s.view(B, N, H, T), dim=-1).reshape(B, N, H * T)
+        o = torch.bmm(p, v.to(dt).reshape(B, H * T, C))
+        if out_bias is not None:
+            o = o + out_bias.to(dt)
+        y = F.layer_norm(residual.to(dt) + o, (C,), ln_weight.to(dt), ln_bias.to(dt), eps)
+        return y, (None if pos is None else y + pos.to(dt))

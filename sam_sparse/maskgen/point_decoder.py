@@ -13,6 +13,9 @@ transformer on each copy: for 1024 points, 1024 copies of a 4096 x 256 image. He
     since p sums to 1; likewise for the image-to-token queries and output projection. Each fold multiplies
     the image by heads x tokens (56) columns instead of the projection's 128: about 2.3x fewer
     multiply-adds for SAM 1 (2x for SAM 2), 2.9x over the whole transformer with the shared first layer;
+  - the image's attention to the tokens, its residual add, LayerNorm and positional add run as one fused
+    kernel on CUDA (kernels.few_key_attention_norm): per prompt, only the image's new state and it plus
+    positions are written (4 GiB each for 1024 prompts), not the scores, the attention output or the sum;
   - the output upscaling and the hypernetwork products run as one fused kernel on CUDA
     (kernels.upscale_project), which never writes the 4x upscaled maps, and only for the masks returned;
     SAM 2's high-resolution features, the same for every prompt, are added inside it.
@@ -34,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels import upscale_project
+from ..kernels import few_key_attention_norm, upscale_project
 
 
 def _layer_norm_2d(m: nn.Module) -> bool:
@@ -44,7 +47,8 @@ def _layer_norm_2d(m: nn.Module) -> bool:
 
 def check_factorable(mask_decoder: nn.Module) -> None:
     """ValueError unless the decoder has segment-anything's (or SAM 2's) MaskDecoder layout: a two-way
-    transformer whose first layer skips positions in its self-attention, and an output upscaling of
+    transformer whose first layer skips positions in its self-attention and whose image-side norms are
+    affine LayerNorms, and an output upscaling of
     ConvTranspose2d (2x2, stride 2), LayerNorm2d, GELU, ConvTranspose2d (2x2, stride 2), GELU."""
     tf = getattr(mask_decoder, "transformer", None)
     layers = getattr(tf, "layers", None)
@@ -53,6 +57,8 @@ def check_factorable(mask_decoder: nn.Module) -> None:
     ok = (
         layers is not None and len(layers) > 0 and hasattr(tf, "final_attn_token_to_image")
         and [layer.skip_first_layer_pe for layer in layers] == [True] + [False] * (len(layers) - 1)
+        and all(type(layer.norm4) is nn.LayerNorm and layer.norm4.weight is not None and layer.norm4.bias is not None
+                for layer in layers)
         and isinstance(up, nn.Sequential) and len(up) == 5 and _layer_norm_2d(up[1])
         and all(k is None or isinstance(m, k) for m, k in zip(up, kinds))
         and all(up[i].kernel_size == (2, 2) and up[i].stride == (2, 2) and up[i].padding == (0, 0)
@@ -62,7 +68,7 @@ def check_factorable(mask_decoder: nn.Module) -> None:
     )
     if not ok:
         raise ValueError(f"{type(mask_decoder).__name__}: the factored decoder needs segment-anything's or SAM 2's "
-                         "MaskDecoder (a TwoWayTransformer; upscaling ConvTranspose2d 2x2 stride 2, "
+                         "MaskDecoder (a TwoWayTransformer with affine LayerNorms; upscaling ConvTranspose2d 2x2 stride 2, "
                          "LayerNorm2d, GELU, ConvTranspose2d 2x2 stride 2, GELU)")
 
 
@@ -89,22 +95,20 @@ def token_to_image(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.T
     return attn.out_proj(out.reshape(B, T, nh * d))
 
 
-def image_to_token(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """segment-anything's Attention(q, k, v) with the image attending to the tokens: q (1, N, C) shared
-    by every prompt, or (B, N, C); k, v (B, T, C). Returns (B, N, C)."""
+def image_to_token_norm(attn: nn.Module, norm: nn.LayerNorm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        residual: torch.Tensor, pe: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """norm(residual + Attention(q, k, v)) with the image attending to the tokens, and that plus pe: q (1, N,
+    C) shared by every prompt, or (B, N, C); k, v (B, T, C); residual (1 | B, N, C); pe (1, N, C). Returns
+    two (B, N, C), float32 (float64 for float64 q): kernels.few_key_attention_norm, fused on CUDA."""
     nh, d = attn.num_heads, attn.internal_dim // attn.num_heads
-    B, T, C = k.shape
-    N = q.shape[1]
+    C = k.shape[2]
     kh = _heads(attn.k_proj(k), nh)  # (B, heads, T, d)
-    kq = torch.einsum("bhtd,hdc->bhtc", kh, attn.q_proj.weight.view(nh, d, C)).reshape(B, nh * T, C)
-    kb = torch.einsum("bhtd,hd->bht", kh, attn.q_proj.bias.view(nh, d)).reshape(B, 1, nh * T)
-    if q.shape[0] == 1:  # one (N, C) @ (C, B * heads * T) product
-        logits = (q[0] @ kq.reshape(B * nh * T, C).t()).view(N, B, nh * T).transpose(0, 1)
-    else:
-        logits = torch.bmm(q, kq.transpose(1, 2))
-    p = torch.softmax(((logits + kb) / math.sqrt(d)).view(B, N, nh, T), dim=-1)
+    kq = torch.einsum("bhtd,hdc->bhtc", kh, attn.q_proj.weight.view(nh, d, C))  # the keys in q's channels
+    kb = torch.einsum("bhtd,hd->bht", kh, attn.q_proj.bias.view(nh, d))
     u = torch.einsum("bhtd,chd->bhtc", _heads(attn.v_proj(v), nh), attn.out_proj.weight.view(C, nh, d))
-    return torch.baddbmm(attn.out_proj.bias.view(1, 1, C), p.reshape(B, N, nh * T), u.reshape(B, nh * T, C))
+    scale = 1 / math.sqrt(d)
+    return few_key_attention_norm(q, kq, u, residual, norm.weight, norm.bias, norm.eps, softmax_scale=scale,
+                                  k_bias=kb * scale, out_bias=attn.out_proj.bias, pos=pe)
 
 
 def decode_points(mask_decoder: nn.Module, image_embeddings: torch.Tensor, image_pe: torch.Tensor,
@@ -126,7 +130,7 @@ def decode_points(mask_decoder: nn.Module, image_embeddings: torch.Tensor, image
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(B, -1, -1), sparse], dim=1)
     keys = (image_embeddings + dense).flatten(2).transpose(1, 2)  # (1, hw, C) until the first image update
     pe = image_pe.flatten(2).transpose(1, 2)
-    queries = tokens
+    queries, keys_pe = tokens, keys + pe
     for layer in tf.layers:
         if layer.skip_first_layer_pe:
             queries = layer.self_attn(q=queries, k=queries, v=queries)
@@ -134,11 +138,11 @@ def decode_points(mask_decoder: nn.Module, image_embeddings: torch.Tensor, image
             q = queries + tokens
             queries = queries + layer.self_attn(q=q, k=q, v=queries)
         queries = layer.norm1(queries)
-        keys_pe = keys + pe
         queries = layer.norm2(queries + token_to_image(layer.cross_attn_token_to_image, queries + tokens, keys_pe, keys))
         queries = layer.norm3(queries + layer.mlp(queries))
-        keys = layer.norm4(keys + image_to_token(layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries))
-    queries = tf.norm_final_attn(queries + token_to_image(tf.final_attn_token_to_image, queries + tokens, keys + pe, keys))
+        keys, keys_pe = image_to_token_norm(layer.cross_attn_image_to_token, layer.norm4, keys_pe, queries + tokens,
+                                            queries, keys, pe)
+    queries = tf.norm_final_attn(queries + token_to_image(tf.final_attn_token_to_image, queries + tokens, keys_pe, keys))
     s = len(first)  # the IoU token's row
     by_stability = not multimask_output and getattr(dec, "dynamic_multimask_via_stability", False) and not dec.training
     chosen = range(0, dec.num_mask_tokens) if by_stability else range(1, dec.num_mask_tokens) if multimask_output \

@@ -1,11 +1,13 @@
-"""The factored decoder on CUDA: the fused upscaling kernel (triton_upscale.py) compiled, at SAM's mask
-decoder shapes, and the factored decoder against float64 (its agreement with segment-anything's generator:
+"""The factored decoder on CUDA: its fused kernels (triton_upscale.py, triton_few_keys.py) compiled, at SAM's
+mask decoder shapes, and the factored decoder against float64 (its agreement with segment-anything's generator:
 test_gpu_maskgen.py's fast-mode test).
 
 - the kernel against the float64 oracle of tests/test_upscale_kernel.py at (B, 64 x 64, 256 -> 64 -> 32,
   3 masks), float32 (3xTF32 at "highest" matmul precision with cuDNN's TF32 off; TF32 at "high", and in
   the convolutions where cuDNN may use TF32, torch's default) and bf16 inputs,
   output poisoned with NaN first, checked globally and per output row;
+- the few-key attention + LayerNorm kernel (triton_few_keys.py) at (B, 4096 rows, 256 channels, 8 heads of
+  7 tokens) against the float64 oracle of tests/test_few_keys_kernel.py, queries shared or per sample;
 - the factored decoder on CUDA against the model's decoder in float64 on the CPU (MobileSAM's released
   weights; SAM 2.1 hiera_t's random ones), per mask.
 
@@ -56,6 +58,36 @@ def test_kernel_at_sams_decoder_shapes(dtype, precision, conv_tf32, rel):
         check(out.cpu(), ref, seed, f"kernel, {dtype}, {precision}", rel=rel)
         strided = dict(cuda, x=cuda["x"].transpose(1, 2).contiguous().transpose(1, 2))  # SAM's (B, C, hw) storage
         check(upscale_project(**strided).cpu(), ref, seed, f"strided, {dtype}, {precision}", rel=rel)
+
+
+@pytest.mark.parametrize("shared,dtype,precision,rel", [(True, torch.float32, "highest", 2e-5),
+                                                         (False, torch.float32, "highest", 2e-5),
+                                                         (False, torch.float32, "high", 3e-3),
+                                                         (False, torch.bfloat16, "highest", 2e-5)])
+def test_few_key_kernel_at_sams_image_to_token_shape(shared, dtype, precision, rel):
+    """kernels.few_key_attention_norm at the factored decoder's shape: 4096 rows of 256 channels, 8 heads of
+    7 tokens, queries shared by every sample (the first layer) or per sample; NaN-poisoned outputs."""
+    from test_few_keys_kernel import check as check_rows
+    from test_few_keys_kernel import make_inputs as few_key_inputs
+    from test_few_keys_kernel import oracle as few_key_oracle
+
+    from sam_sparse.kernels import few_key_attention_norm, triton_few_keys
+
+    seed, g = seeded()
+    a = few_key_inputs(g, 12, 4096, 8, 7, 256, shared=shared, dtype=dtype)
+    ref, ref_pos = few_key_oracle(**a)
+    cuda = {k: v.cuda() if torch.is_tensor(v) else v for k, v in a.items()}
+    with float32_settings(precision):
+        poisoned = tuple(torch.full(ref.shape, float("nan"), device="cuda") for _ in range(2))
+        f = {n: cuda[n].float().contiguous() for n in ("k", "v", "ln_weight", "ln_bias", "k_bias", "out_bias")}
+        y, y_pos = triton_few_keys.few_key_attention_norm_triton(
+            cuda["q"], f["k"], f["v"], cuda["residual"], f["ln_weight"], f["ln_bias"], cuda["eps"],
+            cuda["softmax_scale"], f["k_bias"], f["out_bias"], cuda["pos"], 8, out=poisoned)
+        check_rows(y.cpu(), ref, seed, f"kernel, shared {shared}, {dtype}, {precision}", rel=rel)
+        check_rows(y_pos.cpu(), ref_pos, seed, f"kernel + pos, shared {shared}, {dtype}, {precision}", rel=rel)
+        strided = dict(cuda, q=cuda["q"].transpose(1, 2).contiguous().transpose(1, 2))
+        y, _ = few_key_attention_norm(**strided)
+        check_rows(y.cpu(), ref, seed, f"strided q, shared {shared}, {dtype}, {precision}", rel=rel)
 
 
 @pytest.fixture(scope="module")
