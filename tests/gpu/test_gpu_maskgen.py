@@ -72,15 +72,15 @@ def test_exact_mode_with_a_crop_layer_on_cuda(mobile, photos):
     assert_same_records(AutomaticMaskGenerator(mobile, "exact", **settings).generate(photos["coffee"]), ref, "crops")
 
 
-# SAM's defaults (32 x 32 points) on six of bench_amg's sample photos at their own sizes: about 450 masks,
-# so that 99% is a count of masks (one lost mask of 3 photos at 16 x 16 points was 2%)
+# SAM's defaults (32 x 32 points) on six of bench_amg's sample photos at their own sizes: 177 masks (run 45),
+# so that one lost mask is 0.6%, under the rule's 1% (one of 3 photos' 50 at 16 x 16 points was 2%)
 AGREEMENT_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
 def test_fast_mode_agreement_on_cuda_decides_the_default(mobile):
     """Issue 24's rule: amg's default is fast only where fast keeps >= 99% of segment-anything's masks at IoU
     >= 0.9 (median >= 0.99); else exact. The fast mode takes the decoder apart (decoder="auto"; a spy
-    sees it). Run 44 (H200, 20 photos): 1507 of 1509 masks, 99.87%, median 1.0. A floor of 95% catches a
+    sees it). Run 45 (H200, bench_amg's 20 photos): 99.54% of 1509 masks, median 1.0; these six: all 177. A floor of 95% catches a
     broken fast mode either way."""
     from segment_anything import SamAutomaticMaskGenerator
     from skimage import data
@@ -101,7 +101,7 @@ def test_fast_mode_agreement_on_cuda_decides_the_default(mobile):
     matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
     print(f"fast vs segment-anything on CUDA: {len(ious)} masks, {matched:.2%} at IoU >= 0.9, median {median:.4f}")
     assert len(calls) == len(AGREEMENT_PHOTOS)
-    assert len(ious) >= 200 and matched >= 0.95 and median >= 0.99, (len(ious), matched, median)
+    assert len(ious) >= 150 and matched >= 0.95 and median >= 0.99, (len(ious), matched, median)
     assert DEFAULT_MODE == ("fast" if matched >= 0.99 else "exact"), (matched, DEFAULT_MODE)
 
 
