@@ -321,6 +321,7 @@ def run_config(args, predictor, state, prompts, config, device, dtype):
                "ms_per_frame": [round(f["ms"], 3) for f in timed], "warmup_s": round(first, 2),
                "breakdown": {k: round(v, 3) for k, v in breakdown.items()},
                "breakdown_total_ms": round(statistics.median(f["ms"] for f in hooked), 3),
+               "breakdown_frame_ms": [round(f["ms"], 3) for f in hooked],
                "memory_cross_density": density}
     if profiled:
         row["profile"] = profiled

@@ -54,8 +54,10 @@ def test_quick_breakdown_adds_up_to_the_frame(quick):
         for stage in bench_video.STAGES:  # every stage's hooks fired on every timed frame
             assert bd[stage] > 0, (r["config"], stage, bd)
         assert bd["other"] >= 0
-        # medians of parts against the median of their sums: equal up to how the frames vary
-        assert sum(bd.values()) == pytest.approx(r["breakdown_total_ms"], rel=0.25), (r["config"], bd)
+        # medians of parts against the hooked frames' totals: within their range, up to how the frames vary
+        # (on a loaded machine one frame can take twice another: the GPU machine's 12 test workers, run 46)
+        frames = r["breakdown_frame_ms"]
+        assert 0.75 * min(frames) <= sum(bd.values()) <= 1.25 * max(frames), (r["config"], bd, frames)
         # the hooked pass against the pass without hooks: loose, the CPU cores are shared with other jobs
         assert 0.25 < r["breakdown_total_ms"] / r["ms"] < 4.0, r
 

@@ -89,8 +89,7 @@ def test_fast_mode_agreement_on_cuda_decides_the_default(mobile):
     from sam_sparse.cli.amg import DEFAULT_MODE
     from sam_sparse.maskgen import AutomaticMaskGenerator
 
-    generator = AutomaticMaskGenerator(mobile, "fast")
-    assert generator.decoder_batch(1024) == 1024  # one decoder call for the 32 x 32 grid
+    generator = AutomaticMaskGenerator(mobile, "fast")  # up to 1024 points per call, as free memory allows
     calls, ious = count_factored_calls(generator), []
     for name in AGREEMENT_PHOTOS:
         image = np.ascontiguousarray(getattr(data, name)()[..., :3])
@@ -100,7 +99,7 @@ def test_fast_mode_agreement_on_cuda_decides_the_default(mobile):
     ious = np.concatenate(ious)
     matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
     print(f"fast vs segment-anything on CUDA: {len(ious)} masks, {matched:.2%} at IoU >= 0.9, median {median:.4f}")
-    assert len(calls) == len(AGREEMENT_PHOTOS)
+    assert len(calls) >= len(AGREEMENT_PHOTOS)  # each photo's points through the factored decoder
     assert len(ious) >= 150 and matched >= 0.95 and median >= 0.99, (len(ious), matched, median)
     assert DEFAULT_MODE == ("fast" if matched >= 0.99 else "exact"), (matched, DEFAULT_MODE)
 
