@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from test_upscale_kernel import check, seeded  # the same checks: global, then per row of the last dim
 
 from sam_sparse.kernels import few_key_attention_norm
 from sam_sparse.kernels.interface import HAS_TRITON
@@ -24,11 +25,6 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installe
 # queries and residual shared by every sample (a decoder's first layer) or per sample.
 SHAPES = [(2, 37, 2, 3, 32, False), (3, 32, 8, 7, 64, True), (2, 20, 8, 8, 16, False), (1, 9, 1, 1, 32, False),
           (3, 21, 4, 5, 128, True)]
-
-
-def seeded():
-    seed = torch.seed() % 2**31
-    return seed, torch.Generator().manual_seed(seed)
 
 
 def make_inputs(g, B, N, H, T, C, shared=False, dtype=torch.float32, noncontig=False, pos=True):
@@ -60,16 +56,6 @@ def oracle(q, k, v, residual, ln_weight, ln_bias, eps, softmax_scale=1.0, k_bias
     var = ((x - mean) ** 2).sum(-1, keepdim=True) / C
     y = (x - mean) / torch.sqrt(var + eps) * d(ln_weight) + d(ln_bias)
     return y, (None if pos is None else y + d(pos))
-
-
-def check(out, ref, seed, what, rel=2e-5):
-    assert out.dtype == torch.float32 and out.shape == ref.shape, (what, seed, out.dtype, out.shape)
-    assert torch.isfinite(out).all(), f"{what}: a value the kernel never wrote (NaN poison) or inf (seed {seed})"
-    err = (out.double() - ref).abs()
-    scale = ref.abs().amax().item()
-    assert err.amax().item() <= rel * scale, f"{what}: max error {err.amax().item():.3g} vs scale {scale:.3g} (seed {seed})"
-    rows = err.amax(-1) / ref.abs().amax(-1).clamp(min=1e-3 * scale)  # (B, N): each row alone
-    assert rows.amax().item() <= 20 * rel, f"{what}: worst row error {rows.amax().item():.3g} (seed {seed})"
 
 
 def run_kernel(module, a, t_padded=None):

@@ -67,7 +67,6 @@ def test_kernel_at_sams_decoder_shapes(dtype, precision, conv_tf32, rel):
 def test_few_key_kernel_at_sams_image_to_token_shape(shared, dtype, precision, rel):
     """kernels.few_key_attention_norm at the factored decoder's shape: 4096 rows of 256 channels, 8 heads of
     7 tokens, queries shared by every sample (the first layer) or per sample; NaN-poisoned outputs."""
-    from test_few_keys_kernel import check as check_rows
     from test_few_keys_kernel import make_inputs as few_key_inputs
     from test_few_keys_kernel import oracle as few_key_oracle
 
@@ -83,11 +82,11 @@ def test_few_key_kernel_at_sams_image_to_token_shape(shared, dtype, precision, r
         y, y_pos = triton_few_keys.few_key_attention_norm_triton(
             cuda["q"], f["k"], f["v"], cuda["residual"], f["ln_weight"], f["ln_bias"], cuda["eps"],
             cuda["softmax_scale"], f["k_bias"], f["out_bias"], cuda["pos"], 8, out=poisoned)
-        check_rows(y.cpu(), ref, seed, f"kernel, shared {shared}, {dtype}, {precision}", rel=rel)
-        check_rows(y_pos.cpu(), ref_pos, seed, f"kernel + pos, shared {shared}, {dtype}, {precision}", rel=rel)
+        check(y.cpu(), ref, seed, f"kernel, shared {shared}, {dtype}, {precision}", rel=rel)
+        check(y_pos.cpu(), ref_pos, seed, f"kernel + pos, shared {shared}, {dtype}, {precision}", rel=rel)
         strided = dict(cuda, q=cuda["q"].transpose(1, 2).contiguous().transpose(1, 2))
         y, _ = few_key_attention_norm(**strided)
-        check_rows(y.cpu(), ref, seed, f"strided q, shared {shared}, {dtype}, {precision}", rel=rel)
+        check(y.cpu(), ref, seed, f"strided q, shared {shared}, {dtype}, {precision}", rel=rel)
 
 
 @pytest.fixture(scope="module")
