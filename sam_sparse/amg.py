@@ -281,11 +281,13 @@ def generate_masks(
     them under `out_dir`.
 
     batch_images: images per image-encoder forward (the next N images still to do, in order); used only
-    with settings.crop_n_layers == 0, else every image (and crop) is embedded on its own.
+    with settings.crop_n_layers == 0, else every image (and crop) is embedded on its own. With 1 (the
+    default) images stream through generator.generate_many: the next ones are read and resized on a worker
+    thread while the device works on this one.
     overlay: also draw each image's masks over it, NAME.overlay.png (an image is complete when both exist).
     Returns one record per image, in the order of `paths`: image, output, status ("done", "skipped":
     complete from an earlier run, "failed"), masks, seconds (its own work plus an equal share of its
-    batch's encoder forward), error. Every per-image failure (a missing, unreadable or corrupt image,
+    batch's encoder forward; streamed: the wall time since the previous image was done), error. Every per-image failure (a missing, unreadable or corrupt image,
     one too large for PIL, something not written by amg where its output goes) is recorded as failed
     and the run goes on. progress(masks) and on_record(record) are called as each image's record is final.
     """
@@ -330,11 +332,11 @@ def generate_masks(
             continue
         remove_partial(out_dir, name)
         pending.append((path, record))
-        if len(pending) == (batch_images if batched else 1):
-            _run_batch(generator, pending, output_mode, batched, overlay, finish)
+        if batched and len(pending) == batch_images:
+            _run_batch(generator, pending, output_mode, overlay, finish)
             pending = []
     if pending:
-        _run_batch(generator, pending, output_mode, batched, overlay, finish)
+        (_run_batch if batched else _run_streamed)(generator, pending, output_mode, overlay, finish)
     return records
 
 
@@ -355,11 +357,21 @@ def _error(e: Exception) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, batched: bool, overlay: bool,
+def _write(generator_records: List[dict], image: np.ndarray, record: dict, output_mode: str, overlay: bool) -> None:
+    """One image's outputs (and overlay), recorded in `record`."""
+    if output_mode == "binary_mask":
+        write_binary_masks(generator_records, Path(record["output"]))
+    else:
+        write_rle_json(generator_records, Path(record["output"]))
+    record["masks"] = len(generator_records)
+    if overlay:
+        write_overlay(Path(record["overlay"]), image, generator_records)
+
+
+def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, overlay: bool,
                finish: Callable[[dict], None]) -> None:
-    """Masks for each (path, record) in `jobs`, filling the record. batched: one encoder forward for all
-    readable images of `jobs`; else the generator's own set_image embeds each image (and crop). Any
-    Exception of one image (not KeyboardInterrupt) fails that image alone."""
+    """Masks for each (path, record) in `jobs`, filling the record, with one encoder forward for all
+    readable images of `jobs`. Any Exception of one image (not KeyboardInterrupt) fails that image alone."""
     loaded = []  # (image, record) of the readable images
     for path, record in jobs:
         t0 = time.perf_counter()
@@ -368,7 +380,7 @@ def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, batch
         except Exception as e:  # missing, unreadable, corrupt, too large: recorded, the batch goes on
             record.update(status="failed", error=_error(e))
         record["seconds"] += time.perf_counter() - t0
-    if batched and loaded:
+    if loaded:
         t0 = time.perf_counter()
         try:
             embeddings = generator.embed_images([image for image, _ in loaded])
@@ -379,22 +391,53 @@ def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, batch
         share = (time.perf_counter() - t0) / max(1, len(loaded))
     for i, (image, record) in enumerate(loaded):
         t0 = time.perf_counter()
-        if batched:
-            record["seconds"] += share
+        record["seconds"] += share
         try:
-            masks = generator.generate(image, embedding=embeddings[i] if batched else None)
-            if output_mode == "binary_mask":
-                write_binary_masks(masks, Path(record["output"]))
-            else:
-                write_rle_json(masks, Path(record["output"]))
-            record["masks"] = len(masks)
-            if overlay:
-                write_overlay(Path(record["overlay"]), image, masks)
+            _write(generator.generate(image, embedding=embeddings[i]), image, record, output_mode, overlay)
         except Exception as e:  # a full disk, an output path taken by something else, ...
             record.update(status="failed", error=_error(e))
         record["seconds"] += time.perf_counter() - t0
     for _, record in jobs:  # in input order, failed ones included
         finish(record)
+
+
+def _run_streamed(generator, jobs: List[Tuple[Path, dict]], output_mode: str, overlay: bool,
+                  finish: Callable[[dict], None]) -> None:
+    """Masks for each (path, record) in `jobs`, in order, through generator.generate_many: the next images
+    are read and resized on a worker thread while the device works on this one. An image that cannot be
+    read, or whose generation or outputs fail (any Exception, not KeyboardInterrupt), fails alone: the
+    stream starts again after it. `seconds` is the wall time from the previous image's end to this one's."""
+    images: Dict[Path, np.ndarray] = {}  # the images in flight, for their overlays
+
+    def load(job):
+        image = read_image(job[0])
+        if overlay:
+            images[job[0]] = image
+        return image
+
+    remaining = list(jobs)
+    while remaining:
+        done, t0 = 0, time.perf_counter()
+        try:
+            for result in generator.generate_many(remaining, load=load):
+                (path, record), image = result.item, images.pop(result.item[0], None)
+                try:
+                    if result.error is not None:
+                        raise result.error
+                    _write(result.records, image, record, output_mode, overlay)
+                except Exception as e:  # unreadable, corrupt, a full disk, an output path taken, ...
+                    record.update(status="failed", error=_error(e))
+                record["seconds"] += time.perf_counter() - t0
+                finish(record)
+                done, t0 = done + 1, time.perf_counter()
+        except Exception as e:  # the generator failed on the next image (out of memory, too large, ...)
+            path, record = remaining[done]
+            images.pop(path, None)
+            record.update(status="failed", error=_error(e))
+            record["seconds"] += time.perf_counter() - t0
+            finish(record)
+            done += 1
+        remaining = remaining[done:]
 
 
 def write_overlay(path: Path, image: np.ndarray, masks: List[dict]) -> None:

@@ -3,7 +3,7 @@
 import numpy as np
 
 
-def stub_generate(self, image, embedding=None):
+def stub_generate(self, image, embedding=None, prepared=None):
     """AutomaticMaskGenerator.generate without the model: two masks from the image's brightness, in the generator's
     record format for its output mode. For tests of where outputs go and which images run, not of the
     masks (tests/test_amg.py checks those against segment-anything's generator)."""

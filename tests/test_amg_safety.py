@@ -242,6 +242,39 @@ def test_a_missing_listed_file_is_recorded_and_the_run_goes_on(tmp_path, stubbed
     assert twice.exit_code == 2 and "the same file as line 1" in twice.stderr
 
 
+def test_images_stream_and_a_failed_generation_fails_that_image_alone(tmp_path, monkeypatch):
+    """Without --batch-images, amg streams the images through generate_many (the next one read and resized
+    on a worker thread). An error inside one image's generation (out of device memory, say) ends that
+    stream: the image is failed with the error, and a new stream takes the rest."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for i, name in enumerate(("a.png", "b.png", "c.png", "d.png")):
+        photo(d / name, size=(48 + i, 40))  # b.png: 49 wide
+    (d / "c.png").write_bytes(b"not a png")
+    streams, real_stream = [], job.AutomaticMaskGenerator.generate_many
+
+    def counted(self, items, load=None, depth=2):
+        streams.append([Path(i[0]).name for i in items])
+        return real_stream(self, items, load, depth)
+
+    def fail_on_b(self, image, embedding=None, prepared=None):
+        assert prepared is not None, "the stream prepares ahead"
+        if image.shape[1] == 49:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return stub_generate(self, image)
+
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate_many", counted)
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", fail_on_b)
+    result = amg(d, "--out", tmp_path / "out")
+    assert result.exit_code == 3, result.output
+    m = manifest(tmp_path / "out")
+    assert [(Path(r["image"]).name, r["status"]) for r in m["images"]] == [
+        ("a.png", "done"), ("b.png", "failed"), ("c.png", "failed"), ("d.png", "done")]
+    errors = {Path(r["image"]).name: r["error"] for r in m["images"]}
+    assert "CUDA out of memory (simulated)" in errors["b.png"] and "cannot be read" in errors["c.png"]
+    assert streams == [["a.png", "b.png", "c.png", "d.png"], ["c.png", "d.png"]]
+
+
 # --- 16: the manifest while the run goes ------------------------------------------------------------
 
 
@@ -253,7 +286,7 @@ def test_an_interrupted_run_leaves_a_manifest(tmp_path, stubbed, monkeypatch):
         photo(d / name)
     calls = []
 
-    def stop_at_the_second(self, image, embedding=None):
+    def stop_at_the_second(self, image, embedding=None, prepared=None):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
@@ -270,7 +303,7 @@ def test_an_interrupted_run_leaves_a_manifest(tmp_path, stubbed, monkeypatch):
     # Killed outright (no handler runs): what was written after each image is what is there.
     calls.clear()
 
-    def killed_at_the_second(self, image, embedding=None):
+    def killed_at_the_second(self, image, embedding=None, prepared=None):
         calls.append(1)
         if len(calls) == 2:
             raise SystemExit(137)

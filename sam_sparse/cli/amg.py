@@ -98,7 +98,9 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     equal to another up to case, or reserved (manifest, con, ...) gets "~" and a hash of the image's path.
     Each image's output appears only when complete: a rerun skips complete images and redoes the rest;
     --overwrite redoes all. amg never replaces or deletes a file it did not write. An image that cannot
-    be read (missing, a broken link, corrupt, too large) is recorded as failed and the run goes on.
+    be read (missing, a broken link, corrupt, too large) or whose masks fail (out of memory, say) is
+    recorded as failed and the run goes on. Images stream: the next ones are read and resized on a worker
+    thread while the device works on this one (--batch-images N: N per encoder forward instead).
     --out inside a folder INPUT is not searched for images (said on stderr); --out equal to INPUT, or
     holding input images itself, is refused. Exit codes: 0 every image done, 2 bad arguments, 3
     finished but some images failed, 130 interrupted (manifest.json says what was done).

@@ -151,14 +151,17 @@ class AutomaticMaskGenerator:
     # Public entry points
     # ---------------------------------------------------------------------------------------------
 
-    def generate(self, image: np.ndarray, embedding: Optional[Embedding] = None) -> List[dict]:
+    def generate(self, image: np.ndarray, embedding: Optional[Embedding] = None,
+                 prepared: Optional[PreparedImage] = None) -> List[dict]:
         """The records for one HxWx3 uint8 RGB image. embedding: the image's encoder output (from
-        embed_images), used instead of running the encoder on the whole image (crops still embed)."""
+        embed_images), used instead of running the encoder on the whole image (crops still embed).
+        prepared: prepare(image)'s result, made ahead (generate_many's worker thread does)."""
         check_image(image)
         with torch.inference_mode():
             self.stopwatch.start()
-            prepared = self.prepare(image, skip_whole=embedding is not None)
-            self.stopwatch.lap("prepare")
+            if prepared is None:
+                prepared = self.prepare(image, skip_whole=embedding is not None)
+                self.stopwatch.lap("prepare")
             records = self.run(prepared, embedding)
         self.last_seconds = self.stopwatch.take() if self.stopwatch.enabled else None
         return records
@@ -173,17 +176,15 @@ class AutomaticMaskGenerator:
         def work(item):
             image = load(item) if load is not None else item
             check_image(image)
-            return self.prepare(image)
+            return image, self.prepare(image)
 
         for fetched in prefetch(items, work, depth):
             if fetched.error is not None:
                 yield Result(fetched.item, error=fetched.error)
                 continue
-            with torch.inference_mode():
-                self.stopwatch.start()
-                records = self.run(fetched.value)
-            seconds = self.stopwatch.take() if self.stopwatch.enabled else None
-            yield Result(fetched.item, records, seconds=seconds)
+            image, prepared = fetched.value
+            records = self.generate(image, prepared=prepared)
+            yield Result(fetched.item, records, seconds=self.last_seconds)
 
     def embed_images(self, images: List[np.ndarray]) -> List[Embedding]:
         """The whole images through the encoder in one forward (for generate(image, embedding=...)). In
