@@ -287,9 +287,10 @@ def generate_masks(
     overlay: also draw each image's masks over it, NAME.overlay.png (an image is complete when both exist).
     Returns one record per image, in the order of `paths`: image, output, status ("done", "skipped":
     complete from an earlier run, "failed"), masks, seconds (its own work plus an equal share of its
-    batch's encoder forward; streamed: the wall time since the previous image was done), error. Every per-image failure (a missing, unreadable or corrupt image,
-    one too large for PIL, something not written by amg where its output goes) is recorded as failed
-    and the run goes on. progress(masks) and on_record(record) are called as each image's record is final.
+    batch's encoder forward; streamed: the wall time since the previous image was done), error. Every
+    per-image failure (a missing, unreadable or corrupt image, one too large for PIL, an error while
+    generating its masks, something not written by amg where its output goes) is recorded as failed and
+    the run goes on. progress(masks) and on_record(record) are called as each image's record is final.
     """
     if output_mode not in OUTPUT_MODES:
         raise ValueError(f"output_mode={output_mode!r}: expected one of {', '.join(OUTPUT_MODES)}")
@@ -405,8 +406,9 @@ def _run_streamed(generator, jobs: List[Tuple[Path, dict]], output_mode: str, ov
                   finish: Callable[[dict], None]) -> None:
     """Masks for each (path, record) in `jobs`, in order, through generator.generate_many: the next images
     are read and resized on a worker thread while the device works on this one. An image that cannot be
-    read, or whose generation or outputs fail (any Exception, not KeyboardInterrupt), fails alone: the
-    stream starts again after it. `seconds` is the wall time from the previous image's end to this one's."""
+    read, or whose generation or outputs fail (any Exception, not KeyboardInterrupt), fails alone; an
+    error inside a generation ends that stream, and a new one takes the images after it. `seconds` is the
+    wall time from the previous image's end to this one's."""
     images: Dict[Path, np.ndarray] = {}  # the images in flight, for their overlays
 
     def load(job):
@@ -417,27 +419,24 @@ def _run_streamed(generator, jobs: List[Tuple[Path, dict]], output_mode: str, ov
 
     remaining = list(jobs)
     while remaining:
-        done, t0 = 0, time.perf_counter()
-        try:
-            for result in generator.generate_many(remaining, load=load):
-                (path, record), image = result.item, images.pop(result.item[0], None)
-                try:
-                    if result.error is not None:
-                        raise result.error
-                    _write(result.records, image, record, output_mode, overlay)
-                except Exception as e:  # unreadable, corrupt, a full disk, an output path taken, ...
-                    record.update(status="failed", error=_error(e))
-                record["seconds"] += time.perf_counter() - t0
-                finish(record)
-                done, t0 = done + 1, time.perf_counter()
-        except Exception as e:  # the generator failed on the next image (out of memory, too large, ...)
-            path, record = remaining[done]
+        stream, rest, t0 = generator.generate_many(remaining, load=load), [], time.perf_counter()
+        for i, (path, record) in enumerate(remaining):
+            result = None
+            try:
+                result = next(stream)  # an error inside this image's generation is raised here
+                if result.error is not None:
+                    raise result.error
+                _write(result.records, images.get(path), record, output_mode, overlay)
+            except Exception as e:  # unreadable, corrupt, out of memory, a full disk, an output path taken, ...
+                record.update(status="failed", error=_error(e))
             images.pop(path, None)
-            record.update(status="failed", error=_error(e))
             record["seconds"] += time.perf_counter() - t0
             finish(record)
-            done += 1
-        remaining = remaining[done:]
+            t0 = time.perf_counter()
+            if result is None:  # the generation raised: this stream is over, a new one takes the rest
+                rest = remaining[i + 1:]
+                break
+        remaining = rest
 
 
 def write_overlay(path: Path, image: np.ndarray, masks: List[dict]) -> None:
