@@ -80,8 +80,8 @@ AGREEMENT_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_fie
 def test_fast_mode_agreement_on_cuda_decides_the_default(mobile):
     """Issue 24's rule: amg's default is fast only where fast keeps >= 99% of segment-anything's masks at IoU
     >= 0.9 (median >= 0.99); else exact. The fast mode takes the decoder apart (decoder="auto"; a spy
-    sees it). Run 45 (H200, bench_amg's 20 photos): 99.54% of 1509 masks, median 1.0; these six: all 177. A floor of 95% catches a
-    broken fast mode either way."""
+    sees it). Run 45 (H200, bench_amg's 20 photos): 99.54% of 1509 masks, median 1.0; these six: all
+    177. A floor of 95% catches a broken fast mode either way."""
     from segment_anything import SamAutomaticMaskGenerator
     from skimage import data
     from test_maskgen import count_factored_calls
