@@ -60,14 +60,14 @@ def oracle(q, k, v, residual, ln_weight, ln_bias, eps, softmax_scale=1.0, k_bias
 
 def run_kernel(module, a, t_padded=None):
     """The launcher on NaN-poisoned outputs, with the API's float32 conversions."""
-    from sam_sparse.kernels.few_keys import _padded_keys  # noqa: PLC2701  (the test checks the launcher alone)
+    from sam_sparse.kernels.few_keys import padded_keys
 
     B, H, T, C = a["k"].shape
     poisoned = tuple(torch.full((B, a["q"].shape[1], C), float("nan")) for _ in range(2))
     f = {n: a[n].float().contiguous() for n in ("k", "v", "ln_weight", "ln_bias", "k_bias", "out_bias")}
     y, y_pos = module.few_key_attention_norm_triton(
         a["q"], f["k"], f["v"], a["residual"], f["ln_weight"], f["ln_bias"], a["eps"], a["softmax_scale"],
-        f["k_bias"], f["out_bias"], a["pos"], t_padded or _padded_keys(H, T), out=poisoned)
+        f["k_bias"], f["out_bias"], a["pos"], t_padded or padded_keys(H, T), out=poisoned)
     assert y is poisoned[0] and y_pos is poisoned[1]
     return y, y_pos
 

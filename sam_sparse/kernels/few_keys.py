@@ -26,7 +26,7 @@ HEADS_ACCEPTED = "a power of two, with heads x keys per head (rounded up to a po
 MAX_HEAD_KEYS = 128  # H * T_P: the (BLOCK_N, H * T_P) score tile and the (H * T_P, C) value tile
 
 
-def _padded_keys(H: int, T: int) -> int:
+def padded_keys(H: int, T: int) -> int:
     """T_P: keys per head rounded up to a power of two, and so that H * T_P >= 16 (tl.dot's least K)."""
     t = 1 << max(0, (T - 1).bit_length())
     return max(t, 16 // min(H, 16))
@@ -84,11 +84,11 @@ def few_key_attention_norm(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, re
     B, H, T, C = k.shape
     if C < 16 or C > 256 or C & (C - 1):
         raise ValueError(f"channels C={C}: the kernel needs {CHANNELS_ACCEPTED}")
-    if H & (H - 1) or H * _padded_keys(H, T) > MAX_HEAD_KEYS:
+    t_padded = padded_keys(H, T)
+    if H & (H - 1) or H * t_padded > MAX_HEAD_KEYS:
         raise ValueError(f"{H} heads of {T} keys: the kernel needs {HEADS_ACCEPTED}")
     from .triton_few_keys import few_key_attention_norm_triton
 
     f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731  (small: the keys and vectors)
     return few_key_attention_norm_triton(q, f32(k), f32(v), residual, f32(ln_weight), f32(ln_bias), float(eps),
-                                         float(softmax_scale), f32(k_bias), f32(out_bias), pos,
-                                         _padded_keys(H, T))
+                                         float(softmax_scale), f32(k_bias), f32(out_bias), pos, t_padded)
