@@ -1,5 +1,9 @@
 """What the GPU test files share: their marks, the dtypes and error floors they check against the
-float64 oracle (on top of 2x PyTorch's own error in the inputs' dtype), and seeded CUDA inputs."""
+float64 oracle (on top of 2x PyTorch's own error in the inputs' dtype), seeded CUDA inputs, and torch's
+float32 precision settings for one block."""
+
+import contextlib
+from typing import Optional
 
 import pytest
 import torch
@@ -22,3 +26,19 @@ def seeded():
 
 def rnd(g, *shape, dtype):
     return torch.randn(*shape, device="cuda", generator=g).to(dtype)
+
+
+@contextlib.contextmanager
+def float32_settings(matmul: str = "highest", conv_tf32: Optional[bool] = None):
+    """torch's float32 precision for matmuls (set_float32_matmul_precision) and, unless None, for cuDNN's
+    convolutions (cudnn.allow_tf32; the upscaling kernel's convolution products follow it, its projections
+    the former), restored after."""
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision(matmul)
+    if conv_tf32 is not None:
+        torch.backends.cudnn.allow_tf32 = conv_tf32
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        torch.backends.cudnn.allow_tf32 = previous[1]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpu_helpers import DTYPES, FLOOR, GPU_MARKS, ROW_FLOOR, rnd, seeded
+from gpu_helpers import DTYPES, FLOOR, GPU_MARKS, ROW_FLOOR, float32_settings, rnd, seeded
 from oracle import oracle_attention, rel_error, same_dtype_torch
 from sam_sparse import block_sparse_attn, block_sparse_attn_varlen, patch_sam
 from sam_sparse.kernels import BlockLayout
@@ -179,12 +179,8 @@ def test_new_batch_or_prompt_count_does_not_retune():
 def test_fp32_follows_matmul_precision(precision, bound):
     seed, g = seeded()
     q, k, v, rh, rw = inputs(g, torch.float32, 1, 4096, 4096, 4, 4, 64, rel=(64, 64), noncontig=True)
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
+    with float32_settings(precision):
         out = block_sparse_attn(q, k, v, rel_h=rh, rel_w=rw)
-    finally:
-        torch.set_float32_matmul_precision(old)
     err = rel_error(out, oracle_attention(q, k, v, None, rh, rw))
     assert err < bound, f"seed {seed}: {precision}: relative error {err:.3g}"
 

@@ -14,28 +14,12 @@ test_gpu_maskgen.py's fast-mode test).
     TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/gpu/test_gpu_upscale.py
 """
 
-import contextlib
-
 import pytest
 import torch
-from gpu_helpers import GPU_MARKS
+from gpu_helpers import GPU_MARKS, float32_settings
 from test_upscale_kernel import check, make_inputs, oracle, seeded
 
 pytestmark = GPU_MARKS
-
-
-@contextlib.contextmanager
-def float32_settings(matmul: str = "highest", conv_tf32: bool = False):
-    """torch's float32 precision for matmuls and for cuDNN's convolutions (the kernel's convolution products
-    follow the latter, its projections the former), restored after."""
-    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    torch.set_float32_matmul_precision(matmul)
-    torch.backends.cudnn.allow_tf32 = conv_tf32
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous[0])
-        torch.backends.cudnn.allow_tf32 = previous[1]
 
 
 @pytest.mark.parametrize("dtype,precision,conv_tf32,rel", [
@@ -76,7 +60,7 @@ def test_few_key_kernel_at_sams_image_to_token_shape(shared, dtype, precision, r
     a = few_key_inputs(g, 12, 4096, 8, 7, 256, shared=shared, dtype=dtype)
     ref, ref_pos = few_key_oracle(**a)
     cuda = {k: v.cuda() if torch.is_tensor(v) else v for k, v in a.items()}
-    with float32_settings(precision):
+    with float32_settings(precision, conv_tf32=False):
         poisoned = tuple(torch.full(ref.shape, float("nan"), device="cuda") for _ in range(2))
         f = {n: cuda[n].float().contiguous() for n in ("k", "v", "ln_weight", "ln_bias", "k_bias", "out_bias")}
         y, y_pos = triton_few_keys.few_key_attention_norm_triton(
