@@ -16,8 +16,9 @@ Expected times on one H200, full run (--quick: about a third):
                     whose records are identical (masks, every field, its type, the order).
   breakdown  ~20 s  where the time goes, per image, on 5 photos: segment-anything (encoder = set_image,
                     decoder = predict_torch, which upsamples every mask, post = the rest: stability,
-                    boxes, RLE, NMS, records) vs exact / fast with the model's decoder / fast (prepare, encoder, decoder, upsample,
-                    post, rle, host), each stage timed with a device sync at its end.
+                    boxes, RLE, NMS, records) vs exact / fast with the model's decoder / fast with the
+                    model's upsampling / fast (prepare, encoder, decoder, upsample, post, rle, host), each
+                    stage timed with a device sync at its end.
   crops      ~90 s  the amg rows with crop_n_layers=1 on --crop-images photos (default 10; 20 takes
                     about twice as long): segment-anything, exact, fast.
   vit        ~40 s  vit_b and vit_h with random weights (rel-pos tables randomized), patched `dense`: no
@@ -38,8 +39,11 @@ Expected times on one H200, full run (--quick: about a third):
                     segment-anything in the same run (run 41 named the fast mode "fast, no prefilter": it
                     has had none since).
   profile    ~50 s  (only with --only profile) torch.profiler over one generate() per config (exact, fast,
-                    fast with the model's, a bf16 or a compiled decoder) on the --breakdown-images photos: wall vs GPU ms per image
-                    and the top kernels.
+                    fast with the model's decoder or the model's upsampling) on the --breakdown-images
+                    photos: wall vs GPU ms per image and the top kernels.
+  cli        ~60 s  (only with --only cli) `sam-sparse amg` as a user runs it, exact and fast, on the photos
+                    saved as PNG files: wall seconds on one photo and on all, and the steady images/s
+                    between the two (start-up left out) beside the rate with start-up.
 
 Photos (offline, reproducible): scikit-image's data photos that load without a download (18 names in
 PHOTOS plus both stereo_motorcycle views), grey ones as RGB, at their own sizes; when fewer load, the
@@ -195,11 +199,13 @@ class Pipeline:
 
 
 def configs(model, device, names, profile=False, **settings) -> dict:
-    from sam_sparse.maskgen import FAST, with_changes
+    from sam_sparse.maskgen import EXACT, FAST, with_changes
 
-    model_decoder = with_changes(FAST, decoder="model")  # the fast mode until run 44
+    model_decoder = with_changes(FAST, decoder="model", upsample="model")  # the fast mode until run 44
     modes = {"exact": "exact", "fast": "fast",
              "fast, model decoder": model_decoder,
+             "fast, model upsampling": with_changes(FAST, upsample="model"),  # the fast mode until run 47
+             "exact, fused upsampling": with_changes(EXACT, upsample="fused"),
              "fast, low-res stability": with_changes(FAST, stability_on="low_res", low_res_margin=None),
              "fast, low-res prefilter": with_changes(FAST, low_res_margin=0.05),
              "fast, bf16 decoder": with_changes(FAST, decoder_dtype="bfloat16"),
@@ -330,7 +336,7 @@ def section_amg(ctx):
     if not (ctx["args"].quick and ctx["device"].type != "cuda"):
         names.append("fast, low-res stability")
     if ctx["device"].type == "cuda":
-        names += ["fast, model decoder", "fast, bf16 decoder"]
+        names += ["fast, model upsampling", "fast, model decoder", "fast, bf16 decoder"]
     stream = ("exact", "fast") if ctx["device"].type == "cuda" else ()  # on the CPU: agreement only
     return run_configs(ctx, ctx["mobile_sam"](), ctx["photos"], names, ctx["settings"], "amg", stream)
 
@@ -339,7 +345,7 @@ def section_breakdown(ctx):
     device, model = ctx["device"], ctx["mobile_sam"]()
     photos = dict(list(ctx["photos"].items())[:ctx["args"].breakdown_images])
     rows = []
-    names = ["segment-anything", "exact", "fast, model decoder", "fast"]
+    names = ["segment-anything", "exact", "fast, model decoder", "fast, model upsampling", "fast"]
     for name, g in configs(model, device, names, profile=True, **ctx["settings"]).items():
         if device.type == "cuda":  # warm-up
             g.generate(next(iter(photos.values())))
@@ -507,7 +513,7 @@ def section_profile(ctx):
     if device.type != "cuda":
         raise RuntimeError("the profile section needs a CUDA GPU")
     photos = list(ctx["photos"].values())[:ctx["args"].breakdown_images]
-    names = ["exact", "fast, model decoder", "fast", "fast, bf16 decoder", "fast, compiled decoder"]
+    names = ["exact", "fast, model decoder", "fast, model upsampling", "fast"]
     rows = []
     for name, g in configs(model, device, names, **ctx["settings"]).items():
         g.generate(photos[0])  # warm-up
@@ -521,9 +527,50 @@ def section_profile(ctx):
     return [{k: v for k, v in r.items() if k != "top"} | {"top3": [n for _, n, _ in r["top"][:3]]} for r in rows]
 
 
+def section_cli(ctx):
+    """`sam-sparse amg` itself, as a user runs it (a subprocess: model load, image files read, streaming,
+    PNG + CSV outputs written), per mode on the photos saved as PNG files: on one photo and on all, so
+    the steady rate (all - 1) / (wall(all) - wall(one)) leaves out the start-up (printed apart)."""
+    import os
+    import tempfile
+
+    from PIL import Image
+
+    args, photos = ctx["args"], ctx["photos"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        every, one = Path(tmp, "photos"), Path(tmp, "one")
+        every.mkdir()
+        one.mkdir()
+        for i, (name, img) in enumerate(photos.items()):
+            Image.fromarray(img).save(every / f"{name}.png")
+            if i == 0:
+                Image.fromarray(img).save(one / f"{name}.png")
+        weights = ["--checkpoint", str(args.mobile_sam_checkpoint)] if args.mobile_sam_checkpoint else []
+        env = dict(os.environ, SAM_SPARSE_DEVICE=str(ctx["device"]))  # the CLI's default device
+        for mode in ("exact", "fast"):
+            walls = {}
+            for label, folder in (("one", one), ("all", every)):
+                cmd = [sys.executable, "-m", "sam_sparse", "amg", str(folder), "--out", str(Path(tmp, f"out_{mode}_{label}")),
+                       "--model-type", "mobile_sam", *weights, "--mode", mode,
+                       "--points-per-side", str(ctx["settings"]["points_per_side"])]
+                t = time.perf_counter()
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                walls[label] = time.perf_counter() - t
+                if done.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)}: exit {done.returncode}\n{done.stderr[-2000:]}")
+            n = len(photos)
+            steady = (n - 1) / (walls["all"] - walls["one"]) if n > 1 else None
+            rows.append(dict(config=f"sam-sparse amg --mode {mode}", images=n, wall_s_all=round(walls["all"], 2),
+                             wall_s_one=round(walls["one"], 2),
+                             images_per_s_steady=None if steady is None else round(steady, 3),
+                             images_per_s_with_startup=round(n / walls["all"], 3)))
+    return rows
+
+
 SECTIONS = {"amg": section_amg, "breakdown": section_breakdown, "crops": section_crops, "vit": section_vit,
             "predictor": section_predictor, "compile": section_compile, "profile": section_profile,
-            "variants": section_variants}
+            "variants": section_variants, "cli": section_cli}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -579,8 +626,9 @@ def main(argv=None):
     ap.add_argument("--mobile-sam-checkpoint", type=Path, help="MobileSAM's weights (default: fetch_mobile_sam())")
     ap.add_argument("--points-per-side", type=int, default=None, help="default 32 (CPU quick: 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--variants", default="fast;fast, model decoder;fast, bf16 decoder;fast, model decoder, bf16;"
-                                          "fast, compiled decoder;fast, bf16, compiled decoder",
+    ap.add_argument("--variants", default="fast;fast, model upsampling;exact, fused upsampling;fast, model decoder;"
+                                          "fast, bf16 decoder;fast, model decoder, bf16;fast, compiled decoder;"
+                                          "fast, bf16, compiled decoder",
                     help="configs for the variants section (names in configs(), separated by ';')")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -612,7 +660,7 @@ def main(argv=None):
     from sam_sparse import __version__
 
     args.out.mkdir(parents=True, exist_ok=True)
-    sections = args.only.split(",") if args.only else [s for s in SECTIONS if s not in ("compile", "profile", "variants")
+    sections = args.only.split(",") if args.only else [s for s in SECTIONS if s not in ("compile", "profile", "variants", "cli")
                                                        or (s == "compile" and args.compile)]
     unknown = [s for s in sections if s not in SECTIONS]
     if unknown:

@@ -20,7 +20,7 @@ import os
 
 import pytest
 
-INTERPRETER_FIXTURES = ("triton_kernel", "triton_mass", "triton_upscale", "triton_few_keys")
+INTERPRETER_FIXTURES = ("triton_kernel", "triton_mass", "triton_upscale", "triton_few_keys", "triton_resize")
 COVERED_BY = "tests/test_interpreter_process.py::test_interpreter_tests_in_a_child_process"
 
 
@@ -89,3 +89,9 @@ def triton_upscale(monkeypatch):
 def triton_few_keys(monkeypatch):
     """The few-key attention + LayerNorm kernel's module (triton_few_keys), run by the interpreter."""
     return interpreted(monkeypatch, "triton_few_keys")
+
+
+@pytest.fixture
+def triton_resize(monkeypatch):
+    """The resize + threshold kernel's module (triton_resize), run by the interpreter."""
+    return interpreted(monkeypatch, "triton_resize")

@@ -145,6 +145,39 @@ def test_exact_mode_with_a_crop_layer(mobile, photos):
     assert_same_records(ours, ref, "crop_n_layers=1")
 
 
+def count_fused_calls(monkeypatch) -> list:
+    """A list that grows by one per call of kernels.resize's resized_stats or resized_masks in the pipeline."""
+    from sam_sparse.maskgen import pipeline
+
+    calls = []
+    for name in ("resized_stats", "resized_masks"):
+        real = getattr(pipeline, name)
+        monkeypatch.setattr(pipeline, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, dict(points_per_side=2, crop_n_layers=1)], ids=["grid", "crops"])
+def test_fused_upsampling_on_the_torch_path_gives_segment_anythings_records(mobile, photos, references,
+                                                                            settings, monkeypatch):
+    """Mode(upsample="fused") routes the upsampling, scoring, boxes and final masks through kernels.resize.
+    On the CPU that is torch's own interpolation of the same logits, so exact mode stays exact: the records
+    show that the pipeline feeds it the model's resize steps, the thresholds, and (crops) each crop's
+    masks at its place in the image. tests/gpu/test_gpu_maskgen.py checks the kernel's agreement."""
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from sam_sparse.maskgen import EXACT, AutomaticMaskGenerator, with_changes
+
+    calls = count_fused_calls(monkeypatch)
+    with torch.inference_mode():
+        ref = SamAutomaticMaskGenerator(mobile, **settings).generate(photos["astronaut"])
+    ours = AutomaticMaskGenerator(mobile, with_changes(EXACT, upsample="fused"), **settings).generate(photos["astronaut"])
+    assert {"resized_stats", "resized_masks"} <= set(calls), calls
+    assert len(ref) > 0
+    assert_same_records(ours, ref, f"fused upsampling, {settings}")
+    auto = AutomaticMaskGenerator(mobile, with_changes(EXACT, upsample="auto"), **settings)
+    assert not auto.fused_upsample, "upsample='auto' fuses on CUDA only (the torch path holds every mask)"
+
+
 # --- fast mode: agreement -----------------------------------------------------------------------------
 
 
@@ -245,6 +278,8 @@ def test_bad_arguments_are_refused_with_what_is_accepted(mobile):
         Mode("m", stability_on="full")
     with pytest.raises(ValueError, match="low_res_margin: a prefilter for stability_on='upsampled' only"):
         Mode("m", stability_on="low_res", low_res_margin=0.1)
+    with pytest.raises(ValueError, match="upsample='gpu': expected one of model, fused, auto"):
+        Mode("m", upsample="gpu")
     with pytest.raises(ValueError, match="mode='quick': expected one of exact, fast"):
         AutomaticMaskGenerator(mobile, "quick")
     with pytest.raises(ValueError, match="use_m2m: SAM 2 generator parameters"):
@@ -319,6 +354,25 @@ def test_sam2_factored_decoder_keeps_sam2s_masks(sam2_model, photos, case):
     assert len(ref) >= 5, f"{len(ref)} masks: too few to compare"
     ious = best_ious(ref, ours)
     assert (ious >= 0.9).all(), ious
+
+
+def test_sam2_fused_upsampling_gives_sam2s_records_or_says_why_not(sam2_model, photos, monkeypatch):
+    """SAM 2 resizes in one bilinear step: Mode(upsample="fused") on the torch path gives sam2's records.
+    With min_mask_region_area > 0 its predictor fills holes first: "fused" is refused, "auto" falls back."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from sam_sparse.maskgen import EXACT, AutomaticMaskGenerator, with_changes
+
+    calls = count_fused_calls(monkeypatch)
+    image = photos["astronaut"]
+    with torch.inference_mode():
+        ref = SAM2AutomaticMaskGenerator(sam2_model, **SAM2_CASES["grid"]).generate(image)
+    ours = AutomaticMaskGenerator(sam2_model, with_changes(EXACT, upsample="fused"), **SAM2_CASES["grid"]).generate(image)
+    assert {"resized_stats", "resized_masks"} <= set(calls), calls
+    assert_same_records(ours, ref, "SAM 2, fused upsampling")
+    with pytest.raises(ValueError, match="fills holes and removes sprinkles"):
+        AutomaticMaskGenerator(sam2_model, with_changes(EXACT, upsample="fused"), min_mask_region_area=10)
+    assert not AutomaticMaskGenerator(sam2_model, with_changes(EXACT, upsample="auto"), min_mask_region_area=10).fused_upsample
 
 
 # --- predict: SamPredictor.predict / SAM2ImagePredictor.predict -------------------------------------------

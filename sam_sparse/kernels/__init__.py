@@ -1,11 +1,13 @@
-"""Attention kernels, a fused upscaling head, and few-key attention with its LayerNorm fused. Nothing here
-knows about SAM: shapes, masks, a decomposed 2-D bias and convolution weights only."""
+"""Attention kernels, a fused upscaling head, few-key attention with its LayerNorm fused, and bilinear
+resizing fused with a threshold. Nothing here knows about SAM: shapes, masks, a decomposed 2-D bias and
+convolution weights only."""
 
 from .block_mass import block_attention_mass
 from .few_keys import few_key_attention_norm
 from .interface import HEAD_DIMS, HEAD_DIMS_ACCEPTED, block_lists, block_sparse_attn, block_sparse_attn_varlen, window_attn
 from .layout import BlockLayout, check_block_size
 from .reference import attention_reference
+from .resize import resized_masks, resized_stats
 from .upscale import upscale_project
 
 __all__ = [
@@ -21,4 +23,6 @@ __all__ = [
     "block_attention_mass",
     "upscale_project",
     "few_key_attention_norm",
+    "resized_stats",
+    "resized_masks",
 ]

@@ -208,3 +208,19 @@ def few_key_attention_norm_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
             o = o + out_bias.to(dt)
         y = F.layer_norm(residual.to(dt) + o, (C,), ln_weight.to(dt), ln_bias.to(dt), eps)
         return y, (None if pos is None else y + pos.to(dt))
+
+
+def resize_reference(x: torch.Tensor, size: Tuple[int, int], mid: Optional[Tuple[int, int, int, int]] = None
+                     ) -> torch.Tensor:
+    """resize.resized_stats' and resized_masks' resize with F.interpolate: x (K, h, w) -> (K, H, W), through
+    (MH, MW) and its top-left (CH, CW) when mid is given; float64 for float64 x, else float32."""
+    import torch.nn.functional as F
+
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.shape[0] == 0:
+        return x.new_zeros((0, *size), dtype=dt)
+    with torch.autocast(x.device.type, enabled=False):
+        v = x.to(dt)[:, None]
+        if mid is not None:
+            v = F.interpolate(v, mid[:2], mode="bilinear", align_corners=False)[..., :mid[2], :mid[3]]
+        return F.interpolate(v, size, mode="bilinear", align_corners=False)[:, 0]

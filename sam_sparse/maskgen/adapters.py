@@ -191,6 +191,13 @@ class SamAdapter:
         return _per_mask(lambda m: self.model.postprocess_masks(m, embedding.input_size, embedding.original_size),
                          low_res, embedding.original_size)
 
+    def resize_plan(self, embedding: Embedding):
+        """upsample as kernels.resize's arguments: ((H, W), (MH, MW, CH, CW)): Sam.postprocess_masks'
+        bilinear steps to the encoder's square input, its top-left (the resized image), then the image."""
+        s = int(self.model.image_encoder.img_size)
+        h, w = (int(v) for v in embedding.input_size)
+        return tuple(int(v) for v in embedding.original_size), (s, s, h, w)
+
     def low_res_view(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:
         """The part of the low-res logits (K, h, w) that covers the image (the rest covers the padding)."""
         scale = low_res.shape[-1] / self.model.image_encoder.img_size
@@ -295,6 +302,13 @@ class Sam2Adapter:
     def upsample(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:
         return _per_mask(lambda m: self.transforms.postprocess_masks(m, embedding.original_size), low_res,
                          embedding.original_size)
+
+    def resize_plan(self, embedding: Embedding):
+        """upsample as kernels.resize's arguments, ((H, W), None): one bilinear step to the image; None
+        where the transforms fill holes or remove sprinkles first (min_mask_region_area > 0)."""
+        if self.transforms.max_hole_area > 0 or self.transforms.max_sprinkle_area > 0:
+            return None
+        return tuple(int(v) for v in embedding.original_size), None
 
     def low_res_view(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:
         return low_res  # the whole 256 x 256 grid covers the (squashed) image

@@ -14,7 +14,9 @@ first drop the masks whose low-res score is far below the threshold) and its fil
 binarized masks in memory-bounded chunks, only for their boxes and the crop-edge filter; box NMS
 (torchvision's batched_nms) per crop, then between crops. Only the masks NMS keeps are upsampled again
 (bit for bit as before) and kept at full size; their run-length boundaries, areas, boxes and scores come
-to the host in one copy (transfer.to_host), where the records are built.
+to the host in one copy (transfer.to_host), where the records are built. With Mode(upsample="fused")
+the upsampling, scoring, boxing and binarizing are one kernel (kernels.resize) that never writes the
+upsampled logits.
 
 Every step in exact mode computes what the reference computes, on the same tensors, in the same order:
 the records are equal value for value, type for type (segment-anything turns a crop's boxes into
@@ -45,6 +47,7 @@ from segment_anything.utils.amg import (
 )
 from torchvision.ops.boxes import batched_nms, box_area
 
+from ..kernels import resized_masks, resized_stats
 from ..patches import dense_attention
 from .adapters import Embedding, Prepared, adapter_for, model_family
 from .point_decoder import check_factorable
@@ -143,6 +146,7 @@ class AutomaticMaskGenerator:
         self.last_seconds: Optional[dict] = None
         self._decode_fn = self.adapter.decode
         self._factorable = self.mode.decoder != "model" and self._check_factorable(self.mode.decoder == "factored")
+        self.fused_upsample = self._check_fused_upsample()
         if self.mode.compile_decoder is not None:
             self._decode_fn = torch.compile(self.adapter.decode, mode=self.mode.compile_decoder, dynamic=False)
         self._max_batch: Optional[int] = None
@@ -357,6 +361,19 @@ class AutomaticMaskGenerator:
                              "the model or its decoder); use decoder='model' or 'auto'")
         return True
 
+    def _check_fused_upsample(self) -> bool:
+        """Whether kernels.resize stands in for the adapter's upsampling (Mode.upsample): "fused" wherever
+        the model's postprocessing is plain bilinear resizing (else a ValueError), "auto" there on CUDA."""
+        if self.mode.upsample == "model":
+            return False
+        if self.adapter.resize_plan(Embedding(None, (1, 1), (1, 1))) is None:
+            if self.mode.upsample == "fused":
+                raise ValueError("upsample='fused' resizes bilinearly, and this SAM 2 model's postprocessing "
+                                 "first fills holes and removes sprinkles (min_mask_region_area > 0); use "
+                                 "upsample='model' or 'auto'")
+            return False
+        return self.mode.upsample == "fused" or self.device.type == "cuda"
+
     def _refine(self, emb, coords, low):
         """SAM2AutomaticMaskGenerator.refine_with_m2m: every mask through the decoder again, with its own
         (clamped) low-res logits as the mask prompt, one mask per point."""
@@ -387,13 +404,29 @@ class AutomaticMaskGenerator:
     # Upsampling, in chunks of masks
     # ---------------------------------------------------------------------------------------------
 
-    def _chunks(self, low: torch.Tensor, emb: Embedding):
-        """(start, logits of low[start:start + m]) in chunks that hold at most UPSAMPLE_BYTES of logits."""
+    def _chunk(self, low: torch.Tensor, emb: Embedding) -> int:
+        """Masks per chunk: at most UPSAMPLE_BYTES of resized logits (all of them where the fused kernel
+        holds none)."""
+        if self.fused_upsample and self.device.type == "cuda":
+            return max(1, len(low))
         h, w = emb.original_size
         per_mask = 4 * (h * w + max(low.shape[-1] * 4, 1024) ** 2)  # SAM 1 also holds the 1024 x 1024 step
-        step = max(1, UPSAMPLE_BYTES // per_mask)
+        return max(1, UPSAMPLE_BYTES // per_mask)
+
+    def _chunks(self, low: torch.Tensor, emb: Embedding):
+        """(start, logits of low[start:start + m]) in chunks that hold at most UPSAMPLE_BYTES of logits."""
+        step = self._chunk(low, emb)
         for start in range(0, len(low), step):
             yield start, self.adapter.upsample(low[start:start + step], emb)
+
+    def _fused_stats(self, low: torch.Tensor, emb: Embedding):
+        """kernels.resized_stats per chunk: the stability score and box of each upsampled mask."""
+        size, mid = self.adapter.resize_plan(emb)
+        step = self._chunk(low, emb)
+        parts = [resized_stats(low[s:s + step], size, self.threshold, self.settings.stability_score_offset, mid)
+                 for s in range(0, len(low), step)]
+        counts, boxes = (torch.cat(t) for t in zip(*parts))
+        return counts[:, 0] / counts[:, 1], boxes  # int32 / int32, as calculate_stability_score divides
 
     def _boxes(self, low: torch.Tensor, emb: Embedding) -> torch.Tensor:
         """batched_mask_to_box of the binarized, upsampled masks; float32 (0, 4) when there are none, as
@@ -401,6 +434,8 @@ class AutomaticMaskGenerator:
         into floats: kept, so records match)."""
         if len(low) == 0:
             return empty_boxes(self.device)
+        if self.fused_upsample:
+            return self._fused_stats(low, emb)[1]
         return torch.cat([batched_mask_to_box(logits > self.threshold) for _, logits in self._chunks(low, emb)])
 
     def _boxes_and_stability(self, low: torch.Tensor, emb: Embedding):
@@ -408,6 +443,8 @@ class AutomaticMaskGenerator:
         the box of each binarized one."""
         if len(low) == 0:
             return low.new_zeros(0), empty_boxes(self.device)
+        if self.fused_upsample:
+            return self._fused_stats(low, emb)
         stability, boxes = [], []
         for _, logits in self._chunks(low, emb):
             stability.append(calculate_stability_score(logits, self.threshold, self.settings.stability_score_offset))
@@ -425,6 +462,14 @@ class AutomaticMaskGenerator:
             crop = crops[c]
             x0, y0, x1, y1 = crop.box
             rows = row[where.to(row.device)]
+            if self.fused_upsample:
+                size, mid = self.adapter.resize_plan(crop.embedding)
+                low, dest = crop.low_res[rows], where.to(self.device)
+                step = self._chunk(low, crop.embedding)
+                for s in range(0, len(low), step):
+                    resized_masks(low[s:s + step], size, self.threshold, mid, out=masks, dest=dest[s:s + step],
+                                  origin=(y0, x0))
+                continue
             for start, logits in self._chunks(crop.low_res[rows], crop.embedding):
                 masks[where[start:start + len(logits)].to(self.device), y0:y1, x0:x1] = logits > self.threshold
         return masks

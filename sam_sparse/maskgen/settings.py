@@ -11,7 +11,8 @@ A Mode says how the same settings are computed. Two are named:
          The records are the reference generator's, equal value for value and in the same order.
   fast   the decoder on up to 1024 points per call, taken apart where it can be (decoder="auto":
          point_decoder.py, the same float32 math with the image-side work the points share done once and
-         a fused upscaling kernel on CUDA), every other step as exact. Its agreement with the reference is
+         a fused upscaling kernel on CUDA), and on CUDA the upsampling fused with scoring, boxing and
+         binarizing (upsample="auto": kernels.resize); every other step as exact. Its agreement with the reference is
          measured (docs/benchmarks.md, tests/test_maskgen.py), not guaranteed: on the H200 it found 99.54%
          of segment-anything's 1509 masks on the 20 sample photos at IoU >= 0.9, median best IoU 1.0, at
          2.3x the images per second of the model's decoder on 1024 points (run 45), which found all 1509. A stability prefilter on the low-res logits (low_res_margin=0.05, the fast mode's until
@@ -27,6 +28,7 @@ from typing import Optional, Union
 STABILITY_ON = ("upsampled", "low_res")
 DECODER_DTYPES = ("bfloat16", "float16")
 DECODERS = ("model", "factored", "auto")
+UPSAMPLES = ("model", "fused", "auto")
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,12 @@ class Mode:
       a mask prompt, as SAM 2's mask-to-mask refinement, and calls while a handle observes the decoder
       keep the model's) or "auto" (factored where it can be, else the model's, without an error). Not
       "factored" or "auto" with compile_decoder.
+    upsample: "model" (the model's own postprocessing: each mask's logits resized to the image, held in
+      memory-bounded chunks, then scored, boxed and binarized), "fused" (kernels.resize: the resize and
+      the stability counts, boxes and final binarization in one kernel on CUDA, no resized logits held;
+      the kernel's float32 rounding may move a pixel within rounding of a threshold; an error for a model
+      whose postprocessing is not plain bilinear resizing: SAM 2 with min_mask_region_area > 0) or "auto"
+      ("fused" on CUDA where it can be, else the model's).
     """
 
     name: str
@@ -116,6 +124,7 @@ class Mode:
     decoder_dtype: Optional[str] = None
     compile_decoder: Optional[str] = None
     decoder: str = "model"
+    upsample: str = "model"
 
     def __post_init__(self):
         if self.points_per_batch is not None and (not isinstance(self.points_per_batch, int) or self.points_per_batch < 1):
@@ -131,12 +140,14 @@ class Mode:
             raise ValueError(f"decoder_dtype={self.decoder_dtype!r}: expected None or one of {', '.join(DECODER_DTYPES)}")
         if self.decoder not in DECODERS:
             raise ValueError(f"decoder={self.decoder!r}: expected one of {', '.join(DECODERS)}")
+        if self.upsample not in UPSAMPLES:
+            raise ValueError(f"upsample={self.upsample!r}: expected one of {', '.join(UPSAMPLES)}")
         if self.decoder != "model" and self.compile_decoder is not None:
             raise ValueError(f"decoder={self.decoder!r} runs its own fused kernel: compile_decoder needs decoder='model'")
 
 
 EXACT = Mode("exact")
-FAST = Mode("fast", points_per_batch=1024, decoder="auto")
+FAST = Mode("fast", points_per_batch=1024, decoder="auto", upsample="auto")
 MODES = {"exact": EXACT, "fast": FAST}
 
 

@@ -77,19 +77,20 @@ def test_exact_mode_with_a_crop_layer_on_cuda(mobile, photos):
 AGREEMENT_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry")
 
 
-def test_fast_mode_agreement_on_cuda_decides_the_default(mobile):
+def test_fast_mode_agreement_on_cuda_decides_the_default(mobile, monkeypatch):
     """Issue 24's rule: amg's default is fast only where fast keeps >= 99% of segment-anything's masks at IoU
     >= 0.9 (median >= 0.99); else exact. The fast mode takes the decoder apart (decoder="auto"; a spy
-    sees it). Run 45 (H200, bench_amg's 20 photos): 99.54% of 1509 masks, median 1.0; these six: all
+    sees it) and upsamples with kernels.resize (upsample="auto"; another spy). Run 45 (H200, bench_amg's 20 photos): 99.54% of 1509 masks, median 1.0; these six: all
     177. A floor of 95% catches a broken fast mode either way."""
     from segment_anything import SamAutomaticMaskGenerator
     from skimage import data
-    from test_maskgen import count_factored_calls
+    from test_maskgen import count_factored_calls, count_fused_calls
 
     from sam_sparse.cli.amg import DEFAULT_MODE
     from sam_sparse.maskgen import AutomaticMaskGenerator
 
     generator = AutomaticMaskGenerator(mobile, "fast")  # up to 1024 points per call, as free memory allows
+    fused = count_fused_calls(monkeypatch)
     calls, ious = count_factored_calls(generator), []
     for name in AGREEMENT_PHOTOS:
         image = np.ascontiguousarray(getattr(data, name)()[..., :3])
@@ -100,6 +101,7 @@ def test_fast_mode_agreement_on_cuda_decides_the_default(mobile):
     matched, median = float((ious >= 0.9).mean()), float(np.median(ious))
     print(f"fast vs segment-anything on CUDA: {len(ious)} masks, {matched:.2%} at IoU >= 0.9, median {median:.4f}")
     assert len(calls) >= len(AGREEMENT_PHOTOS)  # each photo's points through the factored decoder
+    assert fused.count("resized_masks") >= len(AGREEMENT_PHOTOS)  # and its masks through kernels.resize
     assert len(ious) >= 150 and matched >= 0.95 and median >= 0.99, (len(ious), matched, median)
     assert DEFAULT_MODE == ("fast" if matched >= 0.99 else "exact"), (matched, DEFAULT_MODE)
 
@@ -139,3 +141,35 @@ def test_sam2_exact_mode_on_cuda(photos, case):
         ref = SAM2AutomaticMaskGenerator(model, **SAM2_CASES[case]).generate(image)
     assert len(ref) >= 5
     assert_same_records(AutomaticMaskGenerator(model, "exact", **SAM2_CASES[case]).generate(image), ref, case)
+
+
+def test_fused_resize_on_decoder_logits_matches_float64(mobile, photos):
+    """kernels.resize compiled, on MobileSAM's low-res logits for a 600 x 400 photo (256 -> 1024, the
+    resized image's 1024 x 683 kept, -> 400 x 600) and on a crop's plan: counts, boxes and masks against
+    float64 interpolation, pixels within float32 rounding of a threshold excepted (tests/test_resize_kernel.py's
+    checks). Printed: how many pixels differ from torch's own float32 resize (none would be bit-identical)."""
+    from test_resize_kernel import check_masks, check_stats
+
+    from sam_sparse.kernels import resized_masks, resized_stats
+    from sam_sparse.kernels.reference import resize_reference
+    from sam_sparse.maskgen import AutomaticMaskGenerator, adapter_for
+
+    adapter = adapter_for(mobile)
+    image = photos["coffee"]
+    with torch.inference_mode():
+        [emb] = adapter.embed([adapter.prepare(image)])
+        points = AutomaticMaskGenerator(mobile, **SETTINGS).point_grids[0] * np.array(image.shape[:2])[None, ::-1]
+        coords = adapter.prompt_coords(points, image.shape[:2])
+        low, _ = adapter.decode(emb, coords[:, None, :], torch.ones(len(coords), 1, dtype=torch.int, device="cuda"))
+        low = low.flatten(0, 1)[::12].float()  # 64 masks: the float64 references hold 64 x 1024 x 1024
+        size, mid = adapter.resize_plan(emb)
+        assert size == (400, 600) and mid == (1024, 1024, 683, 1024), (size, mid)
+        for plan in ((size, mid), ((371, 529), (1024, 1024, 741, 1024))):
+            ref = resize_reference(low.double(), *plan)
+            counts, boxes = resized_stats(low, *plan, 0.0, 1.0)
+            check_stats(counts, boxes, ref, 0.0, 1.0, 0, f"stats {plan}")
+            masks = resized_masks(low, *plan, 0.0)
+            check_masks(masks, ref, 0.0, 0, f"masks {plan}")
+            torch32 = resize_reference(low, *plan) > 0  # torch's float32 interpolate, as the model's upsampling
+            print(f"fused resize {plan}: {int((masks != torch32).sum())} of {masks.numel()} pixels differ from "
+                  "torch's float32 resize")
