@@ -2,7 +2,7 @@
 # A session's test call on the lent GPU machine: the README's test command (with pytest-xdist's -n 8, which
 # that machine has, so that it fits one call; conftest gives each worker its share of the cores), then in the
 # time left the kernel's memory-attention and SAM sections of bench_kernel.py (BENCH=kernel, the default),
-# bench_amg's amg section (BENCH=amg, AMG_S seconds) or nothing (BENCH=). Results in $OUT.
+# bench_amg's sections (BENCH=amg; AMG: the sections, default amg; AMG_S seconds) or nothing (BENCH=). Results in $OUT.
 # Usage: bash scripts/device_final.sh COMMIT [TEST_SECONDS, default 400]   (env WORKERS: pytest-xdist workers, default 8)
 set -u
 COMMIT=${1:-unknown}
@@ -22,6 +22,6 @@ if [ "${BENCH-kernel}" = kernel ]; then
   timeout 90 python3 scripts/bench_kernel.py --section sam --no-flex --models vit_b --batches 1,8 --densities 1.0,0.25 \
       --out $OUT/bench_sam.md --commit $COMMIT 2>&1 | grep -v '^{' | tail -12
 elif [ "${BENCH}" = amg ]; then
-  timeout ${AMG_S:-100} python3 scripts/bench_amg.py --out "$OUT" --only amg --mobile-sam-checkpoint .whl/cache/mobile_sam.pt \
+  timeout ${AMG_S:-100} python3 scripts/bench_amg.py --out "$OUT" --only ${AMG:-amg} --mobile-sam-checkpoint .whl/cache/mobile_sam.pt \
       2>&1 | grep '^{' | cut -c1-400
 fi
