@@ -9,6 +9,7 @@ a threshold may land on either side: every check allows exactly those pixels (|o
 differ and no other. Output masks are poisoned (every byte set) before the kernel writes them.
 """
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,9 +31,11 @@ CASES = [(3, 9, 11, (37, 45), None), (2, 8, 8, (16, 32), None), (3, 16, 16, (45,
 
 
 def source(n_out: int, n_in: int):
-    """torch's bilinear source rows for each of n_out outputs (align_corners=False), in float64."""
+    """torch's bilinear source rows for each of n_out outputs (align_corners=False), in float64 from torch's
+    float32 scale (exact: the scale has 24 bits, d + 0.5 a dozen); the kernel rounds them to float32."""
     d = torch.arange(n_out, dtype=torch.float64)
-    s = ((d + 0.5) * (n_in / n_out) - 0.5).clamp(min=0)
+    scale = float(np.float32(n_in) / np.float32(n_out))
+    s = ((d + 0.5) * scale - 0.5).clamp(min=0)
     i0 = s.floor().long()
     i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
     return i0, i1, s - i0
@@ -168,14 +171,15 @@ def test_torch_path_matches_the_float64_oracle():
 
 
 def test_oracle_is_torch_interpolate():
+    """The oracle is torch's float32 interpolate (its float32 scale) up to float32 rounding of the values."""
     seed, g = seeded()
-    x = torch.randn(2, 7, 9, generator=g, dtype=torch.float64)
-    for size, mid in (((20, 11), None), ((5, 30), (28, 36, 21, 30))):
+    x = torch.randn(2, 7, 9, generator=g)
+    for size, mid in (((20, 11), None), ((5, 30), (28, 36, 21, 30)), ((900, 700), (1000, 1000, 683, 1000))):
         v = x[:, None]
         if mid is not None:
             v = F.interpolate(v, mid[:2], mode="bilinear", align_corners=False)[..., :mid[2], :mid[3]]
-        want = F.interpolate(v, size, mode="bilinear", align_corners=False)[:, 0]
-        torch.testing.assert_close(oracle_resize(x, size, mid), want, rtol=0, atol=1e-12, msg=f"seed {seed}")
+        want = F.interpolate(v, size, mode="bilinear", align_corners=False)[:, 0].double()
+        torch.testing.assert_close(oracle_resize(x, size, mid), want, rtol=0, atol=2e-5, msg=f"seed {seed}")
 
 
 def test_box_of_is_segment_anythings_batched_mask_to_box():
@@ -205,7 +209,7 @@ def test_bad_inputs_say_what_was_wrong_and_what_is_accepted():
 
 @needs_triton
 def test_tuning_space_is_pruned_to_tiles_that_fit(triton_resize):
-    prune = triton_resize.prune
-    narrow = prune(triton_resize.CONFIGS, {}, W_CLASS=64)
-    assert narrow and all(c.kwargs["BLOCK_X"] <= 64 for c in narrow)
-    assert len(prune(triton_resize.CONFIGS, {}, W_CLASS=4096)) == len(triton_resize.CONFIGS)
+    prune, configs = triton_resize.prune, triton_resize.CONFIGS
+    narrow = prune(configs, {}, IS_WIDE=False)
+    assert narrow and all(c.kwargs["BLOCK_X"] < triton_resize.WIDE for c in narrow)
+    assert len(narrow) < len(configs) and prune(configs, {}, IS_WIDE=True) == configs

@@ -19,9 +19,11 @@ accumulators with atomics (count_hi, count_lo, W - left, H - top, right + 1, bot
 with no such pixel, so the accumulators start at zero). Otherwise it stores (value > threshold) as a byte
 at out[dest[k], oy + y, ox + x].
 
-Launch configs are tuned at run time per (steps, STATS, output width class) over the tiles that fit the
-width (triton.autotune with `prune`, accumulators reset between trials; nothing stored on disk). Sizes
-and strides are not specialized on, so a new image size reuses the compiled kernels.
+Launch configs are tuned at run time per (steps, STATS, output at least WIDE columns or not) over the
+tiles that fit (triton.autotune with `prune`, accumulators reset between trials; nothing stored on disk):
+at most four tunings per process, so photos of many sizes do not each pay one (keyed on the width class
+of every image, 20 photos of 6 classes spent ~0.6 s per new class). Sizes and strides are not
+specialized on, so a new image size reuses the compiled kernels.
 """
 
 from __future__ import annotations
@@ -33,22 +35,25 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_util import INTERPRET, MAX_GRID_Y, next_pow2
+from .triton_util import INTERPRET, MAX_GRID_Y
 
 CONFIGS = [triton.Config({"BLOCK_Y": y, "BLOCK_X": x}, num_warps=w)
-           for y, x, w in ((8, 128, 4), (16, 128, 4), (32, 128, 8), (16, 64, 4), (32, 64, 4), (8, 256, 8))]
+           for y, x, w in ((4, 128, 4), (8, 128, 4), (16, 128, 8), (8, 64, 4), (16, 64, 4), (8, 256, 8))]
 INTERPRETER_CONFIG = triton.Config({"BLOCK_Y": 8, "BLOCK_X": 16}, num_warps=4)
 STATS_FIELDS = 6  # count_hi, count_lo, W - left, H - top, right + 1, bottom + 1
 SIZE_ARGS = ["h", "w", "MH", "MW", "CH", "CW", "H", "W", "oy", "ox",
              "stride_xk", "stride_xy", "stride_xx", "stride_ok", "stride_oy", "stride_ox"]
 
 
+WIDE = 256  # outputs at least this wide tune apart from narrower ones, which get no 256-wide tile
+
+
 def prune(configs: List[triton.Config], named_args: dict, **kwargs) -> List[triton.Config]:
-    """The tiles no wider than the output (rounded up to a power of two, at least 64); the narrowest when
-    none is left."""
-    width = max(64, next_pow2(kwargs.get("W_CLASS", named_args.get("W_CLASS", 64))))
-    keep = [c for c in configs if c.kwargs["BLOCK_X"] <= width]
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_X"])]
+    """The tiles that fit the output's width class: all for WIDE outputs, those under WIDE columns for
+    narrower ones."""
+    if kwargs.get("IS_WIDE", named_args.get("IS_WIDE")):
+        return configs
+    return [c for c in configs if c.kwargs["BLOCK_X"] < WIDE] or configs[:1]
 
 
 @triton.jit
@@ -84,7 +89,7 @@ def _mid_value(base, stride_y, stride_x, r, c, sy1, sx1, h, w):
     return _blend(base, stride_y, stride_x, i0, i1, l0, l1, j0, j1, m0, m1)
 
 
-@triton.autotune(configs=[INTERPRETER_CONFIG] if INTERPRET else CONFIGS, key=["TWO_STEPS", "STATS", "W_CLASS"],
+@triton.autotune(configs=[INTERPRETER_CONFIG] if INTERPRET else CONFIGS, key=["TWO_STEPS", "STATS", "IS_WIDE"],
                  prune_configs_by={"early_config_prune": prune}, reset_to_zero=["ACC"])
 @triton.jit(do_not_specialize=SIZE_ARGS)
 def _resize_kernel(
@@ -92,7 +97,7 @@ def _resize_kernel(
     stride_xk, stride_xy, stride_xx, stride_ok, stride_oy, stride_ox,
     h, w, MH, MW, CH, CW, H, W, oy, ox,
     sy1, sx1, sy2, sx2, threshold, t_hi, t_lo,
-    TWO_STEPS: tl.constexpr, STATS: tl.constexpr, W_CLASS: tl.constexpr,
+    TWO_STEPS: tl.constexpr, STATS: tl.constexpr, IS_WIDE: tl.constexpr,
     BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -177,6 +182,6 @@ def resize_threshold_triton(x: torch.Tensor, size: Tuple[int, int], mid: Optiona
             x[start:start + n], out_bytes, x if dest is None else dest[start:start + n],
             acc[start:start + n] if stats else acc, x.stride(0), x.stride(1), x.stride(2), *o_strides,
             h, w, MH, MW, CH, CW, H, W, origin[0], origin[1], sy1, sx1, sy2, sx2, t(threshold), t_hi, t_lo,
-            TWO_STEPS=mid is not None, STATS=stats, W_CLASS=min(4096, max(64, next_pow2(W))),
+            TWO_STEPS=mid is not None, STATS=stats, IS_WIDE=W >= WIDE,
         )
     return acc if stats else out

@@ -143,11 +143,13 @@ def test_sam2_exact_mode_on_cuda(photos, case):
     assert_same_records(AutomaticMaskGenerator(model, "exact", **SAM2_CASES[case]).generate(image), ref, case)
 
 
-def test_fused_resize_on_decoder_logits_matches_float64(mobile, photos):
+def test_fused_resize_on_decoder_logits_matches_torchs_resize(mobile, photos):
     """kernels.resize compiled, on MobileSAM's low-res logits for a 600 x 400 photo (256 -> 1024, the
     resized image's 1024 x 683 kept, -> 400 x 600) and on a crop's plan: counts, boxes and masks against
-    float64 interpolation, pixels within float32 rounding of a threshold excepted (tests/test_resize_kernel.py's
-    checks). Printed: how many pixels differ from torch's own float32 resize (none would be bit-identical)."""
+    torch's float32 interpolate, the model's own upsampling, whose float32 source positions the kernel
+    shares (a float64 resize places a pixel up to ~1e-4 px elsewhere at these sizes, which moves logits
+    of slope ~30 per pixel by more than float32 rounding). Pixels within 1e-4 of a threshold excepted
+    (tests/test_resize_kernel.py's checks); printed: how many pixels differ at all."""
     from test_resize_kernel import check_masks, check_stats
 
     from sam_sparse.kernels import resized_masks, resized_stats
@@ -161,15 +163,15 @@ def test_fused_resize_on_decoder_logits_matches_float64(mobile, photos):
         points = AutomaticMaskGenerator(mobile, **SETTINGS).point_grids[0] * np.array(image.shape[:2])[None, ::-1]
         coords = adapter.prompt_coords(points, image.shape[:2])
         low, _ = adapter.decode(emb, coords[:, None, :], torch.ones(len(coords), 1, dtype=torch.int, device="cuda"))
-        low = low.flatten(0, 1)[::12].float()  # 64 masks: the float64 references hold 64 x 1024 x 1024
+        low = low.flatten(0, 1)[::4].float()  # 192 masks
         size, mid = adapter.resize_plan(emb)
         assert size == (400, 600) and mid == (1024, 1024, 683, 1024), (size, mid)
+        torch.testing.assert_close(resize_reference(low[:8], size, mid), adapter.upsample(low[:8], emb), rtol=0, atol=0)
         for plan in ((size, mid), ((371, 529), (1024, 1024, 741, 1024))):
-            ref = resize_reference(low.double(), *plan)
+            ref = resize_reference(low, *plan).double()
             counts, boxes = resized_stats(low, *plan, 0.0, 1.0)
             check_stats(counts, boxes, ref, 0.0, 1.0, 0, f"stats {plan}")
             masks = resized_masks(low, *plan, 0.0)
             check_masks(masks, ref, 0.0, 0, f"masks {plan}")
-            torch32 = resize_reference(low, *plan) > 0  # torch's float32 interpolate, as the model's upsampling
-            print(f"fused resize {plan}: {int((masks != torch32).sum())} of {masks.numel()} pixels differ from "
+            print(f"fused resize {plan}: {int((masks != (ref > 0)).sum())} of {masks.numel()} pixels differ from "
                   "torch's float32 resize")
