@@ -6,13 +6,14 @@ a torchrun job.
 
 Each image goes through sam_sparse.maskgen's AutomaticMaskGenerator on the (patched) model: mode "exact"
 gives segment-anything's SamAutomaticMaskGenerator's records (the same masks, fields and order), mode
-"fast" the same pipeline with large decoder batches and a low-res stability prefilter, its agreement
-measured (docs/benchmarks.md). Outputs follow segment-anything's
+"fast" the same steps with up to 1024 points per decoder call through fused kernels (maskgen.settings),
+its agreement measured (docs/benchmarks.md). Outputs follow segment-anything's
 scripts/amg.py: `binary_mask` writes a folder per image with one PNG per mask (0/255) and metadata.csv;
 `coco_rle` writes one JSON per image with COCO RLE masks and the same fields. An image's output is
 written under a temporary name and renamed when complete, so a rerun skips complete images and redoes
 partial ones. A run manifest (model, policy, version, arguments, per image: status, masks, seconds) is
-written as manifest.json.
+written as manifest.json. Images stream (the default): the next images are read on a worker thread and
+each image's outputs are written on another while the device works on the next image.
 
 batch_images=N runs the image encoder on N images per forward (AutomaticMaskGenerator.embed_images),
 then the generator on each image with its embedding. This holds only without crop layers: with
@@ -31,8 +32,10 @@ import re
 import shutil
 import time
 import unicodedata
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -45,6 +48,11 @@ METADATA_HEADER = ("id,area,bbox_x0,bbox_y0,bbox_w,bbox_h,point_input_x,point_in
                    "stability_score,crop_box_x0,crop_box_y0,crop_box_w,crop_box_h")
 TMP_MARK = ".tmp-"
 MODES = ("exact", "fast")
+# PNG zlib level of the mask files: OpenCV's default, which segment-anything's amg.py writes with; 0/255
+# masks compress about as well as at PIL's default 6, several times faster (the writing was the
+# streamed fast mode's bottleneck).
+PNG_COMPRESS_LEVEL = 1
+WRITES_AHEAD = 2  # images whose outputs are being written while the next one generates (their masks in memory)
 
 
 def find_images(spec: os.PathLike, exclude: Optional[os.PathLike] = None) -> List[Path]:
@@ -241,7 +249,8 @@ def write_binary_masks(masks: List[dict], folder: Path) -> None:
     tmp.mkdir()
     rows = [METADATA_HEADER]
     for i, m in enumerate(masks):
-        Image.fromarray(m["segmentation"].astype(np.uint8) * 255).save(tmp / f"{i}.png")
+        Image.fromarray(m["segmentation"].astype(np.uint8) * 255).save(tmp / f"{i}.png",
+                                                                       compress_level=PNG_COMPRESS_LEVEL)
         rows.append(",".join([str(i), str(m["area"]), *map(str, m["bbox"]), *map(str, m["point_coords"][0]),
                               str(m["predicted_iou"]), str(m["stability_score"]), *map(str, m["crop_box"])]))
     (tmp / "metadata.csv").write_text("\n".join(rows))
@@ -405,11 +414,14 @@ def _run_batch(generator, jobs: List[Tuple[Path, dict]], output_mode: str, overl
 def _run_streamed(generator, jobs: List[Tuple[Path, dict]], output_mode: str, overlay: bool,
                   finish: Callable[[dict], None]) -> None:
     """Masks for each (path, record) in `jobs`, in order, through generator.generate_many: the next images
-    are read and resized on a worker thread while the device works on this one. An image that cannot be
-    read, or whose generation or outputs fail (any Exception, not KeyboardInterrupt), fails alone; an
-    error inside a generation ends that stream, and a new one takes the images after it. `seconds` is the
-    wall time from the previous image's end to this one's."""
+    are read and resized on a worker thread while the device works on this one, and each image's outputs
+    are written on another thread (up to WRITES_AHEAD images behind). Records are finished in order, each
+    once its outputs are written. An image that cannot be read, or whose generation or outputs fail (any
+    Exception, not KeyboardInterrupt), fails alone; an error inside a generation ends that stream, and a new
+    one takes the images after it. `seconds`: the wall time from the previous image's generation end to
+    this one's, plus the writing of its outputs."""
     images: Dict[Path, np.ndarray] = {}  # the images in flight, for their overlays
+    writing: Deque[Tuple[dict, Optional[Future]]] = deque()
 
     def load(job):
         image = read_image(job[0])
@@ -417,26 +429,48 @@ def _run_streamed(generator, jobs: List[Tuple[Path, dict]], output_mode: str, ov
             images[job[0]] = image
         return image
 
-    remaining = list(jobs)
-    while remaining:
-        stream, rest, t0 = generator.generate_many(remaining, load=load), [], time.perf_counter()
-        for i, (path, record) in enumerate(remaining):
-            result = None
-            try:
-                result = next(stream)  # an error inside this image's generation is raised here
-                if result.error is not None:
-                    raise result.error
-                _write(result.records, images.get(path), record, output_mode, overlay)
-            except Exception as e:  # unreadable, corrupt, out of memory, a full disk, an output path taken, ...
-                record.update(status="failed", error=_error(e))
-            images.pop(path, None)
-            record["seconds"] += time.perf_counter() - t0
+    def write(records, image, record) -> float:
+        """On the writer thread: the outputs, and the seconds they took (added to the record when settled)."""
+        t0 = time.perf_counter()
+        _write(records, image, record, output_mode, overlay)
+        return time.perf_counter() - t0
+
+    def settle(keep: int) -> None:
+        """Finish the records in order until at most `keep` images are still being written."""
+        while len(writing) > keep:
+            record, future = writing.popleft()
+            if future is not None:
+                try:
+                    record["seconds"] += future.result()
+                except Exception as e:  # a full disk, an output path taken by something else, ...
+                    record.update(status="failed", error=_error(e))
             finish(record)
-            t0 = time.perf_counter()
-            if result is None:  # the generation raised: this stream is over, a new one takes the rest
-                rest = remaining[i + 1:]
-                break
-        remaining = rest
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-sparse-amg-write") as writer:
+        remaining = list(jobs)
+        try:
+            while remaining:
+                stream, rest, t0 = generator.generate_many(remaining, load=load), [], time.perf_counter()
+                for i, (path, record) in enumerate(remaining):
+                    result, future = None, None
+                    try:
+                        result = next(stream)  # an error inside this image's generation is raised here
+                        if result.error is not None:
+                            raise result.error
+                        future = writer.submit(write, result.records, images.get(path), record)
+                    except Exception as e:  # unreadable, corrupt, out of memory, ...
+                        record.update(status="failed", error=_error(e))
+                    images.pop(path, None)
+                    record["seconds"] += time.perf_counter() - t0
+                    writing.append((record, future))
+                    settle(WRITES_AHEAD)
+                    t0 = time.perf_counter()
+                    if result is None:  # the generation raised: this stream is over, a new one takes the rest
+                        rest = remaining[i + 1:]
+                        break
+                remaining = rest
+        finally:  # also on Ctrl-C: the outputs being written are waited for and recorded
+            settle(0)
 
 
 def write_overlay(path: Path, image: np.ndarray, masks: List[dict]) -> None:

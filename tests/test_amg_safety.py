@@ -4,6 +4,7 @@ run goes, and --overlay pictures. Real MobileSAM on tiny images; a fuzz test of 
 
 import json
 import os
+import time
 import unicodedata
 import zlib
 from pathlib import Path
@@ -273,6 +274,43 @@ def test_images_stream_and_a_failed_generation_fails_that_image_alone(tmp_path, 
     errors = {Path(r["image"]).name: r["error"] for r in m["images"]}
     assert "CUDA out of memory (simulated)" in errors["b.png"] and "cannot be read" in errors["c.png"]
     assert streams == [["a.png", "b.png", "c.png", "d.png"], ["c.png", "d.png"]]
+
+
+def test_outputs_are_written_beside_the_next_generation_and_a_failed_write_fails_alone(tmp_path, monkeypatch, stubbed):
+    """Streamed, each image's outputs are written on a writer thread while the next image generates (the
+    generator is seen running during a write), records are finished in input order, and an image whose
+    outputs cannot be written fails alone with the error; the next images are still written."""
+    import threading
+
+    d = tmp_path / "in"
+    d.mkdir()
+    for i, name in enumerate(("a.png", "b.png", "c.png")):
+        photo(d / name, size=(48 + i, 40))  # b.png: 49 wide
+    writing, overlapped, real_write = threading.Event(), [], job._write
+
+    def slow_write(records, image, record, output_mode, overlay):
+        assert threading.current_thread() is not threading.main_thread(), "outputs written on the main thread"
+        if Path(record["image"]).name == "b.png":
+            raise OSError("No space left on device (simulated)")
+        writing.set()
+        time.sleep(0.3)
+        writing.clear()
+        real_write(records, image, record, output_mode, overlay)
+
+    def generate(self, image, embedding=None, prepared=None):
+        overlapped.append(writing.is_set())
+        return stub_generate(self, image)
+
+    monkeypatch.setattr(job, "_write", slow_write)
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", generate)
+    result = amg(d, "--out", tmp_path / "out")
+    assert result.exit_code == 3, result.output
+    m = manifest(tmp_path / "out")
+    assert [(Path(r["image"]).name, r["status"]) for r in m["images"]] == [
+        ("a.png", "done"), ("b.png", "failed"), ("c.png", "done")]
+    assert "No space left on device (simulated)" in m["images"][1]["error"]
+    assert (tmp_path / "out" / "c").is_dir() and not (tmp_path / "out" / "b").exists()
+    assert any(overlapped), "no generation ran while an image's outputs were being written"
 
 
 # --- 16: the manifest while the run goes ------------------------------------------------------------
