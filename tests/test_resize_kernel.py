@@ -198,6 +198,8 @@ def test_bad_inputs_say_what_was_wrong_and_what_is_accepted():
         (lambda: resized_stats(x.int(), (8, 8), 0.0, 1.0), "expected float32"),
         (lambda: resized_stats(x, (8, 0), 0.0, 1.0), "two integers >= 1"),
         (lambda: resized_stats(x, (8, 8), 0.0, 1.0, (8, 8, 9, 8)), "must fit in the middle grid"),
+        (lambda: resized_stats(x, (8, 8), (16, 16, 8, 8), 1.0), "threshold=(16, 16, 8, 8): expected a number"),
+        (lambda: resized_masks(x, (8, 8), 0.0, 1.0), "mid=1.0: expected None or (MH, MW, CH, CW)"),
         (lambda: resized_masks(x, (8, 8), 0.0, out=torch.zeros(3, 8, 8, dtype=torch.bool)), "indices into out"),
         (lambda: resized_masks(x, (8, 8), 0.0, out=torch.zeros(3, 8, 8), dest=torch.arange(2)), "bool"),
         (lambda: resized_masks(x, (8, 8), 0.0, out=torch.zeros(3, 8, 8, dtype=torch.bool), dest=torch.arange(2),

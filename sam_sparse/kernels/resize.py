@@ -27,7 +27,7 @@ from .reference import resize_reference
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check(x: torch.Tensor, size, mid) -> None:
+def _check(x: torch.Tensor, size, mid, **numbers) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 3:
         raise ValueError(f"x: {describe_tensor(x) if isinstance(x, torch.Tensor) else type(x).__name__}; "
                          "expected (maps, h, w)")
@@ -35,10 +35,13 @@ def _check(x: torch.Tensor, size, mid) -> None:
         raise ValueError(f"x: dtype {x.dtype}; expected float32, float16, bfloat16 (or float64 on the CPU)")
     if x.shape[0] and (x.shape[1] < 1 or x.shape[2] < 1):
         raise ValueError(f"x: {describe_tensor(x)}; expected maps of at least 1 x 1")
-    if len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
+    if not isinstance(size, (tuple, list)) or len(size) != 2 or any(not isinstance(s, int) or s < 1 for s in size):
         raise ValueError(f"size={size!r}: expected (H, W), two integers >= 1")
+    for name, v in numbers.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
+            raise ValueError(f"{name}={v!r}: expected a number")
     if mid is not None:
-        if len(mid) != 4 or any(not isinstance(s, int) or s < 1 for s in mid):
+        if not isinstance(mid, (tuple, list)) or len(mid) != 4 or any(not isinstance(s, int) or s < 1 for s in mid):
             raise ValueError(f"mid={mid!r}: expected None or (MH, MW, CH, CW), four integers >= 1")
         if mid[2] > mid[0] or mid[3] > mid[1]:
             raise ValueError(f"mid={mid!r}: the kept (CH, CW) must fit in the middle grid (MH, MW)")
@@ -57,7 +60,7 @@ def resized_stats(x: torch.Tensor, size: Tuple[int, int], threshold: float, offs
     boxes (K, 4) int64: (left, top, right, bottom) of the pixels above threshold, inclusive pixel indices;
         (0, 0, 0, 0) for a map with none (segment-anything's batched_mask_to_box).
     """
-    _check(x, size, mid)
+    _check(x, size, mid, threshold=threshold, offset=offset)
     if not _on_triton(x):
         v = resize_reference(x, size, mid)
         counts = torch.stack([(v > threshold + offset).flatten(1).sum(1), (v > threshold - offset).flatten(1).sum(1)], 1)
@@ -76,7 +79,7 @@ def resized_masks(x: torch.Tensor, size: Tuple[int, int], threshold: float,
     """x (K, h, w) resized to size (H, W) (through mid when given), above threshold: (K, H, W) bool; or,
     with out (N, OH, OW) bool and dest (K,) integer indices into out's first axis, written into
     out[dest[k], oy:oy + H, ox:ox + W] for origin (oy, ox), and out returned. out is not cleared first."""
-    _check(x, size, mid)
+    _check(x, size, mid, threshold=threshold)
     K = x.shape[0]
     if out is None:
         out = torch.empty((K, *size), dtype=torch.bool, device=x.device)

@@ -167,11 +167,12 @@ def test_fused_resize_on_decoder_logits_matches_torchs_resize(mobile, photos):
         size, mid = adapter.resize_plan(emb)
         assert size == (400, 600) and mid == (1024, 1024, 683, 1024), (size, mid)
         torch.testing.assert_close(resize_reference(low[:8], size, mid), adapter.upsample(low[:8], emb), rtol=0, atol=0)
-        for plan in ((size, mid), ((371, 529), (1024, 1024, 741, 1024))):
-            ref = resize_reference(low, *plan).double()
-            counts, boxes = resized_stats(low, *plan, 0.0, 1.0)
+        for out_size, out_mid in ((size, mid), ((371, 529), (1024, 1024, 741, 1024))):
+            plan = (out_size, out_mid)
+            ref = resize_reference(low, out_size, out_mid).double()
+            counts, boxes = resized_stats(low, out_size, 0.0, 1.0, out_mid)
             check_stats(counts, boxes, ref, 0.0, 1.0, 0, f"stats {plan}")
-            masks = resized_masks(low, *plan, 0.0)
+            masks = resized_masks(low, out_size, 0.0, out_mid)
             check_masks(masks, ref, 0.0, 0, f"masks {plan}")
             print(f"fused resize {plan}: {int((masks != (ref > 0)).sum())} of {masks.numel()} pixels differ from "
                   "torch's float32 resize")
