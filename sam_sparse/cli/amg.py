@@ -28,7 +28,7 @@ from .common import (
 EXIT_SOME_FAILED = 3
 DEFAULT_POLICY = "dense"
 # fast is the default where it keeps >= 99% of segment-anything's masks at IoU >= 0.9 (issue 24's rule): on
-# the H200 it kept 99.54% of the 20 sample photos' 1509, median best IoU 1.0 (docs/benchmarks.md, run 46;
+# the H200 it kept 99.54% of the 20 sample photos' 1509, median best IoU 1.0 (docs/benchmarks.md, run 48;
 # tests/gpu/test_gpu_maskgen.py checks the rule on every GPU run).
 DEFAULT_MODE = "fast"
 _DEFAULTS = GeneratorSettings()
@@ -86,9 +86,9 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     """Generate every mask of each image in INPUT with SAM's automatic mask generator on a patched model.
 
     --mode fast (the default) runs the decoder on up to 1024 points per call, taken apart into fused
-    kernels: on an H200 it found 99.54% of segment-anything's masks on the 20 sample photos at IoU >= 0.9
-    at 7.3x its speed (docs/benchmarks.md, run 46); --mode exact gives SamAutomaticMaskGenerator's
-    (SAM2AutomaticMaskGenerator's) masks and records exactly (3x).
+    kernels, and upsamples in one more: on an H200 it found 99.54% of segment-anything's masks on the 20
+    sample photos at IoU >= 0.9 at 8x its speed (docs/benchmarks.md, run 48); --mode exact gives
+    SamAutomaticMaskGenerator's (SAM2AutomaticMaskGenerator's) masks and records exactly (2.6x).
 
     INPUT is an image, a folder (searched recursively) or a .txt file listing image paths. Outputs follow
     segment-anything's scripts/amg.py (a folder of PNGs + metadata.csv, or a COCO-RLE JSON, per image),

@@ -12,11 +12,12 @@ A Mode says how the same settings are computed. Two are named:
   fast   the decoder on up to 1024 points per call, taken apart where it can be (decoder="auto":
          point_decoder.py, the same float32 math with the image-side work the points share done once and
          a fused upscaling kernel on CUDA), and on CUDA the upsampling fused with scoring, boxing and
-         binarizing (upsample="auto": kernels.resize); every other step as exact. Its agreement with the reference is
-         measured (docs/benchmarks.md, tests/test_maskgen.py), not guaranteed: on the H200 it found 99.54%
-         of segment-anything's 1509 masks on the 20 sample photos at IoU >= 0.9, median best IoU 1.0, at
-         2.3x the images per second of the model's decoder on 1024 points (run 45), which found all 1509. A stability prefilter on the low-res logits (low_res_margin=0.05, the fast mode's until
-         run 41) lost 1.9% of them for no measurable time; it stays a Mode option.
+         binarizing (upsample="auto": kernels.resize); every other step as exact. Its agreement with
+         the reference is measured (docs/benchmarks.md, tests/test_maskgen.py), not guaranteed: on the
+         H200 it found 99.54% of segment-anything's 1509 masks on the 20 sample photos at IoU >= 0.9,
+         median best IoU 1.0, at 2.7x the images per second of the model's decoder on 1024 points (run
+         48), which found all 1509. A stability prefilter on the low-res logits (low_res_margin=0.05,
+         the fast mode's until run 41) lost 1.9% of them for no measurable time; it stays a Mode option.
 """
 
 from __future__ import annotations
