@@ -111,6 +111,7 @@ class AutomaticMaskGenerator:
       GeneratorSettings.for_sam2() for SAM 2); keyword arguments change single fields.
     output_mode: "binary_mask" (HxW bool arrays), "uncompressed_rle" or "coco_rle", as the reference.
     profile: measure seconds per stage (waits for the device at each stage; see `last_seconds`).
+    fused_upsample (attribute): whether kernels.resize does the upsampling (the Mode's `upsample`).
     """
 
     def __init__(self, model, mode: Union[str, Mode] = "exact", settings: Optional[GeneratorSettings] = None,
