@@ -296,7 +296,8 @@ def generate_masks(
     overlay: also draw each image's masks over it, NAME.overlay.png (an image is complete when both exist).
     Returns one record per image, in the order of `paths`: image, output, status ("done", "skipped":
     complete from an earlier run, "failed"), masks, seconds (its own work plus an equal share of its
-    batch's encoder forward; streamed: the wall time since the previous image was done), error. Every
+    batch's encoder forward; streamed: the wall time from the previous image's generation end to this
+    one's, plus the writing of its outputs), error. Every
     per-image failure (a missing, unreadable or corrupt image, one too large for PIL, an error while
     generating its masks, something not written by amg where its output goes) is recorded as failed and
     the run goes on. progress(masks) and on_record(record) are called as each image's record is final.

@@ -85,12 +85,9 @@ def check_stats(counts, boxes, ref, threshold, offset, seed, what):
 
 def check_masks(masks, ref, threshold, seed, what):
     assert masks.dtype == torch.bool and masks.shape == ref.shape, (what, seed, masks.shape)
-    wrong = masks != (ref > threshold)
-    allowed = (ref - threshold).abs() <= TOL
-    bad = wrong & ~allowed
-    assert not bad.any(), f"{what}: {int(bad.sum())} pixels on the wrong side of {threshold} (seed {seed})"
-    per_map = (wrong & ~allowed).flatten(1).any(1)
-    assert not per_map.any(), (what, per_map.nonzero().flatten().tolist(), seed)
+    bad = (masks != (ref > threshold)) & ((ref - threshold).abs() > TOL)
+    assert not bad.any(), (f"{what}: {int(bad.sum())} pixels on the wrong side of {threshold}, in maps "
+                           f"{bad.flatten(1).any(1).nonzero().flatten().tolist()} (seed {seed})")
 
 
 @needs_triton
