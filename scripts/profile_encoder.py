@@ -12,13 +12,19 @@ GPU kernel is put in one class by its name:
 and the table gives GPU ms per forward and the share of each class, plus the top kernels. The point is
 to see the next bottleneck (issue 14), not to benchmark: bench_e2e.py times whole forwards.
 
+--per-block (eager) profiles each transformer block of the encoder on its own, with the input it gets in
+a forward, unpatched and patched: which layers' attention the kernel wins or loses (Hiera's windows of
+64, 16 and 4 queries, its pooled blocks, its global blocks), in a second table.
+
     python scripts/profile_encoder.py --models vit_b --batch 8 --out $OUT/profile
     python scripts/profile_encoder.py --models sam2.1_hiera_b+,sam2.1_hiera_l --batch 8   # SAM 2's encoder
+    python scripts/profile_encoder.py --models sam2.1_hiera_b+ --per-block   # attention per block, eager
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -100,6 +106,70 @@ def profile(encoder, x, iters: int, mode: str) -> dict:
         return gpu_profile(lambda: compiled(x), iters)
 
 
+def encoder_blocks(encoder) -> list:
+    """The encoder's transformer blocks in order: Hiera's trunk.blocks, or the ViT's blocks."""
+    trunk = getattr(encoder, "trunk", encoder)
+    return list(trunk.blocks)
+
+
+def block_inputs(encoder, x) -> list:
+    """Each block's input in one forward of encoder(x)."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone())) for b in encoder_blocks(encoder)]
+    try:
+        with torch.inference_mode():
+            encoder(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def block_shape(block) -> str:
+    """What a block attends: window (0: global), query pooling, heads x head dim."""
+    attn = block.attn
+    heads = attn.num_heads
+    dim = getattr(attn, "dim_out", None) or attn.qkv.weight.shape[0] // 3
+    window = getattr(block, "window_size", 0)
+    pooled = " pooled" if getattr(attn, "q_pool", None) is not None else ""
+    return f"{'window ' + str(window) if window else 'global'}{pooled}, {heads} x {dim // heads}"
+
+
+def per_block(name: str, dtype, batch: int, policy: str, iters: int) -> list:
+    """Eager GPU ms per block (all kernels, and attention kernels alone), unpatched and patched with policy."""
+    x = torch.randn(batch, 3, 1024, 1024, device="cuda", dtype=dtype)
+    encoder = build_encoder(name, dtype)
+    inputs = block_inputs(encoder, x)
+    blocks = encoder_blocks(encoder)
+    rows = [dict(block=i, shape=block_shape(b), tokens="x".join(map(str, inp.shape[1:3])))
+            for i, (b, inp) in enumerate(zip(blocks, inputs))]
+    handle = patch_sam(encoder, policy)
+    for config in ("unpatched", policy):
+        with torch.inference_mode(), (handle.disabled() if config == "unpatched" else contextlib.nullcontext()):
+            for row, b, inp in zip(rows, blocks, inputs):
+                for _ in range(3):
+                    b(inp)
+                p = gpu_profile(lambda: b(inp), iters)
+                row[config] = dict(total=p["total_ms"], attention=p["by_class"]["attention"])
+    handle.restore()
+    return rows
+
+
+def per_block_markdown(name: str, policy: str, rows: list) -> str:
+    lines = ["", f"{name}, per block (eager, GPU ms per call of the block; attention = attention kernels only):", "",
+             f"| block | attends | tokens in | unpatched all | {policy} all | unpatched attention | {policy} attention "
+             f"| attention ratio |", "|---:|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        u, p = r["unpatched"], r[policy]
+        lines.append(f"| {r['block']} | {r['shape']} | {r['tokens']} | {u['total']:.3f} | {p['total']:.3f} | "
+                     f"{u['attention']:.3f} | {p['attention']:.3f} | {u['attention'] / max(p['attention'], 1e-9):.2f}x |")
+    su = sum(r["unpatched"]["attention"] for r in rows)
+    sp = sum(r[policy]["attention"] for r in rows)
+    lines.append(f"| all | | | {sum(r['unpatched']['total'] for r in rows):.3f} | {sum(r[policy]['total'] for r in rows):.3f} "
+                 f"| {su:.3f} | {sp:.3f} | {su / max(sp, 1e-9):.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(meta: dict, rows: list) -> str:
     lines = [f"Image encoder, GPU time per forward by kernel class ({meta['gpu']}, {meta['dtype']}, "
              f"batch {meta['batch']}, torch.compile mode {meta['mode']} (eager: not compiled), {meta['iters']} profiled "
@@ -119,10 +189,13 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="vit_b", help="comma list of vit_b, vit_l, vit_h, sam2.1_hiera_*")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    ap.add_argument("--policy", default="local2d-30", help="the sparse configuration's policy")
+    ap.add_argument("--policy", default=None,
+                    help="the sparse configuration's policy (default local2d-30; with --per-block, dense)")
     ap.add_argument("--mode", default="default",
                     help="torch.compile mode (default, max-autotune-no-cudagraphs), or eager: no compile")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--per-block", action="store_true",
+                    help="profile each block on its own, eager, unpatched vs --policy (default dense here)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "profile")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -132,10 +205,20 @@ def main(argv=None) -> int:
                 iters=args.iters, torch=torch.__version__, commit=os.environ.get("SAM_SPARSE_COMMIT", "unknown"),
                 date=datetime.date.today().isoformat())
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.per_block:
+        policy = args.policy or "dense"
+        text = ""
+        for name in args.models.split(","):
+            rows = per_block(name, dtype, args.batch, policy, args.iters)
+            text += per_block_markdown(name, policy, rows)
+            (args.out / "per_block.md").write_text(f"{meta}\n" + text)
+            torch.cuda.empty_cache()
+        print(text)
+        return 0
     rows = []
     for name in args.models.split(","):
         x = torch.randn(args.batch, 3, 1024, 1024, device="cuda", dtype=dtype)
-        for config in ("unpatched", "dense", args.policy):
+        for config in ("unpatched", "dense", args.policy or "local2d-30"):
             encoder = build_encoder(name, dtype)
             if config != "unpatched":
                 patch_sam(encoder, config)
