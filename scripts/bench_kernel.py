@@ -7,7 +7,7 @@ the unpadded 64 x 64 grid by window_attn (what patch_sam runs).
 Effective TFLOP/s count 4 * B * H * D * (active query-key pairs). GPU times come from CUDA-graph replays
 (host launch cost is measured on its own, behind a queued GPU sleep, as cpu_us).
 
-    python scripts/bench_kernel.py --out results.md [--commit SHA] [--no-flex] [--section all|sam|memory]
+    python scripts/bench_kernel.py --out results.md [--commit SHA] [--no-flex] [--section all|sam|memory|hiera]
 
 The memory section (`--section memory`, about a minute on an H200, tuning included) is SAM 2's video memory
 attention (issue 23): 4096 queries (a 64 x 64 frame) x 28,736 keys (7 memory frames of 4096 tokens + 64
@@ -17,6 +17,10 @@ in every frame, and the pointer tokens) at about density 0.25, the varlen batch 
 memories hold 1..7 frames (against the same objects padded to the longest), and memory self-attention
 (4096 x 4096). `--section memory --dry-run` runs on a CPU: it builds the masks and writes their rows.
 
+The hiera section (`--section hiera`) is SAM 2's Hiera encoder layers at batch 8 (issue 22): global 4096
+tokens and windows of 14, 8, 4 and 7, head dim 56 (hiera_b+) and 64, ours read in place against SDPA on the
+partitioned windows as sam2 runs it, and ours at a few fixed launch configs.
+
 segment-anything-fast's flash_4 joins the baselines when `segment_anything_fast.flash_4` imports (it is
 not on PyPI and not shipped here: put its module on PYTHONPATH); its own autotuning takes minutes.
 """
@@ -25,6 +29,7 @@ import argparse
 import datetime
 import itertools
 import json
+import math
 import os
 import platform
 import time
@@ -383,6 +388,8 @@ def memory_rows(args, dt, dev, gen) -> list:
                   band_vs_dense=varlen_band / varlen_dense))
         del q, k, v, kp
         torch.cuda.empty_cache()
+        rows.append(rotary_row(frames, lengths, dt, dev, gen))
+        print(json.dumps(rows[-1], default=str), flush=True)
 
     # Memory self-attention: the frame's tokens among themselves.
     for B in args.memory_batches:
@@ -401,14 +408,116 @@ def memory_rows(args, dt, dev, gen) -> list:
     return rows
 
 
+def rotary_row(frames, lengths, dt, dev, gen) -> dict:
+    """The rotary encoding of one memory cross-attention call over the packed objects: q (objects, 1, 4096,
+    256) and the packed keys, pointer tokens left out. SAM 2's apply_rotary_enc (complex float32) on q and on
+    the frame tokens gathered and scattered back (what the patch ran before run 53) vs kernels.rotary_embedding_
+    (one pass each, in place)."""
+    from sam2.modeling.position_encoding import apply_rotary_enc, compute_axial_cis
+
+    from sam_sparse.kernels import rotary_embedding_
+
+    nq, D = FRAME_TOKENS, MEMORY_HEAD_DIM
+    side = math.isqrt(nq)
+    freqs = compute_axial_cis(dim=D, end_x=side, end_y=side, theta=10000.0).to(dev)
+    cos, sin = freqs.real.contiguous(), freqs.imag.contiguous()
+    q = torch.randn(len(frames), 1, nq, D, device=dev, dtype=dt, generator=gen)
+    k = torch.randn(1, 1, sum(lengths), D, device=dev, dtype=dt, generator=gen)
+    starts = [0, *itertools.accumulate(lengths)]
+    idx = torch.cat([torch.arange(s, s + f * nq) for s, f in zip(starts, frames)]).to(dev)
+    rope_rows = torch.full((sum(lengths),), -1, dtype=torch.int32)
+    for s, f in zip(starts, frames):
+        rope_rows[s:s + f * nq] = torch.arange(f * nq, dtype=torch.int32) % nq
+    rope_rows = rope_rows.to(dev)
+
+    def sam2_way():
+        qq, kk = q.clone(), k.clone()
+        qq, kk[:, :, idx] = apply_rotary_enc(qq, kk[:, :, idx], freqs_cis=freqs, repeat_freqs_k=True)
+
+    def ours():
+        qq, kk = q.clone(), k.clone()
+        rotary_embedding_(qq, cos, sin)
+        rotary_embedding_(kk, cos, sin, rope_rows)
+
+    copies = bench(lambda: (q.clone(), k.clone()))  # both variants clone first: subtracted
+    theirs_ms, ours_ms = bench(sam2_way) - copies, bench(ours) - copies
+    return dict(section="memory", shape=f"rotary q {len(frames)}x{nq} + packed k {sum(lengths)}, D={D}",
+                B=len(frames), variant="rotary", ours_ms=ours_ms, sam2_rope_ms=theirs_ms,
+                rope_speedup=theirs_ms / ours_ms)
+
+
 MEMORY_COLS = ["shape", "B", "variant", "density", "ours_ms", "tflops", "config", "SDPA flash", "SDPA cuDNN",
                "SDPA efficient", "dense_vs_best_sdpa", "target_dense_vs_best_sdpa", "band_vs_dense",
                "target_band_vs_dense", "padded_dense_ms", "padded_cudnn_ms", "varlen_vs_padded", "rel_diff_vs_sdpa",
-               "radius", "lengths", "mask_blocks"]
+               "radius", "lengths", "mask_blocks", "sam2_rope_ms", "rope_speedup"]
 SAM_COLS = ["shape", "density", "ours_ms", "config", "ours_nobias_ms", "ours_rowmajor_ms", "ours_tiles_ms", "cpu_us",
             "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias", "SDPA mem-eff + bias", "SDPA flash, no bias",
             "SDPA cuDNN, no bias", "flash_4 (sam-fast)", "flash_4 rel diff", "flex_relpos_ms", "lists_ms",
             "extra_mem_mb", "nxn_mb"]
+
+
+# Hiera's attention shapes at 1024 px, batch 8 (issue 22): (name, grid side, heads, window; 0 = global).
+HIERA_CASES = [("global", 64, 8, 0), ("window 14", 64, 8, 14), ("window 8", 256, 2, 8), ("window 4", 128, 4, 4),
+               ("window 7", 32, 16, 7)]
+# Fixed launch configs timed beside the tuned one: how far the tuner's pick is from the others.
+HIERA_CONFIGS = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                 dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)]
+
+
+def hiera_rows(args, dt, dev, gen) -> list:
+    """The hiera section: Hiera's layer shapes, q / k / v as strided views of one qkv projection (B, GH, GW, 3,
+    heads, d) as sam2 makes them, at head dim 56 (hiera_b+) and 64 (a power of two, for comparison): ours tuned
+    and at fixed configs (windows read in place), against SDPA cuDNN and flash on the partitioned windows
+    (B * windows, heads, tokens, d) as sam2 runs them (windows padded with zero tokens, as Hiera pads)."""
+    from torch.nn.attention import SDPBackend
+
+    rows = []
+    B = args.hiera_batch
+    for name, side, heads, win in HIERA_CASES:
+        for d in (56, 64):
+            qkv = torch.randn(B, side, side, 3, heads, d, device=dev, dtype=dt, generator=gen)
+            q, k, v = qkv.unbind(3)  # (B, side, side, heads, d) strided views
+            if win:
+                p = -side % win
+                padded = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, p, 0, p))
+                n = (side + p) // win
+                parts = padded.view(B, n, win, n, win, 3, heads, d).permute(0, 1, 3, 2, 4, 5, 6, 7)
+                parts = parts.reshape(B * n * n, win * win, 3, heads, d)
+                ours = lambda cfg=None: triton_attn.attention_triton(  # noqa: E731
+                    q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(win, win),
+                    k_pad=pad_kv, v_pad=pad_kv, config=cfg)
+                pad_kv = torch.zeros(heads, d, device=dev, dtype=dt)
+                tuned = lambda: window_attn(q, k, v, (win, win), k_pad=pad_kv, v_pad=pad_kv)  # noqa: E731
+                tokens = B * n * n * win * win
+            else:
+                parts = qkv.view(B, side * side, 3, heads, d)
+                q2, k2, v2 = parts.unbind(2)
+                ours = lambda cfg=None: triton_attn.attention_triton(  # noqa: E731
+                    q2, k2, v2, None, None, None, None, None, d ** -0.5, 128, config=cfg)
+                tuned = lambda: block_sparse_attn(q2, k2, v2)  # noqa: E731
+                tokens = B * side * side
+            pq, pk, pv = parts.unbind(2)
+            row = dict(section="hiera", shape=f"{name}, {side}x{side}, {heads} heads", d=d, B=B,
+                       ours_ms=try_time(tuned),
+                       config=tuned_config(q, k, v, None, None, None, window=(win, win)) if win else
+                       tuned_config(q2, k2, v2, None, None, None))
+            for backend, col in ((SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN"), (SDPBackend.FLASH_ATTENTION, "SDPA flash")):
+                row[col] = try_time(lambda b=backend: sdpa(pq, pk, pv, None, b))
+            for cfg in HIERA_CONFIGS:
+                key = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+                row[key] = try_time(lambda c=cfg: ours(c))
+            base = min((x for x in (row["SDPA cuDNN"], row["SDPA flash"]) if isinstance(x, float)), default=None)
+            if base and isinstance(row["ours_ms"], float):
+                row["ours / best SDPA"] = round(row["ours_ms"] / base, 2)
+            row["tokens"] = tokens
+            rows.append(row)
+            print(json.dumps(row, default=str), flush=True)
+    return rows
+
+
+HIERA_COLS = ["shape", "d", "B", "ours_ms", "config", "SDPA cuDNN", "SDPA flash", "ours / best SDPA"] + [
+    f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}" for c in HIERA_CONFIGS]
 
 
 def table(rows: list, cols: list) -> list:
@@ -421,8 +530,10 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_kernel.md", help="markdown table; the JSON rows go beside it (.json)")
     ap.add_argument("--commit", default=os.environ.get("SAM_SPARSE_COMMIT", "unknown"))
-    ap.add_argument("--section", choices=("all", "sam", "memory"), default="all",
-                    help="sam: SAM's global and window layers; memory: SAM 2's video memory attention")
+    ap.add_argument("--section", choices=("all", "sam", "memory", "hiera"), default="all",
+                    help="sam: SAM's global and window layers; memory: SAM 2's video memory attention; hiera: "
+                         "SAM 2's Hiera encoder layers")
+    ap.add_argument("--hiera-batch", default=8, type=int, help="images per batch in the hiera section")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--flex-batches", default="1", type=ints)
@@ -448,7 +559,7 @@ def main(argv=None):
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     dev = "cpu" if args.dry_run else "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
-    sections = {"sam": sam_rows, "memory": memory_rows}
+    sections = {"sam": sam_rows, "memory": memory_rows, "hiera": hiera_rows}
     rows = {name: fn(args, dt, dev, gen) for name, fn in sections.items() if args.section in ("all", name)}
     card = "dry run (no GPU)" if args.dry_run else torch.cuda.get_device_name()
     head = (f"Card: {card}; torch {torch.__version__}, triton {triton.__version__}; "
@@ -459,6 +570,9 @@ def main(argv=None):
     if "memory" in rows:
         lines += ["", "SAM 2's video memory attention (targets: dense <= 1.15x min(flash, cuDNN); band at density "
                   "~0.25 <= 0.35x dense)", ""] + table(rows["memory"], MEMORY_COLS)
+    if "hiera" in rows:
+        lines += ["", "SAM 2's Hiera layers (ms; fixed-config columns: ours at that launch config)", ""] + table(
+            rows["hiera"], HIERA_COLS)
     text = "\n".join(lines)
     print(text)
     with atomic_path(args.out) as tmp:

@@ -20,7 +20,8 @@ import os
 
 import pytest
 
-INTERPRETER_FIXTURES = ("triton_kernel", "triton_mass", "triton_upscale", "triton_few_keys", "triton_resize")
+INTERPRETER_FIXTURES = ("triton_kernel", "triton_mass", "triton_upscale", "triton_few_keys", "triton_resize",
+                        "triton_rotary")
 COVERED_BY = "tests/test_interpreter_process.py::test_interpreter_tests_in_a_child_process"
 
 
@@ -95,3 +96,9 @@ def triton_few_keys(monkeypatch):
 def triton_resize(monkeypatch):
     """The resize + threshold kernel's module (triton_resize), run by the interpreter."""
     return interpreted(monkeypatch, "triton_resize")
+
+
+@pytest.fixture
+def triton_rotary(monkeypatch):
+    """The rotary-encoding kernel's module (triton_rotary), run by the interpreter."""
+    return interpreted(monkeypatch, "triton_rotary")

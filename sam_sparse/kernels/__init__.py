@@ -1,5 +1,5 @@
 """Attention kernels, a fused upscaling head, few-key attention with its LayerNorm fused, and bilinear
-resizing fused with a threshold. Nothing here knows about SAM: shapes, masks, a decomposed 2-D bias and
+resizing fused with a threshold, rotary position encoding in place. Nothing here knows about SAM: shapes, masks, a decomposed 2-D bias and
 convolution weights only."""
 
 from .block_mass import block_attention_mass
@@ -8,6 +8,7 @@ from .interface import HEAD_DIMS, HEAD_DIMS_ACCEPTED, block_lists, block_sparse_
 from .layout import BlockLayout, check_block_size
 from .reference import attention_reference
 from .resize import resized_masks, resized_stats
+from .rotary import rotary_embedding_
 from .upscale import upscale_project
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "few_key_attention_norm",
     "resized_stats",
     "resized_masks",
+    "rotary_embedding_",
 ]

@@ -224,3 +224,18 @@ def resize_reference(x: torch.Tensor, size: Tuple[int, int], mid: Optional[Tuple
         if mid is not None:
             v = F.interpolate(v, mid[:2], mode="bilinear", align_corners=False)[..., :mid[2], :mid[3]]
         return F.interpolate(v, size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def rotary_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: Optional[torch.Tensor]) -> None:
+    """rotary.rotary_embedding_ in torch, in place: complex multiplication in float32 (float64 inputs stay
+    float64), as SAM 2's apply_rotary_enc computes it. x (B, H, N, D); cos, sin (T, D/2); positions (N,) or None."""
+    n = x.shape[-2]
+    rows = positions.long() if positions is not None else torch.arange(n, device=x.device) % cos.shape[0]
+    keep = rows >= 0
+    if not bool(keep.any()):
+        return
+    ctype = torch.complex128 if x.dtype == torch.float64 else torch.complex64
+    table = torch.complex(cos, sin).to(ctype)[rows[keep]]  # (kept tokens, D/2)
+    kept = x[..., keep, :]
+    xc = torch.view_as_complex(kept.to(table.real.dtype).reshape(*kept.shape[:-1], -1, 2))
+    x[..., keep, :] = torch.view_as_real(xc * table).flatten(-2).to(x.dtype)

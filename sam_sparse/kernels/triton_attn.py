@@ -177,7 +177,16 @@ def _attn_fwd(
     KH_P: tl.constexpr, KW_P: tl.constexpr,
     EVEN_N: tl.constexpr,
     TMA: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
+    # The q / k / v / out strides arrive divided by ALIGN (elements; see _address_align): multiplied back
+    # here, they tell the compiler that every row starts on an ALIGN boundary, so rows load in 16-byte
+    # vectors. Without it a head dim of 56 or 72 (a head stride not divisible by 16) loaded element by
+    # element: 2.3-2.9x slower than head dim 64 at Hiera's shapes (docs/benchmarks.md, run 52).
+    stride_qb, stride_qn, stride_qh, stride_qx = stride_qb * ALIGN, stride_qn * ALIGN, stride_qh * ALIGN, stride_qx * ALIGN
+    stride_kb, stride_kn, stride_kh, stride_kx = stride_kb * ALIGN, stride_kn * ALIGN, stride_kh * ALIGN, stride_kx * ALIGN
+    stride_vb, stride_vn, stride_vh, stride_vx = stride_vb * ALIGN, stride_vn * ALIGN, stride_vh * ALIGN, stride_vx * ALIGN
+    stride_ob, stride_on, stride_oh, stride_ox = stride_ob * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_ox * ALIGN
     LOG2E: tl.constexpr = 1.4426950408889634
     # Stand-in for -inf inside MMAs (-inf * 0 is NaN). A row whose running max is below NEG_CUT (scaled)
     # has seen no real key yet and gets probability 0 everywhere, as a row whose keys are all -inf.
@@ -691,6 +700,15 @@ def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dic
 # ---------------------------------------------------------------------------------------------------
 
 
+def _address_align(element_size: int, strides: tuple) -> int:
+    """The largest power of two, at most 16 bytes' worth of elements, that divides every stride: what the
+    kernel may assume of each row's start (Triton only assumes it of integers divisible by 16)."""
+    align = max(1, 16 // element_size)
+    while align > 1 and any(s % align for s in strides):
+        align //= 2
+    return align
+
+
 def _strides(t: Optional[torch.Tensor], n: int, broadcast_first: int = 0) -> tuple:
     if t is None:
         return (0,) * n
@@ -925,9 +943,14 @@ def make_plan(
         out_strides, extra_strides = out_strides[:2] + out_strides[3:], extra_strides + (out_strides[2],)
     else:
         extra_strides = extra_strides + (0,)
+    # (b, n, h) of q, k, v, out, then each one's grid-column stride; the head-dim strides stay as they are.
+    row_strides = (*q4.stride()[:3], *k4.stride()[:3], *v4.stride()[:3], *out_strides[:3], *extra_strides)
+    align = _address_align(q.element_size(), row_strides)
+    aligned = lambda st: (*(x // align for x in st[:3]), st[3])  # noqa: E731
     scalars = (
         float(softmax_scale),
-        *q4.stride(), *k4.stride(), *v4.stride(), *out_strides, *extra_strides,
+        *aligned(q4.stride()), *aligned(k4.stride()), *aligned(v4.stride()), *aligned(out_strides),
+        *(x // align for x in extra_strides),
         *_strides(kv_num_blocks, 3, 2), *_strides(kv_indices, 3, 2),
         *_strides(rel_h, 4), *_strides(rel_w, 4),
         # varlen: each sequence's lengths come from cu_seqlens; 0 here keeps the plan free of any length
@@ -946,7 +969,7 @@ def make_plan(
                 n_launch, n_bh, head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
                 window is not None, *win_hw, *q_win_hw, pad, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
-                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma,
+                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, align,
             )
             grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
             plans.append(KernelPlan(grid, tail, cfg, (cfg["BLOCK_N"], d0, d1) if tma else None))

@@ -118,6 +118,8 @@ class LayerState:
     layouts: BlockLayouts of the prompt-free masks, keyed by (device,) for encoder layers and
         (seqlen_q, seqlen_k, grid, device) for decoder layers, built once (patch time for the model's
         device); None = dense. Per-prompt masks are built per call, on the device, with no host sync.
+    tables: tensors a forward derives from the module's own and keeps (memory attention's cos / sin RoPE
+        tables), keyed by what they were made from.
     """
 
     name: str
@@ -126,6 +128,7 @@ class LayerState:
     context: Optional[PromptContext] = None
     layouts: Dict[tuple, Optional[BlockLayout]] = field(default_factory=dict)
     needs_prompts: Dict[tuple, bool] = field(default_factory=dict)
+    tables: Dict[tuple, Any] = field(default_factory=dict)  # tensors derived from the module's own (RoPE tables)
     observer: Optional[Callable[..., None]] = None  # PatchHandle.observe: sees every call's kernel inputs
 
     @property

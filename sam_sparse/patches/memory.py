@@ -30,14 +30,14 @@ class PackedKeys:
     """The memories of a batch of rows packed along the key axis, row after row (varlen).
 
     layouts: one MemoryLayout per row. cu_seqlens_q / cu_seqlens_k: int32 (rows + 1,) cumulative query /
-    key counts; rope_index: int64 (frame tokens,) positions of every frame token in the packed keys (the
-    tokens rotary encoding applies to; pointer tokens are left out, as SAM 2 leaves them out).
+    key counts; rope_rows: int32 (packed keys,) each key's row of the rotary table: n % frame tokens for the
+    n-th frame token of its row, -1 for pointer tokens (rotary encoding leaves them out, as SAM 2 does).
     """
 
     layouts: Tuple[MemoryLayout, ...]
     cu_seqlens_q: torch.Tensor
     cu_seqlens_k: torch.Tensor
-    rope_index: torch.Tensor
+    rope_rows: torch.Tensor
     max_seqlen_k: int
 
     @classmethod
@@ -49,7 +49,9 @@ class PackedKeys:
         cu_k = [0]
         rope = []
         for m, n in zip(layouts, lengths):
-            rope.append(torch.arange(cu_k[-1], cu_k[-1] + len(m.frames) * m.frame_tokens))
+            frame_keys = len(m.frames) * m.frame_tokens
+            rope += [torch.arange(frame_keys, dtype=torch.int32) % m.frame_tokens,
+                     torch.full((n - frame_keys,), -1, dtype=torch.int32)]
             cu_k.append(cu_k[-1] + n)
         as_int32 = lambda v: torch.tensor(v, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
         return cls(layouts, as_int32([i * nq for i in range(len(layouts) + 1)]), as_int32(cu_k),

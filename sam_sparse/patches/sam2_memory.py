@@ -1,8 +1,9 @@
 """The sparse forwards of SAM 2's video memory attention (sam2/modeling/memory_attention.py): its
 RoPEAttention modules (memory.self and memory.cross) and the MemoryAttention around them.
 
-SparseRoPEAttention: the same projections and rotary encoding as RoPEAttention.forward (sam2's own
-apply_rotary_enc and freqs, so q and k are bit for bit SAM 2's in fp32), then sam_sparse's kernel instead of
+SparseRoPEAttention: the same projections and rotary encoding as RoPEAttention.forward (sam2's freqs; the
+rotation through kernels.rotary_embedding_: on the CPU SAM 2's complex float32 multiplication, so q and k are
+bit for bit SAM 2's; on CUDA one Triton pass, equal to float32 rounding), then sam_sparse's kernel instead of
 SDPA. Shapes (B rows = objects, one head of dim 256 in SAM 2.1):
 - memory.self: q, k, v (B, N, 256), N = H * W frame tokens -> (B, N, 256); the layer's fixed block layout.
 - memory.cross: q (B, N, 256); k, v (B, Nk, 64), Nk = frames * N + pointer tokens (num_k_exclude_rope;
@@ -21,10 +22,9 @@ from typing import Optional
 
 import torch
 from sam2.modeling.memory_attention import MemoryAttention
-from sam2.modeling.position_encoding import apply_rotary_enc
 from sam2.modeling.sam.transformer import RoPEAttention
 
-from ..kernels import block_sparse_attn, block_sparse_attn_varlen
+from ..kernels import block_sparse_attn, block_sparse_attn_varlen, rotary_embedding_
 from .attention import LayerState
 from .memory import MemoryCall, memory_block_layout, memory_geometry, row_layouts
 
@@ -47,20 +47,23 @@ class SparseRoPEAttention(RoPEAttention):
         q = self._separate_heads(self.q_proj(q), self.num_heads)  # (B, nH, Nq, d)
         k = self._separate_heads(self.k_proj(k), self.num_heads)
         v = self._separate_heads(self.v_proj(v), self.num_heads)
-        # Rotary encoding exactly as RoPEAttention.forward: its freqs (recomputed for a new grid), its function.
+        # Rotary encoding as RoPEAttention.forward: its freqs (recomputed for a new grid), its rows (q's
+        # token n and k's n % Nq: repeated over the memory frames; pointer tokens left out), in one pass per
+        # tensor, in place (kernels.rotary_embedding_; SAM 2's complex float32 version on the CPU).
         side = math.sqrt(q.shape[-2])
         self.freqs_cis = self.freqs_cis.to(q.device)
         if self.freqs_cis.shape[0] != q.shape[-2]:
             self.freqs_cis = self.compute_cis(end_x=side, end_y=side).to(q.device)
+        cos, sin = rope_table(st, self.freqs_cis)
+        rotary_embedding_(q, cos, sin)
         if packed is not None:
-            idx = packed.rope_index  # every row's frame tokens; the pointer tokens stay as they are
-            q, k[:, :, idx] = apply_rotary_enc(q, k[:, :, idx], freqs_cis=self.freqs_cis, repeat_freqs_k=True)
-        else:
-            if q.shape[-2] != k.shape[-2] and not self.rope_k_repeat:
-                raise ValueError(f"{st.name}: {k.shape[-2]} keys for {q.shape[-2]} queries, but rope_k_repeat is off")
+            rotary_embedding_(k, cos, sin, packed.rope_rows)  # each row's frame tokens; -1 for pointer tokens
+        elif k.shape[-2]:
             num_k_rope = k.size(-2) - num_k_exclude_rope
-            q, k[:, :, :num_k_rope] = apply_rotary_enc(q, k[:, :, :num_k_rope], freqs_cis=self.freqs_cis,
-                                                       repeat_freqs_k=self.rope_k_repeat)
+            if num_k_rope != q.shape[-2] and not (self.rope_k_repeat and num_k_rope % q.shape[-2] == 0):
+                raise ValueError(f"{st.name}: {num_k_rope} rotary-encoded keys for {q.shape[-2]} queries; expected as "
+                                 f"many{', or a multiple (rope_k_repeat)' if self.rope_k_repeat else ' (rope_k_repeat is off)'}")
+            rotary_embedding_(k[:, :, :num_k_rope], cos, sin)
         B, nH, Nq, d = q.shape
         scale = d ** -0.5  # SDPA's default, as RoPEAttention calls it
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N, nH, d) views
@@ -108,6 +111,15 @@ class SparseRoPEAttention(RoPEAttention):
             packed.cu_seqlens_k, Nq, packed.max_seqlen_k, layout, softmax_scale=scale, block_size=st.block_size,
         )
         return out.view(B, Nq, nH, d)
+
+
+def rope_table(st: LayerState, freqs_cis: torch.Tensor):
+    """(cos, sin) (T, D/2) float32 contiguous of a RoPE table freqs_cis (T, D/2) complex, made once per table."""
+    key = ("rope", freqs_cis.data_ptr(), tuple(freqs_cis.shape), freqs_cis.device)
+    if key not in st.tables:
+        st.tables.clear()  # one table per layer at a time: a new grid replaces the old one
+        st.tables[key] = (freqs_cis.real.contiguous(), freqs_cis.imag.contiguous())
+    return st.tables[key]
 
 
 class SparseMemoryAttention(MemoryAttention):

@@ -259,3 +259,47 @@ def test_warm_varlen_call_makes_no_host_sync(masked):
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rotary_at_memory_shapes_matches_sam2(dtype):
+    """kernels.rotary_embedding_ compiled, at SAM 2.1's memory shapes: q of 4 objects (4096 tokens, head dim
+    256) and the packed keys of 3 objects (1, 3 and 7 frames, pointer tokens after each): against SAM 2's own
+    apply_rotary_enc per object, float32 to rounding, bf16 within one rounding of the stored value; pointer
+    tokens keep their bytes; no host sync once warm."""
+    pos = pytest.importorskip("sam2.modeling.position_encoding")
+    from sam_sparse.kernels import rotary_embedding_
+
+    seed, g = seeded()
+    freqs = pos.compute_axial_cis(dim=D, end_x=64, end_y=64, theta=10000.0).cuda()
+    cos, sin = freqs.real.contiguous(), freqs.imag.contiguous()
+    q = rnd(g, 4, 1, FRAME, D, dtype=dtype)
+    want_q, _ = pos.apply_rotary_enc(q, q[:, :, :0], freqs_cis=freqs)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=8e-3)
+    got_q = rotary_embedding_(q.clone(), cos, sin)
+    torch.testing.assert_close(got_q, want_q, **tol, msg=lambda m: f"q: {m} (seed {seed})")
+    if dtype == torch.bfloat16:  # all but float32 rounding ties land on the same bf16 value
+        assert (got_q != want_q).float().mean() < 1e-4, seed
+    frames, pointers = (1, 3, 7), (4, 12, 64)
+    rows, parts = [], []
+    for f, p in zip(frames, pointers):
+        rows += [torch.arange(f * FRAME, device="cuda") % FRAME, torch.full((p,), -1, device="cuda")]
+        parts.append(rnd(g, 1, 1, f * FRAME + p, D, dtype=dtype))
+    k = torch.cat(parts, dim=2)
+    rows = torch.cat(rows).int()
+    got_k = k.clone()
+    rotary_embedding_(got_k, cos, sin, rows)
+    torch.cuda.synchronize()
+    again = k.clone()
+    torch.cuda.set_sync_debug_mode("error")  # a warm call waits for nothing on the host
+    try:
+        rotary_embedding_(again, cos, sin, rows)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    start = 0
+    for f, p, part in zip(frames, pointers, parts):
+        n = f * FRAME
+        _, want = pos.apply_rotary_enc(q[:1], part[:, :, :n], freqs_cis=freqs, repeat_freqs_k=True)
+        torch.testing.assert_close(got_k[:, :, start:start + n], want, **tol, msg=lambda m: f"k: {m} (seed {seed})")
+        assert torch.equal(got_k[:, :, start + n:start + n + p], part[:, :, n:]), f"pointer tokens changed (seed {seed})"
+        start += n + p
