@@ -411,7 +411,7 @@ def memory_rows(args, dt, dev, gen) -> list:
 def rotary_row(frames, lengths, dt, dev, gen) -> dict:
     """The rotary encoding of one memory cross-attention call over the packed objects: q (objects, 1, 4096,
     256) and the packed keys, pointer tokens left out. SAM 2's apply_rotary_enc (complex float32) on q and on
-    the frame tokens gathered and scattered back (what the patch ran before run 53) vs kernels.rotary_embedding_
+    the frame tokens gathered and scattered back (what the patch ran before run 54) vs kernels.rotary_embedding_
     (one pass each, in place)."""
     from sam2.modeling.position_encoding import apply_rotary_enc, compute_axial_cis
 

@@ -26,7 +26,9 @@ rel_h row took three integer divisions per step, a quarter more instructions (do
 
 Shapes: q (B, Nq, H, D) or varlen (total_q, H, D); k, v (B, Nk, Hk, D) or (total_k, Hk, D); any strides.
 Head dims are split into two power-of-two parts when possible (80 = 64 + 16, 96 = 64 + 32) instead of
-padding to the next power of two, which would waste 60% more tensor-core work at vit_h's 80.
+padding to the next power of two, which would waste 60% more tensor-core work at vit_h's 80. Row strides
+reach the kernel divided by ALIGN (_address_align), so that rows of head dim 56 or 72, whose strides Triton
+would not know to be 16-byte multiples, still load in 16-byte vectors.
 
 WINDOW mode (window_attn): q, k, v are (B, GH, GW, H, D) token grids and each program's sequence is
 one WIN_H x WIN_W window, its tokens found by index arithmetic on the grid (no partition copy); the
