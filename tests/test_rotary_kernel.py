@@ -3,7 +3,7 @@ from the rotation's definition, on fresh random inputs every case (the seed is i
 
 The Triton kernel (triton_rotary.py) runs in Triton's interpreter on CPU tensors (tests/conftest.py); the
 torch path (reference.py) runs on the CPU as for users there, and must equal SAM 2's own apply_rotary_enc
-bit for bit; tests/gpu/test_gpu_video.py runs the compiled kernel on SAM 2's shapes. Tokens a call must not
+bit for bit; tests/gpu/test_gpu_memory_kernel.py runs the compiled kernel on SAM 2's shapes. Tokens a call must not
 touch (pointer tokens: row -1; keys past a view) must keep their exact bytes.
 """
 

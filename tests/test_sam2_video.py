@@ -292,3 +292,29 @@ def test_video_parity_dense_error_does_not_grow(predictor, frames):
     assert "IoU vs SAM 2" in str(report) and not hasattr(predictor, "_sam_sparse_handle")
     with pytest.raises(ValueError, match=r"prompts\[0\]: give points with labels, or a box"):
         video_parity(predictor, frames, [{"frame": 0, "obj_id": 1, "points": [[1, 1]]}])
+
+
+def test_memory_cross_attention_module_rotary_cases(predictor):
+    """One patched memory cross-attention called directly, against RoPEAttention.forward on the same module
+    (fp32, CPU): keys of two frames plus pointer tokens, pointer tokens only (SAM 2 rotates no key), and a
+    key count that is no multiple of the frame (SAM 2 fails on it; the patch says what was wrong)."""
+    from sam2.modeling.sam.transformer import RoPEAttention
+
+    seed = torch.seed() % 2**31
+    g = torch.Generator().manual_seed(seed)
+    handle = patch_sam(predictor, "dense", batch_objects=False)
+    try:
+        module = predictor.memory_attention.layers[0].cross_attn_image
+        n, kv_dim = 64, module.kv_in_dim  # an 8 x 8 frame
+        q = torch.randn(2, n, module.embedding_dim, generator=g)
+        for keys, pointers in ((2 * n + 4, 4), (4, 4)):
+            k, v = (torch.randn(2, keys, kv_dim, generator=g) for _ in range(2))
+            with torch.inference_mode():
+                got = module(q, k, v, num_k_exclude_rope=pointers)
+                want = RoPEAttention.forward(module, q, k, v, num_k_exclude_rope=pointers)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{keys} keys: {m} (seed {seed})")
+        k = torch.randn(2, n + 5, kv_dim, generator=g)
+        with pytest.raises(ValueError, match="rotary-encoded keys"), torch.inference_mode():
+            module(q, k, k, num_k_exclude_rope=0)
+    finally:
+        handle.restore()

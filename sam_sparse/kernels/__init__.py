@@ -1,6 +1,6 @@
-"""Attention kernels, a fused upscaling head, few-key attention with its LayerNorm fused, and bilinear
-resizing fused with a threshold, rotary position encoding in place. Nothing here knows about SAM: shapes, masks, a decomposed 2-D bias and
-convolution weights only."""
+"""Attention kernels, a fused upscaling head, few-key attention with its LayerNorm fused, bilinear resizing
+fused with a threshold, and rotary position encoding in place. Nothing here knows about SAM: shapes, masks,
+a decomposed 2-D bias, convolution weights and position tables only."""
 
 from .block_mass import block_attention_mass
 from .few_keys import few_key_attention_norm

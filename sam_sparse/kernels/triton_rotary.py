@@ -4,7 +4,8 @@ Every token's head vector is taken as D/2 complex numbers (x[2i] + i x[2i+1]) an
 vectors (cos[p, i] + i sin[p, i]) of its table row p: (a c - b s, a s + b c), in float32, stored back in
 x's dtype. One program takes BLOCK_N tokens of one (batch, head): it reads each token's D values once
 and writes them once, where a complex float32 version (SAM 2's apply_rotary_enc) reads and writes float32
-and complex copies several times, and gathers and scatters the keys it rotates (docs/benchmarks.md, run 54: 12x faster at 16 objects).
+and complex copies several times, and gathers and scatters the keys it rotates (12x faster at 16 objects'
+memory, docs/benchmarks.md run 54).
 Tokens whose table row is negative are left as they are (SAM 2's object-pointer tokens).
 """
 

@@ -58,7 +58,7 @@ class SparseRoPEAttention(RoPEAttention):
         rotary_embedding_(q, cos, sin)
         if packed is not None:
             rotary_embedding_(k, cos, sin, packed.rope_rows)  # each row's frame tokens; -1 for pointer tokens
-        elif k.shape[-2]:
+        elif k.shape[-2] - num_k_exclude_rope > 0:  # SAM 2 rotates no key when none is left (dropout, pointers only)
             num_k_rope = k.size(-2) - num_k_exclude_rope
             if num_k_rope != q.shape[-2] and not (self.rope_k_repeat and num_k_rope % q.shape[-2] == 0):
                 raise ValueError(f"{st.name}: {num_k_rope} rotary-encoded keys for {q.shape[-2]} queries; expected as "
