@@ -191,6 +191,10 @@ class SamAdapter:
         return _per_mask(lambda m: self.model.postprocess_masks(m, embedding.input_size, embedding.original_size),
                          low_res, embedding.original_size)
 
+    def resizes_bilinearly(self) -> bool:
+        """Whether upsample is plain bilinear resizing, which resize_plan describes: always for SAM 1."""
+        return True
+
     def resize_plan(self, embedding: Embedding):
         """upsample as kernels.resize's arguments: ((H, W), (MH, MW, CH, CW)): Sam.postprocess_masks'
         bilinear steps to the encoder's square input, its top-left (the resized image), then the image."""
@@ -303,11 +307,14 @@ class Sam2Adapter:
         return _per_mask(lambda m: self.transforms.postprocess_masks(m, embedding.original_size), low_res,
                          embedding.original_size)
 
+    def resizes_bilinearly(self) -> bool:
+        """Whether upsample is plain bilinear resizing: not where the transforms fill holes or remove
+        sprinkles first (min_mask_region_area > 0)."""
+        return not (self.transforms.max_hole_area > 0 or self.transforms.max_sprinkle_area > 0)
+
     def resize_plan(self, embedding: Embedding):
-        """upsample as kernels.resize's arguments, ((H, W), None): one bilinear step to the image; None
-        where the transforms fill holes or remove sprinkles first (min_mask_region_area > 0)."""
-        if self.transforms.max_hole_area > 0 or self.transforms.max_sprinkle_area > 0:
-            return None
+        """upsample as kernels.resize's arguments, ((H, W), None): one bilinear step to the image (where
+        resizes_bilinearly())."""
         return tuple(int(v) for v in embedding.original_size), None
 
     def low_res_view(self, low_res: torch.Tensor, embedding: Embedding) -> torch.Tensor:

@@ -367,7 +367,7 @@ class AutomaticMaskGenerator:
         the model's postprocessing is plain bilinear resizing (else a ValueError), "auto" there on CUDA."""
         if self.mode.upsample == "model":
             return False
-        if self.adapter.resize_plan(Embedding(None, (1, 1), (1, 1))) is None:
+        if not self.adapter.resizes_bilinearly():
             if self.mode.upsample == "fused":
                 raise ValueError("upsample='fused' resizes bilinearly, and this SAM 2 model's postprocessing "
                                  "first fills holes and removes sprinkles (min_mask_region_area > 0); use "
