@@ -74,31 +74,18 @@ def interpreted(monkeypatch, name: str):
     return module
 
 
-@pytest.fixture
-def triton_kernel(monkeypatch):
-    """The attention kernel's module (triton_attn), run by the interpreter."""
-    return interpreted(monkeypatch, "triton_attn")
+def interpreter_fixture(name: str):
+    """A fixture giving the Triton kernel module sam_sparse.kernels.<name>, run by the interpreter."""
+    def fixture(monkeypatch):
+        return interpreted(monkeypatch, name)
+
+    fixture.__doc__ = f"The kernel module {name}, run by Triton's interpreter on CPU tensors."
+    return pytest.fixture(fixture)
 
 
-@pytest.fixture
-def triton_upscale(monkeypatch):
-    """The upscaling kernel's module (triton_upscale), run by the interpreter."""
-    return interpreted(monkeypatch, "triton_upscale")
-
-
-@pytest.fixture
-def triton_few_keys(monkeypatch):
-    """The few-key attention + LayerNorm kernel's module (triton_few_keys), run by the interpreter."""
-    return interpreted(monkeypatch, "triton_few_keys")
-
-
-@pytest.fixture
-def triton_resize(monkeypatch):
-    """The resize + threshold kernel's module (triton_resize), run by the interpreter."""
-    return interpreted(monkeypatch, "triton_resize")
-
-
-@pytest.fixture
-def triton_rotary(monkeypatch):
-    """The rotary-encoding kernel's module (triton_rotary), run by the interpreter."""
-    return interpreted(monkeypatch, "triton_rotary")
+# Their names are in INTERPRETER_FIXTURES (triton_mass lives in tests/test_block_mass.py).
+triton_kernel = interpreter_fixture("triton_attn")  # the attention kernel
+triton_upscale = interpreter_fixture("triton_upscale")  # the upscaling head
+triton_few_keys = interpreter_fixture("triton_few_keys")  # few-key attention + LayerNorm
+triton_resize = interpreter_fixture("triton_resize")  # resize + threshold
+triton_rotary = interpreter_fixture("triton_rotary")  # rotary encoding in place

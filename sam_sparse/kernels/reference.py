@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 # Scores held at once, in elements: bounds memory on the CPU to about 256 MB of float32.
 _MAX_SCORE_ELEMS = 1 << 26
@@ -163,8 +164,6 @@ def upscale_project_reference(x: torch.Tensor, grid: Tuple[int, int], w1: torch.
                               add2: Optional[torch.Tensor] = None) -> torch.Tensor:
     """upscale.upscale_project the long way, with torch's own transposed convolutions: x (B, h*w, C) ->
     (B, M, 4h, 4w), in float64 when x is float64, else float32 (weights cast to match)."""
-    import torch.nn.functional as F
-
     B, _, C = x.shape
     h, w = grid
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -188,8 +187,6 @@ def few_key_attention_norm_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
                                      ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """few_keys.few_key_attention_norm with torch's own ops: q (1 | B, N, C), k and v (B, H, T, C), residual
     (1 | B, N, C) -> y (B, N, C) and y + pos (or None), in float64 when q is float64, else float32."""
-    import torch.nn.functional as F
-
     B, H, T, C = k.shape
     N = q.shape[1]
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -214,8 +211,6 @@ def resize_reference(x: torch.Tensor, size: Tuple[int, int], mid: Optional[Tuple
                      ) -> torch.Tensor:
     """resize.resized_stats' and resized_masks' resize with F.interpolate: x (K, h, w) -> (K, H, W), through
     (MH, MW) and its top-left (CH, CW) when mid is given; float64 for float64 x, else float32."""
-    import torch.nn.functional as F
-
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     if x.shape[0] == 0:
         return x.new_zeros((0, *size), dtype=dt)
