@@ -36,6 +36,9 @@ def _interpret() -> bool:
 
 os.environ["TRITON_INTERPRET"] = "1" if _interpret() else "0"
 os.environ["SAM_SPARSE_DEVICE"] = "cpu"  # whatever the shell says: the checks below assume the CPU
+# The GPU suite tunes launch configs with several workers sharing one GPU: such timings must not reach the
+# user's tuning cache (~/.cache/sam-sparse/tuning), which every later process on this GPU would trust.
+os.environ["SAM_SPARSE_TUNE_CACHE"] = "0"
 
 
 def _share_cores() -> None:

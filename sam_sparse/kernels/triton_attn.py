@@ -662,6 +662,27 @@ def _compile_in_parallel(candidates: List[dict], warmup: Callable[[dict], None])
         pass  # the timing loop compiles (and reports) whatever did not compile here
 
 
+# A tuning run times every candidate twice, in order and then in reverse, and ranks them by the mean: a
+# clock that drifts over the run (a GPU leaving idle after the compiles, warming up, throttling) then
+# weighs on every candidate alike. A winner whose two timings differ by more than TUNE_STEADY was timed on
+# a GPU that was not steady (another process or the test suite's workers on it, a clock still moving): it
+# serves this process but is not written to the disk cache, where it would serve every later process.
+TUNE_STEADY = 0.10
+
+
+def _time_candidates(candidates: List[dict], bench: Callable[[dict], float]) -> List[Tuple[float, float, dict]]:
+    """(mean ms, relative spread of the two timings, config) of each candidate that fits this GPU."""
+    times: Dict[int, List[float]] = {}
+    for i, cfg in enumerate(candidates):
+        try:
+            times[i] = [bench(cfg)]
+        except triton.runtime.errors.OutOfResources:
+            continue  # the config needs more shared memory or registers than this GPU has
+    for i in reversed(list(times)):
+        times[i].append(bench(candidates[i]))
+    return [((a + b) / 2, abs(a - b) / max(min(a, b), 1e-9), candidates[i]) for i, (a, b) in times.items()]
+
+
 def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dict], float]], device,
           warmup: Optional[Callable[[dict], None]] = None) -> dict:
     """The config of a shape class: from this process's table, the disk cache, or by timing every candidate.
@@ -682,16 +703,11 @@ def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dic
         else:
             if warmup is not None and len(candidates) > 1:
                 _compile_in_parallel(candidates, warmup)
-            timings = []
-            for cfg in candidates:
-                try:
-                    timings.append((bench(cfg), cfg))
-                except triton.runtime.errors.OutOfResources:
-                    continue  # the config needs more shared memory or registers than this GPU has
+            timings = _time_candidates(candidates, bench)
             if not timings:
                 raise RuntimeError(f"no launch config of the kernel fits this GPU for {tune_key} (tried {candidates})")
-            best = min(timings, key=lambda t: t[0])[1]
-            if path is not None:
+            _, spread, best = min(timings, key=lambda t: t[0])
+            if path is not None and spread <= TUNE_STEADY:
                 _disk_store(path, skey, best)
         _TUNED[tune_key] = best
         return best
@@ -1003,7 +1019,7 @@ def make_plan(
     def bench(cfg: dict) -> float:
         p = plan_for(cfg)
         scratch = torch.empty_like(q)
-        return triton.testing.do_bench(lambda: p(*tensors_in, out=scratch), warmup=5, rep=20, return_mode="median")
+        return triton.testing.do_bench(lambda: p(*tensors_in, out=scratch), warmup=5, rep=10, return_mode="median")
 
     def warmup(cfg: dict) -> None:
         plan_for(cfg).warmup(*tensors_in)

@@ -1,0 +1,98 @@
+"""The launch-config tuner (triton_attn._tune) with a fake clock: no GPU and no kernel launch.
+
+A tuning run times each candidate twice (in order, then in reverse) and ranks by the mean, so a clock
+that drifts over the run weighs on every candidate alike; a winner whose two timings disagree is used but
+not written to the disk cache; the disk cache is read back without timing anything.
+"""
+
+import json
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from sam_sparse.kernels import triton_attn
+
+A, B, C = (dict(BLOCK_M=m, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=2) for m in (16, 32, 64))
+TRUE_MS = {16: 1.00, 32: 1.03, 64: 1.10}  # A is the fastest; B within 3% of it
+
+
+class FakeClock:
+    """bench(cfg): the config's true time times a factor that moves by `drift` per call (a GPU clock
+    still changing); calls listed in `burst` read `burst_factor` times slower (another process)."""
+
+    def __init__(self, drift=0.0, burst=(), burst_factor=2.0, too_big=()):
+        self.drift, self.burst, self.burst_factor, self.too_big = drift, set(burst), burst_factor, too_big
+        self.calls = []
+
+    def __call__(self, cfg):
+        n = len(self.calls)
+        self.calls.append(cfg["BLOCK_M"])
+        if cfg["BLOCK_M"] in self.too_big:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        ms = TRUE_MS[cfg["BLOCK_M"]] * (1 - self.drift * n)
+        return ms * self.burst_factor if n in self.burst else ms
+
+
+@pytest.fixture
+def tuner(monkeypatch, tmp_path):
+    """triton_attn with empty tuning tables and its disk cache at tmp_path/tune.json."""
+    path = tmp_path / "tune.json"
+    monkeypatch.setattr(triton_attn, "_TUNED", {})
+    monkeypatch.setattr(triton_attn, "_DISK", {})
+    monkeypatch.setattr(triton_attn, "_tune_file", lambda device: path)
+    return path
+
+
+def tune(key, clock):
+    return triton_attn._tune(key, [A, B, C], clock, torch.device("cpu"))
+
+
+def test_a_drifting_clock_does_not_pick_a_slower_config(tuner):
+    """A clock 4% faster per call: timed once each, in order, B (3% slower) would read fastest."""
+    clock = FakeClock(drift=0.04)
+    single = [TRUE_MS[c["BLOCK_M"]] * (1 - 0.04 * i) for i, c in enumerate((A, B, C))]
+    assert min(range(3), key=single.__getitem__) == 1, "the premise: one timing each in order picks B"
+    assert tune(("drift",), clock) == A
+    assert clock.calls == [16, 32, 64, 64, 32, 16], clock.calls
+    # A's two readings (calls 0 and 5) differ by 20%: not steady, so not kept for the next process.
+    assert not tuner.exists()
+
+
+def test_a_steady_winner_is_kept_on_disk_and_read_back_untimed(tuner, monkeypatch):
+    clock = FakeClock()
+    assert tune(("steady",), clock) == A
+    assert json.loads(tuner.read_text()) == {repr(("steady",)): A}
+    monkeypatch.setattr(triton_attn, "_TUNED", {})  # a new process: only the disk remembers
+    monkeypatch.setattr(triton_attn, "_DISK", {})
+    again = FakeClock()
+    assert tune(("steady",), again) == A
+    assert again.calls == []
+
+
+def test_a_burst_on_a_loser_changes_nothing(tuner):
+    """Another process slows B's second reading (call 4) by half: A still wins, steady, and is kept."""
+    clock = FakeClock(burst=(4,), burst_factor=1.5)
+    assert tune(("burst",), clock) == A
+    assert json.loads(tuner.read_text()) == {repr(("burst",)): A}
+
+
+def test_an_unsteady_winner_serves_the_process_but_not_the_disk(tuner):
+    """Both readings of every config disturbed, A's by 30% apart: A is used, and nothing is written."""
+    clock = FakeClock(burst=(0,), burst_factor=0.7)
+    assert tune(("noisy",), clock) == A
+    assert not tuner.exists()
+    assert triton_attn._TUNED[("noisy",)] == A
+
+
+def test_configs_that_do_not_fit_are_skipped_and_none_fitting_is_an_error(tuner):
+    clock = FakeClock(too_big=(16,))
+    assert tune(("fit",), clock) == B
+    assert clock.calls == [16, 32, 64, 64, 32]  # A raised once and was not timed again
+    with pytest.raises(RuntimeError, match="no launch config of the kernel fits this GPU"):
+        tune(("none",), FakeClock(too_big=(16, 32, 64)))
+
+
+def test_no_bench_takes_the_first_candidate_untimed(tuner):
+    assert triton_attn._tune(("fixed",), [B, A], None, torch.device("cpu")) == B
+    assert not tuner.exists()
