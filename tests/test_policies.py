@@ -313,3 +313,19 @@ def test_heads_error_from_a_file_points_at_the_heads_line(tmp_path):
     with pytest.raises(PolicyError, match=r"bad\.yaml:4: rules\[0\]\.heads: rule 0 \(match encoder\.global, pattern dense\) lists head 12"):
         p.block_mask(layers_of(p, "vit_b", "encoder.global")[0])
     assert p.block_mask(layers_of(p, "vit_h", "encoder.global")[0]) is None
+
+
+def test_keeps_all_is_known_from_the_rules():
+    """Policy.keeps_all: dense by rule without building a mask (what a torch.compile'd forward needs)."""
+    from sam_sparse.policy import Policy
+
+    layers = {g.kind: g for g in load_policy("memory-local").geometries("sam2.1_hiera_t")}
+    assert not load_policy("memory-local").keeps_all(layers["memory.cross"])
+    assert load_policy("memory-local").keeps_all(layers["memory.self"])
+    assert all(load_policy("dense").keeps_all(g) for g in layers.values())
+    either = Policy.from_dict({"name": "x", "rules": [{"match": "memory.cross", "any_of": [
+        {"pattern": "memory_local"}, {"pattern": "dense"}]}]})
+    both = Policy.from_dict({"name": "y", "rules": [{"match": "memory.cross", "all_of": [
+        {"pattern": "memory_local"}, {"pattern": "dense"}]}]})
+    assert either.keeps_all(layers["memory.cross"]) and not both.keeps_all(layers["memory.cross"])
+    assert either.block_mask(layers["memory.cross"]) is None

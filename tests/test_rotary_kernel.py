@@ -146,3 +146,26 @@ def test_empty_and_bad_inputs(path):
     for args in bad:
         with pytest.raises(ValueError, match=args[-1]):
             rotary_embedding_(*args[:-1])
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_under_torch_compile_fullgraph(backend):
+    """Inside a fullgraph torch.compile (SAM2VideoPredictorVOS compiles its memory attention so) the rotation
+    is the custom op sam_sparse::rotary_embedding_: no graph break, the view it rotates written through to
+    its base as in eager, the rows marked -1 untouched."""
+    seed = torch.seed()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1, 40, 16, generator=g)
+    cos, sin = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    rows = torch.tensor([0, 1, 2, 3, 4, -1, -1, -1])  # the last three tokens: pointer-like, left alone
+
+    def fn(t):
+        t = t * 1.0
+        rotary_embedding_(t[:, :, :32], cos, sin)
+        rotary_embedding_(t[:, :, 32:], cos, sin, rows)
+        return t
+
+    want = fn(x.clone())
+    got = torch.compile(fn, backend=backend, fullgraph=True)(x.clone())
+    torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m: f"seed {seed}: {m}")
+    assert torch.equal(got[:, :, -3:], x[:, :, -3:]), f"seed {seed}: rows marked -1 changed"

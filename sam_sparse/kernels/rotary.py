@@ -9,7 +9,8 @@ complex; pass their .real and .imag). In place, so a view rotates the part of a 
 keys of a memory before its pointer tokens). CUDA tensors run the Triton kernel (triton_rotary.py), one
 read and one write of x; CPU tensors run torch's complex multiplication (reference.py), unless
 SAM_SPARSE_FORCE_TRITON=1 and TRITON_INTERPRET=1 are both set. The two agree to float32 rounding (the
-compilers may contract a product and a difference into an FMA differently).
+compilers may contract a product and a difference into an FMA differently). Under torch.compile it is the
+custom op sam_sparse::rotary_embedding_ (mutating x), which the compiler does not trace into.
 """
 
 from __future__ import annotations
@@ -56,6 +57,14 @@ def rotary_embedding_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     would wait for the device).
     """
     _check(x, cos, sin, positions)
+    if torch.compiler.is_compiling():
+        _rotary_op(x, cos, sin, positions)  # opaque to torch.compile (SAM2VideoPredictorVOS's memory attention)
+    else:
+        _rotary_impl(x, cos, sin, positions)
+    return x
+
+
+def _rotary_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: Optional[torch.Tensor]) -> None:
     if use_triton(x) and x.dtype != torch.float64:
         from .triton_rotary import rotary_triton
 
@@ -63,4 +72,11 @@ def rotary_embedding_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         rotary_triton(x, cos.float().contiguous(), sin.float().contiguous(), pos)
     else:
         rotary_reference(x, cos, sin, positions)
-    return x
+
+
+_rotary_op = torch.library.custom_op("sam_sparse::rotary_embedding_", _rotary_impl, mutates_args=("x",))
+
+
+@_rotary_op.register_fake
+def _(x, cos, sin, positions):
+    return None

@@ -139,7 +139,12 @@ class LayerState:
     def key_tile(self) -> Optional[Grid]:
         return self.geometry.key_tile
 
+    # Under torch.compile the layouts are built inside the trace and kept nowhere: a lookup would make dynamo
+    # guard on the cache's keys (a compile for every new entry) and a store is a side effect it cannot replay.
+
     def encoder_layout(self, device: torch.device) -> Optional[BlockLayout]:
+        if torch.compiler.is_compiling():
+            return _layout(self.policy.block_mask(self.geometry, None, device), self.block_size)
         key = (device,)
         if key not in self.layouts:
             self.layouts[key] = _layout(self.policy.block_mask(self.geometry, None, device), self.block_size)
@@ -149,9 +154,12 @@ class LayerState:
         ctx = self.context
         grid = ctx.grid if ctx is not None else None
         key = (seqlen_q, seqlen_k, grid, device)
-        if key in self.layouts:
+        compiling = torch.compiler.is_compiling()
+        if not compiling and key in self.layouts:
             return self.layouts[key]
         geom = decoder_geometry(self.geometry, seqlen_q, seqlen_k, grid)
+        if compiling and not self.policy.needs_prompts(geom):
+            return _layout(self.policy.block_mask(geom, None, device), self.block_size)
         if key not in self.needs_prompts:
             self.needs_prompts[key] = bool(self.policy.needs_prompts(geom))
         if not self.needs_prompts[key]:

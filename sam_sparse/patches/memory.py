@@ -105,7 +105,7 @@ def row_layouts(call: Optional[MemoryCall], batch: int, seqlen_q: int, seqlen_k:
     """Each batch row's MemoryLayout for a call batched as (rows, keys): frames from the shapes, conditioning
     frames from the recorded call. Without a record (a bare call of the module), every frame counts as a
     conditioning frame: a policy then keeps what it keeps for prompted frames (dense by default)."""
-    frames, rest = divmod(seqlen_k - pointer_tokens, seqlen_q)
+    frames, rest = (seqlen_k - pointer_tokens) // seqlen_q, (seqlen_k - pointer_tokens) % seqlen_q  # not divmod: dynamo's SymInts
     if rest or frames < 0:
         raise ValueError(f"memory cross-attention: {seqlen_k} keys with {pointer_tokens} pointer tokens are not whole "
                          f"frames of {seqlen_q} tokens")
@@ -126,7 +126,8 @@ def memory_block_layout(state, layouts: Tuple[MemoryLayout, ...], varlen: bool,
     state.layouts. layouts: one per row. Batched rows share one mask when their layouts are equal, else get
     (rows, heads, QB, KB); varlen rows get (rows, heads, QB, max KB), each padded with False past its keys."""
     key = ("memory", layouts, varlen, device)
-    if key in state.layouts:
+    compiling = torch.compiler.is_compiling()  # traced: built in the graph, kept nowhere (LayerState)
+    if not compiling and key in state.layouts:
         return state.layouts[key]
     distinct = list(dict.fromkeys(layouts))
     masks = {m: state.policy.block_mask(memory_geometry(state.geometry, m), None, device) for m in distinct}
@@ -143,6 +144,8 @@ def memory_block_layout(state, layouts: Tuple[MemoryLayout, ...], varlen: bool,
             n = -(-m.seqlen // bs)
             full[i, :, :, :n] = True if masks[m] is None else masks[m][0]
         result = BlockLayout.from_mask(full, bs)
+    if compiling:
+        return result
     if len(state.layouts) >= _MAX_CACHED:
         for k in [k for k in state.layouts if k[0] == "memory"]:
             del state.layouts[k]

@@ -274,7 +274,7 @@ def _find_patched(model: nn.Module) -> List[str]:
 
 
 def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
-              batch_objects: bool = True, graph_encoder: bool = True) -> PatchHandle:
+              batch_objects: Optional[bool] = None, graph_encoder: bool = True) -> PatchHandle:
     """Route the attention modules of `model` through sam_sparse's block-sparse kernel, in place.
 
     model: a segment_anything Sam, ImageEncoderViT, MaskDecoder or TwoWayTransformer (a Sam whose image
@@ -287,7 +287,10 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
     batch_objects: for a SAM2VideoPredictor, propagate_in_video runs every object of a frame as one batch
         (memory attention, mask decoder, memory encoder; memories of different lengths through the kernel's
         varlen path), each object's outputs as SAM 2's per-object loop gives them. False keeps SAM 2's
-        per-object loop (with the patched modules). handle.memory.batch_objects switches it later.
+        per-object loop (with the patched modules). None (the default): True, except on a
+        SAM2VideoPredictorVOS (vos_optimized=True), whose decoder and encoders SAM 2 compiles for one object
+        at a time (a new object count compiles them again, and the ninth compile is an error); True there
+        batches anyway. handle.memory.batch_objects switches it later.
     graph_encoder: for a SAM2VideoPredictor on CUDA, each frame's image encoder replays a CUDA graph
         (captured on the first frame; the same kernels and outputs, without the host's launch cost, which
         exceeds the encoder's GPU time at batch 1). The graph holds the encoder's activation memory until
@@ -296,8 +299,9 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
     Returns a PatchHandle (handle.report, str(handle), handle.restore()).
 
     Raises TypeError for other objects, RuntimeError if the model (or a module in it) is already
-    patched, and the policy's PolicyError when it cannot build a layer's mask (e.g. a head index
-    the model lacks). Every block mask the policy can build without prompts is built here, once
+    patched, the policy's PolicyError when it cannot build a layer's mask (e.g. a head index
+    the model lacks), and ValueError for a policy the model cannot run (a sparse memory policy on
+    SAM2VideoPredictorVOS, whose compiled memory attention would be compiled per memory composition). Every block mask the policy can build without prompts is built here, once
     per layer, and reused; a policy rule that matches no module of the model gives a warning.
     """
     fam = family_for(model)
@@ -314,9 +318,11 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
+    if batch_objects is None:
+        batch_objects = fam.batches_objects(model)
     for name, value in (("batch_objects", batch_objects), ("graph_encoder", graph_encoder)):
         if not isinstance(value, bool):
-            raise TypeError(f"{name}={value!r}: expected True or False")
+            raise TypeError(f"{name}={value!r}: expected True or False" + (" or None" if name == "batch_objects" else ""))
     context = PromptContext(grid=fam.image_grid(model))
     memory = MemoryContext(batch_objects, graph_encoder)
 
@@ -362,6 +368,9 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
             density=None if per_prompt else (1.0 if layout is None else layout.density()), heads=module.num_heads,
             grid=_grid_text(described), block_size=described.block_size, key_tile=described.key_tile,
         ))
+    refused = fam.refusal(model, policy, [state.geometry for _, _, state in entries])
+    if refused:
+        raise ValueError(refused)
     _warn_unmatched(policy, geometries)
     _warn_if_nothing_sparse(policy, report, notes)
     handle = PatchHandle(model, policy, entries, report, notes, context, fam.NAME, memory)

@@ -53,6 +53,16 @@ def unwrap(obj) -> Tuple[nn.Module, str]:
     return obj, next(p for cls, p in _PREFIX.items() if isinstance(obj, cls))
 
 
+def batches_objects(model: nn.Module) -> bool:
+    """patch_sam's batch_objects=None: segment-anything has no video predictor, nothing to batch."""
+    return False
+
+
+def refusal(model: nn.Module, policy, layers) -> Optional[str]:
+    """Why patch_sam cannot apply `policy` to `model`: every policy applies to segment-anything's models."""
+    return None
+
+
 def image_grid(model: nn.Module) -> Grid:
     if isinstance(model, Sam) and isinstance(model.prompt_encoder, PromptEncoder):
         return tuple(model.prompt_encoder.image_embedding_size)

@@ -54,6 +54,34 @@ def unwrap(obj) -> Tuple[nn.Module, str]:
     return obj, next(p for cls, p in _PREFIX.items() if isinstance(obj, cls))
 
 
+def batches_objects(model: nn.Module) -> bool:
+    """Whether propagate_in_video batches the objects of a frame unless told (patch_sam's batch_objects=None):
+    yes, except on a SAM2VideoPredictorVOS, whose mask decoder, prompt and memory encoders SAM 2 compiles for
+    one object at a time (dynamic=False, fullgraph=True): each new object count would compile them again,
+    and dynamo stops a fullgraph function with an error at its ninth compile."""
+    from sam2.sam2_video_predictor import SAM2VideoPredictorVOS
+
+    return not isinstance(model, SAM2VideoPredictorVOS)
+
+
+def refusal(model: nn.Module, policy, layers: List[LayerGeometry]) -> Optional[str]:
+    """Why patch_sam cannot apply `policy` to `model` (the layers it would patch), or None.
+
+    A SAM2VideoPredictorVOS compiles its memory attention with fullgraph=True for memories of any length; a
+    sparse memory.cross mask depends on the memory's frames and pointer tokens, so the compiled function
+    would be specialized (compiled again) per memory composition, and the ninth compile is an error."""
+    from sam2.sam2_video_predictor import SAM2VideoPredictorVOS
+
+    sparse = [g.name for g in layers if g.kind == "memory.cross" and not policy.keeps_all(g)]
+    if isinstance(model, SAM2VideoPredictorVOS) and sparse:
+        return (f"policy {policy.name!r} sparsifies the memory cross-attention ({sparse[0]}, ...), which "
+                "SAM2VideoPredictorVOS (vos_optimized=True) compiles with fullgraph=True: its mask depends on "
+                "each memory's frames and pointer tokens, so the compiled memory attention would be compiled "
+                "again for every memory composition, past dynamo's limit of 8. Build the predictor with "
+                "vos_optimized=False for a sparse memory policy, or keep memory.cross dense in the policy")
+    return None
+
+
 def image_grid(model: nn.Module) -> Grid:
     if isinstance(model, SAM2Base):
         return tuple(model.sam_prompt_encoder.image_embedding_size)

@@ -86,6 +86,10 @@ class SparseRoPEAttention(RoPEAttention):
         return block_sparse_attn(q, k, v, layout, softmax_scale=scale, block_size=st.block_size)
 
     def _cross_attention(self, st: LayerState, call, q, k, v, num_ptr: int, scale: float) -> torch.Tensor:
+        if st.observer is None and st.policy.keeps_all(st.geometry):
+            # Dense whatever the memory: no per-call layouts, whose frame counts a compiled forward (SAM 2's
+            # VOS predictor, dynamic shapes) would have to specialize on.
+            return block_sparse_attn(q, k, v, None, softmax_scale=scale, block_size=st.block_size)
         B, Nq = q.shape[:2]
         side = math.isqrt(Nq)
         layouts = row_layouts(call, B, Nq, k.shape[1], num_ptr, (side, side))
@@ -115,6 +119,8 @@ class SparseRoPEAttention(RoPEAttention):
 
 def rope_table(st: LayerState, freqs_cis: torch.Tensor):
     """(cos, sin) (T, D/2) float32 contiguous of a RoPE table freqs_cis (T, D/2) complex, made once per table."""
+    if torch.compiler.is_compiling():  # traced: no data pointer to key a cache by, and nothing to save
+        return freqs_cis.real.contiguous(), freqs_cis.imag.contiguous()
     key = ("rope", freqs_cis.data_ptr(), tuple(freqs_cis.shape), freqs_cis.device)
     if key not in st.tables:
         st.tables.clear()  # one table per layer at a time: a new grid replaces the old one

@@ -426,6 +426,17 @@ class PatternSpec:
     def uses_prompts(self) -> bool:
         return any(s.name in PATTERNS and PATTERNS[s.name].uses_prompts for s in self.walk())
 
+    @property
+    def keeps_all(self) -> bool:
+        """Whether the pattern keeps every block whatever the layer (dense, or any_of with a dense item): its
+        mask is known without building it, also inside a torch.compile'd forward, which cannot branch on a
+        mask's values."""
+        if self.name == "any_of":
+            return any(i.keeps_all for i in self.items)
+        if self.name == "all_of":
+            return all(i.keeps_all for i in self.items)
+        return self.name == "dense"
+
     def describe(self) -> str:
         if self.name in COMBINATORS:
             return f"{self.name}(" + ", ".join(i.describe() for i in self.items) + ")"

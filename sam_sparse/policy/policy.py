@@ -362,18 +362,27 @@ class Policy:
         """
         device = torch.device(device if device is not None else "cpu")
         use_prompts = prompts is not None and prompts.batch > 0 and self.needs_prompts(layer)
+        # A forward traced by torch.compile neither reads the cache (dynamo would guard on its keys, and
+        # compile again whenever it grows) nor stores into it (a side effect it cannot replay).
+        cached = not use_prompts and not torch.compiler.is_compiling()
         key = (layer, device)
-        if not use_prompts:
+        if cached:
             hit = self._cache.get(key, _MISSING)
             if hit is not _MISSING:
                 return hit
         mask = self._build(layer, prompts if use_prompts else None, device)
-        if not use_prompts:
+        if cached:
             self._cache[key] = mask
         return mask
 
+    def keeps_all(self, layer: LayerGeometry) -> bool:
+        """Whether every head of the layer is dense by rule (no rule, or a pattern that keeps every block):
+        known from the rules alone, without building a mask."""
+        return all(i is None or self.rules[i].pattern.keeps_all for i in self.head_rules(layer))
+
     def _build(self, layer: LayerGeometry, prompts: Optional[Prompts], device) -> Optional[torch.Tensor]:
-        head_rules = self.head_rules(layer)
+        head_rules = tuple(None if i is not None and self.rules[i].pattern.keeps_all else i
+                           for i in self.head_rules(layer))
         if all(i is None for i in head_rules):
             return None
         try:
@@ -400,10 +409,10 @@ class Policy:
             mask = torch.stack([m.expand(nb, qb, kb) for m in heads], dim=1)
         if not self.allow_empty_rows:
             mask = _guard_rows(mask, layer)
-        if prompts is not None and mask.device.type != "cpu":
+        if (prompts is not None and mask.device.type != "cpu") or torch.compiler.is_compiling():
             # Per-call masks on a GPU skip the two simplifications below (an all-True mask means the
             # same as None to the kernel): each reads the mask back to the host, a GPU sync in every
-            # decoder attention of every predict call.
+            # decoder attention of every predict call; and a traced forward cannot branch on values.
             return mask.contiguous()
         if bool(mask.all()):
             return None
