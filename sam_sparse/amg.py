@@ -79,7 +79,12 @@ def find_images(spec: os.PathLike, exclude: Optional[os.PathLike] = None) -> Lis
     if path.suffix.lower() != ".txt":
         raise ValueError(f"input {path}: expected an image ({', '.join(IMAGE_SUFFIXES)}), a folder or a .txt list")
     listed: Dict[str, Tuple[int, Path]] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"input {path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a .txt list of "
+                         "image paths, one per line") from None
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -209,9 +214,26 @@ def is_complete(out_dir: Path, name: str, mode: str) -> bool:
 
 def existing_output(target: Path, mode: str) -> Optional[int]:
     """The mask count of a complete output at `target`, None when nothing is there. ValueError when
-    something else is: amg never replaces or deletes what it did not write."""
+    something else is, or an output folder holds other files: amg never replaces or deletes what it did not
+    write."""
     if not target.exists() and not target.is_symlink():
         return None
+    count = _output_count(target, mode)
+    if count is None:
+        raise ValueError(f"{target} exists and is not an output of sam-sparse amg ({mode}); it is left as it is: "
+                         "move it away or choose another --out")
+    if mode == "binary_mask":
+        ours = {"metadata.csv"} | {f"{i}.png" for i in range(count)}
+        others = sorted(e.name for e in os.scandir(target) if e.name not in ours)
+        if others:  # replacing the folder would delete them
+            raise ValueError(f"{target} holds files sam-sparse amg did not write ({', '.join(others[:3])}"
+                             f"{', ...' if len(others) > 3 else ''}); it is left as it is: move them away or "
+                             "choose another --out")
+    return count
+
+
+def _output_count(target: Path, mode: str) -> Optional[int]:
+    """The mask count of what amg writes in `mode`, when `target` is that; else None."""
     try:
         if mode == "binary_mask" and target.is_dir() and not target.is_symlink():
             rows = (target / "metadata.csv").read_text().splitlines()
@@ -223,8 +245,27 @@ def existing_output(target: Path, mode: str) -> Optional[int]:
                 return len(masks)
     except (OSError, ValueError):
         pass
-    raise ValueError(f"{target} exists and is not an output of sam-sparse amg ({mode}); it is left as it is: "
-                     "move it away or choose another --out")
+    return None
+
+
+OVERLAY_SOFTWARE = "sam-sparse amg"  # the PNG text chunk "Software" of the overlays amg writes
+
+
+def check_overlay(path: Path) -> None:
+    """ValueError when an overlay at `path` exists that amg did not write (no Software chunk of ours):
+    amg never replaces a file it did not write."""
+    from PIL import Image
+
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        with Image.open(path) as im:
+            if path.is_file() and not path.is_symlink() and getattr(im, "text", {}).get("Software") == OVERLAY_SOFTWARE:
+                return
+    except Exception:
+        pass
+    raise ValueError(f"{path} exists and is not an overlay sam-sparse amg wrote; it is left as it is: move it away "
+                     "or choose another --out")
 
 
 def remove_partial(out_dir: Path, name: str) -> None:
@@ -331,6 +372,8 @@ def generate_masks(
         records.append(record)
         try:
             count = existing_output(target, output_mode)
+            if overlay:
+                check_overlay(overlay_path(out_dir, name))
             if overlay and count is not None and not overlay_path(out_dir, name).is_file():
                 count = None  # the output is there, its picture is not: redo both
         except ValueError as e:
@@ -480,6 +523,7 @@ def write_overlay(path: Path, image: np.ndarray, masks: List[dict]) -> None:
     from .segment import save_overlay
 
     check_name(path.name[: -len(".overlay.png")])
+    check_overlay(path)
     segs = []
     for m in sorted(masks, key=lambda m: -m["area"]):
         seg = m["segmentation"]
@@ -489,7 +533,7 @@ def write_overlay(path: Path, image: np.ndarray, masks: List[dict]) -> None:
             seg = mask_utils.decode(dict(seg, counts=seg["counts"].encode()) if isinstance(seg["counts"], str) else seg)
         segs.append(np.asarray(seg, dtype=bool))
     stack = np.stack(segs) if segs else np.zeros((0,) + image.shape[:2], dtype=bool)
-    save_overlay(path, image, stack)
+    save_overlay(path, image, stack, text={"Software": OVERLAY_SOFTWARE})
 
 
 MANIFEST_SECONDS = 1.0  # the shortest time between two writes of the manifest while a run goes

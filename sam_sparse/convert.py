@@ -14,7 +14,6 @@ is removed on any error or interrupt.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from typing import Callable, Dict, List, Optional, Union
 import torch
 
 from . import __version__
-from .files import atomic_path
+from .files import atomic_path, refuse_inputs, same_file
 from .models import build_model, load_sparse_sam, load_weights
 from .models.checkpoints import (
     DTYPES,
@@ -100,11 +99,7 @@ def check_paths(src: Path, out: Path, force: bool) -> None:
     """Refuse to write over the input (ever) or over an existing OUT (unless force)."""
     if out.exists() and out.is_dir():
         raise ValueError(f"output {out}: is a directory; give a file name")
-    same = out.resolve() == src.resolve()
-    if not same and out.exists():
-        with contextlib.suppress(OSError):
-            same = os.path.samefile(out, src)
-    if same:
+    if same_file(out, src):
         raise ValueError(f"output {out}: is the input checkpoint; choose another name (convert never writes over its input)")
     if out.exists() and not force:
         raise ValueError(f"output {out}: already exists; pass --force to replace it")
@@ -152,11 +147,13 @@ def convert_checkpoint(
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     check_paths(src, out, force)
+    if not hasattr(policy, "to_yaml"):  # a name or a file: checked before the (large) checkpoint is read
+        refuse_inputs(out, "output", [(f"the policy file {policy}", policy if Path(policy).is_file() else None)])
+        policy = load_policy(policy)
 
     step("load")
     state_dict = load_checkpoint(src, model_type)
     model_type = model_type or infer_model_type(state_dict)[0]
-    policy = policy if hasattr(policy, "to_yaml") else load_policy(policy)
     model = build_model(model_type, empty=True)
     load_weights(model, state_dict, src, assign=True)
     del state_dict

@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence, Tuple
 
 
 def make_plain_file(path: os.PathLike) -> None:
@@ -49,3 +49,23 @@ def check_output(path: os.PathLike, what: str, suffixes: Sequence[str]) -> Path:
     if not os.access(folder, os.W_OK):
         raise ValueError(f"{what} {path}: folder {folder} is not writable")
     return path
+
+
+def same_file(a: os.PathLike, b: os.PathLike) -> bool:
+    """Whether two paths name one file (equal once resolved, or one file through links)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def refuse_inputs(path: os.PathLike, what: str, inputs: Sequence[Tuple[str, Optional[os.PathLike]]]) -> None:
+    """ValueError if writing `path` would replace one of `inputs` ((label, path or None) pairs): an input of
+    the user's is never overwritten, --force or not."""
+    for label, given in inputs:
+        if given is not None and same_file(path, given):
+            raise ValueError(f"{what} {path}: is the same file as {label}; choose another output name "
+                             "(inputs are never overwritten)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ def load_image(spec: PathLike) -> np.ndarray:
             img = np.where(img[..., None], np.array([200, 220, 240]), np.array([120, 80, 50]))
         return np.ascontiguousarray(img.astype(np.uint8))
     path = Path(spec)
+    if path.is_dir():
+        raise ValueError(f"image {path}: is a folder; expected an image file (or a sample: {', '.join(SAMPLES)})")
     if not path.is_file():
         raise ValueError(f"image {path}: no such file (or use a sample: {', '.join(SAMPLES)})")
     from PIL import Image, UnidentifiedImageError
@@ -81,8 +83,13 @@ def check_prompts(image: np.ndarray, points=None, boxes=None, background=None) -
         raise ValueError("points go with at most one box (SAM's prompt is points + one box); give several boxes alone")
     if background is not None and points is None and boxes is None:
         raise ValueError("background points (--neg-point) go with a --point or a --box: they say what is not the object")
+    check_prompt_bounds(image, [*(points or ()), *(background or ())], boxes)
+
+
+def check_prompt_bounds(image: np.ndarray, points=None, boxes=None) -> None:
+    """Points (x, y) and boxes (x0, y0, x1, y1) must lie inside the image, in pixels (x right, y down)."""
     h, w = image.shape[:2]
-    for x, y in [*(points or ()), *(background or ())]:
+    for x, y in points or ():
         if not (0 <= x <= w and 0 <= y <= h):
             raise ValueError(f"point {x:g},{y:g} is outside the {w}x{h} image")
     for x0, y0, x1, y1 in boxes if boxes is not None else ():
@@ -179,22 +186,28 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 MASK_SUFFIXES = (".npy", ".png")
 
 
-def save_image(path: PathLike, array: np.ndarray) -> Path:
-    """Write an HxW or HxWx3 uint8 array as PNG or JPEG, as the name says, atomically."""
-    from PIL import Image
+def save_image(path: PathLike, array: np.ndarray, text: Optional[Dict[str, str]] = None) -> Path:
+    """Write an HxW or HxWx3 uint8 array as PNG or JPEG, as the name says, atomically. text: PNG text chunks
+    (a PNG's only)."""
+    from PIL import Image, PngImagePlugin
 
     path = Path(path)
     fmt = IMAGE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"image file {path}: expected a name ending in {' or '.join(IMAGE_FORMATS)}")
+    options = {"optimize": True} if fmt == "PNG" else {"quality": 92}
+    if text and fmt == "PNG":
+        options["pnginfo"] = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            options["pnginfo"].add_text(key, value)
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format=fmt, **({"optimize": True} if fmt == "PNG" else {"quality": 92}))
+        Image.fromarray(array).save(tmp, format=fmt, **options)
     return path
 
 
 def save_overlay(path: PathLike, image: np.ndarray, masks: np.ndarray, points=None, boxes=None,
-                 background=None) -> Path:
-    return save_image(path, overlay(image, masks, points, boxes, background=background))
+                 background=None, text: Optional[Dict[str, str]] = None) -> Path:
+    return save_image(path, overlay(image, masks, points, boxes, background=background), text)
 
 
 def save_masks(path: PathLike, masks: np.ndarray) -> Path:

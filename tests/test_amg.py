@@ -212,7 +212,7 @@ def test_bad_arguments_exit_2_before_the_model_loads(tmp_path):
 def test_torchrun_two_processes_match_one(photos, binary_run, tmp_path):
     out = tmp_path / "two"
     out.mkdir()
-    (out / "manifest.rank5.json").write_text('{"run_id": "an earlier, larger job"}')  # removed at the end
+    (out / "manifest.rank5.json").write_text('{"run_id": "an earlier, larger job", "rank": 5}')  # removed at the end
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
            "-m", "sam_sparse", "amg", str(photos), "--out", str(out), *SETTINGS, "--mode", "exact"]

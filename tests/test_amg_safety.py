@@ -478,3 +478,37 @@ def test_output_names_of_the_issue():
         assert job.HASH_MARK in names[root / odd] and not names[root / odd].startswith(".")
     with pytest.raises(ValueError, match="not one output_names gives"):
         job.output_path(Path("/out"), "..", "binary_mask")
+
+
+# --- files amg did not write, where it writes ------------------------------------------------------------
+
+
+def test_files_amg_did_not_write_are_never_replaced_or_deleted(tmp_path, stubbed):
+    """A note inside an earlier output folder (--overwrite would replace the folder), a picture of the user's
+    named NAME.overlay.png, a manifest.rank1.json of the user's: each is left byte for byte; the images they
+    are in the way of fail alone, saying why; amg's own overlays are recognised and redone."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a", "b", "c"):
+        photo(d / f"{name}.png")
+    out = tmp_path / "out"
+    assert amg(d, "--out", out, "--overlay").exit_code == 0
+    assert job.existing_output(out / "c", "binary_mask") == 2
+    (out / "a" / "notes.txt").write_text("mine")
+    (out / "b.overlay.png").write_bytes((d / "b.png").read_bytes())  # a PNG amg did not write
+    (out / "manifest.rank1.json").write_text('{"my": "notes"}')
+    mine = {p: p.read_bytes() for p in (out / "a" / "notes.txt", out / "b.overlay.png", out / "manifest.rank1.json")}
+    result = amg(d, "--out", out, "--overlay", "--overwrite")
+    assert result.exit_code == 3, result.output  # some images failed
+    assert {p: p.read_bytes() for p in mine} == mine
+    records = {Path(r["image"]).stem: r for r in manifest(out)["images"]}
+    assert records["a"]["status"] == "failed" and "did not write (notes.txt)" in records["a"]["error"]
+    assert records["b"]["status"] == "failed" and "not an overlay sam-sparse amg wrote" in records["b"]["error"]
+    assert records["c"]["status"] == "done"
+
+
+def test_a_list_that_is_not_text_is_refused_clearly(tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    result = amg(lst, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and f"input {lst}: not UTF-8 text" in result.stderr, result.output

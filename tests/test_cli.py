@@ -18,6 +18,7 @@ from sam_sparse import convert as convert_module
 from sam_sparse.cli import main
 from sam_sparse.models import build_sam, fetch_mobile_sam, load_sparse_sam, read_sparse_checkpoint
 from sam_sparse.patches import patch_sam
+from sam_sparse.policy import load_policy
 
 POLICY = "region_focused"  # the built-in policy that makes MobileSAM's (decoder) attention sparse
 
@@ -591,3 +592,91 @@ def test_an_unexpected_error_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setenv("SAM_SPARSE_TRACEBACK", "1")
     with pytest.raises(RuntimeError, match="illegal memory access"):
         CliRunner().invoke(main, ["segment", "horse", "--out", str(tmp_path / "o.png")], catch_exceptions=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs are never overwritten; bad arguments are found before the model loads
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_no_command_writes_over_its_inputs(work, tmp_path):
+    """--out (or --save-masks) naming an input: exit 2 before any work, the input's bytes unchanged, --force
+    or not (segment's image, render's and convert's policy file, demo's checkpoint)."""
+    from skimage import data
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(data.coffee()[:64, :80]).save(image)
+    policy = tmp_path / "pol.yaml"
+    policy.write_text(load_policy("local2d-30").to_yaml())
+    before = {p: p.read_bytes() for p in (image, policy, work / "mobile_sam.pt")}
+    cases = [
+        ("segment", image, "--point", "10,10", "--out", image),
+        ("segment", image, "--point", "10,10", "--out", tmp_path / "o.png", "--save-masks", image),
+        ("demo", "--checkpoint", work / "mobile_sam.pt", "--out", work / "mobile_sam.pt"),
+        ("policies", "render", policy, "--out", policy),
+        ("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", policy, "--out", policy, "--force"),
+    ]
+    for args in cases:
+        result = run(*args)
+        assert result.exit_code == 2, (args, result.output)
+        line = _error_line(result)
+        assert "is the same file as" in line or "expected a file name ending in" in line, (args, line)
+        assert "Using the built-in default model" not in result.stderr, args
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "pol.yaml"]
+
+
+def test_render_checks_its_output_first_and_writes_whole(tmp_path, monkeypatch):
+    result = run("policies", "render", "local2d-30", "--out", tmp_path / "masks.txt")
+    assert result.exit_code == 2 and "expected a file name ending in .png" in _error_line(result)
+    result = run("policies", "render", "local2d-30", "--out", tmp_path / "nodir" / "m.png")
+    assert result.exit_code == 2 and "does not exist" in _error_line(result)
+    out = tmp_path / "m.png"
+    out.write_bytes(b"old")
+    from matplotlib.figure import Figure
+
+    def broken(self, fname, **kwargs):
+        Path(fname).write_bytes(b"half a png")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    result = run("policies", "render", "local2d-30", "--out", out)
+    assert result.exit_code == 1 and "No space left" in _error_line(result)  # the environment: exit 1
+    assert out.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["m.png"]
+
+
+def test_verify_checks_its_arguments_before_the_model_loads():
+    for args, says in [((), "--policy is required"),
+                       (("--policy", "dense", "--min-mask-iou", "7"), "--min-mask-iou 7.0: expected a number from 0 to 1"),
+                       (("--policy", "dense", "--min-cosine", "nan"), "--min-cosine nan: expected a number from 0 to 1"),
+                       (("--policy", "dense", "--min-cosine", "-3"), "--min-cosine -3.0: expected a number from 0 to 1")]:
+        result = run("verify", "--images", "horse", *args)
+        assert result.exit_code == 2 and says in _error_line(result), (args, result.output)
+        assert "Using the built-in default model" not in result.stderr
+
+
+def test_verify_takes_points_and_several_boxes_each_a_prompt():
+    result = run("verify", "--policy", "dense", "--images", "horse", "--points", "200,160", "--boxes", "13,4,393,317",
+                 "--boxes", "100,50,300,250", "--single-mask", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.stdout and "| 2     |" in result.stdout  # one decoder call for the points, one for the boxes
+
+
+def test_convert_reads_no_checkpoint_for_a_bad_policy(work, tmp_path, monkeypatch):
+    from sam_sparse import convert as convert_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the checkpoint was read before the policy was checked")
+
+    monkeypatch.setattr(convert_module, "load_checkpoint", forbidden)
+    result = run("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", "densee", "--out", tmp_path / "x.pt")
+    assert result.exit_code == 2 and "densee" in _error_line(result)
+
+
+def test_clear_errors_for_a_folder_image_and_a_file_cache(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    result = run("segment", tmp_path / "imgs", "--out", tmp_path / "o.png")
+    assert result.exit_code == 2 and "is a folder; expected an image file" in _error_line(result)
+    (tmp_path / "afile").write_text("x")
+    result = run("fetch", "mobile_sam", "--dir", tmp_path / "afile")
+    assert result.exit_code == 2 and "is a file; expected a folder" in _error_line(result)

@@ -231,3 +231,16 @@ def test_sparse_preset_is_a_quality_bar_over_prompts():
     broken = [0.99] * 39 + [0.1]
     assert any("mask IoU 0.1000 < 0.5" in f for f in report(broken).failures)
     assert report(good).mask_iou_stats == pytest.approx((0.99, float(np.percentile(good, 5))))
+
+
+def test_verify_parity_with_nothing_to_compare_does_not_pass():
+    """No image: ValueError before any work; a report that compared nothing fails, saying so."""
+    from sam_sparse.patches.parity import ParityReport
+
+    sam = small_sam()
+    for empty in ([], np.zeros((0, 3, 64, 64), np.float32), (im for im in [])):
+        with pytest.raises(ValueError, match="images: none given"):
+            verify_parity(sam, "dense", empty)
+    assert not hasattr(sam, "_sam_sparse_handle")
+    report = ParityReport(policy="dense", dtype="float32", thresholds=DENSE_FP32)
+    assert not report.passed and report.failures[0].startswith("nothing was compared")

@@ -245,10 +245,16 @@ def _check_input_and_out(input: Path, out: Path, quiet: bool = False):
 
 
 def _remove_stale_parts(out: Path) -> None:
-    """Every manifest.rank<R>.json in `out`: job files (never an image's output), merged or stale."""
+    """Every manifest.rank<R>.json in `out` that amg wrote (a run's part: run_id and rank), merged or stale;
+    a file of that name that amg did not write is left as it is (never read as a part: its run_id differs)."""
     for entry in os.scandir(out):
         if re.fullmatch(r"manifest\.rank[0-9]+\.json", entry.name) and entry.is_file(follow_symlinks=False):
-            os.unlink(entry.path)
+            try:
+                part = json.loads(Path(entry.path).read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(part, dict) and {"run_id", "rank"} <= part.keys():
+                os.unlink(entry.path)
 
 
 class _LiveManifest:

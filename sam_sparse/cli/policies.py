@@ -7,6 +7,7 @@ exit status 2 and one line on stderr, ``error: <file>:<line>: <field>: <problem>
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import click
@@ -42,9 +43,9 @@ MEMORY_NOTE = (f"memory.cross (SAM 2 video) is measured at a nominal memory: {NO
                "object-pointer tokens")
 
 
-def _fail(message: str):
+def _fail(message: str, code: int = 2):
     click.echo(f"error: {message}", err=True)
-    click.get_current_context().exit(2)
+    click.get_current_context().exit(code)
 
 
 def _load(name_or_path: str) -> Policy:
@@ -221,6 +222,13 @@ def render_cmd(policy: str, model: str, out: str):
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, MaxNLocator
 
+    from ..files import atomic_path, check_output, refuse_inputs
+
+    try:
+        check_output(out, "--out", (".png",))
+        refuse_inputs(out, "--out", [(f"the policy file {policy}", policy if Path(policy).is_file() else None)])
+    except ValueError as e:
+        _fail(str(e))
     p = _load(policy)
     try:
         panels = list(_panels(p, model))
@@ -245,9 +253,10 @@ def render_cmd(policy: str, model: str, out: str):
                  f"{NOMINAL_POINTER_TOKENS} pointer tokens (nominal)"
     fig.suptitle(title, fontsize=10)
     try:
-        fig.savefig(out, format="png", dpi=110)
-    except OSError as e:
-        _fail(f"cannot write {out}: {e}")
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    except OSError as e:  # disk full, permissions: the environment (exit 1), not the input
+        _fail(f"cannot write {out}: {e}", code=1)
     click.echo(f"wrote {out} ({len(panels)} panels)")
     if any(t.startswith("memory.cross") for t, _ in panels):
         click.echo(MEMORY_NOTE)

@@ -64,7 +64,7 @@ def segment(image, points, background, boxes, policy, checkpoint, model_type, sp
       sam-sparse segment photo.jpg --box 40,30,400,380 --policy local2d-30 \\
           --checkpoint sam_vit_b_01ec64.pth --model-type vit_b --out photo_mask.png --save-masks masks.npy
     """
-    from ..files import check_output
+    from ..files import check_output, refuse_inputs
     from ..patches import patch_sam
     from ..policy import load_policy
     from ..segment import IMAGE_FORMATS, MASK_SUFFIXES, check_prompts, load_image, parse_numbers
@@ -73,10 +73,12 @@ def segment(image, points, background, boxes, policy, checkpoint, model_type, sp
 
     device = resolve_device(device)
     check_output(out, "--out", tuple(IMAGE_FORMATS))
+    inputs = [(f"IMAGE {image}", image if Path(image).exists() else None),
+              (f"--checkpoint {checkpoint}", checkpoint), (f"--sparse-checkpoint {sparse_checkpoint}", sparse_checkpoint)]
+    refuse_inputs(out, "--out", inputs)
     if save_masks is not None:
         check_output(save_masks, "--save-masks", MASK_SUFFIXES)
-        if save_masks.resolve() == out.resolve():
-            raise ValueError(f"--save-masks {save_masks}: is the same file as --out")
+        refuse_inputs(save_masks, "--save-masks", inputs + [("--out", out)])
     pts, bxs = parse_prompts(points, boxes)
     neg = [parse_numbers(p, 2, "--neg-point") for p in background] or None
     picture = load_image(image)
@@ -126,12 +128,13 @@ def demo(out, policy, checkpoint, model_type, device):
       sam-sparse demo --policy region_focused --out demo_sparse.png
       sam-sparse demo --checkpoint sam2.1_hiera_base_plus.pt --model-type sam2.1_hiera_b+
     """
-    from ..files import check_output
+    from ..files import check_output, refuse_inputs
     from ..policy import load_policy
     from ..segment import IMAGE_FORMATS
 
     device = resolve_device(device)
     check_output(out, "--out", tuple(IMAGE_FORMATS))
+    refuse_inputs(out, "--out", [(f"--checkpoint {checkpoint}", checkpoint)])
     chosen = load_policy(policy)
     model, model_type = load_model(checkpoint, model_type, device)
     _demo(out, chosen, model, model_type)

