@@ -22,7 +22,8 @@ PathLike = Union[str, os.PathLike]
 
 
 def load_image(spec: PathLike) -> np.ndarray:
-    """An HxWx3 uint8 RGB array from an image file, or from a scikit-image sample name (SAMPLES).
+    """An HxWx3 uint8 RGB array from an image file, upright by its EXIF orientation (as a viewer shows it,
+    and as OpenCV's imread reads it), or from a scikit-image sample name (SAMPLES).
 
     "horse" is a black-and-white silhouette; it is drawn as a brown horse on a light sky.
     """
@@ -39,10 +40,13 @@ def load_image(spec: PathLike) -> np.ndarray:
         raise ValueError(f"image {path}: is a folder; expected an image file (or a sample: {', '.join(SAMPLES)})")
     if not path.is_file():
         raise ValueError(f"image {path}: no such file (or use a sample: {', '.join(SAMPLES)})")
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as opened:
+            # Upright as a viewer shows it (EXIF orientation, as OpenCV's imread, which segment-anything's
+            # scripts/amg.py reads with): prompts are given, and masks drawn, in those pixels.
+            im = ImageOps.exif_transpose(opened)
             if im.mode in ("I;16", "I;16L", "I;16B", "I"):
                 return _to_8_bit_rgb(np.asarray(im), path)
             if im.mode == "F":

@@ -12,8 +12,9 @@ by its box), then `propagate_in_video` runs over the clip, under inference_mode 
 SAM 2's README runs it. Configurations, all in one process (same-run ratios):
   unpatched           SAM 2 as is
   dense-per-object    patch_sam(predictor, "dense", batch_objects=False): SAM 2's own per-object loop
-  dense-batched       patch_sam(predictor, "dense"): every object of a frame in one batch
-  memory-local        patch_sam(predictor, "memory-local"): batched, sparse memory cross-attention
+  dense-batched       patch_sam(predictor, "dense", batch_objects=True): every object of a frame in one batch
+  memory-local        patch_sam(predictor, "memory-local", batch_objects=True): batched, sparse memory
+                      cross-attention
 A configuration that fails is reported as an error row; the others still run.
 
 Per configuration, three passes over the clip (prompts re-added each time):
@@ -39,6 +40,7 @@ Writes --out/bench_video.json and --out/bench_video.md after every row (a cut ru
     python scripts/bench_video.py --out $OUT                    # hiera_l, hiera_b+; 1, 4, 16 objects; ~6 min on an H200
     python scripts/bench_video.py --models sam2.1_hiera_l --objects 16 --configs unpatched,dense-batched
     python scripts/bench_video.py --quick --out /tmp/v         # hiera_t, 384 px, 2 objects, 4 frames: CPU smoke test
+    python scripts/bench_video.py --vos --models sam2.1_hiera_l --objects 1,4 --configs unpatched,dense-per-object,dense-batched
 """
 
 from __future__ import annotations
@@ -135,18 +137,31 @@ def write_clip(folder: Path, frames: int, width: int, height: int, shapes: int, 
 # ---------------------------------------------------------------------------------------------------
 
 
-def random_video_predictor(model_type: str, device, image_size=None, seed: int = 0):
+def random_video_predictor(model_type: str, device, image_size=None, seed: int = 0, vos_backend=None):
     """sam2's video predictor for a SAM 2.1 model type (models.build_video_predictor), random weights
-    (seeded), attention sharpened."""
+    (seeded), attention sharpened. vos_backend: build SAM2VideoPredictorVOS, its torch.compile calls as sam2
+    makes them ("inductor": mode max-autotune, fullgraph) or sent to another backend ("eager": dynamo alone,
+    for a CPU smoke test)."""
     torch.manual_seed(seed)
-    predictor = build_video_predictor(model_type, None, "cpu", image_size)
+    with contextlib.ExitStack() as stack:
+        if vos_backend not in (None, "inductor"):
+            compile_ = torch.compile
+
+            def compile_with(fn=None, **kwargs):
+                kwargs.pop("mode", None)
+                return compile_(fn, **kwargs, backend=vos_backend)
+
+            torch.compile = compile_with
+            stack.callback(setattr, torch, "compile", compile_)
+        predictor = build_video_predictor(model_type, None, "cpu", image_size, vos_optimized=vos_backend is not None)
     return sharpen_attention_(predictor, seed=seed).to(device).eval()
 
 
 def config_kwargs(config: str):
     """(policy, patch_sam keywords) of a configuration, None for unpatched."""
     kwargs = {"unpatched": None, "dense-per-object": ("dense", {"batch_objects": False}),
-              "dense-batched": ("dense", {}), "memory-local": ("memory-local", {})}
+              "dense-batched": ("dense", {"batch_objects": True}),
+              "memory-local": ("memory-local", {"batch_objects": True})}
     if config not in kwargs:
         raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
     return kwargs[config]
@@ -355,7 +370,8 @@ def markdown(meta, rows) -> str:
     base = {(r["model"], r["objects"]): r["ms"] for r in rows if r["config"] == "unpatched" and "ms" in r}
     lines = [(f"SAM 2 video, {meta['gpu']} ({meta['device']}), {meta['dtype']}, {meta['width']}x{meta['height']} clip "
              f"of {meta['frames']} frames, image size {meta['image_size'] or 1024} px; median ms per frame over "
-             f"frames >= {meta['settled_from']}; random weights; {meta['date']}."), "",
+             f"frames >= {meta['settled_from']}; random weights; "
+             f"{'vos_optimized (' + meta['vos_optimized'] + '); ' if meta.get('vos_optimized') else ''}{meta['date']}."), "",
              ("| model | objects | config | ms/frame | fps | vs unpatched | encoder | memory attn | decoder | "
              "memory enc | other | memory.cross density | min IoU vs unpatched | max logit err | "
              "min IoU vs per-object | max logit err |"),
@@ -413,6 +429,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="hiera_t at 384 px (a 24x24 memory grid, where memory-local is sparse), 2 objects, 4 frames "
                          "of 256x144, fp32 on CPU: a smoke test (< 2 min)")
+    ap.add_argument("--vos", nargs="?", const="inductor", default=None, choices=["inductor", "eager"],
+                    help="sam2's vos_optimized predictor (SAM2VideoPredictorVOS: torch.compile, max-autotune, "
+                         "fullgraph; the first frames compile for minutes); --vos eager: dynamo only, a CPU smoke "
+                         "test. memory-local is refused there (an error row, as patch_sam says why)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "bench_video",
                     help="folder for bench_video.json / .md (default $OUT/bench_video)")
     args = ap.parse_args(argv)
@@ -435,14 +455,15 @@ def main(argv=None) -> int:
                 "python": platform.python_version(), "device": str(device), "argv": sys.argv[1:] if argv is None else argv,
                 "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "dtype": args.dtype,
                 "frames": args.frames, "width": args.width, "height": args.height, "image_size": args.image_size,
-                "settled_from": args.settled_from, "commit": os.environ.get("SAM_SPARSE_COMMIT", "unknown")}
+                "settled_from": args.settled_from, "vos_optimized": args.vos,
+                "commit": os.environ.get("SAM_SPARSE_COMMIT", "unknown")}
     print(json.dumps(meta), flush=True)
     rows = []
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         prompts = write_clip(Path(tmp), args.frames, args.width, args.height, max(objects))
         for model_type in args.models.split(","):
-            predictor = random_video_predictor(model_type, device, args.image_size)
+            predictor = random_video_predictor(model_type, device, args.image_size, vos_backend=args.vos)
             with torch.inference_mode():
                 state = predictor.init_state(tmp)
             for n in objects:

@@ -76,6 +76,25 @@ def test_quick_dense_configurations_equal_unpatched(quick):
     assert rows["memory-local"]["parity_vs_unpatched"]["max_logit_err"] > 0
 
 
+def test_quick_vos_optimized_run(tmp_path):
+    """--vos: SAM2VideoPredictorVOS (its torch.compile calls sent to dynamo alone on the CPU): the unpatched
+    and batched dense rows with SAM 2's masks (per object: tests/test_sam2_video.py), memory-local an error
+    row saying why."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_video.py"), "--quick", "--vos", "eager",
+                           "--configs", "unpatched,dense-batched,memory-local", "--out", str(tmp_path)], check=False, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "bench_video.json").read_text())
+    assert data["meta"]["vos_optimized"] == "eager"
+    rows = {r["config"]: r for r in data["rows"]}
+    assert "error" not in rows["dense-batched"], rows["dense-batched"]
+    p = rows["dense-batched"]["parity_vs_unpatched"]
+    assert p["min_iou"] == 1.0 and p["max_logit_err"] < 1e-3, p
+    assert "sparsifies the memory cross-attention" in rows["memory-local"]["error"]
+    assert "vos_optimized (eager)" in (tmp_path / "bench_video.md").read_text()
+
+
 def test_frame_parity_on_known_masks():
     ref = torch.full((2, 3, 4, 4), -1.0)
     ref[:, :, :2] = 2.0  # every object: the top half, 8 pixels

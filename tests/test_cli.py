@@ -680,3 +680,22 @@ def test_clear_errors_for_a_folder_image_and_a_file_cache(tmp_path):
     (tmp_path / "afile").write_text("x")
     result = run("fetch", "mobile_sam", "--dir", tmp_path / "afile")
     assert result.exit_code == 2 and "is a file; expected a folder" in _error_line(result)
+
+
+def test_images_load_upright_by_their_exif_orientation(tmp_path):
+    """A JPEG stored 200 wide x 100 high with Orientation 6 (rotate 90 degrees clockwise to view) is what a
+    viewer, and OpenCV's imread (segment-anything's amg.py), show: 100 wide x 200 high, its stored top-left
+    corner at the top right. Prompts are checked against those pixels."""
+    from sam_sparse.segment import load_image
+
+    stored = np.zeros((100, 200, 3), np.uint8)
+    stored[:20, :20] = 255  # a white square at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    upright = load_image(path)
+    assert upright.shape == (200, 100, 3)
+    assert upright[:20, -20:].mean() > 200 and upright[:20, :20].mean() < 50
+    result = run("segment", path, "--point", "50,150", "--out", tmp_path / "o.png", "--device", "cpu")
+    assert result.exit_code == 0, result.output  # (50, 150) lies inside the upright 100 x 200 image

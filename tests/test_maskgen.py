@@ -274,6 +274,9 @@ def test_bad_arguments_are_refused_with_what_is_accepted(mobile):
         GeneratorSettings(points_per_side=0)
     with pytest.raises(ValueError, match="pred_iou_thresh=1.5: expected a number from 0 to 1"):
         GeneratorSettings(pred_iou_thresh=1.5)
+    for bad in (float("inf"), float("nan"), -float("inf")):
+        with pytest.raises(ValueError, match="stability_score_offset=.*: expected a finite number"):
+            GeneratorSettings(stability_score_offset=bad)
     with pytest.raises(ValueError, match="stability_on='full'"):
         Mode("m", stability_on="full")
     with pytest.raises(ValueError, match="low_res_margin: a prefilter for stability_on='upsampled' only"):

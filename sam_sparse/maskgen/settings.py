@@ -23,6 +23,7 @@ A Mode says how the same settings are computed. Two are named:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -69,8 +70,8 @@ class GeneratorSettings:
                 raise ValueError(f"{name}={v!r}: expected a number from 0 to 1")
         for name in ("stability_score_offset", "mask_threshold"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v != v:
-                raise ValueError(f"{name}={v!r}: expected a number")
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name}={v!r}: expected a finite number (a logit offset or threshold)")
         for name in ("use_m2m", "multimask_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected True or False")

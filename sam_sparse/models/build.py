@@ -150,9 +150,10 @@ def build_sam(model_type: Optional[str], checkpoint: Optional[PathLike] = None, 
 
 
 def build_video_predictor(model_type: str, checkpoint: Optional[PathLike] = None, device="cpu",
-                          image_size: Optional[int] = None):
+                          image_size: Optional[int] = None, vos_optimized: bool = False):
     """sam2's SAM2VideoPredictor of a SAM 2.1 `model_type` (build_sam2_video_predictor and its released
-    config, post-processing on, as users get it), in eval mode on `device`.
+    config, post-processing on, as users get it), in eval mode on `device`; vos_optimized: sam2's
+    SAM2VideoPredictorVOS (its encoders, decoder and memory attention under torch.compile).
 
     checkpoint: a SAM 2.1 state dict file (SAM 2's released {"model": ...} layout; weights_only=True,
         strict) for this model type; None = sam2's random init. image_size: SAM 2's input side in px
@@ -169,7 +170,8 @@ def build_video_predictor(model_type: str, checkpoint: Optional[PathLike] = None
                          "(README: SAM 2)") from None
     state_dict = None if checkpoint is None else load_checkpoint(checkpoint, model_type)  # a bad file fails first
     extra = [f"++model.image_size={image_size}"] if image_size else []
-    predictor = build_sam2_video_predictor(SAM2_CONFIGS[model_type], None, device="cpu", hydra_overrides_extra=extra)
+    predictor = build_sam2_video_predictor(SAM2_CONFIGS[model_type], None, device="cpu", hydra_overrides_extra=extra,
+                                           vos_optimized=vos_optimized)
     if state_dict is not None:
         load_weights(predictor, state_dict, checkpoint, assign=False)
     return predictor.to(device).eval()
