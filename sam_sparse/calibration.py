@@ -34,7 +34,7 @@ from .kernels import block_attention_mass
 from .masks import block_context, mask_density, pair_weights
 from .patches import ParityReport, patch_sam, verify_parity
 from .policy import Policy
-from .predictor import image_predictor, predict_points
+from .predictor import check_rgb_images, image_predictor, predict_points
 from .sam2_layers import MEMORY_HEADS, MEMORY_PREFIX, memory_layer, nominal_memory
 from .table import format_table
 
@@ -172,28 +172,39 @@ def measure(model, images: Sequence[np.ndarray], *, kinds: Sequence[str] = DEFAU
     Each image is embedded once (the family's predictor: set_image); prompt layers see one call per point
     prompt: `prompts[i]` (P, 2) pixel (x, y) points for image i, or a points_per_side grid.
     """
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
     unknown = sorted(set(kinds) - set(CALIBRATED_KINDS))
     if unknown:
         raise ValueError(f"layers: {', '.join(unknown)} cannot be calibrated; choose from {', '.join(CALIBRATED_KINDS)}")
+    images = check_rgb_images(images)
+    if prompts is not None and len(prompts) != len(images):
+        raise ValueError(f"prompts: {len(prompts)} point arrays for {len(images)} images; give one per image")
+    if not isinstance(points_per_side, int) or isinstance(points_per_side, bool) or points_per_side < 1:
+        raise ValueError(f"points_per_side={points_per_side!r}: expected an integer >= 1")
+    if not (hasattr(model, "prompt_encoder") or hasattr(model, "sam_prompt_encoder")):
+        raise TypeError(f"calibrate measures a whole model (a segment_anything Sam or a sam2 SAM2Base), got "
+                        f"{type(model).__name__}")
     probe = Policy.from_dict({"name": "calibration-probe", "block_size": block_size, "token_order": token_order,
                               "rules": [{"match": "*", "pattern": "dense"}]})
+    recorder = _Recorder(kinds, block_size)
+    predictor = image_predictor(model)
     prior = getattr(model, "_sam_sparse_handle", None)
     if prior is not None:
         prior.restore()
-    handle = patch_sam(model, probe)
-    recorder = _Recorder(kinds, block_size)
-    predictor = image_predictor(model)
-    try:
-        with handle.observe(recorder), torch.inference_mode():
-            for i, image in enumerate(images):
-                predictor.set_image(image)
-                if any(k in PROMPT_KINDS for k in kinds):
-                    pts = prompts[i] if prompts is not None else grid_points(image.shape[1], image.shape[0], points_per_side)
-                    predict_points(predictor, pts)
-                if progress is not None:
-                    progress(1)
+    try:  # the model is left as found, whatever fails
+        handle = patch_sam(model, probe)
+        try:
+            with handle.observe(recorder), torch.inference_mode():
+                for i, image in enumerate(images):
+                    predictor.set_image(image)
+                    if any(k in PROMPT_KINDS for k in kinds):
+                        pts = prompts[i] if prompts is not None else grid_points(image.shape[1], image.shape[0], points_per_side)
+                        predict_points(predictor, pts)
+                    if progress is not None:
+                        progress(1)
+        finally:
+            handle.restore()
     finally:
-        handle.restore()
         if prior is not None:
             prior.enable()
     notes = []
@@ -359,6 +370,9 @@ def measure_memory(predictor, frames: str, *, prompt=None, block_size: int = 64,
     """
     from PIL import Image
 
+    if getattr(predictor, "_sam_sparse_handle", None) is not None:
+        raise ValueError("calibrating memory attention needs the unpatched predictor (its own attention is what "
+                         "is measured): restore its patch first (handle.restore() or sam_sparse.unpatch_sam)")
     paths = video_frames(frames)
     if prompt is None:
         with Image.open(paths[0]) as im:
@@ -743,7 +757,7 @@ def _check_targets(target_density, min_mass) -> None:
         raise ValueError("give exactly one of target_density (share of token pairs to keep) or min_mass "
                          "(share of attention probability to keep)")
     for what, v in (("target_density", target_density), ("min_mass", min_mass)):
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v <= 1):
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= 1):
             raise ValueError(f"{what}={v!r}: expected a number greater than 0 and at most 1")
 
 
@@ -766,9 +780,10 @@ def calibrate(model, images, *, target_density: Optional[float] = None, min_mass
         centres and the same point grid), against the unpatched model.
     """
     _check_targets(target_density, min_mass)
-    images = list(images)
+    images = check_rgb_images(images)
     if not images:
         raise ValueError("calibrate needs at least one image")
+    layers = (layers,) if isinstance(layers, str) else tuple(layers)
     stats, probe, notes = measure(model, images, kinds=layers, block_size=block_size, token_order=token_order,
                                   points_per_side=points_per_side, prompts=prompts, progress=progress)
     target = f"target density {target_density}" if target_density is not None else f"min mass {min_mass}"

@@ -18,10 +18,26 @@ the two on the sample photos (scripts/resize_parity.py).
 from __future__ import annotations
 
 import functools
+from typing import List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+def check_rgb_image(image, what: str = "image") -> np.ndarray:
+    """`image` if it is an HxWx3 uint8 array (what set_image takes), else ValueError saying what it is."""
+    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+            and image.shape[0] > 0 and image.shape[1] > 0):
+        got = f"shape {tuple(image.shape)}, dtype {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"{what}: {got}; expected an HxWx3 uint8 RGB array")
+    return image
+
+
+def check_rgb_images(images, what: str = "images") -> List[np.ndarray]:
+    """`images` as a list of HxWx3 uint8 arrays, or ValueError naming the first that is not: found before any
+    image is embedded."""
+    return [check_rgb_image(im, f"{what}[{i}]") for i, im in enumerate(images)]
 
 
 @torch.no_grad()
@@ -34,9 +50,7 @@ def set_image_on_device(predictor, image: np.ndarray, image_format: str = "RGB",
     """
     if image_format not in ("RGB", "BGR"):
         raise ValueError(f"image_format={image_format!r}: expected 'RGB' or 'BGR'")
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        got = f"shape {getattr(image, 'shape', None)}, dtype {getattr(image, 'dtype', type(image).__name__)}"
-        raise ValueError(f"image has {got}; expected an HxWx3 uint8 array")
+    check_rgb_image(image)
     model = predictor.model
     if image_format != model.image_format:
         image = image[..., ::-1]

@@ -279,3 +279,29 @@ def test_every_default_policy_passes_verify_on_every_sample_photo(mode):
         res = CliRunner().invoke(main, ["verify", "--policy", policy, mode, "--device", "cpu"])
         assert res.exit_code == 0, f"{policy} {mode}:\n{res.output}\n{res.stderr}"
         assert "PASS" in res.output
+
+
+def test_bad_arguments_are_refused_before_any_work_and_the_model_is_left_as_found():
+    """Wrong model, images, prompts, point grid or targets: a clear error before an image is embedded; and
+    whatever fails, a model the user had patched keeps its own handle, enabled."""
+    from sam_sparse import patch_sam
+
+    sam, image = small_sam(), make_image()
+    handle = patch_sam(sam.image_encoder, "dense")
+    with pytest.raises(TypeError, match="calibrate measures a whole model .* got ImageEncoderViT"):
+        calibrate(sam.image_encoder, [image], target_density=0.5, block_size=16)
+    assert handle.active and sam.image_encoder._sam_sparse_handle is handle
+    handle.restore()
+    cases = [
+        (dict(images=[image, image[..., 0]]), r"images\[1\]: shape \(\d+, \d+\), dtype uint8; expected an HxWx3 uint8"),
+        (dict(prompts=[np.array([[10.0, 10.0]])]), "prompts: 1 point arrays for 2 images"),
+        (dict(points_per_side=0), "points_per_side=0: expected an integer >= 1"),
+        (dict(min_mass=True, target_density=None), "min_mass=True: expected a number"),
+        (dict(layers="encoder.globl"), "layers: encoder.globl cannot be calibrated"),
+    ]
+    for change, says in cases:
+        kwargs = {"images": [image, image], "target_density": 0.5, "block_size": 16, **change}
+        with pytest.raises(ValueError, match=says):
+            calibrate(sam, kwargs.pop("images"), **kwargs)
+    policy, _ = calibrate(sam, [image], target_density=0.5, block_size=16, layers="encoder.global")
+    assert not hasattr(sam, "_sam_sparse_handle") and policy.block_size == 16

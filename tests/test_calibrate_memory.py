@@ -412,3 +412,19 @@ def test_cli_bad_input_is_one_line_exit_2_before_the_model_loads(tmp_path, clip,
     res = calibrate_cli("--frames", clip, *ok)
     assert res.exit_code == 2 and "already exists; pass --force to replace it" in res.stderr, res.stderr
     assert out.read_text() == "mine" and list(out.parent.iterdir()) == [out]
+
+
+def test_a_patched_predictor_is_refused_before_any_frame(tmp_path):
+    """Memory calibration measures SAM 2's own attention: a predictor patched with a sparse memory policy
+    would give statistics of that policy's outputs. video_parity fails a bad policy before a whole run."""
+    from sam_sparse import video_parity
+    from sam_sparse.policy import PolicyError
+
+    pred = small_video_predictor(0)
+    frames = write_frames(tmp_path / "clip", 3)
+    handle = patch_sam(pred, "memory-local")
+    with pytest.raises(ValueError, match="needs the unpatched predictor"):
+        measure_memory(pred, str(frames))
+    handle.restore()
+    with pytest.raises(PolicyError, match="no-such-policy"):
+        video_parity(pred, frames, [{"frame": 0, "obj_id": 1, "points": [[40, 45]], "labels": [1]}], "no-such-policy")

@@ -337,6 +337,8 @@ BAD_INPUTS = [
     (dict(softmax_scale=float("nan")), r"softmax_scale=nan: expected a finite number"),
     (dict(softmax_scale=0.0), r"softmax_scale=0.0: expected a finite number > 0"),
     (dict(softmax_scale=-0.125), r"softmax_scale=-0.125: expected a finite number > 0"),
+    (dict(softmax_scale="0.5"), r"softmax_scale='0.5': expected a finite number > 0"),
+    (dict(softmax_scale=True), r"softmax_scale=True: expected a finite number > 0"),
     (dict(rel_h=torch.randn(2, 4, 64, 4)), r"kh \* kw = 32 != seqlen_k = 64"),
     (dict(rel_w=None), r"rel_h and rel_w go together"),
     (dict(rel_h=torch.randn(2, 4, 60, 8)), r"rel_h has shape \(2, 4, 60, 8\).*expected \(2, 4, 64, kh\)"),

@@ -545,3 +545,39 @@ def test_prefetch_keeps_order_and_hands_over_expected_errors():
     assert main not in threads  # the work ran on the worker
     with pytest.raises(ValueError, match="depth=0"):
         list(prefetch([1], work, depth=0))
+
+
+def test_prompt_dependent_policy_sees_each_calls_prompts():
+    """region_focused's decoder masks come from the call's prompts, which the prompt encoder's hook records;
+    the adapter embeds prompts without calling the prompt encoder, so it records them itself: DevicePredictor
+    gives SamPredictor.predict's arrays on the patched model (not the unpatched model's), also right after a
+    lone prompt-encoder call with other prompts, and exact mode gives segment-anything's records."""
+    from patch_helpers import make_image, small_sam
+    from segment_anything import SamAutomaticMaskGenerator, SamPredictor
+
+    from sam_sparse import Policy, patch_sam
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+    from sam_sparse.predictor import DevicePredictor
+
+    focused = Policy.from_dict({"name": "rf", "block_size": 16, "rules": [
+        {"match": ["decoder.token_to_image", "decoder.final_token_to_image"], "pattern": "region_focused",
+         "params": {"radius": 1, "background_stride": 0}}, {"match": "*", "pattern": "dense"}]})
+    image, sam = make_image(), small_sam()
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)
+    prompt = dict(point_coords=np.array([[40, 40]]), point_labels=np.array([1]), return_logits=True)
+    with torch.no_grad():
+        unpatched = predictor.predict(**prompt)[0]
+        handle = patch_sam(sam, focused)
+        want = predictor.predict(**prompt)
+        assert np.abs(want[0] - unpatched).max() > 1e-3, "the policy must change this prompt's logits"
+        sam.prompt_encoder(points=(torch.tensor([[[250.0, 250.0]]]), torch.tensor([[1]])), boxes=None, masks=None)
+        got = DevicePredictor(predictor).predict(**prompt)
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+        settings = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+        ref = SamAutomaticMaskGenerator(sam, **settings).generate(image)
+        ours = AutomaticMaskGenerator(sam, "exact", **settings).generate(image)
+    handle.restore()
+    assert [(r["predicted_iou"], r["stability_score"]) for r in ours] == \
+        [(r["predicted_iou"], r["stability_score"]) for r in ref]

@@ -435,3 +435,17 @@ def test_observe_sees_the_kernel_inputs_of_every_patched_module():
     assert kinds.count("encoder.global") == 2 and kinds.count("encoder.window") == 2
     assert all(has_rel for kind, _, _, has_rel in seen if kind.startswith("encoder."))
     handle.restore()
+
+
+def test_a_per_prompt_policy_on_a_bare_decoder_warns_that_it_runs_dense():
+    """A MaskDecoder patched alone has no prompt encoder to hear the prompts from: say so."""
+    focused = Policy.from_dict({"name": "rf", "block_size": 16, "rules": [
+        {"match": "decoder.token_to_image", "pattern": "region_focused", "params": {"radius": 1}},
+        {"match": "*", "pattern": "dense"}]})
+    sam = small_sam()
+    with pytest.warns(PolicyWarning, match=r"depend on the prompts .*no prompts reach them, so they run dense"):
+        handle = patch_sam(sam.mask_decoder, focused)
+    handle.restore()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        patch_sam(sam, focused).restore()  # the whole Sam: its prompt encoder's hook records the prompts

@@ -137,7 +137,7 @@ def test_set_image_on_device_runs_a_bf16_encoder_with_the_fp32_decoder():
         assert cos > 0.99
         masks = got.predict(point_coords=np.array([[50.0, 60.0]]), point_labels=np.array([1]))[0]
     assert masks.shape[1:] == image.shape[:2]
-    with pytest.raises(ValueError, match=r"expected an HxWx3 uint8 array"):
+    with pytest.raises(ValueError, match=r"image: shape .*, dtype float32; expected an HxWx3 uint8 RGB array"):
         set_image_on_device(got, image.astype(np.float32))
 
 

@@ -244,3 +244,12 @@ def test_verify_parity_with_nothing_to_compare_does_not_pass():
     assert not hasattr(sam, "_sam_sparse_handle")
     report = ParityReport(policy="dense", dtype="float32", thresholds=DENSE_FP32)
     assert not report.passed and report.failures[0].startswith("nothing was compared")
+
+
+def test_verify_parity_checks_images_and_thresholds_first():
+    sam, image = small_sam(), make_image()
+    with pytest.raises(ValueError, match=r"images\[1\]: shape \(\d+, \d+\), dtype uint8; expected an HxWx3 uint8"):
+        verify_parity(sam, "dense", [image, image[..., 0]])
+    with pytest.raises(TypeError, match="thresholds='SPARSE': expected a ParityThresholds"):
+        verify_parity(sam, "dense", [image], thresholds="SPARSE")
+    assert not hasattr(sam, "_sam_sparse_handle")

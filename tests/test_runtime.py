@@ -274,6 +274,25 @@ def test_torch_save_of_a_patched_model(focused_sam, tmp_path):
     assert not hasattr(loaded.mask_decoder.transformer.layers[0].cross_attn_token_to_image, "_sam_sparse")
 
 
+def test_copies_made_inside_observe_are_not_observed(focused_sam, tmp_path):
+    """deepcopy and torch.save inside handle.observe(): the copy starts unobserved (its calls are not
+    reported to the original's observer), and a lambda observer does not stop the save."""
+    image, pts = make_image(256, seed=5), [[60, 70]]
+    seen = []
+    with focused_sam._sam_sparse_handle.observe(lambda layer, *rest: seen.append(layer.kind)):
+        clone = copy.deepcopy(focused_sam)
+        buf = io.BytesIO()
+        torch.save(focused_sam, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for copied in (clone, loaded):
+        assert not copied._sam_sparse_handle.observing
+        with torch.inference_mode():
+            predict(copied, image, pts)
+        copied._sam_sparse_handle.restore()
+    assert seen == []
+
+
 def test_two_threads_on_one_patched_model(focused_sam):
     image = make_image(256, seed=4)
     prompts = [[[30, 40]], [[200, 180]], [[120, 60], [60, 200]], [[10, 10]]]

@@ -116,6 +116,8 @@ def check_scale(softmax_scale, headdim: int) -> float:
     if softmax_scale is None:
         return headdim**-0.5
     expected = f"softmax_scale={softmax_scale!r}: expected a finite number > 0, or None (headdim ** -0.5)"
+    if isinstance(softmax_scale, (str, bytes, bool)):  # float() would take "0.5" and True
+        raise ValueError(expected)
     try:
         scale = float(softmax_scale)
     except (TypeError, ValueError):

@@ -28,6 +28,7 @@ from typing import Any, List, Optional, Tuple
 import numpy as np
 import torch
 
+from ..patches import record_prompts
 from .point_decoder import decode_points
 
 
@@ -161,7 +162,9 @@ class SamAdapter:
         mask_input (B, 1, 256, 256) -> low-res logits (B, C, 256, 256) and predicted IoUs (B, C);
         C = 3 with multimask_output, else 1."""
         model = self.model
-        sparse, dense = self.encode_prompts((coords, labels) if coords is not None else None, boxes, mask_input)
+        points = (coords, labels) if coords is not None else None
+        record_prompts(model, points, boxes)  # what a prompt-dependent policy's decoder layers read
+        sparse, dense = self.encode_prompts(points, boxes, mask_input)
         return model.mask_decoder(image_embeddings=embedding.features, image_pe=model.prompt_encoder.get_dense_pe(),
                                   sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                   multimask_output=multimask_output)

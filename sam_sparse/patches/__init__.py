@@ -3,7 +3,8 @@
 from .attention import SparseDecoderAttention, SparseEncoderAttention, SparseWindowBlock
 from .parity import DENSE_FP32, DENSE_HALF, SPARSE, LayerParity, ParityReport, ParityThresholds, preset_for, verify_parity
 from .families import model_family
-from .patcher import LayerReport, PatchHandle, PolicyWarning, dense_attention, observing, patch_epoch, patch_sam, unpatch_sam
+from .patcher import (LayerReport, PatchHandle, PolicyWarning, dense_attention, observing, patch_epoch, patch_sam,
+                      record_prompts, unpatch_sam)
 from .video_parity import FrameParity, VideoParityReport, video_parity
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "patch_epoch",
     "observing",
     "dense_attention",
+    "record_prompts",
     "PolicyWarning",
     "LayerReport",
     "verify_parity",

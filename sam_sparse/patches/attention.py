@@ -70,6 +70,11 @@ class PromptContext:
         """PromptEncoder forward pre-hook: record this call's points / boxes."""
         self._local.prompts = prompts_from_call(prompt_encoder, args, kwargs)
 
+    def record(self, prompt_encoder, points, boxes) -> None:
+        """What on_prompts records, for code that computes the prompt embeddings without calling the
+        PromptEncoder (maskgen's adapter): points (coords, labels) or None, boxes (B, 4) or None."""
+        self._local.prompts = prompts_from_call(prompt_encoder, (), {"points": points, "boxes": boxes})
+
     def on_image(self, _transformer, args, kwargs) -> None:
         """TwoWayTransformer forward pre-hook: record the image-embedding grid."""
         emb = args[0] if args else kwargs["image_embedding"]
@@ -130,6 +135,10 @@ class LayerState:
     needs_prompts: Dict[tuple, bool] = field(default_factory=dict)
     tables: Dict[tuple, Any] = field(default_factory=dict)  # tensors derived from the module's own (RoPE tables)
     observer: Optional[Callable[..., None]] = None  # PatchHandle.observe: sees every call's kernel inputs
+
+    def __getstate__(self):
+        # A copy made inside observe() is not observed (and a lambda observer need not pickle).
+        return {**self.__dict__, "observer": None}
 
     @property
     def block_size(self) -> int:

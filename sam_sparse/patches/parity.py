@@ -315,6 +315,14 @@ def verify_parity(
     elif not isinstance(model, (Sam, ImageEncoderViT)):
         raise TypeError(f"verify_parity supports segment_anything's Sam or ImageEncoderViT, or sam2's SAM2Base; "
                         f"got {type(model).__name__}")
+    if thresholds is not None and not isinstance(thresholds, ParityThresholds):
+        raise TypeError(f"thresholds={thresholds!r}: expected a ParityThresholds (DENSE_FP32, DENSE_HALF, SPARSE or "
+                        "your own) or None")
+    if not isinstance(model, ImageEncoderViT):  # a full model takes what set_image takes: checked before any work
+        for i, im in enumerate(_as_images(images)):
+            if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
+                raise ValueError(f"images[{i}]: shape {tuple(im.shape)}, dtype {im.dtype}; expected an HxWx3 uint8 "
+                                 "RGB array")
     prior = getattr(model, "_sam_sparse_handle", None)
     if prior is not None:
         prior.restore()

@@ -127,6 +127,16 @@ def observing(model) -> bool:
     return handle is not None and handle.observing
 
 
+def record_prompts(model, points, boxes) -> None:
+    """Tell the decoder attentions of `model` (patched by patch_sam, enabled) this call's prompts, as the
+    prompt encoder's hook does: for code that embeds prompts without calling model.prompt_encoder (a
+    prompt-dependent policy would otherwise see none, or an earlier call's). points: (coords (B, N, 2),
+    labels (B, N)) in the model's input frame, or None; boxes: (B, 4) or None. No-op for other models."""
+    handle = getattr(model, "_sam_sparse_handle", None)
+    if handle is not None and handle.active and handle.context is not None:
+        handle.context.record(model.prompt_encoder, points, boxes)
+
+
 def dense_attention(model, part: Optional[nn.Module] = None) -> bool:
     """Whether every attention module inside `part` (default: the whole model) computes what the unpatched
     model computes, up to float rounding: none is patched, or the handle patching `model` (or `part`
@@ -166,6 +176,10 @@ class PatchHandle:
         self._hooks: list = []
         self.active = False
         self.observing = False  # inside observe(): graphs of the model run eagerly
+
+    def __getstate__(self):
+        # A copy (deepcopy, pickle, torch.save) made inside observe() is not being observed.
+        return {**self.__dict__, "observing": False}
 
     def modules(self) -> List[Tuple[LayerReport, nn.Module]]:
         """(report row, attention module) of every patched module, in forward order."""
@@ -373,6 +387,7 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         raise ValueError(refused)
     _warn_unmatched(policy, geometries)
     _warn_if_nothing_sparse(policy, report, notes)
+    _warn_if_no_prompts(policy, report, fam.hook_targets(model)[0] is not None)
     handle = PatchHandle(model, policy, entries, report, notes, context, fam.NAME, memory)
     handle.enable()
     return handle
@@ -423,6 +438,17 @@ def _warn_if_nothing_sparse(policy, report: List[LayerReport], notes: List[str])
     why = f" ({notes[0]})" if notes else ""
     warnings.warn(f"policy {policy.name!r} leaves every patched layer of this model dense: it changes nothing "
                   f"here{why}", PolicyWarning, stacklevel=3)
+
+
+def _warn_if_no_prompts(policy, report: List[LayerReport], sees_prompts: bool) -> None:
+    """A PolicyWarning when layers are per prompt but no prompt encoder is part of what was patched (a
+    MaskDecoder or TwoWayTransformer alone): no call's prompts reach them, so they run dense."""
+    per_prompt = [r.name for r in report if r.density is None]
+    if per_prompt and not sees_prompts:
+        warnings.warn(f"policy {policy.name!r} makes {len(per_prompt)} layer(s) depend on the prompts "
+                      f"({per_prompt[0]}, ...), but the prompt encoder is not part of what was patched: no "
+                      "prompts reach them, so they run dense. Patch the whole model (a Sam, a SAM 2 model or "
+                      "its predictor)", PolicyWarning, stacklevel=3)
 
 
 def unpatch_sam(model) -> None:

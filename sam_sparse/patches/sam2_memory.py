@@ -122,10 +122,12 @@ def rope_table(st: LayerState, freqs_cis: torch.Tensor):
     if torch.compiler.is_compiling():  # traced: no data pointer to key a cache by, and nothing to save
         return freqs_cis.real.contiguous(), freqs_cis.imag.contiguous()
     key = ("rope", freqs_cis.data_ptr(), tuple(freqs_cis.shape), freqs_cis.device)
-    if key not in st.tables:
+    table = st.tables.get(key)
+    if table is None:  # returned from here, not read back: another thread may replace it meanwhile
+        table = (freqs_cis.real.contiguous(), freqs_cis.imag.contiguous())
         st.tables.clear()  # one table per layer at a time: a new grid replaces the old one
-        st.tables[key] = (freqs_cis.real.contiguous(), freqs_cis.imag.contiguous())
-    return st.tables[key]
+        st.tables[key] = table
+    return table
 
 
 class SparseMemoryAttention(MemoryAttention):

@@ -154,7 +154,8 @@ def video_parity(
     reverse: also propagate backwards from the last forward frame.
     min_iou, max_logit_err: the pass thresholds (default 1.0 and 1e-3: the same masks, fp32 rounding).
     Returns a VideoParityReport: per frame, the patched batched run vs SAM 2 unpatched, and batched vs
-    per-object (both patched). ValueError for malformed prompts, before anything runs.
+    per-object (both patched). ValueError for malformed prompts and the policy's errors (PolicyError, a
+    policy the predictor refuses), before anything runs.
     """
     prompts = _check_prompts(prompts)
     model = predictor() if callable(predictor) and not isinstance(predictor, torch.nn.Module) else predictor
@@ -162,6 +163,7 @@ def video_parity(
         raise RuntimeError("video_parity needs the unpatched predictor (it patches and restores it); "
                            "restore the patch first")
     frames_dir = os.fspath(frames_dir)
+    patch_sam(model, policy).restore()  # a bad or refused policy fails here, before a whole run over the clip
     ref = _run(model, frames_dir, prompts, max_frames, reverse)
     runs = {}
     for batch in (False, True):
