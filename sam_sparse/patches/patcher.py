@@ -134,7 +134,9 @@ def record_prompts(model, points, boxes) -> None:
     labels (B, N)) in the model's input frame, or None; boxes: (B, 4) or None. No-op for other models."""
     handle = getattr(model, "_sam_sparse_handle", None)
     if handle is not None and handle.active and handle.context is not None:
-        handle.context.record(model.prompt_encoder, points, boxes)
+        prompt_encoder = family(handle.family).hook_targets(model)[0]
+        if prompt_encoder is not None:
+            handle.context.record(prompt_encoder, points, boxes)
 
 
 def dense_attention(model, part: Optional[nn.Module] = None) -> bool:
