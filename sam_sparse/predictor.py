@@ -151,6 +151,9 @@ class DevicePredictor:
         """The predictor's predict(...) arguments and results (normalize_coords: SAM 2 only)."""
         from .maskgen.transfer import pack, to_device
 
+        if self.family == "sam" and not normalize_coords:  # SamPredictor.predict has no such argument
+            raise ValueError("normalize_coords=False: SAM 2's predictor only; a segment-anything SamPredictor takes "
+                             "pixel coordinates of the original image")
         arrays = self._prompts(point_coords, point_labels, box, mask_input)
         flags = (bool(multimask_output), bool(return_logits), bool(normalize_coords))
         if self.cuda_graph:

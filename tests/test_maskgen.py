@@ -575,6 +575,8 @@ def test_prompt_dependent_policy_sees_each_calls_prompts():
         got = DevicePredictor(predictor).predict(**prompt)
         for w, g in zip(want, got):
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="normalize_coords=False: SAM 2's predictor only"):
+            DevicePredictor(predictor).predict(**prompt, normalize_coords=False)
         settings = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
         ref = SamAutomaticMaskGenerator(sam, **settings).generate(image)
         ours = AutomaticMaskGenerator(sam, "exact", **settings).generate(image)
