@@ -252,4 +252,8 @@ def test_verify_parity_checks_images_and_thresholds_first():
         verify_parity(sam, "dense", [image, image[..., 0]])
     with pytest.raises(TypeError, match="thresholds='SPARSE': expected a ParityThresholds"):
         verify_parity(sam, "dense", [image], thresholds="SPARSE")
+    h, w = image.shape[:2]
+    for points, boxes in (([[float("nan"), 3.0]], None), ([[w + 5.0, 3.0]], None), (None, [[0.0, 0.0, 10.0, h + 1.0]])):
+        with pytest.raises(ValueError, match=f"(points|boxes) of image 0: .* outside the {w}x{h} image"):
+            verify_parity(sam, "dense", [image], points=points, boxes=boxes)
     assert not hasattr(sam, "_sam_sparse_handle")

@@ -319,10 +319,19 @@ def verify_parity(
         raise TypeError(f"thresholds={thresholds!r}: expected a ParityThresholds (DENSE_FP32, DENSE_HALF, SPARSE or "
                         "your own) or None")
     if not isinstance(model, ImageEncoderViT):  # a full model takes what set_image takes: checked before any work
-        for i, im in enumerate(_as_images(images)):
+        ims = _as_images(images)
+        for i, im in enumerate(ims):
             if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
                 raise ValueError(f"images[{i}]: shape {tuple(im.shape)}, dtype {im.dtype}; expected an HxWx3 uint8 "
                                  "RGB array")
+        for what, width, given in (("points", 2, points), ("boxes", 4, boxes)):
+            for i, (im, arr) in enumerate(zip(ims, _per_image(given, len(ims), width, what))):
+                xy = None if arr is None else arr.reshape(-1, 2)
+                h, w = im.shape[:2]
+                if xy is not None and not (np.isfinite(xy).all() and (xy >= 0).all() and (xy[:, 0] <= w).all()
+                                           and (xy[:, 1] <= h).all()):
+                    raise ValueError(f"{what} of image {i}: {arr.tolist()[:4]} has a coordinate that is not a number "
+                                     f"or lies outside the {w}x{h} image (pixels, x right, y down)")
     prior = getattr(model, "_sam_sparse_handle", None)
     if prior is not None:
         prior.restore()
