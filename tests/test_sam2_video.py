@@ -205,29 +205,12 @@ def test_restore_deepcopy_disabled_observe(predictor, frames, reference):
     assert_same(run(predictor, frames, ONE), reference("one"), "restored")
 
 
-def vos_predictor(monkeypatch, backend: str):
-    """small_video_predictor(vos_optimized=True) with SAM 2's torch.compile calls (max-autotune, fullgraph)
-    sent to `backend`: "eager" runs dynamo alone (fullgraph: any graph break or value-dependent branch in
-    the patched forwards fails), "aot_eager" also traces the custom ops' fake implementations and
-    functionalizes the in-place rotary op; inductor's code generation is the GPU suite's."""
-    compile_ = torch.compile
-
-    def compile_with(fn=None, **kwargs):
-        kwargs.pop("mode", None)
-        return compile_(fn, **kwargs, backend=backend)
-
-    torch._dynamo.reset()
-    with monkeypatch.context() as m:
-        m.setattr(torch, "compile", compile_with)
-        return small_video_predictor(vos_optimized=True)
-
-
-def test_vos_optimized_dense_equals_unpatched(monkeypatch, frames, reference):
+def test_vos_optimized_dense_equals_unpatched(frames, reference):
     """SAM2VideoPredictorVOS compiles the memory attention, the mask decoder and the encoders with
     fullgraph=True: the patched attentions are traced into those graphs (built masks, RoPE, memory
     layouts: no value-dependent branch, no stores the trace cannot replay). Objects added on a later frame
     have memories of other shapes: the compiled memory attention runs once per shape group."""
-    vos = vos_predictor(monkeypatch, "aot_eager")
+    vos = small_video_predictor(vos_backend="aot_eager")
     handle = patch_sam(vos, "dense")
     try:
         assert len(handle.report) == 27 and type(vos).__name__ == "SparseSAM2VideoPredictorVOS"
@@ -299,13 +282,13 @@ def test_memory_local_runs_and_changes_the_logits(predictor, frames, reference, 
 test_memory_local_runs_and_changes_the_logits.outputs = {}
 
 
-def test_vos_optimized_refuses_a_sparse_memory_policy(monkeypatch):
+def test_vos_optimized_refuses_a_sparse_memory_policy():
     """A sparse memory.cross mask depends on each memory's frames and pointers: under the VOS predictor's
     fullgraph compile that is a compile per memory composition, past dynamo's limit. patch_sam says so up
     front and patches nothing; a policy sparse elsewhere but dense on memory.cross is accepted."""
     from sam_sparse import Policy
 
-    vos = vos_predictor(monkeypatch, "eager")
+    vos = small_video_predictor(vos_backend="eager")
     classes = {n: type(m) for n, m in vos.named_modules()}
     with pytest.raises(ValueError, match=r"sparsifies the memory cross-attention .*vos_optimized=False"):
         patch_sam(vos, Policy.from_dict(SMALL_MEMORY_LOCAL))

@@ -167,13 +167,17 @@ class LayerState:
         if not compiling and key in self.layouts:
             return self.layouts[key]
         geom = decoder_geometry(self.geometry, seqlen_q, seqlen_k, grid)
-        if compiling and not self.policy.needs_prompts(geom):
-            return _layout(self.policy.block_mask(geom, None, device), self.block_size)
-        if key not in self.needs_prompts:
-            self.needs_prompts[key] = bool(self.policy.needs_prompts(geom))
-        if not self.needs_prompts[key]:
-            self.layouts[key] = _layout(self.policy.block_mask(geom, None, device), self.block_size)
-            return self.layouts[key]
+        if compiling:
+            needs_prompts = bool(self.policy.needs_prompts(geom))
+        else:
+            if key not in self.needs_prompts:
+                self.needs_prompts[key] = bool(self.policy.needs_prompts(geom))
+            needs_prompts = self.needs_prompts[key]
+        if not needs_prompts:
+            layout = _layout(self.policy.block_mask(geom, None, device), self.block_size)
+            if not compiling:
+                self.layouts[key] = layout
+            return layout
         prompts = ctx.prompts if ctx is not None else None
         if prompts is not None and prompts.batch != batch:
             prompts = None  # not this call's prompts (e.g. the decoder was called on its own)

@@ -378,11 +378,14 @@ class Policy:
     def keeps_all(self, layer: LayerGeometry) -> bool:
         """Whether every head of the layer is dense by rule (no rule, or a pattern that keeps every block):
         known from the rules alone, without building a mask."""
-        return all(i is None or self.rules[i].pattern.keeps_all for i in self.head_rules(layer))
+        return all(i is None for i in self._masking_rules(layer))
+
+    def _masking_rules(self, layer: LayerGeometry) -> Tuple[Optional[int], ...]:
+        """head_rules, with None also for the rules whose pattern keeps every block: no mask to build."""
+        return tuple(None if i is not None and self.rules[i].pattern.keeps_all else i for i in self.head_rules(layer))
 
     def _build(self, layer: LayerGeometry, prompts: Optional[Prompts], device) -> Optional[torch.Tensor]:
-        head_rules = tuple(None if i is not None and self.rules[i].pattern.keeps_all else i
-                           for i in self.head_rules(layer))
+        head_rules = self._masking_rules(layer)
         if all(i is None for i in head_rules):
             return None
         try:

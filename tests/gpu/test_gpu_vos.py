@@ -14,24 +14,6 @@ from gpu_helpers import GPU_MARKS
 pytestmark = GPU_MARKS
 
 
-def vos_predictor(monkeypatch):
-    """tests/sam2_helpers' small VOS predictor (hiera_t, 256 px) on CUDA, compiled by inductor without
-    max-autotune (its GEMM search would take minutes and test nothing of ours)."""
-    pytest.importorskip("sam2", reason="sam2 is an optional dependency")
-    from sam2_helpers import small_video_predictor
-
-    compile_ = torch.compile
-
-    def compile_default(fn=None, **kwargs):
-        kwargs.pop("mode", None)
-        return compile_(fn, **kwargs)
-
-    torch._dynamo.reset()
-    with monkeypatch.context() as m:
-        m.setattr(torch, "compile", compile_default)
-        return small_video_predictor(image_size=256, vos_optimized=True).cuda()
-
-
 def propagate(predictor, frames):
     """Every propagated frame's mask logits (objects, 1, H, W), float32 on the CPU; two objects, fp32."""
     with torch.inference_mode():
@@ -42,13 +24,16 @@ def propagate(predictor, frames):
         return [m.float().cpu() for _, _, m in predictor.propagate_in_video(state)]
 
 
-def test_vos_optimized_dense_matches_unpatched_vos(monkeypatch, tmp_path):
-    from sam2_helpers import write_frames
+def test_vos_optimized_dense_matches_unpatched_vos(tmp_path):
+    """tests/sam2_helpers' small VOS predictor (hiera_t, 256 px) on CUDA, compiled by inductor without
+    max-autotune (its GEMM search would take minutes and test nothing of ours)."""
+    pytest.importorskip("sam2", reason="sam2 is an optional dependency")
+    from sam2_helpers import small_video_predictor, write_frames
 
     from sam_sparse import patch_sam
 
     frames = write_frames(tmp_path / "frames", count=5)
-    vos = vos_predictor(monkeypatch)
+    vos = small_video_predictor(image_size=256, vos_backend="inductor").cuda()
     ref = propagate(vos, frames)
     handle = patch_sam(vos, "dense")
     try:
