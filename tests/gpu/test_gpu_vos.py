@@ -1,6 +1,6 @@
 """SAM2VideoPredictorVOS (vos_optimized=True) under patch_sam on CUDA: the patched attentions traced into
 SAM 2's fullgraph torch.compile graphs and compiled by inductor (the custom ops, the in-place rotary op
-on a view of the keys), against the same predictor unpatched. The CPU tests (tests/test_sam2_video.py)
+on a view of the keys), against the same weights unpatched. The CPU tests (tests/test_sam2_video.py)
 trace with dynamo's eager / aot_eager backends only; this is the one that generates code.
 
     TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/gpu/test_gpu_vos.py
@@ -25,16 +25,18 @@ def propagate(predictor, frames):
 
 
 def test_vos_optimized_dense_matches_unpatched_vos(tmp_path):
-    """tests/sam2_helpers' small VOS predictor (hiera_t, 256 px) on CUDA, compiled by inductor without
-    max-autotune (its GEMM search would take minutes and test nothing of ours)."""
+    """tests/sam2_helpers' small VOS predictor (hiera_t, 256 px) on CUDA, patched and compiled by inductor
+    without max-autotune (its GEMM search would take minutes and test nothing of ours), against the same
+    weights' VOS predictor unpatched and traced by dynamo alone (its eager backend): one inductor build
+    rather than two, which took this test past four minutes inside the README's test command."""
     pytest.importorskip("sam2", reason="sam2 is an optional dependency")
     from sam2_helpers import small_video_predictor, write_frames
 
     from sam_sparse import patch_sam
 
     frames = write_frames(tmp_path / "frames", count=5)
+    ref = propagate(small_video_predictor(image_size=256, vos_backend="eager").cuda(), frames)
     vos = small_video_predictor(image_size=256, vos_backend="inductor").cuda()
-    ref = propagate(vos, frames)
     handle = patch_sam(vos, "dense")
     try:
         out = propagate(vos, frames)
