@@ -30,13 +30,14 @@ def test_vos_optimized_dense_matches_unpatched_vos(tmp_path):
     weights' VOS predictor unpatched and traced by dynamo alone (its eager backend): one inductor build
     rather than two, which took this test past four minutes inside the README's test command."""
     pytest.importorskip("sam2", reason="sam2 is an optional dependency")
-    from sam2_helpers import small_video_predictor, write_frames
+    from sam2_helpers import fit_rope_tables_, small_video_predictor, write_frames
 
     from sam_sparse import patch_sam
 
     frames = write_frames(tmp_path / "frames", count=5)
-    ref = propagate(small_video_predictor(image_size=256, vos_backend="eager").cuda(), frames)
-    vos = small_video_predictor(image_size=256, vos_backend="inductor").cuda()
+    ref = propagate(fit_rope_tables_(small_video_predictor(image_size=256, vos_backend="eager").cuda(), "cuda", 256),
+                    frames)
+    vos = fit_rope_tables_(small_video_predictor(image_size=256, vos_backend="inductor").cuda(), "cuda", 256)
     handle = patch_sam(vos, "dense")
     try:
         out = propagate(vos, frames)
