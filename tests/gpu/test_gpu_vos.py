@@ -27,8 +27,8 @@ def propagate(predictor, frames):
 def test_vos_optimized_dense_matches_unpatched_vos(tmp_path):
     """tests/sam2_helpers' small VOS predictor (hiera_t, 256 px) on CUDA, patched and compiled by inductor
     without max-autotune (its GEMM search would take minutes and test nothing of ours), against the same
-    weights' VOS predictor unpatched and traced by dynamo alone (its eager backend): one inductor build
-    rather than two, which took this test past four minutes inside the README's test command."""
+    weights' VOS predictor unpatched and traced by dynamo alone (its eager backend): one inductor build,
+    not two. Both get rotary tables fitted to the 256 px grid (sam2_helpers.fit_rope_tables_)."""
     pytest.importorskip("sam2", reason="sam2 is an optional dependency")
     from sam2_helpers import fit_rope_tables_, small_video_predictor, write_frames
 
