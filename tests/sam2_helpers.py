@@ -85,15 +85,17 @@ def small_video_predictor(image_size=128, seed=0, gain=3.0, vos_optimized=False,
     return model
 
 
-def fit_rope_tables_(model, device, image_size):
-    """Give every memory RoPEAttention the rotary table of the image_size / 16 grid, on `device`. SAM 2 makes
-    them for its 1024 px grid (64 x 64) at build time and remakes them inside forward when the grid differs:
-    traced by torch.compile, that remake (compute_axial_cis: arange, outer, polar on the CPU) becomes CPU
-    code in the CUDA graph, and inductor's C++ code generation stalled the GPU test for minutes. At 1024 px,
-    as users run the VOS predictor, the table is never remade."""
+def fit_rope_tables_(model):
+    """Give every memory RoPEAttention the rotary table of the model's memory grid (image_size / backbone
+    stride a side), on the model's device. SAM 2 makes them for its 1024 px grid (64 x 64) at build time and
+    remakes them inside forward when the grid differs: traced by torch.compile, that remake
+    (compute_axial_cis: arange, outer, polar on the CPU) becomes CPU code in the CUDA graph, and inductor's
+    C++ code generation stalled the GPU test for minutes. At 1024 px, as users run the VOS predictor, the
+    table is never remade."""
     from sam2.modeling.sam.transformer import RoPEAttention
 
-    side = image_size // 16
+    side = model.image_size // model.backbone_stride
+    device = next(model.parameters()).device
     for m in model.modules():
         if isinstance(m, RoPEAttention):
             m.freqs_cis = m.compute_cis(end_x=side, end_y=side).to(device)

@@ -35,9 +35,11 @@ def test_vos_optimized_dense_matches_unpatched_vos(tmp_path):
     from sam_sparse import patch_sam
 
     frames = write_frames(tmp_path / "frames", count=5)
-    ref = propagate(fit_rope_tables_(small_video_predictor(image_size=256, vos_backend="eager").cuda(), "cuda", 256),
-                    frames)
-    vos = fit_rope_tables_(small_video_predictor(image_size=256, vos_backend="inductor").cuda(), "cuda", 256)
+    def small_vos(backend):
+        return fit_rope_tables_(small_video_predictor(image_size=256, vos_backend=backend).cuda())
+
+    ref = propagate(small_vos("eager"), frames)
+    vos = small_vos("inductor")
     handle = patch_sam(vos, "dense")
     try:
         out = propagate(vos, frames)
