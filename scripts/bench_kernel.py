@@ -132,10 +132,26 @@ def flash4_runner(q, k, v, rel_h, rel_w):
 
 def tuned_config(q, k, v, layout, rel_h, rel_w, window=None) -> str:
     """The launch config tuning picked for this call: BLOCK_M x BLOCK_N, warps, stages, rel_w @ I, TMA."""
-    lists = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
-    c = triton_attn.make_plan(q, k, v, *lists, rel_h, rel_w, None, q.shape[-1] ** -0.5, 128, window=window).config
+    plan = tuned_plan(q, k, v, layout, rel_h, rel_w, window)
+    c, split = plan.config, getattr(plan, "split", None)
     return (f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{' relw@I' if c.get('W_DOT') else ''}"
-            f"{' tma' if c.get('TMA') else ''}")
+            f"{' tma' if c.get('TMA') else ''}{f' split-K {split.n_split}' if split else ''}")
+
+
+def tuned_plan(q, k, v, layout, rel_h, rel_w, window=None):
+    lists = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
+    return triton_attn.make_plan(q, k, v, *lists, rel_h, rel_w, None, q.shape[-1] ** -0.5, 128, window=window)
+
+
+def unsplit_ms(q, k, v, layout):
+    """The tuned config without its split over the keys (None when the tuner split nothing)."""
+    plan = tuned_plan(q, k, v, layout, None, None)
+    if getattr(plan, "split", None) is None:
+        return None
+    lists = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
+    cfg = {**plan.config, "SPLIT_K": 1}
+    return bench(lambda: triton_attn.attention_triton(q, k, v, *lists, None, None, None, q.shape[-1] ** -0.5, 128,
+                                                      config=cfg))
 
 
 def fmt(x):
@@ -339,13 +355,15 @@ def memory_rows(args, dt, dev, gen) -> list:
         ref = sdpa(q, k, v, None, SDPBackend.EFFICIENT_ATTENTION).transpose(1, 2).float()
         diff = ((block_sparse_attn(q, k, v).float() - ref).norm() / ref.norm()).item()
         emit(dict(shape=shape, B=B, variant="dense", density=1.0, ours_ms=dense, tflops=flops / dense / 1e9,
-                  config=tuned_config(q, k, v, None, None, None), rel_diff_vs_sdpa=diff, **base,
+                  config=tuned_config(q, k, v, None, None, None), unsplit_ms=unsplit_ms(q, k, v, None),
+                  rel_diff_vs_sdpa=diff, **base,
                   dense_vs_best_sdpa=dense / best if best else None,
                   target_dense_vs_best_sdpa=MEMORY_TARGETS["dense_vs_best_sdpa"]))
         layout = BlockLayout.from_mask(band.to(dev), MEMORY_BLOCK)
         sparse = bench(lambda: block_sparse_attn(q, k, v, layout))
         emit(dict(shape=shape, B=B, variant=f"band r={radius}", density=round(density, 3), ours_ms=sparse,
                   tflops=flops * density / sparse / 1e9, config=tuned_config(q, k, v, layout, None, None),
+                  unsplit_ms=unsplit_ms(q, k, v, layout),
                   band_vs_dense=sparse / dense, target_band_vs_dense=MEMORY_TARGETS["band_vs_dense"]))
         del q, k, v, ref
         torch.cuda.empty_cache()
@@ -446,7 +464,7 @@ def rotary_row(frames, lengths, dt, dev, gen) -> dict:
                 rope_speedup=theirs_ms / ours_ms)
 
 
-MEMORY_COLS = ["shape", "B", "variant", "density", "ours_ms", "tflops", "config", "SDPA flash", "SDPA cuDNN",
+MEMORY_COLS = ["shape", "B", "variant", "density", "ours_ms", "tflops", "config", "unsplit_ms", "SDPA flash", "SDPA cuDNN",
                "SDPA efficient", "dense_vs_best_sdpa", "target_dense_vs_best_sdpa", "band_vs_dense",
                "target_band_vs_dense", "padded_dense_ms", "padded_cudnn_ms", "varlen_vs_padded", "rel_diff_vs_sdpa",
                "radius", "lengths", "mask_blocks", "sam2_rope_ms", "rope_speedup"]
@@ -462,7 +480,8 @@ HIERA_CASES = [("global", 64, 8, 0), ("window 14", 64, 8, 14), ("window 8", 256,
 # Fixed launch configs timed beside the tuned one: how far the tuner's pick is from the others.
 HIERA_CONFIGS = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)]
+                 dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2), dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+                 dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)]
 
 
 def hiera_rows(args, dt, dev, gen) -> list:

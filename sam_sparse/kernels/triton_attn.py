@@ -45,6 +45,11 @@ block mask's strides) are run-time scalars Triton does not specialize on (RUNTIM
 growing by a frame per call reuses the compiled kernel of its length bucket, and is tuned once per bucket.
 Head dim 256 (SAM 2's memory attention) also gets 128-row tiles over 8 warps (WIDE_HEAD_CONFIGS).
 
+Split-KV (a config's SPLIT_K, as flash-decoding): when a call's query tiles leave SMs idle (one object's
+memory attention: 32 tiles of 128 queries on an H200's 132 SMs), SPLIT_K programs share each tile's key steps,
+write fp32 partial outputs and row log-sum-exps to a workspace, and _split_combine merges them into the
+output. The tuner tries each config split ("fill": as many splits as fill the SMs once) beside it unsplit.
+
 float32 inputs follow torch.get_float32_matmul_precision(), as torch's own matmuls: "highest" runs
 3xTF32 on the tensor cores (float32-level error, see docs/benchmarks.md), "high" / "medium" TF32.
 """
@@ -142,13 +147,14 @@ def _rect_row(start_n, PER_TILE: tl.constexpr, TILES_PER_ROW: tl.constexpr, TILE
 # mask width (its strides), or one object instead of several (n_bh), would each compile the kernel again.
 # None of them feeds a Q / K / V / output address (the head dim is the contiguous axis of every such load);
 # the mask strides address the block lists, read once per program.
-RUNTIME_SCALARS = ("seqlen_q", "seqlen_k", "n_bh", "stride_numb", "stride_numh", "stride_numm",
+RUNTIME_SCALARS = ("seqlen_q", "seqlen_k", "n_bh", "n_split", "ws_rows", "stride_numb", "stride_numh", "stride_numm",
                    "stride_idxb", "stride_idxh", "stride_idxm")
 
 
 @triton.jit(do_not_specialize=RUNTIME_SCALARS)
 def _attn_fwd(
     Q, K, V, Out,
+    WS_O, WS_L,
     K_PAD, V_PAD,
     DESC_K0, DESC_K1, DESC_V0, DESC_V1,
     KV_NUM, KV_IDX,
@@ -166,7 +172,7 @@ def _attn_fwd(
     stride_rwb, stride_rwh, stride_rwm, stride_rwk,
     seqlen_q, seqlen_k, num_heads, kv_group,
     KH: tl.constexpr, KW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-    grid_h, grid_w, q_grid_h, q_grid_w, win_rows, win_cols, n_windows, n_launch, n_bh,
+    grid_h, grid_w, q_grid_h, q_grid_w, win_rows, win_cols, n_windows, n_launch, n_bh, n_split, ws_rows,
     D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
@@ -180,6 +186,7 @@ def _attn_fwd(
     EVEN_N: tl.constexpr,
     TMA: tl.constexpr,
     ALIGN: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     # The q / k / v / out strides arrive divided by ALIGN (elements; see _address_align): multiplied back
     # here, they tell the compiler that every row starts on an ALIGN boundary, so rows load in 16-byte
@@ -199,6 +206,10 @@ def _attn_fwd(
     RECT: tl.constexpr = 1
     ONEHOT: tl.constexpr = 2
     pid_m = tl.program_id(0)
+    if SPLIT:
+        # Split over the keys: program axis 0 is (query tile, split), the splits of one tile side by side.
+        pid_s = pid_m % n_split
+        pid_m = pid_m // n_split
     # (sequence, head) pairs run along grid axes 1 and 2: axis 1 alone holds at most 65535, fewer than
     # Hiera's windows x heads x batch (hiera_b+ stage 3 at batch 8: 1024 x 8 x 8).
     pid_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
@@ -355,21 +366,28 @@ def _attn_fwd(
 
     if not HAS_MASK:
         idx_base = KV_IDX  # not read
+    # This program's key steps: all of them, or (SPLIT) its share of the tile's steps, in order.
+    lo = 0
+    hi = n_steps
+    if SPLIT:
+        per = tl.cdiv(n_steps, n_split)
+        lo = tl.minimum(pid_s * per, n_steps)
+        hi = tl.minimum(lo + per, n_steps)
     if BIAS_PATH == RECT:
         if RECT_H == 1:
             # rel_h of a one-row key tile is one value per query, loaded one step ahead: a load used in
             # the same step would stall the softmax for a whole global-memory round trip every step.
-            start0 = _key_start(0, idx_base, n_steps > 0, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
+            start0 = _key_start(lo, idx_base, lo < hi, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
             row0 = _rect_row(start0, per_tile, tiles_per_row, TILE_H, subs_w, BLOCK_N, RECT_H)
-            rh_next = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok & (n_steps > 0), other=0.0)
+            rh_next = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok & (lo < hi), other=0.0)
 
     offs_nb = tl.arange(0, BLOCK_N)
-    for step in range(0, n_steps):
+    for step in range(lo, hi):
         start_n = _key_start(step, idx_base, True, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
         if BIAS_PATH == RECT:
             if RECT_H == 1:
                 rh_cur = rh_next
-                more = step + 1 < n_steps
+                more = step + 1 < hi
                 start_next = _key_start(step + 1, idx_base, more, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
                 row_next = _rect_row(start_next, per_tile, tiles_per_row, TILE_H, subs_w, BLOCK_N, RECT_H)
                 rh_next = tl.load(rh_vec + row_next * stride_rhk, mask=m_ok & more, other=0.0)
@@ -492,12 +510,64 @@ def _attn_fwd(
             v_pad1 = tl.load(V_PAD + hk * D_REAL + offs_d1, mask=d1_ok, other=0.0).to(tl.float32)
             acc1 += pad_l[:, None] * v_pad1[None, :]
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-    o_ptrs = o_base + o_rows[:, None]
-    tl.store(o_ptrs + offs_d0[None, :] * stride_od, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty),
-             mask=m_ok[:, None] & d0_ok[None, :])
-    if D1 > 0:
-        tl.store(o_ptrs + offs_d1[None, :] * stride_od, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
-                 mask=m_ok[:, None] & d1_ok[None, :])
+    if SPLIT:
+        # A partial result, in fp32, for _split_combine: this split's normalized output and its row
+        # log-sum-exp (log2 units, the row_off bias included in m_i), -inf for rows that saw no key.
+        ws = (pid_s * n_bh + pid_bh).to(tl.int64) * ws_rows + offs_m
+        tl.store(WS_L + ws, tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf")))
+        ws_o = WS_O + ws[:, None] * (D0 + D1)
+        tl.store(ws_o + offs_d0[None, :], acc0 * inv_l[:, None])
+        if D1 > 0:
+            tl.store(ws_o + offs_d1[None, :], acc1 * inv_l[:, None])
+    else:
+        o_ptrs = o_base + o_rows[:, None]
+        tl.store(o_ptrs + offs_d0[None, :] * stride_od, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty),
+                 mask=m_ok[:, None] & d0_ok[None, :])
+        if D1 > 0:
+            tl.store(o_ptrs + offs_d1[None, :] * stride_od, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
+                     mask=m_ok[:, None] & d1_ok[None, :])
+
+
+@triton.jit(do_not_specialize=("seqlen_q", "n_split", "n_bh", "ws_rows"))
+def _split_combine(
+    WS_O, WS_L, Out, CU_Q,
+    stride_ob, stride_on, stride_oh, stride_od,
+    seqlen_q, num_heads, n_split, n_bh, ws_rows,
+    D_REAL: tl.constexpr, DW: tl.constexpr, D_P: tl.constexpr, BLOCK: tl.constexpr, VARLEN: tl.constexpr,
+):
+    """Merge the n_split partial results of _attn_fwd(SPLIT=1): out = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M)
+    per row, M the rows' largest lse. A row no split saw a key of (every lse -inf) gets zeros."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    if VARLEN:
+        q_start = tl.load(CU_Q + b)
+        seqlen_q = tl.load(CU_Q + b + 1) - q_start
+        o_base = Out + q_start.to(tl.int64) * stride_on + h * stride_oh
+    else:
+        o_base = Out + b.to(tl.int64) * stride_ob + h * stride_oh
+    if pid_m * BLOCK >= seqlen_q:
+        return
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    m_ok = offs_m < seqlen_q
+    offs_d = tl.arange(0, D_P)
+    top = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for s in range(0, n_split):
+        ws = (s * n_bh + pid_bh).to(tl.int64) * ws_rows + offs_m
+        top = tl.maximum(top, tl.load(WS_L + ws, mask=m_ok, other=float("-inf")))
+    top = tl.where(top == float("-inf"), 0.0, top)
+    acc = tl.zeros([BLOCK, D_P], dtype=tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(0, n_split):
+        ws = (s * n_bh + pid_bh).to(tl.int64) * ws_rows + offs_m
+        w = tl.math.exp2(tl.load(WS_L + ws, mask=m_ok, other=float("-inf")) - top)
+        o = tl.load(WS_O + ws[:, None] * DW + offs_d[None, :], mask=m_ok[:, None] & (offs_d < DW)[None, :], other=0.0)
+        acc += w[:, None] * o
+        total += w
+    acc = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od, acc.to(Out.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_d < D_REAL)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -595,6 +665,29 @@ def _check_config(cfg: dict, block_size: int) -> None:
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     if block_size % bm or block_size % bn or min(bm, bn) < 16 or bm & (bm - 1) or bn & (bn - 1):
         raise ValueError(f"config {cfg}: BLOCK_M and BLOCK_N must be powers of two >= 16 dividing block_size={block_size}")
+    split = cfg.get("SPLIT_K", 1)
+    if split != "fill" and (isinstance(split, bool) or not isinstance(split, int) or not 1 <= split <= MAX_SPLIT):
+        raise ValueError(f"config {cfg}: SPLIT_K must be an int in 1..{MAX_SPLIT} or 'fill'")
+
+
+# Split-KV: at most this many programs share one query tile's keys. "fill" (what the tuner tries when a
+# call's query tiles leave SMs idle) picks as many as fill the SMs once, keeping MIN_SPLIT_STEPS key tiles
+# per split so that each program still pipelines its loads.
+MAX_SPLIT = 16
+MIN_SPLIT_STEPS = 4
+
+
+def spare_room(programs: int, sms: int) -> int:
+    """The tuning class of a launch's fill: the power of two at or below sms / programs (1: the programs fill
+    the SMs), at most MAX_SPLIT."""
+    room = max(1, min(sms // max(programs, 1), MAX_SPLIT))
+    return 1 << (room.bit_length() - 1)
+
+
+def fill_splits(programs: int, key_steps: int, sms: int) -> int:
+    """Splits of each query tile's keys that fill `sms` SMs once: programs * splits <= sms (one more wave
+    would cost as much as it gains), each split >= MIN_SPLIT_STEPS of the key_steps key tiles."""
+    return max(1, min(sms // max(programs, 1), key_steps // MIN_SPLIT_STEPS, MAX_SPLIT))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -745,8 +838,8 @@ def _contiguous_strides(shape) -> tuple:
     return tuple(reversed(strides))
 
 
-# Q, K, V, Out, K_PAD, V_PAD, four TMA descriptors, KV_NUM, KV_IDX, REL_H, REL_W, CU_Q, CU_K
-_N_TENSORS = 16
+# Q, K, V, Out, WS_O, WS_L, K_PAD, V_PAD, four TMA descriptors, KV_NUM, KV_IDX, REL_H, REL_W, CU_Q, CU_K
+_N_TENSORS = 18
 
 
 def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, d0: int, d1: int) -> tuple:
@@ -796,13 +889,14 @@ class KernelPlan:
     """
 
     def __init__(self, grid: Tuple[int, int, int], tail: tuple, config: dict,
-                 tma: Optional[Tuple[int, int, int]] = None):
+                 tma: Optional[Tuple[int, int, int]] = None, split: Optional["SplitCombine"] = None):
         if _N_TENSORS + len(tail) != len(_attn_fwd.arg_names):  # the launcher takes every argument, in order
             raise RuntimeError(f"kernel plan has {_N_TENSORS + len(tail)} arguments, the kernel {len(_attn_fwd.arg_names)}")
         self.grid = grid
         self.config = config
         self._tail = tail  # every argument after the tensors and descriptors, in the kernel's order
         self._tma = tma  # (BLOCK_N, D0, D1) when K and V are read through TMA descriptors
+        self.split = split  # the merge of partial results when the keys are split over programs
         # maxnreg caps registers per thread (spilling a little) so that two CTAs fit on an SM.
         self._options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
         if config.get("maxnreg"):
@@ -812,14 +906,17 @@ class KernelPlan:
 
     def warmup(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad=None, v_pad=None) -> None:
         """Compile without launching."""
-        tensors = self._tensors(q, k, v, q, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
+        ws = self.split.standin(q.device) if self.split is not None else (q, q)
+        tensors = self._tensors(q, k, v, q, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
         _attn_fwd.warmup(*tensors, *self._tail, grid=self.grid, **self._options)
+        if self.split is not None:
+            self.split.warmup(q, cu_q)
 
-    def _tensors(self, q, k, v, out, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k) -> tuple:
+    def _tensors(self, q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k) -> tuple:
         # Descriptors hold addresses, so they are made per call. Absent tensors are never read (their
         # flags are off); q stands in for them.
         descs = tma_descriptors(k, v, *self._tma) if self._tma is not None else (q,) * 4
-        return (q, k, v, out, q if k_pad is None else k_pad, q if v_pad is None else v_pad, *descs,
+        return (q, k, v, out, *ws, q if k_pad is None else k_pad, q if v_pad is None else v_pad, *descs,
                 q if kv_num is None else kv_num, q if kv_idx is None else kv_idx,
                 q if rel_h is None else rel_h, q if rel_w is None else rel_w,
                 q if cu_q is None else cu_q, q if cu_k is None else cu_k)
@@ -831,10 +928,17 @@ class KernelPlan:
         if out is None:
             # q's shape, not one stored: a varlen plan serves every total length of its shape class.
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        tensors = self._tensors(q, k, v, out, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
+        ws = self.split.workspace(q.device) if self.split is not None else (q, q)
+        tensors = self._tensors(q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
         if self._fast is not None:
             self._fast(*tensors, *self._tail)
-            return out
+        else:
+            self._first_launch(tensors)
+        if self.split is not None:
+            self.split(ws, out, cu_q)
+        return out
+
+    def _first_launch(self, tensors: tuple) -> None:
         compiled = self._launch_slow(tensors)
         if not INTERPRET and compiled is not None:
             # Triton's own run() binds ~60 arguments, specializes and looks up its cache on every call;
@@ -845,7 +949,51 @@ class KernelPlan:
                 self.fast_path = True
             except Exception:  # a Triton without CompiledKernel[grid]: keep the slow path
                 self._fast = None
-        return out
+
+
+class SplitCombine:
+    """The second launch of a plan whose programs split the keys (split-KV, as flash-decoding): its fp32
+    workspace, (n_split * n_bh * ws_rows, D0 + D1) partial outputs and (n_split * n_bh * ws_rows,) row
+    log-sum-exps, and the merge into the output. One split program covers 1 / n_split of a query tile's
+    key steps, so a call with few query tiles (one object's memory attention: 32 tiles on 132 SMs) fills
+    the GPU."""
+
+    BLOCK = 32  # rows per merge program: 32 x 256 fp32 accumulators at head dim 256
+
+    def __init__(self, n_split: int, n_bh: int, ws_rows: int, head_dim: int, width: int, num_heads: int,
+                 seqlen_q: int, varlen: bool, out_strides: tuple):
+        self.n_split, self.n_bh, self.ws_rows, self.width = n_split, n_bh, ws_rows, width
+        self.grid = (triton.cdiv(seqlen_q, self.BLOCK), n_bh, 1)
+        self._tail = (*out_strides, seqlen_q, num_heads, n_split, n_bh, ws_rows,
+                      head_dim, width, next_pow2(width), self.BLOCK, varlen)
+        self._fast = None
+
+    def workspace(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        rows = self.n_split * self.n_bh * self.ws_rows
+        return (torch.empty((rows, self.width), dtype=torch.float32, device=device),
+                torch.empty((rows,), dtype=torch.float32, device=device))
+
+    @staticmethod
+    def standin(device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """fp32 tensors that compile the same kernels as a workspace (warmup only: never read)."""
+        one = torch.empty((1,), dtype=torch.float32, device=device)
+        return one, one
+
+    def warmup(self, q: torch.Tensor, cu_q: Optional[torch.Tensor]) -> None:
+        _split_combine.warmup(*self.standin(q.device), q, q if cu_q is None else cu_q, *self._tail, grid=self.grid,
+                              num_warps=4)
+
+    def __call__(self, ws: Tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, cu_q: Optional[torch.Tensor]) -> None:
+        args = (*ws, out, out if cu_q is None else cu_q)
+        if self._fast is not None:
+            self._fast(*args, *self._tail)
+            return
+        compiled = _split_combine[self.grid](*args, *self._tail, num_warps=4)
+        if not INTERPRET and compiled is not None:
+            try:  # as KernelPlan: the compiled kernel's own launcher from now on
+                self._fast = compiled[self.grid]
+            except Exception:
+                self._fast = None
 
 
 class LaunchGroup:
@@ -902,7 +1050,9 @@ def make_plan(
         (layout.BlockLayout), or None for dense. With a window, Bm is 1 or B * windows.
     rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw) or None (Nq = GH * GW with a window); key_tile (th, tw)
         or None (raster).
-    config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT]}: no tuning.
+    config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT, TMA, SPLIT_K]}: no
+        tuning. SPLIT_K: 1..MAX_SPLIT programs per query tile, each over its share of the key steps, or "fill"
+        (fill_splits); not with a window.
 
     Varlen (cu_seqlens_q / cu_seqlens_k given): the plan holds nothing of the total lengths or of the
     exact max_seqlen_k (the kernel reads each sequence's bounds from cu_seqlens), so it serves every call
@@ -976,21 +1126,42 @@ def make_plan(
         *grid_hw, *q_grid_hw, win_rows, win_cols, n_windows,
     )
 
+    def splits(cfg: dict) -> int:
+        """The key splits of a config on this call: SPLIT_K, or for "fill" what fills the SMs."""
+        want = cfg.get("SPLIT_K", 1)
+        if want == "fill":
+            if not q.is_cuda or window is not None:
+                return 1
+            programs = triton.cdiv(seqlen_q, cfg["BLOCK_M"]) * batch * nheads
+            return fill_splits(programs, triton.cdiv(seqlen_k, cfg["BLOCK_N"]), _sm_count(q.device))
+        if want > 1 and window is not None:
+            raise ValueError(f"config {cfg}: SPLIT_K applies to sequences, not to window attention")
+        return want
+
     def plan_for(cfg: dict):
         _check_config(cfg, block_size)
         dv = _derived(a, cfg)
         tma = bool(cfg.get("TMA")) and tma_ok
+        n_split = splits(cfg)
+        q_tiles = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
         plans = []
         for n_launch, pad in launches:
             n_bh = batch * n_launch * nheads
             tail = scalars + (
-                n_launch, n_bh, head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
+                n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"],
+                head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
                 window is not None, *win_hw, *q_win_hw, pad, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
-                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, align,
+                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, align, n_split > 1,
             )
-            grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
-            plans.append(KernelPlan(grid, tail, cfg, (cfg["BLOCK_N"], d0, d1) if tma else None))
+            grid = (q_tiles * n_split, min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
+            combine = None
+            if n_split > 1:
+                if n_bh > MAX_GRID_Y:
+                    raise ValueError(f"config {cfg}: SPLIT_K over {n_bh} (sequence, head) pairs (at most {MAX_GRID_Y})")
+                combine = SplitCombine(n_split, n_bh, q_tiles * cfg["BLOCK_M"], head_dim, d0 + d1, nheads, seqlen_q,
+                                       varlen, out_strides[:4])
+            plans.append(KernelPlan(grid, tail, cfg, (cfg["BLOCK_N"], d0, d1) if tma else None, combine))
         return plans[0] if len(plans) == 1 else LaunchGroup(plans)
 
     if config is not None:
@@ -1001,18 +1172,23 @@ def make_plan(
     # video's memory growing by a frame per call tunes once per bucket (4096, 16384, 32768 keys).
     timed = not INTERPRET and os.environ.get("SAM_SPARSE_AUTOTUNE") != "0"
     bucketed = {**a, "seqlen_q": length_bucket(seqlen_q), "seqlen_k": length_bucket(seqlen_k)}
-    # Whether 128-row tiles of every (sequence, head) fill the GPU's SMs: one object's memory attention (one
-    # head, 4096 queries: 32 tiles on an H200's 132 SMs) is best served by other tiles than 16 objects' (512),
-    # so the two get a config each (so may a Hiera global block of 4 heads at batch 1 and at batch 4). A side of
-    # at most 128 queries (the decoder's tokens) has one tile whatever the batch and keeps one class, so a new
-    # number of prompts still never tunes inside predict().
-    fills = (not q.is_cuda or seqlen_q <= 128
-             or batch * launches[0][0] * nheads * triton.cdiv(seqlen_q, 128) >= _sm_count(q.device))
+    # How far 128-row tiles of every (sequence, head) leave the GPU's SMs idle: one object's memory attention
+    # (one head, 4096 queries: 32 tiles on an H200's 132 SMs, room for 4 splits of the keys) is best served by
+    # other configs than 3 objects' (96 tiles) or 16 objects' (512), so each gets its own (so may a Hiera
+    # global block of 4 heads at batch 1 and at batch 4). A side of at most 128 queries (the decoder's
+    # tokens) has one tile whatever the batch and keeps one class, so a new number of prompts still never
+    # tunes inside predict().
+    room = 1
+    if q.is_cuda and seqlen_q > 128:
+        room = spare_room(batch * launches[0][0] * nheads * triton.cdiv(seqlen_q, 128), _sm_count(q.device))
     tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, block_size,
-                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok, timed, fills)
+                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok, timed, room)
     if not timed:
         return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})
     candidates = _prune(_configs(), bucketed)
+    if room > 1:
+        # Idle SMs: each config also split over the keys, where that fills them.
+        candidates += [{**c, "SPLIT_K": "fill"} for c in candidates if splits({**c, "SPLIT_K": "fill"}) > 1]
     pads = (k.new_zeros(k.shape[-2:]),) * 2 if window is not None else (None, None)  # stand-ins for tuning
     tensors_in = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, *pads)
 
