@@ -135,7 +135,7 @@ def tuned_config(q, k, v, layout, rel_h, rel_w, window=None) -> str:
     plan = tuned_plan(q, k, v, layout, rel_h, rel_w, window)
     c, split = plan.config, getattr(plan, "split", None)
     return (f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}{' relw@I' if c.get('W_DOT') else ''}"
-            f"{' tma' if c.get('TMA') else ''}{' lazy' if c.get('LAZY') else ''}{f' split-K {split.n_split}' if split else ''}")
+            f"{' tma' if c.get('TMA') else ''}{f' split-K {split.n_split}' if split else ''}")
 
 
 def tuned_plan(q, k, v, layout, rel_h, rel_w, window=None):
@@ -481,13 +481,7 @@ HIERA_CASES = [("global", 64, 8, 0), ("window 14", 64, 8, 14), ("window 8", 256,
 HIERA_CONFIGS = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2), dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
-                 dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2),
-                 dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, LAZY=1),
-                 dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, LAZY=1)]
-
-
-def config_name(cfg: dict) -> str:
-    return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}{' lazy' if cfg.get('LAZY') else ''}"
+                 dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)]
 
 
 def hiera_rows(args, dt, dev, gen) -> list:
@@ -500,8 +494,6 @@ def hiera_rows(args, dt, dev, gen) -> list:
     rows = []
     B = args.hiera_batch
     for name, side, heads, win in HIERA_CASES:
-        if args.hiera_shapes and name.replace(" ", "") not in args.hiera_shapes:
-            continue
         for d in (56, 64):
             qkv = torch.randn(B, side, side, 3, heads, d, device=dev, dtype=dt, generator=gen)
             q, k, v = qkv.unbind(3)  # (B, side, side, heads, d) strided views
@@ -532,7 +524,8 @@ def hiera_rows(args, dt, dev, gen) -> list:
             for backend, col in ((SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN"), (SDPBackend.FLASH_ATTENTION, "SDPA flash")):
                 row[col] = try_time(lambda b=backend: sdpa(pq, pk, pv, None, b))
             for cfg in HIERA_CONFIGS:
-                row[config_name(cfg)] = try_time(lambda c=cfg: ours(c))
+                key = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
+                row[key] = try_time(lambda c=cfg: ours(c))
             base = min((x for x in (row["SDPA cuDNN"], row["SDPA flash"]) if isinstance(x, float)), default=None)
             if base and isinstance(row["ours_ms"], float):
                 row["ours / best SDPA"] = round(row["ours_ms"] / base, 2)
@@ -543,7 +536,7 @@ def hiera_rows(args, dt, dev, gen) -> list:
 
 
 HIERA_COLS = ["shape", "d", "B", "ours_ms", "config", "SDPA cuDNN", "SDPA flash", "ours / best SDPA"] + [
-    config_name(c) for c in HIERA_CONFIGS]
+    f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}" for c in HIERA_CONFIGS]
 
 
 def table(rows: list, cols: list) -> list:
@@ -560,8 +553,6 @@ def parse_args(argv=None):
                     help="sam: SAM's global and window layers; memory: SAM 2's video memory attention; hiera: "
                          "SAM 2's Hiera encoder layers")
     ap.add_argument("--hiera-batch", default=8, type=int, help="images per batch in the hiera section")
-    ap.add_argument("--hiera-shapes", default=None, type=lambda s: s.split(","),
-                    help="the hiera section's shapes to run, e.g. global,window14 (default: all five)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--flex-batches", default="1", type=ints)

@@ -187,7 +187,6 @@ def _attn_fwd(
     TMA: tl.constexpr,
     ALIGN: tl.constexpr,
     SPLIT: tl.constexpr,
-    LAZY: tl.constexpr,
 ):
     # The q / k / v / out strides arrive divided by ALIGN (elements; see _address_align): multiplied back
     # here, they tell the compiler that every row starts on an ALIGN boundary, so rows load in 16-byte
@@ -198,7 +197,6 @@ def _attn_fwd(
     stride_vb, stride_vn, stride_vh, stride_vx = stride_vb * ALIGN, stride_vn * ALIGN, stride_vh * ALIGN, stride_vx * ALIGN
     stride_ob, stride_on, stride_oh, stride_ox = stride_ob * ALIGN, stride_on * ALIGN, stride_oh * ALIGN, stride_ox * ALIGN
     LOG2E: tl.constexpr = 1.4426950408889634
-    LAZY_TAU: tl.constexpr = 8.0
     # Stand-in for -inf inside MMAs (-inf * 0 is NaN). A row whose running max is below NEG_CUT (scaled)
     # has seen no real key yet and gets probability 0 everywhere, as a row whose keys are all -inf.
     NEG_BIG: tl.constexpr = -2.0e38
@@ -476,34 +474,13 @@ def _attn_fwd(
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
 
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + row_off)
-        if LAZY:
-            # The running max moves only when some row's grew by more than LAZY_TAU (log2 units): after the
-            # first key tiles that is rare, and the (BLOCK_M, D) accumulator skips its rescale, 128
-            # multiplies per thread and step at head dim 256 (FlashAttention-4's trick). Until then a
-            # row's probabilities are relative to its stale max, so at most 2**LAZY_TAU: no overflow in
-            # fp16 / bf16, and the final division by l_i is unchanged.
-            grow = tl.max(tl.where(m_new > m_i, m_new - m_i, 0.0), 0)
-            if grow > LAZY_TAU:
-                shrink = tl.math.exp2(m_i - tl.where(m_new <= dead_max, float("inf"), m_new))
-                l_i = l_i * shrink
-                acc0 = acc0 * shrink[:, None]
-                if D1 > 0:
-                    acc1 = acc1 * shrink[:, None]
-                if WIN_PAD:
-                    pad_l = pad_l * shrink
-                m_i = m_new
-            m_use = tl.where(m_i <= dead_max, float("inf"), m_i)
-            p = tl.math.exp2(qk * qk_scale - (m_use - row_off)[:, None])
-            l_i += tl.sum(p, 1)
-            alpha = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
-        else:
-            # A row with only -inf / NEG_BIG keys so far subtracts +inf: exp2 gives 0 for each, rather than NaN
-            # (-inf - -inf), or overflow (at NEG_BIG's scale, one rounding of the FMA is worth 2**100).
-            m_use = tl.where(m_new <= dead_max, float("inf"), m_new)
-            p = tl.math.exp2(qk * qk_scale - (m_use - row_off)[:, None])
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            m_i = m_new
+        # A row with only -inf / NEG_BIG keys so far subtracts +inf: exp2 gives 0 for each, rather than NaN
+        # (-inf - -inf), or overflow (at NEG_BIG's scale, one rounding of the FMA is worth 2**100).
+        m_use = tl.where(m_new <= dead_max, float("inf"), m_new)
+        p = tl.math.exp2(qk * qk_scale - (m_use - row_off)[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
         if WIN_PAD:
             pad_l = pad_l * alpha + tl.sum(p * pad_k[None, :], 1)
 
@@ -516,9 +493,7 @@ def _attn_fwd(
         if INTERP:
             p_lp = p_lp.to(tl.float32)
             v0 = v0.to(tl.float32)
-        if not LAZY:
-            acc0 = acc0 * alpha[:, None]
-        acc0 = tl.dot(p_lp, v0, acc0, input_precision=DOT_PREC)
+        acc0 = tl.dot(p_lp, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if D1 > 0:
             if TMA:
                 v1 = DESC_V1.load([img, start_n, hk, 0]).reshape(BLOCK_N, D1)
@@ -526,9 +501,7 @@ def _attn_fwd(
                 v1 = tl.load(v_src + offs_d1[None, :] * stride_vd, mask=k_in[:, None] & d1_ok[None, :], other=0.0)
             if INTERP:
                 v1 = v1.to(tl.float32)
-            if not LAZY:
-                acc1 = acc1 * alpha[:, None]
-            acc1 = tl.dot(p_lp, v1, acc1, input_precision=DOT_PREC)
+            acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
 
     if WIN_PAD:
         v_pad0 = tl.load(V_PAD + hk * D_REAL + offs_d0, mask=d0_ok, other=0.0).to(tl.float32)
@@ -627,14 +600,10 @@ def _configs() -> List[dict]:
 # (K + V) tiles: 2 x 64 KB at BLOCK_N 64, 3 x 32 KB at BLOCK_N 32, 192 / 160 KB, inside Hopper's 227 KB
 # (not an A100's 163 KB: there the tuner meets OutOfResources and skips them). 3 stages at BLOCK_N 64
 # (256 KB) fit nowhere. Whether they win is measured, per shape class, by the tuner.
-# LAZY twins skip the accumulator's rescale while no row's max grows by more than 2**8 (see the kernel):
-# at head dim 256 that rescale is 128 multiplies per thread and key tile beside 32 exponentials.
 WIDE_HEAD_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=64, W_DOT=0, num_warps=8, num_stages=2, WIDE=1),
     dict(BLOCK_M=128, BLOCK_N=32, W_DOT=0, num_warps=8, num_stages=3, WIDE=1),
     dict(BLOCK_M=128, BLOCK_N=64, W_DOT=0, num_warps=8, num_stages=2, TMA=1, WIDE=1),
-    dict(BLOCK_M=128, BLOCK_N=64, W_DOT=0, num_warps=8, num_stages=2, TMA=1, WIDE=1, LAZY=1),
-    dict(BLOCK_M=128, BLOCK_N=32, W_DOT=0, num_warps=8, num_stages=3, WIDE=1, LAZY=1),
 ]
 
 
@@ -1183,7 +1152,7 @@ def make_plan(
                 head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
                 window is not None, *win_hw, *q_win_hw, pad, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
-                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, align, n_split > 1, bool(cfg.get("LAZY")),
+                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, align, n_split > 1,
             )
             grid = (q_tiles * n_split, min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
             combine = None

@@ -1,18 +1,13 @@
-"""Two launch-config options of the attention kernel, forced through the config, in Triton's interpreter,
-against the float64 oracle of tests/oracle.py. Every output is poisoned with NaN first; fresh seeds, each
-message names it.
+"""Split-KV (a launch config's SPLIT_K): each query tile's key steps shared out over SPLIT_K programs that
+write fp32 partial outputs and row log-sum-exps, merged by a second kernel (triton_attn._split_combine).
+The tuner tries it where a call's query tiles leave SMs idle (one object's memory attention); here it is
+forced through the config, in Triton's interpreter, against the float64 oracle of tests/oracle.py.
 
-SPLIT_K (split-KV): each query tile's key steps shared out over SPLIT_K programs that write fp32 partial
-outputs and row log-sum-exps, merged by a second kernel (triton_attn._split_combine). The tuner tries it
-where a call's query tiles leave SMs idle (one object's memory attention). Edges: more splits than a tile
-has key steps (empty splits must not count), a query block whose mask lists no key block (zeros, never
-NaN), varlen sequences of different lengths (some with fewer steps than splits), lengths that are no
-multiple of the tile, head dims in two chunks (80 = 64 + 16, the second partial written too), the rel-pos
-bias path that loads rel_h one step ahead (it must start at the split's first step), fp32 / fp16 / bf16.
-
-LAZY (lazy rescaling): the running max, and with it the accumulator's rescale, moves only when a row's
-max grew by more than 2**8; keys whose logits grow along the sequence make it move at some steps and
-not at others. (Window attention with LAZY: tests/test_window.py.)
+Edges: more splits than a tile has key steps (empty splits must not count), a query block whose mask lists
+no key block (zeros, never NaN), varlen objects of different lengths (some with fewer steps than splits),
+lengths that are no multiple of the tile, head dims split in two chunks (80 = 64 + 16, the second partial
+written too), the rel-pos bias path that loads rel_h one step ahead (it must start at the split's first
+step), fp32 / fp16 / bf16. Every output is poisoned with NaN first. Fresh seeds; each message names it.
 """
 
 import pytest
@@ -33,8 +28,8 @@ def seeded():
     return seed, torch.Generator().manual_seed(seed)
 
 
-def config(bm, bn, split, lazy=0):
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2, SPLIT_K=split, LAZY=lazy)
+def config(bm, bn, split):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2, SPLIT_K=split)
 
 
 def poisoned(q):
@@ -132,65 +127,3 @@ def test_fill_splits_fills_the_sms_once():
     assert fill_splits(96, 449, 132) == 1
     assert fill_splits(1, 10_000, 132) == MAX_SPLIT
     assert fill_splits(2, 9, 132) == 2  # 9 key steps: splits of at least 4
-
-
-def growing_keys(g, B, N, H, D, dtype):
-    """k whose rows grow in norm along the sequence (1x to 6x): a query's largest logit keeps rising, by
-    more than 8 in log2 units over some key tiles and by less over others."""
-    grow = torch.linspace(1.0, 6.0, N)[None, :, None, None]
-    return (torch.randn(B, N, H, D, generator=g) * grow).to(dtype)
-
-
-@needs_triton
-@pytest.mark.parametrize("dtype,head_dim,split", [(torch.float32, 64, 1), (torch.float16, 80, 1),
-                                                  (torch.bfloat16, 256, 3)],
-                         ids=["fp32-d64", "fp16-d80", "bf16-d256-split3"])
-def test_lazy_rescale_masked(triton_kernel, dtype, head_dim, split):
-    """(2, 70, 2 heads) x 300 growing keys, 16-key tiles, a mask with an empty query block; with SPLIT_K too."""
-    seed, g = seeded()
-    q = (torch.randn(2, 70, 2, head_dim, generator=g) * 2).to(dtype)
-    k = growing_keys(g, 2, 300, 2, head_dim, dtype)
-    v = torch.randn(2, 300, 2, head_dim, generator=g).to(dtype)
-    mask = torch.rand(2, 2, 2, 5, generator=g) < 0.7
-    mask[1, 1, 1] = False
-    out = poisoned(q)
-    triton_kernel.attention_triton(q, k, v, *block_lists(mask), None, None, None, head_dim ** -0.5, 64, out=out,
-                                   config=config(32, 16, split, lazy=1))
-    check_attention(out, q, k, v, mask, 64, seed, FLOOR, ROW_FLOOR)
-    assert (out[1, 64:, 1] == 0).all(), f"seed {seed}: the empty query block must give zeros"
-
-
-@needs_triton
-def test_lazy_rescale_varlen_relpos(triton_kernel):
-    """Lazy rescaling with the one-row rel-pos tiles (rel_h folded into the running max) on a 16 x 16 grid,
-    and varlen sequences (100 x 17 and 40 x 300 growing keys)."""
-    seed, g = seeded()
-    n, d = 256, 64
-    q = (torch.randn(1, n, 2, d, generator=g) * 2).half()
-    k = growing_keys(g, 1, n, 2, d, torch.float16)
-    v = torch.randn(1, n, 2, d, generator=g).half()
-    rel_h, rel_w = (torch.randn(1, 2, n, 16, generator=g).half() * 4 for _ in range(2))
-    out = poisoned(q)
-    triton_kernel.attention_triton(q, k, v, None, None, rel_h, rel_w, None, d ** -0.5, 64, out=out,
-                                   config=config(32, 16, 1, lazy=1))
-    ref = oracle_attention(q, k, v, None, rel_h, rel_w, None, block_size=64)
-    base = same_dtype_torch(q, k, v, None, rel_h, rel_w, None, block_size=64)
-    assert not torch.isnan(out).any(), f"seed {seed}: NaN in the output (or a row left unwritten)"
-    err, err_base = rel_error(out, ref), rel_error(base, ref)
-    assert err <= 2 * err_base + FLOOR[q.dtype], f"seed {seed}: error {err:.3g} vs PyTorch fp16 {err_base:.3g}"
-    rows = (out.double() - ref).abs().amax(-1) > 2 * (base.double() - ref).abs().amax(-1) + ROW_FLOOR[q.dtype]
-    assert not rows.any(), f"seed {seed}: rows off, first (b, query, h) {rows.nonzero()[0].tolist()}"
-
-    cu_q = torch.tensor([0, 100, 140], dtype=torch.int32)
-    cu_k = torch.tensor([0, 17, 317], dtype=torch.int32)
-    q = (torch.randn(140, 1, 64, generator=g) * 2).bfloat16()
-    k = torch.cat([growing_keys(g, 1, 17, 1, 64, torch.bfloat16)[0], growing_keys(g, 1, 300, 1, 64, torch.bfloat16)[0]])
-    v = torch.randn(317, 1, 64, generator=g).bfloat16()
-    out = poisoned(q)
-    triton_kernel.attention_triton(q, k, v, None, None, None, None, None, 0.125, 64, cu_seqlens_q=cu_q,
-                                   cu_seqlens_k=cu_k, max_seqlen_q=100, max_seqlen_k=300, out=out,
-                                   config=config(32, 32, 1, lazy=1))
-    for i in range(2):
-        qs, qe, ks, ke = (int(x) for x in (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]))
-        check_attention(out[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], None, 64,
-                        f"{seed} (sequence {i})", FLOOR, ROW_FLOOR)
