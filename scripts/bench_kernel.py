@@ -494,6 +494,8 @@ def hiera_rows(args, dt, dev, gen) -> list:
     rows = []
     B = args.hiera_batch
     for name, side, heads, win in HIERA_CASES:
+        if args.hiera_shapes and name.replace(" ", "") not in args.hiera_shapes:
+            continue
         for d in (56, 64):
             qkv = torch.randn(B, side, side, 3, heads, d, device=dev, dtype=dt, generator=gen)
             q, k, v = qkv.unbind(3)  # (B, side, side, heads, d) strided views
@@ -553,6 +555,8 @@ def parse_args(argv=None):
                     help="sam: SAM's global and window layers; memory: SAM 2's video memory attention; hiera: "
                          "SAM 2's Hiera encoder layers")
     ap.add_argument("--hiera-batch", default=8, type=int, help="images per batch in the hiera section")
+    ap.add_argument("--hiera-shapes", default=None, type=lambda s: s.split(","),
+                    help="the hiera section's shapes to run, e.g. global,window14 (default: all five)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--flex-batches", default="1", type=ints)
