@@ -159,6 +159,24 @@ def test_patch_twice_and_unpatch_errors():
     assert not handle.active
     handle2 = patch_sam(sam, "dense")  # patchable again after restore
     handle2.restore()
+    alone = patch_sam(sam.image_encoder, "dense")  # the encoder on its own: the Sam holds no handle
+    with pytest.raises(RuntimeError, match=r"image_encoder was patched on its own.*unpatch_sam\(model.image_encoder\)"):
+        unpatch_sam(sam)
+    assert alone.active
+    unpatch_sam(sam.image_encoder)
+    assert not alone.active
+
+
+@pytest.mark.parametrize("option", [dict(batch_objects=True), dict(graph_encoder=False),
+                                    dict(batch_objects=False, graph_encoder=True)], ids=str)
+def test_video_options_refused_on_an_image_model(option):
+    """batch_objects / graph_encoder only mean something to a SAM2VideoPredictor: given for a Sam they were
+    ignored; now a ValueError naming them, before anything is patched."""
+    sam = small_sam()
+    with pytest.raises(ValueError, match=r"for a SAM2VideoPredictor's propagate_in_video; a Sam has no video"):
+        patch_sam(sam, "dense", **option)
+    assert not any(hasattr(m, "_sam_sparse") for m in sam.modules())
+    patch_sam(sam, "dense", batch_objects=None, graph_encoder=None).restore()  # the defaults, spelled out
 
 
 def test_unpatch_sam_is_idempotent_as_restore():

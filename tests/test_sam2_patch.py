@@ -261,7 +261,10 @@ def test_patch_through_predictors_and_video_predictor():
             patch_sam(model, "dense")
         unpatch_sam(obj)
         assert not hasattr(model, "_sam_sparse_handle")
+        with pytest.raises(ValueError, match="batch_objects=True: for a SAM2VideoPredictor's propagate_in_video"):
+            patch_sam(obj, "dense", batch_objects=True)  # an image predictor has no video to batch
     video = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu")
+    patch_sam(video, "dense", batch_objects=False, graph_encoder=False).restore()
     handle = patch_sam(video, "dense")
     assert len(handle.report) == 27 and handle.model is video
     handle.restore()

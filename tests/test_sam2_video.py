@@ -170,7 +170,7 @@ def test_batched_path_batches(predictor, frames, monkeypatch):
 def test_restore_deepcopy_disabled_observe(predictor, frames, reference):
     before = {k: v.clone() for k, v in predictor.state_dict().items()}
     classes = {n: type(m) for n, m in predictor.named_modules()}
-    with pytest.raises(TypeError, match="graph_encoder=1: expected True or False"):
+    with pytest.raises(TypeError, match="graph_encoder=1: expected True, False or None"):
         patch_sam(predictor, "dense", graph_encoder=1)
     handle = patch_sam(predictor, "dense", graph_encoder=False)
     try:

@@ -290,7 +290,7 @@ def _find_patched(model: nn.Module) -> List[str]:
 
 
 def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
-              batch_objects: Optional[bool] = None, graph_encoder: bool = True) -> PatchHandle:
+              batch_objects: Optional[bool] = None, graph_encoder: Optional[bool] = None) -> PatchHandle:
     """Route the attention modules of `model` through sam_sparse's block-sparse kernel, in place.
 
     model: a segment_anything Sam, ImageEncoderViT, MaskDecoder or TwoWayTransformer (a Sam whose image
@@ -306,12 +306,13 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         per-object loop (with the patched modules). None (the default): True, except on a
         SAM2VideoPredictorVOS (vos_optimized=True), whose decoder and encoders SAM 2 compiles for one object
         at a time (a new object count compiles them again, and the ninth compile is an error); True there
-        batches anyway. handle.memory.batch_objects switches it later.
+        batches anyway. handle.memory.batch_objects switches it later. Given for any other model: ValueError.
     graph_encoder: for a SAM2VideoPredictor on CUDA, each frame's image encoder replays a CUDA graph
         (captured on the first frame; the same kernels and outputs, without the host's launch cost, which
         exceeds the encoder's GPU time at batch 1). The graph holds the encoder's activation memory until
         restore(); while it is captured, another thread that waits for the device gets an error
         (cuda_graphs); inside handle.observe() frames run eagerly. handle.memory.graph_encoder switches it.
+        None (the default): on. Given for any other model: ValueError.
     Returns a PatchHandle (handle.report, str(handle), handle.restore()).
 
     Raises TypeError for other objects, RuntimeError if the model (or a module in it) is already
@@ -334,11 +335,18 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
+    options = (("batch_objects", batch_objects), ("graph_encoder", graph_encoder))
+    for name, value in options:
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r}: expected True, False or None")
+    if not fam.is_video(model):
+        given = [f"{name}={value}" for name, value in options if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: for a SAM2VideoPredictor's propagate_in_video; a "
+                             f"{type(model).__name__} has no video to propagate (leave it out)")
     if batch_objects is None:
         batch_objects = fam.batches_objects(model)
-    for name, value in (("batch_objects", batch_objects), ("graph_encoder", graph_encoder)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}={value!r}: expected True or False" + (" or None" if name == "batch_objects" else ""))
+    graph_encoder = True if graph_encoder is None else graph_encoder
     context = PromptContext(grid=fam.image_grid(model))
     memory = MemoryContext(batch_objects, graph_encoder)
 
@@ -462,8 +470,12 @@ def unpatch_sam(model) -> None:
         raise TypeError(f"unpatch_sam takes the torch.nn.Module given to patch_sam, got {type(model).__name__}")
     handle = getattr(model, "_sam_sparse_handle", None)
     if handle is None:
-        inner = _find_patched(model)
-        if inner:
-            raise RuntimeError(f"{inner[0]} was patched as part of a larger model; unpatch that model (or use its handle)")
+        own = [n for n, m in model.named_modules() if n and hasattr(m, "_sam_sparse_handle")]
+        if own:  # a part was patched on its own: patch_sam(model.image_encoder, ...)
+            raise RuntimeError(f"{own[0]} was patched on its own, not this model: unpatch_sam(model.{own[0]}) "
+                               "(or its handle's restore()) undoes it")
+        if _find_patched(model):
+            raise RuntimeError(f"this {type(model).__name__} was patched as part of a larger model; unpatch that "
+                               "model (or use its handle)")
         return
     handle.restore()

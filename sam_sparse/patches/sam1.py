@@ -58,6 +58,11 @@ def batches_objects(model: nn.Module) -> bool:
     return False
 
 
+def is_video(model: nn.Module) -> bool:
+    """Whether patch_sam's video options (batch_objects, graph_encoder) apply: segment-anything has no video."""
+    return False
+
+
 def refusal(model: nn.Module, policy, layers) -> Optional[str]:
     """Why patch_sam cannot apply `policy` to `model`: every policy applies to segment-anything's models."""
     return None

@@ -64,6 +64,13 @@ def batches_objects(model: nn.Module) -> bool:
     return not isinstance(model, SAM2VideoPredictorVOS)
 
 
+def is_video(model: nn.Module) -> bool:
+    """Whether patch_sam's video options (batch_objects, graph_encoder) apply: a SAM2VideoPredictor (VOS too)."""
+    from sam2.sam2_video_predictor import SAM2VideoPredictor
+
+    return isinstance(model, SAM2VideoPredictor)
+
+
 def refusal(model: nn.Module, policy, layers: List[LayerGeometry]) -> Optional[str]:
     """Why patch_sam cannot apply `policy` to `model` (the layers it would patch), or None.
 
