@@ -34,7 +34,8 @@ from .kernels import block_attention_mass
 from .masks import block_context, mask_density, pair_weights
 from .patches import ParityReport, patch_sam, verify_parity
 from .policy import Policy
-from .predictor import check_rgb_images, image_predictor, predict_points
+from .images import check_rgb_images
+from .predictor import image_predictor, predict_points
 from .sam2_layers import MEMORY_HEADS, MEMORY_PREFIX, memory_layer, nominal_memory
 from .table import format_table
 

@@ -18,26 +18,12 @@ the two on the sample photos (scripts/resize_parity.py).
 from __future__ import annotations
 
 import functools
-from typing import List
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def check_rgb_image(image, what: str = "image") -> np.ndarray:
-    """`image` if it is an HxWx3 uint8 array (what set_image takes), else ValueError saying what it is."""
-    if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
-            and image.shape[0] > 0 and image.shape[1] > 0):
-        got = f"shape {tuple(image.shape)}, dtype {image.dtype}" if isinstance(image, np.ndarray) else type(image).__name__
-        raise ValueError(f"{what}: {got}; expected an HxWx3 uint8 RGB array")
-    return image
-
-
-def check_rgb_images(images, what: str = "images") -> List[np.ndarray]:
-    """`images` as a list of HxWx3 uint8 arrays, or ValueError naming the first that is not: found before any
-    image is embedded."""
-    return [check_rgb_image(im, f"{what}[{i}]") for i, im in enumerate(images)]
+from .images import check_rgb_image
 
 
 @torch.no_grad()

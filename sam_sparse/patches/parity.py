@@ -41,6 +41,7 @@ import torch
 from segment_anything.modeling import ImageEncoderViT, Sam
 from torch import nn
 
+from ..images import check_rgb_images
 from ..table import format_table
 from .families import family_for
 from .patcher import patch_sam
@@ -319,11 +320,7 @@ def verify_parity(
         raise TypeError(f"thresholds={thresholds!r}: expected a ParityThresholds (DENSE_FP32, DENSE_HALF, SPARSE or "
                         "your own) or None")
     if not isinstance(model, ImageEncoderViT):  # a full model takes what set_image takes: checked before any work
-        ims = _as_images(images)
-        for i, im in enumerate(ims):
-            if im.ndim != 3 or im.shape[2] != 3 or im.dtype != np.uint8:
-                raise ValueError(f"images[{i}]: shape {tuple(im.shape)}, dtype {im.dtype}; expected an HxWx3 uint8 "
-                                 "RGB array")
+        ims = check_rgb_images(_as_images(images))
         for what, width, given in (("points", 2, points), ("boxes", 4, boxes)):
             for i, (im, arr) in enumerate(zip(ims, _per_image(given, len(ims), width, what))):
                 xy = None if arr is None else arr.reshape(-1, 2)
