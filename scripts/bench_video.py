@@ -67,7 +67,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from bench_e2e import DTYPES, sync
-from sam2_helpers import sharpen_attention_  # the tests' random-weight recipe, one copy
+from sam2_helpers import compile_backend, sharpen_attention_  # the tests' recipes, one copy
 
 from sam_sparse import patch_sam
 from sam_sparse.models import build_video_predictor
@@ -143,16 +143,7 @@ def random_video_predictor(model_type: str, device, image_size=None, seed: int =
     makes them ("inductor": mode max-autotune, fullgraph) or sent to another backend ("eager": dynamo alone,
     for a CPU smoke test)."""
     torch.manual_seed(seed)
-    with contextlib.ExitStack() as stack:
-        if vos_backend not in (None, "inductor"):
-            compile_ = torch.compile
-
-            def compile_with(fn=None, **kwargs):
-                kwargs.pop("mode", None)
-                return compile_(fn, **kwargs, backend=vos_backend)
-
-            torch.compile = compile_with
-            stack.callback(setattr, torch, "compile", compile_)
+    with compile_backend(None if vos_backend == "inductor" else vos_backend):  # inductor: as sam2 makes them
         predictor = build_video_predictor(model_type, None, "cpu", image_size, vos_optimized=vos_backend is not None)
     return sharpen_attention_(predictor, seed=seed).to(device).eval()
 

@@ -8,6 +8,8 @@ blocks of 256 tokens) to keep the CPU reference path quick; SAM2ImagePredictor t
 feature sizes, which sam_sparse.patches.sam2.image_predictor gives it.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,23 @@ def photo(h=180, w=240, seed=0):
     return np.clip(img + g.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
 
 
+@contextlib.contextmanager
+def compile_backend(backend=None):
+    """Inside, torch.compile(fn, mode=..., ...) calls (sam2's SAM2VideoPredictorVOS makes them at build time)
+    go to `backend` without their mode: "eager" (dynamo alone: a graph break or value-dependent branch
+    fails), "aot_eager" (also fake tensors and functionalization), "inductor" (code generation, no GEMM
+    search). None: as they are."""
+    if backend is None:
+        yield
+        return
+    compile_ = torch.compile
+    torch.compile = lambda fn=None, mode=None, **kwargs: compile_(fn, **kwargs, backend=backend)
+    try:
+        yield
+    finally:
+        torch.compile = compile_
+
+
 def small_video_predictor(image_size=128, seed=0, gain=3.0, vos_optimized=False, vos_backend=None):
     """sam2's build_sam2_video_predictor for sam2.1_hiera_t (post-processing on, as users get it) at
     `image_size` (the memory grid is image_size / 16 a side), random weights (seeded), eval mode, CPU, with
@@ -61,22 +80,17 @@ def small_video_predictor(image_size=128, seed=0, gain=3.0, vos_optimized=False,
     at init its softmax is near uniform, and a wrong key order or mask would pass unnoticed.
 
     vos_backend: build SAM2VideoPredictorVOS with SAM 2's torch.compile calls (max-autotune, fullgraph) sent
-    to this backend without the mode: "eager" (dynamo alone: a graph break or value-dependent branch fails),
-    "aot_eager" (also fake tensors and functionalization), "inductor" (code generation, no GEMM search)."""
+    to this backend without the mode (compile_backend)."""
     from sam2.build_sam import build_sam2_video_predictor
 
     torch.manual_seed(seed)
-    compile_ = torch.compile
     if vos_backend is not None:
         vos_optimized = True
         torch._dynamo.reset()
-        torch.compile = lambda fn=None, mode=None, **kwargs: compile_(fn, **kwargs, backend=vos_backend)
-    try:
+    with compile_backend(vos_backend):
         model = build_sam2_video_predictor(SAM2_CONFIGS["sam2.1_hiera_t"], None, device="cpu",
                                            hydra_overrides_extra=[f"++model.image_size={image_size}"],
                                            vos_optimized=vos_optimized)
-    finally:
-        torch.compile = compile_
     sharpen_attention_(model.eval(), gain, seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -56,6 +56,23 @@ def test_split_masked_batch(triton_kernel, dtype, head_dim, split):
 
 
 @needs_triton
+@pytest.mark.parametrize("head_dim,heads,kv_heads,bm,bn,split,dtype", [
+    (56, 4, 2, 64, 16, 3, torch.float16),    # 56 run as 64 columns, the last 8 masked: the merge must not write them
+    (72, 3, 1, 16, 32, 2, torch.float32),   # 72 as 128 columns; GQA 3 / 1; 16-row tiles under 32-row merge blocks
+], ids=["d56-gqa2-64x16-3", "d72-mqa-16x32-2"])
+def test_split_padded_head_dims_and_gqa(triton_kernel, head_dim, heads, kv_heads, bm, bn, split, dtype):
+    """Head dims the kernel pads to a power of two, several heads sharing kv heads: each head's rows written
+    by the merge must stop at the real head dim (past it lies the next head). 90 queries x 200 keys."""
+    seed, g = seeded()
+    q = torch.randn(2, 90, heads, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(2, 200, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    out = poisoned(q)
+    triton_kernel.attention_triton(q, k, v, None, None, None, None, None, head_dim ** -0.5, 64, out=out,
+                                   config=config(bm, bn, split))
+    check_attention(out, q, k, v, None, 64, seed, FLOOR, ROW_FLOOR)
+
+
+@needs_triton
 def test_split_dense_non_contiguous_bf16(triton_kernel):
     """q, k, v as views of one fused projection (1, 96, 3, 2, 64), dense, 4 splits of 6 key steps."""
     seed, g = seeded()

@@ -96,3 +96,22 @@ def test_configs_that_do_not_fit_are_skipped_and_none_fitting_is_an_error(tuner)
 def test_no_bench_takes_the_first_candidate_untimed(tuner):
     assert triton_attn._tune(("fixed",), [B, A], None, torch.device("cpu")) == B
     assert not tuner.exists()
+
+
+def test_a_cached_fill_split_serves_a_call_that_cannot_split(tuner, monkeypatch):
+    """A class tuned on a call whose keys split ("fill", A split won) is read back untimed by a call of the same
+    class with too few key tiles to split (no fill candidate offered): it must not tune the class again."""
+    a_fill = {**A, "SPLIT_K": "fill"}
+    clock = FakeClock()
+    assert triton_attn._tune(("fill",), [A, a_fill], lambda cfg: clock(cfg) * (0.5 if "SPLIT_K" in cfg else 1.0),
+                             torch.device("cpu")) == a_fill
+    monkeypatch.setattr(triton_attn, "_TUNED", {})
+    monkeypatch.setattr(triton_attn, "_DISK", {})
+    again = FakeClock()
+    assert triton_attn._tune(("fill",), [A, B], again, torch.device("cpu")) == a_fill
+    assert again.calls == []
+    monkeypatch.setattr(triton_attn, "_TUNED", {})
+    monkeypatch.setattr(triton_attn, "_DISK", {})
+    other = FakeClock()  # a cached config whose twin is not offered either is timed again
+    assert triton_attn._tune(("fill",), [B, C], other, torch.device("cpu")) == B
+    assert other.calls

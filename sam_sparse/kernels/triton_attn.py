@@ -708,7 +708,8 @@ def _tune_file(device: torch.device) -> Optional[Path]:
     folder = (Path(root).expanduser() if root else Path.home() / ".cache" / "sam-sparse") / "tuning"
     name = torch.cuda.get_device_name(device)
     cap = torch.cuda.get_device_capability(device)
-    kernel = hashlib.sha256((_attn_fwd.src + repr(_configs())).encode()).hexdigest()[:12]
+    code = _attn_fwd.src + _split_combine.src + repr(_configs()) + repr((MAX_SPLIT, MIN_SPLIT_STEPS))
+    kernel = hashlib.sha256(code.encode()).hexdigest()[:12]
     slug = "".join(c if c.isalnum() else "-" for c in name)
     return folder / f"{slug}-sm{cap[0]}{cap[1]}-triton{triton.__version__}-{kernel}.json"
 
@@ -776,6 +777,16 @@ def _time_candidates(candidates: List[dict], bench: Callable[[dict], float]) -> 
     return [((a + b) / 2, abs(a - b) / max(min(a, b), 1e-9), candidates[i]) for i, (a, b) in times.items()]
 
 
+def _offered(cfg: dict, candidates: List[dict]) -> bool:
+    """Whether a config read from the disk cache is one of this call's candidates. A "fill" split counts when
+    its unsplit twin is offered: the calls of one tuning class differ in how many splits fill the SMs (keys
+    rounded up to the class's power of two), so a call with too few key tiles to split offers no fill
+    candidate, and would otherwise tune the class again and overwrite the entry."""
+    if cfg in candidates:
+        return True
+    return cfg.get("SPLIT_K") == "fill" and {k: v for k, v in cfg.items() if k != "SPLIT_K"} in candidates
+
+
 def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dict], float]], device,
           warmup: Optional[Callable[[dict], None]] = None) -> dict:
     """The config of a shape class: from this process's table, the disk cache, or by timing every candidate.
@@ -791,7 +802,7 @@ def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dic
         path = _tune_file(device)
         skey = repr(tune_key)
         cached = _disk_entries(path).get(skey) if path is not None else None
-        if cached is not None and cached in candidates:
+        if cached is not None and _offered(cached, candidates):
             best = cached
         else:
             if warmup is not None and len(candidates) > 1:
