@@ -85,17 +85,15 @@ def _wide_configs():
         dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=3)]
 
 
-@pytest.mark.parametrize("cfg", range(4), ids=lambda i: ["128x64s2", "128x32s3", "128x64s2-tma", "64x64s3"][i])
-def test_memory_cross_each_head_dim_256_config(cfg):
-    """Every config the tuner may pick at head dim 256, forced, on 3 frames + 5 pointers (12,308 keys: a
-    partial last key tile for every BLOCK_N) with a band mask, bf16."""
+def check_forced_config(config: dict, frames: int, pointers: int) -> torch.Tensor:
+    """One object's memory of `frames` frames + `pointers` pointers through a forced config, bf16: dense, then
+    the band of radius 4 (query block 5 empty) against the oracle; returns the band's output."""
     from sam_sparse.kernels import triton_attn
 
-    config = _wide_configs()[cfg]
     if config.get("TMA") and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs a Hopper or newer GPU")
     seed, g = seeded()
-    n = memory_len(3, 5)
+    n = memory_len(frames, pointers)
     q = rnd(g, 1, FRAME, 1, D, dtype=torch.bfloat16)
     k, v = rnd(g, 1, n, 1, D, dtype=torch.bfloat16), rnd(g, 1, n, 1, D, dtype=torch.bfloat16)
     mask = band_mask(1, [n], [4])
@@ -107,6 +105,14 @@ def test_memory_cross_each_head_dim_256_config(cfg):
             pytest.skip(f"{config} does not fit this GPU's shared memory (the tuner skips it the same way)")
         torch.cuda.synchronize()
         check_attention(out, q, k, v, m, BS, seed, FLOOR, ROW_FLOOR)
+    return out
+
+
+@pytest.mark.parametrize("cfg", range(4), ids=lambda i: ["128x64s2", "128x32s3", "128x64s2-tma", "64x64s3"][i])
+def test_memory_cross_each_head_dim_256_config(cfg):
+    """Every config the tuner may pick at head dim 256, forced, on 3 frames + 5 pointers (12,308 keys: a
+    partial last key tile for every BLOCK_N) with a band mask, bf16."""
+    check_forced_config(_wide_configs()[cfg], 3, 5)
 
 
 @pytest.mark.parametrize("cfg", range(4), ids=lambda i: ["128x64s2", "128x32s3", "128x64s2-tma", "64x64s3"][i])
@@ -114,25 +120,8 @@ def test_memory_cross_split_keys_one_object(cfg):
     """One object (32 or 64 query tiles on the GPU's SMs), the full memory of 7 frames + 16 pointers (28,736
     keys), each head-dim-256 config with its keys split over 4 programs and merged (SPLIT_K=4), forced:
     dense, and the band with an empty query block (every split of that tile sees no key: zeros)."""
-    from sam_sparse.kernels import triton_attn
-
-    config = {**_wide_configs()[cfg], "SPLIT_K": 4}
-    if config.get("TMA") and torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("TMA needs a Hopper or newer GPU")
-    seed, g = seeded()
-    n = memory_len(7, 16)
-    q = rnd(g, 1, FRAME, 1, D, dtype=torch.bfloat16)
-    k, v = rnd(g, 1, n, 1, D, dtype=torch.bfloat16), rnd(g, 1, n, 1, D, dtype=torch.bfloat16)
-    mask = band_mask(1, [n], [4])
-    for m in (None, mask):
-        out = poisoned(q)
-        try:
-            triton_attn.attention_triton(q, k, v, *lists(m), None, None, None, D ** -0.5, BS, out=out, config=config)
-        except triton_attn.triton.runtime.errors.OutOfResources:
-            pytest.skip(f"{config} does not fit this GPU's shared memory (the tuner skips it the same way)")
-        torch.cuda.synchronize()
-        check_attention(out, q, k, v, m, BS, seed, FLOOR, ROW_FLOOR)
-    assert (out[0, 5 * BS:6 * BS] == 0).all(), f"seed {seed}: the empty query block must give zeros"
+    out = check_forced_config({**_wide_configs()[cfg], "SPLIT_K": 4}, 7, 16)
+    assert (out[0, 5 * BS:6 * BS] == 0).all(), "the empty query block must give zeros"
 
 
 def test_memory_cross_one_object_tuner_tries_split_keys(monkeypatch):
