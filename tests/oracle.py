@@ -72,16 +72,18 @@ def rel_error(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
-def check_attention(out, q, k, v, mask, block_size, seed, floor, row_floor, scale=None):
+def check_attention(out, q, k, v, mask, block_size, seed, floor, row_floor, scale=None, rel_h=None, rel_w=None,
+                    key_tile=None):
     """Assert attention output out (B, Nq, H, D) against oracle_attention, globally and per (query, head) row,
     relative to the same computation by PyTorch in q's dtype (2x its error plus floor[dtype] /
     row_floor[dtype]); NaN anywhere (a poisoned row left unwritten) fails; every row the oracle gives as
-    zeros (a query block with no key block) must be exactly zero. Returns the oracle's output."""
+    zeros (a query block with no key block) must be exactly zero. rel_h / rel_w / key_tile: SAM's
+    decomposed rel-pos bias, as oracle_attention takes it. Returns the oracle's output."""
     assert out.shape == q.shape and out.dtype == q.dtype, f"seed {seed}: {tuple(out.shape)} {out.dtype}"
     assert not torch.isnan(out).any(), f"seed {seed}: NaN in the output (or a query row left unwritten)"
     assert torch.isfinite(out).all(), f"seed {seed}: inf in the output"
-    ref = oracle_attention(q, k, v, mask, scale=scale, block_size=block_size)
-    base = same_dtype_torch(q, k, v, mask, scale=scale, block_size=block_size)
+    ref = oracle_attention(q, k, v, mask, rel_h, rel_w, key_tile, scale=scale, block_size=block_size)
+    base = same_dtype_torch(q, k, v, mask, rel_h, rel_w, key_tile, scale=scale, block_size=block_size)
     err, err_base = rel_error(out, ref), rel_error(base, ref)
     assert err <= 2 * err_base + floor[q.dtype], f"seed {seed}: error {err:.3g} vs PyTorch {q.dtype} {err_base:.3g}"
     row_err = (out.double() - ref).abs().amax(dim=-1)  # (B, Nq, H)
