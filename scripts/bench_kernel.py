@@ -18,8 +18,10 @@ memories hold 1..7 frames (against the same objects padded to the longest), and 
 (4096 x 4096). `--section memory --dry-run` runs on a CPU: it builds the masks and writes their rows.
 
 The hiera section (`--section hiera`) is SAM 2's Hiera encoder layers at batch 8 (issue 22): global 4096
-tokens and windows of 14, 8, 4 and 7, head dim 56 (hiera_b+) and 64, ours read in place against SDPA on the
-partitioned windows as sam2 runs it, and ours at a few fixed launch configs.
+tokens and windows of 14, 8, 4 and 7, head dim 56 (hiera_b+) and 64 (`--hiera-dims`, e.g. 72 for hiera_l), ours
+read in place against SDPA on the partitioned windows as sam2 runs it, and ours at a few fixed launch configs.
+Where triton_attn.OVERLAP_SECOND_CHUNK would change how a head dim is cut (72: columns 0-63 and 56-71 instead
+of one chunk of 128), a row also times ours tuned with it on and gives its output's error against ours without.
 
 segment-anything-fast's flash_4 joins the baselines when `segment_anything_fast.flash_4` imports (it is
 not on PyPI and not shipped here: put its module on PYTHONPATH); its own autotuning takes minutes.
@@ -484,6 +486,27 @@ HIERA_CONFIGS = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), dict(B
                  dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)]
 
 
+def overlap_columns(d: int, ours) -> dict:
+    """Ours tuned with OVERLAP_SECOND_CHUNK on, where it changes how head dim d is cut: its time and its
+    output's relative error against ours without it (ours(None): a tuned call that bypasses the plan cache)."""
+    plain = triton_attn.head_dim_chunks(d)
+    triton_attn.OVERLAP_SECOND_CHUNK = True
+    try:
+        d0, d1, at = triton_attn.head_dim_chunks(d)
+        if (d0, d1, at) == plain:
+            return {}
+        cols = {"overlap chunks": f"{d0} + {d1} from {at}", "overlap_ms": try_time(lambda: ours(None))}
+        try:
+            ref = ours(None).float()
+            triton_attn.OVERLAP_SECOND_CHUNK = False
+            cols["overlap_err"] = f"{((ref - ours(None).float()).norm() / ref.norm()).item():.2e}"
+        except Exception as e:
+            cols["overlap_err"] = f"n/a ({type(e).__name__})"
+        return cols
+    finally:
+        triton_attn.OVERLAP_SECOND_CHUNK = False
+
+
 def hiera_rows(args, dt, dev, gen) -> list:
     """The hiera section: Hiera's layer shapes, q / k / v as strided views of one qkv projection (B, GH, GW, 3,
     heads, d) as sam2 makes them, at head dim 56 (hiera_b+) and 64 (a power of two, for comparison): ours tuned
@@ -496,7 +519,7 @@ def hiera_rows(args, dt, dev, gen) -> list:
     for name, side, heads, win in HIERA_CASES:
         if args.hiera_shapes and name.replace(" ", "") not in args.hiera_shapes:
             continue
-        for d in (56, 64):
+        for d in args.hiera_dims:
             qkv = torch.randn(B, side, side, 3, heads, d, device=dev, dtype=dt, generator=gen)
             q, k, v = qkv.unbind(3)  # (B, side, side, heads, d) strided views
             if win:
@@ -528,6 +551,7 @@ def hiera_rows(args, dt, dev, gen) -> list:
             for cfg in HIERA_CONFIGS:
                 key = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} s{cfg['num_stages']}"
                 row[key] = try_time(lambda c=cfg: ours(c))
+            row.update(overlap_columns(d, ours))
             base = min((x for x in (row["SDPA cuDNN"], row["SDPA flash"]) if isinstance(x, float)), default=None)
             if base and isinstance(row["ours_ms"], float):
                 row["ours / best SDPA"] = round(row["ours_ms"] / base, 2)
@@ -537,7 +561,8 @@ def hiera_rows(args, dt, dev, gen) -> list:
     return rows
 
 
-HIERA_COLS = ["shape", "d", "B", "ours_ms", "config", "SDPA cuDNN", "SDPA flash", "ours / best SDPA"] + [
+HIERA_COLS = ["shape", "d", "B", "ours_ms", "config", "SDPA cuDNN", "SDPA flash", "ours / best SDPA", "overlap chunks",
+              "overlap_ms", "overlap_err"] + [
     f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}" for c in HIERA_CONFIGS]
 
 
@@ -555,6 +580,8 @@ def parse_args(argv=None):
                     help="sam: SAM's global and window layers; memory: SAM 2's video memory attention; hiera: "
                          "SAM 2's Hiera encoder layers")
     ap.add_argument("--hiera-batch", default=8, type=int, help="images per batch in the hiera section")
+    ap.add_argument("--hiera-dims", default=[56, 64], type=ints,
+                    help="the hiera section's head dims (default 56,64; hiera_l's is 72)")
     ap.add_argument("--hiera-shapes", default=None, type=lambda s: s.split(","),
                     help="the hiera section's shapes to run, e.g. global,window14 (default: all five)")
     ap.add_argument("--no-flex", action="store_true")

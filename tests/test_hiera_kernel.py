@@ -10,10 +10,10 @@ the kernel writes into an output poisoned with NaN first.
 import pytest
 import torch
 
-from oracle import check_window, oracle_attention, rel_error, same_dtype_torch
+from oracle import check_attention, check_window, oracle_attention, rel_error, same_dtype_torch
 from sam_sparse.kernels import BlockLayout, block_lists, window_attn
 from sam_sparse.kernels.interface import HAS_TRITON
-from sam_sparse.kernels.triton_attn import _split_head_dim
+from sam_sparse.kernels.triton_attn import head_dim_chunks
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform")
 
@@ -37,17 +37,42 @@ def pooled_inputs(g, B, GH, GW, H, D, dtype):
     return q, k, v, torch.randn(H, D, generator=g).to(dtype), torch.randn(H, D, generator=g).to(dtype)
 
 
-def test_head_dim_split_costs():
+@pytest.fixture
+def overlap_kernel(triton_kernel, monkeypatch):
+    """The kernel with OVERLAP_SECOND_CHUNK on: 72 as columns 0-63 and 56-71 (40: 0-31 and 24-39; 88: 0-63
+    and 56-87) instead of one chunk of 128 (64, 128) with the columns past the head dim masked."""
+    monkeypatch.setattr(triton_kernel, "OVERLAP_SECOND_CHUNK", True)
+    return triton_kernel
+
+
+OVERLAP_HEAD_DIMS = (72, 40, 88)
+
+
+def test_head_dim_split_costs(monkeypatch):
     """Head dims run without a padded copy: exact power-of-two chunks (96 = 64 + 32, 80 = 64 + 16), else one
-    masked chunk of the next power of two (56 -> 64: 14% more MMA work; 72 -> 128: 78%)."""
-    assert _split_head_dim(56) == (64, 0)
-    assert _split_head_dim(72) == (128, 0)
-    assert _split_head_dim(96) == (64, 32)
-    assert _split_head_dim(80) == (64, 16)
-    for d in range(16, 257, 8):
-        d0, d1 = _split_head_dim(d)
-        assert d0 + d1 >= d and d0 & (d0 - 1) == 0 and (d1 == 0 or (d1 >= 16 and d1 & (d1 - 1) == 0))
-        assert d0 + d1 == d or d1 == 0, f"{d}: a masked second chunk (wrong on the GPU, see _split_head_dim)"
+    masked chunk of the next power of two (56 -> 64: 14% more MMA work; 72 -> 128: 78%), or with
+    OVERLAP_SECOND_CHUNK a second chunk that ends at the last column (72 -> 64 + 16 from column 56: 11%)
+    wherever that is less work than the padded chunk."""
+    from sam_sparse.kernels import triton_attn
+
+    assert head_dim_chunks(56) == (64, 0, 64)
+    assert head_dim_chunks(72) == (128, 0, 128)
+    assert head_dim_chunks(96) == (64, 32, 64)
+    assert head_dim_chunks(80) == (64, 16, 64)
+    for overlap in (False, True):
+        monkeypatch.setattr(triton_attn, "OVERLAP_SECOND_CHUNK", overlap)
+        for d in range(16, 257, 4):
+            d0, d1, at = head_dim_chunks(d)
+            pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
+            assert pow2(d0) and (d1 == 0 or (d1 >= 16 and pow2(d1))), d
+            if d1 == 0:
+                assert d0 >= d and at == d0, d  # one chunk, the columns past d masked
+            else:
+                assert at + d1 == d and at <= d0, d  # the second chunk ends at the last column, none masked
+                assert at == d0 or (overlap and d0 + d1 < d0 * 2), d  # overlaps only to save work
+    assert head_dim_chunks(72) == (64, 16, 56)
+    assert head_dim_chunks(56) == (64, 0, 64)  # 32 + 32 would be no less work than 64
+    assert head_dim_chunks(136) == (128, 16, 120)
 
 
 # (B, GH, GW, key window, H, D, dtype, mask at block 16: None or "empty-row")
@@ -85,6 +110,10 @@ def test_pooled_window_reference(case):
 @needs_triton
 @pytest.mark.parametrize("case", POOLED, ids=lambda c: f"{c[1]}x{c[2]}w{c[3][0]}-D{c[5]}-{str(c[6])[6:]}")
 def test_pooled_window_kernel(triton_kernel, case):
+    check_pooled_windows(triton_kernel, case)
+
+
+def check_pooled_windows(triton_kernel, case):
     seed, g = seeded()
     B, GH, GW, win, H, D, dtype, _ = case
     q, k, v, kp, vp = pooled_inputs(g, B, GH, GW, H, D, dtype)
@@ -95,6 +124,17 @@ def test_pooled_window_kernel(triton_kernel, case):
     triton_kernel.attention_triton(q, k, v, *lists, None, None, None, D ** -0.5, 16, window=win, q_window=qwin,
                                    k_pad=kp, v_pad=vp, out=out)
     check_window(out, q, k, v, win, kp, vp, mask, None, None, None, 16, seed, FLOOR, ROW_FLOOR, q_window=qwin)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", [c for c in POOLED if c[5] == 72] + [(1, 20, 12, (8, 8), 3, 40, torch.bfloat16, None)],
+                         ids=lambda c: f"{c[1]}x{c[2]}w{c[3][0]}-D{c[5]}-{str(c[6])[6:]}")
+def test_overlapping_chunk_pooled_windows(overlap_kernel, case):
+    """q-pooled windows that overhang the grid (their padding keys' k_pad . q and v_pad terms use the second
+    chunk too) with the head dim's second chunk overlapping the first."""
+    d0, d1, at = overlap_kernel.head_dim_chunks(case[5])
+    assert d1 and at < d0, "this test is meant to run the overlapping chunk"
+    check_pooled_windows(overlap_kernel, case)
 
 
 @needs_triton
@@ -130,6 +170,40 @@ def test_hiera_stage1_windows_kernel(triton_kernel, grid, dtype):
 def test_hiera_global_kernel(triton_kernel, head_dim, dtype):
     """A Hiera global block in small: a 16 x 12 grid (192 tokens, not a multiple of the 128-token block but
     of the 64-token tile), q, k, v strided views of one projection, a mask with an empty query block."""
+    check_global_block(triton_kernel, head_dim, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("head_dim", OVERLAP_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_overlapping_chunk_global(overlap_kernel, head_dim, dtype):
+    """The same block with the head dim's second chunk overlapping the first: the shared columns must count
+    once in q . k and be written once."""
+    d0, d1, at = overlap_kernel.head_dim_chunks(head_dim)
+    assert d1 and at < d0, "this test is meant to run the overlapping chunk"
+    check_global_block(overlap_kernel, head_dim, dtype)
+
+
+@needs_triton
+def test_overlapping_chunk_varlen_gqa(overlap_kernel):
+    """Three packed sequences (64 queries x 128 keys: a multiple of the 64-key tile, not of the 256-key mask
+    block; 37 x 5; 100 x 300) at head dim 72 with the overlapping chunk, 4 heads on 2 kv heads, fp16."""
+    seed, g = seeded()
+    lq, lk = [64, 37, 100], [128, 5, 300]
+    cu_q = torch.tensor([0, 64, 101, 201], dtype=torch.int32)
+    cu_k = torch.tensor([0, 128, 133, 433], dtype=torch.int32)
+    q = torch.randn(201, 4, 72, generator=g).half()
+    k, v = (torch.randn(433, 2, 72, generator=g).half() for _ in range(2))
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype)
+    overlap_kernel.attention_triton(q, k, v, None, None, None, None, None, 72 ** -0.5, 256, cu_seqlens_q=cu_q,
+                                    cu_seqlens_k=cu_k, max_seqlen_q=max(lq), max_seqlen_k=max(lk), out=out)
+    for i in range(3):
+        qs, qe, ks, ke = (int(x) for x in (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]))
+        check_attention(out[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], None, 256,
+                        f"{seed} (sequence {i})", FLOOR, ROW_FLOOR)
+
+
+def check_global_block(triton_kernel, head_dim, dtype):
     seed, g = seeded()
     q, k, v = torch.randn(2, 192, 3, 2, head_dim, generator=g).to(dtype).unbind(2)
     mask = torch.rand(2, 2, 2, 2, generator=g) < 0.7
@@ -148,13 +222,15 @@ def test_hiera_global_kernel(triton_kernel, head_dim, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("head_dim", (56, 72, 40))
-def test_masked_head_dim_columns_are_never_read(triton_kernel, head_dim):
+@pytest.mark.parametrize("head_dim,overlap", [(56, False), (72, False), (40, False), (72, True), (40, True)])
+def test_masked_head_dim_columns_are_never_read(triton_kernel, monkeypatch, head_dim, overlap):
     """Where the head dim is no sum of powers of two (56, 72 and 40 run as one masked chunk of 64, 128, 64),
     the kernel's chunk runs past it: q, k and v here are views of buffers whose columns past the head dim
-    hold NaN, so a load that is not masked shows up as NaN in the output."""
+    hold NaN, so a load that is not masked shows up as NaN in the output. With the overlapping second chunk
+    (72 as 0-63 and 56-71) no column past the head dim is read at all."""
+    monkeypatch.setattr(triton_kernel, "OVERLAP_SECOND_CHUNK", overlap)
     seed, g = seeded()
-    width = sum(_split_head_dim(head_dim))
+    width = 128
     bufs = [torch.full((1, 80, 2, width), float("nan"), dtype=torch.float16) for _ in range(3)]
     for b in bufs:
         b[..., :head_dim] = torch.randn(1, 80, 2, head_dim, generator=g).half()

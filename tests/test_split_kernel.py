@@ -6,8 +6,8 @@ forced through the config, in Triton's interpreter, against the float64 oracle o
 Edges: more splits than a tile has key steps (empty splits must not count), a query block whose mask lists
 no key block (zeros, never NaN), varlen objects of different lengths (some with fewer steps than splits),
 lengths that are no multiple of the tile, head dims split in two chunks (80 = 64 + 16, the second partial
-written too) or padded (56 -> 64, 72 -> 128: the merge must stop at the real head dim, past it lies the next
-head) with several heads per kv head, query tiles of 16 and 64 rows beside the merge's 32-row blocks, the
+written too; 72 = 0-63 + 56-71, overlapping) or padded (56 -> 64, 72 -> 128: the merge must stop at the real
+head dim, past it lies the next head) with several heads per kv head, query tiles of 16 and 64 rows beside the merge's 32-row blocks, the
 rel-pos bias path that loads rel_h one step ahead (it must start at the split's first
 step), fp32 / fp16 / bf16. Every output is poisoned with NaN first. Fresh seeds; each message names it.
 """
@@ -58,13 +58,18 @@ def test_split_masked_batch(triton_kernel, dtype, head_dim, split):
 
 
 @needs_triton
-@pytest.mark.parametrize("head_dim,heads,kv_heads,bm,bn,split,dtype", [
-    (56, 4, 2, 64, 16, 3, torch.float16),    # 56 run as 64 columns, the last 8 masked: the merge must not write them
-    (72, 3, 1, 16, 32, 2, torch.float32),   # 72 as 128 columns; GQA 3 / 1; 16-row tiles under 32-row merge blocks
-], ids=["d56-gqa2-64x16-3", "d72-mqa-16x32-2"])
-def test_split_padded_head_dims_and_gqa(triton_kernel, head_dim, heads, kv_heads, bm, bn, split, dtype):
-    """Head dims the kernel pads to a power of two, several heads sharing kv heads: each head's rows written
-    by the merge must stop at the real head dim (past it lies the next head). 90 queries x 200 keys."""
+@pytest.mark.parametrize("head_dim,heads,kv_heads,bm,bn,split,dtype,overlap", [
+    (56, 4, 2, 64, 16, 3, torch.float16, False),   # 56 run as 64 columns, the last 8 masked: the merge must not write them
+    (72, 3, 1, 16, 32, 2, torch.float32, False),  # 72 as 128 columns; GQA 3 / 1; 16-row tiles under 32-row merge blocks
+    (72, 4, 2, 64, 16, 3, torch.float16, True),   # 72 as columns 0-63 and 56-71: the partials' shared columns once
+    (40, 3, 1, 16, 32, 2, torch.bfloat16, True),  # 40 as 0-31 and 24-39
+], ids=["d56-gqa2-64x16-3", "d72-mqa-16x32-2", "d72-overlap-gqa2-64x16-3", "d40-overlap-mqa-16x32-2"])
+def test_split_padded_head_dims_and_gqa(triton_kernel, monkeypatch, head_dim, heads, kv_heads, bm, bn, split, dtype,
+                                        overlap):
+    """Head dims the kernel pads to a power of two, or (OVERLAP_SECOND_CHUNK) splits into two chunks that
+    overlap, several heads sharing kv heads: each head's rows written by the merge must stop at the real
+    head dim (past it lies the next head). 90 queries x 200 keys."""
+    monkeypatch.setattr(triton_kernel, "OVERLAP_SECOND_CHUNK", overlap)
     seed, g = seeded()
     q = torch.randn(2, 90, heads, head_dim, generator=g).to(dtype)
     k, v = (torch.randn(2, 200, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))

@@ -26,7 +26,8 @@ rel_h row took three integer divisions per step, a quarter more instructions (do
 
 Shapes: q (B, Nq, H, D) or varlen (total_q, H, D); k, v (B, Nk, Hk, D) or (total_k, Hk, D); any strides.
 Head dims are split into two power-of-two parts when possible (80 = 64 + 16, 96 = 64 + 32) instead of
-padding to the next power of two, which would waste 60% more tensor-core work at vit_h's 80. Row strides
+padding to the next power of two, which would waste 60% more tensor-core work at vit_h's 80; with
+OVERLAP_SECOND_CHUNK (off until verified on a GPU) 72 runs as columns 0-63 and 56-71. Row strides
 reach the kernel divided by ALIGN (_address_align), so that rows of head dim 56 or 72, whose strides Triton
 would not know to be 16-byte multiples, still load in 16-byte vectors.
 
@@ -79,16 +80,30 @@ except ImportError:  # pragma: no cover
 BIAS_NONE, BIAS_RECT, BIAS_ONEHOT, BIAS_GATHER = 0, 1, 2, 3
 
 
-def _split_head_dim(d: int) -> Tuple[int, int]:
-    """(D0, D1): two power-of-two chunks covering d exactly (80 = 64 + 16, 96 = 64 + 32; D1 may be 0), else
-    one chunk of the next power of two with the columns past d masked on load and store (56 -> 64,
-    72 -> 128). A masked second chunk (72 = 64 + 16, 8 masked) is right in Triton's interpreter but gave
-    wrong results on an H200 with Triton 3.6 (docs/benchmarks.md, SAM 2 run 2), so it is not used."""
+# Head dims such as 72 (hiera_l) as two chunks where the second ends at the last column and overlaps the
+# first (72 = columns 0-63 + columns 56-71) instead of one chunk of the next power of two (128, 56 columns
+# masked: 78% more tensor-core work than 72). Off until measured right on a GPU: the earlier form of a
+# short second chunk, columns past d masked on load (72 = 64 + 16 with 8 masked), passed every interpreter
+# test and gave wrong results on an H200 (docs/benchmarks.md, run 34). The overlapping chunk loads no
+# masked column; its K / V loads are those of an exact split (80 = 64 + 16, right on the H200).
+OVERLAP_SECOND_CHUNK = False
+
+
+def head_dim_chunks(d: int) -> Tuple[int, int, int]:
+    """(D0, D1, D1_AT): a power-of-two chunk of columns [0, D0) and one of [D1_AT, D1_AT + D1) (D1 may be 0).
+
+    Exact when possible (80 = 64 + 16, 96 = 64 + 32: D1_AT = D0). Else, with OVERLAP_SECOND_CHUNK, a second
+    chunk ending at column d (72: D1 = 16 from column 56), where that is less work than the padded chunk;
+    else one chunk of the next power of two with the columns past d masked on load and store (56 -> 64,
+    72 -> 128)."""
     d0 = 1 << (d.bit_length() - 1)
     rest = d - d0
     if rest == 0 or (rest >= 16 and rest & (rest - 1) == 0):
-        return d0, rest
-    return next_pow2(d), 0
+        return d0, rest, d0
+    d1 = max(16, next_pow2(rest))
+    if OVERLAP_SECOND_CHUNK and d0 + d1 < next_pow2(d):
+        return d0, d1, d - d1
+    return next_pow2(d), 0, next_pow2(d)
 
 
 # Tests set this to BIAS_ONEHOT or BIAS_GATHER to exercise a path the tuner would not pick on their shapes.
@@ -173,7 +188,7 @@ def _attn_fwd(
     seqlen_q, seqlen_k, num_heads, kv_group,
     KH: tl.constexpr, KW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     grid_h, grid_w, q_grid_h, q_grid_w, win_rows, win_cols, n_windows, n_launch, n_bh, n_split, ws_rows,
-    D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+    D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1_AT: tl.constexpr,
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     WINDOW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr, QWIN_H: tl.constexpr, QWIN_W: tl.constexpr,
@@ -284,10 +299,16 @@ def _attn_fwd(
     q0 = tl.load(q_base + q_rows[:, None] + offs_d0[None, :] * stride_qd,
                  mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
     if D1 > 0:
-        offs_d1 = D0 + tl.arange(0, D1)
-        d1_ok = offs_d1 < D_REAL  # all True: a second chunk is used only where the split is exact
+        offs_d1 = D1_AT + tl.arange(0, D1)
+        d1_ok = offs_d1 < D_REAL  # all True: the second chunk ends at or before the last column
+        # The columns this chunk writes: those past the first chunk (all of them unless D1_AT < D0).
+        d1_own = d1_ok & (offs_d1 >= D0)
         q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :] * stride_qd,
                      mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
+        if D1_AT < D0:
+            # The columns both chunks hold count once in q . k: here they are zeroed in q, loaded once,
+            # so that the loop's K and V loads stay unmasked in the head dim.
+            q1 = tl.where(d1_own[None, :], q1, 0.0).to(q0.dtype)
     if WIN_PAD:
         # Padding keys (where a window overhangs the grid) all have the kv head's K_PAD / V_PAD vectors.
         # Their tiles load as zeros, as any missing key; then q . k_pad is added to their logits and
@@ -515,17 +536,17 @@ def _attn_fwd(
         # log-sum-exp (log2 units, the row_off bias included in m_i), -inf for rows that saw no key.
         ws = (pid_s * n_bh + pid_bh).to(tl.int64) * ws_rows + offs_m
         tl.store(WS_L + ws, tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf")))
-        ws_o = WS_O + ws[:, None] * (D0 + D1)
+        ws_o = WS_O + ws[:, None] * (D1_AT + D1)  # a row per query, up to the last chunk's end column
         tl.store(ws_o + offs_d0[None, :], acc0 * inv_l[:, None])
         if D1 > 0:
-            tl.store(ws_o + offs_d1[None, :], acc1 * inv_l[:, None])
+            tl.store(ws_o + offs_d1[None, :], acc1 * inv_l[:, None], mask=d1_own[None, :])
     else:
         o_ptrs = o_base + o_rows[:, None]
         tl.store(o_ptrs + offs_d0[None, :] * stride_od, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty),
                  mask=m_ok[:, None] & d0_ok[None, :])
         if D1 > 0:
             tl.store(o_ptrs + offs_d1[None, :] * stride_od, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
-                     mask=m_ok[:, None] & d1_ok[None, :])
+                     mask=m_ok[:, None] & d1_own[None, :])
 
 
 @triton.jit(do_not_specialize=("seqlen_q", "n_split", "n_bh", "ws_rows"))
@@ -853,16 +874,16 @@ def _contiguous_strides(shape) -> tuple:
 _N_TENSORS = 18
 
 
-def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, d0: int, d1: int) -> tuple:
+def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, d0: int, d1: int, d1_at: int) -> tuple:
     """Host-side TMA descriptors of K and V, (B, N, Hk, D) with any 16-byte-aligned strides: one per
-    head-dim chunk (D0, then D1 from column D0), each a (1, block_n, 1, chunk) box. Reads past N or
-    past D come back as zeros."""
+    head-dim chunk (D0 columns, then D1 from column d1_at), each a (1, block_n, 1, chunk) box. Reads past N
+    or past D come back as zeros."""
     def one(t: torch.Tensor, lo: int, width: int):
         part = t[..., lo:lo + width]
         return TensorDescriptor(part, list(part.shape), list(part.stride()), [1, block_n, 1, width])
 
     k0, v0 = one(k, 0, d0), one(v, 0, d0)
-    k1, v1 = (one(k, d0, d1), one(v, d0, d1)) if d1 else (k0, v0)
+    k1, v1 = (one(k, d1_at, d1), one(v, d1_at, d1)) if d1 else (k0, v0)
     return k0, k1, v0, v1
 
 
@@ -876,9 +897,10 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[index]
 
 
-def tma_eligible(k: torch.Tensor, v: torch.Tensor, d0: int) -> bool:
+def tma_eligible(k: torch.Tensor, v: torch.Tensor, d0: int, d1_at: Optional[int] = None) -> bool:
     """Whether K and V can be read through TMA: a Hopper-or-later GPU, 16-bit data, unit last stride,
-    16-byte-aligned base, other strides and head-dim split."""
+    16-byte-aligned base, other strides and head-dim chunk starts (d0, and d1_at where the second chunk
+    overlaps the first)."""
     if INTERPRET or TensorDescriptor is None or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
     if k.dtype not in (torch.float16, torch.bfloat16):
@@ -887,7 +909,7 @@ def tma_eligible(k: torch.Tensor, v: torch.Tensor, d0: int) -> bool:
     return all(
         t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in t.stride()[:-1])
         for t in (k, v)
-    ) and d0 * es % 16 == 0
+    ) and all(c * es % 16 == 0 for c in (d0, d0 if d1_at is None else d1_at))
 
 
 class KernelPlan:
@@ -906,7 +928,7 @@ class KernelPlan:
         self.grid = grid
         self.config = config
         self._tail = tail  # every argument after the tensors and descriptors, in the kernel's order
-        self._tma = tma  # (BLOCK_N, D0, D1) when K and V are read through TMA descriptors
+        self._tma = tma  # (BLOCK_N, D0, D1, D1_AT) when K and V are read through TMA descriptors
         self.split = split  # the merge of partial results when the keys are split over programs
         # maxnreg caps registers per thread (spilling a little) so that two CTAs fit on an SM.
         self._options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
@@ -1100,7 +1122,7 @@ def make_plan(
         q4, k4, v4 = q, k, v
         extra_strides = (0, 0, 0)
     nheads, head_dim = q.shape[-2], q.shape[-1]
-    d0, d1 = _split_head_dim(head_dim)
+    d0, d1, d1_at = head_dim_chunks(head_dim)
     has_bias = rel_h is not None
     kh, kw = (rel_h.shape[-1], rel_w.shape[-1]) if has_bias else (1, 1)
     tile_h, tile_w = key_tile if key_tile is not None else (kh, kw)
@@ -1108,12 +1130,12 @@ def make_plan(
     kb = kv_indices.shape[-1] if has_mask else 1
     a = dict(
         seqlen_q=seqlen_q, seqlen_k=seqlen_k, KH=kh, KW=kw, tile_h=tile_h, tile_w=tile_w,
-        D0=d0, D1=d1, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen,
+        D0=d0, D1=d1, D1_AT=d1_at, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen,
         IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
     prec = dot_precision(q.dtype)
     # TMA boxes cover whole chunks: an inexact head-dim split (masked columns) stays on pointer loads.
-    tma_ok = not varlen and window is None and d0 + d1 == head_dim and tma_eligible(k, v, d0)
+    tma_ok = not varlen and window is None and d1_at + d1 == head_dim and tma_eligible(k, v, d0, d1_at)
     a["TMA_OK"] = tma_ok
     out_strides = _contiguous_strides(q.shape if window is not None else q4.shape)
     if varlen:
@@ -1160,7 +1182,7 @@ def make_plan(
             n_bh = batch * n_launch * nheads
             tail = scalars + (
                 n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"],
-                head_dim, d0, d1, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
+                head_dim, d0, d1, d1_at, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
                 window is not None, *win_hw, *q_win_hw, pad, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
                 dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, align, n_split > 1,
@@ -1170,9 +1192,9 @@ def make_plan(
             if n_split > 1:
                 if n_bh > MAX_GRID_Y:
                     raise ValueError(f"config {cfg}: SPLIT_K over {n_bh} (sequence, head) pairs (at most {MAX_GRID_Y})")
-                combine = SplitCombine(n_split, n_bh, q_tiles * cfg["BLOCK_M"], head_dim, d0 + d1, nheads, seqlen_q,
+                combine = SplitCombine(n_split, n_bh, q_tiles * cfg["BLOCK_M"], head_dim, d1_at + d1, nheads, seqlen_q,
                                        varlen, out_strides[:4])
-            plans.append(KernelPlan(grid, tail, cfg, (cfg["BLOCK_N"], d0, d1) if tma else None, combine))
+            plans.append(KernelPlan(grid, tail, cfg, (cfg["BLOCK_N"], d0, d1, d1_at) if tma else None, combine))
         return plans[0] if len(plans) == 1 else LaunchGroup(plans)
 
     if config is not None:
@@ -1192,7 +1214,7 @@ def make_plan(
     room = 1
     if q.is_cuda and seqlen_q > 128:
         room = spare_room(batch * launches[0][0] * nheads * triton.cdiv(seqlen_q, 128), _sm_count(q.device))
-    tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, block_size,
+    tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, d1_at, block_size,
                 has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok, timed, room)
     if not timed:
         return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})

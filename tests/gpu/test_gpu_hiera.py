@@ -146,3 +146,76 @@ def test_sam2_predictor_and_compile():
     assert cos >= 0.999, cos
     handle.restore()
     torch._dynamo.reset()
+
+
+# The overlapping second chunk (triton_attn.OVERLAP_SECOND_CHUNK, off by default): hiera_l's head dim 72 as
+# columns 0-63 and 56-71 instead of one 128-wide chunk. What must pass here before it is turned on: its
+# earlier form (a second chunk with masked columns) passed every interpreter test and failed on an H200.
+# Each launch config the tuner may pick at these shapes is forced, TMA and split-K among them, then the tuner.
+OVERLAP_CONFIGS = [
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=1),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=1),
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, SPLIT_K=3),
+    None,  # tuned
+]
+
+
+@pytest.fixture
+def overlap_on(monkeypatch):
+    from sam_sparse.kernels import triton_attn
+
+    monkeypatch.setattr(triton_attn, "OVERLAP_SECOND_CHUNK", True)
+    return triton_attn
+
+
+@pytest.mark.parametrize("d,dtype", [(72, torch.bfloat16), (72, torch.float16), (72, torch.float32),
+                                     (40, torch.bfloat16), (88, torch.float16)])
+def test_overlapping_chunk_global_every_config(overlap_on, d, dtype):
+    """A global block (4096 tokens, 8 heads, q / k / v views of one projection) with the overlapping chunk,
+    through every config above, with a block mask that has an empty query block."""
+    d0, d1, at = overlap_on.head_dim_chunks(d)
+    assert d1 and at < d0, "this test is meant to run the overlapping chunk"
+    seed, g = seeded()
+    q, k, v = rnd(g, 1, 4096, 3, 8, d, dtype=dtype).unbind(2)
+    mask = torch.rand(1, 8, 32, 32, device="cuda", generator=g) < 0.5
+    mask[0, 3, 5] = False
+    layout = BlockLayout.from_mask(mask, 128)
+    for cfg in OVERLAP_CONFIGS:
+        out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+        try:
+            overlap_on.attention_triton(q, k, v, layout.kv_num_blocks, layout.kv_indices, None, None, None,
+                                        d ** -0.5, 128, out=out, config=cfg)
+        except overlap_on.triton.runtime.errors.OutOfResources:
+            continue  # the tuner skips a config this GPU cannot fit the same way
+        check_rows(out, q, k, v, mask, 128, f"{seed} (config {cfg})")
+        assert (out[0, 5 * 128:6 * 128, 3] == 0).all(), f"seed {seed} (config {cfg}): the empty block must give zeros"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_overlapping_chunk_windows(overlap_on, dtype):
+    """hiera_l's windowed and q-pooled blocks at head dim 72 with the overlapping chunk, tuned: stage 1's
+    8 x 8 windows on the 256 x 256 grid, and stage 3's first block (q pooled, windows of 16 on 64 x 64,
+    the padding keys of overhanging windows of 14 too)."""
+    seed, g = seeded()
+    q, k, v = rnd(g, 1, 256, 256, 3, 2, 72, dtype=dtype).unbind(3)
+    zeros = torch.zeros(2, 72, device="cuda", dtype=dtype)
+    out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+    overlap_on.attention_triton(q, k, v, None, None, None, None, None, 72 ** -0.5, 128, window=(8, 8), k_pad=zeros,
+                                v_pad=zeros, out=out)
+    torch.cuda.synchronize()
+    check_window(out, q, k, v, (8, 8), zeros, zeros, None, None, None, None, 128, seed, FLOOR, ROW_FLOOR)
+    for w in (16, 14):
+        qkv = rnd(g, 1, 64, 64, 3, 8, 72, dtype=dtype)
+        q, k, v = qkv.unbind(3)
+        q = q.unflatten(1, (32, 2)).unflatten(3, (32, 2)).amax(dim=(2, 4))
+        kp, vp = rnd(g, 8, 72, dtype=dtype), rnd(g, 8, 72, dtype=dtype)
+        out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+        overlap_on.attention_triton(q, k, v, None, None, None, None, None, 72 ** -0.5, 16, window=(w, w),
+                                    q_window=(w // 2, w // 2), k_pad=kp, v_pad=vp, out=out)
+        torch.cuda.synchronize()
+        check_window(out, q, k, v, (w, w), kp, vp, None, None, None, None, 16, f"{seed} (window {w})", FLOOR,
+                     ROW_FLOOR, q_window=(w // 2, w // 2))
