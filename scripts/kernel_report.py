@@ -1,7 +1,8 @@
 """What the compiler makes of the attention kernel, without a GPU: registers, spills, shared memory,
 whether the K / V loads of the main loop are software-pipelined, and how many instructions one loop step
 issues per thread (the SASS between the loop's branch and its target), for SAM's global layer (rect bias,
-rel_w hoisted), the same layer without bias, and the window layer (one-hot bias, in-place windows).
+rel_w hoisted), the same layer without bias, the window layer (one-hot bias, in-place windows), and the
+global layer without bias at head dims 72 (as one chunk of 128, or as 64 + 16 overlapping) and 80.
 
 Compiles `_attn_fwd` for an sm_90a target with this machine's Triton (ptxas ships with it) through the
 same constexprs the launcher would set for those shapes; integer arguments get the specializations the
@@ -29,14 +30,15 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from sam_sparse.kernels import triton_attn  # noqa: E402
 
+FP32_POINTERS = ("WS_O", "WS_L")
 POINTERS = ("Q", "K", "V", "Out", "K_PAD", "V_PAD", "DESC_K0", "DESC_K1", "DESC_V0", "DESC_V1", "REL_H", "REL_W")
 INT_POINTERS = ("KV_NUM", "KV_IDX", "CU_Q", "CU_K")
 UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_rhm", "stride_rwm")
 
 # The launcher's constexprs for three of SAM's layers (vit_b: head dim 64), dense.
-COMMON = dict(D_REAL=64, D0=64, D1=0, MASK_BLOCK=128, KB_P=16, HAS_MASK=False, VARLEN=False, WINDOW=False,
-              WIN_H=1, WIN_W=1, WIN_PAD=False, DOT_PREC="tf32", INTERP=False, RECT_H=1, RECT_W=64,
-              W_HOIST=False, USE_WDOT=False, KH_P=16, KW_P=16, EVEN_N=True, TMA=False,
+COMMON = dict(D_REAL=64, D0=64, D1=0, D1_AT=64, MASK_BLOCK=128, KB_P=16, HAS_MASK=False, VARLEN=False, WINDOW=False,
+              WIN_H=1, WIN_W=1, QWIN_H=1, QWIN_W=1, WIN_PAD=False, DOT_PREC="tf32", INTERP=False, RECT_H=1, RECT_W=64,
+              W_HOIST=False, USE_WDOT=False, KH_P=16, KW_P=16, EVEN_N=True, TMA=False, ALIGN=8, SPLIT=False,
               KH=64, KW=64, TILE_H=64, TILE_W=64)
 CASES = {
     "global, rel-pos (rect, rel_w hoisted)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_RECT, W_HOIST=True),
@@ -47,6 +49,14 @@ CASES = {
     "window 14x14 overhanging, rel-pos (one-hot)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_ONEHOT, WINDOW=True,
                                                         WIN_H=14, WIN_W=14, WIN_PAD=True, RECT_W=14, EVEN_N=False,
                                                         KH=14, KW=14, TILE_H=14, TILE_W=14),
+    # Head dims that are no power of two, no bias (SAM 2's Hiera; vit_h's 80 for comparison): how the chunks
+    # (triton_attn.head_dim_chunks) change the loop.
+    "global d72, one chunk of 128 (hiera_l today)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE, D_REAL=72,
+                                                         D0=128, D1=0, D1_AT=128),
+    "global d72, 64 + 16 from 56 (OVERLAP_SECOND_CHUNK)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE,
+                                                               D_REAL=72, D0=64, D1=16, D1_AT=56),
+    "global d80, 64 + 16 (vit_h)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE, D_REAL=80, D0=64, D1=16,
+                                        D1_AT=64),
 }
 CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3)]
 
@@ -60,7 +70,7 @@ def compile_one(case: dict, bm: int, bn: int, warps: int, stages: int, maxnreg: 
     sig = {}
     for n in names:
         sig[n] = ("constexpr" if n in const else "*bf16" if n in POINTERS else "*i32" if n in INT_POINTERS
-                  else "fp32" if n == "sm_scale" else "i32")
+                  else "*fp32" if n in FP32_POINTERS else "fp32" if n == "sm_scale" else "i32")
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n].startswith("*") or (sig[n] == "i32" and n.startswith("stride"))}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in const.items()}, attrs=attrs)
@@ -114,7 +124,7 @@ def main():
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--maxnreg", default="0,128", help="register caps to compile with (0: none)")
     args = ap.parse_args()
-    lines = [f"Off-device compile for sm_90a, Triton {triton.__version__}, bf16, head dim 64.", "",
+    lines = [f"Off-device compile for sm_90a, Triton {triton.__version__}, bf16, head dim 64 unless the layer says.", "",
              "| layer | BLOCK_M x BLOCK_N, warps, stages | maxnreg | registers | spill bytes | shared memory (B) "
              "| K/V async copies in the loop | SASS instructions per loop step |",
              "|---|---|---|---:|---:|---:|---:|---:|"]

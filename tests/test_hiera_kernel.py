@@ -12,7 +12,7 @@ import torch
 
 from oracle import check_attention, check_window, oracle_attention, rel_error, same_dtype_torch
 from sam_sparse.kernels import BlockLayout, block_lists, window_attn
-from sam_sparse.kernels.interface import HAS_TRITON
+from sam_sparse.kernels.interface import HAS_TRITON, HEAD_DIMS
 from sam_sparse.kernels.triton_attn import head_dim_chunks
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed on this platform")
@@ -40,12 +40,10 @@ def pooled_inputs(g, B, GH, GW, H, D, dtype):
 @pytest.fixture
 def overlap_kernel(triton_kernel, monkeypatch):
     """The kernel with OVERLAP_SECOND_CHUNK on: 72 as columns 0-63 and 56-71 (40: 0-31 and 24-39; 88: 0-63
-    and 56-87) instead of one chunk of 128 (64, 128) with the columns past the head dim masked."""
+    and 56-87; 136: 0-127 and 120-135) instead of one chunk of 128 (64, 128, 256) with the columns past the
+    head dim masked."""
     monkeypatch.setattr(triton_kernel, "OVERLAP_SECOND_CHUNK", True)
     return triton_kernel
-
-
-OVERLAP_HEAD_DIMS = (72, 40, 88)
 
 
 def test_head_dim_split_costs(monkeypatch):
@@ -61,7 +59,7 @@ def test_head_dim_split_costs(monkeypatch):
     assert head_dim_chunks(80) == (64, 16, 64)
     for overlap in (False, True):
         monkeypatch.setattr(triton_attn, "OVERLAP_SECOND_CHUNK", overlap)
-        for d in range(16, 257, 4):
+        for d in HEAD_DIMS:
             d0, d1, at = head_dim_chunks(d)
             pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
             assert pow2(d0) and (d1 == 0 or (d1 >= 16 and pow2(d1))), d
@@ -69,6 +67,7 @@ def test_head_dim_split_costs(monkeypatch):
                 assert d0 >= d and at == d0, d  # one chunk, the columns past d masked
             else:
                 assert at + d1 == d and at <= d0, d  # the second chunk ends at the last column, none masked
+                assert at % 8 == 0, d  # starts on 16 bytes in 16-bit types (TMA boxes, vector loads)
                 assert at == d0 or (overlap and d0 + d1 < d0 * 2), d  # overlaps only to save work
     assert head_dim_chunks(72) == (64, 16, 56)
     assert head_dim_chunks(56) == (64, 0, 64)  # 32 + 32 would be no less work than 64
@@ -174,8 +173,8 @@ def test_hiera_global_kernel(triton_kernel, head_dim, dtype):
 
 
 @needs_triton
-@pytest.mark.parametrize("head_dim", OVERLAP_HEAD_DIMS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim,dtype", [(72, torch.float16), (72, torch.bfloat16), (72, torch.float32),
+                                            (40, torch.bfloat16), (88, torch.float16), (136, torch.bfloat16)])
 def test_overlapping_chunk_global(overlap_kernel, head_dim, dtype):
     """The same block with the head dim's second chunk overlapping the first: the shared columns must count
     once in q . k and be written once."""

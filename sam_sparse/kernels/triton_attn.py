@@ -84,8 +84,9 @@ BIAS_NONE, BIAS_RECT, BIAS_ONEHOT, BIAS_GATHER = 0, 1, 2, 3
 # first (72 = columns 0-63 + columns 56-71) instead of one chunk of the next power of two (128, 56 columns
 # masked: 78% more tensor-core work than 72). Off until measured right on a GPU: the earlier form of a
 # short second chunk, columns past d masked on load (72 = 64 + 16 with 8 masked), passed every interpreter
-# test and gave wrong results on an H200 (docs/benchmarks.md, run 34). The overlapping chunk loads no
-# masked column; its K / V loads are those of an exact split (80 = 64 + 16, right on the H200).
+# test and gave wrong results on an H200 (docs/benchmarks.md, run 34). The overlapping chunk has no column
+# to mask off: its K / V loads are those of an exact split (80 = 64 + 16, right on the H200) from another
+# column. Read when a plan is made (plans are cached per input signature): set it before the first call.
 OVERLAP_SECOND_CHUNK = False
 
 
@@ -306,8 +307,8 @@ def _attn_fwd(
         q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :] * stride_qd,
                      mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
         if D1_AT < D0:
-            # The columns both chunks hold count once in q . k: here they are zeroed in q, loaded once,
-            # so that the loop's K and V loads stay unmasked in the head dim.
+            # The columns both chunks hold count once in q . k: zeroed here in q, loaded once, so that the
+            # loop's K and V loads of the chunk take every column, as in an exact split.
             q1 = tl.where(d1_own[None, :], q1, 0.0).to(q0.dtype)
     if WIN_PAD:
         # Padding keys (where a window overhangs the grid) all have the kv head's K_PAD / V_PAD vectors.
@@ -986,7 +987,7 @@ class KernelPlan:
 
 class SplitCombine:
     """The second launch of a plan whose programs split the keys (split-KV, as flash-decoding): its fp32
-    workspace, (n_split * n_bh * ws_rows, D0 + D1) partial outputs and (n_split * n_bh * ws_rows,) row
+    workspace, (n_split * n_bh * ws_rows, D1_AT + D1) partial outputs (a row up to the head-dim chunks' last column) and (n_split * n_bh * ws_rows,) row
     log-sum-exps, and the merge into the output. One split program covers 1 / n_split of a query tile's
     key steps, so a call with few query tiles (one object's memory attention: 32 tiles on 132 SMs) fills
     the GPU."""

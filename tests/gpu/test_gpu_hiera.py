@@ -184,6 +184,9 @@ def test_overlapping_chunk_global_every_config(overlap_on, d, dtype):
     mask = torch.rand(1, 8, 32, 32, device="cuda", generator=g) < 0.5
     mask[0, 3, 5] = False
     layout = BlockLayout.from_mask(mask, 128)
+    if dtype != torch.float32 and torch.cuda.get_device_capability()[0] >= 9:
+        assert overlap_on.tma_eligible(k, v, d0, at), "the TMA configs should read K and V through descriptors here"
+    checked = 0
     for cfg in OVERLAP_CONFIGS:
         out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
         try:
@@ -193,6 +196,8 @@ def test_overlapping_chunk_global_every_config(overlap_on, d, dtype):
             continue  # the tuner skips a config this GPU cannot fit the same way
         check_rows(out, q, k, v, mask, 128, f"{seed} (config {cfg})")
         assert (out[0, 5 * 128:6 * 128, 3] == 0).all(), f"seed {seed} (config {cfg}): the empty block must give zeros"
+        checked += 1
+    assert checked >= len(OVERLAP_CONFIGS) - 2, f"only {checked} configs fit this GPU"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
