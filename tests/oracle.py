@@ -4,6 +4,8 @@ Deliberately written differently from sam_sparse.kernels.reference (no chunking,
 built from SAM's own formula), so that the two can check each other. Small shapes only.
 """
 
+import itertools
+
 import torch
 
 
@@ -94,6 +96,27 @@ def check_attention(out, q, k, v, mask, block_size, seed, floor, row_floor, scal
     zero_rows = (ref == 0).all(dim=-1)
     assert (out[zero_rows] == 0).all(), f"seed {seed}: a query with no key left must give zeros"
     return ref
+
+
+def packed_inputs(g, lens_q, lens_k, heads, kv_heads, head_dim, dtype):
+    """Random packed sequences: q (sum(lens_q), heads, head_dim), k and v (sum(lens_k), kv_heads, head_dim)
+    in dtype, and their int32 cu_seqlens."""
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32) for lens in (lens_q, lens_k))
+    q = torch.randn(int(cu_q[-1]), heads, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(int(cu_k[-1]), kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    return q, k, v, cu_q, cu_k
+
+
+def check_varlen(out, q, k, v, cu_q, cu_k, mask, block_size, seed, floor, row_floor):
+    """check_attention for packed sequences (total, H, D): each sequence's rows against the oracle on its own
+    q, k, v, with the top-left part of its mask row (mask: (sequences, H, query blocks, key blocks) or None)."""
+    for i in range(cu_q.numel() - 1):
+        qs, qe, ks, ke = (int(x) for x in (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]))
+        m = None
+        if mask is not None:
+            m = mask[i : i + 1, :, : -(-(qe - qs) // block_size), : -(-(ke - ks) // block_size)]
+        check_attention(out[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], m, block_size,
+                        f"{seed} (sequence {i})", floor, row_floor)
 
 
 def oracle_window(q, k, v, window, k_pad, v_pad, block_mask=None, rel_h=None, rel_w=None, scale=None, block_size=128,

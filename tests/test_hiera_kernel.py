@@ -10,7 +10,7 @@ the kernel writes into an output poisoned with NaN first.
 import pytest
 import torch
 
-from oracle import check_attention, check_window, oracle_attention, rel_error, same_dtype_torch
+from oracle import check_varlen, check_window, oracle_attention, packed_inputs, rel_error, same_dtype_torch
 from sam_sparse.kernels import BlockLayout, block_lists, window_attn
 from sam_sparse.kernels.interface import HAS_TRITON, HEAD_DIMS
 from sam_sparse.kernels.triton_attn import head_dim_chunks
@@ -189,17 +189,11 @@ def test_overlapping_chunk_varlen_gqa(overlap_kernel):
     block; 37 x 5; 100 x 300) at head dim 72 with the overlapping chunk, 4 heads on 2 kv heads, fp16."""
     seed, g = seeded()
     lq, lk = [64, 37, 100], [128, 5, 300]
-    cu_q = torch.tensor([0, 64, 101, 201], dtype=torch.int32)
-    cu_k = torch.tensor([0, 128, 133, 433], dtype=torch.int32)
-    q = torch.randn(201, 4, 72, generator=g).half()
-    k, v = (torch.randn(433, 2, 72, generator=g).half() for _ in range(2))
+    q, k, v, cu_q, cu_k = packed_inputs(g, lq, lk, 4, 2, 72, torch.float16)
     out = torch.full(q.shape, float("nan"), dtype=q.dtype)
     overlap_kernel.attention_triton(q, k, v, None, None, None, None, None, 72 ** -0.5, 256, cu_seqlens_q=cu_q,
                                     cu_seqlens_k=cu_k, max_seqlen_q=max(lq), max_seqlen_k=max(lk), out=out)
-    for i in range(3):
-        qs, qe, ks, ke = (int(x) for x in (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]))
-        check_attention(out[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], None, 256,
-                        f"{seed} (sequence {i})", FLOOR, ROW_FLOOR)
+    check_varlen(out, q, k, v, cu_q, cu_k, None, 256, seed, FLOOR, ROW_FLOOR)
 
 
 def check_global_block(triton_kernel, head_dim, dtype):

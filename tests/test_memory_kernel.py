@@ -18,7 +18,7 @@ import itertools
 import pytest
 import torch
 
-from oracle import check_attention
+from oracle import check_attention, check_varlen
 from sam_sparse import block_sparse_attn, block_sparse_attn_varlen
 from sam_sparse.kernels import BlockLayout, block_lists, interface
 from sam_sparse.kernels.interface import HAS_TRITON
@@ -74,13 +74,7 @@ def packed(g, lengths_k, dtype):
 
 def check_objects(out, q, k, v, cu_q, cu_k, mask, seed):
     """Each object's rows against the oracle on its own (q, k, v) and the top-left part of its mask row."""
-    for i in range(cu_q.numel() - 1):
-        qs, qe, ks, ke = (int(x) for x in (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]))
-        m = None
-        if mask is not None:
-            m = mask[i : i + 1, :, : -(-(qe - qs) // BS), : -(-(ke - ks) // BS)]
-        check_attention(out[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], m, BS,
-                        f"{seed} (object {i})", FLOOR, ROW_FLOOR)
+    check_varlen(out, q, k, v, cu_q, cu_k, mask, BS, seed, FLOOR, ROW_FLOOR)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ step), fp32 / fp16 / bf16. Every output is poisoned with NaN first. Fresh seeds;
 import pytest
 import torch
 
-from oracle import check_attention
+from oracle import check_attention, check_varlen, packed_inputs
 from sam_sparse.kernels import block_lists
 from sam_sparse.kernels.interface import HAS_TRITON
 
@@ -96,18 +96,12 @@ def test_split_varlen_objects(triton_kernel):
     64 x 129 keys (a partial last tile), into one poisoned output, each against the oracle on its own."""
     seed, g = seeded()
     lq, lk = [40, 100, 64], [300, 17, 129]
-    cu_q = torch.tensor([0, 40, 140, 204], dtype=torch.int32)
-    cu_k = torch.tensor([0, 300, 317, 446], dtype=torch.int32)
-    q = torch.randn(204, 1, 256, generator=g).bfloat16()
-    k, v = (torch.randn(446, 1, 256, generator=g).bfloat16() for _ in range(2))
+    q, k, v, cu_q, cu_k = packed_inputs(g, lq, lk, 1, 1, 256, torch.bfloat16)
     out = poisoned(q)
     triton_kernel.attention_triton(q, k, v, None, None, None, None, None, 256 ** -0.5, 64, cu_seqlens_q=cu_q,
                                    cu_seqlens_k=cu_k, max_seqlen_q=max(lq), max_seqlen_k=max(lk), out=out,
                                    config=config(32, 32, 3))
-    for i in range(3):
-        qs, qe, ks, ke = (int(x) for x in (cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1]))
-        check_attention(out[None, qs:qe], q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], None, 64,
-                        f"{seed} (sequence {i})", FLOOR, ROW_FLOOR)
+    check_varlen(out, q, k, v, cu_q, cu_k, None, 64, seed, FLOOR, ROW_FLOOR)
 
 
 @needs_triton
