@@ -9,7 +9,7 @@ same constexprs the launcher would set for those shapes; integer arguments get t
 JIT gives them at run time (head-dim strides of 1, multiples of 16). The Triton here may not be the
 GPU machine's: numbers are leads for what the device measures, not measurements of it.
 
-    python scripts/kernel_report.py [--out docs/bench/kernel_report.md] [--maxnreg 0,128]
+    python scripts/kernel_report.py [--out docs/bench/kernel_report.md] [--maxnreg 0,128] [--case TEXT ...] [--quick]
 """
 
 from __future__ import annotations
@@ -123,13 +123,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     ap.add_argument("--maxnreg", default="0,128", help="register caps to compile with (0: none)")
+    ap.add_argument("--case", action="append", default=None,
+                    help="only the layers whose label contains this text (repeatable; default: every layer)")
+    ap.add_argument("--quick", action="store_true", help="only the first launch config (64 x 64, 4 warps, 3 stages)")
     args = ap.parse_args()
+    cases = {label: case for label, case in CASES.items() if not args.case or any(c in label for c in args.case)}
+    if not cases:
+        ap.error(f"--case {args.case}: no layer label contains it; the labels are: {'; '.join(CASES)}")
     lines = [f"Off-device compile for sm_90a, Triton {triton.__version__}, bf16, head dim 64 unless the layer says.", "",
              "| layer | BLOCK_M x BLOCK_N, warps, stages | maxnreg | registers | spill bytes | shared memory (B) "
              "| K/V async copies in the loop | SASS instructions per loop step |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    for label, case in CASES.items():
-        for bm, bn, warps, stages in CONFIGS:
+    for label, case in cases.items():
+        for bm, bn, warps, stages in CONFIGS[:1] if args.quick else CONFIGS:
             if case.get("WINDOW") and bn > 64:
                 continue
             for maxnreg in (int(x) for x in args.maxnreg.split(",")):
