@@ -1,11 +1,20 @@
 """Small random SAM models and policies for the patch tests (CPU-sized)."""
 
+import io
 from functools import partial
 
 import torch
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from sam_sparse.policy import Policy
+
+
+def pickled(model):
+    """model through torch.save and torch.load, whole (a whole-model pickle needs the full unpickler)."""
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
 
 
 def randomize_(model, std=0.5, seed=0):

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from oracle import check_attention
-from patch_helpers import make_image, small_sam
+from patch_helpers import make_image, pickled, small_sam
 from sam_sparse import block_sparse_attn, block_sparse_attn_varlen, patch_sam
 from sam_sparse.kernels import BlockLayout
 from sam_sparse.policy import Policy, PolicyError
@@ -258,10 +258,7 @@ def test_deepcopy_of_a_patched_model_has_its_own_prompt_context(focused_sam):
 
 def test_torch_save_of_a_patched_model(focused_sam, tmp_path):
     image, pts = make_image(256, seed=2), [[60, 70]]
-    buf = io.BytesIO()
-    torch.save(focused_sam, buf)
-    buf.seek(0)
-    loaded = torch.load(buf, weights_only=False)  # whole-model pickles need the full unpickler
+    loaded = pickled(focused_sam)
     with torch.inference_mode():
         np.testing.assert_array_equal(predict(loaded, image, pts), predict(focused_sam, image, pts))
     loaded._sam_sparse_handle.restore()

@@ -7,13 +7,13 @@ global blocks and nothing else.
 """
 
 import copy
-import io
 import threading
 
 import numpy as np
 import pytest
 import torch
 
+from patch_helpers import pickled
 from sam2_helpers import photo, small_sam2
 from sam_sparse import Policy, patch_sam, unpatch_sam, verify_parity
 from sam_sparse.families import layer_geometries
@@ -206,10 +206,7 @@ def test_deepcopy_pickle_threads_disabled_observe(sam2_t):
     handle = patch_sam(sam2_t, "dense")
     try:
         twin = copy.deepcopy(sam2_t)
-        buf = io.BytesIO()
-        torch.save(sam2_t, buf)
-        buf.seek(0)
-        loaded = torch.load(buf, weights_only=False)
+        loaded = pickled(sam2_t)
         for m in (twin, loaded):
             assert m._sam_sparse_handle is not handle and m._sam_sparse_handle.active
             for a, b in zip(_encoder(m, x), ref):
