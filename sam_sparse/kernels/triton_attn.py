@@ -987,10 +987,10 @@ class KernelPlan:
 
 class SplitCombine:
     """The second launch of a plan whose programs split the keys (split-KV, as flash-decoding): its fp32
-    workspace, (n_split * n_bh * ws_rows, D1_AT + D1) partial outputs (a row up to the head-dim chunks' last column) and (n_split * n_bh * ws_rows,) row
-    log-sum-exps, and the merge into the output. One split program covers 1 / n_split of a query tile's
-    key steps, so a call with few query tiles (one object's memory attention: 32 tiles on 132 SMs) fills
-    the GPU."""
+    workspace, (n_split * n_bh * ws_rows, D1_AT + D1) partial outputs (a row reaches the head-dim chunks'
+    last column) and (n_split * n_bh * ws_rows,) row log-sum-exps, and the merge into the output. One
+    split program covers 1 / n_split of a query tile's key steps, so a call with few query tiles (one
+    object's memory attention: 32 tiles on 132 SMs) fills the GPU."""
 
     BLOCK = 32  # rows per merge program: 32 x 256 fp32 accumulators at head dim 256
 
