@@ -302,13 +302,14 @@ def _attn_fwd(
     if D1 > 0:
         offs_d1 = D1_AT + tl.arange(0, D1)
         d1_ok = offs_d1 < D_REAL  # all True: the second chunk ends at or before the last column
-        # The columns this chunk writes: those past the first chunk (all of them unless D1_AT < D0).
-        d1_own = d1_ok & (offs_d1 >= D0)
+        d1_own = d1_ok  # the columns this chunk writes: all, unless it overlaps the first chunk
         q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :] * stride_qd,
                      mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
         if D1_AT < D0:
             # The columns both chunks hold count once in q . k: zeroed here in q, loaded once, so that the
-            # loop's K and V loads of the chunk take every column, as in an exact split.
+            # loop's K and V loads of the chunk take every column, as in an exact split. The first chunk
+            # writes them.
+            d1_own = d1_ok & (offs_d1 >= D0)
             q1 = tl.where(d1_own[None, :], q1, 0.0).to(q0.dtype)
     if WIN_PAD:
         # Padding keys (where a window overhangs the grid) all have the kv head's K_PAD / V_PAD vectors.
@@ -540,7 +541,10 @@ def _attn_fwd(
         ws_o = WS_O + ws[:, None] * (D1_AT + D1)  # a row per query, up to the last chunk's end column
         tl.store(ws_o + offs_d0[None, :], acc0 * inv_l[:, None])
         if D1 > 0:
-            tl.store(ws_o + offs_d1[None, :], acc1 * inv_l[:, None], mask=d1_own[None, :])
+            if D1_AT < D0:
+                tl.store(ws_o + offs_d1[None, :], acc1 * inv_l[:, None], mask=d1_own[None, :])
+            else:
+                tl.store(ws_o + offs_d1[None, :], acc1 * inv_l[:, None])
     else:
         o_ptrs = o_base + o_rows[:, None]
         tl.store(o_ptrs + offs_d0[None, :] * stride_od, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty),
