@@ -20,8 +20,8 @@ memories hold 1..7 frames (against the same objects padded to the longest), and 
 The hiera section (`--section hiera`) is SAM 2's Hiera encoder layers at batch 8 (issue 22): global 4096
 tokens and windows of 14, 8, 4 and 7, head dim 56 (hiera_b+) and 64 (`--hiera-dims`, e.g. 72 for hiera_l), ours
 read in place against SDPA on the partitioned windows as sam2 runs it, and ours at a few fixed launch configs.
-Where triton_attn.OVERLAP_SECOND_CHUNK would change how a head dim is cut (72: columns 0-63 and 56-71 instead
-of one chunk of 128), a row also times ours tuned with it on and gives its output's error against ours without.
+Where triton_attn.OVERLAP_SECOND_CHUNK changes how a head dim is cut (72: columns 0-63 and 56-71 instead of
+one chunk of 128), a row also times ours tuned with it on and off and gives the error of one against the other.
 
 segment-anything-fast's flash_4 joins the baselines when `segment_anything_fast.flash_4` imports (it is
 not on PyPI and not shipped here: put its module on PYTHONPATH); its own autotuning takes minutes.
@@ -487,24 +487,31 @@ HIERA_CONFIGS = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), dict(B
 
 
 def overlap_columns(d: int, ours) -> dict:
-    """Ours tuned with OVERLAP_SECOND_CHUNK on, where it changes how head dim d is cut: its time and its
-    output's relative error against ours without it (ours(None): a tuned call that bypasses the plan cache)."""
-    plain = triton_attn.head_dim_chunks(d)
-    triton_attn.OVERLAP_SECOND_CHUNK = True
+    """Ours tuned with triton_attn.OVERLAP_SECOND_CHUNK on and off, where the flag changes how head dim d is cut:
+    both times and the relative error of the overlapping chunk's output against the plain one (ours(None): a
+    tuned call that bypasses the plan cache). The flag keeps its value."""
+    default = triton_attn.OVERLAP_SECOND_CHUNK
+
+    def run(on: bool):
+        triton_attn.OVERLAP_SECOND_CHUNK = on
+        return ours(None)
+
     try:
-        d0, d1, at = triton_attn.head_dim_chunks(d)
-        if (d0, d1, at) == plain:
+        triton_attn.OVERLAP_SECOND_CHUNK = True
+        chunks = triton_attn.head_dim_chunks(d)
+        triton_attn.OVERLAP_SECOND_CHUNK = False
+        if chunks == triton_attn.head_dim_chunks(d):
             return {}
-        cols = {"overlap chunks": f"{d0} + {d1} from {at}", "overlap_ms": try_time(lambda: ours(None))}
+        cols = {"overlap chunks": "{} + {} from {}".format(*chunks),
+                "overlap_ms": try_time(lambda: run(True)), "plain_ms": try_time(lambda: run(False))}
         try:
-            ref = ours(None).float()
-            triton_attn.OVERLAP_SECOND_CHUNK = False
-            cols["overlap_err"] = f"{((ref - ours(None).float()).norm() / ref.norm()).item():.2e}"
+            ref = run(True).float()
+            cols["overlap_err"] = f"{((ref - run(False).float()).norm() / ref.norm()).item():.2e}"
         except Exception as e:
             cols["overlap_err"] = f"n/a ({type(e).__name__})"
         return cols
     finally:
-        triton_attn.OVERLAP_SECOND_CHUNK = False
+        triton_attn.OVERLAP_SECOND_CHUNK = default
 
 
 def hiera_rows(args, dt, dev, gen) -> list:
@@ -562,7 +569,7 @@ def hiera_rows(args, dt, dev, gen) -> list:
 
 
 HIERA_COLS = ["shape", "d", "B", "ours_ms", "config", "SDPA cuDNN", "SDPA flash", "ours / best SDPA", "overlap chunks",
-              "overlap_ms", "overlap_err"] + [
+              "overlap_ms", "plain_ms", "overlap_err"] + [
     f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}" for c in HIERA_CONFIGS]
 
 

@@ -69,9 +69,11 @@ def test_bad_arguments_exit_2(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_overlap_columns_compare_the_overlapping_chunk_with_the_plain_one(monkeypatch):
-    """The hiera section's overlap columns: none where the flag changes nothing (56), else the time with
-    triton_attn.OVERLAP_SECOND_CHUNK on and the output's error against it off; the flag is off afterwards."""
+@pytest.mark.parametrize("default", [False, True])
+def test_overlap_columns_compare_the_overlapping_chunk_with_the_plain_one(monkeypatch, default):
+    """The hiera section's overlap columns: none where the flag changes nothing (56), else the times with
+    triton_attn.OVERLAP_SECOND_CHUNK on and off and the error of one output against the other; the flag
+    keeps its value, whichever it is."""
     seen = []
 
     def ours(cfg):
@@ -79,8 +81,9 @@ def test_overlap_columns_compare_the_overlapping_chunk_with_the_plain_one(monkey
         seen.append(on)
         return torch.full((4,), 2.0 if on else 1.0)
 
-    monkeypatch.setattr(bench, "try_time", lambda fn: (fn(), 0.5)[1])
-    assert bench.overlap_columns(56, ours) == {} and not bench.triton_attn.OVERLAP_SECOND_CHUNK
+    monkeypatch.setattr(bench.triton_attn, "OVERLAP_SECOND_CHUNK", default)
+    monkeypatch.setattr(bench, "try_time", lambda fn: (fn(), 0.5 if bench.triton_attn.OVERLAP_SECOND_CHUNK else 0.7)[1])
+    assert bench.overlap_columns(56, ours) == {} and bench.triton_attn.OVERLAP_SECOND_CHUNK is default
     cols = bench.overlap_columns(72, ours)
-    assert cols == {"overlap chunks": "64 + 16 from 56", "overlap_ms": 0.5, "overlap_err": "5.00e-01"}
-    assert seen == [True, True, False] and not bench.triton_attn.OVERLAP_SECOND_CHUNK
+    assert cols == {"overlap chunks": "64 + 16 from 56", "overlap_ms": 0.5, "plain_ms": 0.7, "overlap_err": "5.00e-01"}
+    assert seen == [True, False, True, False] and bench.triton_attn.OVERLAP_SECOND_CHUNK is default
