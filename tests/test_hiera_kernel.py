@@ -53,6 +53,7 @@ def test_head_dim_split_costs(monkeypatch):
     wherever that is less work than the padded chunk."""
     from sam_sparse.kernels import triton_attn
 
+    monkeypatch.setattr(triton_attn, "OVERLAP_SECOND_CHUNK", False)
     assert head_dim_chunks(56) == (64, 0, 64)
     assert head_dim_chunks(72) == (128, 0, 128)
     assert head_dim_chunks(96) == (64, 32, 64)

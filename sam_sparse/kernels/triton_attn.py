@@ -87,7 +87,7 @@ BIAS_NONE, BIAS_RECT, BIAS_ONEHOT, BIAS_GATHER = 0, 1, 2, 3
 # test and gave wrong results on an H200 (docs/benchmarks.md, run 34). The overlapping chunk has no column
 # to mask off: its K / V loads are those of an exact split (80 = 64 + 16, right on the H200) from another
 # column. Read when a plan is made (plans are cached per input signature): set it before the first call.
-OVERLAP_SECOND_CHUNK = False
+OVERLAP_SECOND_CHUNK = True
 
 
 def head_dim_chunks(d: int) -> Tuple[int, int, int]:
