@@ -119,7 +119,7 @@ def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
     """SAM's global layer keeps 64/128 tiles, the rel_w @ I variant only where it changes the code, and the
     TMA variants only where the inputs can be read through TMA (make_plan's TMA_OK: Hopper, aligned)."""
     base = dict(seqlen_q=4096, seqlen_k=4096, MASK_BLOCK=128, D0=64, D1=0, HAS_BIAS=True, IS_FP32=False,
-                IS_BF16=True, KH=64, KW=64, tile_w=64, TMA_OK=False)
+                IS_BF16=True, KH=64, KW=64, tile_w=64, TMA_OK=False, WINDOW=False)
     kept = triton_kernel._prune(triton_kernel._configs(), base)
     shapes = {(c["BLOCK_M"], c["BLOCK_N"], c["W_DOT"]) for c in kept}
     assert {bm for bm, _, _ in shapes} == {64, 128} and {bn for _, bn, _ in shapes} == {64, 128}
@@ -133,6 +133,40 @@ def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
     assert {(c["BLOCK_M"], c["num_warps"]) for c in hopper if c.get("TMA")} == {(128, 8), (64, 4)}
     short = {**base, "seqlen_q": 7, "HAS_BIAS": False, "TMA_OK": True}  # decoder tokens: no 64-row tiles at all
     assert not any(c.get("TMA") for c in triton_kernel._prune(triton_kernel._configs(), short))
+
+
+@needs_triton
+def test_autotune_space_drops_twins(triton_kernel):
+    """Each config the tuner compiles costs a patched model's first call about a fifth of a second: none
+    that twins another is kept. Hiera's windows (no bias) keep no 128-row tile; a key loop of one or two
+    steps keeps 3 stages and not its 2-stage twin; where K / V can go through TMA, the pointer-load twin of
+    a TMA config goes. Every shape still keeps a config."""
+    hiera = dict(seqlen_q=64, seqlen_k=64, MASK_BLOCK=128, D0=64, D1=16, D1_AT=56, HAS_BIAS=False, IS_FP32=False,
+                 IS_BF16=True, KH=1, KW=1, tile_w=1, TMA_OK=False, WINDOW=True)
+    prune = lambda **kw: triton_kernel._prune(triton_kernel._configs(), {**hiera, **kw})  # noqa: E731
+    keys = lambda cs: {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], c.get("TMA", 0)) for c in cs}  # noqa: E731
+    assert keys(prune()) == {(64, 64, 3, 0)}  # 8 x 8 windows: one key step
+    assert keys(prune(seqlen_q=256, seqlen_k=256)) == {(64, 64, 2, 0), (64, 64, 3, 0), (64, 128, 3, 0)}
+    assert any(c["BLOCK_M"] == 128 for c in prune(seqlen_q=256, seqlen_k=256, WINDOW=False))
+    assert any(c["BLOCK_M"] == 128 for c in prune(seqlen_q=256, seqlen_k=256, HAS_BIAS=True, KH=14, KW=14, tile_w=14))
+    glob = keys(prune(seqlen_q=4096, seqlen_k=4096, WINDOW=False, TMA_OK=True))
+    assert {(128, 64, 3, 1), (64, 64, 3, 1)} <= glob and not {(128, 64, 3, 0), (64, 64, 3, 0)} & glob
+    assert {(128, 64, 3, 0), (64, 64, 3, 0)} <= keys(prune(seqlen_q=4096, seqlen_k=4096, WINDOW=False))
+    for sq, sk in ((1, 1), (7, 4096), (4096, 7), (16, 16), (300, 20)):
+        assert prune(seqlen_q=sq, seqlen_k=sk), (sq, sk)
+
+
+@needs_triton
+def test_a_single_candidate_is_not_timed(triton_kernel, monkeypatch):
+    """A shape class with one candidate takes it without timing it (and writes nothing to the disk cache)."""
+    monkeypatch.setattr(triton_kernel, "_TUNED", {})
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=3)
+
+    def bench(c):
+        raise AssertionError("timed a lone candidate")
+
+    assert triton_kernel._tune(("lone",), [cfg], bench, torch.device("cpu")) is cfg
+    assert triton_kernel._TUNED[("lone",)] is cfg
 
 
 @needs_triton

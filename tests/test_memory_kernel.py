@@ -269,15 +269,17 @@ def test_varlen_new_plan_still_checks_values(monkeypatch):
 @needs_triton
 def test_wide_head_tuning_space(triton_kernel):
     """Head dim 256 in 16 bits: 64 x 64 tiles (4 warps) and the 128-row tiles over 8 warps that fit Hopper's
-    shared memory, TMA only where the inputs allow it; none of the 128-row tiles for fp32 or head dims
+    shared memory, TMA only where the inputs allow it (and then in place of the same tiles without it); none of the 128-row tiles for fp32 or head dims
     up to 128 (the SAM shapes' space is unchanged)."""
     base = dict(seqlen_q=4096, seqlen_k=32768, MASK_BLOCK=128, D0=256, D1=0, HAS_BIAS=False, IS_FP32=False,
-                IS_BF16=True, KH=1, KW=1, tile_w=1, TMA_OK=False, VARLEN=False)
+                IS_BF16=True, KH=1, KW=1, tile_w=1, TMA_OK=False, VARLEN=False, WINDOW=False)
     tiles = lambda cs: {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"], bool(c.get("TMA"))) for c in cs}  # noqa: E731
     kept = tiles(triton_kernel._prune(triton_kernel._configs(), base))
     assert kept == {(64, 64, 4, 2, False), (64, 64, 4, 3, False), (128, 64, 8, 2, False), (128, 32, 8, 3, False)}
     hopper = tiles(triton_kernel._prune(triton_kernel._configs(), {**base, "TMA_OK": True}))
-    assert hopper - kept == {(64, 64, 4, 3, True), (128, 64, 8, 2, True)}
+    # Where TMA applies, each TMA config replaces its pointer-load twin.
+    twins = {(64, 64, 4, 3, False), (128, 64, 8, 2, False)}
+    assert hopper == (kept - twins) | {(64, 64, 4, 3, True), (128, 64, 8, 2, True)}
     for other in (dict(IS_FP32=True, IS_BF16=False), dict(D0=128), dict(D0=64, D1=16)):
         assert not any(c.get("WIDE") for c in triton_kernel._prune(triton_kernel._configs(), {**base, **other}))
     # A 64-token mask block holds no 128-row tile.

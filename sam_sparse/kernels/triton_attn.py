@@ -26,8 +26,8 @@ rel_h row took three integer divisions per step, a quarter more instructions (do
 
 Shapes: q (B, Nq, H, D) or varlen (total_q, H, D); k, v (B, Nk, Hk, D) or (total_k, Hk, D); any strides.
 Head dims are split into two power-of-two parts when possible (80 = 64 + 16, 96 = 64 + 32) instead of
-padding to the next power of two, which would waste 60% more tensor-core work at vit_h's 80; with
-OVERLAP_SECOND_CHUNK (off until verified on a GPU) 72 runs as columns 0-63 and 56-71. Row strides
+padding to the next power of two, which would waste 60% more tensor-core work at vit_h's 80; else
+(OVERLAP_SECOND_CHUNK) into two that overlap: 72 runs as columns 0-63 and 56-71. Row strides
 reach the kernel divided by ALIGN (_address_align), so that rows of head dim 56 or 72, whose strides Triton
 would not know to be 16-byte multiples, still load in 16-byte vectors.
 
@@ -82,11 +82,13 @@ BIAS_NONE, BIAS_RECT, BIAS_ONEHOT, BIAS_GATHER = 0, 1, 2, 3
 
 # Head dims such as 72 (hiera_l) as two chunks where the second ends at the last column and overlaps the
 # first (72 = columns 0-63 + columns 56-71) instead of one chunk of the next power of two (128, 56 columns
-# masked: 78% more tensor-core work than 72). Off until measured right on a GPU: the earlier form of a
-# short second chunk, columns past d masked on load (72 = 64 + 16 with 8 masked), passed every interpreter
-# test and gave wrong results on an H200 (docs/benchmarks.md, run 34). The overlapping chunk has no column
-# to mask off: its K / V loads are those of an exact split (80 = 64 + 16, right on the H200) from another
-# column. Read when a plan is made (plans are cached per input signature): set it before the first call.
+# masked: 78% more tensor-core work than 72). The overlapping chunk has no column to mask off: its K / V
+# loads are those of an exact split (80 = 64 + 16) from another column, and the shared columns are zeroed
+# once in q. An earlier form, a second chunk with its columns past d masked on load, passed every
+# interpreter test and gave wrong results on an H200 (docs/benchmarks.md, run 34); this one passed the GPU
+# tests (run 63) and runs hiera_l's layers 1.2-1.4x faster (4 x 4 windows: 0.8x). False gives the padded
+# chunk back (tests and benchmarks compare the two). Read when a plan is made (plans are cached per input
+# signature).
 OVERLAP_SECOND_CHUNK = True
 
 
@@ -634,10 +636,12 @@ WIDE_HEAD_CONFIGS = [
 
 
 def _prune(configs: List[dict], a: dict) -> List[dict]:
-    """Keep configs that fit the problem: tiles inside one mask block, not far larger than the sequences.
+    """Keep configs that fit the problem: tiles inside one mask block, not far larger than the sequences,
+    and none that only twins another kept one.
 
-    For long sequences that leaves 64/128-row tiles, for SAM's few-token decoder sides the 16-row ones:
-    tuning compiles each kept config once per shape class.
+    For long sequences that leaves 64/128-row tiles, for SAM's few-token decoder sides the 16-row ones.
+    Tuning compiles each kept config once per shape class, one after another in effect (Triton's front end
+    holds the GIL), so every config cut here is time off a patched model's first call.
     """
     mb = a["MASK_BLOCK"]
     max_m = max(16, min(128, next_pow2(a["seqlen_q"])))
@@ -646,6 +650,7 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
     # Wide fp32 heads need small tiles to fit in shared memory (64 x 64 x 256 fp32 does not on an H200).
     low = 16 if d > 128 and a["IS_FP32"] else 64
     wide = d > 128 and not a["IS_FP32"]  # WIDE_HEAD_CONFIGS apply
+    tma_twins = {_twin_key(c) for c in configs if c.get("TMA")} if a["TMA_OK"] else set()
     keep = []
     for c in configs:
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
@@ -661,8 +666,18 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
             continue  # it would compile a twin of the W_DOT=0 config
         if c.get("TMA") and not a["TMA_OK"]:
             continue
+        if c["num_stages"] == 2 and triton.cdiv(a["seqlen_k"], bn) < 3 and {**c, "num_stages": 3} in configs:
+            continue  # a key loop of 1-2 steps: 2 and 3 stages are twins (3 was as fast or faster, run 63)
+        if not c.get("TMA") and not c["W_DOT"] and _twin_key(c) in tma_twins:
+            continue  # K / V through TMA won wherever both ran (docs/benchmarks.md: runs 24, 29, 60, 63)
+        if a["WINDOW"] and not a["HAS_BIAS"] and bm > 64:
+            continue  # Hiera's windows (16-256 tokens): 128-row tiles lost at every window shape (runs 59, 60, 63)
         keep.append(c)
     return keep or [dict(BLOCK_M=16, BLOCK_N=16, W_DOT=0, num_warps=4, num_stages=1)]
+
+
+def _twin_key(c: dict) -> tuple:
+    return c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"], bool(c.get("WIDE"))
 
 
 def _fixed_config(a: dict) -> dict:
@@ -830,6 +845,8 @@ def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dic
         cached = _disk_entries(path).get(skey) if path is not None else None
         if cached is not None and _offered(cached, candidates):
             best = cached
+        elif len(candidates) == 1:
+            best = candidates[0]  # nothing to choose: no timing, no disk entry
         else:
             if warmup is not None and len(candidates) > 1:
                 _compile_in_parallel(candidates, warmup)
@@ -1135,7 +1152,7 @@ def make_plan(
     kb = kv_indices.shape[-1] if has_mask else 1
     a = dict(
         seqlen_q=seqlen_q, seqlen_k=seqlen_k, KH=kh, KW=kw, tile_h=tile_h, tile_w=tile_w,
-        D0=d0, D1=d1, D1_AT=d1_at, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen,
+        D0=d0, D1=d1, D1_AT=d1_at, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen, WINDOW=window is not None,
         IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
     prec = dot_precision(q.dtype)
