@@ -137,7 +137,7 @@ def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
 
 @needs_triton
 def test_autotune_space_drops_twins(triton_kernel):
-    """Each config the tuner compiles costs a patched model's first call about a fifth of a second: none
+    """Each config the tuner compiles costs a patched model's first call about half a second (run 64): none
     that twins another is kept. Hiera's windows (no bias) keep no 128-row tile; a key loop of one or two
     steps keeps 3 stages and not its 2-stage twin; where K / V can go through TMA, the pointer-load twin of
     a TMA config goes. Every shape still keeps a config."""

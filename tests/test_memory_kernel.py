@@ -269,8 +269,8 @@ def test_varlen_new_plan_still_checks_values(monkeypatch):
 @needs_triton
 def test_wide_head_tuning_space(triton_kernel):
     """Head dim 256 in 16 bits: 64 x 64 tiles (4 warps) and the 128-row tiles over 8 warps that fit Hopper's
-    shared memory, TMA only where the inputs allow it (and then in place of the same tiles without it); none of the 128-row tiles for fp32 or head dims
-    up to 128 (the SAM shapes' space is unchanged)."""
+    shared memory, TMA only where the inputs allow it (and then in place of the same tiles without it); none
+    of the 128-row tiles for fp32 or head dims up to 128 (the SAM shapes' space is unchanged)."""
     base = dict(seqlen_q=4096, seqlen_k=32768, MASK_BLOCK=128, D0=256, D1=0, HAS_BIAS=False, IS_FP32=False,
                 IS_BF16=True, KH=1, KW=1, tile_w=1, TMA_OK=False, VARLEN=False, WINDOW=False)
     tiles = lambda cs: {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"], bool(c.get("TMA"))) for c in cs}  # noqa: E731
