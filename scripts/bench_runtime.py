@@ -15,6 +15,9 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
              encoder in bf16 with set_image_on_device. SAM's CPU resize is timed on its own.
   precision  one vit_b global layer in fp32: relative error against float64 of the kernel under
              "highest" (3xTF32) and "high" (TF32), and of PyTorch's own fp32 math.
+  compiledhost  host and GPU time per call under torch.compile (no CUDA graphs) at batch 1: one windowed and
+             one global Hiera block of --sam2-model and its whole image encoder, sam2's own against
+             patched dense (which of the two a batch-1 compiled row waits on).
   sam2predictor  SAM2ImagePredictor (--sam2-model, default sam2.1_hiera_b+, random weights), batch 1,
              on the same 1500 x 2250 photo under bf16 autocast, as SAM 2's README runs it: sam2 unpatched
              vs patched dense; set_image, predict (one point, 3 masks) and the mask IoU between them.
@@ -411,9 +414,50 @@ def section_ab(out):
             record(out, section="ab", case=f"vit_b encoder B=1 bf16 eager, {name}", **r)
 
 
+def section_compiledhost(out, model="sam2.1_hiera_l"):
+    """Host and GPU time per call under torch.compile (default mode, no CUDA graphs) at batch 1, sam2's own
+    Hiera blocks against the patched ones: one windowed block of stage 3, one global block, and the whole
+    image encoder. Where host_us exceeds gpu_ms * 1000 the call is host-bound (issue 22's batch-1 compiled
+    row, run 64: patched dense 13.78 ms against sam2's 8.36 with less GPU time)."""
+    import copy
+
+    from sam_sparse.models import build_model
+
+    if not model.startswith("sam2"):
+        raise ValueError(f"compiledhost times a SAM 2.1 model type, not {model!r}")
+    base = build_model(model).to(DEV, torch.bfloat16)
+    patched = copy.deepcopy(base)
+    patch_sam(patched, "dense")
+    trunk = base.image_encoder.trunk
+    global_ = next(i for i, b in enumerate(trunk.blocks) if b.window_size == 0)  # stage 3, 64 x 64 tokens
+    stage3 = trunk.blocks[global_].dim
+    windowed = next(i for i, b in enumerate(trunk.blocks) if b.window_size and b.pool is None and b.dim == stage3)
+    x = torch.randn(1, 3, 1024, 1024, device=DEV, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        for label, m in (("sam2", base), ("patched dense", patched)):
+            blocks = m.image_encoder.trunk.blocks
+            for name, i in (("windowed", windowed), ("global", global_)):
+                blk = blocks[i]
+                h = torch.randn(1, 64, 64, blk.dim, device=DEV, dtype=torch.bfloat16)
+                torch._dynamo.reset()
+                fn = torch.compile(blk)
+                fn(h)
+                call = lambda f=fn, h=h: f(h)  # noqa: E731
+                record(out, section="compiledhost", case=f"{model} block {i} ({name}, window {blk.window_size}), {label}",
+                       host_us=round(host_us(call, 8), 1), gpu_ms=round(gpu_ms(call), 4))
+            torch._dynamo.reset()
+            enc = torch.compile(m.image_encoder)
+            enc(x)
+            call = lambda f=enc: f(x)  # noqa: E731
+            record(out, section="compiledhost", case=f"{model} image encoder B=1, {label}",
+                   host_us=round(host_us(call, 2), 1), gpu_ms=round(gpu_ms(call), 4))
+    torch._dynamo.reset()
+
+
 SECTIONS = {"host": section_host, "precision": section_precision, "decoder": section_decoder,
             "predictor": section_predictor, "firstcall": section_firstcall, "profile": section_profile,
-            "pyprofile": section_pyprofile, "ab": section_ab, "sam2predictor": section_sam2predictor}
+            "pyprofile": section_pyprofile, "ab": section_ab, "sam2predictor": section_sam2predictor,
+            "compiledhost": section_compiledhost}
 
 
 def main():
@@ -421,9 +465,10 @@ def main():
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of: {', '.join(SECTIONS)}")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for runtime.jsonl (default $OUT)")
     ap.add_argument("--model", default="vit_h", help="firstcall's model type (vit_h, sam2.1_hiera_l, ...)")
-    ap.add_argument("--sam2-model", default="sam2.1_hiera_b+", help="sam2predictor's SAM 2.1 model type")
+    ap.add_argument("--sam2-model", default="sam2.1_hiera_b+", help="sam2predictor's and compiledhost's SAM 2.1 model type")
     args = ap.parse_args()
-    options = {"firstcall": dict(model=args.model), "sam2predictor": dict(model_type=args.sam2_model)}
+    options = {"firstcall": dict(model=args.model), "sam2predictor": dict(model_type=args.sam2_model),
+               "compiledhost": dict(model=args.sam2_model)}
     import triton
 
     record(args.out, section="meta", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
