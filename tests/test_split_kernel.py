@@ -7,9 +7,9 @@ Edges: more splits than a tile has key steps (empty splits must not count), a qu
 no key block (zeros, never NaN), varlen objects of different lengths (some with fewer steps than splits),
 lengths that are no multiple of the tile, head dims split in two chunks (80 = 64 + 16, the second partial
 written too; 72 = 0-63 + 56-71, overlapping) or padded (56 -> 64, 72 -> 128: the merge must stop at the real
-head dim, past it lies the next head) with several heads per kv head, query tiles of 16 and 64 rows beside the merge's 32-row blocks, the
-rel-pos bias path that loads rel_h one step ahead (it must start at the split's first
-step), fp32 / fp16 / bf16. Every output is poisoned with NaN first. Fresh seeds; each message names it.
+head dim, past it lies the next head) with several heads per kv head, query tiles of 16 and 64 rows beside
+the merge's 32-row blocks, the rel-pos bias path that loads rel_h one step ahead (it must start at the
+split's first step), fp32 / fp16 / bf16. Every output is poisoned with NaN first. Fresh seeds; each message names it.
 """
 
 import pytest

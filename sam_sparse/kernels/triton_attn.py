@@ -848,7 +848,7 @@ def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dic
         elif len(candidates) == 1:
             best = candidates[0]  # nothing to choose: no timing, no disk entry
         else:
-            if warmup is not None and len(candidates) > 1:
+            if warmup is not None:
                 _compile_in_parallel(candidates, warmup)
             timings = _time_candidates(candidates, bench)
             if not timings:
