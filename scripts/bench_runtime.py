@@ -452,6 +452,89 @@ def section_compiledhost(out, model="sam2.1_hiera_l"):
             record(out, section="compiledhost", case=f"{model} image encoder B=1, {label}",
                    host_us=round(host_us(call, 2), 1), gpu_ms=round(gpu_ms(call), 4))
     torch._dynamo.reset()
+    host_parts(out, patched)
+    profile_compiled(out, patched, x)
+
+
+def host_parts(out, patched):
+    """Where one attention call's host time goes, on the shapes of `patched`'s Hiera stages at batch 1:
+    the public function (eager fast path), the torch op that compiled graphs call, the plan alone, its
+    argument assembly (TMA descriptors included) and the compiled kernel's launcher alone."""
+    from sam_sparse.kernels import interface, window_attn
+
+    bf = torch.bfloat16
+    trunk = patched.image_encoder.trunk
+    seen = set()
+    for i, blk in enumerate(trunk.blocks):
+        a = blk.attn
+        nh, hd = a.num_heads, a.dim_out // a.num_heads
+        key = (blk.window_size, nh, hd)
+        if key in seen or a.q_pool is not None:  # pooled blocks: 3 of 48, on the windowed path
+            continue
+        seen.add(key)
+        grid = 256 >> sum(1 for b in trunk.blocks[:i + 1] if b.attn.q_pool is not None)  # 1024 px / 4 per side
+        q, k, v = (torch.randn(1, grid, grid, nh, hd, device=DEV, dtype=bf) for _ in range(3))
+        if blk.window_size:
+            w = blk.window_size
+            call = lambda q=q, k=k, v=v, w=w: window_attn(q, k, v, (w, w), k_pad=k[0, 0, 0], v_pad=v[0, 0, 0])  # noqa: E731
+            op = lambda q=q, k=k, v=v, w=w: torch.ops.sam_sparse.window_attn.default(  # noqa: E731
+                q, k, v, k[0, 0, 0], v[0, 0, 0], None, None, None, None, [w, w], [w, w], hd ** -0.5, 128)
+            args = (q, k, v, None, None, None, None, None, None, k[0, 0, 0], v[0, 0, 0])
+        else:
+            q, k, v = (t.view(1, grid * grid, nh, hd) for t in (q, k, v))
+            call = lambda q=q, k=k, v=v: block_sparse_attn(q, k, v)  # noqa: E731
+            op = lambda q=q, k=k, v=v: torch.ops.sam_sparse.block_sparse_attn.default(  # noqa: E731
+                q, k, v, None, None, None, None, None, hd ** -0.5, 128)
+            args = (q, k, v, None, None, None, None, None, None)
+        with torch.inference_mode():
+            call()
+            plan = list(interface._PLANS.values())[-1]
+            plans = getattr(plan, "plans", [plan])
+            row = dict(section="hostparts", case=f"block {i}: window {blk.window_size}, {grid}x{grid} tokens, "
+                       f"{nh} heads x {hd}", launches=len(plans), config=str(plans[0].config)[:200],
+                       tma=plans[0]._tma is not None, split=plans[0].split is not None,
+                       public_us=round(host_us(call), 1), op_us=round(host_us(op), 1),
+                       plan_us=round(host_us(lambda: plan(*args)), 1))
+            p0 = plans[0]
+            out_t = torch.empty_like(q)
+            ws = p0.split.workspace(q.device) if p0.split is not None else (q, q)
+            tens = lambda: p0._tensors(q, k, v, out_t, ws, *args[9:11] if len(args) > 9 else (None, None),  # noqa: E731
+                                       None, None, None, None, None, None)
+            row["args_us"] = round(host_us(tens), 1)
+            t = tens()
+            row["launcher_us"] = round(host_us(lambda: p0._fast(*t, *p0._tail)), 1)
+            row["empty_us"] = round(host_us(lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device)), 1)
+            record(out, **row)
+
+
+def profile_compiled(out, patched, x, calls=20):
+    """cProfile of the patched encoder compiled (default mode) at batch 1: the Python functions its host
+    time goes to (Inductor's wrapper, the op dispatch, sam_sparse, Triton's launcher)."""
+    import cProfile
+    import io
+    import pstats
+
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        enc = torch.compile(patched.image_encoder)
+        enc(x)
+        enc(x)
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            enc(x)
+        prof.disable()
+        torch.cuda.synchronize()
+    for sort in ("tottime", "cumulative"):
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats(sort).print_stats(30)
+        body = text.getvalue()
+        print(f"== cProfile compiled patched encoder x{calls}, by {sort}\n{body[-7000:]}", flush=True)
+        if out:
+            with open(os.path.join(out, f"cprofile_compiled_{sort}.txt"), "w") as f:
+                f.write(body)
+    torch._dynamo.reset()
 
 
 SECTIONS = {"host": section_host, "precision": section_precision, "decoder": section_decoder,
