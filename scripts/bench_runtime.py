@@ -175,7 +175,10 @@ t = time.perf_counter()
 with torch.inference_mode():
     model.image_encoder(x)
 torch.cuda.synchronize()
-print("FIRST", json.dumps(dict(first_forward_s=round(time.perf_counter() - t, 2))))
+from sam_sparse.kernels import compile_workers
+pool = compile_workers.pool()
+print("FIRST", json.dumps(dict(first_forward_s=round(time.perf_counter() - t, 2),
+                               compile_jobs=None if pool is None else pool.stats)))
 """
 
 
@@ -184,7 +187,10 @@ def section_firstcall(out, model="vit_h"):
     code = FIRST_CALL.format(scripts=scripts, model=model)
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, SAM_SPARSE_CACHE=os.path.join(tmp, "ss"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
-        for label, extra in (("fresh process, empty caches", {}),
+        alone = dict(SAM_SPARSE_CACHE=os.path.join(tmp, "ss0"), TRITON_CACHE_DIR=os.path.join(tmp, "triton0"),
+                     SAM_SPARSE_COMPILE_WORKERS="0")
+        for label, extra in (("fresh process, empty caches, no compile workers", alone),
+                             ("fresh process, empty caches", {}),
                              ("next process, caches of the first", {}),
                              ("next process, Triton's kernel cache only", {"SAM_SPARSE_TUNE_CACHE": "0"})):
             res = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
