@@ -110,6 +110,8 @@ for shape in a.shapes.split(","):
                 torch._dynamo.reset(); gc.collect(); torch.cuda.empty_cache()  # the last row's model is gone
                 m = make(impl, name, orig_cpu)
                 f = m if MODES[mode] is None else torch.compile(m, mode=MODES[mode])
+                if mode == "cudagraphs":  # each call a new step: the last call's graph outputs may be overwritten
+                    f = (lambda g: lambda x: (torch.compiler.cudagraph_mark_step_begin(), g(x))[1])(f)
                 with torch.inference_mode():
                     t0 = time.time(); y = out(f(x)).float(); f(x); torch.cuda.synchronize(); tc = time.time() - t0
                     torch.cuda.reset_peak_memory_stats()

@@ -3,6 +3,7 @@ its warmup records what it was given, one JSON line per call, in the file $COMPI
 
 import json
 import os
+import time
 
 
 class Probe:
@@ -13,6 +14,8 @@ class Probe:
     def warmup(self, *args, grid, **options):
         if options.get("fail"):
             raise RuntimeError("the probe was told to fail")
+        if options.get("slow_in_workers") and os.getpid() != int(os.environ["COMPILE_PROBE_PARENT"]):
+            time.sleep(options["slow_in_workers"])
         seen = [["stub", str(a.dtype), a.data_ptr() % 16] if hasattr(a, "data_ptr") else
                 ["desc", a.shape, a.strides, a.block_shape, a.base.data_ptr() % 16] if hasattr(a, "block_shape") else
                 a for a in args]

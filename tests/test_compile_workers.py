@@ -96,6 +96,26 @@ def test_jobs_a_dead_worker_leaves_are_compiled_here(tmp_path, monkeypatch):
     assert {json.loads(line)["pid"] for line in out.read_text().splitlines()} == {os.getpid()}
 
 
+def test_this_thread_takes_over_a_job_a_worker_is_slow_with(tmp_path, monkeypatch):
+    """A worker still starting Triton up (here: sleeping 20 s) does not hold the batch: once the queue is empty,
+    the caller compiles what a worker has held longer than its own compile took, and its answer is dropped."""
+    import time
+
+    out = tmp_path / "probe.jsonl"
+    monkeypatch.setenv("COMPILE_PROBE_OUT", str(out))
+    monkeypatch.setenv("COMPILE_PROBE_PARENT", str(os.getpid()))
+    pool = cw.CompilePool(1, env={**os.environ, "PYTHONPATH": HERE})
+    try:
+        assert pool.compile([cw.job(PROBE, [0], (1,), {}, -1)], local=False) == [(True, "")]  # the worker is up
+        t = time.perf_counter()
+        results = pool.compile([cw.job(PROBE, [i], (1,), {"slow_in_workers": 20}, -1) for i in range(2)])
+        assert time.perf_counter() - t < 10, "the caller waited for the slow worker"
+    finally:
+        pool.close()
+    assert results == [(True, "")] * 2
+    assert pool.stats["here"] == 2 and pool.stats["failed"] == 0, pool.stats
+
+
 def test_worker_count(monkeypatch):
     monkeypatch.setenv("SAM_SPARSE_COMPILE_WORKERS", "3")
     assert cw.worker_count() == 3

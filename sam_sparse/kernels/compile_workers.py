@@ -26,6 +26,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -160,9 +161,9 @@ def worker_count() -> int:
 class _Worker:
     """One worker process; `ready` once it has imported torch and Triton."""
 
-    def __init__(self, env: dict):
-        self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, env=env)
+    def __init__(self, env: dict, modules: Sequence[str] = ()):
+        self.proc = subprocess.Popen([sys.executable, "-m", __name__, *modules], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
         self.lock = threading.Lock()
 
     def call(self, spec: tuple) -> Tuple[bool, str]:
@@ -179,7 +180,7 @@ class _Worker:
     def close(self) -> None:
         try:
             self.proc.stdin.close()
-            self.proc.wait(timeout=5)
+            self.proc.wait(timeout=1)  # a worker busy with a job nobody waits for is killed
         except Exception:
             self.proc.kill()
 
@@ -197,7 +198,7 @@ class CompilePool:
         self._started = False
         self.stats = dict(workers=0, here=0, failed=0)  # jobs compiled so far, by where
 
-    def _start(self) -> None:
+    def _start(self, modules: Sequence[str] = ()) -> None:
         self._started = True
         env = dict(os.environ if self._env is None else self._env)
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -205,7 +206,7 @@ class CompilePool:
         env["SAM_SPARSE_COMPILE_WORKERS"] = "0"  # a worker never starts workers of its own
         for _ in range(self.size):
             try:
-                w = _Worker(env)
+                w = _Worker(env, modules)
             except OSError:
                 break
             ready = threading.Event()
@@ -214,49 +215,72 @@ class CompilePool:
             threading.Thread(target=lambda w=w, e=ready: w.wait_ready() and e.set(), daemon=True).start()
 
     def compile(self, jobs: List[tuple], local: bool = True) -> List[Tuple[bool, str]]:
-        """Compile every job, in the workers and (local=True) in this thread; returns (ok, message) per job."""
+        """Compile every job; returns (ok, message) per job. Workers take jobs from a queue; this thread
+        (local=True) takes them too, and once the queue is empty compiles any job a worker has held longer than
+        this thread's own last compile took (a worker still starting Triton up), so it never waits idle. A
+        worker's late answer to a job done here is dropped."""
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
             alive = [i for i, w in enumerate(self._workers) if w.proc.poll() is None]
             self._workers, self._ready = [self._workers[i] for i in alive], [self._ready[i] for i in alive]
             if not self._started:  # workers that died stay gone until the idle close
-                self._start()
+                self._start(sorted({j[0] for j in jobs}))
             workers, ready = list(self._workers), list(self._ready)
         todo: "queue.Queue[int]" = queue.Queue()
         for i in range(len(jobs)):
             todo.put(i)
         results: List[Optional[Tuple[bool, str]]] = [None] * len(jobs)
         where = ["failed"] * len(jobs)
+        done = [threading.Event() for _ in jobs]
+        record = threading.Lock()
 
-        def drain(worker: Optional[_Worker] = None, ready_event: Optional[threading.Event] = None) -> None:
-            if worker is not None:
-                while not ready_event.wait(0.05):  # meanwhile this thread's jobs are compiled here
-                    if todo.empty() or worker.proc.poll() is not None:
-                        return
+        def finish(i: int, result: Tuple[bool, str], who: str) -> None:
+            with record:
+                if not done[i].is_set():
+                    results[i], where[i] = result, who
+                    done[i].set()
+
+        def serve(worker: _Worker, ready_event: threading.Event) -> None:
+            while not ready_event.wait(0.05):
+                if todo.empty() or worker.proc.poll() is not None:
+                    return
             while True:
                 try:
                     i = todo.get_nowait()
                 except queue.Empty:
                     return
-                if worker is None:
-                    results[i], where[i] = _run_local(jobs[i]), "here"
-                    continue
                 try:
-                    results[i], where[i] = worker.call(jobs[i]), "workers"
-                except Exception:  # a dead or garbled worker: dropped, its job compiled here
+                    result = worker.call(jobs[i])
+                except Exception:  # a dead or garbled worker: dropped, its job back in the queue
                     worker.proc.kill()
                     todo.put(i)
                     return
+                finish(i, result, "workers")
 
-        threads = [threading.Thread(target=drain, args=wr, daemon=True) for wr in zip(workers, ready)]
-        for t in threads:
-            t.start()
-        if local:
-            drain()
-        for t in threads:
-            t.join()
-        drain()  # whatever a dead worker put back
+        for wr in zip(workers, ready):
+            threading.Thread(target=serve, args=wr, daemon=True).start()
+        took = 1.0  # seconds: how long a job held by a worker may run before this thread compiles it too
+        while True:
+            i = None
+            if local:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    pass
+            if i is None:
+                pending = [j for j, e in enumerate(done) if not e.is_set()]
+                if not pending:
+                    break
+                if done[pending[0]].wait(took if local else 0.05):
+                    continue
+                if not local:
+                    local = not any(w.proc.poll() is None for w in workers)  # none left to wait for
+                    continue
+                i = pending[0]
+            t = time.perf_counter()
+            finish(i, _run_local(jobs[i]), "here")
+            took = time.perf_counter() - t
         for r, w in zip(results, where):
             self.stats[w if r is not None and r[0] else "failed"] += 1
         with self._lock:
@@ -300,11 +324,18 @@ def pool() -> Optional[CompilePool]:
 
 
 def _serve() -> None:
-    """A worker: report ready, then compile jobs from stdin until it closes, answering (ok, message) each."""
+    """A worker: import the kernel modules named on the command line and start Triton's driver, report ready,
+    then compile jobs from stdin until it closes, answering (ok, message) each."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # anything printed goes to stderr, never into the protocol
-    import triton  # noqa: F401  (imported before "ready": the parent compiles alone until then)
+    try:  # done before "ready": until then the parent compiles alone
+        for module in sys.argv[1:]:
+            importlib.import_module(module)
+        import triton
 
+        triton.runtime.driver.active.get_current_target()
+    except Exception:
+        pass  # the jobs will say what is wrong
     _send(stdout, "ready")
     while True:
         try:
