@@ -175,10 +175,20 @@ t = time.perf_counter()
 with torch.inference_mode():
     model.image_encoder(x)
 torch.cuda.synchronize()
+elapsed = time.perf_counter() - t
 from sam_sparse.kernels import compile_workers
+import subprocess
 pool = compile_workers.pool()
-print("FIRST", json.dumps(dict(first_forward_s=round(time.perf_counter() - t, 2),
-                               compile_jobs=None if pool is None else pool.stats)))
+pids = {{str(w.proc.pid) for w in pool._workers}} if pool is not None else set()
+apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                      capture_output=True, text=True).stdout.splitlines()
+worker_mb = sum(int(a.split(",")[1]) for a in apps if a.split(",")[0].strip() in pids)
+used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                      capture_output=True, text=True).stdout.split()
+print("FIRST", json.dumps(dict(first_forward_s=round(elapsed, 2),
+                               compile_jobs=None if pool is None else pool.stats, workers_alive=len(pids),
+                               workers_gpu_mb=worker_mb, gpu_used_mb=int(used[0]) if used else None,
+                               this_process_mb=round(torch.cuda.memory_reserved() / 2**20))))
 """
 
 
