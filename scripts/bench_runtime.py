@@ -175,20 +175,7 @@ t = time.perf_counter()
 with torch.inference_mode():
     model.image_encoder(x)
 torch.cuda.synchronize()
-elapsed = time.perf_counter() - t
-from sam_sparse.kernels import compile_workers
-import subprocess
-pool = compile_workers.pool()
-pids = {{str(w.proc.pid) for w in pool._workers}} if pool is not None else set()
-apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                      capture_output=True, text=True).stdout.splitlines()
-worker_mb = sum(int(a.split(",")[1]) for a in apps if a.split(",")[0].strip() in pids)
-used = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                      capture_output=True, text=True).stdout.split()
-print("FIRST", json.dumps(dict(first_forward_s=round(elapsed, 2),
-                               compile_jobs=None if pool is None else pool.stats, workers_alive=len(pids),
-                               workers_gpu_mb=worker_mb, gpu_used_mb=int(used[0]) if used else None,
-                               this_process_mb=round(torch.cuda.memory_reserved() / 2**20))))
+print("FIRST", json.dumps(dict(first_forward_s=round(time.perf_counter() - t, 2))))
 """
 
 
@@ -197,10 +184,7 @@ def section_firstcall(out, model="vit_h"):
     code = FIRST_CALL.format(scripts=scripts, model=model)
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, SAM_SPARSE_CACHE=os.path.join(tmp, "ss"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
-        alone = dict(SAM_SPARSE_CACHE=os.path.join(tmp, "ss0"), TRITON_CACHE_DIR=os.path.join(tmp, "triton0"),
-                     SAM_SPARSE_COMPILE_WORKERS="0")
-        for label, extra in (("fresh process, empty caches, no compile workers", alone),
-                             ("fresh process, empty caches", {}),
+        for label, extra in (("fresh process, empty caches", {}),
                              ("next process, caches of the first", {}),
                              ("next process, Triton's kernel cache only", {"SAM_SPARSE_TUNE_CACHE": "0"})):
             res = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)

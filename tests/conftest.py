@@ -39,9 +39,6 @@ os.environ["SAM_SPARSE_DEVICE"] = "cpu"  # whatever the shell says: the checks b
 # The GPU suite tunes launch configs with several workers sharing one GPU: such timings must not reach the
 # user's tuning cache (~/.cache/sam-sparse/tuning), which every later process on this GPU would trust.
 os.environ["SAM_SPARSE_TUNE_CACHE"] = "0"
-# pytest-xdist's workers already compile side by side; compile workers of their own (up to 8 each) would
-# only crowd the cores. tests/gpu/test_gpu_compile_workers.py turns them on in a child process.
-os.environ["SAM_SPARSE_COMPILE_WORKERS"] = "0"
 
 
 def _share_cores() -> None:

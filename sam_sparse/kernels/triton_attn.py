@@ -69,7 +69,6 @@ import torch
 import triton
 import triton.language as tl
 
-from . import compile_workers
 from .layout import length_bucket
 from .triton_util import INTERPRET, MAX_GRID_Y, dot_precision, next_pow2
 
@@ -780,21 +779,12 @@ def _disk_store(path: Path, tune_key: str, cfg: dict) -> None:
 
 
 def _compile_in_parallel(candidates: List[dict], warmup: Callable[[dict], None]) -> None:
-    """Compile the candidates side by side before timing them one by one (a fresh process tunes several
-    shape classes of 2-5 configs each): in compile worker processes (compile_workers.py) where there are
-    any, else on a thread pool in Triton's async-compile mode where this Triton has it, else not at all (the
-    timing loop compiles them one at a time). Failures are left to the timing loop, which reports them."""
-    workers = compile_workers.pool()
-    if workers is not None:
-        with compile_workers.recording() as jobs:
-            for cfg in candidates:
-                try:
-                    warmup(cfg)
-                except Exception:
-                    pass
-        if jobs:
-            workers.compile(jobs)
-        return
+    """Compile the candidates on a thread pool before timing them one by one (a fresh process tunes several
+    shape classes of 2-5 configs each). Uses Triton's async-compile mode where this Triton has it;
+    otherwise the timing loop compiles them one at a time, as before. Worker processes, which would not share
+    the GIL, lost: hiera_l's first call took 13.1 s with 8 of them against 11.7 s without, and their CUDA
+    contexts held 3.1 GB (docs/benchmarks.md, runs 68-69): a tune's 2-5 jobs arrive one shape class at a
+    time, too few to repay a worker's start."""
     try:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -976,7 +966,7 @@ class KernelPlan:
         """Compile without launching."""
         ws = self.split.standin(q.device) if self.split is not None else (q, q)
         tensors = self._tensors(q, k, v, q, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
-        compile_workers.warm(_attn_fwd, *tensors, *self._tail, grid=self.grid, device=q.device, **self._options)
+        _attn_fwd.warmup(*tensors, *self._tail, grid=self.grid, **self._options)
         if self.split is not None:
             self.split.warmup(q, cu_q)
 
@@ -1048,8 +1038,8 @@ class SplitCombine:
         return one, one
 
     def warmup(self, q: torch.Tensor, cu_q: Optional[torch.Tensor]) -> None:
-        compile_workers.warm(_split_combine, *self.standin(q.device), q, q if cu_q is None else cu_q, *self._tail,
-                             grid=self.grid, device=q.device, num_warps=4)
+        _split_combine.warmup(*self.standin(q.device), q, q if cu_q is None else cu_q, *self._tail, grid=self.grid,
+                              num_warps=4)
 
     def __call__(self, ws: Tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, cu_q: Optional[torch.Tensor]) -> None:
         args = (*ws, out, out if cu_q is None else cu_q)
