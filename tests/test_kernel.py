@@ -149,9 +149,15 @@ def test_autotune_space_drops_twins(triton_kernel):
     assert keys(prune(seqlen_q=256, seqlen_k=256)) == {(64, 64, 2, 0), (64, 64, 3, 0), (64, 128, 3, 0)}
     assert any(c["BLOCK_M"] == 128 for c in prune(seqlen_q=256, seqlen_k=256, WINDOW=False))
     assert any(c["BLOCK_M"] == 128 for c in prune(seqlen_q=256, seqlen_k=256, HAS_BIAS=True, KH=14, KW=14, tile_w=14))
-    glob = keys(prune(seqlen_q=4096, seqlen_k=4096, WINDOW=False, TMA_OK=True))
-    assert {(128, 64, 3, 1), (64, 64, 3, 1)} <= glob and not {(128, 64, 3, 0), (64, 64, 3, 0)} & glob
+    # Where K / V can go through TMA (head dims up to 128), only the TMA configs: they won wherever both ran.
+    assert keys(prune(seqlen_q=4096, seqlen_k=4096, WINDOW=False, TMA_OK=True)) == {(128, 64, 3, 1), (64, 64, 3, 1)}
+    sam_global = dict(seqlen_q=4096, seqlen_k=4096, WINDOW=False, TMA_OK=True, HAS_BIAS=True, KH=64, KW=64, tile_w=64,
+                      D0=64, D1=16, D1_AT=64)
+    assert keys(prune(**sam_global)) == {(128, 64, 3, 1), (64, 64, 3, 1)}
     assert {(128, 64, 3, 0), (64, 64, 3, 0)} <= keys(prune(seqlen_q=4096, seqlen_k=4096, WINDOW=False))
+    memory = keys(prune(seqlen_q=4096, seqlen_k=32768, WINDOW=False, TMA_OK=True, D0=256, D1=0, D1_AT=256))
+    assert (128, 64, 2, 1) in memory and any(not t for *_, t in memory), "head dim 256 keeps its pointer-load tiles"
+    assert keys(prune(seqlen_q=4096, seqlen_k=7, WINDOW=False, TMA_OK=True)), "no TMA tile fits 7 keys: others stay"
     for sq, sk in ((1, 1), (7, 4096), (4096, 7), (16, 16), (300, 20)):
         assert prune(seqlen_q=sq, seqlen_k=sk), (sq, sk)
 

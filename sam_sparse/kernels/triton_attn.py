@@ -673,6 +673,12 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
         if a["WINDOW"] and not a["HAS_BIAS"] and bm > 64:
             continue  # Hiera's windows (16-256 tokens): 128-row tiles lost at every window shape (runs 59, 60, 63)
         keep.append(c)
+    if a["TMA_OK"] and d <= 128 and any(c.get("TMA") for c in keep):
+        # Where K / V go through TMA at head dims up to 128, a TMA config won at every shape measured (SAM's
+        # global blocks with rel-pos, runs 24 and 29; Hiera's at head dims 56, 72 and 96, runs 60 and 63: 0.946
+        # ms against 1.140 for the best pointer-load tile at hiera_l's): the pointer-load tiles only cost the
+        # first call their compiles (6 of hiera_l's 19). Head dim 256 (SAM 2's memory) keeps them: not measured so.
+        keep = [c for c in keep if c.get("TMA")]
     return keep or [dict(BLOCK_M=16, BLOCK_N=16, W_DOT=0, num_warps=4, num_stages=1)]
 
 
