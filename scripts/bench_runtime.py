@@ -17,7 +17,9 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
              "highest" (3xTF32) and "high" (TF32), and of PyTorch's own fp32 math.
   compiledhost  host and GPU time per call under torch.compile (no CUDA graphs) at batch 1: one windowed and
              one global Hiera block of --sam2-model and its whole image encoder, sam2's own against
-             patched dense (which of the two a batch-1 compiled row waits on).
+             patched dense (which of the two a batch-1 compiled row waits on); then one attention call's
+             host time by part (public function, torch op, plan, arguments, launcher, output) at each
+             stage's shape, and a cProfile of the compiled patched encoder.
   sam2predictor  SAM2ImagePredictor (--sam2-model, default sam2.1_hiera_b+, random weights), batch 1,
              on the same 1500 x 2250 photo under bf16 autocast, as SAM 2's README runs it: sam2 unpatched
              vs patched dense; set_image, predict (one point, 3 masks) and the mask IoU between them.
@@ -459,7 +461,8 @@ def section_compiledhost(out, model="sam2.1_hiera_l"):
 def host_parts(out, patched):
     """Where one attention call's host time goes, on the shapes of `patched`'s Hiera stages at batch 1:
     the public function (eager fast path), the torch op that compiled graphs call, the plan alone, its
-    argument assembly (TMA descriptors included) and the compiled kernel's launcher alone."""
+    argument assembly (TMA descriptors included) and the compiled kernel's launcher alone. A diagnostic: it
+    reaches into the plan cache and the plan's parts on purpose."""
     from sam_sparse.kernels import interface, window_attn
 
     bf = torch.bfloat16
