@@ -420,7 +420,8 @@ def section_compiledhost(out, model="sam2.1_hiera_l"):
     """Host and GPU time per call under torch.compile (default mode, no CUDA graphs) at batch 1, sam2's own
     Hiera blocks against the patched ones: one windowed block of stage 3, one global block, and the whole
     image encoder. Where host_us exceeds gpu_ms * 1000 the call is host-bound (issue 22's batch-1 compiled
-    row, run 64: patched dense 13.78 ms against sam2's 8.36 with less GPU time)."""
+    row, run 64: patched dense 13.78 ms against sam2's 8.36 with less GPU time). A call that waits on the GPU
+    (sam2's encoder does, once per forward: run 67) reads host_us as the queued GPU time instead."""
     import copy
 
     from sam_sparse.models import build_model
