@@ -139,8 +139,9 @@ def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
 def test_autotune_space_drops_twins(triton_kernel):
     """Each config the tuner compiles costs a patched model's first call about half a second (run 64): none
     that twins another is kept. Hiera's windows (no bias) keep no 128-row tile; a key loop of one or two
-    steps keeps 3 stages and not its 2-stage twin; where K / V can go through TMA, the pointer-load twin of
-    a TMA config goes. Every shape still keeps a config."""
+    steps keeps 3 stages and not its 2-stage twin; where K / V can go through TMA, no pointer-load config
+    stays at head dims up to 128 (TMA won at every such shape measured) and at head dim 256 only the
+    pointer-load twin of a TMA config goes. Every shape still keeps a config."""
     hiera = dict(seqlen_q=64, seqlen_k=64, MASK_BLOCK=128, D0=64, D1=16, D1_AT=56, HAS_BIAS=False, IS_FP32=False,
                  IS_BF16=True, KH=1, KW=1, tile_w=1, TMA_OK=False, WINDOW=True)
     prune = lambda **kw: triton_kernel._prune(triton_kernel._configs(), {**hiera, **kw})  # noqa: E731
