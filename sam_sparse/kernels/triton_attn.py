@@ -281,10 +281,6 @@ def _attn_fwd(
     # Scores stay in q.k units through the loop (biases are divided by sm_scale once, up front), so the
     # scale joins the exp2 argument in one FMA per score. sm_scale > 0 (interface.check_scale), so the
     # row max of the unscaled scores times qk_scale is the row max of the scaled ones.
-    # fp32 whatever the caller's signature: Inductor, launching this kernel from its own code (a triton op
-    # under torch.compile), types a Python float argument fp64, which would carry fp64 into the softmax
-    # state and the accumulators. Triton's own launcher rounds it to fp32 the same way.
-    sm_scale = tl.cast(sm_scale, tl.float32)
     qk_scale = sm_scale * LOG2E
     inv_scale = 1.0 / sm_scale
     dead_max = NEG_CUT * qk_scale  # -inf when that overflows, and then so does NEG_BIG * qk_scale
