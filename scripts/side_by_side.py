@@ -14,9 +14,7 @@ The team's comparison script (../shared/bench/side_by_side.py, which made ../sha
 here so that the figures in docs/benchmarks.md come from a script in the repository. One impl added:
 "dense-partitioned" is patch_sam(m, "dense") with the windowed blocks put back to SAM's own
 Block.forward (pad + window_partition copies), to measure what window_attn's in-place windows give;
-and gc.collect() before each row, so that a row's peak memory does not hold the previous model. An impl
-"<policy>@customop" compiles with SAM_SPARSE_TRITON_OP=0: sam-sparse's custom ops in the graph instead of its
-triton ops (the kernel launched from Inductor's code)."""
+and gc.collect() before each row, so that a row's peak memory does not hold the previous model."""
 import argparse, copy, functools, gc, json, os, sys, time, traceback
 import torch
 from triton.testing import do_bench
@@ -106,12 +104,7 @@ for shape in a.shapes.split(","):
     x = torch.randn(B, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         ref = out(copy.deepcopy(orig_cpu).to("cuda", torch.bfloat16)(x)).float()
-    for impl_arg in a.impls.split(","):
-        # "<policy>@customop": torch.compile records the custom ops instead of the triton ops (SAM_SPARSE_TRITON_OP=0)
-        impl, _, flag = impl_arg.partition("@")
-        os.environ.pop("SAM_SPARSE_TRITON_OP", None)
-        if flag == "customop":
-            os.environ["SAM_SPARSE_TRITON_OP"] = "0"
+    for impl in a.impls.split(","):
         for mode in a.modes.split(","):
             try:
                 torch._dynamo.reset(); gc.collect(); torch.cuda.empty_cache()  # the last row's model is gone
@@ -125,10 +118,10 @@ for shape in a.shapes.split(","):
                     t = do_bench(lambda: f(x), warmup=25, rep=a.rep, return_mode="median")
                     peak = torch.cuda.max_memory_allocated() / 2**30
                 cos = torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0).item()
-                rec(dict(model=name, B=B, impl=impl_arg, mode=mode, ms=round(t, 3), img_s=round(B / t * 1e3, 1),
+                rec(dict(model=name, B=B, impl=impl, mode=mode, ms=round(t, 3), img_s=round(B / t * 1e3, 1),
                          first_calls_s=round(tc, 1), peak_gb=round(peak, 2), cos=round(cos, 6)))
                 m = f = None  # the model goes before the next row is built
             except Exception as e:
                 traceback.print_exc()
-                rec(dict(model=name, B=B, impl=impl_arg, mode=mode, error=f"{type(e).__name__}: {str(e)[:200]}"))
+                rec(dict(model=name, B=B, impl=impl, mode=mode, error=f"{type(e).__name__}: {str(e)[:200]}"))
     x = ref = None  # the batch goes before the next shape is built

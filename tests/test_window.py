@@ -358,50 +358,6 @@ def test_window_op_passes_opcheck():
     torch.library.opcheck(interface._window_op, (q, k, v, kp, vp, None, None, rh, rw, [4, 4], [4, 4], 0.25, 128))
 
 
-def test_traced_op_plans_on_standins(triton_kernel):
-    """torch.compile traces the triton op with FakeTensors: the plan is made on real stand-ins with the same
-    shapes, strides, storage offsets and dtypes (on a thread outside the fake mode), and is the very plan the
-    real tensors get. Called eagerly, the triton op launches that plan and gives the custom op's output."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from sam_sparse.kernels import interface
-
-    seed, g = seeded()
-    q, k, v, kp, vp, rh, rw = grid_inputs(g, 1, 9, 7, 2, 2, 16, torch.float32, (4, 4), noncontig=True)
-    mask = random_mask(g, 6, 2, 16, 16)
-    layout = BlockLayout.from_mask(mask, 16)
-    tensors = (q, k, v, kp, vp, layout.kv_num_blocks, layout.kv_indices, rh, rw)
-
-    def plan_of(*t):
-        return interface._traced_plan(lambda *x: interface._window_plan(*x, [4, 4], [4, 4], 0.25, 16), t, "dddddnidd")
-
-    real = plan_of(*tensors)
-    mode = FakeTensorMode()
-    fakes = tuple(mode.from_tensor(t) for t in tensors)
-    with mode:
-        traced = plan_of(*fakes)
-    assert traced is real, "the stand-ins should give the real tensors' plan (same signature)"
-    assert real.traceable == (interface.HAS_TRITON and hasattr(torch.library, "wrap_triton"))
-    out = interface._window_traced_op(*tensors, [4, 4], [4, 4], 0.25, 16)
-    torch.testing.assert_close(out, interface._window_op(*tensors, [4, 4], [4, 4], 0.25, 16), rtol=0, atol=0)
-    check(out, q, k, v, (4, 4), kp, vp, mask, rh, rw, 0.25, 16, seed, mask_empty_rows(mask, 1, 9, 7, (4, 4), 16))
-
-
-def test_standin_layout_is_a_dense_layout():
-    """A block layout's stand-in (what a traced call is tuned on) lists every key block in order, so the
-    tuner's launches read only blocks that exist; data stand-ins keep shape, strides and storage offset."""
-    from sam_sparse.kernels import interface
-
-    layout = BlockLayout.from_mask(torch.rand(3, 2, 5, 7) < 0.5, 16)
-    num = interface._standin(layout.kv_num_blocks, "num", 7)
-    idx = interface._standin(layout.kv_indices, "idx", 7)
-    assert (num == 7).all() and num.dtype == torch.int32
-    assert torch.equal(idx, torch.arange(7, dtype=torch.int32).expand(3, 2, 5, 7))
-    view = torch.randn(2, 5, 3, 4, 8).unbind(2)[1]
-    twin = interface._standin(view, "data", 1)
-    assert (twin.shape, twin.stride(), twin.storage_offset()) == (view.shape, view.stride(), view.storage_offset())
-
-
 def test_window_attn_fast_path_reuses_the_plan(monkeypatch):
     """A repeated call with the same signature skips the checks and the planner, and gives the same
     output; a call that needs a conversion (None pads) is never served from the fast path."""

@@ -25,8 +25,6 @@ import importlib.util
 import math
 import operator
 import os
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from typing import Optional, Tuple, Union
 
 import torch
@@ -340,17 +338,11 @@ def _attn_impl(
     softmax_scale: float,
     block_size: int,
 ) -> torch.Tensor:
-    plan = _op_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size)
-    return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, None)
-
-
-def _op_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size):
-    """The plan of a checked block_sparse_attn call, from the plan cache (keyed by every input's signature)."""
     tile = tuple(key_tile) if key_tile is not None else None
     key = ("op", _sig(q), _sig(k), _sig(v), _sig(kv_num_blocks), _sig(kv_indices), _sig(rel_h), _sig(rel_w), tile,
            softmax_scale, block_size, use_triton(q), torch.get_float32_matmul_precision())
-    return _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, tile, softmax_scale,
-                                           block_size))
+    plan = _planned(key, lambda: _new_plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, tile, softmax_scale, block_size))
+    return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, None)
 
 
 _attn_op = torch.library.custom_op("sam_sparse::block_sparse_attn", _attn_impl, mutates_args=())
@@ -430,120 +422,6 @@ def _(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_siz
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton ops: what torch.compile records on the kernel path. Their body launches the plan's kernel through
-# torch.library.wrap_triton, so Inductor writes each launch into the code it generates, as it does its own
-# kernels. Through the custom ops above, a compiled graph paid ~45 us of host time per attention call (plan
-# lookup, the op's dispatch, Triton's launcher: docs/benchmarks.md, run 67), and a batch-1 Hiera makes 48.
-# Plans whose launch torch cannot record (TMA descriptors), symbolic shapes and the reference path keep the
-# custom ops.
-# ---------------------------------------------------------------------------------------------------
-
-_triton_op = getattr(torch.library, "triton_op", None)  # torch >= 2.6
-
-
-def _standin(t: Optional[torch.Tensor], role: str, key_blocks: int) -> Optional[torch.Tensor]:
-    """A real tensor with t's shape, strides, storage offset, dtype and device: random values for data, a
-    dense block layout (every one of key_blocks blocks, in order, for contiguous layouts) for role "num" /
-    "idx". What a plan is made and tuned on when t is a FakeTensor of torch.compile's trace."""
-    if t is None:
-        return None
-    shape, stride, offset = tuple(t.shape), tuple(t.stride()), t.storage_offset()
-    size = offset + (1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0)
-    if role == "num":
-        base = torch.full((size,), key_blocks, dtype=t.dtype, device=t.device)
-    elif role == "idx":
-        base = torch.arange(size, device=t.device).remainder_(max(key_blocks, 1)).to(t.dtype)
-    else:
-        base = torch.randn(size, device=t.device).to(t.dtype)
-    return base.as_strided(shape, stride, offset)
-
-
-def _traced_plan(make, tensors: tuple, roles: str):
-    """make(*tensors), a plan; for a trace's FakeTensors, make(*stand-ins) (_standin; roles: one letter per
-    tensor, n / i for the layout's kv_num_blocks / kv_indices), on a thread of its own: outside the trace's
-    dispatch modes (thread-local), so that the tuner's launches run on the GPU and are not recorded. Plans are
-    keyed by signature (shape, strides, dtype, device, 16-byte alignment), which stand-ins share. None when a
-    shape or stride is symbolic (torch.compile(dynamic=True)): the custom op serves those calls."""
-    if all(t is None or type(t) is torch.Tensor for t in tensors):
-        return make(*tensors)
-    for t in tensors:
-        if t is not None and not all(type(x) is int for x in (*t.shape, *t.stride(), t.storage_offset())):
-            return None
-    idx = tensors[roles.index("i")] if "i" in roles else None
-    key_blocks = idx.shape[-1] if idx is not None else 1
-    role = {"n": "num", "i": "idx"}
-
-    def build():
-        device = next(t.device for t in tensors if t is not None)
-        with torch.cuda.device(device) if device.type == "cuda" else nullcontext():
-            return make(*(_standin(t, role.get(r, "data"), key_blocks) for t, r in zip(tensors, roles)))
-
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(build).result()
-
-
-def _attn_traced_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_num_blocks: Optional[torch.Tensor],
-    kv_indices: Optional[torch.Tensor],
-    rel_h: Optional[torch.Tensor],
-    rel_w: Optional[torch.Tensor],
-    key_tile: Optional[list[int]],
-    softmax_scale: float,
-    block_size: int,
-) -> torch.Tensor:
-    tensors = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w)
-    plan = _traced_plan(lambda *t: _op_plan(*t, key_tile, softmax_scale, block_size), tensors, "dddnidd")
-    if not getattr(plan, "traceable", False):
-        return _attn_op(*tensors, key_tile, softmax_scale, block_size)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    plan.launch_traced(*tensors, None, None, None, None, out)
-    return out
-
-
-def _window_traced_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_pad: torch.Tensor,
-    v_pad: torch.Tensor,
-    kv_num_blocks: Optional[torch.Tensor],
-    kv_indices: Optional[torch.Tensor],
-    rel_h: Optional[torch.Tensor],
-    rel_w: Optional[torch.Tensor],
-    window_size: list[int],
-    q_window_size: list[int],
-    softmax_scale: float,
-    block_size: int,
-) -> torch.Tensor:
-    tensors = (q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w)
-    plan = _traced_plan(lambda *t: _window_plan(*t, window_size, q_window_size, softmax_scale, block_size), tensors,
-                        "dddddnidd")
-    if not getattr(plan, "traceable", False):
-        return _window_op(*tensors, window_size, q_window_size, softmax_scale, block_size)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    plan.launch_traced(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, None, k_pad, v_pad, out)
-    return out
-
-
-_attn_traced_op = _window_traced_op = None
-if _triton_op is not None:
-    _attn_traced_op = _triton_op("sam_sparse::block_sparse_attn_traced", mutates_args=())(_attn_traced_impl)
-    _window_traced_op = _triton_op("sam_sparse::window_attn_traced", mutates_args=())(_window_traced_impl)
-
-
-def _compiled(traced, op, q: torch.Tensor):
-    """The op a torch.compile trace records: the triton op for CUDA tensors, else the custom op (on CPU,
-    Triton's interpreter runs kernels that a trace cannot record). SAM_SPARSE_TRITON_OP=0, read when a trace
-    is made, keeps the custom op (a comparison, or a torch whose Inductor mishandles the triton op)."""
-    if traced is None or not HAS_TRITON or not q.is_cuda or os.environ.get("SAM_SPARSE_TRITON_OP") == "0":
-        return op
-    return traced
-
-
-# ---------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------
 
@@ -605,8 +483,7 @@ def block_sparse_attn(
     scale = check_scale(softmax_scale, headdim)
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     if torch.compiler.is_compiling():
-        op = _compiled(_attn_traced_op, _attn_op, q)
-        return op(q, k, v, num, idx, rel_h, rel_w, list(tile) if tile else None, scale, bs)
+        return _attn_op(q, k, v, num, idx, rel_h, rel_w, list(tile) if tile else None, scale, bs)
     plan = _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs)
     if fast and key is not None:
         if len(_PLANS) >= _MAX_PLANS:
@@ -773,8 +650,7 @@ def window_attn(
     scale = check_scale(softmax_scale, headdim)
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     if torch.compiler.is_compiling():
-        op = _compiled(_window_traced_op, _window_op, q)
-        return op(q, *kv, *pads, num, idx, rel_h, rel_w, [wh, ww], [qh, qw], scale, bs)
+        return _window_op(q, *kv, *pads, num, idx, rel_h, rel_w, [wh, ww], [qh, qw], scale, bs)
     plan = _window_plan(q, *kv, *pads, num, idx, rel_h, rel_w, (wh, ww), (qh, qw), scale, bs)
     # The fast path gets the plan only when the call needed no conversion: then its tensors are exactly
     # the ones checked here.

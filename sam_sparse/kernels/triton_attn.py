@@ -72,9 +72,6 @@ import triton.language as tl
 from .layout import length_bucket
 from .triton_util import INTERPRET, MAX_GRID_Y, dot_precision, next_pow2
 
-# torch >= 2.6: a Triton launch that torch.compile records inside a torch.library.triton_op (launch_traced).
-wrap_triton = getattr(torch.library, "wrap_triton", None)
-
 try:  # Triton >= 3.4: host-side TMA descriptors (the Hopper path)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
@@ -991,22 +988,6 @@ class KernelPlan:
     def _launch_slow(self, tensors: tuple):
         return _attn_fwd[self.grid](*tensors, *self._tail, **self._options)
 
-    @property
-    def traceable(self) -> bool:
-        """Whether torch.compile can record this plan's launches (launch_traced): not with TMA descriptors,
-        which torch (2.11-2.14) captures only from Dynamo's own tracing, not inside a torch.library.triton_op."""
-        return self._tma is None and wrap_triton is not None
-
-    def launch_traced(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad, v_pad, out) -> None:
-        """The launch of __call__ into `out` through torch.library.wrap_triton, for the body of a triton_op:
-        torch.compile records the kernel, grid and arguments, and Inductor writes the launch into the code it
-        generates (no Python of ours per call). Arguments as __call__; tensors may be FakeTensors."""
-        ws = self.split.workspace(q.device) if self.split is not None else (q, q)
-        tensors = self._tensors(q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
-        wrap_triton(_attn_fwd)[self.grid](*tensors, *self._tail, **self._options)
-        if self.split is not None:
-            self.split.launch_traced(ws, out, cu_q)
-
     def __call__(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad=None, v_pad=None, out=None) -> torch.Tensor:
         if out is None:
             # q's shape, not one stored: a varlen plan serves every total length of its shape class.
@@ -1066,10 +1047,6 @@ class SplitCombine:
         _split_combine.warmup(*self.standin(q.device), q, q if cu_q is None else cu_q, *self._tail, grid=self.grid,
                               num_warps=4)
 
-    def launch_traced(self, ws: Tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, cu_q: Optional[torch.Tensor]) -> None:
-        """__call__ through torch.library.wrap_triton (KernelPlan.launch_traced)."""
-        wrap_triton(_split_combine)[self.grid](*ws, out, out if cu_q is None else cu_q, *self._tail, num_warps=4)
-
     def __call__(self, ws: Tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, cu_q: Optional[torch.Tensor]) -> None:
         args = (*ws, out, out if cu_q is None else cu_q)
         if self._fast is not None:
@@ -1095,17 +1072,9 @@ class LaunchGroup:
     def fast_path(self) -> bool:
         return all(p.fast_path for p in self.plans)
 
-    @property
-    def traceable(self) -> bool:
-        return all(p.traceable for p in self.plans)
-
     def warmup(self, *args) -> None:
         for p in self.plans:
             p.warmup(*args)
-
-    def launch_traced(self, *args) -> None:
-        for p in self.plans:
-            p.launch_traced(*args)
 
     def __call__(self, *args, out=None) -> torch.Tensor:
         out = self.plans[0](*args, out=out)  # allocates the output when none is given
