@@ -459,9 +459,23 @@ def section_compiledhost(out, model="sam2.1_hiera_l"):
     profile_compiled(out, patched, x)
 
 
+_TWINS: dict = {}
+
+
+def customop_twin(name: str, impl):
+    """The op sam_sparse::name as it was defined up to run 76, through torch.library.custom_op, around the same
+    implementation: what that layer costs a compiled graph, beside the op as defined now, in the same run."""
+    if name not in _TWINS:
+        op = torch.library.custom_op(f"sam_sparse_bench::{name}", impl, mutates_args=())
+        op.register_fake(lambda q, *rest: q.new_empty(q.shape))
+        _TWINS[name] = op
+    return _TWINS[name]
+
+
 def host_parts(out, patched):
     """Where one attention call's host time goes, on the shapes of `patched`'s Hiera stages at batch 1:
-    the public function (eager fast path), the torch op that compiled graphs call, the plan alone, its
+    the public function (eager fast path), the torch op that compiled graphs call (under inference_mode and
+    under no_grad, as sam2's predictors run; and its torch.library.custom_op twin), the plan alone, its
     argument assembly (TMA descriptors included) and the compiled kernel's launcher alone. A diagnostic: it
     reaches into the plan cache and the plan's parts on purpose."""
     from sam_sparse.kernels import interface, window_attn
@@ -481,14 +495,16 @@ def host_parts(out, patched):
         if blk.window_size:
             w = blk.window_size
             call = lambda q=q, k=k, v=v, w=w: window_attn(q, k, v, (w, w), k_pad=k[0, 0, 0], v_pad=v[0, 0, 0])  # noqa: E731
-            op = lambda q=q, k=k, v=v, w=w: torch.ops.sam_sparse.window_attn.default(  # noqa: E731
-                q, k, v, k[0, 0, 0], v[0, 0, 0], None, None, None, None, [w, w], [w, w], hd ** -0.5, 128)
+            op_args = (q, k, v, k[0, 0, 0], v[0, 0, 0], None, None, None, None, [w, w], [w, w], hd ** -0.5, 128)
+            op = lambda a=op_args: torch.ops.sam_sparse.window_attn.default(*a)  # noqa: E731
+            twin = lambda a=op_args, t=customop_twin("window_attn", interface._window_impl): t(*a)  # noqa: E731
             args = (q, k, v, None, None, None, None, None, None, k[0, 0, 0], v[0, 0, 0])
         else:
             q, k, v = (t.view(1, grid * grid, nh, hd) for t in (q, k, v))
             call = lambda q=q, k=k, v=v: block_sparse_attn(q, k, v)  # noqa: E731
-            op = lambda q=q, k=k, v=v: torch.ops.sam_sparse.block_sparse_attn.default(  # noqa: E731
-                q, k, v, None, None, None, None, None, hd ** -0.5, 128)
+            op_args = (q, k, v, None, None, None, None, None, hd ** -0.5, 128)
+            op = lambda a=op_args: torch.ops.sam_sparse.block_sparse_attn.default(*a)  # noqa: E731
+            twin = lambda a=op_args, t=customop_twin("block_sparse_attn", interface._attn_impl): t(*a)  # noqa: E731
             args = (q, k, v, None, None, None, None, None, None)
         with torch.inference_mode():
             call()
@@ -498,7 +514,7 @@ def host_parts(out, patched):
                        f"{nh} heads x {hd}", launches=len(plans), config=str(plans[0].config)[:200],
                        tma=plans[0]._tma is not None, split=plans[0].split is not None,
                        public_us=round(host_us(call), 1), op_us=round(host_us(op), 1),
-                       plan_us=round(host_us(lambda: plan(*args)), 1))
+                       op_customop_us=round(host_us(twin), 1), plan_us=round(host_us(lambda: plan(*args)), 1))
             p0 = plans[0]
             out_t = torch.empty_like(q)
             ws = p0.split.workspace(q.device) if p0.split is not None else (q, q)
@@ -508,7 +524,10 @@ def host_parts(out, patched):
             t = tens()
             row["launcher_us"] = round(host_us(lambda: p0._fast(*t, *p0._tail)), 1)
             row["empty_us"] = round(host_us(lambda: torch.empty(q.shape, dtype=q.dtype, device=q.device)), 1)
-            record(out, **row)
+        with torch.no_grad():
+            row["op_no_grad_us"] = round(host_us(op), 1)
+            row["op_customop_no_grad_us"] = round(host_us(twin), 1)
+        record(out, **row)
 
 
 def profile_compiled(out, patched, x, calls=20):

@@ -138,7 +138,7 @@ def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
 @needs_triton
 def test_autotune_space_drops_twins(triton_kernel):
     """Each config the tuner compiles costs a patched model's first call about half a second (run 64): none
-    that twins another is kept. Hiera's windows (no bias) keep no 128-row tile; a key loop of one or two
+    that twins another is kept. Hiera's windows (no bias) keep no 128-row or 128-key tile; a key loop of one or two
     steps keeps 3 stages and not its 2-stage twin; where K / V can go through TMA, no pointer-load config
     stays at head dims up to 128 (TMA won at every such shape measured) and at head dim 256 only the
     pointer-load twin of a TMA config goes. Every shape still keeps a config."""
@@ -147,7 +147,9 @@ def test_autotune_space_drops_twins(triton_kernel):
     prune = lambda **kw: triton_kernel._prune(triton_kernel._configs(), {**hiera, **kw})  # noqa: E731
     keys = lambda cs: {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], c.get("TMA", 0)) for c in cs}  # noqa: E731
     assert keys(prune()) == {(64, 64, 3, 0)}  # 8 x 8 windows: one key step
-    assert keys(prune(seqlen_q=256, seqlen_k=256)) == {(64, 64, 2, 0), (64, 64, 3, 0), (64, 128, 3, 0)}
+    assert keys(prune(seqlen_q=256, seqlen_k=256)) == {(64, 64, 2, 0), (64, 64, 3, 0)}
+    assert keys(prune(seqlen_q=64, seqlen_k=256)) == {(64, 64, 2, 0), (64, 64, 3, 0)}  # a q-pooled block
+    assert any(c["BLOCK_N"] == 128 for c in prune(seqlen_q=256, seqlen_k=256, WINDOW=False))
     assert any(c["BLOCK_M"] == 128 for c in prune(seqlen_q=256, seqlen_k=256, WINDOW=False))
     assert any(c["BLOCK_M"] == 128 for c in prune(seqlen_q=256, seqlen_k=256, HAS_BIAS=True, KH=14, KW=14, tile_w=14))
     # Where K / V can go through TMA (head dims up to 128), only the TMA configs: they won wherever both ran.

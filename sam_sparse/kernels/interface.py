@@ -325,6 +325,19 @@ def _is_length(n) -> bool:
 # Custom ops: one opaque node each under torch.compile, with fake implementations for tracing.
 # ---------------------------------------------------------------------------------------------------
 
+_LIB = torch.library.Library("sam_sparse", "FRAGMENT")
+
+
+def _define_op(name: str, impl, fake) -> torch._ops.OpOverload:
+    """sam_sparse::name: the schema from impl's annotations, impl for every device, fake
+    for tracing. Defined on a Library directly rather than through torch.library.custom_op, whose Python
+    autograd and dispatch wrappers cost a compiled graph 12 us per call on a CPU core (7 us this way;
+    docs/benchmarks.md, run 77): the ops are forward only and the public functions refuse grad."""
+    _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()))
+    _LIB.impl(name, impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"sam_sparse::{name}", fake, lib=_LIB)
+    return getattr(torch.ops.sam_sparse, name).default
+
 
 def _attn_impl(
     q: torch.Tensor,
@@ -345,12 +358,11 @@ def _attn_impl(
     return plan(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, None, None)
 
 
-_attn_op = torch.library.custom_op("sam_sparse::block_sparse_attn", _attn_impl, mutates_args=())
-
-
-@_attn_op.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, key_tile, softmax_scale, block_size):
+def _like_q(q, *args):
     return q.new_empty(q.shape)
+
+
+_attn_op = _define_op("block_sparse_attn", _attn_impl, _like_q)
 
 
 def _attn_varlen_impl(
@@ -373,12 +385,7 @@ def _attn_varlen_impl(
     return plan(q, k, v, kv_num_blocks, kv_indices, None, None, cu_seqlens_q, cu_seqlens_k)
 
 
-_attn_varlen_op = torch.library.custom_op("sam_sparse::block_sparse_attn_varlen", _attn_varlen_impl, mutates_args=())
-
-
-@_attn_varlen_op.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, kv_num_blocks, kv_indices, softmax_scale, block_size):
-    return q.new_empty(q.shape)
+_attn_varlen_op = _define_op("block_sparse_attn_varlen", _attn_varlen_impl, _like_q)
 
 
 def _window_impl(
@@ -412,13 +419,7 @@ def _window_plan(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w,
                                            block_size, window=win, q_window=None if q_win == win else q_win))
 
 
-_window_op = torch.library.custom_op("sam_sparse::window_attn", _window_impl, mutates_args=())
-
-
-@_window_op.register_fake
-def _(q, k, v, k_pad, v_pad, kv_num_blocks, kv_indices, rel_h, rel_w, window_size, q_window_size, softmax_scale,
-      block_size):
-    return q.new_empty(q.shape)
+_window_op = _define_op("window_attn", _window_impl, _like_q)
 
 
 # ---------------------------------------------------------------------------------------------------
