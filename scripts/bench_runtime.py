@@ -20,6 +20,9 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
              patched dense (which of the two a batch-1 compiled row waits on); then one attention call's
              host time by part (public function, torch op, plan, arguments, launcher, output) at each
              stage's shape, and a cProfile of the compiled patched encoder.
+  sam2ab     SAM 2.1 image encoders (--sam2-model, a comma list) at batch 1, bf16: sam2's own against
+             patched dense, eager and compiled, timed in alternating rounds in one process (the batch-1
+             rows are host-bound, and the host's speed drifts).
   sam2predictor  SAM2ImagePredictor (--sam2-model, default sam2.1_hiera_b+, random weights), batch 1,
              on the same 1500 x 2250 photo under bf16 autocast, as SAM 2's README runs it: sam2 unpatched
              vs patched dense; set_image, predict (one point, 3 masks) and the mask IoU between them.
@@ -416,6 +419,41 @@ def section_ab(out):
             record(out, section="ab", case=f"vit_b encoder B=1 bf16 eager, {name}", **r)
 
 
+def section_sam2ab(out, model="sam2.1_hiera_b+,sam2.1_hiera_l"):
+    """SAM 2.1 image encoders at batch 1 (bf16), sam2's own against patched dense, eager and compiled (default
+    mode), the four timed in alternating rounds in one process: batch 1 is host-bound, and this machine's
+    host speed drifts between runs and within one (side_by_side's rows, timed one after another, moved by up
+    to 1.5x for the same code: runs 77-78), so only interleaved rounds give a ratio that holds."""
+    import copy
+
+    from sam_sparse.models import build_model
+
+    for name in model.split(","):
+        base = build_model(name).to(DEV, torch.bfloat16).eval()
+        patched = copy.deepcopy(base)
+        patch_sam(patched, "dense")
+        x = torch.randn(1, 3, 1024, 1024, device=DEV, dtype=torch.bfloat16)
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            fns = {}
+            for label, m in (("sam2", base), ("patched dense", patched)):
+                enc = m.image_encoder
+                fns[f"{label}, eager"] = (lambda e=enc: e(x))
+                fns[f"{label}, compiled"] = (lambda e=torch.compile(enc): e(x))
+            for fn in fns.values():
+                fn()
+                fn()  # compiled: the first call compiles, the second settles the caching allocator
+            res = interleaved(fns, rounds=10, calls=20)
+            for case, r in res.items():
+                record(out, section="sam2ab", case=f"{name} image encoder B=1 bf16, {case}", **r)
+            for mode in ("eager", "compiled"):
+                record(out, section="sam2ab", case=f"{name} B=1 {mode}: sam2 / patched dense",
+                       ratio=round(res[f"sam2, {mode}"]["ms"] / res[f"patched dense, {mode}"]["ms"], 3))
+        del base, patched, fns
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+
 def section_compiledhost(out, model="sam2.1_hiera_l"):
     """Host and GPU time per call under torch.compile (default mode, no CUDA graphs) at batch 1, sam2's own
     Hiera blocks against the patched ones: one windowed block of stage 3, one global block, and the whole
@@ -563,7 +601,7 @@ def profile_compiled(out, patched, x, calls=20):
 SECTIONS = {"host": section_host, "precision": section_precision, "decoder": section_decoder,
             "predictor": section_predictor, "firstcall": section_firstcall, "profile": section_profile,
             "pyprofile": section_pyprofile, "ab": section_ab, "sam2predictor": section_sam2predictor,
-            "compiledhost": section_compiledhost}
+            "compiledhost": section_compiledhost, "sam2ab": section_sam2ab}
 
 
 def main():
@@ -574,7 +612,7 @@ def main():
     ap.add_argument("--sam2-model", default="sam2.1_hiera_b+", help="sam2predictor's and compiledhost's SAM 2.1 model type")
     args = ap.parse_args()
     options = {"firstcall": dict(model=args.model), "sam2predictor": dict(model_type=args.sam2_model),
-               "compiledhost": dict(model=args.sam2_model)}
+               "compiledhost": dict(model=args.sam2_model), "sam2ab": dict(model=args.sam2_model)}
     import triton
 
     record(args.out, section="meta", gpu=torch.cuda.get_device_name(), torch=torch.__version__,
