@@ -23,6 +23,10 @@ read in place against SDPA on the partitioned windows as sam2 runs it, and ours 
 Where triton_attn.OVERLAP_SECOND_CHUNK changes how a head dim is cut (72: columns 0-63 and 56-71 instead of
 one chunk of 128), a row also times ours tuned with it on and off and gives the error of one against the other.
 
+The configs section (`--section configs`) times ours at fixed launch configs where the tuner's candidate list
+was cut or a target is missed: hiera_l's 16 x 16 windows and its q-pooled block (64 x 64 against 128-key tiles),
+and the memory cross-attention at 16 objects beside SDPA cuDNN and flash.
+
 segment-anything-fast's flash_4 joins the baselines when `segment_anything_fast.flash_4` imports (it is
 not on PyPI and not shipped here: put its module on PYTHONPATH); its own autotuning takes minutes.
 """
@@ -573,6 +577,68 @@ HIERA_COLS = ["shape", "d", "B", "ours_ms", "config", "SDPA cuDNN", "SDPA flash"
     f"{c['BLOCK_M']}x{c['BLOCK_N']} w{c['num_warps']} s{c['num_stages']}" for c in HIERA_CONFIGS]
 
 
+CONFIG_CASES = {
+    # hiera_l's stage-3 windows (16 x 16 on a 64 x 64 grid, 8 heads) and the q-pooled block into stage 4 (q 8 x 8
+    # windows on a 32 x 32 grid, 16 heads), head dim 72, batch 8: 64 x 64 tiles against 128-key ones.
+    "window 16": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s) for s in (2, 3)] + [
+        dict(BLOCK_M=64, BLOCK_N=128, num_warps=w, num_stages=3) for w in (8, 4)],
+    # Memory cross-attention at 16 objects, head dim 256: the tuner's 128-row tiles and what else fits.
+    "memory 16": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, TMA=1),
+                  dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, TMA=1),
+                  dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=4, TMA=1),
+                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+                  dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=1),
+                  dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, TMA=1, maxnreg=240),
+                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=1, TMA=1)],
+}
+
+
+def config_rows(args, dt, dev, gen) -> list:
+    """The configs section: ours at fixed launch configs (CONFIG_CASES) where the tuner's candidate list was cut
+    or a target is missed; SDPA cuDNN and flash beside the memory shape. One row per (shape, config)."""
+    rows = []
+
+    def emit(shape, config, ms):
+        rows.append(dict(section="configs", shape=shape, config=config, ms=ms))
+        print(json.dumps(rows[-1], default=str), flush=True)
+
+    _window_configs(dt, dev, gen, emit)
+    _memory_configs(dt, dev, gen, emit)
+    return rows
+
+
+def _window_configs(dt, dev, gen, emit) -> None:
+    B, d = 8, 72
+    q, k, v = torch.randn(B, 64, 64, 3, 8, d, device=dev, dtype=dt, generator=gen).unbind(3)
+    pad = torch.zeros(8, d, device=dev, dtype=dt)
+    q4, k4, v4 = torch.randn(B, 64, 64, 3, 16, d, device=dev, dtype=dt, generator=gen).unbind(3)
+    qp = F.max_pool2d(q4.flatten(3).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1).reshape(B, 32, 32, 16, d)
+    pad4 = torch.zeros(16, d, device=dev, dtype=dt)
+    for cfg in CONFIG_CASES["window 16"]:
+        emit("window 16 on 64x64, 8 heads, d 72, B 8", cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
+            q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(16, 16), k_pad=pad, v_pad=pad, config=c)))
+        emit("q-pooled: q 8x8 windows on 32x32, keys 16x16 on 64x64, 16 heads, d 72, B 8", cfg, try_time(
+            lambda c=cfg: triton_attn.attention_triton(qp, k4, v4, None, None, None, None, None, d ** -0.5, 128,
+                                                       window=(16, 16), q_window=(8, 8), k_pad=pad4, v_pad=pad4,
+                                                       config=c)))
+
+
+def _memory_configs(dt, dev, gen, emit) -> None:
+    from torch.nn.attention import SDPBackend
+
+    D, nq, nk = MEMORY_HEAD_DIM, FRAME_TOKENS, MEMORY_FRAMES * FRAME_TOKENS + POINTER_TOKENS
+    shape = f"memory cross {nq}x{nk}, d {D}, 16 objects"
+    q, k, v = (torch.randn(16, n, 1, D, device=dev, dtype=dt, generator=gen) for n in (nq, nk, nk))
+    for backend, name in ((SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN"), (SDPBackend.FLASH_ATTENTION, "SDPA flash")):
+        emit(shape, name, try_time(lambda b=backend: sdpa(q, k, v, None, b)))
+    for cfg in CONFIG_CASES["memory 16"]:
+        emit(shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
+            q, k, v, None, None, None, None, None, D ** -0.5, 128, config=c)))
+
+
+CONFIG_COLS = ["shape", "config", "ms"]
+
+
 def table(rows: list, cols: list) -> list:
     return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
         "| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
@@ -583,7 +649,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_kernel.md", help="markdown table; the JSON rows go beside it (.json)")
     ap.add_argument("--commit", default=os.environ.get("SAM_SPARSE_COMMIT", "unknown"))
-    ap.add_argument("--section", choices=("all", "sam", "memory", "hiera"), default="all",
+    ap.add_argument("--section", choices=("all", "sam", "memory", "hiera", "configs"), default="all",
                     help="sam: SAM's global and window layers; memory: SAM 2's video memory attention; hiera: "
                          "SAM 2's Hiera encoder layers")
     ap.add_argument("--hiera-batch", default=8, type=int, help="images per batch in the hiera section")
@@ -616,7 +682,7 @@ def main(argv=None):
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     dev = "cpu" if args.dry_run else "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
-    sections = {"sam": sam_rows, "memory": memory_rows, "hiera": hiera_rows}
+    sections = {"sam": sam_rows, "memory": memory_rows, "hiera": hiera_rows, "configs": config_rows}
     rows = {name: fn(args, dt, dev, gen) for name, fn in sections.items() if args.section in ("all", name)}
     card = "dry run (no GPU)" if args.dry_run else torch.cuda.get_device_name()
     head = (f"Card: {card}; torch {torch.__version__}, triton {triton.__version__}; "
@@ -630,6 +696,8 @@ def main(argv=None):
     if "hiera" in rows:
         lines += ["", "SAM 2's Hiera layers (ms; fixed-config columns: ours at that launch config)", ""] + table(
             rows["hiera"], HIERA_COLS)
+    if "configs" in rows:
+        lines += ["", "Fixed launch configs (ms)", ""] + table(rows["configs"], CONFIG_COLS)
     text = "\n".join(lines)
     print(text)
     with atomic_path(args.out) as tmp:
