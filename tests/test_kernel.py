@@ -337,6 +337,16 @@ def test_compile_fullgraph_has_no_graph_break():
     torch.testing.assert_close(compiled(q, k, v, rh, rw), f(q, k, v, rh, rw))
 
 
+@pytest.mark.parametrize("name", ["block_sparse_attn", "block_sparse_attn_varlen", "window_attn"])
+def test_ops_have_no_python_autograd_layer(name):
+    """A compiled graph calls these ops once per attention layer, host-bound at batch 1: they are defined on a
+    Library with one implementation, not through torch.library.custom_op, whose Python autograd and dispatch
+    layers cost each call 3-25 us more (docs/benchmarks.md, run 77)."""
+    qualname = f"sam_sparse::{name}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CompositeExplicitAutograd")
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd")
+
+
 def test_custom_op_opcheck():
     from sam_sparse.kernels.interface import _attn_op
 
