@@ -423,7 +423,7 @@ def section_sam2ab(out, model="sam2.1_hiera_b+,sam2.1_hiera_l"):
     """SAM 2.1 image encoders at batch 1 (bf16), sam2's own against patched dense, eager and compiled (default
     mode), the four timed in alternating rounds in one process: batch 1 is host-bound, and this machine's
     host speed drifts between runs and within one (side_by_side's rows, timed one after another, moved by up
-    to 1.5x for the same code: runs 77-78), so only interleaved rounds give a ratio that holds."""
+    to 1.5x for the same code: runs 77 and 79), so only interleaved rounds give a ratio that holds."""
     import copy
 
     from sam_sparse.models import build_model

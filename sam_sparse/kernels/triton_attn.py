@@ -672,8 +672,8 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
             continue  # K / V through TMA won wherever both ran (docs/benchmarks.md: runs 24, 29, 60, 63)
         if a["WINDOW"] and not a["HAS_BIAS"] and max(bm, bn) > 64:
             # Hiera's windows (16-256 tokens): 128-row tiles lost at every window shape (runs 59, 60, 63), and
-            # so did 128-key ones (64 x 128 at hiera_l's 16 x 16 windows: 0.210 ms against 64 x 64's 0.105,
-            # 0.114 against 0.062 for its q-pooled block; run 76): two compiles off hiera_l's first call.
+            # so did 128-key ones (64 x 128 at hiera_l's 16 x 16 windows: 0.210 ms against 64 x 64's 0.108,
+            # 0.114 against 0.063 for its q-pooled block; runs 76, 81): two compiles off hiera_l's first call.
             continue
         keep.append(c)
     if a["TMA_OK"] and d <= 128 and any(c.get("TMA") for c in keep):
