@@ -419,19 +419,28 @@ def section_ab(out):
             record(out, section="ab", case=f"vit_b encoder B=1 bf16 eager, {name}", **r)
 
 
+def sam2_pair(model: str):
+    """sam2's model of type `model` (random weights, bf16, on the GPU, eval mode) and a deep copy of it patched
+    with dense."""
+    import copy
+
+    from sam_sparse.models import build_model
+
+    if not model.startswith("sam2"):
+        raise ValueError(f"expected a SAM 2.1 model type (sam2.1_hiera_t / s / b+ / l), not {model!r}")
+    base = build_model(model).to(DEV, torch.bfloat16)
+    patched = copy.deepcopy(base)
+    patch_sam(patched, "dense")
+    return base, patched
+
+
 def section_sam2ab(out, model="sam2.1_hiera_b+,sam2.1_hiera_l"):
     """SAM 2.1 image encoders at batch 1 (bf16), sam2's own against patched dense, eager and compiled (default
     mode), the four timed in alternating rounds in one process: batch 1 is host-bound, and this machine's
     host speed drifts between runs and within one (side_by_side's rows, timed one after another, moved by up
     to 1.5x for the same code: runs 77 and 79), so only interleaved rounds give a ratio that holds."""
-    import copy
-
-    from sam_sparse.models import build_model
-
     for name in model.split(","):
-        base = build_model(name).to(DEV, torch.bfloat16).eval()
-        patched = copy.deepcopy(base)
-        patch_sam(patched, "dense")
+        base, patched = sam2_pair(name)
         x = torch.randn(1, 3, 1024, 1024, device=DEV, dtype=torch.bfloat16)
         torch._dynamo.reset()
         with torch.inference_mode():
@@ -460,15 +469,7 @@ def section_compiledhost(out, model="sam2.1_hiera_l"):
     image encoder. Where host_us exceeds gpu_ms * 1000 the call is host-bound (issue 22's batch-1 compiled
     row, run 64: patched dense 13.78 ms against sam2's 8.36 with less GPU time). A call that waits on the GPU
     (sam2's encoder does, once per forward: run 67) reads host_us as the queued GPU time instead."""
-    import copy
-
-    from sam_sparse.models import build_model
-
-    if not model.startswith("sam2"):
-        raise ValueError(f"compiledhost times a SAM 2.1 model type, not {model!r}")
-    base = build_model(model).to(DEV, torch.bfloat16)
-    patched = copy.deepcopy(base)
-    patch_sam(patched, "dense")
+    base, patched = sam2_pair(model)
     trunk = base.image_encoder.trunk
     global_ = next(i for i, b in enumerate(trunk.blocks) if b.window_size == 0)  # stage 3, 64 x 64 tokens
     stage3 = trunk.blocks[global_].dim
