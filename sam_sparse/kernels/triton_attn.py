@@ -790,7 +790,7 @@ def _disk_store(path: Path, tune_key: str, cfg: dict) -> None:
 def _compile_in_parallel(candidates: List[dict], warmup: Callable[[dict], None]) -> None:
     """Compile the candidates on a thread pool before timing them one by one (a fresh process tunes several
     shape classes of 2-5 configs each). Uses Triton's async-compile mode where this Triton has it;
-    otherwise the timing loop compiles them one at a time, as before. Worker processes, which would not share
+    otherwise the timing loop compiles them one at a time. Worker processes, which would not share
     the GIL, lost: hiera_l's first call took 13.1 s with 8 of them against 11.7 s without, and their CUDA
     contexts held 3.1 GB (docs/benchmarks.md, runs 68-69): a tune's 2-5 jobs arrive one shape class at a
     time, too few to repay a worker's start."""
