@@ -579,23 +579,44 @@ HIERA_COLS = ["shape", "d", "B", "ours_ms", "config", "SDPA cuDNN", "SDPA flash"
 
 CONFIG_CASES = {
     # hiera_l's stage-3 windows (16 x 16 on a 64 x 64 grid, 8 heads) and the q-pooled block into stage 4 (q 8 x 8
-    # windows on a 32 x 32 grid, 16 heads), head dim 72, batch 8: 64 x 64 tiles against 128-key ones.
+    # windows on a 32 x 32 grid, 16 heads), head dim 72, batch 8: 64 x 64 tiles against 128-key ones, and tiles
+    # of 128 and 256 query rows (a whole 16 x 16 window per program: its K / V read once, not four times).
     "window 16": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s) for s in (2, 3)] + [
-        dict(BLOCK_M=64, BLOCK_N=128, num_warps=w, num_stages=3) for w in (8, 4)],
-    # Memory cross-attention at 16 objects, head dim 256: the tuner's 128-row tiles and what else fits.
+        dict(BLOCK_M=64, BLOCK_N=128, num_warps=w, num_stages=3) for w in (8, 4)] + [
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=w, num_stages=3) for w in (4, 8)] + [
+        dict(BLOCK_M=256, BLOCK_N=64, num_warps=w, num_stages=s) for w, s in ((16, 2), (16, 3), (8, 3))],
+    # hiera_l's global blocks (4096 tokens, 8 heads, head dim 72, batch 8): the tuner's 128 x 64 TMA tile against
+    # 256-row tiles over four warp groups.
+    "global 72": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=1),
+                  dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=2, TMA=1),
+                  dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, TMA=1),
+                  dict(BLOCK_M=256, BLOCK_N=128, num_warps=16, num_stages=2, TMA=1)],
+    # Memory cross-attention at 16 objects, head dim 256: the tuner's 128-row tiles and what else fits, among
+    # them 256-row tiles over four warp groups (each K / V tile serves twice the rows; Q takes 128 KB of shared
+    # memory, so only short key tiles fit beside it).
     "memory 16": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, TMA=1),
                   dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3, TMA=1),
                   dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=4, TMA=1),
                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
                   dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=1),
                   dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, TMA=1, maxnreg=240),
-                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=1, TMA=1)],
+                  dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=1, TMA=1),
+                  dict(BLOCK_M=256, BLOCK_N=32, num_warps=16, num_stages=2, TMA=1),
+                  dict(BLOCK_M=256, BLOCK_N=32, num_warps=16, num_stages=3, TMA=1),
+                  dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=1, TMA=1),
+                  dict(BLOCK_M=256, BLOCK_N=32, num_warps=16, num_stages=2)],
 }
+
+
+def config_block(cfg: dict) -> int:
+    """A block size (the mask's; no mask here) that the config's tiles divide."""
+    return max(128, cfg["BLOCK_M"], cfg["BLOCK_N"])
 
 
 def config_rows(args, dt, dev, gen) -> list:
     """The configs section: ours at fixed launch configs (CONFIG_CASES) where the tuner's candidate list was cut
-    or a target is missed; SDPA cuDNN and flash beside the memory shape. One row per (shape, config)."""
+    or a target is missed; SDPA cuDNN and flash beside each shape (on partitioned windows, as sam2 runs them).
+    One row per (shape, config)."""
     rows = []
 
     def emit(shape, config, ms):
@@ -603,8 +624,23 @@ def config_rows(args, dt, dev, gen) -> list:
         print(json.dumps(rows[-1], default=str), flush=True)
 
     _window_configs(dt, dev, gen, emit)
+    _global_configs(dt, dev, gen, emit)
     _memory_configs(dt, dev, gen, emit)
     return rows
+
+
+def _sdpa_rows(shape, q, k, v, emit) -> None:
+    from torch.nn.attention import SDPBackend
+
+    for backend, name in ((SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN"), (SDPBackend.FLASH_ATTENTION, "SDPA flash")):
+        emit(shape, name, try_time(lambda b=backend: sdpa(q, k, v, None, b)))
+
+
+def _windows(t: torch.Tensor, win: int) -> torch.Tensor:
+    """(B, G, G, H, D) -> (B * windows, win * win, H, D): the grid cut into windows, as sam2 partitions it."""
+    B, G, _, H, D = t.shape
+    n = G // win
+    return t.view(B, n, win, n, win, H, D).permute(0, 1, 3, 2, 4, 5, 6).reshape(B * n * n, win * win, H, D)
 
 
 def _window_configs(dt, dev, gen, emit) -> None:
@@ -614,26 +650,38 @@ def _window_configs(dt, dev, gen, emit) -> None:
     q4, k4, v4 = torch.randn(B, 64, 64, 3, 16, d, device=dev, dtype=dt, generator=gen).unbind(3)
     qp = F.max_pool2d(q4.flatten(3).permute(0, 3, 1, 2), 2).permute(0, 2, 3, 1).reshape(B, 32, 32, 16, d)
     pad4 = torch.zeros(16, d, device=dev, dtype=dt)
+    win_shape = "window 16 on 64x64, 8 heads, d 72, B 8"
+    pool_shape = "q-pooled: q 8x8 windows on 32x32, keys 16x16 on 64x64, 16 heads, d 72, B 8"
+    _sdpa_rows(win_shape, _windows(q, 16), _windows(k, 16), _windows(v, 16), emit)
+    _sdpa_rows(pool_shape, _windows(qp, 8), _windows(k4, 16), _windows(v4, 16), emit)
     for cfg in CONFIG_CASES["window 16"]:
-        emit("window 16 on 64x64, 8 heads, d 72, B 8", cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
-            q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(16, 16), k_pad=pad, v_pad=pad, config=c)))
-        emit("q-pooled: q 8x8 windows on 32x32, keys 16x16 on 64x64, 16 heads, d 72, B 8", cfg, try_time(
-            lambda c=cfg: triton_attn.attention_triton(qp, k4, v4, None, None, None, None, None, d ** -0.5, 128,
+        bs = config_block(cfg)
+        emit(win_shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
+            q, k, v, None, None, None, None, None, d ** -0.5, bs, window=(16, 16), k_pad=pad, v_pad=pad, config=c)))
+        emit(pool_shape, cfg, try_time(
+            lambda c=cfg: triton_attn.attention_triton(qp, k4, v4, None, None, None, None, None, d ** -0.5, bs,
                                                        window=(16, 16), q_window=(8, 8), k_pad=pad4, v_pad=pad4,
                                                        config=c)))
 
 
-def _memory_configs(dt, dev, gen, emit) -> None:
-    from torch.nn.attention import SDPBackend
+def _global_configs(dt, dev, gen, emit) -> None:
+    B, d = 8, 72
+    q, k, v = torch.randn(B, 4096, 3, 8, d, device=dev, dtype=dt, generator=gen).unbind(2)
+    shape = "global 4096 tokens, 8 heads, d 72, B 8"
+    _sdpa_rows(shape, q, k, v, emit)
+    for cfg in CONFIG_CASES["global 72"]:
+        emit(shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
+            q, k, v, None, None, None, None, None, d ** -0.5, config_block(c), config=c)))
 
+
+def _memory_configs(dt, dev, gen, emit) -> None:
     D, nq, nk = MEMORY_HEAD_DIM, FRAME_TOKENS, MEMORY_FRAMES * FRAME_TOKENS + POINTER_TOKENS
     shape = f"memory cross {nq}x{nk}, d {D}, 16 objects"
     q, k, v = (torch.randn(16, n, 1, D, device=dev, dtype=dt, generator=gen) for n in (nq, nk, nk))
-    for backend, name in ((SDPBackend.CUDNN_ATTENTION, "SDPA cuDNN"), (SDPBackend.FLASH_ATTENTION, "SDPA flash")):
-        emit(shape, name, try_time(lambda b=backend: sdpa(q, k, v, None, b)))
+    _sdpa_rows(shape, q, k, v, emit)
     for cfg in CONFIG_CASES["memory 16"]:
         emit(shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
-            q, k, v, None, None, None, None, None, D ** -0.5, 128, config=c)))
+            q, k, v, None, None, None, None, None, D ** -0.5, config_block(c), config=c)))
 
 
 CONFIG_COLS = ["shape", "config", "ms"]
