@@ -583,8 +583,12 @@ CONFIG_CASES = {
     # of 128 and 256 query rows (a whole 16 x 16 window per program: its K / V read once, not four times).
     "window 16": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s) for s in (2, 3)] + [
         dict(BLOCK_M=64, BLOCK_N=128, num_warps=w, num_stages=3) for w in (8, 4)] + [
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=w, num_stages=3) for w in (4, 8)] + [
-        dict(BLOCK_M=256, BLOCK_N=64, num_warps=w, num_stages=s) for w, s in ((16, 2), (16, 3), (8, 3))],
+        # K / V through TMA: a 64-key tile is 4 whole rows of a 16 x 16 window, one (4, 16) box of the key grid
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s, TMA=1) for s in (2, 3)] + [
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=w, num_stages=3, TMA=1) for w in (4, 8)],
+    # hiera_l's 8 x 8 windows: stage 1 (256 x 256 grid, 2 heads) and stage 4 (32 x 32, 16 heads), head dim 72,
+    # batch 8: one 64-key tile per window, pointer loads against one (8, 8) TMA box.
+    "window 8": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=t) for t in (0, 1)],
     # hiera_l's global blocks (4096 tokens, 8 heads, head dim 72, batch 8): the tuner's 128 x 64 TMA tile against
     # 256-row tiles over four warp groups.
     "global 72": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=1),
@@ -654,6 +658,15 @@ def _window_configs(dt, dev, gen, emit) -> None:
     pool_shape = "q-pooled: q 8x8 windows on 32x32, keys 16x16 on 64x64, 16 heads, d 72, B 8"
     _sdpa_rows(win_shape, _windows(q, 16), _windows(k, 16), _windows(v, 16), emit)
     _sdpa_rows(pool_shape, _windows(qp, 8), _windows(k4, 16), _windows(v4, 16), emit)
+    for side, heads in ((256, 2), (32, 16)):
+        q8, k8, v8 = torch.randn(B, side, side, 3, heads, d, device=dev, dtype=dt, generator=gen).unbind(3)
+        pad8 = torch.zeros(heads, d, device=dev, dtype=dt)
+        shape8 = f"window 8 on {side}x{side}, {heads} heads, d 72, B 8"
+        _sdpa_rows(shape8, _windows(q8, 8), _windows(k8, 8), _windows(v8, 8), emit)
+        for cfg in CONFIG_CASES["window 8"]:
+            emit(shape8, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
+                q8, k8, v8, None, None, None, None, None, d ** -0.5, 128, window=(8, 8), k_pad=pad8, v_pad=pad8,
+                config=c)))
     for cfg in CONFIG_CASES["window 16"]:
         bs = config_block(cfg)
         emit(win_shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(

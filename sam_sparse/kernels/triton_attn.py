@@ -433,16 +433,22 @@ def _attn_fwd(
 
         if TMA:
             # Hopper: the copy engine brings the (BLOCK_N, D) tile into shared memory; keys past the
-            # sequence are out of the descriptor's bounds and arrive as zeros.
-            k0 = tl.trans(DESC_K0.load([img, start_n, hk, 0]).reshape(BLOCK_N, D0))
+            # sequence (or, in a window, past the grid) are out of the descriptor's bounds and arrive as zeros.
+            if WINDOW:  # BLOCK_N / WIN_W whole rows of the window: a (rows, WIN_W) box of the key grid
+                k0 = tl.trans(DESC_K0.load([img, y0 + start_n // WIN_W, x0, hk, 0]).reshape(BLOCK_N, D0))
+            else:
+                k0 = tl.trans(DESC_K0.load([img, start_n, hk, 0]).reshape(BLOCK_N, D0))
         else:
             k0 = tl.load(k_src + offs_d0[:, None] * stride_kd, mask=k_in[None, :] & d0_ok[:, None], other=0.0)
         if INTERP:
             k0 = k0.to(tl.float32)
         qk = tl.dot(q0, k0, input_precision=DOT_PREC)
         if D1 > 0:
-            if TMA:
-                k1 = tl.trans(DESC_K1.load([img, start_n, hk, 0]).reshape(BLOCK_N, D1))
+            if TMA:  # the second chunk's columns, from the same descriptor's tensor at column D1_AT
+                if WINDOW:
+                    k1 = tl.trans(DESC_K1.load([img, y0 + start_n // WIN_W, x0, hk, D1_AT]).reshape(BLOCK_N, D1))
+                else:
+                    k1 = tl.trans(DESC_K1.load([img, start_n, hk, D1_AT]).reshape(BLOCK_N, D1))
             else:
                 k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=k_in[None, :] & d1_ok[:, None], other=0.0)
             if INTERP:
@@ -510,7 +516,10 @@ def _attn_fwd(
             pad_l = pad_l * alpha + tl.sum(p * pad_k[None, :], 1)
 
         if TMA:
-            v0 = DESC_V0.load([img, start_n, hk, 0]).reshape(BLOCK_N, D0)
+            if WINDOW:
+                v0 = DESC_V0.load([img, y0 + start_n // WIN_W, x0, hk, 0]).reshape(BLOCK_N, D0)
+            else:
+                v0 = DESC_V0.load([img, start_n, hk, 0]).reshape(BLOCK_N, D0)
         else:
             v0 = tl.load(v_src + offs_d0[None, :] * stride_vd, mask=k_in[:, None] & d0_ok[None, :], other=0.0)
         # P is rounded to the input dtype before the PV product, as on the GPU.
@@ -521,7 +530,10 @@ def _attn_fwd(
         acc0 = tl.dot(p_lp, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if D1 > 0:
             if TMA:
-                v1 = DESC_V1.load([img, start_n, hk, 0]).reshape(BLOCK_N, D1)
+                if WINDOW:
+                    v1 = DESC_V1.load([img, y0 + start_n // WIN_W, x0, hk, D1_AT]).reshape(BLOCK_N, D1)
+                else:
+                    v1 = DESC_V1.load([img, start_n, hk, D1_AT]).reshape(BLOCK_N, D1)
             else:
                 v1 = tl.load(v_src + offs_d1[None, :] * stride_vd, mask=k_in[:, None] & d1_ok[None, :], other=0.0)
             if INTERP:
@@ -616,6 +628,9 @@ def _configs() -> List[dict]:
     # pay, and at head dim 256 ptxas cannot meet it).
     for bm, warps in ((128, 8), (64, 4)):
         out.append(dict(BLOCK_M=bm, BLOCK_N=64, W_DOT=0, num_warps=warps, num_stages=3, TMA=1))
+    # Windows of several 64-key steps (hiera_l's 16 x 16): TMA at 2 stages won there (0.095 ms against 0.103 at 3
+    # stages and 0.107 for pointer loads, run 84); not measured on sequences, so offered to windows only.
+    out.append(dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=2, TMA=1, WINDOWS_ONLY=1))
     out.extend(WIDE_HEAD_CONFIGS)
     return out
 
@@ -650,7 +665,7 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
     # Wide fp32 heads need small tiles to fit in shared memory (64 x 64 x 256 fp32 does not on an H200).
     low = 16 if d > 128 and a["IS_FP32"] else 64
     wide = d > 128 and not a["IS_FP32"]  # WIDE_HEAD_CONFIGS apply
-    tma_twins = {_twin_key(c) for c in configs if c.get("TMA")} if a["TMA_OK"] else set()
+    tma_twins = {_twin_key(c) for c in configs if c.get("TMA") and _tma_candidate(c, a)}
     keep = []
     for c in configs:
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
@@ -664,25 +679,37 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
             continue
         if c["W_DOT"] and not _wdot_applies(a, bn):
             continue  # it would compile a twin of the W_DOT=0 config
-        if c.get("TMA") and not a["TMA_OK"]:
+        if c.get("TMA") and not _tma_candidate(c, a):
             continue
         if c["num_stages"] == 2 and triton.cdiv(a["seqlen_k"], bn) < 3 and {**c, "num_stages": 3} in configs:
             continue  # a key loop of 1-2 steps: 2 and 3 stages are twins (3 was as fast or faster, run 63)
         if not c.get("TMA") and not c["W_DOT"] and _twin_key(c) in tma_twins:
-            continue  # K / V through TMA won wherever both ran (docs/benchmarks.md: runs 24, 29, 60, 63)
+            continue  # K / V through TMA won wherever both ran (docs/benchmarks.md: runs 24, 29, 60, 63, 84)
         if a["WINDOW"] and not a["HAS_BIAS"] and max(bm, bn) > 64:
             # Hiera's windows (16-256 tokens): 128-row tiles lost at every window shape (runs 59, 60, 63), and
             # so did 128-key ones (64 x 128 at hiera_l's 16 x 16 windows: 0.210 ms against 64 x 64's 0.108,
             # 0.114 against 0.063 for its q-pooled block; runs 76, 81): two compiles off hiera_l's first call.
             continue
         keep.append(c)
-    if a["TMA_OK"] and d <= 128 and any(c.get("TMA") for c in keep):
+    if a["TMA_OK"] and d <= 128 and not a["WINDOW"] and any(c.get("TMA") for c in keep):
         # Where K / V go through TMA at head dims up to 128, a TMA config won at every shape measured (SAM's
         # global blocks with rel-pos, runs 24 and 29; Hiera's at head dims 56, 72 and 96, runs 60 and 63: 0.946
         # ms against 1.140 for the best pointer-load tile at hiera_l's): the pointer-load tiles only cost the
         # first call their compiles (6 of hiera_l's 19). Head dim 256 (SAM 2's memory) keeps them: not measured so.
         keep = [c for c in keep if c.get("TMA")]
     return keep or [dict(BLOCK_M=16, BLOCK_N=16, W_DOT=0, num_warps=4, num_stages=1)]
+
+
+def _tma_candidate(c: dict, a: dict) -> bool:
+    """Whether TMA config c is worth compiling for problem a: K / V can go through TMA (TMA_OK), and in a window
+    the config's key tile is a box of whole rows (key_box) and the window takes more than one key step. One-step
+    windows lost with TMA (hiera_l's 8 x 8 windows: 0.223 ms against 0.210 for pointer loads on the 256 x 256
+    grid, 0.033 against 0.031 on 32 x 32; run 84); 16 x 16 ones, four steps, won (0.103 against 0.107)."""
+    if not a["TMA_OK"]:
+        return False
+    if not a["WINDOW"]:
+        return not c.get("WINDOWS_ONLY")
+    return key_box(a["WIN_HW"], c["BLOCK_N"]) is not None and a["seqlen_k"] > c["BLOCK_N"]
 
 
 def _twin_key(c: dict) -> tuple:
@@ -908,17 +935,30 @@ def _contiguous_strides(shape) -> tuple:
 _N_TENSORS = 18
 
 
-def tma_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int, d0: int, d1: int, d1_at: int) -> tuple:
-    """Host-side TMA descriptors of K and V, (B, N, Hk, D) with any 16-byte-aligned strides: one per
-    head-dim chunk (D0 columns, then D1 from column d1_at), each a (1, block_n, 1, chunk) box. Reads past N
-    or past D come back as zeros."""
-    def one(t: torch.Tensor, lo: int, width: int):
-        part = t[..., lo:lo + width]
-        return TensorDescriptor(part, list(part.shape), list(part.stride()), [1, block_n, 1, width])
+def tma_descriptors(k: torch.Tensor, v: torch.Tensor, box: Tuple[int, ...], d0: int, d1: int) -> tuple:
+    """Host-side TMA descriptors of K and V, with any 16-byte-aligned strides: one per head-dim chunk (D0
+    columns, then D1, which the kernel reads from column D1_AT of the same tensor), each a box of `box` keys
+    by the chunk's columns. Sequences: k, v (B, N, Hk, D), box (BLOCK_N,); windows: k, v (B, GH, GW, Hk, D),
+    box (rows, WIN_W), whole rows of a window. Reads past the tensor's bounds come back as zeros. The
+    descriptors cover the whole tensors, so a call builds them without slicing k and v."""
+    def one(t: torch.Tensor, width: int):
+        return TensorDescriptor(t, t.shape, t.stride(), [1, *box, 1, width])
 
-    k0, v0 = one(k, 0, d0), one(v, 0, d0)
-    k1, v1 = (one(k, d1_at, d1), one(v, d1_at, d1)) if d1 else (k0, v0)
+    k0, v0 = one(k, d0), one(v, d0)
+    k1, v1 = (one(k, d1), one(v, d1)) if d1 else (k0, v0)
     return k0, k1, v0, v1
+
+
+def key_box(window: Optional[Tuple[int, int]], block_n: int) -> Optional[Tuple[int, ...]]:
+    """The keys one TMA load brings per loop step: (BLOCK_N,) of a sequence; in a window, (rows, WIN_W), whole
+    rows that tile the window (WIN_W a power of two dividing BLOCK_N, rows dividing WIN_H); None where a window's
+    key tile is no such box (14 x 14 windows: those keep pointer loads)."""
+    if window is None:
+        return (block_n,)
+    wh, ww = window
+    if ww & (ww - 1) or block_n % ww or wh % (block_n // ww):
+        return None
+    return (block_n // ww, ww)
 
 
 _SMS: Dict[int, int] = {}
@@ -956,13 +996,13 @@ class KernelPlan:
     """
 
     def __init__(self, grid: Tuple[int, int, int], tail: tuple, config: dict,
-                 tma: Optional[Tuple[int, int, int]] = None, split: Optional["SplitCombine"] = None):
+                 tma: Optional[tuple] = None, split: Optional["SplitCombine"] = None):
         if _N_TENSORS + len(tail) != len(_attn_fwd.arg_names):  # the launcher takes every argument, in order
             raise RuntimeError(f"kernel plan has {_N_TENSORS + len(tail)} arguments, the kernel {len(_attn_fwd.arg_names)}")
         self.grid = grid
         self.config = config
         self._tail = tail  # every argument after the tensors and descriptors, in the kernel's order
-        self._tma = tma  # (BLOCK_N, D0, D1, D1_AT) when K and V are read through TMA descriptors
+        self._tma = tma  # (key box, D0, D1) when K and V are read through TMA descriptors (tma_descriptors)
         self.split = split  # the merge of partial results when the keys are split over programs
         # maxnreg caps registers per thread (spilling a little) so that two CTAs fit on an SM.
         self._options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
@@ -974,19 +1014,24 @@ class KernelPlan:
     def warmup(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad=None, v_pad=None) -> None:
         """Compile without launching."""
         ws = self.split.standin(q.device) if self.split is not None else (q, q)
-        tensors = self._tensors(q, k, v, q, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
+        tensors = self._tensors(q, k, v, q, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, q)
         _attn_fwd.warmup(*tensors, *self._tail, grid=self.grid, **self._options)
         if self.split is not None:
             self.split.warmup(q, cu_q)
 
-    def _tensors(self, q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k) -> tuple:
-        # Descriptors hold addresses, so they are made per call. Absent tensors are never read (their
-        # flags are off); q stands in for them.
-        descs = tma_descriptors(k, v, *self._tma) if self._tma is not None else (q,) * 4
-        return (q, k, v, out, *ws, q if k_pad is None else k_pad, q if v_pad is None else v_pad, *descs,
-                q if kv_num is None else kv_num, q if kv_idx is None else kv_idx,
-                q if rel_h is None else rel_h, q if rel_w is None else rel_w,
-                q if cu_q is None else cu_q, q if cu_k is None else cu_k)
+    def _tensors(self, q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, absent) -> tuple:
+        """The kernel's tensor arguments, `absent` standing in for those the call lacks (never read: their
+        flags are off). Compiling needs a tensor there (Triton would make None a constant); a launch of
+        the compiled kernel takes None, which its launcher passes as a null pointer, while a tensor costs
+        it a data_ptr() call and a CUDA driver query each (14 of a window call's 18 arguments are absent)."""
+        # Descriptors hold addresses, so they are made per call.
+        descs = tma_descriptors(k, v, *self._tma) if self._tma is not None else (absent,) * 4
+        if ws is None:
+            ws = (absent, absent)
+        return (q, k, v, out, *ws, absent if k_pad is None else k_pad, absent if v_pad is None else v_pad, *descs,
+                absent if kv_num is None else kv_num, absent if kv_idx is None else kv_idx,
+                absent if rel_h is None else rel_h, absent if rel_w is None else rel_w,
+                absent if cu_q is None else cu_q, absent if cu_k is None else cu_k)
 
     def _launch_slow(self, tensors: tuple):
         return _attn_fwd[self.grid](*tensors, *self._tail, **self._options)
@@ -995,12 +1040,12 @@ class KernelPlan:
         if out is None:
             # q's shape, not one stored: a varlen plan serves every total length of its shape class.
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        ws = self.split.workspace(q.device) if self.split is not None else (q, q)
-        tensors = self._tensors(q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k)
+        ws = self.split.workspace(q.device) if self.split is not None else None
         if self._fast is not None:
-            self._fast(*tensors, *self._tail)
+            self._fast(*self._tensors(q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, None),
+                       *self._tail)
         else:
-            self._first_launch(tensors)
+            self._first_launch(self._tensors(q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, q))
         if self.split is not None:
             self.split(ws, out, cu_q)
         return out
@@ -1168,9 +1213,11 @@ def make_plan(
         IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
     prec = dot_precision(q.dtype)
-    # TMA boxes cover whole chunks: an inexact head-dim split (masked columns) stays on pointer loads.
-    tma_ok = not varlen and window is None and d1_at + d1 == head_dim and tma_eligible(k, v, d0, d1_at)
+    # TMA boxes cover whole chunks: an inexact head-dim split (masked columns) stays on pointer loads. A config
+    # reads through TMA where its key tile is a box (key_box: any tile of a sequence, whole rows of a window).
+    tma_ok = not varlen and d1_at + d1 == head_dim and tma_eligible(k, v, d0, d1_at)
     a["TMA_OK"] = tma_ok
+    a["WIN_HW"] = win_hw
     out_strides = _contiguous_strides(q.shape if window is not None else q4.shape)
     if varlen:
         out_strides = (0, *out_strides[1:])
@@ -1208,7 +1255,8 @@ def make_plan(
     def plan_for(cfg: dict):
         _check_config(cfg, block_size)
         dv = _derived(a, cfg)
-        tma = bool(cfg.get("TMA")) and tma_ok
+        box = key_box(win_hw if window is not None else None, cfg["BLOCK_N"]) if cfg.get("TMA") and tma_ok else None
+        tma = box is not None
         n_split = splits(cfg)
         q_tiles = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
         plans = []
@@ -1228,7 +1276,7 @@ def make_plan(
                     raise ValueError(f"config {cfg}: SPLIT_K over {n_bh} (sequence, head) pairs (at most {MAX_GRID_Y})")
                 combine = SplitCombine(n_split, n_bh, q_tiles * cfg["BLOCK_M"], head_dim, d1_at + d1, nheads, seqlen_q,
                                        varlen, out_strides[:4])
-            plans.append(KernelPlan(grid, tail, cfg, (cfg["BLOCK_N"], d0, d1, d1_at) if tma else None, combine))
+            plans.append(KernelPlan(grid, tail, cfg, (box, d0, d1) if tma else None, combine))
         return plans[0] if len(plans) == 1 else LaunchGroup(plans)
 
     if config is not None:

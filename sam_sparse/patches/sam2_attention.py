@@ -93,10 +93,11 @@ class SparseMultiScaleAttention(MultiScaleAttention):
             # max over each 2 x 2 cell, as MaxPool2d(2, 2): one pass, contiguous (B, H/2, W/2, nH, hd)
             q = q.unflatten(1, (H // 2, 2)).unflatten(3, (W // 2, 2)).amax(dim=(2, 4))
             q_window = (window // 2, window // 2)
-        pad = self.qkv.bias.view(3, nH, -1) if self.qkv.bias is not None else None
+        k_pad = v_pad = None
+        if self.qkv.bias is not None:
+            _, k_pad, v_pad = self.qkv.bias.view(3, nH, -1).unbind(0)
         out = window_attn(
-            q, k, v, (window, window), st.encoder_layout(x.device), q_window_size=q_window,
-            k_pad=None if pad is None else pad[1], v_pad=None if pad is None else pad[2],
+            q, k, v, (window, window), st.encoder_layout(x.device), q_window_size=q_window, k_pad=k_pad, v_pad=v_pad,
             softmax_scale=q.shape[-1] ** -0.5, block_size=st.block_size,
         )  # (B, H', W', nH, hd), contiguous
         return self.proj(out.view(*out.shape[:3], -1))

@@ -224,3 +224,75 @@ def test_overlapping_chunk_windows(overlap_on, dtype):
         torch.cuda.synchronize()
         check_window(out, q, k, v, (w, w), kp, vp, None, None, None, None, 16, f"{seed} (window {w})", FLOOR,
                      ROW_FLOOR, q_window=(w // 2, w // 2))
+
+
+# Windows whose key tiles are whole rows (power-of-two widths: all of hiera_l's) can read K and V through TMA:
+# one (rows, width) box of the key grid per step, zeros past the grid's edge (the padding keys of overhanging
+# windows are added from those zeros, as on the pointer path). Each case forces TMA configs whose boxes differ.
+WINDOW_TMA_CASES = [
+    # (grid, window, q_window, heads, head dim, dtype)
+    ((64, 64), (16, 16), None, 8, 72, torch.bfloat16),  # hiera_l stage 3
+    ((56, 48), (16, 16), None, 2, 72, torch.float16),  # overhanging windows: padding keys
+    ((64, 64), (16, 16), (8, 8), 4, 72, torch.bfloat16),  # q-pooled into stage 4
+    ((36, 40), (8, 8), None, 2, 80, torch.bfloat16),  # 8 x 8 windows, overhanging, head dim 80 = 64 + 16
+    ((32, 32), (8, 8), None, 4, 96, torch.float16),  # head dim 96 = 64 + 32
+    ((20, 16), (4, 4), None, 2, 64, torch.bfloat16),  # 4 x 4 windows: 16-key tiles
+]
+WINDOW_TMA_CONFIGS = [
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3, TMA=1),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=1),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=1),
+    dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, TMA=1),
+    dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2, TMA=1),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_TMA_CASES, ids=lambda c: f"{c[0][0]}x{c[0][1]}w{c[1][0]}q{c[2]}-H{c[3]}-D{c[4]}")
+def test_windows_through_tma(case):
+    """Window attention with K / V read through TMA boxes, every config whose box fits the window, against the
+    float64 oracle per row, into NaN-poisoned outputs; one config also under a block mask with an empty query
+    block, and one with rel-pos terms. Fails if no config took the TMA path (Hopper only)."""
+    from sam_sparse.kernels import triton_attn
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or later GPU")
+    (gh, gw), win, q_win, heads, d, dtype = case
+    seed, g = seeded()
+    q, k, v = rnd(g, 2, gh, gw, 3, heads, d, dtype=dtype).unbind(3)  # strided views of one projection
+    if q_win is not None:
+        q = q.unflatten(1, (gh // 2, 2)).unflatten(3, (gw // 2, 2)).amax(dim=(2, 4))
+    kp, vp = rnd(g, heads, d, dtype=dtype), rnd(g, heads, d, dtype=dtype)
+    ran = 0
+    for cfg in WINDOW_TMA_CONFIGS:
+        plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, d ** -0.5, 128, window=win, q_window=q_win,
+                                     config=cfg)
+        if all(p._tma is None for p in getattr(plan, "plans", [plan])):
+            continue  # the config's key tile is no box of this window
+        out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+        plan(q, k, v, None, None, None, None, None, None, kp, vp, out=out)
+        torch.cuda.synchronize()
+        check_window(out, q, k, v, win, kp, vp, None, None, None, None, 128, f"{seed} (config {cfg})", FLOOR, ROW_FLOOR,
+                     q_window=q_win)
+        ran += 1
+    assert ran >= 2, f"only {ran} TMA configs ran on windows {win}"
+    # A block mask with an empty query block, then rel-pos terms (the one-hot bias path), through TMA.
+    qn, kn = (q_win or win)[0] * (q_win or win)[1], win[0] * win[1]
+    cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2, TMA=1)
+    windows = -(-k.shape[1] // win[0]) * -(-k.shape[2] // win[1])
+    mask = torch.rand(2 * windows, heads, -(-qn // 16), -(-kn // 16), device="cuda", generator=g) < 0.5
+    mask[1, 0, 0] = False
+    layout = BlockLayout.from_mask(mask, 16)
+    out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+    triton_attn.attention_triton(q, k, v, layout.kv_num_blocks, layout.kv_indices, None, None, None, d ** -0.5, 16,
+                                 window=win, q_window=q_win, k_pad=kp, v_pad=vp, out=out, config=cfg)
+    torch.cuda.synchronize()
+    check_window(out, q, k, v, win, kp, vp, mask, None, None, None, 16, f"{seed} (mask)", FLOOR, ROW_FLOOR,
+                 q_window=q_win)
+    rel_h = rnd(g, 2, heads, q.shape[1] * q.shape[2], win[0], dtype=dtype)
+    rel_w = rnd(g, 2, heads, q.shape[1] * q.shape[2], win[1], dtype=dtype)
+    out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+    triton_attn.attention_triton(q, k, v, None, None, rel_h, rel_w, None, d ** -0.5, 16, window=win, q_window=q_win,
+                                 k_pad=kp, v_pad=vp, out=out, config=cfg)
+    torch.cuda.synchronize()
+    check_window(out, q, k, v, win, kp, vp, None, rel_h, rel_w, None, 16, f"{seed} (rel-pos)", FLOOR, ROW_FLOOR,
+                 q_window=q_win)
