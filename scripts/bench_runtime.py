@@ -20,6 +20,8 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
              patched dense (which of the two a batch-1 compiled row waits on); then one attention call's
              host time by part (public function, torch op, plan, arguments, launcher, output) at each
              stage's shape, and a cProfile of the compiled patched encoder.
+  hostparts  the last part of compiledhost alone: one attention call's host time by part at each Hiera stage's
+             shape of --sam2-model, patched dense, batch 1.
   sam2ab     SAM 2.1 image encoders (--sam2-model, a comma list) at batch 1, bf16: sam2's own against
              patched dense, eager and compiled, timed in alternating rounds in one process (the batch-1
              rows are host-bound, and the host's speed drifts).
@@ -498,6 +500,13 @@ def section_compiledhost(out, model="sam2.1_hiera_l"):
     profile_compiled(out, patched, x)
 
 
+def section_hostparts(out, model="sam2.1_hiera_l"):
+    """host_parts alone (compiledhost runs it after its compiled blocks and encoders): one attention call's host
+    time by part, on the patched model's Hiera shapes at batch 1."""
+    _, patched = sam2_pair(model)
+    host_parts(out, patched)
+
+
 _TWINS: dict = {}
 
 
@@ -605,7 +614,7 @@ def profile_compiled(out, patched, x, calls=20):
 SECTIONS = {"host": section_host, "precision": section_precision, "decoder": section_decoder,
             "predictor": section_predictor, "firstcall": section_firstcall, "profile": section_profile,
             "pyprofile": section_pyprofile, "ab": section_ab, "sam2predictor": section_sam2predictor,
-            "compiledhost": section_compiledhost, "sam2ab": section_sam2ab}
+            "compiledhost": section_compiledhost, "hostparts": section_hostparts, "sam2ab": section_sam2ab}
 
 
 def main():
@@ -616,7 +625,8 @@ def main():
     ap.add_argument("--sam2-model", default="sam2.1_hiera_b+", help="sam2predictor's and compiledhost's SAM 2.1 model type")
     args = ap.parse_args()
     options = {"firstcall": dict(model=args.model), "sam2predictor": dict(model_type=args.sam2_model),
-               "compiledhost": dict(model=args.sam2_model), "sam2ab": dict(model=args.sam2_model)}
+               "compiledhost": dict(model=args.sam2_model), "hostparts": dict(model=args.sam2_model),
+               "sam2ab": dict(model=args.sam2_model)}
     import triton
 
     record(args.out, section="meta", gpu=torch.cuda.get_device_name(), torch=torch.__version__,

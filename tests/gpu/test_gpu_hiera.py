@@ -244,6 +244,7 @@ WINDOW_TMA_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, TMA=1),
     dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2, TMA=1),
     dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2, TMA=1),
+    dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=3, TMA=1),
 ]
 
 
