@@ -39,7 +39,8 @@ window (i, j). Windows inside the grid and windows that overhang it run as two
 launches (WIN_PAD): only the latter carry the padding keys, whose key and value are K_PAD / V_PAD.
 
 Hopper: a config with TMA=1 reads K and V through host-side tensor descriptors (the copy engine; zero
-fill past the sequence) instead of pointer loads; the tuner keeps it where it measured faster.
+fill past the sequence, or past the grid) instead of pointer loads, in WINDOW mode where a key tile is whole
+window rows (key_box); the tuner keeps it where it measured faster.
 
 Lengths and counts that change from call to call (seqlen_q / seqlen_k, the (sequence, head) count, the
 block mask's strides) are run-time scalars Triton does not specialize on (RUNTIME_SCALARS): a video memory
