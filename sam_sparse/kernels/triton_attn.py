@@ -161,6 +161,19 @@ def _rect_row(start_n, PER_TILE: tl.constexpr, TILES_PER_ROW: tl.constexpr, TILE
     return (n_tile // TILES_PER_ROW) * TILE_H + (sub // SUBS_W) * RECT_H
 
 
+@triton.jit
+def _tma_tile(DESC, img, start_n, hk, col, y0, x0, WINDOW: tl.constexpr, WIN_W: tl.constexpr, BLOCK_N: tl.constexpr,
+              WIDTH: tl.constexpr):
+    """(BLOCK_N, WIDTH): keys start_n.. of K or V through a TMA descriptor (tma_descriptors), columns col..:
+    of a sequence (B, N, Hk, D), or in WINDOW mode BLOCK_N / WIN_W whole rows of the window whose top-left key
+    is (y0, x0) on the (B, GH, GW, Hk, D) key grid. Keys past the bounds arrive as zeros."""
+    if WINDOW:
+        t = DESC.load([img, y0 + start_n // WIN_W, x0, hk, col])
+    else:
+        t = DESC.load([img, start_n, hk, col])
+    return t.reshape(BLOCK_N, WIDTH)
+
+
 # Run-time scalars that Triton must not specialize on. By default it compiles a variant per value class of
 # every int argument (== 1, divisible by 16), so a video memory of 4096 * frames + 4 * pointers keys, or a new
 # mask width (its strides), or one object instead of several (n_bh), would each compile the kernel again.
@@ -238,6 +251,8 @@ def _attn_fwd(
     h = pid_bh % num_heads
     hk = h // kv_group
     img = b
+    y0 = 0  # the window's top-left key (WINDOW mode); _tma_tile reads it only there
+    x0 = 0
     if WINDOW:
         # A launch covers n_launch windows per image: either those inside the grid, or (WIN_PAD) those
         # that overhang it, the last column's first, then the rest of the last row's.
@@ -435,10 +450,7 @@ def _attn_fwd(
         if TMA:
             # Hopper: the copy engine brings the (BLOCK_N, D) tile into shared memory; keys past the
             # sequence (or, in a window, past the grid) are out of the descriptor's bounds and arrive as zeros.
-            if WINDOW:  # BLOCK_N / WIN_W whole rows of the window: a (rows, WIN_W) box of the key grid
-                k0 = tl.trans(DESC_K0.load([img, y0 + start_n // WIN_W, x0, hk, 0]).reshape(BLOCK_N, D0))
-            else:
-                k0 = tl.trans(DESC_K0.load([img, start_n, hk, 0]).reshape(BLOCK_N, D0))
+            k0 = tl.trans(_tma_tile(DESC_K0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W, BLOCK_N, D0))
         else:
             k0 = tl.load(k_src + offs_d0[:, None] * stride_kd, mask=k_in[None, :] & d0_ok[:, None], other=0.0)
         if INTERP:
@@ -446,10 +458,7 @@ def _attn_fwd(
         qk = tl.dot(q0, k0, input_precision=DOT_PREC)
         if D1 > 0:
             if TMA:  # the second chunk's columns, from the same descriptor's tensor at column D1_AT
-                if WINDOW:
-                    k1 = tl.trans(DESC_K1.load([img, y0 + start_n // WIN_W, x0, hk, D1_AT]).reshape(BLOCK_N, D1))
-                else:
-                    k1 = tl.trans(DESC_K1.load([img, start_n, hk, D1_AT]).reshape(BLOCK_N, D1))
+                k1 = tl.trans(_tma_tile(DESC_K1, img, start_n, hk, D1_AT, y0, x0, WINDOW, WIN_W, BLOCK_N, D1))
             else:
                 k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=k_in[None, :] & d1_ok[:, None], other=0.0)
             if INTERP:
@@ -517,10 +526,7 @@ def _attn_fwd(
             pad_l = pad_l * alpha + tl.sum(p * pad_k[None, :], 1)
 
         if TMA:
-            if WINDOW:
-                v0 = DESC_V0.load([img, y0 + start_n // WIN_W, x0, hk, 0]).reshape(BLOCK_N, D0)
-            else:
-                v0 = DESC_V0.load([img, start_n, hk, 0]).reshape(BLOCK_N, D0)
+            v0 = _tma_tile(DESC_V0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W, BLOCK_N, D0)
         else:
             v0 = tl.load(v_src + offs_d0[None, :] * stride_vd, mask=k_in[:, None] & d0_ok[None, :], other=0.0)
         # P is rounded to the input dtype before the PV product, as on the GPU.
@@ -531,10 +537,7 @@ def _attn_fwd(
         acc0 = tl.dot(p_lp, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if D1 > 0:
             if TMA:
-                if WINDOW:
-                    v1 = DESC_V1.load([img, y0 + start_n // WIN_W, x0, hk, D1_AT]).reshape(BLOCK_N, D1)
-                else:
-                    v1 = DESC_V1.load([img, start_n, hk, D1_AT]).reshape(BLOCK_N, D1)
+                v1 = _tma_tile(DESC_V1, img, start_n, hk, D1_AT, y0, x0, WINDOW, WIN_W, BLOCK_N, D1)
             else:
                 v1 = tl.load(v_src + offs_d1[None, :] * stride_vd, mask=k_in[:, None] & d1_ok[None, :], other=0.0)
             if INTERP:
@@ -1218,7 +1221,7 @@ def make_plan(
     # reads through TMA where its key tile is a box (key_box: any tile of a sequence, whole rows of a window).
     tma_ok = not varlen and d1_at + d1 == head_dim and tma_eligible(k, v, d0, d1_at)
     a["TMA_OK"] = tma_ok
-    a["WIN_HW"] = win_hw
+    a["WIN_HW"] = win_hw if window is not None else None  # key_box's window
     out_strides = _contiguous_strides(q.shape if window is not None else q4.shape)
     if varlen:
         out_strides = (0, *out_strides[1:])
@@ -1256,7 +1259,7 @@ def make_plan(
     def plan_for(cfg: dict):
         _check_config(cfg, block_size)
         dv = _derived(a, cfg)
-        box = key_box(win_hw if window is not None else None, cfg["BLOCK_N"]) if cfg.get("TMA") and tma_ok else None
+        box = key_box(a["WIN_HW"], cfg["BLOCK_N"]) if cfg.get("TMA") and tma_ok else None
         tma = box is not None
         n_split = splits(cfg)
         q_tiles = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
