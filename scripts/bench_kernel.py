@@ -15,7 +15,9 @@ pointer tokens), head dim 256, one head, at 1 and 16 objects: ours dense against
 efficient, ours with a spatial band mask (each query block keeps the key blocks of its own rows +- a radius
 in every frame, and the pointer tokens) at about density 0.25, the varlen batch of 16 objects whose
 memories hold 1..7 frames (against the same objects padded to the longest), and memory self-attention
-(4096 x 4096). `--section memory --dry-run` runs on a CPU: it builds the masks and writes their rows.
+(4096 x 4096). Rows "values late" time the cross-attention as patch_sam runs it: the kernel over the 64-wide
+memory features, v_proj after it, against SAM 2's order (v_proj on every key, then SDPA over 256-wide values).
+`--section memory --dry-run` runs on a CPU: it builds the masks and writes their rows.
 
 The hiera section (`--section hiera`) is SAM 2's Hiera encoder layers at batch 8 (issue 22): global 4096
 tokens and windows of 14, 8, 4 and 7, head dim 56 (hiera_b+) and 64 (`--hiera-dims`, e.g. 72 for hiera_l), ours
@@ -279,6 +281,7 @@ def sam_rows(args, dt, dev, gen) -> list:
 # 7 frames of 4096 tokens plus 64 pointer tokens (16 object pointers x 4), head dim 256, one head.
 FRAME_TOKENS, MEMORY_FRAMES, POINTER_TOKENS, MEMORY_HEAD_DIM, MEMORY_BLOCK = 4096, 7, 64, 256, 128
 MEMORY_TARGETS = {"dense_vs_best_sdpa": 1.15, "band_vs_dense": 0.35}
+MEMORY_KV_DIM = 64  # the memory features' width (SAM 2.1's kv_in_dim), before v_proj
 
 
 def memory_band_mask(frames: int, pointer_tokens: int, radius: int, frame_tokens: int = FRAME_TOKENS,
@@ -371,7 +374,10 @@ def memory_rows(args, dt, dev, gen) -> list:
                   tflops=flops * density / sparse / 1e9, config=tuned_config(q, k, v, layout, None, None),
                   unsplit_ms=unsplit_ms(q, k, v, layout),
                   band_vs_dense=sparse / dense, target_band_vs_dense=MEMORY_TARGETS["band_vs_dense"]))
-        del q, k, v, ref
+        del v, ref
+        for row in late_value_rows(q, k, layout, base, dt, dev, gen):
+            emit(dict(shape=shape, B=B, **row))
+        del q, k
         torch.cuda.empty_cache()
 
     # Varlen: objects prompted on different frames, each memory its own length, one launch.
@@ -432,6 +438,41 @@ def memory_rows(args, dt, dev, gen) -> list:
     return rows
 
 
+def late_value_rows(q, k, layout, sdpa_ms: dict, dt, dev, gen) -> list:
+    """SAM 2's memory cross-attention with its value projection, both orders: SAM 2's, v = v_proj(memory) (the
+    64-wide memory features to 256) then SDPA; sam-sparse's (patches/sam2_memory.py), the kernel over the memory
+    itself (V of 64 columns) then v_proj on the queries. q, k (B, Nq | Nk, 1, 256) as the memory rows'. The
+    ratios set ours (kernel + v_proj) against SDPA alone (without its v_proj) as well as with it."""
+    from torch.nn.attention import SDPBackend
+
+    B, nk = k.shape[:2]
+    mem = torch.randn(B, nk, 1, MEMORY_KV_DIM, device=dev, dtype=dt, generator=gen)
+    proj = torch.nn.Linear(MEMORY_KV_DIM, q.shape[-1], device=dev, dtype=dt)
+    theirs = {name: try_time(lambda b=backend: sdpa(q, k, proj(mem), None, b)) for name, backend in (
+        ("SDPA flash", SDPBackend.FLASH_ATTENTION), ("SDPA cuDNN", SDPBackend.CUDNN_ATTENTION))}
+    alone = [t for t in (sdpa_ms["SDPA flash"], sdpa_ms["SDPA cuDNN"]) if isinstance(t, float)]
+    with_proj = [t for t in theirs.values() if isinstance(t, float)]
+    v32 = F.linear(mem.float(), proj.weight.float(), proj.bias.float())
+    ref = sdpa(q.float(), k.float(), v32, None, SDPBackend.EFFICIENT_ATTENTION).transpose(1, 2)
+    rows = []
+    for variant, lay in (("dense, values late", None), ("band, values late", layout)):
+        ours = bench(lambda m=lay: proj(block_sparse_attn(q, k, mem, m)))
+        kernel = bench(lambda m=lay: block_sparse_attn(q, k, mem, m))
+        row = dict(variant=variant, density=1.0 if lay is None else "band", ours_ms=ours, kernel_ms=kernel,
+                   config=tuned_config(q, k, mem, lay, None, None),
+                   **{f"{name} + v_proj": t for name, t in theirs.items()})
+        if lay is None:
+            dense = ours
+            diff = ((proj(block_sparse_attn(q, k, mem)).float() - ref).norm() / ref.norm()).item()
+            row.update(rel_diff_vs_sdpa=diff, ours_vs_best_sdpa_alone=ours / min(alone) if alone else None,
+                       ours_vs_best_sdpa_with_v_proj=ours / min(with_proj) if with_proj else None,
+                       target_dense_vs_best_sdpa=MEMORY_TARGETS["dense_vs_best_sdpa"])
+        else:
+            row.update(band_vs_dense=ours / dense, target_band_vs_dense=MEMORY_TARGETS["band_vs_dense"])
+        rows.append(row)
+    return rows
+
+
 def rotary_row(frames, lengths, dt, dev, gen) -> dict:
     """The rotary encoding of one memory cross-attention call over the packed objects: q (objects, 1, 4096,
     256) and the packed keys, pointer tokens left out. SAM 2's apply_rotary_enc (complex float32) on q and on
@@ -473,7 +514,8 @@ def rotary_row(frames, lengths, dt, dev, gen) -> dict:
 MEMORY_COLS = ["shape", "B", "variant", "density", "ours_ms", "tflops", "config", "unsplit_ms", "SDPA flash", "SDPA cuDNN",
                "SDPA efficient", "dense_vs_best_sdpa", "target_dense_vs_best_sdpa", "band_vs_dense",
                "target_band_vs_dense", "padded_dense_ms", "padded_cudnn_ms", "varlen_vs_padded", "rel_diff_vs_sdpa",
-               "radius", "lengths", "mask_blocks", "sam2_rope_ms", "rope_speedup"]
+               "radius", "lengths", "mask_blocks", "sam2_rope_ms", "rope_speedup", "kernel_ms", "SDPA flash + v_proj",
+               "SDPA cuDNN + v_proj", "ours_vs_best_sdpa_alone", "ours_vs_best_sdpa_with_v_proj"]
 SAM_COLS = ["shape", "density", "ours_ms", "config", "ours_nobias_ms", "ours_rowmajor_ms", "ours_tiles_ms", "cpu_us",
             "tflops", "vs_dense", "target_vs_dense", "SDPA cuDNN + bias", "SDPA mem-eff + bias", "SDPA flash, no bias",
             "SDPA cuDNN, no bias", "flash_4 (sam-fast)", "flash_4 rel diff", "flex_relpos_ms", "lists_ms",

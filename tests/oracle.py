@@ -34,7 +34,7 @@ def _empty_rows(logits):
 
 
 def oracle_attention(q, k, v, block_mask=None, rel_h=None, rel_w=None, key_tile=None, scale=None, block_size=128):
-    """q (B, Nq, H, D); k, v (B, Nk, Hk, D); returns float64 (B, Nq, H, D). Empty rows give zeros."""
+    """q (B, Nq, H, D); k (B, Nk, Hk, D), v (B, Nk, Hk, Dv); returns float64 (B, Nq, H, Dv). Empty rows give zeros."""
     D, H, Hk = q.shape[-1], q.shape[2], k.shape[2]
     scale = D**-0.5 if scale is None else scale
     q64 = q.double().permute(0, 2, 1, 3)
@@ -76,12 +76,13 @@ def rel_error(out, ref):
 
 def check_attention(out, q, k, v, mask, block_size, seed, floor, row_floor, scale=None, rel_h=None, rel_w=None,
                     key_tile=None):
-    """Assert attention output out (B, Nq, H, D) against oracle_attention, globally and per (query, head) row,
+    """Assert attention output out (B, Nq, H, Dv) against oracle_attention, globally and per (query, head) row,
     relative to the same computation by PyTorch in q's dtype (2x its error plus floor[dtype] /
     row_floor[dtype]); NaN anywhere (a poisoned row left unwritten) fails; every row the oracle gives as
     zeros (a query block with no key block) must be exactly zero. rel_h / rel_w / key_tile: SAM's
     decomposed rel-pos bias, as oracle_attention takes it. Returns the oracle's output."""
-    assert out.shape == q.shape and out.dtype == q.dtype, f"seed {seed}: {tuple(out.shape)} {out.dtype}"
+    want = (*q.shape[:-1], v.shape[-1])
+    assert out.shape == want and out.dtype == q.dtype, f"seed {seed}: {tuple(out.shape)} {out.dtype}"
     assert not torch.isnan(out).any(), f"seed {seed}: NaN in the output (or a query row left unwritten)"
     assert torch.isfinite(out).all(), f"seed {seed}: inf in the output"
     ref = oracle_attention(q, k, v, mask, rel_h, rel_w, key_tile, scale=scale, block_size=block_size)

@@ -142,7 +142,7 @@ def test_autotune_space_drops_twins(triton_kernel):
     steps keeps 3 stages and not its 2-stage twin; where K / V can go through TMA, no pointer-load config
     stays at head dims up to 128 (TMA won at every such shape measured) and at head dim 256 only the
     pointer-load twin of a TMA config goes. Every shape still keeps a config."""
-    hiera = dict(seqlen_q=64, seqlen_k=64, MASK_BLOCK=128, D0=64, D1=16, D1_AT=56, HAS_BIAS=False, IS_FP32=False,
+    hiera = dict(seqlen_q=64, seqlen_k=64, MASK_BLOCK=128, D0=64, D1=16, D1_AT=56, DV=80, HAS_BIAS=False, IS_FP32=False,
                  IS_BF16=True, KH=1, KW=1, tile_w=1, TMA_OK=False, WINDOW=True, WIN_HW=(8, 8))
     prune = lambda **kw: triton_kernel._prune(triton_kernel._configs(), {**hiera, **kw})  # noqa: E731
     keys = lambda cs: {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], c.get("TMA", 0)) for c in cs}  # noqa: E731
@@ -384,7 +384,8 @@ BAD_INPUTS = [
     (dict(q=torch.randn(2, 64, 4, 32, dtype=torch.float64)), r"q has .*float64.*supported dtypes"),
     (dict(k=torch.randn(3, 64, 2, 32), v=torch.randn(3, 64, 2, 32)), r"k has batch 3 but q has batch 2"),
     (dict(k=torch.randn(2, 64, 3, 32), v=torch.randn(2, 64, 3, 32)), r"q has 4 heads and k has 3"),
-    (dict(v=torch.randn(2, 60, 2, 32)), r"k and v must have the same shape"),
+    (dict(v=torch.randn(2, 60, 2, 32)), r"k and v must have the same shape but for the head dim"),
+    (dict(v=torch.randn(2, 64, 2, 20)), r"v's headdim 20 .* multiples of 8 from 16 to 256"),
     (dict(q=torch.randn(2, 64, 4, 36), k=torch.randn(2, 64, 2, 36), v=torch.randn(2, 64, 2, 36), rel_h=None, rel_w=None),
      r"headdim 36 .* multiples of 8 from 16 to 256"),
     (dict(q=torch.randn(2, 64, 4, 264), k=torch.randn(2, 64, 2, 264), v=torch.randn(2, 64, 2, 264), rel_h=None,

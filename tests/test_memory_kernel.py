@@ -271,7 +271,7 @@ def test_wide_head_tuning_space(triton_kernel):
     """Head dim 256 in 16 bits: 64 x 64 tiles (4 warps) and the 128-row tiles over 8 warps that fit Hopper's
     shared memory, TMA only where the inputs allow it (and then in place of the same tiles without it); none
     of the 128-row tiles for fp32 or head dims up to 128 (the SAM shapes' space is unchanged)."""
-    base = dict(seqlen_q=4096, seqlen_k=32768, MASK_BLOCK=128, D0=256, D1=0, HAS_BIAS=False, IS_FP32=False,
+    base = dict(seqlen_q=4096, seqlen_k=32768, MASK_BLOCK=128, D0=256, D1=0, DV=256, HAS_BIAS=False, IS_FP32=False,
                 IS_BF16=True, KH=1, KW=1, tile_w=1, TMA_OK=False, VARLEN=False, WINDOW=False)
     tiles = lambda cs: {(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"], bool(c.get("TMA"))) for c in cs}  # noqa: E731
     kept = tiles(triton_kernel._prune(triton_kernel._configs(), base))
@@ -280,7 +280,66 @@ def test_wide_head_tuning_space(triton_kernel):
     # Where TMA applies, each TMA config replaces its pointer-load twin.
     twins = {(64, 64, 4, 3, False), (128, 64, 8, 2, False)}
     assert hopper == (kept - twins) | {(64, 64, 4, 3, True), (128, 64, 8, 2, True)}
+    # V of 64 columns (memory cross-attention, values projected late): two more TMA tiles its smaller stages allow.
+    narrow = tiles(triton_kernel._prune(triton_kernel._configs(), {**base, "TMA_OK": True, "DV": 64}))
+    assert narrow == hopper | {(128, 64, 8, 3, True), (128, 128, 8, 2, True)}
+    assert tiles(triton_kernel._prune(triton_kernel._configs(), {**base, "DV": 64})) == kept  # no TMA: none of them
     for other in (dict(IS_FP32=True, IS_BF16=False), dict(D0=128), dict(D0=64, D1=16)):
         assert not any(c.get("WIDE") for c in triton_kernel._prune(triton_kernel._configs(), {**base, **other}))
     # A 64-token mask block holds no 128-row tile.
     assert all(c["BLOCK_M"] <= 64 for c in triton_kernel._prune(triton_kernel._configs(), {**base, "MASK_BLOCK": 64}))
+
+
+# ------------------------------------------------------------------------------------------------
+# V narrower than q / k: the memory cross-attention with its values projected after the attention
+# ------------------------------------------------------------------------------------------------
+
+DV = 64  # SAM 2.1's memory features (kv_in_dim): V before v_proj
+
+
+@needs_triton
+@pytest.mark.parametrize("config", [None, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, SPLIT_K=3)],
+                         ids=["plain", "split3"])
+def test_memory_cross_narrow_values_varlen(triton_kernel, config):
+    """Head dim 256 for q / k and 64 for V (memory features before v_proj): three objects of different memory
+    lengths packed, a frame-dropping mask with an empty query block, into a NaN-poisoned (total_q, 1, 64)
+    output; unsplit and with the keys split over 3 programs (the partials and their merge are 64 wide)."""
+    seed, g = seeded()
+    frames, pointers = (1, 3, 2), (1, 3, 0)
+    lengths = [memory_len(f, p) for f, p in zip(frames, pointers)]
+    q, k, _, cu_q, cu_k = packed(g, lengths, torch.bfloat16)
+    v = torch.randn(k.shape[0], 1, DV, generator=g).bfloat16()
+    mask = frame_mask(g, 3, lengths, frames, empty=(2, 1))
+    out = torch.full((q.shape[0], 1, DV), float("nan"), dtype=q.dtype)
+    triton_kernel.attention_triton(q, k, v, *block_lists(mask), None, None, None, D ** -0.5, BS, cu_seqlens_q=cu_q,
+                                   cu_seqlens_k=cu_k, max_seqlen_q=FRAME, max_seqlen_k=max(lengths), out=out,
+                                   config=config)
+    check_objects(out, q, k, v, cu_q, cu_k, mask, seed)
+    assert (out[2 * FRAME + BS : 2 * FRAME + 2 * BS] == 0).all(), f"seed {seed}: the empty query block must give zeros"
+
+
+@needs_triton
+@pytest.mark.parametrize("d,dv,dtype", [(256, 64, torch.float16), (72, 56, torch.bfloat16), (64, 96, torch.float32),
+                                        (80, 256, torch.bfloat16)])
+def test_values_with_a_head_dim_of_their_own(triton_kernel, d, dv, dtype):
+    """block_sparse_attn with v's head dim other than q / k's, through the public function (the kernel in the
+    interpreter, from CPU tensors): wider and narrower V, V split into two chunks (56: one padded chunk; 96 =
+    64 + 32) or not, every dtype; 130 queries and 200 keys (no multiple of the 64-token blocks), GQA (4 heads
+    over 2), v a non-contiguous view of a larger tensor, a mask with an empty query block. Plans are cached
+    per v shape: the same q / k with v of q's head dim gives the plain result."""
+    seed, g = seeded()
+    q = torch.randn(2, 130, 4, d, generator=g).to(dtype)
+    k = torch.randn(2, 200, 2, d, generator=g).to(dtype)
+    v = torch.randn(2, 2, 200, dv + 8, generator=g).to(dtype).transpose(1, 2)[..., 4 : 4 + dv]  # (2, 200, 2, dv)
+    mask = torch.rand(2, 4, 3, 4, generator=g) < 0.6
+    mask[:, :, :, 0] = True
+    mask[1, 3, 2] = False  # query block 2 of (batch 1, head 3): no key
+    floor = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+    row_floor = {torch.float32: 2e-5, torch.float16: 8e-3, torch.bfloat16: 6e-2}
+    out = block_sparse_attn(q, k, v, mask, block_size=64)
+    check_attention(out, q, k, v, mask, 64, seed, floor, row_floor)
+    assert (out[1, 128:, 3] == 0).all(), f"seed {seed}: the empty query block must give zeros"
+    v_same = torch.randn(2, 200, 2, d, generator=g).to(dtype)
+    check_attention(block_sparse_attn(q, k, v_same, mask, block_size=64), q, k, v_same, mask, 64, seed, floor,
+                    row_floor)
+

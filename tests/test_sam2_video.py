@@ -313,18 +313,26 @@ def test_video_parity_dense_error_does_not_grow(predictor, frames):
         video_parity(predictor, frames, [{"frame": 0, "obj_id": 1, "points": [[1, 1]]}])
 
 
-def test_memory_cross_attention_module_rotary_cases(predictor):
+def test_memory_cross_attention_module_rotary_cases(predictor, monkeypatch):
     """One patched memory cross-attention called directly, against RoPEAttention.forward on the same module
     (fp32, CPU): keys of two frames plus pointer tokens, pointer tokens only (SAM 2 rotates no key), and a
-    key count that is no multiple of the frame (SAM 2 fails on it; the patch says what was wrong)."""
+    key count that is no multiple of the frame (SAM 2 fails on it; the patch says what was wrong). The kernel
+    reads the values before v_proj (64 columns, not 256): v_proj runs after the attention, with its bias."""
     from sam2.modeling.sam.transformer import RoPEAttention
+
+    from sam_sparse.patches import sam2_memory
 
     seed = torch.seed() % 2**31
     g = torch.Generator().manual_seed(seed)
+    v_dims = []
+    kernel = sam2_memory.block_sparse_attn
+    monkeypatch.setattr(sam2_memory, "block_sparse_attn", lambda q, k, v, *a, **kw: v_dims.append(v.shape[-1]) or
+                        kernel(q, k, v, *a, **kw))
     handle = patch_sam(predictor, "dense", batch_objects=False)
     try:
         module = predictor.memory_attention.layers[0].cross_attn_image
         n, kv_dim = 64, module.kv_in_dim  # an 8 x 8 frame
+        assert module.v_proj.bias.abs().min() > 0, "the test needs v_proj's bias"
         q = torch.randn(2, n, module.embedding_dim, generator=g)
         for keys, pointers in ((2 * n + 4, 4), (4, 4)):
             k, v = (torch.randn(2, keys, kv_dim, generator=g) for _ in range(2))
@@ -332,6 +340,7 @@ def test_memory_cross_attention_module_rotary_cases(predictor):
                 got = module(q, k, v, num_k_exclude_rope=pointers)
                 want = RoPEAttention.forward(module, q, k, v, num_k_exclude_rope=pointers)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{keys} keys: {m} (seed {seed})")
+        assert v_dims == [kv_dim, kv_dim] and kv_dim < module.embedding_dim
         k = torch.randn(2, n + 5, kv_dim, generator=g)
         with pytest.raises(ValueError, match="rotary-encoded keys"), torch.inference_mode():
             module(q, k, k, num_k_exclude_rope=0)

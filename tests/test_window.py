@@ -444,6 +444,7 @@ BAD_INPUTS = [
     (dict(q=torch.randn(1, 42, 2, 16)), r"q has shape \(1, 42, 2, 16\).*expected 5-D \(batch, grid_h, grid_w, nheads, headdim\)"),
     (dict(k=torch.randn(1, 6, 6, 1, 16), v=torch.randn(1, 6, 6, 1, 16)), r"k has the token grid \(6, 6\) but q has \(6, 7\)"),
     (dict(v=torch.randn(1, 6, 7, 2, 16)), r"k and v must have the same shape"),
+    (dict(v=torch.randn(1, 6, 7, 1, 32)), r"k and v must have the same shape"),  # v's own head dim: not in windows
     (dict(k=torch.randn(2, 6, 7, 1, 16), v=torch.randn(2, 6, 7, 1, 16)), r"k has batch 2 but q has batch 1"),
     (dict(k=torch.randn(1, 6, 7, 3, 16), v=torch.randn(1, 6, 7, 3, 16)), r"q has 2 heads and k has 3; nheads must be a multiple"),
     (dict(q=torch.randn(1, 6, 7, 2, 16, dtype=torch.float64)), r"q has .*float64.*supported dtypes"),

@@ -91,8 +91,14 @@ def _check_qkv(q, k, v, varlen: bool, grid: bool = False, same_grid: bool = True
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all tensors must share one device")
         if t.dtype != q.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; q, k and v must share one dtype")
-    if k.shape != v.shape:
+    if grid and k.shape != v.shape:
         raise ValueError(f"k has {describe_tensor(k)} and v has {describe_tensor(v)}; k and v must have the same shape")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"k has {describe_tensor(k)} and v has {describe_tensor(v)}; k and v must have the same shape "
+                         "but for the head dim")
+    if v.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"v's headdim {v.shape[-1]} (v: {describe_tensor(v)}) is not supported; supported: "
+                         f"{HEAD_DIMS_ACCEPTED}")
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"k has batch {k.shape[0]} but q has batch {q.shape[0]} (q: {describe_tensor(q)}, k: {describe_tensor(k)})")
     if grid and same_grid and k.shape[1:3] != q.shape[1:3]:
@@ -364,7 +370,12 @@ def _like_q(q, *args):
     return q.new_empty(q.shape)
 
 
-_attn_op = _define_op("block_sparse_attn", _attn_impl, _like_q)
+def _like_qv(q, k, v, *args):
+    """q's shape with v's head dim: the output of block_sparse_attn(_varlen)."""
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+_attn_op = _define_op("block_sparse_attn", _attn_impl, _like_qv)
 
 
 def _attn_varlen_impl(
@@ -387,7 +398,7 @@ def _attn_varlen_impl(
     return plan(q, k, v, kv_num_blocks, kv_indices, None, None, cu_seqlens_q, cu_seqlens_k)
 
 
-_attn_varlen_op = _define_op("block_sparse_attn_varlen", _attn_varlen_impl, _like_q)
+_attn_varlen_op = _define_op("block_sparse_attn_varlen", _attn_varlen_impl, _like_qv)
 
 
 def _window_impl(
@@ -443,7 +454,9 @@ def block_sparse_attn(
 ) -> torch.Tensor:
     """Block-sparse softmax attention with SAM's decomposed relative-position bias fused in. Forward only.
 
-    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0.
+    q: (batch, seqlen_q, nheads, headdim); k: (batch, seqlen_k, nheads_k, headdim), v: (batch, seqlen_k, nheads_k,
+        headdim_v), nheads % nheads_k == 0; headdim_v is usually headdim, but may differ (both multiples of 8 from
+        16 to 256: e.g. attention over values before their projection, as SAM 2's memory cross-attention runs).
         Any strides: a permuted view of a fused qkv projection works without a copy.
     block_mask: a BlockLayout (built once: the fast way), or a bool tensor (batch or 1, nheads or 1,
         ceil(seqlen_q / block_size), ceil(seqlen_k / block_size)), True where a query block attends to
@@ -458,7 +471,7 @@ def block_sparse_attn(
     softmax_scale: multiplies q.k, a number > 0; default headdim ** -0.5.
     block_size: mask granularity in tokens, a power of two >= 16; default 128, or the BlockLayout's.
 
-    Returns (batch, seqlen_q, nheads, headdim) in q's dtype, contiguous. Query rows that attend to no
+    Returns (batch, seqlen_q, nheads, headdim_v) in q's dtype, contiguous. Query rows that attend to no
     key (an empty block row, seqlen_k == 0, or every key's logit -inf or at most -1e38 * softmax_scale:
     the Triton kernel carries -inf as a huge finite number, and the PyTorch path keeps the same rule) are
     zeros. Raises RuntimeError
@@ -510,13 +523,13 @@ def block_sparse_attn_varlen(
 ) -> torch.Tensor:
     """Block-sparse attention over packed sequences of different lengths. Forward only.
 
-    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim).
+    q: (total_q, nheads, headdim); k: (total_k, nheads_k, headdim), v: (total_k, nheads_k, headdim_v).
     cu_seqlens_q, cu_seqlens_k: int32 (num_seqs + 1,), cumulative lengths starting at 0, on q's device.
     max_seqlen_q, max_seqlen_k: the longest sequence on each side, ints given by the caller (reading them
         from cu_seqlens would cost a host sync per call).
     block_mask: BlockLayout or bool (num_seqs or 1, nheads or 1, ceil(max_seqlen_q / block_size),
         ceil(max_seqlen_k / block_size)); sequence i uses the top-left part that its lengths cover.
-    Returns (total_q, nheads, headdim). A sequence with no keys gives zeros.
+    Returns (total_q, nheads, headdim_v). A sequence with no keys gives zeros.
 
     Plans: one per (num_seqs, max_seqlen_q, the bucket of max_seqlen_k, head layout, dtype, mask shape),
     never per total length, so calls whose lengths change (a video's memories filling up) neither retune

@@ -49,9 +49,9 @@ def attention_reference(
 ) -> torch.Tensor:
     """Block-sparse attention in plain PyTorch (inputs already validated).
 
-    q: (B, Nq, H, D); k, v: (B, Nk, Hk, D) with H % Hk == 0.
+    q: (B, Nq, H, D); k: (B, Nk, Hk, D), v: (B, Nk, Hk, Dv) with H % Hk == 0.
     block_mask: bool (B|1, H|1, ceil(Nq/bs), ceil(Nk/bs)) or None; rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw).
-    Returns (B, Nq, H, D) contiguous, in q's dtype; rows with no key (masked, every logit -inf or at most
+    Returns (B, Nq, H, Dv) contiguous, in q's dtype; rows with no key (masked, every logit -inf or at most
     NEG_CUT * softmax_scale, or Nk == 0) give zeros. Computes in float32 (float64 for float64 inputs).
     """
     B, Nq, H, D = q.shape
@@ -61,8 +61,8 @@ def attention_reference(
     kh_ = k.transpose(1, 2).to(cdt).repeat_interleave(H // Hk, dim=1)  # (B, H, Nk, D)
     vh = v.transpose(1, 2).to(cdt).repeat_interleave(H // Hk, dim=1)
     if Nk == 0:  # no key at all: every row attends to nothing
-        return torch.zeros(B, Nq, H, D, dtype=q.dtype, device=q.device)
-    out = torch.empty(B, Nq, H, D, dtype=q.dtype, device=q.device)
+        return torch.zeros(B, Nq, H, v.shape[-1], dtype=q.dtype, device=q.device)
+    out = torch.empty(B, Nq, H, v.shape[-1], dtype=q.dtype, device=q.device)
     if rel_h is not None:
         rows, cols = key_grid_index(rel_h.shape[-1], rel_w.shape[-1], key_tile, q.device)
     if block_mask is not None:
@@ -90,8 +90,8 @@ def attention_reference(
 def attention_reference_varlen(
     q, k, v, cu_seqlens_q, cu_seqlens_k, block_mask=None, softmax_scale=1.0, block_size=128
 ) -> torch.Tensor:
-    """Varlen form: q (total_q, H, D), k/v (total_k, Hk, D); sequence i is rows cu[i]:cu[i+1]."""
-    out = torch.zeros_like(q)  # sequences with no query or no key stay zeros
+    """Varlen form: q (total_q, H, D), k (total_k, Hk, D), v (total_k, Hk, Dv); sequence i is rows cu[i]:cu[i+1]."""
+    out = q.new_zeros((*q.shape[:-1], v.shape[-1]))  # sequences with no query or no key stay zeros
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for i in range(len(cq) - 1):
         qs, qe, ks, ke = cq[i], cq[i + 1], ck[i], ck[i + 1]

@@ -206,6 +206,7 @@ def _attn_fwd(
     KH: tl.constexpr, KW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
     grid_h, grid_w, q_grid_h, q_grid_w, win_rows, win_cols, n_windows, n_launch, n_bh, n_split, ws_rows,
     D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1_AT: tl.constexpr,
+    DV_REAL: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr, DV1_AT: tl.constexpr,
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     WINDOW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr, QWIN_H: tl.constexpr, QWIN_W: tl.constexpr,
@@ -320,15 +321,21 @@ def _attn_fwd(
     if D1 > 0:
         offs_d1 = D1_AT + tl.arange(0, D1)
         d1_ok = offs_d1 < D_REAL  # all True: the second chunk ends at or before the last column
-        d1_own = d1_ok  # the columns this chunk writes: all, unless it overlaps the first chunk
         q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :] * stride_qd,
                      mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
         if D1_AT < D0:
             # The columns both chunks hold count once in q . k: zeroed here in q, loaded once, so that the
-            # loop's K and V loads of the chunk take every column, as in an exact split. The first chunk
-            # writes them.
-            d1_own = d1_ok & (offs_d1 >= D0)
-            q1 = tl.where(d1_own[None, :], q1, 0.0).to(q0.dtype)
+            # loop's K loads of the chunk take every column, as in an exact split.
+            q1 = tl.where((d1_ok & (offs_d1 >= D0))[None, :], q1, 0.0).to(q0.dtype)
+    # V's columns, and the output's, in chunks of their own (DV_REAL may differ from q / k's D_REAL).
+    offs_v0 = tl.arange(0, DV0)
+    v0_ok = offs_v0 < DV_REAL
+    if DV1 > 0:
+        offs_v1 = DV1_AT + tl.arange(0, DV1)
+        v1_ok = offs_v1 < DV_REAL
+        v1_own = v1_ok  # the columns this chunk writes: all, unless it overlaps the first chunk (which writes them)
+        if DV1_AT < DV0:
+            v1_own = v1_ok & (offs_v1 >= DV0)
     if WIN_PAD:
         # Padding keys (where a window overhangs the grid) all have the kv head's K_PAD / V_PAD vectors.
         # Their tiles load as zeros, as any missing key; then q . k_pad is added to their logits and
@@ -385,9 +392,9 @@ def _attn_fwd(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    if D1 > 0:
-        acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, DV0], dtype=tl.float32)
+    if DV1 > 0:
+        acc1 = tl.zeros([BLOCK_M, DV1], dtype=tl.float32)
 
     SUBS: tl.constexpr = MASK_BLOCK // BLOCK_N
     if HAS_MASK:
@@ -526,29 +533,29 @@ def _attn_fwd(
             pad_l = pad_l * alpha + tl.sum(p * pad_k[None, :], 1)
 
         if TMA:
-            v0 = _tma_tile(DESC_V0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W, BLOCK_N, D0)
+            v0 = _tma_tile(DESC_V0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W, BLOCK_N, DV0)
         else:
-            v0 = tl.load(v_src + offs_d0[None, :] * stride_vd, mask=k_in[:, None] & d0_ok[None, :], other=0.0)
+            v0 = tl.load(v_src + offs_v0[None, :] * stride_vd, mask=k_in[:, None] & v0_ok[None, :], other=0.0)
         # P is rounded to the input dtype before the PV product, as on the GPU.
         p_lp = p.to(v0.dtype)
         if INTERP:
             p_lp = p_lp.to(tl.float32)
             v0 = v0.to(tl.float32)
         acc0 = tl.dot(p_lp, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
-        if D1 > 0:
+        if DV1 > 0:
             if TMA:
-                v1 = _tma_tile(DESC_V1, img, start_n, hk, D1_AT, y0, x0, WINDOW, WIN_W, BLOCK_N, D1)
+                v1 = _tma_tile(DESC_V1, img, start_n, hk, DV1_AT, y0, x0, WINDOW, WIN_W, BLOCK_N, DV1)
             else:
-                v1 = tl.load(v_src + offs_d1[None, :] * stride_vd, mask=k_in[:, None] & d1_ok[None, :], other=0.0)
+                v1 = tl.load(v_src + offs_v1[None, :] * stride_vd, mask=k_in[:, None] & v1_ok[None, :], other=0.0)
             if INTERP:
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
 
     if WIN_PAD:
-        v_pad0 = tl.load(V_PAD + hk * D_REAL + offs_d0, mask=d0_ok, other=0.0).to(tl.float32)
+        v_pad0 = tl.load(V_PAD + hk * DV_REAL + offs_v0, mask=v0_ok, other=0.0).to(tl.float32)
         acc0 += pad_l[:, None] * v_pad0[None, :]
-        if D1 > 0:
-            v_pad1 = tl.load(V_PAD + hk * D_REAL + offs_d1, mask=d1_ok, other=0.0).to(tl.float32)
+        if DV1 > 0:
+            v_pad1 = tl.load(V_PAD + hk * DV_REAL + offs_v1, mask=v1_ok, other=0.0).to(tl.float32)
             acc1 += pad_l[:, None] * v_pad1[None, :]
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     if SPLIT:
@@ -556,20 +563,20 @@ def _attn_fwd(
         # log-sum-exp (log2 units, the row_off bias included in m_i), -inf for rows that saw no key.
         ws = (pid_s * n_bh + pid_bh).to(tl.int64) * ws_rows + offs_m
         tl.store(WS_L + ws, tl.where(l_i > 0.0, m_i + tl.math.log2(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf")))
-        ws_o = WS_O + ws[:, None] * (D1_AT + D1)  # a row per query, up to the last chunk's end column
-        tl.store(ws_o + offs_d0[None, :], acc0 * inv_l[:, None])
-        if D1 > 0:
-            if D1_AT < D0:
-                tl.store(ws_o + offs_d1[None, :], acc1 * inv_l[:, None], mask=d1_own[None, :])
+        ws_o = WS_O + ws[:, None] * (DV1_AT + DV1)  # a row per query, up to the last chunk's end column
+        tl.store(ws_o + offs_v0[None, :], acc0 * inv_l[:, None])
+        if DV1 > 0:
+            if DV1_AT < DV0:
+                tl.store(ws_o + offs_v1[None, :], acc1 * inv_l[:, None], mask=v1_own[None, :])
             else:
-                tl.store(ws_o + offs_d1[None, :], acc1 * inv_l[:, None])
+                tl.store(ws_o + offs_v1[None, :], acc1 * inv_l[:, None])
     else:
         o_ptrs = o_base + o_rows[:, None]
-        tl.store(o_ptrs + offs_d0[None, :] * stride_od, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty),
-                 mask=m_ok[:, None] & d0_ok[None, :])
-        if D1 > 0:
-            tl.store(o_ptrs + offs_d1[None, :] * stride_od, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
-                     mask=m_ok[:, None] & d1_own[None, :])
+        tl.store(o_ptrs + offs_v0[None, :] * stride_od, (acc0 * inv_l[:, None]).to(Out.dtype.element_ty),
+                 mask=m_ok[:, None] & v0_ok[None, :])
+        if DV1 > 0:
+            tl.store(o_ptrs + offs_v1[None, :] * stride_od, (acc1 * inv_l[:, None]).to(Out.dtype.element_ty),
+                     mask=m_ok[:, None] & v1_own[None, :])
 
 
 @triton.jit(do_not_specialize=("seqlen_q", "n_split", "n_bh", "ws_rows"))
@@ -651,6 +658,11 @@ WIDE_HEAD_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=64, W_DOT=0, num_warps=8, num_stages=2, WIDE=1),
     dict(BLOCK_M=128, BLOCK_N=32, W_DOT=0, num_warps=8, num_stages=3, WIDE=1),
     dict(BLOCK_M=128, BLOCK_N=64, W_DOT=0, num_warps=8, num_stages=2, TMA=1, WIDE=1),
+    # V of at most 128 columns beside q / k of 256 (SAM 2's memory cross-attention with V read before its
+    # projection: 64): a (K + V) stage takes 40 KB at BLOCK_N 64, so 3 stages fit (Q 64 KB + 120 KB), and at
+    # BLOCK_N 128 two (64 + 160 KB); the accumulator holds 32-64 registers per thread instead of 128.
+    dict(BLOCK_M=128, BLOCK_N=64, W_DOT=0, num_warps=8, num_stages=3, TMA=1, WIDE=1, NARROW_V=1),
+    dict(BLOCK_M=128, BLOCK_N=128, W_DOT=0, num_warps=8, num_stages=2, TMA=1, WIDE=1, NARROW_V=1),
 ]
 
 
@@ -675,7 +687,7 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
         inside = not (mb % bm or mb % bn or bm > max_m or bn > max_n)
         if c.get("WIDE"):
-            fits = wide and inside  # sized for head dim 256 by hand (WIDE_HEAD_CONFIGS)
+            fits = wide and inside and not (c.get("NARROW_V") and a["DV"] > 128)  # sized by hand (WIDE_HEAD_CONFIGS)
         else:
             fits = inside and bm >= min(low, max_m) and bn >= min(low, max_n)
             fits = fits and not ((d > 128 or a["IS_FP32"]) and bm * bn > 64 * 64)
@@ -939,17 +951,20 @@ def _contiguous_strides(shape) -> tuple:
 _N_TENSORS = 18
 
 
-def tma_descriptors(k: torch.Tensor, v: torch.Tensor, box: Tuple[int, ...], d0: int, d1: int) -> tuple:
-    """Host-side TMA descriptors of K and V, with any 16-byte-aligned strides: one per head-dim chunk (D0
-    columns, then D1, which the kernel reads from column D1_AT of the same tensor), each a box of `box` keys
-    by the chunk's columns. Sequences: k, v (B, N, Hk, D), box (BLOCK_N,); windows: k, v (B, GH, GW, Hk, D),
-    box (rows, WIN_W), whole rows of a window. Reads past the tensor's bounds come back as zeros. The
-    descriptors cover the whole tensors, so a call builds them without slicing k and v."""
+def tma_descriptors(k: torch.Tensor, v: torch.Tensor, box: Tuple[int, ...], d0: int, d1: int, dv0: int,
+                    dv1: int) -> tuple:
+    """Host-side TMA descriptors of K and V, with any 16-byte-aligned strides: one per head-dim chunk (K: D0
+    columns, then D1, which the kernel reads from column D1_AT of the same tensor; V: DV0, then DV1 from
+    DV1_AT), each a box of `box` keys by the chunk's columns. Sequences: k, v (B, N, Hk, D | DV), box
+    (BLOCK_N,); windows: k, v (B, GH, GW, Hk, D), box (rows, WIN_W), whole rows of a window. Reads past the
+    tensor's bounds come back as zeros. The descriptors cover the whole tensors, so a call builds them without
+    slicing k and v."""
     def one(t: torch.Tensor, width: int):
         return TensorDescriptor(t, t.shape, t.stride(), [1, *box, 1, width])
 
-    k0, v0 = one(k, d0), one(v, d0)
-    k1, v1 = (one(k, d1), one(v, d1)) if d1 else (k0, v0)
+    k0, v0 = one(k, d0), one(v, dv0)
+    k1 = one(k, d1) if d1 else k0
+    v1 = one(v, dv1) if dv1 else v0
     return k0, k1, v0, v1
 
 
@@ -975,10 +990,11 @@ def _sm_count(device: torch.device) -> int:
     return _SMS[index]
 
 
-def tma_eligible(k: torch.Tensor, v: torch.Tensor, d0: int, d1_at: Optional[int] = None) -> bool:
+def tma_eligible(k: torch.Tensor, v: torch.Tensor, d0: int, d1_at: Optional[int] = None,
+                 dv: Optional[Tuple[int, int]] = None) -> bool:
     """Whether K and V can be read through TMA: a Hopper-or-later GPU, 16-bit data, unit last stride,
     16-byte-aligned base, other strides and head-dim chunk starts (d0, and d1_at where the second chunk
-    overlaps the first)."""
+    overlaps the first; V's (DV0, DV1_AT) in dv when its head dim differs)."""
     if INTERPRET or TensorDescriptor is None or not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] < 9:
         return False
     if k.dtype not in (torch.float16, torch.bfloat16):
@@ -987,7 +1003,7 @@ def tma_eligible(k: torch.Tensor, v: torch.Tensor, d0: int, d1_at: Optional[int]
     return all(
         t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(st * es % 16 == 0 for st in t.stride()[:-1])
         for t in (k, v)
-    ) and all(c * es % 16 == 0 for c in (d0, d0 if d1_at is None else d1_at))
+    ) and all(c * es % 16 == 0 for c in (d0, d0 if d1_at is None else d1_at, *(dv or ())))
 
 
 class KernelPlan:
@@ -1000,13 +1016,14 @@ class KernelPlan:
     """
 
     def __init__(self, grid: Tuple[int, int, int], tail: tuple, config: dict,
-                 tma: Optional[tuple] = None, split: Optional["SplitCombine"] = None):
+                 tma: Optional[tuple] = None, split: Optional["SplitCombine"] = None, v_dim: Optional[int] = None):
         if _N_TENSORS + len(tail) != len(_attn_fwd.arg_names):  # the launcher takes every argument, in order
             raise RuntimeError(f"kernel plan has {_N_TENSORS + len(tail)} arguments, the kernel {len(_attn_fwd.arg_names)}")
         self.grid = grid
         self.config = config
         self._tail = tail  # every argument after the tensors and descriptors, in the kernel's order
-        self._tma = tma  # (key box, D0, D1) when K and V are read through TMA descriptors (tma_descriptors)
+        self._tma = tma  # (key box, D0, D1, DV0, DV1) when K and V are read through TMA descriptors (tma_descriptors)
+        self.v_dim = v_dim  # the output's head dim (v's), when it is not q's
         self.split = split  # the merge of partial results when the keys are split over programs
         # maxnreg caps registers per thread (spilling a little) so that two CTAs fit on an SM.
         self._options = dict(num_warps=config["num_warps"], num_stages=config["num_stages"])
@@ -1043,7 +1060,8 @@ class KernelPlan:
     def __call__(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad=None, v_pad=None, out=None) -> torch.Tensor:
         if out is None:
             # q's shape, not one stored: a varlen plan serves every total length of its shape class.
-            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+            shape = q.shape if self.v_dim is None else (*q.shape[:-1], self.v_dim)
+            out = torch.empty(shape, dtype=q.dtype, device=q.device)
         ws = self.split.workspace(q.device) if self.split is not None else None
         if self._fast is not None:
             self._fast(*self._tensors(q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, None),
@@ -1204,8 +1222,9 @@ def make_plan(
         batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
         q4, k4, v4 = q, k, v
         extra_strides = (0, 0, 0)
-    nheads, head_dim = q.shape[-2], q.shape[-1]
+    nheads, head_dim, v_dim = q.shape[-2], q.shape[-1], v.shape[-1]
     d0, d1, d1_at = head_dim_chunks(head_dim)
+    dv0, dv1, dv1_at = head_dim_chunks(v_dim) if v_dim != head_dim else (d0, d1, d1_at)
     has_bias = rel_h is not None
     kh, kw = (rel_h.shape[-1], rel_w.shape[-1]) if has_bias else (1, 1)
     tile_h, tile_w = key_tile if key_tile is not None else (kh, kw)
@@ -1213,16 +1232,17 @@ def make_plan(
     kb = kv_indices.shape[-1] if has_mask else 1
     a = dict(
         seqlen_q=seqlen_q, seqlen_k=seqlen_k, KH=kh, KW=kw, tile_h=tile_h, tile_w=tile_w,
-        D0=d0, D1=d1, D1_AT=d1_at, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen, WINDOW=window is not None,
+        D0=d0, D1=d1, D1_AT=d1_at, DV=dv0 + dv1, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen, WINDOW=window is not None,
         IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
     prec = dot_precision(q.dtype)
     # TMA boxes cover whole chunks: an inexact head-dim split (masked columns) stays on pointer loads. A config
     # reads through TMA where its key tile is a box (key_box: any tile of a sequence, whole rows of a window).
-    tma_ok = not varlen and d1_at + d1 == head_dim and tma_eligible(k, v, d0, d1_at)
+    tma_ok = (not varlen and d1_at + d1 == head_dim and dv1_at + dv1 == v_dim
+              and tma_eligible(k, v, d0, d1_at, (dv0, dv1_at)))
     a["TMA_OK"] = tma_ok
     a["WIN_HW"] = win_hw if window is not None else None  # key_box's window
-    out_strides = _contiguous_strides(q.shape if window is not None else q4.shape)
+    out_strides = _contiguous_strides((*(q.shape if window is not None else q4.shape)[:-1], v_dim))
     if varlen:
         out_strides = (0, *out_strides[1:])
     if window is not None:
@@ -1268,7 +1288,7 @@ def make_plan(
             n_bh = batch * n_launch * nheads
             tail = scalars + (
                 n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"],
-                head_dim, d0, d1, d1_at, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
+                head_dim, d0, d1, d1_at, v_dim, dv0, dv1, dv1_at, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
                 window is not None, *win_hw, *q_win_hw, pad, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
                 dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, align, n_split > 1,
@@ -1278,9 +1298,10 @@ def make_plan(
             if n_split > 1:
                 if n_bh > MAX_GRID_Y:
                     raise ValueError(f"config {cfg}: SPLIT_K over {n_bh} (sequence, head) pairs (at most {MAX_GRID_Y})")
-                combine = SplitCombine(n_split, n_bh, q_tiles * cfg["BLOCK_M"], head_dim, d1_at + d1, nheads, seqlen_q,
+                combine = SplitCombine(n_split, n_bh, q_tiles * cfg["BLOCK_M"], v_dim, dv1_at + dv1, nheads, seqlen_q,
                                        varlen, out_strides[:4])
-            plans.append(KernelPlan(grid, tail, cfg, (box, d0, d1) if tma else None, combine))
+            plans.append(KernelPlan(grid, tail, cfg, (box, d0, d1, dv0, dv1) if tma else None, combine,
+                                    v_dim if v_dim != head_dim else None))
         return plans[0] if len(plans) == 1 else LaunchGroup(plans)
 
     if config is not None:
@@ -1300,7 +1321,8 @@ def make_plan(
     room = 1
     if q.is_cuda and seqlen_q > 128:
         room = spare_room(batch * launches[0][0] * nheads * triton.cdiv(seqlen_q, 128), _sm_count(q.device))
-    tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, d1_at, block_size,
+    tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, d1_at,
+                *((dv0, dv1, dv1_at) if v_dim != head_dim else ()), block_size,
                 has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok, timed, room)
     if not timed:
         return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})

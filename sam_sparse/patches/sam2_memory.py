@@ -11,6 +11,11 @@ SDPA. Shapes (B rows = objects, one head of dim 256 in SAM 2.1):
   is the policy's for each row's MemoryLayout (patches/memory.py): conditioning frames from the recorded call.
   Packed (a MemoryCall with PackedKeys): k, v (1, sum of the rows' Nk, 64), the rows' memories one after
   the other; the kernel's varlen path attends each row's queries to its own keys.
+memory.cross projects its values after the attention instead of before (values_late): with one head, softmax
+rows summing to 1 give P (M W_v^T + b_v) = (P M) W_v^T + b_v for the memory M (Nk, 64), so the kernel reads
+V of 64 columns instead of 256 (a quarter of the P V product and of V's bytes) and v_proj runs on the Nq queries
+instead of the Nk keys. Equal up to float rounding; a query whose every key a sparse policy drops (the kernel
+gives it zeros) gets v_proj's bias where SAM 2's order would give zeros (SDPA itself would give NaN there).
 SparseMemoryAttention: MemoryAttention.forward, which also accepts such a packed memory (its own forward
 asserts equal batch sizes); without a packed call it is MemoryAttention.forward itself.
 """
@@ -46,7 +51,9 @@ class SparseRoPEAttention(RoPEAttention):
         packed = call.packed if call is not None and st.geometry.kind == "memory.cross" else None
         q = self._separate_heads(self.q_proj(q), self.num_heads)  # (B, nH, Nq, d)
         k = self._separate_heads(self.k_proj(k), self.num_heads)
-        v = self._separate_heads(self.v_proj(v), self.num_heads)
+        late = values_late(self, st)
+        # (B, nH, Nk, C_mem) unprojected, or projected (B, nH, Nk, d) as RoPEAttention.forward
+        v = v.unsqueeze(1).to(q.dtype) if late else self._separate_heads(self.v_proj(v), self.num_heads)
         # Rotary encoding as RoPEAttention.forward: its freqs (recomputed for a new grid), its rows (q's
         # token n and k's n % Nq: repeated over the memory frames; pointer tokens left out), in one pass per
         # tensor, in place (kernels.rotary_embedding_; SAM 2's complex float32 version on the CPU).
@@ -65,7 +72,7 @@ class SparseRoPEAttention(RoPEAttention):
                                  f"many{', or a multiple (rope_k_repeat)' if self.rope_k_repeat else ' (rope_k_repeat is off)'}")
             rotary_embedding_(k[:, :, :num_k_rope], cos, sin)
         B, nH, Nq, d = q.shape
-        scale = d ** -0.5  # SDPA's default, as RoPEAttention calls it
+        scale = d ** -0.5  # SDPA's default, as RoPEAttention calls it (d: q's head dim, not v's)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, N, nH, d) views
         if st.geometry.kind == "memory.self":
             out = self._self_attention(st, qt, kt, vt, scale)
@@ -73,7 +80,8 @@ class SparseRoPEAttention(RoPEAttention):
             out = self._cross_attention(st, call, qt, kt, vt, num_k_exclude_rope, scale)
         else:
             out = self._packed_cross_attention(st, packed, qt, kt, vt, scale)
-        return self.out_proj(out.reshape(B, Nq, nH * d))
+        out = out.reshape(B, Nq, nH * out.shape[-1])
+        return self.out_proj(self.v_proj(out) if late else out)
 
     def _self_attention(self, st: LayerState, q, k, v, scale: float) -> torch.Tensor:
         geom = st.geometry
@@ -111,10 +119,17 @@ class SparseRoPEAttention(RoPEAttention):
                             None, scale)
         layout = memory_block_layout(st, packed.layouts, True, q.device)
         out = block_sparse_attn_varlen(
-            q.reshape(B * Nq, nH, d), k.reshape(-1, nH, d), v.reshape(-1, nH, d), packed.cu_seqlens_q,
+            q.reshape(B * Nq, nH, d), k.reshape(-1, nH, d), v.reshape(-1, nH, v.shape[-1]), packed.cu_seqlens_q,
             packed.cu_seqlens_k, Nq, packed.max_seqlen_k, layout, softmax_scale=scale, block_size=st.block_size,
         )
-        return out.view(B, Nq, nH, d)
+        return out.view(B, Nq, nH, -1)
+
+
+def values_late(attn: RoPEAttention, st: LayerState) -> bool:
+    """Whether memory.cross projects its values after the attention (module docstring): one head, whose
+    memory features are narrower than its head dim (SAM 2.1: 64 against 256)."""
+    return (st.geometry.kind == "memory.cross" and attn.num_heads == 1
+            and attn.v_proj.in_features < attn.v_proj.out_features)
 
 
 def rope_table(st: LayerState, freqs_cis: torch.Tensor):

@@ -58,19 +58,20 @@ def poisoned(q):
     return torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,dv", [(torch.bfloat16, D), (torch.float16, D), (torch.bfloat16, 64)])
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "band"])
-def test_memory_cross_batched(dtype, masked):
+def test_memory_cross_batched(dtype, dv, masked):
     """2 objects, 7 frames + 16 pointers each (28,736 keys), the tuned plan; dense, and a spatial band of
-    radius 3 / 1 blocks per frame with every pointer token kept and one empty query block."""
+    radius 3 / 1 blocks per frame with every pointer token kept and one empty query block; V of 256 columns,
+    or of 64 (values projected after the attention)."""
     from sam_sparse.kernels import triton_attn
 
     seed, g = seeded()
     n = memory_len(7, 16)
     q = rnd(g, 2, FRAME, 1, D, dtype=dtype)
-    k, v = rnd(g, 2, n, 1, D, dtype=dtype), rnd(g, 2, n, 1, D, dtype=dtype)
+    k, v = rnd(g, 2, n, 1, D, dtype=dtype), rnd(g, 2, n, 1, dv, dtype=dtype)
     mask = band_mask(2, [n, n], [3, 1]) if masked else None
-    out = poisoned(q)
+    out = torch.full((2, FRAME, 1, dv), float("nan"), device="cuda", dtype=dtype)
     triton_attn.attention_triton(q, k, v, *lists(mask), None, None, None, D ** -0.5, BS, out=out)
     torch.cuda.synchronize()
     check_attention(out, q, k, v, mask, BS, seed, FLOOR, ROW_FLOOR)
@@ -78,16 +79,18 @@ def test_memory_cross_batched(dtype, masked):
         assert (out[0, 5 * BS:6 * BS] == 0).all(), f"seed {seed}: the empty query block must give zeros"
 
 
-def _wide_configs():
+def _wide_configs(narrow_v: bool = False):
+    """The configs the tuner may pick at head dim 256 (with narrow_v: also those for V of at most 128 columns)."""
     from sam_sparse.kernels import triton_attn
 
-    return [c for c in triton_attn._configs() if c.get("WIDE")] + [
+    return [c for c in triton_attn._configs() if c.get("WIDE") and (narrow_v or not c.get("NARROW_V"))] + [
         dict(BLOCK_M=64, BLOCK_N=64, W_DOT=0, num_warps=4, num_stages=3)]
 
 
-def check_forced_config(config: dict, frames: int, pointers: int) -> torch.Tensor:
-    """One object's memory of `frames` frames + `pointers` pointers through a forced config, bf16: dense, then
-    the band of radius 4 (query block 5 empty) against the oracle; returns the band's output."""
+def check_forced_config(config: dict, frames: int, pointers: int, dv: int = D) -> torch.Tensor:
+    """One object's memory of `frames` frames + `pointers` pointers through a forced config, bf16, V of `dv`
+    columns: dense, then the band of radius 4 (query block 5 empty) against the oracle; returns the band's
+    output."""
     from sam_sparse.kernels import triton_attn
 
     if config.get("TMA") and torch.cuda.get_device_capability()[0] < 9:
@@ -95,10 +98,10 @@ def check_forced_config(config: dict, frames: int, pointers: int) -> torch.Tenso
     seed, g = seeded()
     n = memory_len(frames, pointers)
     q = rnd(g, 1, FRAME, 1, D, dtype=torch.bfloat16)
-    k, v = rnd(g, 1, n, 1, D, dtype=torch.bfloat16), rnd(g, 1, n, 1, D, dtype=torch.bfloat16)
+    k, v = rnd(g, 1, n, 1, D, dtype=torch.bfloat16), rnd(g, 1, n, 1, dv, dtype=torch.bfloat16)
     mask = band_mask(1, [n], [4])
     for m in (None, mask):
-        out = poisoned(q)
+        out = torch.full((1, FRAME, 1, dv), float("nan"), device="cuda", dtype=q.dtype)
         try:
             triton_attn.attention_triton(q, k, v, *lists(m), None, None, None, D ** -0.5, BS, out=out, config=config)
         except triton_attn.triton.runtime.errors.OutOfResources:
@@ -121,6 +124,21 @@ def test_memory_cross_split_keys_one_object(cfg):
     keys), each head-dim-256 config with its keys split over 4 programs and merged (SPLIT_K=4), forced:
     dense, and the band with an empty query block (every split of that tile sees no key: zeros)."""
     out = check_forced_config({**_wide_configs()[cfg], "SPLIT_K": 4}, 7, 16)
+    assert (out[0, 5 * BS:6 * BS] == 0).all(), "the empty query block must give zeros"
+
+
+NARROW_IDS = ["128x64s2", "128x32s3", "128x64s2-tma", "128x64s3-tma", "128x128s2-tma", "64x64s3"]
+
+
+@pytest.mark.parametrize("cfg", range(6), ids=lambda i: NARROW_IDS[i])
+def test_memory_cross_values_before_projection_each_config(cfg):
+    """V of 64 columns beside q / k of 256 (SAM 2's memory features: the patch projects the values after the
+    attention): every config the tuner may pick there, the two it adds for narrow values included, forced,
+    on 3 frames + 5 pointers (12,308 keys), dense and with a band; then split over the keys (SPLIT_K=4) on the
+    full memory of 7 frames + 16 pointers: partials and merge 64 columns wide."""
+    config = _wide_configs(narrow_v=True)[cfg]
+    check_forced_config(config, 3, 5, dv=64)
+    out = check_forced_config({**config, "SPLIT_K": 4}, 7, 16, dv=64)
     assert (out[0, 5 * BS:6 * BS] == 0).all(), "the empty query block must give zeros"
 
 
@@ -163,17 +181,18 @@ def test_memory_cross_one_object_tuner_tries_split_keys(monkeypatch):
                         f"{seed} (object {i})", FLOOR, ROW_FLOOR)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype,dv", [(torch.bfloat16, D), (torch.float16, D), (torch.bfloat16, 64)])
 @pytest.mark.parametrize("masked", [False, True], ids=["dense", "band"])
-def test_memory_cross_varlen_three_objects(dtype, masked):
+def test_memory_cross_varlen_three_objects(dtype, dv, masked):
     """Objects prompted on different frames: memories of 1 frame + 1 pointer, 4 frames + 4, 7 frames + 16
-    (4100, 16400, 28736 keys), packed, one launch through the public API."""
+    (4100, 16400, 28736 keys), packed, one launch through the public API (tuned); V of 256 columns, or of 64
+    (values projected after the attention)."""
     seed, g = seeded()
     lengths = [memory_len(1, 1), memory_len(4, 4), memory_len(7, 16)]
     cu_q = torch.tensor([0, FRAME, 2 * FRAME, 3 * FRAME], device="cuda", dtype=torch.int32)
     cu_k = torch.tensor([0, *itertools.accumulate(lengths)], device="cuda", dtype=torch.int32)
     q = rnd(g, 3 * FRAME, 1, D, dtype=dtype)
-    k, v = rnd(g, sum(lengths), 1, D, dtype=dtype), rnd(g, sum(lengths), 1, D, dtype=dtype)
+    k, v = rnd(g, sum(lengths), 1, D, dtype=dtype), rnd(g, sum(lengths), 1, dv, dtype=dtype)
     mask = band_mask(3, lengths, [2, 3, 4]) if masked else None
     layout = BlockLayout.from_mask(mask, BS) if masked else None
     out = block_sparse_attn_varlen(q, k, v, cu_q, cu_k, FRAME, max(lengths), layout, block_size=BS)
