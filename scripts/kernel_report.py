@@ -65,6 +65,8 @@ def compile_one(case: dict, bm: int, bn: int, warps: int, stages: int, maxnreg: 
     fn = triton_attn._attn_fwd
     names = fn.arg_names
     const = {**COMMON, **case, "BLOCK_M": bm, "BLOCK_N": bn, **{n: 1 for n in UNIT_STRIDES}}
+    for v_name, name in (("DV_REAL", "D_REAL"), ("DV0", "D0"), ("DV1", "D1"), ("DV1_AT", "D1_AT")):
+        const.setdefault(v_name, const[name])  # V's head dim: q / k's in these cases
     if const["BIAS_PATH"] == triton_attn.BIAS_RECT:
         const["RECT_H"], const["RECT_W"] = max(1, bn // 64), min(bn, 64)
     sig = {}
