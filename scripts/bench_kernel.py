@@ -375,7 +375,7 @@ def memory_rows(args, dt, dev, gen) -> list:
                   unsplit_ms=unsplit_ms(q, k, v, layout),
                   band_vs_dense=sparse / dense, target_band_vs_dense=MEMORY_TARGETS["band_vs_dense"]))
         del v, ref
-        for row in late_value_rows(q, k, layout, base, dt, dev, gen):
+        for row in late_value_rows(q, k, layout, round(density, 3), base, dt, dev, gen):
             emit(dict(shape=shape, B=B, **row))
         del q, k
         torch.cuda.empty_cache()
@@ -438,7 +438,7 @@ def memory_rows(args, dt, dev, gen) -> list:
     return rows
 
 
-def late_value_rows(q, k, layout, sdpa_ms: dict, dt, dev, gen) -> list:
+def late_value_rows(q, k, layout, band_density: float, sdpa_ms: dict, dt, dev, gen) -> list:
     """SAM 2's memory cross-attention with its value projection, both orders: SAM 2's, v = v_proj(memory) (the
     64-wide memory features to 256) then SDPA; sam-sparse's (patches/sam2_memory.py), the kernel over the memory
     itself (V of 64 columns) then v_proj on the queries. q, k (B, Nq | Nk, 1, 256) as the memory rows'. The
@@ -458,7 +458,7 @@ def late_value_rows(q, k, layout, sdpa_ms: dict, dt, dev, gen) -> list:
     for variant, lay in (("dense, values late", None), ("band, values late", layout)):
         ours = bench(lambda m=lay: proj(block_sparse_attn(q, k, mem, m)))
         kernel = bench(lambda m=lay: block_sparse_attn(q, k, mem, m))
-        row = dict(variant=variant, density=1.0 if lay is None else "band", ours_ms=ours, kernel_ms=kernel,
+        row = dict(variant=variant, density=1.0 if lay is None else band_density, ours_ms=ours, kernel_ms=kernel,
                    config=tuned_config(q, k, mem, lay, None, None),
                    **{f"{name} + v_proj": t for name, t in theirs.items()})
         if lay is None:
