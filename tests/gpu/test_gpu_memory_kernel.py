@@ -377,3 +377,36 @@ def test_rotary_at_memory_shapes_matches_sam2(dtype):
         torch.testing.assert_close(got_k[:, :, start:start + n], want, **tol, msg=lambda m: f"k: {m} (seed {seed})")
         assert torch.equal(got_k[:, :, start + n:start + n + p], part[:, :, n:]), f"pointer tokens changed (seed {seed})"
         start += n + p
+
+
+@pytest.mark.parametrize("d,dv", [(64, 128), (72, 256), (256, 64)])
+def test_values_with_a_head_dim_of_their_own_tuned(monkeypatch, d, dv):
+    """block_sparse_attn with v wider or narrower than q / k, tuned on the GPU (fresh tuning table and plan
+    cache): every launch, the tuner's timing runs included, writes an output of v's head dim; the result
+    against the oracle, dense and with an empty query block, 2 x 1000 queries x 3000 keys, 4 heads over 2."""
+    from sam_sparse.kernels import interface, triton_attn
+
+    shapes = []
+    real = triton_attn.KernelPlan.__call__
+
+    def spy(self, q, *args, out=None):
+        res = real(self, q, *args, out=out)
+        shapes.append(tuple(res.shape))
+        return res
+
+    monkeypatch.setattr(triton_attn.KernelPlan, "__call__", spy)
+    monkeypatch.setattr(triton_attn, "_TUNED", {})
+    monkeypatch.setattr(interface, "_PLANS", {})
+    monkeypatch.setenv("SAM_SPARSE_TUNE_CACHE", "0")
+    seed, g = seeded()
+    q = rnd(g, 2, 1000, 4, d, dtype=torch.bfloat16)
+    k = rnd(g, 2, 3000, 2, d, dtype=torch.bfloat16)
+    v = rnd(g, 2, 3000, 2, dv, dtype=torch.bfloat16)
+    mask = torch.ones(2, 4, 8, 24, dtype=torch.bool, device="cuda")
+    mask[1, 2, 3] = False
+    for m in (None, mask):
+        out = block_sparse_attn(q, k, v, m, block_size=BS)
+        torch.cuda.synchronize()
+        check_attention(out, q, k, v, m, BS, seed, FLOOR, ROW_FLOOR)
+    assert shapes and all(s[-1] == dv for s in shapes), (seed, set(shapes))
+    assert (out[1, 3 * BS:4 * BS, 2] == 0).all(), f"seed {seed}: the empty query block must give zeros"
