@@ -118,7 +118,7 @@ def test_kernel_relpos_paths(triton_kernel, dtype, rel, tile, config):
 def test_autotune_space_is_pruned_to_the_problem(triton_kernel):
     """SAM's global layer keeps 64/128 tiles, the rel_w @ I variant only where it changes the code, and the
     TMA variants only where the inputs can be read through TMA (make_plan's TMA_OK: Hopper, aligned)."""
-    base = dict(seqlen_q=4096, seqlen_k=4096, MASK_BLOCK=128, D0=64, D1=0, HAS_BIAS=True, IS_FP32=False,
+    base = dict(seqlen_q=4096, seqlen_k=4096, MASK_BLOCK=128, D0=64, D1=0, DV=64, HAS_BIAS=True, IS_FP32=False,
                 IS_BF16=True, KH=64, KW=64, tile_w=64, TMA_OK=False, WINDOW=False)
     kept = triton_kernel._prune(triton_kernel._configs(), base)
     shapes = {(c["BLOCK_M"], c["BLOCK_N"], c["W_DOT"]) for c in kept}

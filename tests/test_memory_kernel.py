@@ -284,8 +284,10 @@ def test_wide_head_tuning_space(triton_kernel):
     narrow = tiles(triton_kernel._prune(triton_kernel._configs(), {**base, "TMA_OK": True, "DV": 64}))
     assert narrow == hopper | {(128, 64, 8, 3, True), (128, 128, 8, 2, True)}
     assert tiles(triton_kernel._prune(triton_kernel._configs(), {**base, "DV": 64})) == kept  # no TMA: none of them
-    for other in (dict(IS_FP32=True, IS_BF16=False), dict(D0=128), dict(D0=64, D1=16)):
+    for other in (dict(IS_FP32=True, IS_BF16=False), dict(D0=128, DV=128), dict(D0=64, D1=16, DV=80)):
         assert not any(c.get("WIDE") for c in triton_kernel._prune(triton_kernel._configs(), {**base, **other}))
+    # V wider than q / k: the accumulator's width decides (v of 256 beside q / k of 64 gets head dim 256's tiles).
+    assert tiles(triton_kernel._prune(triton_kernel._configs(), {**base, "D0": 64})) == kept
     # A 64-token mask block holds no 128-row tile.
     assert all(c["BLOCK_M"] <= 64 for c in triton_kernel._prune(triton_kernel._configs(), {**base, "MASK_BLOCK": 64}))
 

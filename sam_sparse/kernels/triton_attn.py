@@ -677,7 +677,7 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
     mb = a["MASK_BLOCK"]
     max_m = max(16, min(128, next_pow2(a["seqlen_q"])))
     max_n = max(16, min(128, next_pow2(a["seqlen_k"])))
-    d = a["D0"] + a["D1"]
+    d = max(a["D0"] + a["D1"], a["DV"])  # the wider of q / k's and v's (the accumulator's) head dims
     # Wide fp32 heads need small tiles to fit in shared memory (64 x 64 x 256 fp32 does not on an H200).
     low = 16 if d > 128 and a["IS_FP32"] else 64
     wide = d > 128 and not a["IS_FP32"]  # WIDE_HEAD_CONFIGS apply
