@@ -24,7 +24,8 @@ softmax_scale once per program, so the scale costs one FMA per score inside exp2
 grid's geometry (KH, KW, TILE_H, TILE_W) is constexpr: with run-time values, locating each key tile's
 rel_h row took three integer divisions per step, a quarter more instructions (docs/benchmarks.md).
 
-Shapes: q (B, Nq, H, D) or varlen (total_q, H, D); k, v (B, Nk, Hk, D) or (total_k, Hk, D); any strides.
+Shapes: q (B, Nq, H, D) or varlen (total_q, H, D); k (B, Nk, Hk, D) or (total_k, Hk, D); v likewise with a head
+dim of its own, DV (V's and the output's columns are chunked as q / k's: DV0, DV1, DV1_AT); any strides.
 Head dims are split into two power-of-two parts when possible (80 = 64 + 16, 96 = 64 + 32) instead of
 padding to the next power of two, which would waste 60% more tensor-core work at vit_h's 80; else
 (OVERLAP_SECOND_CHUNK) into two that overlap: 72 runs as columns 0-63 and 56-71. Row strides
@@ -1087,19 +1088,19 @@ class KernelPlan:
 
 class SplitCombine:
     """The second launch of a plan whose programs split the keys (split-KV, as flash-decoding): its fp32
-    workspace, (n_split * n_bh * ws_rows, D1_AT + D1) partial outputs (a row reaches the head-dim chunks'
+    workspace, (n_split * n_bh * ws_rows, DV1_AT + DV1) partial outputs (a row reaches the head-dim chunks'
     last column) and (n_split * n_bh * ws_rows,) row log-sum-exps, and the merge into the output. One
     split program covers 1 / n_split of a query tile's key steps, so a call with few query tiles (one
     object's memory attention: 32 tiles on 132 SMs) fills the GPU."""
 
     BLOCK = 32  # rows per merge program: 32 x 256 fp32 accumulators at head dim 256
 
-    def __init__(self, n_split: int, n_bh: int, ws_rows: int, head_dim: int, width: int, num_heads: int,
+    def __init__(self, n_split: int, n_bh: int, ws_rows: int, out_dim: int, width: int, num_heads: int,
                  seqlen_q: int, varlen: bool, out_strides: tuple):
         self.n_split, self.n_bh, self.ws_rows, self.width = n_split, n_bh, ws_rows, width
         self.grid = (triton.cdiv(seqlen_q, self.BLOCK), n_bh, 1)
         self._tail = (*out_strides, seqlen_q, num_heads, n_split, n_bh, ws_rows,
-                      head_dim, width, next_pow2(width), self.BLOCK, varlen)
+                      out_dim, width, next_pow2(width), self.BLOCK, varlen)
         self._fast = None
 
     def workspace(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -1175,7 +1176,8 @@ def make_plan(
 ) -> KernelPlan:
     """Resolve a launch for validated inputs (interface.py checks them); tunes on first sight of a shape class.
 
-    q: (B, Nq, H, D) or varlen (total_q, H, D); k, v: (B, Nk, Hk, D) or (total_k, Hk, D).
+    q: (B, Nq, H, D) or varlen (total_q, H, D); k: (B, Nk, Hk, D) or (total_k, Hk, D); v: the same with its own
+    head dim DV (the output's).
     window (wh, ww): q, k, v are (B, GH, GW, H|Hk, D) token grids instead, attended window by window;
         the plan's call then takes k_pad / v_pad (Hk, D) contiguous, the keys and values of padding.
     q_window (qh, qw): the query grid's windows when q lies on another grid than k (a pooled q of
@@ -1232,7 +1234,8 @@ def make_plan(
     kb = kv_indices.shape[-1] if has_mask else 1
     a = dict(
         seqlen_q=seqlen_q, seqlen_k=seqlen_k, KH=kh, KW=kw, tile_h=tile_h, tile_w=tile_w,
-        D0=d0, D1=d1, D1_AT=d1_at, DV=dv0 + dv1, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen, WINDOW=window is not None,
+        D0=d0, D1=d1, D1_AT=d1_at, DV=dv0 + dv1, MASK_BLOCK=block_size, HAS_BIAS=has_bias, VARLEN=varlen,
+        WINDOW=window is not None,
         IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
     prec = dot_precision(q.dtype)
@@ -1288,7 +1291,8 @@ def make_plan(
             n_bh = batch * n_launch * nheads
             tail = scalars + (
                 n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"],
-                head_dim, d0, d1, d1_at, v_dim, dv0, dv1, dv1_at, block_size, max(16, next_pow2(kb)), has_mask, has_bias, varlen,
+                head_dim, d0, d1, d1_at, v_dim, dv0, dv1, dv1_at, block_size, max(16, next_pow2(kb)), has_mask,
+                has_bias, varlen,
                 window is not None, *win_hw, *q_win_hw, pad, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
                 dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, align, n_split > 1,
