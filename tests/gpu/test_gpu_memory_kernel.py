@@ -54,8 +54,9 @@ def lists(mask):
     return layout.kv_num_blocks, layout.kv_indices
 
 
-def poisoned(q):
-    return torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
+def poisoned(q, dv: int = D):
+    """A NaN-filled output for q's rows and `dv` columns (v's head dim)."""
+    return torch.full((*q.shape[:-1], dv), float("nan"), device="cuda", dtype=q.dtype)
 
 
 @pytest.mark.parametrize("dtype,dv", [(torch.bfloat16, D), (torch.float16, D), (torch.bfloat16, 64)])
@@ -71,7 +72,7 @@ def test_memory_cross_batched(dtype, dv, masked):
     q = rnd(g, 2, FRAME, 1, D, dtype=dtype)
     k, v = rnd(g, 2, n, 1, D, dtype=dtype), rnd(g, 2, n, 1, dv, dtype=dtype)
     mask = band_mask(2, [n, n], [3, 1]) if masked else None
-    out = torch.full((2, FRAME, 1, dv), float("nan"), device="cuda", dtype=dtype)
+    out = poisoned(q, dv)
     triton_attn.attention_triton(q, k, v, *lists(mask), None, None, None, D ** -0.5, BS, out=out)
     torch.cuda.synchronize()
     check_attention(out, q, k, v, mask, BS, seed, FLOOR, ROW_FLOOR)
@@ -101,7 +102,7 @@ def check_forced_config(config: dict, frames: int, pointers: int, dv: int = D) -
     k, v = rnd(g, 1, n, 1, D, dtype=torch.bfloat16), rnd(g, 1, n, 1, dv, dtype=torch.bfloat16)
     mask = band_mask(1, [n], [4])
     for m in (None, mask):
-        out = torch.full((1, FRAME, 1, dv), float("nan"), device="cuda", dtype=q.dtype)
+        out = poisoned(q, dv)
         try:
             triton_attn.attention_triton(q, k, v, *lists(m), None, None, None, D ** -0.5, BS, out=out, config=config)
         except triton_attn.triton.runtime.errors.OutOfResources:
