@@ -1226,7 +1226,7 @@ def make_plan(
         extra_strides = (0, 0, 0)
     nheads, head_dim, v_dim = q.shape[-2], q.shape[-1], v.shape[-1]
     d0, d1, d1_at = head_dim_chunks(head_dim)
-    dv0, dv1, dv1_at = head_dim_chunks(v_dim) if v_dim != head_dim else (d0, d1, d1_at)
+    dv0, dv1, dv1_at = head_dim_chunks(v_dim)
     has_bias = rel_h is not None
     kh, kw = (rel_h.shape[-1], rel_w.shape[-1]) if has_bias else (1, 1)
     tile_h, tile_w = key_tile if key_tile is not None else (kh, kw)
@@ -1325,8 +1325,8 @@ def make_plan(
     room = 1
     if q.is_cuda and seqlen_q > 128:
         room = spare_room(batch * launches[0][0] * nheads * triton.cdiv(seqlen_q, 128), _sm_count(q.device))
-    tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, d1_at,
-                *((dv0, dv1, dv1_at) if v_dim != head_dim else ()), block_size,
+    tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, d1_at, dv0, dv1,
+                dv1_at, block_size,
                 has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok, timed, room)
     if not timed:
         return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})
