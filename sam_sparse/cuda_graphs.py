@@ -7,11 +7,12 @@ for a whole frame's GPU work of 18 ms). A graph replays the same kernels with on
     encoder = GraphedFunction(model.image_encoder, state=functools.partial(module_storage, model.image_encoder))
     features = encoder(x)       # first call per signature: warm-up runs, then capture; later: replay
 
-The signature is what a graph fixes: each argument's shape, strides, dtype and device, inference mode,
+The signature is what a graph fixes: each argument's shape, strides, dtype and device, the keyword
+arguments (hashable non-tensor values the function's work depends on, passed on to it), inference mode,
 the CUDA autocast state and float32 matmul precision. `state()`, when given, is what else the graph reads
 (e.g. where the model's parameters live: a graph reads them at the addresses it was captured with); when
-it changes, every graph is dropped (its memory freed) and the next call captures again. Outputs are fresh tensors
-(copies of the graph's, aliases kept), so a caller may keep them across calls. Warm-up and capture run
+it changes, every graph is dropped (its memory freed) and the next call captures again. Outputs are
+fresh tensors (copies of the graph's, aliases kept), so a caller may keep them across calls. Warm-up and capture run
 under the caller's autocast with its weight cache off: a cached cast made outside the capture would be
 freed when the caller's autocast block ends, under the graph's feet. Graphs are for inference: with
 grad enabled (autograd needs the eager graph) or arguments off CUDA the function runs as is. Module
@@ -20,18 +21,22 @@ hooks inside the function run while a graph is captured, not when it replays.
 A function that waits for the device (.item(), a copy to the host) is found in its last warm-up call,
 before any capture (a capture that fails halfway leaves CUDA's random generator in capture mode for the
 whole process); it, or a capture that fails, is recorded in `errors` and that signature runs eagerly
-from then on. The checked warm-up and the capture happen once per signature, one at a time in the
-process (`capture`); while they run, another thread that waits for the device gets an error (CUDA's
-capture rules and the sync check are process-wide).
+from then on. `capture_after=n` runs a signature eagerly its first n times, so that one seen once (a
+video's memory while it fills) costs no capture; `max_graphs` keeps the most recently used graphs only.
+The checked warm-up and the capture happen once per signature, one at a time in the process
+(`capture`); while they run, another thread that waits for the device gets an error (CUDA's capture
+rules and the sync check are process-wide).
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Callable, Hashable, Optional
 
 import torch
 
+_MAX_SEEN = 4096  # signatures counted towards capture_after (a long video's ever-new memory lengths)
 _CAPTURE_LOCK = threading.RLock()  # one checked warm-up + capture at a time: the sync-debug mode is global
 
 
@@ -83,43 +88,70 @@ def capture(fn: Callable, warmup: int = 2):
 
 
 class GraphedFunction:
-    """fn(*tensors) -> a nest of tensors (dicts, lists, tuples), replayed from a CUDA graph per signature.
+    """fn(*tensors, **static) -> a nest of tensors (dicts, lists, tuples), replayed from a CUDA graph per
+    signature.
 
-    fn must do the same device work for the same signature. warmup: calls before the capture (>= 2 is
-    best: the first one tunes kernels, the last one is checked for waits). state: a callable giving what
-    else the graph reads (module_storage of the modules fn runs, as functools.partial so that copies and
-    pickles follow their own model). Thread-safe: one replay at a time, and a replay's inputs are not
-    overwritten before the previous replay has consumed them, whatever stream either runs on. Deep copies
-    and pickles start with no graphs."""
+    fn must do the same device work for the same signature. static: hashable non-tensor arguments (part of
+    the signature). warmup: calls before the capture (>= 2 is best: the first one tunes kernels, the last
+    one is checked for waits). state: a callable giving what else the graph reads (module_storage of the
+    modules fn runs, as functools.partial so that copies and pickles follow their own model). capture_after:
+    eager calls of a signature before it is captured. max_graphs: graphs kept (least recently used first
+    out), None for all. Thread-safe: one replay at a time, and a replay's inputs are not overwritten before
+    the previous replay has consumed them, whatever stream either runs on. Deep copies and pickles start
+    with no graphs."""
 
-    def __init__(self, fn: Callable, warmup: int = 2, state: Optional[Callable[[], Hashable]] = None):
+    def __init__(self, fn: Callable, warmup: int = 2, state: Optional[Callable[[], Hashable]] = None,
+                 capture_after: int = 0, max_graphs: Optional[int] = None):
+        if capture_after < 0 or (max_graphs is not None and max_graphs < 1):
+            raise ValueError(f"capture_after={capture_after!r}, max_graphs={max_graphs!r}: expected capture_after "
+                             ">= 0 and max_graphs >= 1 or None")
         self.fn = fn
         self.warmup = warmup
         self.state = state
+        self.capture_after = capture_after
+        self.max_graphs = max_graphs
         self.errors: dict = {}
-        self._graphs: dict = {}  # signature -> (graph, inputs, outputs), or None: runs eagerly
+        self._graphs: OrderedDict = OrderedDict()  # signature -> (graph, inputs, outputs); least recent first
+        self._seen: dict = {}  # signature -> eager calls so far (capture_after)
         self._state = None  # the state() every graph in _graphs was captured with
         self._lock = threading.Lock()
         self._done: Optional[torch.cuda.Event] = None  # recorded after the last replay's outputs were copied
 
     def __getstate__(self):
-        return {"fn": self.fn, "warmup": self.warmup, "state": self.state}
+        return {"fn": self.fn, "warmup": self.warmup, "state": self.state, "capture_after": self.capture_after,
+                "max_graphs": self.max_graphs}
 
     def __setstate__(self, state):
-        self.__init__(state["fn"], state["warmup"], state["state"])
+        self.__init__(state["fn"], state["warmup"], state["state"], state.get("capture_after", 0),
+                      state.get("max_graphs"))
 
-    def __call__(self, *args):
+    def __call__(self, *args, **static):
         if not args or not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args) or torch.is_grad_enabled():
-            return self.fn(*args)
-        key = self._signature(args)
+            return self.fn(*args, **static)
+        key = self._signature(args, static)
         state = self.state() if self.state is not None else None
         with self._lock:
             if state != self._state:  # every graph reads what has moved: all go, with their memory
-                self._graphs.clear()
+                self._drop(list(self._graphs))
+                self._seen.clear()
                 self._state = state
-            if key not in self._graphs:
-                self._graphs[key] = self._capture(args, key)
-            entry = self._graphs[key]
+            if key in self.errors:
+                entry = None
+            elif key in self._graphs:
+                entry = self._graphs[key]
+                self._graphs.move_to_end(key)
+            elif self._seen.get(key, 0) < self.capture_after:
+                if len(self._seen) >= _MAX_SEEN:
+                    self._seen.clear()
+                self._seen[key] = self._seen.get(key, 0) + 1
+                entry = None
+            else:
+                self._seen.pop(key, None)
+                entry = self._capture(args, static, key)
+                if entry is not None:
+                    self._graphs[key] = entry
+                    if self.max_graphs is not None and len(self._graphs) > self.max_graphs:
+                        self._drop([next(iter(self._graphs))])
             if entry is not None:
                 graph, inputs, outputs = entry
                 with torch.cuda.device(args[0].device):
@@ -133,21 +165,29 @@ class GraphedFunction:
                     self._done = torch.cuda.Event()
                     self._done.record(current)
                 return result
-        return self.fn(*args)
+        return self.fn(*args, **static)
+
+    def _drop(self, keys) -> None:
+        """Forget these graphs, their memory with them, once the last replay is done with it."""
+        if keys and self._done is not None:
+            self._done.synchronize()
+        for key in keys:
+            self._graphs.pop(key)[0].reset()
 
     @property
     def graphs(self) -> int:
         """How many signatures have a graph."""
-        return sum(e is not None for e in self._graphs.values())
+        return len(self._graphs)
 
     @staticmethod
-    def _signature(args) -> tuple:
+    def _signature(args, static) -> tuple:
         on = torch.is_autocast_enabled("cuda")
         shapes = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in args)
-        return (shapes, torch.is_inference_mode_enabled(), on, torch.get_autocast_dtype("cuda") if on else None,
-                torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32)
+        return (shapes, tuple(sorted(static.items())), torch.is_inference_mode_enabled(), on,
+                torch.get_autocast_dtype("cuda") if on else None, torch.get_float32_matmul_precision(),
+                torch.backends.cudnn.allow_tf32)
 
-    def _capture(self, args, key):
+    def _capture(self, args, static, key):
         on = torch.is_autocast_enabled("cuda")
         dtype = torch.get_autocast_dtype("cuda")
         try:
@@ -156,7 +196,7 @@ class GraphedFunction:
 
                 def step():
                     with torch.autocast("cuda", dtype=dtype, enabled=on, cache_enabled=False):
-                        return self.fn(*inputs)
+                        return self.fn(*inputs, **static)
 
                 graph, outputs = capture(step, self.warmup)
         except Exception as e:  # noqa: BLE001  this signature runs eagerly; the reason is kept

@@ -13,6 +13,8 @@ SAM 2's README runs it. Configurations, all in one process (same-run ratios):
   unpatched           SAM 2 as is
   dense-per-object    patch_sam(predictor, "dense", batch_objects=False): SAM 2's own per-object loop
   dense-batched       patch_sam(predictor, "dense", batch_objects=True): every object of a frame in one batch
+                      (the image encoder and, once the memory is full, the heads replayed from CUDA graphs)
+  dense-batched-heads-eager  the same with graph_heads=False: the heads launched from Python every frame
   memory-local        patch_sam(predictor, "memory-local", batch_objects=True): batched, sparse memory
                       cross-attention
 A configuration that fails is reported as an error row; the others still run.
@@ -21,13 +23,16 @@ Per configuration, three passes over the clip (prompts re-added each time):
   1. warm-up: untimed (first calls, kernel tuning for every memory length the clip reaches);
   2. timed: the wall time of each frame (the device synchronized before and after the generator yields
      it, so the mask upsampling to video size is in it), no hooks; reported: the median over the frames
-     whose memory is full (frame index >= --settled-from, default 7: SAM 2 keeps 7 memory frames);
+     whose memory is full (frame index >= --settled-from, default 16: SAM 2 keeps 7 memory frames and 16
+     object pointers, so from frame 16 on no memory grows and a patched predictor replays its heads);
   3. breakdown: model.forward_image (wrapped: the image encoder, which a patched predictor replays from a
      CUDA graph), and forward pre/post hooks on model.memory_attention (and its layers, if they are called
      on their own), model.sam_mask_decoder, model.memory_encoder record CUDA events
      (perf_counter on CPU), summed per frame; "other" is the frame's time in this pass minus the four
      (prompt encoder, memory gathering, RoPE tables, upsampling, the Python around them). Medians over
-     the same frames; the pass's own total is reported too (hooks cost a little).
+     the same frames; the pass's own total is reported too (hooks cost a little). A patched predictor runs
+     its heads eagerly in this pass (graph_heads off: hooks never run inside a replayed CUDA graph), so its
+     total is above the timed pass's.
 Parity, from the timed pass: every object's low-res mask logits on every propagated frame, as the
 predictor stores them; per frame the worst object's mask IoU (logits > 0) and the max abs logit
 difference, against unpatched, and for the batched configurations against dense-per-object.
@@ -37,7 +42,7 @@ frame (wall far above GPU: the host sets the pace) and the top kernels.
 
 Writes --out/bench_video.json and --out/bench_video.md after every row (a cut run keeps its rows).
 
-    python scripts/bench_video.py --out $OUT                    # hiera_l, hiera_b+; 1, 4, 16 objects; ~6 min on an H200
+    python scripts/bench_video.py --out $OUT                    # hiera_l, hiera_b+; 1, 4, 16 objects; all configurations
     python scripts/bench_video.py --models sam2.1_hiera_l --objects 16 --configs unpatched,dense-batched
     python scripts/bench_video.py --quick --out /tmp/v         # hiera_t, 384 px, 2 objects, 4 frames: CPU smoke test
     python scripts/bench_video.py --vos --models sam2.1_hiera_l --objects 1,4 --configs unpatched,dense-per-object,dense-batched
@@ -74,9 +79,9 @@ from sam_sparse.models import build_video_predictor
 from sam_sparse.patches.video_parity import mask_iou
 from sam_sparse.sam2_layers import SAM2_CONFIGS
 
-CONFIGS = ("unpatched", "dense-per-object", "dense-batched", "memory-local")
+CONFIGS = ("unpatched", "dense-per-object", "dense-batched", "dense-batched-heads-eager", "memory-local")
 STAGES = ("image_encoder", "memory_attention", "mask_decoder", "memory_encoder")
-MEMORY_FRAMES = 7  # SAM 2's num_maskmem: from frame 7 on the memory holds 7 frames
+SETTLED_FROM = 16  # SAM 2's num_maskmem 7 and max_obj_ptrs_in_encoder 16: from frame 16 on no memory grows
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,6 +157,7 @@ def config_kwargs(config: str):
     """(policy, patch_sam keywords) of a configuration, None for unpatched."""
     kwargs = {"unpatched": None, "dense-per-object": ("dense", {"batch_objects": False}),
               "dense-batched": ("dense", {"batch_objects": True}),
+              "dense-batched-heads-eager": ("dense", {"batch_objects": True, "graph_heads": False}),
               "memory-local": ("memory-local", {"batch_objects": True})}
     if config not in kwargs:
         raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
@@ -313,11 +319,16 @@ def run_config(args, predictor, state, prompts, config, device, dtype):
         timed = settled(propagate(predictor, state, device), args.settled_from)
         logits = low_res_logits(state)
         timer = StageTimer(predictor, device)
+        heads_graphed = handle is not None and handle.memory.graph_heads
+        if heads_graphed:
+            handle.memory.graph_heads = False  # the hooks must run: no replayed graph of the heads in this pass
         try:
             add_prompts(predictor, state, prompts)
             hooked = settled(propagate(predictor, state, device, timer), args.settled_from)
         finally:
             timer.remove()
+            if heads_graphed:
+                handle.memory.graph_heads = True
         density = memory_cross_density(handle)
         profiled = profile_frames(predictor, state, prompts, args) if args.profile else None
     ms = statistics.median(f["ms"] for f in timed)
@@ -406,8 +417,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="sam2.1_hiera_l,sam2.1_hiera_b+", help="comma list of SAM 2.1 model types")
     ap.add_argument("--objects", default="1,4,16", help="comma list of object counts")
     ap.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
-    ap.add_argument("--frames", type=int, default=16, help="clip length (frame 0 holds the prompts)")
-    ap.add_argument("--settled-from", type=int, default=MEMORY_FRAMES,
+    ap.add_argument("--frames", type=int, default=32, help="clip length (frame 0 holds the prompts)")
+    ap.add_argument("--settled-from", type=int, default=SETTLED_FROM,
                     help="median over frames with this index and later (memory full)")
     ap.add_argument("--width", type=int, default=1280)
     ap.add_argument("--height", type=int, default=720)

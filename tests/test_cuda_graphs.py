@@ -24,10 +24,22 @@ def test_cpu_arguments_run_the_function_as_is():
     assert torch.equal(out["y"][0], x * 2) and len(calls) == 1 and graphed.graphs == 0 and not graphed.errors
 
 
+def test_static_arguments_reach_the_function():
+    graphed = GraphedFunction(lambda x, *, times: x * times)
+    assert torch.equal(graphed(torch.ones(2), times=3), torch.full((2,), 3.0))
+
+
 def test_copies_and_pickles_keep_the_function_not_the_graphs():
-    graphed = GraphedFunction(double, warmup=3)
+    graphed = GraphedFunction(double, warmup=3, capture_after=2, max_graphs=5)
     for twin in (copy.deepcopy(graphed), pickle.loads(pickle.dumps(graphed))):
         assert twin.fn is double and twin.warmup == 3 and twin.graphs == 0
+        assert (twin.capture_after, twin.max_graphs) == (2, 5)
+
+
+@pytest.mark.parametrize("bad", [dict(capture_after=-1), dict(max_graphs=0)], ids=str)
+def test_capture_after_and_max_graphs_are_checked(bad):
+    with pytest.raises(ValueError, match="expected capture_after >= 0 and max_graphs >= 1 or None"):
+        GraphedFunction(double, **bad)
 
 
 def test_a_copys_state_follows_the_copy():

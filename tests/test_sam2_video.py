@@ -172,14 +172,17 @@ def test_restore_deepcopy_disabled_observe(predictor, frames, reference):
     classes = {n: type(m) for n, m in predictor.named_modules()}
     with pytest.raises(TypeError, match="graph_encoder=1: expected True, False or None"):
         patch_sam(predictor, "dense", graph_encoder=1)
-    handle = patch_sam(predictor, "dense", graph_encoder=False)
+    with pytest.raises(TypeError, match="graph_heads='no': expected True, False or None"):
+        patch_sam(predictor, "dense", graph_heads="no")
+    handle = patch_sam(predictor, "dense", graph_encoder=False, graph_heads=False)
     try:
         twin = copy.deepcopy(predictor)
         assert twin._sam_sparse_handle is not handle and type(twin).__name__ == "SparseSAM2VideoPredictor"
         assert twin._sam_sparse_handle.memory is not handle.memory
         # the switches travel with a copy (the graphs do not: cuda_graphs' own tests, on the GPU)
-        assert (twin._sam_sparse_handle.memory.batch_objects, twin._sam_sparse_handle.memory.graph_encoder) == (True, False)
-        assert pickle.loads(pickle.dumps(handle.memory)).graph_encoder is False
+        switches = lambda m: (m.batch_objects, m.graph_encoder, m.graph_heads)  # noqa: E731
+        assert switches(twin._sam_sparse_handle.memory) == (True, False, False)
+        assert switches(pickle.loads(pickle.dumps(handle.memory))) == (True, False, False)
         twin._sam_sparse_handle.restore()
         assert type(twin).__name__ == "SAM2VideoPredictor" and type(predictor).__name__ == "SparseSAM2VideoPredictor"
         with handle.disabled():
@@ -346,3 +349,29 @@ def test_memory_cross_attention_module_rotary_cases(predictor, monkeypatch):
             module(q, k, k, num_k_exclude_rope=0)
     finally:
         handle.restore()
+
+
+def test_heads_graph_state_follows_weights_and_dropped_caches(predictor):
+    """What a graph of a frame's heads reads besides its arguments (sam2_video.heads_storage): it changes when
+    a head's weights move or a memory attention lets a cached layout or RoPE table go (a new grid), and not
+    with the image encoder's weights, which that graph does not read."""
+    from sam_sparse.patches.sam2_video import heads_storage
+
+    handle = patch_sam(predictor, "dense")
+    try:
+        before = heads_storage(predictor)
+        with torch.no_grad():
+            predictor.image_encoder.neck.convs[0].conv.weight.mul_(1)  # in place, and not the heads': same
+        assert heads_storage(predictor) == before
+        cross = predictor.memory_attention.layers[0].cross_attn_image
+        table = cross.compute_cis(end_x=4, end_y=4)
+        sam2_memory.rope_table(cross._sam_sparse, table)
+        sam2_memory.rope_table(cross._sam_sparse, cross.compute_cis(end_x=2, end_y=2))  # a new grid: the old table goes
+        assert cross._sam_sparse.dropped == 1 and heads_storage(predictor) != before
+        before = heads_storage(predictor)
+        predictor.obj_ptr_proj.double()
+        assert heads_storage(predictor) != before
+        predictor.obj_ptr_proj.float()
+    finally:
+        handle.restore()
+    assert handle.memory.heads_graph is None

@@ -125,6 +125,7 @@ class LayerState:
         device); None = dense. Per-prompt masks are built per call, on the device, with no host sync.
     tables: tensors a forward derives from the module's own and keeps (memory attention's cos / sin RoPE
         tables), keyed by what they were made from.
+    dropped: how many times a cached layout or table was let go (a CUDA graph that reads one must go too).
     """
 
     name: str
@@ -135,6 +136,7 @@ class LayerState:
     needs_prompts: Dict[tuple, bool] = field(default_factory=dict)
     tables: Dict[tuple, Any] = field(default_factory=dict)  # tensors derived from the module's own (RoPE tables)
     observer: Optional[Callable[..., None]] = None  # PatchHandle.observe: sees every call's kernel inputs
+    dropped: int = 0
 
     def __getstate__(self):
         # A copy made inside observe() is not observed (and a lambda observer need not pickle).

@@ -69,21 +69,29 @@ class MemoryCall:
 
 class MemoryContext:
     """The current memory call of one patched model, per thread; whether its video predictor runs every
-    object of a frame as one batch (batch_objects) and replays each frame's image encoder from a CUDA graph
-    (graph_encoder; the graphs live in `encoder_graph`, made by the model on its first frame). Pickles and
-    deep-copies with the two switches only: no per-call state, no graphs."""
+    object of a frame as one batch (batch_objects), replays each frame's image encoder from a CUDA graph
+    (graph_encoder; the graphs live in `encoder_graph`, made by the model on its first frame) and replays a
+    batch's memory attention, mask decoder and memory encoder from one (graph_heads; in `heads_graph`).
+    Pickles and deep-copies with the switches only: no per-call state, no graphs."""
 
-    def __init__(self, batch_objects: bool = True, graph_encoder: bool = True):
+    def __init__(self, batch_objects: bool = True, graph_encoder: bool = True, graph_heads: bool = True):
         self.batch_objects = batch_objects
         self.graph_encoder = graph_encoder
+        self.graph_heads = graph_heads
         self.encoder_graph = None
+        self.heads_graph = None
         self._local = threading.local()
 
     def __getstate__(self):
-        return {"batch_objects": self.batch_objects, "graph_encoder": self.graph_encoder}
+        return {"batch_objects": self.batch_objects, "graph_encoder": self.graph_encoder,
+                "graph_heads": self.graph_heads}
 
     def __setstate__(self, state):
-        self.__init__(state["batch_objects"], state.get("graph_encoder", True))
+        self.__init__(state["batch_objects"], state.get("graph_encoder", True), state.get("graph_heads", True))
+
+    def drop_graphs(self) -> None:
+        """Let the graphs go (their memory with them): the patch they replay is being undone."""
+        self.encoder_graph = self.heads_graph = None
 
     @property
     def current(self) -> Optional[MemoryCall]:
@@ -149,5 +157,6 @@ def memory_block_layout(state, layouts: Tuple[MemoryLayout, ...], varlen: bool,
     if len(state.layouts) >= _MAX_CACHED:
         for k in [k for k in state.layouts if k[0] == "memory"]:
             del state.layouts[k]
+        state.dropped += 1
     state.layouts[key] = result
     return result

@@ -259,7 +259,7 @@ class PatchHandle:
             h.remove()
         self._hooks.clear()
         self.context.forget()
-        self.memory.encoder_graph = None  # its graphs' memory goes with it
+        self.memory.drop_graphs()
         del self.model._sam_sparse_handle
         self.active = False
         _EPOCH[0] += 1
@@ -290,7 +290,8 @@ def _find_patched(model: nn.Module) -> List[str]:
 
 
 def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
-              batch_objects: Optional[bool] = None, graph_encoder: Optional[bool] = None) -> PatchHandle:
+              batch_objects: Optional[bool] = None, graph_encoder: Optional[bool] = None,
+              graph_heads: Optional[bool] = None) -> PatchHandle:
     """Route the attention modules of `model` through sam_sparse's block-sparse kernel, in place.
 
     model: a segment_anything Sam, ImageEncoderViT, MaskDecoder or TwoWayTransformer (a Sam whose image
@@ -313,6 +314,12 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         restore(); while it is captured, another thread that waits for the device gets an error
         (cuda_graphs); inside handle.observe() frames run eagerly. handle.memory.graph_encoder switches it.
         None (the default): on. Given for any other model: ValueError.
+    graph_heads: for a SAM2VideoPredictor on CUDA with batch_objects, a frame's memory attention, mask
+        decoder and memory encoder replay one CUDA graph per memory shape (captured the second time a shape
+        comes, once the memory stops growing; at most four kept; objects whose memories differ in length run
+        eagerly). Same kernels and outputs, as graph_encoder; forward hooks on those modules run only while
+        a graph is captured, so code that hooks them (a profiler) turns this off. handle.memory.graph_heads
+        switches it. None (the default): on. Given for any other model: ValueError.
     Returns a PatchHandle (handle.report, str(handle), handle.restore()).
 
     Raises TypeError for other objects, RuntimeError if the model (or a module in it) is already
@@ -335,7 +342,7 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         device = next(model.parameters()).device
     except StopIteration:
         device = torch.device("cpu")
-    options = (("batch_objects", batch_objects), ("graph_encoder", graph_encoder))
+    options = (("batch_objects", batch_objects), ("graph_encoder", graph_encoder), ("graph_heads", graph_heads))
     for name, value in options:
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name}={value!r}: expected True, False or None")
@@ -346,9 +353,8 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
                              f"{type(model).__name__} has no video to propagate (leave it out)")
     if batch_objects is None:
         batch_objects = fam.batches_objects(model)
-    graph_encoder = True if graph_encoder is None else graph_encoder
     context = PromptContext(grid=fam.image_grid(model))
-    memory = MemoryContext(batch_objects, graph_encoder)
+    memory = MemoryContext(batch_objects, graph_encoder is not False, graph_heads is not False)
 
     entries, report, geometries = [], [], []
     for module, described in found:

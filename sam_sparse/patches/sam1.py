@@ -59,7 +59,8 @@ def batches_objects(model: nn.Module) -> bool:
 
 
 def is_video(model: nn.Module) -> bool:
-    """Whether patch_sam's video options (batch_objects, graph_encoder) apply: segment-anything has no video."""
+    """Whether patch_sam's video options (batch_objects, graph_encoder, graph_heads) apply: segment-anything
+    has no video."""
     return False
 
 

@@ -65,7 +65,8 @@ def batches_objects(model: nn.Module) -> bool:
 
 
 def is_video(model: nn.Module) -> bool:
-    """Whether patch_sam's video options (batch_objects, graph_encoder) apply: a SAM2VideoPredictor (VOS too)."""
+    """Whether patch_sam's video options (batch_objects, graph_encoder, graph_heads) apply: a
+    SAM2VideoPredictor (VOS too)."""
     from sam2.sam2_video_predictor import SAM2VideoPredictor
 
     return isinstance(model, SAM2VideoPredictor)

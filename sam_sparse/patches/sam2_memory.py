@@ -140,7 +140,9 @@ def rope_table(st: LayerState, freqs_cis: torch.Tensor):
     table = st.tables.get(key)
     if table is None:  # returned from here, not read back: another thread may replace it meanwhile
         table = (freqs_cis.real.contiguous(), freqs_cis.imag.contiguous())
-        st.tables.clear()  # one table per layer at a time: a new grid replaces the old one
+        if st.tables:  # one table per layer at a time: a new grid replaces the old one
+            st.tables.clear()
+            st.dropped += 1
         st.tables[key] = table
     return table
 

@@ -11,7 +11,8 @@ without a record is taken as all conditioning frames, which memory-local keeps w
   memory attention; a policy's memory.cross mask needs it (memory-local keeps prompted frames dense).
 - forward_image (SAM2VideoPredictor, when the handle's MemoryContext.graph_encoder is on and the frame is
   on CUDA): replayed from a CUDA graph (cuda_graphs.GraphedFunction), since at batch 1 the host's kernel
-  launches take longer than the encoder's GPU work.
+  launches take longer than the encoder's GPU work. The same for a batch's memory attention, mask decoder
+  and memory encoder (graph_heads), once per memory shape, when every object's memory has the same shape.
 - propagate_in_video (video predictors, when the handle's MemoryContext.batch_objects is on): per frame,
   the objects that are tracked there run as one batch: one memory attention call (their memories
   stacked, or packed one after the other when their lengths differ: the kernel's varlen path), one mask
@@ -86,8 +87,39 @@ class _GraphedEncoder:
 _GRAPH_LOCK = threading.Lock()
 
 
+class _GraphedHeads:
+    """A batch's memory attention, mask decoder and memory encoder (stacked_frame) replayed from a CUDA graph
+    per memory shape when the handle's MemoryContext.graph_heads is on and nobody observes the patched
+    modules: with few objects the host's launches take longer than their GPU work. A shape is captured the
+    second time it comes (while the memory fills each shape comes once), four graphs at most are kept, keyed
+    by the parameters' storage and the layer states' caches too, and restore() drops them."""
+
+    def _stacked_heads(self, ctx, device):
+        if not ctx.graph_heads or observing(self) or device.type != "cuda":
+            return super()._stacked_heads(ctx, device)
+        with _GRAPH_LOCK:
+            if ctx.heads_graph is None:
+                ctx.heads_graph = GraphedFunction(functools.partial(stacked_frame, self, ctx), capture_after=1,
+                                                  max_graphs=4, state=functools.partial(heads_storage, self))
+        return ctx.heads_graph
+
+
+def heads_storage(model: SAM2Base) -> tuple:
+    """What a graph of stacked_frame reads besides its arguments: every parameter and buffer but the image
+    encoder's, and how often each patched memory attention let a cached layout or RoPE table go."""
+    parts = [m for name, m in model.named_children() if name != "image_encoder"]
+    own = tuple((t.data_ptr(), t.shape, t.dtype) for t in (*model.parameters(recurse=False),
+                                                             *model.buffers(recurse=False)))
+    dropped = tuple(m._sam_sparse.dropped for m in model.memory_attention.modules() if hasattr(m, "_sam_sparse"))
+    return module_storage(*parts) + own + (dropped,)
+
+
 class _BatchedPropagation:
     """SAM2VideoPredictor.propagate_in_video with the tracked objects of each frame as one batch."""
+
+    def _stacked_heads(self, ctx, device):
+        """stacked_frame for this model (a graph of it in _GraphedHeads)."""
+        return functools.partial(stacked_frame, self, ctx)
 
     @torch.inference_mode()
     def propagate_in_video(self, inference_state, start_frame_idx=None, max_frame_num_to_track=None, reverse=False):
@@ -224,6 +256,16 @@ def object_memory(model: SAM2Base, output_dict: Dict, frame_idx: int, num_frames
     return ObjectMemory(torch.cat(feats, dim=0), torch.cat(pos, dim=0), len(selected), frames, pointer_tokens)
 
 
+def attend_stacked(model: SAM2Base, ctx: MemoryContext, curr: torch.Tensor, curr_pos: torch.Tensor,
+                   memory: torch.Tensor, memory_pos: torch.Tensor, conds: Tuple[int, ...],
+                   pointer_tokens: int) -> torch.Tensor:
+    """model.memory_attention (through __call__) on B objects whose memories have one shape: curr, curr_pos
+    (N, B, C); memory, memory_pos (keys, B, mem_dim), conds[b] conditioning frames leading object b's."""
+    with ctx.call(MemoryCall(conds)):
+        return model.memory_attention(curr=[curr], curr_pos=[curr_pos], memory=memory, memory_pos=memory_pos,
+                                      num_obj_ptr_tokens=pointer_tokens)
+
+
 def memory_conditioned(model: SAM2Base, ctx: MemoryContext, curr: torch.Tensor, curr_pos: torch.Tensor,
                        grid: Tuple[int, int], memories: Sequence[ObjectMemory]) -> torch.Tensor:
     """The memory attention for a batch of objects on one frame: curr, curr_pos (N, B, C) -> (N, B, C).
@@ -234,11 +276,8 @@ def memory_conditioned(model: SAM2Base, ctx: MemoryContext, curr: torch.Tensor, 
     conds = tuple(m.cond_frames for m in memories)
     shapes = [(m.frames, m.pointer_tokens) for m in memories]
     if len(set(shapes)) == 1:
-        with ctx.call(MemoryCall(conds)):
-            return model.memory_attention(curr=[curr], curr_pos=[curr_pos],
-                                          memory=torch.cat([m.memory for m in memories], dim=1),
-                                          memory_pos=torch.cat([m.pos for m in memories], dim=1),
-                                          num_obj_ptr_tokens=memories[0].pointer_tokens)
+        return attend_stacked(model, ctx, curr, curr_pos, torch.cat([m.memory for m in memories], dim=1),
+                              torch.cat([m.pos for m in memories], dim=1), conds, memories[0].pointer_tokens)
     if packable(model.memory_attention):
         packed = PackedKeys.build([m.layout(grid) for m in memories], curr.device)
         with ctx.call(MemoryCall(conds, packed)):
@@ -254,6 +293,38 @@ def memory_conditioned(model: SAM2Base, ctx: MemoryContext, curr: torch.Tensor, 
     return out
 
 
+def frame_heads(model: SAM2Base, feats: Sequence[torch.Tensor], feat_sizes, pix: torch.Tensor) -> tuple:
+    """The mask decoder and memory encoder of a batch of B tracked objects: feats, the frame's backbone
+    features per level (N_l, B, C_l); pix, the memory-conditioned features (N, B, C). Returns low_res_masks
+    (B, 1, H/4, W/4), obj_ptr (B, C), object_score_logits (B, 1), maskmem_features in bfloat16 and
+    maskmem_pos_enc (None without a memory), as SAM 2's _run_single_frame_inference makes them."""
+    B, C = pix.shape[1], model.hidden_dim
+    H, W = feat_sizes[-1]
+    pix = pix.permute(1, 2, 0).view(B, C, H, W)
+    high_res = None
+    if len(feats) > 1:
+        high_res = [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s) for x, s in zip(feats[:-1], feat_sizes[:-1])]
+    sam_outputs = model._forward_sam_heads(backbone_features=pix, point_inputs=None, mask_inputs=None,
+                                           high_res_features=high_res,
+                                           multimask_output=model._use_multimask(False, None))
+    _, _, _, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
+    features = pos_enc = None
+    if model.num_maskmem > 0:
+        features, pos_enc = encode_memories(model, feats, feat_sizes, high_res_masks, object_score_logits)
+        features = features.to(torch.bfloat16)
+    return low_res_masks, obj_ptr, object_score_logits, features, pos_enc
+
+
+def stacked_frame(model: SAM2Base, ctx: MemoryContext, *tensors: torch.Tensor, feat_sizes, conds: Tuple[int, ...],
+                  pointer_tokens: int) -> tuple:
+    """attend_stacked, then frame_heads: tensors are the frame's features per level, the last level's
+    position encoding, then the stacked memory and its position encoding. A pure function of its arguments
+    and the model (one CUDA graph per signature in _GraphedHeads)."""
+    *feats, pos, memory, memory_pos = tensors
+    pix = attend_stacked(model, ctx, feats[-1], pos, memory, memory_pos, conds, pointer_tokens)
+    return frame_heads(model, feats, feat_sizes, pix)
+
+
 def track_objects(model: SAM2VideoPredictor, ctx: MemoryContext, state: Dict, frame_idx: int,
                   objects: List[int], reverse: bool) -> Tuple[List[Dict], torch.Tensor]:
     """Track `objects` (model-side indices) on a frame none of them was prompted on, as one batch.
@@ -264,26 +335,21 @@ def track_objects(model: SAM2VideoPredictor, ctx: MemoryContext, state: Dict, fr
     B = len(objects)
     device = state["device"]
     _, _, feats, pos_embeds, feat_sizes = model._get_image_feature(state, frame_idx, B)
-    H, W = feat_sizes[-1]
-    C = model.hidden_dim
+    sizes = tuple(tuple(s) for s in feat_sizes)
     memories = [object_memory(model, state["output_dict_per_obj"][i], frame_idx, state["num_frames"], reverse, device)
                 for i in objects]
-    pix = memory_conditioned(model, ctx, feats[-1], pos_embeds[-1], (H, W), memories)
-    pix = pix.permute(1, 2, 0).view(B, C, H, W)
-    high_res = None
-    if len(feats) > 1:
-        high_res = [x.permute(1, 2, 0).view(x.size(1), x.size(2), *s) for x, s in zip(feats[:-1], feat_sizes[:-1])]
-    sam_outputs = model._forward_sam_heads(backbone_features=pix, point_inputs=None, mask_inputs=None,
-                                           high_res_features=high_res,
-                                           multimask_output=model._use_multimask(False, None))
-    _, _, _, low_res_masks, high_res_masks, obj_ptr, object_score_logits = sam_outputs
-    maskmem_features = maskmem_pos_enc = None
-    if model.num_maskmem > 0:
-        maskmem_features, maskmem_pos_enc = encode_memories(model, feats, feat_sizes, high_res_masks,
-                                                            object_score_logits)
+    if len({(m.frames, m.pointer_tokens) for m in memories}) == 1:
+        heads = model._stacked_heads(ctx, feats[-1].device)
+        outputs = heads(*feats, pos_embeds[-1], torch.cat([m.memory for m in memories], dim=1),
+                        torch.cat([m.pos for m in memories], dim=1), feat_sizes=sizes,
+                        conds=tuple(m.cond_frames for m in memories), pointer_tokens=memories[0].pointer_tokens)
+    else:
+        pix = memory_conditioned(model, ctx, feats[-1], pos_embeds[-1], sizes[-1], memories)
+        outputs = frame_heads(model, feats, sizes, pix)
+    low_res_masks, obj_ptr, object_score_logits, maskmem_features, maskmem_pos_enc = outputs
     storage = state["storage_device"]
     if maskmem_features is not None:
-        maskmem_features = maskmem_features.to(torch.bfloat16).to(storage, non_blocking=True)
+        maskmem_features = maskmem_features.to(storage, non_blocking=True)
     pred_masks_gpu = low_res_masks
     if model.fill_hole_area > 0:
         pred_masks_gpu = fill_holes_in_mask_scores(pred_masks_gpu, model.fill_hole_area)
@@ -318,15 +384,16 @@ def encode_memories(model: SAM2Base, feats, feat_sizes, high_res_masks, object_s
     return features, pos_enc
 
 
-class SparseSAM2VideoPredictor(_GraphedEncoder, _BatchedPropagation, _RecordsMemory, SAM2VideoPredictor):
+class SparseSAM2VideoPredictor(_GraphedEncoder, _GraphedHeads, _BatchedPropagation, _RecordsMemory,
+                               SAM2VideoPredictor):
     """SAM2VideoPredictor under patch_sam: memory calls recorded, objects of a frame batched, the image
-    encoder replayed from a CUDA graph."""
+    encoder and a batch's heads replayed from CUDA graphs."""
 
 
 class SparseSAM2VideoPredictorVOS(_BatchedPropagation, _RecordsMemory, SAM2VideoPredictorVOS):
     """SAM2VideoPredictorVOS under patch_sam (its compiled memory attention takes no packed memory: objects
-    whose memories differ in shape run in one call per shape; its image encoder is compiled by SAM 2, with
-    CUDA graphs of its own, so no graph here)."""
+    whose memories differ in shape run in one call per shape; SAM 2 compiles its image encoder and heads,
+    with CUDA graphs of their own, so no graph here)."""
 
 
 # Original model class -> the class patch_sam gives it. Exact classes only: a subclass may have its own code.

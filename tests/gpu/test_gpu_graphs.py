@@ -1,4 +1,4 @@
-"""CUDA graphs of image encoders (sam_sparse.cuda_graphs): the same bits as the eager call, a new graph
+"""CUDA graphs (sam_sparse.cuda_graphs): the same bits as the eager call, a new graph
 where one would read stale memory, and the places that use them (DevicePredictor.set_image, a patched
 SAM 2 video predictor's frames).
 
@@ -82,6 +82,46 @@ def test_a_function_that_waits_for_the_device_runs_eagerly_and_says_why():
     assert graphed.graphs == 0 and len(graphed.errors) == 1, graphed.errors
 
 
+def test_capture_after_static_arguments_and_max_graphs():
+    """A signature runs eagerly capture_after times, then is captured; static arguments are part of it; past
+    max_graphs the least recently used graph goes, and its signature is captured again when it comes back.
+    Every call gives the eager bits, into outputs the caller may poison."""
+    seed = torch.seed() % 2**31
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    calls = []
+
+    def fn(x, *, times):
+        calls.append(times)
+        return {"y": [torch.nn.functional.gelu(x) * times]}
+
+    graphed = GraphedFunction(fn, capture_after=1, max_graphs=2)
+    with torch.inference_mode():
+        def check(times, graphs):
+            x = torch.randn(5, 32, device="cuda", generator=g)
+            out = graphed(x, times=times)
+            assert torch.equal(out["y"][0], torch.nn.functional.gelu(x) * times), f"times {times}, seed {seed}"
+            out["y"][0].fill_(float("nan"))
+            assert graphed.graphs == graphs, f"times {times}: {graphed.graphs} graphs, expected {graphs}"
+
+        check(2, 0)  # first sight: eager
+        assert calls == [2]
+        check(2, 1)  # second: 2 warm-up calls, then the capture (fn runs once more inside it)
+        assert calls == [2] * 4
+        check(2, 1)  # replay: fn's Python does not run
+        assert calls == [2] * 4
+        check(3, 1)
+        check(3, 2)
+        check(5, 2)  # eager (first sight of times=5)
+        check(5, 2)  # captured; the graph of times=2, the least recently used, went
+        n = len(calls)
+        check(3, 2)
+        assert len(calls) == n  # times=3: a replay
+        check(2, 2)
+        assert len(calls) == n + 1  # times=2: eager again (its first sight since its graph went)
+        check(2, 2)
+        assert len(calls) == n + 4 and not graphed.errors  # and captured again: two warm-ups and the capture
+
+
 def test_autograd_and_cpu_calls_bypass_the_graph():
     block = Block().cuda()
     graphed = GraphedFunction(block)
@@ -156,3 +196,52 @@ def test_patched_video_predictor_frames_replay_the_encoder_with_the_same_masks(t
         assert handle.memory.encoder_graph is None
     for i, (a, b) in enumerate(zip(outs[False], outs[True])):
         assert torch.equal(a, b), f"frame {i}"
+
+
+def test_patched_video_predictor_heads_replay_with_the_same_masks(tmp_path):
+    """Once the memory stops growing, each frame's memory attention, mask decoder and memory encoder replay
+    from one graph (graph_heads): the same masks and stored memories as running them eagerly, bit for bit;
+    with a second object added on a later frame (memories of two lengths: eager, packed) and once both
+    memories are full (one stacked shape: captured again for two objects)."""
+    pytest.importorskip("sam2", reason="sam2 is an optional dependency")
+    from sam2_helpers import small_video_predictor, write_frames
+
+    from sam_sparse import patch_sam
+
+    predictor = small_video_predictor(image_size=256).cuda()
+    predictor.max_obj_ptrs_in_encoder = 4  # the memory stops growing at frame 7 of 14 (7 frames, 4 pointers)
+    frames = write_frames(tmp_path / "frames", count=14)
+    point = dict(points=np.array([[40.0, 45.0]], np.float32), labels=np.array([1], np.int32))
+
+    def run(handle):
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            state = predictor.init_state(str(frames))
+            predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, **point)
+            masks = [m.float().cpu() for _, _, m in predictor.propagate_in_video(state)]
+            predictor.add_new_points_or_box(state, frame_idx=3, obj_id=2, points=np.array([[80.0, 30.0]], np.float32),
+                                            labels=np.array([1], np.int32))
+            masks += [m.float().cpu() for _, _, m in predictor.propagate_in_video(state, start_frame_idx=3)]
+            memory = [out["maskmem_features"].float().cpu() for obj in state["output_dict_per_obj"].values()
+                      for _, out in sorted(obj["non_cond_frame_outputs"].items())]
+        return masks, memory
+
+    outs = {}
+    for graph in (False, True):
+        handle = patch_sam(predictor, "dense", graph_heads=graph)
+        outs[graph] = run(handle)
+        graphs = handle.memory.heads_graph
+        if graph:
+            assert graphs is not None and not graphs.errors, graphs.errors
+            assert graphs.graphs == 2  # one object, then two (max_graphs 4)
+            seen = []  # observed, every frame's heads run their Python
+            with handle.observe(lambda layer, *rest: seen.append(layer.kind)):
+                run(handle)
+            assert sum(k == "memory.cross" for k in seen) >= 4 * 13, sorted(set(seen))
+        else:
+            assert graphs is None
+        handle.restore()
+        assert handle.memory.heads_graph is None
+    for i, (a, b) in enumerate(zip(outs[False][0], outs[True][0])):
+        assert torch.equal(a, b), f"mask of propagated frame {i}"
+    for i, (a, b) in enumerate(zip(outs[False][1], outs[True][1])):
+        assert torch.equal(a, b), f"stored memory {i}"
