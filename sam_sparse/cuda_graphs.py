@@ -21,8 +21,9 @@ hooks inside the function run while a graph is captured, not when it replays.
 A function that waits for the device (.item(), a copy to the host) is found in its last warm-up call,
 before any capture (a capture that fails halfway leaves CUDA's random generator in capture mode for the
 whole process); it, or a capture that fails, is recorded in `errors` and that signature runs eagerly
-from then on. `capture_after=n` runs a signature eagerly its first n times, so that one seen once (a
-video's memory while it fills) costs no capture; `max_graphs` keeps the most recently used graphs only.
+from then on. `capture_after=n` captures a signature only once it has come n + 1 calls in a row (eager
+before): signatures that change from call to call (a video's memory while it fills, and again each time
+the video is propagated anew) cost no capture; `max_graphs` keeps the most recently used graphs only.
 The checked warm-up and the capture happen once per signature, one at a time in the process
 (`capture`); while they run, another thread that waits for the device gets an error (CUDA's capture
 rules and the sync check are process-wide).
@@ -36,7 +37,6 @@ from typing import Callable, Hashable, Optional
 
 import torch
 
-_MAX_SEEN = 4096  # signatures counted towards capture_after (a long video's ever-new memory lengths)
 _CAPTURE_LOCK = threading.RLock()  # one checked warm-up + capture at a time: the sync-debug mode is global
 
 
@@ -95,10 +95,10 @@ class GraphedFunction:
     the signature). warmup: calls before the capture (>= 2 is best: the first one tunes kernels, the last
     one is checked for waits). state: a callable giving what else the graph reads (module_storage of the
     modules fn runs, as functools.partial so that copies and pickles follow their own model). capture_after:
-    eager calls of a signature before it is captured. max_graphs: graphs kept (least recently used first
-    out), None for all. Thread-safe: one replay at a time, and a replay's inputs are not overwritten before
-    the previous replay has consumed them, whatever stream either runs on. Deep copies and pickles start
-    with no graphs."""
+    eager calls in a row with one signature before it is captured. max_graphs: graphs kept (least recently
+    used first out), None for all. Thread-safe: one replay at a time, and a replay's inputs are not
+    overwritten before the previous replay has consumed them, whatever stream either runs on. Deep copies
+    and pickles start with no graphs."""
 
     def __init__(self, fn: Callable, warmup: int = 2, state: Optional[Callable[[], Hashable]] = None,
                  capture_after: int = 0, max_graphs: Optional[int] = None):
@@ -112,7 +112,7 @@ class GraphedFunction:
         self.max_graphs = max_graphs
         self.errors: dict = {}
         self._graphs: OrderedDict = OrderedDict()  # signature -> (graph, inputs, outputs); least recent first
-        self._seen: dict = {}  # signature -> eager calls so far (capture_after)
+        self._run = (None, 0)  # (signature, calls in a row with it): capture_after
         self._state = None  # the state() every graph in _graphs was captured with
         self._lock = threading.Lock()
         self._done: Optional[torch.cuda.Event] = None  # recorded after the last replay's outputs were copied
@@ -133,20 +133,17 @@ class GraphedFunction:
         with self._lock:
             if state != self._state:  # every graph reads what has moved: all go, with their memory
                 self._drop(list(self._graphs))
-                self._seen.clear()
                 self._state = state
+            last, run = self._run
+            self._run = (key, run + 1 if key == last else 1)
             if key in self.errors:
                 entry = None
             elif key in self._graphs:
                 entry = self._graphs[key]
                 self._graphs.move_to_end(key)
-            elif self._seen.get(key, 0) < self.capture_after:
-                if len(self._seen) >= _MAX_SEEN:
-                    self._seen.clear()
-                self._seen[key] = self._seen.get(key, 0) + 1
+            elif self._run[1] <= self.capture_after:
                 entry = None
             else:
-                self._seen.pop(key, None)
                 entry = self._capture(args, static, key)
                 if entry is not None:
                     self._graphs[key] = entry
@@ -178,6 +175,12 @@ class GraphedFunction:
     def graphs(self) -> int:
         """How many signatures have a graph."""
         return len(self._graphs)
+
+    @property
+    def signatures(self) -> list:
+        """The signatures that have a graph, least recently used first: (argument (shape, strides, dtype,
+        device)s, sorted static arguments, then the modes)."""
+        return list(self._graphs)
 
     @staticmethod
     def _signature(args, static) -> tuple:

@@ -315,9 +315,9 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         (cuda_graphs); inside handle.observe() frames run eagerly. handle.memory.graph_encoder switches it.
         None (the default): on. Given for any other model: ValueError.
     graph_heads: for a SAM2VideoPredictor on CUDA with batch_objects, a frame's memory attention, mask
-        decoder and memory encoder replay one CUDA graph per memory shape (captured the second time a shape
-        comes, once the memory stops growing; at most four kept; objects whose memories differ in length run
-        eagerly). Same kernels and outputs, as graph_encoder; forward hooks on those modules run only while
+        decoder and memory encoder replay one CUDA graph per memory shape (captured when a shape comes on two
+        frames in a row: once the memory stops growing, from frame 16; at most four kept; objects whose
+        memories differ in length run eagerly). Same kernels and outputs, as graph_encoder; forward hooks on those modules run only while
         a graph is captured, so code that hooks them (a profiler) turns this off. handle.memory.graph_heads
         switches it. None (the default): on. Given for any other model: ValueError.
     Returns a PatchHandle (handle.report, str(handle), handle.restore()).

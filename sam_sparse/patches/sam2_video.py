@@ -90,9 +90,10 @@ _GRAPH_LOCK = threading.Lock()
 class _GraphedHeads:
     """A batch's memory attention, mask decoder and memory encoder (stacked_frame) replayed from a CUDA graph
     per memory shape when the handle's MemoryContext.graph_heads is on and nobody observes the patched
-    modules: with few objects the host's launches take longer than their GPU work. A shape is captured the
-    second time it comes (while the memory fills each shape comes once), four graphs at most are kept, keyed
-    by the parameters' storage and the layer states' caches too, and restore() drops them."""
+    modules: with few objects the host's launches take longer than their GPU work. A shape is captured when
+    it comes on two frames in a row (once the memory stops growing: SAM 2's 7 frames and 16 object pointers,
+    from frame 16 on; while it fills, each frame's shape differs from the last), four graphs at most are
+    kept, keyed by the parameters' storage and the layer states' caches too, and restore() drops them."""
 
     def _stacked_heads(self, ctx, device):
         if not ctx.graph_heads or observing(self) or device.type != "cuda":

@@ -83,9 +83,10 @@ def test_a_function_that_waits_for_the_device_runs_eagerly_and_says_why():
 
 
 def test_capture_after_static_arguments_and_max_graphs():
-    """A signature runs eagerly capture_after times, then is captured; static arguments are part of it; past
-    max_graphs the least recently used graph goes, and its signature is captured again when it comes back.
-    Every call gives the eager bits, into outputs the caller may poison."""
+    """A signature runs eagerly until it has come capture_after + 1 calls in a row, then is captured (never
+    while signatures alternate); static arguments are part of it; past max_graphs the least recently used
+    graph goes, and its signature is captured again when it comes back. Every call gives the eager bits,
+    into outputs the caller may poison."""
     seed = torch.seed() % 2**31
     g = torch.Generator(device="cuda").manual_seed(seed)
     calls = []
@@ -109,6 +110,8 @@ def test_capture_after_static_arguments_and_max_graphs():
         assert calls == [2] * 4
         check(2, 1)  # replay: fn's Python does not run
         assert calls == [2] * 4
+        for times in (7, 8, 7, 8):  # alternating: each call's signature differs from the last one's
+            check(times, 1)
         check(3, 1)
         check(3, 2)
         check(5, 2)  # eager (first sight of times=5)
@@ -202,7 +205,8 @@ def test_patched_video_predictor_heads_replay_with_the_same_masks(tmp_path):
     """Once the memory stops growing, each frame's memory attention, mask decoder and memory encoder replay
     from one graph (graph_heads): the same masks and stored memories as running them eagerly, bit for bit;
     with a second object added on a later frame (memories of two lengths: eager, packed) and once both
-    memories are full (one stacked shape: captured again for two objects)."""
+    memories are full (one stacked shape: captured again for two objects). Propagating again captures
+    nothing new."""
     pytest.importorskip("sam2", reason="sam2 is an optional dependency")
     from sam2_helpers import small_video_predictor, write_frames
 
@@ -225,14 +229,18 @@ def test_patched_video_predictor_heads_replay_with_the_same_masks(tmp_path):
                       for _, out in sorted(obj["non_cond_frame_outputs"].items())]
         return masks, memory
 
-    outs = {}
+    outs, signatures = {}, []
     for graph in (False, True):
         handle = patch_sam(predictor, "dense", graph_heads=graph)
         outs[graph] = run(handle)
         graphs = handle.memory.heads_graph
         if graph:
             assert graphs is not None and not graphs.errors, graphs.errors
-            assert graphs.graphs == 2  # one object, then two (max_graphs 4)
+            signatures = [dict(s[1]) for s in graphs.signatures]
+            # propagated anew: the filling memory's shapes come again, one frame each: no new capture
+            again = run(handle)
+            assert [dict(s[1]) for s in graphs.signatures] == signatures
+            assert all(torch.equal(a, b) for a, b in zip(again[0] + again[1], outs[True][0] + outs[True][1]))
             seen = []  # observed, every frame's heads run their Python
             with handle.observe(lambda layer, *rest: seen.append(layer.kind)):
                 run(handle)
@@ -245,3 +253,6 @@ def test_patched_video_predictor_heads_replay_with_the_same_masks(tmp_path):
         assert torch.equal(a, b), f"mask of propagated frame {i}"
     for i, (a, b) in enumerate(zip(outs[False][1], outs[True][1])):
         assert torch.equal(a, b), f"stored memory {i}"
+    # one object, then two, each once its memory is full (7 frames, 4 pointers of 4 tokens)
+    assert {(s["conds"], s["pointer_tokens"]) for s in signatures} >= {((1,), 16), ((1, 1), 16)}, signatures
+    assert len(signatures) <= 4, signatures
