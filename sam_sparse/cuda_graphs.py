@@ -12,10 +12,10 @@ arguments (hashable non-tensor values the function's work depends on, passed on 
 the CUDA autocast state and float32 matmul precision. `state()`, when given, is what else the graph reads
 (e.g. where the model's parameters live: a graph reads them at the addresses it was captured with); when
 it changes, every graph is dropped (its memory freed) and the next call captures again. Outputs are
-fresh tensors (copies of the graph's, aliases kept), so a caller may keep them across calls. Warm-up and capture run
-under the caller's autocast with its weight cache off: a cached cast made outside the capture would be
-freed when the caller's autocast block ends, under the graph's feet. Graphs are for inference: with
-grad enabled (autograd needs the eager graph) or arguments off CUDA the function runs as is. Module
+fresh tensors (copies of the graph's, aliases kept), so a caller may keep them across calls. Warm-up and
+capture run under the caller's autocast with its weight cache off: a cached cast made outside the capture
+would be freed when the caller's autocast block ends, under the graph's feet. Graphs are for inference:
+with grad enabled (autograd needs the eager graph) or arguments off CUDA the function runs as is. Module
 hooks inside the function run while a graph is captured, not when it replays.
 
 A function that waits for the device (.item(), a copy to the host) is found in its last warm-up call,

@@ -353,8 +353,8 @@ def test_memory_cross_attention_module_rotary_cases(predictor, monkeypatch):
 
 def test_heads_graph_state_follows_weights_and_dropped_caches(predictor):
     """What a graph of a frame's heads reads besides its arguments (sam2_video.heads_storage): it changes when
-    a head's weights move or a memory attention lets a cached layout or RoPE table go (a new grid), and not
-    with the image encoder's weights, which that graph does not read."""
+    a head's weights move, a memory attention lets a cached layout or RoPE table go (a new grid) or a model
+    setting changes, and not with the image encoder's weights, which that graph does not read."""
     from sam_sparse.patches.sam2_video import heads_storage
 
     handle = patch_sam(predictor, "dense")
@@ -372,6 +372,11 @@ def test_heads_graph_state_follows_weights_and_dropped_caches(predictor):
         predictor.obj_ptr_proj.double()
         assert heads_storage(predictor) != before
         predictor.obj_ptr_proj.float()
+        before = heads_storage(predictor)
+        predictor.multimask_output_for_tracking = not predictor.multimask_output_for_tracking  # a setting
+        assert heads_storage(predictor) != before
+        predictor.multimask_output_for_tracking = not predictor.multimask_output_for_tracking
+        assert heads_storage(predictor) == before
     finally:
         handle.restore()
     assert handle.memory.heads_graph is None

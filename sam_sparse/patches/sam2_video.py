@@ -107,12 +107,16 @@ class _GraphedHeads:
 
 def heads_storage(model: SAM2Base) -> tuple:
     """What a graph of stacked_frame reads besides its arguments: every parameter and buffer but the image
-    encoder's, and how often each patched memory attention let a cached layout or RoPE table go."""
+    encoder's, how often each patched memory attention let a cached layout or RoPE table go, and the
+    model's and its mask decoder's settings (multimask_output_for_tracking, sigmoid_scale_for_mem_enc,
+    training, ...: a capture bakes them in)."""
     parts = [m for name, m in model.named_children() if name != "image_encoder"]
     own = tuple((t.data_ptr(), t.shape, t.dtype) for t in (*model.parameters(recurse=False),
                                                              *model.buffers(recurse=False)))
     dropped = tuple(m._sam_sparse.dropped for m in model.memory_attention.modules() if hasattr(m, "_sam_sparse"))
-    return module_storage(*parts) + own + (dropped,)
+    settings = tuple((k, v) for m in (model, model.sam_mask_decoder) for k, v in vars(m).items()
+                     if isinstance(v, (bool, int, float, str, type(None))))
+    return module_storage(*parts) + own + (dropped, settings)
 
 
 class _BatchedPropagation:
