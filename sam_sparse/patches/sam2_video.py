@@ -93,7 +93,8 @@ class _GraphedHeads:
     modules: with few objects the host's launches take longer than their GPU work. A shape is captured when
     it comes on two frames in a row (once the memory stops growing: SAM 2's 7 frames and 16 object pointers,
     from frame 16 on; while it fills, each frame's shape differs from the last), four graphs at most are
-    kept, keyed by the parameters' storage and the layer states' caches too, and restore() drops them."""
+    kept, keyed also by what heads_storage gives (parameters, cached layouts and tables, the model's
+    settings), and restore() drops them."""
 
     def _stacked_heads(self, ctx, device):
         if not ctx.graph_heads or observing(self) or device.type != "cuda":
