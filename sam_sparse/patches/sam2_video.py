@@ -262,6 +262,16 @@ def object_memory(model: SAM2Base, output_dict: Dict, frame_idx: int, num_frames
     return ObjectMemory(torch.cat(feats, dim=0), torch.cat(pos, dim=0), len(selected), frames, pointer_tokens)
 
 
+def stack_memories(memories: Sequence[ObjectMemory]) -> Optional[tuple]:
+    """(memory, memory_pos (keys, B, mem_dim), conds, pointer_tokens) of B objects whose memories have one
+    shape (the same frames and pointer tokens), stacked along the batch as attend_stacked takes them; conds[b]
+    the conditioning frames leading object b's. None when their shapes differ."""
+    if len({(m.frames, m.pointer_tokens) for m in memories}) != 1:
+        return None
+    return (torch.cat([m.memory for m in memories], dim=1), torch.cat([m.pos for m in memories], dim=1),
+            tuple(m.cond_frames for m in memories), memories[0].pointer_tokens)
+
+
 def attend_stacked(model: SAM2Base, ctx: MemoryContext, curr: torch.Tensor, curr_pos: torch.Tensor,
                    memory: torch.Tensor, memory_pos: torch.Tensor, conds: Tuple[int, ...],
                    pointer_tokens: int) -> torch.Tensor:
@@ -279,11 +289,11 @@ def memory_conditioned(model: SAM2Base, ctx: MemoryContext, curr: torch.Tensor, 
     One call of model.memory_attention (through __call__) when every object's memory has the same frames
     and pointer tokens (stacked as (keys, B, mem_dim)) or when it can take them packed (varlen); otherwise
     (SAM2VideoPredictorVOS's compiled memory attention) one call per group of equal shapes."""
+    stacked = stack_memories(memories)
+    if stacked is not None:
+        return attend_stacked(model, ctx, curr, curr_pos, *stacked)
     conds = tuple(m.cond_frames for m in memories)
     shapes = [(m.frames, m.pointer_tokens) for m in memories]
-    if len(set(shapes)) == 1:
-        return attend_stacked(model, ctx, curr, curr_pos, torch.cat([m.memory for m in memories], dim=1),
-                              torch.cat([m.pos for m in memories], dim=1), conds, memories[0].pointer_tokens)
     if packable(model.memory_attention):
         packed = PackedKeys.build([m.layout(grid) for m in memories], curr.device)
         with ctx.call(MemoryCall(conds, packed)):
@@ -344,11 +354,12 @@ def track_objects(model: SAM2VideoPredictor, ctx: MemoryContext, state: Dict, fr
     sizes = tuple(tuple(s) for s in feat_sizes)
     memories = [object_memory(model, state["output_dict_per_obj"][i], frame_idx, state["num_frames"], reverse, device)
                 for i in objects]
-    if len({(m.frames, m.pointer_tokens) for m in memories}) == 1:
+    stacked = stack_memories(memories)
+    if stacked is not None:
+        memory, memory_pos, conds, pointer_tokens = stacked
         heads = model._stacked_heads(ctx, feats[-1].device)
-        outputs = heads(*feats, pos_embeds[-1], torch.cat([m.memory for m in memories], dim=1),
-                        torch.cat([m.pos for m in memories], dim=1), feat_sizes=sizes,
-                        conds=tuple(m.cond_frames for m in memories), pointer_tokens=memories[0].pointer_tokens)
+        outputs = heads(*feats, pos_embeds[-1], memory, memory_pos, feat_sizes=sizes, conds=conds,
+                        pointer_tokens=pointer_tokens)
     else:
         pix = memory_conditioned(model, ctx, feats[-1], pos_embeds[-1], sizes[-1], memories)
         outputs = frame_heads(model, feats, sizes, pix)
