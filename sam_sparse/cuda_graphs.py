@@ -26,7 +26,8 @@ before): signatures that change from call to call (a video's memory while it fil
 the video is propagated anew) cost no capture; `max_graphs` keeps the most recently used graphs only.
 The checked warm-up and the capture happen once per signature, one at a time in the process
 (`capture`); while they run, another thread that waits for the device gets an error (CUDA's capture
-rules and the sync check are process-wide).
+rules and the sync check are process-wide). A GraphedFunction called inside another's warm-up or capture
+(a patched image encoder inside a predictor's graph) runs its function: the outer graph records its kernels.
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ from typing import Callable, Hashable, Optional
 import torch
 
 _CAPTURE_LOCK = threading.RLock()  # one checked warm-up + capture at a time: the sync-debug mode is global
+_CAPTURING = threading.local()  # depth of capture() calls on this thread (warm-ups included)
+
+
+def capturing() -> bool:
+    """Whether this thread is inside capture() (a warm-up or the capture): a GraphedFunction called there
+    runs its function, so that the outer graph records its kernels, not a replay of a graph of its own."""
+    return getattr(_CAPTURING, "depth", 0) > 0
 
 
 def _map(fn, tree, memo=None):
@@ -64,6 +72,7 @@ def capture(fn: Callable, warmup: int = 2):
     side = torch.cuda.Stream()
     graph = None
     with _CAPTURE_LOCK:
+        _CAPTURING.depth = getattr(_CAPTURING, "depth", 0) + 1
         try:
             side.wait_stream(current)
             with torch.cuda.stream(side):
@@ -84,6 +93,8 @@ def capture(fn: Callable, warmup: int = 2):
             if graph is not None:
                 graph.reset()
             raise
+        finally:
+            _CAPTURING.depth -= 1
     return graph, outputs
 
 
@@ -126,7 +137,8 @@ class GraphedFunction:
                       state.get("max_graphs"))
 
     def __call__(self, *args, **static):
-        if not args or not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args) or torch.is_grad_enabled():
+        if (not args or not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args) or torch.is_grad_enabled()
+                or capturing()):
             return self.fn(*args, **static)
         key = self._signature(args, static)
         state = self.state() if self.state is not None else None

@@ -437,8 +437,9 @@ def sam2_pair(model: str):
 
 
 def section_sam2ab(out, model="sam2.1_hiera_b+,sam2.1_hiera_l"):
-    """SAM 2.1 image encoders at batch 1 (bf16), sam2's own against patched dense, eager and compiled (default
-    mode), the four timed in alternating rounds in one process: batch 1 is host-bound, and this machine's
+    """SAM 2.1 image encoders at batch 1 (bf16), sam2's own against patched dense, eager (the patched one with
+    its batch-1 CUDA graph, patch_sam's default, and without: graph_encoder off) and compiled (default mode;
+    no graph there), the five timed in alternating rounds in one process: batch 1 is host-bound, and this machine's
     host speed drifts between runs and within one (side_by_side's rows, timed one after another, moved by up
     to 1.5x for the same code: runs 77 and 79), so only interleaved rounds give a ratio that holds."""
     for name in model.split(","):
@@ -447,19 +448,28 @@ def section_sam2ab(out, model="sam2.1_hiera_b+,sam2.1_hiera_l"):
         torch._dynamo.reset()
         with torch.inference_mode():
             fns = {}
+            switch = patched._sam_sparse_handle.memory  # graph_encoder: the patched encoder's batch-1 CUDA graph
+
+            def graph(on: bool, fn):
+                def call():
+                    switch.graph_encoder = on
+                    return fn()
+                return call
+
             for label, m in (("sam2", base), ("patched dense", patched)):
                 enc = m.image_encoder
-                fns[f"{label}, eager"] = (lambda e=enc: e(x))
-                fns[f"{label}, compiled"] = (lambda e=torch.compile(enc): e(x))
+                fns[f"{label}, eager"] = graph(True, lambda e=enc: e(x))
+                fns[f"{label}, compiled"] = graph(True, lambda e=torch.compile(enc): e(x))
+            fns["patched dense, eager, graph_encoder off"] = graph(False, lambda e=patched.image_encoder: e(x))
             for fn in fns.values():
                 fn()
                 fn()  # compiled: the first call compiles, the second settles the caching allocator
             res = interleaved(fns, rounds=10, calls=20)
             for case, r in res.items():
                 record(out, section="sam2ab", case=f"{name} image encoder B=1 bf16, {case}", **r)
-            for mode in ("eager", "compiled"):
+            for mode in ("eager", "compiled", "eager, graph_encoder off"):
                 record(out, section="sam2ab", case=f"{name} B=1 {mode}: sam2 / patched dense",
-                       ratio=round(res[f"sam2, {mode}"]["ms"] / res[f"patched dense, {mode}"]["ms"], 3))
+                       ratio=round(res[f"sam2, {mode.split(',')[0]}"]["ms"] / res[f"patched dense, {mode}"]["ms"], 3))
         del base, patched, fns
         torch._dynamo.reset()
         torch.cuda.empty_cache()

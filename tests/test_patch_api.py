@@ -167,13 +167,15 @@ def test_patch_twice_and_unpatch_errors():
     assert not alone.active
 
 
-@pytest.mark.parametrize("option", [dict(batch_objects=True), dict(graph_encoder=False),
-                                    dict(batch_objects=False, graph_encoder=True)], ids=str)
-def test_video_options_refused_on_an_image_model(option):
-    """batch_objects / graph_encoder only mean something to a SAM2VideoPredictor: given for a Sam they were
-    ignored; now a ValueError naming them, before anything is patched."""
+@pytest.mark.parametrize("option,match", [
+    (dict(batch_objects=True), r"batch_objects=True: for a SAM2VideoPredictor's propagate_in_video; a Sam has no video"),
+    (dict(graph_encoder=False), r"graph_encoder=False: for a SAM 2 model's image encoder .*; a Sam has none"),
+    (dict(batch_objects=False, graph_encoder=True), r"batch_objects=False: .* a Sam has no video")], ids=str)
+def test_video_options_refused_on_an_image_model(option, match):
+    """batch_objects / graph_encoder only mean something to SAM 2 models (graph_encoder to its image models too):
+    given for a Sam they were ignored; now a ValueError naming them, before anything is patched."""
     sam = small_sam()
-    with pytest.raises(ValueError, match=r"for a SAM2VideoPredictor's propagate_in_video; a Sam has no video"):
+    with pytest.raises(ValueError, match=match):
         patch_sam(sam, "dense", **option)
     assert not any(hasattr(m, "_sam_sparse") for m in sam.modules())
     patch_sam(sam, "dense", batch_objects=None, graph_encoder=None).restore()  # the defaults, spelled out

@@ -245,6 +245,63 @@ def test_deepcopy_pickle_threads_disabled_observe(sam2_t):
         handle.restore()
 
 
+def test_image_encoder_graph_wiring(sam2_t):
+    """An image model's ImageEncoder becomes a GraphedImageEncoder that reads its handle (sam2_encoder.py): on
+    by default, switched by graph_encoder or handle.memory.graph_encoder, gone with restore() (class and
+    attribute), carried to a deep copy's and a pickle's own handle. On the CPU it runs ImageEncoder.forward,
+    the same values, and makes no graph. A video predictor keeps its ImageEncoder (its frames have a graph
+    of their own)."""
+    from sam2.build_sam import build_sam2_video_predictor
+    from sam2.modeling.backbones.image_encoder import ImageEncoder
+
+    from sam_sparse.patches.sam2_encoder import GraphedImageEncoder
+
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(7))
+    ref = _encoder(sam2_t, x)
+    handle = patch_sam(sam2_t, "dense")
+    try:
+        enc = sam2_t.image_encoder
+        assert type(enc) is GraphedImageEncoder and enc._sam_sparse_owner is handle and handle.memory.graph_encoder
+        for a, b in zip(_encoder(sam2_t, x), ref):
+            assert _cos(a, b) > 0.99999
+        assert handle.memory.encoder_graph is None, "no graph on the CPU"
+        for m in (copy.deepcopy(sam2_t), pickled(sam2_t)):
+            assert m.image_encoder._sam_sparse_owner is m._sam_sparse_handle is not handle
+    finally:
+        handle.restore()
+    assert type(sam2_t.image_encoder) is ImageEncoder and "_sam_sparse_owner" not in vars(sam2_t.image_encoder)
+    handle = patch_sam(image_predictor(sam2_t), "dense", graph_encoder=False)
+    assert not handle.memory.graph_encoder and type(sam2_t.image_encoder) is GraphedImageEncoder
+    handle.restore()
+    alone = patch_sam(sam2_t.image_encoder, "dense", graph_encoder=True)  # the encoder patched on its own
+    assert type(sam2_t.image_encoder) is GraphedImageEncoder and sam2_t.image_encoder._sam_sparse_owner is alone
+    alone.restore()
+    with pytest.raises(ValueError, match="graph_encoder=True: for a SAM 2 model's image encoder .* a Hiera has none"):
+        patch_sam(sam2_t.image_encoder.trunk, "dense", graph_encoder=True)
+    assert not hasattr(sam2_t.image_encoder.trunk.blocks[0].attn, "_sam_sparse")
+    video = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu")
+    handle = patch_sam(video, "dense")
+    assert type(video.image_encoder) is ImageEncoder
+    handle.restore()
+
+
+def test_image_encoder_graph_yields_to_hooks(sam2_t):
+    """sam2_encoder._hooked: a forward hook or pre-hook on any module of the encoder, or a global one, makes the
+    call run in Python (a replay would skip it)."""
+    from sam_sparse.patches.sam2_encoder import _hooked
+
+    enc = sam2_t.image_encoder
+    assert not _hooked(enc)
+    for register in (enc.trunk.blocks[3].mlp.register_forward_hook, enc.neck.register_forward_pre_hook,
+                     torch.nn.modules.module.register_module_forward_hook):
+        h = register(lambda *a: None)
+        try:
+            assert _hooked(enc)
+        finally:
+            h.remove()
+    assert not _hooked(enc)
+
+
 def test_patch_through_predictors_and_video_predictor():
     from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
     from sam2.build_sam import build_sam2_video_predictor

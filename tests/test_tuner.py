@@ -115,3 +115,15 @@ def test_a_cached_fill_split_serves_a_call_that_cannot_split(tuner, monkeypatch)
     other = FakeClock()  # a cached config whose twin is not offered either is timed again
     assert triton_attn._tune(("fill",), [B, C], other, torch.device("cpu")) == B
     assert other.calls
+
+
+def test_host_scale_costs_tie_within_noise_and_gpu_time_breaks_the_tie(tuner):
+    """A host-scale class ranks (cost, GPU ms) pairs: configs whose cost is within TUNE_TIE of the lowest are
+    tied (their launches all wait on the host, and differ by its noise), and the least GPU time among them wins;
+    a config whose host cost puts it out of the tie (a TMA tile's descriptors) loses even with the least GPU time."""
+    cost = {16: (0.070, 0.011), 32: (0.034, 0.0135), 64: (0.033, 0.0140)}  # A: TMA-like; B, C: pointer loads
+    assert tune(("host",), lambda cfg: cost[cfg["BLOCK_M"]]) == B
+    # Without the tie, the lowest cost would win: C.
+    assert min(cost, key=lambda m: cost[m][0]) == 64
+    # Plain floats (GPU time alone, every other class): the fastest, as before.
+    assert tune(("gpu",), lambda cfg: cost[cfg["BLOCK_M"]][1]) == A

@@ -204,6 +204,8 @@ class PatchHandle:
         self._blocks = [(module, type(module)) for module, _ in swaps]
         for module, cls in swaps:
             module.__class__ = cls
+            if hasattr(cls, "_sam_sparse_owner"):  # a container that reads the handle's switches (graph_encoder)
+                module._sam_sparse_owner = self
         model, ctx = self.model, self.context
         # Bound methods of the context, not closures: deepcopy and pickle carry them to the copy's context.
         prompt_encoder, mask_decoder, transformer = fam.hook_targets(model)
@@ -254,6 +256,7 @@ class PatchHandle:
             del module._sam_sparse
         for block, cls in self._blocks:
             block.__class__ = cls
+            block.__dict__.pop("_sam_sparse_owner", None)
         self._blocks = []
         for h in self._hooks:
             h.remove()
@@ -308,12 +311,15 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         SAM2VideoPredictorVOS (vos_optimized=True), whose decoder and encoders SAM 2 compiles for one object
         at a time (a new object count compiles them again, and the ninth compile is an error); True there
         batches anyway. handle.memory.batch_objects switches it later. Given for any other model: ValueError.
-    graph_encoder: for a SAM2VideoPredictor on CUDA, each frame's image encoder replays a CUDA graph
-        (captured on the first frame; the same kernels and outputs, without the host's launch cost, which
-        exceeds the encoder's GPU time at batch 1). The graph holds the encoder's activation memory until
-        restore(); while it is captured, another thread that waits for the device gets an error
-        (cuda_graphs); inside handle.observe() frames run eagerly. handle.memory.graph_encoder switches it.
-        None (the default): on. Given for any other model: ValueError.
+    graph_encoder: for a SAM 2 model on CUDA, the image encoder replays a CUDA graph: a SAM2VideoPredictor's
+        each frame (captured on the first frame), an image model's (SAM2Base, SAM2ImagePredictor,
+        SAM2AutomaticMaskGenerator, ImageEncoder) each batch-1 call with grad off, once a size has come twice
+        in a row, while no forward hook is on the encoder's modules (sam2_encoder.py). The same kernels and
+        outputs, without the host's launch cost, which exceeds the encoder's GPU time at batch 1. The graph
+        holds the encoder's activation memory until restore(); while it is captured, another thread that waits
+        for the device gets an error (cuda_graphs); inside handle.observe() and under torch.compile the encoder
+        runs as is. handle.memory.graph_encoder switches it. None (the default): on. Given for any other model
+        (segment-anything's; a bare Hiera): ValueError.
     graph_heads: for a SAM2VideoPredictor on CUDA with batch_objects, a frame's memory attention, mask
         decoder and memory encoder replay one CUDA graph per memory shape (captured when a shape comes on two
         frames in a row: once the memory stops growing, from frame 16; at most four kept; objects whose
@@ -347,10 +353,13 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name}={value!r}: expected True, False or None")
     if not fam.is_video(model):
-        given = [f"{name}={value}" for name, value in options if value is not None]
+        given = [f"{name}={value}" for name, value in options[::2] if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: for a SAM2VideoPredictor's propagate_in_video; a "
                              f"{type(model).__name__} has no video to propagate (leave it out)")
+    if graph_encoder is not None and not fam.graphs_encoder(model):
+        raise ValueError(f"graph_encoder={graph_encoder}: for a SAM 2 model's image encoder (a SAM2VideoPredictor's "
+                         f"frames, or an image model at batch 1); a {type(model).__name__} has none (leave it out)")
     if batch_objects is None:
         batch_objects = fam.batches_objects(model)
     context = PromptContext(grid=fam.image_grid(model))

@@ -9,8 +9,11 @@ prompt hooks go. patcher.py drives every family through the same few names:
     image_grid(model) -> (h, w)                    the mask decoder's image-embedding grid
     SPARSE_CLASSES, SPARSE_BLOCKS                  original class -> sparse class
     containers(model, patched) -> [(module, sparse class)]   modules around patched attention that change
-                                                   class too (windowed encoder blocks; SAM 2's memory
-                                                   attention and video model)
+                                                   class too (windowed encoder blocks; SAM 2's image
+                                                   encoder, memory attention and video model)
+    is_video(model), graphs_encoder(model), batches_objects(model), refusal(model, policy, layers)
+                                                   which of patch_sam's options apply, their defaults, and
+                                                   policies the model cannot run
 """
 
 from __future__ import annotations
@@ -59,8 +62,13 @@ def batches_objects(model: nn.Module) -> bool:
 
 
 def is_video(model: nn.Module) -> bool:
-    """Whether patch_sam's video options (batch_objects, graph_encoder, graph_heads) apply: segment-anything
-    has no video."""
+    """Whether patch_sam's video options (batch_objects, graph_heads) apply: segment-anything has no video."""
+    return False
+
+
+def graphs_encoder(model: nn.Module) -> bool:
+    """Whether patch_sam's graph_encoder applies: not to segment-anything's models (sam_sparse.predictor's
+    DevicePredictor graphs a SamPredictor's encoder)."""
     return False
 
 

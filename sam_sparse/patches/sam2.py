@@ -28,6 +28,7 @@ from ..sam2_layers import (EMBEDDING_GRID, ENCODER_PREFIX, IMAGE_SIZE, hiera_kin
                            memory_layer)
 from ..sam_layers import NOMINAL_DECODER_TOKENS, decoder_attentions, decoder_layer
 from .sam2_attention import SPARSE_BLOCKS
+from .sam2_encoder import GraphedImageEncoder
 from .sam2_attention import SPARSE_CLASSES as _ATTENTION_CLASSES
 from .sam2_memory import SparseMemoryAttention, SparseRoPEAttention
 from .sam2_video import SPARSE_MODELS
@@ -65,8 +66,7 @@ def batches_objects(model: nn.Module) -> bool:
 
 
 def is_video(model: nn.Module) -> bool:
-    """Whether patch_sam's video options (batch_objects, graph_encoder, graph_heads) apply: a
-    SAM2VideoPredictor (VOS too)."""
+    """Whether patch_sam's video options (batch_objects, graph_heads) apply: a SAM2VideoPredictor (VOS too)."""
     from sam2.sam2_video_predictor import SAM2VideoPredictor
 
     return isinstance(model, SAM2VideoPredictor)
@@ -174,13 +174,29 @@ def _memory_layers(model: SAM2Base, names, block_size: int, notes: List[str]) ->
     return found
 
 
+def graphs_encoder(model: nn.Module) -> bool:
+    """Whether patch_sam's graph_encoder applies: a video predictor (each frame's forward_image) or a model
+    with sam2's ImageEncoder that is no video predictor (the encoder at batch 1: sam2_encoder.py)."""
+    return is_video(model) or _image_encoder(model) is not None
+
+
+def _image_encoder(model: nn.Module) -> Optional[ImageEncoder]:
+    """The ImageEncoder of an image model (SAM2Base that is no video predictor, or the encoder itself)."""
+    enc = model.image_encoder if isinstance(model, SAM2Base) else model
+    return enc if type(enc) is ImageEncoder and not is_video(model) else None
+
+
 def containers(model: nn.Module, patched) -> List[Tuple[nn.Module, type]]:
     """(module, sparse class) of the modules around patched attention whose class changes too: Hiera's
-    windowed blocks (in-place windows), the MemoryAttention whose cross-attentions are all patched (packed
-    memories), and the model (SPARSE_MODELS: memory calls recorded, batched propagation) when its memory
-    attention is patched. patched: ids of the patched attention modules."""
+    windowed blocks (in-place windows), an image model's ImageEncoder (batch 1 from a CUDA graph:
+    sam2_encoder.py), the MemoryAttention whose cross-attentions are all patched (packed memories), and the
+    model (SPARSE_MODELS: memory calls recorded, batched propagation) when its memory attention is patched.
+    patched: ids of the patched attention modules."""
     out = [(b, SPARSE_BLOCKS[type(b)]) for b in model.modules()
            if type(b) in SPARSE_BLOCKS and b.window_size > 0 and id(b.attn) in patched]
+    enc = _image_encoder(model)
+    if enc is not None and any(id(m) in patched for m in enc.modules()):
+        out.append((enc, GraphedImageEncoder))
     memory = getattr(model, "memory_attention", None) if isinstance(model, SAM2Base) else None
     if memory is None or not any(id(m) in patched for m in memory.modules()):
         return out

@@ -256,3 +256,63 @@ def test_patched_video_predictor_heads_replay_with_the_same_masks(tmp_path):
     # one object, then two, each once its memory is full (7 frames, 4 pointers of 4 tokens)
     assert {(s["conds"], s["pointer_tokens"]) for s in signatures} >= {((1,), 16), ((1, 1), 16)}, signatures
     assert len(signatures) <= 4, signatures
+
+
+def test_patched_sam2_image_encoder_replays_at_batch_one():
+    """A patched SAM 2 image model's encoder at batch 1 (sam2_encoder.GraphedImageEncoder): eager on a size's
+    first call, captured on its second, replayed after, bit for bit the eager forward's (graph_encoder off),
+    as fresh tensors; eager where a replay would be wrong or is not wanted (a forward hook, batch 2, grad on,
+    observe()); inside DevicePredictor's own graph of forward_image, its kernels are recorded there (no graph
+    in a graph), with the same features; restore() lets the graph go."""
+    from sam2_helpers import photo, small_sam2
+
+    from sam_sparse import patch_sam
+    from sam_sparse.patches.sam2 import image_predictor
+    from sam_sparse.patches.sam2_encoder import GraphedImageEncoder
+    from sam_sparse.predictor import DevicePredictor
+
+    model = small_sam2("sam2.1_hiera_t", image_size=1024).cuda()
+    handle = patch_sam(model, "dense")
+    enc, ctx = model.image_encoder, handle.memory
+    assert type(enc) is GraphedImageEncoder
+    flat = lambda out: [out["vision_features"], *out["vision_pos_enc"], *out["backbone_fpn"]]  # noqa: E731
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(1, 3, 1024, 1024, device="cuda", generator=g) for _ in range(3)]
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ctx.graph_encoder = False
+        eager = [flat(enc(x)) for x in xs]
+        assert ctx.encoder_graph is None
+        ctx.graph_encoder = True
+        outs = [flat(enc(x)) for x in xs]  # eager, capture, replay
+        assert ctx.encoder_graph.graphs == 1 and not ctx.encoder_graph.errors, ctx.encoder_graph.errors
+        for t in outs[2]:
+            t.fill_(float("nan"))  # fresh tensors: the next replay must not care
+        outs.append(flat(enc(xs[0])))
+        for i, (a, b) in enumerate(zip(outs, eager + eager[:1])):
+            assert all(torch.equal(p, r) for p, r in zip(a, b)) or i == 2, f"call {i}: not the eager bits"
+        fired = []
+        hook = enc.trunk.blocks[0].register_forward_hook(lambda *a: fired.append(1))
+        assert all(torch.equal(p, r) for p, r in zip(flat(enc(xs[1])), eager[1])) and fired == [1]
+        hook.remove()
+        enc(torch.cat(xs[:2]))  # batch 2: eager, no new graph
+        calls = []
+        with handle.observe(lambda *a: calls.append(1)):
+            enc(xs[0])
+        assert calls and ctx.encoder_graph.graphs == 1
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with_grad = flat(enc(xs[0]))
+    assert with_grad[0].requires_grad and ctx.encoder_graph.graphs == 1  # autograd needs the eager graph
+    # DevicePredictor graphs forward_image itself: the encoder inside runs eagerly there, recorded in that graph.
+    predictor = image_predictor(model)
+    fast = DevicePredictor(predictor, cuda_graph=True)
+    image = photo(600, 800, seed=1)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            fast.set_image(image)
+            feats = [predictor._features["image_embed"].clone(), *[f.clone() for f in predictor._features["high_res_feats"]]]
+            predictor.set_image(image)  # sam2's own set_image: the encoder's graph at batch 1
+            ref = [predictor._features["image_embed"], *predictor._features["high_res_feats"]]
+            assert all(torch.equal(a, b) for a, b in zip(feats, ref))
+    assert fast.encoder_graph.graphs == 1 and not fast.encoder_graph.errors, fast.encoder_graph.errors
+    handle.restore()
+    assert ctx.encoder_graph is None and type(model.image_encoder) is not GraphedImageEncoder

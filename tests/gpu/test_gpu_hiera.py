@@ -297,3 +297,34 @@ def test_windows_through_tma(case):
     torch.cuda.synchronize()
     check_window(out, q, k, v, win, kp, vp, None, rel_h, rel_w, None, 16, f"{seed} (rel-pos)", FLOOR, ROW_FLOOR,
                  q_window=q_win)
+
+
+def test_host_scale_windows_tune_apart_and_stay_exact(monkeypatch):
+    """hiera_l's 16 x 16 windows at batch 1 are host-scale (triton_attn.HOST_SCALE_WORK): their own tuning class,
+    with the pointer-load twins of the TMA tiles among its candidates, ranked by max(GPU, host + OP_HOST_US); at
+    batch 8 the class of GPU time and TMA tiles only. Whatever each class picks is checked against the float64
+    oracle per row, into NaN-poisoned outputs."""
+    from sam_sparse.kernels import triton_attn
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the TMA twins are a Hopper question")
+    monkeypatch.setattr(triton_attn, "_TUNED", {})
+    monkeypatch.setenv("SAM_SPARSE_TUNE_CACHE", "0")
+    tuned = []
+    real = triton_attn._tune
+    monkeypatch.setattr(triton_attn, "_tune", lambda key, cands, *a, **kw: tuned.append((key, cands)) or real(key, cands, *a, **kw))
+    seed, g = seeded()
+    for batch in (1, 8):
+        q, k, v = rnd(g, batch, 64, 64, 3, 8, 72, dtype=torch.bfloat16).unbind(3)
+        kp, vp = rnd(g, 8, 72, dtype=torch.bfloat16), rnd(g, 8, 72, dtype=torch.bfloat16)
+        plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, 72 ** -0.5, 128, window=(16, 16))
+        out = torch.full(q.shape, float("nan"), device="cuda", dtype=q.dtype)
+        plan(q, k, v, None, None, None, None, None, None, kp, vp, out=out)
+        torch.cuda.synchronize()
+        check_window(out, q, k, v, (16, 16), kp, vp, None, None, None, None, 128, f"{seed} (batch {batch}, "
+                     f"{plan.config})", FLOOR, ROW_FLOOR)
+    (key1, cands1), (key8, cands8) = tuned
+    assert key1[-1] is True and key8[-1] is False, (key1, key8)
+    assert key1[:-1] == key8[:-1], "only the host-scale flag separates the two classes"
+    assert any(not c.get("TMA") for c in cands1) and any(c.get("TMA") for c in cands1), cands1
+    assert all(c.get("TMA") for c in cands8), cands8

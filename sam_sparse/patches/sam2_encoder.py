@@ -1,0 +1,60 @@
+"""SAM 2's image encoder (trunk + neck) replayed from a CUDA graph at batch 1, under patch_sam.
+
+At batch 1 a patched Hiera encoder's kernel launches take the host longer than the GPU takes to run them
+(hiera_l: 48 attention calls of 30-80 us of host time each, docs/benchmarks.md runs 77-86), so the GPU
+waits. patch_sam swaps the class of a SAM 2 image model's ImageEncoder for GraphedImageEncoder (the family's
+containers(); restore() swaps it back) and gives it one plain attribute, ``_sam_sparse_owner``, the
+PatchHandle. Its forward replays a CUDA graph (cuda_graphs.GraphedFunction) of ImageEncoder.forward when:
+
+- the handle's MemoryContext.graph_encoder is on (patch_sam's graph_encoder; the default),
+- the input is one image on CUDA, with grad off (inference_mode or no_grad), outside torch.compile's tracing,
+- nothing must run in Python: no forward hook or pre-hook on any module of the encoder (global ones too),
+  and the handle is not observing (calibration, block-mass statistics).
+
+Otherwise it runs ImageEncoder.forward. A shape is captured on its second call in a row (a one-off size
+costs no capture); two graphs are kept. The graph is keyed by the encoder's parameter storage (moving or
+recasting the model captures again) and freed by restore(). Outputs are the eager forward's, bit for bit
+(the same kernels), as fresh tensors. Video predictors keep their own per-frame graph (sam2_video.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+import torch
+from sam2.modeling.backbones.image_encoder import ImageEncoder
+from torch.nn.modules import module as nn_module
+
+from ..cuda_graphs import GraphedFunction, module_storage
+
+_LOCK = threading.Lock()  # two threads on a first call: one GraphedFunction
+
+
+def _hooked(encoder: torch.nn.Module) -> bool:
+    """Whether a forward hook must see this call: one on any module of the encoder, or a global one."""
+    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in encoder.modules())
+
+
+class GraphedImageEncoder(ImageEncoder):
+    """sam2's ImageEncoder whose batch-1 forward replays a CUDA graph (see the module's docstring).
+
+    forward(sample): sample (1, 3, H, W) -> ImageEncoder's dict (vision_features, vision_pos_enc,
+    backbone_fpn), the same values as ImageEncoder.forward.
+    """
+
+    _sam_sparse_owner = None  # the PatchHandle, set by PatchHandle.enable
+
+    def forward(self, sample: torch.Tensor):
+        handle = self._sam_sparse_owner
+        if (torch.compiler.is_compiling() or handle is None or not handle.memory.graph_encoder or handle.observing
+                or not sample.is_cuda or sample.shape[0] != 1 or torch.is_grad_enabled() or _hooked(self)):
+            return super().forward(sample)
+        ctx = handle.memory
+        with _LOCK:
+            if ctx.encoder_graph is None:
+                ctx.encoder_graph = GraphedFunction(super().forward, capture_after=1, max_graphs=2,
+                                                    state=functools.partial(module_storage, self))
+        return ctx.encoder_graph(sample)
