@@ -64,16 +64,22 @@ class PromptContext:
 
     @property
     def prompts(self) -> Optional[Prompts]:
+        # Converted on first use: the hooks keep the call's arguments, and only a policy that reads the
+        # prompts pays for the conversion (about ten small kernels a predict call would launch for nothing).
+        call = getattr(self._local, "call", None)
+        if call is not None:
+            self._local.prompts = prompts_from_call(*call)
+            self._local.call = None
         return getattr(self._local, "prompts", None)
 
     def on_prompts(self, prompt_encoder, args, kwargs) -> None:
         """PromptEncoder forward pre-hook: record this call's points / boxes."""
-        self._local.prompts = prompts_from_call(prompt_encoder, args, kwargs)
+        self._local.call, self._local.prompts = (prompt_encoder, args, kwargs), None
 
     def record(self, prompt_encoder, points, boxes) -> None:
         """What on_prompts records, for code that computes the prompt embeddings without calling the
         PromptEncoder (maskgen's adapter): points (coords, labels) or None, boxes (B, 4) or None."""
-        self._local.prompts = prompts_from_call(prompt_encoder, (), {"points": points, "boxes": boxes})
+        self._local.call, self._local.prompts = (prompt_encoder, (), {"points": points, "boxes": boxes}), None
 
     def on_image(self, _transformer, args, kwargs) -> None:
         """TwoWayTransformer forward pre-hook: record the image-embedding grid."""
@@ -82,7 +88,7 @@ class PromptContext:
 
     def forget(self, *_) -> None:
         """MaskDecoder forward hook: the prompts belonged to that call only."""
-        self._local.prompts = None
+        self._local.call = self._local.prompts = None
 
 
 def prompts_from_call(pe, args, kwargs) -> Prompts:
