@@ -1393,7 +1393,7 @@ def make_plan(
     pads = (k.new_zeros(k.shape[-2:]),) * 2 if window is not None else (None, None)  # stand-ins for tuning
     tensors_in = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, *pads)
 
-    def bench(cfg: dict) -> float:
+    def bench(cfg: dict):
         """The config's GPU ms, or for a host-scale launch (max(GPU, host + OP_HOST_US), GPU) in ms."""
         p = plan_for(cfg)
         scratch = q.new_empty((*q.shape[:-1], v_dim))  # the output's shape: v's head dim
