@@ -27,7 +27,8 @@ the video is propagated anew) cost no capture; `max_graphs` keeps the most recen
 The checked warm-up and the capture happen once per signature, one at a time in the process
 (`capture`); while they run, another thread that waits for the device gets an error (CUDA's capture
 rules and the sync check are process-wide). A GraphedFunction called inside another's warm-up or capture
-(a patched image encoder inside a predictor's graph) runs its function: the outer graph records its kernels.
+(a patched image encoder inside a predictor's graph), or inside a capture of the caller's own, runs its
+function: the outer graph records its kernels.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ class GraphedFunction:
 
     def __call__(self, *args, **static):
         if (not args or not all(isinstance(a, torch.Tensor) and a.is_cuda for a in args) or torch.is_grad_enabled()
-                or capturing()):
+                or capturing() or torch.cuda.is_current_stream_capturing()):
             return self.fn(*args, **static)
         key = self._signature(args, static)
         state = self.state() if self.state is not None else None
@@ -175,6 +176,11 @@ class GraphedFunction:
                     self._done.record(current)
                 return result
         return self.fn(*args, **static)
+
+    def clear(self) -> None:
+        """Let every graph go, with its memory, once the last replay is done with it."""
+        with self._lock:
+            self._drop(list(self._graphs))
 
     def _drop(self, keys) -> None:
         """Forget these graphs, their memory with them, once the last replay is done with it."""

@@ -177,8 +177,9 @@ def test_autotune_space_drops_twins(triton_kernel):
 def test_host_scale_launches_keep_pointer_loads_and_their_own_class(triton_kernel):
     """A launch small enough for the host to be what the GPU waits for (HOST_SCALE_WORK) keeps the pointer-load
     twins of its TMA tiles, which launch in a third of the host time; any other keeps TMA only. hiera_l's 16 x 16
-    windows are host-scale at batch 1 and not at batch 8; its global blocks at neither; the decoder's few-token
-    sides always are (their class must not depend on the prompt count)."""
+    windows (and its stage-1 8 x 8 ones) are host-scale at batch 1 and not at batch 8; its global blocks at
+    neither; the decoder's few-token sides always are (their class must not depend on the prompt count), and a
+    window's few tokens do not count as such."""
     window = dict(seqlen_q=256, seqlen_k=256, MASK_BLOCK=128, D0=64, D1=16, D1_AT=56, DV=80, HAS_BIAS=False,
                   IS_FP32=False, IS_BF16=True, KH=1, KW=1, tile_w=1, TMA_OK=True, WINDOW=True, WIN_HW=(16, 16))
     keys = lambda **kw: {(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], c.get("TMA", 0))  # noqa: E731
@@ -188,9 +189,10 @@ def test_host_scale_launches_keep_pointer_loads_and_their_own_class(triton_kerne
     glob = dict(seqlen_q=4096, seqlen_k=4096, WINDOW=False)
     assert all(t for *_, t in keys(**glob)) and not all(t for *_, t in keys(HOST_SCALE=True, **glob))
     scale = triton_kernel.host_scale
-    assert scale(1 * 16 * 8, 256, 256, 80, 80) and not scale(8 * 16 * 8, 256, 256, 80, 80)  # windows, batch 1 / 8
+    assert scale(1 * 16 * 8, 256, 256, 80, 80, True) and not scale(8 * 16 * 8, 256, 256, 80, 80, True)  # 16 x 16
+    assert scale(1024 * 2, 64, 64, 80, 80, True) and not scale(8 * 1024 * 2, 64, 64, 80, 80, True)  # 8 x 8 windows
     assert not scale(8, 4096, 4096, 80, 80)  # a global block at batch 1
-    assert scale(1, 4096, 7, 16, 16) and scale(4096, 7, 4096, 16, 16)  # the decoder's sides, any prompt count
+    assert scale(1, 4096, 8, 16, 16) and scale(4096, 8, 4096, 16, 16)  # the decoder's sides, any prompt count
 
 
 @needs_triton

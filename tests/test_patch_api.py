@@ -169,7 +169,7 @@ def test_patch_twice_and_unpatch_errors():
 
 @pytest.mark.parametrize("option,match", [
     (dict(batch_objects=True), r"batch_objects=True: for a SAM2VideoPredictor's propagate_in_video; a Sam has no video"),
-    (dict(graph_encoder=False), r"graph_encoder=False: for a SAM 2 model's image encoder .*; a Sam has none"),
+    (dict(graph_encoder=False), r"graph_encoder=False: for a SAM 2 model with sam2's ImageEncoder .*, not for a Sam"),
     (dict(batch_objects=False, graph_encoder=True), r"batch_objects=False: .* a Sam has no video")], ids=str)
 def test_video_options_refused_on_an_image_model(option, match):
     """batch_objects / graph_encoder only mean something to SAM 2 models (graph_encoder to its image models too):

@@ -7,6 +7,7 @@ global blocks and nothing else.
 """
 
 import copy
+import pickle
 import threading
 
 import numpy as np
@@ -246,11 +247,13 @@ def test_deepcopy_pickle_threads_disabled_observe(sam2_t):
 
 
 def test_image_encoder_graph_wiring(sam2_t):
-    """An image model's ImageEncoder becomes a GraphedImageEncoder that reads its handle (sam2_encoder.py): on
-    by default, switched by graph_encoder or handle.memory.graph_encoder, gone with restore() (class and
-    attribute), carried to a deep copy's and a pickle's own handle. On the CPU it runs ImageEncoder.forward,
-    the same values, and makes no graph. A video predictor keeps its ImageEncoder (its frames have a graph
-    of their own)."""
+    """An image model's ImageEncoder becomes a GraphedImageEncoder that reads its handle's MemoryContext
+    (sam2_encoder.py): on by default, switched by graph_encoder or handle.memory.graph_encoder, gone with
+    restore() (class and attribute), carried to a deep copy's and a pickle's own handle; the encoder copied or
+    saved alone carries the switches, not the model. On the CPU it runs ImageEncoder.forward, the same values,
+    and makes no graph. A video predictor keeps its ImageEncoder (its frames have a graph of their own)."""
+    import io
+
     from sam2.build_sam import build_sam2_video_predictor
     from sam2.modeling.backbones.image_encoder import ImageEncoder
 
@@ -258,25 +261,38 @@ def test_image_encoder_graph_wiring(sam2_t):
 
     x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(7))
     ref = _encoder(sam2_t, x)
+    size = lambda obj: len(pickle.dumps(obj))  # noqa: E731
+    alone_size = size(sam2_t.image_encoder)
     handle = patch_sam(sam2_t, "dense")
     try:
         enc = sam2_t.image_encoder
-        assert type(enc) is GraphedImageEncoder and enc._sam_sparse_owner is handle and handle.memory.graph_encoder
+        assert type(enc) is GraphedImageEncoder and enc._sam_sparse_memory is handle.memory
+        assert handle.memory.graph_encoder
         for a, b in zip(_encoder(sam2_t, x), ref):
             assert _cos(a, b) > 0.99999
         assert handle.memory.encoder_graph is None, "no graph on the CPU"
         for m in (copy.deepcopy(sam2_t), pickled(sam2_t)):
-            assert m.image_encoder._sam_sparse_owner is m._sam_sparse_handle is not handle
+            assert m.image_encoder._sam_sparse_memory is m._sam_sparse_handle.memory is not handle.memory
+        # the encoder alone: its own switches, not the whole model (the handle holds the model)
+        assert size(enc) < 1.05 * alone_size, (size(enc), alone_size)
+        buf = io.BytesIO()
+        torch.save(enc, buf)
+        twin = copy.deepcopy(enc)
+        assert twin._sam_sparse_memory is not handle.memory and twin._sam_sparse_memory.graph_encoder
+        with torch.inference_mode():
+            out = twin(x)
+        for a, b in zip([out["vision_features"], *out["backbone_fpn"]], ref):
+            assert _cos(a, b) > 0.99999
     finally:
         handle.restore()
-    assert type(sam2_t.image_encoder) is ImageEncoder and "_sam_sparse_owner" not in vars(sam2_t.image_encoder)
+    assert type(sam2_t.image_encoder) is ImageEncoder and "_sam_sparse_memory" not in vars(sam2_t.image_encoder)
     handle = patch_sam(image_predictor(sam2_t), "dense", graph_encoder=False)
     assert not handle.memory.graph_encoder and type(sam2_t.image_encoder) is GraphedImageEncoder
     handle.restore()
     alone = patch_sam(sam2_t.image_encoder, "dense", graph_encoder=True)  # the encoder patched on its own
-    assert type(sam2_t.image_encoder) is GraphedImageEncoder and sam2_t.image_encoder._sam_sparse_owner is alone
+    assert type(sam2_t.image_encoder) is GraphedImageEncoder and sam2_t.image_encoder._sam_sparse_memory is alone.memory
     alone.restore()
-    with pytest.raises(ValueError, match="graph_encoder=True: for a SAM 2 model's image encoder .* a Hiera has none"):
+    with pytest.raises(ValueError, match="graph_encoder=True: for a SAM 2 model with sam2's ImageEncoder .* not for a Hiera"):
         patch_sam(sam2_t.image_encoder.trunk, "dense", graph_encoder=True)
     assert not hasattr(sam2_t.image_encoder.trunk.blocks[0].attn, "_sam_sparse")
     video = build_sam2_video_predictor("configs/sam2.1/sam2.1_hiera_t.yaml", None, device="cpu")
@@ -285,21 +301,36 @@ def test_image_encoder_graph_wiring(sam2_t):
     handle.restore()
 
 
-def test_image_encoder_graph_yields_to_hooks(sam2_t):
-    """sam2_encoder._hooked: a forward hook or pre-hook on any module of the encoder, or a global one, makes the
-    call run in Python (a replay would skip it)."""
-    from sam_sparse.patches.sam2_encoder import _hooked
+def test_image_encoder_graph_yields_to_python(sam2_t):
+    """sam2_encoder._must_run_eagerly: a forward hook or pre-hook on any module of the encoder or a global one,
+    an observed patched attention, a module in training mode, or a forward replaced on an instance makes the call
+    run as Python (a replay would skip it, or replay eval mode)."""
+    from sam_sparse.patches.sam2_encoder import _must_run_eagerly
 
     enc = sam2_t.image_encoder
-    assert not _hooked(enc)
+    assert not _must_run_eagerly(enc)
     for register in (enc.trunk.blocks[3].mlp.register_forward_hook, enc.neck.register_forward_pre_hook,
                      torch.nn.modules.module.register_module_forward_hook):
         h = register(lambda *a: None)
         try:
-            assert _hooked(enc)
+            assert _must_run_eagerly(enc)
         finally:
             h.remove()
-    assert not _hooked(enc)
+    assert not _must_run_eagerly(enc)
+    enc.trunk.blocks[2].train()
+    assert _must_run_eagerly(enc)
+    enc.eval()
+    enc.neck.forward = enc.neck.forward  # an instance attribute, as offloading wrappers set
+    assert _must_run_eagerly(enc)
+    del enc.neck.forward
+    handle = patch_sam(sam2_t, "dense")
+    try:
+        assert not _must_run_eagerly(sam2_t.image_encoder)
+        with handle.observe(lambda *a: None):
+            assert _must_run_eagerly(sam2_t.image_encoder)
+        assert not _must_run_eagerly(sam2_t.image_encoder)
+    finally:
+        handle.restore()
 
 
 def test_patch_through_predictors_and_video_predictor():

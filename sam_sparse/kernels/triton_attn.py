@@ -878,11 +878,14 @@ HOST_SCALE_WORK = 4e9
 OP_HOST_US = 20.0
 
 
-def host_scale(pairs: int, seqlen_q: int, seqlen_k: int, qk_cols: int, v_cols: int) -> bool:
-    """Whether a launch on a GPU is host-scale: a side of at most 128 tokens (the decoder's, whatever the number
-    of prompts, so that its class never depends on it), or work = pairs (sequence, head) x seqlen_q x seqlen_k x
-    (qk_cols + v_cols), the columns each product runs over, of at most HOST_SCALE_WORK."""
-    return min(seqlen_q, seqlen_k) <= 128 or float(pairs) * seqlen_q * seqlen_k * (qk_cols + v_cols) <= HOST_SCALE_WORK
+def host_scale(pairs: int, seqlen_q: int, seqlen_k: int, qk_cols: int, v_cols: int, window: bool = False) -> bool:
+    """Whether a launch on a GPU is host-scale: a sequence side of at most 128 tokens (the decoder's, whatever the
+    number of prompts, so that its class never depends on it; not a window's), or work = pairs (sequence or
+    window, head) x seqlen_q x seqlen_k x (qk_cols + v_cols), the columns each product runs over, of at most
+    HOST_SCALE_WORK."""
+    if not window and min(seqlen_q, seqlen_k) <= 128:
+        return True
+    return float(pairs) * seqlen_q * seqlen_k * (qk_cols + v_cols) <= HOST_SCALE_WORK
 
 
 def host_us(fn: Callable[[], object], calls: int = 30) -> float:
@@ -1367,11 +1370,13 @@ def make_plan(
     # The tuning key holds shape classes, not exact sizes: no batch, sequence lengths rounded up to a
     # power of two, so a new prompt count never starts a tuning run inside predict(), and a video's memory
     # growing by a frame per call tunes once per bucket (4096, 16384, 32768 keys). Two things of the batch
-    # are in it: whether the launch is host-scale (HOST_SCALE_WORK; a side of at most 128 tokens, the
-    # decoder's, always is, whatever the number of prompts) and the SMs it leaves idle (room, below).
+    # are in it: whether the launch is host-scale (host_scale: HOST_SCALE_WORK; a sequence side of at most 128
+    # tokens, the decoder's, always is, whatever the number of prompts) and the SMs it leaves idle (room, below).
     timed = not INTERPRET and os.environ.get("SAM_SPARSE_AUTOTUNE") != "0"
-    small = q.is_cuda and host_scale(batch * n_windows * nheads, seqlen_q, seqlen_k, d0 + d1, dv0 + dv1)
-    bucketed = {**a, "seqlen_q": length_bucket(seqlen_q), "seqlen_k": length_bucket(seqlen_k), "HOST_SCALE": small}
+    # From the bucketed lengths: a varlen plan serves every max_seqlen_k of its bucket (interface._varlen_key).
+    sq, sk = length_bucket(seqlen_q), length_bucket(seqlen_k)
+    small = q.is_cuda and host_scale(batch * n_windows * nheads, sq, sk, d0 + d1, dv0 + dv1, window is not None)
+    bucketed = {**a, "seqlen_q": sq, "seqlen_k": sk, "HOST_SCALE": small}
     # How far 128-row tiles of every (sequence, head) leave the GPU's SMs idle: one object's memory attention
     # (one head, 4096 queries: 32 tiles on an H200's 132 SMs, room for 4 splits of the keys) is best served by
     # other configs than 3 objects' (96 tiles) or 16 objects' (512), so each gets its own (so may a Hiera

@@ -90,7 +90,11 @@ class MemoryContext:
         self.__init__(state["batch_objects"], state.get("graph_encoder", True), state.get("graph_heads", True))
 
     def drop_graphs(self) -> None:
-        """Let the graphs go (their memory with them): the patch they replay is being undone."""
+        """Let the graphs go (their memory with them, once their last replay is done): the patch they replay
+        is being undone."""
+        for graph in (self.encoder_graph, self.heads_graph):
+            if graph is not None:
+                graph.clear()
         self.encoder_graph = self.heads_graph = None
 
     @property

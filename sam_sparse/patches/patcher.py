@@ -13,9 +13,10 @@ module does the same for every family.
 How: each attention module's class is swapped for a subclass with a sparse forward (the family's
 SPARSE_CLASSES) and one plain attribute ``_sam_sparse`` is attached; some modules around them get a subclass
 too (the family's containers()): the encoder blocks around windowed attention modules, whose forward reads the
-windows in place instead of partitioning the token grid, and for SAM 2 video the memory attention (packed
-memories) and the model itself (the memory calls' structure recorded; with batch_objects, every object of a
-frame propagated as one batch: sam2_video.py). No parameter, buffer or module is added, removed or copied, so
+windows in place instead of partitioning the token grid; a SAM 2 image model's ImageEncoder (replayed from a
+CUDA graph at batch 1: sam2_encoder.py; its one plain attribute, ``_sam_sparse_memory``, is the handle's
+MemoryContext); and for SAM 2 video the memory attention (packed memories) and the model itself (the memory
+calls' structure recorded; with batch_objects, every object of a frame propagated as one batch: sam2_video.py). No parameter, buffer or module is added, removed or copied, so
 ``state_dict()`` keys and values are those of the original model and a checkpoint loads into patched and
 unpatched models alike. A full model also gets three forward hooks, methods of one PromptContext per
 model: the prompt encoder's pre-hook records the current points/boxes (in token-grid units, per thread)
@@ -204,8 +205,8 @@ class PatchHandle:
         self._blocks = [(module, type(module)) for module, _ in swaps]
         for module, cls in swaps:
             module.__class__ = cls
-            if hasattr(cls, "_sam_sparse_owner"):  # a container that reads the handle's switches (graph_encoder)
-                module._sam_sparse_owner = self
+            if hasattr(cls, "_sam_sparse_memory"):  # a container that reads the handle's switches (graph_encoder)
+                module._sam_sparse_memory = self.memory
         model, ctx = self.model, self.context
         # Bound methods of the context, not closures: deepcopy and pickle carry them to the copy's context.
         prompt_encoder, mask_decoder, transformer = fam.hook_targets(model)
@@ -256,7 +257,7 @@ class PatchHandle:
             del module._sam_sparse
         for block, cls in self._blocks:
             block.__class__ = cls
-            block.__dict__.pop("_sam_sparse_owner", None)
+            block.__dict__.pop("_sam_sparse_memory", None)
         self._blocks = []
         for h in self._hooks:
             h.remove()
@@ -358,8 +359,9 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
             raise ValueError(f"{', '.join(given)}: for a SAM2VideoPredictor's propagate_in_video; a "
                              f"{type(model).__name__} has no video to propagate (leave it out)")
     if graph_encoder is not None and not fam.graphs_encoder(model):
-        raise ValueError(f"graph_encoder={graph_encoder}: for a SAM 2 model's image encoder (a SAM2VideoPredictor's "
-                         f"frames, or an image model at batch 1); a {type(model).__name__} has none (leave it out)")
+        raise ValueError(f"graph_encoder={graph_encoder}: for a SAM 2 model with sam2's ImageEncoder (a "
+                         f"SAM2VideoPredictor's frames, or an image model at batch 1), not for a "
+                         f"{type(model).__name__} (leave it out)")
     if batch_objects is None:
         batch_objects = fam.batches_objects(model)
     context = PromptContext(grid=fam.image_grid(model))

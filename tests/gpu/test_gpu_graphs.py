@@ -294,6 +294,13 @@ def test_patched_sam2_image_encoder_replays_at_batch_one():
         hook = enc.trunk.blocks[0].register_forward_hook(lambda *a: fired.append(1))
         assert all(torch.equal(p, r) for p, r in zip(flat(enc(xs[1])), eager[1])) and fired == [1]
         hook.remove()
+        # a capture of the caller's own: the encoder runs eagerly inside it (no replay, no nested capture)
+        user = torch.cuda.CUDAGraph()
+        static_x = xs[1].clone()
+        with torch.cuda.graph(user):
+            static_out = flat(enc(static_x))
+        user.replay()
+        assert all(torch.equal(p, r) for p, r in zip(static_out, eager[1])), "inside the caller's own graph"
         enc(torch.cat(xs[:2]))  # batch 2: eager, no new graph
         calls = []
         with handle.observe(lambda *a: calls.append(1)):
