@@ -68,3 +68,10 @@ def test_module_storage_changes_when_the_weights_move():
     m.double()
     assert module_storage(m) != before
     assert len(module_storage(m, torch.nn.Linear(3, 3))) == 4  # weights and biases of both
+
+
+def test_clear_without_graphs_is_a_no_op():
+    """clear() (what restore() calls through MemoryContext.drop_graphs) on a function that never captured."""
+    g = GraphedFunction(lambda x: x + 1)
+    g.clear()
+    assert g.graphs == 0 and g(torch.ones(2)).tolist() == [2.0, 2.0]

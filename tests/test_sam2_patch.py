@@ -286,6 +286,11 @@ def test_image_encoder_graph_wiring(sam2_t):
     finally:
         handle.restore()
     assert type(sam2_t.image_encoder) is ImageEncoder and "_sam_sparse_memory" not in vars(sam2_t.image_encoder)
+    from sam_sparse.cuda_graphs import module_storage
+    from sam_sparse.patches.sam2_encoder import _graph_state
+
+    state = _graph_state(sam2_t.image_encoder)  # the graph's key: parameter storage and scalp
+    assert state[-1] == sam2_t.image_encoder.scalp and state[:-1] == module_storage(sam2_t.image_encoder)
     handle = patch_sam(image_predictor(sam2_t), "dense", graph_encoder=False)
     assert not handle.memory.graph_encoder and type(sam2_t.image_encoder) is GraphedImageEncoder
     handle.restore()
