@@ -16,10 +16,11 @@ too (the family's containers()): the encoder blocks around windowed attention mo
 windows in place instead of partitioning the token grid; a SAM 2 image model's ImageEncoder (replayed from a
 CUDA graph at batch 1: sam2_encoder.py; its one plain attribute, ``_sam_sparse_memory``, is the handle's
 MemoryContext); and for SAM 2 video the memory attention (packed memories) and the model itself (the memory
-calls' structure recorded; with batch_objects, every object of a frame propagated as one batch: sam2_video.py). No parameter, buffer or module is added, removed or copied, so
-``state_dict()`` keys and values are those of the original model and a checkpoint loads into patched and
-unpatched models alike. A full model also gets three forward hooks, methods of one PromptContext per
-model: the prompt encoder's pre-hook records the current points/boxes (in token-grid units, per thread)
+calls' structure recorded; with batch_objects, every object of a frame propagated as one batch: sam2_video.py).
+No parameter, buffer or module is added, removed or copied, so ``state_dict()`` keys and values are those of
+the original model and a checkpoint loads into patched and unpatched models alike. A full model also gets
+three forward hooks, methods of one PromptContext per model: the prompt encoder's pre-hook records the
+current points/boxes (in token-grid units, per thread)
 for prompt-dependent policies, the TwoWayTransformer's pre-hook records the image-embedding grid, and the
 mask decoder's hook forgets the prompts after each call. restore() undoes all of it. A patched model can
 be deep-copied (the copy gets its own context) and pickled whole (torch.save(model)).
