@@ -351,11 +351,12 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
     except StopIteration:
         device = torch.device("cpu")
     options = (("batch_objects", batch_objects), ("graph_encoder", graph_encoder), ("graph_heads", graph_heads))
+    video_options = [(name, value) for name, value in options if name != "graph_encoder"]
     for name, value in options:
         if value is not None and not isinstance(value, bool):
             raise TypeError(f"{name}={value!r}: expected True, False or None")
     if not fam.is_video(model):
-        given = [f"{name}={value}" for name, value in options[::2] if value is not None]
+        given = [f"{name}={value}" for name, value in video_options if value is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: for a SAM2VideoPredictor's propagate_in_video; a "
                              f"{type(model).__name__} has no video to propagate (leave it out)")

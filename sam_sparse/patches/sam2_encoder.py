@@ -67,9 +67,9 @@ class GraphedImageEncoder(ImageEncoder):
 
     def forward(self, sample: torch.Tensor):
         ctx = self._sam_sparse_memory
+        # Grad on and a capture already under way (ours or the caller's): GraphedFunction runs the forward as is.
         if (torch.compiler.is_compiling() or ctx is None or not ctx.graph_encoder or not sample.is_cuda
-                or sample.shape[0] != 1 or torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing()
-                or _must_run_eagerly(self)):
+                or sample.shape[0] != 1 or _must_run_eagerly(self)):
             return super().forward(sample)
         with _LOCK:
             if ctx.encoder_graph is None:
