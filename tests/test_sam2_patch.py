@@ -306,6 +306,48 @@ def test_image_encoder_graph_wiring(sam2_t):
     handle.restore()
 
 
+def test_image_encoder_op_for_compiled_callers(sam2_t):
+    """sam2_encoder's op, what a compiled caller records for a patched encoder at batch 1 on CUDA: patch_sam,
+    deepcopy and unpickling enroll the encoder by id (restore leaves nothing on it); the op runs the encoder
+    (on the CPU without a graph: the eager forward, the same values, a fresh list of contiguous tensors) and its
+    fake implementation gives the outputs' shapes from one eager run per input shape, with no fake tensor
+    left in sam2's position-encoding cache; an unknown id is a clear error. On the CPU a compiled patched
+    encoder is traced as before (fullgraph), with the eager values."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sam_sparse.patches import sam2_encoder
+
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(11))
+    ref = _encoder(sam2_t, x)
+    handle = patch_sam(sam2_t, "dense")
+    try:
+        enc = sam2_t.image_encoder
+        assert sam2_encoder._ENCODERS.get(id(enc)) is enc
+        for m in (copy.deepcopy(sam2_t), pickled(sam2_t)):
+            assert sam2_encoder._ENCODERS.get(id(m.image_encoder)) is m.image_encoder
+        op = torch.ops.sam_sparse.sam2_image_encoder
+        with torch.inference_mode():
+            flat = op(x, id(enc), None)
+        assert len(flat) == 2 * len(ref[1:]) and all(t.is_contiguous() for t in flat)
+        for a, b in zip(flat[len(flat) // 2:], ref[1:]):
+            assert _cos(a, b) > 0.99999
+        pe = enc.neck.position_encoding
+        with FakeTensorMode() as mode:
+            fake = op(mode.from_tensor(torch.empty(1, 3, 192, 192)), id(enc), None)
+        assert [tuple(t.shape) for t in fake] == [(1, 256, 48, 48), (1, 256, 24, 24), (1, 256, 12, 12)] * 2
+        assert all(type(t) is torch.Tensor for t in pe.cache.values()), "a fake tensor cached"
+        with pytest.raises(RuntimeError, match="no patched image encoder has id"):
+            op(x, 12345, None)
+        with torch.inference_mode():
+            compiled = torch.compile(enc, backend="eager", fullgraph=True)(x)
+        for a, b in zip([compiled["vision_features"], *compiled["backbone_fpn"]], ref):
+            assert _cos(a, b) > 0.99999
+    finally:
+        handle.restore()
+        torch._dynamo.reset()
+    assert not [k for k in vars(sam2_t.image_encoder) if "sam_sparse" in k]
+
+
 def test_image_encoder_graph_yields_to_python(sam2_t):
     """sam2_encoder._must_run_eagerly: a forward hook or pre-hook on any module of the encoder or a global one,
     an observed patched attention, a module in training mode, or a forward replaced on an instance makes the call

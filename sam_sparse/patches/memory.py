@@ -70,7 +70,8 @@ class MemoryCall:
 class MemoryContext:
     """The current memory call of one patched model, per thread; whether its video predictor runs every
     object of a frame as one batch (batch_objects), replays each frame's image encoder from a CUDA graph
-    (graph_encoder; the graphs live in `encoder_graph`, made by the model on its first frame) and replays a
+    (graph_encoder; the graphs live in `encoder_graph`, made by the model on its first frame, and for an image
+    model's encoder under torch.compile in `compiled_encoder_graph`: sam2_encoder.py) and replays a
     batch's memory attention, mask decoder and memory encoder from one (graph_heads; in `heads_graph`).
     Pickles and deep-copies with the switches only: no per-call state, no graphs."""
 
@@ -79,6 +80,7 @@ class MemoryContext:
         self.graph_encoder = graph_encoder
         self.graph_heads = graph_heads
         self.encoder_graph = None
+        self.compiled_encoder_graph = None
         self.heads_graph = None
         self._local = threading.local()
 
@@ -92,10 +94,10 @@ class MemoryContext:
     def drop_graphs(self) -> None:
         """Let the graphs go (their memory with them, once their last replay is done): the patch they replay
         is being undone."""
-        for graph in (self.encoder_graph, self.heads_graph):
+        for graph in (self.encoder_graph, self.compiled_encoder_graph, self.heads_graph):
             if graph is not None:
                 graph.clear()
-        self.encoder_graph = self.heads_graph = None
+        self.encoder_graph = self.compiled_encoder_graph = self.heads_graph = None
 
     @property
     def current(self) -> Optional[MemoryCall]:

@@ -208,6 +208,8 @@ class PatchHandle:
             module.__class__ = cls
             if hasattr(cls, "_sam_sparse_memory"):  # a container that reads the handle's switches (graph_encoder)
                 module._sam_sparse_memory = self.memory
+            if hasattr(cls, "enroll"):  # a container that a compiled caller's op finds by id (sam2_encoder.py)
+                cls.enroll(module)
         model, ctx = self.model, self.context
         # Bound methods of the context, not closures: deepcopy and pickle carry them to the copy's context.
         prompt_encoder, mask_decoder, transformer = fam.hook_targets(model)
@@ -319,8 +321,10 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         in a row, while no forward hook is on the encoder's modules (sam2_encoder.py). The same kernels and
         outputs, without the host's launch cost, which exceeds the encoder's GPU time at batch 1. The graph
         holds the encoder's activation memory until restore(); while it is captured, another thread that waits
-        for the device gets an error (cuda_graphs); inside handle.observe() and under torch.compile the encoder
-        runs as is. handle.memory.graph_encoder switches it. None (the default): on. Given for any other model
+        for the device gets an error (cuda_graphs); inside handle.observe() the encoder runs as is. Under
+        torch.compile an image model's batch-1 encoder is one op that replays the encoder compiled (default
+        mode) from a graph of its own (sam2_encoder.py).
+        handle.memory.graph_encoder switches it. None (the default): on. Given for any other model
         (segment-anything's; a bare Hiera): ValueError.
     graph_heads: for a SAM2VideoPredictor on CUDA with batch_objects, a frame's memory attention, mask
         decoder and memory encoder replay one CUDA graph per memory shape (captured when a shape comes on two

@@ -19,20 +19,40 @@ costs no capture); two graphs are kept. The graph is keyed by the encoder's para
 recasting the model captures again) and its scalp, and freed by restore(). Outputs are the eager forward's,
 bit for bit (the same kernels), as fresh tensors. Video predictors keep their own per-frame graph
 (sam2_video.py).
+
+Under torch.compile the same holds at batch 1: compiled as it is, each of the 48 attention calls of hiera_l
+is an opaque op that the compiled code calls back into Python for (30-60 us of host time each on an H200's
+host, runs 67-100), and the GPU waits again. So when torch.compile traces a batch-1 call with grad off on
+CUDA, with a static input shape and graph_encoder on, the encoder becomes one opaque op,
+``sam_sparse::sam2_image_encoder`` (one node in the caller's graph: fullgraph=True holds). Its
+implementation runs ImageEncoder.forward compiled (torch.compile with the default mode and static shapes,
+whatever mode the caller asked for) and replays that from a CUDA graph of its own, with the
+rules above (checked when it runs: a hook, observe() or training mode runs ImageEncoder.forward eagerly).
+Batch 2 and more are traced into the caller's graph as before. The op finds its encoder by id() in a
+registry that patch_sam, deepcopy and unpickling fill (enroll). It takes the CUDA autocast dtype seen when
+tracing and runs under it (a compiled graph runs with autocast off: its casts are in the graph). Its fake
+implementation (the output shapes and dtypes for tracing) runs the eager forward once per input shape and
+autocast dtype, outside tracing; a call whose outputs differ from those is an error, not wrong data.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import weakref
+from typing import List, Optional
 
 import torch
 from sam2.modeling.backbones.image_encoder import ImageEncoder
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.nn.modules import module as nn_module
 
 from ..cuda_graphs import GraphedFunction, module_storage
 
 _LOCK = threading.Lock()  # two threads on a first call: one GraphedFunction
+_ENCODERS: "weakref.WeakValueDictionary[int, GraphedImageEncoder]" = weakref.WeakValueDictionary()  # id -> encoder
+# encoder -> {(input shape, dtype, autocast dtype): the outputs' (shape, dtype)s}, for the fake implementation
+_SHAPES: "weakref.WeakKeyDictionary[GraphedImageEncoder, dict]" = weakref.WeakKeyDictionary()
 
 
 def _must_run_eagerly(encoder: torch.nn.Module) -> bool:
@@ -56,6 +76,22 @@ def _graph_state(encoder: ImageEncoder) -> tuple:
     return module_storage(encoder) + (encoder.scalp,)
 
 
+def _flat(out: dict) -> List[torch.Tensor]:
+    """ImageEncoder's dict as one list of contiguous tensors: the position encodings, then the feature levels
+    (vision_features is the last level)."""
+    return [t.contiguous() for t in (*out["vision_pos_enc"], *out["backbone_fpn"])]
+
+
+def _nested(flat: List[torch.Tensor]) -> dict:
+    """_flat's list back as ImageEncoder's dict."""
+    pos, fpn = list(flat[:len(flat) // 2]), list(flat[len(flat) // 2:])
+    return {"vision_features": fpn[-1], "vision_pos_enc": pos, "backbone_fpn": fpn}
+
+
+def _flat_forward(encoder: ImageEncoder, sample: torch.Tensor) -> List[torch.Tensor]:
+    return _flat(ImageEncoder.forward(encoder, sample))
+
+
 class GraphedImageEncoder(ImageEncoder):
     """sam2's ImageEncoder whose batch-1 forward replays a CUDA graph (see the module's docstring).
 
@@ -65,14 +101,86 @@ class GraphedImageEncoder(ImageEncoder):
 
     _sam_sparse_memory = None  # the handle's MemoryContext, set by PatchHandle.enable
 
+    @staticmethod
+    def enroll(encoder: "GraphedImageEncoder") -> None:
+        """Make the encoder findable by the op its compiled callers record (patch_sam and copies call it)."""
+        _ENCODERS[id(encoder)] = encoder
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.__dict__.get("_sam_sparse_memory") is not None:  # a deep copy or an unpickled patched encoder
+            self.enroll(self)
+
     def forward(self, sample: torch.Tensor):
         ctx = self._sam_sparse_memory
+        if torch.compiler.is_compiling():
+            if (ctx is not None and ctx.graph_encoder and sample.is_cuda and sample.shape[0] == 1
+                    and not torch.is_grad_enabled() and all(isinstance(n, int) for n in sample.shape)):
+                autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+                return _nested(_compiled_encoder(sample, id(self), autocast))
+            return super().forward(sample)
         # Grad on and a capture already under way (ours or the caller's): GraphedFunction runs the forward as is.
-        if (torch.compiler.is_compiling() or ctx is None or not ctx.graph_encoder or not sample.is_cuda
-                or sample.shape[0] != 1 or _must_run_eagerly(self)):
+        if ctx is None or not ctx.graph_encoder or not sample.is_cuda or sample.shape[0] != 1 or _must_run_eagerly(self):
             return super().forward(sample)
         with _LOCK:
             if ctx.encoder_graph is None:
                 ctx.encoder_graph = GraphedFunction(super().forward, capture_after=1, max_graphs=2,
                                                     state=functools.partial(_graph_state, self))
         return ctx.encoder_graph(sample)
+
+    def compiled_forward(self, sample: torch.Tensor) -> List[torch.Tensor]:
+        """_flat(forward(sample)) as the op runs it inside a compiled caller: the encoder compiled and replayed
+        from a CUDA graph at batch 1 (ctx.compiled_encoder_graph), or ImageEncoder.forward eagerly where the
+        rules of the module's docstring say so."""
+        ctx = self._sam_sparse_memory
+        if (ctx is None or not ctx.graph_encoder or not sample.is_cuda or sample.shape[0] != 1
+                or _must_run_eagerly(self)):
+            return _flat_forward(self, sample)
+        with _LOCK:
+            if ctx.compiled_encoder_graph is None:
+                compiled = torch.compile(functools.partial(_flat_forward, self), dynamic=False)
+                ctx.compiled_encoder_graph = GraphedFunction(compiled, capture_after=1, max_graphs=2,
+                                                             state=functools.partial(_graph_state, self))
+        return ctx.compiled_encoder_graph(sample)
+
+
+@torch.library.custom_op("sam_sparse::sam2_image_encoder", mutates_args=())
+def _compiled_encoder(sample: torch.Tensor, encoder_id: int, autocast: Optional[torch.dtype]) -> List[torch.Tensor]:
+    """The patched encoder enrolled as `encoder_id` on sample (1, 3, H, W), under CUDA autocast to `autocast`
+    (None: off), as the caller was traced: its outputs as _flat lists them."""
+    encoder = _enrolled(encoder_id)
+    # A compiled caller runs its graph with autocast off (the graph holds its casts): the traced state is restored.
+    with _autocast(autocast):
+        out = encoder.compiled_forward(sample)
+    # The caller's code was made for the fake implementation's shapes and dtypes: a difference must not reach it.
+    expected = _SHAPES.get(encoder, {}).get((tuple(sample.shape), sample.dtype, autocast))
+    if expected is not None and expected != [(t.shape, t.dtype) for t in out]:
+        raise RuntimeError(f"sam_sparse::sam2_image_encoder: the encoder gave {[(tuple(t.shape), t.dtype) for t in out]} "
+                           f"where its compiled caller was traced for {[(tuple(s), d) for s, d in expected]}")
+    return out
+
+
+def _autocast(dtype: Optional[torch.dtype]):
+    return torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None, cache_enabled=False)
+
+
+def _enrolled(encoder_id: int) -> GraphedImageEncoder:
+    encoder = _ENCODERS.get(encoder_id)
+    if encoder is None:
+        raise RuntimeError(f"sam_sparse::sam2_image_encoder: no patched image encoder has id {encoder_id}; the op is "
+                           "recorded by a patched encoder's forward under torch.compile, not called directly")
+    return encoder
+
+
+@_compiled_encoder.register_fake
+def _(sample: torch.Tensor, encoder_id: int, autocast: Optional[torch.dtype]) -> List[torch.Tensor]:
+    encoder = _enrolled(encoder_id)
+    shapes = _SHAPES.setdefault(encoder, {})
+    key = (tuple(sample.shape), sample.dtype, autocast)
+    if key not in shapes:
+        # The eager forward on zeros, outside the tracer's fake tensors: a fake run would leave fake tensors in
+        # the modules' caches (sam2's position encodings keep one per size).
+        with unset_fake_temporarily(), torch.no_grad(), _autocast(autocast):
+            zeros = torch.zeros(sample.shape, dtype=sample.dtype, device=sample.device)
+            shapes[key] = [(t.shape, t.dtype) for t in _flat_forward(encoder, zeros)]
+    return [sample.new_empty(shape, dtype=dtype) for shape, dtype in shapes[key]]

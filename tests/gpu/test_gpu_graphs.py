@@ -323,3 +323,59 @@ def test_patched_sam2_image_encoder_replays_at_batch_one():
     assert fast.encoder_graph.graphs == 1 and not fast.encoder_graph.errors, fast.encoder_graph.errors
     handle.restore()
     assert ctx.encoder_graph is None and type(model.image_encoder) is not GraphedImageEncoder
+
+
+def test_patched_sam2_image_encoder_compiled_replays_at_batch_one():
+    """Under torch.compile (fullgraph) a patched SAM 2 image encoder at batch 1 is one op whose implementation
+    compiles ImageEncoder.forward and replays it from a CUDA graph (sam2_encoder.py): captured on the second
+    call, replayed after, as fresh tensors, with the values of the plain compiled encoder (graph_encoder off)
+    and of the eager one; a forward hook added after the capture fires (that call runs eagerly); batch 2 is
+    traced as before; restore() lets the graph go."""
+    from sam2_helpers import small_sam2
+
+    from sam_sparse import patch_sam
+
+    torch._dynamo.reset()
+    model = small_sam2("sam2.1_hiera_t", image_size=1024).cuda()
+    handle = patch_sam(model, "dense")
+    enc, ctx = model.image_encoder, handle.memory
+    flat = lambda out: [out["vision_features"], *out["vision_pos_enc"], *out["backbone_fpn"]]  # noqa: E731
+    g = torch.Generator(device="cuda").manual_seed(0)
+    xs = [torch.randn(1, 3, 1024, 1024, device="cuda", generator=g) for _ in range(3)]
+
+    def close(a, b, what):
+        for i, (p, r) in enumerate(zip(a, b)):
+            assert p.shape == r.shape and p.dtype == r.dtype, (what, i, p.shape, r.shape, p.dtype, r.dtype)
+            err = (p.float() - r.float()).abs().max().item()
+            assert err <= 0.03 * r.float().abs().max().item() + 1e-3, f"{what}, output {i}: max error {err}"
+
+    compiled = torch.compile(enc, fullgraph=True)
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            ctx.graph_encoder = False
+            eager = [flat(enc(x)) for x in xs]
+            plain = [flat(compiled(x)) for x in xs]  # traced into the caller's graph, no graph of ours
+            assert ctx.compiled_encoder_graph is None
+            ctx.graph_encoder = True
+            outs = [flat(compiled(x)) for x in xs]  # compile inside the op, capture, replay
+            graphs = ctx.compiled_encoder_graph
+            assert graphs is not None and graphs.graphs == 1 and not graphs.errors, graphs and graphs.errors
+            for t in outs[2]:
+                t.fill_(float("nan"))  # fresh tensors: the next replay must not care
+            outs[2] = flat(compiled(xs[2]))
+            for i in range(3):
+                close(outs[i], plain[i], f"call {i} against the plain compiled encoder")
+                close(outs[i], eager[i], f"call {i} against the eager encoder")
+                assert outs[i][0] is outs[i][-1], "vision_features is the last level, as in sam2"
+            fired = []
+            hook = enc.trunk.blocks[0].register_forward_hook(lambda *a: fired.append(1))
+            close(flat(compiled(xs[1])), eager[1], "with a hook")
+            assert fired == [1]
+            hook.remove()
+            two = flat(compiled(torch.cat(xs[:2])))  # batch 2: traced, not the op
+            close([t[1:] for t in two], eager[1], "batch 2")
+            assert graphs.graphs == 1
+    finally:
+        handle.restore()
+        torch._dynamo.reset()
+    assert ctx.compiled_encoder_graph is None
