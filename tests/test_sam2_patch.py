@@ -348,6 +348,75 @@ def test_image_encoder_op_for_compiled_callers(sam2_t):
     assert not [k for k in vars(sam2_t.image_encoder) if "sam_sparse" in k]
 
 
+def test_image_encoder_op_traced(sam2_t, monkeypatch):
+    """What torch.compile records for a patched encoder (sam2_encoder.py; the CUDA check opened on the CPU, where
+    the op then runs the eager forward): at batch 1 with grad off one op node (fullgraph), the eager values, the
+    position encodings included, and no call of a hook at trace time; traced as before (no op) with
+    graph_encoder off (a recompile), with a hook on a module (which then fires), at batch 2, and under
+    torch.export; a symbolic size (dynamic=True) and a second size compile; a deep copy gets its own op."""
+    from sam_sparse.patches import sam2_encoder
+
+    monkeypatch.setattr(sam2_encoder, "_on_device", lambda sample: True)
+    op = torch.ops.sam_sparse.sam2_image_encoder.default
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(sum(n.target is op for n in gm.graph.nodes))
+        return gm.forward
+
+    flat = lambda out: [out["vision_features"], *out["vision_pos_enc"], *out["backbone_fpn"]]  # noqa: E731
+    g = torch.Generator().manual_seed(12)
+    x, x2 = torch.randn(1, 3, 256, 256, generator=g), torch.randn(2, 3, 256, 256, generator=g)
+    handle = patch_sam(sam2_t, "dense")
+    enc, ctx = sam2_t.image_encoder, handle.memory
+    try:
+        with torch.inference_mode():
+            ref, ref2 = flat(enc(x)), flat(enc(x2))
+
+            def check(out, want, what):
+                assert len(out) == len(want), what
+                for i, (a, b) in enumerate(zip(out, want)):
+                    assert a.shape == b.shape and _cos(a, b) > 0.99999, (what, i)
+
+            torch._dynamo.reset()
+            fired = []
+            hook = enc.trunk.blocks[1].register_forward_hook(lambda *a: fired.append(1))
+            hook.remove()  # a hook that was there and is gone: the op path
+            compiled = torch.compile(enc, backend=backend, fullgraph=True)
+            out = flat(compiled(x))
+            assert graphs == [1] and fired == []
+            check(out, ref, "the op")
+            assert out[0] is out[-1], "vision_features is the last level"
+            ctx.graph_encoder = False
+            check(flat(compiled(x)), ref, "graph_encoder off")
+            assert graphs == [1, 0]
+            ctx.graph_encoder = True
+            check(flat(compiled(x)), ref, "graph_encoder on again")
+            assert graphs == [1, 0], "the first trace serves again"
+            hook = enc.trunk.blocks[1].register_forward_hook(lambda *a: fired.append(1))
+            check(flat(compiled(x)), ref, "a hook")
+            assert graphs == [1, 0, 0] and fired == [1], "a hook: traced again, as is"
+            hook.remove()
+            check(flat(compiled(x2)), ref2, "batch 2")
+            assert graphs[3:] == [0], graphs
+            twin = copy.deepcopy(enc)
+            check(flat(torch.compile(twin, backend=backend, fullgraph=True)(x)), ref, "a deep copy")
+            assert graphs[-1] == 1
+            torch._dynamo.reset()
+            graphs.clear()
+            dyn = torch.compile(enc, backend=backend, fullgraph=True, dynamic=True)
+            check(flat(dyn(x)), ref, "dynamic=True")
+            small = torch.randn(1, 3, 192, 192, generator=g)
+            assert [t.shape[-1] for t in flat(dyn(small))] == [12, 48, 24, 12, 48, 24, 12]
+            assert graphs and all(n == 1 for n in graphs), graphs
+        with torch.no_grad():
+            exported = torch.export.export(enc, (x,))
+        assert not any(n.target is op for n in exported.graph.nodes), "export records the encoder, not the op"
+    finally:
+        handle.restore()
+        torch._dynamo.reset()
+
+
 def test_image_encoder_graph_yields_to_python(sam2_t):
     """sam2_encoder._must_run_eagerly: a forward hook or pre-hook on any module of the encoder or a global one,
     an observed patched attention, a module in training mode, or a forward replaced on an instance makes the call

@@ -23,16 +23,23 @@ bit for bit (the same kernels), as fresh tensors. Video predictors keep their ow
 Under torch.compile the same holds at batch 1: compiled as it is, each of the 48 attention calls of hiera_l
 is an opaque op that the compiled code calls back into Python for (30-60 us of host time each on an H200's
 host, runs 67-100), and the GPU waits again. So when torch.compile traces a batch-1 call with grad off on
-CUDA, with a static input shape and graph_encoder on, the encoder becomes one opaque op,
-``sam_sparse::sam2_image_encoder`` (one node in the caller's graph: fullgraph=True holds). Its
-implementation runs ImageEncoder.forward compiled (torch.compile with the default mode and static shapes,
-whatever mode the caller asked for) and replays that from a CUDA graph of its own, with the
-rules above (checked when it runs: a hook, observe() or training mode runs ImageEncoder.forward eagerly).
-Batch 2 and more are traced into the caller's graph as before. The op finds its encoder by id() in a
-registry that patch_sam, deepcopy and unpickling fill (enroll). It takes the CUDA autocast dtype seen when
-tracing and runs under it (a compiled graph runs with autocast off: its casts are in the graph). Its fake
-implementation (the output shapes and dtypes for tracing) runs the eager forward once per input shape and
-autocast dtype, outside tracing; a call whose outputs differ from those is an error, not wrong data.
+CUDA, graph_encoder on, no hook or observer on the encoder and no module in training mode (those trace as
+they are, so they run), and not for torch.export (an exported program outlives the process, and the op's id
+with it), the encoder becomes one opaque op, ``sam_sparse::sam2_image_encoder`` (one node in the caller's
+graph: fullgraph=True holds; a symbolic input size is specialized, one graph per size). Its implementation
+runs ImageEncoder.forward compiled by torch.compile with Inductor's default mode and static shapes (whatever
+backend and mode the caller asked for) and replays that from a CUDA graph of its own, with the rules above,
+checked again when it runs (a hook added after compiling: that call runs ImageEncoder.forward eagerly). The
+op is tagged cudagraph_unsafe, so a caller compiled with CUDA graphs (mode="reduce-overhead") runs it rather
+than replaying its kernels without those checks. It takes the CUDA autocast dtype seen when tracing and runs
+under it (a compiled graph runs with autocast off: its casts are in the graph). It finds its encoder by id()
+in a registry that patch_sam, deepcopy and unpickling fill (enroll); the caller's guards on the encoder
+(dynamo's own) keep an id to its encoder, so guard filters that drop module guards are not supported, and
+the encoder's weights are not inputs of the op (a weight changed in place inside the same compiled function
+is not seen). Its fake implementation (the output shapes and dtypes for tracing) runs the eager forward on
+zeros once per input shape, dtype, autocast dtype, scalp and weight dtype, on the device, outside the
+tracer's fake tensors; a call whose outputs differ from those is an error, not wrong data. The op's graph
+holds its own batch-1 activation memory, beside the eager path's graph if both ran.
 """
 
 from __future__ import annotations
@@ -76,6 +83,11 @@ def _graph_state(encoder: ImageEncoder) -> tuple:
     return module_storage(encoder) + (encoder.scalp,)
 
 
+def _on_device(sample: torch.Tensor) -> bool:
+    """Whether a compiled caller's batch-1 call may become the op: on CUDA (a seam for the CPU tests)."""
+    return sample.is_cuda
+
+
 def _flat(out: dict) -> List[torch.Tensor]:
     """ImageEncoder's dict as one list of contiguous tensors: the position encodings, then the feature levels
     (vision_features is the last level)."""
@@ -114,8 +126,10 @@ class GraphedImageEncoder(ImageEncoder):
     def forward(self, sample: torch.Tensor):
         ctx = self._sam_sparse_memory
         if torch.compiler.is_compiling():
-            if (ctx is not None and ctx.graph_encoder and sample.is_cuda and sample.shape[0] == 1
-                    and not torch.is_grad_enabled() and all(isinstance(n, int) for n in sample.shape)):
+            # torch.export: traced as is (an exported program outlives this process, and the op's id with it).
+            # Hooks and observers: traced as is too, so that they run (and the trace guards on them).
+            if (ctx is not None and ctx.graph_encoder and not torch.compiler.is_exporting() and _on_device(sample)
+                    and sample.shape[0] == 1 and not torch.is_grad_enabled() and not _must_run_eagerly(self)):
                 autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
                 return _nested(_compiled_encoder(sample, id(self), autocast))
             return super().forward(sample)
@@ -144,7 +158,10 @@ class GraphedImageEncoder(ImageEncoder):
         return ctx.compiled_encoder_graph(sample)
 
 
-@torch.library.custom_op("sam_sparse::sam2_image_encoder", mutates_args=())
+# cudagraph_unsafe: a caller compiled with CUDA graphs (mode="reduce-overhead") must run the op, not replay its
+# kernels: the op checks hooks, observers and its own graph when it runs, which dynamo never traced.
+@torch.library.custom_op("sam_sparse::sam2_image_encoder", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ())
 def _compiled_encoder(sample: torch.Tensor, encoder_id: int, autocast: Optional[torch.dtype]) -> List[torch.Tensor]:
     """The patched encoder enrolled as `encoder_id` on sample (1, 3, H, W), under CUDA autocast to `autocast`
     (None: off), as the caller was traced: its outputs as _flat lists them."""
@@ -153,7 +170,7 @@ def _compiled_encoder(sample: torch.Tensor, encoder_id: int, autocast: Optional[
     with _autocast(autocast):
         out = encoder.compiled_forward(sample)
     # The caller's code was made for the fake implementation's shapes and dtypes: a difference must not reach it.
-    expected = _SHAPES.get(encoder, {}).get((tuple(sample.shape), sample.dtype, autocast))
+    expected = _SHAPES.get(encoder, {}).get(_shape_key(encoder, sample, autocast))
     if expected is not None and expected != [(t.shape, t.dtype) for t in out]:
         raise RuntimeError(f"sam_sparse::sam2_image_encoder: the encoder gave {[(tuple(t.shape), t.dtype) for t in out]} "
                            f"where its compiled caller was traced for {[(tuple(s), d) for s, d in expected]}")
@@ -164,9 +181,17 @@ def _autocast(dtype: Optional[torch.dtype]):
     return torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None, cache_enabled=False)
 
 
+def _shape_key(encoder: ImageEncoder, sample: torch.Tensor, autocast: Optional[torch.dtype]) -> tuple:
+    """What the outputs' shapes and dtypes depend on: the input's (static) shape and dtype, autocast, the
+    encoder's scalp and weight dtype."""
+    weight = next(encoder.parameters(), None)
+    return (tuple(int(n) for n in sample.shape), sample.dtype, autocast, encoder.scalp,
+            None if weight is None else weight.dtype)
+
+
 def _enrolled(encoder_id: int) -> GraphedImageEncoder:
     encoder = _ENCODERS.get(encoder_id)
-    if encoder is None:
+    if type(encoder) is not GraphedImageEncoder or encoder.__dict__.get("_sam_sparse_memory") is None:
         raise RuntimeError(f"sam_sparse::sam2_image_encoder: no patched image encoder has id {encoder_id}; the op is "
                            "recorded by a patched encoder's forward under torch.compile, not called directly")
     return encoder
@@ -176,11 +201,12 @@ def _enrolled(encoder_id: int) -> GraphedImageEncoder:
 def _(sample: torch.Tensor, encoder_id: int, autocast: Optional[torch.dtype]) -> List[torch.Tensor]:
     encoder = _enrolled(encoder_id)
     shapes = _SHAPES.setdefault(encoder, {})
-    key = (tuple(sample.shape), sample.dtype, autocast)
+    key = _shape_key(encoder, sample, autocast)  # int(): a symbolic size is specialized (one graph per size)
     if key not in shapes:
         # The eager forward on zeros, outside the tracer's fake tensors: a fake run would leave fake tensors in
-        # the modules' caches (sam2's position encodings keep one per size).
+        # the modules' caches (sam2's position encodings keep one per size). The trace made sure no hook or
+        # observer is on the encoder, so nothing outside it sees this run.
         with unset_fake_temporarily(), torch.no_grad(), _autocast(autocast):
-            zeros = torch.zeros(sample.shape, dtype=sample.dtype, device=sample.device)
+            zeros = torch.zeros(key[0], dtype=sample.dtype, device=sample.device)
             shapes[key] = [(t.shape, t.dtype) for t in _flat_forward(encoder, zeros)]
     return [sample.new_empty(shape, dtype=dtype) for shape, dtype in shapes[key]]

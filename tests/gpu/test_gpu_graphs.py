@@ -325,16 +325,21 @@ def test_patched_sam2_image_encoder_replays_at_batch_one():
     assert ctx.encoder_graph is None and type(model.image_encoder) is not GraphedImageEncoder
 
 
-def test_patched_sam2_image_encoder_compiled_replays_at_batch_one():
+def test_patched_sam2_image_encoder_compiled_replays_at_batch_one(monkeypatch):
     """Under torch.compile (fullgraph) a patched SAM 2 image encoder at batch 1 is one op whose implementation
     compiles ImageEncoder.forward and replays it from a CUDA graph (sam2_encoder.py): captured on the second
-    call, replayed after, as fresh tensors, with the values of the plain compiled encoder (graph_encoder off)
-    and of the eager one; a forward hook added after the capture fires (that call runs eagerly); batch 2 is
-    traced as before; restore() lets the graph go."""
+    call, replayed after with no recompile of the caller, as fresh tensors, with the shapes, dtypes and values
+    of the plain compiled encoder (graph_encoder off) and of the eager one, under bf16 autocast and in fp32
+    without it; a forward hook added after the capture fires (the caller is traced again, as is); batch 2 is
+    traced, not the op; restore() lets the graph go."""
     from sam2_helpers import small_sam2
 
     from sam_sparse import patch_sam
+    from sam_sparse.patches.sam2_encoder import GraphedImageEncoder
 
+    runs = []
+    run = GraphedImageEncoder.compiled_forward
+    monkeypatch.setattr(GraphedImageEncoder, "compiled_forward", lambda self, x: runs.append(x.shape[0]) or run(self, x))
     torch._dynamo.reset()
     model = small_sam2("sam2.1_hiera_t", image_size=1024).cuda()
     handle = patch_sam(model, "dense")
@@ -344,6 +349,7 @@ def test_patched_sam2_image_encoder_compiled_replays_at_batch_one():
     xs = [torch.randn(1, 3, 1024, 1024, device="cuda", generator=g) for _ in range(3)]
 
     def close(a, b, what):
+        assert len(a) == len(b), (what, len(a), len(b))
         for i, (p, r) in enumerate(zip(a, b)):
             assert p.shape == r.shape and p.dtype == r.dtype, (what, i, p.shape, r.shape, p.dtype, r.dtype)
             err = (p.float() - r.float()).abs().max().item()
@@ -355,14 +361,17 @@ def test_patched_sam2_image_encoder_compiled_replays_at_batch_one():
             ctx.graph_encoder = False
             eager = [flat(enc(x)) for x in xs]
             plain = [flat(compiled(x)) for x in xs]  # traced into the caller's graph, no graph of ours
-            assert ctx.compiled_encoder_graph is None
+            assert ctx.compiled_encoder_graph is None and not runs
             ctx.graph_encoder = True
-            outs = [flat(compiled(x)) for x in xs]  # compile inside the op, capture, replay
-            graphs = ctx.compiled_encoder_graph
-            assert graphs is not None and graphs.graphs == 1 and not graphs.errors, graphs and graphs.errors
-            for t in outs[2]:
-                t.fill_(float("nan"))  # fresh tensors: the next replay must not care
-            outs[2] = flat(compiled(xs[2]))
+            outs = [flat(compiled(xs[0]))]  # compile inside the op
+            with torch.compiler.set_stance("fail_on_recompile"):
+                outs += [flat(compiled(x)) for x in xs[1:]]  # capture, replay
+                graphs = ctx.compiled_encoder_graph
+                assert graphs is not None and graphs.graphs == 1 and not graphs.errors, graphs and graphs.errors
+                for t in outs[2]:
+                    t.fill_(float("nan"))  # fresh tensors: the next replay must not care
+                outs[2] = flat(compiled(xs[2]))
+            assert runs == [1] * 4
             for i in range(3):
                 close(outs[i], plain[i], f"call {i} against the plain compiled encoder")
                 close(outs[i], eager[i], f"call {i} against the eager encoder")
@@ -374,7 +383,12 @@ def test_patched_sam2_image_encoder_compiled_replays_at_batch_one():
             hook.remove()
             two = flat(compiled(torch.cat(xs[:2])))  # batch 2: traced, not the op
             close([t[1:] for t in two], eager[1], "batch 2")
-            assert graphs.graphs == 1
+            assert runs == [1] * 4 and graphs.graphs == 1
+        with torch.inference_mode():  # fp32, no autocast: a trace and a graph of its own
+            want = flat(enc(xs[0]))
+            for _ in range(3):
+                close(flat(compiled(xs[0])), want, "fp32")
+            assert graphs.graphs == 2 and not graphs.errors and runs == [1] * 7
     finally:
         handle.restore()
         torch._dynamo.reset()
