@@ -23,9 +23,8 @@ bit for bit (the same kernels), as fresh tensors. Video predictors keep their ow
 Under torch.compile the same holds at batch 1: compiled as it is, each of the 48 attention calls of hiera_l
 is an opaque op that the compiled code calls back into Python for (30-60 us of host time each on an H200's
 host, runs 67-100), and the GPU waits again. So when torch.compile traces a batch-1 call with grad off on
-CUDA, graph_encoder on, no hook or observer on the encoder and no module in training mode (those trace as
-they are, so they run), and not for torch.export (an exported program outlives the process, and the op's id
-with it), the encoder becomes one opaque op, ``sam_sparse::sam2_image_encoder`` (one node in the caller's
+CUDA and graph_encoder on, and not for torch.export (an exported program outlives the process, and the op's
+id with it), the encoder becomes one opaque op, ``sam_sparse::sam2_image_encoder`` (one node in the caller's
 graph: fullgraph=True holds; a symbolic input size is specialized, one graph per size). Its implementation
 runs ImageEncoder.forward compiled by torch.compile with Inductor's default mode and static shapes (whatever
 backend and mode the caller asked for) and replays that from a CUDA graph of its own, with the rules above,
@@ -38,7 +37,8 @@ in a registry that patch_sam, deepcopy and unpickling fill (enroll); the caller'
 the encoder's weights are not inputs of the op (a weight changed in place inside the same compiled function
 is not seen). Its fake implementation (the output shapes and dtypes for tracing) runs the eager forward on
 zeros once per input shape, dtype, autocast dtype, scalp and weight dtype, on the device, outside the
-tracer's fake tensors; a call whose outputs differ from those is an error, not wrong data. The op's graph
+tracer's fake tensors (forward hooks on the encoder's modules see that run once, at compile time); a call
+whose outputs differ from those is an error, not wrong data. The op's graph
 holds its own batch-1 activation memory, beside the eager path's graph if both ran.
 """
 
@@ -127,9 +127,10 @@ class GraphedImageEncoder(ImageEncoder):
         ctx = self._sam_sparse_memory
         if torch.compiler.is_compiling():
             # torch.export: traced as is (an exported program outlives this process, and the op's id with it).
-            # Hooks and observers: traced as is too, so that they run (and the trace guards on them).
+            # Hooks, observers and training mode are checked when the op runs (under torch 2.11's dynamo the
+            # module walk read differently than it does eagerly: the op was never recorded, run 109).
             if (ctx is not None and ctx.graph_encoder and not torch.compiler.is_exporting() and _on_device(sample)
-                    and sample.shape[0] == 1 and not torch.is_grad_enabled() and not _must_run_eagerly(self)):
+                    and sample.shape[0] == 1 and not torch.is_grad_enabled()):
                 autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
                 return _nested(_compiled_encoder(sample, id(self), autocast))
             return super().forward(sample)
@@ -204,8 +205,7 @@ def _(sample: torch.Tensor, encoder_id: int, autocast: Optional[torch.dtype]) ->
     key = _shape_key(encoder, sample, autocast)  # int(): a symbolic size is specialized (one graph per size)
     if key not in shapes:
         # The eager forward on zeros, outside the tracer's fake tensors: a fake run would leave fake tensors in
-        # the modules' caches (sam2's position encodings keep one per size). The trace made sure no hook or
-        # observer is on the encoder, so nothing outside it sees this run.
+        # the modules' caches (sam2's position encodings keep one per size).
         with unset_fake_temporarily(), torch.no_grad(), _autocast(autocast):
             zeros = torch.zeros(key[0], dtype=sample.dtype, device=sample.device)
             shapes[key] = [(t.shape, t.dtype) for t in _flat_forward(encoder, zeros)]
