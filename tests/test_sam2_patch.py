@@ -328,9 +328,10 @@ def test_image_encoder_op_for_compiled_callers(sam2_t):
         op = torch.ops.sam_sparse.sam2_image_encoder
         with torch.inference_mode():
             flat = op(x, id(enc), None)
+            pos = enc(x)["vision_pos_enc"]
         assert len(flat) == 2 * len(ref[1:]) and all(t.is_contiguous() for t in flat)
-        for a, b in zip(flat[len(flat) // 2:], ref[1:]):
-            assert _cos(a, b) > 0.99999
+        for a, b in zip(flat, [*pos, *ref[1:]]):
+            assert a.shape == b.shape and _cos(a, b) > 0.99999
         pe = enc.neck.position_encoding
         with FakeTensorMode() as mode:
             fake = op(mode.from_tensor(torch.empty(1, 3, 192, 192)), id(enc), None)
@@ -351,9 +352,9 @@ def test_image_encoder_op_for_compiled_callers(sam2_t):
 def test_image_encoder_op_traced(sam2_t, monkeypatch):
     """What torch.compile records for a patched encoder (sam2_encoder.py; the CUDA check opened on the CPU, where
     the op then runs the eager forward): at batch 1 with grad off one op node (fullgraph), the eager values, the
-    position encodings included, and no call of a hook at trace time; traced as before (no op) with
-    graph_encoder off (a recompile), with a hook on a module (which then fires), at batch 2, and under
-    torch.export; a symbolic size (dynamic=True) and a second size compile; a deep copy gets its own op."""
+    position encodings included; traced as before (no op) with graph_encoder off (a recompile), at batch 2 and
+    under torch.export; a hook added after compiling fires (the op runs the encoder eagerly); a symbolic size
+    (dynamic=True) and a second size compile; a deep copy gets its own op."""
     from sam_sparse.patches import sam2_encoder
 
     monkeypatch.setattr(sam2_encoder, "_on_device", lambda sample: True)

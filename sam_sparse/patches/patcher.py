@@ -322,7 +322,7 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         outputs, without the host's launch cost, which exceeds the encoder's GPU time at batch 1. The graph
         holds the encoder's activation memory until restore(); while it is captured, another thread that waits
         for the device gets an error (cuda_graphs); inside handle.observe() the encoder runs as is. Under
-        torch.compile an image model's batch-1 encoder (grad off, CUDA, no hook) is one op that replays the
+        torch.compile an image model's batch-1 encoder (grad off, CUDA) is one op that replays the
         encoder compiled by Inductor's default mode from a graph of its own, holding its own activation
         memory (sam2_encoder.py).
         handle.memory.graph_encoder switches it. None (the default): on. Given for any other model

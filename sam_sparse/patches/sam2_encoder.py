@@ -38,8 +38,8 @@ the encoder's weights are not inputs of the op (a weight changed in place inside
 is not seen). Its fake implementation (the output shapes and dtypes for tracing) runs the eager forward on
 zeros once per input shape, dtype, autocast dtype, scalp and weight dtype, on the device, outside the
 tracer's fake tensors (forward hooks on the encoder's modules see that run once, at compile time); a call
-whose outputs differ from those is an error, not wrong data. The op's graph
-holds its own batch-1 activation memory, beside the eager path's graph if both ran.
+whose outputs differ from those is an error, not wrong data. The op's graph holds its own batch-1
+activation memory, beside the eager path's graph if both ran.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from ..cuda_graphs import GraphedFunction, module_storage
 
 _LOCK = threading.Lock()  # two threads on a first call: one GraphedFunction
 _ENCODERS: "weakref.WeakValueDictionary[int, GraphedImageEncoder]" = weakref.WeakValueDictionary()  # id -> encoder
-# encoder -> {(input shape, dtype, autocast dtype): the outputs' (shape, dtype)s}, for the fake implementation
+# encoder -> {_shape_key: the outputs' (shape, dtype)s}, for the fake implementation
 _SHAPES: "weakref.WeakKeyDictionary[GraphedImageEncoder, dict]" = weakref.WeakKeyDictionary()
 
 
@@ -127,8 +127,8 @@ class GraphedImageEncoder(ImageEncoder):
         ctx = self._sam_sparse_memory
         if torch.compiler.is_compiling():
             # torch.export: traced as is (an exported program outlives this process, and the op's id with it).
-            # Hooks, observers and training mode are checked when the op runs (under torch 2.11's dynamo the
-            # module walk read differently than it does eagerly: the op was never recorded, run 109).
+            # Hooks, observers and training mode are checked when the op runs: with that check here as well
+            # (and the export gate), torch 2.11's dynamo never recorded the op (run 109).
             if (ctx is not None and ctx.graph_encoder and not torch.compiler.is_exporting() and _on_device(sample)
                     and sample.shape[0] == 1 and not torch.is_grad_enabled()):
                 autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
