@@ -134,29 +134,36 @@ class GraphedImageEncoder(ImageEncoder):
                 autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
                 return _nested(_compiled_encoder(sample, id(self), autocast))
             return super().forward(sample)
-        # Grad on and a capture already under way (ours or the caller's): GraphedFunction runs the forward as is.
-        if ctx is None or not ctx.graph_encoder or not sample.is_cuda or sample.shape[0] != 1 or _must_run_eagerly(self):
-            return super().forward(sample)
-        with _LOCK:
-            if ctx.encoder_graph is None:
-                ctx.encoder_graph = GraphedFunction(super().forward, capture_after=1, max_graphs=2,
-                                                    state=functools.partial(_graph_state, self))
-        return ctx.encoder_graph(sample)
+        eager = super().forward
+        if not self._replays(ctx, sample):
+            return eager(sample)
+        return self._graph(ctx, "encoder_graph", lambda: eager)(sample)
 
     def compiled_forward(self, sample: torch.Tensor) -> List[torch.Tensor]:
         """_flat(forward(sample)) as the op runs it inside a compiled caller: the encoder compiled and replayed
         from a CUDA graph at batch 1 (ctx.compiled_encoder_graph), or ImageEncoder.forward eagerly where the
         rules of the module's docstring say so."""
         ctx = self._sam_sparse_memory
-        if (ctx is None or not ctx.graph_encoder or not sample.is_cuda or sample.shape[0] != 1
-                or _must_run_eagerly(self)):
+        if not self._replays(ctx, sample):
             return _flat_forward(self, sample)
+        compile_ = lambda: torch.compile(functools.partial(_flat_forward, self), dynamic=False)  # noqa: E731
+        return self._graph(ctx, "compiled_encoder_graph", compile_)(sample)
+
+    def _replays(self, ctx, sample: torch.Tensor) -> bool:
+        """Whether a call may replay a graph, by the rules of the module's docstring that hold when it runs. Grad
+        on and a capture already under way (ours or the caller's) are GraphedFunction's to check: it runs the
+        function as is then."""
+        return (ctx is not None and ctx.graph_encoder and sample.is_cuda and sample.shape[0] == 1
+                and not _must_run_eagerly(self))
+
+    def _graph(self, ctx, name: str, make) -> GraphedFunction:
+        """ctx's GraphedFunction `name` of make()'s function, made on first use (two threads on a first call:
+        one)."""
         with _LOCK:
-            if ctx.compiled_encoder_graph is None:
-                compiled = torch.compile(functools.partial(_flat_forward, self), dynamic=False)
-                ctx.compiled_encoder_graph = GraphedFunction(compiled, capture_after=1, max_graphs=2,
-                                                             state=functools.partial(_graph_state, self))
-        return ctx.compiled_encoder_graph(sample)
+            if getattr(ctx, name) is None:
+                setattr(ctx, name, GraphedFunction(make(), capture_after=1, max_graphs=2,
+                                                   state=functools.partial(_graph_state, self)))
+            return getattr(ctx, name)
 
 
 # cudagraph_unsafe: a caller compiled with CUDA graphs (mode="reduce-overhead") must run the op, not replay its
