@@ -669,9 +669,9 @@ def config_rows(args, dt, dev, gen) -> list:
         rows.append(dict(section="configs", shape=shape, config=config, ms=ms))
         print(json.dumps(rows[-1], default=str), flush=True)
 
-    _window_configs(dt, dev, gen, emit)
-    _global_configs(dt, dev, gen, emit)
-    _memory_configs(dt, dev, gen, emit)
+    groups = {"window": _window_configs, "packed": _packed_configs, "global": _global_configs, "memory": _memory_configs}
+    for name in args.config_cases:
+        groups[name](dt, dev, gen, emit)
     return rows
 
 
@@ -719,6 +719,52 @@ def _window_configs(dt, dev, gen, emit) -> None:
                                                        config=c)))
 
 
+# hiera_l's windows of at most 64 tokens (head dim 72, batch 8): (name, key grid side, heads, key window, query
+# window or None), then (PACK, BLOCK_M, BLOCK_N, warps, TMA) configs: one window per program against several side
+# by side (triton_attn's packed windows).
+PACKED_CASES = [
+    ("stage 1: windows 8 on 256x256, 2 heads", 256, 2, 8, None,
+     [(1, 64, 64, 4, 0), (2, 128, 64, 8, 0), (2, 128, 128, 8, 0)]),
+    ("stage 2 pooled: q 4x4 on 128x128, keys 8x8 on 256x256, 4 heads", 256, 4, 8, 4,
+     [(1, 16, 64, 4, 0), (4, 64, 64, 4, 0), (4, 64, 64, 4, 1), (8, 128, 64, 8, 0), (8, 128, 64, 8, 1)]),
+    ("stage 2: windows 4 on 128x128, 4 heads", 128, 4, 4, None,
+     [(1, 16, 16, 4, 0), (4, 64, 64, 4, 0), (8, 128, 64, 8, 0), (8, 128, 128, 8, 0), (2, 32, 32, 4, 0)]),
+    ("stage 3 pooled: q 2x2 on 64x64, keys 4x4 on 128x128, 8 heads", 128, 8, 4, 2,
+     [(1, 16, 16, 4, 0), (16, 64, 64, 4, 0), (32, 128, 64, 8, 0), (8, 32, 32, 4, 0)]),
+    ("stage 4: windows 8 on 32x32, 16 heads", 32, 16, 8, None, [(1, 64, 64, 4, 0), (2, 128, 64, 8, 0), (2, 128, 128, 8, 0)]),
+    ("stage 4 pooled: q 8x8 on 32x32, keys 16x16 on 64x64, 16 heads", 64, 16, 16, 8,
+     [(1, 64, 64, 4, 1), (2, 128, 64, 8, 1), (2, 128, 64, 8, 0)]),
+]
+
+
+def _packed_configs(dt, dev, gen, emit) -> None:
+    B, d = 8, 72
+    for name, side, heads, win, q_win, cfgs in PACKED_CASES:
+        q, k, v = torch.randn(B, side, side, 3, heads, d, device=dev, dtype=dt, generator=gen).unbind(3)
+        if q_win is not None:
+            q = q.unflatten(1, (side // 2, 2)).unflatten(3, (side // 2, 2)).amax(dim=(2, 4))
+        pad = torch.zeros(heads, d, device=dev, dtype=dt)
+        qw = None if q_win is None else (q_win, q_win)
+        nq = (q_win or win) ** 2
+        _sdpa_rows(name, _windows(q, q_win or win), _windows(k, win), _windows(v, win), emit)
+        for packing in (False, True):
+            triton_attn.PACK_WINDOWS = packing
+            try:
+                plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(win, win),
+                                             q_window=qw)
+            finally:
+                triton_attn.PACK_WINDOWS = True
+            call = lambda p=plan: p(q, k, v, None, None, None, None, None, None, pad, pad)  # noqa: E731
+            emit(name, f"tuned, packing {'on' if packing else 'off'}: {plan.config}", try_time(call))
+        for pack, bm, bn, warps, tma in cfgs:
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=3, PACK=pack, TMA=tma)
+            if pack == 1 and bm > nq:
+                continue
+            emit(name, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
+                q, k, v, None, None, None, None, None, d ** -0.5, config_block(c), window=(win, win), q_window=qw,
+                k_pad=pad, v_pad=pad, config=c)))
+
+
 def _global_configs(dt, dev, gen, emit) -> None:
     B, d = 8, 72
     q, k, v = torch.randn(B, 4096, 3, 8, d, device=dev, dtype=dt, generator=gen).unbind(2)
@@ -760,6 +806,8 @@ def parse_args(argv=None):
                     help="the hiera section's head dims (default 56,64; hiera_l's is 72)")
     ap.add_argument("--hiera-shapes", default=None, type=lambda s: s.split(","),
                     help="the hiera section's shapes to run, e.g. global,window14 (default: all five)")
+    ap.add_argument("--config-cases", default=["window", "global", "memory"], type=lambda s: s.split(","),
+                    help="the configs section's groups: window, packed, global, memory (default window,global,memory)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--flex-batches", default="1", type=ints)

@@ -264,3 +264,80 @@ def test_pooled_window_bad_inputs():
         window_attn(q, k, v, (4, 4), q_window_size=(0, 2))
     with pytest.raises(ValueError, match=r"block_mask with shape \(4, 2, 1, 1\); expected \(4 or 1, 2 or 1, 1, 4\)"):
         window_attn(q, k, v, (8, 8), torch.ones(4, 2, 1, 1, dtype=torch.bool), q_window_size=(4, 4), block_size=16)
+
+
+# Packed windows (a config's PACK): (grid side, key window, query window or None, heads, head dim, dtype,
+# (PACK, BLOCK_M, BLOCK_N)). One key step and several; a packed rectangle wider than one query tile (16 windows of
+# 2 x 2 pooled queries: 64 per rectangle row, 64-row tiles); the overlapping chunk (72), the masked one (56).
+PACKED = [
+    (16, 4, None, 2, 72, torch.float16, (4, 64, 64)),
+    (16, 4, None, 1, 56, torch.bfloat16, (2, 32, 16)),
+    (16, 8, 4, 2, 96, torch.float32, (2, 32, 32)),
+    (16, 4, 2, 2, 40, torch.float16, (4, 16, 16)),
+    (32, 2, None, 1, 64, torch.float32, (16, 64, 64)),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", PACKED, ids=lambda c: f"{c[0]}w{c[1]}q{c[2]}-D{c[4]}-{str(c[5])[6:]}-p{c[6][0]}")
+def test_packed_windows_kernel(overlap_kernel, case):
+    """Several windows per program, block-diagonal: every query sees its own window's keys only, into a
+    NaN-poisoned output, against the float64 oracle per row."""
+    side, w, qw, heads, d, dtype, (pack, bm, bn) = case
+    seed, g = seeded()
+    q, k, v = torch.randn(2, side, side, 3, heads, d, generator=g).to(dtype).unbind(3)
+    if qw is not None:
+        q = q.unflatten(1, (side // 2, 2)).unflatten(3, (side // 2, 2)).amax(dim=(2, 4))
+    q_win = None if qw is None else (qw, qw)
+    zeros = torch.zeros(heads, d, dtype=dtype)
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    overlap_kernel.attention_triton(q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(w, w),
+                                    q_window=q_win, k_pad=zeros, v_pad=zeros, out=out,
+                                    config=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2, PACK=pack))
+    check_window(out, q, k, v, (w, w), zeros, zeros, None, None, None, None, 128, seed, FLOOR, ROW_FLOOR,
+                 q_window=q_win)
+
+
+def test_packed_windows_refused_where_they_do_not_apply():
+    """PACK needs windows that tile the grid exactly, no block mask, no rel-pos terms, and a divisor of the
+    windows per grid row: anything else is a clear error, before any launch."""
+    from sam_sparse.kernels import triton_attn
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 16, 12, 3, 1, 16, generator=g).unbind(3)
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, PACK=4)
+    with pytest.raises(ValueError, match=r"PACK=4 needs .* dividing the windows per grid row \(3\)"):
+        triton_attn.make_plan(q, k, v, None, None, None, None, None, 0.25, 128, window=(4, 4), config=cfg)
+    q, k, v = torch.randn(1, 14, 16, 3, 1, 16, generator=g).unbind(3)  # windows overhang the grid: padding keys
+    with pytest.raises(ValueError, match=r"on a grid the windows tile exactly"):
+        triton_attn.make_plan(q, k, v, None, None, None, None, None, 0.25, 128, window=(4, 4), config=cfg)
+    q, k, v = torch.randn(1, 16, 16, 3, 1, 16, generator=g).unbind(3)
+    mask = block_lists(torch.ones(16, 1, 1, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"without a block mask or rel-pos terms"):
+        triton_attn.make_plan(q, k, v, *mask, None, None, None, 0.25, 128, window=(4, 4), config=cfg)
+    with pytest.raises(ValueError, match=r"PACK=1.5"):
+        triton_attn.make_plan(q, k, v, None, None, None, None, None, 0.25, 128, window=(4, 4), config={**cfg, "PACK": 1.5})
+
+
+def test_packed_window_candidates():
+    """The tuner offers packed configs for windows of at most 32 queries (a power of two) that tile their grid
+    without a mask or rel-pos terms (64- and 128-row tiles, TMA twins where the key loop has several steps and
+    the launch is not host-scale), and none elsewhere or with PACK_WINDOWS off."""
+    from sam_sparse.kernels import triton_attn
+
+    base = dict(seqlen_q=16, seqlen_k=16, WIN_HW=(4, 4), PACK_COLS=32, TMA_OK=True, HOST_SCALE=False)
+    got = {(c["PACK"], c["BLOCK_M"], c["BLOCK_N"], c.get("TMA", 0)) for c in triton_attn._pack_configs(base)}
+    assert got == {(4, 64, 64, 0), (8, 128, 64, 0), (8, 128, 64, 1)}, got
+    pooled = {**base, "seqlen_k": 64, "WIN_HW": (8, 8)}  # hiera_l's pooled block into stage 2
+    got = {(c["PACK"], c["BLOCK_M"], c["BLOCK_N"], c.get("TMA", 0)) for c in triton_attn._pack_configs(pooled)}
+    assert got == {(4, 64, 64, 0), (4, 64, 64, 1), (8, 128, 64, 0), (8, 128, 64, 1)}, got
+    assert all(not c.get("TMA") for c in triton_attn._pack_configs({**pooled, "HOST_SCALE": True}))
+    assert triton_attn._pack_configs({**base, "PACK_COLS": 0}) == []
+    assert triton_attn._pack_configs({**base, "seqlen_q": 64, "seqlen_k": 64, "WIN_HW": (8, 8)}) == []
+    assert triton_attn._pack_configs({**base, "seqlen_q": 49, "seqlen_k": 49, "WIN_HW": (7, 7)}) == []
+    assert [c["PACK"] for c in triton_attn._pack_configs({**base, "PACK_COLS": 4})] == [4]
+    triton_attn.PACK_WINDOWS = False
+    try:
+        assert triton_attn._pack_configs(base) == []
+    finally:
+        triton_attn.PACK_WINDOWS = True

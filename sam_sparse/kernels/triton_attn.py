@@ -38,6 +38,10 @@ output is written to the grid in place. The queries may lie on a grid of their o
 Hiera's first block of a stage), cut into QWIN_H x QWIN_W windows: query window (i, j) attends to key
 window (i, j). Windows inside the grid and windows that overhang it run as two
 launches (WIN_PAD): only the latter carry the padding keys, whose key and value are K_PAD / V_PAD.
+Windows of few tokens (Hiera's 4 x 4 and its pooled ones, 16 queries or fewer) may be packed (a config's PACK):
+one program takes PACK windows side by side as one QWIN_H x (PACK * QWIN_W) tile of queries against the
+WIN_H x (PACK * WIN_W) rectangle of their keys, a query seeing only its own window's keys (block-diagonal),
+so that the tensor cores get 64- or 128-row tiles instead of 16-row ones, at PACK times the MMA work.
 
 Hopper: a config with TMA=1 reads K and V through host-side tensor descriptors (the copy engine; zero
 fill past the sequence, or past the grid) instead of pointer loads, in WINDOW mode where a key tile is whole
@@ -110,6 +114,11 @@ def head_dim_chunks(d: int) -> Tuple[int, int, int]:
     if OVERLAP_SECOND_CHUNK and d0 + d1 < next_pow2(d):
         return d0, d1, d - d1
     return next_pow2(d), 0, next_pow2(d)
+
+
+# Whether the tuner offers packed windows (_pack_configs) beside one window per program. False gives the unpacked
+# tuning back (benchmarks compare the two). Read when a plan is made.
+PACK_WINDOWS = True
 
 
 # Tests set this to BIAS_ONEHOT or BIAS_GATHER to exercise a path the tuner would not pick on their shapes.
@@ -212,7 +221,7 @@ def _attn_fwd(
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     WINDOW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr, QWIN_H: tl.constexpr, QWIN_W: tl.constexpr,
-    WIN_PAD: tl.constexpr,
+    WIN_PAD: tl.constexpr, PACK: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BIAS_PATH: tl.constexpr, RECT_H: tl.constexpr, RECT_W: tl.constexpr,
@@ -267,14 +276,17 @@ def _attn_fwd(
             wy = tl.where(in_col, w, win_rows - 1)
             wx = tl.where(in_col, win_cols - 1, w - win_rows * col_over)
         else:
-            wy = w // (win_cols - col_over)
-            wx = w % (win_cols - col_over)
+            groups = (win_cols - col_over) // PACK  # PACK windows side by side per program (packed windows)
+            wy = w // groups
+            wx = (w % groups) * PACK
         b = img * n_windows + wy * win_cols + wx  # the window's row in (batch * windows) block masks
         y0 = wy * WIN_H  # the window's top-left key on the key grid
         x0 = wx * WIN_W
         qy0 = wy * QWIN_H  # its top-left query on the query grid (the key grid unless q was pooled)
         qx0 = wx * QWIN_W
-        if qy0 + (pid_m * BLOCK_M) // QWIN_W >= q_grid_h:
+        seqlen_q = seqlen_q * PACK
+        seqlen_k = seqlen_k * PACK
+        if qy0 + (pid_m * BLOCK_M) // (QWIN_W * PACK) >= q_grid_h:
             return  # every query of this tile lies in the padding below the grid: no output to write
 
     if VARLEN:
@@ -305,8 +317,9 @@ def _attn_fwd(
     if WINDOW:
         # Query t of the window sits at (qy0 + t // QWIN_W, qx0 + t % QWIN_W) on the query grid; queries
         # past the grid are padding. (Windows are constexprs: these divisions become multiply-shifts.)
-        qy = qy0 + offs_m // QWIN_W
-        qx = qx0 + offs_m % QWIN_W
+        # Packed, the tile's queries are the QWIN_H x (PACK * QWIN_W) rectangle of PACK windows side by side.
+        qy = qy0 + offs_m // (QWIN_W * PACK)
+        qx = qx0 + offs_m % (QWIN_W * PACK)
         m_ok = (offs_m < seqlen_q) & (qy < q_grid_h) & (qx < q_grid_w)
         q_rows = qy * stride_qn + qx * stride_qx
         o_rows = qy * stride_on + qx * stride_ox
@@ -444,8 +457,8 @@ def _attn_fwd(
         offs_n = start_n + offs_nb
         n_ok = offs_n < seqlen_k
         if WINDOW:
-            ky = y0 + offs_n // WIN_W
-            kx = x0 + offs_n % WIN_W
+            ky = y0 + offs_n // (WIN_W * PACK)
+            kx = x0 + offs_n % (WIN_W * PACK)
             k_in = n_ok & (ky < grid_h) & (kx < grid_w)  # keys of the window that lie on the grid
             k_rows = ky * stride_kn + kx * stride_kx
             v_rows = ky * stride_vn + kx * stride_vx
@@ -459,7 +472,7 @@ def _attn_fwd(
         if TMA:
             # Hopper: the copy engine brings the (BLOCK_N, D) tile into shared memory; keys past the
             # sequence (or, in a window, past the grid) are out of the descriptor's bounds and arrive as zeros.
-            k0 = tl.trans(_tma_tile(DESC_K0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W, BLOCK_N, D0))
+            k0 = tl.trans(_tma_tile(DESC_K0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, D0))
         else:
             k0 = tl.load(k_src + offs_d0[:, None] * stride_kd, mask=k_in[None, :] & d0_ok[:, None], other=0.0)
         if INTERP:
@@ -467,7 +480,7 @@ def _attn_fwd(
         qk = tl.dot(q0, k0, input_precision=DOT_PREC)
         if D1 > 0:
             if TMA:  # the second chunk's columns, from the same descriptor's tensor at column D1_AT
-                k1 = tl.trans(_tma_tile(DESC_K1, img, start_n, hk, D1_AT, y0, x0, WINDOW, WIN_W, BLOCK_N, D1))
+                k1 = tl.trans(_tma_tile(DESC_K1, img, start_n, hk, D1_AT, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, D1))
             else:
                 k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=k_in[None, :] & d1_ok[:, None], other=0.0)
             if INTERP:
@@ -520,6 +533,10 @@ def _attn_fwd(
                 bias_w = tl.load(rw_base + key_col[None, :] * stride_rwk, mask=ok, other=0.0).to(tl.float32)
                 qk += (bias_h + bias_w) * inv_scale
 
+        if PACK > 1:
+            # Packed windows: a query sees only the keys of its own window (the tile is block-diagonal).
+            own = ((offs_m % (QWIN_W * PACK)) // QWIN_W)[:, None] == ((offs_n % (WIN_W * PACK)) // WIN_W)[None, :]
+            qk = tl.where(own, qk, float("-inf"))
         if not EVEN_N:
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
 
@@ -535,7 +552,7 @@ def _attn_fwd(
             pad_l = pad_l * alpha + tl.sum(p * pad_k[None, :], 1)
 
         if TMA:
-            v0 = _tma_tile(DESC_V0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W, BLOCK_N, DV0)
+            v0 = _tma_tile(DESC_V0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, DV0)
         else:
             v0 = tl.load(v_src + offs_v0[None, :] * stride_vd, mask=k_in[:, None] & v0_ok[None, :], other=0.0)
         # P is rounded to the input dtype before the PV product, as on the GPU.
@@ -546,7 +563,7 @@ def _attn_fwd(
         acc0 = tl.dot(p_lp, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
         if DV1 > 0:
             if TMA:
-                v1 = _tma_tile(DESC_V1, img, start_n, hk, DV1_AT, y0, x0, WINDOW, WIN_W, BLOCK_N, DV1)
+                v1 = _tma_tile(DESC_V1, img, start_n, hk, DV1_AT, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, DV1)
             else:
                 v1 = tl.load(v_src + offs_v1[None, :] * stride_vd, mask=k_in[:, None] & v1_ok[None, :], other=0.0)
             if INTERP:
@@ -720,6 +737,28 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
     return keep or [dict(BLOCK_M=16, BLOCK_N=16, W_DOT=0, num_warps=4, num_stages=1)]
 
 
+def _pack_configs(a: dict) -> List[dict]:
+    """Packed-window candidates for problem a: PACK windows side by side in one tile of 64 or 128 query rows, where
+    a window has at most 32 queries (a power of two) and the windows of a grid row divide by PACK (PACK_COLS).
+    The key tile is the packed keys, at most 64 (one step for Hiera's 4 x 4 windows, 2-4 for its pooled ones),
+    read through TMA where the tuner may (several steps, whole rows of the packed rectangle)."""
+    tq, tk, cols = a["seqlen_q"], a["seqlen_k"], a.get("PACK_COLS", 0)
+    out = []
+    if not PACK_WINDOWS or not cols or tq > 32 or tq & (tq - 1):
+        return out
+    for rows in (64, 128):
+        pack = rows // tq
+        if cols % pack:
+            continue
+        bn = min(64, tk * pack)
+        c = dict(BLOCK_M=rows, BLOCK_N=bn, W_DOT=0, num_warps=4 if rows == 64 else 8, num_stages=3, PACK=pack)
+        out.append(c)
+        wide = (a["WIN_HW"][0], a["WIN_HW"][1] * pack)
+        if a["TMA_OK"] and tk * pack > bn and key_box(wide, bn) is not None and not a.get("HOST_SCALE"):
+            out.append({**c, "TMA": 1})
+    return out
+
+
 def _tma_candidate(c: dict, a: dict) -> bool:
     """Whether TMA config c is worth compiling for problem a: K / V can go through TMA (TMA_OK), and in a window
     the config's key tile is a box of whole rows (key_box) and the window takes more than one key step. One-step
@@ -754,7 +793,7 @@ def _derived(a: dict, cfg: dict) -> dict:
         W_HOIST=tw == a["tile_w"] == a["KW"],
         USE_WDOT=bool(cfg.get("W_DOT")) and path == BIAS_RECT and _wdot_applies(a, bn),
         KH_P=max(16, next_pow2(a["KH"])), KW_P=max(16, next_pow2(a["KW"])),
-        EVEN_N=(not a["VARLEN"]) and a["seqlen_k"] % bn == 0,
+        EVEN_N=(not a["VARLEN"]) and a["seqlen_k"] * cfg.get("PACK", 1) % bn == 0,
     )
 
 
@@ -1301,6 +1340,9 @@ def make_plan(
               and tma_eligible(k, v, d0, d1_at, (dv0, dv1_at)))
     a["TMA_OK"] = tma_ok
     a["WIN_HW"] = win_hw if window is not None else None  # key_box's window
+    # Packed windows (a config's PACK): windows that tile the grid exactly (one launch, no padding keys), with
+    # neither a block mask nor rel-pos terms; PACK must divide the windows of a grid row.
+    a["PACK_COLS"] = win_cols if window is not None and not has_mask and not has_bias and launches == [(n_windows, False)] else 0
     out_strides = _contiguous_strides((*(q.shape if window is not None else q4.shape)[:-1], v_dim))
     if varlen:
         out_strides = (0, *out_strides[1:])
@@ -1337,19 +1379,26 @@ def make_plan(
 
     def plan_for(cfg: dict):
         _check_config(cfg, block_size)
+        pack = cfg.get("PACK", 1)
+        if pack != 1 and not (isinstance(pack, int) and pack > 1 and a["PACK_COLS"] and a["PACK_COLS"] % pack == 0):
+            raise ValueError(f"config {cfg}: PACK={pack!r} needs window attention without a block mask or rel-pos terms, "
+                             f"on a grid the windows tile exactly, and an int > 1 dividing the windows per grid row "
+                             f"({win_cols})")
         dv = _derived(a, cfg)
-        box = key_box(a["WIN_HW"], cfg["BLOCK_N"]) if cfg.get("TMA") and tma_ok else None
+        packed_win = None if window is None else (win_hw[0], win_hw[1] * pack)  # the key rectangle of one program
+        box = key_box(packed_win, cfg["BLOCK_N"]) if cfg.get("TMA") and tma_ok else None
         tma = box is not None
         n_split = splits(cfg)
-        q_tiles = triton.cdiv(seqlen_q, cfg["BLOCK_M"])
+        q_tiles = triton.cdiv(seqlen_q * pack, cfg["BLOCK_M"])
         plans = []
         for n_launch, pad in launches:
+            n_launch //= pack
             n_bh = batch * n_launch * nheads
             tail = scalars + (
                 n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"],
                 head_dim, d0, d1, d1_at, v_dim, dv0, dv1, dv1_at, block_size, max(16, next_pow2(kb)), has_mask,
                 has_bias, varlen,
-                window is not None, *win_hw, *q_win_hw, pad, prec, INTERPRET,
+                window is not None, *win_hw, *q_win_hw, pad, pack, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
                 dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, align, n_split > 1,
             )
@@ -1388,10 +1437,12 @@ def make_plan(
         room = spare_room(batch * launches[0][0] * nheads * triton.cdiv(seqlen_q, 128), _sm_count(q.device))
     tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, d1_at, dv0, dv1,
                 dv1_at, block_size,
-                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, tma_ok, timed, room, small)
+                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, a["PACK_COLS"] if PACK_WINDOWS else 0, tma_ok, timed, room,
+                small)
     if not timed:
         return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})
-    candidates = _prune(_configs(), bucketed)
+    # A window's token counts are exact in its tuning key (window, q_window): packing reads them unbucketed.
+    candidates = _prune(_configs(), bucketed) + _pack_configs({**a, "HOST_SCALE": small})
     if room > 1:
         # Idle SMs: each config also split over the keys, where that fills them.
         candidates += [{**c, "SPLIT_K": "fill"} for c in candidates if splits({**c, "SPLIT_K": "fill"}) > 1]

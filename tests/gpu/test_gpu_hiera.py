@@ -328,3 +328,51 @@ def test_host_scale_windows_tune_apart_and_stay_exact(monkeypatch):
     assert key1[:-1] == key8[:-1], "only the host-scale flag separates the two classes"
     assert any(not c.get("TMA") for c in cands1) and any(c.get("TMA") for c in cands1), cands1
     assert all(c.get("TMA") for c in cands8), cands8
+
+
+# Packed windows (triton_attn's PACK): several windows side by side per program, block-diagonal. (key grid side,
+# key window, query window or None, heads, head dim): hiera_l's stage-2 windows, its pooled blocks into stages 2
+# and 3, at head dims 72 (overlapping chunk), 56 (masked chunk) and 96 (exact split).
+PACKED_CASES = [(128, 4, None, 4, 72), (64, 8, 4, 2, 56), (64, 4, 2, 4, 96), (32, 4, None, 2, 56)]
+PACKED_CONFIGS = [  # (PACK, BLOCK_M, BLOCK_N, warps, TMA)
+    (2, 32, 32, 4, 0), (4, 64, 64, 4, 0), (4, 64, 64, 4, 1), (8, 128, 64, 8, 0), (8, 128, 64, 8, 1), (8, 128, 128, 8, 0),
+    (16, 64, 64, 4, 0), (16, 64, 32, 4, 1), (32, 128, 64, 8, 1), (4, 64, 16, 4, 0)]
+
+
+@pytest.mark.parametrize("case", PACKED_CASES, ids=lambda c: f"{c[0]}w{c[1]}q{c[2]}-H{c[3]}-D{c[4]}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_packed_windows_every_config(case, dtype):
+    """Every packed config that fits the case (pointer loads and TMA boxes of the packed key rectangle; one and
+    several key steps), then the tuned plan (packed candidates offered), against the float64 oracle per row,
+    into NaN-poisoned outputs, q / k / v strided views of one projection; pooled q where the case has one."""
+    from sam_sparse.kernels import triton_attn
+
+    side, w, qw, heads, d = case
+    seed, g = seeded()
+    q, k, v = rnd(g, 2, side, side, 3, heads, d, dtype=dtype).unbind(3)
+    if qw is not None:
+        q = q.unflatten(1, (side // 2, 2)).unflatten(3, (side // 2, 2)).amax(dim=(2, 4))
+    q_win = None if qw is None else (qw, qw)
+    zeros = torch.zeros(heads, d, device="cuda", dtype=dtype)
+    ran = []
+    for pack, bm, bn, warps, tma in PACKED_CONFIGS:
+        cols = side // w
+        nq, nk = (qw or w) ** 2 * pack, w * w * pack
+        if cols % pack or bm > max(nq, 16) * 2 or bn > nk or (tma and dtype == torch.float32):
+            continue  # PACK must divide a grid row's windows; tiles no larger than the packed windows
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=3, PACK=pack, TMA=tma)
+        plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(w, w),
+                                     q_window=q_win, config=cfg)
+        box = triton_attn.key_box((w, w * pack), bn)
+        assert (plan._tma is not None) == bool(tma and box and torch.cuda.get_device_capability()[0] >= 9), cfg
+        out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+        plan(q, k, v, None, None, None, None, None, None, zeros, zeros, out=out)
+        torch.cuda.synchronize()
+        check_window(out, q, k, v, (w, w), zeros, zeros, None, None, None, None, 128, f"{seed} (config {cfg})", FLOOR,
+                     ROW_FLOOR, q_window=q_win)
+        ran.append(cfg)
+    assert len(ran) >= 2, f"only {ran} ran"
+    out = window_attn(q, k, v, (w, w), q_window_size=q_win)
+    torch.cuda.synchronize()
+    check_window(out, q, k, v, (w, w), zeros, zeros, None, None, None, None, 128, f"{seed} (tuned)", FLOOR, ROW_FLOOR,
+                 q_window=q_win)
