@@ -319,25 +319,20 @@ def test_packed_windows_refused_where_they_do_not_apply():
         triton_attn.make_plan(q, k, v, None, None, None, None, None, 0.25, 128, window=(4, 4), config={**cfg, "PACK": 1.5})
 
 
-def test_packed_window_candidates():
-    """The tuner offers packed configs for windows of at most 32 queries (a power of two) that tile their grid
-    without a mask or rel-pos terms (64- and 128-row tiles, TMA twins where the key loop has several steps and
-    the launch is not host-scale), and none elsewhere or with PACK_WINDOWS off."""
+def test_packed_window_candidates(monkeypatch):
+    """Windows of at most 32 queries (a power of two) that tile their grid without a mask or rel-pos terms get one
+    candidate, 64 rows of packed windows (run 110: it beat every other tile there); none elsewhere, where PACK
+    would not divide a grid row's windows, or with PACK_WINDOWS off."""
     from sam_sparse.kernels import triton_attn
 
-    base = dict(seqlen_q=16, seqlen_k=16, WIN_HW=(4, 4), PACK_COLS=32, TMA_OK=True, HOST_SCALE=False)
-    got = {(c["PACK"], c["BLOCK_M"], c["BLOCK_N"], c.get("TMA", 0)) for c in triton_attn._pack_configs(base)}
-    assert got == {(4, 64, 64, 0), (8, 128, 64, 0), (8, 128, 64, 1)}, got
-    pooled = {**base, "seqlen_k": 64, "WIN_HW": (8, 8)}  # hiera_l's pooled block into stage 2
-    got = {(c["PACK"], c["BLOCK_M"], c["BLOCK_N"], c.get("TMA", 0)) for c in triton_attn._pack_configs(pooled)}
-    assert got == {(4, 64, 64, 0), (4, 64, 64, 1), (8, 128, 64, 0), (8, 128, 64, 1)}, got
-    assert all(not c.get("TMA") for c in triton_attn._pack_configs({**pooled, "HOST_SCALE": True}))
-    assert triton_attn._pack_configs({**base, "PACK_COLS": 0}) == []
-    assert triton_attn._pack_configs({**base, "seqlen_q": 64, "seqlen_k": 64, "WIN_HW": (8, 8)}) == []
-    assert triton_attn._pack_configs({**base, "seqlen_q": 49, "seqlen_k": 49, "WIN_HW": (7, 7)}) == []
-    assert [c["PACK"] for c in triton_attn._pack_configs({**base, "PACK_COLS": 4})] == [4]
-    triton_attn.PACK_WINDOWS = False
-    try:
-        assert triton_attn._pack_configs(base) == []
-    finally:
-        triton_attn.PACK_WINDOWS = True
+    base = dict(seqlen_q=16, seqlen_k=16, WIN_HW=(4, 4), PACK_COLS=32)
+    one = lambda a: [(c["PACK"], c["BLOCK_M"], c["BLOCK_N"], c.get("TMA", 0)) for c in triton_attn._pack_configs(a)]  # noqa: E731
+    assert one(base) == [(4, 64, 64, 0)]
+    assert one({**base, "seqlen_k": 64, "WIN_HW": (8, 8)}) == [(4, 64, 64, 0)]  # the pooled block into stage 2
+    assert one({**base, "seqlen_q": 4, "WIN_HW": (4, 4)}) == [(16, 64, 64, 0)]  # the pooled block into stage 3
+    assert one({**base, "PACK_COLS": 0}) == []
+    assert one({**base, "PACK_COLS": 6}) == []
+    assert one({**base, "seqlen_q": 64, "seqlen_k": 64, "WIN_HW": (8, 8)}) == []
+    assert one({**base, "seqlen_q": 49, "seqlen_k": 49, "WIN_HW": (7, 7)}) == []
+    monkeypatch.setattr(triton_attn, "PACK_WINDOWS", False)
+    assert one(base) == []

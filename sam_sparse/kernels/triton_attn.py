@@ -738,25 +738,18 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
 
 
 def _pack_configs(a: dict) -> List[dict]:
-    """Packed-window candidates for problem a: PACK windows side by side in one tile of 64 or 128 query rows, where
-    a window has at most 32 queries (a power of two) and the windows of a grid row divide by PACK (PACK_COLS).
-    The key tile is the packed keys, at most 64 (one step for Hiera's 4 x 4 windows, 2-4 for its pooled ones),
-    read through TMA where the tuner may (several steps, whole rows of the packed rectangle)."""
+    """The packed-window config for problem a, if any: windows of at most 32 queries (a power of two) that tile
+    their grid without a block mask or rel-pos terms (PACK_COLS, the windows per grid row, divisible by PACK), 64 /
+    queries-per-window of them per 64-row tile, the packed keys in tiles of at most 64, pointer loads. Measured at
+    hiera_l's three such layers, batch 8 (docs/benchmarks.md, run 110), it beat one window per program by 1.5-2.7x
+    (4 x 4 windows 0.110 ms against 0.166; the pooled block into stage 2 0.244 against 0.437, into stage 3 0.127
+    against 0.345), and beat 128-row packs (0.19-0.35 ms) and 32-row ones (0.147, 0.157); TMA gained 3% on one layer.
+    So where it applies it is the only candidate: no tuning run, no compile of a loser on a first call."""
     tq, tk, cols = a["seqlen_q"], a["seqlen_k"], a.get("PACK_COLS", 0)
-    out = []
-    if not PACK_WINDOWS or not cols or tq > 32 or tq & (tq - 1):
-        return out
-    for rows in (64, 128):
-        pack = rows // tq
-        if cols % pack:
-            continue
-        bn = min(64, tk * pack)
-        c = dict(BLOCK_M=rows, BLOCK_N=bn, W_DOT=0, num_warps=4 if rows == 64 else 8, num_stages=3, PACK=pack)
-        out.append(c)
-        wide = (a["WIN_HW"][0], a["WIN_HW"][1] * pack)
-        if a["TMA_OK"] and tk * pack > bn and key_box(wide, bn) is not None and not a.get("HOST_SCALE"):
-            out.append({**c, "TMA": 1})
-    return out
+    if not PACK_WINDOWS or not cols or tq > 32 or tq & (tq - 1) or cols % (64 // tq):
+        return []
+    pack = 64 // tq
+    return [dict(BLOCK_M=64, BLOCK_N=min(64, tk * pack), W_DOT=0, num_warps=4, num_stages=3, PACK=pack)]
 
 
 def _tma_candidate(c: dict, a: dict) -> bool:
@@ -1442,7 +1435,7 @@ def make_plan(
     if not timed:
         return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})
     # A window's token counts are exact in its tuning key (window, q_window): packing reads them unbucketed.
-    candidates = _prune(_configs(), bucketed) + _pack_configs({**a, "HOST_SCALE": small})
+    candidates = _pack_configs(a) or _prune(_configs(), bucketed)
     if room > 1:
         # Idle SMs: each config also split over the keys, where that fills them.
         candidates += [{**c, "SPLIT_K": "fill"} for c in candidates if splits({**c, "SPLIT_K": "fill"}) > 1]

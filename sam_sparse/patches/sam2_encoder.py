@@ -83,6 +83,13 @@ def _graph_state(encoder: ImageEncoder) -> tuple:
     return module_storage(encoder) + (encoder.scalp,)
 
 
+def _exporting() -> bool:
+    """Whether torch.export is tracing, read from the flag torch.export sets. Not torch.compiler.is_exporting():
+    dynamo up to torch 2.11 at least folds that call to True inside any compiled function, torch.compile's too, so
+    the op was never recorded there (runs 109, 110; newer dynamo reads the flag, as here)."""
+    return bool(getattr(torch.compiler, "_is_exporting_flag", False))
+
+
 def _on_device(sample: torch.Tensor) -> bool:
     """Whether a compiled caller's batch-1 call may become the op: on CUDA (a seam for the CPU tests)."""
     return sample.is_cuda
@@ -127,9 +134,8 @@ class GraphedImageEncoder(ImageEncoder):
         ctx = self._sam_sparse_memory
         if torch.compiler.is_compiling():
             # torch.export: traced as is (an exported program outlives this process, and the op's id with it).
-            # Hooks, observers and training mode are checked when the op runs: with that check here as well
-            # (and the export gate), torch 2.11's dynamo never recorded the op (run 109).
-            if (ctx is not None and ctx.graph_encoder and not torch.compiler.is_exporting() and _on_device(sample)
+            # Hooks, observers and training mode are checked when the op runs.
+            if (ctx is not None and ctx.graph_encoder and not _exporting() and _on_device(sample)
                     and sample.shape[0] == 1 and not torch.is_grad_enabled()):
                 autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
                 return _nested(_compiled_encoder(sample, id(self), autocast))
