@@ -1327,9 +1327,12 @@ def make_plan(
         IS_FP32=q.dtype == torch.float32, IS_BF16=q.dtype == torch.bfloat16,
     )
     prec = dot_precision(q.dtype)
-    # TMA boxes cover whole chunks: an inexact head-dim split (masked columns) stays on pointer loads. A config
-    # reads through TMA where its key tile is a box (key_box: any tile of a sequence, whole rows of a window).
-    tma_ok = (not varlen and d1_at + d1 == head_dim and dv1_at + dv1 == v_dim
+    # A config reads K / V through TMA where its key tile is a box (key_box: any tile of a sequence, whole rows of a
+    # window). Boxes cover whole chunks: exact splits, or one chunk wider than the head dim (56 as 64 columns,
+    # hiera_b+'s), whose columns past the head dim lie outside the descriptor's shape and arrive as zeros, as a
+    # masked pointer load gives them (no byte past the head dim is read). A second chunk with masked columns (no
+    # such split is made now) stays on pointer loads.
+    tma_ok = (not varlen and (d1 == 0 or d1_at + d1 == head_dim) and (dv1 == 0 or dv1_at + dv1 == v_dim)
               and tma_eligible(k, v, d0, d1_at, (dv0, dv1_at)))
     a["TMA_OK"] = tma_ok
     a["WIN_HW"] = win_hw if window is not None else None  # key_box's window

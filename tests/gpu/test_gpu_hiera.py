@@ -382,3 +382,38 @@ def test_packed_windows_every_config(case, dtype):
     torch.cuda.synchronize()
     check_window(out, q, k, v, (w, w), zeros, zeros, None, None, None, None, 128, f"{seed} (tuned)", FLOOR, ROW_FLOOR,
                  q_window=q_win)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wide_chunk_through_tma_reads_no_column_past_the_head_dim(dtype):
+    """Head dim 56 (hiera_b+) runs as one 64-column chunk; through TMA its boxes reach past the head dim, where the
+    descriptor gives zeros. q / k / v here are views of buffers whose columns 56-63 hold NaN: a byte read there
+    shows up as NaN. A global block (sequence boxes, the tuned plan and every TMA config) and 16 x 16 windows (whole
+    rows of a window), against the float64 oracle per row, into NaN-poisoned outputs."""
+    from sam_sparse.kernels import triton_attn
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs a Hopper or later GPU")
+    seed, g = seeded()
+    buf = torch.full((2, 1024, 3, 4, 64), float("nan"), device="cuda", dtype=dtype)
+    buf[..., :56] = rnd(g, 2, 1024, 3, 4, 56, dtype=dtype)
+    q, k, v = buf[..., :56].unbind(2)
+    ran = 0
+    for cfg in (None, *[c for c in triton_attn._configs() if c.get("TMA") and not c.get("WIDE")]):
+        plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, 56 ** -0.5, 128, config=cfg)
+        out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+        plan(q, k, v, None, None, None, None, None, None, out=out)
+        check_rows(out, q, k, v, None, 128, f"{seed} (config {plan.config})")
+        ran += plan._tma is not None
+    assert ran >= 3, f"only {ran} plans read K / V through TMA"
+    grid = torch.full((1, 32, 32, 3, 2, 64), float("nan"), device="cuda", dtype=dtype)
+    grid[..., :56] = rnd(g, 1, 32, 32, 3, 2, 56, dtype=dtype)
+    q, k, v = grid[..., :56].unbind(3)
+    zeros = torch.zeros(2, 56, device="cuda", dtype=dtype)
+    plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, 56 ** -0.5, 128, window=(16, 16),
+                                 config=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2, TMA=1))
+    assert plan._tma is not None
+    out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+    plan(q, k, v, None, None, None, None, None, None, zeros, zeros, out=out)
+    torch.cuda.synchronize()
+    check_window(out, q, k, v, (16, 16), zeros, zeros, None, None, None, None, 128, seed, FLOOR, ROW_FLOOR)
