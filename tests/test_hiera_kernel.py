@@ -325,7 +325,7 @@ def test_packed_window_candidates(monkeypatch):
     would not divide a grid row's windows, or with PACK_WINDOWS off."""
     from sam_sparse.kernels import triton_attn
 
-    base = dict(seqlen_q=16, seqlen_k=16, WIN_HW=(4, 4), PACK_COLS=32)
+    base = dict(seqlen_q=16, seqlen_k=16, WIN_HW=(4, 4), PACK_COLS=32, MASK_BLOCK=128)
     one = lambda a: [(c["PACK"], c["BLOCK_M"], c["BLOCK_N"], c.get("TMA", 0)) for c in triton_attn._pack_configs(a)]  # noqa: E731
     assert one(base) == [(4, 64, 64, 0)]
     assert one({**base, "seqlen_k": 64, "WIN_HW": (8, 8)}) == [(4, 64, 64, 0)]  # the pooled block into stage 2
@@ -334,5 +334,33 @@ def test_packed_window_candidates(monkeypatch):
     assert one({**base, "PACK_COLS": 6}) == []
     assert one({**base, "seqlen_q": 64, "seqlen_k": 64, "WIN_HW": (8, 8)}) == []
     assert one({**base, "seqlen_q": 49, "seqlen_k": 49, "WIN_HW": (7, 7)}) == []
+    # Tiles divide the block size: 16 rows of 4 pooled 2 x 2 windows at block size 16, none for windows of 16.
+    assert one({**base, "seqlen_q": 4, "MASK_BLOCK": 16}) == [(4, 16, 16, 0)]
+    assert one({**base, "MASK_BLOCK": 16}) == []
+    assert one({**base, "MASK_BLOCK": 32}) == [(2, 32, 32, 0)]
     monkeypatch.setattr(triton_attn, "PACK_WINDOWS", False)
     assert one(base) == []
+
+
+@needs_triton
+def test_tuned_packed_plans_fit_their_block_size(triton_kernel, monkeypatch):
+    """Every block size a window call may bring (16-128) gets a launch whose tiles divide it, packed or not: the
+    tuner's candidates go through _check_config (a packed 64-row tile at block size 16 failed on the GPU, run 112).
+    The tuner is asked as on a GPU (timed), with the timing stubbed: candidates[0] wins."""
+    from sam_sparse.kernels import triton_attn
+
+    monkeypatch.setattr(triton_attn, "_TUNED", {})
+    picked = []
+    monkeypatch.setattr(triton_attn, "_tune", lambda key, cands, *a, **kw: picked.append(cands) or cands[0])
+    monkeypatch.setattr(triton_attn, "INTERPRET", False)
+    monkeypatch.delenv("SAM_SPARSE_AUTOTUNE", raising=False)
+    g = torch.Generator().manual_seed(0)
+    for side, w, qw in ((16, 8, 4), (16, 4, 2), (16, 4, None)):
+        q, k, v = torch.randn(1, side, side, 3, 2, 16, generator=g).unbind(3)
+        if qw is not None:
+            q = q[:, ::2, ::2]
+        for bs in (16, 32, 64, 128):
+            triton_attn.make_plan(q, k, v, None, None, None, None, None, 0.25, bs, window=(w, w),
+                                  q_window=None if qw is None else (qw, qw))
+            for c in picked.pop():
+                triton_attn._check_config(c, bs)

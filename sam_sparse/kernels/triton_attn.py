@@ -740,16 +740,18 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
 def _pack_configs(a: dict) -> List[dict]:
     """The packed-window config for problem a, if any: windows of at most 32 queries (a power of two) that tile
     their grid without a block mask or rel-pos terms (PACK_COLS, the windows per grid row, divisible by PACK), 64 /
-    queries-per-window of them per 64-row tile, the packed keys in tiles of at most 64, pointer loads. Measured at
+    queries-per-window of them per 64-row tile (fewer where the block size is below 64), the packed keys in tiles
+    of at most 64, pointer loads. Measured at
     hiera_l's three such layers, batch 8 (docs/benchmarks.md, run 110), it beat one window per program by 1.5-2.7x
     (4 x 4 windows 0.110 ms against 0.166; the pooled block into stage 2 0.244 against 0.437, into stage 3 0.127
     against 0.345), and beat 128-row packs (0.19-0.35 ms) and 32-row ones (0.147, 0.157); TMA gained 3% on one layer.
     So where it applies it is the only candidate: no tuning run, no compile of a loser on a first call."""
     tq, tk, cols = a["seqlen_q"], a["seqlen_k"], a.get("PACK_COLS", 0)
-    if not PACK_WINDOWS or not cols or tq > 32 or tq & (tq - 1) or cols % (64 // tq):
+    rows = min(64, a["MASK_BLOCK"])  # a tile divides the block size, as every config's (_check_config)
+    if not PACK_WINDOWS or not cols or tq & (tq - 1) or rows // tq < 2 or cols % (rows // tq):
         return []
-    pack = 64 // tq
-    return [dict(BLOCK_M=64, BLOCK_N=min(64, tk * pack), W_DOT=0, num_warps=4, num_stages=3, PACK=pack)]
+    pack = rows // tq
+    return [dict(BLOCK_M=rows, BLOCK_N=min(rows, tk * pack), W_DOT=0, num_warps=4, num_stages=3, PACK=pack)]
 
 
 def _tma_candidate(c: dict, a: dict) -> bool:
