@@ -12,24 +12,11 @@ Kernel cases are checked against the float64 oracle (tests/oracle.py) globally a
 import pytest
 import torch
 
-from gpu_helpers import DTYPES, FLOOR, GPU_MARKS, ROW_FLOOR, rnd, seeded
-from oracle import check_window, oracle_attention, rel_error, same_dtype_torch
+from gpu_helpers import DTYPES, FLOOR, GPU_MARKS, ROW_FLOOR, check_rows, rnd, seeded
+from oracle import check_window
 from sam_sparse.kernels import window_attn
 
 pytestmark = GPU_MARKS
-
-
-def check_rows(out, q, k, v, seed):
-    torch.cuda.synchronize()
-    assert torch.isfinite(out).all(), f"seed {seed}: NaN or a row left unwritten"
-    ref = oracle_attention(q, k, v)
-    base = same_dtype_torch(q, k, v)
-    err, err_base = rel_error(out, ref), rel_error(base, ref)
-    assert err <= 2 * err_base + FLOOR[q.dtype], f"seed {seed}: error {err:.3g} vs PyTorch {q.dtype} {err_base:.3g}"
-    row_err = (out.double() - ref).abs().amax(-1)
-    row_base = (base.double() - ref).abs().amax(-1)
-    bad = row_err > 2 * row_base + ROW_FLOOR[q.dtype]
-    assert not bad.any(), f"seed {seed}: {int(bad.sum())} rows off, worst {row_err.max():.3g}"
 
 
 # Packed windows (triton_attn's PACK): several windows side by side per program, block-diagonal. (key grid side,
@@ -105,7 +92,7 @@ def test_wide_chunk_through_tma_reads_no_column_past_the_head_dim(dtype):
         plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, 56 ** -0.5, 128, config=cfg)
         out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
         plan(q, k, v, None, None, None, None, None, None, out=out)
-        check_rows(out, q, k, v, f"{seed} (config {plan.config})")
+        check_rows(out, q, k, v, None, 128, f"{seed} (config {plan.config})")
         ran += plan._tma is not None
     assert ran >= 3, f"only {ran} plans read K / V through TMA"
     grid = torch.full((1, 32, 32, 3, 2, 64), float("nan"), device="cuda", dtype=dtype)
