@@ -267,14 +267,15 @@ def test_pooled_window_bad_inputs():
 
 
 # Packed windows (a config's PACK): (grid side, key window, query window or None, heads, head dim, dtype,
-# (PACK, BLOCK_M, BLOCK_N)). One key step and several; a packed rectangle wider than one query tile (16 windows of
-# 2 x 2 pooled queries: 64 per rectangle row, 64-row tiles); the overlapping chunk (72), the masked one (56).
+# (PACK, BLOCK_M, BLOCK_N)). One key step and several; packed programs of several query tiles (16-row tiles of 4
+# windows of 16); the overlapping chunk (72), the masked one (56).
 PACKED = [
     (16, 4, None, 2, 72, torch.float16, (4, 64, 64)),
     (16, 4, None, 1, 56, torch.bfloat16, (2, 32, 16)),
     (16, 8, 4, 2, 96, torch.float32, (2, 32, 32)),
     (16, 4, 2, 2, 40, torch.float16, (4, 16, 16)),
     (32, 2, None, 1, 64, torch.float32, (16, 64, 64)),
+    (16, 4, None, 2, 32, torch.float16, (4, 16, 16)),  # 64 queries per packed program, 16-row tiles: 4 query tiles
 ]
 
 
@@ -325,7 +326,8 @@ def test_packed_window_candidates(monkeypatch):
     would not divide a grid row's windows, or with PACK_WINDOWS off."""
     from sam_sparse.kernels import triton_attn
 
-    base = dict(seqlen_q=16, seqlen_k=16, WIN_HW=(4, 4), PACK_COLS=32, MASK_BLOCK=128)
+    base = dict(seqlen_q=16, seqlen_k=16, WIN_HW=(4, 4), PACK_COLS=32, MASK_BLOCK=128, IS_FP32=False, D0=64, D1=16,
+                DV=80)
     one = lambda a: [(c["PACK"], c["BLOCK_M"], c["BLOCK_N"], c.get("TMA", 0)) for c in triton_attn._pack_configs(a)]  # noqa: E731
     assert one(base) == [(4, 64, 64, 0)]
     assert one({**base, "seqlen_k": 64, "WIN_HW": (8, 8)}) == [(4, 64, 64, 0)]  # the pooled block into stage 2
@@ -334,6 +336,11 @@ def test_packed_window_candidates(monkeypatch):
     assert one({**base, "PACK_COLS": 6}) == []
     assert one({**base, "seqlen_q": 64, "seqlen_k": 64, "WIN_HW": (8, 8)}) == []
     assert one({**base, "seqlen_q": 49, "seqlen_k": 49, "WIN_HW": (7, 7)}) == []
+    # Never timed, so only where it fits and was measured: 16 bits, head dims up to 128, key tiles of 16 or more.
+    assert one({**base, "IS_FP32": True}) == []
+    assert one({**base, "D0": 128, "D1": 16, "DV": 144}) == []
+    assert one({**base, "seqlen_k": 9, "WIN_HW": (3, 3)}) == []  # keys no power of two
+    assert one({**base, "seqlen_k": 1, "WIN_HW": (1, 1)}) == []  # 4 packed keys: no tile
     # Tiles divide the block size: 16 rows of 4 pooled 2 x 2 windows at block size 16, none for windows of 16.
     assert one({**base, "seqlen_q": 4, "MASK_BLOCK": 16}) == [(4, 16, 16, 0)]
     assert one({**base, "MASK_BLOCK": 16}) == []
@@ -355,12 +362,18 @@ def test_tuned_packed_plans_fit_their_block_size(triton_kernel, monkeypatch):
     monkeypatch.setattr(triton_attn, "INTERPRET", False)
     monkeypatch.delenv("SAM_SPARSE_AUTOTUNE", raising=False)
     g = torch.Generator().manual_seed(0)
-    for side, w, qw in ((16, 8, 4), (16, 4, 2), (16, 4, None)):
-        q, k, v = torch.randn(1, side, side, 3, 2, 16, generator=g).unbind(3)
-        if qw is not None:
+    packs = set()
+    for side, w, qw in ((16, 8, 4), (16, 4, 2), (16, 4, None), (4, 1, 4)):
+        q, k, v = torch.randn(1, side, side, 3, 2, 16, generator=g).half().unbind(3)  # packing is for 16 bits
+        if qw is not None and qw < w:
             q = q[:, ::2, ::2]
+        if qw is not None and qw > w:  # query windows larger than the key windows: 4 x 4 queries per key
+            q = torch.randn(1, side * qw, side * qw, 2, 16, generator=g).half()
         for bs in (16, 32, 64, 128):
             triton_attn.make_plan(q, k, v, None, None, None, None, None, 0.25, bs, window=(w, w),
                                   q_window=None if qw is None else (qw, qw))
             for c in picked.pop():
                 triton_attn._check_config(c, bs)
+                packs.add((side, w, qw, bs, c.get("PACK", 1)))
+    assert {(16, 4, 2, 16, 4), (16, 8, 4, 32, 2), (16, 4, None, 64, 4)} <= packs, packs  # packed where it applies
+    assert all(p == 1 for (side, w, qw, bs, p) in packs if qw == 4 and w == 1), packs

@@ -38,10 +38,10 @@ output is written to the grid in place. The queries may lie on a grid of their o
 Hiera's first block of a stage), cut into QWIN_H x QWIN_W windows: query window (i, j) attends to key
 window (i, j). Windows inside the grid and windows that overhang it run as two
 launches (WIN_PAD): only the latter carry the padding keys, whose key and value are K_PAD / V_PAD.
-Windows of few tokens (Hiera's 4 x 4 and its pooled ones, 16 queries or fewer) may be packed (a config's PACK):
+Windows of few tokens (Hiera's 4 x 4 and its pooled ones; at most 32 queries) may be packed (a config's PACK):
 one program takes PACK windows side by side as one QWIN_H x (PACK * QWIN_W) tile of queries against the
 WIN_H x (PACK * WIN_W) rectangle of their keys, a query seeing only its own window's keys (block-diagonal),
-so that the tensor cores get 64- or 128-row tiles instead of 16-row ones, at PACK times the MMA work.
+so that the tensor cores get 64-row tiles instead of 16-row ones, at PACK times the MMA work.
 
 Hopper: a config with TMA=1 reads K and V through host-side tensor descriptors (the copy engine; zero
 fill past the sequence, or past the grid) instead of pointer loads, in WINDOW mode where a key tile is whole
@@ -739,18 +739,24 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
 
 def _pack_configs(a: dict) -> List[dict]:
     """The packed-window config for problem a, if any: windows of at most 32 queries (a power of two) that tile
-    their grid without a block mask or rel-pos terms (PACK_COLS, the windows per grid row, divisible by PACK), 64 /
-    queries-per-window of them per 64-row tile (fewer where the block size is below 64), the packed keys in tiles
-    of at most 64, pointer loads. Measured at
+    their grid without a block mask or rel-pos terms (PACK_COLS, the windows per grid row, divisible by PACK), in
+    16 bits up to head dim 128; 64 / queries-per-window of them per 64-row tile (fewer where the block size is
+    below 64), the packed keys (a power of two) in tiles of at most 64, pointer loads. Measured at
     hiera_l's three such layers, batch 8 (docs/benchmarks.md, run 110), it beat one window per program by 1.5-2.7x
     (4 x 4 windows 0.110 ms against 0.166; the pooled block into stage 2 0.244 against 0.437, into stage 3 0.127
     against 0.345), and beat 128-row packs (0.19-0.35 ms) and 32-row ones (0.147, 0.157); TMA gained 3% on one layer.
     So where it applies it is the only candidate: no tuning run, no compile of a loser on a first call."""
     tq, tk, cols = a["seqlen_q"], a["seqlen_k"], a.get("PACK_COLS", 0)
     rows = min(64, a["MASK_BLOCK"])  # a tile divides the block size, as every config's (_check_config)
-    if not PACK_WINDOWS or not cols or tq & (tq - 1) or rows // tq < 2 or cols % (rows // tq):
+    pow2 = lambda n: n & (n - 1) == 0  # noqa: E731
+    # Measured and sized for 16-bit data up to head dim 128: a single candidate is never timed, so it must fit
+    # in shared memory wherever it is offered (fp32, or a head of 256, keeps the pruned list and its tuning).
+    if (not PACK_WINDOWS or not cols or a["IS_FP32"] or max(a["D0"] + a["D1"], a["DV"]) > 128 or not pow2(tq)
+            or rows // tq < 2 or cols % (rows // tq)):
         return []
     pack = rows // tq
+    if not pow2(tk) or tk * pack < 16:
+        return []  # a key tile must be a power of two >= 16 (key windows smaller than the query windows: none)
     return [dict(BLOCK_M=rows, BLOCK_N=min(rows, tk * pack), W_DOT=0, num_warps=4, num_stages=3, PACK=pack)]
 
 
@@ -1047,7 +1053,8 @@ def tma_descriptors(k: torch.Tensor, v: torch.Tensor, box: Tuple[int, ...], d0: 
     """Host-side TMA descriptors of K and V, with any 16-byte-aligned strides: one per head-dim chunk (K: D0
     columns, then D1, which the kernel reads from column D1_AT of the same tensor; V: DV0, then DV1 from
     DV1_AT), each a box of `box` keys by the chunk's columns. Sequences: k, v (B, N, Hk, D | DV), box
-    (BLOCK_N,); windows: k, v (B, GH, GW, Hk, D), box (rows, WIN_W), whole rows of a window. Reads past the
+    (BLOCK_N,); windows: k, v (B, GH, GW, Hk, D), box (rows, WIN_W), whole rows of a window (of PACK windows side
+    by side when packed: (rows, PACK * WIN_W)). Reads past the
     tensor's bounds come back as zeros. The descriptors cover the whole tensors, so a call builds them without
     slicing k and v."""
     def one(t: torch.Tensor, width: int):
@@ -1276,7 +1283,7 @@ def make_plan(
         (layout.BlockLayout), or None for dense. With a window, Bm is 1 or B * windows.
     rel_h (B, H, Nq, kh), rel_w (B, H, Nq, kw) or None (Nq = GH * GW with a window); key_tile (th, tw)
         or None (raster).
-    config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT, TMA, SPLIT_K]}: no
+    config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT, TMA, SPLIT_K, PACK]}: no
         tuning. SPLIT_K: 1..MAX_SPLIT programs per query tile, each over its share of the key steps, or "fill"
         (fill_splits); not with a window.
 
@@ -1420,6 +1427,9 @@ def make_plan(
     # are in it: whether the launch is host-scale (host_scale: HOST_SCALE_WORK; a sequence side of at most 128
     # tokens, the decoder's, always is, whatever the number of prompts) and the SMs it leaves idle (room, below).
     timed = not INTERPRET and os.environ.get("SAM_SPARSE_AUTOTUNE") != "0"
+    # Whether and how far this problem packs its windows (not the grid's width: windows that never pack share a class).
+    packed = _pack_configs(a)
+    pack_key = packed[0]["PACK"] if packed else 0
     # From the bucketed lengths: a varlen plan serves every max_seqlen_k of its bucket (interface._varlen_key).
     sq, sk = length_bucket(seqlen_q), length_bucket(seqlen_k)
     small = q.is_cuda and host_scale(batch * n_windows * nheads, sq, sk, d0 + d1, dv0 + dv1, window is not None)
@@ -1435,12 +1445,12 @@ def make_plan(
         room = spare_room(batch * launches[0][0] * nheads * triton.cdiv(seqlen_q, 128), _sm_count(q.device))
     tune_key = (bucketed["seqlen_q"], bucketed["seqlen_k"], nheads, kh, kw, tile_h, tile_w, d0, d1, d1_at, dv0, dv1,
                 dv1_at, block_size,
-                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, a["PACK_COLS"] if PACK_WINDOWS else 0, tma_ok, timed, room,
+                has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, pack_key, tma_ok, timed, room,
                 small)
     if not timed:
         return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})
     # A window's token counts are exact in its tuning key (window, q_window): packing reads them unbucketed.
-    candidates = _pack_configs(a) or _prune(_configs(), bucketed)
+    candidates = packed or _prune(_configs(), bucketed)
     if room > 1:
         # Idle SMs: each config also split over the keys, where that fills them.
         candidates += [{**c, "SPLIT_K": "fill"} for c in candidates if splits({**c, "SPLIT_K": "fill"}) > 1]

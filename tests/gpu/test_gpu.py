@@ -75,7 +75,9 @@ CFG = {
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("D", [16, 32, 48, 64, 80, 96, 128, 160, 256])
+# 24, 104 and 200 run as one chunk wider than the head dim (32, 128, 256 columns), through TMA in 16 bits: boxes past
+# the head dim, where the descriptor gives zeros (56, hiera_b+'s, in tests/gpu/test_gpu_packed.py).
+@pytest.mark.parametrize("D", [16, 24, 32, 48, 64, 80, 96, 104, 128, 160, 200, 256])
 def test_head_dims_gqa_partial_blocks(dtype, D):
     seed, g = seeded()
     q, k, v, _, _ = inputs(g, dtype, 2, 300, 333, 4, 2, D)

@@ -315,4 +315,3 @@ def test_host_scale_windows_tune_apart_and_stay_exact(monkeypatch):
     assert key1[:-1] == key8[:-1], "only the host-scale flag separates the two classes"
     assert any(not c.get("TMA") for c in cands1) and any(c.get("TMA") for c in cands1), cands1
     assert all(c.get("TMA") for c in cands8), cands8
-
