@@ -116,8 +116,8 @@ def head_dim_chunks(d: int) -> Tuple[int, int, int]:
     return next_pow2(d), 0, next_pow2(d)
 
 
-# Whether the tuner offers packed windows (_pack_configs) beside one window per program. False gives the unpacked
-# tuning back (benchmarks compare the two). Read when a plan is made.
+# Whether the tuner runs packed windows (_pack_configs) where they apply, instead of tuning one window per program.
+# False gives the unpacked tuning back (benchmarks compare the two). Read when a plan is made.
 PACK_WINDOWS = True
 
 
@@ -1054,9 +1054,8 @@ def tma_descriptors(k: torch.Tensor, v: torch.Tensor, box: Tuple[int, ...], d0: 
     columns, then D1, which the kernel reads from column D1_AT of the same tensor; V: DV0, then DV1 from
     DV1_AT), each a box of `box` keys by the chunk's columns. Sequences: k, v (B, N, Hk, D | DV), box
     (BLOCK_N,); windows: k, v (B, GH, GW, Hk, D), box (rows, WIN_W), whole rows of a window (of PACK windows side
-    by side when packed: (rows, PACK * WIN_W)). Reads past the
-    tensor's bounds come back as zeros. The descriptors cover the whole tensors, so a call builds them without
-    slicing k and v."""
+    by side when packed: (rows, PACK * WIN_W)). Reads past the tensor's bounds come back as zeros. The descriptors
+    cover the whole tensors, so a call builds them without slicing k and v."""
     def one(t: torch.Tensor, width: int):
         return TensorDescriptor(t, t.shape, t.stride(), [1, *box, 1, width])
 
@@ -1347,7 +1346,8 @@ def make_plan(
     a["WIN_HW"] = win_hw if window is not None else None  # key_box's window
     # Packed windows (a config's PACK): windows that tile the grid exactly (one launch, no padding keys), with
     # neither a block mask nor rel-pos terms; PACK must divide the windows of a grid row.
-    a["PACK_COLS"] = win_cols if window is not None and not has_mask and not has_bias and launches == [(n_windows, False)] else 0
+    exact = window is not None and launches == [(n_windows, False)]
+    a["PACK_COLS"] = win_cols if exact and not has_mask and not has_bias else 0
     out_strides = _contiguous_strides((*(q.shape if window is not None else q4.shape)[:-1], v_dim))
     if varlen:
         out_strides = (0, *out_strides[1:])
@@ -1428,6 +1428,7 @@ def make_plan(
     # tokens, the decoder's, always is, whatever the number of prompts) and the SMs it leaves idle (room, below).
     timed = not INTERPRET and os.environ.get("SAM_SPARSE_AUTOTUNE") != "0"
     # Whether and how far this problem packs its windows (not the grid's width: windows that never pack share a class).
+    # A window's token counts are exact in the tuning key (window, q_window): packing reads them unbucketed.
     packed = _pack_configs(a)
     pack_key = packed[0]["PACK"] if packed else 0
     # From the bucketed lengths: a varlen plan serves every max_seqlen_k of its bucket (interface._varlen_key).
@@ -1449,7 +1450,6 @@ def make_plan(
                 small)
     if not timed:
         return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})
-    # A window's token counts are exact in its tuning key (window, q_window): packing reads them unbucketed.
     candidates = packed or _prune(_configs(), bucketed)
     if room > 1:
         # Idle SMs: each config also split over the keys, where that fills them.
