@@ -387,6 +387,18 @@ def section_pyprofile(out):
         del model, fn
 
 
+def first_calls(out, section: str, prefix: str, fns: dict, more: int) -> None:
+    """Each fn's first call timed to the device's end and recorded as "<prefix> <name>: first call" (compiling,
+    in s), then `more` calls (a compiled fn's allocator settles; a graphed op captures on its second call)."""
+    for case, fn in fns.items():
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        record(out, section=section, case=f"{prefix} {case}: first call", s=round(time.perf_counter() - t0, 2))
+        for _ in range(more):
+            fn()
+
+
 def interleaved(fns: dict, rounds: int = 6, calls: int = 20) -> dict:
     """Median wall ms per call of each fn, timed in alternating rounds (ABCABC...) so that drift in clocks
     or machine load hits every variant alike; also the min and max round."""
@@ -470,13 +482,7 @@ def section_sam2ab(out, model="sam2.1_hiera_b+,sam2.1_hiera_l"):
             # the same compiled encoder with its op off: traced into the caller's graph, 48 attention ops
             compiled = torch.compile(patched.image_encoder)
             fns["patched dense, compiled, graph_encoder off"] = graph(False, lambda e=compiled: e(x))
-            for case, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                first = time.perf_counter() - t0
-                for _ in range(2):
-                    fn()  # compiled: the first call compiles; the graphed op captures on its second
-                record(out, section="sam2ab", case=f"{name} B=1 {case}: first call", s=round(first, 2))
+            first_calls(out, "sam2ab", f"{name} B=1", fns, more=2)
             res = interleaved(fns, rounds=10, calls=20)
             for case, r in res.items():
                 record(out, section="sam2ab", case=f"{name} image encoder B=1 bf16, {case}", **r)
@@ -520,13 +526,7 @@ def section_sam2b8(out, model="sam2.1_hiera_b+,sam2.1_hiera_l", batch=8):
             for label, m in (("sam2", base), ("patched dense", patched)):
                 fns[f"{label}, eager"] = lambda e=m.image_encoder: e(x)
                 fns[f"{label}, compiled"] = lambda e=torch.compile(m.image_encoder): e(x)
-            for case, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                torch.cuda.synchronize()
-                record(out, section="sam2b8", case=f"{name} B={batch} {case}: first call",
-                       s=round(time.perf_counter() - t0, 2))
-                fn()
+            first_calls(out, "sam2b8", f"{name} B={batch}", fns, more=1)
             res = interleaved(fns, rounds=10, calls=5)
             for case, r in res.items():
                 record(out, section="sam2b8", case=f"{name} image encoder B={batch} bf16, {case}", **r)
