@@ -637,6 +637,16 @@ CONFIG_CASES = {
                   dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=2, TMA=1),
                   dict(BLOCK_M=256, BLOCK_N=64, num_warps=16, num_stages=3, TMA=1),
                   dict(BLOCK_M=256, BLOCK_N=128, num_warps=16, num_stages=2, TMA=1)],
+    # hiera_b+'s stage-3 windows (14 x 14 on a 64 x 64 grid, 8 heads, head dim 56, batch 8): 196 tokens, so a
+    # 64-row tile leaves 4 rows and the last 64-key step 4 keys; register caps (maxnreg) for more CTAs per SM.
+    "window 14": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s, maxnreg=r)
+                  for s in (2, 3) for r in (None, 128, 112, 96)] + [
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=r) for r in (None, 128)],
+    # hiera_b+'s global blocks (4096 tokens, 8 heads, head dim 56 read as one 64-wide TMA box, batch 8).
+    "global 56": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=s, TMA=1, maxnreg=r)
+                  for s in (3, 4) for r in (None, 128, 112)] + [
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=s, TMA=1) for s in (2, 3)] + [
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s, TMA=1, maxnreg=r) for s in (3, 4) for r in (None, 128)],
     # Memory cross-attention at 16 objects, head dim 256: the tuner's 128-row tiles and what else fits, among
     # them 256-row tiles over four warp groups (each K / V tile serves twice the rows; Q takes 128 KB of shared
     # memory, so only short key tiles fit beside it).
@@ -669,7 +679,8 @@ def config_rows(args, dt, dev, gen) -> list:
         rows.append(dict(section="configs", shape=shape, config=config, ms=ms))
         print(json.dumps(rows[-1], default=str), flush=True)
 
-    groups = {"window": _window_configs, "packed": _packed_configs, "global": _global_configs, "memory": _memory_configs}
+    groups = {"window": _window_configs, "packed": _packed_configs, "global": _global_configs, "memory": _memory_configs,
+              "bplus": _bplus_configs}
     for name in args.config_cases:
         groups[name](dt, dev, gen, emit)
     return rows
@@ -775,6 +786,36 @@ def _global_configs(dt, dev, gen, emit) -> None:
             q, k, v, None, None, None, None, None, d ** -0.5, config_block(c), config=c)))
 
 
+def _bplus_configs(dt, dev, gen, emit) -> None:
+    """hiera_b+'s 14 x 14 windows and global blocks at batch 8 (head dim 56): the tuned plan, each launch of the
+    windows' plan alone (the windows inside the grid, then those that overhang it), and CONFIG_CASES' configs."""
+    B, d, heads = 8, 56, 8
+    qkv = torch.randn(B, 64, 64, 3, heads, d, device=dev, dtype=dt, generator=gen)
+    q, k, v = qkv.unbind(3)
+    pad = torch.zeros(heads, d, device=dev, dtype=dt)
+    shape = "window 14 on 64x64, 8 heads, d 56, B 8"
+    parts = _windows(F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, 6, 0, 6)).flatten(3, 4), 14).unflatten(2, (3, heads))
+    _sdpa_rows(shape, *parts.unbind(2))
+    plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14))
+    args = (q, k, v, None, None, None, None, None, None, pad, pad)
+    emit(shape, f"tuned: {plan.config}", try_time(lambda: plan(*args)))
+    out = torch.empty_like(q)
+    for i, p in enumerate(getattr(plan, "plans", [plan])):
+        emit(shape, f"tuned, launch {i} alone", try_time(lambda p=p: p(*args, out=out)))
+    for cfg in CONFIG_CASES["window 14"]:
+        cfg = {key: val for key, val in cfg.items() if val is not None}
+        emit(shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
+            q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14), k_pad=pad, v_pad=pad, config=c)))
+    q2, k2, v2 = qkv.view(B, 4096, 3, heads, d).unbind(2)
+    shape = "global 4096 tokens, 8 heads, d 56, B 8"
+    _sdpa_rows(shape, q2, k2, v2, emit)
+    emit(shape, "tuned", try_time(lambda: block_sparse_attn(q2, k2, v2)))
+    for cfg in CONFIG_CASES["global 56"]:
+        cfg = {key: val for key, val in cfg.items() if val is not None}
+        emit(shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
+            q2, k2, v2, None, None, None, None, None, d ** -0.5, config_block(c), config=c)))
+
+
 def _memory_configs(dt, dev, gen, emit) -> None:
     D, nq, nk = MEMORY_HEAD_DIM, FRAME_TOKENS, MEMORY_FRAMES * FRAME_TOKENS + POINTER_TOKENS
     shape = f"memory cross {nq}x{nk}, d {D}, 16 objects"
@@ -807,7 +848,7 @@ def parse_args(argv=None):
     ap.add_argument("--hiera-shapes", default=None, type=lambda s: s.split(","),
                     help="the hiera section's shapes to run, e.g. global,window14 (default: all five)")
     ap.add_argument("--config-cases", default=["window", "global", "memory"], type=lambda s: s.split(","),
-                    help="the configs section's groups: window, packed, global, memory (default window,global,memory)")
+                    help="the configs section's groups: window, packed, global, memory, bplus (default window,global,memory)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--flex-batches", default="1", type=ints)
