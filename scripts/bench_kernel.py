@@ -795,13 +795,33 @@ def _bplus_configs(dt, dev, gen, emit) -> None:
     pad = torch.zeros(heads, d, device=dev, dtype=dt)
     shape = "window 14 on 64x64, 8 heads, d 56, B 8"
     parts = _windows(F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, 6, 0, 6)).flatten(3, 4), 14).unflatten(2, (3, heads))
-    _sdpa_rows(shape, *parts.unbind(2))
-    plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14))
+    _sdpa_rows(shape, *parts.unbind(2), emit)
     args = (q, k, v, None, None, None, None, None, None, pad, pad)
-    emit(shape, f"tuned: {plan.config}", try_time(lambda: plan(*args)))
     out = torch.empty_like(q)
-    for i, p in enumerate(getattr(plan, "plans", [plan])):
-        emit(shape, f"tuned, launch {i} alone", try_time(lambda p=p: p(*args, out=out)))
+    for crop in (True, False):  # the overhanging windows cropped to the grid (triton_attn.CROP_WINDOWS) or padded
+        triton_attn.CROP_WINDOWS = crop
+        try:
+            plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14))
+        finally:
+            triton_attn.CROP_WINDOWS = True
+        tag = "cropped" if crop else "padded"
+        emit(shape, f"tuned, {tag}: {plan.config}", try_time(lambda p=plan: p(*args)))
+        for i, p in enumerate(getattr(plan, "plans", [plan])):
+            emit(shape, f"tuned, {tag}, launch {i} alone", try_time(lambda p=p: p(*args, out=out)))
+    # the q-pooled block into stage 4: q 7 x 7 windows on 32 x 32 (pooled), keys 14 x 14 on 64 x 64, 16 heads
+    q4, k4, v4 = torch.randn(B, 64, 64, 3, 16, d, device=dev, dtype=dt, generator=gen).unbind(3)
+    q4 = q4.unflatten(1, (32, 2)).unflatten(3, (32, 2)).amax(dim=(2, 4))
+    pad4 = torch.zeros(16, d, device=dev, dtype=dt)
+    for crop in (True, False):
+        triton_attn.CROP_WINDOWS = crop
+        try:
+            plan = triton_attn.make_plan(q4, k4, v4, None, None, None, None, None, d ** -0.5, 128, window=(14, 14),
+                                         q_window=(7, 7))
+        finally:
+            triton_attn.CROP_WINDOWS = True
+        emit("pooled: q 7x7 on 32x32, keys 14x14 on 64x64, 16 heads, d 56, B 8",
+             f"tuned, {'cropped' if crop else 'padded'}: {plan.config}",
+             try_time(lambda p=plan: p(q4, k4, v4, None, None, None, None, None, None, pad4, pad4)))
     for cfg in CONFIG_CASES["window 14"]:
         cfg = {key: val for key, val in cfg.items() if val is not None}
         emit(shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(

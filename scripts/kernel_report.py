@@ -37,7 +37,7 @@ UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_rhm"
 
 # The launcher's constexprs for three of SAM's layers (vit_b: head dim 64), dense.
 COMMON = dict(D_REAL=64, D0=64, D1=0, D1_AT=64, MASK_BLOCK=128, KB_P=16, HAS_MASK=False, VARLEN=False, WINDOW=False,
-              WIN_H=1, WIN_W=1, QWIN_H=1, QWIN_W=1, WIN_PAD=False, PACK=1, DOT_PREC="tf32", INTERP=False, RECT_H=1,
+              WIN_H=1, WIN_W=1, QWIN_H=1, QWIN_W=1, WIN_PAD=False, CROP=False, PACK=1, DOT_PREC="tf32", INTERP=False, RECT_H=1,
               RECT_W=64, W_HOIST=False, USE_WDOT=False, KH_P=16, KW_P=16, EVEN_N=True, TMA=False, ALIGN=8, SPLIT=False,
               KH=64, KW=64, TILE_H=64, TILE_W=64)
 CASES = {
@@ -49,6 +49,11 @@ CASES = {
     "window 14x14 overhanging, rel-pos (one-hot)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_ONEHOT, WINDOW=True,
                                                         WIN_H=14, WIN_W=14, WIN_PAD=True, RECT_W=14, EVEN_N=False,
                                                         KH=14, KW=14, TILE_H=14, TILE_W=14),
+    "window 14x14 in place, no bias (Hiera)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE, WINDOW=True,
+                                                   WIN_H=14, WIN_W=14, EVEN_N=False, KH=1, KW=1, TILE_H=1, TILE_W=1),
+    "window 14x14 overhanging, cropped, no bias (Hiera)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE,
+                                                               WINDOW=True, WIN_H=14, WIN_W=14, WIN_PAD=True, CROP=True,
+                                                               EVEN_N=False, KH=1, KW=1, TILE_H=1, TILE_W=1),
     # Head dims that are no power of two, no bias (SAM 2's Hiera; vit_h's 80 for comparison): how the chunks
     # (triton_attn.head_dim_chunks) change the loop.
     "global d72, one chunk of 128 (hiera_l today)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE, D_REAL=72,

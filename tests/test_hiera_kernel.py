@@ -377,3 +377,59 @@ def test_tuned_packed_plans_fit_their_block_size(triton_kernel, monkeypatch):
                 packs.add((side, w, qw, bs, c.get("PACK", 1)))
     assert {(16, 4, 2, 16, 4), (16, 8, 4, 32, 2), (16, 4, None, 64, 4)} <= packs, packs  # packed where it applies
     assert all(p == 1 for (side, w, qw, bs, p) in packs if qw == 4 and w == 1), packs
+
+
+# Cropped windows (the kernel's CROP): the launch of windows that overhang the grid, without a block mask or rel-pos
+# terms, takes each window's tokens on the grid in raster order of the cropped rectangle and its padding keys as one
+# key of weight n_pad. (B, GH, GW, key window, q pooled by 2, heads, head dim, dtype, (BLOCK_M, BLOCK_N)): windows
+# that overhang to the right only, below only, both, a grid smaller than one window, Hiera's 14 x 14 (cropped to
+# 6 and 4 tokens wide), q-pooled ones; tiles small enough that a cropped window still takes several query tiles and
+# key steps, so its counts fall inside tiles.
+CROPPED = [
+    (2, 8, 11, (4, 4), False, 2, 56, torch.float32, (16, 16)),      # right only: 3 columns on the grid
+    (1, 11, 8, (4, 4), False, 2, 24, torch.float16, (16, 16)),      # below only
+    (1, 10, 11, (4, 4), False, 1, 16, torch.bfloat16, (16, 16)),    # both, and the corner
+    (2, 3, 5, (4, 8), False, 2, 32, torch.float32, (16, 16)),       # a grid smaller than one window: 15 of 32 keys
+    (1, 20, 18, (14, 14), False, 1, 40, torch.bfloat16, (32, 16)),  # Hiera's 14: cropped to 6 x 14, 14 x 4, 6 x 4
+    (1, 20, 12, (8, 8), True, 2, 72, torch.float16, (16, 16)),      # q pooled: 4 x 4 query windows cropped to 2 wide
+    (1, 36, 36, (14, 14), True, 1, 56, torch.bfloat16, (16, 32)),   # stage 3 -> 4: keys 8 wide, queries 4 wide
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("crop", [True, False], ids=["cropped", "padded"])
+@pytest.mark.parametrize("case", CROPPED, ids=lambda c: f"{c[1]}x{c[2]}w{c[3][0]}x{c[3][1]}{'p' if c[4] else ''}-D{c[6]}")
+def test_cropped_windows_kernel(overlap_kernel, monkeypatch, case, crop):
+    """Windows that overhang the grid, cropped (CROP_WINDOWS, the default) and padded, into a NaN-poisoned output
+    against the float64 oracle per row, with random padding keys and values (a projection's bias) that weigh in."""
+    B, GH, GW, win, pooled, H, D, dtype, (bm, bn) = case
+    monkeypatch.setattr(overlap_kernel, "CROP_WINDOWS", crop)
+    seed, g = seeded()
+    if pooled:
+        q, k, v, kp, vp = pooled_inputs(g, B, GH, GW, H, D, dtype)
+    else:
+        q, k, v = torch.randn(B, GH, GW, 3, H, D, generator=g).to(dtype).unbind(3)
+        kp, vp = (torch.randn(H, D, generator=g).to(dtype) for _ in range(2))
+    q_win = (win[0] // 2, win[1] // 2) if pooled else None
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    overlap_kernel.attention_triton(q, k, v, None, None, None, None, None, D ** -0.5, 128, window=win, q_window=q_win,
+                                    k_pad=kp, v_pad=vp, out=out,
+                                    config=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2))
+    check_window(out, q, k, v, win, kp, vp, None, None, None, None, 128, seed, FLOOR, ROW_FLOOR, q_window=q_win)
+
+
+@needs_triton
+def test_cropped_window_padding_key_below_the_cut(triton_kernel):
+    """A query whose padding keys' logit overflows to -inf (q . k_pad far below -1e38) gets them with weight 0, as a
+    padded window gives them, and the others their n_pad weight: the cropped window's padding key starts the
+    running max only where it is alive."""
+    seed, g = seeded()
+    q, k, v = torch.randn(1, 6, 7, 3, 2, 16, generator=g).unbind(3)
+    kp, vp = torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
+    q[0, 5, 6, 0] = 1e20  # the corner query, head 0: its real logits ~1e20, its padding keys' -1.6e41 -> -inf
+    kp[0] = -1e20
+    assert torch.isinf((q[0, 5, 6, 0] * kp[0]).sum())
+    out = torch.full(q.shape, float("nan"))
+    triton_kernel.attention_triton(q, k, v, None, None, None, None, None, 0.25, 128, window=(4, 4), k_pad=kp, v_pad=vp,
+                                   out=out, config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2))
+    check_window(out, q, k, v, (4, 4), kp, vp, None, None, None, 0.25, 128, seed, FLOOR, ROW_FLOOR)

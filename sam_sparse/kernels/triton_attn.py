@@ -119,6 +119,10 @@ def head_dim_chunks(d: int) -> Tuple[int, int, int]:
 # Whether the tuner runs packed windows (_pack_configs) where they apply, instead of tuning one window per program.
 # False gives the unpacked tuning back (benchmarks compare the two). Read when a plan is made.
 PACK_WINDOWS = True
+# Whether the launch of windows that overhang the grid crops them to it (the kernel's CROP: their tokens on the grid
+# in raster order, padding keys as one weighted key) where no block mask or rel-pos terms index the window's raster
+# order. False gives the padded tiles back (benchmarks compare the two). Read when a plan is made.
+CROP_WINDOWS = True
 
 
 # Tests set this to BIAS_ONEHOT or BIAS_GATHER to exercise a path the tuner would not pick on their shapes.
@@ -173,6 +177,15 @@ def _rect_row(start_n, PER_TILE: tl.constexpr, TILES_PER_ROW: tl.constexpr, TILE
 
 
 @triton.jit
+def _divmod_small(n, d, inv_d):
+    """n // d and n % d for int32 0 <= n < 2**16 and a run-time d >= 1 (inv_d = 1 / d in fp32), through one float
+    multiply: (n + 0.5) / d lies at least 0.5 / d from an integer, far beyond the product's rounding there. An
+    integer division by a run-time value costs a cropped window's key step about 150 more instructions."""
+    quo = ((n.to(tl.float32) + 0.5) * inv_d).to(tl.int32)
+    return quo, n - quo * d
+
+
+@triton.jit
 def _tma_tile(DESC, img, start_n, hk, col, y0, x0, WINDOW: tl.constexpr, WIN_W: tl.constexpr, BLOCK_N: tl.constexpr,
               WIDTH: tl.constexpr):
     """(BLOCK_N, WIDTH): keys start_n.. of K or V through a TMA descriptor (tma_descriptors), columns col..:
@@ -221,7 +234,7 @@ def _attn_fwd(
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, VARLEN: tl.constexpr,
     WINDOW: tl.constexpr, WIN_H: tl.constexpr, WIN_W: tl.constexpr, QWIN_H: tl.constexpr, QWIN_W: tl.constexpr,
-    WIN_PAD: tl.constexpr, PACK: tl.constexpr,
+    WIN_PAD: tl.constexpr, CROP: tl.constexpr, PACK: tl.constexpr,
     DOT_PREC: tl.constexpr, INTERP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BIAS_PATH: tl.constexpr, RECT_H: tl.constexpr, RECT_W: tl.constexpr,
@@ -286,7 +299,17 @@ def _attn_fwd(
         qx0 = wx * QWIN_W
         seqlen_q = seqlen_q * PACK
         seqlen_k = seqlen_k * PACK
-        if qy0 + (pid_m * BLOCK_M) // (QWIN_W * PACK) >= q_grid_h:
+        if CROP:
+            # A window that overhangs the grid, cropped to it: its queries and keys on the grid, each rectangle in
+            # raster order (q_w and k_w wide), so no tile holds padding. Its padding keys join as one key below.
+            q_w = tl.minimum(QWIN_W, q_grid_w - qx0)
+            k_w = tl.minimum(WIN_W, grid_w - x0)
+            inv_k_w = 1.0 / k_w.to(tl.float32)
+            seqlen_q = tl.minimum(QWIN_H, q_grid_h - qy0) * q_w
+            seqlen_k = tl.minimum(WIN_H, grid_h - y0) * k_w
+            if pid_m * BLOCK_M >= seqlen_q:
+                return
+        elif qy0 + (pid_m * BLOCK_M) // (QWIN_W * PACK) >= q_grid_h:
             return  # every query of this tile lies in the padding below the grid: no output to write
 
     if VARLEN:
@@ -318,8 +341,13 @@ def _attn_fwd(
         # Query t of the window sits at (qy0 + t // QWIN_W, qx0 + t % QWIN_W) on the query grid; queries
         # past the grid are padding. (Windows are constexprs: these divisions become multiply-shifts.)
         # Packed, the tile's queries are the QWIN_H x (PACK * QWIN_W) rectangle of PACK windows side by side.
-        qy = qy0 + offs_m // (QWIN_W * PACK)
-        qx = qx0 + offs_m % (QWIN_W * PACK)
+        if CROP:
+            qy, qx = _divmod_small(offs_m, q_w, 1.0 / q_w.to(tl.float32))
+            qy += qy0
+            qx += qx0
+        else:
+            qy = qy0 + offs_m // (QWIN_W * PACK)
+            qx = qx0 + offs_m % (QWIN_W * PACK)
         m_ok = (offs_m < seqlen_q) & (qy < q_grid_h) & (qx < q_grid_w)
         q_rows = qy * stride_qn + qx * stride_qx
         o_rows = qy * stride_on + qx * stride_ox
@@ -407,6 +435,15 @@ def _attn_fwd(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if CROP:
+        # The cropped window's padding keys all have k_pad: together one key of weight n_pad, whose logit starts
+        # the running max (log2 units, as m_i) unless it is below the cut (no key: see dead_max below).
+        n_pad = (WIN_H * WIN_W - seqlen_k).to(tl.float32)
+        pad_logit = q_kpad * qk_scale
+        alive = pad_logit > dead_max
+        m_i = tl.where(alive, pad_logit, float("-inf"))
+        l_i = tl.where(alive, n_pad, 0.0)
+        pad_l = l_i
     acc0 = tl.zeros([BLOCK_M, DV0], dtype=tl.float32)
     if DV1 > 0:
         acc1 = tl.zeros([BLOCK_M, DV1], dtype=tl.float32)
@@ -457,8 +494,13 @@ def _attn_fwd(
         offs_n = start_n + offs_nb
         n_ok = offs_n < seqlen_k
         if WINDOW:
-            ky = y0 + offs_n // (WIN_W * PACK)
-            kx = x0 + offs_n % (WIN_W * PACK)
+            if CROP:
+                ky, kx = _divmod_small(offs_n, k_w, inv_k_w)
+                ky += y0
+                kx += x0
+            else:
+                ky = y0 + offs_n // (WIN_W * PACK)
+                kx = x0 + offs_n % (WIN_W * PACK)
             k_in = n_ok & (ky < grid_h) & (kx < grid_w)  # keys of the window that lie on the grid
             k_rows = ky * stride_kn + kx * stride_kx
             v_rows = ky * stride_vn + kx * stride_vx
@@ -486,7 +528,7 @@ def _attn_fwd(
             if INTERP:
                 k1 = k1.to(tl.float32)
             qk = tl.dot(q1, k1, qk, input_precision=DOT_PREC)
-        if WIN_PAD:
+        if WIN_PAD and not CROP:
             pad_k = (n_ok & ~k_in).to(tl.float32)  # 1.0 for padding keys: their q . k is 0 so far
             qk += pad_k[None, :] * q_kpad[:, None]
 
@@ -548,7 +590,9 @@ def _attn_fwd(
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_new
-        if WIN_PAD:
+        if CROP:
+            pad_l = pad_l * alpha
+        elif WIN_PAD:
             pad_l = pad_l * alpha + tl.sum(p * pad_k[None, :], 1)
 
         if TMA:
@@ -1399,13 +1443,15 @@ def make_plan(
         for n_launch, pad in launches:
             n_launch //= pack
             n_bh = batch * n_launch * nheads
+            # Cropped windows hold fewer keys than a full one, in rows of their own width: no key box, no even tiles.
+            crop = pad and CROP_WINDOWS and not has_mask and not has_bias
             tail = scalars + (
                 n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"],
                 head_dim, d0, d1, d1_at, v_dim, dv0, dv1, dv1_at, block_size, max(16, next_pow2(kb)), has_mask,
                 has_bias, varlen,
-                window is not None, *win_hw, *q_win_hw, pad, pack, prec, INTERPRET,
+                window is not None, *win_hw, *q_win_hw, pad, crop, pack, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
-                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"], tma, align, n_split > 1,
+                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"] and not crop, tma and not crop, align, n_split > 1,
             )
             grid = (q_tiles * n_split, min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
             combine = None
@@ -1414,7 +1460,7 @@ def make_plan(
                     raise ValueError(f"config {cfg}: SPLIT_K over {n_bh} (sequence, head) pairs (at most {MAX_GRID_Y})")
                 combine = SplitCombine(n_split, n_bh, q_tiles * cfg["BLOCK_M"], v_dim, dv1_at + dv1, nheads, seqlen_q,
                                        varlen, out_strides[:4])
-            plans.append(KernelPlan(grid, tail, cfg, (box, d0, d1, dv0, dv1) if tma else None, combine,
+            plans.append(KernelPlan(grid, tail, cfg, (box, d0, d1, dv0, dv1) if tma and not crop else None, combine,
                                     v_dim if v_dim != head_dim else None))
         return plans[0] if len(plans) == 1 else LaunchGroup(plans)
 
