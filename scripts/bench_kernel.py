@@ -639,14 +639,11 @@ CONFIG_CASES = {
                   dict(BLOCK_M=256, BLOCK_N=128, num_warps=16, num_stages=2, TMA=1)],
     # hiera_b+'s stage-3 windows (14 x 14 on a 64 x 64 grid, 8 heads, head dim 56, batch 8): 196 tokens, so a
     # 64-row tile leaves 4 rows and the last 64-key step 4 keys; register caps (maxnreg) for more CTAs per SM.
-    "window 14": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s, maxnreg=r)
-                  for s in (2, 3) for r in (None, 128, 112, 96)] + [
-        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3, maxnreg=r) for r in (None, 128)],
-    # hiera_b+'s global blocks (4096 tokens, 8 heads, head dim 56 read as one 64-wide TMA box, batch 8).
-    "global 56": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=s, TMA=1, maxnreg=r)
-                  for s in (3, 4) for r in (None, 128, 112)] + [
-        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=s, TMA=1) for s in (2, 3)] + [
-        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s, TMA=1, maxnreg=r) for s in (3, 4) for r in (None, 128)],
+    "window 14": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s, maxnreg=r) for s in (2, 3) for r in (None, 96)] + [
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
+    # hiera_b+'s global blocks (4096 tokens, 8 heads, head dim 56 read as one 64-wide TMA box, batch 8); run 115 timed
+    # register caps of 112 and 128, 128 x 128 tiles and 64 x 64 ones too: all slower.
+    "global 56": [dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=s, TMA=1) for s in (3, 4)],
     # Memory cross-attention at 16 objects, head dim 256: the tuner's 128-row tiles and what else fits, among
     # them 256-row tiles over four warp groups (each K / V tile serves twice the rows; Q takes 128 KB of shared
     # memory, so only short key tiles fit beside it).
@@ -786,6 +783,15 @@ def _global_configs(dt, dev, gen, emit) -> None:
             q, k, v, None, None, None, None, None, d ** -0.5, config_block(c), config=c)))
 
 
+def _plan_with(crop: bool, tail: bool, *args, **kwargs):
+    """triton_attn.make_plan with CROP_WINDOWS and TAIL_KEYS set as given (both back on after)."""
+    triton_attn.CROP_WINDOWS, triton_attn.TAIL_KEYS = crop, tail
+    try:
+        return triton_attn.make_plan(*args, **kwargs)
+    finally:
+        triton_attn.CROP_WINDOWS = triton_attn.TAIL_KEYS = True
+
+
 def _bplus_configs(dt, dev, gen, emit) -> None:
     """hiera_b+'s 14 x 14 windows and global blocks at batch 8 (head dim 56): the tuned plan, each launch of the
     windows' plan alone (the windows inside the grid, then those that overhang it), and CONFIG_CASES' configs."""
@@ -798,13 +804,11 @@ def _bplus_configs(dt, dev, gen, emit) -> None:
     _sdpa_rows(shape, *parts.unbind(2), emit)
     args = (q, k, v, None, None, None, None, None, None, pad, pad)
     out = torch.empty_like(q)
-    for crop in (True, False):  # the overhanging windows cropped to the grid (triton_attn.CROP_WINDOWS) or padded
-        triton_attn.CROP_WINDOWS = crop
-        try:
-            plan = triton_attn.make_plan(q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14))
-        finally:
-            triton_attn.CROP_WINDOWS = True
-        tag = "cropped" if crop else "padded"
+    # The windows that overhang the grid cropped to it (triton_attn.CROP_WINDOWS) or padded; the last partial key step
+    # as a narrow tile after the loop (TAIL_KEYS) or as a masked full step.
+    variants = (("cropped, tail", True, True), ("cropped", True, False), ("padded", False, False))
+    for tag, crop, tail in variants:
+        plan = _plan_with(crop, tail, q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14))
         emit(shape, f"tuned, {tag}: {plan.config}", try_time(lambda p=plan: p(*args)))
         for i, p in enumerate(getattr(plan, "plans", [plan])):
             emit(shape, f"tuned, {tag}, launch {i} alone", try_time(lambda p=p: p(*args, out=out)))
@@ -812,15 +816,10 @@ def _bplus_configs(dt, dev, gen, emit) -> None:
     q4, k4, v4 = torch.randn(B, 64, 64, 3, 16, d, device=dev, dtype=dt, generator=gen).unbind(3)
     q4 = q4.unflatten(1, (32, 2)).unflatten(3, (32, 2)).amax(dim=(2, 4))
     pad4 = torch.zeros(16, d, device=dev, dtype=dt)
-    for crop in (True, False):
-        triton_attn.CROP_WINDOWS = crop
-        try:
-            plan = triton_attn.make_plan(q4, k4, v4, None, None, None, None, None, d ** -0.5, 128, window=(14, 14),
-                                         q_window=(7, 7))
-        finally:
-            triton_attn.CROP_WINDOWS = True
-        emit("pooled: q 7x7 on 32x32, keys 14x14 on 64x64, 16 heads, d 56, B 8",
-             f"tuned, {'cropped' if crop else 'padded'}: {plan.config}",
+    for tag, crop, tail in variants:
+        plan = _plan_with(crop, tail, q4, k4, v4, None, None, None, None, None, d ** -0.5, 128, window=(14, 14),
+                          q_window=(7, 7))
+        emit("pooled: q 7x7 on 32x32, keys 14x14 on 64x64, 16 heads, d 56, B 8", f"tuned, {tag}: {plan.config}",
              try_time(lambda p=plan: p(q4, k4, v4, None, None, None, None, None, None, pad4, pad4)))
     for cfg in CONFIG_CASES["window 14"]:
         cfg = {key: val for key, val in cfg.items() if val is not None}

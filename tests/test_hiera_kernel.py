@@ -433,3 +433,63 @@ def test_cropped_window_padding_key_below_the_cut(triton_kernel):
     triton_kernel.attention_triton(q, k, v, None, None, None, None, None, 0.25, 128, window=(4, 4), k_pad=kp, v_pad=vp,
                                    out=out, config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2))
     check_window(out, q, k, v, (4, 4), kp, vp, None, None, None, 0.25, 128, seed, FLOOR, ROW_FLOOR)
+
+
+# Narrow last key tiles (the kernel's TAIL_N): keys that end in a partial step take it after the loop as a narrower
+# tile, loaded before the loop. (kind, shape, head dim, dtype, (BLOCK_M, BLOCK_N)) where kind is "window" (B, GH, GW,
+# window, q pooled), or "sequence" (B, Nq, Nk, heads, kv heads). 196 keys as 3 x 64 + 16 and 6 x 32 + 16, 35 as 32 +
+# 16, sequences of 100 and 300 keys, q-pooled 14 x 14 windows, windows inside a grid beside cropped ones, two chunks.
+TAILED = [
+    ("window", (1, 28, 28, (14, 14), False), 16, torch.float32, (64, 64)),
+    ("window", (2, 28, 14, (14, 14), False), 40, torch.bfloat16, (32, 32)),
+    ("window", (1, 10, 14, (5, 7), False), 24, torch.float16, (16, 32)),
+    ("window", (1, 30, 30, (14, 14), False), 32, torch.float16, (64, 64)),   # 4 inside (tail), 5 cropped
+    ("window", (1, 28, 28, (14, 14), True), 72, torch.bfloat16, (16, 64)),   # q 7 x 7 windows on 14 x 14
+    ("sequence", (2, 70, 100, 2, 2), 56, torch.float16, (32, 32)),
+    ("sequence", (1, 33, 212, 4, 2), 40, torch.float32, (16, 64)),           # 212 = 3 x 64 + 20: a 32-wide tail, GQA
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("tail", [True, False], ids=["tail", "masked-step"])
+@pytest.mark.parametrize("case", TAILED, ids=lambda c: f"{c[0]}{c[1][1]}x{c[1][2]}-D{c[2]}-{str(c[3])[6:]}-{c[4][1]}")
+def test_narrow_last_key_tile_kernel(overlap_kernel, monkeypatch, case, tail):
+    """Keys that end in a partial step, through the narrow tail tile (TAIL_KEYS, the default) and through a masked
+    full step, into a NaN-poisoned output, against the float64 oracle per row."""
+    kind, shape, D, dtype, (bm, bn) = case
+    monkeypatch.setattr(overlap_kernel, "TAIL_KEYS", tail)
+    seed, g = seeded()
+    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
+    if kind == "window":
+        B, GH, GW, win, pooled = shape
+        if pooled:
+            q, k, v, kp, vp = pooled_inputs(g, B, GH, GW, 2, D, dtype)
+        else:
+            q, k, v = torch.randn(B, GH, GW, 3, 2, D, generator=g).to(dtype).unbind(3)
+            kp, vp = (torch.randn(2, D, generator=g).to(dtype) for _ in range(2))
+        q_win = (win[0] // 2, win[1] // 2) if pooled else None
+        out = torch.full(q.shape, float("nan"), dtype=dtype)
+        overlap_kernel.attention_triton(q, k, v, None, None, None, None, None, D ** -0.5, 128, window=win,
+                                        q_window=q_win, k_pad=kp, v_pad=vp, out=out, config=cfg)
+        check_window(out, q, k, v, win, kp, vp, None, None, None, None, 128, seed, FLOOR, ROW_FLOOR, q_window=q_win)
+        return
+    B, Nq, Nk, H, Hk = shape
+    q = torch.randn(B, Nq, H, D, generator=g).to(dtype)
+    k, v = torch.randn(B, Nk, 2, Hk, D, generator=g).to(dtype).unbind(2)
+    out = torch.full(q.shape, float("nan"), dtype=dtype)
+    overlap_kernel.attention_triton(q, k, v, None, None, None, None, None, D ** -0.5, 128, out=out, config=cfg)
+    kr, vr = (t.repeat_interleave(H // Hk, dim=2) for t in (k, v))
+    ref, base = oracle_attention(q, kr, vr, block_size=128), same_dtype_torch(q, kr, vr, block_size=128)
+    assert torch.isfinite(out).all(), f"seed {seed}: NaN or a row left unwritten"
+    assert rel_error(out, ref) <= 2 * rel_error(base, ref) + FLOOR[dtype], f"seed {seed}"
+    row_err, row_base = ((t.double() - ref).abs().amax(-1) for t in (out, base))
+    assert (row_err <= 2 * row_base + ROW_FLOOR[dtype]).all(), f"seed {seed}: rows off, worst {row_err.max():.3g}"
+
+
+def test_narrow_last_key_tile_widths():
+    """The tail tile is the power of two >= 16 above the keys past the last full step, where it is narrower than
+    a step; none where the keys end on a step."""
+    from sam_sparse.kernels.triton_attn import _tail_keys
+
+    assert [_tail_keys(n, 64) for n in (196, 192, 256, 49, 100, 212, 35)] == [16, 0, 0, 0, 0, 32, 0]
+    assert [_tail_keys(n, 32) for n in (196, 35, 50, 64)] == [16, 16, 0, 0]

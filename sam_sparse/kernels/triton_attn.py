@@ -123,6 +123,10 @@ PACK_WINDOWS = True
 # in raster order, padding keys as one weighted key) where no block mask or rel-pos terms index the window's raster
 # order. False gives the padded tiles back (benchmarks compare the two). Read when a plan is made.
 CROP_WINDOWS = True
+# Whether a key sequence that ends in a partial tile takes that partial tile as a narrower one after the loop (the
+# kernel's TAIL_N) where nothing indexes the keys' tiles (no block mask, rel-pos terms, TMA boxes, splits, padding
+# keys or packed windows). False gives the masked full last step back (benchmarks compare the two).
+TAIL_KEYS = True
 
 
 # Tests set this to BIAS_ONEHOT or BIAS_GATHER to exercise a path the tuner would not pick on their shapes.
@@ -174,6 +178,20 @@ def _rect_row(start_n, PER_TILE: tl.constexpr, TILES_PER_ROW: tl.constexpr, TILE
     n_tile = start_n // PER_TILE
     sub = (start_n % PER_TILE) // BLOCK_N
     return (n_tile // TILES_PER_ROW) * TILE_H + (sub // SUBS_W) * RECT_H
+
+
+@triton.jit
+def _online_softmax(qk, m_i, l_i, qk_scale, row_off, dead_max):
+    """One key tile's step of the online softmax: qk (BLOCK_M, n) scores in q.k units, m_i / l_i the running max
+    (log2 units, row_off included) and sum. Returns p (the tile's probabilities against the new max), alpha (the
+    factor for what came before), and the new m_i, l_i."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + row_off)
+    # A row with only -inf / NEG_BIG keys so far subtracts +inf: exp2 gives 0 for each, rather than NaN
+    # (-inf - -inf), or overflow (at NEG_BIG's scale, one rounding of the FMA is worth 2**100).
+    m_use = tl.where(m_new <= dead_max, float("inf"), m_new)
+    p = tl.math.exp2(qk * qk_scale - (m_use - row_off)[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -240,7 +258,7 @@ def _attn_fwd(
     BIAS_PATH: tl.constexpr, RECT_H: tl.constexpr, RECT_W: tl.constexpr,
     W_HOIST: tl.constexpr, USE_WDOT: tl.constexpr,
     KH_P: tl.constexpr, KW_P: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    EVEN_N: tl.constexpr, TAIL_N: tl.constexpr,
     TMA: tl.constexpr,
     ALIGN: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -461,8 +479,35 @@ def _attn_fwd(
         tiles = (seqlen_k - blocks * MASK_BLOCK + BLOCK_N - 1) // BLOCK_N
         tiles = tl.minimum(tl.maximum(tiles, 0), SUBS)
         n_steps = tl.sum(tl.where(listed, tiles, 0), 0)
+    elif TAIL_N > 0:
+        n_steps = seqlen_k // BLOCK_N  # full steps only: the rest is the tail's
     else:
         n_steps = tl.cdiv(seqlen_k, BLOCK_N)
+    if TAIL_N > 0:
+        # The last seqlen_k % BLOCK_N keys (at most TAIL_N) go in one narrow tile after the loop, so that no step of
+        # the loop is mostly empty and none needs a key mask: a 14 x 14 window's 196 keys as 3 x 64 + 16 (4 of them
+        # keys), not 4 x 64. Loaded here, before the loop, so that their latency hides behind it.
+        offs_t = n_steps * BLOCK_N + tl.arange(0, TAIL_N)
+        t_ok = offs_t < seqlen_k
+        if WINDOW:
+            t_y = y0 + offs_t // WIN_W
+            t_x = x0 + offs_t % WIN_W
+            t_ok = t_ok & (t_y < grid_h) & (t_x < grid_w)
+            t_k_rows = t_y * stride_kn + t_x * stride_kx
+            t_v_rows = t_y * stride_vn + t_x * stride_vx
+        else:
+            t_k_rows = offs_t * stride_kn
+            t_v_rows = offs_t * stride_vn
+        t_k0 = tl.load(k_base + t_k_rows[None, :] + offs_d0[:, None] * stride_kd, mask=t_ok[None, :] & d0_ok[:, None],
+                       other=0.0)
+        t_v0 = tl.load(v_base + t_v_rows[:, None] + offs_v0[None, :] * stride_vd, mask=t_ok[:, None] & v0_ok[None, :],
+                       other=0.0)
+        if D1 > 0:
+            t_k1 = tl.load(k_base + t_k_rows[None, :] + offs_d1[:, None] * stride_kd,
+                           mask=t_ok[None, :] & d1_ok[:, None], other=0.0)
+        if DV1 > 0:
+            t_v1 = tl.load(v_base + t_v_rows[:, None] + offs_v1[None, :] * stride_vd,
+                           mask=t_ok[:, None] & v1_ok[None, :], other=0.0)
 
     if not HAS_MASK:
         idx_base = KV_IDX  # not read
@@ -582,14 +627,7 @@ def _attn_fwd(
         if not EVEN_N:
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
 
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + row_off)
-        # A row with only -inf / NEG_BIG keys so far subtracts +inf: exp2 gives 0 for each, rather than NaN
-        # (-inf - -inf), or overflow (at NEG_BIG's scale, one rounding of the FMA is worth 2**100).
-        m_use = tl.where(m_new <= dead_max, float("inf"), m_new)
-        p = tl.math.exp2(qk * qk_scale - (m_use - row_off)[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale, row_off, dead_max)
         if CROP:
             pad_l = pad_l * alpha
         elif WIN_PAD:
@@ -613,6 +651,26 @@ def _attn_fwd(
             if INTERP:
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
+
+    if TAIL_N > 0:
+        if INTERP:
+            t_k0 = t_k0.to(tl.float32)
+            t_v0 = t_v0.to(tl.float32)
+        qk = tl.dot(q0, t_k0, input_precision=DOT_PREC)
+        if D1 > 0:
+            if INTERP:
+                t_k1 = t_k1.to(tl.float32)
+            qk = tl.dot(q1, t_k1, qk, input_precision=DOT_PREC)
+        qk = tl.where(t_ok[None, :], qk, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale, tl.zeros([BLOCK_M], dtype=tl.float32), dead_max)
+        p_lp = p.to(V.dtype.element_ty)
+        if INTERP:
+            p_lp = p_lp.to(tl.float32)
+        acc0 = tl.dot(p_lp, t_v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
+        if DV1 > 0:
+            if INTERP:
+                t_v1 = t_v1.to(tl.float32)
+            acc1 = tl.dot(p_lp, t_v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
 
     if WIN_PAD:
         v_pad0 = tl.load(V_PAD + hk * DV_REAL + offs_v0, mask=v0_ok, other=0.0).to(tl.float32)
@@ -840,6 +898,14 @@ def _derived(a: dict, cfg: dict) -> dict:
         KH_P=max(16, next_pow2(a["KH"])), KW_P=max(16, next_pow2(a["KW"])),
         EVEN_N=(not a["VARLEN"]) and a["seqlen_k"] * cfg.get("PACK", 1) % bn == 0,
     )
+
+
+def _tail_keys(seqlen_k: int, block_n: int) -> int:
+    """The narrow tile (TAIL_N) for the keys past the last full BLOCK_N step: the next power of two >= 16 above
+    their count, where that is narrower than a step; 0 where the keys end on a step (or it would not be)."""
+    rem = seqlen_k % block_n
+    width = max(16, next_pow2(rem)) if rem else 0
+    return width if width < block_n else 0
 
 
 def _check_config(cfg: dict, block_size: int) -> None:
@@ -1445,13 +1511,16 @@ def make_plan(
             n_bh = batch * n_launch * nheads
             # Cropped windows hold fewer keys than a full one, in rows of their own width: no key box, no even tiles.
             crop = pad and CROP_WINDOWS and not has_mask and not has_bias
+            tail_n = _tail_keys(seqlen_k, cfg["BLOCK_N"]) if (
+                TAIL_KEYS and not (has_mask or has_bias or varlen or pad or tma or pack > 1 or n_split > 1)) else 0
             tail = scalars + (
                 n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"],
                 head_dim, d0, d1, d1_at, v_dim, dv0, dv1, dv1_at, block_size, max(16, next_pow2(kb)), has_mask,
                 has_bias, varlen,
                 window is not None, *win_hw, *q_win_hw, pad, crop, pack, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
-                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], dv["EVEN_N"] and not crop, tma and not crop, align, n_split > 1,
+                dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], (dv["EVEN_N"] or tail_n > 0) and not crop, tail_n,
+                tma and not crop, align, n_split > 1,
             )
             grid = (q_tiles * n_split, min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
             combine = None
