@@ -783,13 +783,13 @@ def _global_configs(dt, dev, gen, emit) -> None:
             q, k, v, None, None, None, None, None, d ** -0.5, config_block(c), config=c)))
 
 
-def _plan_with(flags, *args, **kwargs):
-    """triton_attn.make_plan with (CROP_WINDOWS, TAIL_KEYS, REST_ROWS) set to flags (all back on after)."""
-    triton_attn.CROP_WINDOWS, triton_attn.TAIL_KEYS, triton_attn.REST_ROWS = flags
+def _plan_with(crop: bool, tail: bool, *args, **kwargs):
+    """triton_attn.make_plan with CROP_WINDOWS and TAIL_KEYS set as given (both back on after)."""
+    triton_attn.CROP_WINDOWS, triton_attn.TAIL_KEYS = crop, tail
     try:
         return triton_attn.make_plan(*args, **kwargs)
     finally:
-        triton_attn.CROP_WINDOWS = triton_attn.TAIL_KEYS = triton_attn.REST_ROWS = True
+        triton_attn.CROP_WINDOWS = triton_attn.TAIL_KEYS = True
 
 
 def _bplus_configs(dt, dev, gen, emit) -> None:
@@ -805,12 +805,10 @@ def _bplus_configs(dt, dev, gen, emit) -> None:
     args = (q, k, v, None, None, None, None, None, None, pad, pad)
     out = torch.empty_like(q)
     # The windows that overhang the grid cropped to it (triton_attn.CROP_WINDOWS) or padded; the last partial key step
-    # as a narrow tile after the loop (TAIL_KEYS) or as a masked full step; the last 4 queries of each window in a
-    # launch of their own (REST_ROWS) or in a fourth tile.
-    variants = (("cropped, tail, rest", True, True, True), ("cropped, tail", True, True, False),
-                ("cropped", True, False, False), ("padded", False, False, False))
-    for tag, *flags in variants:
-        plan = _plan_with(flags, q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14))
+    # as a narrow tile after the loop (TAIL_KEYS) or as a masked full step.
+    variants = (("cropped, tail", True, True), ("cropped", True, False), ("padded", False, False))
+    for tag, crop, tail in variants:
+        plan = _plan_with(crop, tail, q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14))
         emit(shape, f"tuned, {tag}: {plan.config}", try_time(lambda p=plan: p(*args)))
         for i, p in enumerate(getattr(plan, "plans", [plan])):
             emit(shape, f"tuned, {tag}, launch {i} alone", try_time(lambda p=p: p(*args, out=out)))
@@ -818,8 +816,8 @@ def _bplus_configs(dt, dev, gen, emit) -> None:
     q4, k4, v4 = torch.randn(B, 64, 64, 3, 16, d, device=dev, dtype=dt, generator=gen).unbind(3)
     q4 = q4.unflatten(1, (32, 2)).unflatten(3, (32, 2)).amax(dim=(2, 4))
     pad4 = torch.zeros(16, d, device=dev, dtype=dt)
-    for tag, *flags in variants:
-        plan = _plan_with(flags, q4, k4, v4, None, None, None, None, None, d ** -0.5, 128, window=(14, 14),
+    for tag, crop, tail in variants:
+        plan = _plan_with(crop, tail, q4, k4, v4, None, None, None, None, None, d ** -0.5, 128, window=(14, 14),
                           q_window=(7, 7))
         emit("pooled: q 7x7 on 32x32, keys 14x14 on 64x64, 16 heads, d 56, B 8", f"tuned, {tag}: {plan.config}",
              try_time(lambda p=plan: p(q4, k4, v4, None, None, None, None, None, None, pad4, pad4)))

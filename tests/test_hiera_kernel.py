@@ -436,32 +436,28 @@ def test_cropped_window_padding_key_below_the_cut(triton_kernel):
 
 
 # Narrow last key tiles (the kernel's TAIL_N): keys that end in a partial step take it after the loop as a narrower
-# tile, loaded before the loop; and the queries past the last full tile of 64 rows or more in a launch of their own
-# (REST_ROWS, the kernel's q_start). (kind, shape, head dim, dtype, (BLOCK_M, BLOCK_N)) where kind is "window" (B, GH,
-# GW, window, q pooled), or "sequence" (B, Nq, Nk, heads, kv heads). 196 keys as 3 x 64 + 16 and 6 x 32 + 16 (196
-# queries as 3 x 64 + 4), 35 as 32 + 16, sequences of 100 and 212 keys (70 queries as 64 + 6), q-pooled 14 x 14
-# windows, windows inside a grid beside cropped ones, two chunks.
+# tile, loaded before the loop. (kind, shape, head dim, dtype, (BLOCK_M, BLOCK_N)) where kind is "window" (B, GH, GW,
+# window, q pooled), or "sequence" (B, Nq, Nk, heads, kv heads). 196 keys as 3 x 64 + 16 and 6 x 32 + 16, 35 as 32 +
+# 16, sequences of 100 and 300 keys, q-pooled 14 x 14 windows, windows inside a grid beside cropped ones, two chunks.
 TAILED = [
     ("window", (1, 28, 28, (14, 14), False), 16, torch.float32, (64, 64)),
     ("window", (2, 28, 14, (14, 14), False), 40, torch.bfloat16, (32, 32)),
     ("window", (1, 10, 14, (5, 7), False), 24, torch.float16, (16, 32)),
     ("window", (1, 30, 30, (14, 14), False), 32, torch.float16, (64, 64)),   # 4 inside (tail), 5 cropped
     ("window", (1, 28, 28, (14, 14), True), 72, torch.bfloat16, (16, 64)),   # q 7 x 7 windows on 14 x 14
-    ("sequence", (2, 70, 100, 2, 2), 56, torch.float16, (64, 32)),
+    ("sequence", (2, 70, 100, 2, 2), 56, torch.float16, (32, 32)),
     ("sequence", (1, 33, 212, 4, 2), 40, torch.float32, (16, 64)),           # 212 = 3 x 64 + 20: a 32-wide tail, GQA
 ]
 
 
 @needs_triton
-@pytest.mark.parametrize("split", [True, False], ids=["split", "partial-tiles"])
+@pytest.mark.parametrize("tail", [True, False], ids=["tail", "masked-step"])
 @pytest.mark.parametrize("case", TAILED, ids=lambda c: f"{c[0]}{c[1][1]}x{c[1][2]}-D{c[2]}-{str(c[3])[6:]}-{c[4][1]}")
-def test_narrow_last_key_tile_kernel(overlap_kernel, monkeypatch, case, split):
-    """Keys that end in a partial step and queries that end in a partial tile, split off (the narrow tail tile,
-    TAIL_KEYS, and the last rows' launch, REST_ROWS: the defaults) and kept in a masked full step and a partial
-    tile, into a NaN-poisoned output, against the float64 oracle per row."""
+def test_narrow_last_key_tile_kernel(overlap_kernel, monkeypatch, case, tail):
+    """Keys that end in a partial step, through the narrow tail tile (TAIL_KEYS, the default) and through a masked
+    full step, into a NaN-poisoned output, against the float64 oracle per row."""
     kind, shape, D, dtype, (bm, bn) = case
-    monkeypatch.setattr(overlap_kernel, "TAIL_KEYS", split)
-    monkeypatch.setattr(overlap_kernel, "REST_ROWS", split)
+    monkeypatch.setattr(overlap_kernel, "TAIL_KEYS", tail)
     seed, g = seeded()
     cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
     if kind == "window":
@@ -497,24 +493,3 @@ def test_narrow_last_key_tile_widths():
 
     assert [_tail_keys(n, 64) for n in (196, 192, 256, 49, 100, 212, 35)] == [16, 0, 0, 0, 0, 32, 0]
     assert [_tail_keys(n, 32) for n in (196, 35, 50, 64)] == [16, 16, 0, 0]
-
-
-def test_last_rows_launched_apart():
-    """The queries past the last full tile get a launch of their own where they are at most 16 after tiles of 64
-    rows or more: 196 = 3 x 64 + 4, 70 = 64 + 6; not 49 (one partial tile), 100 = 64 + 36, 196 in 32-row tiles."""
-    from sam_sparse.kernels.triton_attn import _rest_rows
-
-    assert [_rest_rows(n, 64) for n in (196, 70, 49, 100, 192, 80)] == [4, 6, 0, 0, 0, 16]
-    assert [_rest_rows(n, 128) for n in (196, 140)] == [0, 12]
-    assert _rest_rows(196, 32) == 0
-
-
-@needs_triton
-def test_last_rows_launch_plan(triton_kernel):
-    """A 14 x 14 window's plan at 64-row tiles: the windows inside the grid in 3 tiles of 64 rows from query 0, their
-    last 4 queries in one 16-row tile of one warp from query 192, the overhanging windows cropped in 4 tiles."""
-    q, k, v = torch.randn(1, 30, 30, 3, 2, 16).half().unbind(3)
-    plan = triton_kernel.make_plan(q, k, v, None, None, None, None, None, 0.25, 128, window=(14, 14),
-                                   config=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
-    launches = [(p.grid[0], p.config["BLOCK_M"], p.config["num_warps"]) for p in plan.plans]
-    assert launches == [(3, 64, 4), (1, 16, 1), (4, 64, 4)], launches

@@ -127,11 +127,6 @@ CROP_WINDOWS = True
 # kernel's TAIL_N) where nothing indexes the keys' tiles (no block mask, rel-pos terms, TMA boxes, splits, padding
 # keys or packed windows). False gives the masked full last step back (benchmarks compare the two).
 TAIL_KEYS = True
-# Whether the queries past the last full tile (at most REST_BLOCK_M of them, after tiles of 64 rows or more) go to a
-# launch of their own in REST_BLOCK_M-row tiles of one warp (the kernel's q_start), where nothing indexes the query
-# tiles (no block mask, rel-pos terms, splits, padding windows or packed ones). False keeps them in a last tile.
-REST_ROWS = True
-REST_BLOCK_M = 16
 
 
 # Tests set this to BIAS_ONEHOT or BIAS_GATHER to exercise a path the tuner would not pick on their shapes.
@@ -251,7 +246,7 @@ def _attn_fwd(
     stride_rwb, stride_rwh, stride_rwm, stride_rwk,
     seqlen_q, seqlen_k, num_heads, kv_group,
     KH: tl.constexpr, KW: tl.constexpr, TILE_H: tl.constexpr, TILE_W: tl.constexpr,
-    grid_h, grid_w, q_grid_h, q_grid_w, win_rows, win_cols, n_windows, n_launch, n_bh, n_split, ws_rows, q_start,
+    grid_h, grid_w, q_grid_h, q_grid_w, win_rows, win_cols, n_windows, n_launch, n_bh, n_split, ws_rows,
     D_REAL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1_AT: tl.constexpr,
     DV_REAL: tl.constexpr, DV0: tl.constexpr, DV1: tl.constexpr, DV1_AT: tl.constexpr,
     MASK_BLOCK: tl.constexpr, KB_P: tl.constexpr,
@@ -293,7 +288,6 @@ def _attn_fwd(
     # (sequence, head) pairs run along grid axes 1 and 2: axis 1 alone holds at most 65535, fewer than
     # Hiera's windows x heads x batch (hiera_b+ stage 3 at batch 8: 1024 x 8 x 8).
     pid_bh = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
-    m_start = q_start + pid_m * BLOCK_M  # this tile's first query (q_start: a launch of the last rows alone)
     if pid_bh >= n_bh:
         return
     b = pid_bh // num_heads  # the sequence: a batch row, or one (image, window) pair in WINDOW mode
@@ -331,9 +325,9 @@ def _attn_fwd(
             inv_k_w = 1.0 / k_w.to(tl.float32)
             seqlen_q = tl.minimum(QWIN_H, q_grid_h - qy0) * q_w
             seqlen_k = tl.minimum(WIN_H, grid_h - y0) * k_w
-            if m_start >= seqlen_q:
+            if pid_m * BLOCK_M >= seqlen_q:
                 return
-        elif qy0 + m_start // (QWIN_W * PACK) >= q_grid_h:
+        elif qy0 + (pid_m * BLOCK_M) // (QWIN_W * PACK) >= q_grid_h:
             return  # every query of this tile lies in the padding below the grid: no output to write
 
     if VARLEN:
@@ -341,7 +335,7 @@ def _attn_fwd(
         k_start = tl.load(CU_K + b)
         seqlen_q = tl.load(CU_Q + b + 1) - q_start
         seqlen_k = tl.load(CU_K + b + 1) - k_start
-        if m_start >= seqlen_q:
+        if pid_m * BLOCK_M >= seqlen_q:
             return
         q_base = Q + q_start.to(tl.int64) * stride_qn + h * stride_qh
         k_base = K + k_start.to(tl.int64) * stride_kn + hk * stride_kh
@@ -360,7 +354,7 @@ def _attn_fwd(
     inv_scale = 1.0 / sm_scale
     dead_max = NEG_CUT * qk_scale  # -inf when that overflows, and then so does NEG_BIG * qk_scale
 
-    offs_m = m_start + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if WINDOW:
         # Query t of the window sits at (qy0 + t // QWIN_W, qx0 + t % QWIN_W) on the query grid; queries
         # past the grid are padding. (Windows are constexprs: these divisions become multiply-shifts.)
@@ -474,7 +468,7 @@ def _attn_fwd(
 
     SUBS: tl.constexpr = MASK_BLOCK // BLOCK_N
     if HAS_MASK:
-        q_block = m_start // MASK_BLOCK
+        q_block = (pid_m * BLOCK_M) // MASK_BLOCK
         num = tl.load(KV_NUM + b * stride_numb + h * stride_numh + q_block * stride_numm)
         idx_base = KV_IDX + b * stride_idxb + h * stride_idxh + q_block * stride_idxm
         # Key tiles that hold keys, per listed block: SUBS for full blocks, fewer for the partial last
@@ -904,13 +898,6 @@ def _derived(a: dict, cfg: dict) -> dict:
         KH_P=max(16, next_pow2(a["KH"])), KW_P=max(16, next_pow2(a["KW"])),
         EVEN_N=(not a["VARLEN"]) and a["seqlen_k"] * cfg.get("PACK", 1) % bn == 0,
     )
-
-
-def _rest_rows(seqlen_q: int, block_m: int) -> int:
-    """The queries past the last full BLOCK_M tile that go to a launch of their own (REST_ROWS): where they are at
-    most REST_BLOCK_M and the tile at least 64 rows; else 0 (they stay in a last, partial tile)."""
-    rem = seqlen_q % block_m
-    return rem if block_m >= 64 and rem <= REST_BLOCK_M else 0
 
 
 def _tail_keys(seqlen_k: int, block_n: int) -> int:
@@ -1512,23 +1499,22 @@ def make_plan(
             raise ValueError(f"config {cfg}: PACK={pack!r} needs window attention without a block mask or rel-pos terms, "
                              f"on a grid the windows tile exactly, and an int > 1 dividing the windows per grid row "
                              f"({win_cols})")
+        dv = _derived(a, cfg)
         packed_win = None if window is None else (win_hw[0], win_hw[1] * pack)  # the key rectangle of one program
         box = key_box(packed_win, cfg["BLOCK_N"]) if cfg.get("TMA") and tma_ok else None
         tma = box is not None
         n_split = splits(cfg)
         q_tiles = triton.cdiv(seqlen_q * pack, cfg["BLOCK_M"])
-
-        def launch(c: dict, n_launch: int, pad: bool, q_start: int, tiles: int) -> KernelPlan:
-            """The launch of `tiles` query tiles of config c from query q_start, over n_launch windows per image
-            (padding windows if pad) or the sequences."""
-            dv = _derived(a, c)
+        plans = []
+        for n_launch, pad in launches:
+            n_launch //= pack
             n_bh = batch * n_launch * nheads
             # Cropped windows hold fewer keys than a full one, in rows of their own width: no key box, no even tiles.
             crop = pad and CROP_WINDOWS and not has_mask and not has_bias
-            tail_n = _tail_keys(seqlen_k, c["BLOCK_N"]) if (
+            tail_n = _tail_keys(seqlen_k, cfg["BLOCK_N"]) if (
                 TAIL_KEYS and not (has_mask or has_bias or varlen or pad or tma or pack > 1 or n_split > 1)) else 0
             tail = scalars + (
-                n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"], q_start,
+                n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"],
                 head_dim, d0, d1, d1_at, v_dim, dv0, dv1, dv1_at, block_size, max(16, next_pow2(kb)), has_mask,
                 has_bias, varlen,
                 window is not None, *win_hw, *q_win_hw, pad, crop, pack, prec, INTERPRET,
@@ -1536,27 +1522,15 @@ def make_plan(
                 dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], (dv["EVEN_N"] or tail_n > 0) and not crop, tail_n,
                 tma and not crop, align, n_split > 1,
             )
-            grid = (tiles * n_split, min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
+            grid = (q_tiles * n_split, min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
             combine = None
             if n_split > 1:
                 if n_bh > MAX_GRID_Y:
-                    raise ValueError(f"config {c}: SPLIT_K over {n_bh} (sequence, head) pairs (at most {MAX_GRID_Y})")
+                    raise ValueError(f"config {cfg}: SPLIT_K over {n_bh} (sequence, head) pairs (at most {MAX_GRID_Y})")
                 combine = SplitCombine(n_split, n_bh, q_tiles * cfg["BLOCK_M"], v_dim, dv1_at + dv1, nheads, seqlen_q,
                                        varlen, out_strides[:4])
-            return KernelPlan(grid, tail, c, (box, d0, d1, dv0, dv1) if tma and not crop else None, combine,
-                              v_dim if v_dim != head_dim else None)
-
-        plans = []
-        for n_launch, pad in launches:
-            n_launch //= pack
-            rest = _rest_rows(seqlen_q, cfg["BLOCK_M"]) if (
-                REST_ROWS and not (has_mask or has_bias or varlen or pad or pack > 1 or n_split > 1)) else 0
-            plans.append(launch(cfg, n_launch, pad, 0, q_tiles - (rest > 0)))
-            if rest:
-                # The last rows alone, in 16-row tiles of one warp: a 14 x 14 window's 196 queries as 3 x 64 + 4, not
-                # 4 x 64 with a fourth tile of 4 rows (as much work as a full one).
-                plans.append(launch({**cfg, "BLOCK_M": REST_BLOCK_M, "num_warps": 1}, n_launch, pad, seqlen_q - rest,
-                                    triton.cdiv(rest, REST_BLOCK_M)))
+            plans.append(KernelPlan(grid, tail, cfg, (box, d0, d1, dv0, dv1) if tma and not crop else None, combine,
+                                    v_dim if v_dim != head_dim else None))
         return plans[0] if len(plans) == 1 else LaunchGroup(plans)
 
     if config is not None:
