@@ -315,3 +315,40 @@ def test_host_scale_windows_tune_apart_and_stay_exact(monkeypatch):
     assert key1[:-1] == key8[:-1], "only the host-scale flag separates the two classes"
     assert any(not c.get("TMA") for c in cands1) and any(c.get("TMA") for c in cands1), cands1
     assert all(c.get("TMA") for c in cands8), cands8
+
+
+# Stage 3 of hiera_t / s / b+ at 1024 px: 14 x 14 windows on the 64 x 64 grid, the last row and column of windows
+# overhanging it by 6 (cropped to 8 tokens: triton_attn.CROP_WINDOWS), 196 keys per window (3 x 64 + a 16-key tail:
+# TAIL_KEYS); and the q-pooled block into stage 4 (7 x 7 query windows, cropped to 4).
+STAGE3_14 = [(8, 56, False), (4, 96, False), (16, 56, True)]
+
+
+@pytest.mark.parametrize("case", STAGE3_14, ids=lambda c: f"H{c[0]}-D{c[1]}{'-pooled' if c[2] else ''}")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [True, False], ids=["cropped-tail", "padded-masked"])
+def test_hiera_windows_14_cropped_with_key_tail(case, dtype, split, monkeypatch):
+    """The tuned plan and fixed configs, with the overhanging windows cropped and the keys' last partial step as a
+    narrow tile (the defaults) and without either, into NaN-poisoned outputs, against the float64 oracle per row,
+    with random padding keys and values (the qkv bias)."""
+    from sam_sparse.kernels import triton_attn
+
+    monkeypatch.setattr(triton_attn, "CROP_WINDOWS", split)
+    monkeypatch.setattr(triton_attn, "TAIL_KEYS", split)
+    seed, g = seeded()
+    heads, d, pooled = case
+    q, k, v = rnd(g, 2, 64, 64, 3, heads, d, dtype=dtype).unbind(3)
+    q_win = None
+    if pooled:
+        q, q_win = q.unflatten(1, (32, 2)).unflatten(3, (32, 2)).amax(dim=(2, 4)), (7, 7)
+    kp, vp = rnd(g, heads, d, dtype=dtype), rnd(g, heads, d, dtype=dtype)
+    configs = [None, dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+               dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3), dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3)]
+    for cfg in configs:
+        if dtype == torch.float32 and cfg is not None and cfg["BLOCK_M"] * cfg["BLOCK_N"] > 64 * 64:
+            continue  # fp32 tiles past 64 x 64 do not fit in shared memory at these head dims
+        out = torch.full(q.shape, float("nan"), device="cuda", dtype=dtype)
+        triton_attn.attention_triton(q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14),
+                                     q_window=q_win, k_pad=kp, v_pad=vp, out=out, config=cfg)
+        torch.cuda.synchronize()
+        check_window(out, q, k, v, (14, 14), kp, vp, None, None, None, None, 128, f"{seed} (config {cfg})", FLOOR,
+                     ROW_FLOOR, q_window=q_win)
