@@ -37,7 +37,12 @@ one WIN_H x WIN_W window, its tokens found by index arithmetic on the grid (no p
 output is written to the grid in place. The queries may lie on a grid of their own (a q pooled by 2, as
 Hiera's first block of a stage), cut into QWIN_H x QWIN_W windows: query window (i, j) attends to key
 window (i, j). Windows inside the grid and windows that overhang it run as two
-launches (WIN_PAD): only the latter carry the padding keys, whose key and value are K_PAD / V_PAD.
+launches (WIN_PAD): only the latter carry the padding keys, whose key and value are K_PAD / V_PAD. Without a
+block mask or rel-pos terms (which index a window's raster order) the overhanging windows are cropped to the
+grid (CROP): their tokens on the grid in raster order of the cropped rectangle, the padding keys as one key of
+weight n_pad, so a 14 x 14 window cut to 14 x 8 takes two 64-row tiles and two key steps instead of four each.
+Keys that end in a partial step (a 14 x 14 window's 196) take it as a narrow TAIL_N-key tile after the loop,
+loaded before it, where nothing indexes the key tiles (no mask, rel-pos terms, TMA boxes, splits or packing).
 Windows of few tokens (Hiera's 4 x 4 and its pooled ones; at most 32 queries) may be packed (a config's PACK):
 one program takes PACK windows side by side as one QWIN_H x (PACK * QWIN_W) tile of queries against the
 WIN_H x (PACK * WIN_W) rectangle of their keys, a query seeing only its own window's keys (block-diagonal),
