@@ -1,6 +1,7 @@
 """The GPU suite on SAM 2's shapes: Hiera's global blocks (4096 tokens, head dims 96 / 56 / 72), its
-windowed blocks read in place (8 x 8 windows on a 256 x 256 grid), its q-pooled blocks (a pooled window
-attending to the full one, with and without padding windows), and whole SAM 2.1 image models patched
+windowed blocks read in place (8 x 8 windows on a 256 x 256 grid; stage 3's 14 x 14 on 64 x 64, the overhanging ones
+cropped to the grid, 196 keys as full steps and a narrow tail), its q-pooled blocks (a pooled window attending to the
+full one, with and without padding windows), and whole SAM 2.1 image models patched
 dense against sam2's own forward (random weights, sharpened attention).
 
 Kernel cases are checked against the float64 oracle (tests/oracle.py) globally and per row, on fresh
