@@ -784,12 +784,14 @@ def _global_configs(dt, dev, gen, emit) -> None:
 
 
 def _plan_with(crop: bool, tail: bool, *args, **kwargs):
-    """triton_attn.make_plan with CROP_WINDOWS and TAIL_KEYS set as given (both back on after)."""
+    """triton_attn.make_plan with CROP_WINDOWS and TAIL_KEYS set as given (their values back after). The flags are
+    not in the tuning key: every variant of one shape runs the config tuned for the first."""
+    before = triton_attn.CROP_WINDOWS, triton_attn.TAIL_KEYS
     triton_attn.CROP_WINDOWS, triton_attn.TAIL_KEYS = crop, tail
     try:
         return triton_attn.make_plan(*args, **kwargs)
     finally:
-        triton_attn.CROP_WINDOWS = triton_attn.TAIL_KEYS = True
+        triton_attn.CROP_WINDOWS, triton_attn.TAIL_KEYS = before
 
 
 def _bplus_configs(dt, dev, gen, emit) -> None:

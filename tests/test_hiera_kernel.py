@@ -7,6 +7,8 @@ Triton kernel in Triton's interpreter. Fresh random inputs every case, the seed 
 the kernel writes into an output poisoned with NaN first.
 """
 
+import inspect
+
 import pytest
 import torch
 
@@ -419,71 +421,99 @@ def test_cropped_windows_kernel(overlap_kernel, monkeypatch, case, crop):
 
 
 @needs_triton
-def test_cropped_window_padding_key_below_the_cut(triton_kernel):
-    """A query whose padding keys' logit overflows to -inf (q . k_pad far below -1e38) gets them with weight 0, as a
-    padded window gives them, and the others their n_pad weight: the cropped window's padding key starts the
-    running max only where it is alive."""
+@pytest.mark.parametrize("crop", [True, False], ids=["cropped", "padded"])
+def test_cropped_window_padding_key_near_the_cut(triton_kernel, monkeypatch, crop):
+    """A live row whose padding keys' logits lie just below the cut (-1e38 * scale) weighs them as the padded path
+    and the oracle do (exp of their distance to the row's max), not as 0: at softmax_scale 1e-36 the corner query's
+    real logits are -97, its padding keys' -104, the cut -100."""
+    monkeypatch.setattr(triton_kernel, "CROP_WINDOWS", crop)
     seed, g = seeded()
-    q, k, v = torch.randn(1, 6, 7, 3, 2, 16, generator=g).unbind(3)
-    kp, vp = torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
-    q[0, 5, 6, 0] = 1e20  # the corner query, head 0: its real logits ~1e20, its padding keys' -1.6e41 -> -inf
-    kp[0] = -1e20
-    assert torch.isinf((q[0, 5, 6, 0] * kp[0]).sum())
+    q, k, v = (torch.randn(1, 6, 7, 1, 16, generator=g) for _ in range(3))
+    kp, vp = torch.randn(1, 16, generator=g), torch.randn(1, 16, generator=g)
+    q[..., 0] = 0.0
+    k[..., 0], kp[:, 0] = -0.97e19, -1.04e19
+    q[0, 5, 6, 0] = 0.0
+    q[0, 5, 6, 0, 0] = 1e19  # the corner query: q . k = -0.97e38, q . k_pad = -1.04e38
     out = torch.full(q.shape, float("nan"))
-    triton_kernel.attention_triton(q, k, v, None, None, None, None, None, 0.25, 128, window=(4, 4), k_pad=kp, v_pad=vp,
+    triton_kernel.attention_triton(q, k, v, None, None, None, None, None, 1e-36, 128, window=(4, 4), k_pad=kp, v_pad=vp,
                                    out=out, config=dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2))
-    check_window(out, q, k, v, (4, 4), kp, vp, None, None, None, 0.25, 128, seed, FLOOR, ROW_FLOOR)
+    ref = check_window(out, q, k, v, (4, 4), kp, vp, None, None, None, 1e-36, 128, seed, FLOOR, ROW_FLOOR)
+    real = v[0, 4:6, 4:7, 0].reshape(6, 16).double().mean(0)  # its 6 keys on the grid alone, all at the same logit
+    assert (ref[0, 5, 6, 0] - real).abs().max() > 1e-4, f"seed {seed}: the case must give the padding keys weight"
 
 
-# Narrow last key tiles (the kernel's TAIL_N): keys that end in a partial step take it after the loop as a narrower
-# tile, loaded before the loop. (kind, shape, head dim, dtype, (BLOCK_M, BLOCK_N)) where kind is "window" (B, GH, GW,
-# window, q pooled), or "sequence" (B, Nq, Nk, heads, kv heads). 196 keys as 3 x 64 + 16 and 6 x 32 + 16, 35 as 32 +
-# 16, sequences of 100 and 300 keys, q-pooled 14 x 14 windows, windows inside a grid beside cropped ones, two chunks.
+def plan_constexprs(triton_kernel, plan) -> dict:
+    """A KernelPlan's arguments after the tensors, by the kernel's parameter names."""
+    fn = getattr(triton_kernel._attn_fwd, "fn", triton_kernel._attn_fwd)  # interpreter: the Python function
+    names = list(inspect.signature(fn).parameters)[triton_kernel._N_TENSORS:]
+    return dict(zip(names, plan._tail, strict=True))
+
+
+@needs_triton
+def test_cropping_and_key_tail_apply_where_they_should(triton_kernel):
+    """Which launches crop their windows and which take a narrow key tail: a 14 x 14 window's plan crops the
+    overhanging windows (no key tail there: their key counts vary) and gives the inside ones a 16-key tail with full
+    unmasked steps; a block mask or rel-pos terms keep both off; sequences, fp32 and head dims past 128 never take
+    the tail; windows that end on a step need none."""
+    g = torch.Generator().manual_seed(0)
+    cfg = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    want = ("WIN_PAD", "CROP", "TAIL_N", "EVEN_N", "TMA")
+
+    def launches(q, k, v, window, lists=(None, None), rel=(None, None), **kw):
+        plan = triton_kernel.make_plan(q, k, v, *lists, *rel, None, 0.25, 128, window=window, config=cfg, **kw)
+        return [tuple(plan_constexprs(triton_kernel, p)[n] for n in want) for p in getattr(plan, "plans", [plan])]
+
+    q, k, v = torch.randn(1, 64, 64, 3, 2, 56, generator=g).half().unbind(3)
+    assert launches(q, k, v, (14, 14)) == [(False, False, 16, True, False), (True, True, 0, False, False)]
+    qp = q.unflatten(1, (32, 2)).unflatten(3, (32, 2)).amax(dim=(2, 4))
+    assert launches(qp, k, v, (14, 14), q_window=(7, 7)) == [(False, False, 16, True, False), (True, True, 0, False, False)]
+    rel = torch.randn(1, 2, 4096, 14, generator=g).half(), torch.randn(1, 2, 4096, 14, generator=g).half()
+    assert [c[1:3] for c in launches(q, k, v, (14, 14), rel=rel)] == [(False, 0), (False, 0)]
+    lists = block_lists(torch.ones(25, 2, 2, 2, dtype=torch.bool))
+    assert [c[1:3] for c in launches(q, k, v, (14, 14), lists=lists)] == [(False, 0), (False, 0)]
+    assert [c[2] for c in launches(*(t.float() for t in (q, k, v)), (14, 14))] == [0, 0]  # fp32
+    q2, k2, v2 = torch.randn(1, 28, 28, 3, 1, 256, generator=g).half().unbind(3)
+    assert [c[2] for c in launches(q2, k2, v2, (14, 14))] == [0]  # head dim 256
+    assert launches(q, k, v, (16, 16)) == [(False, False, 0, True, False)]  # 256 keys: four full steps
+    qs, ks, vs = torch.randn(1, 100, 3, 2, 56, generator=g).half().unbind(2)
+    plan = triton_kernel.make_plan(qs, ks, vs, None, None, None, None, None, 0.25, 128, config=cfg)
+    assert plan_constexprs(triton_kernel, plan)["TAIL_N"] == 0  # a sequence: its length varies inside its class
+
+
+# Narrow last key tiles (the kernel's TAIL_N): a window's keys that end in a partial step take it after the loop as a
+# narrower tile, loaded before the loop. ((B, GH, GW, window, q pooled), head dim, dtype, (BLOCK_M, BLOCK_N)): 196 keys
+# as 3 x 64 + 16 and 6 x 32 + 16, 35 as 32 + 16, 66 as 64 + 16 (2 of them keys), q-pooled 14 x 14 windows, windows
+# inside a grid beside cropped ones, two head-dim chunks (the overlapping one at 24, 40 and 72).
 TAILED = [
-    ("window", (1, 28, 28, (14, 14), False), 16, torch.float32, (64, 64)),
-    ("window", (2, 28, 14, (14, 14), False), 40, torch.bfloat16, (32, 32)),
-    ("window", (1, 10, 14, (5, 7), False), 24, torch.float16, (16, 32)),
-    ("window", (1, 30, 30, (14, 14), False), 32, torch.float16, (64, 64)),   # 4 inside (tail), 5 cropped
-    ("window", (1, 28, 28, (14, 14), True), 72, torch.bfloat16, (16, 64)),   # q 7 x 7 windows on 14 x 14
-    ("sequence", (2, 70, 100, 2, 2), 56, torch.float16, (32, 32)),
-    ("sequence", (1, 33, 212, 4, 2), 40, torch.float32, (16, 64)),           # 212 = 3 x 64 + 20: a 32-wide tail, GQA
+    ((1, 28, 28, (14, 14), False), 16, torch.float16, (64, 64)),
+    ((2, 28, 14, (14, 14), False), 40, torch.bfloat16, (32, 32)),
+    ((1, 10, 14, (5, 7), False), 24, torch.float16, (16, 32)),
+    ((1, 30, 30, (14, 14), False), 32, torch.float16, (64, 64)),   # 4 inside (tail), 5 cropped
+    ((1, 28, 28, (14, 14), True), 72, torch.bfloat16, (16, 64)),   # q 7 x 7 windows on 14 x 14
+    ((1, 12, 22, (6, 11), False), 24, torch.bfloat16, (16, 64)),   # 66 keys: 64 + 2, cropped windows beside
 ]
 
 
 @needs_triton
 @pytest.mark.parametrize("tail", [True, False], ids=["tail", "masked-step"])
-@pytest.mark.parametrize("case", TAILED, ids=lambda c: f"{c[0]}{c[1][1]}x{c[1][2]}-D{c[2]}-{str(c[3])[6:]}-{c[4][1]}")
+@pytest.mark.parametrize("case", TAILED, ids=lambda c: f"{c[0][1]}x{c[0][2]}w{c[0][3][0]}x{c[0][3][1]}-D{c[1]}-{c[3][1]}")
 def test_narrow_last_key_tile_kernel(overlap_kernel, monkeypatch, case, tail):
-    """Keys that end in a partial step, through the narrow tail tile (TAIL_KEYS, the default) and through a masked
-    full step, into a NaN-poisoned output, against the float64 oracle per row."""
-    kind, shape, D, dtype, (bm, bn) = case
+    """A window's keys that end in a partial step, through the narrow tail tile (TAIL_KEYS, the default) and through
+    a masked full step, into a NaN-poisoned output, against the float64 oracle per row."""
+    (B, GH, GW, win, pooled), D, dtype, (bm, bn) = case
     monkeypatch.setattr(overlap_kernel, "TAIL_KEYS", tail)
     seed, g = seeded()
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4, num_stages=2)
-    if kind == "window":
-        B, GH, GW, win, pooled = shape
-        if pooled:
-            q, k, v, kp, vp = pooled_inputs(g, B, GH, GW, 2, D, dtype)
-        else:
-            q, k, v = torch.randn(B, GH, GW, 3, 2, D, generator=g).to(dtype).unbind(3)
-            kp, vp = (torch.randn(2, D, generator=g).to(dtype) for _ in range(2))
-        q_win = (win[0] // 2, win[1] // 2) if pooled else None
-        out = torch.full(q.shape, float("nan"), dtype=dtype)
-        overlap_kernel.attention_triton(q, k, v, None, None, None, None, None, D ** -0.5, 128, window=win,
-                                        q_window=q_win, k_pad=kp, v_pad=vp, out=out, config=cfg)
-        check_window(out, q, k, v, win, kp, vp, None, None, None, None, 128, seed, FLOOR, ROW_FLOOR, q_window=q_win)
-        return
-    B, Nq, Nk, H, Hk = shape
-    q = torch.randn(B, Nq, H, D, generator=g).to(dtype)
-    k, v = torch.randn(B, Nk, 2, Hk, D, generator=g).to(dtype).unbind(2)
+    if pooled:
+        q, k, v, kp, vp = pooled_inputs(g, B, GH, GW, 2, D, dtype)
+    else:
+        q, k, v = torch.randn(B, GH, GW, 3, 2, D, generator=g).to(dtype).unbind(3)
+        kp, vp = (torch.randn(2, D, generator=g).to(dtype) for _ in range(2))
+    q_win = (win[0] // 2, win[1] // 2) if pooled else None
     out = torch.full(q.shape, float("nan"), dtype=dtype)
-    overlap_kernel.attention_triton(q, k, v, None, None, None, None, None, D ** -0.5, 128, out=out, config=cfg)
-    kr, vr = (t.repeat_interleave(H // Hk, dim=2) for t in (k, v))
-    ref, base = oracle_attention(q, kr, vr, block_size=128), same_dtype_torch(q, kr, vr, block_size=128)
-    assert torch.isfinite(out).all(), f"seed {seed}: NaN or a row left unwritten"
-    assert rel_error(out, ref) <= 2 * rel_error(base, ref) + FLOOR[dtype], f"seed {seed}"
-    row_err, row_base = ((t.double() - ref).abs().amax(-1) for t in (out, base))
-    assert (row_err <= 2 * row_base + ROW_FLOOR[dtype]).all(), f"seed {seed}: rows off, worst {row_err.max():.3g}"
+    overlap_kernel.attention_triton(q, k, v, None, None, None, None, None, D ** -0.5, 128, window=win, q_window=q_win,
+                                    k_pad=kp, v_pad=vp, out=out, config=dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4,
+                                                                             num_stages=2))
+    check_window(out, q, k, v, win, kp, vp, None, None, None, None, 128, seed, FLOOR, ROW_FLOOR, q_window=q_win)
 
 
 def test_narrow_last_key_tile_widths():

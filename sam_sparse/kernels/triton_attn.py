@@ -41,8 +41,8 @@ launches (WIN_PAD): only the latter carry the padding keys, whose key and value 
 block mask or rel-pos terms (which index a window's raster order) the overhanging windows are cropped to the
 grid (CROP): their tokens on the grid in raster order of the cropped rectangle, the padding keys as one key of
 weight n_pad, so a 14 x 14 window cut to 14 x 8 takes two 64-row tiles and two key steps instead of four each.
-Keys that end in a partial step (a 14 x 14 window's 196) take it as a narrow TAIL_N-key tile after the loop,
-loaded before it, where nothing indexes the key tiles (no mask, rel-pos terms, TMA boxes, splits or packing).
+A window's keys that end in a partial step (a 14 x 14 window's 196) take it as a narrow TAIL_N-key tile after the
+loop, loaded before it, in 16 bits up to head dim 128, where nothing indexes the key tiles (TAIL_KEYS).
 Windows of few tokens (Hiera's 4 x 4 and its pooled ones; at most 32 queries) may be packed (a config's PACK):
 one program takes PACK windows side by side as one QWIN_H x (PACK * QWIN_W) tile of queries against the
 WIN_H x (PACK * WIN_W) rectangle of their keys, a query seeing only its own window's keys (block-diagonal),
@@ -128,9 +128,13 @@ PACK_WINDOWS = True
 # in raster order, padding keys as one weighted key) where no block mask or rel-pos terms index the window's raster
 # order. False gives the padded tiles back (benchmarks compare the two). Read when a plan is made.
 CROP_WINDOWS = True
-# Whether a key sequence that ends in a partial tile takes that partial tile as a narrower one after the loop (the
-# kernel's TAIL_N) where nothing indexes the keys' tiles (no block mask, rel-pos terms, TMA boxes, splits, padding
-# keys or packed windows). False gives the masked full last step back (benchmarks compare the two).
+# Windows of at most this many tokens (and query tiles) are cropped: _divmod_small's exact range.
+CROP_MAX_TOKENS = 2**16 - 256
+# Whether windows whose keys end in a partial tile take that tile as a narrower one after the loop (the kernel's
+# TAIL_N), in 16 bits up to head dim 128, where nothing indexes the keys' tiles (no block mask, rel-pos terms, TMA
+# boxes, padding keys or packed windows). Only windows: their key count is exact in the tuning key, so the tail's
+# shared memory (loaded before the loop, it stays there through it) is in every timed candidate; a sequence's
+# length varies inside its tuning class. False gives the masked full last step back (benchmarks compare the two).
 TAIL_KEYS = True
 
 
@@ -187,9 +191,11 @@ def _rect_row(start_n, PER_TILE: tl.constexpr, TILES_PER_ROW: tl.constexpr, TILE
 
 @triton.jit
 def _online_softmax(qk, m_i, l_i, qk_scale, row_off, dead_max):
-    """One key tile's step of the online softmax: qk (BLOCK_M, n) scores in q.k units, m_i / l_i the running max
-    (log2 units, row_off included) and sum. Returns p (the tile's probabilities against the new max), alpha (the
-    factor for what came before), and the new m_i, l_i."""
+    """One key tile's step of the online softmax. qk (BLOCK_M, n) fp32 scores in q.k units; m_i, l_i (BLOCK_M,) the
+    running max (log2 units: scaled by qk_scale = softmax_scale * log2(e), row_off included) and sum; row_off
+    (BLOCK_M,) a per-row logit offset already in log2 units (rel_h folded out of the scores, else 0); dead_max the
+    max (log2 units) at or below which a row has no key yet. Returns p (BLOCK_M, n), the tile's probabilities
+    against the new max, alpha (BLOCK_M,), the factor for what came before, and the new m_i, l_i."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + row_off)
     # A row with only -inf / NEG_BIG keys so far subtracts +inf: exp2 gives 0 for each, rather than NaN
     # (-inf - -inf), or overflow (at NEG_BIG's scale, one rounding of the FMA is worth 2**100).
@@ -201,9 +207,10 @@ def _online_softmax(qk, m_i, l_i, qk_scale, row_off, dead_max):
 
 @triton.jit
 def _divmod_small(n, d, inv_d):
-    """n // d and n % d for int32 0 <= n < 2**16 and a run-time d >= 1 (inv_d = 1 / d in fp32), through one float
-    multiply: (n + 0.5) / d lies at least 0.5 / d from an integer, far beyond the product's rounding there. An
-    integer division by a run-time value costs a cropped window's key step about 150 more instructions."""
+    """n // d and n % d for int32 0 <= n < 2**16 and a run-time d >= 1 (inv_d = 1 / d in fp32, within 2 ulp),
+    through one float multiply: (n + 0.5) / d lies at least 0.5 / d from an integer, far beyond the product's
+    rounding there (make_plan crops only windows of fewer than CROP_MAX_TOKENS tokens, tiles included). An integer
+    division by a run-time value costs a cropped window's key step about 150 more instructions."""
     quo = ((n.to(tl.float32) + 0.5) * inv_d).to(tl.int32)
     return quo, n - quo * d
 
@@ -364,6 +371,7 @@ def _attn_fwd(
         # Query t of the window sits at (qy0 + t // QWIN_W, qx0 + t % QWIN_W) on the query grid; queries
         # past the grid are padding. (Windows are constexprs: these divisions become multiply-shifts.)
         # Packed, the tile's queries are the QWIN_H x (PACK * QWIN_W) rectangle of PACK windows side by side.
+        # Cropped, they are the window's on the grid, q_w per row (a run-time width: _divmod_small).
         if CROP:
             qy, qx = _divmod_small(offs_m, q_w, 1.0 / q_w.to(tl.float32))
             qy += qy0
@@ -459,13 +467,11 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     if CROP:
-        # The cropped window's padding keys all have k_pad: together one key of weight n_pad, whose logit starts
-        # the running max (log2 units, as m_i) unless it is below the cut (no key: see dead_max below).
-        n_pad = (WIN_H * WIN_W - seqlen_k).to(tl.float32)
-        pad_logit = q_kpad * qk_scale
-        alive = pad_logit > dead_max
-        m_i = tl.where(alive, pad_logit, float("-inf"))
-        l_i = tl.where(alive, n_pad, 0.0)
+        # The cropped window's padding keys all have k_pad: together one key of weight n_pad, whose logit (log2 units,
+        # as m_i) starts the running max. Where it is below the cut, the first step's alpha (_online_softmax) weighs
+        # it 0, as the padded path weighs each padding key.
+        m_i = q_kpad * qk_scale
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + (WIN_H * WIN_W - seqlen_k).to(tl.float32)
         pad_l = l_i
     acc0 = tl.zeros([BLOCK_M, DV0], dtype=tl.float32)
     if DV1 > 0:
@@ -658,6 +664,7 @@ def _attn_fwd(
             acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
 
     if TAIL_N > 0:
+        p_dtype = t_v0.dtype  # P is rounded to the input dtype before the PV product, as in the loop
         if INTERP:
             t_k0 = t_k0.to(tl.float32)
             t_v0 = t_v0.to(tl.float32)
@@ -668,7 +675,7 @@ def _attn_fwd(
             qk = tl.dot(q1, t_k1, qk, input_precision=DOT_PREC)
         qk = tl.where(t_ok[None, :], qk, float("-inf"))
         p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale, tl.zeros([BLOCK_M], dtype=tl.float32), dead_max)
-        p_lp = p.to(V.dtype.element_ty)
+        p_lp = p.to(p_dtype)
         if INTERP:
             p_lp = p_lp.to(tl.float32)
         acc0 = tl.dot(p_lp, t_v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
@@ -1515,9 +1522,11 @@ def make_plan(
             n_launch //= pack
             n_bh = batch * n_launch * nheads
             # Cropped windows hold fewer keys than a full one, in rows of their own width: no key box, no even tiles.
-            crop = pad and CROP_WINDOWS and not has_mask and not has_bias
+            crop = (pad and CROP_WINDOWS and not has_mask and not has_bias
+                    and max(seqlen_q, seqlen_k) + max(cfg["BLOCK_M"], cfg["BLOCK_N"]) <= CROP_MAX_TOKENS)
             tail_n = _tail_keys(seqlen_k, cfg["BLOCK_N"]) if (
-                TAIL_KEYS and not (has_mask or has_bias or varlen or pad or tma or pack > 1 or n_split > 1)) else 0
+                TAIL_KEYS and window is not None and not a["IS_FP32"] and max(d0 + d1, dv0 + dv1) <= 128
+                and not (has_mask or has_bias or pad or tma or pack > 1)) else 0
             tail = scalars + (
                 n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"],
                 head_dim, d0, d1, d1_at, v_dim, dv0, dv1, dv1_at, block_size, max(16, next_pow2(kb)), has_mask,

@@ -326,15 +326,15 @@ STAGE3_14 = [(8, 56, False), (4, 96, False), (16, 56, True)]
 
 @pytest.mark.parametrize("case", STAGE3_14, ids=lambda c: f"H{c[0]}-D{c[1]}{'-pooled' if c[2] else ''}")
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("split", [True, False], ids=["cropped-tail", "padded-masked"])
-def test_hiera_windows_14_cropped_with_key_tail(case, dtype, split, monkeypatch):
+@pytest.mark.parametrize("cropped_tail", [True, False], ids=["cropped-tail", "padded-masked"])
+def test_hiera_windows_14_cropped_with_key_tail(case, dtype, cropped_tail, monkeypatch):
     """The tuned plan and fixed configs, with the overhanging windows cropped and the keys' last partial step as a
     narrow tile (the defaults) and without either, into NaN-poisoned outputs, against the float64 oracle per row,
     with random padding keys and values (the qkv bias)."""
     from sam_sparse.kernels import triton_attn
 
-    monkeypatch.setattr(triton_attn, "CROP_WINDOWS", split)
-    monkeypatch.setattr(triton_attn, "TAIL_KEYS", split)
+    monkeypatch.setattr(triton_attn, "CROP_WINDOWS", cropped_tail)
+    monkeypatch.setattr(triton_attn, "TAIL_KEYS", cropped_tail)
     seed, g = seeded()
     heads, d, pooled = case
     q, k, v = rnd(g, 2, 64, 64, 3, heads, d, dtype=dtype).unbind(3)

@@ -105,7 +105,11 @@ def check_forced_config(config: dict, frames: int, pointers: int, dv: int = D) -
         out = poisoned(q, dv)
         try:
             triton_attn.attention_triton(q, k, v, *lists(m), None, None, None, D ** -0.5, BS, out=out, config=config)
-        except triton_attn.triton.runtime.errors.OutOfResources:
+        except triton_attn.triton.runtime.errors.OutOfResources as e:
+            # Sized by hand for Hopper's 227 KB: there, not fitting is a regression (a key tail held in shared memory
+            # through the loop made 64x64s3 skip in run 118); elsewhere the tuner skips such a config the same way.
+            if torch.cuda.get_device_capability()[0] >= 9:
+                raise AssertionError(f"{config} no longer fits a Hopper GPU's shared memory: {e}") from e
             pytest.skip(f"{config} does not fit this GPU's shared memory (the tuner skips it the same way)")
         torch.cuda.synchronize()
         check_attention(out, q, k, v, m, BS, seed, FLOOR, ROW_FLOOR)
