@@ -490,7 +490,7 @@ TAILED = [
     ((1, 10, 14, (5, 7), False), 24, torch.float16, (16, 32)),
     ((1, 30, 30, (14, 14), False), 32, torch.float16, (64, 64)),   # 4 inside (tail), 5 cropped
     ((1, 28, 28, (14, 14), True), 72, torch.bfloat16, (16, 64)),   # q 7 x 7 windows on 14 x 14
-    ((1, 12, 22, (6, 11), False), 24, torch.bfloat16, (16, 64)),   # 66 keys: 64 + 2, cropped windows beside
+    ((1, 12, 25, (6, 11), False), 24, torch.bfloat16, (16, 64)),   # 66 keys: 64 + 2, cropped windows beside
 ]
 
 
