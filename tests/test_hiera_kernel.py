@@ -385,8 +385,8 @@ def test_tuned_packed_plans_fit_their_block_size(triton_kernel, monkeypatch):
 # terms, takes each window's tokens on the grid in raster order of the cropped rectangle and its padding keys as one
 # key of weight n_pad. (B, GH, GW, key window, q pooled by 2, heads, head dim, dtype, (BLOCK_M, BLOCK_N)): windows
 # that overhang to the right only, below only, both, a grid smaller than one window, Hiera's 14 x 14 (cropped to
-# 6 and 4 tokens wide), q-pooled ones; tiles small enough that a cropped window still takes several query tiles and
-# key steps, so its counts fall inside tiles.
+# 6 and 4 tokens wide), q-pooled ones, heads sharing kv heads ((H, kv heads)); tiles small enough that a cropped
+# window still takes several query tiles and key steps, so its counts fall inside tiles.
 CROPPED = [
     (2, 8, 11, (4, 4), False, 2, 56, torch.float32, (16, 16)),      # right only: 3 columns on the grid
     (1, 11, 8, (4, 4), False, 2, 24, torch.float16, (16, 16)),      # below only
@@ -395,6 +395,7 @@ CROPPED = [
     (1, 20, 18, (14, 14), False, 1, 40, torch.bfloat16, (32, 16)),  # Hiera's 14: cropped to 6 x 14, 14 x 4, 6 x 4
     (1, 20, 12, (8, 8), True, 2, 72, torch.float16, (16, 16)),      # q pooled: 4 x 4 query windows cropped to 2 wide
     (1, 36, 36, (14, 14), True, 1, 56, torch.bfloat16, (16, 32)),   # stage 3 -> 4: keys 8 wide, queries 4 wide
+    (1, 10, 13, (4, 4), False, (4, 2), 40, torch.float16, (16, 16)),  # 4 heads on 2 kv heads: k_pad per kv head
 ]
 
 
@@ -410,8 +411,10 @@ def test_cropped_windows_kernel(overlap_kernel, monkeypatch, case, crop):
     if pooled:
         q, k, v, kp, vp = pooled_inputs(g, B, GH, GW, H, D, dtype)
     else:
-        q, k, v = torch.randn(B, GH, GW, 3, H, D, generator=g).to(dtype).unbind(3)
-        kp, vp = (torch.randn(H, D, generator=g).to(dtype) for _ in range(2))
+        H, Hk = H if isinstance(H, tuple) else (H, H)
+        q = torch.randn(B, GH, GW, H, D, generator=g).to(dtype)
+        k, v = torch.randn(B, GH, GW, 2, Hk, D, generator=g).to(dtype).unbind(3)
+        kp, vp = (torch.randn(Hk, D, generator=g).to(dtype) for _ in range(2))
     q_win = (win[0] // 2, win[1] // 2) if pooled else None
     out = torch.full(q.shape, float("nan"), dtype=dtype)
     overlap_kernel.attention_triton(q, k, v, None, None, None, None, None, D ** -0.5, 128, window=win, q_window=q_win,
