@@ -29,6 +29,8 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
   sam2b8     the same encoders at batch 8 (issue 22's 1.15x compiled target), eager and compiled (default mode),
              in alternating rounds in one process: side_by_side times its rows one after another, and clocks
              that drift between rows move its ratio by a percent or so (hiera_l: 1.147x and 1.150x, runs 110-111).
+             The compiled ones are also timed by GPU events (triton's do_bench, as side_by_side), in the same
+             process: wall clock and events disagreed for the patched encoders across runs 116-118.
   sam2predictor  SAM2ImagePredictor (--sam2-model, default sam2.1_hiera_b+, random weights), batch 1,
              on the same 1500 x 2250 photo under bf16 autocast, as SAM 2's README runs it: sam2 unpatched
              vs patched dense; set_image, predict (one point, 3 masks) and the mask IoU between them.
@@ -49,6 +51,7 @@ import time
 
 import numpy as np
 import torch
+from triton.testing import do_bench
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from bench_e2e import build, wall_ms  # noqa: E402
@@ -533,6 +536,19 @@ def section_sam2b8(out, model="sam2.1_hiera_b+,sam2.1_hiera_l", batch=8):
             for mode in ("eager", "compiled"):
                 record(out, section="sam2b8", case=f"{name} B={batch} {mode}: sam2 / patched dense",
                        ratio=round(res[f"sam2, {mode}"]["ms"] / res[f"patched dense, {mode}"]["ms"], 4))
+            # The compiled pair again by GPU events (L2 cleared before each call, the host ahead of the GPU), as
+            # side_by_side times it, in alternating rounds: whether the methods or the processes differ (runs 116-118).
+            compiled = [case for case in fns if case.endswith("compiled")]
+            events = {case: [] for case in compiled}
+            for _ in range(3):
+                for case in compiled:
+                    events[case].append(do_bench(fns[case], warmup=5, rep=200, return_mode="median"))
+            for case, ms in events.items():
+                record(out, section="sam2b8", case=f"{name} image encoder B={batch} bf16, {case}, GPU events",
+                       ms=round(statistics.median(ms), 4), min=round(min(ms), 4), max=round(max(ms), 4))
+            record(out, section="sam2b8", case=f"{name} B={batch} compiled, GPU events: sam2 / patched dense",
+                   ratio=round(statistics.median(events["sam2, compiled"])
+                               / statistics.median(events["patched dense, compiled"]), 4))
         del base, patched, fns
         torch._dynamo.reset()
         torch.cuda.empty_cache()
