@@ -639,7 +639,8 @@ CONFIG_CASES = {
                   dict(BLOCK_M=256, BLOCK_N=128, num_warps=16, num_stages=2, TMA=1)],
     # hiera_b+'s stage-3 windows (14 x 14 on a 64 x 64 grid, 8 heads, head dim 56, batch 8): 196 tokens, so a
     # 64-row tile leaves 4 rows and the last 64-key step 4 keys; register caps (maxnreg) for more CTAs per SM.
-    "window 14": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s, maxnreg=r) for s in (2, 3) for r in (None, 96)] + [
+    "window 14": [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=s, **cap) for s in (2, 3)
+                  for cap in ({}, {"maxnreg": 96})] + [
         dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)],
     # hiera_b+'s global blocks (4096 tokens, 8 heads, head dim 56 read as one 64-wide TMA box, batch 8); run 115 timed
     # register caps of 112 and 128, 128 x 128 tiles and 64 x 64 ones too: all slower.
@@ -824,7 +825,6 @@ def _bplus_configs(dt, dev, gen, emit) -> None:
         emit("pooled: q 7x7 on 32x32, keys 14x14 on 64x64, 16 heads, d 56, B 8", f"tuned, {tag}: {plan.config}",
              try_time(lambda p=plan: p(q4, k4, v4, None, None, None, None, None, None, pad4, pad4)))
     for cfg in CONFIG_CASES["window 14"]:
-        cfg = {key: val for key, val in cfg.items() if val is not None}
         emit(shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
             q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14), k_pad=pad, v_pad=pad, config=c)))
     q2, k2, v2 = qkv.view(B, 4096, 3, heads, d).unbind(2)
@@ -832,7 +832,6 @@ def _bplus_configs(dt, dev, gen, emit) -> None:
     _sdpa_rows(shape, q2, k2, v2, emit)
     emit(shape, "tuned", try_time(lambda: block_sparse_attn(q2, k2, v2)))
     for cfg in CONFIG_CASES["global 56"]:
-        cfg = {key: val for key, val in cfg.items() if val is not None}
         emit(shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
             q2, k2, v2, None, None, None, None, None, d ** -0.5, config_block(c), config=c)))
 

@@ -206,6 +206,14 @@ def _online_softmax(qk, m_i, l_i, qk_scale, row_off, dead_max):
 
 
 @triton.jit
+def _grid_keys(ky, kx, ok, grid_h, grid_w, stride_kn, stride_kx, stride_vn, stride_vx):
+    """Window keys at grid cells (ky, kx), each (n,): which of the `ok` ones lie on the grid, and their K and V
+    row offsets (elements, the strides as the kernel has them)."""
+    on = ok & (ky < grid_h) & (kx < grid_w)
+    return on, ky * stride_kn + kx * stride_kx, ky * stride_vn + kx * stride_vx
+
+
+@triton.jit
 def _divmod_small(n, d, inv_d):
     """n // d and n % d for int32 0 <= n < 2**16 and a run-time d >= 1 (inv_d = 1 / d in fp32, within 2 ulp),
     through one float multiply: (n + 0.5) / d lies at least 0.5 / d from an integer, far beyond the product's
@@ -498,17 +506,10 @@ def _attn_fwd(
         # The last seqlen_k % BLOCK_N keys (at most TAIL_N) go in one narrow tile after the loop, so that no step of
         # the loop is mostly empty and none needs a key mask: a 14 x 14 window's 196 keys as 3 x 64 + 16 (4 of them
         # keys), not 4 x 64. Loaded here, before the loop, so that their latency hides behind it.
+        # Windows only (make_plan), never packed: key t of the window sits at (y0 + t // WIN_W, x0 + t % WIN_W).
         offs_t = n_steps * BLOCK_N + tl.arange(0, TAIL_N)
-        t_ok = offs_t < seqlen_k
-        if WINDOW:
-            t_y = y0 + offs_t // WIN_W
-            t_x = x0 + offs_t % WIN_W
-            t_ok = t_ok & (t_y < grid_h) & (t_x < grid_w)
-            t_k_rows = t_y * stride_kn + t_x * stride_kx
-            t_v_rows = t_y * stride_vn + t_x * stride_vx
-        else:
-            t_k_rows = offs_t * stride_kn
-            t_v_rows = offs_t * stride_vn
+        t_ok, t_k_rows, t_v_rows = _grid_keys(y0 + offs_t // WIN_W, x0 + offs_t % WIN_W, offs_t < seqlen_k, grid_h,
+                                              grid_w, stride_kn, stride_kx, stride_vn, stride_vx)
         t_k0 = tl.load(k_base + t_k_rows[None, :] + offs_d0[:, None] * stride_kd, mask=t_ok[None, :] & d0_ok[:, None],
                        other=0.0)
         t_v0 = tl.load(v_base + t_v_rows[:, None] + offs_v0[None, :] * stride_vd, mask=t_ok[:, None] & v0_ok[None, :],
@@ -557,9 +558,7 @@ def _attn_fwd(
             else:
                 ky = y0 + offs_n // (WIN_W * PACK)
                 kx = x0 + offs_n % (WIN_W * PACK)
-            k_in = n_ok & (ky < grid_h) & (kx < grid_w)  # keys of the window that lie on the grid
-            k_rows = ky * stride_kn + kx * stride_kx
-            v_rows = ky * stride_vn + kx * stride_vx
+            k_in, k_rows, v_rows = _grid_keys(ky, kx, n_ok, grid_h, grid_w, stride_kn, stride_kx, stride_vn, stride_vx)
         else:
             k_in = n_ok
             k_rows = offs_n * stride_kn
@@ -851,6 +850,12 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
     return keep or [dict(BLOCK_M=16, BLOCK_N=16, W_DOT=0, num_warps=4, num_stages=1)]
 
 
+def _sized_by_hand(a: dict) -> bool:
+    """Whether problem a is 16-bit with head dims (q / k's and v's) up to 128: where packed windows and the key tail
+    were sized for shared memory and measured."""
+    return not a["IS_FP32"] and max(a["D0"] + a["D1"], a["DV"]) <= 128
+
+
 def _pack_configs(a: dict) -> List[dict]:
     """The packed-window config for problem a, if any: windows of at most 32 queries (a power of two) that tile
     their grid without a block mask or rel-pos terms (PACK_COLS, the windows per grid row, divisible by PACK), in
@@ -865,8 +870,8 @@ def _pack_configs(a: dict) -> List[dict]:
     pow2 = lambda n: n & (n - 1) == 0  # noqa: E731
     # Measured and sized for 16-bit data up to head dim 128: a single candidate is never timed, so it must fit
     # in shared memory wherever it is offered (fp32, or a head of 256, keeps the pruned list and its tuning).
-    if (not PACK_WINDOWS or not cols or a["IS_FP32"] or max(a["D0"] + a["D1"], a["DV"]) > 128 or not pow2(tq)
-            or rows // tq < 2 or cols % (rows // tq)):
+    if (not PACK_WINDOWS or not cols or not _sized_by_hand(a) or not pow2(tq) or rows // tq < 2
+            or cols % (rows // tq)):
         return []
     pack = rows // tq
     if not pow2(tk) or tk * pack < 16:
@@ -1517,6 +1522,7 @@ def make_plan(
         tma = box is not None
         n_split = splits(cfg)
         q_tiles = triton.cdiv(seqlen_q * pack, cfg["BLOCK_M"])
+        tail_ok = TAIL_KEYS and window is not None and _sized_by_hand(a) and not (has_mask or has_bias or tma or pack > 1)
         plans = []
         for n_launch, pad in launches:
             n_launch //= pack
@@ -1524,9 +1530,7 @@ def make_plan(
             # Cropped windows hold fewer keys than a full one, in rows of their own width: no key box, no even tiles.
             crop = (pad and CROP_WINDOWS and not has_mask and not has_bias
                     and max(seqlen_q, seqlen_k) + max(cfg["BLOCK_M"], cfg["BLOCK_N"]) <= CROP_MAX_TOKENS)
-            tail_n = _tail_keys(seqlen_k, cfg["BLOCK_N"]) if (
-                TAIL_KEYS and window is not None and not a["IS_FP32"] and max(d0 + d1, dv0 + dv1) <= 128
-                and not (has_mask or has_bias or pad or tma or pack > 1)) else 0
+            tail_n = _tail_keys(seqlen_k, cfg["BLOCK_N"]) if tail_ok and not pad else 0
             tail = scalars + (
                 n_launch, n_bh, n_split, q_tiles * cfg["BLOCK_M"],
                 head_dim, d0, d1, d1_at, v_dim, dv0, dv1, dv1_at, block_size, max(16, next_pow2(kb)), has_mask,
