@@ -678,7 +678,7 @@ def config_rows(args, dt, dev, gen) -> list:
         print(json.dumps(rows[-1], default=str), flush=True)
 
     groups = {"window": _window_configs, "packed": _packed_configs, "global": _global_configs, "memory": _memory_configs,
-              "bplus": _bplus_configs, "rowsum": _rowsum_configs}
+              "bplus": _bplus_configs}
     for name in args.config_cases:
         groups[name](dt, dev, gen, emit)
     return rows
@@ -784,17 +784,15 @@ def _global_configs(dt, dev, gen, emit) -> None:
             q, k, v, None, None, None, None, None, d ** -0.5, config_block(c), config=c)))
 
 
-def _plan_with(flags: dict, *args, **kwargs):
-    """triton_attn.make_plan with its module flags (CROP_WINDOWS, TAIL_KEYS, ROW_SUM_MMA) set as given, their values
-    back after. The flags are not in the tuning key: every variant of one shape runs the config tuned for the first."""
-    before = {name: getattr(triton_attn, name) for name in flags}
-    for name, value in flags.items():
-        setattr(triton_attn, name, value)
+def _plan_with(crop: bool, tail: bool, *args, **kwargs):
+    """triton_attn.make_plan with CROP_WINDOWS and TAIL_KEYS set as given (their values back after). The flags are
+    not in the tuning key: every variant of one shape runs the config tuned for the first."""
+    before = triton_attn.CROP_WINDOWS, triton_attn.TAIL_KEYS
+    triton_attn.CROP_WINDOWS, triton_attn.TAIL_KEYS = crop, tail
     try:
         return triton_attn.make_plan(*args, **kwargs)
     finally:
-        for name, value in before.items():
-            setattr(triton_attn, name, value)
+        triton_attn.CROP_WINDOWS, triton_attn.TAIL_KEYS = before
 
 
 def _bplus_configs(dt, dev, gen, emit) -> None:
@@ -813,8 +811,7 @@ def _bplus_configs(dt, dev, gen, emit) -> None:
     # as a narrow tile after the loop (TAIL_KEYS) or as a masked full step.
     variants = (("cropped, tail", True, True), ("cropped", True, False), ("padded", False, False))
     for tag, crop, tail in variants:
-        plan = _plan_with(dict(CROP_WINDOWS=crop, TAIL_KEYS=tail), q, k, v, None, None, None, None, None, d ** -0.5, 128,
-                          window=(14, 14))
+        plan = _plan_with(crop, tail, q, k, v, None, None, None, None, None, d ** -0.5, 128, window=(14, 14))
         emit(shape, f"tuned, {tag}: {plan.config}", try_time(lambda p=plan: p(*args)))
         for i, p in enumerate(getattr(plan, "plans", [plan])):
             emit(shape, f"tuned, {tag}, launch {i} alone", try_time(lambda p=p: p(*args, out=out)))
@@ -823,8 +820,8 @@ def _bplus_configs(dt, dev, gen, emit) -> None:
     q4 = q4.unflatten(1, (32, 2)).unflatten(3, (32, 2)).amax(dim=(2, 4))
     pad4 = torch.zeros(16, d, device=dev, dtype=dt)
     for tag, crop, tail in variants:
-        plan = _plan_with(dict(CROP_WINDOWS=crop, TAIL_KEYS=tail), q4, k4, v4, None, None, None, None, None, d ** -0.5,
-                          128, window=(14, 14), q_window=(7, 7))
+        plan = _plan_with(crop, tail, q4, k4, v4, None, None, None, None, None, d ** -0.5, 128, window=(14, 14),
+                          q_window=(7, 7))
         emit("pooled: q 7x7 on 32x32, keys 14x14 on 64x64, 16 heads, d 56, B 8", f"tuned, {tag}: {plan.config}",
              try_time(lambda p=plan: p(q4, k4, v4, None, None, None, None, None, None, pad4, pad4)))
     for cfg in CONFIG_CASES["window 14"]:
@@ -837,46 +834,6 @@ def _bplus_configs(dt, dev, gen, emit) -> None:
     for cfg in CONFIG_CASES["global 56"]:
         emit(shape, cfg, try_time(lambda c=cfg: triton_attn.attention_triton(
             q2, k2, v2, None, None, None, None, None, d ** -0.5, config_block(c), config=c)))
-
-
-# Hiera's most frequent layers at batch 8: (name, grid side, heads, head dim, window or None for a global block).
-ROWSUM_CASES = [
-    ("hiera_b+ global", 64, 8, 56, None),
-    ("hiera_b+ windows 14", 64, 8, 56, 14),
-    ("hiera_l global", 64, 8, 72, None),
-    ("hiera_l windows 16", 64, 8, 72, 16),
-    ("hiera_l stage 1: windows 8", 256, 2, 72, 8),
-    ("hiera_l stage 2: windows 4 (packed)", 128, 4, 72, 4),
-]
-
-
-def _rowsum_configs(dt, dev, gen, emit) -> None:
-    """The softmax's row sum on the tensor cores (triton_attn.ROW_SUM_MMA) against on the CUDA cores, each shape's
-    tuned config (tuned with the flag on) for both, rounds alternating; cuDNN on sam2's partitioned windows beside."""
-    B = 8
-    for name, side, heads, d, win in ROWSUM_CASES:
-        qkv = torch.randn(B, side, side, 3, heads, d, device=dev, dtype=dt, generator=gen)
-        q, k, v = qkv.unbind(3)
-        pad = torch.zeros(heads, d, device=dev, dtype=dt)
-        shape = f"{name} on {side}x{side}, {heads} heads, d {d}, B {B}"
-        if win is None:
-            q, k, v = qkv.view(B, side * side, 3, heads, d).unbind(2)
-            _sdpa_rows(shape, q, k, v, emit)
-        else:  # sam2 pads the grid to whole windows, then partitions it
-            padded = F.pad(qkv, (0, 0, 0, 0, 0, 0, 0, -side % win, 0, -side % win))
-            _sdpa_rows(shape, *_windows(padded.flatten(3, 4), win).unflatten(2, (3, heads)).unbind(2), emit)
-        kw = dict(window=(win, win)) if win else {}
-        args = (q, k, v, None, None, None, None, None, None) + ((pad, pad) if win else ())
-        plans = {on: _plan_with(dict(ROW_SUM_MMA=on), q, k, v, None, None, None, None, None, d ** -0.5, 128, **kw)
-                 for on in (True, False)}
-        times = {on: [] for on in plans}
-        for _ in range(3):
-            for on, plan in plans.items():
-                times[on].append(try_time(lambda p=plan: p(*args)))
-        for on, plan in plans.items():
-            ok = [t for t in times[on] if isinstance(t, float)]
-            emit(shape, f"tuned, row sum on {'tensor' if on else 'CUDA'} cores: {plan.config}",
-                 min(ok) if ok else times[on][0])
 
 
 def _memory_configs(dt, dev, gen, emit) -> None:
@@ -911,8 +868,7 @@ def parse_args(argv=None):
     ap.add_argument("--hiera-shapes", default=None, type=lambda s: s.split(","),
                     help="the hiera section's shapes to run, e.g. global,window14 (default: all five)")
     ap.add_argument("--config-cases", default=["window", "global", "memory"], type=lambda s: s.split(","),
-                    help="the configs section's groups: window, packed, global, memory, bplus, rowsum (default "
-                         "window,global,memory)")
+                    help="the configs section's groups: window, packed, global, memory, bplus (default window,global,memory)")
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--flex-batches", default="1", type=ints)

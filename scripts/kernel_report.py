@@ -38,7 +38,7 @@ UNIT_STRIDES = ("stride_qd", "stride_kd", "stride_vd", "stride_od", "stride_rhm"
 # The launcher's constexprs for three of SAM's layers (vit_b: head dim 64), dense.
 COMMON = dict(D_REAL=64, D0=64, D1=0, D1_AT=64, MASK_BLOCK=128, KB_P=16, HAS_MASK=False, VARLEN=False, WINDOW=False,
               WIN_H=1, WIN_W=1, QWIN_H=1, QWIN_W=1, WIN_PAD=False, CROP=False, PACK=1, DOT_PREC="tf32", INTERP=False, RECT_H=1,
-              RECT_W=64, W_HOIST=False, USE_WDOT=False, KH_P=16, KW_P=16, EVEN_N=True, TAIL_N=0, TMA=False, ALIGN=8, SPLIT=False, SUM_MMA=False,
+              RECT_W=64, W_HOIST=False, USE_WDOT=False, KH_P=16, KW_P=16, EVEN_N=True, TAIL_N=0, TMA=False, ALIGN=8, SPLIT=False,
               KH=64, KW=64, TILE_H=64, TILE_W=64)
 CASES = {
     "global, rel-pos (rect, rel_w hoisted)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_RECT, W_HOIST=True),

@@ -136,12 +136,6 @@ CROP_MAX_TOKENS = 2**16 - 256
 # shared memory (loaded before the loop, it stays there through it) is in every timed candidate; a sequence's
 # length varies inside its tuning class. False gives the masked full last step back (benchmarks compare the two).
 TAIL_KEYS = True
-# Whether the softmax's running row sum is taken on the tensor cores (the kernel's SUM_MMA: P times a ones tile, 16
-# columns wide, beside the PV product) instead of by adds and shuffles on the CUDA cores, in 16 bits up to head dim
-# 128 (the ones tile's shared memory is in every timed config there). The sum is then of P as the PV product takes
-# it (rounded to the input dtype): the output is a weighted mean of V with exactly the weights the product used.
-# False gives the CUDA-core sum back (benchmarks compare the two). Read when a plan is made.
-ROW_SUM_MMA = True
 
 
 # Tests set this to BIAS_ONEHOT or BIAS_GATHER to exercise a path the tuner would not pick on their shapes.
@@ -196,32 +190,19 @@ def _rect_row(start_n, PER_TILE: tl.constexpr, TILES_PER_ROW: tl.constexpr, TILE
 
 
 @triton.jit
-def _online_softmax(qk, m_i, l_i, qk_scale, row_off, dead_max, ROW_SUM: tl.constexpr):
+def _online_softmax(qk, m_i, l_i, qk_scale, row_off, dead_max):
     """One key tile's step of the online softmax. qk (BLOCK_M, n) fp32 scores in q.k units; m_i, l_i (BLOCK_M,) the
     running max (log2 units: scaled by qk_scale = softmax_scale * log2(e), row_off included) and sum; row_off
     (BLOCK_M,) a per-row logit offset already in log2 units (rel_h folded out of the scores, else 0); dead_max the
     max (log2 units) at or below which a row has no key yet. Returns p (BLOCK_M, n), the tile's probabilities
-    against the new max, alpha (BLOCK_M,), the factor for what came before, and the new m_i, and l_i updated where
-    ROW_SUM (else the caller sums p itself: _row_sum_mma)."""
+    against the new max, alpha (BLOCK_M,), the factor for what came before, and the new m_i, l_i."""
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale + row_off)
     # A row with only -inf / NEG_BIG keys so far subtracts +inf: exp2 gives 0 for each, rather than NaN
     # (-inf - -inf), or overflow (at NEG_BIG's scale, one rounding of the FMA is worth 2**100).
     m_use = tl.where(m_new <= dead_max, float("inf"), m_new)
     p = tl.math.exp2(qk * qk_scale - (m_use - row_off)[:, None])
     alpha = tl.math.exp2(m_i - m_use)
-    if ROW_SUM:
-        l_i = l_i * alpha + tl.sum(p, 1)
-    return p, alpha, m_new, l_i
-
-
-@triton.jit
-def _row_sum_mma(p_lp, l_acc, alpha):
-    """The online softmax's running sum on the tensor cores: l_acc (BLOCK_M, 16) fp32, every column the sum of each
-    row's p so far, rescaled by alpha (BLOCK_M,); p_lp (BLOCK_M, n) the probabilities as the PV product takes them.
-    Summed on the CUDA cores, a 64-key step costs each thread 32 adds and two rounds of shuffles inside the softmax,
-    where the loop waits on them; the product's 16 extra columns run beside it."""
-    ones = tl.full([p_lp.shape[1], 16], 1.0, p_lp.dtype)
-    return tl.dot(p_lp, ones, l_acc * alpha[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit
@@ -301,7 +282,6 @@ def _attn_fwd(
     TMA: tl.constexpr,
     ALIGN: tl.constexpr,
     SPLIT: tl.constexpr,
-    SUM_MMA: tl.constexpr,
 ):
     # The q / k / v / out strides arrive divided by ALIGN (elements; see _address_align): multiplied back
     # here, they tell the compiler that every row starts on an ALIGN boundary, so rows load in 16-byte
@@ -501,8 +481,6 @@ def _attn_fwd(
         m_i = q_kpad * qk_scale
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + (WIN_H * WIN_W - seqlen_k).to(tl.float32)
         pad_l = l_i
-    if SUM_MMA:
-        l_acc = tl.zeros([BLOCK_M, 16], dtype=tl.float32) + l_i[:, None]  # _row_sum_mma's running sum
     acc0 = tl.zeros([BLOCK_M, DV0], dtype=tl.float32)
     if DV1 > 0:
         acc1 = tl.zeros([BLOCK_M, DV1], dtype=tl.float32)
@@ -659,7 +637,7 @@ def _attn_fwd(
         if not EVEN_N:
             qk = tl.where(n_ok[None, :], qk, float("-inf"))
 
-        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale, row_off, dead_max, not SUM_MMA)
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale, row_off, dead_max)
         if CROP:
             pad_l = pad_l * alpha
         elif WIN_PAD:
@@ -675,8 +653,6 @@ def _attn_fwd(
             p_lp = p_lp.to(tl.float32)
             v0 = v0.to(tl.float32)
         acc0 = tl.dot(p_lp, v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
-        if SUM_MMA:
-            l_acc = _row_sum_mma(p_lp, l_acc, alpha)
         if DV1 > 0:
             if TMA:
                 v1 = _tma_tile(DESC_V1, img, start_n, hk, DV1_AT, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, DV1)
@@ -697,14 +673,11 @@ def _attn_fwd(
                 t_k1 = t_k1.to(tl.float32)
             qk = tl.dot(q1, t_k1, qk, input_precision=DOT_PREC)
         qk = tl.where(t_ok[None, :], qk, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale, tl.zeros([BLOCK_M], dtype=tl.float32), dead_max,
-                                             not SUM_MMA)
+        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale, tl.zeros([BLOCK_M], dtype=tl.float32), dead_max)
         p_lp = p.to(p_dtype)
         if INTERP:
             p_lp = p_lp.to(tl.float32)
         acc0 = tl.dot(p_lp, t_v0, acc0 * alpha[:, None], input_precision=DOT_PREC)
-        if SUM_MMA:
-            l_acc = _row_sum_mma(p_lp, l_acc, alpha)
         if DV1 > 0:
             if INTERP:
                 t_v1 = t_v1.to(tl.float32)
@@ -716,8 +689,6 @@ def _attn_fwd(
         if DV1 > 0:
             v_pad1 = tl.load(V_PAD + hk * DV_REAL + offs_v1, mask=v1_ok, other=0.0).to(tl.float32)
             acc1 += pad_l[:, None] * v_pad1[None, :]
-    if SUM_MMA:
-        l_i = tl.max(l_acc, 1)  # its columns are equal
     inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
     if SPLIT:
         # A partial result, in fp32, for _split_combine: this split's normalized output and its row
@@ -1552,7 +1523,6 @@ def make_plan(
         n_split = splits(cfg)
         q_tiles = triton.cdiv(seqlen_q * pack, cfg["BLOCK_M"])
         tail_ok = TAIL_KEYS and window is not None and _sized_by_hand(a) and not (has_mask or has_bias or tma or pack > 1)
-        sum_mma = ROW_SUM_MMA and _sized_by_hand(a)
         plans = []
         for n_launch, pad in launches:
             n_launch //= pack
@@ -1568,7 +1538,7 @@ def make_plan(
                 window is not None, *win_hw, *q_win_hw, pad, crop, pack, prec, INTERPRET,
                 dv["BLOCK_M"], dv["BLOCK_N"], dv["BIAS_PATH"], dv["RECT_H"], dv["RECT_W"], dv["W_HOIST"],
                 dv["USE_WDOT"], dv["KH_P"], dv["KW_P"], (dv["EVEN_N"] or tail_n > 0) and not crop, tail_n,
-                tma and not crop, align, n_split > 1, sum_mma,
+                tma and not crop, align, n_split > 1,
             )
             grid = (q_tiles * n_split, min(n_bh, MAX_GRID_Y), triton.cdiv(n_bh, MAX_GRID_Y))
             combine = None
