@@ -539,6 +539,15 @@ def _attn_fwd(
             rh_next = tl.load(rh_vec + row0 * stride_rhk, mask=m_ok & (lo < hi), other=0.0)
 
     offs_nb = tl.arange(0, BLOCK_N)
+    # Every key of every loop step lies in the sequence (whole steps) and, in a window, on the grid (windows inside
+    # it): the loop's K / V loads then take no key mask. Where a step is also whole grid rows of the (packed) window,
+    # its key rows are the first step's moved down by whole rows: one scalar per step instead of each key's grid cell
+    # and address (a quarter of the 16 x 16 windows' loop instructions, with the key masks; docs/benchmarks.md, run 121).
+    KEYS_IN: tl.constexpr = EVEN_N and not WIN_PAD
+    ROWS_SHIFT: tl.constexpr = KEYS_IN and WINDOW and not CROP and BLOCK_N % (WIN_W * PACK) == 0
+    if ROWS_SHIFT:
+        k_rows0 = (y0 + offs_nb // (WIN_W * PACK)) * stride_kn + (x0 + offs_nb % (WIN_W * PACK)) * stride_kx
+        v_rows0 = (y0 + offs_nb // (WIN_W * PACK)) * stride_vn + (x0 + offs_nb % (WIN_W * PACK)) * stride_vx
     for step in range(lo, hi):
         start_n = _key_start(step, idx_base, True, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
         if BIAS_PATH == RECT:
@@ -550,7 +559,11 @@ def _attn_fwd(
                 rh_next = tl.load(rh_vec + row_next * stride_rhk, mask=m_ok & more, other=0.0)
         offs_n = start_n + offs_nb
         n_ok = offs_n < seqlen_k
-        if WINDOW:
+        if ROWS_SHIFT:
+            k_in = n_ok  # not read: KEYS_IN
+            k_rows = k_rows0 + (start_n // (WIN_W * PACK)) * stride_kn
+            v_rows = v_rows0 + (start_n // (WIN_W * PACK)) * stride_vn
+        elif WINDOW:
             if CROP:
                 ky, kx = _divmod_small(offs_n, k_w, inv_k_w)
                 ky += y0
@@ -565,13 +578,17 @@ def _attn_fwd(
             v_rows = offs_n * stride_vn
         k_src = k_base + k_rows[None, :]
         v_src = v_base + v_rows[:, None]
+        if KEYS_IN:
+            k_mask0, v_mask0 = d0_ok[:, None], v0_ok[None, :]
+        else:
+            k_mask0, v_mask0 = k_in[None, :] & d0_ok[:, None], k_in[:, None] & v0_ok[None, :]
 
         if TMA:
             # Hopper: the copy engine brings the (BLOCK_N, D) tile into shared memory; keys past the
             # sequence (or, in a window, past the grid) are out of the descriptor's bounds and arrive as zeros.
             k0 = tl.trans(_tma_tile(DESC_K0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, D0))
         else:
-            k0 = tl.load(k_src + offs_d0[:, None] * stride_kd, mask=k_in[None, :] & d0_ok[:, None], other=0.0)
+            k0 = tl.load(k_src + offs_d0[:, None] * stride_kd, mask=k_mask0, other=0.0)
         if INTERP:
             k0 = k0.to(tl.float32)
         qk = tl.dot(q0, k0, input_precision=DOT_PREC)
@@ -579,7 +596,8 @@ def _attn_fwd(
             if TMA:  # the second chunk's columns, from the same descriptor's tensor at column D1_AT
                 k1 = tl.trans(_tma_tile(DESC_K1, img, start_n, hk, D1_AT, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, D1))
             else:
-                k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=k_in[None, :] & d1_ok[:, None], other=0.0)
+                k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=d1_ok[:, None] if KEYS_IN else
+                             k_in[None, :] & d1_ok[:, None], other=0.0)
             if INTERP:
                 k1 = k1.to(tl.float32)
             qk = tl.dot(q1, k1, qk, input_precision=DOT_PREC)
@@ -646,7 +664,7 @@ def _attn_fwd(
         if TMA:
             v0 = _tma_tile(DESC_V0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, DV0)
         else:
-            v0 = tl.load(v_src + offs_v0[None, :] * stride_vd, mask=k_in[:, None] & v0_ok[None, :], other=0.0)
+            v0 = tl.load(v_src + offs_v0[None, :] * stride_vd, mask=v_mask0, other=0.0)
         # P is rounded to the input dtype before the PV product, as on the GPU.
         p_lp = p.to(v0.dtype)
         if INTERP:
@@ -657,7 +675,8 @@ def _attn_fwd(
             if TMA:
                 v1 = _tma_tile(DESC_V1, img, start_n, hk, DV1_AT, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, DV1)
             else:
-                v1 = tl.load(v_src + offs_v1[None, :] * stride_vd, mask=k_in[:, None] & v1_ok[None, :], other=0.0)
+                v1 = tl.load(v_src + offs_v1[None, :] * stride_vd, mask=v1_ok[None, :] if KEYS_IN else
+                             k_in[:, None] & v1_ok[None, :], other=0.0)
             if INTERP:
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
