@@ -98,12 +98,12 @@ def top_table(rows: list, title) -> list:
     return lines
 
 
-def profile(encoder, x, iters: int, mode: str) -> dict:
+def profile(encoder, x, iters: int, mode: str, top: int = 12) -> dict:
     compiled = encoder if mode == "eager" else torch.compile(encoder, mode=None if mode == "default" else mode)
     with torch.inference_mode():
         for _ in range(3):
             compiled(x)
-        return gpu_profile(lambda: compiled(x), iters)
+        return gpu_profile(lambda: compiled(x), iters, top)
 
 
 def encoder_blocks(encoder) -> list:
@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mode", default="default",
                     help="torch.compile mode (default, max-autotune-no-cudagraphs), or eager: no compile")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--top", type=int, default=12, help="kernels listed per configuration, by GPU time")
+    ap.add_argument("--configs", default=None,
+                    help="comma list of the configurations to profile (default unpatched,dense,--policy)")
     ap.add_argument("--per-block", action="store_true",
                     help="profile each block on its own, eager, unpatched vs --policy (default dense here)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")) / "profile")
@@ -218,12 +221,12 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models.split(","):
         x = torch.randn(args.batch, 3, 1024, 1024, device="cuda", dtype=dtype)
-        for config in ("unpatched", "dense", args.policy or "local2d-30"):
+        for config in (args.configs.split(",") if args.configs else ("unpatched", "dense", args.policy or "local2d-30")):
             encoder = build_encoder(name, dtype)
             if config != "unpatched":
                 patch_sam(encoder, config)
             torch._dynamo.reset()
-            rows.append(dict(model=name, config=config, **profile(encoder, x, args.iters, args.mode)))
+            rows.append(dict(model=name, config=config, **profile(encoder, x, args.iters, args.mode, args.top)))
             text = markdown(meta, rows)
             (args.out / "profile_encoder.md").write_text(text)
             (args.out / "profile_encoder.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
