@@ -403,12 +403,12 @@ def _attn_fwd(
     if D1 > 0:
         offs_d1 = D1_AT + tl.arange(0, D1)
         d1_ok = offs_d1 < D_REAL  # all True: the second chunk ends at or before the last column
+        # The columns both chunks hold (an overlapping chunk: D1_AT < D0) count once in q . k: not loaded here (zeros in
+        # q), so that the loop's K loads of the chunk take every column, as in an exact split. Masked on load, not
+        # zeroed after it: a q1 rewritten in registers made ptxas serialize every wgmma of the loop (its warning C7515;
+        # 356 SASS instructions per step at hiera_l's 16 x 16 windows against 337 for an exact 80 = 64 + 16).
         q1 = tl.load(q_base + q_rows[:, None] + offs_d1[None, :] * stride_qd,
-                     mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
-        if D1_AT < D0:
-            # The columns both chunks hold count once in q . k: zeroed here in q, loaded once, so that the
-            # loop's K loads of the chunk take every column, as in an exact split.
-            q1 = tl.where((d1_ok & (offs_d1 >= D0))[None, :], q1, 0.0).to(q0.dtype)
+                     mask=m_ok[:, None] & (d1_ok & (offs_d1 >= D0))[None, :], other=0.0)
     # V's columns, and the output's, in chunks of their own (DV_REAL may differ from q / k's D_REAL).
     offs_v0 = tl.arange(0, DV0)
     v0_ok = offs_v0 < DV_REAL
