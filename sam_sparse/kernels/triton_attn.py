@@ -505,7 +505,10 @@ def _attn_fwd(
     if TAIL_N > 0:
         # The last seqlen_k % BLOCK_N keys (at most TAIL_N) go in one narrow tile after the loop, so that no step of
         # the loop is mostly empty and none needs a key mask: a 14 x 14 window's 196 keys as 3 x 64 + 16 (4 of them
-        # keys), not 4 x 64. Loaded here, before the loop, so that their latency hides behind it.
+        # keys), not 4 x 64. Loaded and scored here, before the loop, so that their latency hides behind it, and so
+        # that no wgmma runs between the loop's last one and the tail's rescaling of the accumulators: a tail QK after
+        # the loop made ptxas serialize every wgmma of the kernel (its warning C7515; 388 SASS instructions per step at
+        # hiera_b+'s 14 x 14 windows, 332 now with the loop's key masks gone too).
         # Windows only (make_plan), never packed: key t of the window sits at (y0 + t // WIN_W, x0 + t % WIN_W).
         offs_t = n_steps * BLOCK_N + tl.arange(0, TAIL_N)
         t_ok, t_k_rows, t_v_rows = _grid_keys(y0 + offs_t // WIN_W, x0 + offs_t % WIN_W, offs_t < seqlen_k, grid_h,
@@ -520,6 +523,14 @@ def _attn_fwd(
         if DV1 > 0:
             t_v1 = tl.load(v_base + t_v_rows[:, None] + offs_v1[None, :] * stride_vd,
                            mask=t_ok[:, None] & v1_ok[None, :], other=0.0)
+        if INTERP:
+            t_k0 = t_k0.to(tl.float32)
+        t_qk = tl.dot(q0, t_k0, input_precision=DOT_PREC)
+        if D1 > 0:
+            if INTERP:
+                t_k1 = t_k1.to(tl.float32)
+            t_qk = tl.dot(q1, t_k1, t_qk, input_precision=DOT_PREC)
+        t_qk = tl.where(t_ok[None, :], t_qk, float("-inf"))
 
     if not HAS_MASK:
         idx_base = KV_IDX  # not read
@@ -684,15 +695,8 @@ def _attn_fwd(
     if TAIL_N > 0:
         p_dtype = t_v0.dtype  # P is rounded to the input dtype before the PV product, as in the loop
         if INTERP:
-            t_k0 = t_k0.to(tl.float32)
             t_v0 = t_v0.to(tl.float32)
-        qk = tl.dot(q0, t_k0, input_precision=DOT_PREC)
-        if D1 > 0:
-            if INTERP:
-                t_k1 = t_k1.to(tl.float32)
-            qk = tl.dot(q1, t_k1, qk, input_precision=DOT_PREC)
-        qk = tl.where(t_ok[None, :], qk, float("-inf"))
-        p, alpha, m_i, l_i = _online_softmax(qk, m_i, l_i, qk_scale, tl.zeros([BLOCK_M], dtype=tl.float32), dead_max)
+        p, alpha, m_i, l_i = _online_softmax(t_qk, m_i, l_i, qk_scale, tl.zeros([BLOCK_M], dtype=tl.float32), dead_max)
         p_lp = p.to(p_dtype)
         if INTERP:
             p_lp = p_lp.to(tl.float32)
