@@ -1,8 +1,10 @@
 """What the compiler makes of the attention kernel, without a GPU: registers, spills, shared memory,
 whether the K / V loads of the main loop are software-pipelined, and how many instructions one loop step
-issues per thread (the SASS between the loop's branch and its target), for SAM's global layer (rect bias,
-rel_w hoisted), the same layer without bias, the window layer (one-hot bias, in-place windows), and the
-global layer without bias at head dims 72 (as one chunk of 128, or as 64 + 16 overlapping) and 80.
+issues per thread (the SASS between the loop's branch and its target), and whether ptxas serialized the kernel's
+wgmma instructions (its warning C7515), for SAM's global layer (rect bias, rel_w hoisted), the same layer without
+bias, the window layer (one-hot bias, in-place windows), Hiera's windows (14 x 14 with a key tail, cropped, hiera_l's
+16 x 16 at head dim 72), and the global layer without bias at head dims 72 (as one chunk of 128, or as 64 + 16
+overlapping) and 80.
 
 Compiles `_attn_fwd` for an sm_90a target with this machine's Triton (ptxas ships with it) through the
 same constexprs the launcher would set for those shapes; integer arguments get the specializations the
@@ -44,16 +46,19 @@ CASES = {
     "global, rel-pos (rect, rel_w hoisted)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_RECT, W_HOIST=True),
     "global, no bias": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE),
     "window 14x14 in place, rel-pos (one-hot)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_ONEHOT, WINDOW=True,
-                                                     WIN_H=14, WIN_W=14, RECT_W=14, EVEN_N=False,
+                                                     WIN_H=14, WIN_W=14, QWIN_H=14, QWIN_W=14, RECT_W=14, EVEN_N=False,
                                                      KH=14, KW=14, TILE_H=14, TILE_W=14),
     "window 14x14 overhanging, rel-pos (one-hot)": dict(HAS_BIAS=True, BIAS_PATH=triton_attn.BIAS_ONEHOT, WINDOW=True,
-                                                        WIN_H=14, WIN_W=14, WIN_PAD=True, RECT_W=14, EVEN_N=False,
+                                                        WIN_H=14, WIN_W=14, QWIN_H=14, QWIN_W=14, WIN_PAD=True, RECT_W=14, EVEN_N=False,
                                                         KH=14, KW=14, TILE_H=14, TILE_W=14),
     "window 14x14 in place, no bias (Hiera)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE, WINDOW=True,
-                                                   WIN_H=14, WIN_W=14, EVEN_N=True, TAIL_N=16, KH=1, KW=1, TILE_H=1,
+                                                   WIN_H=14, WIN_W=14, QWIN_H=14, QWIN_W=14, EVEN_N=True, TAIL_N=16, KH=1, KW=1, TILE_H=1,
                                                    TILE_W=1),
+    "window 16x16 in place, d72 (hiera_l)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE, WINDOW=True, WIN_H=16,
+                                                 WIN_W=16, QWIN_H=16, QWIN_W=16, EVEN_N=True, KH=1, KW=1, TILE_H=1,
+                                                 TILE_W=1, D_REAL=72, D0=64, D1=16, D1_AT=56),
     "window 14x14 overhanging, cropped, no bias (Hiera)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE,
-                                                               WINDOW=True, WIN_H=14, WIN_W=14, WIN_PAD=True, CROP=True,
+                                                               WINDOW=True, WIN_H=14, WIN_W=14, QWIN_H=14, QWIN_W=14, WIN_PAD=True, CROP=True,
                                                                EVEN_N=False, KH=1, KW=1, TILE_H=1, TILE_W=1),
     # Head dims that are no power of two, no bias (SAM 2's Hiera; vit_h's 80 for comparison): how the chunks
     # (triton_attn.head_dim_chunks) change the loop.
@@ -100,8 +105,11 @@ def ptxas_report(ptx: str) -> dict:
     text = res.stdout + res.stderr
     regs = re.search(r"Used (\d+) registers", text)
     spill = re.search(r"(\d+) bytes spill stores", text)
+    # ptxas's C7515: a non-wgmma instruction writes accumulator registers while a wgmma may be in flight, so it
+    # serializes every wgmma of the kernel (an overlapping chunk's q zeroed in registers, a key tail's QK after the
+    # loop did: docs/benchmarks.md, runs 123-125).
     return dict(registers=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else None,
-                loop_instructions=loop_instructions(sass))
+                loop_instructions=loop_instructions(sass), serialized="C7515" in text)
 
 
 def loop_instructions(sass: str) -> Optional[int]:
@@ -140,8 +148,8 @@ def main():
         ap.error(f"--case {args.case}: no layer label contains it; the labels are: {'; '.join(CASES)}")
     lines = [f"Off-device compile for sm_90a, Triton {triton.__version__}, bf16, head dim 64 unless the layer says.", "",
              "| layer | BLOCK_M x BLOCK_N, warps, stages | maxnreg | registers | spill bytes | shared memory (B) "
-             "| K/V async copies in the loop | SASS instructions per loop step |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| K/V async copies in the loop | SASS instructions per loop step | wgmma serialized (C7515) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for label, case in cases.items():
         for bm, bn, warps, stages in CONFIGS[:1] if args.quick else CONFIGS:
             if case.get("WINDOW") and bn > 64:
@@ -151,7 +159,7 @@ def main():
                 rep = ptxas_report(k.asm["ptx"])
                 lines.append(f"| {label} | {bm}x{bn}, {warps}, {stages} | {maxnreg or '-'} | {rep['registers']} | "
                              f"{rep['spill_bytes']} | {k.metadata.shared} | {loop_async_copies(k.asm['ttgir'])} | "
-                             f"{rep['loop_instructions']} |")
+                             f"{rep['loop_instructions']} | {'yes' if rep['serialized'] else 'no'} |")
                 print(lines[-1], flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
