@@ -107,7 +107,7 @@ def ptxas_report(ptx: str) -> dict:
     spill = re.search(r"(\d+) bytes spill stores", text)
     # ptxas's C7515: a non-wgmma instruction writes accumulator registers while a wgmma may be in flight, so it
     # serializes every wgmma of the kernel (an overlapping chunk's q zeroed in registers, a key tail's QK after the
-    # loop did: docs/benchmarks.md, runs 123-125).
+    # loop did: docs/benchmarks.md, runs 122-125).
     return dict(registers=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else None,
                 loop_instructions=loop_instructions(sass), serialized="C7515" in text)
 

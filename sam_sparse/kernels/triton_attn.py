@@ -50,7 +50,10 @@ so that the tensor cores get 64-row tiles instead of 16-row ones, at PACK times 
 
 Hopper: a config with TMA=1 reads K and V through host-side tensor descriptors (the copy engine; zero
 fill past the sequence, or past the grid) instead of pointer loads, in WINDOW mode where a key tile is whole
-window rows (key_box); the tuner keeps it where it measured faster.
+window rows (key_box); the tuner keeps it where it measured faster. Nothing outside a wgmma may write its
+accumulator registers while one can be in flight (a tile rewritten in registers between two of them, a product
+after the loop beside its rescaling): ptxas then serializes every wgmma of the kernel (warning C7515), which cost
+hiera_l's layers 5-8% (docs/benchmarks.md, runs 122-124); scripts/kernel_report.py reports it per layer.
 
 Lengths and counts that change from call to call (seqlen_q / seqlen_k, the (sequence, head) count, the
 block mask's strides) are run-time scalars Triton does not specialize on (RUNTIME_SCALARS): a video memory
@@ -553,7 +556,8 @@ def _attn_fwd(
     # Every key of every loop step lies in the sequence (whole steps) and, in a window, on the grid (windows inside
     # it): the loop's K / V loads then take no key mask. Where a step is also whole grid rows of the (packed) window,
     # its key rows are the first step's moved down by whole rows: one scalar per step instead of each key's grid cell
-    # and address (a quarter of the 16 x 16 windows' loop instructions, with the key masks; docs/benchmarks.md, run 121).
+    # and address. Together a fifth of the 16 x 16 windows' loop instructions (361 -> 294 at head dim 64, as a
+    # minimal window kernel's 295; docs/benchmarks.md, runs 121-122).
     KEYS_IN: tl.constexpr = EVEN_N and not WIN_PAD
     ROWS_SHIFT: tl.constexpr = KEYS_IN and WINDOW and not CROP and BLOCK_N % (WIN_W * PACK) == 0
     if ROWS_SHIFT:
