@@ -510,8 +510,8 @@ def _attn_fwd(
         # the loop is mostly empty and none needs a key mask: a 14 x 14 window's 196 keys as 3 x 64 + 16 (4 of them
         # keys), not 4 x 64. Loaded and scored here, before the loop, so that their latency hides behind it, and so
         # that no wgmma runs between the loop's last one and the tail's rescaling of the accumulators: a tail QK after
-        # the loop made ptxas serialize every wgmma of the kernel (its warning C7515; 388 SASS instructions per step at
-        # hiera_b+'s 14 x 14 windows, 332 now with the loop's key masks gone too).
+        # the loop made ptxas serialize every wgmma of the kernel (its warning C7515; 360 SASS instructions per step at
+        # hiera_b+'s 14 x 14 windows against 332 now).
         # Windows only (make_plan), never packed: key t of the window sits at (y0 + t // WIN_W, x0 + t % WIN_W).
         offs_t = n_steps * BLOCK_N + tl.arange(0, TAIL_N)
         t_ok, t_k_rows, t_v_rows = _grid_keys(y0 + offs_t // WIN_W, x0 + offs_t % WIN_W, offs_t < seqlen_k, grid_h,
