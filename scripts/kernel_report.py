@@ -63,8 +63,8 @@ CASES = {
                                                                TILE_H=1, TILE_W=1),
     # Head dims that are no power of two, no bias (SAM 2's Hiera; vit_h's 80 for comparison): how the chunks
     # (triton_attn.head_dim_chunks) change the loop.
-    "global d72, one chunk of 128 (OVERLAP_SECOND_CHUNK off)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE, D_REAL=72,
-                                                         D0=128, D1=0, D1_AT=128),
+    "global d72, one chunk of 128 (OVERLAP_SECOND_CHUNK off)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE,
+                                                                    D_REAL=72, D0=128, D1=0, D1_AT=128),
     "global d72, 64 + 16 from 56 (OVERLAP_SECOND_CHUNK)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE,
                                                                D_REAL=72, D0=64, D1=16, D1_AT=56),
     "global d80, 64 + 16 (vit_h)": dict(HAS_BIAS=False, BIAS_PATH=triton_attn.BIAS_NONE, D_REAL=80, D0=64, D1=16,
