@@ -53,7 +53,7 @@ fill past the sequence, or past the grid) instead of pointer loads, in WINDOW mo
 window rows (key_box); the tuner keeps it where it measured faster. Nothing outside a wgmma may write its
 accumulator registers while one can be in flight (a tile rewritten in registers between two of them, a product
 after the loop beside its rescaling): ptxas then serializes every wgmma of the kernel (warning C7515), which cost
-hiera_l's layers 5-8% (docs/benchmarks.md, runs 122-124); scripts/kernel_report.py reports it per layer.
+hiera_l's layers 3-8% (docs/benchmarks.md, runs 122-124); scripts/kernel_report.py reports it per layer.
 
 Lengths and counts that change from call to call (seqlen_q / seqlen_k, the (sequence, head) count, the
 block mask's strides) are run-time scalars Triton does not specialize on (RUNTIME_SCALARS): a video memory
