@@ -9,7 +9,7 @@ one work item (window, head, 64-query tile) per program; programs that loop over
 item's loads are pipelined behind the current item's steps. Beside them: triton_attn's tuned plan on the same
 data, and SDPA cuDNN on sam2's partitioned windows. Every variant is checked against SDPA first.
 
-    python scripts/probe_persistent_windows.py [--out probe.jsonl] [--batch 8] [--heads 8] [--window 16]
+    python scripts/probe_persistent_windows.py [--out probe.jsonl] [--batch 8] [--heads 8] [--window 16] [--grid 64]
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sam_sparse.files import atomic_path
 from sam_sparse.kernels import triton_attn
 
 
@@ -91,7 +92,7 @@ def partition(t, win):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=None, help="also append the JSON rows to this file")
+    ap.add_argument("--out", default=None, help="also write the JSON rows to this file (one per line, replaced whole)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--window", type=int, default=16)
@@ -138,9 +139,8 @@ def main():
                 emit(f"minimal, {per_sm} programs per SM looping, flatten {flatten}, stages {stages}",
                      lambda p=per_sm, f=flatten, s=stages: run(qkv, out, win, p * sms, f, stages=s))
     if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+        with atomic_path(args.out) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 if __name__ == "__main__":
