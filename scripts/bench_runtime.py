@@ -30,7 +30,8 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
              in alternating rounds in one process: side_by_side times its rows one after another, and clocks
              that drift between rows move its ratio by a percent or so (hiera_l: 1.147x and 1.150x, runs 110-111).
              The compiled ones are also timed by GPU events (triton's do_bench, as side_by_side), in the same
-             process: wall clock and events disagreed for the patched encoders across runs 116-118.
+             process: wall clock and events disagreed for the patched encoders across runs 116-118 (in one
+             process they agree: run 126); and their host time per call with the GPU busy, and their syncs.
   sam2predictor  SAM2ImagePredictor (--sam2-model, default sam2.1_hiera_b+, random weights), batch 1,
              on the same 1500 x 2250 photo under bf16 autocast, as SAM 2's README runs it: sam2 unpatched
              vs patched dense; set_image, predict (one point, 3 masks) and the mask IoU between them.
