@@ -1,7 +1,8 @@
 """Automatic mask generation and SamPredictor.predict, before and after sam_sparse.maskgen, in one run.
 
 Sections (--only picks some; each is wrapped so that a failure is recorded and the next one runs; each
-appends its rows to $OUT/bench_amg.jsonl and its table to $OUT/bench_amg.md as soon as it finishes).
+appends its rows to $OUT/bench_amg.jsonl and its table to $OUT/bench_amg.md as soon as it finishes; the exit
+status is 1 when any section failed).
 Expected times on one H200, full run (--quick: about a third):
 
   amg        ~60 s  MobileSAM, released weights, patched with `dense` (what `sam-sparse amg` runs), 20
@@ -24,6 +25,9 @@ Expected times on one H200, full run (--quick: about a third):
   vit        ~40 s  vit_b and vit_h with random weights (rel-pos tables randomized), patched `dense`: no
                     mask passes SAM's thresholds, so this times the encoder and decoder per image
                     (segment-anything vs exact vs fast with the model's decoder vs fast), on 3 photos.
+                    --vit-models also takes SAM 2.1 types (sam2.1_hiera_t / s / b+ / l: sam2's builder,
+                    random weights): the reference is then sam2's SAM2AutomaticMaskGenerator (encoder =
+                    its predictor's set_image, decoder = its _predict), with SAM 2's generator settings.
   predictor  ~15 s  vit_b (random weights), bf16 encoder + set_image_on_device, a 1500 x 2250 photo (the
                     coffee photo upscaled), one point: SamPredictor.predict vs DevicePredictor (eager,
                     with a CUDA graph, and with its set_image replaying the encoder from a CUDA graph
@@ -53,6 +57,7 @@ reads photos from files instead (sorted by path); --export-photos writes the bui
 
     python scripts/bench_amg.py --out $OUT                        # GPU, everything but compile
     python scripts/bench_amg.py --out $OUT --compile              # and the compiled decoder
+    python scripts/bench_amg.py --out $OUT --only vit --vit-models sam2.1_hiera_b+,sam2.1_hiera_l   # SAM 2
     python scripts/bench_amg.py --out /tmp/b --device cpu --quick # CPU smoke run: 1 small photo, 4 x 4 points,
                                                                   # segment-anything / exact / fast only
                                                                   # (5.5 min on 2 shared CPU cores)
@@ -130,14 +135,17 @@ def photo_set(n: int, max_side: int = 0) -> dict:
 
 def build_model(name: str, args, device: torch.device):
     """mobile_sam: its released weights; vit_b / vit_h: random, seeded, rel_pos ~ N(0, 0.02) (SAM
-    initializes them to zero). Patched with `dense`, as `sam-sparse amg` runs them (not the ViTs in a
-    CPU --quick run: on the CPU the patched encoder runs the block-sparse reference path, ~70 s per image
-    for vit_b on 2 cores)."""
+    initializes them to zero); sam2.1_*: sam2's builder, random, seeded. Patched with `dense`, as
+    `sam-sparse amg` runs them (not the random models in a CPU --quick run: on the CPU the patched encoder
+    runs the block-sparse reference path, ~70 s per image for vit_b on 2 cores)."""
     from sam_sparse import build_sam, fetch_mobile_sam, patch_sam
+    from sam_sparse.models import build_model as build_random
 
     torch.manual_seed(args.seed)
     if name == "mobile_sam":
         model = build_sam("mobile_sam", args.mobile_sam_checkpoint or fetch_mobile_sam(), device=device)
+    elif name.startswith("sam2"):
+        model = build_random(name).to(device)
     else:
         model = build_sam(name, device=device)
         with torch.no_grad():
@@ -155,17 +163,26 @@ def sync(device: torch.device) -> None:
 
 
 class TimedReference:
-    """segment-anything's SamAutomaticMaskGenerator, its predictor's set_image and predict_torch timed
-    (device synced around each) when `profile`."""
+    """The model family's own generator: segment-anything's SamAutomaticMaskGenerator (its predictor's
+    set_image and predict_torch timed, device synced around each, when `profile`), or for a SAM 2 model
+    sam2's SAM2AutomaticMaskGenerator (set_image and _predict)."""
 
     def __init__(self, model, device, profile=False, **settings):
-        from segment_anything import SamAutomaticMaskGenerator
+        from sam_sparse.maskgen import model_family
 
         self.device, self.seconds = device, {}
-        self.generator = SamAutomaticMaskGenerator(model, **settings)
+        if model_family(model) == "sam2":
+            from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+            self.generator, decoder = SAM2AutomaticMaskGenerator(model, **settings), "_predict"
+        else:
+            from segment_anything import SamAutomaticMaskGenerator
+
+            self.generator, decoder = SamAutomaticMaskGenerator(model, **settings), "predict_torch"
         if profile:
             p = self.generator.predictor
-            p.set_image, p.predict_torch = self._timed(p.set_image, "encoder"), self._timed(p.predict_torch, "decoder")
+            p.set_image = self._timed(p.set_image, "encoder")
+            setattr(p, decoder, self._timed(getattr(p, decoder), "decoder"))
 
     def _timed(self, fn, key):
         def call(*a, **kw):
@@ -396,7 +413,8 @@ def section_vit(ctx):
                 for k, v in g.seconds.items():
                     stages[k] = stages.get(k, 0.0) + v
             ms = {k: round(1e3 * v / len(photos), 2) for k, v in stages.items()}
-            rows.append(dict(section="vit", model=model_name, config=name, images=len(photos), masks=n_masks,
+            label = "sam2" if name == "segment-anything" and model_name.startswith("sam2") else name
+            rows.append(dict(section="vit", model=model_name, config=label, images=len(photos), masks=n_masks,
                              encoder_ms=ms.get("encoder"), decoder_ms=ms.get("decoder"),
                              total_ms=round(1e3 * statistics.mean(totals), 2), stages_ms=ms))
         del model
@@ -627,7 +645,9 @@ def main(argv=None):
     ap.add_argument("--crop-images", type=int, default=None, help="photos for crops (default 10; quick 2, CPU 1)")
     ap.add_argument("--breakdown-images", type=int, default=None, help="photos for breakdown (default 5; quick 2, CPU 1)")
     ap.add_argument("--vit-images", type=int, default=None, help="photos per vit model (default 3; quick 1)")
-    ap.add_argument("--vit-models", default=None, help="default vit_b,vit_h (quick: vit_b)")
+    ap.add_argument("--vit-models", default=None,
+                    help="the vit section's models: vit_b / vit_l / vit_h or SAM 2.1 types such as sam2.1_hiera_b+ "
+                         "(default vit_b,vit_h; quick: vit_b)")
     ap.add_argument("--images-dir", type=Path, help="photos from files (sorted by path) instead of scikit-image's")
     ap.add_argument("--export-photos", type=Path, metavar="DIR", help="only write the photo set as PNGs into DIR")
     ap.add_argument("--mobile-sam-checkpoint", type=Path, help="MobileSAM's weights (default: fetch_mobile_sam())")
@@ -693,7 +713,7 @@ def main(argv=None):
 
     ctx = dict(args=args, device=device, photos=photos, mobile_sam=mobile_sam,
                settings=dict(points_per_side=pps))
-    t_all = time.time()
+    t_all, failed = time.time(), []
     for name in sections:
         t0 = time.time()
         print(f"== {name}", flush=True)
@@ -702,6 +722,7 @@ def main(argv=None):
         except Exception as e:  # recorded; the next section still runs
             rows = [dict(error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-4000:])]
             print(rows[0]["traceback"], file=sys.stderr, flush=True)
+            failed.append(name)
         seconds = time.time() - t0
         append(args.out, name, rows, seconds)
         for r in rows:
@@ -710,6 +731,8 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print(f"all sections: {time.time() - t_all:.0f} s; wrote {args.out / 'bench_amg.jsonl'} and {args.out / 'bench_amg.md'}")
+    if failed:
+        sys.exit(f"bench_amg: section(s) {', '.join(failed)} failed (their error rows are in bench_amg.jsonl)")
 
 
 if __name__ == "__main__":
