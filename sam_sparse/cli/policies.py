@@ -6,6 +6,7 @@ exit status 2 and one line on stderr, ``error: <file>:<line>: <field>: <problem>
 
 from __future__ import annotations
 
+import re
 import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -185,22 +186,42 @@ def show_cmd(policy: str, model: str):
 
 
 def _panels(p: Policy, model: str):
-    """(title, 2-D bool mask (QB, KB)) per layer kind (its first layer) and group of identical heads."""
-    first = {}
+    """(title, 2-D bool mask (QB, KB)) per group of identical heads of each distinct layer: layers of one kind
+    and stage (SAM 2's windows differ per stage) whose masks are the same share a panel; where a kind and stage
+    has layers that differ (a rule on some blocks only), each variant gets its own, titled with its blocks."""
+    groups = {}  # (kind, stage, the layer's masks) -> [layers], heads, prompted
     for layer, mask, prompted in _layers(p, model):
-        first.setdefault(layer.kind, (layer, mask, prompted))
-    for kind in LAYER_KINDS:
-        if kind not in first:
-            continue
-        layer, mask, prompted = first[kind]
         full = torch.ones(1, 1, layer.q_blocks, layer.k_blocks, dtype=torch.bool) if mask is None else mask.cpu()
         heads = [full[0, h if full.shape[1] > 1 else 0] for h in range(layer.num_heads)]
-        keys = [tuple(m.flatten().tolist()) for m in heads]
-        for a, b in _head_groups(keys):
-            m = heads[a]
-            dens = mask_density(m[None, None], layer)
+        key = (layer.kind, layer.stage, tuple(tuple(m.shape) + tuple(m.flatten().tolist()) for m in heads))
+        groups.setdefault(key, ([], heads, prompted))[0].append(layer)
+    order = {kind: i for i, kind in enumerate(LAYER_KINDS)}
+    keys = sorted(groups, key=lambda k: (order[k[0]], k[1] or 0, _block_number(groups[k][0][0].name)))
+    for key in keys:
+        layers, heads, prompted = groups[key]
+        kind, stage = key[0], key[1]
+        title = kind + (f" (stage {stage})" if stage is not None else "")
+        if sum(k[:2] == key[:2] for k in keys) > 1:
+            title += " " + _blocks(layers)
+        for a, b in _head_groups([tuple(m.flatten().tolist()) for m in heads]):
+            dens = mask_density(heads[a][None, None], layers[0])
             note = " (1 point)" if prompted else ""
-            yield f"{layer.kind}\n{_heads(a, b)}: density {dens:.3f}{note}", m
+            yield f"{title}\n{_heads(a, b)}: density {dens:.3f}{note}", heads[a]
+
+
+def _block_number(name: str) -> int:
+    """The block (or decoder layer) index in a module name such as image_encoder.trunk.blocks.4.attn; -1 if none."""
+    m = re.search(r"\.(?:blocks|layers)\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def _blocks(layers) -> str:
+    """'blocks 4, 8' for the encoder blocks (decoder layers) named by layers."""
+    numbers = [_block_number(layer.name) for layer in layers]
+    if min(numbers) < 0:
+        return ", ".join(layer.name for layer in layers)
+    noun = "block" if ".blocks." in layers[0].name else "layer"
+    return f"{noun}{'s' if len(numbers) > 1 else ''} " + ", ".join(map(str, numbers))
 
 
 @policies.command("render")
@@ -208,7 +229,8 @@ def _panels(p: Policy, model: str):
 @click.option("--model", type=click.Choice(MODELS), default="vit_b", show_default=True, help="Model type (SAM or SAM 2.1).")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="PNG file to write.")
 def render_cmd(policy: str, model: str, out: str):
-    """Draw the block masks of a policy as a PNG: one panel per layer kind and group of heads.
+    """Draw the block masks of a policy as a PNG: one panel per layer kind and group of heads (per stage of
+    SAM 2's encoder, and per group of blocks where a rule makes a kind's blocks differ); the panels are listed.
 
     Rows are query blocks, columns key blocks; dark = attend. Prompt-dependent layers are drawn for
     one point at the image centre.
@@ -258,6 +280,8 @@ def render_cmd(policy: str, model: str, out: str):
     except OSError as e:  # disk full, permissions: the environment (exit 1), not the input
         _fail(f"cannot write {out}: {e}", code=1)
     click.echo(f"wrote {out} ({len(panels)} panels)")
+    for t, _ in panels:
+        click.echo("  " + t.replace("\n", ": "))
     if any(t.startswith("memory.cross") for t, _ in panels):
         click.echo(MEMORY_NOTE)
 
