@@ -88,6 +88,8 @@ def test_dense_equals_unpatched_in_fp32(sam2_t):
     image_layers = [lp for lp in report.layers if not lp.kind.startswith("memory.")]
     assert len(image_layers) == 19 and all(lp.calls > 0 for lp in image_layers), str(report)
     assert [lp.calls for lp in report.layers[19:]] == [0] * 8  # the video memory attention: not run on images
+    memory_rows = [line for line in str(report).splitlines() if "memory_attention." in line]
+    assert len(memory_rows) == 8 and all("not run" in line and "1.000000" not in line for line in memory_rows)
     assert min(lp.cosine for lp in image_layers) >= 0.99999
     assert report.embedding_cosine[0] >= 0.99999
     assert [iou for _, iou in report.mask_iou] == [1.0, 1.0, 1.0]
