@@ -205,9 +205,9 @@ def bench_encoder(
                  f"({', '.join(p.name for p in loaded)}), {warmup} untimed + {iters} timed round(s), each running "
                  f"every model once")
         if not cuda:
-            announce(f"warning: on a CPU one {model_type} encoder run takes from seconds (mobile_sam) to minutes "
-                     f"(vit_h); up to {(len(loaded) + 1) * (warmup + iters)} runs follow (--warmup 0 --iters 1 "
-                     "for a quick look)")
+            announce(f"warning: on a CPU one image encoder run takes from seconds (mobile_sam, sam2.1_hiera_t) to "
+                     f"minutes (vit_h, sam2.1_hiera_l); {model_type}: up to {(len(loaded) + 1) * (warmup + iters)} "
+                     "runs follow (--warmup 0 --iters 1 for a quick look)")
 
     model = build_model(model_type).to(device=device, dtype=DTYPES[dtype]).eval()
     size = getattr(model.image_encoder, "img_size", 1024)
