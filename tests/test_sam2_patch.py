@@ -95,6 +95,37 @@ def test_dense_equals_unpatched_in_fp32(sam2_t):
     assert [iou for _, iou in report.mask_iou] == [1.0, 1.0, 1.0]
 
 
+@pytest.mark.parametrize("part", ["image_encoder", "image_encoder.trunk"])
+def test_parity_of_the_image_encoder_alone(sam2_t, part):
+    """verify_parity takes sam2's ImageEncoder or its Hiera trunk, as it takes SAM's ImageEncoderViT: embeddings
+    (every output tensor of an image: features and FPN levels, or the trunk's stages) and layers; dense equals
+    unpatched, a sparse global policy does not, and neither leaves the model patched."""
+    encoder = sam2_t.get_submodule(part)
+    g = torch.Generator().manual_seed(3)
+    size = sam2_t.image_size
+    x = torch.randn(2, 3, size, size, generator=g)
+    report = verify_parity(encoder, "dense", x)
+    assert report.passed and report.thresholds.name == "DENSE_FP32", str(report)
+    assert len(report.embedding_cosine) == 2 and min(report.embedding_cosine) >= 0.99999, str(report)
+    assert len(report.layers) == 12 and all(lp.calls == 1 for lp in report.layers), str(report)
+    assert getattr(encoder, "_sam_sparse_handle", None) is None and getattr(sam2_t, "_sam_sparse_handle", None) is None
+    with pytest.raises(ValueError, match="compared on embeddings only"):
+        verify_parity(encoder, "dense", x, points=[[10, 10]])
+
+
+def test_parity_of_a_sparse_image_encoder_alone():
+    """An encoder patched alone gets the masks of SAM 2's 1024 px grid (it does not know its model's image size):
+    a sparse global policy at 1024 px changes its embeddings, by more than DENSE's bar allows."""
+    encoder = small_sam2(image_size=1024, seed=5).image_encoder
+    x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(4))
+    policy = Policy.from_dict(dict(name="g", rules=[dict(match="encoder.global", pattern="local2d", params=dict(radius=0))]))
+    report = verify_parity(encoder, policy, x)
+    assert report.thresholds.name == "SPARSE" and report.embedding_cosine[0] < 0.99999, str(report)
+    changed = [lp.kind for lp in report.layers if lp.cosine < 0.99999]  # in the blocks' order
+    assert changed and changed[0] == "encoder.global", str(report)  # what follows it sees other inputs
+    assert getattr(encoder, "_sam_sparse_handle", None) is None
+
+
 def test_image_predictor_masks_identical(sam2_t):
     image = photo(200, 150, seed=1)
     pts, labels = np.array([[40, 60], [100, 150]]), np.array([1, 0])

@@ -293,11 +293,13 @@ def verify_parity(
     """Compare `model` patched with `policy` against the same model unpatched.
 
     model: a segment_anything Sam or a sam2 SAM2Base (or its SAM2ImagePredictor / generator: its model)
-        for the full pipeline (embeddings, masks), or an ImageEncoderViT (embeddings and layers only).
+        for the full pipeline (embeddings, masks), or an image encoder alone (embeddings and layers only):
+        segment_anything's ImageEncoderViT, sam2's ImageEncoder or its Hiera trunk (every output tensor of
+        an image counts in its embedding cosine: vision features and FPN levels, or Hiera's stages).
         Its patch state is left as found: an unpatched model stays unpatched, a model patched by
         patch_sam is unpatched for the comparison and re-patched after.
     images: for a full model, one HxWx3 uint8 RGB array or a list of them (as the predictor's
-        set_image); for an ImageEncoderViT, a (B, 3, S, S) float tensor already preprocessed.
+        set_image); for an image encoder, a (B, 3, S, S) float tensor already preprocessed.
     points: (P, 2) pixel coords (x, y) in the original image, each one a separate foreground-point
         prompt; the same for every image, or a list with one array per image. boxes: (K, 4) XYXY
         pixels, each box a prompt, likewise. Both None: one point at the image centre.
@@ -311,17 +313,18 @@ def verify_parity(
     given = (1 if images.ndim == 3 else images.shape[0]) if isinstance(images, (np.ndarray, torch.Tensor)) else len(images)
     if given == 0:
         raise ValueError("images: none given; expected an HxWx3 uint8 image or a list of them (a (B, 3, S, S) "
-                         "tensor for an ImageEncoderViT)")
+                         "tensor for an image encoder)")
     sam2 = _sam2_model(model)
     if sam2 is not None:
         model = sam2
     elif not isinstance(model, (Sam, ImageEncoderViT)):
-        raise TypeError(f"verify_parity supports segment_anything's Sam or ImageEncoderViT, or sam2's SAM2Base; "
-                        f"got {type(model).__name__}")
+        raise TypeError(f"verify_parity supports segment_anything's Sam or ImageEncoderViT, or sam2's SAM2Base, "
+                        f"ImageEncoder or Hiera; got {type(model).__name__}")
+    encoder_only = isinstance(model, ImageEncoderViT) or (sam2 is not None and _sam2_encoder(sam2))
     if thresholds is not None and not isinstance(thresholds, ParityThresholds):
         raise TypeError(f"thresholds={thresholds!r}: expected a ParityThresholds (DENSE_FP32, DENSE_HALF, SPARSE or "
                         "your own) or None")
-    if not isinstance(model, ImageEncoderViT):  # a full model takes what set_image takes: checked before any work
+    if not encoder_only:  # a full model takes what set_image takes: checked before any work
         ims = check_rgb_images(_as_images(images))
         for what, width, given in (("points", 2, points), ("boxes", 4, boxes)):
             for i, (im, arr) in enumerate(zip(ims, _per_image(given, len(ims), width, what))):
@@ -359,16 +362,19 @@ def verify_parity(
                 recorder.saved.clear()
             return ref, out
 
-        if isinstance(model, ImageEncoderViT):
+        if encoder_only:
             if points is not None or boxes is not None:
-                raise ValueError("points/boxes need a Sam; an ImageEncoderViT is compared on embeddings only")
+                raise ValueError(f"points/boxes need a whole model; an image encoder ({type(model).__name__}) is "
+                                 "compared on embeddings only")
             x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.stack(images))
             x = x.to(device=next(model.parameters()).device, dtype=dtype)
             with torch.no_grad():
-                ref, out = both(lambda: model(x))
-            for r, o in zip(ref, out):
+                ref, out = (_output_tensors(y) for y in both(lambda: model(x)))
+            for i in range(x.shape[0]):  # one image: every output tensor's slice of it, as one vector
+                r = torch.cat([t[i].float().flatten() for t in ref])
+                o = torch.cat([t[i].float().flatten() for t in out])
                 report.embedding_cosine.append(_cosine(o, r))
-                report.embedding_max_err.append(float((o.float() - r.float()).abs().max()))
+                report.embedding_max_err.append(float((o - r).abs().max()))
         else:
             run = _Sam2Run(model) if sam2 is not None else _SamRun(model)
             _predictor_parity(run, model, handle, images, points, boxes, multimask_output, both, report, image_names)
@@ -394,9 +400,27 @@ def _sam2_model(obj):
     model = fam.unwrap(obj)[0]
     from sam2.modeling.sam2_base import SAM2Base
 
-    if not isinstance(model, SAM2Base):
-        raise TypeError(f"verify_parity supports sam2's SAM2Base (or its predictor); got {type(model).__name__}")
+    if not isinstance(model, SAM2Base) and not _sam2_encoder(model):
+        raise TypeError(f"verify_parity supports sam2's SAM2Base (or its predictor), ImageEncoder or Hiera; "
+                        f"got {type(model).__name__}")
     return model
+
+
+def _sam2_encoder(model) -> bool:
+    """Whether model is sam2's image encoder alone: its ImageEncoder (trunk and neck) or the Hiera trunk."""
+    from sam2.modeling.backbones.hieradet import Hiera
+    from sam2.modeling.backbones.image_encoder import ImageEncoder
+
+    return isinstance(model, (ImageEncoder, Hiera))
+
+
+def _output_tensors(out) -> List[torch.Tensor]:
+    """The tensors of an encoder's output, in order: a tensor, or a dict / list / tuple of them (sam2's
+    ImageEncoder gives a dict of features, positional encodings and FPN levels; Hiera a list of stages)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out
+    return [t for item in items for t in _output_tensors(item)]
 
 
 class _SamRun:
