@@ -91,26 +91,27 @@ def test_amg_with_a_sam2_checkpoint(sam2_checkpoint, tmp_path):
     assert manifest["summary"]["done"] == 1 and (out / "coffee.json").is_file()
 
 
+def render_panels(tmp_path, name: str, rules: str) -> list:
+    """`policies render` of a policy with these YAML rules on hiera_t: the panel lines it lists."""
+    policy = tmp_path / f"{name}.yaml"
+    policy.write_text(f"name: {name}\nblock_size: 32\ntoken_order: tiles\nrules:\n{rules}  - match: '*'\n    pattern: dense\n")
+    png = tmp_path / f"{name}.png"
+    code, text = run("policies", "render", policy, "--model", "sam2.1_hiera_t", "--out", png)
+    assert code == 0 and png.stat().st_size > 0, text
+    return [line.strip() for line in text.splitlines()]
+
+
 def test_render_draws_each_stage_and_each_variant_of_a_kind(tmp_path):
     """Hiera's windows differ per stage, and a rule may pick some blocks of a kind: render draws every stage of a
     kind and each group of blocks whose masks differ (it once drew the first layer of each kind only: stage 1's
     windows for a rule on stage 3's)."""
-    stage = tmp_path / "stage3.yaml"
-    stage.write_text("name: s\nblock_size: 32\ntoken_order: tiles\nrules:\n  - match: encoder.window\n    stages: [3]\n"
-                     "    heads: [0]\n    pattern: local2d\n    params: {radius: 1}\n  - match: '*'\n    pattern: dense\n")
-    code, text = run("policies", "render", stage, "--model", "sam2.1_hiera_t", "--out", tmp_path / "s.png")
-    assert code == 0, text
-    lines = [line.strip() for line in text.splitlines()]
+    lines = render_panels(tmp_path, "stage3", "  - match: encoder.window\n    stages: [3]\n    heads: [0]\n"
+                                              "    pattern: local2d\n    params: {radius: 1}\n")
     for n in (1, 2, 3, 4):
-        assert any(line.startswith(f"encoder.window (stage {n}):") for line in lines), (n, text)
-    assert "encoder.window (stage 3): head 0: density 0.434" in lines, text
-    assert "encoder.window (stage 3): heads 1-3: density 1.000" in lines, text
-    block = tmp_path / "block5.yaml"
-    block.write_text("name: b\nrules:\n  - match: 're:image_encoder.trunk.blocks.5.attn'\n    pattern: local2d\n"
-                     "    params: {radius: 1}\n  - match: '*'\n    pattern: dense\n")
-    code, text = run("policies", "render", block, "--model", "sam2.1_hiera_t", "--out", tmp_path / "b.png")
-    assert code == 0, text
-    lines = [line.strip() for line in text.splitlines()]
-    assert any(line.startswith("encoder.global (stage 3) block 5: heads 0-3: density 0.0") for line in lines), text
-    assert "encoder.global (stage 3) blocks 7, 9: heads 0-3: density 1.000" in lines, text
-    assert (tmp_path / "s.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
+        assert any(line.startswith(f"encoder.window (stage {n}):") for line in lines), (n, lines)
+    assert "encoder.window (stage 3): head 0: density 0.434" in lines, lines
+    assert "encoder.window (stage 3): heads 1-3: density 1.000" in lines, lines
+    lines = render_panels(tmp_path, "block5", "  - match: 're:image_encoder.trunk.blocks.5.attn'\n"
+                                              "    pattern: local2d\n    params: {radius: 1}\n")
+    assert any(line.startswith("encoder.global (stage 3) block 5: heads 0-3: density 0.") for line in lines), lines
+    assert "encoder.global (stage 3) blocks 7, 9: heads 0-3: density 1.000" in lines, lines
