@@ -98,8 +98,8 @@ def test_dense_equals_unpatched_in_fp32(sam2_t):
 @pytest.mark.parametrize("part", ["image_encoder", "image_encoder.trunk"])
 def test_parity_of_the_image_encoder_alone(sam2_t, part):
     """verify_parity takes sam2's ImageEncoder or its Hiera trunk, as it takes SAM's ImageEncoderViT: embeddings
-    (every output tensor of an image: features and FPN levels, or the trunk's stages) and layers; dense equals
-    unpatched, a sparse global policy does not, and neither leaves the model patched."""
+    (an image's FPN levels, or the trunk's stages) and layers; dense equals unpatched, and the model is left
+    unpatched."""
     encoder = sam2_t.get_submodule(part)
     g = torch.Generator().manual_seed(3)
     size = sam2_t.image_size

@@ -294,8 +294,8 @@ def verify_parity(
 
     model: a segment_anything Sam or a sam2 SAM2Base (or its SAM2ImagePredictor / generator: its model)
         for the full pipeline (embeddings, masks), or an image encoder alone (embeddings and layers only):
-        segment_anything's ImageEncoderViT, sam2's ImageEncoder or its Hiera trunk (every output tensor of
-        an image counts in its embedding cosine: vision features and FPN levels, or Hiera's stages).
+        segment_anything's ImageEncoderViT, sam2's ImageEncoder or its Hiera trunk (an image's embedding
+        cosine takes all of its features: the FPN levels, the vision features among them, or Hiera's stages).
         Its patch state is left as found: an unpatched model stays unpatched, a model patched by
         patch_sam is unpatched for the comparison and re-patched after.
     images: for a full model, one HxWx3 uint8 RGB array or a list of them (as the predictor's
@@ -415,12 +415,14 @@ def _sam2_encoder(model) -> bool:
 
 
 def _output_tensors(out) -> List[torch.Tensor]:
-    """The tensors of an encoder's output, in order: a tensor, or a dict / list / tuple of them (sam2's
-    ImageEncoder gives a dict of features, positional encodings and FPN levels; Hiera a list of stages)."""
+    """The tensors of an encoder's output that depend on the image: a tensor, a list of them (Hiera's stages),
+    or sam2's ImageEncoder dict's FPN levels (its vision features are the last one; its positional encodings
+    depend on the grid alone, and would only dilute a cosine)."""
     if isinstance(out, torch.Tensor):
         return [out]
-    items = out.values() if isinstance(out, dict) else out
-    return [t for item in items for t in _output_tensors(item)]
+    if isinstance(out, dict):
+        return list(out["backbone_fpn"])
+    return [t for item in out for t in _output_tensors(item)]
 
 
 class _SamRun:
