@@ -9,7 +9,8 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
   firstcall  the first forward of a patched encoder (--model, default vit_h; batch 8, bf16) in a fresh
              process: empty caches; then with the caches the first process left (Triton's kernels +
              sam-sparse's tuning results); then with Triton's kernels only (SAM_SPARSE_TUNE_CACHE=0).
-             SAM 2.1 types (sam2.1_hiera_b+, ...) time sam2's image encoder.
+             SAM 2.1 types (sam2.1_hiera_b+, ...) time sam2's image encoder. Each row also lists the shape
+             classes the tuner met, their candidates and seconds (where a first call's time goes).
   predictor  SamPredictor, vit_b, batch 1, eager, on a 1500 x 2250 photo (scikit-image's coffee,
              upscaled): fp32 original vs patched dense under each float32 matmul precision; then the
              encoder in bf16 with set_image_on_device. SAM's CPU resize is timed on its own.
@@ -175,12 +176,25 @@ def section_decoder(out):
             torch._dynamo.reset()
 
 
+# The first call in a process of its own; where its seconds go: each shape class the tuner met (the tuner's
+# _tune wrapped, a diagnostic only): its candidates and the seconds they took to compile and time. A class of one
+# candidate is not timed; its compile falls in the launch, outside the tuner's seconds.
 FIRST_CALL = """
 import json, time, torch, sys
 sys.path.insert(0, {scripts!r})
 from bench_e2e import build
 from sam_sparse import patch_sam
+from sam_sparse.kernels import triton_attn
 from sam_sparse.models import build_model
+classes, tune = [], triton_attn._tune
+def timed_tune(key, candidates, *args, **kwargs):
+    hit = key in triton_attn._TUNED
+    t = time.perf_counter()
+    cfg = tune(key, candidates, *args, **kwargs)
+    if not hit:
+        classes.append(dict(key=repr(key)[:200], candidates=len(candidates), s=round(time.perf_counter() - t, 3)))
+    return cfg
+triton_attn._tune = timed_tune
 name = {model!r}
 model = (build_model(name).to("cuda", torch.bfloat16) if name.startswith("sam2")
          else build(name, torch.device("cuda"), torch.bfloat16))
@@ -191,7 +205,12 @@ t = time.perf_counter()
 with torch.inference_mode():
     model.image_encoder(x)
 torch.cuda.synchronize()
-print("FIRST", json.dumps(dict(first_forward_s=round(time.perf_counter() - t, 2))))
+first = round(time.perf_counter() - t, 2)
+tuned = [c for c in classes if c["candidates"] > 1]
+print("FIRST", json.dumps(dict(first_forward_s=first, shape_classes=len(classes), tuned_classes=len(tuned),
+                               candidates_timed=sum(c["candidates"] for c in tuned),
+                               tuning_s=round(sum(c["s"] for c in classes), 2),
+                               classes=sorted(classes, key=lambda c: -c["s"]))))
 """
 
 
