@@ -422,7 +422,8 @@ def test_bench_says_what_it_will_run_before_timing(monkeypatch):
     assert result.exit_code == 130 and result.stdout == "", result.output
     err = result.stderr
     assert "sam-sparse bench: mobile_sam image encoder (random weights), batch 1, fp32, cpu" in err
-    assert "These are CPU numbers" in err and "warning: on a CPU one mobile_sam encoder run takes" in err
+    assert "These are CPU numbers" in err and "warning: on a CPU one image encoder run takes" in err
+    assert "mobile_sam: up to 9 runs follow" in err
     assert "plan: the original and 2 patched model(s) (dense, region_focused), 1 untimed + 2 timed round(s)" in err
     assert "timing 1 model(s): 3 encoder runs" in err and "region_focused: no image-encoder layer was patched" in err
     assert err.index("plan:") < err.index("timing") < err.index("error: interrupted")
