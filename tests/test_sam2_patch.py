@@ -111,19 +111,31 @@ def test_parity_of_the_image_encoder_alone(sam2_t, part):
     assert getattr(encoder, "_sam_sparse_handle", None) is None and getattr(sam2_t, "_sam_sparse_handle", None) is None
     with pytest.raises(ValueError, match="compared on embeddings only"):
         verify_parity(encoder, "dense", x, points=[[10, 10]])
+    with pytest.raises(ValueError, match=f"patched for SAM 2's 1024 px input.*got {size} px.*whole SAM2Base"):
+        verify_parity(encoder, GLOBAL_ONLY, x)  # its masks would be built for 1024 px's grid, not this one
+
+
+GLOBAL_ONLY = Policy.from_dict(dict(name="g", rules=[dict(match="encoder.global", pattern="local2d", params=dict(radius=0))]))
 
 
 def test_parity_of_a_sparse_image_encoder_alone():
     """An encoder patched alone gets the masks of SAM 2's 1024 px grid (it does not know its model's image size):
-    a sparse global policy at 1024 px changes its embeddings, by more than DENSE's bar allows."""
+    a sparse global policy at 1024 px changes its embeddings, by more than DENSE's bar allows. The embedding cosine
+    is over the FPN levels alone (the positional encodings, the same on both sides, would dilute it)."""
     encoder = small_sam2(image_size=1024, seed=5).image_encoder
     x = torch.randn(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(4))
-    policy = Policy.from_dict(dict(name="g", rules=[dict(match="encoder.global", pattern="local2d", params=dict(radius=0))]))
-    report = verify_parity(encoder, policy, x)
+    report = verify_parity(encoder, GLOBAL_ONLY, x)
     assert report.thresholds.name == "SPARSE" and report.embedding_cosine[0] < 0.99999, str(report)
     changed = [lp.kind for lp in report.layers if lp.cosine < 0.99999]  # in the blocks' order
     assert changed and changed[0] == "encoder.global", str(report)  # what follows it sees other inputs
     assert getattr(encoder, "_sam_sparse_handle", None) is None
+    with torch.no_grad():
+        ref = torch.cat([t.flatten().double() for t in encoder(x)["backbone_fpn"]])
+        handle = patch_sam(encoder, GLOBAL_ONLY)
+        out = torch.cat([t.flatten().double() for t in encoder(x)["backbone_fpn"]])
+        handle.restore()
+    assert report.embedding_cosine[0] == pytest.approx(float(torch.nn.functional.cosine_similarity(out, ref, dim=0)),
+                                                       abs=1e-6)
 
 
 def test_image_predictor_masks_identical(sam2_t):

@@ -42,6 +42,7 @@ from segment_anything.modeling import ImageEncoderViT, Sam
 from torch import nn
 
 from ..images import check_rgb_images
+from ..sam2_layers import IMAGE_SIZE as SAM2_IMAGE_SIZE
 from ..table import format_table
 from .families import family_for
 from .patcher import patch_sam
@@ -368,6 +369,12 @@ def verify_parity(
                                  "compared on embeddings only")
             x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.stack(images))
             x = x.to(device=next(model.parameters()).device, dtype=dtype)
+            if (sam2 is not None and x.shape[-1] != SAM2_IMAGE_SIZE
+                    and any(r.pattern != "dense" for r in handle.report if r.kind.startswith("encoder."))):
+                # its block masks were built for a grid the input does not have: say so before any work
+                raise ValueError(f"{type(model).__name__} alone is patched for SAM 2's {SAM2_IMAGE_SIZE} px input "
+                                 f"(its block masks are built for that token grid); got {x.shape[-1]} px: compare "
+                                 "the whole SAM2Base, whose image_size sets the grid, or use a dense policy")
             with torch.no_grad():
                 ref, out = (_output_tensors(y) for y in both(lambda: model(x)))
             for i in range(x.shape[0]):  # one image: every output tensor's slice of it, as one vector
