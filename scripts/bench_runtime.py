@@ -177,8 +177,9 @@ def section_decoder(out):
 
 
 # The first call in a process of its own; where its seconds go: each shape class the tuner met (the tuner's
-# _tune wrapped, a diagnostic only): its candidates and the seconds they took to compile and time. A class of one
-# candidate is not timed; its compile falls in the launch, outside the tuner's seconds.
+# _tune wrapped, a diagnostic only): its candidates, how many timings ran (none where the disk cache or a single
+# candidate decided) and the seconds the class took to compile and time. A class decided without timing compiles
+# in its launch, outside the tuner's seconds.
 FIRST_CALL = """
 import json, time, torch, sys
 sys.path.insert(0, {scripts!r})
@@ -187,12 +188,16 @@ from sam_sparse import patch_sam
 from sam_sparse.kernels import triton_attn
 from sam_sparse.models import build_model
 classes, tune = [], triton_attn._tune
-def timed_tune(key, candidates, *args, **kwargs):
-    hit = key in triton_attn._TUNED
+def timed_tune(key, candidates, bench, *args, **kwargs):
+    hit, runs = key in triton_attn._TUNED, []
+    def counted(cfg):
+        runs.append(cfg)
+        return bench(cfg)
     t = time.perf_counter()
-    cfg = tune(key, candidates, *args, **kwargs)
-    if not hit:
-        classes.append(dict(key=repr(key)[:200], candidates=len(candidates), s=round(time.perf_counter() - t, 3)))
+    cfg = tune(key, candidates, None if bench is None else counted, *args, **kwargs)
+    if not hit:  # timings 0 with several candidates: the class came from the disk cache
+        classes.append(dict(key=repr(key)[:200], candidates=len(candidates), timings=len(runs),
+                            s=round(time.perf_counter() - t, 3)))
     return cfg
 triton_attn._tune = timed_tune
 name = {model!r}
@@ -206,7 +211,7 @@ with torch.inference_mode():
     model.image_encoder(x)
 torch.cuda.synchronize()
 first = round(time.perf_counter() - t, 2)
-tuned = [c for c in classes if c["candidates"] > 1]
+tuned = [c for c in classes if c["timings"]]
 print("FIRST", json.dumps(dict(first_forward_s=first, shape_classes=len(classes), tuned_classes=len(tuned),
                                candidates_timed=sum(c["candidates"] for c in tuned),
                                tuning_s=round(sum(c["s"] for c in classes), 2),
