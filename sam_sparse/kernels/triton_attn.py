@@ -858,10 +858,17 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
             continue  # it would compile a twin of the W_DOT=0 config
         if c.get("TMA") and not _tma_candidate(c, a):
             continue
-        if c["num_stages"] == 2 and triton.cdiv(a["seqlen_k"], bn) < 3 and {**c, "num_stages": 3} in configs:
+        if c["num_stages"] == 2 and triton.cdiv(a["seqlen_k"], bn) < 3 and _stage_twin(c, 3) in map(_stage_twin, configs):
             continue  # a key loop of 1-2 steps: 2 and 3 stages are twins (3 was as fast or faster, run 63)
         if not c.get("TMA") and not c["W_DOT"] and _twin_key(c) in tma_twins:
             continue  # K / V through TMA won wherever both ran (docs/benchmarks.md: runs 24, 29, 60, 63, 84)
+        if (a["WINDOW"] and not a["HAS_BIAS"] and a["TMA_OK"] and not a.get("HOST_SCALE") and c["num_stages"] == 3
+                and triton.cdiv(a["seqlen_k"], bn) >= 3 and _stage_twin(c, 2) in map(_stage_twin, configs)):
+            # Hiera's windows of three or more key steps on Hopper, where the GPU is what a launch waits on: 2
+            # stages beat 3 at every such window measured (hiera_b+'s 14 x 14: 0.088-0.095 ms against 0.095-0.102,
+            # runs 115-122; hiera_l's 16 x 16 through TMA: 0.092 / 0.097 against 0.098 / 0.105, runs 122 and 124;
+            # its q-pooled block 0.059-0.061 against 0.060-0.063): one compile less per class on a first call.
+            continue
         if a["WINDOW"] and not a["HAS_BIAS"] and max(bm, bn) > 64:
             # Hiera's windows (16-256 tokens): 128-row tiles lost at every window shape (runs 59, 60, 63), and
             # so did 128-key ones (64 x 128 at hiera_l's 16 x 16 windows: 0.210 ms against 64 x 64's 0.108,
@@ -916,6 +923,11 @@ def _tma_candidate(c: dict, a: dict) -> bool:
     if not a["WINDOW"]:
         return not c.get("WINDOWS_ONLY")
     return key_box(a["WIN_HW"], c["BLOCK_N"]) is not None and a["seqlen_k"] > c["BLOCK_N"]
+
+
+def _stage_twin(c: dict, stages: Optional[int] = None) -> tuple:
+    """Config c as a hashable key with its num_stages replaced by `stages` (if given) and its WINDOWS_ONLY tag dropped."""
+    return tuple(sorted({**c, **({"num_stages": stages} if stages else {})}.items() - {("WINDOWS_ONLY", 1)}))
 
 
 def _twin_key(c: dict) -> tuple:
