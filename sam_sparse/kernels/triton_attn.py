@@ -561,8 +561,9 @@ def _attn_fwd(
     KEYS_IN: tl.constexpr = EVEN_N and not WIN_PAD
     ROWS_SHIFT: tl.constexpr = KEYS_IN and WINDOW and not CROP and BLOCK_N % (WIN_W * PACK) == 0
     if ROWS_SHIFT:
-        k_rows0 = (y0 + offs_nb // (WIN_W * PACK)) * stride_kn + (x0 + offs_nb % (WIN_W * PACK)) * stride_kx
-        v_rows0 = (y0 + offs_nb // (WIN_W * PACK)) * stride_vn + (x0 + offs_nb % (WIN_W * PACK)) * stride_vx
+        # (the step-0 keys are all on the grid: only their row offsets are wanted)
+        _, k_rows0, v_rows0 = _grid_keys(y0 + offs_nb // (WIN_W * PACK), x0 + offs_nb % (WIN_W * PACK), offs_nb >= 0,
+                                         grid_h, grid_w, stride_kn, stride_kx, stride_vn, stride_vx)
     for step in range(lo, hi):
         start_n = _key_start(step, idx_base, True, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
         if BIAS_PATH == RECT:
@@ -575,7 +576,6 @@ def _attn_fwd(
         offs_n = start_n + offs_nb
         n_ok = offs_n < seqlen_k
         if ROWS_SHIFT:
-            k_in = n_ok  # not read: KEYS_IN
             k_rows = k_rows0 + (start_n // (WIN_W * PACK)) * stride_kn
             v_rows = v_rows0 + (start_n // (WIN_W * PACK)) * stride_vn
         elif WINDOW:
@@ -591,19 +591,17 @@ def _attn_fwd(
             k_in = n_ok
             k_rows = offs_n * stride_kn
             v_rows = offs_n * stride_vn
+        if KEYS_IN:
+            k_in = tl.full([BLOCK_N], True, tl.int1)  # constant: the loads' masks fold to their head-dim columns
         k_src = k_base + k_rows[None, :]
         v_src = v_base + v_rows[:, None]
-        if KEYS_IN:
-            k_mask0, v_mask0 = d0_ok[:, None], v0_ok[None, :]
-        else:
-            k_mask0, v_mask0 = k_in[None, :] & d0_ok[:, None], k_in[:, None] & v0_ok[None, :]
 
         if TMA:
             # Hopper: the copy engine brings the (BLOCK_N, D) tile into shared memory; keys past the
             # sequence (or, in a window, past the grid) are out of the descriptor's bounds and arrive as zeros.
             k0 = tl.trans(_tma_tile(DESC_K0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, D0))
         else:
-            k0 = tl.load(k_src + offs_d0[:, None] * stride_kd, mask=k_mask0, other=0.0)
+            k0 = tl.load(k_src + offs_d0[:, None] * stride_kd, mask=k_in[None, :] & d0_ok[:, None], other=0.0)
         if INTERP:
             k0 = k0.to(tl.float32)
         qk = tl.dot(q0, k0, input_precision=DOT_PREC)
@@ -611,8 +609,7 @@ def _attn_fwd(
             if TMA:  # the second chunk's columns, from the same descriptor's tensor at column D1_AT
                 k1 = tl.trans(_tma_tile(DESC_K1, img, start_n, hk, D1_AT, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, D1))
             else:
-                k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=d1_ok[:, None] if KEYS_IN else
-                             k_in[None, :] & d1_ok[:, None], other=0.0)
+                k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=k_in[None, :] & d1_ok[:, None], other=0.0)
             if INTERP:
                 k1 = k1.to(tl.float32)
             qk = tl.dot(q1, k1, qk, input_precision=DOT_PREC)
@@ -679,7 +676,7 @@ def _attn_fwd(
         if TMA:
             v0 = _tma_tile(DESC_V0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, DV0)
         else:
-            v0 = tl.load(v_src + offs_v0[None, :] * stride_vd, mask=v_mask0, other=0.0)
+            v0 = tl.load(v_src + offs_v0[None, :] * stride_vd, mask=k_in[:, None] & v0_ok[None, :], other=0.0)
         # P is rounded to the input dtype before the PV product, as on the GPU.
         p_lp = p.to(v0.dtype)
         if INTERP:
@@ -690,8 +687,7 @@ def _attn_fwd(
             if TMA:
                 v1 = _tma_tile(DESC_V1, img, start_n, hk, DV1_AT, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, DV1)
             else:
-                v1 = tl.load(v_src + offs_v1[None, :] * stride_vd, mask=v1_ok[None, :] if KEYS_IN else
-                             k_in[:, None] & v1_ok[None, :], other=0.0)
+                v1 = tl.load(v_src + offs_v1[None, :] * stride_vd, mask=k_in[:, None] & v1_ok[None, :], other=0.0)
             if INTERP:
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
