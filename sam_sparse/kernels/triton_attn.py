@@ -839,6 +839,7 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
     # Launches small enough for the host to be what the GPU waits for keep their pointer-load tiles: those
     # launch in about a third of a TMA tile's host time (no descriptors to build and encode), run 86.
     tma_twins = set() if a.get("HOST_SCALE") else {_twin_key(c) for c in configs if c.get("TMA") and _tma_candidate(c, a)}
+    twins = {_stage_twin(c) for c in configs}
     keep = []
     for c in configs:
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
@@ -854,16 +855,20 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
             continue  # it would compile a twin of the W_DOT=0 config
         if c.get("TMA") and not _tma_candidate(c, a):
             continue
-        if c["num_stages"] == 2 and triton.cdiv(a["seqlen_k"], bn) < 3 and _stage_twin(c, 3) in map(_stage_twin, configs):
-            continue  # a key loop of 1-2 steps: 2 and 3 stages are twins (3 was as fast or faster, run 63)
+        if c["num_stages"] == 2 and triton.cdiv(a["seqlen_k"], bn) < 3 and _stage_twin(c, 3) in twins:
+            continue  # a key loop of 1-2 steps fills no third stage: twins (3 as fast or faster, run 63)
         if not c.get("TMA") and not c["W_DOT"] and _twin_key(c) in tma_twins:
             continue  # K / V through TMA won wherever both ran (docs/benchmarks.md: runs 24, 29, 60, 63, 84)
-        if (a["WINDOW"] and not a["HAS_BIAS"] and a["TMA_OK"] and not a.get("HOST_SCALE") and c["num_stages"] == 3
-                and triton.cdiv(a["seqlen_k"], bn) >= 3 and _stage_twin(c, 2) in map(_stage_twin, configs)):
-            # Hiera's windows of three or more key steps on Hopper, where the GPU is what a launch waits on: 2
-            # stages beat 3 at every such window measured (hiera_b+'s 14 x 14: 0.088-0.095 ms against 0.095-0.102,
-            # runs 115-122; hiera_l's 16 x 16 through TMA: 0.092 / 0.097 against 0.098 / 0.105, runs 122 and 124;
-            # its q-pooled block 0.059-0.061 against 0.060-0.063): one compile less per class on a first call.
+        if (a["WINDOW"] and not (a["HAS_BIAS"] or a.get("HAS_MASK") or a["IS_FP32"]) and a["TMA_OK"]
+                and not a.get("HOST_SCALE") and c["num_stages"] == 3 and triton.cdiv(a["seqlen_k"], bn) >= 3
+                and (c.get("TMA") or a["WIN_HW"][1] & (a["WIN_HW"][1] - 1)) and _stage_twin(c, 2) in twins):
+            # Hiera's dense windows of three or more key steps on Hopper in 16 bits, where the GPU is what a launch
+            # waits on, read through TMA or at a width that is no power of two: 2 stages were as fast as 3 or
+            # faster at every such window measured (hiera_l's 16 x 16 through TMA: 0.097 against 0.105 ms in run
+            # 122, 0.092 against 0.098 in run 124; its q-pooled block 0.059-0.061 against 0.060-0.063; hiera_b+'s
+            # 14 x 14, pointer loads: 0.088-0.095 against 0.095-0.102, runs 115-122): one compile less per class
+            # on a first call. Pointer loads at a power-of-two width keep both: 3 stages won at hiera_l's 16 x 16
+            # (0.102-0.108 ms against 0.106-0.121, runs 81-124).
             continue
         if a["WINDOW"] and not a["HAS_BIAS"] and max(bm, bn) > 64:
             # Hiera's windows (16-256 tokens): 128-row tiles lost at every window shape (runs 59, 60, 63), and
@@ -922,8 +927,9 @@ def _tma_candidate(c: dict, a: dict) -> bool:
 
 
 def _stage_twin(c: dict, stages: Optional[int] = None) -> tuple:
-    """Config c as a hashable key with its num_stages replaced by `stages` (if given) and its WINDOWS_ONLY tag dropped."""
-    return tuple(sorted({**c, **({"num_stages": stages} if stages else {})}.items() - {("WINDOWS_ONLY", 1)}))
+    """Config c as a hashable key, its num_stages replaced by `stages` (if given), its WINDOWS_ONLY tag dropped."""
+    changed = {**c, "num_stages": stages} if stages is not None else c
+    return tuple(sorted(changed.items() - {("WINDOWS_ONLY", 1)}))
 
 
 def _twin_key(c: dict) -> tuple:
@@ -1506,6 +1512,7 @@ def make_plan(
               and tma_eligible(k, v, d0, d1_at, (dv0, dv1_at)))
     a["TMA_OK"] = tma_ok
     a["WIN_HW"] = win_hw if window is not None else None  # key_box's window
+    a["HAS_MASK"] = has_mask
     # Packed windows (a config's PACK): windows that tile the grid exactly (one launch, no padding keys), with
     # neither a block mask nor rel-pos terms; PACK must divide the windows of a grid row.
     exact = window is not None and launches == [(n_windows, False)]
