@@ -561,8 +561,9 @@ def _attn_fwd(
     KEYS_IN: tl.constexpr = EVEN_N and not WIN_PAD
     ROWS_SHIFT: tl.constexpr = KEYS_IN and WINDOW and not CROP and BLOCK_N % (WIN_W * PACK) == 0
     if ROWS_SHIFT:
-        k_rows0 = (y0 + offs_nb // (WIN_W * PACK)) * stride_kn + (x0 + offs_nb % (WIN_W * PACK)) * stride_kx
-        v_rows0 = (y0 + offs_nb // (WIN_W * PACK)) * stride_vn + (x0 + offs_nb % (WIN_W * PACK)) * stride_vx
+        # (the step-0 keys are all on the grid: only their row offsets are wanted)
+        _, k_rows0, v_rows0 = _grid_keys(y0 + offs_nb // (WIN_W * PACK), x0 + offs_nb % (WIN_W * PACK), offs_nb >= 0,
+                                         grid_h, grid_w, stride_kn, stride_kx, stride_vn, stride_vx)
     for step in range(lo, hi):
         start_n = _key_start(step, idx_base, True, HAS_MASK, SUBS, MASK_BLOCK, BLOCK_N)
         if BIAS_PATH == RECT:
@@ -575,7 +576,6 @@ def _attn_fwd(
         offs_n = start_n + offs_nb
         n_ok = offs_n < seqlen_k
         if ROWS_SHIFT:
-            k_in = n_ok  # not read: KEYS_IN
             k_rows = k_rows0 + (start_n // (WIN_W * PACK)) * stride_kn
             v_rows = v_rows0 + (start_n // (WIN_W * PACK)) * stride_vn
         elif WINDOW:
@@ -591,19 +591,17 @@ def _attn_fwd(
             k_in = n_ok
             k_rows = offs_n * stride_kn
             v_rows = offs_n * stride_vn
+        if KEYS_IN:
+            k_in = tl.full([BLOCK_N], True, tl.int1)  # constant: the loads' masks fold to their head-dim columns
         k_src = k_base + k_rows[None, :]
         v_src = v_base + v_rows[:, None]
-        if KEYS_IN:
-            k_mask0, v_mask0 = d0_ok[:, None], v0_ok[None, :]
-        else:
-            k_mask0, v_mask0 = k_in[None, :] & d0_ok[:, None], k_in[:, None] & v0_ok[None, :]
 
         if TMA:
             # Hopper: the copy engine brings the (BLOCK_N, D) tile into shared memory; keys past the
             # sequence (or, in a window, past the grid) are out of the descriptor's bounds and arrive as zeros.
             k0 = tl.trans(_tma_tile(DESC_K0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, D0))
         else:
-            k0 = tl.load(k_src + offs_d0[:, None] * stride_kd, mask=k_mask0, other=0.0)
+            k0 = tl.load(k_src + offs_d0[:, None] * stride_kd, mask=k_in[None, :] & d0_ok[:, None], other=0.0)
         if INTERP:
             k0 = k0.to(tl.float32)
         qk = tl.dot(q0, k0, input_precision=DOT_PREC)
@@ -611,8 +609,7 @@ def _attn_fwd(
             if TMA:  # the second chunk's columns, from the same descriptor's tensor at column D1_AT
                 k1 = tl.trans(_tma_tile(DESC_K1, img, start_n, hk, D1_AT, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, D1))
             else:
-                k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=d1_ok[:, None] if KEYS_IN else
-                             k_in[None, :] & d1_ok[:, None], other=0.0)
+                k1 = tl.load(k_src + offs_d1[:, None] * stride_kd, mask=k_in[None, :] & d1_ok[:, None], other=0.0)
             if INTERP:
                 k1 = k1.to(tl.float32)
             qk = tl.dot(q1, k1, qk, input_precision=DOT_PREC)
@@ -679,7 +676,7 @@ def _attn_fwd(
         if TMA:
             v0 = _tma_tile(DESC_V0, img, start_n, hk, 0, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, DV0)
         else:
-            v0 = tl.load(v_src + offs_v0[None, :] * stride_vd, mask=v_mask0, other=0.0)
+            v0 = tl.load(v_src + offs_v0[None, :] * stride_vd, mask=k_in[:, None] & v0_ok[None, :], other=0.0)
         # P is rounded to the input dtype before the PV product, as on the GPU.
         p_lp = p.to(v0.dtype)
         if INTERP:
@@ -690,8 +687,7 @@ def _attn_fwd(
             if TMA:
                 v1 = _tma_tile(DESC_V1, img, start_n, hk, DV1_AT, y0, x0, WINDOW, WIN_W * PACK, BLOCK_N, DV1)
             else:
-                v1 = tl.load(v_src + offs_v1[None, :] * stride_vd, mask=v1_ok[None, :] if KEYS_IN else
-                             k_in[:, None] & v1_ok[None, :], other=0.0)
+                v1 = tl.load(v_src + offs_v1[None, :] * stride_vd, mask=k_in[:, None] & v1_ok[None, :], other=0.0)
             if INTERP:
                 v1 = v1.to(tl.float32)
             acc1 = tl.dot(p_lp, v1, acc1 * alpha[:, None], input_precision=DOT_PREC)
@@ -843,6 +839,7 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
     # Launches small enough for the host to be what the GPU waits for keep their pointer-load tiles: those
     # launch in about a third of a TMA tile's host time (no descriptors to build and encode), run 86.
     tma_twins = set() if a.get("HOST_SCALE") else {_twin_key(c) for c in configs if c.get("TMA") and _tma_candidate(c, a)}
+    twins = {_stage_twin(c) for c in configs}
     keep = []
     for c in configs:
         bm, bn = c["BLOCK_M"], c["BLOCK_N"]
@@ -858,10 +855,21 @@ def _prune(configs: List[dict], a: dict) -> List[dict]:
             continue  # it would compile a twin of the W_DOT=0 config
         if c.get("TMA") and not _tma_candidate(c, a):
             continue
-        if c["num_stages"] == 2 and triton.cdiv(a["seqlen_k"], bn) < 3 and {**c, "num_stages": 3} in configs:
-            continue  # a key loop of 1-2 steps: 2 and 3 stages are twins (3 was as fast or faster, run 63)
+        if c["num_stages"] == 2 and triton.cdiv(a["seqlen_k"], bn) < 3 and _stage_twin(c, 3) in twins:
+            continue  # a key loop of 1-2 steps fills no third stage: twins (3 as fast or faster, run 63)
         if not c.get("TMA") and not c["W_DOT"] and _twin_key(c) in tma_twins:
             continue  # K / V through TMA won wherever both ran (docs/benchmarks.md: runs 24, 29, 60, 63, 84)
+        if (a["WINDOW"] and not (a["HAS_BIAS"] or a.get("HAS_MASK") or a["IS_FP32"]) and a["TMA_OK"]
+                and not a.get("HOST_SCALE") and c["num_stages"] == 3 and triton.cdiv(a["seqlen_k"], bn) >= 3
+                and (c.get("TMA") or a["WIN_HW"][1] & (a["WIN_HW"][1] - 1)) and _stage_twin(c, 2) in twins):
+            # Hiera's dense windows of three or more key steps on Hopper in 16 bits, where the GPU is what a launch
+            # waits on, read through TMA or at a width that is no power of two: 2 stages were as fast as 3 or
+            # faster at every such window measured (hiera_l's 16 x 16 through TMA: 0.097 against 0.105 ms in run
+            # 122, 0.092 against 0.098 in run 124; its q-pooled block 0.059-0.061 against 0.060-0.063; hiera_b+'s
+            # 14 x 14, pointer loads: 0.088-0.095 against 0.095-0.102, runs 115-122): one compile less per class
+            # on a first call. Pointer loads at a power-of-two width keep both: 3 stages won at hiera_l's 16 x 16
+            # (0.102-0.108 ms against 0.106-0.121, runs 81-124).
+            continue
         if a["WINDOW"] and not a["HAS_BIAS"] and max(bm, bn) > 64:
             # Hiera's windows (16-256 tokens): 128-row tiles lost at every window shape (runs 59, 60, 63), and
             # so did 128-key ones (64 x 128 at hiera_l's 16 x 16 windows: 0.210 ms against 64 x 64's 0.108,
@@ -916,6 +924,12 @@ def _tma_candidate(c: dict, a: dict) -> bool:
     if not a["WINDOW"]:
         return not c.get("WINDOWS_ONLY")
     return key_box(a["WIN_HW"], c["BLOCK_N"]) is not None and a["seqlen_k"] > c["BLOCK_N"]
+
+
+def _stage_twin(c: dict, stages: Optional[int] = None) -> tuple:
+    """Config c as a hashable key, its num_stages replaced by `stages` (if given), its WINDOWS_ONLY tag dropped."""
+    changed = {**c, "num_stages": stages} if stages is not None else c
+    return tuple(sorted(changed.items() - {("WINDOWS_ONLY", 1)}))
 
 
 def _twin_key(c: dict) -> tuple:
@@ -1498,6 +1512,7 @@ def make_plan(
               and tma_eligible(k, v, d0, d1_at, (dv0, dv1_at)))
     a["TMA_OK"] = tma_ok
     a["WIN_HW"] = win_hw if window is not None else None  # key_box's window
+    a["HAS_MASK"] = has_mask
     # Packed windows (a config's PACK): windows that tile the grid exactly (one launch, no padding keys), with
     # neither a block mask nor rel-pos terms; PACK must divide the windows of a grid row.
     exact = window is not None and launches == [(n_windows, False)]
