@@ -113,6 +113,9 @@ def test_parity_of_the_image_encoder_alone(sam2_t, part):
         verify_parity(encoder, "dense", x, points=[[10, 10]])
     with pytest.raises(ValueError, match=f"patched for SAM 2's 1024 px input.*got {size} px.*whole SAM2Base"):
         verify_parity(encoder, GLOBAL_ONLY, x)  # its masks would be built for 1024 px's grid, not this one
+    dense_tiles = Policy.from_dict(dict(name="t", token_order="tiles", rules=[dict(match="*", pattern="dense")]))
+    with pytest.raises(ValueError, match=f"patched for SAM 2's 1024 px input.*got {size} px"):
+        verify_parity(encoder, dense_tiles, x)  # no mask, but the global blocks' token tiles are 1024 px's
 
 
 GLOBAL_ONLY = Policy.from_dict(dict(name="g", rules=[dict(match="encoder.global", pattern="local2d", params=dict(radius=0))]))

@@ -370,11 +370,14 @@ def verify_parity(
             x = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.stack(images))
             x = x.to(device=next(model.parameters()).device, dtype=dtype)
             if (sam2 is not None and x.shape[-1] != SAM2_IMAGE_SIZE
-                    and any(r.pattern != "dense" for r in handle.report if r.kind.startswith("encoder."))):
-                # its block masks were built for a grid the input does not have: say so before any work
+                    and any(r.pattern != "dense" or r.key_tile is not None
+                            for r in handle.report if r.kind.startswith("encoder."))):
+                # its block masks or token tiles were built for a grid the input does not have (the patched
+                # forwards would refuse it after the unpatched pass): say so before any work
                 raise ValueError(f"{type(model).__name__} alone is patched for SAM 2's {SAM2_IMAGE_SIZE} px input "
-                                 f"(its block masks are built for that token grid); got {x.shape[-1]} px: compare "
-                                 "the whole SAM2Base, whose image_size sets the grid, or use a dense policy")
+                                 f"(its block masks and token tiles are built for that grid); got {x.shape[-1]} px: "
+                                 "compare the whole SAM2Base, whose image_size sets the grid, or use a dense policy "
+                                 "in raster token order")
             with torch.no_grad():
                 ref, out = (_output_tensors(y) for y in both(lambda: model(x)))
             for i in range(x.shape[0]):  # one image: every output tensor's slice of it, as one vector
