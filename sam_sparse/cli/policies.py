@@ -189,11 +189,11 @@ def _panels(p: Policy, model: str):
     """(title, 2-D bool mask (QB, KB)) per group of identical heads of each distinct layer: layers of one kind
     and stage (SAM 2's windows differ per stage) whose masks are the same share a panel; where a kind and stage
     has layers that differ (a rule on some blocks only), each variant gets its own, titled with its blocks."""
-    groups = {}  # (kind, stage, the layer's masks) -> [layers], heads, prompted
+    groups = {}  # (kind, stage, mask shape, each head's mask) -> [layers], heads, prompted
     for layer, mask, prompted in _layers(p, model):
         full = torch.ones(1, 1, layer.q_blocks, layer.k_blocks, dtype=torch.bool) if mask is None else mask.cpu()
         heads = [full[0, h if full.shape[1] > 1 else 0] for h in range(layer.num_heads)]
-        key = (layer.kind, layer.stage, tuple(tuple(m.shape) + tuple(m.flatten().tolist()) for m in heads))
+        key = (layer.kind, layer.stage, tuple(full.shape[-2:]), tuple(tuple(m.flatten().tolist()) for m in heads))
         groups.setdefault(key, ([], heads, prompted))[0].append(layer)
     order = {kind: i for i, kind in enumerate(LAYER_KINDS)}
     keys = sorted(groups, key=lambda k: (order[k[0]], k[1] or 0, _block_number(groups[k][0][0].name)))
@@ -203,7 +203,7 @@ def _panels(p: Policy, model: str):
         title = kind + (f" (stage {stage})" if stage is not None else "")
         if sum(k[:2] == key[:2] for k in keys) > 1:
             title += " " + _blocks(layers)
-        for a, b in _head_groups([tuple(m.flatten().tolist()) for m in heads]):
+        for a, b in _head_groups(list(key[3])):
             dens = mask_density(heads[a][None, None], layers[0])
             note = " (1 point)" if prompted else ""
             yield f"{title}\n{_heads(a, b)}: density {dens:.3f}{note}", heads[a]
