@@ -8,7 +8,9 @@ not apply to them.
   python side_by_side.py --shapes vit_b:1,vit_b:8 --modes eager,compile --impls sa,safast,dense,local2d-30
   python side_by_side.py --shapes sam2.1_hiera_b+:1,sam2.1_hiera_b+:8 --impls sa,dense,local2d-30
 Needs: segment_anything importable; tools/peer/samfast on the path for safast; sam_sparse importable.
-Writes $OUT/side.jsonl (one JSON object per measurement).
+Writes $OUT/side.jsonl (one JSON object per measurement; compiled rows also count dynamo's compiles of a frame
+and its graph breaks over the row: more than one or two compiles means guards failed, and after dynamo's recompile
+limit a frame runs eagerly).
 
 The team's comparison script (../shared/bench/side_by_side.py, which made ../shared/anchors.md), kept
 here so that the figures in docs/benchmarks.md come from a script in the repository. One impl added:
@@ -17,6 +19,7 @@ Block.forward (pad + window_partition copies), to measure what window_attn's in-
 and gc.collect() before each row, so that a row's peak memory does not hold the previous model."""
 import argparse, copy, functools, gc, json, os, sys, time, traceback
 import torch
+from torch._dynamo.utils import counters
 from triton.testing import do_bench
 
 here = os.path.dirname(os.path.abspath(__file__))
@@ -108,6 +111,7 @@ for shape in a.shapes.split(","):
         for mode in a.modes.split(","):
             try:
                 torch._dynamo.reset(); gc.collect(); torch.cuda.empty_cache()  # the last row's model is gone
+                counters.clear()
                 m = make(impl, name, orig_cpu)
                 f = m if MODES[mode] is None else torch.compile(m, mode=MODES[mode])
                 if mode == "cudagraphs":  # each call a new step: the last call's graph outputs may be overwritten
@@ -118,8 +122,11 @@ for shape in a.shapes.split(","):
                     t = do_bench(lambda: f(x), warmup=25, rep=a.rep, return_mode="median")
                     peak = torch.cuda.max_memory_allocated() / 2**30
                 cos = torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0).item()
-                rec(dict(model=name, B=B, impl=impl, mode=mode, ms=round(t, 3), img_s=round(B / t * 1e3, 1),
-                         first_calls_s=round(tc, 1), peak_gb=round(peak, 2), cos=round(cos, 6)))
+                row = dict(model=name, B=B, impl=impl, mode=mode, ms=round(t, 3), img_s=round(B / t * 1e3, 1),
+                           first_calls_s=round(tc, 1), peak_gb=round(peak, 2), cos=round(cos, 6))
+                if MODES[mode] is not None:  # a row that recompiled or broke its graph is not the compiled model's time
+                    row.update(compiles=counters["frames"]["total"], graph_breaks=sum(counters["graph_break"].values()))
+                rec(row)
                 m = f = None  # the model goes before the next row is built
             except Exception as e:
                 traceback.print_exc()
