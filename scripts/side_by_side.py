@@ -8,9 +8,9 @@ not apply to them.
   python side_by_side.py --shapes vit_b:1,vit_b:8 --modes eager,compile --impls sa,safast,dense,local2d-30
   python side_by_side.py --shapes sam2.1_hiera_b+:1,sam2.1_hiera_b+:8 --impls sa,dense,local2d-30
 Needs: segment_anything importable; tools/peer/samfast on the path for safast; sam_sparse importable.
-Writes $OUT/side.jsonl (one JSON object per measurement; compiled rows also count dynamo's compiles of a frame
-and its graph breaks over the row: more than one or two compiles means guards failed, and after dynamo's recompile
-limit a frame runs eagerly).
+Writes $OUT/side.jsonl (one JSON object per measurement; compiled rows also count dynamo's frame compiles and
+graph breaks over the row: a row with more compiles than its twins (the same shape, another impl) recompiled
+because guards failed, and after dynamo's recompile limit a frame runs eagerly).
 
 The team's comparison script (../shared/bench/side_by_side.py, which made ../shared/anchors.md), kept
 here so that the figures in docs/benchmarks.md come from a script in the repository. One impl added:
