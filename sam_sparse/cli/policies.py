@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -197,11 +198,12 @@ def _panels(p: Policy, model: str):
         groups.setdefault(key, ([], heads, prompted))[0].append(layer)
     order = {kind: i for i, kind in enumerate(LAYER_KINDS)}
     keys = sorted(groups, key=lambda k: (order[k[0]], k[1] or 0, _block_number(groups[k][0][0].name)))
+    variants = Counter(k[:2] for k in keys)  # (kind, stage) -> how many distinct masks its layers have
     for key in keys:
         layers, heads, prompted = groups[key]
         kind, stage = key[0], key[1]
         title = kind + (f" (stage {stage})" if stage is not None else "")
-        if sum(k[:2] == key[:2] for k in keys) > 1:
+        if variants[key[:2]] > 1:
             title += " " + _blocks(layers)
         for a, b in _head_groups(list(key[3])):
             dens = mask_density(heads[a][None, None], layers[0])
