@@ -9,7 +9,9 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
   firstcall  the first forward of a patched encoder (--model, default vit_h; batch 8, bf16) in a fresh
              process: empty caches; then with the caches the first process left (Triton's kernels +
              sam-sparse's tuning results); then with Triton's kernels only (SAM_SPARSE_TUNE_CACHE=0).
-             SAM 2.1 types (sam2.1_hiera_b+, ...) time sam2's image encoder. Each row also lists the shape
+             SAM 2.1 types (sam2.1_hiera_b+, ...) time sam2's image encoder, whose first call compiles its kernels
+             ahead, and once more in a fresh process with that off (handle.memory.compile_ahead = False), caches
+             of its own. Each row also lists the shape
              classes the tuner met, their candidates and seconds (where a first call's time goes).
   predictor  SamPredictor, vit_b, batch 1, eager, on a 1500 x 2250 photo (scikit-image's coffee,
              upscaled): fp32 original vs patched dense under each float32 matmul precision; then the
@@ -203,7 +205,8 @@ triton_attn._tune = timed_tune
 name = {model!r}
 model = (build_model(name).to("cuda", torch.bfloat16) if name.startswith("sam2")
          else build(name, torch.device("cuda"), torch.bfloat16))
-patch_sam(model, "dense")
+handle = patch_sam(model, "dense")
+handle.memory.compile_ahead = {ahead!r}
 x = torch.randn(8, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
 torch.cuda.synchronize()
 t = time.perf_counter()
@@ -212,7 +215,8 @@ with torch.inference_mode():
 torch.cuda.synchronize()
 first = round(time.perf_counter() - t, 2)
 tuned = [c for c in classes if c["timings"]]
-print("FIRST", json.dumps(dict(first_forward_s=first, shape_classes=len(classes), tuned_classes=len(tuned),
+print("FIRST", json.dumps(dict(first_forward_s=first, compiled_ahead=len(handle.memory.compiled_ahead),
+                               shape_classes=len(classes), tuned_classes=len(tuned),
                                candidates_timed=sum(c["candidates"] for c in tuned),
                                tuning_s=round(sum(c["s"] for c in classes), 2),
                                classes=sorted(classes, key=lambda c: -c["s"]))))
@@ -221,13 +225,17 @@ print("FIRST", json.dumps(dict(first_forward_s=first, shape_classes=len(classes)
 
 def section_firstcall(out, model="vit_h"):
     scripts = os.path.dirname(os.path.abspath(__file__))
-    code = FIRST_CALL.format(scripts=scripts, model=model)
+    cases = [("fresh process, empty caches", "a", True, {}),
+             ("next process, caches of the first", "a", True, {}),
+             ("next process, Triton's kernel cache only", "a", True, {"SAM_SPARSE_TUNE_CACHE": "0"})]
+    if model.startswith("sam2"):  # its image encoder compiles ahead (sam2_encoder.py): the same without, caches of its own
+        cases.insert(1, ("fresh process, empty caches, compile_ahead off", "b", False, {}))
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, SAM_SPARSE_CACHE=os.path.join(tmp, "ss"), TRITON_CACHE_DIR=os.path.join(tmp, "triton"))
-        for label, extra in (("fresh process, empty caches", {}),
-                             ("next process, caches of the first", {}),
-                             ("next process, Triton's kernel cache only", {"SAM_SPARSE_TUNE_CACHE": "0"})):
-            res = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+        for label, caches, ahead, extra in cases:
+            env = dict(os.environ, SAM_SPARSE_CACHE=os.path.join(tmp, caches, "ss"),
+                       TRITON_CACHE_DIR=os.path.join(tmp, caches, "triton"), **extra)
+            code = FIRST_CALL.format(scripts=scripts, model=model, ahead=ahead)
+            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             line = [ln for ln in res.stdout.splitlines() if ln.startswith("FIRST ")]
             row = dict(section="firstcall", case=f"{model} B=8 bf16 dense: {label}")
             if line:

@@ -20,9 +20,33 @@ _spec.loader.exec_module(bench)
 
 
 def test_first_call_code_formats_and_compiles():
-    code = bench.FIRST_CALL.format(scripts=str(_PATH.parent), model="sam2.1_hiera_b+")
+    code = bench.FIRST_CALL.format(scripts=str(_PATH.parent), model="sam2.1_hiera_b+", ahead=False)
     compile(code, "first_call", "exec")
-    assert "'sam2.1_hiera_b+'" in code
+    assert "'sam2.1_hiera_b+'" in code and "compile_ahead = False" in code
+
+
+def test_first_call_rows_of_a_sam2_model_compare_compiling_ahead(monkeypatch, tmp_path):
+    """For a SAM 2 model the fresh-process row runs twice, compile_ahead on and off, each with caches of its own
+    (the off row must not find the on row's kernels); the next-process rows reuse the on row's caches."""
+    runs = []
+
+    class Done:
+        stdout, stderr = 'FIRST {"first_forward_s": 1.0}', ""
+
+    def run(cmd, env, **kwargs):
+        runs.append(("compile_ahead = True" in cmd[-1], env["TRITON_CACHE_DIR"], env["SAM_SPARSE_CACHE"],
+                     env.get("SAM_SPARSE_TUNE_CACHE")))
+        return Done()
+
+    monkeypatch.setattr(bench.subprocess, "run", run)
+    monkeypatch.setattr(bench, "record", lambda out, **row: None)
+    bench.section_firstcall(tmp_path, "sam2.1_hiera_b+")
+    assert [r[0] for r in runs] == [True, False, True, True]
+    assert runs[0][1] != runs[1][1] and runs[0][2] != runs[1][2], "the off row has caches of its own"
+    assert runs[2][1:3] == runs[3][1:3] == runs[0][1:3] and runs[3][3] == "0"
+    runs.clear()
+    bench.section_firstcall(tmp_path, "vit_h")
+    assert len(runs) == 3, "no SAM 2 encoder: no off row"
 
 
 def test_first_call_wrapper_counts_timings_not_cache_hits(monkeypatch, tmp_path):
@@ -33,7 +57,7 @@ def test_first_call_wrapper_counts_timings_not_cache_hits(monkeypatch, tmp_path)
     monkeypatch.setattr(triton_attn, "_DISK", {})
     disk = tmp_path / "tuning.json"
     monkeypatch.setattr(triton_attn, "_tune_file", lambda device: disk)
-    code = bench.FIRST_CALL.format(scripts=str(_PATH.parent), model="unused")
+    code = bench.FIRST_CALL.format(scripts=str(_PATH.parent), model="unused", ahead=True)
     scope = {}
     exec(code.split("\nname = ")[0], scope)  # the imports and the wrapper, not the GPU part
     a, b = dict(BLOCK_M=64, num_stages=2), dict(BLOCK_M=64, num_stages=3)

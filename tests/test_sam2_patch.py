@@ -466,6 +466,71 @@ def test_image_encoder_op_traced(sam2_t, monkeypatch):
         torch._dynamo.reset()
 
 
+def test_image_encoder_compiles_ahead_once_per_signature(sam2_t, monkeypatch):
+    """GraphedImageEncoder._compile_ahead (sam2_encoder.py), with the CUDA check opened on the CPU and
+    kernels.compile_ahead replaced by a block that is on: the first call of an input signature runs the forward
+    once inside the block, then once for real, with the eager values; a repeat runs none; a new size one again.
+    Grad on, handle.memory.compile_ahead off, or a forward hook (which would see the pass) run none. A copy
+    carries the switch, not the signatures."""
+    import contextlib
+
+    from sam2.modeling.backbones.image_encoder import ImageEncoder
+
+    from sam_sparse.patches import sam2_encoder
+
+    monkeypatch.setattr(sam2_encoder, "_on_device", lambda sample: True)
+    state, runs = {"inside": False}, []
+
+    @contextlib.contextmanager
+    def block(device):
+        state["inside"] = True
+        try:
+            yield True
+        finally:
+            state["inside"] = False
+
+    real = ImageEncoder.forward
+    monkeypatch.setattr(sam2_encoder, "compile_ahead", block)
+    monkeypatch.setattr(ImageEncoder, "forward", lambda self, sample: runs.append(state["inside"]) or real(self, sample))
+    g = torch.Generator().manual_seed(5)
+    x, small = torch.randn(1, 3, 256, 256, generator=g), torch.randn(1, 3, 192, 192, generator=g)
+    ref = _encoder(sam2_t, x)
+    runs.clear()
+    handle = patch_sam(sam2_t, "dense")
+    try:
+        enc = sam2_t.image_encoder
+        out = _encoder(sam2_t, x)
+        assert runs == [True, False], runs
+        for a, b in zip(out, ref):
+            assert _cos(a, b) > 0.99999
+        _encoder(sam2_t, x)
+        assert runs == [True, False, False], "a repeat makes no pass"
+        _encoder(sam2_t, small)
+        assert runs[3:] == [True, False], "a new size makes one"
+        assert len(handle.memory.compiled_ahead) == 2
+        runs.clear()
+        with torch.no_grad():
+            enc(torch.randn(2, 3, 256, 256, generator=g))
+        with torch.enable_grad(), pytest.raises(RuntimeError, match="inference-only"):
+            enc(torch.randn(3, 3, 256, 256, generator=g))  # the real call says why; no pass before it
+        assert runs == [True, False, False], "grad on: no pass"
+        runs.clear()
+        twin = copy.deepcopy(enc)
+        assert twin._sam_sparse_memory.compile_ahead and not twin._sam_sparse_memory.compiled_ahead
+        handle.memory.compile_ahead = False
+        assert not copy.deepcopy(enc)._sam_sparse_memory.compile_ahead, "the switch is carried"
+        _encoder(sam2_t, torch.randn(4, 3, 256, 256, generator=g))
+        assert runs == [False], "switched off"
+        handle.memory.compile_ahead = True
+        runs.clear()
+        hook = enc.neck.register_forward_hook(lambda *a: None)
+        _encoder(sam2_t, torch.randn(5, 3, 256, 256, generator=g))
+        hook.remove()
+        assert runs == [False], "a hook would see the pass"
+    finally:
+        handle.restore()
+
+
 def test_image_encoder_graph_yields_to_python(sam2_t):
     """sam2_encoder._must_run_eagerly: a forward hook or pre-hook on any module of the encoder or a global one,
     an observed patched attention, a module in training mode, or a forward replaced on an instance makes the call

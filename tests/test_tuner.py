@@ -127,3 +127,17 @@ def test_host_scale_costs_tie_within_noise_and_gpu_time_breaks_the_tie(tuner):
     assert min(cost, key=lambda m: cost[m][0]) == 64
     # Plain floats (GPU time alone, every other class): the fastest, as before.
     assert tune(("gpu",), lambda cfg: cost[cfg["BLOCK_M"]][1]) == A
+
+
+def test_known_config_is_what_the_first_launch_compiles(tuner, monkeypatch):
+    """compile_ahead compiles, per class, what _tune would run next: the class's config from this process's table or
+    the disk cache, without timing; every candidate where neither knows it (the tuner will time them all), or where
+    the disk's config is not offered."""
+    known = lambda key, cands: triton_attn._known_config(key, cands, torch.device("cpu"))  # noqa: E731
+    assert known(("new",), [A, B, C]) == [A, B, C]
+    assert tune(("kept",), FakeClock()) == A
+    assert known(("kept",), [A, B, C]) == [A]
+    monkeypatch.setattr(triton_attn, "_TUNED", {})  # a new process: the disk answers
+    monkeypatch.setattr(triton_attn, "_DISK", {})
+    assert known(("kept",), [C, A]) == [A]
+    assert known(("kept",), [B, C]) == [B, C], "a cached config not offered is tuned again"

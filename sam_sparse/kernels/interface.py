@@ -21,11 +21,13 @@ device, and their values are checked (a device-to-host copy) only when a call ma
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import operator
 import os
-from typing import Optional, Tuple, Union
+import threading
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 
@@ -276,13 +278,53 @@ class _ReferencePlan:
 
 
 def _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_q=None, cu_k=None, max_seqlen_q=None,
-              max_seqlen_k=None, window=None, q_window=None):
+              max_seqlen_k=None, window=None, q_window=None, ahead=False):
     if use_triton(q):
         from .triton_attn import make_plan
 
         return make_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, window=window, q_window=q_window)
+                         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, window=window, q_window=q_window,
+                         ahead=ahead)
     return _ReferencePlan(tile, scale, bs, window, q_window)
+
+
+_AHEAD = threading.local()  # .on: this thread is inside compile_ahead()
+
+
+@contextlib.contextmanager
+def compile_ahead(device) -> Iterator[bool]:
+    """Compile the kernels of many calls together, before the calls that need them.
+
+    Inside the block (on this thread), a call of block_sparse_attn, block_sparse_attn_varlen or window_attn on
+    `device` that would make a new plan checks its inputs, hands the compiles of its kernels to a thread pool and
+    returns an uninitialized output of the right shape and dtype without launching anything (its class is not
+    tuned: every candidate config compiles, for the tuner to time on the real call). Calls whose plan exists run
+    as usual. On exit every compile has finished. So one pass of a model's forward inside the block, on a real
+    input, followed by the real forward, compiles each layer's kernels in parallel rather than one layer after
+    another at its first launch. The pass's outputs are meaningless: nothing may be kept from it.
+
+    Yields True when the block does that; False, changing nothing, where no kernel compiles (a CPU device,
+    Triton's interpreter, no Triton, a Triton without async compiles) or when a compile_ahead block is already
+    open on this thread (its pass covers this one): then a caller skips its pass.
+    """
+    device = torch.device(device)
+    if (device.type != "cuda" or not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1"
+            or getattr(_AHEAD, "on", False)):
+        yield False
+        return
+    from .triton_attn import parallel_compiles
+
+    with parallel_compiles() as parallel:
+        _AHEAD.on = parallel
+        try:
+            yield parallel
+        finally:
+            _AHEAD.on = False
+
+
+def _ahead(q: torch.Tensor) -> bool:
+    """Whether this call only compiles (compile_ahead), which only a Triton kernel on the GPU does."""
+    return getattr(_AHEAD, "on", False) and q.is_cuda
 
 
 def _planned(key, make):
@@ -500,6 +542,9 @@ def block_sparse_attn(
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     if torch.compiler.is_compiling():
         return _attn_op(q, k, v, num, idx, rel_h, rel_w, list(tile) if tile else None, scale, bs)
+    if _ahead(q):
+        _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, ahead=True)
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
     plan = _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs)
     if fast and key is not None:
         if len(_PLANS) >= _MAX_PLANS:
@@ -579,6 +624,10 @@ def block_sparse_attn_varlen(
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     if torch.compiler.is_compiling():
         return _attn_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx, scale, bs)
+    if _ahead(q):
+        _new_plan(q, k, v, num, idx, None, None, None, scale, bs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  ahead=True)
+        return q.new_empty((*q.shape[:-1], v.shape[-1]))
     if key is None:  # a bool mask, converted above: keyed by its layout (this path checks every call)
         key = ("converted",) + _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx,
                                            None if num is None else bs, scale, bs)
@@ -667,6 +716,10 @@ def window_attn(
     num, idx = (layout.kv_num_blocks, layout.kv_indices) if layout is not None else (None, None)
     if torch.compiler.is_compiling():
         return _window_op(q, *kv, *pads, num, idx, rel_h, rel_w, [wh, ww], [qh, qw], scale, bs)
+    if _ahead(q):
+        _new_plan(q, *kv, num, idx, rel_h, rel_w, None, scale, bs, window=(wh, ww),
+                  q_window=None if (qh, qw) == (wh, ww) else (qh, qw), ahead=True)
+        return q.new_empty(q.shape)
     plan = _window_plan(q, *kv, *pads, num, idx, rel_h, rel_w, (wh, ww), (qh, qw), scale, bs)
     # The fast path gets the plan only when the call needed no conversion: then its tensors are exactly
     # the ones checked here.

@@ -71,6 +71,7 @@ float32 inputs follow torch.get_float32_matmul_precision(), as torch's own matmu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -78,7 +79,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import triton
@@ -1042,22 +1043,31 @@ def _disk_store(path: Path, tune_key: str, cfg: dict) -> None:
         pass  # a read-only home only costs the next process a re-tune
 
 
-def _compile_in_parallel(candidates: List[dict], warmup: Callable[[dict], None]) -> None:
-    """Compile the candidates on a thread pool before timing them one by one (a fresh process tunes several
-    shape classes of 2-5 configs each). Uses Triton's async-compile mode where this Triton has it;
-    otherwise the timing loop compiles them one at a time. Worker processes, which would not share
-    the GIL, lost: hiera_l's first call took 13.1 s with 8 of them against 11.7 s without, and their CUDA
-    contexts held 3.1 GB (docs/benchmarks.md, runs 68-69): a tune's 2-5 jobs arrive one shape class at a
-    time, too few to repay a worker's start."""
+@contextlib.contextmanager
+def parallel_compiles() -> Iterator[bool]:
+    """Inside (on this thread): a kernel's warmup hands its compile to a thread pool and returns at once; on exit
+    every compile has finished and sits in Triton's cache, so the launches that follow compile nothing. Yields
+    False, and changes nothing, where this Triton lacks its async-compile mode. A compile that fails is left for
+    the launch that needs it to report. Worker processes, which would not share the GIL, lost: hiera_l's first
+    call took 13.1 s with 8 of them against 11.7 s without, and their CUDA contexts held 3.1 GB (docs/benchmarks.md,
+    runs 68-69)."""
     try:
         from concurrent.futures import ThreadPoolExecutor
 
         from triton.runtime._async_compile import AsyncCompileMode
     except ImportError:
+        yield False
         return
-    workers = max(1, min(len(candidates), os.cpu_count() or 1, 16))
+    with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 16))) as pool:
+        with AsyncCompileMode(pool, ignore_errors=True):
+            yield True
+
+
+def _compile_in_parallel(candidates: List[dict], warmup: Callable[[dict], None]) -> None:
+    """Compile the candidates together before timing them one by one (a fresh process tunes several shape classes
+    of 2-5 configs each); where that cannot be done, the timing loop compiles them one at a time."""
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+        with parallel_compiles():
             for cfg in candidates:
                 warmup(cfg)
     except Exception:
@@ -1146,6 +1156,18 @@ def _offered(cfg: dict, candidates: List[dict]) -> bool:
     if cfg in candidates:
         return True
     return cfg.get("SPLIT_K") == "fill" and {k: v for k, v in cfg.items() if k != "SPLIT_K"} in candidates
+
+
+def _known_config(tune_key: tuple, candidates: List[dict], device) -> List[dict]:
+    """[the class's config] where this process or the disk cache knows it (as _tune would find it), else every
+    candidate: what the class's first launch will compile."""
+    with _TUNE_LOCK:
+        hit = _TUNED.get(tune_key)
+        if hit is None:
+            path = _tune_file(device)
+            cached = _disk_entries(path).get(repr(tune_key)) if path is not None else None
+            hit = cached if cached is not None and _offered(cached, candidates) else None
+    return candidates if hit is None else [hit]
 
 
 def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dict], object]], device,
@@ -1437,7 +1459,8 @@ def make_plan(
     window: Optional[Tuple[int, int]] = None,
     q_window: Optional[Tuple[int, int]] = None,
     config: Optional[dict] = None,
-) -> KernelPlan:
+    ahead: bool = False,
+) -> Optional[KernelPlan]:
     """Resolve a launch for validated inputs (interface.py checks them); tunes on first sight of a shape class.
 
     q: (B, Nq, H, D) or varlen (total_q, H, D); k: (B, Nk, Hk, D) or (total_k, Hk, D); v: the same with its own
@@ -1453,6 +1476,9 @@ def make_plan(
     config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT, TMA, SPLIT_K, PACK]}: no
         tuning. SPLIT_K: 1..MAX_SPLIT programs per query tile, each over its share of the key steps, or "fill"
         (fill_splits); not with a window.
+    ahead (config None): compile what the plan's first call would compile (its class's tuned config where one is known, else
+        every candidate, which the tuner will time) and return None: no timing, no launch. Inside
+        parallel_compiles() the compiles go to its pool, so the kernels of many calls compile together.
 
     Varlen (cu_seqlens_q / cu_seqlens_k given): the plan holds nothing of the total lengths or of the
     exact max_seqlen_k (the kernel reads each sequence's bounds from cu_seqlens), so it serves every call
@@ -1623,14 +1649,22 @@ def make_plan(
                 dv1_at, block_size,
                 has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, pack_key, tma_ok, timed, room,
                 small)
+    pads = (k.new_zeros(k.shape[-2:]),) * 2 if window is not None else (None, None)  # stand-ins for tuning
+    tensors_in = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, *pads)
     if not timed:
-        return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})
+        candidates = [_fixed_config(bucketed)]
+        if ahead:
+            plan_for({"W_DOT": 0, **_TUNED.get(tune_key, candidates[0])}).warmup(*tensors_in)  # as _tune untimed
+            return None
+        return plan_for({"W_DOT": 0, **_tune(tune_key, candidates, None, q.device)})
     candidates = packed or _prune(_configs(), bucketed)
     if room > 1:
         # Idle SMs: each config also split over the keys, where that fills them.
         candidates += [{**c, "SPLIT_K": "fill"} for c in candidates if splits({**c, "SPLIT_K": "fill"}) > 1]
-    pads = (k.new_zeros(k.shape[-2:]),) * 2 if window is not None else (None, None)  # stand-ins for tuning
-    tensors_in = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, *pads)
+    if ahead:
+        for cfg in _known_config(tune_key, candidates, q.device):
+            plan_for(cfg).warmup(*tensors_in)
+        return None
 
     def bench(cfg: dict):
         """The config's GPU ms, or for a host-scale launch (max(GPU, host + OP_HOST_US), GPU) in ms."""

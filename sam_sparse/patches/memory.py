@@ -72,13 +72,18 @@ class MemoryContext:
     object of a frame as one batch (batch_objects), replays each frame's image encoder from a CUDA graph
     (graph_encoder; the graphs live in `encoder_graph`, made by the model on its first frame, and for an image
     model's encoder under torch.compile in `compiled_encoder_graph`: sam2_encoder.py) and replays a
-    batch's memory attention, mask decoder and memory encoder from one (graph_heads; in `heads_graph`).
+    batch's memory attention, mask decoder and memory encoder from one (graph_heads; in `heads_graph`), and
+    whether an image encoder's first call of an input signature compiles its kernels ahead (compile_ahead; the
+    signatures done in `compiled_ahead`: sam2_encoder.py).
     Pickles and deep-copies with the switches only: no per-call state, no graphs."""
 
-    def __init__(self, batch_objects: bool = True, graph_encoder: bool = True, graph_heads: bool = True):
+    def __init__(self, batch_objects: bool = True, graph_encoder: bool = True, graph_heads: bool = True,
+                 compile_ahead: bool = True):
         self.batch_objects = batch_objects
         self.graph_encoder = graph_encoder
         self.graph_heads = graph_heads
+        self.compile_ahead = compile_ahead
+        self.compiled_ahead = set()  # the input signatures whose kernels a first call compiled (or tried to)
         self.encoder_graph = None
         self.compiled_encoder_graph = None
         self.heads_graph = None
@@ -86,10 +91,11 @@ class MemoryContext:
 
     def __getstate__(self):
         return {"batch_objects": self.batch_objects, "graph_encoder": self.graph_encoder,
-                "graph_heads": self.graph_heads}
+                "graph_heads": self.graph_heads, "compile_ahead": self.compile_ahead}
 
     def __setstate__(self, state):
-        self.__init__(state["batch_objects"], state.get("graph_encoder", True), state.get("graph_heads", True))
+        self.__init__(state["batch_objects"], state.get("graph_encoder", True), state.get("graph_heads", True),
+                      state.get("compile_ahead", True))
 
     def drop_graphs(self) -> None:
         """Let the graphs go (their memory with them, once their last replay is done): the patch they replay

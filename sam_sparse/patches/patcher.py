@@ -326,7 +326,10 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         encoder compiled by Inductor's default mode from a graph of its own, holding its own activation
         memory (sam2_encoder.py).
         handle.memory.graph_encoder switches it. None (the default): on. Given for any other model
-        (segment-anything's; a bare Hiera): ValueError.
+        (segment-anything's; a bare Hiera): ValueError. Such an image encoder's first eager call of an input
+        signature on CUDA (grad off, no hook on its modules) runs its forward once more before the real one,
+        inside kernels.compile_ahead: the attention kernels of every block then compile together rather than
+        one block after another; handle.memory.compile_ahead switches that.
     graph_heads: for a SAM2VideoPredictor on CUDA with batch_objects, a frame's memory attention, mask
         decoder and memory encoder replay one CUDA graph per memory shape (captured when a shape comes on two
         frames in a row: once the memory stops growing, from frame 16; at most four kept; objects whose

@@ -55,6 +55,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.nn.modules import module as nn_module
 
 from ..cuda_graphs import GraphedFunction, module_storage
+from ..kernels import compile_ahead
 
 _LOCK = threading.Lock()  # two threads on a first call: one GraphedFunction
 _ENCODERS: "weakref.WeakValueDictionary[int, GraphedImageEncoder]" = weakref.WeakValueDictionary()  # id -> encoder
@@ -141,9 +142,32 @@ class GraphedImageEncoder(ImageEncoder):
                 return _nested(_compiled_encoder(sample, id(self), autocast))
             return super().forward(sample)
         eager = super().forward
+        self._compile_ahead(ctx, sample)
         if not self._replays(ctx, sample):
             return eager(sample)
         return self._graph(ctx, "encoder_graph", lambda: eager)(sample)
+
+    def _compile_ahead(self, ctx, sample: torch.Tensor) -> None:
+        """On the first eager call of an input signature (shape, dtype, device, autocast, the weights' dtype and
+        device, scalp): one pass of ImageEncoder.forward inside kernels.compile_ahead, whose outputs are dropped, so
+        that the attention kernels of every block compile together on a thread pool instead of one block after
+        another at their first launch. Skipped (and not tried again for that signature) where the pass could be
+        seen or could not help: ctx.compile_ahead off, off CUDA, grad on, a CUDA graph capture under way, or
+        _must_run_eagerly (a hook would see the pass)."""
+        if ctx is None or not ctx.compile_ahead or not _on_device(sample) or torch.is_grad_enabled():
+            return
+        weight = next(self.parameters(), None)
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        key = (tuple(sample.shape), sample.dtype, sample.device, autocast,
+               None if weight is None else (weight.dtype, weight.device), self.scalp)
+        if key in ctx.compiled_ahead:
+            return
+        ctx.compiled_ahead.add(key)
+        if (sample.is_cuda and torch.cuda.is_current_stream_capturing()) or _must_run_eagerly(self):
+            return
+        with compile_ahead(sample.device) as compiling:
+            if compiling:
+                ImageEncoder.forward(self, sample)
 
     def compiled_forward(self, sample: torch.Tensor) -> List[torch.Tensor]:
         """_flat(forward(sample)) as the op runs it inside a compiled caller: the encoder compiled and replayed
