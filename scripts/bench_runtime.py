@@ -11,7 +11,8 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
              sam-sparse's tuning results); then with Triton's kernels only (SAM_SPARSE_TUNE_CACHE=0).
              SAM 2.1 types (sam2.1_hiera_b+, ...) time sam2's image encoder, whose first call compiles its kernels
              ahead, and once more in a fresh process with that off (handle.memory.compile_ahead = False), caches
-             of its own. Each row also lists the shape
+             of its own, and in a next process with it off (what the pass costs where every kernel is cached).
+             Each row also lists the shape
              classes the tuner met, their candidates and seconds (where a first call's time goes).
   predictor  SamPredictor, vit_b, batch 1, eager, on a 1500 x 2250 photo (scikit-image's coffee,
              upscaled): fp32 original vs patched dense under each float32 matmul precision; then the
@@ -215,7 +216,7 @@ with torch.inference_mode():
 torch.cuda.synchronize()
 first = round(time.perf_counter() - t, 2)
 tuned = [c for c in classes if c["timings"]]
-print("FIRST", json.dumps(dict(first_forward_s=first, compiled_ahead=len(handle.memory.compiled_ahead),
+print("FIRST", json.dumps(dict(first_forward_s=first, ahead_passes=sum(handle.memory.compiled_ahead.values()),
                                shape_classes=len(classes), tuned_classes=len(tuned),
                                candidates_timed=sum(c["candidates"] for c in tuned),
                                tuning_s=round(sum(c["s"] for c in classes), 2),
@@ -230,6 +231,7 @@ def section_firstcall(out, model="vit_h"):
              ("next process, Triton's kernel cache only", "a", True, {"SAM_SPARSE_TUNE_CACHE": "0"})]
     if model.startswith("sam2"):  # its image encoder compiles ahead (sam2_encoder.py): the same without, caches of its own
         cases.insert(1, ("fresh process, empty caches, compile_ahead off", "b", False, {}))
+        cases.insert(3, ("next process, caches of the first, compile_ahead off", "a", False, {}))
     with tempfile.TemporaryDirectory() as tmp:
         for label, caches, ahead, extra in cases:
             env = dict(os.environ, SAM_SPARSE_CACHE=os.path.join(tmp, caches, "ss"),

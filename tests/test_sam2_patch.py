@@ -470,8 +470,9 @@ def test_image_encoder_compiles_ahead_once_per_signature(sam2_t, monkeypatch):
     """GraphedImageEncoder._compile_ahead (sam2_encoder.py), with the CUDA check opened on the CPU and
     kernels.compile_ahead replaced by a block that is on: the first call of an input signature runs the forward
     once inside the block, then once for real, with the eager values; a repeat runs none; a new size one again.
-    Grad on, handle.memory.compile_ahead off, or a forward hook (which would see the pass) run none. A copy
-    carries the switch, not the signatures."""
+    Grad on, handle.memory.compile_ahead off, or a forward hook (which would see the pass) run none, and a hook
+    leaves the signature to the next call. A pass that raises is dropped and the call goes on. A block that
+    declines (no async compiles) is recorded as such. A copy carries the switch, not the signatures."""
     import contextlib
 
     from sam2.modeling.backbones.image_encoder import ImageEncoder
@@ -479,26 +480,34 @@ def test_image_encoder_compiles_ahead_once_per_signature(sam2_t, monkeypatch):
     from sam_sparse.patches import sam2_encoder
 
     monkeypatch.setattr(sam2_encoder, "_on_device", lambda sample: True)
-    state, runs = {"inside": False}, []
+    state, runs = {"inside": False, "on": True, "raise": False}, []
 
     @contextlib.contextmanager
     def block(device):
-        state["inside"] = True
+        state["inside"] = state["on"]
         try:
-            yield True
+            yield state["on"]
         finally:
             state["inside"] = False
 
     real = ImageEncoder.forward
+
+    def forward(self, sample):
+        runs.append(state["inside"])
+        if state["inside"] and state["raise"]:
+            raise RuntimeError("a failing pass")
+        return real(self, sample)
+
     monkeypatch.setattr(sam2_encoder, "compile_ahead", block)
-    monkeypatch.setattr(ImageEncoder, "forward", lambda self, sample: runs.append(state["inside"]) or real(self, sample))
+    monkeypatch.setattr(ImageEncoder, "forward", forward)
     g = torch.Generator().manual_seed(5)
     x, small = torch.randn(1, 3, 256, 256, generator=g), torch.randn(1, 3, 192, 192, generator=g)
+    batch = lambda n: torch.randn(n, 3, 256, 256, generator=g)  # noqa: E731
     ref = _encoder(sam2_t, x)
     runs.clear()
     handle = patch_sam(sam2_t, "dense")
     try:
-        enc = sam2_t.image_encoder
+        enc, ctx = sam2_t.image_encoder, handle.memory
         out = _encoder(sam2_t, x)
         assert runs == [True, False], runs
         for a, b in zip(out, ref):
@@ -507,26 +516,36 @@ def test_image_encoder_compiles_ahead_once_per_signature(sam2_t, monkeypatch):
         assert runs == [True, False, False], "a repeat makes no pass"
         _encoder(sam2_t, small)
         assert runs[3:] == [True, False], "a new size makes one"
-        assert len(handle.memory.compiled_ahead) == 2
+        assert list(ctx.compiled_ahead.values()) == [True, True]
         runs.clear()
         with torch.no_grad():
-            enc(torch.randn(2, 3, 256, 256, generator=g))
+            enc(batch(2))
         with torch.enable_grad(), pytest.raises(RuntimeError, match="inference-only"):
-            enc(torch.randn(3, 3, 256, 256, generator=g))  # the real call says why; no pass before it
+            enc(batch(3))  # the real call says why; no pass before it
         assert runs == [True, False, False], "grad on: no pass"
         runs.clear()
         twin = copy.deepcopy(enc)
         assert twin._sam_sparse_memory.compile_ahead and not twin._sam_sparse_memory.compiled_ahead
-        handle.memory.compile_ahead = False
+        ctx.compile_ahead = False
         assert not copy.deepcopy(enc)._sam_sparse_memory.compile_ahead, "the switch is carried"
-        _encoder(sam2_t, torch.randn(4, 3, 256, 256, generator=g))
+        _encoder(sam2_t, batch(4))
         assert runs == [False], "switched off"
-        handle.memory.compile_ahead = True
+        ctx.compile_ahead = True
         runs.clear()
         hook = enc.neck.register_forward_hook(lambda *a: None)
-        _encoder(sam2_t, torch.randn(5, 3, 256, 256, generator=g))
+        _encoder(sam2_t, batch(5))
         hook.remove()
-        assert runs == [False], "a hook would see the pass"
+        _encoder(sam2_t, batch(5))
+        assert runs == [False, True, False], "a hook would see the pass: the next call makes it"
+        runs.clear()
+        state["raise"] = True
+        got = _encoder(sam2_t, x[:, :, :224, :224].contiguous())
+        assert runs == [True, False] and got[0].shape[-1] == 14, "a failing pass is dropped"
+        state["raise"], state["on"] = False, False
+        runs.clear()
+        _encoder(sam2_t, batch(6))
+        _encoder(sam2_t, batch(6))
+        assert runs == [False, False] and list(ctx.compiled_ahead.values())[-1] is False, "declined once, recorded"
     finally:
         handle.restore()
 

@@ -288,7 +288,7 @@ def _new_plan(q, k, v, num, idx, rel_h, rel_w, tile, scale, bs, cu_q=None, cu_k=
     return _ReferencePlan(tile, scale, bs, window, q_window)
 
 
-_AHEAD = threading.local()  # .on: this thread is inside compile_ahead()
+_AHEAD = threading.local()  # .device: the device of the compile_ahead block open on this thread
 
 
 @contextlib.contextmanager
@@ -297,11 +297,12 @@ def compile_ahead(device) -> Iterator[bool]:
 
     Inside the block (on this thread), a call of block_sparse_attn, block_sparse_attn_varlen or window_attn on
     `device` that would make a new plan checks its inputs, hands the compiles of its kernels to a thread pool and
-    returns an uninitialized output of the right shape and dtype without launching anything (its class is not
-    tuned: every candidate config compiles, for the tuner to time on the real call). Calls whose plan exists run
-    as usual. On exit every compile has finished. So one pass of a model's forward inside the block, on a real
-    input, followed by the real forward, compiles each layer's kernels in parallel rather than one layer after
-    another at its first launch. The pass's outputs are meaningless: nothing may be kept from it.
+    returns an uninitialized output of the right shape and dtype without launching anything. What compiles is
+    what the real call will launch: its class's tuned config where this process or the disk cache knows it, else
+    every candidate config, for the tuner to time on the real call. Calls whose plan exists, and calls on another
+    device, run as usual. On exit every compile has finished. So one pass of a model's forward inside the block,
+    on a real input, followed by the real forward, compiles each layer's kernels in parallel rather than one layer
+    after another at its first launch. The pass's outputs are meaningless: nothing may be kept from it.
 
     Yields True when the block does that; False, changing nothing, where no kernel compiles (a CPU device,
     Triton's interpreter, no Triton, a Triton without async compiles) or when a compile_ahead block is already
@@ -309,22 +310,23 @@ def compile_ahead(device) -> Iterator[bool]:
     """
     device = torch.device(device)
     if (device.type != "cuda" or not HAS_TRITON or os.environ.get("TRITON_INTERPRET") == "1"
-            or getattr(_AHEAD, "on", False)):
+            or getattr(_AHEAD, "device", None) is not None):
         yield False
         return
     from .triton_attn import parallel_compiles
 
     with parallel_compiles() as parallel:
-        _AHEAD.on = parallel
+        _AHEAD.device = device if parallel else None
         try:
             yield parallel
         finally:
-            _AHEAD.on = False
+            _AHEAD.device = None
 
 
 def _ahead(q: torch.Tensor) -> bool:
-    """Whether this call only compiles (compile_ahead), which only a Triton kernel on the GPU does."""
-    return getattr(_AHEAD, "on", False) and q.is_cuda
+    """Whether this call only compiles: inside compile_ahead, on its device."""
+    device = getattr(_AHEAD, "device", None)
+    return device is not None and q.device.type == device.type and device.index in (None, q.device.index)
 
 
 def _planned(key, make):
@@ -625,8 +627,8 @@ def block_sparse_attn_varlen(
     if torch.compiler.is_compiling():
         return _attn_varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx, scale, bs)
     if _ahead(q):
-        _new_plan(q, k, v, num, idx, None, None, None, scale, bs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                  ahead=True)
+        _new_plan(q, k, v, num, idx, None, None, None, scale, bs, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                  max_seqlen_k, ahead=True)
         return q.new_empty((*q.shape[:-1], v.shape[-1]))
     if key is None:  # a bool mask, converted above: keyed by its layout (this path checks every call)
         key = ("converted",) + _varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num, idx,

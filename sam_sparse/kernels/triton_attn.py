@@ -88,6 +88,12 @@ import triton.language as tl
 from .layout import length_bucket
 from .triton_util import INTERPRET, MAX_GRID_Y, dot_precision, next_pow2
 
+try:  # Triton's async-compile mode (parallel_compiles), where this Triton has it
+    from triton.runtime import _async_compile
+    from triton.runtime._async_compile import FutureKernel as _FutureKernel
+except ImportError:
+    _async_compile = _FutureKernel = None
+
 try:  # Triton >= 3.4: host-side TMA descriptors (the Hopper path)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
@@ -1047,28 +1053,44 @@ def _disk_store(path: Path, tune_key: str, cfg: dict) -> None:
 def parallel_compiles() -> Iterator[bool]:
     """Inside (on this thread): a kernel's warmup hands its compile to a thread pool and returns at once; on exit
     every compile has finished and sits in Triton's cache, so the launches that follow compile nothing. Yields
-    False, and changes nothing, where this Triton lacks its async-compile mode. A compile that fails is left for
-    the launch that needs it to report. Worker processes, which would not share the GIL, lost: hiera_l's first
-    call took 13.1 s with 8 of them against 11.7 s without, and their CUDA contexts held 3.1 GB (docs/benchmarks.md,
-    runs 68-69)."""
-    try:
-        from concurrent.futures import ThreadPoolExecutor
-
-        from triton.runtime._async_compile import AsyncCompileMode
-    except ImportError:
+    False, and changes nothing, where this Triton lacks its async-compile mode or one is already open on this
+    thread (its pool takes the compiles). A compile that failed leaves no trace: the launch that needs it
+    compiles again and reports. Worker processes, which would not share the GIL, lost: hiera_l's first call took
+    13.1 s with 8 of them against 11.7 s without, and their CUDA contexts held 3.1 GB (docs/benchmarks.md, runs
+    68-69)."""
+    if _async_compile is None or _async_compile.active_mode.get() is not None:
         yield False
         return
-    with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 16))) as pool:
-        with AsyncCompileMode(pool, ignore_errors=True):
-            yield True
+    from concurrent.futures import ThreadPoolExecutor
+
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 16))) as pool:
+            with _async_compile.AsyncCompileMode(pool, ignore_errors=True):
+                yield True
+    finally:
+        _drop_failed_compiles()
+
+
+def _drop_failed_compiles() -> None:
+    """Remove the finished compiles that failed from the kernels' caches (Triton keeps one there, and every later
+    launch of it would raise its error without compiling again); finalized ones become their kernels."""
+    for fn in (_attn_fwd, _split_combine):
+        for cache in getattr(fn, "device_caches", {}).values():
+            kernels = cache[0]
+            for key, k in list(kernels.items()):
+                if isinstance(k, _FutureKernel) and k.future.done():
+                    if k.future.exception() is not None:
+                        del kernels[key]
+                    elif k.kernel is not None:  # else its own mode finalizes it (another thread's, still open)
+                        kernels[key] = k.kernel
 
 
 def _compile_in_parallel(candidates: List[dict], warmup: Callable[[dict], None]) -> None:
     """Compile the candidates together before timing them one by one (a fresh process tunes several shape classes
     of 2-5 configs each); where that cannot be done, the timing loop compiles them one at a time."""
     try:
-        with parallel_compiles():
-            for cfg in candidates:
+        with parallel_compiles() as parallel:
+            for cfg in candidates if parallel else ():
                 warmup(cfg)
     except Exception:
         pass  # the timing loop compiles (and reports) whatever did not compile here
@@ -1293,6 +1315,18 @@ def tma_eligible(k: torch.Tensor, v: torch.Tensor, d0: int, d1_at: Optional[int]
     ) and all(c * es % 16 == 0 for c in (d0, d0 if d1_at is None else d1_at, *(dv or ())))
 
 
+def _output_standin(q: torch.Tensor) -> torch.Tensor:
+    """What a warmup passes for the output: q's dtype and device, allocated as a call's output is (so aligned as
+    it is; q itself may be a view at any offset, and the kernel specializes on a pointer's alignment)."""
+    return torch.empty((1,), dtype=q.dtype, device=q.device)
+
+
+def _finished(compiled):
+    """A launch's compiled kernel; where its compile was handed to a pool (parallel_compiles, on this or another
+    thread) and is still running, once it has finished."""
+    return compiled.result() if _FutureKernel is not None and isinstance(compiled, _FutureKernel) else compiled
+
+
 class KernelPlan:
     """Everything about one launch signature resolved once: the config, the grid, the scalars and
     constexprs, and the compiled kernel. A call allocates the output and launches; nothing else.
@@ -1320,12 +1354,14 @@ class KernelPlan:
         self.fast_path = False
 
     def warmup(self, q, k, v, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, k_pad=None, v_pad=None) -> None:
-        """Compile without launching."""
+        """Compile without launching: the kernel the first call will launch (the same specialization: an output
+        allocated as a call's, the other tensors as the call passes them)."""
         ws = self.split.standin(q.device) if self.split is not None else (q, q)
-        tensors = self._tensors(q, k, v, q, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, q)
+        out = _output_standin(q)
+        tensors = self._tensors(q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, q)
         _attn_fwd.warmup(*tensors, *self._tail, grid=self.grid, **self._options)
         if self.split is not None:
-            self.split.warmup(q, cu_q)
+            self.split.warmup(out, cu_q)
 
     def _tensors(self, q, k, v, out, ws, k_pad, v_pad, kv_num, kv_idx, rel_h, rel_w, cu_q, cu_k, absent) -> tuple:
         """The kernel's tensor arguments, `absent` standing in for those the call lacks (never read: their
@@ -1360,7 +1396,7 @@ class KernelPlan:
         return out
 
     def _first_launch(self, tensors: tuple) -> None:
-        compiled = self._launch_slow(tensors)
+        compiled = _finished(self._launch_slow(tensors))
         if not INTERPRET and compiled is not None:
             # Triton's own run() binds ~60 arguments, specializes and looks up its cache on every call;
             # the compiled kernel's launcher only packs them. Plans are keyed by everything that run()
@@ -1400,16 +1436,17 @@ class SplitCombine:
         one = torch.empty((1,), dtype=torch.float32, device=device)
         return one, one
 
-    def warmup(self, q: torch.Tensor, cu_q: Optional[torch.Tensor]) -> None:
-        _split_combine.warmup(*self.standin(q.device), q, q if cu_q is None else cu_q, *self._tail, grid=self.grid,
-                              num_warps=4)
+    def warmup(self, out: torch.Tensor, cu_q: Optional[torch.Tensor]) -> None:
+        """Compile without launching; out: the output or its stand-in (_output_standin)."""
+        _split_combine.warmup(*self.standin(out.device), out, out if cu_q is None else cu_q, *self._tail,
+                              grid=self.grid, num_warps=4)
 
     def __call__(self, ws: Tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, cu_q: Optional[torch.Tensor]) -> None:
         args = (*ws, out, out if cu_q is None else cu_q)
         if self._fast is not None:
             self._fast(*args, *self._tail)
             return
-        compiled = _split_combine[self.grid](*args, *self._tail, num_warps=4)
+        compiled = _finished(_split_combine[self.grid](*args, *self._tail, num_warps=4))
         if not INTERPRET and compiled is not None:
             try:  # as KernelPlan: the compiled kernel's own launcher from now on
                 self._fast = compiled[self.grid]
@@ -1476,8 +1513,8 @@ def make_plan(
     config: optional fixed launch config {BLOCK_M, BLOCK_N, num_warps, num_stages[, W_DOT, TMA, SPLIT_K, PACK]}: no
         tuning. SPLIT_K: 1..MAX_SPLIT programs per query tile, each over its share of the key steps, or "fill"
         (fill_splits); not with a window.
-    ahead (config None): compile what the plan's first call would compile (its class's tuned config where one is known, else
-        every candidate, which the tuner will time) and return None: no timing, no launch. Inside
+    ahead (config None): compile what the plan's first call would compile (its class's tuned config where one is
+        known, else every candidate, which the tuner will time) and return None: no timing, no launch. Inside
         parallel_compiles() the compiles go to its pool, so the kernels of many calls compile together.
 
     Varlen (cu_seqlens_q / cu_seqlens_k given): the plan holds nothing of the total lengths or of the
@@ -1649,14 +1686,13 @@ def make_plan(
                 dv1_at, block_size,
                 has_mask, has_bias, varlen, str(q.dtype), prec, window, q_window, pack_key, tma_ok, timed, room,
                 small)
+    if not timed and not ahead:
+        return plan_for({"W_DOT": 0, **_tune(tune_key, [_fixed_config(bucketed)], None, q.device)})
     pads = (k.new_zeros(k.shape[-2:]),) * 2 if window is not None else (None, None)  # stand-ins for tuning
     tensors_in = (q, k, v, kv_num_blocks, kv_indices, rel_h, rel_w, cu_seqlens_q, cu_seqlens_k, *pads)
-    if not timed:
-        candidates = [_fixed_config(bucketed)]
-        if ahead:
-            plan_for({"W_DOT": 0, **_TUNED.get(tune_key, candidates[0])}).warmup(*tensors_in)  # as _tune untimed
-            return None
-        return plan_for({"W_DOT": 0, **_tune(tune_key, candidates, None, q.device)})
+    if not timed:  # ahead: the config _tune picks untimed
+        plan_for({"W_DOT": 0, **_TUNED.get(tune_key, _fixed_config(bucketed))}).warmup(*tensors_in)
+        return None
     candidates = packed or _prune(_configs(), bucketed)
     if room > 1:
         # Idle SMs: each config also split over the keys, where that fills them.

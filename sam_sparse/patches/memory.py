@@ -83,7 +83,7 @@ class MemoryContext:
         self.graph_encoder = graph_encoder
         self.graph_heads = graph_heads
         self.compile_ahead = compile_ahead
-        self.compiled_ahead = set()  # the input signatures whose kernels a first call compiled (or tried to)
+        self.compiled_ahead = {}  # input signature -> whether its first call's compile-ahead pass ran
         self.encoder_graph = None
         self.compiled_encoder_graph = None
         self.heads_graph = None

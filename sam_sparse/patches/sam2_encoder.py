@@ -148,26 +148,28 @@ class GraphedImageEncoder(ImageEncoder):
         return self._graph(ctx, "encoder_graph", lambda: eager)(sample)
 
     def _compile_ahead(self, ctx, sample: torch.Tensor) -> None:
-        """On the first eager call of an input signature (shape, dtype, device, autocast, the weights' dtype and
-        device, scalp): one pass of ImageEncoder.forward inside kernels.compile_ahead, whose outputs are dropped, so
-        that the attention kernels of every block compile together on a thread pool instead of one block after
-        another at their first launch. Skipped (and not tried again for that signature) where the pass could be
-        seen or could not help: ctx.compile_ahead off, off CUDA, grad on, a CUDA graph capture under way, or
-        _must_run_eagerly (a hook would see the pass)."""
+        """On the first eager call of an input signature (_shape_key's and the device): one pass of
+        ImageEncoder.forward inside kernels.compile_ahead, whose outputs are dropped, so that the attention kernels
+        of every block compile together on a thread pool instead of one block after another at their first launch.
+        Not where the pass could be seen or could not help: ctx.compile_ahead off, off CUDA, grad on, a CUDA graph
+        capture under way, or _must_run_eagerly (a hook would see the pass); those calls leave the signature for a
+        later one. A pass that fails is dropped: the real forward that follows reports what is wrong.
+        ctx.compiled_ahead[signature] says whether a pass ran (False: compile_ahead declined, e.g. no async
+        compiles in this Triton)."""
         if ctx is None or not ctx.compile_ahead or not _on_device(sample) or torch.is_grad_enabled():
             return
-        weight = next(self.parameters(), None)
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        key = (tuple(sample.shape), sample.dtype, sample.device, autocast,
-               None if weight is None else (weight.dtype, weight.device), self.scalp)
-        if key in ctx.compiled_ahead:
-            return
-        ctx.compiled_ahead.add(key)
-        if (sample.is_cuda and torch.cuda.is_current_stream_capturing()) or _must_run_eagerly(self):
+        key = _shape_key(self, sample, autocast) + (sample.device,)
+        if key in ctx.compiled_ahead or (sample.is_cuda and torch.cuda.is_current_stream_capturing()) \
+                or _must_run_eagerly(self):
             return
         with compile_ahead(sample.device) as compiling:
+            ctx.compiled_ahead[key] = compiling
             if compiling:
-                ImageEncoder.forward(self, sample)
+                try:
+                    ImageEncoder.forward(self, sample)
+                except Exception:
+                    pass
 
     def compiled_forward(self, sample: torch.Tensor) -> List[torch.Tensor]:
         """_flat(forward(sample)) as the op runs it inside a compiled caller: the encoder compiled and replayed

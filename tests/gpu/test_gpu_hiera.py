@@ -361,6 +361,7 @@ def _fresh_kernels(monkeypatch):
     it ran inside compile_ahead."""
     from sam_sparse.kernels import interface, triton_attn
 
+    pytest.importorskip("triton.runtime._async_compile", reason="this Triton has no async compiles: no compile_ahead")
     monkeypatch.setattr(interface, "_PLANS", {})
     monkeypatch.setattr(triton_attn, "_TUNED", {})
     monkeypatch.setenv("SAM_SPARSE_TUNE_CACHE", "0")
@@ -370,7 +371,7 @@ def _fresh_kernels(monkeypatch):
     real = triton_attn._attn_fwd._do_compile
 
     def counted(*args, **kwargs):
-        compiles.append(bool(getattr(interface._AHEAD, "on", False)))
+        compiles.append(getattr(interface._AHEAD, "device", None) is not None)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(triton_attn._attn_fwd, "_do_compile", counted)
@@ -430,7 +431,7 @@ def test_patched_encoder_compiles_ahead_on_its_first_call(monkeypatch):
             out = model.image_encoder(x)["vision_features"]
             torch.cuda.synchronize()
             assert compiles and all(compiles), f"{compiles.count(False)} of {len(compiles)} compiles outside the pass"
-            assert len(handle.memory.compiled_ahead) == 1
+            assert list(handle.memory.compiled_ahead.values()) == [True]
             n = len(compiles)
             again = model.image_encoder(x)["vision_features"]
         assert torch.equal(again, out) and len(compiles) == n
