@@ -1078,11 +1078,14 @@ def _drop_failed_compiles() -> None:
         for cache in getattr(fn, "device_caches", {}).values():
             kernels = cache[0]
             for key, k in list(kernels.items()):
-                if isinstance(k, _FutureKernel) and k.future.done():
-                    if k.future.exception() is not None:
-                        del kernels[key]
-                    elif k.kernel is not None:  # else its own mode finalizes it (another thread's, still open)
-                        kernels[key] = k.kernel
+                if not isinstance(k, _FutureKernel):
+                    continue
+                kernel, future = getattr(k, "kernel", None), getattr(k, "future", None)
+                if kernel is not None:
+                    kernels[key] = kernel
+                elif future is not None and future.done() and future.exception() is not None:
+                    del kernels[key]  # (newer Tritons remove a failed compile themselves and drop its future)
+                # else: still compiling, or done and left for its own mode to finalize (another thread's, open)
 
 
 def _compile_in_parallel(candidates: List[dict], warmup: Callable[[dict], None]) -> None:
