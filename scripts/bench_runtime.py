@@ -12,8 +12,8 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
              SAM 2.1 types (sam2.1_hiera_b+, ...) time sam2's image encoder, whose first call compiles its kernels
              ahead, and once more in a fresh process with that off (handle.memory.compile_ahead = False), caches
              of its own, and in a next process with it off (what the pass costs where every kernel is cached).
-             Each row also lists the shape
-             classes the tuner met, their candidates and seconds (where a first call's time goes).
+             Each row also lists the shape classes the tuner met, their candidates and seconds (where a first
+             call's time goes), and how many compile-ahead passes ran.
   predictor  SamPredictor, vit_b, batch 1, eager, on a 1500 x 2250 photo (scikit-image's coffee,
              upscaled): fp32 original vs patched dense under each float32 matmul precision; then the
              encoder in bf16 with set_image_on_device. SAM's CPU resize is timed on its own.
