@@ -9,9 +9,9 @@ Sections (--only picks some; every row goes to $OUT/runtime.jsonl as it is measu
   firstcall  the first forward of a patched encoder (--model, default vit_h; batch 8, bf16) in a fresh
              process: empty caches; then with the caches the first process left (Triton's kernels +
              sam-sparse's tuning results); then with Triton's kernels only (SAM_SPARSE_TUNE_CACHE=0).
-             SAM 2.1 types (sam2.1_hiera_b+, ...) time sam2's image encoder, whose first call compiles its kernels
-             ahead, and once more in a fresh process with that off (handle.memory.compile_ahead = False), caches
-             of its own, and in a next process with it off (what the pass costs where every kernel is cached).
+             SAM 2.1 types (sam2.1_hiera_b+, ...) time sam2's image encoder. The patched encoder's first call
+             compiles its kernels ahead; the fresh and the next process also run with that off
+             (handle.memory.compile_ahead = False; the fresh one with caches of its own).
              Each row also lists the shape classes the tuner met, their candidates and seconds (where a first
              call's time goes), and how many compile-ahead passes ran.
   predictor  SamPredictor, vit_b, batch 1, eager, on a 1500 x 2250 photo (scikit-image's coffee,
@@ -226,12 +226,13 @@ print("FIRST", json.dumps(dict(first_forward_s=first, ahead_passes=sum(handle.me
 
 def section_firstcall(out, model="vit_h"):
     scripts = os.path.dirname(os.path.abspath(__file__))
+    # The patched encoder's first call compiles ahead (patches/first_call.py): the same with that off, in a fresh
+    # process with caches of its own and in a next process.
     cases = [("fresh process, empty caches", "a", True, {}),
+             ("fresh process, empty caches, compile_ahead off", "b", False, {}),
              ("next process, caches of the first", "a", True, {}),
+             ("next process, caches of the first, compile_ahead off", "a", False, {}),
              ("next process, Triton's kernel cache only", "a", True, {"SAM_SPARSE_TUNE_CACHE": "0"})]
-    if model.startswith("sam2"):  # its image encoder compiles ahead (sam2_encoder.py): the same without, caches of its own
-        cases.insert(1, ("fresh process, empty caches, compile_ahead off", "b", False, {}))
-        cases.insert(3, ("next process, caches of the first, compile_ahead off", "a", False, {}))
     with tempfile.TemporaryDirectory() as tmp:
         for label, caches, ahead, extra in cases:
             env = dict(os.environ, SAM_SPARSE_CACHE=os.path.join(tmp, caches, "ss"),

@@ -25,10 +25,10 @@ def test_first_call_code_formats_and_compiles():
     assert "'sam2.1_hiera_b+'" in code and "compile_ahead = False" in code
 
 
-def test_first_call_rows_of_a_sam2_model_compare_compiling_ahead(monkeypatch, tmp_path):
-    """For a SAM 2 model the fresh-process row runs twice, compile_ahead on and off, each with caches of its own
-    (the off row must not find the on row's kernels); the next-process rows (on, off, and without the tuning
-    cache) reuse the on row's caches."""
+def test_first_call_rows_compare_compiling_ahead(monkeypatch, tmp_path):
+    """The fresh-process row runs twice, compile_ahead on and off, each with caches of its own (the off row must
+    not find the on row's kernels); the next-process rows (on, off, and without the tuning cache) reuse the on
+    row's caches. The same for SAM's and SAM 2's encoders."""
     runs = []
 
     class Done:
@@ -41,13 +41,12 @@ def test_first_call_rows_of_a_sam2_model_compare_compiling_ahead(monkeypatch, tm
 
     monkeypatch.setattr(bench.subprocess, "run", run)
     monkeypatch.setattr(bench, "record", lambda out, **row: None)
-    bench.section_firstcall(tmp_path, "sam2.1_hiera_b+")
-    assert [r[0] for r in runs] == [True, False, True, False, True]
-    assert runs[0][1] != runs[1][1] and runs[0][2] != runs[1][2], "the fresh off row has caches of its own"
-    assert runs[2][1:3] == runs[3][1:3] == runs[4][1:3] == runs[0][1:3] and runs[4][3] == "0"
-    runs.clear()
-    bench.section_firstcall(tmp_path, "vit_h")
-    assert len(runs) == 3, "no SAM 2 encoder: no off row"
+    for model in ("sam2.1_hiera_b+", "vit_h"):
+        runs.clear()
+        bench.section_firstcall(tmp_path, model)
+        assert [r[0] for r in runs] == [True, False, True, False, True]
+        assert runs[0][1] != runs[1][1] and runs[0][2] != runs[1][2], "the fresh off row has caches of its own"
+        assert runs[2][1:3] == runs[3][1:3] == runs[4][1:3] == runs[0][1:3] and runs[4][3] == "0"
 
 
 def test_first_call_wrapper_counts_timings_not_cache_hits(monkeypatch, tmp_path):

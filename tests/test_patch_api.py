@@ -297,6 +297,62 @@ def test_windowed_blocks_swap_with_their_attention():
     handle.restore()
 
 
+def test_image_encoder_swaps_and_compiles_ahead_once_per_signature(monkeypatch):
+    """SAM's image encoder becomes SparseImageEncoderViT while any of its attention is patched (restore() and
+    disabled() put ImageEncoderViT back; a decoder-only filter leaves it; a deep copy and a pickle carry it with
+    the switch). Its first call of an input signature runs ImageEncoderViT.forward once inside
+    kernels.compile_ahead (here a block that is on, the CUDA check opened on the CPU), then for real, with the
+    unpatched values; a repeat makes no pass, nor does handle.memory.compile_ahead = False."""
+    import contextlib
+    import pickle
+
+    from sam_sparse.patches import first_call
+    from sam_sparse.patches.attention import SparseImageEncoderViT
+
+    sam = small_sam()
+    x = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = sam.image_encoder(x)
+    state, runs = {"inside": False}, []
+
+    @contextlib.contextmanager
+    def block(device):
+        state["inside"] = True
+        try:
+            yield True
+        finally:
+            state["inside"] = False
+
+    real = ImageEncoderViT.forward
+    monkeypatch.setattr(first_call, "_on_device", lambda sample: True)
+    monkeypatch.setattr(first_call, "compile_ahead", block)
+    monkeypatch.setattr(ImageEncoderViT, "forward", lambda self, t: runs.append(state["inside"]) or real(self, t))
+    handle = patch_sam(sam, "dense")
+    enc = sam.image_encoder
+    try:
+        assert type(enc) is SparseImageEncoderViT and enc._sam_sparse_memory is handle.memory
+        with torch.inference_mode():
+            out = enc(x)
+            assert runs == [True, False] and torch.allclose(out, ref, atol=1e-5)
+            enc(x)
+            assert runs == [True, False, False], "a repeat makes no pass"
+            handle.memory.compile_ahead = False
+            enc(torch.randn(2, 3, 256, 256))
+            assert runs[3:] == [False], "switched off"
+        twin = copy.deepcopy(sam)
+        assert type(twin.image_encoder) is SparseImageEncoderViT and not twin.image_encoder._sam_sparse_memory.compile_ahead
+        assert type(pickle.loads(pickle.dumps(sam)).image_encoder) is SparseImageEncoderViT
+        with handle.disabled():
+            assert type(enc) is ImageEncoderViT and "_sam_sparse_memory" not in vars(enc)
+        assert type(enc) is SparseImageEncoderViT
+    finally:
+        handle.restore()
+    assert type(enc) is ImageEncoderViT and "_sam_sparse_memory" not in vars(enc)
+    handle = patch_sam(sam, "dense", filter_fn=lambda name, m: not name.startswith("image_encoder"))
+    assert type(enc) is ImageEncoderViT, "no patched attention inside: the encoder stays as it is"
+    handle.restore()
+
+
 def test_unmatched_rule_warns_and_bad_head_raises():
     sam = small_sam()
     typo = Policy.from_dict({"name": "typo", "rules": [

@@ -467,8 +467,8 @@ def test_image_encoder_op_traced(sam2_t, monkeypatch):
 
 
 def test_image_encoder_compiles_ahead_once_per_signature(sam2_t, monkeypatch):
-    """GraphedImageEncoder._compile_ahead (sam2_encoder.py), with the CUDA check opened on the CPU and
-    kernels.compile_ahead replaced by a block that is on: the first call of an input signature runs the forward
+    """first_call.compile_ahead_once from GraphedImageEncoder (sam2_encoder.py), with the CUDA check opened on the
+    CPU and kernels.compile_ahead replaced by a block that is on: the first call of an input signature runs the forward
     once inside the block, then once for real, with the eager values; a repeat runs none; a new size one again.
     Grad on, handle.memory.compile_ahead off, or a forward hook (which would see the pass) run none, and a hook
     leaves the signature to the next call. A pass that raises is dropped and the call goes on. A block that
@@ -477,9 +477,9 @@ def test_image_encoder_compiles_ahead_once_per_signature(sam2_t, monkeypatch):
 
     from sam2.modeling.backbones.image_encoder import ImageEncoder
 
-    from sam_sparse.patches import sam2_encoder
+    from sam_sparse.patches import first_call
 
-    monkeypatch.setattr(sam2_encoder, "_on_device", lambda sample: True)
+    monkeypatch.setattr(first_call, "_on_device", lambda sample: True)
     state, runs = {"inside": False, "on": True, "raise": False}, []
 
     @contextlib.contextmanager
@@ -498,7 +498,7 @@ def test_image_encoder_compiles_ahead_once_per_signature(sam2_t, monkeypatch):
             raise RuntimeError("a failing pass")
         return real(self, sample)
 
-    monkeypatch.setattr(sam2_encoder, "compile_ahead", block)
+    monkeypatch.setattr(first_call, "compile_ahead", block)
     monkeypatch.setattr(ImageEncoder, "forward", forward)
     g = torch.Generator().manual_seed(5)
     x, small = torch.randn(1, 3, 256, 256, generator=g), torch.randn(1, 3, 192, 192, generator=g)
@@ -551,10 +551,10 @@ def test_image_encoder_compiles_ahead_once_per_signature(sam2_t, monkeypatch):
 
 
 def test_image_encoder_graph_yields_to_python(sam2_t):
-    """sam2_encoder._must_run_eagerly: a forward hook or pre-hook on any module of the encoder or a global one,
+    """first_call.must_run_eagerly: a forward hook or pre-hook on any module of the encoder or a global one,
     an observed patched attention, a module in training mode, or a forward replaced on an instance makes the call
     run as Python (a replay would skip it, or replay eval mode)."""
-    from sam_sparse.patches.sam2_encoder import _must_run_eagerly
+    from sam_sparse.patches.first_call import must_run_eagerly as _must_run_eagerly
 
     enc = sam2_t.image_encoder
     assert not _must_run_eagerly(enc)

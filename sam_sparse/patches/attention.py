@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import Attention as EncoderAttention
 from segment_anything.modeling.image_encoder import Block as EncoderBlock
+from segment_anything.modeling.image_encoder import ImageEncoderViT
 from segment_anything.modeling.transformer import Attention as DecoderAttention
 
 from ..geometry import LayerGeometry, Prompts
 from ..kernels import BlockLayout, block_sparse_attn, window_attn
 from ..sam_layers import image_side
+from .first_call import compile_ahead_once
 
 Grid = Tuple[int, int]
 
@@ -400,6 +402,19 @@ class SparseWindowBlock(EncoderBlock):
         return x + self.mlp(self.norm2(x))
 
 
+class SparseImageEncoderViT(ImageEncoderViT):
+    """segment-anything's image encoder whose first eager call of an input signature compiles its patched
+    attentions' kernels ahead (first_call.py), then runs ImageEncoderViT.forward: x (B, 3, H, W) -> (B, 256,
+    H / 16, W / 16), the same values. Its one plain attribute, ``_sam_sparse_memory``, is the handle's
+    MemoryContext (handle.memory.compile_ahead switches the pass)."""
+
+    _sam_sparse_memory = None  # set by PatchHandle.enable
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compile_ahead_once(self, self._sam_sparse_memory, x, lambda: ImageEncoderViT.forward(self, x))
+        return super().forward(x)
+
+
 class SparseDecoderAttention(DecoderAttention):
     """segment-anything's TwoWayTransformer Attention, through block_sparse_attn. Same parameters.
 
@@ -434,3 +449,5 @@ class SparseDecoderAttention(DecoderAttention):
 SPARSE_CLASSES = {EncoderAttention: SparseEncoderAttention, DecoderAttention: SparseDecoderAttention}
 # Encoder blocks whose windowed attention is patched get this class as well (PatchHandle.enable).
 SPARSE_BLOCKS = {EncoderBlock: SparseWindowBlock}
+# Image encoders whose patched attention compiles ahead on a first call get this class (PatchHandle.enable).
+SPARSE_ENCODERS = {ImageEncoderViT: SparseImageEncoderViT}

@@ -13,9 +13,10 @@ module does the same for every family.
 How: each attention module's class is swapped for a subclass with a sparse forward (the family's
 SPARSE_CLASSES) and one plain attribute ``_sam_sparse`` is attached; some modules around them get a subclass
 too (the family's containers()): the encoder blocks around windowed attention modules, whose forward reads the
-windows in place instead of partitioning the token grid; a SAM 2 image model's ImageEncoder (replayed from a
-CUDA graph at batch 1: sam2_encoder.py; its one plain attribute, ``_sam_sparse_memory``, is the handle's
-MemoryContext); and for SAM 2 video the memory attention (packed memories) and the model itself (the memory
+windows in place instead of partitioning the token grid; SAM's ImageEncoderViT (its first call of an input
+signature compiles its kernels ahead: first_call.py) and a SAM 2 image model's ImageEncoder (the same, and
+replayed from a CUDA graph at batch 1: sam2_encoder.py), whose one plain attribute, ``_sam_sparse_memory``, is
+the handle's MemoryContext; and for SAM 2 video the memory attention (packed memories) and the model itself (the memory
 calls' structure recorded; with batch_objects, every object of a frame propagated as one batch: sam2_video.py).
 No parameter, buffer or module is added, removed or copied, so ``state_dict()`` keys and values are those of
 the original model and a checkpoint loads into patched and unpatched models alike. A full model also gets
@@ -326,16 +327,17 @@ def patch_sam(model, policy="dense", *, filter_fn: Optional[Callable[[str, nn.Mo
         encoder compiled by Inductor's default mode from a graph of its own, holding its own activation
         memory (sam2_encoder.py).
         handle.memory.graph_encoder switches it. None (the default): on. Given for any other model
-        (segment-anything's; a bare Hiera): ValueError. Such an image encoder's first eager call of an input
-        signature on CUDA (grad off, no hook on its modules) runs its forward once more before the real one,
-        inside kernels.compile_ahead: the attention kernels of every block then compile together rather than
-        one block after another; handle.memory.compile_ahead switches that.
+        (segment-anything's; a bare Hiera): ValueError.
     graph_heads: for a SAM2VideoPredictor on CUDA with batch_objects, a frame's memory attention, mask
         decoder and memory encoder replay one CUDA graph per memory shape (captured when a shape comes on two
         frames in a row: once the memory stops growing, from frame 16; at most four kept; objects whose
         memories differ in length run eagerly). Same kernels and outputs, as graph_encoder; forward hooks on those modules run only while
         a graph is captured, so code that hooks them (a profiler) turns this off. handle.memory.graph_heads
         switches it. None (the default): on. Given for any other model: ValueError.
+    A patched image encoder (SAM's ImageEncoderViT, SAM 2's ImageEncoder) runs its forward once more before
+    the real one on its first eager call of an input signature on CUDA (grad off, no hook on its modules), inside
+    kernels.compile_ahead: the attention kernels of every block then compile together, not one block after
+    another at their first launch (first_call.py). handle.memory.compile_ahead = False turns that off.
     Returns a PatchHandle (handle.report, str(handle), handle.restore()).
 
     Raises TypeError for other objects, RuntimeError if the model (or a module in it) is already

@@ -9,8 +9,8 @@ prompt hooks go. patcher.py drives every family through the same few names:
     image_grid(model) -> (h, w)                    the mask decoder's image-embedding grid
     SPARSE_CLASSES, SPARSE_BLOCKS                  original class -> sparse class
     containers(model, patched) -> [(module, sparse class)]   modules around patched attention that change
-                                                   class too (windowed encoder blocks; SAM 2's image
-                                                   encoder, memory attention and video model)
+                                                   class too (windowed encoder blocks, image encoders;
+                                                   SAM 2's memory attention and video model)
     is_video(model), graphs_encoder(model), batches_objects(model), refusal(model, policy, layers)
                                                    which of patch_sam's options apply, their defaults, and
                                                    policies the model cannot run
@@ -33,7 +33,7 @@ from ..sam_layers import (
     encoder_kind,
     encoder_layer,
 )
-from .attention import SPARSE_BLOCKS, SPARSE_CLASSES  # noqa: F401 (part of the family's interface)
+from .attention import SPARSE_BLOCKS, SPARSE_CLASSES, SPARSE_ENCODERS  # noqa: F401 (part of the family's interface)
 
 NAME = "sam"
 SUPPORTED = ("segment_anything's Sam (vit_b / vit_l / vit_h, or with another image encoder such as MobileSAM's "
@@ -140,6 +140,9 @@ def find_layers(model: nn.Module, prefix: str, block_size: int) -> Tuple[List[Tu
 
 def containers(model: nn.Module, patched) -> List[Tuple[nn.Module, type]]:
     """(encoder block, SparseWindowBlock) for the windowed blocks whose attention is patched (ids in `patched`):
-    their forward reads the windows in place."""
-    return [(b, SPARSE_BLOCKS[type(b)]) for b in model.modules()
-            if type(b) in SPARSE_BLOCKS and b.window_size > 0 and id(b.attn) in patched]
+    their forward reads the windows in place; and (image encoder, SparseImageEncoderViT) where any of its
+    attention is patched: its first call of an input signature compiles their kernels ahead."""
+    out = [(b, SPARSE_BLOCKS[type(b)]) for b in model.modules()
+           if type(b) in SPARSE_BLOCKS and b.window_size > 0 and id(b.attn) in patched]
+    return out + [(e, SPARSE_ENCODERS[type(e)]) for e in model.modules()
+                  if type(e) in SPARSE_ENCODERS and any(id(m) in patched for m in e.modules())]

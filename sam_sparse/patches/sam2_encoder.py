@@ -18,7 +18,8 @@ Otherwise it runs ImageEncoder.forward. A shape is captured on its second call i
 costs no capture); two graphs are kept. The graph is keyed by the encoder's parameter storage (moving or
 recasting the model captures again) and its scalp, and freed by restore(). Outputs are the eager forward's,
 bit for bit (the same kernels), as fresh tensors. Video predictors keep their own per-frame graph
-(sam2_video.py).
+(sam2_video.py). Before any of that, an eager call of a new input signature compiles its kernels ahead
+(first_call.py).
 
 Under torch.compile the same holds at batch 1: compiled as it is, each of the 48 attention calls of hiera_l
 is an opaque op that the compiled code calls back into Python for (30-60 us of host time each on an H200's
@@ -52,30 +53,14 @@ from typing import List, Optional
 import torch
 from sam2.modeling.backbones.image_encoder import ImageEncoder
 from torch._subclasses.fake_tensor import unset_fake_temporarily
-from torch.nn.modules import module as nn_module
 
 from ..cuda_graphs import GraphedFunction, module_storage
-from ..kernels import compile_ahead
+from .first_call import compile_ahead_once, must_run_eagerly
 
 _LOCK = threading.Lock()  # two threads on a first call: one GraphedFunction
 _ENCODERS: "weakref.WeakValueDictionary[int, GraphedImageEncoder]" = weakref.WeakValueDictionary()  # id -> encoder
 # encoder -> {_shape_key: the outputs' (shape, dtype)s}, for the fake implementation
 _SHAPES: "weakref.WeakKeyDictionary[GraphedImageEncoder, dict]" = weakref.WeakKeyDictionary()
-
-
-def _must_run_eagerly(encoder: torch.nn.Module) -> bool:
-    """Whether a replay would skip or misrepresent Python that this call must run: a forward hook or pre-hook
-    on any module of the encoder (or a global one), an observed patched attention, a module in training mode
-    (a graph captured in eval mode would replay eval), or a forward replaced on a module instance."""
-    if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
-        return True
-    for m in encoder.modules():
-        if m._forward_hooks or m._forward_pre_hooks or m.training or "forward" in m.__dict__:
-            return True
-        state = m.__dict__.get("_sam_sparse")
-        if state is not None and state.observer is not None:
-            return True
-    return False
 
 
 def _graph_state(encoder: ImageEncoder) -> tuple:
@@ -142,34 +127,10 @@ class GraphedImageEncoder(ImageEncoder):
                 return _nested(_compiled_encoder(sample, id(self), autocast))
             return super().forward(sample)
         eager = super().forward
-        self._compile_ahead(ctx, sample)
+        compile_ahead_once(self, ctx, sample, lambda: eager(sample), extra=(self.scalp,))
         if not self._replays(ctx, sample):
             return eager(sample)
         return self._graph(ctx, "encoder_graph", lambda: eager)(sample)
-
-    def _compile_ahead(self, ctx, sample: torch.Tensor) -> None:
-        """On the first eager call of an input signature (_shape_key's and the device): one pass of
-        ImageEncoder.forward inside kernels.compile_ahead, whose outputs are dropped, so that the attention kernels
-        of every block compile together on a thread pool instead of one block after another at their first launch.
-        Not where the pass could be seen or could not help: ctx.compile_ahead off, off CUDA, grad on, a CUDA graph
-        capture under way, or _must_run_eagerly (a hook would see the pass); those calls leave the signature for a
-        later one. A pass that fails is dropped: the real forward that follows reports what is wrong.
-        ctx.compiled_ahead[signature] says whether a pass ran (False: compile_ahead declined, e.g. no async
-        compiles in this Triton)."""
-        if ctx is None or not ctx.compile_ahead or not _on_device(sample) or torch.is_grad_enabled():
-            return
-        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
-        key = _shape_key(self, sample, autocast) + (sample.device,)
-        if key in ctx.compiled_ahead or (sample.is_cuda and torch.cuda.is_current_stream_capturing()) \
-                or _must_run_eagerly(self):
-            return
-        with compile_ahead(sample.device) as compiling:
-            ctx.compiled_ahead[key] = compiling
-            if compiling:
-                try:
-                    ImageEncoder.forward(self, sample)
-                except Exception:
-                    pass
 
     def compiled_forward(self, sample: torch.Tensor) -> List[torch.Tensor]:
         """_flat(forward(sample)) as the op runs it inside a compiled caller: the encoder compiled and replayed
@@ -186,7 +147,7 @@ class GraphedImageEncoder(ImageEncoder):
         on and a capture already under way (ours or the caller's) are GraphedFunction's to check: it runs the
         function as is then."""
         return (ctx is not None and ctx.graph_encoder and sample.is_cuda and sample.shape[0] == 1
-                and not _must_run_eagerly(self))
+                and not must_run_eagerly(self))
 
     def _graph(self, ctx, name: str, make) -> GraphedFunction:
         """ctx's GraphedFunction `name` of make()'s function, made on first use (two threads on a first call:

@@ -1,6 +1,6 @@
 """kernels.compile_ahead on the GPU: inside the block, calls compile their kernels (on a thread pool) instead of
 launching them, and after it the same calls compile nothing and are exact (the float64 oracle, per row, into
-NaN-poisoned outputs); a patched SAM 2.1 image encoder's first call compiles every kernel in its pass.
+NaN-poisoned outputs); a patched image encoder's first call (SAM 2.1's, SAM's) compiles every kernel in its pass.
 
     TRITON_INTERPRET=0 python -m pytest -q -m gpu tests/gpu/test_gpu_compile_ahead.py
 """
@@ -95,6 +95,37 @@ def test_patched_encoder_compiles_ahead_on_its_first_call(monkeypatch):
             n = len(compiles)
             again = model.image_encoder(x)["vision_features"]
         assert torch.equal(again, out) and len(compiles) == n
+        cos = torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(), dim=0).item()
+        assert cos >= 0.999, cos
+    finally:
+        handle.restore()
+
+
+def test_patched_sam_encoder_compiles_ahead_on_its_first_call(monkeypatch):
+    """The same for SAM's ImageEncoderViT (vit_b, rel-pos tables randomized, bf16, 1024 px): its windowed blocks
+    (rel-pos terms, windows overhanging the 64 x 64 grid) and global blocks compile every kernel in the pass."""
+    from segment_anything import sam_model_registry
+
+    from sam_sparse import patch_sam
+
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"]()
+    with torch.no_grad():  # SAM zero-initializes the rel-pos tables: randomize them so they matter
+        for name, p in sam.named_parameters():
+            if "rel_pos" in name:
+                p.normal_(0, 0.02)
+    enc = sam.image_encoder.eval().cuda().to(torch.bfloat16)
+    x = torch.randn(1, 3, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref = enc(x)
+    handle = patch_sam(enc, "dense")
+    compiles = _fresh_kernels(monkeypatch)
+    try:
+        with torch.inference_mode():
+            out = enc(x)
+            torch.cuda.synchronize()
+            assert compiles and all(compiles), f"{compiles.count(False)} of {len(compiles)} compiles outside the pass"
+            assert list(handle.memory.compiled_ahead.values()) == [True]
         cos = torch.nn.functional.cosine_similarity(out.double().flatten(), ref.double().flatten(), dim=0).item()
         assert cos >= 0.999, cos
     finally:
