@@ -44,23 +44,30 @@ def test_automatic_mask_generator_runs():
         assert union == 0 or inter / union > 0.99
 
 
-def test_torch_compile_fullgraph():
-    """No graph break in a patched encoder (tiles order, sparse mask, rel-pos); the compiled result matches.
+def test_torch_compile_fullgraph(monkeypatch):
+    """No graph break in a patched encoder (tiles order, sparse mask, rel-pos); the compiled result matches. The
+    encoder's first-call pass (first_call.py) is opened as on CUDA: a traced call makes none.
 
     aot_eager traces through the kernel's fake implementation exactly as inductor does, without a C++
     build (inductor on CPU takes about a minute here; it was checked by hand).
     """
+    from sam_sparse.patches import first_call
+
+    monkeypatch.setattr(first_call, "_on_device", lambda sample: True)
     enc = small_encoder(depth=2, global_attn_indexes=(1,))
     x = torch.randn(1, 3, 256, 256)
     handle = patch_sam(enc, small_policy(params={"radius": 1}))
     reset_dynamo()
     with torch.no_grad():
         eager = enc(x)
+        handle.memory.compiled_ahead.clear()  # each trace below meets a first call
         explained = torch._dynamo.explain(enc)(x)
         assert explained.graph_break_count == 0 and explained.graph_count == 1
         reset_dynamo()
+        handle.memory.compiled_ahead.clear()
         compiled = torch.compile(enc, fullgraph=True, backend="aot_eager")
         out = compiled(x)
+    assert not handle.memory.compiled_ahead, "a traced call makes no pass"
     reset_dynamo()
     handle.restore()
     assert torch.allclose(out, eager, atol=1e-5, rtol=1e-5)

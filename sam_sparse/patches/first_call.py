@@ -49,9 +49,11 @@ def compile_ahead_once(encoder: torch.nn.Module, ctx, sample: torch.Tensor, forw
     The signature: sample's shape, dtype and device, the CUDA autocast dtype, the encoder's weight dtype, and
     `extra` (what else the kernels' shapes depend on, e.g. SAM 2's scalp). ctx: the handle's MemoryContext, whose
     compile_ahead switches this and whose compiled_ahead[signature] records whether a pass ran (False: compile_ahead
-    declined, e.g. a Triton without async compiles). No pass off CUDA, with grad on, with the switch off, during a
-    CUDA graph capture, or where must_run_eagerly (a hook would see the pass): those calls leave the signature to a
-    later one. A pass that fails is dropped: the real forward that follows reports what is wrong."""
+    declined, e.g. a Triton without async compiles). No pass under torch.compile's tracing, off CUDA, with grad on,
+    with the switch off, during a CUDA graph capture, or where must_run_eagerly (a hook would see the pass): those
+    calls leave the signature to a later one. A pass that fails is dropped: the real forward that follows reports what is wrong."""
+    if torch.compiler.is_compiling():  # traced: the compiled code's first run compiles the kernels
+        return
     if ctx is None or not ctx.compile_ahead or not _on_device(sample) or torch.is_grad_enabled():
         return
     weight = next(encoder.parameters(), None)
