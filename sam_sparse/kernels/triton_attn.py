@@ -1183,15 +1183,17 @@ def _offered(cfg: dict, candidates: List[dict]) -> bool:
     return cfg.get("SPLIT_K") == "fill" and {k: v for k, v in cfg.items() if k != "SPLIT_K"} in candidates
 
 
+def _disk_config(path: Optional[Path], tune_key: tuple, candidates: List[dict]) -> Optional[dict]:
+    """The class's config from the disk cache at path, where it is one of this call's candidates (_offered)."""
+    cached = _disk_entries(path).get(repr(tune_key)) if path is not None else None
+    return cached if cached is not None and _offered(cached, candidates) else None
+
+
 def _known_config(tune_key: tuple, candidates: List[dict], device) -> List[dict]:
-    """[the class's config] where this process or the disk cache knows it (as _tune would find it), else every
+    """[the class's config] where this process or the disk cache knows it (as _tune finds it), else every
     candidate: what the class's first launch will compile."""
     with _TUNE_LOCK:
-        hit = _TUNED.get(tune_key)
-        if hit is None:
-            path = _tune_file(device)
-            cached = _disk_entries(path).get(repr(tune_key)) if path is not None else None
-            hit = cached if cached is not None and _offered(cached, candidates) else None
+        hit = _TUNED.get(tune_key) or _disk_config(_tune_file(device), tune_key, candidates)
     return candidates if hit is None else [hit]
 
 
@@ -1208,13 +1210,10 @@ def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dic
             _TUNED[tune_key] = candidates[0]
             return candidates[0]
         path = _tune_file(device)
-        skey = repr(tune_key)
-        cached = _disk_entries(path).get(skey) if path is not None else None
-        if cached is not None and _offered(cached, candidates):
-            best = cached
-        elif len(candidates) == 1:
+        best = _disk_config(path, tune_key, candidates)
+        if best is None and len(candidates) == 1:
             best = candidates[0]  # nothing to choose: no timing, no disk entry
-        else:
+        elif best is None:
             if warmup is not None:
                 _compile_in_parallel(candidates, warmup)
             timings = _time_candidates(candidates, bench)
@@ -1222,7 +1221,7 @@ def _tune(tune_key: tuple, candidates: List[dict], bench: Optional[Callable[[dic
                 raise RuntimeError(f"no launch config of the kernel fits this GPU for {tune_key} (tried {candidates})")
             _, spread, best, _ = _pick(timings)
             if path is not None and spread <= TUNE_STEADY:
-                _disk_store(path, skey, best)
+                _disk_store(path, repr(tune_key), best)
         _TUNED[tune_key] = best
         return best
 
