@@ -1,7 +1,10 @@
 """Off the device (a 2-core CPU machine, Triton 3.8, an sm90 target, no GPU): how far Triton's compiles of _attn_fwd overlap
 on threads: the warmups make_plan(ahead=True) issues for hiera_b+-like shapes at batch 8 (nothing tuned yet), compiled one
 after another (argument seq), then on a pool of N threads (argument N). 2026-12-04 on 2 cores: 22 jobs, seq 8.68 s,
-2 threads 4.74 s (1.83x). Run: TRITON_INTERPRET=0 CUDA_VISIBLE_DEVICES= python docs/bench/offdevice_compile_threads.py seq"""
+2 threads 4.74 s (1.83x). Triton 3.6.0 (the device image's; torch 2.14.1 with triton==3.6.0 installed over it), the same
+machine, 2026-12-04, twice each: seq 7.44 / 7.33 s, 2 threads 4.37 / 4.43 s (1.68x): about 19% of a compile holds the
+GIL there (Amdahl), so 16 threads would bound it near 4x. Run: TRITON_INTERPRET=0 CUDA_VISIBLE_DEVICES= python
+docs/bench/offdevice_compile_threads.py seq"""
 import os, sys, time, tempfile
 import torch
 from concurrent.futures import ThreadPoolExecutor
