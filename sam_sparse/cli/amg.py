@@ -97,10 +97,10 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     "__", with anything but letters, digits and _-+=,@() and spaces replaced by "_"; a name so changed,
     equal to another up to case, or reserved (manifest, con, ...) gets "~" and a hash of the image's path.
     Each image's output appears only when complete: a rerun skips complete images and redoes the rest;
-    --overwrite redoes all. A rerun whose masks would come otherwise (another model, weights file, policy, mode or
-    generator setting than manifest.json records) is refused without --overwrite. amg never replaces or deletes a file it did not write. An image that cannot
-    be read (missing, a broken link, corrupt, too large) or whose masks fail (out of memory, say) is
-    recorded as failed and the run goes on. Images stream: the next ones are read and resized on a worker
+    --overwrite redoes all. A rerun whose masks would come otherwise (another model, weights file, policy,
+    mode or generator setting than manifest.json records) is refused without --overwrite. amg never
+    replaces or deletes a file it did not write. An image that cannot be read (missing, a broken link,
+    corrupt, too large) or whose masks fail (out of memory, say) is recorded as failed and the run goes on. Images stream: the next ones are read and resized on a worker
     thread while the device works on this one (--batch-images N: N per encoder forward instead).
     --out inside a folder INPUT is not searched for images (said on stderr); --out equal to INPUT, or
     holding input images itself, is refused. Exit codes: 0 every image done, 2 bad arguments, 3
