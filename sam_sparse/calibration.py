@@ -225,8 +225,11 @@ FRAME_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")  # what sam2's init_state re
 def video_frames(folder) -> List[str]:
     """The frame files of a frames folder as SAM 2's init_state reads them (JPEGs named by their frame
     index: 00000.jpg, ...), in frame order. ValueError saying what is wrong: not a folder, fewer than two
-    frames (the memory is first read on frame 1), a JPEG whose name is not a frame index."""
+    frames (the memory is first read on frame 1), a JPEG whose name is not a frame index, a frame that is not an
+    image (its header is read; SAM 2 decodes every frame later)."""
     import os
+
+    from PIL import Image
 
     if not os.path.isdir(folder):
         raise ValueError(f"frames {folder}: not a folder; give a folder of JPEG frames named 00000.jpg, 00001.jpg, ... "
@@ -240,7 +243,14 @@ def video_frames(folder) -> List[str]:
         raise ValueError(f"frames {folder}: {len(names)} JPEG frame(s); memory attention needs at least 2 "
                          "(.jpg / .jpeg named by frame index)")
     names.sort(key=lambda n: int(os.path.splitext(n)[0]))
-    return [os.path.join(folder, n) for n in names]
+    paths = [os.path.join(folder, n) for n in names]
+    for p in paths:
+        try:
+            Image.open(p).close()  # opening reads and checks the header
+        except Exception as e:  # PIL raises several kinds for a file that is not an image
+            raise ValueError(f"frames {folder}: frame {p} cannot be read as an image ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())}); SAM 2 reads every JPEG in the folder") from None
+    return paths
 
 
 def frame_prompt(frames: Sequence[str], point=None, box=None) -> tuple:

@@ -215,7 +215,8 @@ def save_overlay(path: PathLike, image: np.ndarray, masks: np.ndarray, points=No
 
 
 def save_masks(path: PathLike, masks: np.ndarray) -> Path:
-    """Masks as .npy ((K, H, W) bool) or .png (one mask: 0/255; several: label image, 0 = none, k = mask k)."""
+    """Masks as .npy ((K, H, W) bool) or .png (one mask: 0/255; several: label image, 0 = none, k = mask k).
+    ValueError, writing nothing, for a PNG of masks that overlap: a label image would lose the overlap."""
     path = Path(path)
     if path.suffix.lower() not in MASK_SUFFIXES:
         raise ValueError(f"masks file {path}: expected a .npy or .png name")
@@ -225,7 +226,15 @@ def save_masks(path: PathLike, masks: np.ndarray) -> Path:
         return path
     if len(masks) == 1:
         return save_image(path, masks[0].astype(np.uint8) * 255)
+    if len(masks) > 255:
+        raise ValueError(f"masks file {path}: {len(masks)} masks do not fit an 8-bit label PNG (255 at most); save "
+                         "them as .npy")
     labels = np.zeros(masks.shape[1:], dtype=np.uint8)
     for i, m in enumerate(masks):
-        labels[m & (labels == 0)] = i + 1
+        shared = m & (labels > 0)
+        if shared.any():
+            raise ValueError(f"masks file {path}: mask {i} overlaps mask {int(labels[shared][0]) - 1} (of the masks "
+                             f"before it, in {int(shared.sum())} pixels), which one label PNG cannot hold; save them "
+                             "as .npy")
+        labels[m] = i + 1
     return save_image(path, labels)

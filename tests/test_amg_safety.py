@@ -512,3 +512,46 @@ def test_a_list_that_is_not_text_is_refused_clearly(tmp_path):
     lst.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     result = amg(lst, "--out", tmp_path / "out")
     assert result.exit_code == 2 and f"input {lst}: not UTF-8 text" in result.stderr, result.output
+
+
+# --- a rerun made otherwise; bad input leaves no folder -------------------------------------------------
+
+
+def test_a_rerun_made_otherwise_is_refused_and_overwrite_redoes_it(tmp_path, stubbed):
+    """A rerun into an --out whose complete outputs came from another policy, mode, generator setting or policy
+    file contents would skip them and record them as its own: refused (exit 2, nothing written) unless
+    --overwrite; the same settings skip as before; the manifest names what made the masks."""
+    img = photo(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert amg(img, "--out", out).exit_code == 0
+    first = manifest(out)
+    assert first["model"] == "mobile_sam" and first["policy"] == "dense" and first["weights"] == "built-in"
+    assert len(first["policy_sha256"]) == 64
+    before = tree(out)
+    policy = tmp_path / "pol.yaml"
+    policy.write_text("name: dense\nrules:\n  - match: '*'\n    pattern: dense\n")
+    for args, said in ((("--policy", "random-0.5"), "policy 'dense' -> 'random-0.5'"),
+                       (("--mode", "exact"), "mode 'fast' -> 'exact'"),
+                       (("--stability-score-thresh", "0.9"), "stability_score_thresh 0.95 -> 0.9"),
+                       (("--policy", policy), "policy 'dense': its rules changed")):
+        result = amg(img, "--out", out, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert said in result.stderr and "--overwrite" in result.stderr, (args, result.stderr)
+        assert tree(out) == before, args
+    result = amg(img, "--out", out)
+    assert result.exit_code == 0 and manifest(out)["summary"]["skipped"] == 1, result.output
+    result = amg(img, "--out", out, "--mode", "exact", "--overwrite")
+    assert result.exit_code == 0 and manifest(out)["summary"]["done"] == 1 and manifest(out)["mode"] == "exact"
+    assert amg(img, "--out", out, "--mode", "exact").exit_code == 0  # now the folder's own settings
+
+
+def test_bad_input_found_at_the_model_leaves_no_out_folder(tmp_path):
+    """A checkpoint or policy that fails when the model loads or is patched: exit 2 and no --out folder made."""
+    img = photo(tmp_path / "a.png")
+    heads = tmp_path / "heads.yaml"
+    heads.write_text("name: h\nrules:\n  - match: '*'\n    heads: [99]\n    pattern: local2d\n    params: {radius: 1}\n")
+    for args in (("--model-type", "vit_b"), ("--checkpoint", tmp_path / "missing.pt"), ("--policy", heads)):
+        out = tmp_path / f"out{len(args[1].__str__())}"
+        result = amg(img, "--out", out, *args)
+        assert result.exit_code == 2, (args, result.output)
+        assert not out.exists(), args

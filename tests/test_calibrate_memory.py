@@ -30,6 +30,7 @@ from sam_sparse.calibration import (
 )
 from sam_sparse.cli import main
 from sam_sparse.geometry import MemoryLayout
+from sam_sparse.models import build_model
 from sam_sparse.policy import Policy, load_policy
 from sam_sparse.sam2_layers import SAM2_CONFIGS, memory_layer, nominal_memory
 
@@ -258,8 +259,9 @@ def test_memory_policy_is_memory_local_and_dense_elsewhere():
 def test_video_frames_order_and_errors(tmp_path):
     d = tmp_path / "clip"
     d.mkdir()
-    for name in ("00010.jpg", "00002.jpeg", "notes.txt"):
-        (d / name).write_bytes(b"x")
+    Image.new("RGB", (8, 6)).save(d / "00010.jpg")
+    Image.new("RGB", (8, 6)).save(d / "00002.jpeg", format="JPEG")
+    (d / "notes.txt").write_bytes(b"x")
     assert [p.rsplit("/", 1)[1] for p in video_frames(str(d))] == ["00002.jpeg", "00010.jpg"]
     with pytest.raises(ValueError, match="not a folder"):
         video_frames(str(d / "00010.jpg"))
@@ -376,6 +378,9 @@ def test_cli_bad_input_is_one_line_exit_2_before_the_model_loads(tmp_path, clip,
     unnamed = tmp_path / "unnamed"
     sam2_helpers.write_frames(unnamed, count=2)
     (unnamed / "poster.jpg").write_bytes((unnamed / "00000.jpg").read_bytes())
+    junk = tmp_path / "junk"
+    sam2_helpers.write_frames(junk, count=3)
+    (junk / "00001.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "out" / "p.yaml"
     out.parent.mkdir()
     ok = ["--model-type", "sam2.1_hiera_t", "--mass", "0.99", "--out", out]
@@ -384,8 +389,9 @@ def test_cli_bad_input_is_one_line_exit_2_before_the_model_loads(tmp_path, clip,
         (["--frames", tmp_path / "nowhere", *ok], "not a folder"),
         (["--frames", empty, *ok], "0 JPEG frame(s)"),
         (["--frames", unnamed, *ok], "poster.jpg is not named by its frame index"),
-        (["--frames", clip, "--model-type", "vit_b", "--mass", "0.99", "--out", out], "needs a SAM 2.1 model type"),
-        (["--frames", clip, "--mass", "0.99", "--out", out], "got no --model-type"),
+        (["--frames", junk, *ok], "frame " + str(junk / "00001.jpg") + " cannot be read as an image"),
+        (["--frames", clip, "--model-type", "vit_b", "--mass", "0.99", "--out", out], "needs a SAM 2.1 model"),
+        (["--frames", clip, "--mass", "0.99", "--out", out], "got no --model-type or --checkpoint"),
         (["--frames", clip, *ok, "--density", "0.3"], "exactly one of --target-density"),
         (["--frames", clip, "--model-type", "sam2.1_hiera_t", "--out", out], "exactly one of --target-density"),
         (["--frames", clip, *ok, "--point", "121,10"], "point 121,10 is outside frame 0 (120x90 px"),
@@ -412,6 +418,29 @@ def test_cli_bad_input_is_one_line_exit_2_before_the_model_loads(tmp_path, clip,
     res = calibrate_cli("--frames", clip, *ok)
     assert res.exit_code == 2 and "already exists; pass --force to replace it" in res.stderr, res.stderr
     assert out.read_text() == "mine" and list(out.parent.iterdir()) == [out]
+
+
+def test_cli_reads_the_model_type_from_the_checkpoint(tmp_path, clip, tiny_checkpoint, monkeypatch):
+    """calibrate --frames without --model-type takes it from the checkpoint's keys, as the other commands do; a
+    SAM checkpoint there is refused, naming what it is."""
+    import sam_sparse.models
+
+    built = []
+
+    def small(model_type, checkpoint=None, **kwargs):
+        built.append(model_type)
+        return sam_sparse.models.build.build_video_predictor(model_type, checkpoint, image_size=128, **kwargs)
+
+    monkeypatch.setattr(sam_sparse.models, "build_video_predictor", small)
+    out = tmp_path / "mem.yaml"
+    res = calibrate_cli("--checkpoint", tiny_checkpoint, "--frames", clip, "--density", "0.5", "--block-size", "16",
+                        "--out", out, "--device", "cpu")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert built == [None] and "Calibrating sam2.1_hiera_t's memory attention" in res.stderr
+    vit = tmp_path / "vit.pt"
+    torch.save(build_model("mobile_sam").state_dict(), vit)
+    res = calibrate_cli("--checkpoint", vit, "--frames", clip, "--density", "0.5", "--out", tmp_path / "v.yaml")
+    assert res.exit_code == 2 and "is for mobile_sam, which has no video predictor" in res.stderr, res.stderr
 
 
 def test_a_patched_predictor_is_refused_before_any_frame(tmp_path):

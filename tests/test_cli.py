@@ -284,6 +284,36 @@ def test_convert_bad_policy_and_converted_input(work, converted, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_converted_safetensors_file_is_no_plain_checkpoint(work, tmp_path):
+    """A converted file in safetensors format given where a released checkpoint goes (--checkpoint) is refused as
+    the torch format is, not loaded as plain weights (its manifest's policy silently dropped, its dtype crashing
+    the prompt encoder)."""
+    st = work / "converted_bf16.safetensors"
+    if not st.exists():
+        result = run("convert", "--checkpoint", work / "mobile_sam.pt", "--policy", POLICY, "--out", st,
+                     "--dtype", "bf16")
+        assert result.exit_code == 0, result.output
+    for args in (("segment", "astronaut", "--out", tmp_path / "o.png"), ("verify", "--policy", "dense"),
+                 ("convert", "--policy", "dense", "--out", tmp_path / "x.pt")):
+        result = run(*args, "--checkpoint", st)
+        assert result.exit_code == 2, (args, result.output)
+        assert "is a sam-sparse converted checkpoint" in _error_line(result) and "--sparse-checkpoint" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_half_precision_checkpoint_runs_in_float32(work, tmp_path):
+    """A released-layout checkpoint saved in fp16 (or bf16): build_sam gives float32, as it does for any file, so
+    the commands run it (they crashed in the prompt encoder: float input, half bias)."""
+    half = tmp_path / "mobile_sam_fp16.pt"
+    state = torch.load(work / "mobile_sam.pt", map_location="cpu", weights_only=True)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, half)
+    model = build_sam(None, half)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {b.dtype for b in model.buffers() if b.is_floating_point()} == {torch.float32}
+    result = run("segment", "astronaut", "--point", "250,120", "--checkpoint", half, "--out", tmp_path / "o.png")
+    assert result.exit_code == 0, result.output
+
+
 # ---------------------------------------------------------------------------------------------------
 # verify, segment, demo, bench
 # ---------------------------------------------------------------------------------------------------
@@ -340,6 +370,37 @@ def test_segment_boxes_to_label_png(tmp_path, work):
     if not torch.cuda.is_available():
         bad = run("segment", "astronaut", "--out", out, "--device", "cuda")
         assert bad.exit_code == 2 and "CUDA is not available" in _error_line(bad)
+
+
+def test_masks_a_label_png_cannot_hold_are_refused(tmp_path, monkeypatch):
+    """--multimask's nested candidates into a label PNG: refused before the model loads; masks that overlap (boxes
+    around one object) refused by save_masks before it writes anything, saying to use .npy, which keeps them."""
+    from sam_sparse import segment as seg
+    from sam_sparse.cli import common
+
+    def no_model(*a, **k):
+        raise AssertionError("the model loaded before the arguments were checked")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    result = run("segment", "astronaut", "--point", "250,120", "--multimask", "--out", tmp_path / "o.png",
+                 "--save-masks", tmp_path / "m.png")
+    assert result.exit_code == 2 and "--multimask gives 3 nested candidate masks" in _error_line(result)
+    masks = np.zeros((3, 8, 10), bool)
+    masks[0, :4], masks[1, 4:], masks[2, 3:5, 2] = True, True, True  # mask 2 overlaps both at (3, 2), (4, 2)
+    with pytest.raises(ValueError, match=r"mask 2 overlaps mask 0 \(of the masks before it, in 2 pixels\).*save them as .npy"):
+        seg.save_masks(tmp_path / "m.png", masks)
+    assert list(tmp_path.iterdir()) == []
+    seg.save_masks(tmp_path / "m.npy", masks)
+    assert np.array_equal(np.load(tmp_path / "m.npy"), masks)
+    seg.save_masks(tmp_path / "m.png", masks[:2])
+    with Image.open(tmp_path / "m.png") as im:
+        assert np.array_equal(np.asarray(im), masks[0] * 1 + masks[1] * 2)
+
+
+def test_fetch_says_which_weights_it_cannot_fetch():
+    result = run("fetch", "sam2.1_hiera_t")
+    assert result.exit_code == 2
+    assert "fetches mobile_sam only" in _error_line(result) and "--checkpoint" in result.stderr
 
 
 def test_default_device_comes_from_the_environment(tmp_path, monkeypatch):
@@ -610,8 +671,15 @@ def test_no_command_writes_over_its_inputs(work, tmp_path):
     policy = tmp_path / "pol.yaml"
     policy.write_text(load_policy("local2d-30").to_yaml())
     before = {p: p.read_bytes() for p in (image, policy, work / "mobile_sam.pt")}
+    plot = tmp_path / "pol.png"  # a policy file with an output's name: still the user's
+    plot.write_bytes(policy.read_bytes())
+    before[plot] = plot.read_bytes()
     cases = [
         ("segment", image, "--point", "10,10", "--out", image),
+        ("segment", image, "--point", "10,10", "--policy", plot, "--out", plot),
+        ("segment", image, "--point", "10,10", "--policy", plot, "--out", tmp_path / "o.png", "--save-masks", plot),
+        ("demo", "--policy", plot, "--out", plot),
+        ("bench", "--policy", plot, "--plot", plot, "--device", "cpu", "--warmup", "0", "--iters", "1"),
         ("segment", image, "--point", "10,10", "--out", tmp_path / "o.png", "--save-masks", image),
         ("demo", "--checkpoint", work / "mobile_sam.pt", "--out", work / "mobile_sam.pt"),
         ("policies", "render", policy, "--out", policy),
@@ -624,7 +692,7 @@ def test_no_command_writes_over_its_inputs(work, tmp_path):
         assert "is the same file as" in line or "expected a file name ending in" in line, (args, line)
         assert "Using the built-in default model" not in result.stderr, args
     assert {p: p.read_bytes() for p in before} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "pol.yaml"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photo.png", "pol.png", "pol.yaml"]
 
 
 def test_render_checks_its_output_first_and_writes_whole(tmp_path, monkeypatch):

@@ -338,6 +338,21 @@ def test_sam2_exact_mode_gives_sam2s_records(sam2_model, photos, case):
     assert_same_records(ours, ref, case)
 
 
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_no_mask_in_any_crop_gives_no_records(sam2_model, photos, mode):
+    """With crop layers and no mask kept anywhere (every predicted IoU under the threshold), generate returns no
+    records; sam2's own generator (and segment-anything's, built alike) fails there computing box areas of no
+    boxes."""
+    from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+
+    from sam_sparse.maskgen import AutomaticMaskGenerator
+
+    settings = dict(points_per_side=2, crop_n_layers=1, pred_iou_thresh=1.0)
+    with pytest.raises(IndexError), torch.inference_mode():
+        SAM2AutomaticMaskGenerator(sam2_model, **settings).generate(photos["astronaut"])
+    assert AutomaticMaskGenerator(sam2_model, mode, **settings).generate(photos["astronaut"]) == []
+
+
 @pytest.mark.parametrize("case", SAM2_CASES)
 def test_sam2_factored_decoder_keeps_sam2s_masks(sam2_model, photos, case):
     """Mode(decoder="factored") on SAM 2 (its object-score token, high-resolution features, one-mask choice

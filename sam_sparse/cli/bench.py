@@ -6,7 +6,7 @@ import click
 
 from ..bench import COMPILE_MODES
 from ..models import DTYPES, MODEL_TYPES
-from .common import device_option, guarded, policy_help, resolve_device, say
+from .common import device_option, guarded, policy_help, policy_input, resolve_device, say
 
 
 @click.command()
@@ -49,10 +49,11 @@ def bench(model_type, policies, batch, dtype, use_compile, compile_mode, warmup,
       sam-sparse bench --device cpu --policy local2d-30 --warmup 0 --iters 1   # about a minute on a CPU
     """
     from ..bench import bench_encoder
-    from ..files import check_output
+    from ..files import check_output, refuse_inputs
 
     if plot is not None:
         check_output(plot, "--plot", (".png",))
+        refuse_inputs(plot, "--plot", [policy_input(p) for p in policies])
     result = bench_encoder(model_type, policies or ("dense",), batch=batch, dtype=dtype,
                            compile=use_compile or compile_mode is not None, compile_mode=compile_mode or "default",
                            device=resolve_device(device), warmup=warmup, iters=iters, announce=say)

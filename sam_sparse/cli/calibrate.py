@@ -46,7 +46,8 @@ def image_list(specs, option: str, seen=None):
                    "paths, or a sample name (astronaut, coffee, chelsea, horse).")
 @click.option("--frames", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Instead of --images: a clip, as a folder of JPEG frames named by index (00000.jpg, ...; SAM 2 "
-                   "reads them so). Calibrates SAM 2's video memory cross-attention (needs a sam2.1_* --model-type).")
+                   "reads them so). Calibrates SAM 2's video memory cross-attention (needs a SAM 2.1 model: a sam2.1_* "
+                   "--model-type, or --checkpoint with SAM 2.1 weights).")
 @click.option("--point", default=None, metavar="X,Y",
               help="With --frames: the object's point on frame 0, in its pixels (default: the frame's centre).")
 @click.option("--box", default=None, metavar="X0,Y0,X1,Y1", help="With --frames: the object's box on frame 0.")
@@ -164,10 +165,10 @@ def calibrate_clip(checkpoint, model_type, frames, point, box, heldout, target_d
     from ..segment import parse_numbers
 
     sam2_types = [t for t in MODEL_TYPES if family_of(t) == "sam2"]
-    if model_type is None or family_of(model_type) != "sam2":
-        given = "no --model-type" if model_type is None else f"--model-type {model_type}"
-        raise ValueError(f"--frames calibrates SAM 2's video memory attention and needs a SAM 2.1 model type; got "
-                         f"{given}; use --model-type {' | '.join(sam2_types)}")
+    if (model_type is None and checkpoint is None) or (model_type is not None and family_of(model_type) != "sam2"):
+        given = "no --model-type or --checkpoint" if model_type is None else f"--model-type {model_type}"
+        raise ValueError(f"--frames calibrates SAM 2's video memory attention and needs a SAM 2.1 model; got "
+                         f"{given}; use --model-type {' | '.join(sam2_types)} (or --checkpoint with SAM 2.1 weights)")
     ctx = click.get_current_context()
     given = [f"--{o.replace('_', '-')}" for o in IMAGE_ONLY
              if ctx.get_parameter_source(o) not in (ParameterSource.DEFAULT, None)] + (["--heldout"] if heldout else [])
@@ -186,9 +187,10 @@ def calibrate_clip(checkpoint, model_type, frames, point, box, heldout, target_d
         say(f"note: no --checkpoint: {model_type} with RANDOM weights (sam2's initialization; sam-sparse cannot "
             "download SAM 2 checkpoints). The policy will show where random attention goes, not where SAM 2's "
             "does; pass --checkpoint with SAM 2's released file for a policy you can use.")
-    from ..models import build_video_predictor
+    from ..models import build_video_predictor, infer_model_type
 
-    predictor = build_video_predictor(model_type, checkpoint, device=device)
+    predictor = build_video_predictor(model_type, checkpoint, device=device)  # model_type None: the checkpoint's
+    model_type = model_type or infer_model_type(predictor.state_dict())[0]
     say(f"Calibrating {model_type}'s memory attention on {frames} ({len(paths)} frames), "
         f"{prompt[0]} prompt on frame 0")
     with tqdm(total=len(paths), desc="calibrate", unit="frame") as bar:

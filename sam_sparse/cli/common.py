@@ -35,6 +35,11 @@ checkpoint_option = click.option(
 policy_help = "Mask policy: a built-in name (see `sam-sparse policies list`) or a policy YAML file."
 
 
+def policy_input(policy: Optional[str]) -> tuple:
+    """--policy as one of a command's inputs for files.refuse_inputs: (label, its file, or None for a name)."""
+    return (f"--policy {policy}", policy if policy is not None and Path(policy).is_file() else None)
+
+
 def say(text: str = "") -> None:
     """Progress and notes go to stderr, so that stdout holds only the results; tqdm.write keeps a line
     from running into a progress bar that is being drawn."""
@@ -147,11 +152,12 @@ def parse_prompts(points, boxes):
 
 
 def load_any_model(checkpoint, model_type, sparse_checkpoint, device):
-    """(model, model type, manifest policy or None): --sparse-checkpoint, --checkpoint, or MobileSAM."""
+    """(model, model type, manifest policy or None): --sparse-checkpoint (unpatched: the caller patches it, with
+    the manifest's policy or another), --checkpoint, or MobileSAM."""
     if sparse_checkpoint is not None:
         if checkpoint is not None or model_type is not None:
             raise ValueError("--sparse-checkpoint carries its model type and weights: drop --checkpoint/--model-type")
-        from ..models import load_sparse_sam
+        from ..models import infer_model_type, load_sparse_sam
 
         import torch
 
@@ -163,7 +169,7 @@ def load_any_model(checkpoint, model_type, sparse_checkpoint, device):
             say(f"note: {sparse_checkpoint} stores {str(dtype).replace('torch.', '')} weights; "
                 "running them in float32, as SamPredictor needs")
             model = model.float()
-        return model, None, handle.policy
+        return model, infer_model_type(model.state_dict())[0], handle.policy
     model, mt = load_model(checkpoint, model_type, device)
     return model, mt, None
 

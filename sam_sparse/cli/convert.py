@@ -12,7 +12,8 @@ from .common import device_option, guarded, policy_help, resolve_device, say
 @click.option("--model-type", type=click.Choice(MODEL_TYPES), default=None,
               help="Architecture of IN; checked against its keys (default: read from them).")
 @click.option("--checkpoint", "checkpoint", type=click.Path(path_type=Path), required=True, metavar="IN",
-              help="The SAM checkpoint to convert (a state dict). Only read, never written.")
+              help="The SAM or SAM 2.1 checkpoint to convert (a state dict; SAM 2's released files hold it under "
+                   "'model'). Only read, never written.")
 @click.option("--policy", required=True, help=policy_help)
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="OUT", help="File to write.")
 @click.option("--format", "fmt", type=click.Choice(["torch", "safetensors"]), default=None,
@@ -24,7 +25,7 @@ from .common import device_option, guarded, policy_help, resolve_device, say
 @device_option
 @guarded
 def convert(model_type, checkpoint, policy, out, fmt, dtype, force, device):
-    """Convert a SAM checkpoint into a sam-sparse checkpoint.
+    """Convert a SAM or SAM 2.1 checkpoint into a sam-sparse checkpoint.
 
     Writes the weights plus a manifest (model type, the policy as YAML, sam-sparse version, sha256 of
     IN, dtype), through a temporary file in OUT's folder that is reloaded with load_sparse_sam (on
@@ -37,6 +38,7 @@ def convert(model_type, checkpoint, policy, out, fmt, dtype, force, device):
           --policy local2d-30 --out sam_vit_b_local2d-30.pt
       sam-sparse convert --checkpoint ~/.cache/sam-sparse/mobile_sam.pt --policy region_focused \\
           --out mobile_sam_rf.safetensors --dtype bf16
+      sam-sparse convert --checkpoint sam2.1_hiera_large.pt --policy local2d-30 --out hiera_l_local2d-30.pt
     """
     from tqdm.auto import tqdm
 

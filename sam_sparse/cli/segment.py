@@ -15,6 +15,7 @@ from .common import (
     parity_passes,
     parse_prompts,
     policy_help,
+    policy_input,
     resolve_device,
     say,
     sparse_checkpoint_option,
@@ -43,7 +44,8 @@ DEFAULT_POLICY = "dense"
 @click.option("--out", type=click.Path(path_type=Path), required=True, metavar="IMAGE",
               help="Where to write the image with the masks drawn over it (.png, or .jpg / .jpeg for JPEG).")
 @click.option("--save-masks", type=click.Path(path_type=Path), default=None, metavar="FILE",
-              help="Also save the masks: .npy (K, H, W) bool, or .png (0/255; label image for several).")
+              help="Also save the masks: .npy (K, H, W) bool, or .png (one mask: 0/255; several that do not "
+                   "overlap: a label image, 0 none, k mask k).")
 @click.option("--multimask", is_flag=True, help="SAM's three candidate masks for the prompt, best first.")
 @device_option
 @guarded
@@ -74,11 +76,15 @@ def segment(image, points, background, boxes, policy, checkpoint, model_type, sp
     device = resolve_device(device)
     check_output(out, "--out", tuple(IMAGE_FORMATS))
     inputs = [(f"IMAGE {image}", image if Path(image).exists() else None),
-              (f"--checkpoint {checkpoint}", checkpoint), (f"--sparse-checkpoint {sparse_checkpoint}", sparse_checkpoint)]
+              (f"--checkpoint {checkpoint}", checkpoint), (f"--sparse-checkpoint {sparse_checkpoint}", sparse_checkpoint),
+              policy_input(policy)]
     refuse_inputs(out, "--out", inputs)
     if save_masks is not None:
         check_output(save_masks, "--save-masks", MASK_SUFFIXES)
         refuse_inputs(save_masks, "--save-masks", inputs + [("--out", out)])
+        if multimask and save_masks.suffix.lower() == ".png":
+            raise ValueError(f"--save-masks {save_masks}: --multimask gives 3 nested candidate masks, which one label "
+                             "PNG cannot hold; save them as .npy")
     pts, bxs = parse_prompts(points, boxes)
     neg = [parse_numbers(p, 2, "--neg-point") for p in background] or None
     picture = load_image(image)
@@ -134,7 +140,7 @@ def demo(out, policy, checkpoint, model_type, device):
 
     device = resolve_device(device)
     check_output(out, "--out", tuple(IMAGE_FORMATS))
-    refuse_inputs(out, "--out", [(f"--checkpoint {checkpoint}", checkpoint)])
+    refuse_inputs(out, "--out", [(f"--checkpoint {checkpoint}", checkpoint), policy_input(policy)])
     chosen = load_policy(policy)
     model, model_type = load_model(checkpoint, model_type, device)
     _demo(out, chosen, model, model_type)

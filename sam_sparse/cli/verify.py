@@ -50,7 +50,8 @@ def verify(checkpoint, model_type, sparse_checkpoint, policy, images, points, bo
     """Run the model unpatched and patched with a policy and compare every layer, embedding and mask.
 
     Prints the parity table (sam_sparse.verify_parity). Exit code 0 when every number is within the
-    thresholds, 1 when one is not, 2 for bad input.
+    thresholds, 1 when one is not or when no layer the policy makes sparse ran (SAM 2's memory attention
+    runs in video only: sam_sparse.video_parity checks a memory policy), 2 for bad input.
 
     Examples:
 

@@ -490,6 +490,9 @@ class AutomaticMaskGenerator:
         # The reference's crop boxes, built the same way: torch.tensor of an empty list is float32 (0,),
         # and concatenating it turns the others into floats.
         crop_boxes = torch.cat([torch.tensor([c.box for _ in range(len(c.boxes))]) for c in crops])
+        if len(boxes) == 0:  # no mask in any crop (the reference's crop NMS fails on that: box_area of nothing)
+            self.stopwatch.lap("post")
+            return []
         if len(crops) > 1:
             scores = (1 / box_area(crop_boxes)).to(boxes.device)  # prefer masks from smaller crops
             keep = batched_nms(boxes.float(), scores, self.adapter.nms_categories(boxes),

@@ -134,7 +134,8 @@ def build_sam(model_type: Optional[str], checkpoint: Optional[PathLike] = None, 
     checkpoint: a state dict file (loaded with weights_only=True and strict=True; SAM 2's released files
         hold it under "model"); None = random init.
     For mobile_sam, ``checkpoint="default"`` fetches MobileSAM's released weights (fetch_mobile_sam).
-    model_type None (with a checkpoint): read from the checkpoint's keys. dtype: None keeps float32.
+    model_type None (with a checkpoint): read from the checkpoint's keys. dtype: None gives float32, whatever the
+    file stores (segment-anything's SamPredictor and prompt encoder, and SAM 2's, compute in float32).
     """
     if model_type is not None or checkpoint is None:
         check_model_type(model_type)
@@ -145,30 +146,34 @@ def build_sam(model_type: Optional[str], checkpoint: Optional[PathLike] = None, 
             checkpoint = fetch_mobile_sam()
         state_dict = load_checkpoint(checkpoint, model_type)
         model = build_model(model_type or infer_model_type(state_dict)[0], empty=True)
-        load_weights(model, state_dict, checkpoint, assign=True)
-    return model.to(device=device, dtype=dtype).eval()
+        load_weights(model, state_dict, checkpoint, assign=True)  # assign: the file's dtype, until the line below
+    return model.to(device=device, dtype=torch.float32 if dtype is None else dtype).eval()
 
 
-def build_video_predictor(model_type: str, checkpoint: Optional[PathLike] = None, device="cpu",
+def build_video_predictor(model_type: Optional[str], checkpoint: Optional[PathLike] = None, device="cpu",
                           image_size: Optional[int] = None, vos_optimized: bool = False):
     """sam2's SAM2VideoPredictor of a SAM 2.1 `model_type` (build_sam2_video_predictor and its released
     config, post-processing on, as users get it), in eval mode on `device`; vos_optimized: sam2's
     SAM2VideoPredictorVOS (its encoders, decoder and memory attention under torch.compile).
 
     checkpoint: a SAM 2.1 state dict file (SAM 2's released {"model": ...} layout; weights_only=True,
-        strict) for this model type; None = sam2's random init. image_size: SAM 2's input side in px
-        (None: the config's 1024; the memory grid is image_size / 16 a side).
+        strict) for this model type; None = sam2's random init. model_type None (with a checkpoint): read from
+        the checkpoint's keys. image_size: SAM 2's input side in px (None: the config's 1024; the memory grid
+        is image_size / 16 a side).
     """
-    check_model_type(model_type)
+    if model_type is not None or checkpoint is None:
+        check_model_type(model_type)
+    state_dict = None if checkpoint is None else load_checkpoint(checkpoint, model_type)  # a bad file fails first
+    if model_type is None:
+        model_type = infer_model_type(state_dict)[0]
     if family_of(model_type) != "sam2":
-        raise ValueError(f"model type {model_type} has no video predictor; choose a SAM 2.1 type "
-                         f"({', '.join(SAM2_CONFIGS)})")
+        what = f"checkpoint {checkpoint} is for {model_type}, which" if checkpoint is not None else f"model type {model_type}"
+        raise ValueError(f"{what} has no video predictor; choose a SAM 2.1 type ({', '.join(SAM2_CONFIGS)})")
     try:
         from sam2.build_sam import build_sam2_video_predictor
     except ImportError as e:
         raise ValueError(f"model type {model_type} needs the sam2 package ({e}); install sam-sparse's sam2 extra "
                          "(README: SAM 2)") from None
-    state_dict = None if checkpoint is None else load_checkpoint(checkpoint, model_type)  # a bad file fails first
     extra = [f"++model.image_size={image_size}"] if image_size else []
     predictor = build_sam2_video_predictor(SAM2_CONFIGS[model_type], None, device="cpu", hydra_overrides_extra=extra,
                                            vos_optimized=vos_optimized)

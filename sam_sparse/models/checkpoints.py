@@ -117,6 +117,14 @@ def _looks_like_safetensors(path: Path, head: bytes, size: int) -> bool:
     return 0 < n < size and head[8:9] == b"{"
 
 
+def _safetensors_metadata(path: Path) -> dict:
+    """The string metadata in a safetensors file's header (a converted file's manifest); {} when none."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def _first_line(e: BaseException) -> str:
     """The first sentence of an exception's message, for one-line errors."""
     text = str(e).strip()
@@ -137,7 +145,9 @@ def load_checkpoint(path: PathLike, model_type: Optional[str] = None) -> dict:
         check_model_type(model_type)
     path = Path(path)
     obj = _read_state(path)
-    if isinstance(obj, dict) and "manifest" in obj and "state_dict" in obj:
+    converted = isinstance(obj, dict) and "manifest" in obj and "state_dict" in obj
+    if converted or (_tensor_dict(obj) and _is_safetensors(path)
+                     and _safetensors_metadata(path).get("format") == FORMAT_NAME):
         raise CheckpointError(
             f"checkpoint {path}: is a sam-sparse converted checkpoint; load it with load_sparse_sam "
             "(CLI: --sparse-checkpoint)"
@@ -188,12 +198,7 @@ def read_sparse_checkpoint(path: PathLike) -> Tuple[dict, dict]:
     path = Path(path)
     obj = _read_state(path)
     if _tensor_dict(obj) and _is_safetensors(path):  # the manifest is in the header's metadata
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        manifest = dict(meta)
-        state_dict = obj
+        manifest, state_dict = _safetensors_metadata(path), obj
     elif isinstance(obj, dict) and isinstance(obj.get("manifest"), dict) and _tensor_dict(obj.get("state_dict")):
         manifest, state_dict = dict(obj["manifest"]), obj["state_dict"]
     else:

@@ -115,6 +115,13 @@ class ParityReport:
         t, out = self.thresholds, []
         if not (self.embedding_cosine or self.mask_iou or any(lp.calls for lp in self.layers)):
             out.append("nothing was compared: no image embedded, no prompt decoded, no patched layer called")
+        sparse = [lp for lp in self.layers if lp.pattern != "dense"]
+        if sparse and not any(lp.calls for lp in sparse):
+            kinds = sorted({lp.kind for lp in sparse})
+            hint = ("; SAM 2's memory attention runs in video only: check the policy with sam_sparse.video_parity "
+                    "(README: SAM 2 video)") if any(k.startswith("memory") for k in kinds) else ""
+            out.append(f"no layer the policy makes sparse ran ({len(sparse)} of kind {', '.join(kinds)}): nothing "
+                       f"sparse was compared{hint}")
         for lp in self.layers:
             if lp.calls and not lp.cosine >= t.layer_cosine:
                 out.append(f"{lp.name}: output cosine {lp.cosine:.6f} < {t.layer_cosine}")
