@@ -31,6 +31,7 @@ _EXPORTS = {
     "fetch_mobile_sam": "models",
     "load_checkpoint": "models",
     "load_sparse_sam": "models",
+    "convert_checkpoint": "convert",
     "set_image_on_device": "predictor",
     "CalibrationReport": "calibration",
     "calibrate": "calibration",

@@ -150,3 +150,17 @@ def test_the_check_catches_a_wrong_direction(tmp_path, monkeypatch):
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
+
+
+def test_every_public_call_the_docs_name_is_exported():
+    """`sam_sparse.NAME(` in a docstring, the README or docs/ is a promise that the name is public: each one is in
+    sam_sparse.__all__ (load_sparse_sam's docstring once named convert_checkpoint, which was not)."""
+    import re
+
+    import sam_sparse
+
+    texts = [p.read_text() for p in ROOT.rglob("*.py")]
+    texts += [p.read_text() for p in (ROOT.parent / "docs").glob("*.md")] + [(ROOT.parent / "README.md").read_text()]
+    named = {m for t in texts for m in re.findall(r"\bsam_sparse\.([a-z_][a-z_0-9]*)\(", t)}
+    assert "convert_checkpoint" in named and "video_parity" in named, sorted(named)
+    assert sorted(n for n in named if n not in sam_sparse.__all__) == []

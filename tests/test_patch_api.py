@@ -470,6 +470,14 @@ def test_disabled_runs_unpatched_and_enable_restores_the_patch():
         assert not handle.active and type(enc.blocks[1].attn) is EncoderAttention
         handle.enable()
         assert torch.equal(enc(x), sparse)
+        with handle.disabled():  # a restore() inside the block is for good
+            handle.restore()
+        assert not handle.active and type(enc.blocks[1].attn) is EncoderAttention
+        assert not hasattr(enc, "_sam_sparse_handle")
+        handle.enable()
+        with handle.disabled():
+            handle.enable()  # enabled inside: active after the block, as before it
+        assert handle.active
         handle.restore()
         other = patch_sam(enc, "dense")
         with pytest.raises(RuntimeError, match="another handle"):

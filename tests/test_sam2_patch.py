@@ -95,6 +95,21 @@ def test_dense_equals_unpatched_in_fp32(sam2_t):
     assert [iou for _, iou in report.mask_iou] == [1.0, 1.0, 1.0]
 
 
+def test_verify_parity_under_autocast_judges_half_precision(sam2_t):
+    """SAM 2 runs half precision as float32 weights under autocast (its README): verify_parity then picks
+    DENSE_HALF and says bfloat16 (autocast), and the dense patch passes it; a SAM2Base with bf16 weights, which
+    SAM2ImagePredictor cannot run, is refused before any work, saying what to do."""
+    image = photo()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = verify_parity(sam2_t, "dense", [image], points=[[60, 90]])
+    assert report.thresholds.name == "DENSE_HALF" and report.dtype == "bfloat16 (autocast)"
+    assert report.passed, str(report)
+    assert "bfloat16 (autocast), thresholds DENSE_HALF: PASS" in str(report)
+    half = copy.deepcopy(sam2_t).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"bfloat16 weights; SAM 2's predictor needs float32 ones.*torch.autocast"):
+        verify_parity(half, "dense", [image])
+
+
 @pytest.mark.parametrize("part", ["image_encoder", "image_encoder.trunk"])
 def test_parity_of_the_image_encoder_alone(sam2_t, part):
     """verify_parity takes sam2's ImageEncoder or its Hiera trunk, as it takes SAM's ImageEncoderViT: embeddings

@@ -316,6 +316,45 @@ def test_video_parity_dense_error_does_not_grow(predictor, frames):
         video_parity(predictor, frames, [{"frame": 0, "obj_id": 1, "points": [[1, 1]]}])
 
 
+def test_video_parity_judges_a_sparse_policy_by_the_thresholds_given(predictor, frames):
+    """A sparse memory policy: without thresholds only the batching is judged (and the report says the masks
+    against SAM 2 are not); with min_iou / max_logit_err the masks against SAM 2 are judged too, so a policy that
+    moves the logits fails. error_growth leaves out the frames whose memory holds no tracked frame (frames 0-1:
+    their error is ~0 and made a flat error look like a growth of 1e4)."""
+    from sam_sparse import Policy, video_parity
+
+    prompts = [{"frame": 0, "obj_id": 1, "points": [[40, 45]], "labels": [1]},
+               {"frame": 0, "obj_id": 2, "box": [10, 50, 70, 88]}]
+    policy = Policy.from_dict(SMALL_MEMORY_LOCAL)
+    report = video_parity(predictor, frames, prompts, policy)
+    assert report.passed and not report.gated, str(report)
+    assert "the masks against SAM 2 are not judged" in str(report)
+    errs = [f.max_logit_err for f in report.frames]
+    assert max(errs[:2]) < 1e-4 and min(errs[2:]) > 1e-3, errs  # frames 0-1 read the prompted frame only: kept
+    assert report.error_growth == pytest.approx(errs[4] / errs[2])  # frames 2-4 (thirds of one frame)
+    judged = video_parity(predictor, frames, prompts, policy, min_iou=0.5, max_logit_err=1e-3)
+    assert not judged.passed and judged.gated
+    assert any("(forward): patched vs SAM 2" in f for f in judged.failures()), judged.failures()
+    assert not any("batched vs per-object" in f for f in judged.failures())
+
+
+def test_video_parity_in_reverse_needs_autocast_and_says_each_frames_direction(predictor, frames):
+    """SAM 2 itself fails in float32 propagating in reverse from the last frame: refused before any run, saying
+    to use autocast; under bf16 autocast the dense patch passes DENSE_HALF's bar both ways, each frame's
+    direction in the report."""
+    from sam_sparse import video_parity
+
+    prompts = [{"frame": 0, "obj_id": 1, "points": [[40, 45]], "labels": [1]}]
+    with pytest.raises(ValueError, match=r"reverse=True in float32: SAM 2 itself fails.*torch.autocast"):
+        video_parity(predictor, frames, prompts, "dense", reverse=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        report = video_parity(predictor, frames, prompts, "dense", reverse=True)
+    assert report.passed and (report.min_iou, report.max_logit_err) == (0.9, 2.0), str(report)
+    assert [(f.direction, f.frame) for f in report.frames] == (
+        [("forward", i) for i in range(5)] + [("reverse", i) for i in (4, 3, 2, 1, 0)])
+    assert "reverse" in str(report)
+
+
 def test_memory_cross_attention_module_rotary_cases(predictor, monkeypatch):
     """One patched memory cross-attention called directly, against RoPEAttention.forward on the same module
     (fp32, CPU): keys of two frames plus pointer tokens, pointer tokens only (SAM 2 rotates no key), and a

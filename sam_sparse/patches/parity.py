@@ -311,8 +311,9 @@ def verify_parity(
     points: (P, 2) pixel coords (x, y) in the original image, each one a separate foreground-point
         prompt; the same for every image, or a list with one array per image. boxes: (K, 4) XYXY
         pixels, each box a prompt, likewise. Both None: one point at the image centre.
-    thresholds: ParityThresholds; default DENSE_FP32 / DENSE_HALF (by the model's dtype) when every
-        patched layer is dense, SPARSE otherwise.
+    thresholds: ParityThresholds; default DENSE_FP32 / DENSE_HALF (by the dtype the model computes in: its
+        weights', or autocast's around a float32 model) when every patched layer is dense, SPARSE otherwise.
+        A SAM 2 model runs half precision under autocast only (a half-precision SAM2Base is refused).
     image_names: one name per image, for the report's lines (default "image 0", "image 1", ...).
     Returns a ParityReport (str(report) is a table; report.passed).
     """
@@ -332,6 +333,10 @@ def verify_parity(
     if thresholds is not None and not isinstance(thresholds, ParityThresholds):
         raise TypeError(f"thresholds={thresholds!r}: expected a ParityThresholds (DENSE_FP32, DENSE_HALF, SPARSE or "
                         "your own) or None")
+    if sam2 is not None and not encoder_only and next(model.parameters()).dtype != torch.float32:
+        raise ValueError(f"{type(model).__name__} has {next(model.parameters()).dtype} weights; SAM 2's predictor "
+                         "needs float32 ones (it runs half precision through autocast, as its README does): call "
+                         "verify_parity on the float32 model inside torch.autocast(device, dtype=torch.bfloat16)")
     if not encoder_only:  # a full model takes what set_image takes: checked before any work
         ims = check_rgb_images(_as_images(images))
         for what, width, given in (("points", 2, points), ("boxes", 4, boxes)):
@@ -349,10 +354,14 @@ def verify_parity(
     try:
         handle = patch_sam(model, policy, filter_fn=filter_fn)
         handle.restore()
-        dtype = next(model.parameters()).dtype
+        weight = next(model.parameters())
+        dtype = compute = weight.dtype
+        if dtype == torch.float32 and torch.is_autocast_enabled(weight.device.type):  # SAM 2's README runs so
+            compute = torch.get_autocast_dtype(weight.device.type)
         if thresholds is None:
-            thresholds = preset_for(handle, dtype)
-        report = ParityReport(policy=getattr(handle.policy, "name", str(policy)), dtype=str(dtype).replace("torch.", ""),
+            thresholds = preset_for(handle, compute)
+        computes = str(compute).replace("torch.", "") + (" (autocast)" if compute != dtype else "")
+        report = ParityReport(policy=getattr(handle.policy, "name", str(policy)), dtype=computes,
                               thresholds=thresholds, notes=list(handle.notes), image_names=list(image_names or []))
         recorder = _Recorder(handle)
 

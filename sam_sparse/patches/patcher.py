@@ -243,17 +243,23 @@ class PatchHandle:
 
     @contextlib.contextmanager
     def disabled(self):
-        """Run the model unpatched inside the block; the patch comes back after it (if it was active)."""
+        """Run the model unpatched inside the block; the patch comes back after it (if it was active, and
+        restore() was not called inside the block: that one is for good)."""
         was_active = self.active
-        self.restore()
+        self._unpatch()
+        restores = self.__dict__.get("_restores", 0)
         try:
             yield self
         finally:
-            if was_active:
+            if was_active and self.__dict__.get("_restores", 0) == restores:
                 self.enable()
 
     def restore(self) -> None:
         """Undo the patch exactly: original classes, no attribute or hook left. A no-op when restored."""
+        self._restores = self.__dict__.get("_restores", 0) + 1  # a handle pickled before this field counts from 0
+        self._unpatch()
+
+    def _unpatch(self) -> None:
         if not self.active:
             return
         for module, cls, _ in self._entries:

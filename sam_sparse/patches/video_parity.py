@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ..table import format_table
+from .parity import DENSE_FP32, DENSE_HALF
 from .patcher import patch_sam
 
 PROMPT_KEYS = ("frame", "obj_id", "points", "labels", "box")
@@ -27,23 +28,29 @@ PROMPT_KEYS = ("frame", "obj_id", "points", "labels", "box")
 class FrameParity:
     """One output frame. iou / max_logit_err: the patched batched run vs SAM 2 unpatched (worst object:
     lowest mask IoU, largest |logit difference|); object_iou / object_max_logit_err: patched batched vs
-    patched per object (batching alone). Masks are logits > 0 at the video's resolution."""
+    patched per object (batching alone). Masks are logits > 0 at the video's resolution. direction: "forward"
+    or "reverse" (the propagation that gave the frame)."""
 
     frame: int
     iou: float
     max_logit_err: float
     object_iou: float
     object_max_logit_err: float
+    direction: str = "forward"
 
 
 @dataclass
 class VideoParityReport:
     """Per-frame parity of one policy on one clip, in output order (forward, then reverse if asked).
 
-    passed: every frame within `min_iou` / `max_logit_err` (set by video_parity: for a dense policy
-    1.0 / 1e-3 in fp32, i.e. the same masks; for a sparse one only the batching must cost nothing: the
-    object columns). error_growth: max logit error of the last third of the frames over the first
-    third's (about 1 or below when errors do not accumulate through the memory).
+    passed: every frame within `min_iou` / `max_logit_err`, set by video_parity: the caller's, which then gate
+    both comparisons (vs SAM 2 and batched vs per-object); else for a dense policy 1.0 / 1e-3 in fp32 (the same
+    masks) and DENSE_HALF's 0.9 / 2.0 under autocast or half weights, on both; for a sparse one those on the
+    batching alone (it must cost nothing), the masks against SAM 2 reported, not judged (`gated` False).
+    error_growth: over the forward frames whose memory holds a tracked frame (one no prompt is on: the frames
+    before the first of them read prompted frames only, or none, so their error says nothing of accumulation),
+    max logit error of the last third over the first third's (about 1 or below when errors do not accumulate
+    through the memory); nan with fewer than 2 such frames.
     """
 
     policy: str
@@ -52,10 +59,20 @@ class VideoParityReport:
     min_iou: float = 1.0
     max_logit_err: float = 1e-3
     dense: bool = True
+    gated: bool = True  # whether the thresholds judge the masks against SAM 2 (not only the batching)
+    prompted: Tuple[int, ...] = ()  # the frames the prompts are on
 
     @property
     def error_growth(self) -> float:
-        errs = [f.max_logit_err for f in self.frames]
+        errs, tracked = [], False
+        for f in self.frames:
+            if f.direction != "forward" or f.frame in self.prompted:
+                continue
+            if tracked:
+                errs.append(f.max_logit_err)
+            tracked = True  # the frames after this one hold it in their memory
+        if len(errs) < 2:
+            return float("nan")
         third = max(1, len(errs) // 3)
         first, last = max(errs[:third]), max(errs[-third:])
         return last / first if first > 0 else (0.0 if last == 0 else float("inf"))
@@ -64,12 +81,12 @@ class VideoParityReport:
         out = []
         for f in self.frames:
             checks = [("batched vs per-object", f.object_iou, f.object_max_logit_err)]
-            if self.dense:
+            if self.gated:
                 checks.insert(0, ("patched vs SAM 2", f.iou, f.max_logit_err))
             for what, iou, err in checks:
                 if iou < self.min_iou or err > self.max_logit_err:
-                    out.append(f"frame {f.frame}: {what}: mask IoU {iou:.4f} (>= {self.min_iou}), max logit error "
-                               f"{err:.3g} (<= {self.max_logit_err:g})")
+                    out.append(f"frame {f.frame} ({f.direction}): {what}: mask IoU {iou:.4f} (>= {self.min_iou}), "
+                               f"max logit error {err:.3g} (<= {self.max_logit_err:g})")
         return out
 
     @property
@@ -77,12 +94,15 @@ class VideoParityReport:
         return bool(self.frames) and not self.failures()
 
     def __str__(self) -> str:
-        rows = [(str(f.frame), f"{f.iou:.4f}", f"{f.max_logit_err:.3g}", f"{f.object_iou:.4f}",
+        rows = [(str(f.frame), f.direction, f"{f.iou:.4f}", f"{f.max_logit_err:.3g}", f"{f.object_iou:.4f}",
                  f"{f.object_max_logit_err:.3g}") for f in self.frames]
         head = (f"video parity, policy {self.policy!r}, {self.objects} objects, {len(self.frames)} frames: "
-                f"{'passed' if self.passed else 'FAILED'}; error growth (last third / first third) "
-                f"{self.error_growth:.3g}")
-        table = format_table(("frame", "IoU vs SAM 2", "max logit err", "IoU batched vs per-object",
+                f"{'passed' if self.passed else 'FAILED'}; error growth (last third / first third of the frames "
+                f"whose memory holds a tracked frame) {self.error_growth:.3g}")
+        if not self.gated:
+            head += ("\nthe masks against SAM 2 are not judged (a sparse policy without min_iou / max_logit_err): "
+                     "read the IoU column, or pass thresholds")
+        table = format_table(("frame", "direction", "IoU vs SAM 2", "max logit err", "IoU batched vs per-object",
                               "max logit err"), rows)
         return "\n".join([head, table, *self.failures()])
 
@@ -151,17 +171,27 @@ def video_parity(
         "box": [x0, y0, x1, y1]], in video pixels, applied in order with add_new_points_or_box.
     policy: what patch_sam takes (a name, a YAML path, a Policy).
     max_frames: frames to track (propagate_in_video's max_frame_num_to_track); None: to the end.
-    reverse: also propagate backwards from the last forward frame.
-    min_iou, max_logit_err: the pass thresholds (default 1.0 and 1e-3: the same masks, fp32 rounding).
+    reverse: also propagate backwards from the last forward frame. SAM 2 itself fails there in float32 (its
+        bfloat16 memory features meet float32 weights): run video_parity under torch.autocast (bfloat16).
+    min_iou, max_logit_err: the pass thresholds, for both comparisons and any policy. Default: a dense policy
+        1.0 and 1e-3 (the same masks, fp32 rounding), or DENSE_HALF's 0.9 and 2.0 under autocast or with
+        half-precision weights; a sparse policy those on the batching alone (VideoParityReport: its masks
+        against SAM 2 are reported, not judged).
     Returns a VideoParityReport: per frame, the patched batched run vs SAM 2 unpatched, and batched vs
-    per-object (both patched). ValueError for malformed prompts and the policy's errors (PolicyError, a
-    policy the predictor refuses), before anything runs.
+    per-object (both patched). ValueError for malformed prompts, reverse in float32 and the policy's errors
+    (PolicyError, a policy the predictor refuses), before anything runs.
     """
     prompts = _check_prompts(prompts)
     model = predictor() if callable(predictor) and not isinstance(predictor, torch.nn.Module) else predictor
     if hasattr(model, "_sam_sparse_handle"):
         raise RuntimeError("video_parity needs the unpatched predictor (it patches and restores it); "
                            "restore the patch first")
+    weight = next(model.parameters())
+    half = weight.dtype != torch.float32 or torch.is_autocast_enabled(weight.device.type)
+    if reverse and not half:
+        raise ValueError("reverse=True in float32: SAM 2 itself fails propagating in reverse from the last frame "
+                         "(its bfloat16 memory features meet float32 weights); call video_parity inside "
+                         "torch.autocast(device, dtype=torch.bfloat16), as SAM 2's README runs it")
     frames_dir = os.fspath(frames_dir)
     patch_sam(model, policy).restore()  # a bad or refused policy fails here, before a whole run over the clip
     ref = _run(model, frames_dir, prompts, max_frames, reverse)
@@ -173,11 +203,15 @@ def video_parity(
         finally:
             handle.restore()
     dense = all(r.pattern == "dense" for r in handle.report)
-    report = VideoParityReport(policy=getattr(handle.policy, "name", str(policy)),
-                               objects=len({p["obj_id"] for p in prompts}), min_iou=1.0 if min_iou is None else min_iou,
-                               max_logit_err=1e-3 if max_logit_err is None else max_logit_err, dense=dense)
+    preset = DENSE_HALF if half else DENSE_FP32
+    report = VideoParityReport(
+        policy=getattr(handle.policy, "name", str(policy)), objects=len({p["obj_id"] for p in prompts}),
+        min_iou=(1.0 if not half else preset.mask_iou) if min_iou is None else min_iou,
+        max_logit_err=(1e-3 if not half else preset.low_res_logits_err) if max_logit_err is None else max_logit_err,
+        dense=dense, gated=dense or min_iou is not None or max_logit_err is not None,
+        prompted=tuple(sorted({int(p["frame"]) for p in prompts})))
     for key in ref:
         iou, err = _compare(runs[True][key], ref[key])
         obj_iou, obj_err = _compare(runs[True][key], runs[False][key])
-        report.frames.append(FrameParity(key[1], iou, err, obj_iou, obj_err))
+        report.frames.append(FrameParity(key[1], iou, err, obj_iou, obj_err, key[0]))
     return report
