@@ -19,6 +19,7 @@ from PIL import Image
 from amg_helpers import stub_generate
 from sam_sparse import amg as job
 from sam_sparse.cli import main
+from sam_sparse.models import fetch_mobile_sam
 
 SETTINGS = ["--points-per-side", "2", "--device", "cpu"]
 
@@ -525,8 +526,10 @@ def test_a_rerun_made_otherwise_is_refused_and_overwrite_redoes_it(tmp_path, stu
     out = tmp_path / "out"
     assert amg(img, "--out", out).exit_code == 0
     first = manifest(out)
-    assert first["model"] == "mobile_sam" and first["policy"] == "dense" and first["weights"] == "built-in"
-    assert len(first["policy_sha256"]) == 64
+    size = fetch_mobile_sam().stat().st_size
+    assert first["model"] == "mobile_sam" and first["policy"] == "dense"
+    assert first["weights"] == f"mobile_sam.pt ({size} bytes)" and len(first["policy_sha256"]) == 64
+    assert len({r["made"] for r in first["images"]}) == 1
     before = tree(out)
     policy = tmp_path / "pol.yaml"
     policy.write_text("name: dense\nrules:\n  - match: '*'\n    pattern: dense\n")
@@ -543,6 +546,59 @@ def test_a_rerun_made_otherwise_is_refused_and_overwrite_redoes_it(tmp_path, stu
     result = amg(img, "--out", out, "--mode", "exact", "--overwrite")
     assert result.exit_code == 0 and manifest(out)["summary"]["done"] == 1 and manifest(out)["mode"] == "exact"
     assert amg(img, "--out", out, "--mode", "exact").exit_code == 0  # now the folder's own settings
+    same = amg(img, "--out", out, "--mode", "exact", "--checkpoint", fetch_mobile_sam())  # the built-in's file
+    assert same.exit_code == 0 and manifest(out)["summary"]["skipped"] == 1, same.output
+
+
+def test_an_interrupted_overwrite_leaves_the_old_masks_marked_as_the_old_runs(tmp_path, stubbed, monkeypatch):
+    """An --overwrite run with other settings stopped before it redid every image: the images it did not reach
+    keep the earlier run's masks, and their records say so ("made"), so a rerun with the new settings is
+    refused instead of skipping them as its own; --overwrite finishes the job."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        photo(d / name)
+    out = tmp_path / "out"
+    assert amg(d, "--out", out).exit_code == 0
+    calls = []
+
+    def stop_at_the_second(self, image, embedding=None, prepared=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return stub_generate(self, image)
+
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stop_at_the_second)
+    assert amg(d, "--out", out, "--policy", "random-0.5", "--overwrite").exit_code == 130
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stub_generate)
+    m = manifest(out)
+    assert [r["status"] for r in m["images"]] == ["done", "pending", "pending"] and m["policy"] == "random-0.5"
+    assert m["images"][1]["made"] == m["images"][2]["made"] != m["images"][0]["made"]
+    result = amg(d, "--out", out, "--policy", "random-0.5")
+    assert result.exit_code == 2 and "holds the masks of 2 image(s) made otherwise" in result.stderr, result.stderr
+    assert "an --overwrite that did not finish" in result.stderr
+    assert amg(d, "--out", out, "--policy", "random-0.5", "--overwrite").exit_code == 0
+    assert manifest(out)["summary"]["done"] == 3
+
+
+def test_a_manifest_of_an_older_sam_sparse_is_judged_by_its_run(tmp_path, stubbed):
+    """A manifest written before records said which run made them: its run's fields decide (one it lacks is not
+    compared, and its "model": "from manifest" of a --sparse-checkpoint run matches any model)."""
+    img = photo(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert amg(img, "--out", out).exit_code == 0
+    old = manifest(out)
+    for r in old["images"]:
+        del r["made"]
+    for key in ("weights", "policy_sha256"):
+        del old[key]
+    old["model"] = "from manifest"
+    (out / "manifest.json").write_text(json.dumps(old))
+    assert amg(img, "--out", out).exit_code == 0 and manifest(out)["summary"]["skipped"] == 1
+    old["policy"] = "random-0.5"
+    (out / "manifest.json").write_text(json.dumps(old))
+    result = amg(img, "--out", out)
+    assert result.exit_code == 2 and "policy 'random-0.5' -> 'dense'" in result.stderr, result.stderr
 
 
 def test_bad_input_found_at_the_model_leaves_no_out_folder(tmp_path):

@@ -336,6 +336,8 @@ def test_video_parity_judges_a_sparse_policy_by_the_thresholds_given(predictor, 
     assert not judged.passed and judged.gated
     assert any("(forward): patched vs SAM 2" in f for f in judged.failures()), judged.failures()
     assert not any("batched vs per-object" in f for f in judged.failures())
+    iou_only = video_parity(predictor, frames, prompts, policy, min_iou=0.5)  # the logit error not checked
+    assert iou_only.passed and iou_only.gated and iou_only.max_logit_err == float("inf"), str(iou_only)
 
 
 def test_video_parity_in_reverse_needs_autocast_and_says_each_frames_direction(predictor, frames):
@@ -345,8 +347,14 @@ def test_video_parity_in_reverse_needs_autocast_and_says_each_frames_direction(p
     from sam_sparse import video_parity
 
     prompts = [{"frame": 0, "obj_id": 1, "points": [[40, 45]], "labels": [1]}]
-    with pytest.raises(ValueError, match=r"reverse=True in float32: SAM 2 itself fails.*torch.autocast"):
+    with pytest.raises(ValueError, match=r"reverse=True in float32 from frame 4, .*no prompt is on: SAM 2 itself "
+                                         r"fails there.*torch.autocast"):
         video_parity(predictor, frames, prompts, "dense", reverse=True)
+    with pytest.raises(ValueError, match=r"from frame 2, the last forward frame"):
+        video_parity(predictor, frames, prompts, "dense", reverse=True, max_frames=2)
+    last = prompts + [{"frame": 4, "obj_id": 1, "points": [[40, 45]], "labels": [1]}]  # SAM 2 runs this in fp32
+    both_ways = video_parity(predictor, frames, last, "dense", reverse=True)
+    assert both_ways.passed and [f.direction for f in both_ways.frames].count("reverse") == 5, str(both_ways)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         report = video_parity(predictor, frames, prompts, "dense", reverse=True)
     assert report.passed and (report.min_iou, report.max_logit_err) == (0.9, 2.0), str(report)

@@ -125,6 +125,7 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     import torch
 
     from .. import __version__
+    from ..models import fetch_mobile_sam
     from ..patches import model_family, patch_sam
     from ..policy import load_policy
 
@@ -158,11 +159,13 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     if model_family(model) == "sam2":  # SAM2AutomaticMaskGenerator's defaults where nothing was given
         generator_settings = GeneratorSettings.for_sam2(**given)
     settings = dataclasses.asdict(generator_settings)
-    weights = os.path.realpath(checkpoint or sparse_checkpoint) if checkpoint or sparse_checkpoint else "built-in"
-    makes = dict(model=model_type_used, weights=weights, policy=chosen.name, policy_sha256=_sha256(chosen.to_yaml()),
-                 mode=mode, settings=settings)  # what an image's masks depend on
+    weights = checkpoint or sparse_checkpoint or fetch_mobile_sam(quiet=True)  # the built-in: the file it loaded
+    makes = dict(model=model_type_used, weights=_file_identity(weights), policy=chosen.name,
+                 policy_sha256=_sha256(chosen.to_yaml()), mode=mode, settings=settings)  # what the masks depend on
+    made = _sha256(json.dumps(makes, sort_keys=True))  # each record's "made": which run's masks its output holds
+    earlier = _earlier_manifest(out)
     if not overwrite:
-        _refuse_another_runs_outputs(out, makes)
+        _refuse_another_runs_outputs(out, makes, made, earlier)
     out.mkdir(exist_ok=True)  # only now: bad input leaves no folder behind
     if world == 1:
         _remove_stale_parts(out)
@@ -176,7 +179,8 @@ def amg(input, out, checkpoint, model_type, sparse_checkpoint, policy, output_mo
     run = dict(tool="sam-sparse amg", sam_sparse_version=__version__, **makes, output_mode=output_mode,
                world_size=world, batch_images=batch_images, overlay=overlay, argv=sys.argv[1:], input=str(input))
     manifest = _LiveManifest(out, run, run_id, rank, world,
-                             {p: job.output_path(out, names[p], output_mode) for p in paths}, mine)
+                             {p: job.output_path(out, names[p], output_mode) for p in paths}, mine, made,
+                             {r["image"]: r.get("made") for r in earlier.get("images", ()) if "image" in r})
 
     from tqdm.auto import tqdm
 
@@ -254,21 +258,40 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _refuse_another_runs_outputs(out: Path, makes: dict) -> None:
-    """ValueError when --out holds images' outputs from a run whose masks came otherwise (another model, weights
-    file, policy, mode or generator setting, as its manifest.json records them; a field it lacks, from an older
-    sam-sparse, is not compared): a rerun skips complete outputs, so they would stand beside this run's as if they
-    were its own. --overwrite redoes them."""
+def _file_identity(path) -> str:
+    """A weights file as the manifest records it: its name and size (the same on every machine of a torchrun job,
+    wherever the file is mounted; hashing a 2.5 GB checkpoint would cost seconds)."""
+    path = Path(path)
+    return f"{path.name} ({path.stat().st_size} bytes)"
+
+
+def _earlier_manifest(out: Path) -> dict:
+    """The manifest.json an earlier run left in --out ({} when none; _check_input_and_out has checked that one
+    there is amg's)."""
     try:
         earlier = json.loads((out / job.MANIFEST).read_text())
     except (OSError, ValueError):
-        return  # no manifest yet (_check_input_and_out has checked that one there is amg's)
-    if not any(r.get("status") in ("done", "skipped") for r in earlier.get("images", ())):
+        return {}
+    return earlier if isinstance(earlier, dict) else {}
+
+
+def _refuse_another_runs_outputs(out: Path, makes: dict, made: str, earlier: dict) -> None:
+    """ValueError when --out holds an output that masks made otherwise put there (another model, weights file,
+    policy, mode or generator setting): a rerun skips complete outputs, so they would stand beside this run's as if
+    they were its own. Each record says which run's masks its output holds ("made", kept by a run that did not
+    redo it, an interrupted --overwrite included); a manifest of an older sam-sparse, without it, is judged by its
+    run's fields (a field it lacks is not compared). --overwrite redoes them all."""
+    records = [r for r in earlier.get("images", ()) if isinstance(r, dict)]
+    if any("made" in r for r in records):
+        stale = [r for r in records if r.get("made") not in (None, made) and (out / Path(r.get("output", "")).name).exists()]
+    else:
+        stale = [r for r in records if r.get("status") in ("done", "skipped")]
+    if not stale:
         return
     changes = []
     for key, now in makes.items():
         was = earlier.get(key)
-        if was is None or was == now:
+        if was is None or was == now or (key == "model" and was == "from manifest"):  # older runs wrote that
             continue
         if key == "settings":
             changes += [f"{k} {was.get(k)!r} -> {v!r}" for k, v in now.items() if was.get(k) != v]
@@ -277,9 +300,11 @@ def _refuse_another_runs_outputs(out: Path, makes: dict) -> None:
                 changes.append(f"policy {makes['policy']!r}: its rules changed")
         else:
             changes.append(f"{key} {was!r} -> {now!r}")
-    if changes:
-        raise ValueError(f"--out {out}: holds masks an earlier run made otherwise ({'; '.join(changes)}); a rerun "
-                         "would keep them as its own: pass --overwrite to redo every image, or give another --out")
+    if not changes and not any("made" in r for r in records):
+        return  # an older manifest, and nothing it records differs
+    why = "; ".join(changes) or "by a run before an --overwrite that did not finish"
+    raise ValueError(f"--out {out}: holds the masks of {len(stale)} image(s) made otherwise ({why}); a rerun would "
+                     "keep them as its own: pass --overwrite to redo every image, or give another --out")
 
 
 def _remove_stale_parts(out: Path) -> None:
@@ -300,14 +325,20 @@ class _LiveManifest:
     at most every job.MANIFEST_SECONDS and when asked. In a torchrun job each rank writes its records to
     manifest.rank<R>.json, and rank 0 merges the parts of this run into manifest.json."""
 
-    def __init__(self, out: Path, run: dict, run_id: str, rank: int, world: int, outputs: dict, mine):
+    def __init__(self, out: Path, run: dict, run_id: str, rank: int, world: int, outputs: dict, mine, made: str,
+                 earlier_made: dict):
         self.out, self.run, self.run_id, self.rank, self.world = out, run, run_id, rank, world
-        self.records = {str(p): job.pending_record(p, o) for p, o in outputs.items()}
+        self.made, self.earlier_made = made, earlier_made  # this run's, and each image's output's before it
+        self.records = {str(p): dict(job.pending_record(p, o), made=earlier_made.get(str(p))) for p, o in outputs.items()}
         self.mine = [str(p) for p in mine]
         self.last = 0.0
 
     def update(self, record: dict) -> None:
-        self.records[record["image"]] = record
+        earlier = self.earlier_made.get(record["image"])
+        # done: this run's masks; skipped: the earlier run's (this one's where an older manifest did not say);
+        # failed: whatever was there before is still there
+        made = {"done": self.made, "skipped": earlier or self.made}.get(record["status"], earlier)
+        self.records[record["image"]] = dict(record, made=made)
         if time.monotonic() - self.last >= job.MANIFEST_SECONDS:
             self.write(finished=False)
 

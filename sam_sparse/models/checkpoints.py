@@ -150,7 +150,8 @@ def load_checkpoint(path: PathLike, model_type: Optional[str] = None) -> dict:
                      and _safetensors_metadata(path).get("format") == FORMAT_NAME):
         raise CheckpointError(
             f"checkpoint {path}: is a sam-sparse converted checkpoint; load it with load_sparse_sam "
-            "(CLI: --sparse-checkpoint)"
+            "(CLI: segment, verify and amg take it as --sparse-checkpoint), or give the released checkpoint it came "
+            "from"
         )
     if isinstance(obj, dict) and not _tensor_dict(obj):
         for key in ("model", "state_dict"):

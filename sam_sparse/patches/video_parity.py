@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from ..table import format_table
-from .parity import DENSE_FP32, DENSE_HALF
+from .parity import DENSE_HALF
 from .patcher import patch_sam
 
 PROMPT_KEYS = ("frame", "obj_id", "points", "labels", "box")
@@ -139,6 +139,14 @@ def _run(predictor, frames_dir: str, prompts: List[Dict], max_frames: Optional[i
     return out
 
 
+def _reverse_start(frames_dir: str, prompts: List[Dict], max_frames: Optional[int]) -> int:
+    """The frame a reverse run starts from: the last frame the forward propagation reaches (SAM 2's: from the
+    first prompted frame, max_frames more or to the clip's last JPEG)."""
+    n = sum(1 for name in os.listdir(frames_dir) if os.path.splitext(name)[1] in (".jpg", ".jpeg", ".JPG", ".JPEG"))
+    first = min(int(p["frame"]) for p in prompts)
+    return n - 1 if max_frames is None else min(n - 1, first + max_frames)
+
+
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """IoU per leading index of bool masks (..., h, w), float64; 1.0 where both are empty."""
     inter = (a & b).flatten(-2).sum(-1).double()
@@ -171,12 +179,13 @@ def video_parity(
         "box": [x0, y0, x1, y1]], in video pixels, applied in order with add_new_points_or_box.
     policy: what patch_sam takes (a name, a YAML path, a Policy).
     max_frames: frames to track (propagate_in_video's max_frame_num_to_track); None: to the end.
-    reverse: also propagate backwards from the last forward frame. SAM 2 itself fails there in float32 (its
-        bfloat16 memory features meet float32 weights): run video_parity under torch.autocast (bfloat16).
-    min_iou, max_logit_err: the pass thresholds, for both comparisons and any policy. Default: a dense policy
-        1.0 and 1e-3 (the same masks, fp32 rounding), or DENSE_HALF's 0.9 and 2.0 under autocast or with
-        half-precision weights; a sparse policy those on the batching alone (VideoParityReport: its masks
-        against SAM 2 are reported, not judged).
+    reverse: also propagate backwards from the last forward frame. SAM 2 itself fails there in float32 unless a
+        prompt is on that frame (its bfloat16 memory features meet float32 weights): refused, before any run,
+        unless under torch.autocast (bfloat16) or with such a prompt.
+    min_iou, max_logit_err: the pass thresholds, for both comparisons and any policy (for a sparse policy given
+        one alone, the other is not checked). Default: a dense policy 1.0 and 1e-3 (the same masks, fp32
+        rounding), or DENSE_HALF's 0.9 and 2.0 under autocast or with half-precision weights; a sparse policy
+        those on the batching alone (VideoParityReport: its masks against SAM 2 are reported, not judged).
     Returns a VideoParityReport: per frame, the patched batched run vs SAM 2 unpatched, and batched vs
     per-object (both patched). ValueError for malformed prompts, reverse in float32 and the policy's errors
     (PolicyError, a policy the predictor refuses), before anything runs.
@@ -188,11 +197,13 @@ def video_parity(
                            "restore the patch first")
     weight = next(model.parameters())
     half = weight.dtype != torch.float32 or torch.is_autocast_enabled(weight.device.type)
-    if reverse and not half:
-        raise ValueError("reverse=True in float32: SAM 2 itself fails propagating in reverse from the last frame "
-                         "(its bfloat16 memory features meet float32 weights); call video_parity inside "
-                         "torch.autocast(device, dtype=torch.bfloat16), as SAM 2's README runs it")
     frames_dir = os.fspath(frames_dir)
+    start = _reverse_start(frames_dir, prompts, max_frames) if reverse and not half else None
+    if start is not None and start not in {int(p["frame"]) for p in prompts}:
+        raise ValueError(f"reverse=True in float32 from frame {start}, the last forward frame, which no prompt is on: "
+                         "SAM 2 itself fails there (a memory without object pointers: its bfloat16 memory features "
+                         "meet float32 weights); call video_parity inside torch.autocast(device, "
+                         "dtype=torch.bfloat16), as SAM 2's README runs it, or put a prompt on that frame")
     patch_sam(model, policy).restore()  # a bad or refused policy fails here, before a whole run over the clip
     ref = _run(model, frames_dir, prompts, max_frames, reverse)
     runs = {}
@@ -203,13 +214,15 @@ def video_parity(
         finally:
             handle.restore()
     dense = all(r.pattern == "dense" for r in handle.report)
-    preset = DENSE_HALF if half else DENSE_FP32
+    given = min_iou is not None or max_logit_err is not None
+    if dense or not given:  # the same masks: fp32 rounding, or DENSE_HALF's bar
+        iou, err = (DENSE_HALF.mask_iou, DENSE_HALF.low_res_logits_err) if half else (1.0, 1e-3)
+    else:  # a sparse policy judged by what the caller gave: the other threshold is not checked
+        iou, err = 0.0, float("inf")
     report = VideoParityReport(
         policy=getattr(handle.policy, "name", str(policy)), objects=len({p["obj_id"] for p in prompts}),
-        min_iou=(1.0 if not half else preset.mask_iou) if min_iou is None else min_iou,
-        max_logit_err=(1e-3 if not half else preset.low_res_logits_err) if max_logit_err is None else max_logit_err,
-        dense=dense, gated=dense or min_iou is not None or max_logit_err is not None,
-        prompted=tuple(sorted({int(p["frame"]) for p in prompts})))
+        min_iou=iou if min_iou is None else min_iou, max_logit_err=err if max_logit_err is None else max_logit_err,
+        dense=dense, gated=dense or given, prompted=tuple(sorted({int(p["frame"]) for p in prompts})))
     for key in ref:
         iou, err = _compare(runs[True][key], ref[key])
         obj_iou, obj_err = _compare(runs[True][key], runs[False][key])
