@@ -338,6 +338,7 @@ def test_video_parity_judges_a_sparse_policy_by_the_thresholds_given(predictor, 
     assert not any("batched vs per-object" in f for f in judged.failures())
     iou_only = video_parity(predictor, frames, prompts, policy, min_iou=0.5)  # the logit error not checked
     assert iou_only.passed and iou_only.gated and iou_only.max_logit_err == float("inf"), str(iou_only)
+    assert (iou_only.batch_min_iou, iou_only.batch_max_logit_err) == (1.0, 1e-3)  # batching: the same masks always
 
 
 def test_video_parity_in_reverse_needs_autocast_and_says_each_frames_direction(predictor, frames):

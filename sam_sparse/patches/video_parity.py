@@ -43,10 +43,11 @@ class FrameParity:
 class VideoParityReport:
     """Per-frame parity of one policy on one clip, in output order (forward, then reverse if asked).
 
-    passed: every frame within `min_iou` / `max_logit_err`, set by video_parity: the caller's, which then gate
-    both comparisons (vs SAM 2 and batched vs per-object); else for a dense policy 1.0 / 1e-3 in fp32 (the same
-    masks) and DENSE_HALF's 0.9 / 2.0 under autocast or half weights, on both; for a sparse one those on the
-    batching alone (it must cost nothing), the masks against SAM 2 reported, not judged (`gated` False).
+    passed: every frame's batched vs per-object within `batch_min_iou` / `batch_max_logit_err` (batching must cost
+    nothing: 1.0 / 1e-3 in fp32, DENSE_HALF's 0.9 / 2.0 under autocast or half weights), and, where `gated`, its
+    masks against SAM 2 within `min_iou` / `max_logit_err` (set by video_parity: the caller's; for a dense policy
+    by default the batching's bar, the same masks; a sparse policy without the caller's is not gated: its masks
+    against SAM 2 are reported, not judged).
     error_growth: over the forward frames whose memory holds a tracked frame (one no prompt is on: the frames
     before the first of them read prompted frames only, or none, so their error says nothing of accumulation),
     max logit error of the last third over the first third's (about 1 or below when errors do not accumulate
@@ -58,6 +59,8 @@ class VideoParityReport:
     frames: List[FrameParity] = field(default_factory=list)
     min_iou: float = 1.0
     max_logit_err: float = 1e-3
+    batch_min_iou: float = 1.0
+    batch_max_logit_err: float = 1e-3
     dense: bool = True
     gated: bool = True  # whether the thresholds judge the masks against SAM 2 (not only the batching)
     prompted: Tuple[int, ...] = ()  # the frames the prompts are on
@@ -80,13 +83,14 @@ class VideoParityReport:
     def failures(self) -> List[str]:
         out = []
         for f in self.frames:
-            checks = [("batched vs per-object", f.object_iou, f.object_max_logit_err)]
+            checks = [("batched vs per-object", f.object_iou, f.object_max_logit_err, self.batch_min_iou,
+                       self.batch_max_logit_err)]
             if self.gated:
-                checks.insert(0, ("patched vs SAM 2", f.iou, f.max_logit_err))
-            for what, iou, err in checks:
-                if iou < self.min_iou or err > self.max_logit_err:
-                    out.append(f"frame {f.frame} ({f.direction}): {what}: mask IoU {iou:.4f} (>= {self.min_iou}), "
-                               f"max logit error {err:.3g} (<= {self.max_logit_err:g})")
+                checks.insert(0, ("patched vs SAM 2", f.iou, f.max_logit_err, self.min_iou, self.max_logit_err))
+            for what, iou, err, min_iou, max_err in checks:
+                if iou < min_iou or err > max_err:
+                    out.append(f"frame {f.frame} ({f.direction}): {what}: mask IoU {iou:.4f} (>= {min_iou}), "
+                               f"max logit error {err:.3g} (<= {max_err:g})")
         return out
 
     @property
@@ -182,10 +186,10 @@ def video_parity(
     reverse: also propagate backwards from the last forward frame. SAM 2 itself fails there in float32 unless a
         prompt is on that frame (its bfloat16 memory features meet float32 weights): refused, before any run,
         unless under torch.autocast (bfloat16) or with such a prompt.
-    min_iou, max_logit_err: the pass thresholds, for both comparisons and any policy (for a sparse policy given
-        one alone, the other is not checked). Default: a dense policy 1.0 and 1e-3 (the same masks, fp32
-        rounding), or DENSE_HALF's 0.9 and 2.0 under autocast or with half-precision weights; a sparse policy
-        those on the batching alone (VideoParityReport: its masks against SAM 2 are reported, not judged).
+    min_iou, max_logit_err: the pass thresholds of the masks against SAM 2, for any policy (a sparse policy given
+        one alone: the other is not checked). Default: for a dense policy the same masks (1.0 and 1e-3, fp32
+        rounding; DENSE_HALF's 0.9 and 2.0 under autocast or with half-precision weights); a sparse policy's
+        masks are reported, not judged. Batched vs per-object is always held to the same-masks bar.
     Returns a VideoParityReport: per frame, the patched batched run vs SAM 2 unpatched, and batched vs
     per-object (both patched). ValueError for malformed prompts, reverse in float32 and the policy's errors
     (PolicyError, a policy the predictor refuses), before anything runs.
@@ -215,14 +219,14 @@ def video_parity(
             handle.restore()
     dense = all(r.pattern == "dense" for r in handle.report)
     given = min_iou is not None or max_logit_err is not None
-    if dense or not given:  # the same masks: fp32 rounding, or DENSE_HALF's bar
-        iou, err = (DENSE_HALF.mask_iou, DENSE_HALF.low_res_logits_err) if half else (1.0, 1e-3)
-    else:  # a sparse policy judged by what the caller gave: the other threshold is not checked
-        iou, err = 0.0, float("inf")
+    same_iou, same_err = (DENSE_HALF.mask_iou, DENSE_HALF.low_res_logits_err) if half else (1.0, 1e-3)  # same masks
+    # a sparse policy is judged against SAM 2 by what the caller gave alone: a threshold not given is not checked
+    bar_iou, bar_err = (same_iou, same_err) if dense else (0.0, float("inf"))
     report = VideoParityReport(
         policy=getattr(handle.policy, "name", str(policy)), objects=len({p["obj_id"] for p in prompts}),
-        min_iou=iou if min_iou is None else min_iou, max_logit_err=err if max_logit_err is None else max_logit_err,
-        dense=dense, gated=dense or given, prompted=tuple(sorted({int(p["frame"]) for p in prompts})))
+        min_iou=bar_iou if min_iou is None else min_iou, max_logit_err=bar_err if max_logit_err is None else max_logit_err,
+        batch_min_iou=same_iou, batch_max_logit_err=same_err, dense=dense, gated=dense or given,
+        prompted=tuple(sorted({int(p["frame"]) for p in prompts})))
     for key in ref:
         iou, err = _compare(runs[True][key], ref[key])
         obj_iou, obj_err = _compare(runs[True][key], runs[False][key])
