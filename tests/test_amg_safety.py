@@ -44,6 +44,19 @@ def stubbed(monkeypatch):
     monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stub_generate)
 
 
+def stopping_at(n: int, error: BaseException):
+    """A stubbed AutomaticMaskGenerator.generate that raises `error` on its n-th call (a Ctrl-C, a kill)."""
+    calls = []
+
+    def generate(self, image, embedding=None, prepared=None):
+        calls.append(1)
+        if len(calls) == n:
+            raise error
+        return stub_generate(self, image)
+
+    return generate
+
+
 def tree(root: Path) -> dict:
     """Every file under root with its bytes: what must not change."""
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
@@ -323,16 +336,7 @@ def test_an_interrupted_run_leaves_a_manifest(tmp_path, stubbed, monkeypatch):
     d.mkdir()
     for name in ("a.png", "b.png", "c.png"):
         photo(d / name)
-    calls = []
-
-    def stop_at_the_second(self, image, embedding=None, prepared=None):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return original(self, image)
-
-    original = stub_generate
-    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stop_at_the_second)
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stopping_at(2, KeyboardInterrupt()))
     result = amg(d, "--out", tmp_path / "out")
     assert result.exit_code == 130 and "error: interrupted" in result.stderr, result.output
     m = manifest(tmp_path / "out")
@@ -340,15 +344,7 @@ def test_an_interrupted_run_leaves_a_manifest(tmp_path, stubbed, monkeypatch):
     assert [r["status"] for r in m["images"]] == ["done", "pending", "pending"]
 
     # Killed outright (no handler runs): what was written after each image is what is there.
-    calls.clear()
-
-    def killed_at_the_second(self, image, embedding=None, prepared=None):
-        calls.append(1)
-        if len(calls) == 2:
-            raise SystemExit(137)
-        return original(self, image)
-
-    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", killed_at_the_second)
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stopping_at(2, SystemExit(137)))
     monkeypatch.setattr(job, "MANIFEST_SECONDS", 0.0)
     result = amg(d, "--out", tmp_path / "killed")
     assert result.exit_code == 137
@@ -560,15 +556,7 @@ def test_an_interrupted_overwrite_leaves_the_old_masks_marked_as_the_old_runs(tm
         photo(d / name)
     out = tmp_path / "out"
     assert amg(d, "--out", out).exit_code == 0
-    calls = []
-
-    def stop_at_the_second(self, image, embedding=None, prepared=None):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return stub_generate(self, image)
-
-    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stop_at_the_second)
+    monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stopping_at(2, KeyboardInterrupt()))
     assert amg(d, "--out", out, "--policy", "random-0.5", "--overwrite").exit_code == 130
     monkeypatch.setattr(job.AutomaticMaskGenerator, "generate", stub_generate)
     m = manifest(out)
