@@ -33,6 +33,7 @@ from .geometry import LayerGeometry, MemoryLayout
 from .kernels import block_attention_mass
 from .masks import block_context, mask_density, pair_weights
 from .patches import ParityReport, patch_sam, verify_parity
+from .patches.video_parity import FRAME_SUFFIXES
 from .policy import Policy
 from .images import check_rgb_images
 from .predictor import image_predictor, predict_points
@@ -219,7 +220,6 @@ def measure(model, images: Sequence[np.ndarray], *, kinds: Sequence[str] = DEFAU
 # Measuring SAM 2's video memory attention
 # ---------------------------------------------------------------------------------------------------
 
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")  # what sam2's init_state reads from a frames folder
 
 
 def video_frames(folder) -> List[str]:

@@ -22,6 +22,7 @@ from .parity import DENSE_HALF
 from .patcher import patch_sam
 
 PROMPT_KEYS = ("frame", "obj_id", "points", "labels", "box")
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".JPG", ".JPEG")  # what sam2's init_state reads from a frames folder
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def _run(predictor, frames_dir: str, prompts: List[Dict], max_frames: Optional[i
 def _reverse_start(frames_dir: str, prompts: List[Dict], max_frames: Optional[int]) -> int:
     """The frame a reverse run starts from: the last frame the forward propagation reaches (SAM 2's: from the
     first prompted frame, max_frames more or to the clip's last JPEG)."""
-    n = sum(1 for name in os.listdir(frames_dir) if os.path.splitext(name)[1] in (".jpg", ".jpeg", ".JPG", ".JPEG"))
+    n = sum(1 for name in os.listdir(frames_dir) if os.path.splitext(name)[1] in FRAME_SUFFIXES)
     first = min(int(p["frame"]) for p in prompts)
     return n - 1 if max_frames is None else min(n - 1, first + max_frames)
 
