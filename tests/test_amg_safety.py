@@ -594,8 +594,9 @@ def test_bad_input_found_at_the_model_leaves_no_out_folder(tmp_path):
     img = photo(tmp_path / "a.png")
     heads = tmp_path / "heads.yaml"
     heads.write_text("name: h\nrules:\n  - match: '*'\n    heads: [99]\n    pattern: local2d\n    params: {radius: 1}\n")
-    for args in (("--model-type", "vit_b"), ("--checkpoint", tmp_path / "missing.pt"), ("--policy", heads)):
-        out = tmp_path / f"out{len(args[1].__str__())}"
+    for i, args in enumerate((("--model-type", "vit_b"), ("--checkpoint", tmp_path / "missing.pt"),
+                              ("--policy", heads))):
+        out = tmp_path / f"out{i}"
         result = amg(img, "--out", out, *args)
         assert result.exit_code == 2, (args, result.output)
         assert not out.exists(), args

@@ -148,10 +148,6 @@ def test_the_check_catches_a_wrong_direction(tmp_path, monkeypatch):
     assert any("kernels.bad must not import sam2" in b for b in bad), bad
 
 
-if __name__ == "__main__":  # pragma: no cover
-    pytest.main([__file__])
-
-
 def test_every_public_call_the_docs_name_is_exported():
     """`sam_sparse.NAME(` in a docstring, the README or docs/ is a promise that the name is public: each one is in
     sam_sparse.__all__ (load_sparse_sam's docstring once named convert_checkpoint, which was not)."""
@@ -164,3 +160,7 @@ def test_every_public_call_the_docs_name_is_exported():
     named = {m for t in texts for m in re.findall(r"\bsam_sparse\.([a-z_][a-z_0-9]*)\(", t)}
     assert "convert_checkpoint" in named and "video_parity" in named, sorted(named)
     assert sorted(n for n in named if n not in sam_sparse.__all__) == []
+
+
+if __name__ == "__main__":  # pragma: no cover
+    pytest.main([__file__])

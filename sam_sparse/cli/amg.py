@@ -282,7 +282,8 @@ def _refuse_another_runs_outputs(out: Path, makes: dict, made: str, earlier: dic
     redo it, an interrupted --overwrite included); a manifest of an older sam-sparse, without it, is judged by its
     run's fields (a field it lacks is not compared). --overwrite redoes them all."""
     records = [r for r in earlier.get("images", ()) if isinstance(r, dict)]
-    if any("made" in r for r in records):
+    says_made = any("made" in r for r in records)  # False: a manifest of an older sam-sparse
+    if says_made:
         stale = [r for r in records if r.get("made") not in (None, made) and (out / Path(r.get("output", "")).name).exists()]
     else:
         stale = [r for r in records if r.get("status") in ("done", "skipped")]
@@ -300,7 +301,7 @@ def _refuse_another_runs_outputs(out: Path, makes: dict, made: str, earlier: dic
                 changes.append(f"policy {makes['policy']!r}: its rules changed")
         else:
             changes.append(f"{key} {was!r} -> {now!r}")
-    if not changes and not any("made" in r for r in records):
+    if not changes and not says_made:
         return  # an older manifest, and nothing it records differs
     why = "; ".join(changes) or "by a run before an --overwrite that did not finish"
     raise ValueError(f"--out {out}: holds the masks of {len(stale)} image(s) made otherwise ({why}); a rerun would "
